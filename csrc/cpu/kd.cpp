@@ -1,0 +1,150 @@
+// KD on the CPU: one fused forward per row that writes the loss, the student
+// and teacher gradients and d/dT (math in csrc/kd_math.h), parallel over rows,
+// vectorised over classes.
+//
+// Passes over a row: (1) online statistics in chunks of kChunk columns (chunk
+// max, then the sums of exp relative to it, merged into the running
+// statistics), (2) only when a gradient is wanted, the gradients. A chunk of
+// both nets stays in L1 between its max and its sums, and a whole row of the
+// usual vocabularies stays in L2 between the two passes.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../kd_math.h"
+#include "row_buffers.h"
+#include "vec_exp.h"
+
+namespace fastkd {
+namespace {
+
+constexpr int64_t kChunk = 2048;
+
+FASTKD_INLINE KDStats kd_chunk_stats(const float* s, const float* t, int64_t n, float inv_t) {
+  float ms = -INFINITY, mt = -INFINITY;
+#pragma omp simd reduction(max : ms, mt)
+  for (int64_t j = 0; j < n; ++j) {
+    const float a = s[j] * inv_t, b = t[j] * inv_t;
+    ms = a > ms ? a : ms;
+    mt = b > mt ? b : mt;
+  }
+  // exps are taken relative to the chunk max; an all -inf chunk uses 0 (its exps are all 0)
+  const float base_s = ms == -INFINITY ? 0.0f : ms, base_t = mt == -INFINITY ? 0.0f : mt;
+  float zs = 0.0f, zt = 0.0f, cross = 0.0f;
+#pragma omp simd reduction(+ : zs, zt, cross)
+  for (int64_t j = 0; j < n; ++j) {
+    const float a = s[j] * inv_t, b = t[j] * inv_t;
+    const float et = vexp(b - base_t);
+    zs += vexp(a - base_s);
+    zt += et;
+    cross += kd_cross_term(et, a, b);
+  }
+  return {ms, zs, mt, zt, cross};
+}
+
+template <bool kGradS, bool kGradT, bool kDTemp>
+FASTKD_INLINE void kd_grad_pass(const float* s, const float* t, int64_t C, float inv_t, const KDRow& r,
+                                float coef, float* gs, float* gt, float& a1, float& a2, float& a3) {
+  float s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s1, s2, s3)
+  for (int64_t j = 0; j < C; ++j) {
+    const float a = s[j] * inv_t, b = t[j] * inv_t;
+    const float ps = vexp(a - r.lse_s), pt = vexp(b - r.lse_t);
+    if (kGradS) gs[j] = coef * (ps - pt);
+    if (kGradT) gt[j] = coef * kd_teacher_term(r, pt, a, b);
+    if (kDTemp) kd_dtemp_terms(r, ps, pt, a, b, s1, s2, s3);
+  }
+  a1 = s1, a2 = s2, a3 = s3;
+}
+
+// One row: returns the weighted loss, writes the weighted gradients (gs / gt may
+// be null) and, if asked, the weighted dL/dT.
+FASTKD_CPU_CLONES
+float kd_row(const float* s, const float* t, int64_t C, float T, float w, float* gs, float* gt, float* dtemp) {
+  const float inv_t = 1.0f / T;
+  KDStats st = kd_stats_empty();
+  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+    st = kd_stats_merge(st, kd_chunk_stats(s + c0, t + c0, std::min(kChunk, C - c0), inv_t));
+  }
+  const KDRow r = kd_finish(st);
+  float a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+  const float coef = w * T;
+  const int mode = (gs ? 1 : 0) | (gt ? 2 : 0) | (dtemp ? 4 : 0);
+  switch (mode) {
+    case 1: kd_grad_pass<true, false, false>(s, t, C, inv_t, r, coef, gs, gt, a1, a2, a3); break;
+    case 2: kd_grad_pass<false, true, false>(s, t, C, inv_t, r, coef, gs, gt, a1, a2, a3); break;
+    case 3: kd_grad_pass<true, true, false>(s, t, C, inv_t, r, coef, gs, gt, a1, a2, a3); break;
+    case 4: kd_grad_pass<false, false, true>(s, t, C, inv_t, r, coef, gs, gt, a1, a2, a3); break;
+    case 5: kd_grad_pass<true, false, true>(s, t, C, inv_t, r, coef, gs, gt, a1, a2, a3); break;
+    case 6: kd_grad_pass<false, true, true>(s, t, C, inv_t, r, coef, gs, gt, a1, a2, a3); break;
+    case 7: kd_grad_pass<true, true, true>(s, t, C, inv_t, r, coef, gs, gt, a1, a2, a3); break;
+    default: break;
+  }
+  if (dtemp) *dtemp = w * kd_dtemp(T, r.kl, a1, a2, a3);
+  return w * T * T * r.kl;
+}
+
+void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 2, "fastkd: ", name, " must be 2-D [N, C], got ", x.dim(), "-D");
+  TORCH_CHECK(x.is_contiguous(), "fastkd: ", name, " must be contiguous");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "fastkd: ", name, " must be floating, got ", x.scalar_type());
+}
+
+void check_vector(const at::Tensor& v, int64_t n, const char* name) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == n && v.scalar_type() == at::kFloat && v.is_contiguous(),
+              "fastkd: ", name, " must be a contiguous float32 vector of ", n, " rows");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_fwd_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& temperature,
+    const at::Tensor& row_weight, bool reduce, bool grad_student, bool grad_teacher, bool grad_temperature) {
+  check_rows(student, "student");
+  check_rows(teacher, "teacher");
+  TORCH_CHECK(student.sizes() == teacher.sizes(), "fastkd: student and teacher shapes differ");
+  const int64_t N = student.size(0), C = student.size(1);
+  check_vector(temperature, N, "temperature");
+  check_vector(row_weight, N, "row_weight");
+
+  auto f32 = student.options().dtype(at::kFloat);
+  at::Tensor loss_rows = at::zeros({N}, f32);
+  at::Tensor gs = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
+  at::Tensor gt = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());
+  at::Tensor gT = grad_temperature ? at::zeros({N}, f32) : at::empty({0}, f32);
+  if (N > 0 && C > 0) {
+    const float* temp = temperature.const_data_ptr<float>();
+    const float* weight = row_weight.const_data_ptr<float>();
+    float* loss = loss_rows.mutable_data_ptr<float>();
+    float* dtemp = grad_temperature ? gT.mutable_data_ptr<float>() : nullptr;
+    const int64_t grain = std::max<int64_t>(1, 32768 / C);
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> sbuf, tbuf, gsbuf, gtbuf;
+      for (int64_t i = begin; i < end; ++i) {
+        float* gs_row = output_row(gs, i, gsbuf);
+        float* gt_row = output_row(gt, i, gtbuf);
+        if (weight[i] == 0.0f) {  // ignored row: contributes nothing, reads nothing
+          if (gs_row) std::fill(gs_row, gs_row + C, 0.0f);
+          if (gt_row) std::fill(gt_row, gt_row + C, 0.0f);
+        } else {
+          loss[i] = kd_row(input_row(student, i, sbuf), input_row(teacher, i, tbuf), C, temp[i], weight[i], gs_row,
+                           gt_row, dtemp ? dtemp + i : nullptr);
+        }
+        output_row_done(gs, i, gsbuf);
+        output_row_done(gt, i, gtbuf);
+      }
+    });
+  } else {
+    if (grad_student) gs.zero_();
+    if (grad_teacher) gt.zero_();
+  }
+  at::Tensor loss_out = reduce ? loss_rows.sum() : loss_rows;
+  return {loss_out, gs, gt, gT};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) { m.impl("kd_fwd", &kd_fwd_cpu); }
+
+}  // namespace fastkd

@@ -1,0 +1,17 @@
+// The fastkd:: operator schemas, declared once for every backend. Each
+// csrc/cpu/*.cpp and csrc/cuda/*_ops.cpp registers its own implementation;
+// fake (meta) implementations and autograd live in fastkd/_ops.py.
+// Signatures and the row-weight convention: docs/design.md.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastkd, m) {
+  m.def(
+      "kd_fwd(Tensor student, Tensor teacher, Tensor temperature, Tensor row_weight, bool reduce, "
+      "bool grad_student, bool grad_teacher, bool grad_temperature) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+// `import fastkd._C` loads this library, whose static initialisers register the ops.
+static struct PyModuleDef fastkd_c_module = {PyModuleDef_HEAD_INIT, "_C", "fastkd compiled kernels", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastkd_c_module); }

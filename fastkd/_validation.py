@@ -1,0 +1,180 @@
+"""Argument checks shared by the reference and the dispatching functionals.
+
+Every check raises ``ValueError`` (or ``TypeError`` for a wrong kind of
+object) whose message names the argument and what was wrong with it.
+"""
+import math
+from typing import Optional, Union
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+def check_logits(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float32, float16, bfloat16 or float64), got {x.dtype}"
+        )
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have shape [..., C] with at least one dim, got a 0-d tensor")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} has 0 classes (last dim is 0); need at least one class")
+
+
+def check_pair(student, teacher, student_name="student_logits", teacher_name="teacher_logits") -> None:
+    check_logits(student_name, student)
+    check_logits(teacher_name, teacher)
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"{student_name} and {teacher_name} must have the same shape, "
+            f"got {tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    if student.device != teacher.device:
+        raise ValueError(
+            f"{student_name} and {teacher_name} must be on the same device, "
+            f"got {student.device} and {teacher.device}"
+        )
+
+
+def check_reduction(reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_positive(name: str, value, allow_tensor: bool = False) -> None:
+    """A strictly positive finite float (or, if allowed, a tensor of them)."""
+    if isinstance(value, torch.Tensor):
+        if not allow_tensor:
+            raise TypeError(f"{name} must be a Python number, got a tensor")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+        # Checking tensor values needs a host sync; skip it while tracing.
+        if not torch.compiler.is_compiling() and value.device.type != "meta":
+            if value.numel() and not bool((value > 0).all()):
+                raise ValueError(f"{name} must be > 0 everywhere, got min {value.min().item()}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (value > 0) or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def check_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def rows_of(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+def check_target(target, logits: torch.Tensor, ignore_index: int, required: bool) -> None:
+    if target is None:
+        if required:
+            raise ValueError("target is required for this loss (one class index per row)")
+        return
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
+    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"target must be an integer tensor of class indices, got {target.dtype}")
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"target must have the leading shape of the logits {tuple(logits.shape[:-1])}, "
+            f"got {tuple(target.shape)}"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"target must be on the logits' device {logits.device}, got {target.device}")
+    if torch.compiler.is_compiling() or target.device.type == "meta" or target.numel() == 0:
+        return
+    counted = target[target != ignore_index]
+    if counted.numel():
+        lo, hi = int(counted.min()), int(counted.max())
+        num_classes = logits.shape[-1]
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"target has class index {bad} outside [0, {num_classes}) "
+                f"(and it is not ignore_index={ignore_index})"
+            )
+
+
+def check_sample_weight(sample_weight, logits: torch.Tensor) -> None:
+    if sample_weight is None:
+        return
+    if not isinstance(sample_weight, torch.Tensor):
+        raise TypeError(f"sample_weight must be a torch.Tensor, got {type(sample_weight).__name__}")
+    if not sample_weight.is_floating_point():
+        raise TypeError(f"sample_weight must be a floating tensor, got {sample_weight.dtype}")
+    lead = tuple(logits.shape[:-1])
+    if tuple(sample_weight.shape) != lead and not (sample_weight.dim() == 1 and sample_weight.numel() == rows_of(logits)):
+        raise ValueError(
+            f"sample_weight must have one weight per row, shape {lead}, got {tuple(sample_weight.shape)}"
+        )
+    if sample_weight.device != logits.device:
+        raise ValueError(
+            f"sample_weight must be on the logits' device {logits.device}, got {sample_weight.device}"
+        )
+
+
+def check_temperature_tensor(temperature, logits: torch.Tensor, name: str = "temperature") -> None:
+    """A tensor temperature is a scalar or one value per row."""
+    if not isinstance(temperature, torch.Tensor):
+        check_positive(name, temperature)
+        return
+    check_positive(name, temperature, allow_tensor=True)
+    n = rows_of(logits)
+    lead = tuple(logits.shape[:-1])
+    ok = temperature.numel() == 1 or tuple(temperature.shape) in (lead, (n,), lead + (1,), (n, 1))
+    if not ok:
+        raise ValueError(
+            f"{name} must be a number, a 1-element tensor or one value per row {lead}, "
+            f"got shape {tuple(temperature.shape)}"
+        )
+    if temperature.device != logits.device and temperature.numel() != 1:
+        raise ValueError(f"{name} must be on the logits' device {logits.device}, got {temperature.device}")
+
+
+def row_weights(
+    logits: torch.Tensor,
+    target: Optional[torch.Tensor],
+    ignore_index: int,
+    sample_weight: Optional[torch.Tensor],
+    reduction: str,
+) -> torch.Tensor:
+    """float32 [N] weights that turn summed row losses into the reduced loss.
+
+    ``row_weight[i] = valid[i] * sample_weight[i] / divisor`` with ``divisor`` =
+    counted rows ("batchmean"), counted rows * C ("mean"), 1 ("sum", "none").
+    A batch with no counted rows gets divisor 1, so the loss is exactly 0.
+    """
+    n = rows_of(logits)
+    num_classes = logits.shape[-1]
+    if target is not None:
+        valid = (target.reshape(n) != ignore_index).to(torch.float32)
+    else:
+        valid = torch.ones(n, dtype=torch.float32, device=logits.device)
+    weight = valid
+    if sample_weight is not None:
+        # where() rather than a product so that a NaN/inf weight on an ignored row stays ignored
+        weight = torch.where(valid > 0, sample_weight.reshape(n).to(torch.float32), 0.0)
+    if reduction in ("batchmean", "mean"):
+        counted = valid.sum().clamp_min(1.0)
+        if reduction == "mean":
+            counted = counted * num_classes
+        weight = weight / counted
+    return weight
+
+
+def temperature_rows(temperature, logits: torch.Tensor) -> torch.Tensor:
+    """The temperature as a float32 [N] tensor (keeps autograd to a tensor input)."""
+    n = rows_of(logits)
+    if isinstance(temperature, torch.Tensor):
+        t = temperature.to(device=logits.device, dtype=torch.float32)
+        return t.reshape(-1).expand(n) if t.numel() == 1 else t.reshape(n)
+    return torch.full((n,), float(temperature), dtype=torch.float32, device=logits.device)
