@@ -1,2 +1,20 @@
-"""fastkd: fused knowledge-distillation losses for PyTorch."""
+"""fastkd: fused knowledge-distillation losses for PyTorch.
+
+    import fastkd
+    loss = fastkd.kd_loss(student_logits, teacher_logits, temperature=4.0)
+
+Losses: ``kd_loss``, ``dkd_loss``, ``ats_loss``, ``dist_loss``, ``mgd_loss``,
+``simkd_loss``, and ``ipw_weights`` for IPWD's per-sample weights; modules in
+``fastkd.nn``; plain-PyTorch versions in ``fastkd.reference``.
+``fastkd.backends()`` says which kernels this installation can run.
+"""
 __version__ = "0.1.0"
+
+from . import reference  # noqa: E402
+from ._backend import backends  # noqa: E402
+from .functional import ats_loss, dist_loss, dkd_loss, ipw_weights, kd_loss, mgd_loss, simkd_loss  # noqa: E402
+
+__all__ = [
+    "kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights",
+    "backends", "reference", "__version__",
+]

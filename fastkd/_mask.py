@@ -54,3 +54,9 @@ def keep_mask(seed: int, count: int, mask_ratio: float, device=None) -> torch.Te
     """Boolean keep mask of ``count`` elements (True = kept)."""
     index = torch.arange(count, dtype=torch.int64, device=device)
     return mask_hash(seed, index) >= mask_threshold(mask_ratio)
+
+
+def draw_seed(generator=None) -> int:
+    """The mask seed for one MGD call, drawn from ``generator`` (the global RNG if None)."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))

@@ -176,5 +176,5 @@ def temperature_rows(temperature, logits: torch.Tensor) -> torch.Tensor:
     n = rows_of(logits)
     if isinstance(temperature, torch.Tensor):
         t = temperature.to(device=logits.device, dtype=torch.float32)
-        return t.reshape(-1).expand(n) if t.numel() == 1 else t.reshape(n)
+        return t.reshape(-1).expand(n).contiguous() if t.numel() == 1 else t.reshape(n).contiguous()
     return torch.full((n,), float(temperature), dtype=torch.float32, device=logits.device)

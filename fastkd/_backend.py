@@ -1,0 +1,147 @@
+"""Which backend runs a loss: availability, reasons, and the "auto" choice.
+
+Backends: "reference" (plain PyTorch, always), "cpu" and "cuda" (compiled
+``fastkd._C``), "triton" (``fastkd.triton``: CUDA tensors, or CPU tensors when
+``TRITON_INTERPRET=1`` is set for testing). "auto" picks the fastest backend
+that implements the loss for the tensors' device; when that is the reference
+only because a compiled backend is missing, it warns once, naming the reason.
+"""
+import os
+import warnings
+from typing import Dict, Optional
+
+import torch
+
+from . import _ops
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+# The ops each fused backend must provide to run a loss (docs/design.md).
+LOSS_OPS = {
+    "kd": ("kd_fwd",),
+    "ats": ("ats_fwd",),
+    "dkd": ("dkd_fwd",),
+    "dist": ("dist_fwd",),
+    "mgd": ("mgd_mask", "mgd_sq_err"),
+}
+# "auto" order on CUDA tensors, fastest first. Without GPU measurements yet the
+# compiled CUDA kernels come first where they exist (no Triton launch overhead);
+# benchmarks/gpu_check.sh measures both and this table is updated from it.
+AUTO_CUDA_ORDER = ("cuda", "triton")
+
+_triton_module = None
+_triton_error: Optional[str] = None
+_warned = set()
+
+
+def _load_triton():
+    global _triton_module, _triton_error
+    if _triton_module is None and _triton_error is None:
+        try:
+            from . import triton as module
+
+            _triton_module = module
+        except Exception as exc:  # triton missing or incompatible
+            _triton_error = f"fastkd.triton could not be imported ({type(exc).__name__}: {exc})"
+    return _triton_module
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(name: str, loss: Optional[str] = None, device: Optional[torch.device] = None) -> Optional[str]:
+    """None if backend ``name`` can run ``loss`` on ``device``, else why not (a sentence)."""
+    ops = LOSS_OPS[loss] if loss else ()
+    if name == "reference":
+        return None
+    if name in ("cpu", "cuda"):
+        if _ops.LOAD_ERROR:
+            return _ops.LOAD_ERROR
+        key = "CPU" if name == "cpu" else "CUDA"
+        if name == "cuda":
+            if not _ops.has_kernel("kd_fwd", "CUDA"):
+                return "fastkd._C was built without CUDA kernels (torch without CUDA, no nvcc, or FASTKD_NO_CUDA=1)"
+            if not torch.cuda.is_available():
+                return "no CUDA device is available"
+        if device is not None and device.type != name:
+            return f"backend '{name}' runs on {name} tensors, got tensors on {device}"
+        missing = [op for op in ops if not _ops.has_kernel(op, key)]
+        if missing:
+            return f"backend '{name}' has no {loss} kernel yet (missing fastkd::{', fastkd::'.join(missing)})"
+        return None
+    if name == "triton":
+        module = _load_triton()
+        if module is None:
+            return _triton_error
+        if not torch.cuda.is_available() and not _interpret():
+            return "Triton needs a CUDA device (or TRITON_INTERPRET=1 to run interpreted on CPU tensors, for testing)"
+        if device is not None:
+            if device.type == "cpu" and not _interpret():
+                return "backend 'triton' runs on CPU tensors only with TRITON_INTERPRET=1 (testing)"
+            if device.type not in ("cpu", "cuda"):
+                return f"backend 'triton' cannot run on {device}"
+        missing = [op for op in ops if not hasattr(module, op)]
+        if missing:
+            return f"backend 'triton' has no {loss} kernel yet"
+        return None
+    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
+def backends() -> Dict[str, Dict[str, object]]:
+    """Availability of each backend on this machine.
+
+    Returns ``{name: {"available": bool, "reason": str or None, "losses": [...]}}``
+    where ``losses`` lists the losses the backend implements here.
+    """
+    report = {}
+    for name in BACKENDS[1:]:
+        reason = unavailable_reason(name)
+        losses = [loss for loss in LOSS_OPS if reason is None and unavailable_reason(name, loss) is None]
+        report[name] = {"available": reason is None, "reason": reason, "losses": losses}
+    return report
+
+
+def resolve(loss: str, backend: str, *tensors: torch.Tensor) -> str:
+    """The backend that runs ``loss`` on ``tensors`` (raising if an explicit one cannot)."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = tensors[0].device
+    has_f64 = any(t.dtype == torch.float64 for t in tensors)
+    if backend == "reference":
+        return backend
+    if backend != "auto":
+        if has_f64:
+            raise ValueError(
+                f"backend '{backend}' computes in float32 and does not take float64 inputs; "
+                "use backend='reference' (or 'auto') for float64"
+            )
+        reason = unavailable_reason(backend, loss, device)
+        if reason:
+            raise ValueError(f"backend '{backend}' is unavailable for {loss}: {reason}")
+        return backend
+    if has_f64:  # exact float64 math is only in the reference
+        return "reference"
+    order = ("cpu",) if device.type == "cpu" else AUTO_CUDA_ORDER if device.type == "cuda" else ()
+    reasons = []
+    for name in order:
+        reason = unavailable_reason(name, loss, device)
+        if reason is None:
+            return name
+        reasons.append(f"{name}: {reason}")
+    if reasons:
+        key = (loss, device.type, tuple(reasons))
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(
+                f"fastkd: no fused backend for {loss} on {device.type} tensors ({'; '.join(reasons)}); "
+                "using the slower reference implementation",
+                stacklevel=3,
+            )
+    return "reference"
+
+
+def implementation(name: str):
+    """The object whose attributes are the row ops (kd_fwd, ...) of a fused backend."""
+    if name == "triton":
+        return _load_triton()
+    return torch.ops.fastkd

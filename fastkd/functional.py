@@ -1,0 +1,242 @@
+"""The public losses: validate, pick a backend, run it.
+
+Each functional checks its arguments (``ValueError`` / ``TypeError`` naming the
+argument), flattens logits ``[..., C]`` into rows ``[N, C]``, builds the per-row
+weights that carry ``ignore_index``, ``sample_weight`` and the reduction
+(``docs/design.md``), and runs the fused row op of the chosen backend, or
+``fastkd.reference`` for ``backend="reference"``. Formulas: see each
+function's docstring in ``fastkd.reference``; every backend computes the same
+quantity, in float32, and returns a float32 loss.
+"""
+from typing import Callable, Optional, Union
+
+import torch
+
+from . import _mask, reference
+from . import _validation as v
+from ._backend import implementation, resolve
+from .reference import ipw_weights, simkd_loss  # noqa: F401  (no fused kernel needed: cheap or not logit-sized)
+
+__all__ = ["kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights"]
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _wants_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _check_constant_weight(sample_weight, backend: str) -> None:
+    if sample_weight is not None and _wants_grad(sample_weight):
+        raise ValueError(
+            f"sample_weight requires grad, but backend '{backend}' treats it as a constant; "
+            "pass sample_weight.detach(), or backend='reference' to differentiate it"
+        )
+
+
+def _check_logit_args(student, teacher, reduction, target, ignore_index, sample_weight, target_required):
+    v.check_pair(student, teacher)
+    v.check_reduction(reduction)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    v.check_target(target, student, ignore_index, required=target_required)
+    v.check_sample_weight(sample_weight, student)
+
+
+def _finish(loss: torch.Tensor, reduction: str, student: torch.Tensor) -> torch.Tensor:
+    return loss.reshape(student.shape[:-1]) if reduction == "none" else loss
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: Union[float, torch.Tensor] = 4.0,
+    *,
+    reduction: str = "batchmean",
+    target: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    sample_weight: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Vanilla KD (Hinton et al. 2015), per row::
+
+        loss_i = T^2 * sum_c p_t[c] * (log p_t[c] - log p_s[c]),  p = softmax(logits / T)
+
+    reduced by ``reduction`` ("batchmean": sum / counted rows; "sum"; "mean": sum /
+    (counted rows * C); "none": per-row losses shaped like the leading dims).
+    ``temperature`` may be a float or a tensor (one element, or one per row) that
+    receives a gradient (CTKD). ``target`` is only used to skip rows equal to
+    ``ignore_index``; ``sample_weight`` (one per row) multiplies each row's loss.
+    """
+    _check_logit_args(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, False)
+    v.check_temperature_tensor(temperature, student_logits)
+    name = resolve("kd", backend, student_logits, teacher_logits)
+    if name == "reference":
+        return reference.kd_loss(
+            student_logits, teacher_logits, temperature, reduction=reduction, target=target,
+            ignore_index=ignore_index, sample_weight=sample_weight,
+        )
+    _check_constant_weight(sample_weight, name)
+    s, t = _rows(student_logits), _rows(teacher_logits)
+    weight = v.row_weights(student_logits, target, ignore_index, sample_weight, reduction)
+    temp = v.temperature_rows(temperature, student_logits)
+    loss = implementation(name).kd_fwd(
+        s, t, temp, weight, reduction != "none", _wants_grad(s), _wants_grad(t), _wants_grad(temp)
+    )[0]
+    return _finish(loss, reduction, student_logits)
+
+
+def ats_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    target_temperature: float = 4.0,
+    other_temperature: float = 2.0,
+    student_temperature: float = 1.0,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    sample_weight: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """ATS, asymmetric temperature scaling (Li et al. 2022), KL form, per row::
+
+        q_c    = softmax(t / tau_c),  tau_c = target_temperature if c == target else other_temperature
+        loss_i = s^2 * KL(q || softmax(student / s)),  s = student_temperature
+
+    (the official soft cross-entropy minus the teacher entropy: same gradient).
+    """
+    _check_logit_args(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
+    for name_, value in (("target_temperature", target_temperature), ("other_temperature", other_temperature),
+                         ("student_temperature", student_temperature)):
+        v.check_positive(name_, value)
+    name = resolve("ats", backend, student_logits, teacher_logits)
+    if name == "reference":
+        return reference.ats_loss(
+            student_logits, teacher_logits, target, target_temperature=target_temperature,
+            other_temperature=other_temperature, student_temperature=student_temperature, reduction=reduction,
+            ignore_index=ignore_index, sample_weight=sample_weight,
+        )
+    _check_constant_weight(sample_weight, name)
+    s, t = _rows(student_logits), _rows(teacher_logits)
+    weight = v.row_weights(student_logits, target, ignore_index, sample_weight, reduction)
+    loss = implementation(name).ats_fwd(
+        s, t, target.reshape(-1).to(torch.int64).contiguous(), weight, float(student_temperature),
+        float(target_temperature), float(other_temperature), reduction != "none", _wants_grad(s), _wants_grad(t),
+    )[0]
+    return _finish(loss, reduction, student_logits)
+
+
+def dkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    sample_weight: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """DKD, decoupled KD (Zhao et al. 2022), per row::
+
+        loss_i = alpha * TCKD_i + beta * NCKD_i
+        TCKD_i = T^2 * KL([p_t[g], 1 - p_t[g]] || [p_s[g], 1 - p_s[g]])
+        NCKD_i = T^2 * KL(softmax(t / T over c != g) || softmax(s / T over c != g))
+
+    with ``g = target``, ``log(1 - p[g])`` computed stably as
+    ``lse(x / T over c != g) - lse(x / T)``.
+    """
+    _check_logit_args(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
+    v.check_number("alpha", alpha)
+    v.check_number("beta", beta)
+    v.check_positive("temperature", temperature)
+    name = resolve("dkd", backend, student_logits, teacher_logits)
+    if name == "reference":
+        return reference.dkd_loss(
+            student_logits, teacher_logits, target, alpha=alpha, beta=beta, temperature=temperature,
+            reduction=reduction, ignore_index=ignore_index, sample_weight=sample_weight,
+        )
+    _check_constant_weight(sample_weight, name)
+    s, t = _rows(student_logits), _rows(teacher_logits)
+    weight = v.row_weights(student_logits, target, ignore_index, sample_weight, reduction)
+    loss = implementation(name).dkd_fwd(
+        s, t, target.reshape(-1).to(torch.int64).contiguous(), weight, float(alpha), float(beta),
+        float(temperature), reduction != "none", _wants_grad(s), _wants_grad(t),
+    )[0]
+    return _finish(loss, reduction, student_logits)
+
+
+def dist_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    temperature: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """DIST (Huang et al. 2022) on the whole [N, C] batch::
+
+        y = softmax(logits / tau),  rho(a, b) = cov(a, b) / (std(a) std(b) + 1e-8)  (sums, not means)
+        inter = tau^2 * (1 - mean_i rho(y_s[i, :], y_t[i, :]))
+        intra = tau^2 * (1 - mean_c rho(y_s[:, c], y_t[:, c]))
+        loss  = beta * inter + gamma * intra
+    """
+    v.check_pair(student_logits, teacher_logits)
+    v.check_number("beta", beta)
+    v.check_number("gamma", gamma)
+    v.check_positive("temperature", temperature)
+    name = resolve("dist", backend, student_logits, teacher_logits)
+    if name == "reference":
+        return reference.dist_loss(student_logits, teacher_logits, beta=beta, gamma=gamma, temperature=temperature)
+    s, t = _rows(student_logits), _rows(teacher_logits)
+    return implementation(name).dist_fwd(
+        s, t, float(beta), float(gamma), float(temperature), _wants_grad(s), _wants_grad(t)
+    )[0]
+
+
+def mgd_loss(
+    student_feat: torch.Tensor,
+    teacher_feat: torch.Tensor,
+    generation: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    align: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    alpha: float = 7e-5,
+    mask_ratio: float = 0.15,
+    mask_type: str = "channel",
+    generator: Optional[torch.Generator] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """MGD, masked generative distillation (Yang et al. 2022)::
+
+        loss = alpha * sum((generation(align(student) * M) - teacher)^2) / N
+
+    ``M`` drops whole channels (``mask_type="channel"``, shape (N, C, 1, 1)) or
+    positions (``"spatial"``, (N, 1, H, W)) with probability ``mask_ratio``; it is
+    generated from a seed drawn from ``generator`` (``fastkd._mask``), identically
+    on every backend. The fused backends apply the mask and the squared error in
+    kernels; ``align`` and ``generation`` are ordinary modules (cuDNN convolutions).
+    """
+    # The reference checks everything; run its checks first so every backend rejects the same input.
+    reference.mgd_check_args(student_feat, teacher_feat, generation, align, alpha, mask_ratio, mask_type, generator)
+    name = resolve("mgd", backend, student_feat, teacher_feat)
+    seed = _mask.draw_seed(generator)
+    if name == "reference":
+        return reference.mgd_loss(
+            student_feat, teacher_feat, generation, align=align, alpha=alpha, mask_ratio=mask_ratio,
+            mask_type=mask_type, seed=seed,
+        )
+    impl = implementation(name)
+    x = align(student_feat) if align is not None else student_feat
+    reference.mgd_check_aligned(x, teacher_feat, align is not None)
+    masked = impl.mgd_mask(x.contiguous(), seed, float(mask_ratio), mask_type == "spatial")
+    pred = generation(masked)
+    reference.mgd_check_generated(pred, teacher_feat)
+    pred, teacher = pred.contiguous(), teacher_feat.contiguous()
+    scale = float(alpha) / max(teacher_feat.shape[0], 1)
+    return impl.mgd_sq_err(pred, teacher, scale, _wants_grad(pred), _wants_grad(teacher))[0]

@@ -1,0 +1,214 @@
+"""Triton KD and ATS: one program per row, online softmax over class blocks.
+
+Both losses are a tempered KL divergence of one row::
+
+    a = s * inv_a                      (student, scaled logits)
+    b = t * inv_b[c]                   (teacher, scaled logits; per class for ATS)
+    p_s = softmax(a), p_t = softmax(b)
+    KL  = sum_c p_t (log p_t - log p_s)          (terms with p_t == 0 add 0)
+    row loss = w * L2 * KL
+
+KD:  inv_a = inv_b = 1/T (T per row), L2 = T^2.
+ATS: inv_a = 1/s_T, inv_b[c] = 1/tau_1 at the target column, 1/tau_2 elsewhere, L2 = s_T^2.
+
+Gradients (r = log p_t - log p_s):
+    dKL/da = p_s - p_t                 =>  dL/ds = w * L2 * inv_a * (p_s - p_t)
+    dKL/db = p_t * (r - KL)            =>  dL/dt = w * L2 * inv_b * p_t * (r - KL)
+    (KD: w*T*(p_s - p_t) and w*T*p_t*(r - KL).)
+Temperature (KD only; a = s/T and b = t/T both move with T, da/dT = -a/T):
+    dKL/dT = -(1/T) * [sum (p_s - p_t) a + sum p_t (r - KL) b]
+    dL/dT  = w * (2T*KL - T*[sum (p_s - p_t) a + sum p_t (r - KL) b])
+Since sum (p_s - p_t) = 0 and sum p_t (r - KL) = 0, a and b may be shifted by
+any per-row constant; the kernel uses log p_s = a - lse_s and log p_t = b - lse_t,
+which are O(1) where the probabilities matter, instead of the raw logits.
+
+Passes over a row: pass 1 reads s and t once and keeps running maxima and sums
+(lse of both, and sum exp(b - m_t) (b - a) for the KL). Pass 2, only when a
+gradient is requested, reads the row again (it was read a moment ago by the
+same program, so on a GPU it mostly comes from L2: pass 1 loads with
+evict_last, pass 2 with evict_first) and writes the gradients, which need the
+final lse. No float32 [N, C] temporaries: only the requested gradients are written.
+Rows with weight 0 (ignored, or sample weight 0) are skipped: loss 0, grads 0,
+their logits and target are never read.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import empty_grad, online_update, register_stored_grad_autograd, row_config
+
+
+@triton.jit
+def _kd_kernel(
+    S, T, TEMP, TGT, W, LOSS, GS, GT, GTEMP,
+    stride_s, stride_t, stride_gs, stride_gt, stride_temp, stride_w,
+    n_cols,
+    inv_student_temp, inv_target_temp, inv_other_temp, ats_scale,
+    IS_ATS: tl.constexpr,
+    GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, GRAD_TEMP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # 64-bit: row * stride may pass 2^31
+    w = tl.load(W + row * stride_w)
+    live = w != 0.0
+    n_live = tl.where(live, n_cols, 0)  # skipped rows run no pass-1 iteration
+    if IS_ATS:
+        inv_a = inv_student_temp
+        l2 = ats_scale
+        g = tl.load(TGT + row, mask=live, other=-1)  # ignored rows: target never read
+    else:
+        temp = tl.load(TEMP + row * stride_temp)
+        inv_a = 1.0 / temp
+        l2 = temp * temp
+        g = -1
+    s_row = S + row * stride_s
+    t_row = T + row * stride_t
+    cols = tl.arange(0, BLOCK)
+
+    # ---- pass 1: running (max, sum) for both nets, and sum e_t * (b - a) ----
+    m_s = float("-inf")
+    z_s = 0.0
+    m_t = float("-inf")
+    z_t = 0.0
+    acc = 0.0
+    for start in range(0, n_live, BLOCK):
+        offs = start + cols
+        mask = offs < n_cols
+        a = tl.load(s_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32) * inv_a
+        t = tl.load(t_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+        if IS_ATS:
+            b = t * tl.where(offs == g, inv_target_temp, inv_other_temp)
+        else:
+            b = t * inv_a
+        m_s, z_s, _e_s, _alpha_s = online_update(m_s, z_s, a)
+        m_t, z_t, e_t, alpha_t = online_update(m_t, z_t, b)
+        # p_t == 0 (teacher -inf, masked lanes) adds exactly 0, not 0 * inf.
+        diff = tl.where(e_t > 0.0, b - a, 0.0)
+        acc = acc * alpha_t + tl.sum(e_t * diff, 0)
+    lse_s = m_s + tl.log(z_s)
+    lse_t = m_t + tl.log(z_t)
+    # KL = E_t[b - a] - lse_t + lse_s
+    kl = acc / z_t - lse_t + lse_s
+    tl.store(LOSS + row, tl.where(live, w * l2 * kl, 0.0))
+
+    # ---- pass 2: gradients with the final lse ----
+    if GRAD_S or GRAD_T or GRAD_TEMP:
+        coef = w * l2  # d(row loss)/dKL
+        temp_sum = 0.0  # sum (p_s - p_t) log p_s + sum p_t (r - KL) log p_t
+        for start in range(0, n_cols, BLOCK):
+            offs = start + cols
+            mask = offs < n_cols
+            load_mask = offs < n_live  # nothing is read from skipped rows
+            a = tl.load(s_row + offs, mask=load_mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32) * inv_a
+            t = tl.load(t_row + offs, mask=load_mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
+            if IS_ATS:
+                inv_b = tl.where(offs == g, inv_target_temp, inv_other_temp)
+            else:
+                inv_b = inv_a
+            b = t * inv_b
+            log_ps = a - lse_s
+            log_pt = b - lse_t
+            p_s = tl.exp(log_ps)
+            p_t = tl.exp(log_pt)
+            if GRAD_S:
+                gs = tl.where(live, coef * inv_a * (p_s - p_t), 0.0)
+                tl.store(GS + row * stride_gs + offs, gs.to(GS.dtype.element_ty), mask=mask)
+            if GRAD_T or GRAD_TEMP:
+                r = tl.where(p_t > 0.0, log_pt - log_ps - kl, 0.0)
+            if GRAD_T:
+                gt = tl.where(live, coef * inv_b * p_t * r, 0.0)
+                tl.store(GT + row * stride_gt + offs, gt.to(GT.dtype.element_ty), mask=mask)
+            if GRAD_TEMP:
+                term_s = tl.where(log_ps > float("-inf"), (p_s - p_t) * log_ps, 0.0)
+                term_t = tl.where(p_t > 0.0, p_t * r * log_pt, 0.0)
+                temp_sum += tl.sum(tl.where(mask, term_s + term_t, 0.0), 0)
+        if GRAD_TEMP:
+            # dL/dT = w * (2 T KL - T * temp_sum); here temp = T and l2 = T^2.
+            g_temp = w * (2.0 * temp * kl - temp * temp_sum)
+            tl.store(GTEMP + row, tl.where(live, g_temp, 0.0))
+
+
+def _launch(student, teacher, temperature, target, row_weight, reduce, grad_student, grad_teacher,
+            grad_temperature, ats_args):
+    """Allocate outputs and run ``_kd_kernel``; ``ats_args`` is None for KD, else
+    (1/s_T, 1/tau_target, 1/tau_other, s_T^2) and ``target`` is the int64 targets."""
+    student = student.contiguous()
+    teacher = teacher.contiguous()
+    n, c = student.shape
+    dev = student.device
+    loss_rows = torch.empty(n, dtype=torch.float32, device=dev)
+    gs = torch.empty_like(student) if grad_student else empty_grad(student)
+    gt = torch.empty_like(teacher) if grad_teacher else empty_grad(teacher)
+    gtemp = torch.empty(n, dtype=torch.float32, device=dev) if grad_temperature else empty_grad(loss_rows)
+    is_ats = ats_args is not None
+    if n:
+        block, num_warps = row_config(c)
+        wrap_triton(_kd_kernel)[(n,)](
+            student, teacher, temperature, target, row_weight, loss_rows, gs, gt, gtemp,
+            student.stride(0), teacher.stride(0),
+            gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0,
+            temperature.stride(0), row_weight.stride(0),
+            c, *(ats_args if is_ats else (1.0, 1.0, 1.0, 1.0)),
+            IS_ATS=is_ats,
+            GRAD_S=grad_student, GRAD_T=grad_teacher, GRAD_TEMP=grad_temperature,
+            BLOCK=block, num_warps=num_warps,
+        )
+    loss = loss_rows.sum() if reduce else loss_rows
+    return loss, gs, gt, gtemp
+
+
+@triton_op("fastkd::kd_fwd_triton", mutates_args=())
+def kd_fwd(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: torch.Tensor,
+    row_weight: torch.Tensor,
+    reduce: bool,
+    grad_student: bool,
+    grad_teacher: bool,
+    grad_temperature: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KD row op: ``row loss = w * T^2 * sum_c p_t (log p_t - log p_s)``, ``p = softmax(x / T)``.
+
+    student, teacher: [N, C] (any of f32/f16/bf16, may differ); temperature and
+    row_weight: float32 [N]. Returns (loss, grad_student, grad_teacher,
+    grad_temperature): loss is the 0-d sum (reduce) or the weighted row losses
+    [N]; each gradient is d(sum of weighted row losses)/d input in that input's
+    dtype, or an empty tensor when not requested.
+    """
+    # KD reads no target: row_weight stands in for the unused pointer.
+    return _launch(student, teacher, temperature, row_weight, row_weight, reduce,
+                   grad_student, grad_teacher, grad_temperature, None)
+
+
+register_stored_grad_autograd(kd_fwd, 8, {1: 0, 2: 1, 3: 2})
+
+
+@triton_op("fastkd::ats_fwd_triton", mutates_args=())
+def ats_fwd(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    row_weight: torch.Tensor,
+    student_temperature: float,
+    target_temperature: float,
+    other_temperature: float,
+    reduce: bool,
+    grad_student: bool,
+    grad_teacher: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ATS row op: ``row loss = w * s_T^2 * KL(q || softmax(s / s_T))``, ``q = softmax(t / tau)``
+    with ``tau = target_temperature`` at column ``target[i]`` and ``other_temperature`` elsewhere.
+
+    target: int [N] (not read for rows with weight 0). Returns (loss, grad_student, grad_teacher).
+    """
+    ats_args = (1.0 / student_temperature, 1.0 / target_temperature, 1.0 / other_temperature,
+                student_temperature * student_temperature)
+    # ATS has no temperature tensor: row_weight stands in for the unused pointer.
+    loss, gs, gt, _ = _launch(student, teacher, row_weight, target.to(torch.int64).contiguous(), row_weight, reduce,
+                              grad_student, grad_teacher, False, ats_args)
+    return loss, gs, gt
+
+
+register_stored_grad_autograd(ats_fwd, 10, {1: 0, 2: 1})
