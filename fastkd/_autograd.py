@@ -13,8 +13,6 @@ def scale_stored_grad(stored: torch.Tensor, grad_loss: torch.Tensor, reduce: boo
     ``reduce=True``: ``grad_loss`` is 0-d. ``reduce=False``: it holds one value per row
     and scales the matching row (dim 0) of ``stored``.
     """
-    if stored is None or stored.numel() == 0:
-        return None
     if grad_loss is None:
         return torch.zeros_like(stored)
     if reduce:
@@ -38,12 +36,16 @@ def register_loss_autograd(op, grad_slots, reduce_arg=None):
     def setup_context(ctx, inputs, output):
         ctx.reduce = True if reduce_arg is None else bool(inputs[reduce_arg])
         ctx.num_inputs = len(inputs)
+        # An unrequested gradient comes back as an empty tensor; a requested one has the
+        # input's shape (which is also empty for an input with no rows).
+        ctx.requested = [tuple(output[out].shape) == tuple(inputs[inp].shape) for inp, out in grad_slots.items()]
         ctx.save_for_backward(*(output[out] for out in grad_slots.values()))
 
     def backward(ctx, grad_loss, *unused):
         grads = [None] * ctx.num_inputs
-        for inp, stored in zip(grad_slots.keys(), ctx.saved_tensors):
-            grads[inp] = scale_stored_grad(stored, grad_loss, ctx.reduce)
+        for inp, stored, requested in zip(grad_slots.keys(), ctx.saved_tensors, ctx.requested):
+            if requested:
+                grads[inp] = scale_stored_grad(stored, grad_loss, ctx.reduce)
         return tuple(grads)
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)

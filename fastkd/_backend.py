@@ -105,8 +105,15 @@ def resolve(loss: str, backend: str, *tensors: torch.Tensor) -> str:
     """The backend that runs ``loss`` on ``tensors`` (raising if an explicit one cannot)."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    device = tensors[0].device
     has_f64 = any(t.dtype == torch.float64 for t in tensors)
+    return _resolve(loss, backend, str(tensors[0].device), has_f64)
+
+
+# Evaluated once per call site when torch.compile traces (its answer depends only on
+# the installation and the arguments), so dispatch adds no graph break.
+@torch.compiler.assume_constant_result
+def _resolve(loss: str, backend: str, device_name: str, has_f64: bool) -> str:
+    device = torch.device(device_name)
     if backend == "reference":
         return backend
     if backend != "auto":
@@ -135,7 +142,7 @@ def resolve(loss: str, backend: str, *tensors: torch.Tensor) -> str:
             warnings.warn(
                 f"fastkd: no fused backend for {loss} on {device.type} tensors ({'; '.join(reasons)}); "
                 "using the slower reference implementation",
-                stacklevel=3,
+                stacklevel=4,
             )
     return "reference"
 
