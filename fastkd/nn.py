@@ -1,0 +1,539 @@
+"""``torch.nn.Module`` wrappers of the fastkd losses, and the trainable parts some methods need.
+
+Logit losses (hold the hyper-parameters, call ``fastkd.functional``):
+``KDLoss``, ``DKDLoss`` (with mdistiller's warm-up), ``ATSLoss``, ``DISTLoss``.
+
+Feature methods (own their trainable layers):
+``MGDLoss`` (align + generation block), ``SimKD`` (projector + the teacher's classifier).
+
+CTKD (curriculum temperature): ``GradientReversal``, ``CosineCurriculum`` and
+``LearnableTemperature``, whose output is passed as ``temperature`` to ``KDLoss``::
+
+    temp = LearnableTemperature()
+    curriculum = CosineCurriculum(epochs=10)
+    kd = KDLoss()
+    ...
+    T = temp(lambda_=curriculum(epoch))
+    loss = ce + kd(student_logits, teacher_logits, temperature=T)
+
+Formulas and semantics: ``docs/methods.md`` and each functional's docstring.
+"""
+import math
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional, reference
+from . import _validation as v
+from ._backend import BACKENDS
+
+__all__ = [
+    "KDLoss",
+    "DKDLoss",
+    "ATSLoss",
+    "DISTLoss",
+    "MGDLoss",
+    "SimKD",
+    "GradientReversal",
+    "CosineCurriculum",
+    "LearnableTemperature",
+]
+
+
+# ----------------------------------------------------------------------------
+# constructor checks (the functionals check again at call time; these fail early)
+# ----------------------------------------------------------------------------
+
+def _check_backend(backend) -> None:
+    # Availability depends on the tensors' device, so only the name is checked here.
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_row_args(reduction, ignore_index, backend) -> None:
+    v.check_reduction(reduction)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _check_backend(backend)
+
+
+def _check_non_negative(name: str, value) -> None:
+    v.check_number(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def _check_feature(name: str, x, channels: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be a 4-D feature map (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channels (as constructed), got {x.shape[1]}")
+
+
+# ----------------------------------------------------------------------------
+# logit losses
+# ----------------------------------------------------------------------------
+
+class KDLoss(nn.Module):
+    """Vanilla KD (Hinton et al. 2015), per row::
+
+        loss_i = T^2 * sum_c p_t[c] * (log p_t[c] - log p_s[c]),  p = softmax(logits / T)
+
+    reduced by ``reduction`` (default "batchmean": sum / counted rows); see
+    ``fastkd.kd_loss``. Defaults: ``temperature=4.0`` (mdistiller, CIFAR-100;
+    ImageNet uses 1), ``ignore_index=-100``, ``backend="auto"``.
+
+    ``forward(student_logits, teacher_logits, target=None, sample_weight=None,
+    temperature=None)``: ``target`` only marks rows to skip (``ignore_index``);
+    a ``temperature`` given here (a number, or a tensor from
+    ``LearnableTemperature`` that receives a gradient) replaces the module's.
+    """
+
+    def __init__(self, temperature: float = 4.0, *, reduction: str = "batchmean", ignore_index: int = -100,
+                 backend: str = "auto"):
+        super().__init__()
+        v.check_positive("temperature", temperature)
+        _check_row_args(reduction, ignore_index, backend)
+        self.temperature = temperature
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.backend = backend
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                target: Optional[torch.Tensor] = None, sample_weight: Optional[torch.Tensor] = None,
+                temperature: Union[float, torch.Tensor, None] = None) -> torch.Tensor:
+        return functional.kd_loss(
+            student_logits, teacher_logits, self.temperature if temperature is None else temperature,
+            reduction=self.reduction, target=target, ignore_index=self.ignore_index,
+            sample_weight=sample_weight, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+class DKDLoss(nn.Module):
+    """Decoupled KD (Zhao et al. 2022) with mdistiller's linear warm-up::
+
+        loss = min(epoch / warmup_epochs, 1) * mean_i (alpha * TCKD_i + beta * NCKD_i)
+
+    (TCKD and NCKD as in ``fastkd.dkd_loss``, each including ``T^2``). Epochs
+    are 1-indexed as in mdistiller: with the default ``warmup_epochs=20`` the
+    factor is 0.05 at epoch 1 and 1 from epoch 20 on. ``warmup_epochs=0`` means
+    no warm-up, and ``epoch=None`` applies no factor. Defaults (CIFAR-100):
+    ``alpha=1, beta=8, temperature=4, warmup_epochs=20``; ImageNet uses
+    ``temperature=1, warmup_epochs=1`` and ``beta`` 0.5 (R34->R18) or 2 (R50->MV1).
+
+    ``forward(student_logits, teacher_logits, target, epoch=None, sample_weight=None)``.
+    """
+
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup_epochs: float = 20,
+                 *, reduction: str = "batchmean", ignore_index: int = -100, backend: str = "auto"):
+        super().__init__()
+        v.check_number("alpha", alpha)
+        v.check_number("beta", beta)
+        v.check_positive("temperature", temperature)
+        _check_non_negative("warmup_epochs", warmup_epochs)
+        _check_row_args(reduction, ignore_index, backend)
+        self.alpha = alpha
+        self.beta = beta
+        self.temperature = temperature
+        self.warmup_epochs = warmup_epochs
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.backend = backend
+
+    def warmup_factor(self, epoch: Optional[float]) -> float:
+        """``min(epoch / warmup_epochs, 1)``; 1 when ``epoch`` is None or ``warmup_epochs`` is 0."""
+        if epoch is None:
+            return 1.0
+        _check_non_negative("epoch", epoch)
+        if self.warmup_epochs == 0:
+            return 1.0
+        return min(epoch / self.warmup_epochs, 1.0)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+                epoch: Optional[float] = None, sample_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        factor = self.warmup_factor(epoch)
+        loss = functional.dkd_loss(
+            student_logits, teacher_logits, target, alpha=self.alpha, beta=self.beta,
+            temperature=self.temperature, reduction=self.reduction, ignore_index=self.ignore_index,
+            sample_weight=sample_weight, backend=self.backend,
+        )
+        return loss if factor == 1.0 else loss * factor
+
+    def extra_repr(self) -> str:
+        return (f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
+                f"warmup_epochs={self.warmup_epochs}, reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+class ATSLoss(nn.Module):
+    """Asymmetric temperature scaling (Li et al. 2022), KL form, per row::
+
+        q = softmax(t / tau),  tau_c = target_temperature if c == target else other_temperature
+        loss_i = s^2 * KL(q || softmax(student / s)),  s = student_temperature
+
+    Defaults ``target_temperature=4, other_temperature=2, student_temperature=1``.
+    The official code reports the soft cross-entropy, which differs from this KL
+    by the teacher entropy only (same gradient). See ``fastkd.ats_loss``.
+
+    ``forward(student_logits, teacher_logits, target, sample_weight=None)``.
+    """
+
+    def __init__(self, target_temperature: float = 4.0, other_temperature: float = 2.0,
+                 student_temperature: float = 1.0, *, reduction: str = "batchmean", ignore_index: int = -100,
+                 backend: str = "auto"):
+        super().__init__()
+        v.check_positive("target_temperature", target_temperature)
+        v.check_positive("other_temperature", other_temperature)
+        v.check_positive("student_temperature", student_temperature)
+        _check_row_args(reduction, ignore_index, backend)
+        self.target_temperature = target_temperature
+        self.other_temperature = other_temperature
+        self.student_temperature = student_temperature
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.backend = backend
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+                sample_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return functional.ats_loss(
+            student_logits, teacher_logits, target, target_temperature=self.target_temperature,
+            other_temperature=self.other_temperature, student_temperature=self.student_temperature,
+            reduction=self.reduction, ignore_index=self.ignore_index, sample_weight=sample_weight,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"target_temperature={self.target_temperature}, other_temperature={self.other_temperature}, "
+                f"student_temperature={self.student_temperature}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}")
+
+
+class DISTLoss(nn.Module):
+    """DIST (Huang et al. 2022) on the whole [N, C] batch::
+
+        y = softmax(logits / tau),  rho = Pearson correlation (1e-8 added to the product of norms)
+        loss = beta * tau^2 * (1 - mean_i rho(y_s[i, :], y_t[i, :]))
+             + gamma * tau^2 * (1 - mean_c rho(y_s[:, c], y_t[:, c]))
+
+    Defaults ``beta = gamma = 1``, ``temperature=1`` (ImageNet; CIFAR-100 uses
+    4). The official configs weight the whole term by 2. See ``fastkd.dist_loss``.
+
+    ``forward(student_logits, teacher_logits)``.
+    """
+
+    def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0, backend: str = "auto"):
+        super().__init__()
+        v.check_number("beta", beta)
+        v.check_number("gamma", gamma)
+        v.check_positive("temperature", temperature)
+        _check_backend(backend)
+        self.beta = beta
+        self.gamma = gamma
+        self.temperature = temperature
+        self.backend = backend
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return functional.dist_loss(
+            student_logits, teacher_logits, beta=self.beta, gamma=self.gamma, temperature=self.temperature,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, gamma={self.gamma}, temperature={self.temperature}, backend={self.backend!r}"
+
+
+# ----------------------------------------------------------------------------
+# feature methods
+# ----------------------------------------------------------------------------
+
+class MGDLoss(nn.Module):
+    """Masked generative distillation (Yang et al. 2022)::
+
+        loss = alpha * sum((generation(align(student) * M) - teacher)^2) / N
+
+    ``align`` is a 1x1 conv with bias from ``student_channels`` to
+    ``teacher_channels``, created only when the two differ (``None``
+    otherwise, as in the official code). ``generation`` is
+    conv3x3(Ct->Ct, pad 1) -> ReLU -> conv3x3(Ct->Ct, pad 1). ``M`` drops whole
+    channels (``mask_type="channel"``, classification) or spatial positions
+    (``"spatial"``, detection / segmentation) with probability ``mask_ratio``.
+    Defaults (classification): ``alpha=7e-5, mask_ratio=0.15``; detection uses
+    ``alpha=2e-5, mask_ratio=0.65``, segmentation ``2e-5, 0.75``.
+
+    Both layers are trained with the student (put this module's parameters in
+    the student's optimizer). ``forward(student_feat, teacher_feat,
+    generator=None)``: features are (N, C, H, W); the mask's seed is drawn from
+    ``generator`` (the global RNG if None). See ``fastkd.mgd_loss``.
+    """
+
+    def __init__(self, student_channels: int, teacher_channels: int, *, alpha: float = 7e-5,
+                 mask_ratio: float = 0.15, mask_type: str = "channel", backend: str = "auto"):
+        super().__init__()
+        _check_int("student_channels", student_channels)
+        _check_int("teacher_channels", teacher_channels)
+        v.check_number("alpha", alpha)
+        reference._check_mask_args(mask_ratio, mask_type)
+        _check_backend(backend)
+        self.student_channels = student_channels
+        self.teacher_channels = teacher_channels
+        self.alpha = alpha
+        self.mask_ratio = mask_ratio
+        self.mask_type = mask_type
+        self.backend = backend
+        self.align = nn.Conv2d(student_channels, teacher_channels, 1) if student_channels != teacher_channels else None
+        self.generation = nn.Sequential(
+            nn.Conv2d(teacher_channels, teacher_channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(teacher_channels, teacher_channels, 3, padding=1),
+        )
+
+    def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        # Channel counts are checked here so a mismatch is a ValueError, not a conv error.
+        _check_feature("student_feat", student_feat, self.student_channels)
+        _check_feature("teacher_feat", teacher_feat, self.teacher_channels)
+        return functional.mgd_loss(
+            student_feat, teacher_feat, self.generation, align=self.align, alpha=self.alpha,
+            mask_ratio=self.mask_ratio, mask_type=self.mask_type, generator=generator, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"student_channels={self.student_channels}, teacher_channels={self.teacher_channels}, "
+                f"alpha={self.alpha}, mask_ratio={self.mask_ratio}, mask_type={self.mask_type!r}, "
+                f"backend={self.backend!r}")
+
+
+class SimKD(nn.Module):
+    """SimKD (Chen et al. 2022): project the student feature, reuse the teacher's classifier.
+
+    The larger of the two feature maps is average-pooled to the smaller spatial
+    size (height and width separately), then::
+
+        f_s  = projector(student_feat)
+        loss = mean((f_s - teacher_feat)^2)                 (fastkd.simkd_loss)
+        logits = teacher_classifier(flatten(avgpool(f_s)))
+
+    ``projector`` (no conv bias, ``f = factor``, ``m = teacher_channels // f``):
+    conv1x1(Cs->m) BN ReLU, conv3x3(m->m, pad 1) BN ReLU, conv1x1(m->Ct) BN ReLU.
+    SimKD trains only the projector (no CE); at inference the student's
+    prediction is ``logits``.
+
+    ``teacher_classifier`` (e.g. the teacher's final ``nn.Linear``) is used as
+    given: it is neither copied nor registered as a submodule, so it is not in
+    ``parameters()``, ``state_dict()`` or ``.to()`` of this module, and an
+    optimizer over ``SimKD.parameters()`` never updates it. Freeze it
+    (``teacher_classifier.requires_grad_(False)``) so backward does not fill its
+    ``.grad``; the gradient still reaches the projector through it.
+
+    ``forward(student_feat, teacher_feat)`` returns ``(loss, logits)``.
+    """
+
+    def __init__(self, student_channels: int, teacher_channels: int,
+                 teacher_classifier: Callable[[torch.Tensor], torch.Tensor], factor: int = 2):
+        super().__init__()
+        _check_int("student_channels", student_channels)
+        _check_int("teacher_channels", teacher_channels)
+        if not callable(teacher_classifier):
+            raise TypeError(f"teacher_classifier must be callable (a module), got {type(teacher_classifier).__name__}")
+        _check_int("factor", factor)
+        mid = teacher_channels // factor
+        if mid < 1:
+            raise ValueError(
+                f"factor must be <= teacher_channels ({teacher_channels}) so that the projector's "
+                f"middle width teacher_channels // factor is at least 1, got {factor}"
+            )
+        self.student_channels = student_channels
+        self.teacher_channels = teacher_channels
+        self.factor = factor
+        # A tuple hides the module from nn.Module's registration (see the class docstring).
+        self._teacher_classifier = (teacher_classifier,)
+        self.projector = nn.Sequential(
+            nn.Conv2d(student_channels, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
+            nn.Conv2d(mid, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
+            nn.Conv2d(mid, teacher_channels, 1, bias=False), nn.BatchNorm2d(teacher_channels), nn.ReLU(),
+        )
+
+    @property
+    def teacher_classifier(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self._teacher_classifier[0]
+
+    def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor):
+        _check_feature("student_feat", student_feat, self.student_channels)
+        _check_feature("teacher_feat", teacher_feat, self.teacher_channels)
+        if student_feat.shape[0] != teacher_feat.shape[0]:
+            raise ValueError(
+                f"student_feat and teacher_feat must have the same batch size, "
+                f"got {student_feat.shape[0]} and {teacher_feat.shape[0]}"
+            )
+        size = (min(student_feat.shape[2], teacher_feat.shape[2]), min(student_feat.shape[3], teacher_feat.shape[3]))
+        if tuple(student_feat.shape[2:]) != size:
+            student_feat = F.adaptive_avg_pool2d(student_feat, size)
+        if tuple(teacher_feat.shape[2:]) != size:
+            teacher_feat = F.adaptive_avg_pool2d(teacher_feat, size)
+        projected = self.projector(student_feat)
+        loss = functional.simkd_loss(projected, teacher_feat)
+        logits = self.teacher_classifier(torch.flatten(F.adaptive_avg_pool2d(projected, 1), 1))
+        return loss, logits
+
+    def extra_repr(self) -> str:
+        return (f"student_channels={self.student_channels}, teacher_channels={self.teacher_channels}, "
+                f"factor={self.factor}")
+
+
+# ----------------------------------------------------------------------------
+# CTKD
+# ----------------------------------------------------------------------------
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the incoming gradient by ``lambda_``."""
+
+    @staticmethod
+    def forward(ctx, x, lambda_):
+        ctx.lambda_ = lambda_
+        return x.view_as(x)  # a view, not x itself: autograd needs a new tensor to attach the backward to
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.lambda_, None
+
+
+class GradientReversal(nn.Module):
+    """Gradient reversal layer as CTKD uses it::
+
+        forward(x) = x,   backward: dL/dx = lambda_ * dL/dy
+
+    A negative ``lambda_`` reverses the gradient (CTKD ramps it from 0 to -1
+    with ``CosineCurriculum``), so whatever sits before this layer ascends the
+    loss. ``lambda_`` (default -1.0, full reversal) is a plain attribute: set
+    it each step, or pass ``lambda_=`` to ``forward`` for one call.
+    """
+
+    def __init__(self, lambda_: float = -1.0):
+        super().__init__()
+        v.check_number("lambda_", lambda_)
+        self.lambda_ = lambda_
+
+    def forward(self, x: torch.Tensor, lambda_: Optional[float] = None) -> torch.Tensor:
+        lambda_ = self.lambda_ if lambda_ is None else lambda_
+        v.check_number("lambda_", lambda_)
+        return _ScaleGrad.apply(x, float(lambda_))
+
+    def extra_repr(self) -> str:
+        return f"lambda_={self.lambda_}"
+
+
+class CosineCurriculum:
+    """CTKD's cosine schedule of the gradient-reversal factor::
+
+        lambda(e) = l_min + (l_max - l_min) * (cos(pi * min(e, L) / L) + 1) / 2,  L = epochs
+
+    With the defaults ``l_min=-1, l_max=0`` it goes from 0 at epoch 0 to -1 at
+    epoch ``L`` and stays there (CIFAR ``L=10``, ImageNet ``L=5``).
+    ``curriculum(epoch)`` returns a float.
+    """
+
+    def __init__(self, l_min: float = -1.0, l_max: float = 0.0, epochs: int = 10):
+        v.check_number("l_min", l_min)
+        v.check_number("l_max", l_max)
+        _check_int("epochs", epochs)
+        self.l_min = l_min
+        self.l_max = l_max
+        self.epochs = epochs
+
+    def __call__(self, epoch: float) -> float:
+        _check_non_negative("epoch", epoch)
+        progress = min(epoch, self.epochs) / self.epochs
+        return self.l_min + (self.l_max - self.l_min) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+    def __repr__(self) -> str:
+        return f"CosineCurriculum(l_min={self.l_min}, l_max={self.l_max}, epochs={self.epochs})"
+
+
+class LearnableTemperature(nn.Module):
+    """CTKD's learnable distillation temperature, trained adversarially through gradient reversal.
+
+    ``mode="global"``: one parameter ``w`` (init 1)::
+
+        T = t_start + t_end * sigmoid(GRL(w))          (0-d tensor; about 15.6 at init)
+
+    ``mode="instance"``: an MLP on the concatenated logits predicts one value per row::
+
+        T_i = t_start + t_end * sigmoid(GRL(mlp(cat(student_i, teacher_i))))   (shape: leading dims)
+
+    with ``mlp = Linear(2 * num_classes, hidden) -> ReLU -> Linear(hidden, 1)``.
+    The logits enter the MLP detached: the predictor only learns through ``T``,
+    and no reversed gradient reaches the student's logits through it.
+
+    ``T`` lies in ``(t_start, t_start + t_end)``; defaults ``t_start=1,
+    t_end=20``. ``GRL`` is ``self.grl`` (a ``GradientReversal``); ``forward(...,
+    lambda_=curriculum(epoch))`` uses that factor for this call (None: the
+    layer's ``lambda_`` attribute, default -1). Pass ``T`` as the
+    ``temperature`` of ``KDLoss`` / ``fastkd.kd_loss`` (it enters the softmaxes
+    and the ``T^2`` factor, and receives a gradient), and put this module's
+    parameters in the optimizer: with a negative lambda the step raises the KD
+    loss (the harder curriculum).
+
+    ``forward(student_logits=None, teacher_logits=None, lambda_=None)``; the
+    logits are only needed (and only read) in instance mode.
+    """
+
+    MODES = ("global", "instance")
+
+    def __init__(self, mode: str = "global", t_start: float = 1.0, t_end: float = 20.0,
+                 num_classes: Optional[int] = None, hidden: int = 256):
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        v.check_positive("t_start", t_start)
+        v.check_positive("t_end", t_end)
+        _check_int("hidden", hidden)
+        if mode == "instance":
+            if num_classes is None:
+                raise ValueError("num_classes is required for mode='instance' (the MLP reads both logit vectors)")
+            _check_int("num_classes", num_classes)
+        elif num_classes is not None:
+            raise ValueError("num_classes is only used by mode='instance'; leave it None for mode='global'")
+        self.mode = mode
+        self.t_start = t_start
+        self.t_end = t_end
+        self.num_classes = num_classes
+        self.grl = GradientReversal()
+        if mode == "global":
+            self.w = nn.Parameter(torch.ones(()))
+        else:
+            self.mlp = nn.Sequential(nn.Linear(2 * num_classes, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, student_logits: Optional[torch.Tensor] = None, teacher_logits: Optional[torch.Tensor] = None,
+                lambda_: Optional[float] = None) -> torch.Tensor:
+        if self.mode == "global":
+            raw = self.w
+        else:
+            if student_logits is None or teacher_logits is None:
+                raise ValueError("mode='instance' needs student_logits and teacher_logits")
+            v.check_pair(student_logits, teacher_logits)
+            if student_logits.shape[-1] != self.num_classes:
+                raise ValueError(
+                    f"student_logits must have num_classes={self.num_classes} classes, got {student_logits.shape[-1]}"
+                )
+            features = torch.cat([student_logits, teacher_logits], dim=-1).detach()
+            raw = self.mlp(features.to(self.mlp[0].weight.dtype)).squeeze(-1)
+        return self.t_start + self.t_end * torch.sigmoid(self.grl(raw, lambda_))
+
+    def extra_repr(self) -> str:
+        extra = f", num_classes={self.num_classes}" if self.mode == "instance" else ""
+        return f"mode={self.mode!r}, t_start={self.t_start}, t_end={self.t_end}{extra}"
