@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up, then run the whole test suite. Triton kernels run through the
+# interpreter on CPU tensors; GPU tests skip without a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+bash scripts/setup.sh
+"$PYTHON" -m pytest -q "$@"
