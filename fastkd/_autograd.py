@@ -7,34 +7,40 @@ gradient and skips even that when the incoming gradient is a scalar exactly 1.
 import torch
 
 
-def scale_stored_grad(stored: torch.Tensor, grad_loss: torch.Tensor, reduce: bool):
+def _traced(x: torch.Tensor) -> bool:
+    # fake / functional tensor subclasses while torch.compile or opcheck traces
+    return type(x) is not torch.Tensor or torch.compiler.is_compiling()
+
+
+def scale_stored_grad(stored: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     """d(final)/d(input) from the stored d(loss)/d(input) and the loss's incoming gradient.
 
-    ``reduce=True``: ``grad_loss`` is 0-d. ``reduce=False``: it holds one value per row
-    and scales the matching row (dim 0) of ``stored``.
+    ``grad_loss`` is 0-d (reduced loss) or holds one value per row, scaling the
+    matching row (dim 0) of ``stored``. The product is computed in float32 and
+    stored in the gradient's dtype, so a loss weight such as 0.9 is not first
+    rounded to bfloat16 (a 0.2% bias on every gradient).
     """
     if grad_loss is None:
         return torch.zeros_like(stored)
-    if reduce:
-        # Checking for exactly 1 needs the value on the host, so only plain eager tensors
-        # are checked; traced graphs (fake / functional tensor subclasses) always multiply.
-        if type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling() and bool(grad_loss == 1):
-            return stored
-        return stored * grad_loss.to(stored.dtype)
-    shape = (-1,) + (1,) * (stored.dim() - 1)
-    return stored * grad_loss.reshape(shape).to(stored.dtype)
+    if grad_loss.dim() == 0:
+        if _traced(grad_loss):
+            return (stored.float() * grad_loss).to(stored.dtype)  # fused by the compiler
+        g = float(grad_loss)  # one host sync, to skip a whole pass when g == 1
+        return stored if g == 1.0 else stored * g  # a Python float multiplies at float32 precision
+    rows = grad_loss.reshape((-1,) + (1,) * (stored.dim() - 1)).float()
+    if _traced(grad_loss) or stored.dtype == torch.float32:
+        return (stored.float() * rows).to(stored.dtype)
+    return torch.mul(stored, rows, out=torch.empty_like(stored))
 
 
-def register_loss_autograd(op, grad_slots, reduce_arg=None):
-    """Register autograd for a fused loss op.
+def register_loss_autograd(op, grad_slots):
+    """Register autograd for a fused loss op (a name like "fastkd::kd_fwd" or a custom op).
 
     ``grad_slots`` maps input positions to the output positions holding their
-    stored gradients (output 0 is the loss). ``reduce_arg`` is the input position
-    of the ``reduce`` flag, or None for ops that always return a 0-d loss.
+    stored gradients (output 0 is the loss). Every other input gets no gradient.
     """
 
     def setup_context(ctx, inputs, output):
-        ctx.reduce = True if reduce_arg is None else bool(inputs[reduce_arg])
         ctx.num_inputs = len(inputs)
         # An unrequested gradient comes back as an empty tensor; a requested one has the
         # input's shape (which is also empty for an input with no rows).
@@ -45,7 +51,7 @@ def register_loss_autograd(op, grad_slots, reduce_arg=None):
         grads = [None] * ctx.num_inputs
         for inp, stored, requested in zip(grad_slots.keys(), ctx.saved_tensors, ctx.requested):
             if requested:
-                grads[inp] = scale_stored_grad(stored, grad_loss, ctx.reduce)
+                grads[inp] = scale_stored_grad(stored, grad_loss)
         return tuple(grads)
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)

@@ -4,7 +4,7 @@ Every check raises ``ValueError`` (or ``TypeError`` for a wrong kind of
 object) whose message names the argument and what was wrong with it.
 """
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 

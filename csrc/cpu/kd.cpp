@@ -23,7 +23,10 @@ namespace {
 
 constexpr int64_t kChunk = 2048;
 
-FASTKD_INLINE KDStats kd_chunk_stats(const float* s, const float* t, int64_t n, float inv_t) {
+// Statistics of one chunk. With kKeep, also stores exp(a - chunk max) of the student
+// into `es` (the student-gradient row), so the gradient pass needs one exp, not two.
+template <bool kKeep>
+FASTKD_INLINE KDStats kd_chunk_stats(const float* s, const float* t, int64_t n, float inv_t, float* es) {
   float ms = -INFINITY, mt = -INFINITY;
 #pragma omp simd reduction(max : ms, mt)
   for (int64_t j = 0; j < n; ++j) {
@@ -37,8 +40,9 @@ FASTKD_INLINE KDStats kd_chunk_stats(const float* s, const float* t, int64_t n, 
 #pragma omp simd reduction(+ : zs, zt, cross)
   for (int64_t j = 0; j < n; ++j) {
     const float a = s[j] * inv_t, b = t[j] * inv_t;
-    const float et = vexp(b - base_t);
-    zs += vexp(a - base_s);
+    const float et = vexp(b - base_t), e_s = vexp(a - base_s);
+    if (kKeep) es[j] = e_s;
+    zs += e_s;
     zt += et;
     cross += kd_cross_term(et, a, b);
   }
@@ -60,21 +64,46 @@ FASTKD_INLINE void kd_grad_pass(const float* s, const float* t, int64_t C, float
   a1 = s1, a2 = s2, a3 = s3;
 }
 
+// The usual training case (teacher detached, float temperature): the student
+// gradient from the exps kept in `gs` by the statistics pass, rescaled per chunk.
+FASTKD_INLINE void kd_student_grad_from_kept(const float* t, int64_t C, float inv_t, const KDRow& r, float coef,
+                                             const float* chunk_max, float* gs) {
+  for (int64_t c0 = 0, k = 0; c0 < C; c0 += kChunk, ++k) {
+    const int64_t n = std::min(kChunk, C - c0);
+    const float base = chunk_max[k] == -INFINITY ? 0.0f : chunk_max[k];
+    const float to_prob = expf(base - r.lse_s);  // exp(a - base) * to_prob = p_s
+    float* g = gs + c0;
+    const float* tc = t + c0;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) g[j] = coef * (g[j] * to_prob - vexp(tc[j] * inv_t - r.lse_t));
+  }
+}
+
 // One row: returns the weighted loss, writes the weighted gradients (gs / gt may
-// be null) and, if asked, the weighted dL/dT.
+// be null) and, if asked, the weighted dL/dT. `chunk_max` has room for one float
+// per chunk of the row.
 FASTKD_CPU_CLONES
-float kd_row(const float* s, const float* t, int64_t C, float T, float w, float* gs, float* gt, float* dtemp) {
+float kd_row(const float* s, const float* t, int64_t C, float T, float w, float* gs, float* gt, float* dtemp,
+             float* chunk_max) {
   const float inv_t = 1.0f / T;
+  const bool student_only = gs && !gt && !dtemp;
   KDStats st = kd_stats_empty();
-  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-    st = kd_stats_merge(st, kd_chunk_stats(s + c0, t + c0, std::min(kChunk, C - c0), inv_t));
+  for (int64_t c0 = 0, k = 0; c0 < C; c0 += kChunk, ++k) {
+    const int64_t n = std::min(kChunk, C - c0);
+    const KDStats chunk = student_only ? kd_chunk_stats<true>(s + c0, t + c0, n, inv_t, gs + c0)
+                                       : kd_chunk_stats<false>(s + c0, t + c0, n, inv_t, nullptr);
+    chunk_max[k] = chunk.ms;
+    st = kd_stats_merge(st, chunk);
   }
   const KDRow r = kd_finish(st);
-  float a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
   const float coef = w * T;
+  if (student_only) {
+    kd_student_grad_from_kept(t, C, inv_t, r, coef, chunk_max, gs);
+    return w * T * T * r.kl;
+  }
+  float a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
   const int mode = (gs ? 1 : 0) | (gt ? 2 : 0) | (dtemp ? 4 : 0);
   switch (mode) {
-    case 1: kd_grad_pass<true, false, false>(s, t, C, inv_t, r, coef, gs, gt, a1, a2, a3); break;
     case 2: kd_grad_pass<false, true, false>(s, t, C, inv_t, r, coef, gs, gt, a1, a2, a3); break;
     case 3: kd_grad_pass<true, true, false>(s, t, C, inv_t, r, coef, gs, gt, a1, a2, a3); break;
     case 4: kd_grad_pass<false, false, true>(s, t, C, inv_t, r, coef, gs, gt, a1, a2, a3); break;
@@ -120,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_fwd_cpu(
     float* dtemp = grad_temperature ? gT.mutable_data_ptr<float>() : nullptr;
     const int64_t grain = std::max<int64_t>(1, 32768 / C);
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> sbuf, tbuf, gsbuf, gtbuf;
+      std::vector<float> sbuf, tbuf, gsbuf, gtbuf, chunk_max((C + kChunk - 1) / kChunk);
       for (int64_t i = begin; i < end; ++i) {
         float* gs_row = output_row(gs, i, gsbuf);
         float* gt_row = output_row(gt, i, gtbuf);
@@ -129,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_fwd_cpu(
           if (gt_row) std::fill(gt_row, gt_row + C, 0.0f);
         } else {
           loss[i] = kd_row(input_row(student, i, sbuf), input_row(teacher, i, tbuf), C, temp[i], weight[i], gs_row,
-                           gt_row, dtemp ? dtemp + i : nullptr);
+                           gt_row, dtemp ? dtemp + i : nullptr, chunk_max.data());
         }
         output_row_done(gs, i, gsbuf);
         output_row_done(gt, i, gtbuf);

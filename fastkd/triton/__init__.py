@@ -2,10 +2,21 @@
 
 Each op (``torch.ops.fastkd.<name>_triton``) returns the loss and the input
 gradients it was asked for, computed in the forward pass; its autograd only
-scales them. The names exported here are the autograd-aware ops themselves,
-called with the signatures of ``docs/design.md``.
+scales them by the incoming gradient (``fastkd._autograd.register_loss_autograd``, shared with the compiled backends).
+The names exported here are those autograd-aware ops, called with the
+signatures of ``docs/design.md``:
+
+    kd_fwd, ats_fwd      kd.py    one program per row, online softmax over class blocks
+    dkd_fwd              dkd.py   same layout; TCKD and NCKD from one pass of row statistics
+    dist_fwd             dist.py  row lse pass, class-statistics pass, gradient pass
+    mgd_mask, mgd_sq_err mgd.py   element-wise; the mask is hashed in-kernel from the seed
+
+Launch sizes and the reason for each are next to their constants
+(``_common.row_config``, ``dist.STATS_*``, ``mgd.ELEM_*``).
 """
+from .dist import dist_fwd
 from .dkd import dkd_fwd
 from .kd import ats_fwd, kd_fwd
+from .mgd import mgd_mask, mgd_sq_err
 
-__all__ = ["kd_fwd", "ats_fwd", "dkd_fwd"]
+__all__ = ["kd_fwd", "ats_fwd", "dkd_fwd", "dist_fwd", "mgd_mask", "mgd_sq_err"]

@@ -33,7 +33,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import empty_grad, logaddexp, online_update, register_stored_grad_autograd, row_config
+from .._autograd import register_loss_autograd
+from ._common import empty_grad, logaddexp, online_update, row_config
+
+NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
@@ -63,8 +66,9 @@ def _dkd_kernel(
     for start in range(0, n_live, BLOCK):
         offs = start + cols
         mask = (offs < n_cols) & (offs != g)
-        a = tl.load(s_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32) * inv_temp
-        b = tl.load(t_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32) * inv_temp
+        # evict_last: pass 2 re-reads the row and should find it in L2
+        a = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32) * inv_temp
+        b = tl.load(t_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32) * inv_temp
         m_s, z_s, _e_s, _al_s = online_update(m_s, z_s, a)
         m_t, z_t, e_t, alpha_t = online_update(m_t, z_t, b)
         diff = tl.where(e_t > 0.0, b - a, 0.0)
@@ -99,8 +103,10 @@ def _dkd_kernel(
             mask = offs < n_cols
             load_mask = offs < n_live
             is_g = offs == g
-            a = tl.load(s_row + offs, mask=load_mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32) * inv_temp
-            b = tl.load(t_row + offs, mask=load_mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32) * inv_temp
+            a = tl.load(s_row + offs, mask=load_mask, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
+            b = tl.load(t_row + offs, mask=load_mask, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
+            a = a * inv_temp
+            b = b * inv_temp
             log_qs = a - lse_os
             log_qt = b - lse_ot
             q_s = tl.where(is_g, 0.0, tl.exp(log_qs))
@@ -155,4 +161,4 @@ def dkd_fwd(
     return loss, gs, gt
 
 
-register_stored_grad_autograd(dkd_fwd, 10, {1: 0, 2: 1})
+register_loss_autograd(dkd_fwd, {0: 1, 1: 2})

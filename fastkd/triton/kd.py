@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import empty_grad, online_update, register_stored_grad_autograd, row_config
+from .._autograd import register_loss_autograd
+from ._common import empty_grad, online_update, row_config
 
 
 @triton.jit
@@ -75,6 +76,7 @@ def _kd_kernel(
     for start in range(0, n_live, BLOCK):
         offs = start + cols
         mask = offs < n_cols
+        # evict_last: pass 2 re-reads the row and should find it in L2
         a = tl.load(s_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32) * inv_a
         t = tl.load(t_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
         if IS_ATS:
@@ -100,7 +102,8 @@ def _kd_kernel(
             offs = start + cols
             mask = offs < n_cols
             load_mask = offs < n_live  # nothing is read from skipped rows
-            a = tl.load(s_row + offs, mask=load_mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32) * inv_a
+            a = tl.load(s_row + offs, mask=load_mask, other=float("-inf"), eviction_policy="evict_first")
+            a = a.to(tl.float32) * inv_a
             t = tl.load(t_row + offs, mask=load_mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
             if IS_ATS:
                 inv_b = tl.where(offs == g, inv_target_temp, inv_other_temp)
@@ -182,7 +185,7 @@ def kd_fwd(
                    grad_student, grad_teacher, grad_temperature, None)
 
 
-register_stored_grad_autograd(kd_fwd, 8, {1: 0, 2: 1, 3: 2})
+register_loss_autograd(kd_fwd, {0: 1, 1: 2, 2: 3})
 
 
 @triton_op("fastkd::ats_fwd_triton", mutates_args=())
@@ -211,4 +214,4 @@ def ats_fwd(
     return loss, gs, gt
 
 
-register_stored_grad_autograd(ats_fwd, 10, {1: 0, 2: 1})
+register_loss_autograd(ats_fwd, {0: 1, 1: 2})
