@@ -44,8 +44,64 @@ def _register_kd():
             _empty_grad(temperature, grad_temperature),
         )
 
-    register_loss_autograd("fastkd::kd_fwd", {0: 1, 1: 2, 2: 3}, reduce_arg=4)
+    register_loss_autograd("fastkd::kd_fwd", {0: 1, 1: 2, 2: 3})
+
+
+def _declared(op_name: str) -> bool:
+    """Whether this build of ``fastkd._C`` declares ``fastkd::op_name`` (an older build may not)."""
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"fastkd::{op_name}", "")
+        return True
+    except RuntimeError:
+        return False
+
+
+def _register_ats_dkd():
+    @torch.library.register_fake("fastkd::ats_fwd")
+    def _(student, teacher, target, row_weight, student_temperature, target_temperature, other_temperature,
+          reduce, grad_student, grad_teacher):
+        return _loss(student, reduce), _empty_grad(student, grad_student), _empty_grad(teacher, grad_teacher)
+
+    @torch.library.register_fake("fastkd::dkd_fwd")
+    def _(student, teacher, target, row_weight, alpha, beta, temperature, reduce, grad_student, grad_teacher):
+        return _loss(student, reduce), _empty_grad(student, grad_student), _empty_grad(teacher, grad_teacher)
+
+    for op in ("fastkd::ats_fwd", "fastkd::dkd_fwd"):
+        register_loss_autograd(op, {0: 1, 1: 2})
+
+
+def _register_dist():
+    @torch.library.register_fake("fastkd::dist_fwd")
+    def _(student, teacher, beta, gamma, temperature, grad_student, grad_teacher):
+        return _loss(student, True), _empty_grad(student, grad_student), _empty_grad(teacher, grad_teacher)
+
+    register_loss_autograd("fastkd::dist_fwd", {0: 1, 1: 2})
+
+
+def _register_mgd():
+    @torch.library.register_fake("fastkd::mgd_mask")
+    def _(x, seed, mask_ratio, spatial):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    def mask_setup(ctx, inputs, output):
+        ctx.mask_args = inputs[1:]
+
+    def mask_backward(ctx, grad):
+        # d(x * M)/dx = M: regenerate M from the seed instead of storing it.
+        return torch.ops.fastkd.mgd_mask(grad.contiguous(), *ctx.mask_args), None, None, None
+
+    torch.library.register_autograd("fastkd::mgd_mask", mask_backward, setup_context=mask_setup)
+
+    @torch.library.register_fake("fastkd::mgd_sq_err")
+    def _(pred, teacher, scale, grad_pred, grad_teacher):
+        return _loss(pred, True), _empty_grad(pred, grad_pred), _empty_grad(teacher, grad_teacher)
+
+    register_loss_autograd("fastkd::mgd_sq_err", {0: 1, 1: 2})
 
 
 if LOAD_ERROR is None:
     _register_kd()
+    if _declared("ats_fwd"):  # all of these are declared together in csrc/ops.cpp
+        _register_ats_dkd()
+        _register_dist()
+        _register_mgd()
