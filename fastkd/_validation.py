@@ -178,3 +178,11 @@ def temperature_rows(temperature, logits: torch.Tensor) -> torch.Tensor:
         t = temperature.to(device=logits.device, dtype=torch.float32)
         return t.reshape(-1).expand(n).contiguous() if t.numel() == 1 else t.reshape(n).contiguous()
     return torch.full((n,), float(temperature), dtype=torch.float32, device=logits.device)
+
+
+def check_dkd_classes(logits: torch.Tensor) -> None:
+    if logits.shape[-1] < 2:
+        raise ValueError(
+            f"student_logits must have at least 2 classes for DKD (it splits target and "
+            f"non-target classes), got {logits.shape[-1]}"
+        )

@@ -155,6 +155,7 @@ def dkd_loss(
     v.check_number("alpha", alpha)
     v.check_number("beta", beta)
     v.check_positive("temperature", temperature)
+    v.check_dkd_classes(student_logits)
     name = resolve("dkd", backend, student_logits, teacher_logits)
     if name == "reference":
         return reference.dkd_loss(

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from fastkd import _mask
 from fastkd._validation import (
+    check_dkd_classes,
     check_number,
     check_pair,
     check_positive,
@@ -204,11 +205,7 @@ def dkd_loss(
     check_number("alpha", alpha)
     check_number("beta", beta)
     check_positive("temperature", temperature)
-    if student_logits.shape[-1] < 2:
-        raise ValueError(
-            f"student_logits must have at least 2 classes for DKD (it splits target and "
-            f"non-target classes), got {student_logits.shape[-1]}"
-        )
+    check_dkd_classes(student_logits)
     dtype = _compute_dtype(student_logits, teacher_logits)
     s, t, tgt, _ = _rows(student_logits, teacher_logits, target, ignore_index, dtype)
     gt = F.one_hot(tgt, s.shape[1]).bool()
