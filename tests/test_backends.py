@@ -1,0 +1,73 @@
+"""fastkd.backends() and the backend choice of every functional."""
+import warnings
+
+import pytest
+import torch
+
+import fastkd
+from fastkd import _backend
+
+
+def test_report_lists_every_backend_with_a_reason_when_unavailable():
+    report = fastkd.backends()
+    assert set(report) == {"reference", "cpu", "cuda", "triton"}
+    assert report["reference"]["available"] and report["reference"]["reason"] is None
+    assert set(report["reference"]["losses"]) == {"kd", "ats", "dkd", "dist", "mgd"}
+    for name, info in report.items():
+        if info["available"]:
+            assert info["reason"] is None
+        else:
+            assert isinstance(info["reason"], str) and info["reason"]
+            assert info["losses"] == []
+
+
+def test_cuda_backend_says_why_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    reason = fastkd.backends()["cuda"]["reason"]
+    assert "CUDA" in reason
+
+
+def test_unknown_backend_is_rejected_with_the_choices():
+    s = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastkd.kd_loss(s, s, backend="fast")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastkd.kd_loss(s, s, backend=None)
+
+
+@pytest.mark.parametrize("loss", ["kd", "ats", "dkd", "dist", "mgd"])
+def test_auto_uses_the_compiled_cpu_kernel_when_it_exists(loss):
+    reason = _backend.unavailable_reason("cpu", loss, torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning when the kernel exists
+        chosen = _backend.resolve(loss, "auto", torch.randn(2, 3)) if reason is None else None
+    if reason is None:
+        assert chosen == "cpu"
+    else:
+        pytest.skip(reason)
+
+
+def test_auto_warns_once_when_it_falls_back(monkeypatch):
+    monkeypatch.setattr(_backend, "unavailable_reason", lambda name, loss=None, device=None: "broken build")
+    monkeypatch.setattr(_backend, "_warned", set())
+    x = torch.randn(2, 3)
+    with pytest.warns(UserWarning, match="broken build"):
+        assert _backend.resolve("kd", "auto", x) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.resolve("kd", "auto", x) == "reference"  # warned once only
+
+
+def test_explicit_backend_that_cannot_run_raises_with_the_reason(monkeypatch):
+    monkeypatch.setattr(_backend, "unavailable_reason", lambda name, loss=None, device=None: "no kernel here")
+    with pytest.raises(ValueError, match="backend 'cpu' is unavailable for kd: no kernel here"):
+        _backend.resolve("kd", "cpu", torch.randn(2, 3))
+
+
+def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU, triton is available regardless")
+    reason = _backend.unavailable_reason("triton", "kd", torch.device("cpu"))
+    assert reason is not None and "TRITON_INTERPRET" in reason
