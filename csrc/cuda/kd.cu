@@ -56,7 +56,8 @@ __global__ void __launch_bounds__(kThreads) kd_fwd_kernel(const S* __restrict__ 
       st.zs = st.zs * rescale(st.ms, a) + 1.0f;
       st.ms = a;
     } else {
-      st.zs += st.ms == -INFINITY ? 0.0f : __expf(a - st.ms);
+      // with nothing accumulated yet, a is -inf (adds 0) or NaN (must propagate)
+      st.zs += st.ms == -INFINITY ? (a == -INFINITY ? 0.0f : a) : __expf(a - st.ms);
     }
     if (b > st.mt) {
       const float f = rescale(st.mt, b);
@@ -64,7 +65,7 @@ __global__ void __launch_bounds__(kThreads) kd_fwd_kernel(const S* __restrict__ 
       st.cross = st.cross * f + (b - a);
       st.mt = b;
     } else {
-      const float et = st.mt == -INFINITY ? 0.0f : __expf(b - st.mt);
+      const float et = st.mt == -INFINITY ? (b == -INFINITY ? 0.0f : b) : __expf(b - st.mt);
       st.zt += et;
       st.cross += kd_cross_term(et, a, b);
     }
