@@ -9,6 +9,20 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "kd_fwd(Tensor student, Tensor teacher, Tensor temperature, Tensor row_weight, bool reduce, "
       "bool grad_student, bool grad_teacher, bool grad_temperature) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "ats_fwd(Tensor student, Tensor teacher, Tensor target, Tensor row_weight, float student_temperature, "
+      "float target_temperature, float other_temperature, bool reduce, bool grad_student, bool grad_teacher) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dkd_fwd(Tensor student, Tensor teacher, Tensor target, Tensor row_weight, float alpha, float beta, "
+      "float temperature, bool reduce, bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dist_fwd(Tensor student, Tensor teacher, float beta, float gamma, float temperature, bool grad_student, "
+      "bool grad_teacher) -> (Tensor, Tensor, Tensor)");
+  m.def("mgd_mask(Tensor x, int seed, float mask_ratio, bool spatial) -> Tensor");
+  m.def(
+      "mgd_sq_err(Tensor pred, Tensor teacher, float scale, bool grad_pred, bool grad_teacher) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 // `import fastkd._C` loads this library, whose static initialisers register the ops.

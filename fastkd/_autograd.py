@@ -41,6 +41,9 @@ def register_loss_autograd(op, grad_slots):
     """
 
     def setup_context(ctx, inputs, output):
+        # The stored-gradient outputs get no incoming gradient; without this autograd
+        # would zero-fill an [N, C] tensor for each of them on every backward.
+        ctx.set_materialize_grads(False)
         ctx.num_inputs = len(inputs)
         # An unrequested gradient comes back as an empty tensor; a requested one has the
         # input's shape (which is also empty for an input with no rows).

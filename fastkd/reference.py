@@ -217,7 +217,10 @@ def dkd_loss(
         lse_other = torch.logsumexp(x_other, dim=1)
         log_gt = x.gather(1, tgt.unsqueeze(1)).squeeze(1) - lse_all
         log_binary = torch.stack([log_gt, lse_other - lse_all], dim=1)
-        log_other = x_other - lse_other.unsqueeze(1)  # log_softmax over c != g; -inf at g
+        # log_softmax over c != g (-inf at g); when every c != g is -inf the non-target
+        # distribution is empty: all -inf (so NCKD = 0) instead of -inf - -inf = NaN
+        empty = torch.isneginf(lse_other).unsqueeze(1)
+        log_other = torch.where(empty, x_other, x_other - lse_other.unsqueeze(1))
         return log_binary, log_other
 
     log_b_s, log_q_s = parts(s)

@@ -27,6 +27,7 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 
 __device__ __forceinline__ float shfl_xor(float v, int offset) { return __shfl_xor_sync(0xffffffffu, v, offset); }
+__device__ __forceinline__ double shfl_xor(double v, int offset) { return __shfl_xor_sync(0xffffffffu, v, offset); }
 
 // Reduce a value of any type across the block with a commutative `merge`;
 // every thread gets the result. `scratch` holds one value per warp.
@@ -43,6 +44,14 @@ __device__ V block_reduce(V v, V identity, Merge merge, V* scratch) {
   return v;
 }
 
+// Sum of x[0..n) in float64, the same bits on every run: each thread adds a fixed
+// strided subset in order, then the fixed shuffle tree of block_reduce. Every
+// thread gets the result. `scratch` holds one double per warp.
+__device__ __forceinline__ double block_sum_fixed(const float* x, int64_t n, double* scratch) {
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += x[i];
+  return block_reduce(acc, 0.0, [](double u, double v) { return u + v; }, scratch);
+}
 
 // Call `body(S, T)` with the C++ types behind two dtype tags.
 #define FASTKD_DISPATCH_ONE(TAG, NAME, ...)                          \

@@ -1,0 +1,147 @@
+// Pieces shared by the CPU kernels of the target-aware KL losses (ats.cpp,
+// dkd.cpp) and DIST / MGD: argument checks, online softmax statistics of a
+// stretch of a row with separate student and teacher scales, and the parallel
+// row loop that skips ignored rows.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../kd_math.h"
+#include "row_buffers.h"
+#include "vec_exp.h"
+
+namespace fastkd {
+
+inline void check_logit_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), "fastkd: ", name, " must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 2, "fastkd: ", name, " must be 2-D [N, C], got ", x.dim(), "-D");
+  TORCH_CHECK(x.is_contiguous(), "fastkd: ", name, " must be contiguous");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "fastkd: ", name, " must be floating, got ", x.scalar_type());
+}
+
+inline void check_logit_pair(const at::Tensor& student, const at::Tensor& teacher) {
+  check_logit_rows(student, "student");
+  check_logit_rows(teacher, "teacher");
+  TORCH_CHECK(student.sizes() == teacher.sizes(), "fastkd: student and teacher shapes differ: ", student.sizes(),
+              " and ", teacher.sizes());
+}
+
+inline void check_row_vector(const at::Tensor& v, int64_t n, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(v.device().is_cpu() && v.dim() == 1 && v.size(0) == n && v.scalar_type() == dtype && v.is_contiguous(),
+              "fastkd: ", name, " must be a contiguous ", dtype, " CPU vector of ", n, " rows, got ", v.scalar_type(),
+              " ", v.sizes());
+}
+
+// Target of a counted row, checked (ignored rows never get here, so theirs is never read).
+inline int64_t checked_target(const int64_t* target, int64_t i, int64_t C) {
+  const int64_t g = target[i];
+  TORCH_CHECK(g >= 0 && g < C, "fastkd: target[", i, "] = ", g, " is outside [0, ", C, ")");
+  return g;
+}
+
+// Columns per chunk of the statistics pass: a chunk of both nets (16 KiB in
+// float32) stays in L1 between its max and its sums.
+constexpr int64_t kStatsChunk = 2048;
+
+// KDStats of one chunk, a = s * inv_a (student), b = t * inv_b (teacher): the
+// chunk max first, then the sums relative to it (one exp per element and net).
+FASTKD_INLINE KDStats kl_chunk_stats(const float* s, const float* t, int64_t n, float inv_a, float inv_b) {
+  float ms = -INFINITY, mt = -INFINITY;
+#pragma omp simd reduction(max : ms, mt)
+  for (int64_t j = 0; j < n; ++j) {
+    const float a = s[j] * inv_a, b = t[j] * inv_b;
+    ms = a > ms ? a : ms;
+    mt = b > mt ? b : mt;
+  }
+  // exps relative to the chunk max; an all -inf chunk uses 0 (its exps are all 0, not NaN)
+  const float base_s = ms == -INFINITY ? 0.0f : ms, base_t = mt == -INFINITY ? 0.0f : mt;
+  float zs = 0.0f, zt = 0.0f, cross = 0.0f;
+#pragma omp simd reduction(+ : zs, zt, cross)
+  for (int64_t j = 0; j < n; ++j) {
+    const float a = s[j] * inv_a, b = t[j] * inv_b;
+    const float et = vexp(b - base_t);
+    zs += vexp(a - base_s);
+    zt += et;
+    cross += kd_cross_term(et, a, b);
+  }
+  return {ms, zs, mt, zt, cross};
+}
+
+// KDStats of n consecutive columns (n may be 0).
+FASTKD_INLINE KDStats kl_span_stats(const float* s, const float* t, int64_t n, float inv_a, float inv_b) {
+  KDStats st = kd_stats_empty();
+  for (int64_t c0 = 0; c0 < n; c0 += kStatsChunk) {
+    st = kd_stats_merge(st, kl_chunk_stats(s + c0, t + c0, std::min(kStatsChunk, n - c0), inv_a, inv_b));
+  }
+  return st;
+}
+
+// n elements of the contiguous tensor x from flat offset `offset` as float32
+// (in place for float32, else converted into buf).
+inline const float* input_span(const at::Tensor& x, int64_t offset, int64_t n, std::vector<float>& buf) {
+  if (x.scalar_type() == at::kFloat) return x.const_data_ptr<float>() + offset;
+  buf.resize(n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastkd_input_span",
+                                  [&] { convert_row(x.const_data_ptr<scalar_t>() + offset, buf.data(), n); });
+  return buf.data();
+}
+
+// Where to write n float32 values of g from flat offset `offset`: in place for
+// float32, else buf (then output_span_done converts it); null when g is empty.
+inline float* output_span(const at::Tensor& g, int64_t offset, int64_t n, std::vector<float>& buf) {
+  if (g.numel() == 0) return nullptr;
+  if (g.scalar_type() == at::kFloat) return g.mutable_data_ptr<float>() + offset;
+  buf.resize(n);
+  return buf.data();
+}
+
+inline void output_span_done(const at::Tensor& g, int64_t offset, int64_t n, const std::vector<float>& buf) {
+  if (g.numel() == 0 || g.scalar_type() == at::kFloat) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "fastkd_output_span",
+                                  [&] { convert_row_back(buf.data(), g.mutable_data_ptr<scalar_t>() + offset, n); });
+}
+
+inline at::Tensor grad_like(const at::Tensor& x, bool wanted) {
+  return wanted ? at::empty_like(x) : at::empty({0}, x.options());
+}
+
+// Runs `row(i, s, t, gs, gt) -> weighted row loss` on every row with a nonzero
+// weight, in parallel over rows, with float32 views of the inputs and of the
+// gradient rows to write (null when not requested). Rows with weight 0 are not
+// read: loss 0, gradients 0. Returns the per-row losses (float32 [N]).
+template <typename RowFn>
+at::Tensor for_each_weighted_row(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weight,
+                                 const at::Tensor& gs, const at::Tensor& gt, const RowFn& row) {
+  const int64_t N = student.size(0), C = student.size(1);
+  at::Tensor loss_rows = at::zeros({N}, student.options().dtype(at::kFloat));
+  if (N == 0) return loss_rows;
+  if (C == 0) {
+    if (gs.numel()) gs.zero_();
+    if (gt.numel()) gt.zero_();
+    return loss_rows;
+  }
+  const float* weight = row_weight.const_data_ptr<float>();
+  float* loss = loss_rows.mutable_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / C);
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> sbuf, tbuf, gsbuf, gtbuf;
+    for (int64_t i = begin; i < end; ++i) {
+      float* gs_row = output_row(gs, i, gsbuf);
+      float* gt_row = output_row(gt, i, gtbuf);
+      if (weight[i] == 0.0f) {
+        if (gs_row) std::fill(gs_row, gs_row + C, 0.0f);
+        if (gt_row) std::fill(gt_row, gt_row + C, 0.0f);
+      } else {
+        loss[i] = row(i, input_row(student, i, sbuf), input_row(teacher, i, tbuf), gs_row, gt_row);
+      }
+      output_row_done(gs, i, gsbuf);
+      output_row_done(gt, i, gtbuf);
+    }
+  });
+  return loss_rows;
+}
+
+}  // namespace fastkd
