@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../kd_math.h"
+#include "loss_common.h"
 #include "row_buffers.h"
 #include "vec_exp.h"
 
@@ -139,8 +140,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_fwd_cpu(
 
   auto f32 = student.options().dtype(at::kFloat);
   at::Tensor loss_rows = at::zeros({N}, f32);
-  at::Tensor gs = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
-  at::Tensor gt = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());
+  at::Tensor gs = grad_like(student, grad_student);
+  at::Tensor gt = grad_like(teacher, grad_teacher);
   at::Tensor gT = grad_temperature ? at::zeros({N}, f32) : at::empty({0}, f32);
   if (N > 0 && C > 0) {
     const float* temp = temperature.const_data_ptr<float>();

@@ -3,6 +3,8 @@
 // stretch of a row with separate student and teacher scales, and the parallel
 // row loop that skips ignored rows.
 #pragma once
+#include <stdlib.h>
+#include <sys/mman.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -104,8 +106,24 @@ inline void output_span_done(const at::Tensor& g, int64_t offset, int64_t n, con
                                   [&] { convert_row_back(buf.data(), g.mutable_data_ptr<scalar_t>() + offset, n); });
 }
 
+// Gradients are fresh [N, C] buffers written once, and on Linux the first touch of
+// each 4 KiB page faults (the kernel zeroes it): for a 512 MB gradient that is a
+// large part of the whole loss. Asking for transparent huge pages on the aligned
+// interior first makes the faults 512x fewer (a no-op where THP is disabled).
+inline void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + huge - 1) & ~(huge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(huge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+
 inline at::Tensor grad_like(const at::Tensor& x, bool wanted) {
-  return wanted ? at::empty_like(x) : at::empty({0}, x.options());
+  if (!wanted) return at::empty({0}, x.options());
+  at::Tensor g = at::empty_like(x);
+  advise_huge_pages(g.data_ptr(), g.nbytes());
+  return g;
 }
 
 // Runs `row(i, s, t, gs, gt) -> weighted row loss` on every row with a nonzero
