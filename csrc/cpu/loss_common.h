@@ -3,7 +3,6 @@
 // stretch of a row with separate student and teacher scales, and the parallel
 // row loop that skips ignored rows.
 #pragma once
-#include <stdlib.h>
 #include <sys/mman.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
