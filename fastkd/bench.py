@@ -1,0 +1,673 @@
+"""Benchmarks of the fastkd losses against eager PyTorch, torch.compile and Liger-Kernel.
+
+    python -m fastkd.bench [--quick] [--device cpu|cuda] [--losses kd,dkd,...]
+                           [--providers cpu,eager,...] [--csv PATH] [--threads N]
+
+For every loss (kd, ats, dkd, dist, mgd), shape, dtype and provider it measures
+one training step of the loss: forward (``loss = f(student, teacher, ...)`` with
+the student requiring grad, as in training), backward (``loss.backward()``)
+and both, timed together in each iteration:
+
+* providers: every fused backend of ``fastkd.backends()`` that implements the
+  loss on the device ("cpu" on CPU; "cuda" and "triton" on GPU, never the
+  Triton interpreter), "eager" (``fastkd.reference``), "compile"
+  (``torch.compile(fastkd.reference.<loss>)``, compiled afresh for each shape)
+  and, for KD on CUDA when ``liger_kernel`` is installed, "liger"
+  (``LigerKLDIVLoss`` on ``log_softmax`` outputs, times T^2). A backend that does
+  not implement a loss yet is skipped with a note.
+* time: median, p20 and p80 over the repeats (``time.perf_counter`` on CPU,
+  CUDA events on GPU), after one warm-up iteration (two for "compile": the
+  first one compiles). The providers of a case run in interleaved rounds (one
+  step of each per round), so load from other processes on a shared machine
+  slows them alike and the ratios stay meaningful. The fused backends compute the gradient in the forward
+  pass, so their "fwd" includes it and their "bwd" is almost free.
+* peak memory over the inputs (already allocated), in MB. CUDA:
+  ``max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: the growth of
+  the process's peak resident set (``VmHWM``, reset by writing 5 to
+  ``/proc/self/clear_refs`` after ``malloc_trim``) over its resident set before
+  the call: pages really touched, so a freed-and-reused buffer counts once, and
+  allocator-level reuse below a page is invisible (small shapes read ~0). If
+  ``clear_refs`` is not writable a 1 kHz sampling thread reads
+  ``/proc/self/statm`` instead (it can miss peaks shorter than a millisecond).
+* effective bandwidth, in the "fwd+bwd" rows only: the bytes of reading both
+  input tensors once and writing the student gradient once, divided by the
+  fwd+bwd time; ``pct_copy_bw`` compares it with the device's copy bandwidth
+  measured in the same run (``dst.copy_(src)`` of a large buffer,
+  ``2 * bytes / time``). For MGD the convolutions of the generation block
+  dominate the time, so its bandwidth is only indicative.
+
+Before its numbers count, every provider's loss and student gradient are
+compared with the eager reference; a mismatch is reported and makes the exit
+status 1. Results go to one long CSV (``--csv``), a table and a summary of
+speed-ups printed at the end; ``benchmarks/plot.py`` draws charts from the CSV.
+On CPU the LM shapes are scaled down (fewer rows, same vocabulary) so a run stays
+reasonable; the headline CPU shape [4096, 32000] float32 is measured unscaled in
+the full (non-quick) run.
+"""
+import argparse
+import contextlib
+import csv
+import ctypes
+import gc
+import logging
+import math
+import os
+import platform
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+import fastkd
+from fastkd import reference
+
+LOSSES = ("kd", "ats", "dkd", "dist", "mgd")
+PEERS = ("eager", "compile", "liger")
+MODES = ("fwd", "bwd", "fwd+bwd")
+COLUMNS = ("kernel", "provider", "mode", "shape", "dtype", "device", "torch", "fastkd",
+           "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "gbps", "pct_copy_bw")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# Nominal shapes (GPU sizes). Logits: classification and LM vocabularies.
+LOGIT_SHAPES = [(256, 100), (1024, 1000), (8192, 32000), (8192, 128256)]
+# MGD: a ResNet-50 stage-1 feature map (N, C, H, W).
+MGD_SHAPES = [(64, 256, 56, 56)]
+# On CPU a logit case is cut to at most this many elements (rows divided by a
+# power of two, vocabulary kept): 32M float32 = 128 MB per tensor.
+CPU_MAX_LOGITS = 1 << 25
+CPU_MGD_BATCH = 2  # the generation block's two 3x3 convs cost ~0.4 s per image on 2 cores
+HEADLINE_CPU = (4096, 32000)  # the CPU targets of the issue are stated on this shape, float32
+
+
+@dataclass
+class Case:
+    kernel: str
+    shape: Tuple[int, ...]
+    dtype: str
+    note: str = ""  # e.g. "scaled from 8192x32000"
+
+    @property
+    def shape_str(self) -> str:
+        return "x".join(str(d) for d in self.shape)
+
+
+# ----------------------------------------------------------------------------
+# cases
+# ----------------------------------------------------------------------------
+
+def _scaled_rows(n: int, c: int) -> int:
+    while n > 1 and n * c > CPU_MAX_LOGITS:
+        n //= 2
+    return n
+
+
+def build_cases(losses: List[str], device: str, quick: bool) -> List[Case]:
+    """The (loss, shape, dtype) cases of a run, in order."""
+    cases = []
+    for loss in losses:
+        if loss == "mgd":
+            for shape in MGD_SHAPES:
+                n, c, h, w = shape
+                if quick:
+                    real = (2, 64, 28, 28) if device == "cpu" else (16, 256, 56, 56)
+                elif device == "cpu":
+                    real = (CPU_MGD_BATCH, c, h, w)
+                else:
+                    real = shape
+                note = "" if real == shape else "scaled from " + "x".join(map(str, shape))
+                cases.append(Case(loss, real, "float32", note))
+            continue
+        if quick:
+            shapes = [(1024, 1000)] if device == "cpu" else [(1024, 1000), (8192, 32000)]
+            dtypes = ["float32"]
+        else:
+            shapes, dtypes = LOGIT_SHAPES, ["float32", "bfloat16"]
+        for n, c in shapes:
+            for dtype in dtypes:
+                rows = _scaled_rows(n, c) if device == "cpu" else n
+                note = "" if rows == n else f"scaled from {n}x{c}"
+                cases.append(Case(loss, (rows, c), dtype, note))
+        if device == "cpu" and not quick:
+            cases.append(Case(loss, HEADLINE_CPU, "float32", "headline CPU shape"))
+    return cases
+
+
+def make_inputs(case: Case, device: str) -> Dict[str, object]:
+    """Student (a leaf that requires grad), teacher, and what the loss needs besides."""
+    gen = torch.Generator(device=device).manual_seed(0)  # on the device: 8192x128256 is slow to fill on a host
+    dtype = DTYPES[case.dtype]
+    # Logit-like magnitudes (std 2) so the softmaxes are neither flat nor one-hot.
+    student = (2 * torch.randn(case.shape, generator=gen, device=device)).to(dtype).requires_grad_()
+    teacher = (2 * torch.randn(case.shape, generator=gen, device=device)).to(dtype)
+    inputs = {"student": student, "teacher": teacher}
+    if case.kernel in ("ats", "dkd"):
+        inputs["target"] = torch.randint(0, case.shape[-1], case.shape[:-1], generator=gen, device=device)
+    if case.kernel == "mgd":
+        torch.manual_seed(0)
+        c = case.shape[1]
+        inputs["generation"] = torch.nn.Sequential(
+            torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(c, c, 3, padding=1)
+        ).to(device=device, dtype=dtype)
+    return inputs
+
+
+def io_bytes(case: Case) -> int:
+    """Read student and teacher once, write the student gradient once."""
+    numel = math.prod(case.shape)
+    return numel * DTYPES[case.dtype].itemsize * 3
+
+
+# ----------------------------------------------------------------------------
+# providers
+# ----------------------------------------------------------------------------
+
+def _args(loss: str, fn: Callable, d: Dict[str, object]) -> torch.Tensor:
+    """Call a loss function (reference signature, default hyper-parameters) on the inputs."""
+    if loss in ("kd", "dist"):
+        return fn(d["student"], d["teacher"])
+    if loss in ("ats", "dkd"):
+        return fn(d["student"], d["teacher"], d["target"])
+    # MGD: a fixed mask seed, so every provider draws the same mask.
+    return fn(d["student"], d["teacher"], d["generation"], generator=torch.Generator().manual_seed(0))
+
+
+def _liger_available() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def providers_for(loss: str, device: str, wanted: Optional[List[str]]) -> Tuple[List[str], List[str]]:
+    """(providers to run for ``loss`` on ``device``, notes on skipped ones)."""
+    fused = ["cpu"] if device == "cpu" else ["cuda", "triton"]
+    report = fastkd.backends()
+    names, notes = [], []
+    for name in fused:
+        info = report[name]
+        if loss in info["losses"]:
+            names.append(name)
+        else:
+            why = info["reason"] or f"backend '{name}' has no {loss} kernel yet"
+            notes.append(f"{loss}: skipped backend '{name}' ({why})")
+    names += ["eager", "compile"]
+    if loss == "kd" and device == "cuda":
+        if _liger_available():
+            names.append("liger")
+        else:
+            notes.append("kd: skipped 'liger' (liger_kernel is not installed)")
+    if wanted is not None:
+        names = [n for n in names if n in wanted]
+    return names, notes
+
+
+def make_call(loss: str, provider: str) -> Callable[[Dict[str, object]], torch.Tensor]:
+    if provider == "eager":
+        fn = getattr(reference, f"{loss}_loss")
+        return lambda d: _args(loss, fn, d)
+    if provider == "compile":
+        # A fresh compile per case: dynamo would otherwise mark dims dynamic on the
+        # second shape and fall back to eager past its recompile limit.
+        torch._dynamo.reset()
+        fn = torch.compile(getattr(reference, f"{loss}_loss"))
+        return lambda d: _args(loss, fn, d)
+    if provider == "liger":
+        from liger_kernel.transformers import LigerKLDIVLoss
+
+        kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+        temp = 4.0  # fastkd.kd_loss's default
+
+        def liger_kd(d):
+            log_ps = torch.log_softmax(d["student"].float() / temp, dim=-1)
+            log_pt = torch.log_softmax(d["teacher"].float() / temp, dim=-1)
+            return kl(log_ps, log_pt) * temp**2
+
+        return liger_kd
+    fn = getattr(fastkd, f"{loss}_loss")
+    return lambda d: _args(loss, lambda *a, **k: fn(*a, backend=provider, **k), d)
+
+
+# ----------------------------------------------------------------------------
+# measurement
+# ----------------------------------------------------------------------------
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _zero_grads(d: Dict[str, object]) -> None:
+    d["student"].grad = None
+    if "generation" in d:
+        d["generation"].zero_grad(set_to_none=True)
+
+
+def quantiles(samples: List[float]) -> Tuple[float, float, float]:
+    """(median, p20, p80) with linear interpolation."""
+    q = torch.tensor(samples, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+def time_step(call, d, device: str) -> Tuple[float, float]:
+    """(fwd, bwd) milliseconds of one training step of the loss."""
+    _zero_grads(d)
+    if device == "cuda":
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        events[0].record()
+        loss = call(d)
+        events[1].record()
+        loss.backward()
+        events[2].record()
+        torch.cuda.synchronize()
+        return events[0].elapsed_time(events[1]), events[1].elapsed_time(events[2])
+    t0 = time.perf_counter()
+    loss = call(d)
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    return (t1 - t0) * 1e3, (t2 - t1) * 1e3
+
+
+def time_interleaved(calls: Dict[str, Callable], d, device: str, budget_s: float, min_reps: int, max_reps: int):
+    """{provider: (fwd, bwd, fwd+bwd) lists of ms}, one step of each provider per round.
+
+    Rounds interleave the providers so that load from other processes on a
+    shared machine slows all of them alike; their number fills ``budget_s`` per
+    provider (at least ``min_reps``, at most ``max_reps``).
+    """
+    samples = {name: ([], [], []) for name in calls}
+    rounds, done, start = min_reps, 0, time.perf_counter()
+    while done < rounds:
+        for name, call in calls.items():
+            f, b = time_step(call, d, device)
+            for series, value in zip(samples[name], (f, b, f + b)):
+                series.append(value)
+        done += 1
+        if done == min_reps:  # now we know what a round costs: fill the budget
+            per_round = (time.perf_counter() - start) / min_reps
+            rounds = max(min_reps, min(max_reps, int(budget_s * len(calls) / max(per_round, 1e-9))))
+    return samples
+
+
+class _PeakRSS:
+    """Resident set (kB) of this process before (``base_kb``) and at its peak during (``peak_kb``) a block (Linux)."""
+
+    _libc = None
+
+    @staticmethod
+    def _status_kb(key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1])
+        raise KeyError(key)
+
+    @staticmethod
+    def _statm_kb() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+    def __enter__(self):
+        gc.collect()
+        try:
+            if _PeakRSS._libc is None:
+                _PeakRSS._libc = ctypes.CDLL("libc.so.6")
+            # Give freed heap pages back so that reusing them shows up as growth again.
+            _PeakRSS._libc.malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        self._sampler = None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+        except OSError:
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self.base_kb = self._statm_kb()
+        self._max_kb, self._stop = self.base_kb, False
+        if self._sampler is not None:
+            self._sampler.start()
+        return self
+
+    def _sample(self):
+        while not self._stop:
+            self._max_kb = max(self._max_kb, self._statm_kb())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self._sampler is not None:
+            self._stop = True
+            self._sampler.join()
+            self.peak_kb = max(self._max_kb, self._statm_kb())
+        else:
+            self.peak_kb = self._status_kb("VmHWM")
+        return False
+
+
+@contextlib.contextmanager
+def _cuda_peak(result: Dict[str, float], key: str, base: int):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    yield
+    torch.cuda.synchronize()
+    result[key] = (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def peak_memory(call, d, device: str):
+    """(fwd, bwd, fwd+bwd) peak memory in MB over the inputs, and the step's (loss, grad)."""
+    _zero_grads(d)
+    result = {}
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        with _cuda_peak(result, "fwd", base):
+            loss = call(d)
+        with _cuda_peak(result, "bwd", base):
+            loss.backward()
+    else:
+        with _PeakRSS() as fwd:
+            loss = call(d)
+        with _PeakRSS() as bwd:
+            loss.backward()
+        # Both relative to the resident set before the forward (the forward's saved tensors count).
+        result["fwd"] = max(fwd.peak_kb - fwd.base_kb, 0) / 1024
+        result["bwd"] = max(bwd.peak_kb - fwd.base_kb, 0) / 1024
+    result["fwd+bwd"] = max(result["fwd"], result["bwd"])
+    return result, loss.detach().float(), d["student"].grad
+
+
+def copy_bandwidth_gbps(device: str) -> float:
+    """Measured copy bandwidth: median time of ``dst.copy_(src)``, 2 * bytes / time."""
+    nbytes = (1 << 30) if device == "cuda" else (256 << 20)
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(12):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            torch.cuda.synchronize()
+            elapsed = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            elapsed = time.perf_counter() - t0
+        if i >= 2:  # the first copies fault the pages in
+            times.append(elapsed)
+    return 2 * nbytes / quantiles(times)[0] / 1e9
+
+
+def check_close(loss, grad, ref_loss, ref_grad, dtype: str) -> Optional[str]:
+    """None if a provider agrees with the eager reference, else what differs."""
+    tol = 1e-3 if dtype == "float32" else 2e-2
+    if not torch.allclose(loss, ref_loss, rtol=tol, atol=1e-5):
+        return f"loss {float(loss):.6g} vs eager {float(ref_loss):.6g}"
+    if (grad is None) != (ref_grad is None):
+        return "student gradient missing"
+    if grad is not None:
+        err = float((grad.float() - ref_grad.float()).abs().max())
+        scale = float(ref_grad.float().abs().max())
+        if not err <= tol * scale + 1e-6:
+            return f"student gradient max error {err:.3g} (max |grad| {scale:.3g})"
+    return None
+
+
+# ----------------------------------------------------------------------------
+# output
+# ----------------------------------------------------------------------------
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+class _Progress:
+    """tqdm if installed, else a one-line counter on stderr."""
+
+    def __init__(self, total: int):
+        try:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="case", dynamic_ncols=True)
+        except ImportError:
+            self._bar = None
+        self.total, self.done, self.text = total, 0, ""
+
+    def label(self, text: str) -> None:
+        """Say what is being measured now."""
+        self.text = text
+        if self._bar is not None:
+            self._bar.set_postfix_str(text)
+        else:
+            self._draw()
+
+    def update(self) -> None:
+        self.done += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        else:
+            self._draw()
+
+    def _draw(self) -> None:
+        width = 30
+        filled = width * self.done // max(self.total, 1)
+        print(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {self.text:<60}",
+              end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        else:
+            print(file=sys.stderr)
+
+
+def _fmt(x, digits=3) -> str:
+    if x == "" or x is None:
+        return "-"
+    x = float(x)
+    if math.isnan(x):
+        return "-"
+    return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:.0f}"
+
+
+def format_table(rows: List[Dict[str, object]]) -> str:
+    """One line per (kernel, shape, dtype, provider): the three medians, memory, bandwidth."""
+    by_key: Dict[tuple, Dict[str, Dict[str, object]]] = {}
+    for r in rows:
+        by_key.setdefault((r["kernel"], r["shape"], r["dtype"], r["provider"]), {})[r["mode"]] = r
+    head = f"{'kernel':<6} {'shape':<18} {'dtype':<9} {'provider':<8} {'fwd ms':>9} {'bwd ms':>9} " \
+           f"{'fwd+bwd ms':>11} {'[p20, p80]':>19} {'peak MB':>8} {'GB/s':>7} {'%copy':>6}"
+    lines = [head, "-" * len(head)]
+    for (kernel, shape, dtype, provider), modes in by_key.items():
+        f, b, fb = modes.get("fwd", {}), modes.get("bwd", {}), modes.get("fwd+bwd", {})
+        spread = f"[{_fmt(fb.get('p20_ms'))}, {_fmt(fb.get('p80_ms'))}]"
+        lines.append(
+            f"{kernel:<6} {shape:<18} {dtype:<9} {provider:<8} {_fmt(f.get('median_ms')):>9} "
+            f"{_fmt(b.get('median_ms')):>9} {_fmt(fb.get('median_ms')):>11} {spread:>19} "
+            f"{_fmt(fb.get('peak_mem_mb')):>8} {_fmt(fb.get('gbps')):>7} {_fmt(fb.get('pct_copy_bw'), 2):>6}"
+        )
+    return "\n".join(lines)
+
+
+def speedups(rows: List[Dict[str, object]]) -> List[Tuple[str, str, str, str, float, float]]:
+    """(kernel, shape, dtype, fused provider, fwd+bwd speed-up vs eager, vs compile); NaN if absent."""
+    times = {}
+    for r in rows:
+        if r["mode"] == "fwd+bwd":
+            times[(r["kernel"], r["shape"], r["dtype"], r["provider"])] = float(r["median_ms"])
+    out = []
+    for (kernel, shape, dtype, provider), ms in times.items():
+        if provider in PEERS:
+            continue
+        eager = times.get((kernel, shape, dtype, "eager"), float("nan"))
+        comp = times.get((kernel, shape, dtype, "compile"), float("nan"))
+        out.append((kernel, shape, dtype, provider, eager / ms, comp / ms))
+    return out
+
+
+def format_speedups(rows) -> str:
+    lines = [f"{'kernel':<6} {'shape':<18} {'dtype':<9} {'fused':<7} {'vs eager':>9} {'vs compile':>11}"]
+    def ratio(x: float) -> str:
+        return "-" if math.isnan(x) else f"{x:.2f}x"
+
+    for kernel, shape, dtype, provider, vs_eager, vs_compile in speedups(rows):
+        lines.append(f"{kernel:<6} {shape:<18} {dtype:<9} {provider:<7} {ratio(vs_eager):>9} {ratio(vs_compile):>11}")
+    return "\n".join(lines)
+
+
+def write_csv(rows: List[Dict[str, object]], path: str) -> None:
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ----------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------
+
+def _split(text: Optional[str], allowed, what: str) -> Optional[List[str]]:
+    if text is None:
+        return None
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in items if s not in allowed]
+    if bad:
+        raise SystemExit(f"unknown {what} {bad}; choose from {list(allowed)}")
+    return items
+
+
+def run(args) -> Tuple[List[Dict[str, object]], List[str], List[str]]:
+    """Run the benchmark; returns (CSV rows, notes, mismatches)."""
+    device = args.device
+    losses = _split(args.losses, LOSSES, "losses") or list(LOSSES)
+    wanted = _split(args.providers, ("cpu", "cuda", "triton") + PEERS, "providers")
+    cases = build_cases(losses, device, args.quick)
+    if args.quick:
+        warmup, budget, min_reps, max_reps = 1, 0.3, 3, 10
+    else:
+        warmup, budget, min_reps, max_reps = 1, 2.0, 3, 50
+
+    copy_gbps = copy_bandwidth_gbps(device)
+    dev_name = device_name(device)
+    notes = [f"device: {dev_name}; measured copy bandwidth {copy_gbps:.1f} GB/s"]
+    plan = []
+    for case in cases:
+        names, skipped = providers_for(case.kernel, device, wanted)
+        notes += [n for n in skipped if n not in notes]
+        if case.note:
+            notes.append(f"{case.kernel} {case.shape_str} {case.dtype}: {case.note}")
+        if names:
+            plan.append((case, sorted(names, key=lambda n: n != "eager")))
+
+    rows, mismatches = [], []
+    progress = _Progress(len(plan))
+    for case, names in plan:
+        label = f"{case.kernel} {case.shape_str} {case.dtype}"
+        progress.label(f"{label}: {', '.join(names)}")
+        gc.collect()
+        d = make_inputs(case, device)
+        calls = {}
+        for name in names:  # eager first: the others are checked against it
+            try:
+                call = make_call(case.kernel, name)
+                for _ in range(warmup + (name == "compile")):  # compile's first call compiles
+                    time_step(call, d, device)
+                calls[name] = call
+            except Exception as exc:  # a peer failing on a shape must not stop the run
+                notes.append(f"{label}: '{name}' failed ({type(exc).__name__}: {exc})")
+        samples = time_interleaved(calls, d, device, budget, min_reps, max_reps)
+        ref = None
+        for name, call in calls.items():
+            mem, loss, grad = peak_memory(call, d, device)
+            if name == "eager":
+                ref = (loss, None if grad is None else grad.clone())
+            elif ref is not None:
+                problem = check_close(loss, grad, *ref, case.dtype)
+                if problem:
+                    mismatches.append(f"{label} '{name}': {problem}")
+            nbytes = io_bytes(case)
+            for mode, series in zip(MODES, samples[name]):
+                median, p20, p80 = quantiles(series)
+                gbps = nbytes / (median / 1e3) / 1e9 if mode == "fwd+bwd" else ""
+                rows.append({
+                    "kernel": case.kernel, "provider": name, "mode": mode, "shape": case.shape_str,
+                    "dtype": case.dtype, "device": dev_name, "torch": torch.__version__,
+                    "fastkd": fastkd.__version__,
+                    "median_ms": round(median, 4), "p20_ms": round(p20, 4), "p80_ms": round(p80, 4),
+                    "peak_mem_mb": round(mem[mode], 2),
+                    "gbps": _sig(gbps) if gbps != "" else "",
+                    "pct_copy_bw": _sig(100 * gbps / copy_gbps) if gbps != "" else "",
+                })
+            del loss, grad
+        del d, calls, ref
+        progress.update()
+    progress.close()
+    return rows, notes, mismatches
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """``x`` rounded to ``digits`` significant digits (bandwidths span 0.001 to 1000s of GB/s)."""
+    return float(f"{x:.{digits}g}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m fastkd.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small shapes, few repeats (about a minute on 2 cores)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--losses", default=None, help=f"comma-separated subset of {','.join(LOSSES)}")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated subset of cpu,cuda,triton,eager,compile,liger (default: all available)")
+    p.add_argument("--csv", default=None, help="output CSV (default: fastkd-bench-<device>[-quick].csv)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU (default: torch's)")
+    args = p.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    if args.csv is None:
+        args.csv = f"fastkd-bench-{args.device}{'-quick' if args.quick else ''}.csv"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # MGD's mask seed is drawn on the host (an expected graph break): keep dynamo's warnings out of the table.
+    torch._logging.set_logs(dynamo=logging.ERROR)
+    rows, notes, mismatches = run(args)
+    write_csv(rows, args.csv)
+    print()
+    print(format_table(rows))
+    print()
+    print("Speed-up of fwd+bwd (median) over the peers:")
+    print(format_speedups(rows))
+    print()
+    for note in notes:
+        print("note:", note)
+    for problem in mismatches:
+        print("MISMATCH:", problem)
+    print(f"wrote {len(rows)} rows to {args.csv}")
+    return 1 if mismatches else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Smoke tests of the benchmark driver (``fastkd.bench``), its charts
+(``benchmarks/plot.py``) and the digits distillation example: tiny runs whose
+outputs are checked (columns, quantile order, bandwidth arithmetic, agreement of
+fused and eager losses, accuracies above chance, determinism)."""
+import csv
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import fastkd
+from fastkd import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _load(relpath: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _is_png(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == PNG_MAGIC
+
+
+# ----------------------------------------------------------------------------
+# benchmark
+# ----------------------------------------------------------------------------
+
+def test_bench_quick_run_writes_consistent_csv_and_plots(tmp_path, capsys):
+    out = tmp_path / "bench.csv"
+    # Exit status 0 also means every fused provider matched the eager reference.
+    assert bench.main(["--quick", "--device", "cpu", "--losses", "kd,dist", "--providers", "cpu,eager",
+                       "--csv", str(out)]) == 0
+    with open(out, newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == bench.COLUMNS
+        rows = list(reader)
+    fused = fastkd.backends()["cpu"]["losses"]
+    expected = {(k, p) for k in ("kd", "dist") for p in ["eager"] + (["cpu"] if k in fused else [])}
+    assert {(r["kernel"], r["provider"]) for r in rows} == expected
+    for kernel, provider in expected:
+        modes = sorted(r["mode"] for r in rows if (r["kernel"], r["provider"]) == (kernel, provider))
+        assert modes == sorted(bench.MODES)
+    copy_ratios = set()
+    for r in rows:
+        assert r["device"] and r["torch"] == torch.__version__ and r["fastkd"] == fastkd.__version__
+        p20, median, p80 = float(r["p20_ms"]), float(r["median_ms"]), float(r["p80_ms"])
+        assert 0 < p20 <= median <= p80
+        assert float(r["peak_mem_mb"]) >= 0
+        if r["mode"] == "fwd+bwd":
+            numel = 1
+            for d in r["shape"].split("x"):
+                numel *= int(d)
+            gbps = float(r["gbps"])
+            # 3 float32 tensors' worth of traffic (2 reads, 1 gradient write) over the median time.
+            assert gbps == pytest.approx(numel * 4 * 3 / (median / 1e3) / 1e9, rel=2e-3)
+            copy_ratios.add(round(gbps / float(r["pct_copy_bw"]), 3))
+        else:
+            assert r["gbps"] == "" and r["pct_copy_bw"] == ""
+    assert len(copy_ratios) == 1  # one copy bandwidth measured per run
+    if "kd" in fused:
+        # The fused op allocates the student gradient (1024x1000 float32 = 3.9 MB) in the forward.
+        kd_fwd = next(r for r in rows if (r["kernel"], r["provider"], r["mode"]) == ("kd", "cpu", "fwd"))
+        assert float(kd_fwd["peak_mem_mb"]) >= 0.9 * 1024 * 1000 * 4 / 2**20
+    printed = capsys.readouterr().out
+    assert "Speed-up of fwd+bwd" in printed and f"wrote {len(rows)} rows" in printed
+
+    plot = _load("benchmarks/plot.py", "fastkd_bench_plot")
+    written = plot.plot(str(out), str(tmp_path / "png"))
+    assert [os.path.basename(p) for p in written] == ["bench_time.png", "bench_speedup.png", "bench_memory.png"]
+    assert all(_is_png(p) and os.path.getsize(p) > 5000 for p in written)
+
+
+def test_bench_check_close_flags_wrong_loss_and_gradient():
+    g = torch.randn(8, 5)
+    loss = torch.tensor(1.0)
+    assert bench.check_close(loss, g, loss.clone(), g.clone(), "float32") is None
+    assert "loss" in bench.check_close(loss, g, torch.tensor(1.01), g, "float32")
+    bad = g.clone()
+    bad[3, 2] += 0.1 * g.abs().max()
+    assert "gradient" in bench.check_close(loss, bad, loss, g, "float32")
+
+
+def test_bench_cases_scale_cpu_shapes_and_keep_the_headline():
+    cases = bench.build_cases(["kd", "mgd"], "cpu", quick=False)
+    logit = [c for c in cases if c.kernel == "kd"]
+    assert {c.shape[-1] for c in logit} == {100, 1000, 32000, 128256}
+    assert {c.dtype for c in logit} == {"float32", "bfloat16"}
+    headline = [c for c in logit if c.shape == bench.HEADLINE_CPU]
+    assert len(headline) == 1 and headline[0].dtype == "float32"
+    for c in logit:
+        if c not in headline:
+            assert c.shape[0] * c.shape[1] <= bench.CPU_MAX_LOGITS
+            assert ("scaled from" in c.note) == (c.shape[1] >= 32000)
+    (mgd,) = [c for c in cases if c.kernel == "mgd"]
+    assert mgd.shape[1:] == (256, 56, 56) and mgd.shape[0] < 64 and "scaled from 64x256x56x56" in mgd.note
+    # GPU shapes are the nominal ones.
+    assert (8192, 128256) in {c.shape for c in bench.build_cases(["dkd"], "cuda", quick=False)}
+
+
+def test_bench_picks_up_fused_backends_as_they_appear(monkeypatch):
+    def fake(losses):
+        return lambda: {"cpu": {"available": True, "reason": None, "losses": losses},
+                        "cuda": {"available": False, "reason": "no CUDA device is available", "losses": []},
+                        "triton": {"available": False, "reason": "no GPU", "losses": []},
+                        "reference": {"available": True, "reason": None, "losses": list(bench.LOSSES)}}
+
+    monkeypatch.setattr(bench.fastkd, "backends", fake(["kd"]))
+    names, notes = bench.providers_for("dkd", "cpu", None)
+    assert names == ["eager", "compile"] and len(notes) == 1 and "'cpu'" in notes[0] and "dkd" in notes[0]
+    monkeypatch.setattr(bench.fastkd, "backends", fake(["kd", "dkd"]))
+    assert bench.providers_for("dkd", "cpu", None) == (["cpu", "eager", "compile"], [])
+    # Never the Triton interpreter on CPU; on CUDA both GPU backends are reported when missing.
+    names, notes = bench.providers_for("kd", "cuda", ["cuda", "triton", "eager"])
+    assert names == ["eager"] and any("'cuda'" in n for n in notes) and any("'triton'" in n for n in notes)
+
+
+# ----------------------------------------------------------------------------
+# digits distillation example
+# ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits():
+    return _load("examples/distill_digits.py", "distill_digits")
+
+
+def test_digits_every_method_runs_and_reports(digits, tmp_path, capsys):
+    rows = digits.main(["--quick", "--seeds", "1", "--epochs", "2", "--timing-steps", "2",
+                        "--timing-rounds", "1", "--out", str(tmp_path)])
+    by_name = {r["method"]: r for r in rows}
+    assert set(digits.METHODS) <= set(by_name)
+    assert {"teacher", "teacher (early, ESKD)", "assistant (TAKD)"} <= set(by_name)
+    for r in rows:
+        assert 0.0 <= r["test_acc_mean"] <= 100.0 and r["seeds"] == 1
+    # Two epochs are enough to be far above chance (10 %) on digits.
+    assert by_name["teacher"]["test_acc_mean"] > 80
+    assert by_name["CE"]["test_acc_mean"] > 40
+    assert by_name["teacher"]["params"] > 20 * by_name["CE"]["params"]  # a much smaller student
+    for name in digits.METHODS:
+        assert by_name[name]["ms_step_auto"] > 0 and by_name[name]["ms_step_reference"] > 0
+    for ext in ("csv", "md", "png"):
+        assert (tmp_path / f"digits-quick.{ext}").exists()
+    assert _is_png(tmp_path / "digits-quick.png")
+    md = (tmp_path / "digits-quick.md").read_text()
+    assert "| SimKD |" in md and "ESKD teacher checkpoint epoch" in md
+    assert "| CE |" in capsys.readouterr().out
+
+
+def test_digits_split_is_fixed_and_runs_are_deterministic(digits):
+    torch.set_num_threads(1)
+    splits = digits.load_splits()
+    again = digits.load_splits()
+    assert [len(s.y) for s in splits] == [1078, 359, 360]
+    for a, b in zip(splits, again):
+        assert torch.equal(a.y, b.y) and torch.equal(a.x, b.x)
+    assert set(splits[0].y.tolist()) == set(range(10))  # stratified: every class in every split
+
+    class Silent:
+        def update(self):
+            pass
+
+    first = digits.run_seed(3, splits, ["CE", "MGD", "CTKD"], 1, "auto", Silent())
+    second = digits.run_seed(3, splits, ["CE", "MGD", "CTKD"], 1, "auto", Silent())
+    assert first == second
