@@ -186,3 +186,13 @@ def check_dkd_classes(logits: torch.Tensor) -> None:
             f"student_logits must have at least 2 classes for DKD (it splits target and "
             f"non-target classes), got {logits.shape[-1]}"
         )
+
+
+def check_logit_loss(student, teacher, reduction, target, ignore_index, sample_weight, target_required) -> None:
+    """The checks every logit loss (KD, DKD, ATS) makes, on every backend."""
+    check_pair(student, teacher)
+    check_reduction(reduction)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_target(target, student, ignore_index, required=target_required)
+    check_sample_weight(sample_weight, student)

@@ -36,15 +36,6 @@ def _check_constant_weight(sample_weight, backend: str) -> None:
         )
 
 
-def _check_logit_args(student, teacher, reduction, target, ignore_index, sample_weight, target_required):
-    v.check_pair(student, teacher)
-    v.check_reduction(reduction)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    v.check_target(target, student, ignore_index, required=target_required)
-    v.check_sample_weight(sample_weight, student)
-
-
 def _finish(loss: torch.Tensor, reduction: str, student: torch.Tensor) -> torch.Tensor:
     return loss.reshape(student.shape[:-1]) if reduction == "none" else loss
 
@@ -70,7 +61,7 @@ def kd_loss(
     receives a gradient (CTKD). ``target`` is only used to skip rows equal to
     ``ignore_index``; ``sample_weight`` (one per row) multiplies each row's loss.
     """
-    _check_logit_args(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, False)
+    v.check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, False)
     v.check_temperature_tensor(temperature, student_logits)
     name = resolve("kd", backend, student_logits, teacher_logits)
     if name == "reference":
@@ -108,7 +99,7 @@ def ats_loss(
 
     (the official soft cross-entropy minus the teacher entropy: same gradient).
     """
-    _check_logit_args(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
+    v.check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
     for name_, value in (("target_temperature", target_temperature), ("other_temperature", other_temperature),
                          ("student_temperature", student_temperature)):
         v.check_positive(name_, value)
@@ -151,7 +142,7 @@ def dkd_loss(
     with ``g = target``, ``log(1 - p[g])`` computed stably as
     ``lse(x / T over c != g) - lse(x / T)``.
     """
-    _check_logit_args(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
+    v.check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
     v.check_number("alpha", alpha)
     v.check_number("beta", beta)
     v.check_positive("temperature", temperature)

@@ -29,12 +29,11 @@ import torch.nn.functional as F
 
 from fastkd import _mask
 from fastkd._validation import (
+    check_logit_loss,
     check_dkd_classes,
     check_number,
     check_pair,
     check_positive,
-    check_reduction,
-    check_sample_weight,
     check_target,
     check_temperature_tensor,
     row_weights,
@@ -117,15 +116,6 @@ def _temperature_column(temperature, n: int, device, dtype) -> torch.Tensor:
     return torch.full((n, 1), float(temperature), dtype=dtype, device=device)
 
 
-def _check_logit_loss(student, teacher, reduction, target, ignore_index, sample_weight, target_required):
-    check_pair(student, teacher)
-    check_reduction(reduction)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    check_target(target, student, ignore_index, required=target_required)
-    check_sample_weight(sample_weight, student)
-
-
 # ----------------------------------------------------------------------------
 # KD
 # ----------------------------------------------------------------------------
@@ -157,7 +147,7 @@ def kd_loss(
     ``T^2`` factor, so its gradient is the full derivative of the loss.
     ``target`` is only used to skip rows equal to ``ignore_index``.
     """
-    _check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, False)
+    check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, False)
     check_temperature_tensor(temperature, student_logits)
     dtype = _compute_dtype(student_logits, teacher_logits, temperature)
     s, t, _, _ = _rows(student_logits, teacher_logits, target, ignore_index, dtype)
@@ -201,7 +191,7 @@ def dkd_loss(
     its scaled logit; both are the same mathematical quantities as above. Terms
     with zero teacher probability contribute 0. Needs at least 2 classes.
     """
-    _check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
+    check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
     check_number("alpha", alpha)
     check_number("beta", beta)
     check_positive("temperature", temperature)
@@ -260,7 +250,7 @@ def ats_loss(
     this KL plus the teacher entropy ``-sum q log q``: same gradient w.r.t. the
     student, different value.
     """
-    _check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
+    check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
     check_positive("target_temperature", target_temperature)
     check_positive("other_temperature", other_temperature)
     check_positive("student_temperature", student_temperature)
