@@ -247,3 +247,21 @@ def test_opcheck_and_compile_of_the_cpu_op():
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(sc.grad, se.grad)
     torch.testing.assert_close(T.grad, Te.grad)
+
+
+def test_reused_cpu_gradient_buffers_are_fully_rewritten():
+    """Large CPU gradients come from a cache of freed buffers: stale values must never leak."""
+    if not fastkd.backends()["cpu"]["available"]:
+        pytest.skip("compiled extension not built")
+    shape = (64, 20000)  # 5 MB of float32: above the cache's minimum size
+    for step, ignored in enumerate(([], [0, 5, 63])):
+        s, t = make(shape, torch.float32, "cpu", seed=10 + step)
+        target = torch.zeros(shape[0], dtype=torch.long)
+        target[ignored] = -100
+        loss, (gs, gt) = run(lambda *a, **k: fastkd.kd_loss(*a, backend="cpu", **k), s, t, target=target)
+        ref_loss, (rs, rt) = run(reference.kd_loss, s, t, target=target)
+        torch.testing.assert_close(gs, rs, atol=2e-6, rtol=1e-4)
+        torch.testing.assert_close(gt, rt, atol=2e-6, rtol=1e-4)
+        assert torch.all(gs[ignored] == 0)
+        del gs, gt  # back to the cache for the next step
+    torch.ops.fastkd.empty_grad_cache()

@@ -2,7 +2,7 @@
 // and teacher gradients and d/dT (math in csrc/kd_math.h), parallel over rows,
 // vectorised over classes.
 //
-// Passes over a row: (1) online statistics in chunks of kChunk columns (chunk
+// Passes over a row: (1) online statistics in chunks of kStatsChunk columns (chunk
 // max, then the sums of exp relative to it, merged into the running
 // statistics), (2) only when a gradient is wanted, the gradients. A chunk of
 // both nets stays in L1 between its max and its sums, and a whole row of the
@@ -21,34 +21,6 @@
 
 namespace fastkd {
 namespace {
-
-constexpr int64_t kChunk = 2048;
-
-// Statistics of one chunk. With kKeep, also stores exp(a - chunk max) of the student
-// into `es` (the student-gradient row), so the gradient pass needs one exp, not two.
-template <bool kKeep>
-FASTKD_INLINE KDStats kd_chunk_stats(const float* s, const float* t, int64_t n, float inv_t, float* es) {
-  float ms = -INFINITY, mt = -INFINITY;
-#pragma omp simd reduction(max : ms, mt)
-  for (int64_t j = 0; j < n; ++j) {
-    const float a = s[j] * inv_t, b = t[j] * inv_t;
-    ms = a > ms ? a : ms;
-    mt = b > mt ? b : mt;
-  }
-  // exps are taken relative to the chunk max; an all -inf chunk uses 0 (its exps are all 0)
-  const float base_s = ms == -INFINITY ? 0.0f : ms, base_t = mt == -INFINITY ? 0.0f : mt;
-  float zs = 0.0f, zt = 0.0f, cross = 0.0f;
-#pragma omp simd reduction(+ : zs, zt, cross)
-  for (int64_t j = 0; j < n; ++j) {
-    const float a = s[j] * inv_t, b = t[j] * inv_t;
-    const float et = vexp(b - base_t), e_s = vexp(a - base_s);
-    if (kKeep) es[j] = e_s;
-    zs += e_s;
-    zt += et;
-    cross += kd_cross_term(et, a, b);
-  }
-  return {ms, zs, mt, zt, cross};
-}
 
 template <bool kGradS, bool kGradT, bool kDTemp>
 FASTKD_INLINE void kd_grad_pass(const float* s, const float* t, int64_t C, float inv_t, const KDRow& r,
@@ -69,8 +41,8 @@ FASTKD_INLINE void kd_grad_pass(const float* s, const float* t, int64_t C, float
 // gradient from the exps kept in `gs` by the statistics pass, rescaled per chunk.
 FASTKD_INLINE void kd_student_grad_from_kept(const float* t, int64_t C, float inv_t, const KDRow& r, float coef,
                                              const float* chunk_max, float* gs) {
-  for (int64_t c0 = 0, k = 0; c0 < C; c0 += kChunk, ++k) {
-    const int64_t n = std::min(kChunk, C - c0);
+  for (int64_t c0 = 0, k = 0; c0 < C; c0 += kStatsChunk, ++k) {
+    const int64_t n = std::min(kStatsChunk, C - c0);
     const float base = chunk_max[k] == -INFINITY ? 0.0f : chunk_max[k];
     const float to_prob = expf(base - r.lse_s);  // exp(a - base) * to_prob = p_s
     float* g = gs + c0;
@@ -89,10 +61,10 @@ float kd_row(const float* s, const float* t, int64_t C, float T, float w, float*
   const float inv_t = 1.0f / T;
   const bool student_only = gs && !gt && !dtemp;
   KDStats st = kd_stats_empty();
-  for (int64_t c0 = 0, k = 0; c0 < C; c0 += kChunk, ++k) {
-    const int64_t n = std::min(kChunk, C - c0);
-    const KDStats chunk = student_only ? kd_chunk_stats<true>(s + c0, t + c0, n, inv_t, gs + c0)
-                                       : kd_chunk_stats<false>(s + c0, t + c0, n, inv_t, nullptr);
+  for (int64_t c0 = 0, k = 0; c0 < C; c0 += kStatsChunk, ++k) {
+    const int64_t n = std::min(kStatsChunk, C - c0);
+    const KDStats chunk = student_only ? kl_chunk_stats<true>(s + c0, t + c0, n, inv_t, inv_t, gs + c0)
+                                       : kl_chunk_stats(s + c0, t + c0, n, inv_t, inv_t);
     chunk_max[k] = chunk.ms;
     st = kd_stats_merge(st, chunk);
   }
@@ -117,26 +89,13 @@ float kd_row(const float* s, const float* t, int64_t C, float T, float w, float*
   return w * T * T * r.kl;
 }
 
-void check_rows(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.dim() == 2, "fastkd: ", name, " must be 2-D [N, C], got ", x.dim(), "-D");
-  TORCH_CHECK(x.is_contiguous(), "fastkd: ", name, " must be contiguous");
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "fastkd: ", name, " must be floating, got ", x.scalar_type());
-}
-
-void check_vector(const at::Tensor& v, int64_t n, const char* name) {
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == n && v.scalar_type() == at::kFloat && v.is_contiguous(),
-              "fastkd: ", name, " must be a contiguous float32 vector of ", n, " rows");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_fwd_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& temperature,
     const at::Tensor& row_weight, bool reduce, bool grad_student, bool grad_teacher, bool grad_temperature) {
-  check_rows(student, "student");
-  check_rows(teacher, "teacher");
-  TORCH_CHECK(student.sizes() == teacher.sizes(), "fastkd: student and teacher shapes differ");
+  check_logit_pair(student, teacher);
   const int64_t N = student.size(0), C = student.size(1);
-  check_vector(temperature, N, "temperature");
-  check_vector(row_weight, N, "row_weight");
+  check_row_vector(temperature, N, at::kFloat, "temperature");
+  check_row_vector(row_weight, N, at::kFloat, "row_weight");
 
   auto f32 = student.options().dtype(at::kFloat);
   at::Tensor loss_rows = at::zeros({N}, f32);
@@ -150,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_fwd_cpu(
     float* dtemp = grad_temperature ? gT.mutable_data_ptr<float>() : nullptr;
     const int64_t grain = std::max<int64_t>(1, 32768 / C);
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> sbuf, tbuf, gsbuf, gtbuf, chunk_max((C + kChunk - 1) / kChunk);
+      std::vector<float> sbuf, tbuf, gsbuf, gtbuf, chunk_max((C + kStatsChunk - 1) / kStatsChunk);
       for (int64_t i = begin; i < end; ++i) {
         float* gs_row = output_row(gs, i, gsbuf);
         float* gt_row = output_row(gt, i, gtbuf);

@@ -3,7 +3,6 @@
 // stretch of a row with separate student and teacher scales, and the parallel
 // row loop that skips ignored rows.
 #pragma once
-#include <sys/mman.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -11,6 +10,7 @@
 #include <vector>
 
 #include "../kd_math.h"
+#include "grad_buffers.h"
 #include "row_buffers.h"
 #include "vec_exp.h"
 
@@ -49,7 +49,11 @@ constexpr int64_t kStatsChunk = 2048;
 
 // KDStats of one chunk, a = s * inv_a (student), b = t * inv_b (teacher): the
 // chunk max first, then the sums relative to it (one exp per element and net).
-FASTKD_INLINE KDStats kl_chunk_stats(const float* s, const float* t, int64_t n, float inv_a, float inv_b) {
+// With kKeep it also stores exp(a - chunk max) into `kept` (KD's student-gradient
+// row, so that its gradient pass needs one exp per element, not two).
+template <bool kKeep = false>
+FASTKD_INLINE KDStats kl_chunk_stats(const float* s, const float* t, int64_t n, float inv_a, float inv_b,
+                                     float* kept = nullptr) {
   float ms = -INFINITY, mt = -INFINITY;
 #pragma omp simd reduction(max : ms, mt)
   for (int64_t j = 0; j < n; ++j) {
@@ -63,8 +67,9 @@ FASTKD_INLINE KDStats kl_chunk_stats(const float* s, const float* t, int64_t n, 
 #pragma omp simd reduction(+ : zs, zt, cross)
   for (int64_t j = 0; j < n; ++j) {
     const float a = s[j] * inv_a, b = t[j] * inv_b;
-    const float et = vexp(b - base_t);
-    zs += vexp(a - base_s);
+    const float et = vexp(b - base_t), es = vexp(a - base_s);
+    if (kKeep) kept[j] = es;
+    zs += es;
     zt += et;
     cross += kd_cross_term(et, a, b);
   }
@@ -103,26 +108,6 @@ inline void output_span_done(const at::Tensor& g, int64_t offset, int64_t n, con
   if (g.numel() == 0 || g.scalar_type() == at::kFloat) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "fastkd_output_span",
                                   [&] { convert_row_back(buf.data(), g.mutable_data_ptr<scalar_t>() + offset, n); });
-}
-
-// Gradients are fresh [N, C] buffers written once, and on Linux the first touch of
-// each 4 KiB page faults (the kernel zeroes it): for a 512 MB gradient that is a
-// large part of the whole loss. Asking for transparent huge pages on the aligned
-// interior first makes the faults 512x fewer (a no-op where THP is disabled).
-inline void advise_huge_pages(void* data, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const uintptr_t huge = uintptr_t(2) << 20;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + huge - 1) & ~(huge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(huge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
-}
-
-inline at::Tensor grad_like(const at::Tensor& x, bool wanted) {
-  if (!wanted) return at::empty({0}, x.options());
-  at::Tensor g = at::empty_like(x);
-  advise_huge_pages(g.data_ptr(), g.nbytes());
-  return g;
 }
 
 // Runs `row(i, s, t, gs, gt) -> weighted row loss` on every row with a nonzero

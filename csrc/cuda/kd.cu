@@ -1,17 +1,12 @@
 // KD on CUDA: one block per row; each thread keeps online statistics over a
-// strided slice of the row (one exp per element per net in the common case),
+// strided slice of the row (kl_stats.cuh: one exp per element per net in the common case),
 // the block merges them (csrc/kd_math.h), then a second pass over the row
 // writes the gradients. Launched on the caller's stream.
 #include "../kd_math.h"
 #include "common.cuh"
+#include "kl_stats.cuh"
 
 namespace fastkd {
-
-// Found by argument-dependent lookup from block_reduce, so it lives beside KDStats.
-__device__ __forceinline__ KDStats shfl_xor(const KDStats& v, int offset) {
-  return {shfl_xor(v.ms, offset), shfl_xor(v.zs, offset), shfl_xor(v.mt, offset), shfl_xor(v.zt, offset),
-          shfl_xor(v.cross, offset)};
-}
 
 struct Sum3 {
   float x, y, z;
@@ -51,27 +46,9 @@ __global__ void __launch_bounds__(kThreads) kd_fwd_kernel(const S* __restrict__ 
 
   KDStats st = kd_stats_empty();
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    const float a = to_float(s[c]) * inv_t, b = to_float(t[c]) * inv_t;
-    if (a > st.ms) {
-      st.zs = st.zs * rescale(st.ms, a) + 1.0f;
-      st.ms = a;
-    } else {
-      // with nothing accumulated yet, a is -inf (adds 0) or NaN (must propagate)
-      st.zs += st.ms == -INFINITY ? (a == -INFINITY ? 0.0f : a) : __expf(a - st.ms);
-    }
-    if (b > st.mt) {
-      const float f = rescale(st.mt, b);
-      st.zt = st.zt * f + 1.0f;
-      st.cross = st.cross * f + (b - a);
-      st.mt = b;
-    } else {
-      const float et = st.mt == -INFINITY ? (b == -INFINITY ? 0.0f : b) : __expf(b - st.mt);
-      st.zt += et;
-      st.cross += kd_cross_term(et, a, b);
-    }
+    kd_stats_push(st, to_float(s[c]) * inv_t, to_float(t[c]) * inv_t);
   }
-  st = block_reduce(st, kd_stats_empty(), [](const KDStats& x, const KDStats& y) { return kd_stats_merge(x, y); },
-                    stats_scratch);
+  st = kd_stats_block(st, stats_scratch);
   const KDRow r = kd_finish(st);
   if (threadIdx.x == 0) loss_rows[row] = w * temp * temp * r.kl;
   if (!gs && !gt && !grad_temperature) return;
