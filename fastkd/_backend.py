@@ -23,9 +23,9 @@ LOSS_OPS = {
     "dist": ("dist_fwd",),
     "mgd": ("mgd_mask", "mgd_sq_err"),
 }
-# "auto" order on CUDA tensors, fastest first. Without GPU measurements yet the
+# "auto" order on CUDA tensors, fastest first. Not yet measured on a GPU: the
 # compiled CUDA kernels come first where they exist (no Triton launch overhead);
-# benchmarks/gpu_check.sh measures both and this table is updated from it.
+# `python -m fastkd.bench --device cuda` compares both, and this order should follow it.
 AUTO_CUDA_ORDER = ("cuda", "triton")
 
 _triton_module = None
