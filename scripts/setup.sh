@@ -12,7 +12,7 @@ PYTHON=${PYTHON:-python3}
 
 stamp_file=build/.fastkd_build_stamp
 stamp=$( (cat setup.py pyproject.toml csrc/sources.txt; find csrc -type f | sort | xargs cat;
-          "$PYTHON" -c "import torch; print(torch.__version__)"; env | grep '^FASTKD_' | sort) | sha256sum | cut -d' ' -f1)
+          "$PYTHON" -c "import torch; print(torch.__version__)"; env | grep '^FASTKD_' | sort || true) | sha256sum | cut -d' ' -f1)
 if [[ -f $stamp_file && $(cat "$stamp_file") == "$stamp" ]] && "$PYTHON" -c "import fastkd._C" 2>/dev/null; then
   echo "fastkd: build is up to date"
 else
