@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One prepared run for a GPU machine that has its own torch, Triton and nvcc but
+# no package registry (issue 6): build fastkd from source against that torch,
+# run the whole suite with the GPU tests enabled, verify every backend against
+# the reference, benchmark every GPU backend and peer, draw the charts.
+#   bash benchmarks/gpu_check.sh OUTDIR        (OUTDIR gets logs, CSV and PNGs)
+# Each step's log is kept even when a step fails; the exit status is that of the
+# first failing step. QUICK=1 runs the quick benchmark (also what a CPU dry run uses).
+set -uo pipefail
+out=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+status=0
+step() {  # step NAME COMMAND...: run with a log in $out/NAME.log
+  local name=$1; shift
+  echo "== $name: $*"
+  local t0=$SECONDS
+  "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc after $((SECONDS - t0)) s"
+  tail -n 5 "$out/$name.log"
+  if [[ $rc -ne 0 && $status -eq 0 ]]; then status=$rc; fi
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
+  "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; } \
+  > "$out/device.txt" 2>&1
+cat "$out/device.txt"
+# MAX_JOBS: the device machine has more cores than the dev machines
+step build env MAX_JOBS=${MAX_JOBS:-16} FASTKD_CUDA_ARCHS=${FASTKD_CUDA_ARCHS:-9.0} \
+  "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e .
+step tests env FASTKD_GPU_TESTS=1 FASTKD_REQUIRE_EXTENSION=1 "$PYTHON" -m pytest -q -x --durations=15
+step verify "$PYTHON" -m fastkd.verify
+device=$("$PYTHON" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+bench_args=(--device "$device" --csv "$out/$device.csv")
+[[ ${QUICK:-0} == 1 ]] && bench_args+=(--quick)
+step bench "$PYTHON" -m fastkd.bench "${bench_args[@]}"
+step plot "$PYTHON" benchmarks/plot.py "$out/$device.csv" "$out"
+exit $status
