@@ -16,7 +16,6 @@
 
 #include "../kd_math.h"
 #include "loss_common.h"
-#include "row_buffers.h"
 #include "vec_exp.h"
 
 namespace fastkd {
@@ -98,36 +97,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_fwd_cpu(
   check_row_vector(row_weight, N, at::kFloat, "row_weight");
 
   auto f32 = student.options().dtype(at::kFloat);
-  at::Tensor loss_rows = at::zeros({N}, f32);
   at::Tensor gs = grad_like(student, grad_student);
   at::Tensor gt = grad_like(teacher, grad_teacher);
   at::Tensor gT = grad_temperature ? at::zeros({N}, f32) : at::empty({0}, f32);
-  if (N > 0 && C > 0) {
-    const float* temp = temperature.const_data_ptr<float>();
-    const float* weight = row_weight.const_data_ptr<float>();
-    float* loss = loss_rows.mutable_data_ptr<float>();
-    float* dtemp = grad_temperature ? gT.mutable_data_ptr<float>() : nullptr;
-    const int64_t grain = std::max<int64_t>(1, 32768 / C);
-    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> sbuf, tbuf, gsbuf, gtbuf, chunk_max((C + kStatsChunk - 1) / kStatsChunk);
-      for (int64_t i = begin; i < end; ++i) {
-        float* gs_row = output_row(gs, i, gsbuf);
-        float* gt_row = output_row(gt, i, gtbuf);
-        if (weight[i] == 0.0f) {  // ignored row: contributes nothing, reads nothing
-          if (gs_row) std::fill(gs_row, gs_row + C, 0.0f);
-          if (gt_row) std::fill(gt_row, gt_row + C, 0.0f);
-        } else {
-          loss[i] = kd_row(input_row(student, i, sbuf), input_row(teacher, i, tbuf), C, temp[i], weight[i], gs_row,
-                           gt_row, dtemp ? dtemp + i : nullptr, chunk_max.data());
-        }
-        output_row_done(gs, i, gsbuf);
-        output_row_done(gt, i, gtbuf);
-      }
-    });
-  } else {
-    if (grad_student) gs.zero_();
-    if (grad_teacher) gt.zero_();
-  }
+  const float* temp = temperature.const_data_ptr<float>();
+  const float* weight = row_weight.const_data_ptr<float>();
+  float* dtemp = grad_temperature ? gT.mutable_data_ptr<float>() : nullptr;
+  at::Tensor loss_rows = for_each_weighted_row(
+      student, teacher, row_weight, gs, gt, [&](int64_t i, const float* s, const float* t, float* gs_row, float* gt_row) {
+        thread_local std::vector<float> chunk_max;
+        chunk_max.resize((C + kStatsChunk - 1) / kStatsChunk);
+        return kd_row(s, t, C, temp[i], weight[i], gs_row, gt_row, dtemp ? dtemp + i : nullptr, chunk_max.data());
+      });
   at::Tensor loss_out = reduce ? loss_rows.sum() : loss_rows;
   return {loss_out, gs, gt, gT};
 }

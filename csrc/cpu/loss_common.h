@@ -85,31 +85,6 @@ FASTKD_INLINE KDStats kl_span_stats(const float* s, const float* t, int64_t n, f
   return st;
 }
 
-// n elements of the contiguous tensor x from flat offset `offset` as float32
-// (in place for float32, else converted into buf).
-inline const float* input_span(const at::Tensor& x, int64_t offset, int64_t n, std::vector<float>& buf) {
-  if (x.scalar_type() == at::kFloat) return x.const_data_ptr<float>() + offset;
-  buf.resize(n);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastkd_input_span",
-                                  [&] { convert_row(x.const_data_ptr<scalar_t>() + offset, buf.data(), n); });
-  return buf.data();
-}
-
-// Where to write n float32 values of g from flat offset `offset`: in place for
-// float32, else buf (then output_span_done converts it); null when g is empty.
-inline float* output_span(const at::Tensor& g, int64_t offset, int64_t n, std::vector<float>& buf) {
-  if (g.numel() == 0) return nullptr;
-  if (g.scalar_type() == at::kFloat) return g.mutable_data_ptr<float>() + offset;
-  buf.resize(n);
-  return buf.data();
-}
-
-inline void output_span_done(const at::Tensor& g, int64_t offset, int64_t n, const std::vector<float>& buf) {
-  if (g.numel() == 0 || g.scalar_type() == at::kFloat) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "fastkd_output_span",
-                                  [&] { convert_row_back(buf.data(), g.mutable_data_ptr<scalar_t>() + offset, n); });
-}
-
 // Runs `row(i, s, t, gs, gt) -> weighted row loss` on every row with a nonzero
 // weight, in parallel over rows, with float32 views of the inputs and of the
 // gradient rows to write (null when not requested). Rows with weight 0 are not
