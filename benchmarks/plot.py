@@ -85,6 +85,7 @@ def bar_panels(table, providers, ylabel: str, title: str, path: str, log: bool, 
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, kernel in zip(axes[:, 0], kernels):
         groups = list(table[kernel])
+        drawn = 0
         for j, provider in enumerate(providers):
             xs, ys, lo, hi = [], [], [], []
             for i, group in enumerate(groups):
@@ -98,6 +99,7 @@ def bar_panels(table, providers, ylabel: str, title: str, path: str, log: bool, 
                 continue
             color = colors[PROVIDER_ORDER.index(provider) % len(colors)] if provider in PROVIDER_ORDER else None
             heights = [y - base for y in ys] if base is not None else ys
+            drawn += 1
             bars = ax.bar(xs, heights, width, bottom=base, label=provider, color=color,
                           yerr=[lo, hi] if errors else None, capsize=2)
             ax.bar_label(bars, labels=[_label(y) + suffix for y in ys], fontsize=7, padding=2)
@@ -111,7 +113,8 @@ def bar_panels(table, providers, ylabel: str, title: str, path: str, log: bool, 
             ax.set_yscale("log")
             low, high = ax.get_ylim()
             ax.set_ylim(low, high * 3)  # room for the labels above the tallest bar
-        ax.legend(fontsize=8, ncol=len(providers), loc="upper left")
+        if drawn:  # matplotlib rejects a legend with ncol=0 (a panel where no provider has data)
+            ax.legend(fontsize=8, ncol=drawn, loc="upper left")
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 0.98))

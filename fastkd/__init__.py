@@ -6,15 +6,18 @@
 Losses: ``kd_loss``, ``dkd_loss``, ``ats_loss``, ``dist_loss``, ``mgd_loss``,
 ``simkd_loss``, and ``ipw_weights`` for IPWD's per-sample weights; modules in
 ``fastkd.nn``; plain-PyTorch versions in ``fastkd.reference``.
-``fastkd.backends()`` says which kernels this installation can run.
+``fastkd.backends()`` says which kernels this installation can run;
+``fastkd.set_value_checks(True)`` also checks target / temperature values on
+GPU tensors (off by default there: it would synchronise every step).
 """
 __version__ = "0.1.0"
 
-from . import reference  # noqa: E402
+from . import nn, reference  # noqa: E402  (fastkd.nn usable after `import fastkd`, as torch.nn)
 from ._backend import backends  # noqa: E402
+from ._validation import set_value_checks  # noqa: E402
 from .functional import ats_loss, dist_loss, dkd_loss, ipw_weights, kd_loss, mgd_loss, simkd_loss  # noqa: E402
 
 __all__ = [
     "kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights",
-    "backends", "reference", "__version__",
+    "backends", "set_value_checks", "nn", "reference", "__version__",
 ]

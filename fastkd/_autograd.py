@@ -2,9 +2,22 @@
 
 Every fused op computes its input gradients in the forward pass (already
 multiplied by the row weights), so backward only scales them by the incoming
-gradient and skips even that when the incoming gradient is a scalar exactly 1.
+gradient, in place: the stored gradient is owned by the op (it was allocated by
+the forward and is referenced by nothing but the autograd context), so the
+scaled gradient reuses its memory instead of allocating a second ``[N, C]``
+tensor. That makes the stored gradient usable once: a second backward through
+the same graph (``retain_graph=True``) raises instead of scaling it twice, and
+double backward (``create_graph=True``) raises because only the first
+derivative is stored.
+
+No host synchronisation on CUDA tensors: the incoming gradient is never read on
+the host there (so CUDA-graph capture works and the launch queue never
+stalls). On CPU tensors reading it is free, and a 0-d incoming gradient of
+exactly 1 skips the scaling pass.
 """
 import torch
+
+from . import _validation
 
 
 def _traced(x: torch.Tensor) -> bool:
@@ -16,21 +29,20 @@ def scale_stored_grad(stored: torch.Tensor, grad_loss: torch.Tensor) -> torch.Te
     """d(final)/d(input) from the stored d(loss)/d(input) and the loss's incoming gradient.
 
     ``grad_loss`` is 0-d (reduced loss) or holds one value per row, scaling the
-    matching row (dim 0) of ``stored``. The product is computed in float32 and
-    stored in the gradient's dtype, so a loss weight such as 0.9 is not first
-    rounded to bfloat16 (a 0.2% bias on every gradient).
+    matching row (dim 0) of ``stored``. Scales ``stored`` in place (eager) and
+    returns it. The product is computed in float32 and stored in the gradient's
+    dtype, so a loss weight such as 0.9 is not first rounded to bfloat16 (a 0.2%
+    bias on every gradient): the scale is given the shape ``[-1, 1, ...]``, so
+    it takes part in type promotion (a 0-d tensor would be cast to bfloat16).
     """
     if grad_loss is None:
         return torch.zeros_like(stored)
-    if grad_loss.dim() == 0:
-        if _traced(grad_loss):
-            return (stored.float() * grad_loss).to(stored.dtype)  # fused by the compiler
-        g = float(grad_loss)  # one host sync, to skip a whole pass when g == 1
-        return stored if g == 1.0 else stored * g  # a Python float multiplies at float32 precision
-    rows = grad_loss.reshape((-1,) + (1,) * (stored.dim() - 1)).float()
-    if _traced(grad_loss) or stored.dtype == torch.float32:
-        return (stored.float() * rows).to(stored.dtype)
-    return torch.mul(stored, rows, out=torch.empty_like(stored))
+    scale = grad_loss.reshape((-1,) + (1,) * (stored.dim() - 1)).float()
+    if _traced(grad_loss):
+        return (stored.float() * scale).to(stored.dtype)  # fused by the compiler
+    if grad_loss.dim() == 0 and _validation.on_host(grad_loss) and float(grad_loss) == 1.0:
+        return stored  # reading a CPU scalar costs no synchronisation
+    return torch.mul(stored, scale, out=stored)
 
 
 def register_loss_autograd(op, grad_slots):
@@ -45,12 +57,25 @@ def register_loss_autograd(op, grad_slots):
         # would zero-fill an [N, C] tensor for each of them on every backward.
         ctx.set_materialize_grads(False)
         ctx.num_inputs = len(inputs)
+        ctx.used = False
         # An unrequested gradient comes back as an empty tensor; a requested one has the
         # input's shape (which is also empty for an input with no rows).
         ctx.requested = [tuple(output[out].shape) == tuple(inputs[inp].shape) for inp, out in grad_slots.items()]
         ctx.save_for_backward(*(output[out] for out in grad_slots.values()))
 
     def backward(ctx, grad_loss, *unused):
+        if torch.is_grad_enabled() and not _traced(grad_loss if grad_loss is not None else torch.empty(0)):
+            raise RuntimeError(
+                "fastkd: double backward (create_graph=True) is not supported by the fused losses: they "
+                "store only the first derivative. Use backend='reference' for higher-order gradients."
+            )
+        if ctx.used:
+            raise RuntimeError(
+                "fastkd: backward ran twice through the same fused loss (retain_graph=True?). The fused "
+                "losses scale their stored gradient in place, so it can be used once; compute the loss "
+                "again, or use backend='reference', to backpropagate through it twice."
+            )
+        ctx.used = True
         grads = [None] * ctx.num_inputs
         for inp, stored, requested in zip(grad_slots.keys(), ctx.saved_tensors, ctx.requested):
             if requested:

@@ -11,6 +11,44 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
+# Value checks (target indices in range, tensor temperatures > 0) must read tensor
+# values on the host. On CPU tensors that is free; on a GPU it would synchronise
+# every training step (and break CUDA-graph capture), so there they are off by
+# default and the kernels define the result instead (a counted row with an
+# out-of-range target gives a NaN loss and NaN gradients). set_value_checks(True)
+# turns them on for GPU tensors too, for debugging.
+_check_device_values = False
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Check tensor values (targets in range, temperatures > 0) on GPU tensors too.
+
+    Off by default: those checks read the values back on the host, a
+    synchronisation per call that stalls the GPU's launch queue and fails under
+    CUDA-graph capture. On CPU tensors the checks always run (they cost nothing
+    extra there). Under ``torch.compile`` they are skipped on every device.
+    """
+    global _check_device_values
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _check_device_values = enabled
+
+
+# Devices whose tensor values the host reads without a synchronisation.
+HOST_DEVICES = ("cpu",)
+
+
+def on_host(x: torch.Tensor) -> bool:
+    """Whether reading the values of ``x`` on the host is free (no device synchronisation)."""
+    return x.device.type in HOST_DEVICES
+
+
+def reads_values(x: torch.Tensor) -> bool:
+    """Whether argument checks may read the values of ``x`` on the host."""
+    if torch.compiler.is_compiling() or x.device.type == "meta":
+        return False
+    return on_host(x) or _check_device_values
+
 
 def check_logits(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
@@ -52,8 +90,7 @@ def check_positive(name: str, value, allow_tensor: bool = False) -> None:
             raise TypeError(f"{name} must be a Python number, got a tensor")
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-        # Checking tensor values needs a host sync; skip it while tracing.
-        if not torch.compiler.is_compiling() and value.device.type != "meta":
+        if reads_values(value):
             if value.numel() and not bool((value > 0).all()):
                 raise ValueError(f"{name} must be > 0 everywhere, got min {value.min().item()}")
         return
@@ -90,7 +127,7 @@ def check_target(target, logits: torch.Tensor, ignore_index: int, required: bool
         )
     if target.device != logits.device:
         raise ValueError(f"target must be on the logits' device {logits.device}, got {target.device}")
-    if torch.compiler.is_compiling() or target.device.type == "meta" or target.numel() == 0:
+    if target.numel() == 0 or not reads_values(target):
         return
     counted = target[target != ignore_index]
     if counted.numel():

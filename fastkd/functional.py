@@ -60,6 +60,16 @@ def kd_loss(
     ``temperature`` may be a float or a tensor (one element, or one per row) that
     receives a gradient (CTKD). ``target`` is only used to skip rows equal to
     ``ignore_index``; ``sample_weight`` (one per row) multiplies each row's loss.
+
+    Skipped rows: a row whose target is ``ignore_index`` or whose sample weight is
+    exactly 0 is not read, on every backend: loss 0 and gradient 0 even if its
+    logits are NaN or inf (unlike ``0 * nan = nan`` in plain torch). This is the
+    rule of every logit loss here (``ats_loss``, ``dkd_loss`` too).
+
+    Values are checked on CPU tensors (target in range, tensor temperature > 0);
+    on GPU tensors that would synchronise every step, so they are not checked
+    unless ``fastkd.set_value_checks(True)``: a counted row with an out-of-range
+    target gives a NaN loss and NaN gradients there.
     """
     v.check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, False)
     v.check_temperature_tensor(temperature, student_logits)
@@ -178,6 +188,12 @@ def dist_loss(
         inter = tau^2 * (1 - mean_i rho(y_s[i, :], y_t[i, :]))
         intra = tau^2 * (1 - mean_c rho(y_s[:, c], y_t[:, c]))
         loss  = beta * inter + gamma * intra
+
+    What it does not do: no ``ignore_index``, ``target``, ``sample_weight`` or
+    ``reduction`` (the intra-class term correlates each class over all rows, so
+    every row enters it; padding tokens must be removed before the call), and the
+    intra-class statistics are over the local batch only (under data parallelism
+    each rank correlates its own rows; it is not the loss of the global batch).
     """
     v.check_pair(student_logits, teacher_logits)
     v.check_number("beta", beta)

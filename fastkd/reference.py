@@ -14,10 +14,11 @@ Conventions shared by every logit loss here:
   ``fastkd._validation.row_weights``) already contains the reduction divisor, so
   the loss is ``sum_i row_loss[i] * row_weight[i]``; with ``reduction="none"``
   the weighted per-row losses are returned in the leading shape.
-* A row whose target equals ``ignore_index`` is never read: its logits are
-  replaced by zeros before any arithmetic, so it gives loss 0 and gradient 0
-  even if its logits hold NaN. A counted row with ``sample_weight == 0`` is
-  multiplied by 0 like any other weight (a NaN row loss stays NaN).
+* A skipped row -- its target equals ``ignore_index``, or its ``sample_weight``
+  is exactly 0 -- is never read: its logits are replaced by zeros before any
+  arithmetic, so it gives loss 0 and gradient 0 even if its logits hold NaN or
+  inf (the fused kernels do not read such rows at all; one rule everywhere). A
+  NaN ``sample_weight`` is not 0, so that row's loss is NaN.
 * A term with probability exactly 0 under the distribution the KL is taken
   from (for example a teacher logit of ``-inf``) contributes exactly 0, in the
   loss and in the gradient. NaN inputs propagate NaN.
@@ -64,25 +65,32 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def _rows(student, teacher, target, ignore_index, dtype):
-    """Flatten to [N, C] in ``dtype``; zero the logits of ignored rows.
+def _rows(student, teacher, target, ignore_index, dtype, sample_weight=None):
+    """Flatten to [N, C] in ``dtype``; zero the logits of skipped rows.
 
-    Returns (s, t, safe_target or None, valid[N] bool). Ignored rows get
-    target 0 so that gathers never read an out-of-range index.
+    Skipped rows: ``target == ignore_index`` or ``sample_weight == 0``.
+    Returns (s, t, safe_target or None, valid[N] bool), ``valid`` being the
+    rows whose target is not ``ignore_index`` (the counted rows). Skipped rows
+    get target 0 so that gathers never read an out-of-range index.
     """
     num_classes = student.shape[-1]
     s = student.reshape(-1, num_classes).to(dtype)
     t = teacher.reshape(-1, num_classes).to(dtype)
-    if target is None:
-        valid = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+    n = s.shape[0]
+    valid = torch.ones(n, dtype=torch.bool, device=s.device)
+    tgt = None
+    if target is not None:
+        tgt = target.reshape(-1).to(torch.int64)
+        valid = tgt != ignore_index
+    read = valid if sample_weight is None else valid & (sample_weight.reshape(n) != 0)
+    if target is None and sample_weight is None:
         return s, t, None, valid
-    tgt = target.reshape(-1).to(torch.int64)
-    valid = tgt != ignore_index
-    # where() (not a product) so NaN/inf logits of ignored rows give 0 and zero grads.
-    keep = valid.unsqueeze(1)
+    # where() (not a product) so NaN/inf logits of skipped rows give 0 and zero grads.
+    keep = read.unsqueeze(1)
     s = torch.where(keep, s, torch.zeros_like(s))
     t = torch.where(keep, t, torch.zeros_like(t))
-    tgt = torch.where(valid, tgt, torch.zeros_like(tgt))
+    if tgt is not None:
+        tgt = torch.where(read, tgt, torch.zeros_like(tgt))
     return s, t, tgt, valid
 
 
@@ -150,7 +158,7 @@ def kd_loss(
     check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, False)
     check_temperature_tensor(temperature, student_logits)
     dtype = _compute_dtype(student_logits, teacher_logits, temperature)
-    s, t, _, _ = _rows(student_logits, teacher_logits, target, ignore_index, dtype)
+    s, t, _, _ = _rows(student_logits, teacher_logits, target, ignore_index, dtype, sample_weight)
     temp = _temperature_column(temperature, s.shape[0], s.device, dtype)
     log_ps = F.log_softmax(s / temp, dim=1)
     log_pt = F.log_softmax(t / temp, dim=1)
@@ -197,7 +205,7 @@ def dkd_loss(
     check_positive("temperature", temperature)
     check_dkd_classes(student_logits)
     dtype = _compute_dtype(student_logits, teacher_logits)
-    s, t, tgt, _ = _rows(student_logits, teacher_logits, target, ignore_index, dtype)
+    s, t, tgt, _ = _rows(student_logits, teacher_logits, target, ignore_index, dtype, sample_weight)
     gt = F.one_hot(tgt, s.shape[1]).bool()
 
     def parts(x):
@@ -255,7 +263,7 @@ def ats_loss(
     check_positive("other_temperature", other_temperature)
     check_positive("student_temperature", student_temperature)
     dtype = _compute_dtype(student_logits, teacher_logits)
-    s, t, tgt, _ = _rows(student_logits, teacher_logits, target, ignore_index, dtype)
+    s, t, tgt, _ = _rows(student_logits, teacher_logits, target, ignore_index, dtype, sample_weight)
     gt = F.one_hot(tgt, s.shape[1]).bool()
     tau = torch.where(
         gt,

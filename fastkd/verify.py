@@ -155,9 +155,10 @@ def main(argv=None):
         print(f"  {name:9s} {status}")
     print()
     failures = verify(args.device)
+    # the verdict right after the comparisons it sums up, before the (informative) timings
+    print(f"\n{'all fused backends match the reference' if not failures else f'{failures} comparisons FAILED'}")
     if not args.no_bench:
         bench(args.device)
-    print(f"\n{'all fused backends match the reference' if not failures else f'{failures} comparisons FAILED'}")
     return 1 if failures else 0
 
 

@@ -71,3 +71,29 @@ def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
         pytest.skip("with a GPU, triton is available regardless")
     reason = _backend.unavailable_reason("triton", "kd", torch.device("cpu"))
     assert reason is not None and "TRITON_INTERPRET" in reason
+
+
+def test_triton_backend_reports_the_torch_it_needs(monkeypatch):
+    # torch < 2.6 has no torch.library.triton_op: the backend says so instead of failing to import
+    monkeypatch.delattr(torch.library, "triton_op")
+    monkeypatch.setattr(_backend, "_triton_module", None)
+    monkeypatch.setattr(_backend, "_triton_error", None)
+    reason = _backend.unavailable_reason("triton", "kd")
+    assert reason is not None and "torch >= 2.6" in reason and torch.__version__ in reason
+    assert fastkd.backends()["triton"]["available"] is False
+
+
+def test_auto_has_a_cuda_choice_for_every_loss():
+    assert set(_backend.AUTO_CUDA_ORDER) == set(_backend.LOSS_OPS)
+    for loss, order in _backend.AUTO_CUDA_ORDER.items():
+        assert set(order) == {"cuda", "triton"}, loss
+
+
+def test_import_fastkd_makes_fastkd_nn_usable():
+    import subprocess
+    import sys
+
+    # a fresh interpreter: in this one another test may already have imported fastkd.nn
+    code = "import fastkd; fastkd.nn.KDLoss(); print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

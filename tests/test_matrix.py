@@ -1,0 +1,241 @@
+"""One test matrix: every loss x every fused backend, the same cases and tolerances.
+
+Each case runs a loss on a fused backend (cpu, cuda, triton; skipped where it does
+not run) and on ``fastkd.reference`` in float64 (inputs upcast from the very
+values the fused backend sees), and compares
+
+* the loss (relative error),
+* every gradient by its relative norm error ``||g - r|| / ||r||`` (an absolute
+  tolerance larger than most gradient entries would hide a 10% scale error),
+  and element-wise with ``allclose`` at the same tolerances.
+
+Shapes: rows wider than one block with a ragged tail (3*4096 + 17, 2*2048 + 5),
+a row of 128256 classes, narrow rows, 3-D logits; inputs contiguous and not
+(a student sliced from a wider tensor, a teacher with a transposed layout).
+"""
+import pytest
+import torch
+
+import fastkd
+from fastkd import reference
+from backend_cases import FUSED, skip_unless_runs
+
+LOGIT_LOSSES = ("kd", "kd_temp", "ats", "dkd", "dist")
+# (rows shape, classes): ragged wide rows, a 128k row, narrow rows, 3-D logits
+SHAPES = {
+    "ragged_3x4096+17": ((3,), 3 * 4096 + 17),
+    "ragged_2x2048+5": ((4,), 2 * 2048 + 5),
+    "vocab_128256": ((2,), 128256),
+    "narrow_100": ((33,), 100),
+    "3d_2x3x1000": ((2, 3), 1000),
+}
+# dtype -> (relative loss error, relative gradient-norm error) against float64
+TOL = {
+    torch.float32: (2e-5, 1e-5),
+    torch.bfloat16: (1e-2, 1e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+LAYOUTS = ("contiguous", "strided")
+
+
+def _logits(lead, c, dtype, device, seed, layout):
+    """Logits of shape lead + (c,), built contiguous or as non-contiguous views."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, c, generator=g) * 3.0
+    if layout == "contiguous":
+        return x.to(dtype).to(device)
+    if seed % 2 == 0:  # a student slice of a wider tensor: rows strided, last dim contiguous
+        wide = torch.zeros(*lead, c + 7, dtype=dtype, device=device)
+        wide[..., 3:3 + c] = x.to(dtype)
+        return wide[..., 3:3 + c]
+    # a teacher stored class-major and viewed back: last dim not contiguous at all
+    return x.to(dtype).to(device).transpose(0, -1).contiguous().transpose(0, -1)
+
+
+def _call(loss, backend, s, t, target, weight, temperature, reduction):
+    if loss in ("kd", "kd_temp"):
+        return fastkd.kd_loss(s, t, temperature, target=target, sample_weight=weight, reduction=reduction,
+                              backend=backend)
+    if loss == "ats":
+        return fastkd.ats_loss(s, t, target, sample_weight=weight, reduction=reduction, backend=backend)
+    if loss == "dkd":
+        return fastkd.dkd_loss(s, t, target, sample_weight=weight, reduction=reduction, backend=backend)
+    return fastkd.dist_loss(s, t, backend=backend)
+
+
+def _run(loss, backend, s, t, target, weight, temperature, reduction):
+    """(loss, [grad_s, grad_t, grad_T?]) with both nets (and a tensor T) requiring grad."""
+    s = s.detach().requires_grad_()
+    t = t.detach().requires_grad_()
+    inputs = [s, t]
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.detach().requires_grad_()
+        inputs.append(temperature)
+    out = _call(loss, backend, s, t, target, weight, temperature, reduction)
+    # a non-uniform incoming gradient, so per-row scaling is exercised too
+    seed = out.detach().new_tensor([0.7]) if out.dim() == 0 else torch.linspace(0.5, 1.5, out.numel()).reshape(out.shape)
+    grads = torch.autograd.grad(out, inputs, seed.to(out.device))
+    return out, grads
+
+
+def _rel_norm(g, r) -> float:
+    g, r = g.double().cpu(), r.double().cpu()
+    return float((g - r).norm() / r.norm().clamp_min(1e-30))
+
+
+def _assert_matches(loss, backend, s, t, target=None, weight=None, temperature=2.0, reduction="batchmean"):
+    dtype = s.dtype if s.dtype != torch.float32 else t.dtype
+    loss_tol, grad_tol = TOL[dtype]
+    out, grads = _run(loss, backend, s, t, target, weight, temperature, reduction)
+    temp64 = temperature.double() if isinstance(temperature, torch.Tensor) else temperature
+    ref_out, ref_grads = _run(loss, "reference", s.double(), t.double(), target,
+                              None if weight is None else weight.double(), temp64, reduction)
+    assert out.dtype == torch.float32 and out.shape == ref_out.shape
+    torch.testing.assert_close(out.double().cpu(), ref_out.cpu(), rtol=loss_tol, atol=loss_tol * 1e-3)
+    for name, g, r, x in zip(("student", "teacher", "temperature"), grads, ref_grads, (s, t, temperature)):
+        assert g.shape == r.shape and (name == "temperature" or g.dtype == x.dtype), name
+        assert torch.isfinite(g).all(), f"{name} gradient has non-finite entries"
+        err = _rel_norm(g, r)
+        assert err < grad_tol, f"{name} gradient: relative norm error {err:.2e} >= {grad_tol:.0e}"
+        scale = float(r.abs().max())
+        torch.testing.assert_close(g.double().cpu(), r.cpu(), rtol=grad_tol * 10, atol=grad_tol * scale)
+
+
+def _case(loss, backend, shape_name, dtype, layout, seed=0):
+    device = skip_unless_runs("kd" if loss == "kd_temp" else loss, backend)
+    lead, c = SHAPES[shape_name]
+    s = _logits(lead, c, dtype, device, 2 * seed, layout)
+    t = _logits(lead, c, dtype, device, 2 * seed + 1, layout)
+    g = torch.Generator().manual_seed(seed + 100)
+    target = torch.randint(0, c, lead, generator=g).to(device)
+    temperature = 2.0
+    if loss == "kd_temp":  # one temperature per row, with a gradient (CTKD)
+        temperature = (1.0 + torch.rand(lead, generator=g) * 3.0).to(device)
+    return s, t, target, temperature
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", list(TOL), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("loss", LOGIT_LOSSES)
+def test_logit_loss_matches_float64_reference(loss, backend, shape_name, dtype, layout):
+    if shape_name == "vocab_128256" and (dtype == torch.float16 or layout == "strided"):
+        pytest.skip("the 128k row runs in float32 and bfloat16, contiguous (time)")
+    s, t, target, temperature = _case(loss, backend, shape_name, dtype, layout)
+    _assert_matches(loss, backend, s, t, target=target if loss in ("ats", "dkd") else None,
+                    temperature=temperature)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("loss", ("kd", "kd_temp", "ats", "dkd"))
+def test_ignore_index_sample_weight_and_reductions(loss, backend, reduction):
+    s, t, target, temperature = _case(loss, backend, "ragged_2x2048+5", torch.float32, "contiguous", seed=3)
+    s, t = s.reshape(2, 2, -1), t.reshape(2, 2, -1)
+    target = target.reshape(2, 2)
+    target[0, 1] = -100
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.reshape(2, 2)
+    weight = torch.tensor([[0.5, 2.0], [1.5, 0.25]], device=s.device)
+    _assert_matches(loss, backend, s, t, target=target, weight=weight, temperature=temperature,
+                    reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("loss", ("kd", "ats", "dkd"))
+def test_skipped_rows_are_not_read(loss, backend):
+    """One rule on every backend, the reference included: a row whose target is ignore_index
+    or whose sample weight is exactly 0 gives loss 0 and gradient 0, whatever its logits hold."""
+    s, t, target, _ = _case(loss, backend, "narrow_100", torch.float32, "contiguous", seed=5)
+    s, t = s[:6].clone(), t[:6].clone()
+    target = target[:6].clone()
+    weight = torch.ones(6, device=s.device)
+    s[1, 7] = float("nan")  # ignored row
+    t[1, 3] = float("inf")
+    target[1] = -100
+    s[4, 2] = float("nan")  # sample weight 0
+    t[4, 9] = float("-inf")
+    t[4, 0] = float("nan")
+    weight[4] = 0.0
+    kw = dict(target=target, sample_weight=weight, reduction="none")
+    results = {}
+    for name in (backend, "reference"):
+        ss, tt = s.clone().requires_grad_(), t.clone().requires_grad_()
+        if loss == "kd":
+            out = fastkd.kd_loss(ss, tt, 2.0, backend=name, **kw)
+        elif loss == "ats":
+            out = fastkd.ats_loss(ss, tt, backend=name, **kw)
+        else:
+            out = fastkd.dkd_loss(ss, tt, backend=name, **kw)
+        out.sum().backward()
+        results[name] = (out.detach(), ss.grad, tt.grad)
+        assert torch.isfinite(out).all(), name
+        assert (out[[1, 4]] == 0).all(), name
+        for grad in (ss.grad, tt.grad):
+            assert torch.isfinite(grad).all() and (grad[[1, 4]] == 0).all(), name
+    for a, b in zip(results[backend], results["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_temperature_gradient_with_large_logit_offset(backend, offset):
+    """dL/dT cancels: sum (p_s - p_t) a with a ~ offset / T. Fused kernels subtract the row max
+    from the raw logits before scaling, so the large common offset must not matter."""
+    device = skip_unless_runs("kd", backend)
+    g = torch.Generator().manual_seed(11)
+    s = (torch.randn(6, 2 * 2048 + 5, generator=g) * 3 + offset).to(device)
+    t = (torch.randn(6, 2 * 2048 + 5, generator=g) * 3 + offset).to(device)
+    temperature = torch.tensor([2.0, 4.0, 1.5, 3.0, 2.5, 1.0], device=device)
+    out, grads = _run("kd_temp", backend, s, t, None, None, temperature, "batchmean")
+    ref_out, ref_grads = _run("kd_temp", "reference", s.double(), t.double(), None, None, temperature.double(),
+                              "batchmean")
+    torch.testing.assert_close(out.double().cpu(), ref_out.cpu(), rtol=1e-3, atol=1e-6)
+    assert _rel_norm(grads[0], ref_grads[0]) < 1e-3
+    err = (grads[2].double().cpu() - ref_grads[2].cpu()).abs() / ref_grads[2].abs().cpu()
+    assert float(err.max()) < 0.03, f"dL/dT relative error per row {err.tolist()}"
+
+
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+@pytest.mark.parametrize("dtype", list(TOL), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("mask_type", ("channel", "spatial"))
+def test_mgd_matches_float64_reference(mask_type, backend, dtype, layout):
+    device = skip_unless_runs("mgd", backend)
+    loss_tol, grad_tol = TOL[dtype]
+    g = torch.Generator().manual_seed(7)
+    shape = (3, 8, 9, 11)
+    s = (torch.randn(shape, generator=g)).to(dtype).to(device)
+    t = (torch.randn(shape, generator=g)).to(dtype).to(device)
+    if layout == "channels_last":
+        s, t = s.to(memory_format=torch.channels_last), t.to(memory_format=torch.channels_last)
+    weight = torch.randn(8, 8, 3, 3, generator=g).to(device) * 0.1
+
+    def run(name, x, y, w):
+        x = x.detach().requires_grad_()
+        y = y.detach().requires_grad_()
+
+        def generation(z):
+            return torch.nn.functional.conv2d(z.to(w.dtype), w, padding=1)
+
+        gen = torch.Generator().manual_seed(1234)
+        out = fastkd.mgd_loss(x, y, generation, alpha=0.5, mask_type=mask_type, generator=gen, backend=name)
+        return out, torch.autograd.grad(out, [x, y])
+
+    out, grads = run(backend, s, t, weight)
+    ref_out, ref_grads = run("reference", s.double(), t.double(), weight.double())
+    # the generation conv runs in float32 on the fused path: compare at float32 precision at best
+    tol = max(loss_tol, 1e-5)
+    torch.testing.assert_close(out.double().cpu(), ref_out.cpu(), rtol=tol, atol=0.0)
+    for name, gr, r in zip(("student", "teacher"), grads, ref_grads):
+        err = _rel_norm(gr, r)
+        assert err < max(grad_tol, 1e-5), f"{name} gradient: relative norm error {err:.2e}"
+
+
+def test_matrix_covers_every_fused_loss():
+    """Adding a loss to the backends without adding it here fails."""
+    from fastkd._backend import LOSS_OPS
+
+    covered = {"kd", "ats", "dkd", "dist", "mgd"}
+    assert set(LOSS_OPS) == covered
