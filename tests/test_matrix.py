@@ -73,7 +73,7 @@ def _run(loss, backend, s, t, target, weight, temperature, reduction):
         inputs.append(temperature)
     out = _call(loss, backend, s, t, target, weight, temperature, reduction)
     # a non-uniform incoming gradient, so per-row scaling is exercised too
-    seed = out.detach().new_tensor([0.7]) if out.dim() == 0 else torch.linspace(0.5, 1.5, out.numel()).reshape(out.shape)
+    seed = out.detach().new_tensor(0.7) if out.dim() == 0 else torch.linspace(0.5, 1.5, out.numel()).reshape(out.shape)
     grads = torch.autograd.grad(out, inputs, seed.to(out.device))
     return out, grads
 
@@ -104,6 +104,10 @@ def _assert_matches(loss, backend, s, t, target=None, weight=None, temperature=2
 def _case(loss, backend, shape_name, dtype, layout, seed=0):
     device = skip_unless_runs("kd" if loss == "kd_temp" else loss, backend)
     lead, c = SHAPES[shape_name]
+    if loss == "dist" and len(lead) == 1:
+        # DIST's intra-class term correlates each class over the rows: with 2 or 3 rows every
+        # rho is close to +-1 and the gradient is a float32 cancellation; 16 rows are well posed.
+        lead = (max(lead[0], 16),)
     s = _logits(lead, c, dtype, device, 2 * seed, layout)
     t = _logits(lead, c, dtype, device, 2 * seed + 1, layout)
     g = torch.Generator().manual_seed(seed + 100)
