@@ -61,7 +61,9 @@ def register_loss_autograd(op, grad_slots):
         # An unrequested gradient comes back as an empty tensor; a requested one has the
         # input's shape (which is also empty for an input with no rows).
         ctx.requested = [tuple(output[out].shape) == tuple(inputs[inp].shape) for inp, out in grad_slots.items()]
-        ctx.save_for_backward(*(output[out] for out in grad_slots.values()))
+        # Detached: the stored gradients are outputs of this very op, so they carry its
+        # grad_fn; the gradients handed to autograd must not (nor require grad themselves).
+        ctx.save_for_backward(*(output[out].detach() for out in grad_slots.values()))
 
     def backward(ctx, grad_loss, *unused):
         if torch.is_grad_enabled() and not _traced(grad_loss if grad_loss is not None else torch.empty(0)):

@@ -140,6 +140,7 @@ def test_backward_returns_the_stored_gradient_scaled_in_place(backend, dtype):
     expected = stored.float() * 0.9
     (grad,) = torch.autograd.grad(loss, s, torch.tensor(0.9, device=device))
     assert grad.data_ptr() == stored.data_ptr(), "backward allocated a second [N, C] gradient"
+    assert not grad.requires_grad and grad.grad_fn is None
     # computed in float32: 0.9 is not first rounded to bfloat16
     torch.testing.assert_close(grad.float(), expected.to(dtype).float(), rtol=0, atol=0)
 
