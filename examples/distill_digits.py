@@ -511,7 +511,7 @@ def plot(rows, path: str, title: str) -> None:
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("test accuracy % (mean ± std)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)  # the transfer title is long
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -646,9 +646,9 @@ def main(argv=None):
             stem = os.path.join(args.out, "digits-transfer" + suffix)
             n_labelled = [i["labelled"] for i in infos]
             n_train = len(splits[0].y)
-            title = (f"digits, transfer set: CE on {n_labelled[0]} of {n_train} training labels "
-                     f"({args.labelled_fraction:g}), distillation on all {n_train}; {args.seeds} seeds x "
-                     f"{args.epochs} epochs (backend={args.backend})")
+            title = (f"digits, transfer set: student CE on {n_labelled[0]} of {n_train} labels, "
+                     f"distillation on all {n_train}; {args.seeds} seeds x {args.epochs} epochs "
+                     f"(backend={args.backend})")
             agreement = ", ".join(f"{100 * i['pseudo_agreement']:.1f}" for i in infos)
             notes = [f"labelled images per seed (stratified subset, random_state=seed): {n_labelled}",
                      f"teacher argmax = hidden label on the unlabelled training images, % per seed: {agreement} "

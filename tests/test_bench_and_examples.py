@@ -160,7 +160,7 @@ def test_digits_every_method_runs_and_reports(digits, tmp_path, capsys):
     assert "| SimKD |" in md and "ESKD teacher checkpoint epoch" in md and "ms/step auto" in md
     md = (tmp_path / "digits-transfer-quick.md").read_text()
     assert "| SimKD |" in md and "| CE, all labels |" in md and "ms/step" not in md
-    assert "CE on 107 of 1078 training labels" in md and "teacher argmax = hidden label" in md
+    assert "CE on 107 of 1078 labels" in md and "teacher argmax = hidden label" in md
     printed = capsys.readouterr().out
     assert "| CE |" in printed and "digits, transfer set" in printed
 
