@@ -127,6 +127,9 @@ def test_bench_picks_up_fused_backends_as_they_appear(monkeypatch):
 
 @pytest.fixture(scope="module")
 def digits():
+    # The example's own dependencies (the "examples"/"test" extras in pyproject.toml).
+    for module in ("sklearn", "matplotlib"):
+        pytest.importorskip(module, reason=f"the digits example needs {module}: pip install fastkd[examples]")
     return _load("examples/distill_digits.py", "distill_digits")
 
 
