@@ -1,6 +1,7 @@
 """Distillation on scikit-learn's handwritten digits, every method fastkd supports.
 
     python examples/distill_digits.py [--quick] [--seeds N] [--backend auto|reference]
+                                      [--setting both|full|transfer] [--labelled-fraction F]
 
 Data: ``sklearn.datasets.load_digits`` (1797 8x8 images, shipped inside
 scikit-learn, no download), one fixed stratified split 60/20/20
@@ -26,11 +27,42 @@ same initialisation with each method (Adam, lr 1e-2, batch 64):
     ESKD    0.1 CE + 0.9 KD from the early-stopped teacher checkpoint
 
 The teacher (and assistant, early teacher) are frozen; their outputs on the
-training set are computed once per seed. Reported: test accuracy after the last
-epoch (no model selection on test), mean and std over seeds, and the time of one
-student training step (forward, loss, backward, Adam step) with
-``backend="auto"`` (the fused kernels) and ``backend="reference"``. Results go
-to ``examples/results/digits{,-quick}.{csv,md,png}``.
+training set are computed once per seed.
+
+Two settings, both run by default (``--setting``), sharing each seed's teacher
+and early teacher:
+
+full
+    every training image is labelled: the losses above on all 1078 images.
+transfer
+    Hinton et al.'s transfer-set experiment: only a stratified subset of the
+    training split is labelled (``--labelled-fraction``, default 0.1, i.e. 107
+    images; a different subset per seed, drawn with ``random_state=seed``).
+    The teacher is still trained on the full labelled split; the student's
+    cross-entropy term is averaged over the labelled images of each batch
+    only (0 for a batch without any), while every distillation term sees all
+    1078 images. CE, the baseline, therefore sees exactly the labelled images,
+    for the same number of steps as every other method. Rules for the parts
+    that need a label on an unlabelled image: DKD's and ATS's target class,
+    and the class IPWD's weights are read at, is the teacher's argmax there;
+    IPWD's auxiliary "ground truth" head is trained with CE on the labelled
+    images only (trained on the teacher's argmax it would copy the teacher's
+    domain that the weights are meant to correct). TAKD's assistant is
+    trained in the same setting as the student (CE on the labelled images, KD
+    from the teacher on all). SimKD uses no labels, so its row equals the
+    full setting's. Every method is kept in this table; the "CE, all labels"
+    row is the full setting's CE for reference. The teacher was trained on
+    the hidden labels too, so its argmax on these images is almost always the
+    hidden label (the .md file reports how often, per seed): what the
+    distillation terms pass on is what the teacher learnt from every label.
+
+Reported: test accuracy after the last epoch (no model selection on test),
+mean and std over seeds, and the time of one student training step (forward,
+loss, backward, Adam step) with ``backend="auto"`` (the fused kernels) and
+``backend="reference"``. Results go
+to ``examples/results/digits{,-quick}.{csv,md,png}`` (full) and
+``examples/results/digits-transfer{,-quick}.{csv,md,png}`` (transfer; no
+timing columns there, a step costs the same in both settings).
 """
 import argparse
 import copy
@@ -55,6 +87,8 @@ except ImportError:  # run from a source checkout without installing: use the ch
 import fastkd.nn as fnn
 
 METHODS = ("CE", "KD", "DKD", "ATS", "DIST", "CTKD", "IPWD", "MGD", "SimKD", "TAKD", "ESKD")
+SETTINGS = ("full", "transfer")
+UNLABELLED = -100  # F.cross_entropy's default ignore_index: the target of an image whose label is hidden
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -131,6 +165,30 @@ class Student(nn.Module):
         return self.head(self.features(x))
 
 
+def labelled_mask(y: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Bool [N]: a stratified subset of ``fraction`` of the images, drawn per seed."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"--labelled-fraction must be in (0, 1), got {fraction}")
+    n_classes = int(y.max()) + 1
+    if round(fraction * len(y)) < n_classes:  # stratifying needs at least one image per class
+        raise ValueError(f"--labelled-fraction {fraction} labels fewer than {n_classes} of {len(y)} images")
+    keep, _ = train_test_split(list(range(len(y))), train_size=fraction, stratify=y.numpy(), random_state=seed)
+    mask = torch.zeros(len(y), dtype=torch.bool)
+    mask[keep] = True
+    return mask
+
+
+def labelled_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the rows whose target is not UNLABELLED; 0 if there are none.
+
+    (F.cross_entropy's own mean divides 0 by 0 on a batch without a labelled row.)
+    """
+    total = F.cross_entropy(logits, y, ignore_index=UNLABELLED, reduction="sum")
+    return total / (y != UNLABELLED).sum().clamp(min=1)
+
+
 def count_params(*modules) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
 
@@ -153,17 +211,26 @@ def batches(n: int, batch_size: int, generator: torch.Generator):
 @dataclass
 class Batch:
     x: torch.Tensor
-    y: torch.Tensor
+    y: torch.Tensor                              # label, or UNLABELLED (transfer setting)
     epoch: int                                   # 0-indexed
+    target: Optional[torch.Tensor] = None        # label, or the teacher's argmax where y is UNLABELLED
     teacher: Optional[torch.Tensor] = None       # teacher logits
     teacher_feat: Optional[torch.Tensor] = None  # teacher feature map [B, 64, 4, 4]
     assistant: Optional[torch.Tensor] = None     # TAKD assistant logits
     early: Optional[torch.Tensor] = None         # ESKD early-stopped teacher logits
 
 
-def make_method(name: str, student: Student, teacher: ConvNet, epochs: int, backend: str):
-    """The loss a user would write for ``name`` (see the module docstring for the weights)."""
-    ce = F.cross_entropy
+def make_method(name: str, student: Student, teacher: ConvNet, epochs: int, backend: str,
+                partial_labels: bool = False):
+    """The loss a user would write for ``name`` (see the module docstring for the weights).
+
+    ``ce(logits, b.y)`` is the supervised term; with ``partial_labels`` it only
+    counts the labelled rows. Losses that need a class for every row (DKD,
+    ATS, IPWD's weights) read ``b.target`` instead, which is ``b.y`` wherever
+    ``b.y`` is a label.
+    """
+    # Plain F.cross_entropy in the full setting keeps its results bit for bit what they were.
+    ce = labelled_ce if partial_labels else F.cross_entropy
     kd = fnn.KDLoss(temperature=4.0, backend=backend)
     predict = student
     extra: List[nn.Module] = []
@@ -182,13 +249,13 @@ def make_method(name: str, student: Student, teacher: ConvNet, epochs: int, back
 
         def loss(b):
             logits = student(b.x)
-            return ce(logits, b.y) + dkd(logits, b.teacher, b.y, epoch=b.epoch + 1)
+            return ce(logits, b.y) + dkd(logits, b.teacher, b.target, epoch=b.epoch + 1)
     elif name == "ATS":
         ats = fnn.ATSLoss(target_temperature=4.0, other_temperature=2.0, backend=backend)
 
         def loss(b):
             logits = student(b.x)
-            return 0.5 * ce(logits, b.y) + 0.5 * ats(logits, b.teacher, b.y)
+            return 0.5 * ce(logits, b.y) + 0.5 * ats(logits, b.teacher, b.target)
     elif name == "DIST":
         dist = fnn.DISTLoss(temperature=4.0, backend=backend)
 
@@ -211,7 +278,7 @@ def make_method(name: str, student: Student, teacher: ConvNet, epochs: int, back
         def loss(b):
             feat = student.features(b.x).flatten(1)
             logits, aux_logits = student.fc(feat), aux(feat.detach())
-            weight = fastkd.ipw_weights(logits, aux_logits, b.y)
+            weight = fastkd.ipw_weights(logits, aux_logits, b.target)
             return 0.1 * ce(logits, b.y) + 0.9 * kd(logits, b.teacher, sample_weight=weight) + ce(aux_logits, b.y)
     elif name == "MGD":
         # alpha scaled from 7e-5 (ResNet-50, 25k feature elements) to our 1k-element maps.
@@ -278,14 +345,19 @@ def frozen_outputs(net: ConvNet, x: torch.Tensor):
     return net.head(feat), feat
 
 
-def run_seed(seed: int, splits, methods, epochs: int, backend: str, progress) -> Dict[str, float]:
+def run_seed(seed: int, splits, methods, epochs: int, backend: str, progress, settings=("full",),
+             labelled_fraction: float = 0.1):
     """Test accuracy of the teacher, assistant, early teacher and every method for one seed.
 
-    Also returns the epoch of the ESKD checkpoint: the earliest whose validation
-    accuracy is within 2 points of the teacher's best.
+    Returns ``({setting: {row name: accuracy}}, info)``. The teacher and the
+    early teacher are trained once (on every label) and shared by the settings;
+    the assistant and the students are trained per setting. ``info`` holds the
+    epoch of the ESKD checkpoint (the earliest whose validation accuracy is
+    within 2 points of the teacher's best) and, for "transfer", the number of
+    labelled images and how often the teacher's argmax agrees with the hidden
+    labels (the targets DKD, ATS and IPWD get there).
     """
     train_set, val_set, test_set = splits
-    acc = {}
     torch.manual_seed(seed)
     teacher = ConvNet(32)
     checkpoints = []  # (val accuracy, state) after each epoch
@@ -303,33 +375,48 @@ def run_seed(seed: int, splits, methods, epochs: int, backend: str, progress) ->
     progress.update()
     t_logits, t_feat = frozen_outputs(teacher, train_set.x)
     e_logits, _ = frozen_outputs(early, train_set.x)
-    acc["teacher"] = accuracy(teacher, test_set)
-    acc["teacher (early, ESKD)"] = accuracy(early, test_set)
-    # TAKD's assistant: plain KD from the teacher.
-    torch.manual_seed(seed)
-    assistant = ConvNet(8)
+    teacher_rows = {"teacher": accuracy(teacher, test_set), "teacher (early, ESKD)": accuracy(early, test_set)}
+    info = {"early_epoch": early_epoch + 1}
+    out = {}
     kd = fnn.KDLoss(temperature=4.0, backend=backend)
-    data = dict(base, teacher=t_logits)
+    for setting in settings:
+        partial = setting == "transfer"
+        if partial:
+            labelled = labelled_mask(train_set.y, labelled_fraction, seed)
+            hidden = ~labelled
+            info["labelled"] = int(labelled.sum())
+            info["pseudo_agreement"] = float((t_logits.argmax(1)[hidden] == train_set.y[hidden]).float().mean())
+        else:
+            labelled = torch.ones_like(train_set.y, dtype=torch.bool)
+        y = torch.where(labelled, train_set.y, UNLABELLED)
+        target = torch.where(labelled, train_set.y, t_logits.argmax(1))
+        ce = labelled_ce if partial else F.cross_entropy
+        acc = dict(teacher_rows)
+        # TAKD's assistant: plain KD from the teacher, with the labels of this setting.
+        torch.manual_seed(seed)
+        assistant = ConvNet(8)
+        data = {"x": train_set.x, "y": y, "target": target, "teacher": t_logits}
 
-    def assistant_loss(b):
-        logits = assistant(b.x)
-        return 0.1 * F.cross_entropy(logits, b.y) + 0.9 * kd(logits, b.teacher)
+        def assistant_loss(b):
+            logits = assistant(b.x)
+            return 0.1 * ce(logits, b.y) + 0.9 * kd(logits, b.teacher)
 
-    train(assistant, assistant_loss, data, [], epochs, seed)
-    progress.update()
-    a_logits, _ = frozen_outputs(assistant, train_set.x)
-    acc["assistant (TAKD)"] = accuracy(assistant, test_set)
-
-    data = dict(base, teacher=t_logits, teacher_feat=t_feat, assistant=a_logits, early=e_logits)
-    for name in methods:
-        torch.manual_seed(seed)  # every method starts from the same student initialisation
-        student = Student()
-        loss, predict, extra = make_method(name, student, teacher, epochs, backend)
-        torch.manual_seed(seed + 1000)  # and sees the same mask draws / extra-module inits
-        train(student, loss, data, extra, epochs, seed)
-        acc[name] = accuracy(predict, test_set)
+        train(assistant, assistant_loss, data, [], epochs, seed)
         progress.update()
-    return acc, early_epoch + 1
+        a_logits, _ = frozen_outputs(assistant, train_set.x)
+        acc["assistant (TAKD)"] = accuracy(assistant, test_set)
+
+        data = dict(data, teacher_feat=t_feat, assistant=a_logits, early=e_logits)
+        for name in methods:
+            torch.manual_seed(seed)  # every method starts from the same student initialisation
+            student = Student()
+            loss, predict, extra = make_method(name, student, teacher, epochs, backend, partial_labels=partial)
+            torch.manual_seed(seed + 1000)  # and sees the same mask draws / extra-module inits
+            train(student, loss, data, extra, epochs, seed)
+            acc[name] = accuracy(predict, test_set)
+            progress.update()
+        out[setting] = acc
+    return out, info
 
 
 def step_times(splits, methods, epochs: int, steps: int, rounds: int, progress) -> Dict[str, Dict[str, float]]:
@@ -342,7 +429,7 @@ def step_times(splits, methods, epochs: int, steps: int, rounds: int, progress) 
     torch.manual_seed(0)
     teacher = ConvNet(32).requires_grad_(False)
     t_logits, t_feat = frozen_outputs(teacher, train_set.x)
-    data = {"x": train_set.x, "y": train_set.y, "teacher": t_logits, "teacher_feat": t_feat,
+    data = {"x": train_set.x, "y": train_set.y, "target": train_set.y, "teacher": t_logits, "teacher_feat": t_feat,
             "assistant": t_logits, "early": t_logits}
     sub = {k: v[: 64 * steps] for k, v in data.items()}  # one epoch = `steps` batches
     out = {}
@@ -394,14 +481,16 @@ def summarize(per_seed: List[Dict[str, float]], timing, params: Dict[str, int]):
     return rows
 
 
-def markdown(rows) -> str:
-    lines = ["| method | test acc % (mean ± std) | vs CE, paired (mean ± std) | params | ms/step auto | "
-             "ms/step reference |",
-             "|---|---|---|---|---|---|"]
+def markdown(rows, timing: bool = True) -> str:
+    """The table; ``timing=False`` leaves out the two ms/step columns."""
+    header = ["method", "test acc % (mean ± std)", "vs CE, paired (mean ± std)", "params"]
+    header += ["ms/step auto", "ms/step reference"] if timing else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         delta = f"{r['delta_vs_ce']:+.2f} ± {r['delta_vs_ce_std']:.2f}" if r["delta_vs_ce"] != "" else ""
-        lines.append(f"| {r['method']} | {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} | {delta} | "
-                     f"{r['params']} | {r['ms_step_auto']} | {r['ms_step_reference']} |")
+        cells = [r["method"], f"{r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}", delta, str(r["params"])]
+        cells += [str(r["ms_step_auto"]), str(r["ms_step_reference"])] if timing else []
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -427,7 +516,7 @@ def plot(rows, path: str, title: str) -> None:
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("test accuracy % (mean ± std)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)  # the transfer title is long
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -459,12 +548,19 @@ class _Progress:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="2 seeds, 8 epochs, every method (about a minute)")
+    p.add_argument("--quick", action="store_true",
+                   help="2 seeds, 8 epochs, every method, both settings (about 50 s of one idle core)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5, quick 2)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per training run (default 40, quick 8)")
     p.add_argument("--backend", choices=("auto", "reference"), default="auto",
                    help="fastkd backend of the accuracy runs (the timing compares both)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--setting", choices=("both",) + SETTINGS, default="both",
+                   help="full: every training image labelled; transfer: CE on a labelled subset only, "
+                        "distillation on every training image; both (default): one table each")
+    p.add_argument("--labelled-fraction", type=float, default=0.1,
+                   help="transfer setting: stratified fraction of the training split that keeps its labels "
+                        "(default 0.1)")
     p.add_argument("--timing-steps", type=int, default=None, help="steps per timing pass (default 16, quick 4)")
     p.add_argument("--timing-rounds", type=int, default=None, help="timing passes per backend (default 3, quick 1)")
     p.add_argument("--threads", type=int, default=1,
@@ -479,49 +575,19 @@ def parse_args(argv=None):
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         p.error(f"unknown methods {bad}; choose from {list(METHODS)}")
+    args.settings = SETTINGS if args.setting == "both" else (args.setting,)
+    if not 0.0 < args.labelled_fraction < 1.0:
+        p.error(f"--labelled-fraction must be in (0, 1), got {args.labelled_fraction}")
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    splits = load_splits()
-    start = time.perf_counter()
-    progress = _Progress(args.seeds * (2 + len(args.methods)) + len(args.methods), "training, then timing")
-    # "auto" falls back to the reference for losses without a fused kernel yet and warns once
-    # for each; collect those warnings and print them once at the end instead of mid-progress-bar.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        results = [run_seed(seed, splits, args.methods, args.epochs, args.backend, progress)
-                   for seed in range(args.seeds)]
-        timing = step_times(splits, args.methods, args.epochs, args.timing_steps, args.timing_rounds, progress)
-        progress.close()
-    per_seed = [acc for acc, _ in results]
-    early_epochs = [epoch for _, epoch in results]
-    teacher = ConvNet(32)
-    params = {"teacher": count_params(teacher), "teacher (early, ESKD)": count_params(teacher),
-              "assistant (TAKD)": count_params(ConvNet(8))}
-    for name in args.methods:
-        student = Student()
-        _, _, extra = make_method(name, student, teacher, args.epochs, "reference")
-        # Parameters used at inference: SimKD keeps its projector and the teacher's classifier.
-        params[name] = count_params(student) + (
-            count_params(extra[0]) + count_params(teacher.fc) - count_params(student.fc) if name == "SimKD" else 0)
-    rows = summarize(per_seed, timing, params)
-
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "digits-quick" if args.quick else "digits")
+def write_report(rows, stem: str, title: str, notes: List[str], timing: bool) -> str:
+    """``stem``.csv, .md and .png for one table; returns the markdown table."""
     with open(stem + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    title = (f"digits: student test accuracy, {args.seeds} seeds x {args.epochs} epochs "
-             f"(backend={args.backend})")
-    table = markdown(rows)
-    notes = [f"ESKD teacher checkpoint epoch per seed: {early_epochs} (of {args.epochs})",
-             f"torch {torch.__version__}, fastkd {fastkd.__version__}, {args.threads} thread(s); "
-             f"ms/step: median of {args.timing_rounds} x {args.timing_steps} steps per backend, interleaved"]
-    notes += sorted({str(w.message) for w in caught})
+    table = markdown(rows, timing=timing)
     with open(stem + ".md", "w") as f:
         f.write(f"{title}\n\n{table}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     plot(rows, stem + ".png", title)
@@ -529,8 +595,77 @@ def main(argv=None):
     print(table)
     for note in notes:
         print("note:", note)
-    print(f"total {time.perf_counter() - start:.0f} s; wrote {stem}.csv, .md, .png")
-    return rows
+    return table
+
+
+def main(argv=None):
+    """Runs the requested settings; returns ``{setting: rows}`` (rows as in ``summarize``)."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    splits = load_splits()
+    start = time.perf_counter()
+    per_seed_runs = 1 + len(args.settings) * (1 + len(args.methods))
+    progress = _Progress(args.seeds * per_seed_runs + len(args.methods), "training, then timing")
+    # "auto" falls back to the reference for losses without a fused kernel yet and warns once
+    # for each; collect those warnings and print them once at the end instead of mid-progress-bar.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = [run_seed(seed, splits, args.methods, args.epochs, args.backend, progress, args.settings,
+                            args.labelled_fraction)
+                   for seed in range(args.seeds)]
+        timing = step_times(splits, args.methods, args.epochs, args.timing_steps, args.timing_rounds, progress)
+        progress.close()
+    infos = [info for _, info in results]
+    teacher = ConvNet(32)
+    params = {"teacher": count_params(teacher), "teacher (early, ESKD)": count_params(teacher),
+              "assistant (TAKD)": count_params(ConvNet(8)), "CE, all labels": count_params(Student())}
+    for name in args.methods:
+        student = Student()
+        _, _, extra = make_method(name, student, teacher, args.epochs, "reference")
+        # Parameters used at inference: SimKD keeps its projector and the teacher's classifier.
+        params[name] = count_params(student) + (
+            count_params(extra[0]) + count_params(teacher.fc) - count_params(student.fc) if name == "SimKD" else 0)
+
+    os.makedirs(args.out, exist_ok=True)
+    suffix = "-quick" if args.quick else ""
+    common = [f"ESKD teacher checkpoint epoch per seed: {[i['early_epoch'] for i in infos]} (of {args.epochs})",
+              f"torch {torch.__version__}, fastkd {fastkd.__version__}, {args.threads} thread(s)"]
+    fallbacks = sorted({str(w.message) for w in caught})
+    out = {}
+    for setting in args.settings:
+        per_seed = [acc[setting] for acc, _ in results]
+        if setting == "full":
+            rows = summarize(per_seed, timing, params)
+            stem = os.path.join(args.out, "digits" + suffix)
+            title = (f"digits: student test accuracy, {args.seeds} seeds x {args.epochs} epochs "
+                     f"(backend={args.backend})")
+            notes = common[:1] + [common[1] + f"; ms/step: median of {args.timing_rounds} x "
+                                  f"{args.timing_steps} steps per backend, interleaved"]
+        else:
+            if "full" in args.settings and "CE" in args.methods:
+                # The same seed's CE student with every label: what the hidden labels would be worth.
+                per_seed = [{**{k: v for k, v in acc["transfer"].items() if k not in METHODS},
+                             "CE, all labels": acc["full"]["CE"],
+                             **{k: v for k, v in acc["transfer"].items() if k in METHODS}}
+                            for acc, _ in results]
+            rows = summarize(per_seed, {}, params)
+            stem = os.path.join(args.out, "digits-transfer" + suffix)
+            n_labelled = [i["labelled"] for i in infos]
+            n_train = len(splits[0].y)
+            title = (f"digits, transfer set: student CE on {n_labelled[0]} of {n_train} labels, "
+                     f"distillation on all {n_train}; {args.seeds} seeds x {args.epochs} epochs "
+                     f"(backend={args.backend})")
+            agreement = ", ".join(f"{100 * i['pseudo_agreement']:.1f}" for i in infos)
+            notes = [f"labelled images per seed (stratified subset, random_state=seed): {n_labelled}",
+                     f"teacher argmax = hidden label on the unlabelled training images, % per seed: {agreement} "
+                     f"(the target DKD, ATS and IPWD get there)"] + common
+        notes += fallbacks
+        write_report(rows, stem, title, notes, timing=setting == "full")
+        out[setting] = rows
+    print(f"total {time.perf_counter() - start:.0f} s; wrote "
+          + ", ".join(("digits" if s == "full" else "digits-transfer") + suffix for s in args.settings)
+          + f" .csv, .md, .png in {args.out}")
+    return out
 
 
 if __name__ == "__main__":

@@ -138,16 +138,20 @@ def test_bench_picks_up_fused_backends_as_they_appear(monkeypatch):
 
 @pytest.fixture(scope="module")
 def digits():
+    # The example's own dependencies (the "examples"/"test" extras in pyproject.toml).
+    for module in ("sklearn", "matplotlib"):
+        pytest.importorskip(module, reason=f"the digits example needs {module}: pip install fastkd[examples]")
     return _load("examples/distill_digits.py", "distill_digits")
 
 
 def test_digits_every_method_runs_and_reports(digits, tmp_path, capsys):
-    rows = digits.main(["--quick", "--seeds", "1", "--epochs", "2", "--timing-steps", "2",
-                        "--timing-rounds", "1", "--out", str(tmp_path)])
-    by_name = {r["method"]: r for r in rows}
+    out = digits.main(["--quick", "--seeds", "1", "--epochs", "2", "--timing-steps", "2",
+                       "--timing-rounds", "1", "--out", str(tmp_path)])
+    assert set(out) == {"full", "transfer"}  # the default run produces both tables
+    by_name = {r["method"]: r for r in out["full"]}
     assert set(digits.METHODS) <= set(by_name)
     assert {"teacher", "teacher (early, ESKD)", "assistant (TAKD)"} <= set(by_name)
-    for r in rows:
+    for r in out["full"] + out["transfer"]:
         assert 0.0 <= r["test_acc_mean"] <= 100.0 and r["seeds"] == 1
     # Two epochs are enough to be far above chance (10 %) on digits.
     assert by_name["teacher"]["test_acc_mean"] > 80
@@ -155,12 +159,72 @@ def test_digits_every_method_runs_and_reports(digits, tmp_path, capsys):
     assert by_name["teacher"]["params"] > 20 * by_name["CE"]["params"]  # a much smaller student
     for name in digits.METHODS:
         assert by_name[name]["ms_step_auto"] > 0 and by_name[name]["ms_step_reference"] > 0
-    for ext in ("csv", "md", "png"):
-        assert (tmp_path / f"digits-quick.{ext}").exists()
-    assert _is_png(tmp_path / "digits-quick.png")
+    transfer = {r["method"]: r for r in out["transfer"]}
+    assert set(digits.METHODS) | {"CE, all labels"} <= set(transfer)
+    # Both settings share the seed's teacher; the reference row is the full setting's CE student.
+    assert transfer["teacher"]["test_acc_mean"] == by_name["teacher"]["test_acc_mean"]
+    assert transfer["CE, all labels"]["test_acc_mean"] == by_name["CE"]["test_acc_mean"]
+    assert transfer["SimKD"]["test_acc_mean"] == by_name["SimKD"]["test_acc_mean"]  # SimKD uses no labels
+    assert transfer["CE"]["delta_vs_ce"] == 0.0 and transfer["CE, all labels"]["delta_vs_ce"] == ""
+    for stem in ("digits-quick", "digits-transfer-quick"):
+        for ext in ("csv", "md", "png"):
+            assert (tmp_path / f"{stem}.{ext}").exists()
+        assert _is_png(tmp_path / f"{stem}.png")
     md = (tmp_path / "digits-quick.md").read_text()
-    assert "| SimKD |" in md and "ESKD teacher checkpoint epoch" in md
-    assert "| CE |" in capsys.readouterr().out
+    assert "| SimKD |" in md and "ESKD teacher checkpoint epoch" in md and "ms/step auto" in md
+    md = (tmp_path / "digits-transfer-quick.md").read_text()
+    assert "| SimKD |" in md and "| CE, all labels |" in md and "ms/step" not in md
+    assert "CE on 107 of 1078 labels" in md and "teacher argmax = hidden label" in md
+    printed = capsys.readouterr().out
+    assert "| CE |" in printed and "digits, transfer set" in printed
+
+
+def test_digits_transfer_labels_and_losses(digits):
+    train_y = digits.load_splits()[0].y
+    mask = digits.labelled_mask(train_y, 0.1, seed=0)
+    assert mask.dtype == torch.bool and int(mask.sum()) == 107  # round(0.1 * 1078), sklearn's rounding
+    assert torch.equal(mask, digits.labelled_mask(train_y, 0.1, seed=0))  # deterministic per seed
+    assert not torch.equal(mask, digits.labelled_mask(train_y, 0.1, seed=1))  # a new subset per seed
+    counts = torch.bincount(train_y[mask], minlength=10)
+    assert counts.min() >= 10 and counts.max() <= 11  # stratified
+    for bad in (0.0, 1.0, 0.005):
+        with pytest.raises(ValueError, match="--labelled-fraction"):
+            digits.labelled_mask(train_y, bad, seed=0)
+    with pytest.raises(SystemExit):
+        digits.parse_args(["--labelled-fraction", "1.5"])
+
+    # CE over the labelled rows only; exactly 0 (not NaN) for a batch without any.
+    torch.manual_seed(0)
+    logits = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([3, digits.UNLABELLED, 1, digits.UNLABELLED, digits.UNLABELLED, 7])
+    loss = digits.labelled_ce(logits, y)
+    keep = y != digits.UNLABELLED
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits[keep], y[keep]))
+    loss.backward()
+    assert logits.grad[~keep].abs().max() == 0 and logits.grad[keep].abs().max() > 0
+    none = digits.labelled_ce(logits, torch.full((6,), digits.UNLABELLED))
+    assert none.item() == 0.0
+
+    # On a batch with no label every method still trains from the teacher alone (finite, non-zero
+    # gradient): DKD, ATS and IPWD read the teacher's argmax as their target there.
+    splits = digits.load_splits()
+    x = splits[0].x[:16]
+    teacher = digits.ConvNet(32).requires_grad_(False)
+    t_logits, t_feat = digits.frozen_outputs(teacher, x)
+    batch = digits.Batch(x=x, y=torch.full((16,), digits.UNLABELLED), epoch=10, target=t_logits.argmax(1),
+                         teacher=t_logits, teacher_feat=t_feat, assistant=t_logits, early=t_logits)
+    for name in digits.METHODS:
+        torch.manual_seed(0)
+        student = digits.Student()
+        loss_fn, _, _ = digits.make_method(name, student, teacher, 40, "reference", partial_labels=True)
+        loss = loss_fn(batch)
+        assert torch.isfinite(loss), name
+        loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None] or [torch.zeros(1)])
+        if name == "CE":
+            assert loss.item() == 0.0 and grad.abs().max() == 0  # nothing to learn from without labels
+        else:
+            assert torch.isfinite(grad).all() and grad.abs().max() > 0, name
 
 
 def test_digits_split_is_fixed_and_runs_are_deterministic(digits):
@@ -176,6 +240,11 @@ def test_digits_split_is_fixed_and_runs_are_deterministic(digits):
         def update(self):
             pass
 
-    first = digits.run_seed(3, splits, ["CE", "MGD", "CTKD"], 1, "auto", Silent())
-    second = digits.run_seed(3, splits, ["CE", "MGD", "CTKD"], 1, "auto", Silent())
+    methods = ["CE", "MGD", "CTKD", "DKD"]
+    full_only = digits.run_seed(3, splits, methods, 1, "auto", Silent())
+    first = digits.run_seed(3, splits, methods, 1, "auto", Silent(), ("full", "transfer"), 0.1)
+    second = digits.run_seed(3, splits, methods, 1, "auto", Silent(), ("full", "transfer"), 0.1)
     assert first == second
+    # Adding the transfer setting leaves the full setting's results as they were.
+    assert first[0]["full"] == full_only[0]["full"] and set(full_only[0]) == {"full"}
+    assert first[1]["labelled"] == 107 and 0.0 <= first[1]["pseudo_agreement"] <= 1.0
