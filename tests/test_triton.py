@@ -194,12 +194,13 @@ def test_backward_scales_in_float32(dtype):
                        (False, torch.tensor([1.0, 0.0, -2.0, 0.3], device=DEVICE))]:
         # reduce=False: one incoming value per row scales that row
         loss, gs, _, _ = ft.kd_fwd(si, t, temp, w, reduce, True, False, False)
+        # before backward: it scales the stored gradient gs in place
+        expected = (gs.float() * (up if reduce else up[:, None])).to(dtype)
+        naive = gs * up.to(dtype)
         (ds,) = torch.autograd.grad(loss, [si], up)
         assert ds.dtype == dtype
-        expected = (gs.float() * (up if reduce else up[:, None])).to(dtype)
         torch.testing.assert_close(ds, expected, **tol)
         if dtype == F16 and reduce:
-            naive = gs * up.to(dtype)
             assert not torch.equal(naive, expected)  # the test can tell the two apart
 
 
