@@ -1,18 +1,22 @@
 // KD on CUDA: one block per row; each thread keeps online statistics over a
-// strided slice of the row (kl_stats.cuh: one exp per element per net in the common case),
-// the block merges them (csrc/kd_math.h), then a second pass over the row
-// writes the gradients. Launched on the caller's stream.
+// strided slice of the row (kd_raw_push in csrc/kd_math.h: maxima in raw-logit
+// units, one exp per element per net in the common case), the block merges them,
+// then a second pass over the row writes the gradients. Launched on the caller's stream.
 #include "../kd_math.h"
 #include "common.cuh"
-#include "kl_stats.cuh"
 
 namespace fastkd {
 
-struct Sum3 {
-  float x, y, z;
+struct Sum2 {
+  float x, y;
 };
-__device__ __forceinline__ Sum3 shfl_xor(const Sum3& v, int offset) {
-  return {shfl_xor(v.x, offset), shfl_xor(v.y, offset), shfl_xor(v.z, offset)};
+// Found by argument-dependent lookup from block_reduce.
+__device__ __forceinline__ Sum2 shfl_xor(const Sum2& v, int offset) {
+  return {shfl_xor(v.x, offset), shfl_xor(v.y, offset)};
+}
+__device__ __forceinline__ KDRawStats shfl_xor(const KDRawStats& v, int offset) {
+  return {shfl_xor(v.ms, offset), shfl_xor(v.zs, offset), shfl_xor(v.mt, offset), shfl_xor(v.zt, offset),
+          shfl_xor(v.cross, offset)};
 }
 
 namespace {
@@ -26,8 +30,8 @@ __global__ void __launch_bounds__(kThreads) kd_fwd_kernel(const S* __restrict__ 
                                                           float* __restrict__ loss_rows, S* __restrict__ grad_student,
                                                           T* __restrict__ grad_teacher,
                                                           float* __restrict__ grad_temperature) {
-  __shared__ KDStats stats_scratch[32];
-  __shared__ Sum3 sum_scratch[32];
+  __shared__ KDRawStats stats_scratch[32];
+  __shared__ Sum2 sum_scratch[32];
   const int64_t row = blockIdx.x;
   const int64_t offset = row * cols;  // 64-bit: rows * cols may pass 2^31
   const S* s = student + offset;
@@ -44,29 +48,28 @@ __global__ void __launch_bounds__(kThreads) kd_fwd_kernel(const S* __restrict__ 
   }
   const float temp = temperature[row], inv_t = 1.0f / temp;
 
-  KDStats st = kd_stats_empty();
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    kd_stats_push(st, to_float(s[c]) * inv_t, to_float(t[c]) * inv_t);
-  }
-  st = kd_stats_block(st, stats_scratch);
-  const KDRow r = kd_finish(st);
+  KDRawStats st = kd_raw_empty();
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) kd_raw_push(st, to_float(s[c]), to_float(t[c]), inv_t);
+  st = block_reduce(st, kd_raw_empty(),
+                    [inv_t](const KDRawStats& x, const KDRawStats& y) { return kd_raw_merge(x, y, inv_t); },
+                    stats_scratch);
+  const KDRow r = kd_raw_finish(st);
   if (threadIdx.x == 0) loss_rows[row] = w * temp * temp * r.kl;
   if (!gs && !gt && !grad_temperature) return;
 
   const float coef = w * temp;
-  Sum3 acc = {0.0f, 0.0f, 0.0f};
+  Sum2 acc = {0.0f, 0.0f};
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    const float a = to_float(s[c]) * inv_t, b = to_float(t[c]) * inv_t;
+    const float a = (to_float(s[c]) - st.ms) * inv_t, b = (to_float(t[c]) - st.mt) * inv_t;  // shifted in raw units
     const float ps = __expf(a - r.lse_s), pt = __expf(b - r.lse_t);
     if (gs) gs[c] = from_float<S>(coef * (ps - pt));
     if (gt) gt[c] = from_float<T>(coef * kd_teacher_term(r, pt, a, b));
-    if (grad_temperature) kd_dtemp_terms(r, ps, pt, a, b, acc.x, acc.y, acc.z);
+    if (grad_temperature) kd_dtemp_terms(r, ps, pt, a, b, acc.x, acc.y);
   }
   if (grad_temperature) {
-    acc = block_reduce(acc, Sum3{0.0f, 0.0f, 0.0f},
-                       [](const Sum3& x, const Sum3& y) { return Sum3{x.x + y.x, x.y + y.y, x.z + y.z}; },
+    acc = block_reduce(acc, Sum2{0.0f, 0.0f}, [](const Sum2& x, const Sum2& y) { return Sum2{x.x + y.x, x.y + y.y}; },
                        sum_scratch);
-    if (threadIdx.x == 0) grad_temperature[row] = w * kd_dtemp(temp, r.kl, acc.x, acc.y, acc.z);
+    if (threadIdx.x == 0) grad_temperature[row] = w * kd_dtemp(temp, r.kl, acc.x, acc.y);
   }
 }
 
