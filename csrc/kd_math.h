@@ -1,17 +1,31 @@
 // Per-row math of the KD loss, shared by the CPU (csrc/cpu/kd.cpp) and CUDA
 // (csrc/cuda/kd.cu) kernels so the CPU tests exercise the formulas the GPU runs.
 //
-// One row, temperature T, a = s / T (student), b = t / T (teacher):
+// One row, temperature T, raw logits s (student) and t (teacher) with row maxima
+// M_s, M_t. KD works on the shifted, scaled logits
+//   a = (s - M_s) / T,  b = (t - M_t) / T           (all <= 0)
+// Softmax ignores the shift, so p_s = softmax(a), p_t = softmax(b) and
 //   log p_s = a - lse(a),  log p_t = b - lse(b)
 //   KL      = sum_c p_t (log p_t - log p_s) = E_pt[b - a] - lse(b) + lse(a)
 //   loss    = w * T^2 * KL                  (w: the row weight, docs/design.md)
 //   dL/ds_c = w * T * (p_s - p_t)
-//   dL/dt_c = w * T * p_t * (log p_t - log p_s - KL)
-//   dL/dT   = w * (2 T KL - T * (A1 + A2 - KL * A3)),
-//             A1 = sum (p_s - p_t) a,  A2 = sum p_t (log p_t - log p_s) b,  A3 = sum p_t b
-// (from da/dT = -a/T, db/dT = -b/T and dKL/da = p_s - p_t, dKL/db = p_t (lr - KL)).
+//   dL/dt_c = w * T * p_t (log p_t - log p_s - KL)
+//   dL/dT   = w * (2 T KL - T * (A1 + A2)),
+//             A1 = sum (p_s - p_t) a,  A2 = sum p_t (log p_t - log p_s - KL) b
+// (from da/dT = -a/T, db/dT = -b/T, dKL/da = p_s - p_t, dKL/db = p_t (lr - KL);
+// the shift may be treated as constant because sum (p_s - p_t) = sum p_t (lr - KL) = 0).
+// Why the shift: with logits of a large common offset (1e3, 1e4) the unshifted
+// a, b are large, and A1 or lse(b) - lse(a) lose all their digits to cancellation
+// (dL/dT came out with the wrong sign at an offset of 1e3). s - M_s is exact in
+// float32 near the max (Sterbenz), so all of a, b, b - a, lse(a), lse(b) keep
+// the precision of the logits' spread, not of their offset. The running maxima
+// are therefore kept in raw-logit units (KDRawStats) and every difference of
+// large values (s - M_s, t - M_t, M_t' - M_t) is formed before scaling by 1/T.
 // Terms where p_t == 0 (teacher logit -inf) contribute exactly 0, as in
 // kl_div's xlogy convention; NaN inputs still propagate through lse.
+//
+// KDStats (below, scaled units) is the older form that ATS and DKD still use:
+// ATS has a per-class teacher scale, so a raw-unit teacher maximum means nothing there.
 #pragma once
 #include <math.h>
 
@@ -71,17 +85,99 @@ FASTKD_HD float kd_teacher_term(const KDRow& r, float p_t, float a, float b) {
   return p_t > 0.0f ? p_t * (kd_log_ratio(r, a, b) - r.kl) : 0.0f;
 }
 
-// The three sums of dL/dT for one class (see the header comment).
-FASTKD_HD void kd_dtemp_terms(const KDRow& r, float p_s, float p_t, float a, float b, float& a1, float& a2,
-                              float& a3) {
+// The two sums of dL/dT for one class (see the header comment), a and b shifted.
+FASTKD_HD void kd_dtemp_terms(const KDRow& r, float p_s, float p_t, float a, float b, float& a1, float& a2) {
   a1 += (p_s > 0.0f ? p_s * a : 0.0f) - (p_t > 0.0f ? p_t * a : 0.0f);
-  a2 += p_t > 0.0f ? p_t * kd_log_ratio(r, a, b) * b : 0.0f;
-  a3 += p_t > 0.0f ? p_t * b : 0.0f;
+  a2 += p_t > 0.0f ? p_t * (kd_log_ratio(r, a, b) - r.kl) * b : 0.0f;
 }
 
 // dL/dT of one row, before the row weight.
-FASTKD_HD float kd_dtemp(float T, float kl, float a1, float a2, float a3) {
-  return 2.0f * T * kl - T * (a1 + a2 - kl * a3);
+FASTKD_HD float kd_dtemp(float T, float kl, float a1, float a2) { return 2.0f * T * kl - T * (a1 + a2); }
+
+// ---------------------------------------------------------------------------
+// KD statistics with the maxima in raw-logit units (see the header comment).
+// ms, mt: running maxima of the raw logits s, t; with a = (s - ms) / T and
+// b = (t - mt) / T, zs = sum exp(a), zt = sum exp(b), cross = sum exp(b) (b - a).
+struct KDRawStats {
+  float ms, zs, mt, zt, cross;
+};
+
+FASTKD_HD KDRawStats kd_raw_empty() { return {-INFINITY, 0.0f, -INFINITY, 0.0f, 0.0f}; }
+
+// m_old - m_new (<= 0) for a maximum that moved from m_old to m_new, in raw units:
+// 0 when it did not move (also when both are -inf, avoiding -inf - -inf = NaN).
+FASTKD_HD float raw_gap(float m_old, float m_new) { return m_old == m_new ? 0.0f : m_old - m_new; }
+
+// exp on the hot per-element paths: the fast hardware exp on the GPU.
+FASTKD_HD float kd_fast_exp(float x) {
+#ifdef __CUDA_ARCH__
+  return __expf(x);
+#else
+  return expf(x);
+#endif
+}
+
+// One part of a merge: `p` re-expressed relative to the maxima (ms, mt), added to `acc`.
+// Moving the maxima multiplies the sums by exp(gap / T) and shifts every b - a by
+// (gap_t - gap_s) / T (the gaps taken in raw units first). Empty parts add 0.
+FASTKD_HD void kd_raw_add(KDRawStats& acc, const KDRawStats& p, float inv_t) {
+  const float gs = raw_gap(p.ms, acc.ms), gt = raw_gap(p.mt, acc.mt);
+  const float fs = expf(gs * inv_t), ft = expf(gt * inv_t);
+  acc.zs += p.zs * fs;
+  acc.zt += p.zt * ft;
+  if (p.zt > 0.0f && ft > 0.0f) acc.cross += ft * (p.cross + p.zt * ((gt - gs) * inv_t));
+}
+
+// Combine two partial statistics of one row (order-independent up to rounding).
+FASTKD_HD KDRawStats kd_raw_merge(const KDRawStats& x, const KDRawStats& y, float inv_t) {
+  KDRawStats r = {max_ignoring_nan(x.ms, y.ms), 0.0f, max_ignoring_nan(x.mt, y.mt), 0.0f, 0.0f};
+  kd_raw_add(r, x, inv_t);
+  kd_raw_add(r, y, inv_t);
+  return r;
+}
+
+// A shifted, scaled logit (x - m) / T; 0 at the maximum (also for an all -inf row).
+FASTKD_HD float kd_shift(float x, float m, float inv_t) { return x == m ? 0.0f : (x - m) * inv_t; }
+
+// Fold one column (raw s, t) into running statistics: one exp per net unless a
+// maximum moves. A -inf logit adds nothing (and never computes -inf - -inf); a
+// NaN poisons the sums (a first maximum multiplies them by 0, keeping a NaN). The
+// student goes first: the teacher's cross term of this column uses the updated
+// student maximum.
+FASTKD_HD void kd_raw_push(KDRawStats& st, float s, float t, float inv_t) {
+  if (s > st.ms) {
+    // every earlier a drops by (s - ms) / T, so every earlier b - a grows by it
+    const float up = (s - st.ms) * inv_t;  // +inf on the first finite logit
+    if (st.zt > 0.0f) st.cross += st.zt * up;
+    st.zs = st.zs * (st.ms == -INFINITY ? 0.0f : kd_fast_exp(-up)) + 1.0f;
+    st.ms = s;
+  } else if (st.ms != -INFINITY || s != s) {
+    st.zs += kd_fast_exp((s - st.ms) * inv_t);
+  }
+  const float a = kd_shift(s, st.ms, inv_t);
+  if (t > st.mt) {
+    // every earlier b drops by (t - mt) / T
+    const float up = (t - st.mt) * inv_t;
+    const float f = st.mt == -INFINITY ? 0.0f : kd_fast_exp(-up);
+    st.cross = (st.zt > 0.0f ? st.cross - st.zt * up : st.cross) * f;
+    st.zt = st.zt * f + 1.0f;
+    st.cross += -a;  // this column: e_t = 1, b = 0
+    st.mt = t;
+  } else if (st.mt != -INFINITY || t != t) {
+    const float b = (t - st.mt) * inv_t, et = kd_fast_exp(b);
+    st.zt += et;
+    st.cross += et > 0.0f ? et * (b - a) : 0.0f;
+  }
+}
+
+// KDRow of the finished statistics: lse_s = lse(a), lse_t = lse(b) of the shifted
+// logits. A net without a finite logit has no softmax: the KL is NaN then.
+FASTKD_HD KDRow kd_raw_finish(const KDRawStats& st) {
+  KDRow r;
+  r.lse_s = logf(st.zs);
+  r.lse_t = logf(st.zt);
+  r.kl = st.zs > 0.0f ? st.cross / st.zt - r.lse_t + r.lse_s : NAN;
+  return r;
 }
 
 }  // namespace fastkd

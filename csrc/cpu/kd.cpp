@@ -21,33 +21,62 @@
 namespace fastkd {
 namespace {
 
+// KDRawStats (csrc/kd_math.h) of one chunk of raw logits: the chunk maxima first,
+// then the sums relative to them (one exp per element and net). With kKeep it
+// also stores exp(a - chunk max) into `kept` (the student-gradient row, so that
+// the gradient pass needs one exp per element, not two).
+template <bool kKeep = false>
+FASTKD_INLINE KDRawStats kd_chunk_stats(const float* s, const float* t, int64_t n, float inv_t, float* kept = nullptr) {
+  float ms = -INFINITY, mt = -INFINITY;
+#pragma omp simd reduction(max : ms, mt)
+  for (int64_t j = 0; j < n; ++j) {
+    ms = s[j] > ms ? s[j] : ms;
+    mt = t[j] > mt ? t[j] : mt;
+  }
+  // an all -inf chunk shifts by 0 (its exps are all 0, not NaN)
+  const float base_s = ms == -INFINITY ? 0.0f : ms, base_t = mt == -INFINITY ? 0.0f : mt;
+  float zs = 0.0f, zt = 0.0f, cross = 0.0f;
+#pragma omp simd reduction(+ : zs, zt, cross)
+  for (int64_t j = 0; j < n; ++j) {
+    const float a = (s[j] - base_s) * inv_t, b = (t[j] - base_t) * inv_t;  // raw differences first
+    const float es = vexp(a), et = vexp(b);
+    if (kKeep) kept[j] = es;
+    zs += es;
+    zt += et;
+    cross += kd_cross_term(et, a, b);
+  }
+  return {ms, zs, mt, zt, cross};
+}
+
 template <bool kGradS, bool kGradT, bool kDTemp>
-FASTKD_INLINE void kd_grad_pass(const float* s, const float* t, int64_t C, float inv_t, const KDRow& r,
-                                float coef, float* gs, float* gt, float& a1, float& a2, float& a3) {
-  float s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s1, s2, s3)
+FASTKD_INLINE void kd_grad_pass(const float* s, const float* t, int64_t C, float inv_t, const KDRawStats& st,
+                                const KDRow& r, float coef, float* gs, float* gt, float& a1, float& a2) {
+  float s1 = 0.0f, s2 = 0.0f;
+  const float ms = st.ms, mt = st.mt;
+#pragma omp simd reduction(+ : s1, s2)
   for (int64_t j = 0; j < C; ++j) {
-    const float a = s[j] * inv_t, b = t[j] * inv_t;
+    const float a = (s[j] - ms) * inv_t, b = (t[j] - mt) * inv_t;
     const float ps = vexp(a - r.lse_s), pt = vexp(b - r.lse_t);
     if (kGradS) gs[j] = coef * (ps - pt);
     if (kGradT) gt[j] = coef * kd_teacher_term(r, pt, a, b);
-    if (kDTemp) kd_dtemp_terms(r, ps, pt, a, b, s1, s2, s3);
+    if (kDTemp) kd_dtemp_terms(r, ps, pt, a, b, s1, s2);
   }
-  a1 = s1, a2 = s2, a3 = s3;
+  a1 = s1, a2 = s2;
 }
 
 // The usual training case (teacher detached, float temperature): the student
 // gradient from the exps kept in `gs` by the statistics pass, rescaled per chunk.
-FASTKD_INLINE void kd_student_grad_from_kept(const float* t, int64_t C, float inv_t, const KDRow& r, float coef,
-                                             const float* chunk_max, float* gs) {
+FASTKD_INLINE void kd_student_grad_from_kept(const float* t, int64_t C, float inv_t, const KDRawStats& st,
+                                             const KDRow& r, float coef, const float* chunk_max, float* gs) {
+  const float mt = st.mt;
   for (int64_t c0 = 0, k = 0; c0 < C; c0 += kStatsChunk, ++k) {
     const int64_t n = std::min(kStatsChunk, C - c0);
-    const float base = chunk_max[k] == -INFINITY ? 0.0f : chunk_max[k];
-    const float to_prob = expf(base - r.lse_s);  // exp(a - base) * to_prob = p_s
+    // exp((s - chunk max) / T) * to_prob = p_s; 0 for an all -inf chunk (its kept exps are 0)
+    const float to_prob = expf(raw_gap(chunk_max[k], st.ms) * inv_t - r.lse_s);
     float* g = gs + c0;
     const float* tc = t + c0;
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) g[j] = coef * (g[j] * to_prob - vexp(tc[j] * inv_t - r.lse_t));
+    for (int64_t j = 0; j < n; ++j) g[j] = coef * (g[j] * to_prob - vexp((tc[j] - mt) * inv_t - r.lse_t));
   }
 }
 
@@ -59,32 +88,32 @@ float kd_row(const float* s, const float* t, int64_t C, float T, float w, float*
              float* chunk_max) {
   const float inv_t = 1.0f / T;
   const bool student_only = gs && !gt && !dtemp;
-  KDStats st = kd_stats_empty();
+  KDRawStats st = kd_raw_empty();
   for (int64_t c0 = 0, k = 0; c0 < C; c0 += kStatsChunk, ++k) {
     const int64_t n = std::min(kStatsChunk, C - c0);
-    const KDStats chunk = student_only ? kl_chunk_stats<true>(s + c0, t + c0, n, inv_t, inv_t, gs + c0)
-                                       : kl_chunk_stats(s + c0, t + c0, n, inv_t, inv_t);
+    const KDRawStats chunk = student_only ? kd_chunk_stats<true>(s + c0, t + c0, n, inv_t, gs + c0)
+                                          : kd_chunk_stats(s + c0, t + c0, n, inv_t);
     chunk_max[k] = chunk.ms;
-    st = kd_stats_merge(st, chunk);
+    st = kd_raw_merge(st, chunk, inv_t);
   }
-  const KDRow r = kd_finish(st);
+  const KDRow r = kd_raw_finish(st);
   const float coef = w * T;
   if (student_only) {
-    kd_student_grad_from_kept(t, C, inv_t, r, coef, chunk_max, gs);
+    kd_student_grad_from_kept(t, C, inv_t, st, r, coef, chunk_max, gs);
     return w * T * T * r.kl;
   }
-  float a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+  float a1 = 0.0f, a2 = 0.0f;
   const int mode = (gs ? 1 : 0) | (gt ? 2 : 0) | (dtemp ? 4 : 0);
   switch (mode) {
-    case 2: kd_grad_pass<false, true, false>(s, t, C, inv_t, r, coef, gs, gt, a1, a2, a3); break;
-    case 3: kd_grad_pass<true, true, false>(s, t, C, inv_t, r, coef, gs, gt, a1, a2, a3); break;
-    case 4: kd_grad_pass<false, false, true>(s, t, C, inv_t, r, coef, gs, gt, a1, a2, a3); break;
-    case 5: kd_grad_pass<true, false, true>(s, t, C, inv_t, r, coef, gs, gt, a1, a2, a3); break;
-    case 6: kd_grad_pass<false, true, true>(s, t, C, inv_t, r, coef, gs, gt, a1, a2, a3); break;
-    case 7: kd_grad_pass<true, true, true>(s, t, C, inv_t, r, coef, gs, gt, a1, a2, a3); break;
+    case 2: kd_grad_pass<false, true, false>(s, t, C, inv_t, st, r, coef, gs, gt, a1, a2); break;
+    case 3: kd_grad_pass<true, true, false>(s, t, C, inv_t, st, r, coef, gs, gt, a1, a2); break;
+    case 4: kd_grad_pass<false, false, true>(s, t, C, inv_t, st, r, coef, gs, gt, a1, a2); break;
+    case 5: kd_grad_pass<true, false, true>(s, t, C, inv_t, st, r, coef, gs, gt, a1, a2); break;
+    case 6: kd_grad_pass<false, true, true>(s, t, C, inv_t, st, r, coef, gs, gt, a1, a2); break;
+    case 7: kd_grad_pass<true, true, true>(s, t, C, inv_t, st, r, coef, gs, gt, a1, a2); break;
     default: break;
   }
-  if (dtemp) *dtemp = w * kd_dtemp(T, r.kl, a1, a2, a3);
+  if (dtemp) *dtemp = w * kd_dtemp(T, r.kl, a1, a2);
   return w * T * T * r.kl;
 }
 

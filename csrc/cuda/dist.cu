@@ -2,20 +2,23 @@
 // needs each class's statistics over the whole batch before any gradient can be
 // written (a grid-wide dependency: kernel boundaries), so five kernels run on
 // the caller's stream, reading the logits three times:
-//   1. dist_lse_kernel, one block per row: the normalisers lse(s/tau), lse(t/tau);
+//   1. dist_lse_kernel, a warp or a block per row (rows.cuh): the normalisers lse(s/tau), lse(t/tau);
 //   2. dist_class_kernel, tiles of classes x a fixed slice of rows: float64 sums of
 //      y_s, y_t, y_s^2, y_t^2, y_s y_t per class, each tile's row lanes added in
 //      a fixed order in shared memory and written to the tile's own slot of a
 //      [slices, 5, C] buffer (no atomics);
 //   3. dist_class_finish_kernel, one thread per class: the slices added in order,
 //      then the class means and gradient coefficients and rho_c;
-//   4. dist_row_kernel, one block per row: a sweep for the row's correlation sums
-//      and dot products <y, G>, then (only when a gradient is wanted) a sweep that
-//      writes the gradients;
+//   4. dist_row_kernel, a warp or a block per row: a sweep for the row's correlation
+//      sums and dot products <y, G>, then (only when a gradient is wanted) a sweep that
+//      writes the gradients. Each sweep reads only the class statistics of the gradients
+//      asked for (u, m_s, m_t and v_s for the student, v_t for the teacher), and the
+//      first sweep none at all when no gradient is wanted;
 //   5. dist_loss_kernel, one block: the loss from rho_i and rho_c, summed in a fixed order.
 // The slicing depends only on (rows, cols), so every run gives the same bits.
 #include "../dist_math.h"
 #include "common.cuh"
+#include "rows.cuh"
 
 namespace fastkd {
 
@@ -38,7 +41,6 @@ __device__ __forceinline__ DistRowSums shfl_xor(const DistRowSums& v, int offset
 
 namespace {
 
-constexpr int kRowThreads = 512;
 constexpr int kTileThreads = 256;  // class tile: up to 256 classes x (256 / width) row lanes
 constexpr int64_t kSliceBlocks = 2048;  // aim for about this many tiles in pass 2
 constexpr int64_t kMinSliceRows = 64;
@@ -60,22 +62,25 @@ __device__ __forceinline__ DistLse lse_merge(const DistLse& x, const DistLse& y)
 }
 
 // lse[row] = lse(s/tau), lse[rows + row] = lse(t/tau)
-template <typename S, typename T>
-__global__ void __launch_bounds__(kRowThreads)
+template <bool kWarp, typename S, typename T>
+__global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
     dist_lse_kernel(const S* __restrict__ student, const T* __restrict__ teacher, int64_t rows, int64_t cols,
-                    float inv_tau, float* __restrict__ lse) {
+                    bool packs, float inv_tau, float* __restrict__ lse) {
+  constexpr int W = kPackWidth<S, T>;
   __shared__ DistLse scratch[32];
-  const int64_t row = blockIdx.x, offset = row * cols;
+  const RowTeam<kWarp> team;
+  const int64_t offset = team.row * cols;
+  const RowSplit<W> sp = split_row<W>(offset, team.row < rows ? cols : 0, packs, team.lane, team.lanes);
   DistLse st = {-INFINITY, 0.0f, -INFINITY, 0.0f};
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    lse_push(st.ms, st.zs, to_float(student[offset + c]) * inv_tau);
-    lse_push(st.mt, st.zt, to_float(teacher[offset + c]) * inv_tau);
-  }
-  st = block_reduce(st, DistLse{-INFINITY, 0.0f, -INFINITY, 0.0f},
-                    [](const DistLse& x, const DistLse& y) { return lse_merge(x, y); }, scratch);
-  if (threadIdx.x == 0) {
-    lse[row] = st.ms + logf(st.zs);
-    lse[rows + row] = st.mt + logf(st.zt);
+  sweep_row(sp, student + offset, teacher + offset, [&](int64_t, float sv, float tv) {
+    lse_push(st.ms, st.zs, sv * inv_tau);
+    lse_push(st.mt, st.zt, tv * inv_tau);
+  });
+  st = team.reduce(st, DistLse{-INFINITY, 0.0f, -INFINITY, 0.0f},
+                   [](const DistLse& x, const DistLse& y) { return lse_merge(x, y); }, scratch);
+  if (team.row < rows && team.lane == 0) {
+    lse[team.row] = st.ms + logf(st.zs);
+    lse[rows + team.row] = st.mt + logf(st.zt);
   }
 }
 
@@ -140,20 +145,25 @@ __global__ void dist_class_finish_kernel(const double* __restrict__ partial, int
   rho_c[c] = k.rho;
 }
 
-template <typename S, typename T>
-__global__ void __launch_bounds__(kRowThreads)
+template <bool kWarp, typename S, typename T>
+__global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
     dist_row_kernel(const S* __restrict__ student, const T* __restrict__ teacher, const float* __restrict__ lse,
-                    const float* __restrict__ cls, int64_t rows, int64_t cols, float inv_tau, double scale_row,
-                    float* __restrict__ rho_r, S* __restrict__ grad_student, T* __restrict__ grad_teacher) {
+                    const float* __restrict__ cls, int64_t rows, int64_t cols, bool packs, float inv_tau,
+                    double scale_row, float* __restrict__ rho_r, S* __restrict__ grad_student,
+                    T* __restrict__ grad_teacher) {
+  constexpr int W = kPackWidth<S, T>;
   __shared__ DistRowSums scratch[32];
-  const int64_t row = blockIdx.x, offset = row * cols;
-  const S* s = student + offset;
-  const T* t = teacher + offset;
-  const float lse_s = lse[row], lse_t = lse[rows + row], inv_c = 1.0f / static_cast<float>(cols);
+  const RowTeam<kWarp> team;
+  const bool live = team.row < rows;
+  const int64_t offset = team.row * cols;
+  const RowSplit<W> sp = split_row<W>(offset, live ? cols : 0, packs, team.lane, team.lanes);
+  const float lse_s = live ? lse[team.row] : 0.0f, lse_t = live ? lse[rows + team.row] : 0.0f;
+  const float inv_c = 1.0f / static_cast<float>(cols);
   const float *ms = cls, *mt = cls + cols, *u = cls + 2 * cols, *vs = cls + 3 * cols, *vt = cls + 4 * cols;
+  const bool want_s = grad_student != nullptr, want_t = grad_teacher != nullptr;
   DistRowSums acc = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    const float x = __expf(to_float(s[c]) * inv_tau - lse_s), y = __expf(to_float(t[c]) * inv_tau - lse_t);
+  sweep_row(sp, student + offset, teacher + offset, [&](int64_t c, float sv, float tv) {
+    const float x = __expf(sv * inv_tau - lse_s), y = __expf(tv * inv_tau - lse_t);
     const float xc = x - inv_c, yc = y - inv_c;
     acc.p += xc * yc;
     acc.vs += xc * xc;
@@ -162,31 +172,37 @@ __global__ void __launch_bounds__(kRowThreads)
     acc.a_ss += x * xc;
     acc.a_ts += y * xc;
     acc.a_tt += y * yc;
-    acc.js += x * dist_term(u[c], vs[c], x, y, ms[c], mt[c]);
-    acc.jt += y * dist_term(u[c], vt[c], y, x, mt[c], ms[c]);
-  }
-  acc = block_reduce(acc, DistRowSums{0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-                     [](const DistRowSums& a, const DistRowSums& b) {
-                       return DistRowSums{a.p + b.p,       a.vs + b.vs,     a.vt + b.vt,
-                                          a.a_st + b.a_st, a.a_ss + b.a_ss, a.a_ts + b.a_ts,
-                                          a.a_tt + b.a_tt, a.js + b.js,     a.jt + b.jt};
-                     },
-                     scratch);
+    if (want_s || want_t) {  // <y, G> only for the gradients asked for
+      const float uc = u[c], m_s = ms[c], m_t = mt[c];
+      if (want_s) acc.js += x * dist_term(uc, vs[c], x, y, m_s, m_t);
+      if (want_t) acc.jt += y * dist_term(uc, vt[c], y, x, m_t, m_s);
+    }
+  });
+  acc = team.reduce(acc, DistRowSums{0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+                    [](const DistRowSums& a, const DistRowSums& b) {
+                      return DistRowSums{a.p + b.p,       a.vs + b.vs,     a.vt + b.vt,
+                                         a.a_st + b.a_st, a.a_ss + b.a_ss, a.a_ts + b.a_ts,
+                                         a.a_tt + b.a_tt, a.js + b.js,     a.jt + b.jt};
+                    },
+                    scratch);
   const DistCoef k = dist_row(acc.p, acc.vs, acc.vt, scale_row);
-  if (threadIdx.x == 0) rho_r[row] = k.rho;
-  if (!grad_student && !grad_teacher) return;
+  if (live && team.lane == 0) rho_r[team.row] = k.rho;
+  if (!want_s && !want_t) return;  // no reduction follows
   const float dot_s = k.u * acc.a_st + k.vs * acc.a_ss + acc.js, dot_t = k.u * acc.a_ts + k.vt * acc.a_tt + acc.jt;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    const float x = __expf(to_float(s[c]) * inv_tau - lse_s), y = __expf(to_float(t[c]) * inv_tau - lse_t);
-    if (grad_student) {
-      const float g = dist_term(k.u, k.vs, x, y, inv_c, inv_c) + dist_term(u[c], vs[c], x, y, ms[c], mt[c]);
-      grad_student[offset + c] = from_float<S>(inv_tau * x * (g - dot_s));
+  S* gs = want_s ? grad_student + offset : nullptr;
+  T* gt = want_t ? grad_teacher + offset : nullptr;
+  sweep_row_grads(sp, student + offset, teacher + offset, gs, gt, [&](int64_t c, float sv, float tv) {
+    const float x = __expf(sv * inv_tau - lse_s), y = __expf(tv * inv_tau - lse_t);
+    const float uc = u[c], m_s = ms[c], m_t = mt[c];
+    GradPair g = {0.0f, 0.0f};
+    if (want_s) {
+      g.gs = inv_tau * x * (dist_term(k.u, k.vs, x, y, inv_c, inv_c) + dist_term(uc, vs[c], x, y, m_s, m_t) - dot_s);
     }
-    if (grad_teacher) {
-      const float g = dist_term(k.u, k.vt, y, x, inv_c, inv_c) + dist_term(u[c], vt[c], y, x, mt[c], ms[c]);
-      grad_teacher[offset + c] = from_float<T>(inv_tau * y * (g - dot_t));
+    if (want_t) {
+      g.gt = inv_tau * y * (dist_term(k.u, k.vt, y, x, inv_c, inv_c) + dist_term(uc, vt[c], y, x, m_t, m_s) - dot_t);
     }
-  }
+    return g;
+  });
 }
 
 constexpr int kLossThreads = 1024;
@@ -226,14 +242,21 @@ cudaError_t dist_fwd_cuda(DType s_dtype, const void* student, DType t_dtype, con
   FASTKD_DISPATCH_ONE(s_dtype, S, FASTKD_DISPATCH_ONE(t_dtype, T, {
     const S* s = static_cast<const S*>(student);
     const T* t = static_cast<const T*>(teacher);
-    dist_lse_kernel<S, T><<<rows, kRowThreads, 0, stream>>>(s, t, rows, cols, inv_tau, lse);
+    const RowPlan plan = plan_rows(rows, cols);
+    const bool packs = rows_vectorizable<S, T>(s, t, grad_student, grad_teacher);
+    with_row_team(plan, [&](auto warp) {
+      dist_lse_kernel<decltype(warp)::value, S, T><<<plan.blocks, plan.threads, 0, stream>>>(s, t, rows, cols, packs,
+                                                                                            inv_tau, lse);
+    });
     dist_class_kernel<S, T><<<tiles, kTileThreads, 0, stream>>>(s, t, lse, rows, cols, slice_rows, width, inv_tau,
                                                                 work_f64);
     dist_class_finish_kernel<<<(cols + 255) / 256, 256, 0, stream>>>(work_f64, slices, rows, cols,
                                                                      tau2 * gamma / cols, cls, rho_c);
-    dist_row_kernel<S, T><<<rows, kRowThreads, 0, stream>>>(s, t, lse, cls, rows, cols, inv_tau, tau2 * beta / rows,
-                                                            rho_r, static_cast<S*>(grad_student),
-                                                            static_cast<T*>(grad_teacher));
+    with_row_team(plan, [&](auto warp) {
+      dist_row_kernel<decltype(warp)::value, S, T><<<plan.blocks, plan.threads, 0, stream>>>(
+          s, t, lse, cls, rows, cols, packs, inv_tau, tau2 * beta / rows, rho_r, static_cast<S*>(grad_student),
+          static_cast<T*>(grad_teacher));
+    });
     dist_loss_kernel<<<1, kLossThreads, 0, stream>>>(rho_r, rho_c, rows, cols, tau2, beta, gamma, loss);
   }))
   return cudaGetLastError();

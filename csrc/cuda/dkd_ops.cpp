@@ -1,11 +1,7 @@
-// Torch-facing side of the CUDA DKD op: checks, allocation, stream, launch (kernel in dkd.cu).
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+// Torch-facing side of the CUDA DKD op: checks, then the shared row-loss call (cuda_common.h; kernel in dkd.cu).
 #include <torch/library.h>
 
 #include "cuda_common.h"
-#include "launch.h"
 
 namespace fastkd {
 namespace {
@@ -14,33 +10,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dkd_fwd_cuda_op(const at::Tensor&
                                                                const at::Tensor& target, const at::Tensor& row_weight,
                                                                double alpha, double beta, double temperature,
                                                                bool reduce, bool grad_student, bool grad_teacher) {
-  check_rows_cuda(student, "student");
-  check_rows_cuda(teacher, "teacher");
-  TORCH_CHECK(student.sizes() == teacher.sizes(), "fastkd: student and teacher shapes differ");
+  check_logit_pair_cuda(student, teacher);
   const int64_t N = student.size(0), C = student.size(1);
-  TORCH_CHECK(target.device() == student.device() && target.dim() == 1 && target.size(0) == N &&
-                  target.scalar_type() == at::kLong && target.is_contiguous(),
-              "fastkd: target must be a contiguous int64 vector of ", N, " rows on ", student.device());
+  check_target_cuda(target, N, student);
   check_vector_cuda(row_weight, N, "row_weight", student);
-  c10::cuda::CUDAGuard guard(student.device());
-
-  at::Tensor loss_rows = at::zeros({N}, student.options().dtype(at::kFloat));
-  at::Tensor gs = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
-  at::Tensor gt = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());
-  if (C == 0) {
-    gs.zero_();
-    gt.zero_();
-  } else {
-    cudaError_t err = dkd_fwd_cuda(
-        dtype_tag(student), student.const_data_ptr(), dtype_tag(teacher), teacher.const_data_ptr(),
-        target.const_data_ptr<int64_t>(), row_weight.const_data_ptr<float>(), N, C,
-        static_cast<float>(alpha), static_cast<float>(beta), static_cast<float>(temperature),
-        loss_rows.mutable_data_ptr<float>(),
-        grad_student ? gs.mutable_data_ptr() : nullptr, grad_teacher ? gt.mutable_data_ptr() : nullptr,
-        c10::cuda::getCurrentCUDAStream(student.device().index()).stream());
-    TORCH_CHECK(err == cudaSuccess, "fastkd: dkd_fwd CUDA launch failed: ", cudaGetErrorString(err));
-  }
-  return {reduce ? loss_rows.sum() : loss_rows, gs, gt};
+  const CudaCall call("dkd_fwd", student);
+  return row_loss_call(call, student, teacher, reduce, grad_student, grad_teacher,
+                       [&](float* loss_rows, void* gs_ptr, void* gt_ptr) {
+                         return dkd_fwd_cuda(dtype_tag(student), student.const_data_ptr(), dtype_tag(teacher),
+                                             teacher.const_data_ptr(), target.const_data_ptr<int64_t>(),
+                                             row_weight.const_data_ptr<float>(), N, C, static_cast<float>(alpha),
+                                             static_cast<float>(beta), static_cast<float>(temperature), loss_rows,
+                                             gs_ptr, gt_ptr, call.stream());
+                       });
 }
 
 }  // namespace

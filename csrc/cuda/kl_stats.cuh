@@ -1,9 +1,10 @@
-// Per-thread online KDStats (csrc/kd_math.h) for the one-block-per-row CUDA
-// kernels of ATS and DKD: one exp per element and net in the common case, and
-// the warp shuffle that lets block_reduce (common.cuh) merge them.
+// Per-thread online KDStats (csrc/kd_math.h) for the row kernels of KD, ATS and
+// DKD: one exp per element and net in the common case, and the warp shuffle that
+// lets a row team (rows.cuh) merge them.
 #pragma once
 #include "../kd_math.h"
 #include "common.cuh"
+#include "rows.cuh"
 
 namespace fastkd {
 
@@ -34,9 +35,11 @@ __device__ __forceinline__ void kd_stats_push(KDStats& st, float a, float b) {
   }
 }
 
-__device__ __forceinline__ KDStats kd_stats_block(const KDStats& st, KDStats* scratch) {
-  return block_reduce(st, kd_stats_empty(), [](const KDStats& x, const KDStats& y) { return kd_stats_merge(x, y); },
-                      scratch);
+// The row's statistics, merged over its team (`scratch`: one KDStats per warp, shared).
+template <bool kWarp>
+__device__ __forceinline__ KDStats kd_stats_team(const RowTeam<kWarp>& team, const KDStats& st, KDStats* scratch) {
+  return team.reduce(st, kd_stats_empty(), [](const KDStats& x, const KDStats& y) { return kd_stats_merge(x, y); },
+                     scratch);
 }
 
 }  // namespace fastkd
