@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from backend_cases import TOLERANCES
-from fastkd import _mask, reference
+from fastkd import _mask, _ops, reference
 from fastkd._validation import row_weights, temperature_rows
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -318,6 +318,58 @@ def test_dkd_neg_inf_logits():
     assert torch.isfinite(tri[0]) and all(torch.isfinite(g).all() for g in tri[1])
     (ref,) = dkd_case(s.nan_to_num(neginf=-1e30), t.nan_to_num(neginf=-1e30), target, impls=("reference",))
     check_pair(tri, ref, [F32])
+
+
+def rel_err(g, r):
+    """||g - r|| / ||r|| in float64 (0 when both are 0)."""
+    g, r = g.detach().double().cpu(), r.detach().double().cpu()
+    return float((g - r).norm() / r.norm()) if r.norm() > 0 else float(g.norm())
+
+
+CPU_DKD = pytest.mark.skipif(not _ops.has_kernel("dkd_fwd", "CPU"), reason="fastkd._C without the CPU DKD kernel")
+
+
+def one_hot_rows(x, target):
+    """x with every non-target logit -inf (a masked vocabulary / one-hot net)."""
+    keep = torch.nn.functional.one_hot(target, x.shape[1]).bool()
+    return x.masked_fill(~keep, float("-inf"))
+
+
+@CPU_DKD
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("empty_side", ["teacher", "student", "both"])
+def test_dkd_empty_non_target_matches_cpu_kernel(empty_side, dtype):
+    # All non-target logits -inf on one side: Triton must give the CPU kernel's values
+    # (finite gradients; before the fix log q = -inf - -inf made them NaN).
+    n, c = 4, 37
+    s, t = logits((n, c), dtype, 42), logits((n, c), dtype, 43)
+    target = torch.tensor([0, 5, 36, 17], device=DEVICE)
+    if empty_side in ("teacher", "both"):
+        t = one_hot_rows(t, target)
+    if empty_side in ("student", "both"):
+        s = one_hot_rows(s, target)
+    w = torch.tensor([0.25, 0.5, 1.0, 2.0], device=DEVICE)
+    args = (1.0, 8.0, 4.0, False, True, True)
+    tri = ft.dkd_fwd(s, t, target, w, *args)
+    cpu = torch.ops.fastkd.dkd_fwd(s.cpu(), t.cpu(), target.cpu(), w.cpu(), *args)
+    for x, y in zip(tri, cpu):
+        assert x.dtype == y.dtype
+        torch.testing.assert_close(x.cpu(), y, atol=TOLERANCES[dtype][0], rtol=TOLERANCES[dtype][1], equal_nan=True)
+    if empty_side != "student":
+        # the student's non-target gradient is finite wherever the teacher's side is
+        assert torch.isfinite(tri[0]).all() and torch.isfinite(tri[1]).all() and torch.isfinite(tri[2]).all()
+        ref = reference.dkd_loss(s.double(), t.double(), target, alpha=1.0, beta=8.0, temperature=4.0,
+                                 reduction="none") * w
+        assert_close(tri[0], ref)
+    else:
+        # the teacher has mass where the student has none: only the student's gradient is defined
+        assert torch.isfinite(tri[1]).all()
+    if empty_side == "teacher":
+        # p_tg = 1, NCKD = 0: dL/ds = w * alpha * T * (softmax(s/T) - onehot), dL/dt = 0 (float64 oracle)
+        p = torch.softmax(s.double() / 4.0, dim=1) - torch.nn.functional.one_hot(target, c).double()
+        expected = w.double()[:, None] * 4.0 * p
+        assert rel_err(tri[1], expected) < (1e-5 if dtype == F32 else 1e-2)
+        assert (tri[2] == 0).all()
 
 
 def test_dkd_nan_propagates():

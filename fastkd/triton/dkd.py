@@ -18,11 +18,15 @@ max would underflow if lse' were taken relative to the max over all classes).
 
 Gradients (dL/ds = w*T * dRow/da, dL/dt = w*T * dRow/db; d = p_sg - p_tg):
     dTCKD/da_g = d                         dTCKD/da_c = -d * q_sc          (c != g)
-    dNCKD/da_g = 0                         dNCKD/da_c = q_sc - q_tc
+    dNCKD/da_g = 0                         dNCKD/da_c = m_t q_sc - q_tc
     D = (R_g - R_r) * p_tg (1 - p_tg),  R_g = log p_tg - log p_sg,  R_r = log(1-p_tg) - log(1-p_sg)
     dTCKD/db_g = D                         dTCKD/db_c = -D * q_tc
     dNCKD/db_g = 0                         dNCKD/db_c = q_tc (log q_tc - log q_sc - NCKD)
 (d uses 1-p forms when the probabilities are near 1, where p_sg - p_tg would cancel.)
+m_t = sum' q_tc is 1, or 0 when every non-target teacher logit is -inf (a masked
+vocabulary, a one-hot teacher): NCKD is then 0 whatever the student. Where a net's
+lse' is -inf, log q is taken against +inf (q = 0) instead of -inf - -inf = NaN;
+the same conventions as csrc/dkd_math.h, so the backends agree bit for bit in spirit.
 
 Pass 2 (only if a gradient is requested) re-reads the row, mostly from L2,
 and writes the gradients. Rows with weight 0 are skipped: loss 0, grads 0,
@@ -86,8 +90,15 @@ def _dkd_kernel(
     q1_s = tl.exp(l1_sg)  # 1 - p_sg
     q1_t = tl.exp(l1_tg)
     tckd = tl.where(p_tg > 0.0, p_tg * (lp_tg - lp_sg), 0.0) + tl.where(q1_t > 0.0, q1_t * (l1_tg - l1_sg), 0.0)
-    # No non-target teacher mass (e.g. C == 1): the non-target KL is empty, 0.
-    nckd = tl.where(z_t > 0.0, acc / z_t - lse_ot + lse_os, 0.0)
+    # No non-target teacher mass (C == 1, a one-hot or masked teacher): the non-target
+    # distribution is empty, NCKD = 0 and its student gradient vanishes (m_t = 0).
+    has_t = z_t > 0.0
+    nckd = tl.where(has_t, acc / z_t - lse_ot + lse_os, 0.0)
+    m_t = tl.where(has_t, 1.0, 0.0)
+    # q_c = exp(x_c - lse'): where lse' = -inf every x_c (c != g) is -inf too and
+    # -inf - -inf would be NaN; subtracting +inf instead gives q = 0, the right value.
+    norm_s = tl.where(lse_os == float("-inf"), float("inf"), lse_os)
+    norm_t = tl.where(lse_ot == float("-inf"), float("inf"), lse_ot)
     scale = w * temp * temp
     tl.store(LOSS + row, tl.where(live, scale * (alpha * tckd + beta * nckd), 0.0))
 
@@ -107,12 +118,12 @@ def _dkd_kernel(
             b = tl.load(t_row + offs, mask=load_mask, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
             a = a * inv_temp
             b = b * inv_temp
-            log_qs = a - lse_os
-            log_qt = b - lse_ot
+            log_qs = a - norm_s
+            log_qt = b - norm_t
             q_s = tl.where(is_g, 0.0, tl.exp(log_qs))
             q_t = tl.where(is_g, 0.0, tl.exp(log_qt))
             if GRAD_S:
-                gs = tl.where(is_g, alpha * d, -alpha * d * q_s + beta * (q_s - q_t))
+                gs = tl.where(is_g, alpha * d, (beta * m_t - alpha * d) * q_s - beta * q_t)
                 gs = tl.where(live, coef * gs, 0.0)
                 tl.store(GS + row * stride_gs + offs, gs.to(GS.dtype.element_ty), mask=mask)
             if GRAD_T:
