@@ -372,6 +372,39 @@ def test_dkd_empty_non_target_matches_cpu_kernel(empty_side, dtype):
         assert (tri[2] == 0).all()
 
 
+@pytest.mark.parametrize("loss_name", ["dkd", "ats"])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_out_of_range_target_gives_nan_rows(loss_name, dtype):
+    # The row op trusts nothing: a counted row (weight != 0) with target -5 or C reads
+    # no logit and gets NaN loss and gradients (as the CUDA kernel); a weight-0 row with
+    # a garbage target is skipped (0). Rows 0-2 hold real logits, so an unchecked read
+    # (s_row + C is the next row's first logit) gives a finite, wrong loss instead.
+    n, c = 5, 29
+    s, t = logits((n, c), dtype, 44), logits((n, c), dtype, 45)
+    target = torch.tensor([-5, c, 3, 10**12, 0], device=DEVICE)
+    w = torch.tensor([1.0, 0.5, 2.0, 0.0, 1.0], device=DEVICE)
+    if loss_name == "dkd":
+        op, extra = ft.dkd_fwd, (1.0, 8.0, 4.0)
+        ref = reference.dkd_loss(s.double(), t.double(), target.clamp(0, c - 1), alpha=1.0, beta=8.0,
+                                 temperature=4.0, reduction="none")
+    else:
+        op, extra = ft.ats_fwd, (1.0, 4.0, 2.0)
+        ref = reference.ats_loss(s.double(), t.double(), target.clamp(0, c - 1), student_temperature=1.0,
+                                 target_temperature=4.0, other_temperature=2.0, reduction="none")
+    loss, gs, gt = op(s, t, target, w, *extra, False, True, True)
+    bad, good, skipped = [0, 1], [2, 4], 3
+    assert torch.isnan(loss[bad]).all() and torch.isnan(gs[bad]).all() and torch.isnan(gt[bad]).all()
+    assert loss[skipped] == 0 and (gs[skipped] == 0).all() and (gt[skipped] == 0).all()
+    assert_close(loss[good], (ref * w.double())[good], dtype)
+    assert torch.isfinite(gs[good]).all() and torch.isfinite(gt[good]).all()
+    # loss only (no gradient pass), reduced: the bad rows make the sum NaN
+    assert torch.isnan(op(s, t, target, w, *extra, True, False, False)[0])
+    # the same rows without the bad ones: gradients of the good rows do not change
+    w_good = w * torch.tensor([0.0, 0.0, 1.0, 0.0, 1.0], device=DEVICE)
+    _, gs_good, gt_good = op(s, t, target, w_good, *extra, False, True, True)
+    assert torch.equal(gs[good], gs_good[good]) and torch.equal(gt[good], gt_good[good])
+
+
 def test_dkd_nan_propagates():
     s, t = logits((3, 8), F32, 40), logits((3, 8), F32, 41)
     s[2, 1] = float("nan")

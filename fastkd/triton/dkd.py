@@ -25,12 +25,13 @@ Gradients (dL/ds = w*T * dRow/da, dL/dt = w*T * dRow/db; d = p_sg - p_tg):
 (d uses 1-p forms when the probabilities are near 1, where p_sg - p_tg would cancel.)
 m_t = sum' q_tc is 1, or 0 when every non-target teacher logit is -inf (a masked
 vocabulary, a one-hot teacher): NCKD is then 0 whatever the student. Where a net's
-lse' is -inf, log q is taken against +inf (q = 0) instead of -inf - -inf = NaN;
-the same conventions as csrc/dkd_math.h, so the backends agree bit for bit in spirit.
+lse' is -inf, log q is taken against +inf (q = 0) instead of -inf - -inf = NaN.
+Both are the conventions of csrc/dkd_math.h, so the backends agree on such rows.
 
 Pass 2 (only if a gradient is requested) re-reads the row, mostly from L2,
 and writes the gradients. Rows with weight 0 are skipped: loss 0, grads 0,
-target never read.
+target never read. A counted row with a target outside [0, C) reads no logit and
+gets NaN loss and gradients (the CUDA kernel's rule; no host-side check needed).
 """
 import torch
 import triton
@@ -53,12 +54,17 @@ def _dkd_kernel(
     row = tl.program_id(0).to(tl.int64)
     w = tl.load(W + row * stride_w)
     live = w != 0.0
-    n_live = tl.where(live, n_cols, 0)
     g = tl.load(TGT + row, mask=live, other=0)  # ignored rows: target never read
+    # A counted row whose target is out of range (a bad label the Python layer did not
+    # check: torch.compile, or CUDA inputs checked without a host sync) reads nothing
+    # and gets NaN loss and gradients, as the CUDA kernel; ignored rows get 0.
+    ok = live & (g >= 0) & (g < n_cols)
+    fill = tl.where(live, float("nan"), 0.0)
+    n_live = tl.where(ok, n_cols, 0)  # skipped and bad rows run no pass-1 iteration
     s_row = S + row * stride_s
     t_row = T + row * stride_t
-    a_g = tl.load(s_row + g, mask=live, other=0.0).to(tl.float32) * inv_temp
-    b_g = tl.load(t_row + g, mask=live, other=0.0).to(tl.float32) * inv_temp
+    a_g = tl.load(s_row + g, mask=ok, other=0.0).to(tl.float32) * inv_temp
+    b_g = tl.load(t_row + g, mask=ok, other=0.0).to(tl.float32) * inv_temp
     cols = tl.arange(0, BLOCK)
 
     # ---- pass 1: non-target running (max, sum) of both nets, sum e_t (b - a) ----
@@ -100,7 +106,7 @@ def _dkd_kernel(
     norm_s = tl.where(lse_os == float("-inf"), float("inf"), lse_os)
     norm_t = tl.where(lse_ot == float("-inf"), float("inf"), lse_ot)
     scale = w * temp * temp
-    tl.store(LOSS + row, tl.where(live, scale * (alpha * tckd + beta * nckd), 0.0))
+    tl.store(LOSS + row, tl.where(ok, scale * (alpha * tckd + beta * nckd), fill))
 
     # ---- pass 2: gradients ----
     if GRAD_S or GRAD_T:
@@ -124,12 +130,12 @@ def _dkd_kernel(
             q_t = tl.where(is_g, 0.0, tl.exp(log_qt))
             if GRAD_S:
                 gs = tl.where(is_g, alpha * d, (beta * m_t - alpha * d) * q_s - beta * q_t)
-                gs = tl.where(live, coef * gs, 0.0)
+                gs = tl.where(ok, coef * gs, fill)
                 tl.store(GS + row * stride_gs + offs, gs.to(GS.dtype.element_ty), mask=mask)
             if GRAD_T:
                 nc = tl.where(q_t > 0.0, q_t * (log_qt - log_qs - nckd), 0.0)
                 gt = tl.where(is_g, alpha * big_d, -alpha * big_d * q_t + beta * nc)
-                gt = tl.where(live, coef * gt, 0.0)
+                gt = tl.where(ok, coef * gt, fill)
                 tl.store(GT + row * stride_gt + offs, gt.to(GT.dtype.element_ty), mask=mask)
 
 

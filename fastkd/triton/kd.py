@@ -29,7 +29,8 @@ same program, so on a GPU it mostly comes from L2: pass 1 loads with
 evict_last, pass 2 with evict_first) and writes the gradients, which need the
 final lse. No float32 [N, C] temporaries: only the requested gradients are written.
 Rows with weight 0 (ignored, or sample weight 0) are skipped: loss 0, grads 0,
-their logits and target are never read.
+their logits and target are never read. An ATS row with weight != 0 and a target
+outside [0, C) reads no logit and gets NaN loss and gradients (as the CUDA kernel).
 """
 import torch
 import triton
@@ -53,16 +54,22 @@ def _kd_kernel(
     row = tl.program_id(0).to(tl.int64)  # 64-bit: row * stride may pass 2^31
     w = tl.load(W + row * stride_w)
     live = w != 0.0
-    n_live = tl.where(live, n_cols, 0)  # skipped rows run no pass-1 iteration
     if IS_ATS:
         inv_a = inv_student_temp
         l2 = ats_scale
         g = tl.load(TGT + row, mask=live, other=-1)  # ignored rows: target never read
+        # A counted row with a target outside [0, C) (unchecked under torch.compile or
+        # on CUDA without a host sync) reads nothing and gets NaN loss and gradients,
+        # as the CUDA kernel does; ignored rows still get 0.
+        ok = live & (g >= 0) & (g < n_cols)
     else:
         temp = tl.load(TEMP + row * stride_temp)
         inv_a = 1.0 / temp
         l2 = temp * temp
         g = -1
+        ok = live
+    fill = tl.where(live, float("nan"), 0.0)
+    n_live = tl.where(ok, n_cols, 0)  # skipped and bad rows run no pass-1 iteration
     s_row = S + row * stride_s
     t_row = T + row * stride_t
     cols = tl.arange(0, BLOCK)
@@ -92,7 +99,7 @@ def _kd_kernel(
     lse_t = m_t + tl.log(z_t)
     # KL = E_t[b - a] - lse_t + lse_s
     kl = acc / z_t - lse_t + lse_s
-    tl.store(LOSS + row, tl.where(live, w * l2 * kl, 0.0))
+    tl.store(LOSS + row, tl.where(ok, w * l2 * kl, fill))
 
     # ---- pass 2: gradients with the final lse ----
     if GRAD_S or GRAD_T or GRAD_TEMP:
@@ -115,12 +122,12 @@ def _kd_kernel(
             p_s = tl.exp(log_ps)
             p_t = tl.exp(log_pt)
             if GRAD_S:
-                gs = tl.where(live, coef * inv_a * (p_s - p_t), 0.0)
+                gs = tl.where(ok, coef * inv_a * (p_s - p_t), fill)
                 tl.store(GS + row * stride_gs + offs, gs.to(GS.dtype.element_ty), mask=mask)
             if GRAD_T or GRAD_TEMP:
                 r = tl.where(p_t > 0.0, log_pt - log_ps - kl, 0.0)
             if GRAD_T:
-                gt = tl.where(live, coef * inv_b * p_t * r, 0.0)
+                gt = tl.where(ok, coef * inv_b * p_t * r, fill)
                 tl.store(GT + row * stride_gt + offs, gt.to(GT.dtype.element_ty), mask=mask)
             if GRAD_TEMP:
                 term_s = tl.where(log_ps > float("-inf"), (p_s - p_t) * log_ps, 0.0)
@@ -129,7 +136,7 @@ def _kd_kernel(
         if GRAD_TEMP:
             # dL/dT = w * (2 T KL - T * temp_sum); here temp = T and l2 = T^2.
             g_temp = w * (2.0 * temp * kl - temp * temp_sum)
-            tl.store(GTEMP + row, tl.where(live, g_temp, 0.0))
+            tl.store(GTEMP + row, tl.where(ok, g_temp, fill))
 
 
 def _launch(student, teacher, temperature, target, row_weight, reduce, grad_student, grad_teacher,
