@@ -540,6 +540,75 @@ def test_mgd_sq_err_many_programs():
 
 
 # ----------------------------------------------------------------------------
+# Device guard
+# ----------------------------------------------------------------------------
+
+def _each_op(device):
+    """One call of every registered Triton op (loss row ops, MGD) on small inputs on ``device``."""
+    n, c = 3, 20
+    s, t = logits((n, c), F32, 70).to(device), logits((n, c), F32, 71).to(device)
+    w = torch.full((n,), 1.0 / n, device=device)
+    temp = torch.full((n,), 2.0, device=device)
+    target = torch.tensor([0, 7, 19], device=device)
+    feat = logits((2, 3, 4, 5), F32, 72, 1.0).to(device)
+    return {
+        "kd": lambda: ft.kd_fwd(s, t, temp, w, False, True, True, True),
+        "ats": lambda: ft.ats_fwd(s, t, target, w, 1.0, 4.0, 2.0, False, True, True),
+        "dkd": lambda: ft.dkd_fwd(s, t, target, w, 1.0, 8.0, 4.0, False, True, True),
+        "dist": lambda: ft.dist_fwd(s, t, 1.0, 2.0, 2.0, True, True),
+        "mgd_mask": lambda: (ft.mgd_mask(feat, 5, 0.5, True),),
+        "mgd_sq_err": lambda: ft.mgd_sq_err(feat, feat * 0.5, 0.25, True, True),
+    }
+
+
+def test_device_guard_is_a_no_op_off_cuda(monkeypatch):
+    from fastkd.triton._common import device_guard
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("device_guard touched torch.cuda for a non-CUDA tensor")
+
+    monkeypatch.setattr(torch.cuda, "device", no_cuda)
+    for x in (torch.zeros(2), torch.zeros(2, device="meta")):
+        with device_guard(x):
+            pass
+
+
+def test_every_launcher_uses_the_device_guard(monkeypatch):
+    # Each op's launches run inside device_guard(its input): record the calls.
+    import importlib
+
+    from fastkd.triton import _common
+
+    seen = []
+
+    def recording_guard(x):
+        seen.append(x.device)
+        return _common.device_guard(x)
+
+    for name in ("kd", "dkd", "dist", "mgd"):
+        monkeypatch.setattr(importlib.import_module(f"fastkd.triton.{name}"), "device_guard", recording_guard)
+    launches = {"kd": 1, "ats": 1, "dkd": 1, "dist": 3, "mgd_mask": 1, "mgd_sq_err": 1}
+    for name, call in _each_op(DEVICE).items():
+        seen.clear()
+        call()
+        assert seen == [DEVICE] * launches[name], name
+
+
+@pytest.mark.skipif(INTERPRET or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_inputs_on_another_gpu_run_there():
+    # Inputs on cuda:1 while cuda:0 is current: the same results as on cuda:0, outputs on cuda:1.
+    torch.cuda.set_device(0)
+    on0 = {name: call() for name, call in _each_op("cuda:0").items()}
+    on1 = {name: call() for name, call in _each_op("cuda:1").items()}
+    torch.cuda.synchronize(1)
+    assert torch.cuda.current_device() == 0
+    for name in on0:
+        for x, y in zip(on0[name], on1[name]):
+            assert y.device == torch.device("cuda:1"), name
+            torch.testing.assert_close(y.cpu(), x.cpu(), atol=0, rtol=0, msg=name)
+
+
+# ----------------------------------------------------------------------------
 # GPU only: opcheck and torch.compile of a training step
 # ----------------------------------------------------------------------------
 

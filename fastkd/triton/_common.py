@@ -2,6 +2,8 @@
 (The autograd rule, shared with the compiled backends, is in ``fastkd._autograd``.)
 """
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -63,3 +65,16 @@ def logaddexp(x, y):
 def empty_grad(like: torch.Tensor) -> torch.Tensor:
     """The placeholder for an unrequested gradient: numel 0, like's dtype and device."""
     return torch.empty(0, dtype=like.dtype, device=like.device)
+
+
+def device_guard(x: torch.Tensor):
+    """The context every launcher runs its kernels in: ``x``'s CUDA device made current.
+
+    A Triton launch goes to the *current* device and its current stream, not the
+    device of its pointers: inputs on cuda:1 while cuda:0 is current would run on
+    the wrong device. CPU tensors (the interpreter) and meta/fake tensors under
+    tracing need nothing. (Under torch.compile Inductor emits its own device guard.)
+    """
+    if x.device.type == "cuda":
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()

@@ -39,7 +39,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .._autograd import register_loss_autograd
-from ._common import empty_grad, logaddexp, online_update, row_config
+from ._common import device_guard, empty_grad, logaddexp, online_update, row_config
 
 NEG_INF = tl.constexpr(float("-inf"))
 
@@ -166,14 +166,15 @@ def dkd_fwd(
     gt = torch.empty_like(teacher) if grad_teacher else empty_grad(teacher)
     if n:
         block, num_warps = row_config(c)
-        wrap_triton(_dkd_kernel)[(n,)](
-            student, teacher, target, row_weight, loss_rows, gs, gt,
-            student.stride(0), teacher.stride(0),
-            gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0,
-            row_weight.stride(0),
-            c, 1.0 / temperature, float(alpha), float(beta), float(temperature),
-            GRAD_S=grad_student, GRAD_T=grad_teacher, BLOCK=block, num_warps=num_warps,
-        )
+        with device_guard(student):  # launch on the input's device
+            wrap_triton(_dkd_kernel)[(n,)](
+                student, teacher, target, row_weight, loss_rows, gs, gt,
+                student.stride(0), teacher.stride(0),
+                gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0,
+                row_weight.stride(0),
+                c, 1.0 / temperature, float(alpha), float(beta), float(temperature),
+                GRAD_S=grad_student, GRAD_T=grad_teacher, BLOCK=block, num_warps=num_warps,
+            )
     loss = loss_rows.sum() if reduce else loss_rows
     return loss, gs, gt
 

@@ -38,7 +38,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .._autograd import register_loss_autograd
-from ._common import empty_grad, online_update, row_config
+from ._common import device_guard, empty_grad, online_update, row_config
 
 
 @triton.jit
@@ -154,16 +154,17 @@ def _launch(student, teacher, temperature, target, row_weight, reduce, grad_stud
     is_ats = ats_args is not None
     if n:
         block, num_warps = row_config(c)
-        wrap_triton(_kd_kernel)[(n,)](
-            student, teacher, temperature, target, row_weight, loss_rows, gs, gt, gtemp,
-            student.stride(0), teacher.stride(0),
-            gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0,
-            temperature.stride(0), row_weight.stride(0),
-            c, *(ats_args if is_ats else (1.0, 1.0, 1.0, 1.0)),
-            IS_ATS=is_ats,
-            GRAD_S=grad_student, GRAD_T=grad_teacher, GRAD_TEMP=grad_temperature,
-            BLOCK=block, num_warps=num_warps,
-        )
+        with device_guard(student):  # launch on the input's device
+            wrap_triton(_kd_kernel)[(n,)](
+                student, teacher, temperature, target, row_weight, loss_rows, gs, gt, gtemp,
+                student.stride(0), teacher.stride(0),
+                gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0,
+                temperature.stride(0), row_weight.stride(0),
+                c, *(ats_args if is_ats else (1.0, 1.0, 1.0, 1.0)),
+                IS_ATS=is_ats,
+                GRAD_S=grad_student, GRAD_T=grad_teacher, GRAD_TEMP=grad_temperature,
+                BLOCK=block, num_warps=num_warps,
+            )
     loss = loss_rows.sum() if reduce else loss_rows
     return loss, gs, gt, gtemp
 
