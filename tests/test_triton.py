@@ -63,6 +63,12 @@ def grads_of(out, inputs, upstream=None):
     return [next(got) if x.requires_grad else None for x in inputs]
 
 
+def rel_err(g, r):
+    """||g - r|| / ||r|| in float64 (0 when both are 0)."""
+    g, r = g.detach().double().cpu(), r.detach().double().cpu()
+    return float((g - r).norm() / r.norm()) if r.norm() > 0 else float(g.norm())
+
+
 def leaf(x, requires_grad=True):
     return x.detach().clone().requires_grad_(requires_grad)
 
@@ -159,6 +165,26 @@ def test_kd_confident_rows_gap_100():
     assert_close(tri[0], ref[0])
     for g, r in zip(tri[1], ref[1]):
         torch.testing.assert_close(g.double(), r, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+@pytest.mark.parametrize("temp_value", [2.0, 4.0])
+def test_kd_large_common_offset(offset, temp_value):
+    # Logits far from 0 (a common offset): s / T rounded before the lse shift loses the
+    # digits that matter (ulp(1e4 / 2) = 2.4e-4 against O(1) differences). The kernel
+    # shifts the raw logits by the row maximum before scaling. Float64 reference on the
+    # same float32 values.
+    s, t = logits((6, 300), F32, 16) + offset, logits((6, 300), F32, 17) + offset
+    t[:, 7] += 4.0  # a sharper teacher: a larger temperature gradient to compare
+    temp = torch.tensor(temp_value, device=DEVICE)
+    (tri,) = kd_case(s, t, temp, impls=("triton",))
+    (ref,) = kd_case(s.double(), t.double(), temp.double(), impls=("reference",))
+    loss, ref_loss = float(tri[0].detach()), float(ref[0].detach())
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    assert rel_err(tri[1][0], ref[1][0]) < 1e-5  # student
+    assert rel_err(tri[1][1], ref[1][1]) < 1e-5  # teacher
+    # dL/dT is a sum of terms that cancel: a looser bound (was up to 1.7e-3, now < 5e-5)
+    assert abs(float(tri[1][2]) - float(ref[1][2])) <= 2e-4 * abs(float(ref[1][2]))
 
 
 def test_kd_nan_propagates():
@@ -318,12 +344,6 @@ def test_dkd_neg_inf_logits():
     assert torch.isfinite(tri[0]) and all(torch.isfinite(g).all() for g in tri[1])
     (ref,) = dkd_case(s.nan_to_num(neginf=-1e30), t.nan_to_num(neginf=-1e30), target, impls=("reference",))
     check_pair(tri, ref, [F32])
-
-
-def rel_err(g, r):
-    """||g - r|| / ||r|| in float64 (0 when both are 0)."""
-    g, r = g.detach().double().cpu(), r.detach().double().cpu()
-    return float((g - r).norm() / r.norm()) if r.norm() > 0 else float(g.norm())
 
 
 CPU_DKD = pytest.mark.skipif(not _ops.has_kernel("dkd_fwd", "CPU"), reason="fastkd._C without the CPU DKD kernel")
