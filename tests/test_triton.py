@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from backend_cases import TOLERANCES
-from fastkd import _mask, reference
+from fastkd import _mask, _ops, reference
 from fastkd._validation import row_weights, temperature_rows
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -61,6 +61,12 @@ def grads_of(out, inputs, upstream=None):
     wanted = [x for x in inputs if x.requires_grad]
     got = iter(torch.autograd.grad(out, wanted, upstream))
     return [next(got) if x.requires_grad else None for x in inputs]
+
+
+def rel_err(g, r):
+    """||g - r|| / ||r|| in float64 (0 when both are 0)."""
+    g, r = g.detach().double().cpu(), r.detach().double().cpu()
+    return float((g - r).norm() / r.norm()) if r.norm() > 0 else float(g.norm())
 
 
 def leaf(x, requires_grad=True):
@@ -159,6 +165,26 @@ def test_kd_confident_rows_gap_100():
     assert_close(tri[0], ref[0])
     for g, r in zip(tri[1], ref[1]):
         torch.testing.assert_close(g.double(), r, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+@pytest.mark.parametrize("temp_value", [2.0, 4.0])
+def test_kd_large_common_offset(offset, temp_value):
+    # Logits far from 0 (a common offset): s / T rounded before the lse shift loses the
+    # digits that matter (ulp(1e4 / 2) = 2.4e-4 against O(1) differences). The kernel
+    # shifts the raw logits by the row maximum before scaling. Float64 reference on the
+    # same float32 values.
+    s, t = logits((6, 300), F32, 16) + offset, logits((6, 300), F32, 17) + offset
+    t[:, 7] += 4.0  # a sharper teacher: a larger temperature gradient to compare
+    temp = torch.tensor(temp_value, device=DEVICE)
+    (tri,) = kd_case(s, t, temp, impls=("triton",))
+    (ref,) = kd_case(s.double(), t.double(), temp.double(), impls=("reference",))
+    loss, ref_loss = float(tri[0].detach()), float(ref[0].detach())
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    assert rel_err(tri[1][0], ref[1][0]) < 1e-5  # student
+    assert rel_err(tri[1][1], ref[1][1]) < 1e-5  # teacher
+    # dL/dT is a sum of terms that cancel: a looser bound (was up to 1.7e-3, now < 5e-5)
+    assert abs(float(tri[1][2]) - float(ref[1][2])) <= 2e-4 * abs(float(ref[1][2]))
 
 
 def test_kd_nan_propagates():
@@ -321,6 +347,85 @@ def test_dkd_neg_inf_logits():
     check_pair(tri, ref, [F32])
 
 
+CPU_DKD = pytest.mark.skipif(not _ops.has_kernel("dkd_fwd", "CPU"), reason="fastkd._C without the CPU DKD kernel")
+
+
+def one_hot_rows(x, target):
+    """x with every non-target logit -inf (a masked vocabulary / one-hot net)."""
+    keep = torch.nn.functional.one_hot(target, x.shape[1]).bool()
+    return x.masked_fill(~keep, float("-inf"))
+
+
+@CPU_DKD
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("empty_side", ["teacher", "student", "both"])
+def test_dkd_empty_non_target_matches_cpu_kernel(empty_side, dtype):
+    # All non-target logits -inf on one side: Triton must give the CPU kernel's values
+    # (finite gradients; before the fix log q = -inf - -inf made them NaN).
+    n, c = 4, 37
+    s, t = logits((n, c), dtype, 42), logits((n, c), dtype, 43)
+    target = torch.tensor([0, 5, 36, 17], device=DEVICE)
+    if empty_side in ("teacher", "both"):
+        t = one_hot_rows(t, target)
+    if empty_side in ("student", "both"):
+        s = one_hot_rows(s, target)
+    w = torch.tensor([0.25, 0.5, 1.0, 2.0], device=DEVICE)
+    args = (1.0, 8.0, 4.0, False, True, True)
+    tri = ft.dkd_fwd(s, t, target, w, *args)
+    cpu = torch.ops.fastkd.dkd_fwd(s.cpu(), t.cpu(), target.cpu(), w.cpu(), *args)
+    for x, y in zip(tri, cpu):
+        assert x.dtype == y.dtype
+        torch.testing.assert_close(x.cpu(), y, atol=TOLERANCES[dtype][0], rtol=TOLERANCES[dtype][1], equal_nan=True)
+    if empty_side != "student":
+        # the student's non-target gradient is finite wherever the teacher's side is
+        assert torch.isfinite(tri[0]).all() and torch.isfinite(tri[1]).all() and torch.isfinite(tri[2]).all()
+        ref = reference.dkd_loss(s.double(), t.double(), target, alpha=1.0, beta=8.0, temperature=4.0,
+                                 reduction="none") * w
+        assert_close(tri[0], ref)
+    else:
+        # the teacher has mass where the student has none: only the student's gradient is defined
+        assert torch.isfinite(tri[1]).all()
+    if empty_side == "teacher":
+        # p_tg = 1, NCKD = 0: dL/ds = w * alpha * T * (softmax(s/T) - onehot), dL/dt = 0 (float64 oracle)
+        p = torch.softmax(s.double() / 4.0, dim=1) - torch.nn.functional.one_hot(target, c).double()
+        expected = w.double()[:, None] * 4.0 * p
+        assert rel_err(tri[1], expected) < (1e-5 if dtype == F32 else 1e-2)
+        assert (tri[2] == 0).all()
+
+
+@pytest.mark.parametrize("loss_name", ["dkd", "ats"])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_out_of_range_target_gives_nan_rows(loss_name, dtype):
+    # The row op trusts nothing: a counted row (weight != 0) with target -5 or C reads
+    # no logit and gets NaN loss and gradients (as the CUDA kernel); a weight-0 row with
+    # a garbage target is skipped (0). Rows 0-2 hold real logits, so an unchecked read
+    # (s_row + C is the next row's first logit) gives a finite, wrong loss instead.
+    n, c = 5, 29
+    s, t = logits((n, c), dtype, 44), logits((n, c), dtype, 45)
+    target = torch.tensor([-5, c, 3, 10**12, 0], device=DEVICE)
+    w = torch.tensor([1.0, 0.5, 2.0, 0.0, 1.0], device=DEVICE)
+    if loss_name == "dkd":
+        op, extra = ft.dkd_fwd, (1.0, 8.0, 4.0)
+        ref = reference.dkd_loss(s.double(), t.double(), target.clamp(0, c - 1), alpha=1.0, beta=8.0,
+                                 temperature=4.0, reduction="none")
+    else:
+        op, extra = ft.ats_fwd, (1.0, 4.0, 2.0)
+        ref = reference.ats_loss(s.double(), t.double(), target.clamp(0, c - 1), student_temperature=1.0,
+                                 target_temperature=4.0, other_temperature=2.0, reduction="none")
+    loss, gs, gt = op(s, t, target, w, *extra, False, True, True)
+    bad, good, skipped = [0, 1], [2, 4], 3
+    assert torch.isnan(loss[bad]).all() and torch.isnan(gs[bad]).all() and torch.isnan(gt[bad]).all()
+    assert loss[skipped] == 0 and (gs[skipped] == 0).all() and (gt[skipped] == 0).all()
+    assert_close(loss[good], (ref * w.double())[good], dtype)
+    assert torch.isfinite(gs[good]).all() and torch.isfinite(gt[good]).all()
+    # loss only (no gradient pass), reduced: the bad rows make the sum NaN
+    assert torch.isnan(op(s, t, target, w, *extra, True, False, False)[0])
+    # the same rows without the bad ones: gradients of the good rows do not change
+    w_good = w * torch.tensor([0.0, 0.0, 1.0, 0.0, 1.0], device=DEVICE)
+    _, gs_good, gt_good = op(s, t, target, w_good, *extra, False, True, True)
+    assert torch.equal(gs[good], gs_good[good]) and torch.equal(gt[good], gt_good[good])
+
+
 def test_dkd_nan_propagates():
     s, t = logits((3, 8), F32, 40), logits((3, 8), F32, 41)
     s[2, 1] = float("nan")
@@ -453,6 +558,75 @@ def test_mgd_sq_err_many_programs():
     pred, teacher = logits((2, 8, 30, 30), F32, 65, 1.0), logits((2, 8, 30, 30), F32, 66, 1.0)
     loss = ft.mgd_sq_err(pred, teacher, 1e-3, False, False)[0]
     assert_close(loss, 1e-3 * ((pred.double() - teacher.double()) ** 2).sum())
+
+
+# ----------------------------------------------------------------------------
+# Device guard
+# ----------------------------------------------------------------------------
+
+def _each_op(device):
+    """One call of every registered Triton op (loss row ops, MGD) on small inputs on ``device``."""
+    n, c = 3, 20
+    s, t = logits((n, c), F32, 70).to(device), logits((n, c), F32, 71).to(device)
+    w = torch.full((n,), 1.0 / n, device=device)
+    temp = torch.full((n,), 2.0, device=device)
+    target = torch.tensor([0, 7, 19], device=device)
+    feat = logits((2, 3, 4, 5), F32, 72, 1.0).to(device)
+    return {
+        "kd": lambda: ft.kd_fwd(s, t, temp, w, False, True, True, True),
+        "ats": lambda: ft.ats_fwd(s, t, target, w, 1.0, 4.0, 2.0, False, True, True),
+        "dkd": lambda: ft.dkd_fwd(s, t, target, w, 1.0, 8.0, 4.0, False, True, True),
+        "dist": lambda: ft.dist_fwd(s, t, 1.0, 2.0, 2.0, True, True),
+        "mgd_mask": lambda: (ft.mgd_mask(feat, 5, 0.5, True),),
+        "mgd_sq_err": lambda: ft.mgd_sq_err(feat, feat * 0.5, 0.25, True, True),
+    }
+
+
+def test_device_guard_is_a_no_op_off_cuda(monkeypatch):
+    from fastkd.triton._common import device_guard
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("device_guard touched torch.cuda for a non-CUDA tensor")
+
+    monkeypatch.setattr(torch.cuda, "device", no_cuda)
+    for x in (torch.zeros(2), torch.zeros(2, device="meta")):
+        with device_guard(x):
+            pass
+
+
+def test_every_launcher_uses_the_device_guard(monkeypatch):
+    # Each op's launches run inside device_guard(its input): record the calls.
+    import importlib
+
+    from fastkd.triton import _common
+
+    seen = []
+
+    def recording_guard(x):
+        seen.append(x.device)
+        return _common.device_guard(x)
+
+    for name in ("kd", "dkd", "dist", "mgd"):
+        monkeypatch.setattr(importlib.import_module(f"fastkd.triton.{name}"), "device_guard", recording_guard)
+    launches = {"kd": 1, "ats": 1, "dkd": 1, "dist": 3, "mgd_mask": 1, "mgd_sq_err": 1}
+    for name, call in _each_op(DEVICE).items():
+        seen.clear()
+        call()
+        assert seen == [DEVICE] * launches[name], name
+
+
+@pytest.mark.skipif(INTERPRET or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_inputs_on_another_gpu_run_there():
+    # Inputs on cuda:1 while cuda:0 is current: the same results as on cuda:0, outputs on cuda:1.
+    torch.cuda.set_device(0)
+    on0 = {name: call() for name, call in _each_op("cuda:0").items()}
+    on1 = {name: call() for name, call in _each_op("cuda:1").items()}
+    torch.cuda.synchronize(1)
+    assert torch.cuda.current_device() == 0
+    for name in on0:
+        for x, y in zip(on0[name], on1[name]):
+            assert y.device == torch.device("cuda:1"), name
+            torch.testing.assert_close(y.cpu(), x.cpu(), atol=0, rtol=0, msg=name)
 
 
 # ----------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 (The autograd rule, shared with the compiled backends, is in ``fastkd._autograd``.)
 """
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -27,21 +29,31 @@ def row_config(n_cols: int):
 
 
 @triton.jit
-def online_update(m, z, x):
-    """Fold one block ``x`` (masked lanes = -inf) into a running softmax state.
+def online_update_scaled(m, z, x, scale):
+    """Fold one block of raw logits ``x`` (masked lanes = -inf) into a running
+    softmax state of ``x * scale`` (scale = 1/T > 0).
 
-    State: running max ``m`` and ``z = sum exp(x - m)`` of everything folded so
-    far. Returns the new ``(m, z)`` plus ``e = exp(x - m_new)`` and the factor
-    ``alpha = exp(m_old - m_new)`` that rescales any other running sum weighted
-    by ``e``. While every value seen is -inf the max is -inf; subtracting 0
-    instead then keeps ``alpha`` and ``e`` at exactly 0 rather than NaN.
+    State: running max ``m`` of the *raw* values and ``z = sum exp((x - m) * scale)``
+    of everything folded so far. Returns the new ``(m, z)`` plus
+    ``e = exp((x - m_new) * scale)`` and the factor ``alpha = exp((m_old - m_new) * scale)``
+    that rescales any other running sum weighted by ``e``. The max is subtracted
+    before scaling: near the max, x - m is exact in float32 whatever the logits'
+    common offset, while x * scale would already be rounded to the offset's ulp
+    (2.4e-4 at 1e4 / 2). While every value seen is -inf the max is -inf;
+    subtracting 0 instead then keeps ``alpha`` and ``e`` at exactly 0 rather than NaN.
     """
     m_new = tl.maximum(m, tl.max(x, 0))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m - m_safe)
-    e = tl.exp(x - m_safe)
+    alpha = tl.exp((m - m_safe) * scale)
+    e = tl.exp((x - m_safe) * scale)
     z_new = z * alpha + tl.sum(e, 0)
     return m_new, z_new, e, alpha
+
+
+@triton.jit
+def online_update(m, z, x):
+    """``online_update_scaled`` of values that are already scaled (scale 1)."""
+    return online_update_scaled(m, z, x, 1.0)
 
 
 @triton.jit
@@ -63,3 +75,16 @@ def logaddexp(x, y):
 def empty_grad(like: torch.Tensor) -> torch.Tensor:
     """The placeholder for an unrequested gradient: numel 0, like's dtype and device."""
     return torch.empty(0, dtype=like.dtype, device=like.device)
+
+
+def device_guard(x: torch.Tensor):
+    """The context every launcher runs its kernels in: ``x``'s CUDA device made current.
+
+    A Triton launch goes to the *current* device and its current stream, not the
+    device of its pointers: inputs on cuda:1 while cuda:0 is current would run on
+    the wrong device. CPU tensors (the interpreter) and meta/fake tensors under
+    tracing need nothing. (Under torch.compile Inductor emits its own device guard.)
+    """
+    if x.device.type == "cuda":
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()

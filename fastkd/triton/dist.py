@@ -42,7 +42,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .._autograd import register_loss_autograd
-from ._common import empty_grad, online_update, row_config
+from ._common import device_guard, empty_grad, online_update, row_config
 
 EPS = 1e-8
 # Pass-2 tile: 2048 elements per tensor (16 per thread at 4 warps), normally
@@ -238,10 +238,11 @@ def dist_fwd(
     # pass 1: row normalisers
     lse = torch.empty((2, n), dtype=torch.float32, device=dev)
     block, num_warps = row_config(c)
-    wrap_triton(_dist_lse_kernel)[(n,)](
-        student, teacher, lse, student.stride(0), teacher.stride(0), n, c, inv_temp,
-        BLOCK=block, num_warps=num_warps,
-    )
+    with device_guard(student):  # launch on the input's device
+        wrap_triton(_dist_lse_kernel)[(n,)](
+            student, teacher, lse, student.stride(0), teacher.stride(0), n, c, inv_temp,
+            BLOCK=block, num_warps=num_warps,
+        )
 
     # pass 2: inter-class row sums and per-slice class statistics
     block_r = min(STATS_BLOCK_R, triton.next_power_of_2(int(n)))
@@ -252,11 +253,12 @@ def dist_fwd(
     n_slices = triton.cdiv(n, rows_per_slice)
     rowpart = torch.empty((3, n_cblocks, n), dtype=torch.float32, device=dev)
     colpart = torch.empty((5, n_slices, c), dtype=torch.float32, device=dev)
-    wrap_triton(_dist_stats_kernel)[(n_cblocks, n_slices)](
-        student, teacher, lse, rowpart, colpart,
-        student.stride(0), teacher.stride(0), n, c, rows_per_slice, inv_temp, 1.0 / c,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=STATS_WARPS,
-    )
+    with device_guard(student):  # launch on the input's device
+        wrap_triton(_dist_stats_kernel)[(n_cblocks, n_slices)](
+            student, teacher, lse, rowpart, colpart,
+            student.stride(0), teacher.stride(0), n, c, rows_per_slice, inv_temp, 1.0 / c,
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=STATS_WARPS,
+        )
     cov_r, var_rs, var_rt = rowpart.sum(dim=1)
     # Chan's merge of the row slices: total mean, plus the spread of slice means.
     first_row = torch.arange(n_slices, device=dev, dtype=torch.float32) * rows_per_slice
@@ -282,13 +284,14 @@ def dist_fwd(
         u_s = torch.where(var_ct > 0, u_c, torch.zeros_like(u_c))
         u_t = torch.where(var_cs > 0, u_c, torch.zeros_like(u_c))
         colc = torch.stack([mu_s, mu_t, u_s, u_t, vs_c, vt_c]).contiguous()
-        wrap_triton(_dist_grad_kernel)[(n,)](
-            student, teacher, rowc, colc, gs, gt,
-            student.stride(0), teacher.stride(0),
-            gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0,
-            n, c, inv_temp, 1.0 / c,
-            GRAD_S=grad_student, GRAD_T=grad_teacher, BLOCK=block, num_warps=num_warps,
-        )
+        with device_guard(student):  # launch on the input's device
+            wrap_triton(_dist_grad_kernel)[(n,)](
+                student, teacher, rowc, colc, gs, gt,
+                student.stride(0), teacher.stride(0),
+                gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0,
+                n, c, inv_temp, 1.0 / c,
+                GRAD_S=grad_student, GRAD_T=grad_teacher, BLOCK=block, num_warps=num_warps,
+            )
     return loss.to(torch.float32), gs, gt
 
 

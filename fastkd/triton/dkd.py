@@ -18,15 +18,20 @@ max would underflow if lse' were taken relative to the max over all classes).
 
 Gradients (dL/ds = w*T * dRow/da, dL/dt = w*T * dRow/db; d = p_sg - p_tg):
     dTCKD/da_g = d                         dTCKD/da_c = -d * q_sc          (c != g)
-    dNCKD/da_g = 0                         dNCKD/da_c = q_sc - q_tc
+    dNCKD/da_g = 0                         dNCKD/da_c = m_t q_sc - q_tc
     D = (R_g - R_r) * p_tg (1 - p_tg),  R_g = log p_tg - log p_sg,  R_r = log(1-p_tg) - log(1-p_sg)
     dTCKD/db_g = D                         dTCKD/db_c = -D * q_tc
     dNCKD/db_g = 0                         dNCKD/db_c = q_tc (log q_tc - log q_sc - NCKD)
 (d uses 1-p forms when the probabilities are near 1, where p_sg - p_tg would cancel.)
+m_t = sum' q_tc is 1, or 0 when every non-target teacher logit is -inf (a masked
+vocabulary, a one-hot teacher): NCKD is then 0 whatever the student. Where a net's
+lse' is -inf, log q is taken against +inf (q = 0) instead of -inf - -inf = NaN.
+Both are the conventions of csrc/dkd_math.h, so the backends agree on such rows.
 
 Pass 2 (only if a gradient is requested) re-reads the row, mostly from L2,
 and writes the gradients. Rows with weight 0 are skipped: loss 0, grads 0,
-target never read.
+target never read. A counted row with a target outside [0, C) reads no logit and
+gets NaN loss and gradients (the CUDA kernel's rule; no host-side check needed).
 """
 import torch
 import triton
@@ -34,7 +39,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .._autograd import register_loss_autograd
-from ._common import empty_grad, logaddexp, online_update, row_config
+from ._common import device_guard, empty_grad, logaddexp, online_update, row_config
 
 NEG_INF = tl.constexpr(float("-inf"))
 
@@ -49,12 +54,17 @@ def _dkd_kernel(
     row = tl.program_id(0).to(tl.int64)
     w = tl.load(W + row * stride_w)
     live = w != 0.0
-    n_live = tl.where(live, n_cols, 0)
     g = tl.load(TGT + row, mask=live, other=0)  # ignored rows: target never read
+    # A counted row whose target is out of range (a bad label the Python layer did not
+    # check: torch.compile, or CUDA inputs checked without a host sync) reads nothing
+    # and gets NaN loss and gradients, as the CUDA kernel; ignored rows get 0.
+    ok = live & (g >= 0) & (g < n_cols)
+    fill = tl.where(live, float("nan"), 0.0)
+    n_live = tl.where(ok, n_cols, 0)  # skipped and bad rows run no pass-1 iteration
     s_row = S + row * stride_s
     t_row = T + row * stride_t
-    a_g = tl.load(s_row + g, mask=live, other=0.0).to(tl.float32) * inv_temp
-    b_g = tl.load(t_row + g, mask=live, other=0.0).to(tl.float32) * inv_temp
+    a_g = tl.load(s_row + g, mask=ok, other=0.0).to(tl.float32) * inv_temp
+    b_g = tl.load(t_row + g, mask=ok, other=0.0).to(tl.float32) * inv_temp
     cols = tl.arange(0, BLOCK)
 
     # ---- pass 1: non-target running (max, sum) of both nets, sum e_t (b - a) ----
@@ -86,10 +96,17 @@ def _dkd_kernel(
     q1_s = tl.exp(l1_sg)  # 1 - p_sg
     q1_t = tl.exp(l1_tg)
     tckd = tl.where(p_tg > 0.0, p_tg * (lp_tg - lp_sg), 0.0) + tl.where(q1_t > 0.0, q1_t * (l1_tg - l1_sg), 0.0)
-    # No non-target teacher mass (e.g. C == 1): the non-target KL is empty, 0.
-    nckd = tl.where(z_t > 0.0, acc / z_t - lse_ot + lse_os, 0.0)
+    # No non-target teacher mass (C == 1, a one-hot or masked teacher): the non-target
+    # distribution is empty, NCKD = 0 and its student gradient vanishes (m_t = 0).
+    has_t = z_t > 0.0
+    nckd = tl.where(has_t, acc / z_t - lse_ot + lse_os, 0.0)
+    m_t = tl.where(has_t, 1.0, 0.0)
+    # q_c = exp(x_c - lse'): where lse' = -inf every x_c (c != g) is -inf too and
+    # -inf - -inf would be NaN; subtracting +inf instead gives q = 0, the right value.
+    norm_s = tl.where(lse_os == float("-inf"), float("inf"), lse_os)
+    norm_t = tl.where(lse_ot == float("-inf"), float("inf"), lse_ot)
     scale = w * temp * temp
-    tl.store(LOSS + row, tl.where(live, scale * (alpha * tckd + beta * nckd), 0.0))
+    tl.store(LOSS + row, tl.where(ok, scale * (alpha * tckd + beta * nckd), fill))
 
     # ---- pass 2: gradients ----
     if GRAD_S or GRAD_T:
@@ -107,18 +124,18 @@ def _dkd_kernel(
             b = tl.load(t_row + offs, mask=load_mask, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
             a = a * inv_temp
             b = b * inv_temp
-            log_qs = a - lse_os
-            log_qt = b - lse_ot
+            log_qs = a - norm_s
+            log_qt = b - norm_t
             q_s = tl.where(is_g, 0.0, tl.exp(log_qs))
             q_t = tl.where(is_g, 0.0, tl.exp(log_qt))
             if GRAD_S:
-                gs = tl.where(is_g, alpha * d, -alpha * d * q_s + beta * (q_s - q_t))
-                gs = tl.where(live, coef * gs, 0.0)
+                gs = tl.where(is_g, alpha * d, (beta * m_t - alpha * d) * q_s - beta * q_t)
+                gs = tl.where(ok, coef * gs, fill)
                 tl.store(GS + row * stride_gs + offs, gs.to(GS.dtype.element_ty), mask=mask)
             if GRAD_T:
                 nc = tl.where(q_t > 0.0, q_t * (log_qt - log_qs - nckd), 0.0)
                 gt = tl.where(is_g, alpha * big_d, -alpha * big_d * q_t + beta * nc)
-                gt = tl.where(live, coef * gt, 0.0)
+                gt = tl.where(ok, coef * gt, fill)
                 tl.store(GT + row * stride_gt + offs, gt.to(GT.dtype.element_ty), mask=mask)
 
 
@@ -149,14 +166,15 @@ def dkd_fwd(
     gt = torch.empty_like(teacher) if grad_teacher else empty_grad(teacher)
     if n:
         block, num_warps = row_config(c)
-        wrap_triton(_dkd_kernel)[(n,)](
-            student, teacher, target, row_weight, loss_rows, gs, gt,
-            student.stride(0), teacher.stride(0),
-            gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0,
-            row_weight.stride(0),
-            c, 1.0 / temperature, float(alpha), float(beta), float(temperature),
-            GRAD_S=grad_student, GRAD_T=grad_teacher, BLOCK=block, num_warps=num_warps,
-        )
+        with device_guard(student):  # launch on the input's device
+            wrap_triton(_dkd_kernel)[(n,)](
+                student, teacher, target, row_weight, loss_rows, gs, gt,
+                student.stride(0), teacher.stride(0),
+                gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0,
+                row_weight.stride(0),
+                c, 1.0 / temperature, float(alpha), float(beta), float(temperature),
+                GRAD_S=grad_student, GRAD_T=grad_teacher, BLOCK=block, num_warps=num_warps,
+            )
     loss = loss_rows.sum() if reduce else loss_rows
     return loss, gs, gt
 

@@ -21,6 +21,10 @@ Temperature (KD only; a = s/T and b = t/T both move with T, da/dT = -a/T):
 Since sum (p_s - p_t) = 0 and sum p_t (r - KL) = 0, a and b may be shifted by
 any per-row constant; the kernel uses log p_s = a - lse_s and log p_t = b - lse_t,
 which are O(1) where the probabilities matter, instead of the raw logits.
+Logits with a large common offset (1e4): the row maximum is subtracted from the
+raw logits before scaling, log p_s = (s - m_s) / T - log z_s, so nothing is
+rounded at the offset's scale (s / T would be, to 2.4e-4 at 1e4 / 2: measured
+errors of 2e-4 in the gradients and 1.7e-3 in dL/dT, now 2e-7 and 2e-6).
 
 Passes over a row: pass 1 reads s and t once and keeps running maxima and sums
 (lse of both, and sum exp(b - m_t) (b - a) for the KL). Pass 2, only when a
@@ -29,7 +33,8 @@ same program, so on a GPU it mostly comes from L2: pass 1 loads with
 evict_last, pass 2 with evict_first) and writes the gradients, which need the
 final lse. No float32 [N, C] temporaries: only the requested gradients are written.
 Rows with weight 0 (ignored, or sample weight 0) are skipped: loss 0, grads 0,
-their logits and target are never read.
+their logits and target are never read. An ATS row with weight != 0 and a target
+outside [0, C) reads no logit and gets NaN loss and gradients (as the CUDA kernel).
 """
 import torch
 import triton
@@ -37,7 +42,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .._autograd import register_loss_autograd
-from ._common import empty_grad, online_update, row_config
+from ._common import device_guard, empty_grad, online_update, online_update_scaled, row_config
 
 
 @triton.jit
@@ -53,48 +58,65 @@ def _kd_kernel(
     row = tl.program_id(0).to(tl.int64)  # 64-bit: row * stride may pass 2^31
     w = tl.load(W + row * stride_w)
     live = w != 0.0
-    n_live = tl.where(live, n_cols, 0)  # skipped rows run no pass-1 iteration
     if IS_ATS:
         inv_a = inv_student_temp
         l2 = ats_scale
         g = tl.load(TGT + row, mask=live, other=-1)  # ignored rows: target never read
+        # A counted row with a target outside [0, C) (unchecked under torch.compile or
+        # on CUDA without a host sync) reads nothing and gets NaN loss and gradients,
+        # as the CUDA kernel does; ignored rows still get 0.
+        ok = live & (g >= 0) & (g < n_cols)
     else:
         temp = tl.load(TEMP + row * stride_temp)
         inv_a = 1.0 / temp
         l2 = temp * temp
         g = -1
+        ok = live
+    fill = tl.where(live, float("nan"), 0.0)
+    n_live = tl.where(ok, n_cols, 0)  # skipped and bad rows run no pass-1 iteration
     s_row = S + row * stride_s
     t_row = T + row * stride_t
     cols = tl.arange(0, BLOCK)
 
     # ---- pass 1: running (max, sum) for both nets, and sum e_t * (b - a) ----
+    # Student: running max m_s of the raw logits s, log p_s = (s - m_s) / T - log z_s
+    # (the shift comes before the scaling: see online_update_scaled). KD's teacher
+    # likewise; ATS's teacher has per-class temperatures, which make its softmax depend
+    # on the logits' absolute values, so it is scaled first (b = t / tau_c, m_t in
+    # scaled units). Differences of large values are formed in raw units: t - s and
+    # m_t - m_s are exact where the logits share a large offset.
     m_s = float("-inf")
     z_s = 0.0
     m_t = float("-inf")
     z_t = 0.0
-    acc = 0.0
+    acc = 0.0  # sum e_t * (b - a), rescaled with the teacher's running max
     for start in range(0, n_live, BLOCK):
         offs = start + cols
         mask = offs < n_cols
         # evict_last: pass 2 re-reads the row and should find it in L2
-        a = tl.load(s_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32) * inv_a
+        s = tl.load(s_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
         t = tl.load(t_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+        m_s, z_s, _e_s, _alpha_s = online_update_scaled(m_s, z_s, s, inv_a)
         if IS_ATS:
             b = t * tl.where(offs == g, inv_target_temp, inv_other_temp)
+            m_t, z_t, e_t, alpha_t = online_update(m_t, z_t, b)
+            diff = b - s * inv_a
         else:
-            b = t * inv_a
-        m_s, z_s, _e_s, _alpha_s = online_update(m_s, z_s, a)
-        m_t, z_t, e_t, alpha_t = online_update(m_t, z_t, b)
+            m_t, z_t, e_t, alpha_t = online_update_scaled(m_t, z_t, t, inv_a)
+            diff = (t - s) * inv_a
         # p_t == 0 (teacher -inf, masked lanes) adds exactly 0, not 0 * inf.
-        diff = tl.where(e_t > 0.0, b - a, 0.0)
-        acc = acc * alpha_t + tl.sum(e_t * diff, 0)
-    lse_s = m_s + tl.log(z_s)
-    lse_t = m_t + tl.log(z_t)
+        acc = acc * alpha_t + tl.sum(e_t * tl.where(e_t > 0.0, diff, 0.0), 0)
+    lz_s = tl.log(z_s)
+    lz_t = tl.log(z_t)
+    if IS_ATS:
+        m_gap = m_t - m_s * inv_a  # lse_t - lse_s = m_gap + lz_t - lz_s
+    else:
+        m_gap = (m_t - m_s) * inv_a
     # KL = E_t[b - a] - lse_t + lse_s
-    kl = acc / z_t - lse_t + lse_s
-    tl.store(LOSS + row, tl.where(live, w * l2 * kl, 0.0))
+    kl = acc / z_t - m_gap - lz_t + lz_s
+    tl.store(LOSS + row, tl.where(ok, w * l2 * kl, fill))
 
-    # ---- pass 2: gradients with the final lse ----
+    # ---- pass 2: gradients with the final statistics ----
     if GRAD_S or GRAD_T or GRAD_TEMP:
         coef = w * l2  # d(row loss)/dKL
         temp_sum = 0.0  # sum (p_s - p_t) log p_s + sum p_t (r - KL) log p_t
@@ -102,25 +124,26 @@ def _kd_kernel(
             offs = start + cols
             mask = offs < n_cols
             load_mask = offs < n_live  # nothing is read from skipped rows
-            a = tl.load(s_row + offs, mask=load_mask, other=float("-inf"), eviction_policy="evict_first")
-            a = a.to(tl.float32) * inv_a
-            t = tl.load(t_row + offs, mask=load_mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
+            s = tl.load(s_row + offs, mask=load_mask, other=float("-inf"), eviction_policy="evict_first")
+            t = tl.load(t_row + offs, mask=load_mask, other=float("-inf"), eviction_policy="evict_first")
+            s = s.to(tl.float32)
+            t = t.to(tl.float32)
+            log_ps = (s - m_s) * inv_a - lz_s
             if IS_ATS:
                 inv_b = tl.where(offs == g, inv_target_temp, inv_other_temp)
+                log_pt = t * inv_b - m_t - lz_t
             else:
                 inv_b = inv_a
-            b = t * inv_b
-            log_ps = a - lse_s
-            log_pt = b - lse_t
+                log_pt = (t - m_t) * inv_a - lz_t
             p_s = tl.exp(log_ps)
             p_t = tl.exp(log_pt)
             if GRAD_S:
-                gs = tl.where(live, coef * inv_a * (p_s - p_t), 0.0)
+                gs = tl.where(ok, coef * inv_a * (p_s - p_t), fill)
                 tl.store(GS + row * stride_gs + offs, gs.to(GS.dtype.element_ty), mask=mask)
             if GRAD_T or GRAD_TEMP:
                 r = tl.where(p_t > 0.0, log_pt - log_ps - kl, 0.0)
             if GRAD_T:
-                gt = tl.where(live, coef * inv_b * p_t * r, 0.0)
+                gt = tl.where(ok, coef * inv_b * p_t * r, fill)
                 tl.store(GT + row * stride_gt + offs, gt.to(GT.dtype.element_ty), mask=mask)
             if GRAD_TEMP:
                 term_s = tl.where(log_ps > float("-inf"), (p_s - p_t) * log_ps, 0.0)
@@ -129,7 +152,7 @@ def _kd_kernel(
         if GRAD_TEMP:
             # dL/dT = w * (2 T KL - T * temp_sum); here temp = T and l2 = T^2.
             g_temp = w * (2.0 * temp * kl - temp * temp_sum)
-            tl.store(GTEMP + row, tl.where(live, g_temp, 0.0))
+            tl.store(GTEMP + row, tl.where(ok, g_temp, fill))
 
 
 def _launch(student, teacher, temperature, target, row_weight, reduce, grad_student, grad_teacher,
@@ -147,16 +170,17 @@ def _launch(student, teacher, temperature, target, row_weight, reduce, grad_stud
     is_ats = ats_args is not None
     if n:
         block, num_warps = row_config(c)
-        wrap_triton(_kd_kernel)[(n,)](
-            student, teacher, temperature, target, row_weight, loss_rows, gs, gt, gtemp,
-            student.stride(0), teacher.stride(0),
-            gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0,
-            temperature.stride(0), row_weight.stride(0),
-            c, *(ats_args if is_ats else (1.0, 1.0, 1.0, 1.0)),
-            IS_ATS=is_ats,
-            GRAD_S=grad_student, GRAD_T=grad_teacher, GRAD_TEMP=grad_temperature,
-            BLOCK=block, num_warps=num_warps,
-        )
+        with device_guard(student):  # launch on the input's device
+            wrap_triton(_kd_kernel)[(n,)](
+                student, teacher, temperature, target, row_weight, loss_rows, gs, gt, gtemp,
+                student.stride(0), teacher.stride(0),
+                gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0,
+                temperature.stride(0), row_weight.stride(0),
+                c, *(ats_args if is_ats else (1.0, 1.0, 1.0, 1.0)),
+                IS_ATS=is_ats,
+                GRAD_S=grad_student, GRAD_T=grad_teacher, GRAD_TEMP=grad_temperature,
+                BLOCK=block, num_warps=num_warps,
+            )
     loss = loss_rows.sum() if reduce else loss_rows
     return loss, gs, gt, gtemp
 

@@ -23,7 +23,7 @@ from torch.library import triton_op, wrap_triton
 from fastkd._mask import mask_threshold, mix_int
 
 from .._autograd import register_loss_autograd
-from ._common import empty_grad
+from ._common import device_guard, empty_grad
 
 # Element-wise passes: 4096 elements per program at 8 warps = 16 per thread,
 # i.e. two 16-byte loads of bf16 (four of f32) per tensor: enough in flight per SM.
@@ -79,10 +79,11 @@ def mgd_mask(x: torch.Tensor, seed: int, mask_ratio: float, spatial: bool) -> to
     if numel:
         _, c, h, w = x.shape
         grid = (triton.cdiv(numel, ELEM_BLOCK),)
-        wrap_triton(_mgd_mask_kernel)[grid](
-            x, out, numel, mix_int(seed), mask_threshold(mask_ratio),
-            HW=int(h * w), CHW=int(c * h * w), SPATIAL=spatial, BLOCK=ELEM_BLOCK, num_warps=ELEM_WARPS,
-        )
+        with device_guard(x):  # launch on the input's device
+            wrap_triton(_mgd_mask_kernel)[grid](
+                x, out, numel, mix_int(seed), mask_threshold(mask_ratio),
+                HW=int(h * w), CHW=int(c * h * w), SPATIAL=spatial, BLOCK=ELEM_BLOCK, num_warps=ELEM_WARPS,
+            )
     return out
 
 
@@ -127,10 +128,11 @@ def mgd_sq_err(
     n_prog = triton.cdiv(numel, ELEM_BLOCK)
     part = torch.zeros(max(n_prog, 1), dtype=torch.float32, device=pred.device)
     if numel:
-        wrap_triton(_sq_err_kernel)[(n_prog,)](
-            pred, teacher, part, gp, gt, numel, float(scale),
-            GRAD_P=grad_pred, GRAD_T=grad_teacher, BLOCK=ELEM_BLOCK, num_warps=ELEM_WARPS,
-        )
+        with device_guard(pred):  # launch on the input's device
+            wrap_triton(_sq_err_kernel)[(n_prog,)](
+                pred, teacher, part, gp, gt, numel, float(scale),
+                GRAD_P=grad_pred, GRAD_T=grad_teacher, BLOCK=ELEM_BLOCK, num_warps=ELEM_WARPS,
+            )
     return part.sum() * scale, gp, gt
 
 
