@@ -90,15 +90,21 @@ def _assert_matches(loss, backend, s, t, target=None, weight=None, temperature=2
     temp64 = temperature.double() if isinstance(temperature, torch.Tensor) else temperature
     ref_out, ref_grads = _run(loss, "reference", s.double(), t.double(), target,
                               None if weight is None else weight.double(), temp64, reduction)
+    # The same reference in float32: how well float32 can do at all. Where the problem is
+    # ill-conditioned (dL/dT is a difference of sums of size T * KL that nearly cancel) the
+    # bound widens to 4x that floor; elsewhere the floor is far below the tolerance.
+    _, ref32_grads = _run(loss, "reference", s, t, target, weight, temperature, reduction)
     assert out.dtype == torch.float32 and out.shape == ref_out.shape
     torch.testing.assert_close(out.double().cpu(), ref_out.cpu(), rtol=loss_tol, atol=loss_tol * 1e-3)
-    for name, g, r, x in zip(("student", "teacher", "temperature"), grads, ref_grads, (s, t, temperature)):
+    for name, g, r, r32, x in zip(("student", "teacher", "temperature"), grads, ref_grads, ref32_grads,
+                                  (s, t, temperature)):
         assert g.shape == r.shape and (name == "temperature" or g.dtype == x.dtype), name
         assert torch.isfinite(g).all(), f"{name} gradient has non-finite entries"
         err = _rel_norm(g, r)
-        assert err < grad_tol, f"{name} gradient: relative norm error {err:.2e} >= {grad_tol:.0e}"
+        bound = max(grad_tol, 4 * _rel_norm(r32, r))
+        assert err < bound, f"{name} gradient: relative norm error {err:.2e} >= {bound:.1e}"
         scale = float(r.abs().max())
-        torch.testing.assert_close(g.double().cpu(), r.cpu(), rtol=grad_tol * 10, atol=grad_tol * scale)
+        torch.testing.assert_close(g.double().cpu(), r.cpu(), rtol=bound * 10, atol=bound * scale)
 
 
 def _case(loss, backend, shape_name, dtype, layout, seed=0):
