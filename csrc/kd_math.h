@@ -46,10 +46,8 @@ FASTKD_HD float rescale(float m_old, float m_new) {
 FASTKD_HD float max_ignoring_nan(float x, float y) { return x > y ? x : y; }
 
 // v where p > 0, else 0: the xlogy convention (a term of probability 0 adds 0 even
-// when v is NaN or inf). v is an argument, so it is computed unconditionally and
-// the select needs no branch: GCC does not if-convert a conditionally evaluated
-// float product under its default -ftrapping-math, and the CPU loops calling this
-// would not vectorise (measured: 5x slower KD rows).
+// when v is NaN or inf). v is an argument, computed unconditionally: a plain select,
+// which the CPU loops vectorise (given the -fno-trapping-math of csrc/cpu/vec_exp.h).
 FASTKD_HD float where_positive(float p, float v) { return p > 0.0f ? v : 0.0f; }
 
 // Partial statistics of one row (or part of one): running maxima and sums of
