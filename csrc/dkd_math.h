@@ -92,7 +92,7 @@ FASTKD_HD float dkd_student_other(const DKDRow& r, float alpha, float beta, floa
 }
 
 FASTKD_HD float dkd_teacher_other(const DKDRow& r, float alpha, float beta, float q_t, float a, float b) {
-  return q_t > 0.0f ? q_t * (beta * ((b - r.norm_t) - (a - r.norm_s) - r.nckd) - alpha * r.big_d) : 0.0f;
+  return where_positive(q_t, q_t * (beta * ((b - r.norm_t) - (a - r.norm_s) - r.nckd) - alpha * r.big_d));
 }
 
 // dR/da_g and dR/db_g.

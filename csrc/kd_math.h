@@ -45,6 +45,11 @@ FASTKD_HD float rescale(float m_old, float m_new) {
 
 FASTKD_HD float max_ignoring_nan(float x, float y) { return x > y ? x : y; }
 
+// v where p > 0, else 0: the xlogy convention (a term of probability 0 adds 0 even
+// when v is NaN or inf). v is an argument, computed unconditionally: a plain select,
+// which the CPU loops vectorise (given the -fno-trapping-math of csrc/cpu/vec_exp.h).
+FASTKD_HD float where_positive(float p, float v) { return p > 0.0f ? v : 0.0f; }
+
 // Partial statistics of one row (or part of one): running maxima and sums of
 // exp for student (ms, zs) and teacher (mt, zt), and cross = sum exp(b - mt) (b - a).
 struct KDStats {
@@ -63,7 +68,7 @@ FASTKD_HD KDStats kd_stats_merge(const KDStats& x, const KDStats& y) {
 }
 
 // Contribution of one teacher term to `cross`: e_t (b - a), 0 where e_t == 0.
-FASTKD_HD float kd_cross_term(float e_t, float a, float b) { return e_t > 0.0f ? e_t * (b - a) : 0.0f; }
+FASTKD_HD float kd_cross_term(float e_t, float a, float b) { return where_positive(e_t, e_t * (b - a)); }
 
 struct KDRow {
   float lse_s, lse_t, kl;
@@ -82,13 +87,13 @@ FASTKD_HD float kd_log_ratio(const KDRow& r, float a, float b) { return (b - r.l
 
 // Teacher-gradient factor p_t (log p_t - log p_s - KL), 0 where p_t == 0.
 FASTKD_HD float kd_teacher_term(const KDRow& r, float p_t, float a, float b) {
-  return p_t > 0.0f ? p_t * (kd_log_ratio(r, a, b) - r.kl) : 0.0f;
+  return where_positive(p_t, p_t * (kd_log_ratio(r, a, b) - r.kl));
 }
 
 // The two sums of dL/dT for one class (see the header comment), a and b shifted.
 FASTKD_HD void kd_dtemp_terms(const KDRow& r, float p_s, float p_t, float a, float b, float& a1, float& a2) {
-  a1 += (p_s > 0.0f ? p_s * a : 0.0f) - (p_t > 0.0f ? p_t * a : 0.0f);
-  a2 += p_t > 0.0f ? p_t * (kd_log_ratio(r, a, b) - r.kl) * b : 0.0f;
+  a1 += where_positive(p_s, p_s * a) - where_positive(p_t, p_t * a);
+  a2 += where_positive(p_t, p_t * (kd_log_ratio(r, a, b) - r.kl) * b);
 }
 
 // dL/dT of one row, before the row weight.
@@ -166,7 +171,7 @@ FASTKD_HD void kd_raw_push(KDRawStats& st, float s, float t, float inv_t) {
   } else if (st.mt != -INFINITY || t != t) {
     const float b = (t - st.mt) * inv_t, et = kd_fast_exp(b);
     st.zt += et;
-    st.cross += et > 0.0f ? et * (b - a) : 0.0f;
+    st.cross += kd_cross_term(et, a, b);
   }
 }
 

@@ -9,8 +9,9 @@
 //      with one writer per slot: no races, the same bits on every run;
 //   3. per row (parallel over rows), two sweeps of the row: the first computes
 //      y_s, y_t into per-thread row buffers and the row's correlation sums and
-//      dot products <y, G>; the second (only when a gradient is wanted) writes
-//      the gradients from the buffers.
+//      dot products <y, G> (only those of the nets whose gradient is wanted, so
+//      that only the class arrays they need are read); the second (only when a
+//      gradient is wanted) writes the gradients from the buffers, both nets in one loop.
 // Temporaries: [N] and [C] statistics, the [ceil(N / kRowSlice), 5, C] float64 partial
 // sums (about 2% of the bytes of a float32 [N, C]), and two float32 rows per thread.
 #include <ATen/ATen.h>
@@ -82,52 +83,74 @@ struct RowSums {
   float p, vs, vt, a_st, a_ss, a_ts, a_tt, js, jt;
 };
 
-// Sweep 1: y into ys / yt and the row's sums.
-FASTKD_CPU_CLONES
-RowSums dist_row_sweep(const float* s, const float* t, int64_t C, float inv_tau, float lse_s, float lse_t,
-                       ClassArrays k, float* ys, float* yt) {
+// Sweep 1: the row's sums and, when a gradient is wanted, y into ys / yt. Only the
+// pieces of the nets whose gradient is wanted are summed, so the per-class arrays
+// are read only as needed: none for the loss alone, four of the five for one net
+// (the class sweeps are bound by these reads: 4 bytes each per element, as many as
+// the logits themselves).
+template <bool kGradS, bool kGradT>
+FASTKD_INLINE RowSums dist_row_sweep_impl(const float* s, const float* t, int64_t C, float inv_tau, float lse_s,
+                                          float lse_t, ClassArrays k, float* ys, float* yt) {
   const float inv_c = 1.0f / static_cast<float>(C);
   float p = 0.0f, vs = 0.0f, vt = 0.0f, a_st = 0.0f, a_ss = 0.0f, a_ts = 0.0f, a_tt = 0.0f, js = 0.0f, jt = 0.0f;
 #pragma omp simd reduction(+ : p, vs, vt, a_st, a_ss, a_ts, a_tt, js, jt)
   for (int64_t j = 0; j < C; ++j) {
     const float x = vexp(s[j] * inv_tau - lse_s), y = vexp(t[j] * inv_tau - lse_t);
     const float xc = x - inv_c, yc = y - inv_c;
-    ys[j] = x;
-    yt[j] = y;
     p += xc * yc;
     vs += xc * xc;
     vt += yc * yc;
-    a_st += x * yc;
-    a_ss += x * xc;
-    a_ts += y * xc;
-    a_tt += y * yc;
-    js += x * dist_term(k.u[j], k.vs[j], x, y, k.ms[j], k.mt[j]);
-    jt += y * dist_term(k.u[j], k.vt[j], y, x, k.mt[j], k.ms[j]);
+    if (kGradS || kGradT) ys[j] = x, yt[j] = y;
+    if (kGradS) {
+      a_st += x * yc;
+      a_ss += x * xc;
+      js += x * dist_term(k.u[j], k.vs[j], x, y, k.ms[j], k.mt[j]);
+    }
+    if (kGradT) {
+      a_ts += y * xc;
+      a_tt += y * yc;
+      jt += y * dist_term(k.u[j], k.vt[j], y, x, k.mt[j], k.ms[j]);
+    }
   }
   return {p, vs, vt, a_st, a_ss, a_ts, a_tt, js, jt};
 }
 
-// Sweep 2: dL/dx = (1/tau) y (G - <y, G>) for the nets whose gradient row is non-null.
 FASTKD_CPU_CLONES
-void dist_grad_sweep(const float* ys, const float* yt, int64_t C, float inv_tau, const DistCoef& row, float dot_s,
-                     float dot_t, ClassArrays k, float* gs, float* gt) {
+RowSums dist_row_sweep(const float* s, const float* t, int64_t C, float inv_tau, float lse_s, float lse_t,
+                       ClassArrays k, float* ys, float* yt, bool grad_s, bool grad_t) {
+  if (grad_s && grad_t) return dist_row_sweep_impl<true, true>(s, t, C, inv_tau, lse_s, lse_t, k, ys, yt);
+  if (grad_s) return dist_row_sweep_impl<true, false>(s, t, C, inv_tau, lse_s, lse_t, k, ys, yt);
+  if (grad_t) return dist_row_sweep_impl<false, true>(s, t, C, inv_tau, lse_s, lse_t, k, ys, yt);
+  return dist_row_sweep_impl<false, false>(s, t, C, inv_tau, lse_s, lse_t, k, ys, yt);
+}
+
+// Sweep 2: dL/dx = (1/tau) y (G - <y, G>) for the nets whose gradient row is non-null,
+// in one loop for both nets (each class array read once per element, not twice).
+template <bool kGradS, bool kGradT>
+FASTKD_INLINE void dist_grad_sweep_impl(const float* ys, const float* yt, int64_t C, float inv_tau,
+                                        const DistCoef& row, float dot_s, float dot_t, ClassArrays k, float* gs,
+                                        float* gt) {
   const float inv_c = 1.0f / static_cast<float>(C);
-  if (gs) {
 #pragma omp simd
-    for (int64_t j = 0; j < C; ++j) {
-      const float x = ys[j], y = yt[j];
+  for (int64_t j = 0; j < C; ++j) {
+    const float x = ys[j], y = yt[j];
+    if (kGradS) {
       const float g = dist_term(row.u, row.vs, x, y, inv_c, inv_c) + dist_term(k.u[j], k.vs[j], x, y, k.ms[j], k.mt[j]);
       gs[j] = inv_tau * x * (g - dot_s);
     }
-  }
-  if (gt) {
-#pragma omp simd
-    for (int64_t j = 0; j < C; ++j) {
-      const float x = ys[j], y = yt[j];
+    if (kGradT) {
       const float g = dist_term(row.u, row.vt, y, x, inv_c, inv_c) + dist_term(k.u[j], k.vt[j], y, x, k.mt[j], k.ms[j]);
       gt[j] = inv_tau * y * (g - dot_t);
     }
   }
+}
+
+FASTKD_CPU_CLONES
+void dist_grad_sweep(const float* ys, const float* yt, int64_t C, float inv_tau, const DistCoef& row, float dot_s,
+                     float dot_t, ClassArrays k, float* gs, float* gt) {
+  if (gs && gt) dist_grad_sweep_impl<true, true>(ys, yt, C, inv_tau, row, dot_s, dot_t, k, gs, gt);
+  else if (gs) dist_grad_sweep_impl<true, false>(ys, yt, C, inv_tau, row, dot_s, dot_t, k, gs, gt);
+  else if (gt) dist_grad_sweep_impl<false, true>(ys, yt, C, inv_tau, row, dot_s, dot_t, k, gs, gt);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
@@ -190,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_fwd_cpu(const at::Tensor& st
     std::vector<float> sbuf, tbuf, ys(C), yt(C), gsbuf, gtbuf;
     for (int64_t i = begin; i < end; ++i) {
       const RowSums sums = dist_row_sweep(input_row(student, i, sbuf), input_row(teacher, i, tbuf), C, inv_tau,
-                                          lse_s[i], lse_t[i], k, ys.data(), yt.data());
+                                          lse_s[i], lse_t[i], k, ys.data(), yt.data(), grad_student, grad_teacher);
       const DistCoef row = dist_row(sums.p, sums.vs, sums.vt, scale_row);
       rho_rows[i] = row.rho;
       if (grad_student || grad_teacher) {

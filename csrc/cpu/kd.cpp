@@ -2,11 +2,14 @@
 // and teacher gradients and d/dT (math in csrc/kd_math.h), parallel over rows,
 // vectorised over classes.
 //
-// Passes over a row: (1) online statistics in chunks of kStatsChunk columns (chunk
-// max, then the sums of exp relative to it, merged into the running
-// statistics), (2) only when a gradient is wanted, the gradients. A chunk of
-// both nets stays in L1 between its max and its sums, and a whole row of the
-// usual vocabularies stays in L2 between the two passes.
+// Passes over a row: (1) statistics in chunks of kStatsChunk columns (chunk
+// maxima, then the exps relative to them, merged into the row's statistics),
+// keeping both exps of every column when a gradient is wanted: the student's in
+// the student-gradient row (or a per-thread row buffer), the teacher's in a
+// per-thread row buffer; (2) only when a gradient is wanted, the gradients from
+// the kept exps, rescaled per chunk, so two exps per element in all. A chunk of
+// both nets stays in L1 between its max and its exps, and a whole row of the
+// usual vocabularies (inputs and kept exps) stays in L2 between the two passes.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,10 +26,10 @@ namespace {
 
 // KDRawStats (csrc/kd_math.h) of one chunk of raw logits: the chunk maxima first,
 // then the sums relative to them (one exp per element and net). With kKeep it
-// also stores exp(a - chunk max) into `kept` (the student-gradient row, so that
-// the gradient pass needs one exp per element, not two).
-template <bool kKeep = false>
-FASTKD_INLINE KDRawStats kd_chunk_stats(const float* s, const float* t, int64_t n, float inv_t, float* kept = nullptr) {
+// also stores the exps, exp((x - chunk max) / T), into kept_s and kept_t.
+template <bool kKeep>
+FASTKD_INLINE KDRawStats kd_chunk_stats(const float* s, const float* t, int64_t n, float inv_t, float* kept_s,
+                                        float* kept_t) {
   float ms = -INFINITY, mt = -INFINITY;
 #pragma omp simd reduction(max : ms, mt)
   for (int64_t j = 0; j < n; ++j) {
@@ -40,7 +43,7 @@ FASTKD_INLINE KDRawStats kd_chunk_stats(const float* s, const float* t, int64_t 
   for (int64_t j = 0; j < n; ++j) {
     const float a = (s[j] - base_s) * inv_t, b = (t[j] - base_t) * inv_t;  // raw differences first
     const float es = vexp(a), et = vexp(b);
-    if (kKeep) kept[j] = es;
+    if (kKeep) kept_s[j] = es, kept_t[j] = et;
     zs += es;
     zt += et;
     cross += kd_cross_term(et, a, b);
@@ -48,71 +51,91 @@ FASTKD_INLINE KDRawStats kd_chunk_stats(const float* s, const float* t, int64_t 
   return {ms, zs, mt, zt, cross};
 }
 
+// The gradients of one chunk from its kept exps: p = kept * to_p (to_p per net:
+// exp((chunk max - row max) / T - lse)). kept_s may be gs itself (read, then
+// overwritten). The inputs are read again only for the teacher gradient and dL/dT.
 template <bool kGradS, bool kGradT, bool kDTemp>
-FASTKD_INLINE void kd_grad_pass(const float* s, const float* t, int64_t C, float inv_t, const KDRawStats& st,
-                                const KDRow& r, float coef, float* gs, float* gt, float& a1, float& a2) {
+FASTKD_INLINE void kd_grad_chunk(const float* s, const float* t, int64_t n, float inv_t, const KDRawStats& st,
+                                 const KDRow& r, float to_ps, float to_pt, const float* kept_s, const float* kept_t,
+                                 float coef, float* gs, float* gt, float& a1, float& a2) {
   float s1 = 0.0f, s2 = 0.0f;
   const float ms = st.ms, mt = st.mt;
 #pragma omp simd reduction(+ : s1, s2)
-  for (int64_t j = 0; j < C; ++j) {
-    const float a = (s[j] - ms) * inv_t, b = (t[j] - mt) * inv_t;
-    const float ps = vexp(a - r.lse_s), pt = vexp(b - r.lse_t);
+  for (int64_t j = 0; j < n; ++j) {
+    const float ps = kept_s[j] * to_ps, pt = kept_t[j] * to_pt;
     if (kGradS) gs[j] = coef * (ps - pt);
-    if (kGradT) gt[j] = coef * kd_teacher_term(r, pt, a, b);
-    if (kDTemp) kd_dtemp_terms(r, ps, pt, a, b, s1, s2);
+    if (kGradT || kDTemp) {
+      const float a = (s[j] - ms) * inv_t, b = (t[j] - mt) * inv_t;
+      if (kGradT) gt[j] = coef * kd_teacher_term(r, pt, a, b);
+      if (kDTemp) kd_dtemp_terms(r, ps, pt, a, b, s1, s2);
+    }
   }
-  a1 = s1, a2 = s2;
+  a1 += s1, a2 += s2;
 }
 
-// The usual training case (teacher detached, float temperature): the student
-// gradient from the exps kept in `gs` by the statistics pass, rescaled per chunk.
-FASTKD_INLINE void kd_student_grad_from_kept(const float* t, int64_t C, float inv_t, const KDRawStats& st,
-                                             const KDRow& r, float coef, const float* chunk_max, float* gs) {
-  const float mt = st.mt;
+// The gradient pass over a row, chunk by chunk (`chunk_max`: both nets' maxima per chunk).
+template <bool kGradS, bool kGradT, bool kDTemp>
+FASTKD_INLINE void kd_grad_pass(const float* s, const float* t, int64_t C, float inv_t, const KDRawStats& st,
+                                const KDRow& r, const float* chunk_max, const float* kept_s, const float* kept_t,
+                                float coef, float* gs, float* gt, float& a1, float& a2) {
   for (int64_t c0 = 0, k = 0; c0 < C; c0 += kStatsChunk, ++k) {
     const int64_t n = std::min(kStatsChunk, C - c0);
-    // exp((s - chunk max) / T) * to_prob = p_s; 0 for an all -inf chunk (its kept exps are 0)
-    const float to_prob = expf(raw_gap(chunk_max[k], st.ms) * inv_t - r.lse_s);
-    float* g = gs + c0;
-    const float* tc = t + c0;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) g[j] = coef * (g[j] * to_prob - vexp((tc[j] - mt) * inv_t - r.lse_t));
+    // 0 for an all -inf chunk (whose kept exps are 0)
+    const float to_ps = expf(raw_gap(chunk_max[2 * k], st.ms) * inv_t - r.lse_s);
+    const float to_pt = expf(raw_gap(chunk_max[2 * k + 1], st.mt) * inv_t - r.lse_t);
+    kd_grad_chunk<kGradS, kGradT, kDTemp>(s + c0, t + c0, n, inv_t, st, r, to_ps, to_pt, kept_s + c0, kept_t + c0,
+                                          coef, kGradS ? gs + c0 : nullptr, kGradT ? gt + c0 : nullptr, a1, a2);
   }
 }
 
+// Per-thread scratch of kd_row: kept exps of one row (the student's only when it
+// has no gradient row to live in) and both maxima of every chunk.
+struct KDScratch {
+  std::vector<float> kept_s, kept_t, chunk_max;
+};
+
 // One row: returns the weighted loss, writes the weighted gradients (gs / gt may
-// be null) and, if asked, the weighted dL/dT. `chunk_max` has room for one float
-// per chunk of the row.
+// be null) and, if asked, the weighted dL/dT.
 FASTKD_CPU_CLONES
 float kd_row(const float* s, const float* t, int64_t C, float T, float w, float* gs, float* gt, float* dtemp,
-             float* chunk_max) {
+             KDScratch& scratch) {
   const float inv_t = 1.0f / T;
-  const bool student_only = gs && !gt && !dtemp;
+  const int mode = (gs ? 1 : 0) | (gt ? 2 : 0) | (dtemp ? 4 : 0);
+  float *kept_s = gs, *kept_t = nullptr;
+  if (mode) {
+    scratch.kept_t.resize(C);
+    kept_t = scratch.kept_t.data();
+    if (!gs) {
+      scratch.kept_s.resize(C);
+      kept_s = scratch.kept_s.data();
+    }
+  }
+  scratch.chunk_max.resize(2 * ((C + kStatsChunk - 1) / kStatsChunk));
+  float* chunk_max = scratch.chunk_max.data();
   KDRawStats st = kd_raw_empty();
   for (int64_t c0 = 0, k = 0; c0 < C; c0 += kStatsChunk, ++k) {
     const int64_t n = std::min(kStatsChunk, C - c0);
-    const KDRawStats chunk = student_only ? kd_chunk_stats<true>(s + c0, t + c0, n, inv_t, gs + c0)
-                                          : kd_chunk_stats(s + c0, t + c0, n, inv_t);
-    chunk_max[k] = chunk.ms;
+    const KDRawStats chunk = mode ? kd_chunk_stats<true>(s + c0, t + c0, n, inv_t, kept_s + c0, kept_t + c0)
+                                  : kd_chunk_stats<false>(s + c0, t + c0, n, inv_t, nullptr, nullptr);
+    chunk_max[2 * k] = chunk.ms, chunk_max[2 * k + 1] = chunk.mt;
     st = kd_raw_merge(st, chunk, inv_t);
   }
   const KDRow r = kd_raw_finish(st);
   const float coef = w * T;
-  if (student_only) {
-    kd_student_grad_from_kept(t, C, inv_t, st, r, coef, chunk_max, gs);
-    return w * T * T * r.kl;
-  }
   float a1 = 0.0f, a2 = 0.0f;
-  const int mode = (gs ? 1 : 0) | (gt ? 2 : 0) | (dtemp ? 4 : 0);
+#define FASTKD_KD_PASS(GS, GT, DT) \
+  kd_grad_pass<GS, GT, DT>(s, t, C, inv_t, st, r, chunk_max, kept_s, kept_t, coef, gs, gt, a1, a2)
   switch (mode) {
-    case 2: kd_grad_pass<false, true, false>(s, t, C, inv_t, st, r, coef, gs, gt, a1, a2); break;
-    case 3: kd_grad_pass<true, true, false>(s, t, C, inv_t, st, r, coef, gs, gt, a1, a2); break;
-    case 4: kd_grad_pass<false, false, true>(s, t, C, inv_t, st, r, coef, gs, gt, a1, a2); break;
-    case 5: kd_grad_pass<true, false, true>(s, t, C, inv_t, st, r, coef, gs, gt, a1, a2); break;
-    case 6: kd_grad_pass<false, true, true>(s, t, C, inv_t, st, r, coef, gs, gt, a1, a2); break;
-    case 7: kd_grad_pass<true, true, true>(s, t, C, inv_t, st, r, coef, gs, gt, a1, a2); break;
+    case 1: FASTKD_KD_PASS(true, false, false); break;  // the usual training case
+    case 2: FASTKD_KD_PASS(false, true, false); break;
+    case 3: FASTKD_KD_PASS(true, true, false); break;
+    case 4: FASTKD_KD_PASS(false, false, true); break;
+    case 5: FASTKD_KD_PASS(true, false, true); break;
+    case 6: FASTKD_KD_PASS(false, true, true); break;
+    case 7: FASTKD_KD_PASS(true, true, true); break;
     default: break;
   }
+#undef FASTKD_KD_PASS
   if (dtemp) *dtemp = w * kd_dtemp(T, r.kl, a1, a2);
   return w * T * T * r.kl;
 }
@@ -134,9 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_fwd_cpu(
   float* dtemp = grad_temperature ? gT.mutable_data_ptr<float>() : nullptr;
   at::Tensor loss_rows = for_each_weighted_row(
       student, teacher, row_weight, gs, gt, [&](int64_t i, const float* s, const float* t, float* gs_row, float* gt_row) {
-        thread_local std::vector<float> chunk_max;
-        chunk_max.resize((C + kStatsChunk - 1) / kStatsChunk);
-        return kd_row(s, t, C, temp[i], weight[i], gs_row, gt_row, dtemp ? dtemp + i : nullptr, chunk_max.data());
+        thread_local KDScratch scratch;
+        return kd_row(s, t, C, temp[i], weight[i], gs_row, gt_row, dtemp ? dtemp + i : nullptr, scratch);
       });
   at::Tensor loss_out = reduce ? loss_rows.sum() : loss_rows;
   return {loss_out, gs, gt, gT};

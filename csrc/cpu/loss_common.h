@@ -49,11 +49,8 @@ constexpr int64_t kStatsChunk = 2048;
 
 // KDStats of one chunk, a = s * inv_a (student), b = t * inv_b (teacher): the
 // chunk max first, then the sums relative to it (one exp per element and net).
-// With kKeep it also stores exp(a - chunk max) into `kept` (KD's student-gradient
-// row, so that its gradient pass needs one exp per element, not two).
-template <bool kKeep = false>
-FASTKD_INLINE KDStats kl_chunk_stats(const float* s, const float* t, int64_t n, float inv_a, float inv_b,
-                                     float* kept = nullptr) {
+// (ATS and DKD; KD has its own, in raw-logit units, in kd.cpp.)
+FASTKD_INLINE KDStats kl_chunk_stats(const float* s, const float* t, int64_t n, float inv_a, float inv_b) {
   float ms = -INFINITY, mt = -INFINITY;
 #pragma omp simd reduction(max : ms, mt)
   for (int64_t j = 0; j < n; ++j) {
@@ -68,7 +65,6 @@ FASTKD_INLINE KDStats kl_chunk_stats(const float* s, const float* t, int64_t n, 
   for (int64_t j = 0; j < n; ++j) {
     const float a = s[j] * inv_a, b = t[j] * inv_b;
     const float et = vexp(b - base_t), es = vexp(a - base_s);
-    if (kKeep) kept[j] = es;
     zs += es;
     zt += et;
     cross += kd_cross_term(et, a, b);
