@@ -216,6 +216,21 @@ def _log_normalize(log_x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isneginf(lse), log_x, log_x - lse)
 
 
+def _logsumexp_near_zero(log_x: torch.Tensor) -> torch.Tensor:
+    """Row logsumexp ``[N, 1]`` accurate to relative rounding when it is close to 0 (a sum close to 1).
+
+    ``m + log1p(sum of the other terms)``: the largest term contributes exactly 1 and is
+    not added to the sum, so a top-k mass of ``1 - 1e-9`` keeps its ``1e-9`` (``logsumexp``
+    rounds ``log(1 + 2e-9)`` to 0 in float32). A row of -inf only gives -inf.
+    """
+    m = log_x.max(dim=1, keepdim=True).values
+    empty = torch.isneginf(m)
+    m_safe = torch.where(empty, torch.zeros_like(m), m)
+    first_max = torch.zeros_like(log_x, dtype=torch.bool).scatter_(1, log_x.argmax(dim=1, keepdim=True), True)
+    others = torch.where(first_max, torch.zeros_like(log_x), (log_x - m_safe).exp()).sum(dim=1, keepdim=True)
+    return torch.where(empty, m, m_safe + torch.log1p(others))
+
+
 def topk_log_probs(x: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor,
                    mode: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Teacher and student log-probs over the top-k buckets: ``(log_p, log_q)``, ``[N, K(+1)]``.
@@ -232,10 +247,12 @@ def topk_log_probs(x: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tenso
     log_q = torch.where(pad, minus_inf, x.gather(1, ids) - lse)
     log_p = torch.where(pad, minus_inf, logprobs.to(x.dtype))
     if mode == "renormalize":
-        return _log_normalize(log_p), _log_normalize(log_q)
+        # normalised over the K ids from the gathered logits themselves (the full lse cancels), so the
+        # student gradient outside the ids is exactly 0, not a rounding residue
+        return _log_normalize(log_p), _log_normalize(torch.where(pad, minus_inf, x.gather(1, ids)))
     # Teacher tail: log(1 - sum_k p_k), with the sum clamped at 1 (an engine's log-probs may
     # sum a hair above 1 after rounding): then the tail is empty (-inf).
-    lse_p = torch.logsumexp(log_p, dim=1, keepdim=True)
+    lse_p = _logsumexp_near_zero(log_p)
     full = lse_p >= 0
     log_p_tail = torch.where(full, minus_inf, _log1mexp(torch.where(full, torch.full_like(lse_p, -1.0), lse_p)))
     # Student tail: the log-sum-exp of the ids outside the top-k, minus the full lse. This is
@@ -244,6 +261,8 @@ def topk_log_probs(x: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tenso
     member = torch.zeros(x.shape, dtype=torch.int32, device=x.device)
     member.scatter_add_(1, ids, (~pad).to(torch.int32))  # scatter_add: padding slots alias id 0 harmlessly
     log_q_tail = torch.logsumexp(x.masked_fill(member > 0, float("-inf")), dim=1, keepdim=True) - lse
+    # a row of padding only: the tail is the whole row on both sides, exactly (loss exactly 0)
+    log_q_tail = torch.where(pad.all(dim=1, keepdim=True), torch.zeros((), dtype=x.dtype), log_q_tail)
     return torch.cat([log_p, log_p_tail], dim=1), torch.cat([log_q, log_q_tail], dim=1)
 
 

@@ -48,7 +48,7 @@ class TopKTeacher:
 
     ``indices`` of ``-1`` mark padding slots (rows with fewer than K ids): no
     mass on either side, their ``logprobs`` entries are never read. A row of
-    padding only has loss 0.
+    padding only has loss 0 (to rounding) and gradient 0.
     """
 
     def __init__(self, indices: torch.Tensor, logprobs: torch.Tensor, *, mode: str = "tail"):
