@@ -16,8 +16,11 @@ from . import nn, reference  # noqa: E402  (fastkd.nn usable after `import fastk
 from ._backend import backends  # noqa: E402
 from ._validation import set_value_checks  # noqa: E402
 from .functional import ats_loss, dist_loss, dkd_loss, ipw_weights, kd_loss, mgd_loss, simkd_loss  # noqa: E402
+from .divergence import LossParts, jsd_loss, reverse_kl_loss, skew_kl_loss, tvd_loss  # noqa: E402
+from .topk import TopKTeacher  # noqa: E402
 
 __all__ = [
     "kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights",
+    "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "TopKTeacher", "LossParts",
     "backends", "set_value_checks", "nn", "reference", "__version__",
 ]

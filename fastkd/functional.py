@@ -16,8 +16,12 @@ from . import _mask, reference
 from . import _validation as v
 from ._backend import implementation, resolve
 from .reference import ipw_weights, simkd_loss  # noqa: F401  (no fused kernel needed: cheap or not logit-sized)
+from . import divergence as _divergence
+from .divergence import jsd_loss, reverse_kl_loss, skew_kl_loss, tvd_loss  # noqa: F401  (the LM divergences)
+from .topk import TopKTeacher
 
-__all__ = ["kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights"]
+__all__ = ["kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights",
+           "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss"]
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +74,15 @@ def kd_loss(
     on GPU tensors that would synchronise every step, so they are not checked
     unless ``fastkd.set_value_checks(True)``: a counted row with an out-of-range
     target gives a NaN loss and NaN gradients there.
+
+    ``teacher_logits`` may be a ``fastkd.TopKTeacher`` (top-k teacher log-probs,
+    taken as given: ``temperature`` divides the student only, ``T^2`` is kept).
     """
+    if isinstance(teacher_logits, TopKTeacher):  # top-k teacher: fastkd/divergence.py (reference only for now)
+        return _divergence.kd_topk_loss(
+            student_logits, teacher_logits, temperature, reduction=reduction, target=target,
+            ignore_index=ignore_index, sample_weight=sample_weight, backend=backend,
+        )
     v.check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, False)
     v.check_temperature_tensor(temperature, student_logits)
     name = resolve("kd", backend, student_logits, teacher_logits)

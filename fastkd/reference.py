@@ -49,6 +49,14 @@ __all__ = [
     "mgd_keep_mask",
     "simkd_loss",
     "ipw_weights",
+    # language-model divergences and top-k teachers (fastkd/_reference_divergence.py)
+    "reverse_kl_loss",
+    "jsd_loss",
+    "skew_kl_loss",
+    "tvd_loss",
+    "kd_topk_loss",
+    "topk_log_probs",
+    "LossParts",
 ]
 
 
@@ -562,3 +570,18 @@ def ipw_weights(
             # No counted row: every weight is already 0; divide by 1 instead of 0.
             w = w * (counted / torch.where(counted > 0, w.sum(), torch.ones_like(counted)))
         return w.to(torch.float32).reshape(target.shape)
+
+
+# ----------------------------------------------------------------------------
+# language-model divergences and top-k teachers (issue 10): fastkd/_reference_divergence.py
+# ----------------------------------------------------------------------------
+
+from fastkd._reference_divergence import (  # noqa: E402  (after the helpers above; no cycle)
+    LossParts,
+    jsd_loss,
+    kd_topk_loss,
+    reverse_kl_loss,
+    skew_kl_loss,
+    topk_log_probs,
+    tvd_loss,
+)

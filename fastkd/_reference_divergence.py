@@ -1,0 +1,411 @@
+"""Plain-PyTorch reference of the language-model divergences (issue 10).
+
+Re-exported by ``fastkd.reference``. With ``p`` the teacher, ``q`` the student,
+both ``softmax(logits / T)`` over the vocabulary (or over top-k buckets, see
+``fastkd.TopKTeacher``), per row:
+
+* ``reverse_kl_loss``: ``KL(q || p)``
+* ``jsd_loss``: ``m = beta p + (1 - beta) q``, ``beta KL(p || m) + (1 - beta) KL(q || m)``;
+  ``beta == 0`` is ``KL(p || q)`` and ``beta == 1`` is ``KL(q || p)`` (TRL, Liger)
+* ``skew_kl_loss``: ``KL(p || skew p + (1 - skew) q)``, or with ``reverse=True``
+  ``KL(q || (1 - skew) p + skew q)`` (DistiLLM)
+* ``tvd_loss``: ``0.5 sum |p - q|``
+* ``kd_topk_loss``: ``T^2 KL(p || q)`` against a ``TopKTeacher`` (``kd_loss``'s formula)
+
+Every KL-type divergence here is one formula with four coefficients (the
+contract the fused kernels implement)::
+
+    loss = a * KL(p || m) + b * KL(q || m),   m = w_p * p + w_q * q
+
+(forward KL: 1, 0, 0, 1; reverse KL: 0, 1, 1, 0; JSD: beta, 1 - beta, beta,
+1 - beta; skew KL: 1, 0, skew, 1 - skew; skew reverse KL: 0, 1, 1 - skew, skew).
+``log m`` is formed in log space, ``logaddexp(log p + log w_p, log q + log w_q)``,
+so it is finite wherever p or q is > 0, whatever the log-probs (no underflow to
+``log 0``: the NaN Liger's JSD gives for log-probs below about -104).
+
+Shared with ``kd_loss``: rows from all leading dims; a row whose target is
+``ignore_index`` or whose sample weight is exactly 0 is never read (its logits are
+replaced by zeros before any arithmetic: loss 0, gradient 0); ``row_weight =
+valid * sample_weight / divisor`` (divisor: counted rows for "batchmean",
+counted rows * C for "mean", 1 otherwise); terms with probability exactly 0
+add exactly 0 (value and gradient) on either side; NaN inputs propagate; math in
+``max(float32, input dtypes)`` (float64 stays float64, for gradcheck).
+``ce_weight`` adds ``ce_weight * (logsumexp(s) - s[target])`` (student logits at
+T = 1) to each row before the row weight, so the CE has the same reduction,
+``ignore_index`` and ``sample_weight`` as the soft loss.
+"""
+import math
+from collections import namedtuple
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import _validation as v
+from .topk import PAD_ID, TopKTeacher
+
+__all__ = [
+    "LossParts",
+    "reverse_kl_loss",
+    "jsd_loss",
+    "skew_kl_loss",
+    "tvd_loss",
+    "kd_topk_loss",
+    "topk_log_probs",
+    "divergence_coefficients",
+]
+
+LossParts = namedtuple("LossParts", ["loss", "soft", "hard"])
+LossParts.__doc__ = """``return_parts=True`` result: ``loss`` (differentiable) = ``soft + ce_weight * hard``;
+``soft`` (the reduced divergence) and ``hard`` (the reduced cross-entropy, 0 without a
+target) are detached, in the loss's dtype (float32; float64 for float64 inputs)."""
+
+Teacher = Union[torch.Tensor, TopKTeacher]
+
+
+# ----------------------------------------------------------------------------
+# argument checks (run once per call: by these functions, or by fastkd.divergence)
+# ----------------------------------------------------------------------------
+
+def _check_unit(name: str, value) -> None:
+    v.check_number(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def check_args(student, teacher, temperature, reduction, target, ignore_index, sample_weight,
+               ce_weight, return_parts, temperature_tensor: bool = False) -> None:
+    """Checks shared by every loss of this module (dense or top-k teacher)."""
+    if isinstance(teacher, TopKTeacher):
+        v.check_logits("student_logits", student)
+        v.check_reduction(reduction)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        v.check_target(target, student, ignore_index, required=False)
+        v.check_sample_weight(sample_weight, student)
+        teacher.check_against(student, _read_rows(student, target, ignore_index, sample_weight)
+                              if v.reads_values(teacher.indices) else None)
+    else:
+        v.check_logit_loss(student, teacher, reduction, target, ignore_index, sample_weight, False)
+    if temperature_tensor:
+        v.check_temperature_tensor(temperature, student)
+    else:
+        v.check_positive("temperature", temperature)
+    v.check_number("ce_weight", ce_weight)
+    if ce_weight != 0 and target is None:
+        raise ValueError(f"ce_weight={ce_weight} adds a cross-entropy term, which needs target (one class per row)")
+    if not isinstance(return_parts, bool):
+        raise TypeError(f"return_parts must be a bool, got {type(return_parts).__name__}")
+
+
+def divergence_coefficients(kind: str, beta: float = 0.5, skew: float = 0.1,
+                            reverse: bool = False) -> Tuple[float, float, float, float]:
+    """``(a, b, w_p, w_q)`` of ``a KL(p || m) + b KL(q || m)``, ``m = w_p p + w_q q``, for ``kind``.
+
+    ``kind``: "forward_kl", "reverse_kl", "jsd" (``beta``), "skew_kl" (``skew``, ``reverse``).
+    """
+    if kind == "forward_kl":
+        return 1.0, 0.0, 0.0, 1.0
+    if kind == "reverse_kl":
+        return 0.0, 1.0, 1.0, 0.0
+    if kind == "jsd":
+        # TRL / Liger special cases: the formula's limit at beta = 0 or 1 is 0, they use the plain KLs
+        if beta == 0:
+            return divergence_coefficients("forward_kl")
+        if beta == 1:
+            return divergence_coefficients("reverse_kl")
+        return beta, 1.0 - beta, beta, 1.0 - beta
+    if kind == "skew_kl":
+        return (0.0, 1.0, 1.0 - skew, skew) if reverse else (1.0, 0.0, skew, 1.0 - skew)
+    raise ValueError(f"unknown divergence kind {kind!r}")
+
+
+# ----------------------------------------------------------------------------
+# row math
+# ----------------------------------------------------------------------------
+
+def _compute_dtype(*tensors) -> torch.dtype:
+    dtype = torch.float32
+    for x in tensors:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
+def _read_rows(student, target, ignore_index, sample_weight) -> Optional[torch.Tensor]:
+    """bool [N]: the rows the loss reads (target != ignore_index and sample weight != 0); None: all."""
+    if target is None and sample_weight is None:
+        return None
+    n = v.rows_of(student)
+    read = torch.ones(n, dtype=torch.bool, device=student.device)
+    if target is not None:
+        read = read & (target.reshape(n) != ignore_index)
+    if sample_weight is not None:
+        read = read & (sample_weight.reshape(n) != 0)
+    return read
+
+
+def _row_weight(student, target, ignore_index, sample_weight, reduction, dtype) -> torch.Tensor:
+    """``fastkd._validation.row_weights`` in ``dtype`` (float64 stays exact for float64 inputs)."""
+    n = v.rows_of(student)
+    valid = torch.ones(n, dtype=torch.bool, device=student.device)
+    if target is not None:
+        valid = target.reshape(n) != ignore_index
+    weight = valid.to(dtype)
+    if sample_weight is not None:
+        # where(), not a product: a NaN/inf weight on an ignored row stays ignored
+        weight = torch.where(valid, sample_weight.reshape(n).to(dtype), torch.zeros((), dtype=dtype))
+    if reduction in ("batchmean", "mean"):
+        counted = valid.sum().clamp_min(1).to(dtype)
+        weight = weight / (counted * student.shape[-1] if reduction == "mean" else counted)
+    return weight
+
+
+def _kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Element-wise ``a (log a - log b)``, exactly 0 in value and gradient where a == 0.
+
+    The difference is masked before the product, so the ``-inf - -inf`` of a
+    zero-probability term never reaches the gradient; NaN still propagates.
+    """
+    a = log_a.exp()
+    return a * torch.where(a == 0, torch.zeros_like(log_a), log_a - log_b)
+
+
+def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, w_p: float, w_q: float) -> torch.Tensor:
+    """``log(w_p p + w_q q)`` in log space; exact ``log q`` / ``log p`` when a weight is 0."""
+    if w_p == 0:
+        return log_q
+    if w_q == 0:
+        return log_p
+    # Where both are 0, logaddexp(-inf, -inf) has a NaN gradient; those terms are masked by
+    # _kl_terms (p == q == 0), so feed finite dummies there to keep the gradient clean.
+    both = torch.isneginf(log_p) & torch.isneginf(log_q)
+    zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
+    return torch.logaddexp(torch.where(both, zero, log_p + math.log(w_p)),
+                           torch.where(both, zero, log_q + math.log(w_q)))
+
+
+def soft_rows(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, **params) -> torch.Tensor:
+    """Per-row divergence ``[N]`` between teacher ``log_p`` and student ``log_q`` (``[N, buckets]``)."""
+    if kind == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=1)
+    a, b, w_p, w_q = divergence_coefficients(kind, **params)
+    log_m = _log_mixture(log_p, log_q, w_p, w_q)
+    loss = torch.zeros(log_p.shape[0], dtype=log_p.dtype, device=log_p.device)
+    if a != 0:  # skipped rather than multiplied by 0: an inf term times 0 would be NaN
+        loss = loss + a * _kl_terms(log_p, log_m).sum(dim=1)
+    if b != 0:
+        loss = loss + b * _kl_terms(log_q, log_m).sum(dim=1)
+    return loss
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate on both sides of ``-log 2`` (Maechler 2012).
+
+    Each branch gets a safe input where it is not used, so neither puts NaN in the gradient.
+    """
+    near = x > -math.log(2.0)
+    dummy = torch.full_like(x, -1.0)
+    return torch.where(near, torch.log(-torch.expm1(torch.where(near, x, dummy))),
+                       torch.log1p(-torch.exp(torch.where(near, dummy, x))))
+
+
+def _log_normalize(log_x: torch.Tensor) -> torch.Tensor:
+    """``log_x - logsumexp(log_x)`` per row; a row of -inf only (no mass) stays -inf, not NaN."""
+    lse = torch.logsumexp(log_x, dim=1, keepdim=True)
+    return torch.where(torch.isneginf(lse), log_x, log_x - lse)
+
+
+def _logsumexp_near_zero(log_x: torch.Tensor) -> torch.Tensor:
+    """Row logsumexp ``[N, 1]`` accurate to relative rounding when it is close to 0 (a sum close to 1).
+
+    ``m + log1p(sum of the other terms)``: the largest term contributes exactly 1 and is
+    not added to the sum, so a top-k mass of ``1 - 1e-9`` keeps its ``1e-9`` (``logsumexp``
+    rounds ``log(1 + 2e-9)`` to 0 in float32). A row of -inf only gives -inf.
+    """
+    m = log_x.max(dim=1, keepdim=True).values
+    empty = torch.isneginf(m)
+    m_safe = torch.where(empty, torch.zeros_like(m), m)
+    first_max = torch.zeros_like(log_x, dtype=torch.bool).scatter_(1, log_x.argmax(dim=1, keepdim=True), True)
+    others = torch.where(first_max, torch.zeros_like(log_x), (log_x - m_safe).exp()).sum(dim=1, keepdim=True)
+    return torch.where(empty, m, m_safe + torch.log1p(others))
+
+
+def topk_log_probs(x: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor,
+                   mode: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Teacher and student log-probs over the top-k buckets: ``(log_p, log_q)``, ``[N, K(+1)]``.
+
+    ``x``: student logits already divided by T, ``[N, V]``; ``indices`` ``[N, K]``
+    (``-1``: padding); ``logprobs`` ``[N, K]`` teacher log-probs taken as given.
+    ``mode="tail"`` appends the remaining-mass bucket (K + 1 columns);
+    ``"renormalize"`` renormalises both over the K ids.
+    """
+    pad = indices == PAD_ID
+    ids = indices.clamp_min(0)
+    minus_inf = torch.full((), float("-inf"), dtype=x.dtype, device=x.device)
+    lse = torch.logsumexp(x, dim=1, keepdim=True)
+    log_q = torch.where(pad, minus_inf, x.gather(1, ids) - lse)
+    log_p = torch.where(pad, minus_inf, logprobs.to(x.dtype))
+    if mode == "renormalize":
+        # normalised over the K ids from the gathered logits themselves (the full lse cancels), so the
+        # student gradient outside the ids is exactly 0, not a rounding residue
+        return _log_normalize(log_p), _log_normalize(torch.where(pad, minus_inf, x.gather(1, ids)))
+    # Teacher tail: log(1 - sum_k p_k), with the sum clamped at 1 (an engine's log-probs may
+    # sum a hair above 1 after rounding): then the tail is empty (-inf).
+    lse_p = _logsumexp_near_zero(log_p)
+    full = lse_p >= 0
+    log_p_tail = torch.where(full, minus_inf, _log1mexp(torch.where(full, torch.full_like(lse_p, -1.0), lse_p)))
+    # Student tail: the log-sum-exp of the ids outside the top-k, minus the full lse. This is
+    # log1mexp(lse_k - lse) without its cancellation: a tail far below float32 rounding of the
+    # total mass stays > 0 instead of rounding to 0 (which would make KL(p || q) infinite).
+    member = torch.zeros(x.shape, dtype=torch.int32, device=x.device)
+    member.scatter_add_(1, ids, (~pad).to(torch.int32))  # scatter_add: padding slots alias id 0 harmlessly
+    log_q_tail = torch.logsumexp(x.masked_fill(member > 0, float("-inf")), dim=1, keepdim=True) - lse
+    # a row of padding only: the tail is the whole row on both sides, exactly (loss exactly 0)
+    log_q_tail = torch.where(pad.all(dim=1, keepdim=True), torch.zeros((), dtype=x.dtype), log_q_tail)
+    return torch.cat([log_p, log_p_tail], dim=1), torch.cat([log_q, log_q_tail], dim=1)
+
+
+def _compute(student, teacher: Teacher, temperature, reduction, target, ignore_index, sample_weight,
+             ce_weight, return_parts, kind, scale_t2=False, **params):
+    """The loss of any divergence here, arguments already checked."""
+    topk = isinstance(teacher, TopKTeacher)
+    t_values = teacher.logprobs if topk else teacher
+    dtype = _compute_dtype(student, t_values, temperature)
+    num_classes = student.shape[-1]
+    s = student.reshape(-1, num_classes).to(dtype)
+    n = s.shape[0]
+    read = _read_rows(student, target, ignore_index, sample_weight)
+    if topk:
+        indices = teacher.indices.reshape(n, teacher.k)
+        t = teacher.logprobs.reshape(n, teacher.k).to(dtype)
+    else:
+        t = t_values.reshape(n, num_classes).to(dtype)
+    if read is not None:
+        # where() (not a product): NaN/inf in skipped rows gives loss 0 and gradient 0
+        keep = read.unsqueeze(1)
+        s = torch.where(keep, s, torch.zeros((), dtype=dtype))
+        t = torch.where(keep, t, torch.zeros((), dtype=dtype))
+        if topk:
+            indices = torch.where(keep, indices, torch.full((), PAD_ID, dtype=indices.dtype))
+    if isinstance(temperature, torch.Tensor):
+        temp = temperature.to(device=s.device, dtype=dtype).reshape(-1)
+        temp = (temp.expand(n) if temp.numel() == 1 else temp.reshape(n)).unsqueeze(1)
+    else:
+        temp = float(temperature)
+    x = s / temp
+    if topk:
+        # the teacher log-probs are taken as given (already at the distillation temperature)
+        log_p, log_q = topk_log_probs(x, indices, t, teacher.mode)
+    else:
+        log_p, log_q = F.log_softmax(t / temp, dim=1), F.log_softmax(x, dim=1)
+    soft = soft_rows(log_p, log_q, kind, **params)
+    if scale_t2:
+        soft = soft * (temp.squeeze(1) ** 2 if isinstance(temp, torch.Tensor) else temp ** 2)
+    hard = torch.zeros_like(soft)
+    if target is not None and (ce_weight != 0 or return_parts):
+        tgt = target.reshape(n).to(torch.int64)
+        if read is not None:
+            tgt = torch.where(read, tgt, torch.zeros_like(tgt))  # skipped rows: never index with their target
+        hard = torch.logsumexp(s, dim=1) - s.gather(1, tgt.unsqueeze(1)).squeeze(1)
+    row = soft + ce_weight * hard if ce_weight != 0 else soft
+    weight = _row_weight(student, target, ignore_index, sample_weight, reduction, dtype)
+
+    def reduce(r):
+        r = r * weight
+        return r.reshape(student.shape[:-1]) if reduction == "none" else r.sum()
+
+    loss = reduce(row)
+    if not return_parts:
+        return loss
+    with torch.no_grad():
+        return LossParts(loss, reduce(soft.detach()), reduce(hard.detach()))
+
+
+# ----------------------------------------------------------------------------
+# public reference functions (same signatures as fastkd.*, without backend)
+# ----------------------------------------------------------------------------
+
+_COMMON_DOC = """
+    ``t`` is dense teacher logits ``[..., V]`` or a ``fastkd.TopKTeacher`` (then the
+    divergence is over its top-k buckets). No ``T^2`` factor (as TRL, Liger and
+    DistiLLM; ``kd_loss`` keeps Hinton's ``T^2``). Reduction, ``ignore_index``,
+    ``sample_weight`` and skipped rows as ``kd_loss``; ``"batchmean"`` divides by the
+    counted rows over all leading dims (TRL without labels divides by dim 0 only).
+    ``ce_weight`` adds ``ce_weight * cross_entropy(s, target)`` (student logits at
+    T = 1, same reduction, ignore_index and sample_weight; ``"mean"`` divides it by
+    counted rows * V like the soft loss). ``return_parts=True`` returns
+    ``LossParts(loss, soft, hard)``.
+"""
+
+
+def reverse_kl_loss(student_logits, teacher_logits: Teacher, *, temperature=1.0, reduction="batchmean",
+                    target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False):
+    check_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
+               ce_weight, return_parts)
+    return _compute(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
+                    ce_weight, return_parts, "reverse_kl")
+
+
+def jsd_loss(student_logits, teacher_logits: Teacher, *, beta=0.5, temperature=1.0, reduction="batchmean",
+             target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False):
+    _check_unit("beta", beta)
+    check_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
+               ce_weight, return_parts)
+    return _compute(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
+                    ce_weight, return_parts, "jsd", beta=beta)
+
+
+def skew_kl_loss(student_logits, teacher_logits: Teacher, *, skew=0.1, reverse=False, temperature=1.0,
+                 reduction="batchmean", target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0,
+                 return_parts=False):
+    check_skew_args(skew, reverse)
+    check_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
+               ce_weight, return_parts)
+    return _compute(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
+                    ce_weight, return_parts, "skew_kl", skew=skew, reverse=reverse)
+
+
+def check_skew_args(skew, reverse) -> None:
+    _check_unit("skew", skew)
+    if not isinstance(reverse, bool):
+        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
+
+
+def tvd_loss(student_logits, teacher_logits: Teacher, *, temperature=1.0, reduction="batchmean", target=None,
+             ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False):
+    check_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
+               ce_weight, return_parts)
+    return _compute(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
+                    ce_weight, return_parts, "tvd")
+
+
+def kd_topk_loss(student_logits, teacher: TopKTeacher, temperature=4.0, *, reduction="batchmean", target=None,
+                 ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False):
+    """``kd_loss`` against a ``TopKTeacher``: ``T^2 * KL(p || q)`` over its buckets.
+
+    The teacher log-probs are taken as given; ``temperature`` (a number, or a
+    tensor of one value or one per row, as ``kd_loss``) divides the student logits
+    and scales by ``T^2``.
+    """
+    if not isinstance(teacher, TopKTeacher):
+        raise TypeError(f"teacher must be a fastkd.TopKTeacher, got {type(teacher).__name__}")
+    check_args(student_logits, teacher, temperature, reduction, target, ignore_index, sample_weight,
+               ce_weight, return_parts, temperature_tensor=True)
+    return _compute(student_logits, teacher, temperature, reduction, target, ignore_index, sample_weight,
+                    ce_weight, return_parts, "forward_kl", scale_t2=True)
+
+
+reverse_kl_loss.__doc__ = """Reverse KL ``KL(q || p)`` per row (MiniLLM; GKD with beta = 1).
+""" + _COMMON_DOC
+jsd_loss.__doc__ = """Generalised JSD (GKD): ``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1 - beta) q``.
+
+    ``beta == 0`` is ``KL(p || q)``, ``beta == 1`` is ``KL(q || p)`` (TRL's and Liger's
+    special cases). ``log m`` by ``logaddexp`` (finite for any log-probs).
+""" + _COMMON_DOC
+skew_kl_loss.__doc__ = """Skew KL (DistiLLM): ``KL(p || skew p + (1 - skew) q)``; ``reverse=True``:
+    ``KL(q || (1 - skew) p + skew q)``. The KL itself: DistiLLM's forward version
+    returns ``-sum p log m`` (no teacher entropy; same gradient, value larger by H(p)).
+""" + _COMMON_DOC
+tvd_loss.__doc__ = """Total variation distance ``0.5 * sum |p - q|`` per row (DistiLLM).
+""" + _COMMON_DOC

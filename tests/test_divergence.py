@@ -1,0 +1,597 @@
+"""The language-model divergences (reverse KL, generalised JSD, skew KL, TVD) on the reference backend.
+
+Expected values come from independent code: Python-float loops (``hand_*``), the
+peers' documented formulas rewritten here (DistiLLM, torchtune), TRL's own
+``GKDTrainer.generalized_jsd_loss`` when trl is installed, and dense float64
+formulas written out per test. The reference is never its own oracle.
+"""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastkd
+from fastkd import _ops
+from fastkd import reference as R
+
+F64 = torch.float64
+INF = float("inf")
+LOSSES = ("reverse_kl", "jsd", "skew_kl", "skew_kl_rev", "tvd")
+FUNCS = {
+    "reverse_kl": (fastkd.reverse_kl_loss, {}),
+    "jsd": (fastkd.jsd_loss, {"beta": 0.3}),
+    "skew_kl": (fastkd.skew_kl_loss, {"skew": 0.2}),
+    "skew_kl_rev": (fastkd.skew_kl_loss, {"skew": 0.2, "reverse": True}),
+    "tvd": (fastkd.tvd_loss, {}),
+}
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+# dtype -> (relative loss error, relative gradient-norm error) against float64 on the same values
+TOL = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
+
+
+def call(loss, s, t, **kw):
+    fn, params = FUNCS[loss]
+    return fn(s, t, **{**params, **kw})
+
+
+def rel_norm(g, r):
+    g, r = g.double(), r.double()
+    return ((g - r).norm() / r.norm().clamp_min(1e-300)).item()
+
+
+# ----------------------------------------------------------------------------
+# independent math: Python floats, explicit loops
+# ----------------------------------------------------------------------------
+
+def hand_softmax(xs, T):
+    m = max(x / T for x in xs)
+    if m == -INF:
+        return [0.0] * len(xs)
+    e = [math.exp(x / T - m) if x != -INF else 0.0 for x in xs]
+    z = sum(e)
+    return [v / z for v in e]
+
+
+def hand_kl(a, b):
+    """sum_c a_c log(a_c / b_c) with 0 log 0 = 0."""
+    total = 0.0
+    for x, y in zip(a, b):
+        if x > 0:
+            total += INF if y == 0 else x * math.log(x / y)
+    return total
+
+
+def hand_row(loss, s_row, t_row, T, params):
+    p, q = hand_softmax(t_row, T), hand_softmax(s_row, T)
+    if loss == "reverse_kl":
+        return hand_kl(q, p)
+    if loss == "tvd":
+        return 0.5 * sum(abs(x - y) for x, y in zip(p, q))
+    if loss == "jsd":
+        b = params["beta"]
+        if b == 0:
+            return hand_kl(p, q)
+        if b == 1:
+            return hand_kl(q, p)
+        m = [b * x + (1 - b) * y for x, y in zip(p, q)]
+        return b * hand_kl(p, m) + (1 - b) * hand_kl(q, m)
+    lam = params["skew"]
+    if params.get("reverse"):
+        return hand_kl(q, [(1 - lam) * x + lam * y for x, y in zip(p, q)])
+    return hand_kl(p, [lam * x + (1 - lam) * y for x, y in zip(p, q)])
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("T", (1.0, 2.5))
+def test_matches_hand_computation_with_masked_vocab(loss, T):
+    s = [[1.0, -2.0, 0.5, 3.0, -INF], [0.0, 0.0, 0.0, 0.0, 0.0], [2.0, -INF, 1.0, -1.0, 0.3]]
+    t = [[0.2, 1.5, -INF, 2.0, -INF], [1.0, -1.0, 2.0, 0.5, -0.5], [2.0, -INF, 1.5, 0.0, 0.1]]
+    params = FUNCS[loss][1]
+    rows = [hand_row(loss, a, b, T, params) for a, b in zip(s, t)]
+    out = call(loss, torch.tensor(s, dtype=F64), torch.tensor(t, dtype=F64), temperature=T, reduction="none")
+    expected = torch.tensor(rows, dtype=F64)
+    # reverse KL of row 0 is +inf (the student puts mass where the teacher masks), everything else finite
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-14)
+    assert out.dtype == F64
+
+
+@pytest.mark.parametrize("beta", (0.0, 0.1, 0.5, 0.9, 1.0))
+def test_jsd_beta_values_by_hand(beta):
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(4, 7, generator=g, dtype=F64), torch.randn(4, 7, generator=g, dtype=F64)
+    rows = [hand_row("jsd", a.tolist(), b.tolist(), 1.5, {"beta": beta}) for a, b in zip(s, t)]
+    out = fastkd.jsd_loss(s, t, beta=beta, temperature=1.5)
+    assert math.isclose(out.item(), sum(rows) / 4, rel_tol=1e-12)
+
+
+def test_special_cases_are_the_plain_kls():
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(5, 9, generator=g, dtype=F64), torch.randn(5, 9, generator=g, dtype=F64)
+    # kd_loss has the T^2 factor; the reference's float32 row weights (1/5) limit it to ~1e-8 relative
+    fwd = R.kd_loss(s, t, 2.0, reduction="sum") / 4.0 / 5
+    rev = fastkd.reverse_kl_loss(s, t, temperature=2.0)
+    assert torch.equal(fastkd.jsd_loss(s, t, beta=0.0, temperature=2.0), fastkd.skew_kl_loss(s, t, skew=0.0,
+                                                                                               temperature=2.0))
+    torch.testing.assert_close(fastkd.jsd_loss(s, t, beta=0.0, temperature=2.0), fwd, rtol=1e-13, atol=0)
+    torch.testing.assert_close(fastkd.jsd_loss(s, t, beta=1.0, temperature=2.0), rev, rtol=1e-13, atol=0)
+    torch.testing.assert_close(fastkd.skew_kl_loss(s, t, skew=0.0, reverse=True, temperature=2.0), rev,
+                               rtol=1e-13, atol=0)
+    assert fastkd.skew_kl_loss(s, t, skew=1.0).item() == 0.0  # KL(p || p)
+
+
+# ----------------------------------------------------------------------------
+# the peers' code
+# ----------------------------------------------------------------------------
+
+def _trl_gkd():
+    trl = pytest.importorskip("trl", reason="trl is not installed (pip install trl) - TRL comparison skipped")
+    try:
+        from trl.experimental.gkd.gkd_trainer import GKDTrainer
+    except ImportError:
+        GKDTrainer = getattr(trl, "GKDTrainer", None)
+        if GKDTrainer is None:
+            pytest.skip(f"trl {trl.__version__} has no GKDTrainer")
+    return GKDTrainer.generalized_jsd_loss
+
+
+@pytest.mark.parametrize("beta", (0.0, 0.1, 0.5, 0.9, 1.0))
+@pytest.mark.parametrize("T", (1.0, 2.0))
+def test_jsd_matches_trl(beta, T):
+    trl_jsd = _trl_gkd()
+    g = torch.Generator().manual_seed(5)
+    B, L, V = 2, 3, 11
+    s = (torch.randn(B, L, V, generator=g, dtype=F64) * 2).requires_grad_()
+    t = (torch.randn(B, L, V, generator=g, dtype=F64) * 2).requires_grad_()
+    labels = torch.tensor([[1, -100, 4], [-100, 2, 3]])
+
+    def both(a, b):
+        return a, torch.autograd.grad(a, [s, t]), b, torch.autograd.grad(b, [s, t])
+
+    # with labels, "batchmean" = sum over tokens with label != -100 / their count: the same here
+    out, g_out, ref, g_ref = both(fastkd.jsd_loss(s, t, beta=beta, temperature=T, target=labels),
+                                  trl_jsd(s, t, labels=labels, beta=beta, temperature=T))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+    for a, b in zip(g_out, g_ref):
+        assert rel_norm(a, b) < 1e-12
+    # without labels TRL's "batchmean" divides by dim 0 only (B), fastkd by all B * L rows
+    out = fastkd.jsd_loss(s, t, beta=beta, temperature=T)
+    torch.testing.assert_close(out * L, trl_jsd(s, t, beta=beta, temperature=T), rtol=1e-12, atol=1e-14)
+    # "sum" and TRL's element-wise "mean" (= sum / (rows * V)) agree as they are
+    for reduction in ("sum", "mean"):
+        torch.testing.assert_close(fastkd.jsd_loss(s, t, beta=beta, temperature=T, reduction=reduction),
+                                   trl_jsd(s, t, beta=beta, temperature=T, reduction=reduction),
+                                   rtol=1e-12, atol=1e-14)
+    # TRL's "none" is element-wise [B, L, V]; fastkd's per row [B, L]
+    torch.testing.assert_close(fastkd.jsd_loss(s, t, beta=beta, temperature=T, reduction="none"),
+                               trl_jsd(s, t, beta=beta, temperature=T, reduction="none").sum(-1),
+                               rtol=1e-12, atol=1e-14)
+
+
+def distillm(kind, logits, teacher_logits, labels, lam=0.1):
+    """DistiLLM's losses.py (skewed_forward_kl, skewed_reverse_kl, tv_distance), from its documented formulas."""
+    p = F.softmax(teacher_logits, dim=-1, dtype=F64)
+    q = F.softmax(logits, dim=-1, dtype=F64)
+    inf_mask = torch.isinf(logits) | torch.isinf(teacher_logits)
+    if kind == "skew_kl":
+        log_m = torch.log(lam * p + (1 - lam) * q)
+        x = torch.masked_fill(p * log_m, inf_mask, 0).sum(-1)
+    elif kind == "skew_kl_rev":
+        log_m = torch.log((1 - lam) * p + lam * q)
+        x = torch.masked_fill(q * log_m, inf_mask, 0) - torch.masked_fill(q * F.log_softmax(logits, -1), inf_mask, 0)
+        x = x.sum(-1)
+    else:
+        x = -0.5 * torch.masked_fill((p - q).abs(), inf_mask, 0).sum(-1)
+    mask = (labels != -100).to(F64)
+    return -(x.reshape(-1) * mask.reshape(-1)).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("kind", ("skew_kl", "skew_kl_rev", "tvd"))
+def test_matches_distillm(kind):
+    g = torch.Generator().manual_seed(6)
+    s = (torch.randn(2, 4, 13, generator=g, dtype=F64) * 2).requires_grad_()
+    t = torch.randn(2, 4, 13, generator=g, dtype=F64) * 2
+    labels = torch.tensor([[1, 2, -100, 3], [-100, -100, 5, 6]])
+    if kind == "tvd":
+        out = fastkd.tvd_loss(s, t, target=labels)
+    else:
+        out = fastkd.skew_kl_loss(s, t, skew=0.1, reverse=kind == "skew_kl_rev", target=labels)
+    ref = distillm(kind, s, t, labels)
+    if kind == "skew_kl":
+        # DistiLLM's forward skew KL omits the teacher entropy: ref = KL + H(p), same student gradient
+        p = F.softmax(t, -1)
+        entropy = -(p * p.log()).sum(-1).reshape(-1)[labels.reshape(-1) != -100].mean()
+        torch.testing.assert_close(out + entropy, ref, rtol=1e-12, atol=1e-14)
+    else:
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+    g_out, = torch.autograd.grad(out, s)
+    g_ref, = torch.autograd.grad(ref, s)
+    assert rel_norm(g_out, g_ref) < 1e-12
+
+
+def test_reverse_kl_matches_torchtune():
+    """torchtune's ReverseKLLoss (from its documented formula): KL(q || p) / count(labels != ignore)."""
+    g = torch.Generator().manual_seed(7)
+    s = (torch.randn(6, 17, generator=g, dtype=F64) * 2).requires_grad_()
+    t = torch.randn(6, 17, generator=g, dtype=F64) * 2
+    labels = torch.tensor([0, -100, 3, 4, -100, 9])
+    q = F.softmax(s, -1)
+    inf_mask = torch.isinf(s) | torch.isinf(t)
+    prod = torch.masked_fill(q * F.log_softmax(t, -1), inf_mask, 0) - torch.masked_fill(q * F.log_softmax(s, -1),
+                                                                                          inf_mask, 0)
+    mask = (labels != -100).to(F64)
+    ref = -(prod.sum(-1) * mask).sum() / mask.sum()
+    out = fastkd.reverse_kl_loss(s, t, target=labels)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+    assert rel_norm(torch.autograd.grad(out, s)[0], torch.autograd.grad(ref, s)[0]) < 1e-12
+
+
+# ----------------------------------------------------------------------------
+# gradients
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_gradcheck(loss):
+    g = torch.Generator().manual_seed(8)
+    s = torch.randn(2, 3, 5, generator=g, dtype=F64).requires_grad_()
+    t = torch.randn(2, 3, 5, generator=g, dtype=F64).requires_grad_()
+    target = torch.tensor([[0, -100, 4], [2, 1, 3]])
+    weight = torch.tensor([[1.0, 2.0, 0.5], [0.0, 1.5, 3.0]], dtype=F64)
+
+    def f(a, b):
+        return call(loss, a, b, temperature=1.7, target=target, sample_weight=weight, ce_weight=0.3)
+
+    assert torch.autograd.gradcheck(f, (s, t))
+    assert torch.autograd.gradgradcheck(f, (s, t)) if loss != "tvd" else True
+
+
+# ----------------------------------------------------------------------------
+# the matrix: reductions x ignore/weights x T x ce_weight x dtypes x 3-D
+# ----------------------------------------------------------------------------
+
+def dense_rows(loss, s, t, T):
+    """Per-row divergence in float64, written out densely (no masked vocab in these inputs)."""
+    params = FUNCS[loss][1]
+    log_p, log_q = F.log_softmax(t.double() / T, -1), F.log_softmax(s.double() / T, -1)
+    p, q = log_p.exp(), log_q.exp()
+
+    def kl(a, log_a, log_b):
+        return (a * (log_a - log_b)).sum(-1)
+
+    if loss == "reverse_kl":
+        return kl(q, log_q, log_p)
+    if loss == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    if loss == "jsd":
+        b = params["beta"]
+        log_m = (b * p + (1 - b) * q).log()
+        return b * kl(p, log_p, log_m) + (1 - b) * kl(q, log_q, log_m)
+    lam = params["skew"]
+    if params.get("reverse"):
+        return kl(q, log_q, ((1 - lam) * p + lam * q).log())
+    return kl(p, log_p, (lam * p + (1 - lam) * q).log())
+
+
+def expected_loss(loss, s, t, T, reduction, target, weight, ce_weight):
+    """The documented reduction, written with explicit masks."""
+    rows = dense_rows(loss, s, t, T)
+    if ce_weight:
+        ce = F.cross_entropy(s.double().reshape(-1, s.shape[-1]), target.reshape(-1).clamp_min(0),
+                             reduction="none").reshape(rows.shape)
+        rows = rows + ce_weight * ce
+    counted = torch.ones_like(rows) if target is None else (target != -100).double()
+    w = counted if weight is None else counted * weight.double()
+    rows = torch.where(w != 0, rows, torch.zeros_like(rows)) * w
+    if reduction == "none":
+        return rows
+    n = counted.sum().clamp_min(1)
+    return {"sum": rows.sum(), "batchmean": rows.sum() / n, "mean": rows.sum() / (n * s.shape[-1])}[reduction]
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("rows", ("plain", "ignore", "weights"))
+@pytest.mark.parametrize("T,ce_weight", ((1.0, 0.0), (2.0, 0.0), (2.0, 0.5)))
+@pytest.mark.parametrize("dtypes", ((F64, F64), (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                    (torch.float16, torch.float16), (torch.bfloat16, torch.float32)),
+                         ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
+def test_matrix(loss, rows, T, ce_weight, dtypes):
+    for reduction in REDUCTIONS:
+        _matrix_case(loss, reduction, rows, T, ce_weight, dtypes)
+
+
+def _matrix_case(loss, reduction, rows, T, ce_weight, dtypes):
+    g = torch.Generator().manual_seed(9)
+    shape = (2, 3, 37)
+    s = (torch.randn(shape, generator=g) * 3).to(dtypes[0]).requires_grad_()
+    t = (torch.randn(shape, generator=g) * 3).to(dtypes[1]).requires_grad_()
+    target = torch.randint(0, 37, shape[:-1], generator=g)
+    weight = None
+    if rows == "ignore":
+        target[0, 1] = target[1, 2] = -100
+    if rows == "weights":
+        weight = torch.tensor([[0.5, 0.0, 2.0], [1.0, 3.0, 0.25]])
+        target[1, 0] = -100
+    needs_target = rows != "plain" or ce_weight != 0
+    tgt = target if needs_target else None
+    out = call(loss, s, t, temperature=T, reduction=reduction, target=tgt, sample_weight=weight,
+               ce_weight=ce_weight)
+    s64 = s.detach().double().requires_grad_()
+    t64 = t.detach().double().requires_grad_()
+    ref = expected_loss(loss, s64, t64, T, reduction, tgt, weight, ce_weight)
+    assert out.dtype == (F64 if F64 in dtypes else torch.float32)
+    assert out.shape == ref.shape
+    # the inputs are exact in float64, so only the compute precision (float32) separates the two
+    loss_tol = 1e-10 if F64 in dtypes else TOL[torch.float32][0]
+    torch.testing.assert_close(out.double(), ref, rtol=loss_tol, atol=loss_tol)
+    grads = torch.autograd.grad(out.sum(), [s, t])
+    refs = torch.autograd.grad(ref.sum(), [s64, t64])
+    for x, gr, r in zip((s, t), grads, refs):
+        assert gr.dtype == x.dtype
+        err = rel_norm(gr, r)
+        grad_tol = 1e-10 if x.dtype == F64 else TOL[x.dtype][1]  # rounding of the stored gradient
+        assert err < grad_tol, f"gradient relative norm error {err:.2e}"
+        torch.testing.assert_close(gr.double(), r, rtol=grad_tol * 10, atol=grad_tol * r.abs().max().item())
+
+
+def test_ce_weight_is_cross_entropy():
+    g = torch.Generator().manual_seed(10)
+    s, t = torch.randn(8, 21, generator=g), torch.randn(8, 21, generator=g)
+    target = torch.randint(0, 21, (8,), generator=g)
+    target[3] = -100
+    for loss in LOSSES:
+        parts = call(loss, s, t, target=target, ce_weight=0.7, return_parts=True)
+        ce = F.cross_entropy(s, target, ignore_index=-100)
+        torch.testing.assert_close(parts.hard, ce, rtol=1e-6, atol=0)
+        torch.testing.assert_close(parts.soft, call(loss, s, t, target=target), rtol=1e-6, atol=0)
+        torch.testing.assert_close(parts.loss, parts.soft + 0.7 * parts.hard, rtol=1e-6, atol=0)
+
+
+def test_return_parts():
+    s = torch.randn(2, 4, 9, requires_grad=True)
+    t = torch.randn(2, 4, 9)
+    target = torch.randint(0, 9, (2, 4))
+    for loss in LOSSES:
+        parts = call(loss, s, t, target=target, ce_weight=0.5, return_parts=True, reduction="none")
+        assert isinstance(parts, fastkd.LossParts) and parts._fields == ("loss", "soft", "hard")
+        assert parts.loss.requires_grad and not parts.soft.requires_grad and not parts.hard.requires_grad
+        assert parts.soft.dtype == parts.hard.dtype == torch.float32
+        assert parts.soft.shape == parts.hard.shape == (2, 4)
+        no_target = call(loss, s, t, return_parts=True)
+        assert no_target.hard.item() == 0.0 and torch.equal(no_target.loss.detach(), no_target.soft)
+        assert call(loss, s.double(), t.double(), return_parts=True).soft.dtype == F64
+
+
+# ----------------------------------------------------------------------------
+# numerics: confident rows, masked vocab, log-probs below -104, NaN
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("beta", (0.1, 0.5, 0.9))
+def test_no_nan_far_below_minus_104(loss, beta):
+    """Liger's open JSD bug: both log-probs below about -104 with 0 < beta < 1 gave NaN (exp underflows)."""
+    V = 64
+    s = torch.zeros(3, V)
+    t = torch.zeros(3, V)
+    s[:, 1:] = -150.0  # student: log-probs of -150 everywhere but class 0
+    t[:, 1:] = -130.0
+    t[1, 0] = -130.0
+    t[1, 5] = 0.0  # teacher confident elsewhere: gaps of 150 and 130 on either side
+    s[2, :] = torch.linspace(-300, 0, V)  # log-probs down to -300
+    params = {**FUNCS[loss][1], **({"beta": beta} if loss == "jsd" else {})}
+    fn = FUNCS[loss][0]
+    x, y = s.clone().requires_grad_(), t.clone().requires_grad_()
+    out = fn(x, y, reduction="none", **params)
+    grads = torch.autograd.grad(out.sum(), [x, y])
+    x64, y64 = s.double().requires_grad_(), t.double().requires_grad_()
+    ref = fn(x64, y64, reduction="none", **params)
+    refs = torch.autograd.grad(ref.sum(), [x64, y64])
+    assert torch.isfinite(ref).all()
+    assert torch.isfinite(out).all() and all(torch.isfinite(gr).all() for gr in grads)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    # float32 log-probs near -300 carry an absolute error of about 300 * eps (relative 1e-3 here), and a
+    # saturated JSD (disjoint p, q) has a true gradient near 1e-17: relative plus a float32-sized absolute bound
+    for gr, r in zip(grads, refs):
+        assert (gr.double() - r).norm() <= 1e-3 * r.norm() + 1e-6
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+def test_confident_rows(loss, dtype):
+    """Logit gaps of 100: the student (or the teacher) puts all its float32 mass on one class."""
+    g = torch.Generator().manual_seed(11)
+    V = 50
+    s = torch.randn(4, V, generator=g)
+    t = torch.randn(4, V, generator=g)
+    s[0, 3] += 100
+    t[1, 7] += 100
+    s[2, 9] += 100
+    t[2, 9] += 100
+    s[3, 1] += 100
+    t[3, 2] += 100
+    x, y = s.to(dtype).requires_grad_(), t.to(dtype).requires_grad_()
+    out = call(loss, x, y, reduction="none")
+    grads = torch.autograd.grad(out.sum(), [x, y])
+    x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+    ref = call(loss, x64, y64, reduction="none")
+    refs = torch.autograd.grad(ref.sum(), [x64, y64])
+    assert torch.isfinite(out).all() and all(torch.isfinite(gr).all() for gr in grads)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    grad_tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for gr, r in zip(grads, refs):
+        assert rel_norm(gr, r) < grad_tol
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_masked_vocab_terms_are_exactly_zero(loss):
+    """-inf logits on either side: no NaN, and a class masked on both sides gets gradient exactly 0."""
+    s = torch.tensor([[1.0, 2.0, -INF, 0.5, -INF], [0.3, -INF, -INF, 1.0, 2.0]], dtype=F64, requires_grad=True)
+    t = torch.tensor([[0.0, -INF, -INF, 1.0, 2.0], [1.0, -INF, 0.0, 2.0, 0.1]], dtype=F64, requires_grad=True)
+    out = call(loss, s, t, reduction="none")
+    gs, gt = torch.autograd.grad(out.sum(), [s, t])
+    assert not torch.isnan(out).any()
+    finite = torch.isfinite(out)
+    # where the loss is finite, no gradient entry is NaN; classes masked on both sides get exactly 0
+    assert not torch.isnan(gs[finite]).any() and not torch.isnan(gt[finite]).any()
+    both = torch.isneginf(s) & torch.isneginf(t) & finite.unsqueeze(1)  # (an infinite row's gradient is not)
+    assert both.any() and (gs[both] == 0).all() and (gt[both] == 0).all()
+    # a class masked on both sides contributes nothing: dropping it leaves the row's loss unchanged
+    for row, dropped in ((0, 2), (1, 1)):
+        cols = [c for c in range(5) if c != dropped]
+        alone = call(loss, s.detach()[row:row + 1, cols], t.detach()[row:row + 1, cols], reduction="none")
+        torch.testing.assert_close(alone, out.detach()[row:row + 1], rtol=1e-14, atol=0)
+
+
+def test_jsd_finite_where_one_side_masks():
+    """The teacher masks a class the student uses: the JSD is finite (m > 0 there), reverse KL is inf."""
+    s = torch.tensor([[1.0, 2.0, 0.5]], dtype=F64, requires_grad=True)
+    t = torch.tensor([[0.0, -INF, 1.0]], dtype=F64)
+    out = fastkd.jsd_loss(s, t, beta=0.5)
+    expected = hand_row("jsd", s[0].tolist(), t[0].tolist(), 1.0, {"beta": 0.5})
+    assert math.isclose(out.item(), expected, rel_tol=1e-12)
+    assert torch.isfinite(torch.autograd.grad(out, s)[0]).all()
+    assert fastkd.reverse_kl_loss(s, t).item() == INF
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_nan_propagates_and_skipped_rows_are_not_read(loss):
+    s = torch.randn(4, 6, dtype=F64)
+    t = torch.randn(4, 6, dtype=F64)
+    s[0, 2] = float("nan")
+    out = call(loss, s, t, reduction="none")
+    assert torch.isnan(out[0]) and torch.isfinite(out[1:]).all()
+    # the NaN row ignored (target) or weighted 0: loss finite, gradient 0 there, its target never used
+    s[1, 0] = INF
+    t[1, 3] = float("nan")
+    x, y = s.clone().requires_grad_(), t.clone().requires_grad_()
+    target = torch.tensor([-100, 1, 2, 3])
+    weight = torch.tensor([1.0, 0.0, 1.0, 2.0], dtype=F64)
+    out = call(loss, x, y, target=target, sample_weight=weight, ce_weight=0.5, reduction="sum")
+    gs, gt = torch.autograd.grad(out, [x, y])
+    assert torch.isfinite(out)
+    assert (gs[:2] == 0).all() and (gt[:2] == 0).all()
+    clean = call(loss, s[2:], t[2:], target=target[2:], sample_weight=weight[2:], ce_weight=0.5, reduction="sum")
+    torch.testing.assert_close(out, clean, rtol=1e-14, atol=0)
+
+
+def test_batchmean_counts_all_leading_dims_and_empty_batches():
+    s, t = torch.randn(3, 4, 10), torch.randn(3, 4, 10)
+    for loss in LOSSES:
+        torch.testing.assert_close(call(loss, s, t), call(loss, s, t, reduction="sum") / 12)
+        empty = call(loss, s, t, target=torch.full((3, 4), -100))
+        assert empty.item() == 0.0
+        zero_rows = call(loss, torch.randn(0, 10), torch.randn(0, 10))
+        assert zero_rows.item() == 0.0
+
+
+# ----------------------------------------------------------------------------
+# API: backends, errors, modules
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_auto_runs_the_reference_without_a_warning(loss):
+    s, t = torch.randn(3, 8), torch.randn(3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = call(loss, s, t)
+    assert torch.equal(out, call(loss, s, t, backend="reference"))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("backend", ("cpu", "cuda", "triton"))
+def test_explicit_fused_backend_is_unavailable(loss, backend):
+    name = loss.replace("_rev", "")
+    with pytest.raises(ValueError, match=f"backend '{backend}' is unavailable for {name}") as info:
+        call(loss, torch.randn(2, 5), torch.randn(2, 5), backend=backend)
+    if backend == "cpu" and _ops.LOAD_ERROR is None:
+        assert f"has no {name} kernel yet (missing fastkd::divergence_fwd)" in str(info.value)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        call(loss, torch.randn(2, 5), torch.randn(2, 5), backend="fast")
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_bad_arguments(loss):
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    target = torch.tensor([0, 1, 2])
+    cases = [
+        (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+        (dict(temperature=torch.tensor(2.0)), TypeError, "temperature must be a Python number"),
+        (dict(reduction="avg"), ValueError, "reduction must be one of"),
+        (dict(ce_weight=0.5), ValueError, "ce_weight=0.5 adds a cross-entropy term, which needs target"),
+        (dict(ce_weight=float("nan"), target=target), ValueError, "ce_weight must be finite"),
+        (dict(return_parts=1), TypeError, "return_parts must be a bool"),
+        (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+        (dict(target=torch.tensor([0, 5, 1])), ValueError, "target has class index 5 outside"),
+        (dict(sample_weight=torch.ones(4)), ValueError, "sample_weight must have one weight per row"),
+    ]
+    for kwargs, exc, message in cases:
+        with pytest.raises(exc, match=message):
+            call(loss, s, t, **kwargs)
+    with pytest.raises(ValueError, match="must have the same shape"):
+        call(loss, s, torch.randn(3, 6))
+    with pytest.raises(TypeError, match="student_logits must be a floating tensor"):
+        call(loss, s.long(), t)
+    with pytest.raises(TypeError, match="teacher_logits must be a torch.Tensor"):
+        call(loss, s, [1.0])
+
+
+def test_bad_divergence_parameters():
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    for value, exc in ((-0.1, ValueError), (1.5, ValueError), (float("nan"), ValueError), ("0.5", TypeError)):
+        with pytest.raises(exc, match="beta must"):
+            fastkd.jsd_loss(s, t, beta=value)
+        with pytest.raises(exc, match="skew must"):
+            fastkd.skew_kl_loss(s, t, skew=value)
+    with pytest.raises(TypeError, match="reverse must be a bool"):
+        fastkd.skew_kl_loss(s, t, reverse=1)
+
+
+MODULES = {
+    "reverse_kl": (fastkd.nn.ReverseKLLoss, {}),
+    "jsd": (fastkd.nn.JSDLoss, {"beta": 0.3}),
+    "skew_kl": (fastkd.nn.SkewKLLoss, {"skew": 0.2}),
+    "skew_kl_rev": (fastkd.nn.SkewKLLoss, {"skew": 0.2, "reverse": True}),
+    "tvd": (fastkd.nn.TVDLoss, {}),
+}
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_modules_match_functionals(loss):
+    cls, params = MODULES[loss]
+    s, t = torch.randn(2, 3, 9), torch.randn(2, 3, 9)
+    target = torch.tensor([[1, -100, 2], [3, 4, 5]])
+    weight = torch.rand(2, 3)
+    module = cls(temperature=2.0, reduction="sum", ce_weight=0.25, **params)
+    expected = call(loss, s, t, temperature=2.0, reduction="sum", target=target, sample_weight=weight,
+                    ce_weight=0.25)
+    assert torch.equal(module(s, t, target, sample_weight=weight), expected)
+    parts = cls(return_parts=True, **params)(s, t, target)
+    assert isinstance(parts, fastkd.LossParts)
+    assert "temperature=2.0" in repr(module) and "ce_weight=0.25" in repr(module)
+    for kwargs, exc, message in ((dict(temperature=-1.0), ValueError, "temperature"),
+                                 (dict(reduction="x"), ValueError, "reduction"),
+                                 (dict(backend="x"), ValueError, "backend"),
+                                 (dict(ce_weight="a"), TypeError, "ce_weight"),
+                                 (dict(return_parts=None), TypeError, "return_parts")):
+        with pytest.raises(exc, match=message):
+            cls(**params, **kwargs)
+    with pytest.raises(ValueError, match="backend 'cpu' is unavailable"):
+        cls(backend="cpu", **params)(s, t)
+
+
+def test_module_parameter_errors():
+    with pytest.raises(ValueError, match="beta must be in"):
+        fastkd.nn.JSDLoss(beta=2.0)
+    with pytest.raises(ValueError, match="skew must be in"):
+        fastkd.nn.SkewKLLoss(skew=-1.0)
+    with pytest.raises(TypeError, match="reverse must be a bool"):
+        fastkd.nn.SkewKLLoss(reverse="yes")
+
+
+def test_public_names():
+    for name in ("reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss"):
+        assert getattr(fastkd, name) is getattr(fastkd.functional, name)
+        assert name in fastkd.__all__ and name in fastkd.functional.__all__ and name in R.__all__
+        assert "T^2" in getattr(fastkd, name).__doc__
+    for name in ("ReverseKLLoss", "JSDLoss", "SkewKLLoss", "TVDLoss"):
+        assert name in fastkd.nn.__all__
