@@ -595,3 +595,28 @@ def test_public_names():
         assert "T^2" in getattr(fastkd, name).__doc__
     for name in ("ReverseKLLoss", "JSDLoss", "SkewKLLoss", "TVDLoss"):
         assert name in fastkd.nn.__all__
+
+
+def test_no_host_reads_on_the_gpu_path(monkeypatch):
+    """With value checks off (as on GPU tensors), a training step reads no tensor value on the host."""
+    from fastkd import _validation
+
+    monkeypatch.setattr(_validation, "HOST_DEVICES", ())
+    s = torch.randn(2, 3, 40, requires_grad=True)
+    t = torch.randn(2, 3, 40)
+    target = torch.tensor([[1, -100, 2], [3, 4, 5]])
+    weight = torch.tensor([[1.0, 2.0, 0.0], [0.5, 1.0, 1.0]])
+    tk = fastkd.TopKTeacher.from_logits(t, 5)
+
+    def forbid(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"host read of a tensor value: Tensor.{name}")
+        return read
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, forbid(name))
+    for loss in LOSSES:
+        for teacher in (t, tk):
+            out = call(loss, s, teacher, target=target, sample_weight=weight, ce_weight=0.1, return_parts=True)
+            out.loss.backward()
+    fastkd.kd_loss(s, tk, 2.0, target=target, sample_weight=weight).backward()
