@@ -42,7 +42,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .._autograd import register_loss_autograd
-from ._common import device_guard, empty_grad, online_update, online_update_scaled, row_config
+from ._common import device_guard, empty_grad, online_update, online_update_scaled, row_config, unit_stride_rows
 
 
 @triton.jit
@@ -175,8 +175,8 @@ def _launch(student, teacher, temperature, target, row_weight, reduce, grad_stud
             grad_temperature, ats_args):
     """Allocate outputs and run ``_kd_kernel``; ``ats_args`` is None for KD, else
     (1/s_T, 1/tau_target, 1/tau_other, s_T^2) and ``target`` is the int64 targets."""
-    student = student.contiguous()
-    teacher = teacher.contiguous()
+    student = unit_stride_rows(student)  # the kernels take row strides: no copy of a row slice
+    teacher = unit_stride_rows(teacher)
     n, c = student.shape
     dev = student.device
     loss_rows = torch.empty(n, dtype=torch.float32, device=dev)
