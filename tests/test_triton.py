@@ -561,6 +561,84 @@ def test_mgd_sq_err_many_programs():
 
 
 # ----------------------------------------------------------------------------
+# Row strides: views whose rows are unit-stride are read in place
+# ----------------------------------------------------------------------------
+
+class _LaunchSpy:
+    """Stands in for ``wrap_triton`` in a launcher module: records the first two
+    (tensor) arguments of every launch, then launches as usual."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, []
+
+    def __call__(self, kernel):
+        launcher = self.real(kernel)
+        spy = self
+
+        class _Grid:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    spy.calls.append(args[:2])
+                    return launcher[grid](*args, **kwargs)
+                return launch
+        return _Grid()
+
+
+def _layouts(n, c, dtype, seed):
+    """(name, leaf base tensor, [n, c] view of it) for three layouts with equal values."""
+    g = torch.Generator().manual_seed(seed)
+    wide = (torch.randn(n, c + 7, generator=g) * 3).to(dtype).to(DEVICE)
+    pair = (torch.randn(n, 2, c, generator=g) * 3).to(dtype).to(DEVICE)
+    tall = (torch.randn(c, n, generator=g) * 3).to(dtype).to(DEVICE)
+    return [("slice", wide, lambda x: x[:, :c]), ("row_stride", pair, lambda x: x[:, 1, :]),
+            ("transposed", tall, lambda x: x.t())]
+
+
+@pytest.mark.parametrize("loss_name", ["kd", "ats", "dkd", "dist"])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_strided_rows_match_contiguous(loss_name, dtype, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("fastkd.triton." + ("kd" if loss_name == "ats" else loss_name))
+    n, c = 5, 300
+    target = torch.tensor([0, 7, 299, 150, 3], device=DEVICE)
+    w = torch.full((n,), 1.0 / n, device=DEVICE)
+
+    def run(s, t):
+        if loss_name == "kd":
+            out = ft.kd_fwd(s, t, torch.full((n,), 2.0, device=DEVICE), w, False, True, True, True)
+        elif loss_name == "ats":
+            out = ft.ats_fwd(s, t, target, w, 1.0, 4.0, 2.0, False, True, True)
+        elif loss_name == "dkd":
+            out = ft.dkd_fwd(s, t, target, w, 1.0, 8.0, 4.0, False, True, True)
+        else:
+            out = ft.dist_fwd(s, t, 1.0, 2.0, 2.0, True, True)
+        return out
+
+    for (name, s_base, view), (_, t_base, _) in zip(_layouts(n, c, dtype, 80), _layouts(n, c, dtype, 81)):
+        s_base, t_base = leaf(s_base), leaf(t_base)
+        s, t = view(s_base), view(t_base)
+        spy = _LaunchSpy(module.wrap_triton)
+        monkeypatch.setattr(module, "wrap_triton", spy)
+        got = run(s, t)
+        monkeypatch.undo()
+        want = run(s.detach().contiguous(), t.detach().contiguous())
+        for x, y in zip(got, want):
+            assert torch.equal(x, y), name
+        # a unit-stride row view is read in place; a transposed one is copied first
+        in_place = name != "transposed"
+        assert (spy.calls[0][0].data_ptr() == s.data_ptr()) == in_place, name
+        assert (spy.calls[0][1].data_ptr() == t.data_ptr()) == in_place, name
+        # autograd through the view: the gradient lands in the view's elements, 0 elsewhere
+        ds, dt = torch.autograd.grad(got[0].sum(), [s_base, t_base])
+        torch.testing.assert_close(view(ds), got[1], atol=0, rtol=0)
+        torch.testing.assert_close(view(dt), got[2], atol=0, rtol=0)
+        outside = ds.clone()
+        view(outside).zero_()
+        assert (outside == 0).all(), name
+
+
+# ----------------------------------------------------------------------------
 # Device guard
 # ----------------------------------------------------------------------------
 

@@ -72,6 +72,18 @@ def logaddexp(x, y):
     return hi + log1p_pos(tl.exp(lo - hi_safe))
 
 
+def unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [N, C] itself when its elements within a row are adjacent, else a contiguous copy.
+
+    The row kernels take a row stride, so a row slice of a wider tensor
+    (``x[:, :C]`` of [N, C + 7]) or rows with any stride run without a copy;
+    only a column stride other than 1 (e.g. a transposed tensor) needs one.
+    """
+    if x.dim() == 2 and (x.stride(1) == 1 or x.shape[1] <= 1):
+        return x
+    return x.contiguous()
+
+
 def empty_grad(like: torch.Tensor) -> torch.Tensor:
     """The placeholder for an unrequested gradient: numel 0, like's dtype and device."""
     return torch.empty(0, dtype=like.dtype, device=like.device)

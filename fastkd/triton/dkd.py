@@ -39,7 +39,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .._autograd import register_loss_autograd
-from ._common import device_guard, empty_grad, logaddexp, online_update, row_config
+from ._common import device_guard, empty_grad, logaddexp, online_update, row_config, unit_stride_rows
 
 NEG_INF = tl.constexpr(float("-inf"))
 
@@ -157,8 +157,8 @@ def dkd_fwd(
     student, teacher: [N, C]; target: int [N] (not read where row_weight is 0);
     row_weight: float32 [N]. Returns (loss 0-d or [N], grad_student, grad_teacher).
     """
-    student = student.contiguous()
-    teacher = teacher.contiguous()
+    student = unit_stride_rows(student)  # the kernels take row strides: no copy of a row slice
+    teacher = unit_stride_rows(teacher)
     target = target.to(torch.int64).contiguous()
     n, c = student.shape
     loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)

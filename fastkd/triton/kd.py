@@ -42,7 +42,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .._autograd import register_loss_autograd
-from ._common import device_guard, empty_grad, online_update, online_update_scaled, row_config
+from ._common import device_guard, empty_grad, online_update, online_update_scaled, row_config, unit_stride_rows
 
 
 @triton.jit
@@ -89,7 +89,7 @@ def _kd_kernel(
     z_s = 0.0
     m_t = float("-inf")
     z_t = 0.0
-    acc = 0.0  # sum e_t * (b - a), rescaled with the teacher's running max
+    acc = 0.0  # sum e_t * (b - a) (KD: t - s, raw), rescaled with the teacher's running max
     for start in range(0, n_live, BLOCK):
         offs = start + cols
         mask = offs < n_cols
@@ -103,17 +103,21 @@ def _kd_kernel(
             diff = b - s * inv_a
         else:
             m_t, z_t, e_t, alpha_t = online_update_scaled(m_t, z_t, t, inv_a)
-            diff = (t - s) * inv_a
+            diff = t - s  # raw units: acc is scaled by 1/T once, after the loop
         # p_t == 0 (teacher -inf, masked lanes) adds exactly 0, not 0 * inf.
         acc = acc * alpha_t + tl.sum(e_t * tl.where(e_t > 0.0, diff, 0.0), 0)
     lz_s = tl.log(z_s)
     lz_t = tl.log(z_t)
+    # (KD: acc and the maxima stay in raw units until here. Scaling t - s inside the
+    # loop made ptxas spill 4 bytes at BLOCK 4096 / 16 warps; tests/test_triton_compile.py.)
     if IS_ATS:
         m_gap = m_t - m_s * inv_a  # lse_t - lse_s = m_gap + lz_t - lz_s
+        mean_diff = acc / z_t  # E_t[b - a]
     else:
         m_gap = (m_t - m_s) * inv_a
+        mean_diff = acc / z_t * inv_a  # E_t[t - s] / T
     # KL = E_t[b - a] - lse_t + lse_s
-    kl = acc / z_t - m_gap - lz_t + lz_s
+    kl = mean_diff - m_gap - lz_t + lz_s
     tl.store(LOSS + row, tl.where(ok, w * l2 * kl, fill))
 
     # ---- pass 2: gradients with the final statistics ----
@@ -155,12 +159,24 @@ def _kd_kernel(
             tl.store(GTEMP + row, tl.where(ok, g_temp, fill))
 
 
+# At BLOCK 4096 with 16 warps ptxas spills one register (4 bytes, stack 8) in the
+# single-gradient KD variants (sm_90, tests/test_triton_compile.py); at 8 warps no
+# variant spills (at most 108 registers), so KD/ATS cap the row config's warps at 8.
+KD_MAX_WARPS = 8
+
+
+def kd_row_config(n_cols):
+    """(BLOCK, num_warps) of the KD/ATS kernel: ``row_config`` with at most KD_MAX_WARPS warps."""
+    block, num_warps = row_config(n_cols)
+    return block, min(num_warps, KD_MAX_WARPS)
+
+
 def _launch(student, teacher, temperature, target, row_weight, reduce, grad_student, grad_teacher,
             grad_temperature, ats_args):
     """Allocate outputs and run ``_kd_kernel``; ``ats_args`` is None for KD, else
     (1/s_T, 1/tau_target, 1/tau_other, s_T^2) and ``target`` is the int64 targets."""
-    student = student.contiguous()
-    teacher = teacher.contiguous()
+    student = unit_stride_rows(student)  # the kernels take row strides: no copy of a row slice
+    teacher = unit_stride_rows(teacher)
     n, c = student.shape
     dev = student.device
     loss_rows = torch.empty(n, dtype=torch.float32, device=dev)
@@ -169,7 +185,7 @@ def _launch(student, teacher, temperature, target, row_weight, reduce, grad_stud
     gtemp = torch.empty(n, dtype=torch.float32, device=dev) if grad_temperature else empty_grad(loss_rows)
     is_ats = ats_args is not None
     if n:
-        block, num_warps = row_config(c)
+        block, num_warps = kd_row_config(c)
         with device_guard(student):  # launch on the input's device
             wrap_triton(_kd_kernel)[(n,)](
                 student, teacher, temperature, target, row_weight, loss_rows, gs, gt, gtemp,

@@ -1,0 +1,327 @@
+"""Compile every Triton kernel of fastkd.triton for the GPU, on a machine without one.
+
+The interpreter (TRITON_INTERPRET=1, set by conftest.py) runs the kernels' math
+on CPU tensors but never lowers them, so it cannot see what only the GPU
+compiler sees: lowering errors, register spills, shared memory over the limit.
+This test compiles each kernel through TTIR -> TTGIR -> LLVM -> PTX -> cubin
+with ``triton.compile`` for sm_90 and sm_80 (the wheel ships ptxas; no driver
+or GPU is needed) and fails on any compile error, any spill in a row kernel, or
+shared memory above the per-block limit.
+
+Why subprocesses: under TRITON_INTERPRET=1 ``@triton.jit`` returns interpreter
+objects, not JITFunctions (kernel and helper functions alike: the kernels call
+``online_update`` etc. through their module globals), and the interpreter
+patches ``triton.language`` while it runs. The compile therefore runs in fresh
+interpreters without TRITON_INTERPRET (``python tests/test_triton_compile.py
+SHARD N``), one per core, each with its own empty Triton cache (nothing is
+reused across runs), and reports one JSON line per compile.
+
+The matrix (see ``jobs``):
+  A. every constexpr combination x every input dtype (pair) at the launcher's
+     widest row config (BLOCK 4096; 16 warps, KD/ATS 8), sm_90;
+  B. every (BLOCK, num_warps) the launcher can pick (``_common.row_config`` over
+     class counts covering each branch; the DIST statistics tile for every batch
+     size class) x every dtype pair, with every gradient requested (the most
+     live values), sm_90;
+  C. the register-pressure subset for sm_80: B with the dtype pairs
+     (f32, f32), (bf16, bf16) and (bf16, f32) only.
+Integer arguments are specialised as the launcher's JIT would see them on a
+typical batch: pointers and row strides 16-divisible, unit strides constant 1.
+"""
+import contextlib
+import io
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DTYPES = ("fp32", "fp16", "bf16")
+PAIRS = list(itertools.product(DTYPES, DTYPES))  # (student, teacher): the launchers allow any pair
+SM80_PAIRS = [("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32")]
+BOOLS = (False, True)
+# Shared memory a block may use: 228 KiB on sm_90, 163 KiB on sm_80 (dynamic, opt-in).
+SHARED_LIMIT = {90: 228 * 1024, 80: 163 * 1024}
+REGS_PER_SM = 65536
+
+
+def row_configs(kernel=None):
+    """Every (BLOCK, num_warps) the row launchers pick (``_common.row_config``; KD/ATS through
+    ``kd.kd_row_config``), from class counts covering each branch."""
+    from fastkd.triton._common import row_config
+    from fastkd.triton.kd import kd_row_config
+
+    config = kd_row_config if kernel in ("kd", "ats") else row_config
+    counts = [1, 10, 17, 50, 100, 200, 300, 600, 1000, 1500, 3000, 4096, 32000, 131072]
+    return sorted({config(c) for c in counts})
+
+
+def stats_configs():
+    """(BLOCK_R, BLOCK_C) of the DIST statistics kernel for every batch size class (dist.dist_fwd)."""
+    from fastkd.triton import dist
+
+    out = set()
+    for n in (1, 2, 3, 5, 9, 16, 1000):
+        block_r = min(dist.STATS_BLOCK_R, 1 << (n - 1).bit_length())
+        out.add((block_r, dist.STATS_TILE // block_r))
+    return sorted(out)
+
+
+# Argument types per kernel: s / t stand for the student / teacher element type,
+# "D" marks a 16-divisible integer (the JIT's specialisation), 1 a unit stride
+# (which the JIT turns into the constant 1).
+def _kd_args(s, t, is_ats):
+    return {
+        "S": f"*{s}", "T": f"*{t}", "TEMP": "*fp32", "TGT": "*i64" if is_ats else "*fp32", "W": "*fp32",
+        "LOSS": "*fp32", "GS": f"*{s}", "GT": f"*{t}", "GTEMP": "*fp32",
+        "stride_s": "D", "stride_t": "D", "stride_gs": "D", "stride_gt": "D", "stride_temp": 1, "stride_w": 1,
+        "n_cols": "D", "inv_student_temp": "fp32", "inv_target_temp": "fp32", "inv_other_temp": "fp32",
+        "ats_scale": "fp32",
+    }
+
+
+def _dkd_args(s, t):
+    return {
+        "S": f"*{s}", "T": f"*{t}", "TGT": "*i64", "W": "*fp32", "LOSS": "*fp32", "GS": f"*{s}", "GT": f"*{t}",
+        "stride_s": "D", "stride_t": "D", "stride_gs": "D", "stride_gt": "D", "stride_w": 1,
+        "n_cols": "D", "inv_temp": "fp32", "alpha": "fp32", "beta": "fp32", "temp": "fp32",
+    }
+
+
+def _dist_lse_args(s, t):
+    return {"S": f"*{s}", "T": f"*{t}", "LSE": "*fp32", "stride_s": "D", "stride_t": "D", "n_rows": "D",
+            "n_cols": "D", "inv_temp": "fp32"}
+
+
+def _dist_stats_args(s, t):
+    return {"S": f"*{s}", "T": f"*{t}", "LSE": "*fp32", "ROWPART": "*fp32", "COLPART": "*fp32",
+            "stride_s": "D", "stride_t": "D", "n_rows": "D", "n_cols": "D", "rows_per_slice": "D",
+            "inv_temp": "fp32", "inv_c": "fp32"}
+
+
+def _dist_grad_args(s, t):
+    return {"S": f"*{s}", "T": f"*{t}", "ROWC": "*fp32", "COLC": "*fp32", "GS": f"*{s}", "GT": f"*{t}",
+            "stride_s": "D", "stride_t": "D", "stride_gs": "D", "stride_gt": "D", "n_rows": "D", "n_cols": "D",
+            "inv_temp": "fp32", "inv_c": "fp32"}
+
+
+def _mask_args(x):
+    # seed_mix and threshold are uint32 values passed as Python ints (i64 above 2^31)
+    return {"X": f"*{x}", "OUT": f"*{x}", "numel": "D", "seed_mix": "i64", "threshold": "i64"}
+
+
+def _sq_err_args(p, t):
+    return {"P": f"*{p}", "T": f"*{t}", "PART": "*fp32", "GP": f"*{p}", "GT": f"*{t}", "numel": "D",
+            "scale": "fp32"}
+
+
+def jobs():
+    """The compile matrix (module docstring): dicts of kernel, arch, dtypes, constexprs, num_warps."""
+    from fastkd.triton import dist, mgd
+    from fastkd.triton._common import MAX_ROW_BLOCK, row_config
+    from fastkd.triton.kd import kd_row_config
+
+    out = []
+
+    seen = set()
+
+    def add(kernel, arch, dtypes, consts, warps, matrix):
+        key = (kernel, arch, tuple(dtypes), tuple(sorted(consts.items())), warps)
+        if key not in seen:  # A and B overlap at the widest config
+            seen.add(key)
+            out.append({"kernel": kernel, "arch": arch, "dtypes": list(dtypes), "constexprs": consts,
+                        "num_warps": warps, "matrix": matrix})
+
+    wide_block, wide_warps = row_config(MAX_ROW_BLOCK)
+    kd_warps = kd_row_config(MAX_ROW_BLOCK)[1]
+    # A: every constexpr combination x dtype, widest row config, sm_90
+    for s, t in PAIRS:
+        for gs, gt, gtemp in itertools.product(BOOLS, BOOLS, BOOLS):
+            add("kd", 90, (s, t), dict(IS_ATS=False, GRAD_S=gs, GRAD_T=gt, GRAD_TEMP=gtemp, BLOCK=wide_block),
+                kd_warps, "A")
+        for gs, gt in itertools.product(BOOLS, BOOLS):
+            add("ats", 90, (s, t), dict(IS_ATS=True, GRAD_S=gs, GRAD_T=gt, GRAD_TEMP=False, BLOCK=wide_block),
+                kd_warps, "A")
+            add("dkd", 90, (s, t), dict(GRAD_S=gs, GRAD_T=gt, BLOCK=wide_block), wide_warps, "A")
+            if gs or gt:  # dist_fwd launches the gradient kernel only when one is asked for
+                add("dist_grad", 90, (s, t), dict(GRAD_S=gs, GRAD_T=gt, BLOCK=wide_block), wide_warps, "A")
+            add("sq_err", 90, (s, t), dict(GRAD_P=gs, GRAD_T=gt, BLOCK=mgd.ELEM_BLOCK), mgd.ELEM_WARPS, "A")
+    for x in DTYPES:
+        for spatial in BOOLS:
+            # HW, CHW: a feature map shape (the values only set the division constants)
+            add("mask", 90, (x,), dict(HW=14 * 14, CHW=256 * 14 * 14, SPATIAL=spatial, BLOCK=mgd.ELEM_BLOCK),
+                mgd.ELEM_WARPS, "A")
+    # B and C: every launcher config with everything requested
+    for arch, pairs, matrix in ((90, PAIRS, "B"), (80, SM80_PAIRS, "C")):
+        for s, t in pairs:
+            for block, warps in row_configs("kd"):
+                add("kd", arch, (s, t), dict(IS_ATS=False, GRAD_S=True, GRAD_T=True, GRAD_TEMP=True, BLOCK=block),
+                    warps, matrix)
+                add("ats", arch, (s, t), dict(IS_ATS=True, GRAD_S=True, GRAD_T=True, GRAD_TEMP=False, BLOCK=block),
+                    warps, matrix)
+            for block, warps in row_configs():
+                add("dkd", arch, (s, t), dict(GRAD_S=True, GRAD_T=True, BLOCK=block), warps, matrix)
+                add("dist_lse", arch, (s, t), dict(BLOCK=block), warps, matrix)
+                add("dist_grad", arch, (s, t), dict(GRAD_S=True, GRAD_T=True, BLOCK=block), warps, matrix)
+            for block_r, block_c in stats_configs():
+                add("dist_stats", arch, (s, t), dict(BLOCK_R=block_r, BLOCK_C=block_c), dist.STATS_WARPS, matrix)
+            add("sq_err", arch, (s, t), dict(GRAD_P=True, GRAD_T=True, BLOCK=mgd.ELEM_BLOCK), mgd.ELEM_WARPS, matrix)
+        for x in sorted({p[0] for p in pairs}):
+            add("mask", arch, (x,), dict(HW=14 * 14, CHW=256 * 14 * 14, SPATIAL=True, BLOCK=mgd.ELEM_BLOCK),
+                mgd.ELEM_WARPS, matrix)
+    return out
+
+
+def _kernel_and_args(job):
+    from fastkd.triton import dist, dkd, kd, mgd
+
+    d = job["dtypes"]
+    name = job["kernel"]
+    if name in ("kd", "ats"):
+        return kd._kd_kernel, _kd_args(d[0], d[1], name == "ats")
+    table = {
+        "dkd": (dkd._dkd_kernel, _dkd_args),
+        "dist_lse": (dist._dist_lse_kernel, _dist_lse_args),
+        "dist_stats": (dist._dist_stats_kernel, _dist_stats_args),
+        "dist_grad": (dist._dist_grad_kernel, _dist_grad_args),
+        "mask": (mgd._mgd_mask_kernel, _mask_args),
+        "sq_err": (mgd._sq_err_kernel, _sq_err_args),
+    }
+    kernel, make = table[name]
+    return kernel, make(*d)
+
+
+_PTXAS = {
+    "regs": re.compile(r"Used (\d+) registers"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "stack": re.compile(r"(\d+) bytes stack frame"),
+}
+
+
+def compile_job(job):
+    """Compile one job; returns the job with registers, spills, stack, shared memory, or the error."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel, args = _kernel_and_args(job)
+    assert type(kernel).__name__ == "JITFunction", "compile with TRITON_INTERPRET unset"
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in job["constexprs"]:
+            signature[name], constexprs[name] = "constexpr", job["constexprs"][name]
+        elif args[name] == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        elif args[name] == "D":
+            signature[name], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
+        else:
+            signature[name] = args[name]
+            if args[name].startswith("*"):
+                attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+    missing = set(args) - set(kernel.arg_names)
+    assert not missing, f"{job['kernel']}: unknown arguments {missing}"
+    log = io.StringIO()
+    result = dict(job)
+    try:
+        with contextlib.redirect_stdout(log):  # ptxas -v output (knobs.nvidia.dump_ptxas_log)
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                                      target=GPUTarget("cuda", job["arch"], 32),
+                                      options={"num_warps": job["num_warps"]})
+    except Exception as exc:  # any lowering or ptxas error fails the test with its message
+        result["error"] = f"{type(exc).__name__}: {exc}"[-2000:]
+        return result
+    text = log.getvalue()
+    for key, pattern in _PTXAS.items():
+        found = [int(x) for x in pattern.findall(text)]
+        result[key] = max(found) if found else (None if key == "regs" else 0)
+    result["shared"] = compiled.metadata.shared
+    return result
+
+
+def _worker(shard, n_shards):
+    import triton
+
+    triton.knobs.nvidia.dump_ptxas_log = True
+    triton.knobs.compilation.always_compile = True  # a cache hit would print no ptxas report
+    for job in jobs()[shard::n_shards]:
+        print(json.dumps(compile_job(job)), flush=True)
+
+
+def _label(r):
+    c = r["constexprs"]
+    block = c.get("BLOCK", c.get("BLOCK_C"))
+    extra = f" R{c['BLOCK_R']}" if "BLOCK_R" in c else ""
+    return f"BLOCK={block}{extra} w={r['num_warps']}"
+
+
+def summary(results):
+    """Per (kernel, arch, config): worst registers, spills, shared memory over its dtypes and flags."""
+    rows = {}
+    for r in results:
+        key = (r["kernel"], r["arch"], _label(r))
+        worst = rows.setdefault(key, {"regs": 0, "spills": 0, "shared": 0, "n": 0})
+        worst["regs"] = max(worst["regs"], r["regs"] or 0)
+        worst["spills"] = max(worst["spills"], r["spill_stores"] + r["spill_loads"])
+        worst["shared"] = max(worst["shared"], r["shared"])
+        worst["n"] += 1
+    lines = ["| kernel | sm | config | compiles | max registers | spill bytes | shared bytes |", "|---|---|---|---|---|---|---|"]
+    for (kernel, arch, label), w in sorted(rows.items(), key=lambda x: (x[0][0], -x[0][1], x[0][2])):
+        lines.append(f"| {kernel} | {arch} | {label} | {w['n']} | {w['regs']} | {w['spills']} | {w['shared']} |")
+    return "\n".join(lines)
+
+
+def run_all(n_workers):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    results, errors = [], []
+    with tempfile.TemporaryDirectory() as cache:
+        procs = []
+        for shard in range(n_workers):
+            # a fresh, empty cache per worker: every kernel is compiled in this run
+            wenv = dict(env, TRITON_CACHE_DIR=os.path.join(cache, str(shard)))
+            procs.append(subprocess.Popen([sys.executable, __file__, str(shard), str(n_workers)], env=wenv,
+                                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for p in procs:
+            out, err = p.communicate()
+            if p.returncode != 0:
+                errors.append(f"worker exited with {p.returncode}:\n{err[-3000:]}")
+            results += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return results, errors
+
+
+def test_every_triton_kernel_compiles_for_sm90_and_sm80():
+    pytest.importorskip("triton.backends.nvidia")
+    from fastkd.triton._common import MAX_ROW_BLOCK  # noqa: F401  (the package imports here too)
+
+    expected = len(jobs())
+    results, errors = run_all(max(1, min(2, os.cpu_count() or 1)))
+    assert not errors, "\n".join(errors)
+    assert len(results) == expected, f"{len(results)} of {expected} compiles reported"
+    print("\n" + summary([r for r in results if "error" not in r]))
+    failures = [f"{r['kernel']} sm_{r['arch']} {r['dtypes']} {r['constexprs']} w={r['num_warps']}: {r['error']}"
+                for r in results if "error" in r]
+    assert not failures, "compile errors:\n" + "\n".join(failures[:10])
+    problems = []
+    for r in results:
+        what = f"{r['kernel']} sm_{r['arch']} {r['dtypes']} {r['constexprs']} num_warps={r['num_warps']}"
+        if r["regs"] is None:
+            problems.append(f"{what}: no ptxas register report")
+            continue
+        if r["spill_stores"] or r["spill_loads"] or r["stack"]:
+            problems.append(f"{what}: spills {r['spill_stores']}+{r['spill_loads']} bytes, stack {r['stack']}")
+        if r["regs"] * 32 * r["num_warps"] > REGS_PER_SM:
+            problems.append(f"{what}: {r['regs']} registers x {32 * r['num_warps']} threads > {REGS_PER_SM}")
+        if r["shared"] > SHARED_LIMIT[r["arch"]]:
+            problems.append(f"{what}: shared memory {r['shared']} > {SHARED_LIMIT[r['arch']]}")
+    assert not problems, "\n".join(problems)
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]))
