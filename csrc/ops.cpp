@@ -23,6 +23,11 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "mgd_sq_err(Tensor pred, Tensor teacher, float scale, bool grad_pred, bool grad_teacher) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "divergence_fwd(Tensor student, Tensor teacher, Tensor topk_ids, Tensor target, Tensor row_weight, "
+      "float temperature, int kind, float a, float b, float w_p, float w_q, float soft_scale, float ce_weight, "
+      "int topk_mode, bool reduce, bool grad_student, bool grad_teacher) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // `import fastkd._C` loads this library, whose static initialisers register the ops.
