@@ -78,7 +78,10 @@ def _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND: tl.constexpr):
     else:
         # log m: exactly log q (w_p == 0) or log p (w_q == 0), else a log-space mixture
         # (no underflow to log 0 for log-probs below -104: Liger's JSD NaN).
-        lm = tl.where(w_p == 0.0, lq, tl.where(w_q == 0.0, lp, logaddexp(lp + log_wp, lq + log_wq)))
+        # Where p == q the mixture is exactly log p + log(w_p + w_q) (0 for the family's weights),
+        # not logaddexp's rounding: a row of padding only then has loss exactly 0.
+        mixed = tl.where(lp == lq, lp + tl.log(w_p + w_q), logaddexp(lp + log_wp, lq + log_wq))
+        lm = tl.where(w_p == 0.0, lq, tl.where(w_q == 0.0, lp, mixed))
         no_m = lm == float("-inf")
         lm_safe = tl.where(no_m, 0.0, lm)
         r = tl.where(no_m, 0.0, tl.exp(log_wq + lq - lm_safe))  # w_q q / m
@@ -339,9 +342,15 @@ def _div_topk_kernel(
     if GRAD_T:  # w.r.t. the given log-probs: no 1/T
         p_k = tl.exp(lp_k)
         if TAIL:
-            # p_tail = 1 - sum p_k: d/dlp_k moves mass from the tail, ratio 0 for an empty tail
+            # p_tail = 1 - sum p_k: d/dlp_k moves mass from the tail. H omits the a p of
+            # d/dlp [a p (l p - l m)], which that move cancels; an empty (clamped) tail does not
+            # move, so the a p_k stays: H_k + a p_k (TVD's H is the whole derivative).
             p_tail = tl.exp(lp_tail)
-            ratio = tl.where(p_tail == 0.0, 0.0, h_n / tl.where(p_tail == 0.0, 1.0, p_tail))
+            if KIND == 1:
+                empty_tail = 0.0
+            else:
+                empty_tail = -a
+            ratio = tl.where(p_tail == 0.0, empty_tail, h_n / tl.where(p_tail == 0.0, 1.0, p_tail))
             gt = h_k - p_k * ratio
         else:
             gt = h_k - p_k * tl.sum(tl.where(valid, h_k, 0.0), 0)
