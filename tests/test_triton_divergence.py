@@ -253,7 +253,8 @@ def test_topk(narrow_blocks, name, kind, coef, opts, mode):
 def test_topk_tail_holding_nearly_all_mass(narrow_blocks, tail_mass):
     """The student tail summed over the non-members: a top-k with all but 1e-6 / 1e-9 of the student
     mass (total - sum over ids would cancel in float32), or with the rest 100 logits below
-    (the tail, exp(-100) of the max, underflows float32 relative to the total)."""
+    (the tail, exp(-100) of the max, underflows float32 relative to the total). The teacher's
+    top-k holds all but 1e-5 (its tail is summed in float64)."""
     k = 4
     g = gen(9)
     ids = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(N)])
@@ -264,7 +265,8 @@ def test_topk_tail_holding_nearly_all_mass(narrow_blocks, tail_mass):
         # members share mass 1 - eps, the V - k others eps
         c = math.log(tail_mass * k / (V - k))
         s = torch.where(member, torch.zeros(N, V), torch.full((N, V), c)) + 1e-3 * torch.randn(N, V, generator=g)
-    teacher = torch.softmax(torch.randn(N, k, generator=g), dim=1) * (1 - 1e-3)  # teacher tail 1e-3
+    # teacher tail 1e-5: float32's 1 - sum p_k would keep about 2 digits of it
+    teacher = torch.softmax(torch.randn(N, k, generator=g), dim=1) * (1 - 1e-5)
     lp = teacher.log()
     target = torch.randint(0, V, (N,), generator=g)
     w = torch.full((N,), 1.0 / N)
