@@ -139,38 +139,45 @@ def div_row_configs():
     return sorted({div_row_config(c) for c in counts})
 
 
-# The divergence kernels' matrix is smaller than the other kernels' (their compiles are slower):
-# every constexpr combination at the widest config for one dtype pair, every dtype pair that
-# changes a load or store type with everything requested, every launcher config for bf16.
-DIV_PAIRS = [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "fp32"), ("fp32", "bf16")]
+# The divergence kernels' matrix is smaller than the other kernels' (keeping the added run time
+# under a minute on 2 cores): A over the flags that change the code's live values (kind, tail,
+# gradients; a target only adds a sum) for (bf16, bf16) at the widest config, plus the dtype pairs
+# that change a load or store type; B over every launcher config (dense; top-k at three);
+# C: sm_80 at the widest config.
+DIV_PAIRS = [("fp32", "fp32"), ("fp16", "fp16"), ("fp32", "bf16")]
+DIV_SM80_PAIRS = [("fp32", "fp32"), ("bf16", "bf16")]
 DIV_KP = (64, 256)  # top-k widths (next power of two of K): a typical K = 64 and a wide one
 
 
 def _div_jobs(add):
-    from fastkd.triton.divergence import DIV_MAX_BLOCK, div_row_config
+    from fastkd.triton.divergence import DIV_MAX_BLOCK, div_row_config, div_topk_config
 
     block, warps = div_row_config(DIV_MAX_BLOCK)
     full = dict(HAS_TARGET=True, GRAD_S=True, GRAD_T=True)
-    # A: every constexpr combination (bf16, bf16), and the dtype pairs with everything requested; sm_90
-    for kind, has_target, gs, gt in itertools.product((0, 1), BOOLS, BOOLS, BOOLS):
-        add("div_dense", 90, ("bf16", "bf16"), dict(KIND=kind, HAS_TARGET=has_target, GRAD_S=gs, GRAD_T=gt,
-                                                    BLOCK=block), warps, "A")
-    for tail, has_target, gs, gt in itertools.product(BOOLS, BOOLS, BOOLS, BOOLS):
-        add("div_topk", 90, ("bf16", "bf16"), dict(KIND=0, TAIL=tail, HAS_TARGET=has_target, GRAD_S=gs, GRAD_T=gt,
-                                                   BLOCK=block, KP=DIV_KP[0]), warps, "A")
+    bf = ("bf16", "bf16")
+    for kind, gs, gt in itertools.product((0, 1), BOOLS, BOOLS):
+        add("div_dense", 90, bf, dict(KIND=kind, HAS_TARGET=True, GRAD_S=gs, GRAD_T=gt, BLOCK=block), warps, "A")
+        add("div_dense", 90, bf, dict(KIND=kind, HAS_TARGET=False, GRAD_S=True, GRAD_T=True, BLOCK=block), warps, "A")
+    for tail, gs, gt in itertools.product(BOOLS, BOOLS, BOOLS):
+        add("div_topk", 90, bf, dict(KIND=0, TAIL=tail, HAS_TARGET=True, GRAD_S=gs, GRAD_T=gt, BLOCK=block,
+                                     KP=DIV_KP[0]), warps, "A")
     for tail in BOOLS:
-        add("div_topk", 90, ("bf16", "bf16"), dict(KIND=1, TAIL=tail, **full, BLOCK=block, KP=DIV_KP[0]), warps, "A")
+        add("div_topk", 90, bf, dict(KIND=0, TAIL=tail, HAS_TARGET=False, GRAD_S=True, GRAD_T=True, BLOCK=block,
+                                     KP=DIV_KP[0]), warps, "A")
+        add("div_topk", 90, bf, dict(KIND=1, TAIL=tail, **full, BLOCK=block, KP=DIV_KP[0]), warps, "A")
     for s, t in DIV_PAIRS:
         add("div_dense", 90, (s, t), dict(KIND=0, **full, BLOCK=block), warps, "A")
         add("div_topk", 90, (s, t), dict(KIND=0, TAIL=True, **full, BLOCK=block, KP=DIV_KP[0]), warps, "A")
-    # B: every launcher config, everything requested, (bf16, bf16), sm_90; C: the widest config, sm_80
     for b, w in div_row_configs():
-        add("div_dense", 90, ("bf16", "bf16"), dict(KIND=0, **full, BLOCK=b), w, "B")
-        add("div_topk", 90, ("bf16", "bf16"), dict(KIND=0, TAIL=True, **full, BLOCK=b, KP=DIV_KP[0]), w, "B")
-    add("div_topk", 90, ("bf16", "bf16"), dict(KIND=0, TAIL=True, **full, BLOCK=block, KP=DIV_KP[1]), warps, "B")
-    for s, t in SM80_PAIRS:
+        add("div_dense", 90, bf, dict(KIND=0, **full, BLOCK=b), w, "B")
+    for n_cols in (10, 300, 32000):  # the narrowest, a middle and the widest block
+        for kp in DIV_KP:
+            b, w = div_topk_config(n_cols, kp)
+            add("div_topk", 90, bf, dict(KIND=0, TAIL=True, **full, BLOCK=b, KP=kp), w, "B")
+    for s, t in DIV_SM80_PAIRS:
         add("div_dense", 80, (s, t), dict(KIND=0, **full, BLOCK=block), warps, "C")
-        add("div_topk", 80, (s, t), dict(KIND=0, TAIL=True, **full, BLOCK=block, KP=DIV_KP[1]), warps, "C")
+        add("div_topk", 80, (s, t), dict(KIND=0, TAIL=True, **full, BLOCK=block, KP=DIV_KP[1]),
+            div_topk_config(DIV_MAX_BLOCK, DIV_KP[1])[1], "C")
 
 
 def _mask_args(x):

@@ -48,7 +48,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .._autograd import register_loss_autograd
-from ._common import device_guard, empty_grad, logaddexp, online_update_scaled, row_config, unit_stride_rows
+from ._common import device_guard, empty_grad, logaddexp, online_update_scaled, unit_stride_rows
 
 NEG_INF = tl.constexpr(float("-inf"))
 # Sorted-id sentinel for padding slots (and past the end): above every column index.
@@ -386,18 +386,29 @@ def _div_topk_kernel(
         tl.store(GS + row * stride_gs + ids, gm.to(GS.dtype.element_ty), mask=valid)
 
 
-# Launch sizes: the dense kernel keeps ~10 float32 values per element live in pass 3
-# (s, t, lp, lq, p, q, log m, r, u, G, H); 8 elements per thread (row_config) at most
-# 8 warps, i.e. BLOCK 2048, keeps every variant within registers
-# (tests/test_triton_compile.py reports registers and spills).
+# Launch sizes. Both kernels keep about ten float32 values per element live (s, t, l p, l q,
+# p, q, l m, r, u, G, H). ptxas (sm_90, tests/test_triton_compile.py) held the dense bf16
+# kernel at 64 registers and spilled 4 bytes with 8 elements per thread (BLOCK 2048 / 8 warps,
+# and 1024 / 4); at 4 elements per thread (2048 / 16, 1024 / 8) it uses at most 63 and
+# never spills. So: blocks of at most 2048 columns, 4 elements per thread.
 DIV_MAX_BLOCK = 2048
-DIV_MAX_WARPS = 8
+DIV_ELEMS_PER_THREAD = 4
 
 
 def div_row_config(n_cols):
-    """(BLOCK, num_warps) of both divergence kernels: ``row_config`` capped at DIV_MAX_BLOCK / DIV_MAX_WARPS."""
-    block, num_warps = row_config(min(int(n_cols), DIV_MAX_BLOCK))
-    return block, min(num_warps, DIV_MAX_WARPS)
+    """(BLOCK, num_warps) of both divergence kernels: the row width rounded up to a power of two
+    (at least 16, at most DIV_MAX_BLOCK), DIV_ELEMS_PER_THREAD elements per thread (1 to 16 warps)."""
+    block = max(16, min(DIV_MAX_BLOCK, triton.next_power_of_2(int(n_cols))))
+    num_warps = max(1, min(16, block // (32 * DIV_ELEMS_PER_THREAD)))
+    return block, num_warps
+
+
+def div_topk_config(n_cols, kp):
+    """(BLOCK, num_warps) of the top-k kernel: ``div_row_config``, with enough warps that the
+    K-wide bucket vectors (``kp`` lanes) also hold at most DIV_ELEMS_PER_THREAD per thread
+    (K = 256 on one warp spilled 4 bytes at 128 registers, sm_90)."""
+    block, num_warps = div_row_config(n_cols)
+    return block, max(num_warps, min(16, kp // (32 * DIV_ELEMS_PER_THREAD)))
 
 
 def _check(student, teacher, topk_ids, target, row_weight, temperature, kind, ce_weight, topk_mode):
@@ -493,10 +504,15 @@ def divergence_fwd(
                 )
             else:
                 k = teacher.shape[1]
+                kp = max(1, triton.next_power_of_2(k))
+                block, num_warps = div_topk_config(v, kp)
                 ids = unit_stride_rows(topk_ids)
-                # membership walk: ids sorted per row, padding (and anything < 0) last
-                sorted_ids = torch.where(ids < 0, torch.full((), ID_SENTINEL, dtype=torch.int64, device=dev),
-                                         ids).sort(dim=1).values.contiguous()
+                # membership walk (tail statistics, student gradient): ids sorted per row, padding last
+                if topk_mode == TOPK_TAIL or grad_student:
+                    sorted_ids = torch.where(ids < 0, torch.full((), ID_SENTINEL, dtype=torch.int64, device=dev),
+                                             ids).sort(dim=1).values.contiguous()
+                else:
+                    sorted_ids = ids  # not read
                 wrap_triton(_div_topk_kernel)[(n,)](
                     student, teacher, ids, sorted_ids, tgt, row_weight, loss_rows, soft_rows, hard_rows, gs, gt,
                     student.stride(0), teacher.stride(0), ids.stride(0),
@@ -504,7 +520,7 @@ def divergence_fwd(
                     v, k, *scalars[1:],
                     KIND=kind, TAIL=topk_mode == TOPK_TAIL, HAS_TARGET=has_target,
                     GRAD_S=grad_student, GRAD_T=grad_teacher, BLOCK=block,
-                    KP=max(1, triton.next_power_of_2(k)), num_warps=num_warps,
+                    KP=kp, num_warps=num_warps,
                 )
     if reduce:
         return loss_rows.sum(), soft_rows.sum(), hard_rows.sum(), gs, gt
