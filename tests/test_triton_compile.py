@@ -25,6 +25,9 @@ The matrix (see ``jobs``):
      live values), sm_90;
   C. the register-pressure subset for sm_80: B with the dtype pairs
      (f32, f32), (bf16, bf16) and (bf16, f32) only.
+The divergence kernels (``divergence._div_dense_kernel`` / ``_div_topk_kernel``) get a
+smaller matrix (``_div_jobs``): A over their constexprs for (bf16, bf16) plus four dtype
+pairs fully requested, B over their launcher configs for (bf16, bf16), C at the widest config.
 Integer arguments are specialised as the launcher's JIT would see them on a
 typical batch: pointers and row strides 16-divisible, unit strides constant 1.
 """
@@ -111,6 +114,72 @@ def _dist_grad_args(s, t):
             "inv_temp": "fp32", "inv_c": "fp32"}
 
 
+def _div_dense_args(s, t, has_target):
+    # without a target the launcher passes row_weight (float32) as the unused target pointer
+    return {"S": f"*{s}", "T": f"*{t}", "TGT": "*i64" if has_target else "*fp32", "W": "*fp32", "LOSS": "*fp32",
+            "SOFT": "*fp32", "HARD": "*fp32", "GS": f"*{s}", "GT": f"*{t}",
+            "stride_s": "D", "stride_t": "D", "stride_gs": "D", "stride_gt": "D", "stride_w": 1,
+            "n_cols": "D", "inv_temp": "fp32", "a": "fp32", "b": "fp32", "w_p": "fp32", "w_q": "fp32",
+            "soft_scale": "fp32", "ce_weight": "fp32"}
+
+
+def _div_topk_args(s, t, has_target):
+    return {"S": f"*{s}", "LPT": f"*{t}", "IDS": "*i64", "SIDS": "*i64", "TGT": "*i64" if has_target else "*fp32",
+            "W": "*fp32", "LOSS": "*fp32", "SOFT": "*fp32", "HARD": "*fp32", "GS": f"*{s}", "GT": f"*{t}",
+            "stride_s": "D", "stride_lp": "D", "stride_ids": "D", "stride_gs": "D", "stride_gt": "D", "stride_w": 1,
+            "n_cols": "D", "n_k": "i32", "inv_temp": "fp32", "a": "fp32", "b": "fp32", "w_p": "fp32", "w_q": "fp32",
+            "soft_scale": "fp32", "ce_weight": "fp32"}
+
+
+def div_row_configs():
+    """Every (BLOCK, num_warps) the divergence launcher picks (``divergence.div_row_config``)."""
+    from fastkd.triton.divergence import div_row_config
+
+    counts = [1, 10, 17, 50, 100, 200, 300, 600, 1000, 1500, 3000, 32000, 131072]
+    return sorted({div_row_config(c) for c in counts})
+
+
+# The divergence kernels' matrix is smaller than the other kernels' (keeping the added run time
+# under a minute on 2 cores): A over the flags that change the code's live values (kind, tail,
+# gradients; a target only adds a sum) for (bf16, bf16) at the widest config, plus the dtype pairs
+# that change a load or store type; B over every launcher config (dense; top-k at three);
+# C: sm_80 at the widest config.
+DIV_PAIRS = [("fp32", "fp32"), ("fp16", "fp16"), ("fp32", "bf16")]
+DIV_SM80_PAIRS = [("fp32", "fp32"), ("bf16", "bf16")]
+DIV_KP = (64, 256)  # top-k widths (next power of two of K): a typical K = 64 and a wide one
+
+
+def _div_jobs(add):
+    from fastkd.triton.divergence import DIV_MAX_BLOCK, div_row_config, div_topk_config
+
+    block, warps = div_row_config(DIV_MAX_BLOCK)
+    full = dict(HAS_TARGET=True, GRAD_S=True, GRAD_T=True)
+    bf = ("bf16", "bf16")
+    for kind, gs, gt in itertools.product((0, 1), BOOLS, BOOLS):
+        add("div_dense", 90, bf, dict(KIND=kind, HAS_TARGET=True, GRAD_S=gs, GRAD_T=gt, BLOCK=block), warps, "A")
+        add("div_dense", 90, bf, dict(KIND=kind, HAS_TARGET=False, GRAD_S=True, GRAD_T=True, BLOCK=block), warps, "A")
+    for tail, gs, gt in itertools.product(BOOLS, BOOLS, BOOLS):
+        add("div_topk", 90, bf, dict(KIND=0, TAIL=tail, HAS_TARGET=True, GRAD_S=gs, GRAD_T=gt, BLOCK=block,
+                                     KP=DIV_KP[0]), warps, "A")
+    for tail in BOOLS:
+        add("div_topk", 90, bf, dict(KIND=0, TAIL=tail, HAS_TARGET=False, GRAD_S=True, GRAD_T=True, BLOCK=block,
+                                     KP=DIV_KP[0]), warps, "A")
+        add("div_topk", 90, bf, dict(KIND=1, TAIL=tail, **full, BLOCK=block, KP=DIV_KP[0]), warps, "A")
+    for s, t in DIV_PAIRS:
+        add("div_dense", 90, (s, t), dict(KIND=0, **full, BLOCK=block), warps, "A")
+        add("div_topk", 90, (s, t), dict(KIND=0, TAIL=True, **full, BLOCK=block, KP=DIV_KP[0]), warps, "A")
+    for b, w in div_row_configs():
+        add("div_dense", 90, bf, dict(KIND=0, **full, BLOCK=b), w, "B")
+    for n_cols in (10, 300, 32000):  # the narrowest, a middle and the widest block
+        for kp in DIV_KP:
+            b, w = div_topk_config(n_cols, kp)
+            add("div_topk", 90, bf, dict(KIND=0, TAIL=True, **full, BLOCK=b, KP=kp), w, "B")
+    for s, t in DIV_SM80_PAIRS:
+        add("div_dense", 80, (s, t), dict(KIND=0, **full, BLOCK=block), warps, "C")
+        add("div_topk", 80, (s, t), dict(KIND=0, TAIL=True, **full, BLOCK=block, KP=DIV_KP[1]),
+            div_topk_config(DIV_MAX_BLOCK, DIV_KP[1])[1], "C")
+
+
 def _mask_args(x):
     # seed_mix and threshold are uint32 values passed as Python ints (i64 above 2^31)
     return {"X": f"*{x}", "OUT": f"*{x}", "numel": "D", "seed_mix": "i64", "threshold": "i64"}
@@ -175,6 +244,7 @@ def jobs():
         for x in sorted({p[0] for p in pairs}):
             add("mask", arch, (x,), dict(HW=14 * 14, CHW=256 * 14 * 14, SPATIAL=True, BLOCK=mgd.ELEM_BLOCK),
                 mgd.ELEM_WARPS, matrix)
+    _div_jobs(add)
     return out
 
 
@@ -185,6 +255,13 @@ def _kernel_and_args(job):
     name = job["kernel"]
     if name in ("kd", "ats"):
         return kd._kd_kernel, _kd_args(d[0], d[1], name == "ats")
+    if name in ("div_dense", "div_topk"):
+        from fastkd.triton import divergence
+
+        has_target = job["constexprs"]["HAS_TARGET"]
+        if name == "div_dense":
+            return divergence._div_dense_kernel, _div_dense_args(d[0], d[1], has_target)
+        return divergence._div_topk_kernel, _div_topk_args(d[0], d[1], has_target)
     table = {
         "dkd": (dkd._dkd_kernel, _dkd_args),
         "dist_lse": (dist._dist_lse_kernel, _dist_lse_args),
@@ -258,6 +335,7 @@ def _label(r):
     c = r["constexprs"]
     block = c.get("BLOCK", c.get("BLOCK_C"))
     extra = f" R{c['BLOCK_R']}" if "BLOCK_R" in c else ""
+    extra += f" KP={c['KP']}" if "KP" in c else ""
     return f"BLOCK={block}{extra} w={r['num_warps']}"
 
 

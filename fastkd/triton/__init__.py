@@ -9,14 +9,16 @@ signatures of ``docs/design.md``:
     kd_fwd, ats_fwd      kd.py    one program per row, online softmax over class blocks
     dkd_fwd              dkd.py   same layout; TCKD and NCKD from one pass of row statistics
     dist_fwd             dist.py  row lse pass, class-statistics pass, gradient pass
+    divergence_fwd       divergence.py  LM divergences (KL family, TVD, top-k teacher, fused CE): stats, terms, gradients
     mgd_mask, mgd_sq_err mgd.py   element-wise; the mask is hashed in-kernel from the seed
 
 Launch sizes and the reason for each are next to their constants
 (``_common.row_config``, ``dist.STATS_*``, ``mgd.ELEM_*``).
 """
 from .dist import dist_fwd
+from .divergence import divergence_fwd
 from .dkd import dkd_fwd
 from .kd import ats_fwd, kd_fwd
 from .mgd import mgd_mask, mgd_sq_err
 
-__all__ = ["kd_fwd", "ats_fwd", "dkd_fwd", "dist_fwd", "mgd_mask", "mgd_sq_err"]
+__all__ = ["kd_fwd", "ats_fwd", "dkd_fwd", "dist_fwd", "divergence_fwd", "mgd_mask", "mgd_sq_err"]

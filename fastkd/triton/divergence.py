@@ -1,0 +1,530 @@
+"""Triton ``divergence_fwd``: the language-model divergences, one program per row.
+
+Contract (arguments, formulas, buckets, skipped rows, numerics): docs/design.md,
+"The language-model divergences: one op, divergence_fwd". Per row, with
+``q = softmax(s / T)`` (student), ``p`` the teacher (dense ``softmax(t / T)`` or
+top-k buckets), ``l = log``:
+
+    kind 0:  soft = a KL(p || m) + b KL(q || m),   m = w_p p + w_q q
+    kind 1:  soft = 0.5 sum |p - q|                               (TVD)
+    hard = lse(s) - s[target]                                     (T = 1)
+    loss = w (soft_scale soft + ce_weight hard)
+
+Per bucket/class ``c`` (``G = q dsoft/dq``, ``H = p dsoft/dp``)::
+
+    r = w_q q / m, u = w_p p / m          (formed as exp(l w + l q - l m): finite where q, m underflow)
+    G = b q (l q - l m) - r (a p + b q)    H = a p (l p - l m) - u (a p + b q)
+    TVD: G = 0.5 q sign(q - p),            H = 0.5 p sign(p - q)
+    dL/ds = w (soft_scale / T) (G - q sum G) + w ce_weight (softmax(s) - onehot(target))
+    dL/dt = w (soft_scale / T) (H - p sum H)                      (dense teacher)
+
+Dense kernel, three passes over the row (the third only for gradients):
+  1. statistics: raw running maxima and sums of the student at 1/T (and at T = 1
+     when a target is given: same raw max, a second exponential) and of the teacher;
+  2. the per-element terms with the final lse: soft, sum G, sum H;
+  3. the gradients, which need sum G / sum H, from the logits again (a GPU
+     re-reads them mostly from L2). No [N, V] temporary: only the gradients are written.
+
+Top-k kernel (teacher log-probs [N, K] taken as given, ids [N, K], -1 = padding):
+  1. one pass over the student row: lse(x) and, for the tail, lse over the ids
+     *not* in the top-k, summed over those ids themselves: each block masks its
+     member lanes, found by walking the row's sorted ids (one compare per id per
+     row, not K per element). ``total - sum over ids`` would cancel to 0 or below
+     when the top-k holds nearly all the mass, and underflow to log 0 when the
+     tail is below float32's range relative to the max (a logit gap of 100);
+  2. the K (+ tail) buckets in registers; the teacher tail ``1 - sum exp(logprobs)``
+     in float64 (a tail of 1e-9 keeps 7 digits);
+  3. (gradients) the dense student row: non-member lanes from the tail bucket,
+     member lanes stored by a gather/scatter of K values (disjoint addresses,
+     so no ordering between the two stores is needed); the teacher gradient [N, K].
+
+Rows with weight 0 are not read (loss 0, gradients 0). A counted row with a target
+outside [0, V) or an id outside [-1, V) reads no logit and gets NaN loss, soft,
+hard and gradients (no host-side check, no illegal access).
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .._autograd import register_loss_autograd
+from ._common import device_guard, empty_grad, logaddexp, online_update_scaled, unit_stride_rows
+
+NEG_INF = tl.constexpr(float("-inf"))
+# Sorted-id sentinel for padding slots (and past the end): above every column index.
+ID_SENTINEL = 2 ** 62
+_ID_SENTINEL = tl.constexpr(ID_SENTINEL)
+
+KIND_KL, KIND_TVD = 0, 1
+TOPK_NONE, TOPK_TAIL, TOPK_RENORM = 0, 1, 2
+
+
+@triton.jit
+def _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND: tl.constexpr):
+    """(soft term, G, H) of buckets with teacher log-prob ``lp`` and student log-prob ``lq``.
+
+    Zero-probability terms are selected away with ``== 0`` tests (not ``> 0``), so a
+    NaN probability still propagates; a coefficient of 0 is selected away too
+    (inf * 0 would be NaN). Lanes with ``lp = lq = -inf`` give exactly 0.
+    """
+    p = tl.exp(lp)
+    q = tl.exp(lq)
+    if KIND == 1:  # TVD
+        d = p - q
+        soft = 0.5 * tl.abs(d)
+        sgn = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))  # sign(p - q), sign(0) = 0
+        g = -0.5 * q * sgn
+        h = 0.5 * p * sgn
+    else:
+        # log m: exactly log q (w_p == 0) or log p (w_q == 0), else a log-space mixture
+        # (no underflow to log 0 for log-probs below -104: Liger's JSD NaN).
+        # Where p == q the mixture is exactly log p + log(w_p + w_q) (0 for the family's weights),
+        # not logaddexp's rounding: a row of padding only then has loss exactly 0.
+        mixed = tl.where(lp == lq, lp + tl.log(w_p + w_q), logaddexp(lp + log_wp, lq + log_wq))
+        lm = tl.where(w_p == 0.0, lq, tl.where(w_q == 0.0, lp, mixed))
+        no_m = lm == float("-inf")
+        lm_safe = tl.where(no_m, 0.0, lm)
+        r = tl.where(no_m, 0.0, tl.exp(log_wq + lq - lm_safe))  # w_q q / m
+        u = tl.where(no_m, 0.0, tl.exp(log_wp + lp - lm_safe))  # w_p p / m
+        kl_p = tl.where(p == 0.0, 0.0, p * (lp - lm))
+        kl_q = tl.where(q == 0.0, 0.0, q * (lq - lm))
+        ta = tl.where(a == 0.0, 0.0, a * kl_p)
+        tb = tl.where(b == 0.0, 0.0, b * kl_q)
+        soft = ta + tb
+        mass = a * p + b * q
+        g = tb - r * mass
+        h = ta - u * mass
+    return soft, g, h
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) for x > -1, accurate for tiny |x| (Goldberg: the rounding of 1 + x cancels)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * x / (u - 1.0))
+
+
+@triton.jit
+def _stats_update(m, z, z1, x, inv_temp, HAS_TARGET: tl.constexpr):
+    """Fold raw logits ``x`` into (raw max ``m``, ``z = sum exp((x - m) / T)``, ``z1 = sum exp(x - m)``).
+
+    One raw maximum serves both temperatures (shift before scaling, as KD);
+    ``z1`` (the T = 1 sum of the cross-entropy) only when a target is given.
+    """
+    m_new = tl.maximum(m, tl.max(x, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    z = z * tl.exp((m - m_safe) * inv_temp) + tl.sum(tl.exp((x - m_safe) * inv_temp), 0)
+    if HAS_TARGET:
+        z1 = z1 * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
+    return m_new, z, z1
+
+
+@triton.jit
+def _target(TGT, row, live, n_cols, HAS_TARGET: tl.constexpr):
+    """(target, its validity): ``-1, live`` without a target; skipped rows never read it."""
+    if HAS_TARGET:
+        g = tl.load(TGT + row, mask=live, other=0)
+        return g, live & (g >= 0) & (g < n_cols)
+    else:
+        return (row * 0 - 1), live
+
+
+@triton.jit
+def _store_row_outputs(LOSS, SOFT, HARD, row, ok, fill, w, soft, hard, soft_scale, ce_weight):
+    soft_w = w * (soft_scale * soft)
+    hard_w = w * hard
+    # ce_weight == 0: the hard term is not added (an infinite hard, a -inf target logit, times 0 is NaN)
+    loss = tl.where(ce_weight == 0.0, soft_w, soft_w + ce_weight * hard_w)
+    tl.store(LOSS + row, tl.where(ok, loss, fill))
+    tl.store(SOFT + row, tl.where(ok, soft_w, fill))
+    tl.store(HARD + row, tl.where(ok, hard_w, fill))
+
+
+@triton.jit
+def _div_dense_kernel(
+    S, T, TGT, W, LOSS, SOFT, HARD, GS, GT,
+    stride_s, stride_t, stride_gs, stride_gt, stride_w,
+    n_cols, inv_temp, a, b, w_p, w_q, soft_scale, ce_weight,
+    KIND: tl.constexpr, HAS_TARGET: tl.constexpr,
+    GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # 64-bit: row * stride may pass 2^31
+    w = tl.load(W + row * stride_w)
+    live = w != 0.0
+    g, ok = _target(TGT, row, live, n_cols, HAS_TARGET)
+    fill = tl.where(live, float("nan"), 0.0)  # bad counted rows: NaN; skipped rows: 0
+    n_live = tl.where(ok, n_cols, 0)  # skipped and bad rows run no reading iteration
+    s_row = S + row * stride_s
+    t_row = T + row * stride_t
+    cols = tl.arange(0, BLOCK)
+    log_wp = tl.log(w_p)  # -inf for 0: the mixture then reduces to the other side exactly
+    log_wq = tl.log(w_q)
+
+    # ---- pass 1: raw maxima and sums (student at 1/T and at 1, teacher at 1/T) ----
+    m_s = float("-inf")
+    z_s = 0.0
+    z1 = 0.0
+    m_t = float("-inf")
+    z_t = 0.0
+    for start in range(0, n_live, BLOCK):
+        offs = start + cols
+        mask = offs < n_cols
+        s = tl.load(s_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+        t = tl.load(t_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+        m_s, z_s, z1 = _stats_update(m_s, z_s, z1, s, inv_temp, HAS_TARGET)
+        m_t, z_t, _e, _alpha = online_update_scaled(m_t, z_t, t, inv_temp)
+    lz_s = tl.log(z_s)
+    lz_t = tl.log(z_t)
+    if HAS_TARGET:
+        lz1 = tl.log(z1)
+        s_g = tl.load(s_row + g, mask=ok, other=0.0).to(tl.float32)
+        hard = (m_s - s_g) + lz1  # lse(s) - s[g], the large values subtracted first
+    else:
+        lz1 = 0.0
+        hard = 0.0
+
+    # ---- pass 2: per-element terms: soft, sum G, sum H ----
+    soft = 0.0
+    sum_g = 0.0
+    sum_h = 0.0
+    for start in range(0, n_live, BLOCK):
+        offs = start + cols
+        mask = offs < n_cols
+        s = tl.load(s_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+        t = tl.load(t_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+        lq = (s - m_s) * inv_temp - lz_s
+        lp = (t - m_t) * inv_temp - lz_t
+        term, gq, hp = _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND)
+        soft += tl.sum(tl.where(mask, term, 0.0), 0)
+        if GRAD_S:
+            sum_g += tl.sum(tl.where(mask, gq, 0.0), 0)
+        if GRAD_T:
+            sum_h += tl.sum(tl.where(mask, hp, 0.0), 0)
+    _store_row_outputs(LOSS, SOFT, HARD, row, ok, fill, w, soft, hard, soft_scale, ce_weight)
+
+    # ---- pass 3: gradients ----
+    if GRAD_S or GRAD_T:
+        c_soft = w * soft_scale * inv_temp
+        c_ce = w * ce_weight
+        for start in range(0, n_cols, BLOCK):
+            offs = start + cols
+            mask = offs < n_cols
+            load_mask = offs < n_live  # nothing is read from skipped rows
+            s = tl.load(s_row + offs, mask=load_mask, other=float("-inf"), eviction_policy="evict_first")
+            t = tl.load(t_row + offs, mask=load_mask, other=float("-inf"), eviction_policy="evict_first")
+            s = s.to(tl.float32)
+            t = t.to(tl.float32)
+            lq = (s - m_s) * inv_temp - lz_s
+            lp = (t - m_t) * inv_temp - lz_t
+            _term, gq, hp = _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND)
+            if GRAD_S:
+                gs = c_soft * (gq - tl.exp(lq) * sum_g)
+                if HAS_TARGET:
+                    ce = tl.exp((s - m_s) - lz1) - tl.where(offs == g, 1.0, 0.0)
+                    gs += tl.where(ce_weight == 0.0, 0.0, c_ce * ce)
+                tl.store(GS + row * stride_gs + offs, tl.where(ok, gs, fill).to(GS.dtype.element_ty), mask=mask)
+            if GRAD_T:
+                gt = c_soft * (hp - tl.exp(lp) * sum_h)
+                tl.store(GT + row * stride_gt + offs, tl.where(ok, gt, fill).to(GT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _members(SID_row, j, n_k, offs, end, ok):
+    """Lanes of this block that hold one of the row's top-k ids.
+
+    ``SID_row`` holds the row's ids sorted ascending (padding = a sentinel above every
+    column); ``j`` is the first not yet passed. Blocks are visited in increasing order,
+    so the walk visits each id once per pass. Returns (member mask, new j).
+    """
+    member = offs < 0
+    nxt = tl.load(SID_row + j, mask=j < n_k, other=_ID_SENTINEL)
+    while ok & (nxt < end):
+        member = member | (offs == nxt)
+        j += 1
+        nxt = tl.load(SID_row + j, mask=j < n_k, other=_ID_SENTINEL)
+    return member, j
+
+
+@triton.jit
+def _div_topk_kernel(
+    S, LPT, IDS, SIDS, TGT, W, LOSS, SOFT, HARD, GS, GT,
+    stride_s, stride_lp, stride_ids, stride_gs, stride_gt, stride_w,
+    n_cols, n_k, inv_temp, a, b, w_p, w_q, soft_scale, ce_weight,
+    KIND: tl.constexpr, TAIL: tl.constexpr, HAS_TARGET: tl.constexpr,
+    GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    w = tl.load(W + row * stride_w)
+    live = w != 0.0
+    g, ok = _target(TGT, row, live, n_cols, HAS_TARGET)
+    ks = tl.arange(0, KP)
+    kmask = ks < n_k
+    # (a row flag is folded into lane masks with where(): the interpreter cannot `&` a scalar with a vector)
+    ids = tl.load(IDS + row * stride_ids + ks, mask=tl.where(live, kmask, False), other=-1)
+    bad_ids = tl.sum(tl.where(kmask & ((ids < -1) | (ids >= n_cols)), 1, 0), 0)
+    ok = ok & (bad_ids == 0)
+    fill = tl.where(live, float("nan"), 0.0)
+    valid = tl.where(ok, kmask & (ids >= 0), False)  # non-padding slots of a row that is read
+    n_valid = tl.sum(valid.to(tl.int32), 0)
+    n_live = tl.where(ok, n_cols, 0)
+    s_row = S + row * stride_s
+    sid_row = SIDS + row * n_k
+    cols = tl.arange(0, BLOCK)
+    log_wp = tl.log(w_p)
+    log_wq = tl.log(w_q)
+    x_k = tl.load(s_row + ids, mask=valid, other=float("-inf")).to(tl.float32)  # raw student logits at the ids
+    lp_in = tl.load(LPT + row * stride_lp + ks, mask=valid, other=float("-inf")).to(tl.float32)
+
+    # ---- pass 1: student lse (1/T; T = 1 for the CE) and, for the tail, lse over non-members ----
+    m_s = float("-inf")
+    z_s = 0.0
+    z1 = 0.0
+    m_n = float("-inf")  # non-member (tail) raw max and sum at 1/T
+    z_n = 0.0
+    if TAIL or HAS_TARGET:
+        j = 0
+        for start in range(0, n_live, BLOCK):
+            offs = start + cols
+            mask = offs < n_cols
+            s = tl.load(S + row * stride_s + offs, mask=mask, other=float("-inf"),
+                        eviction_policy="evict_last").to(tl.float32)
+            m_s, z_s, z1 = _stats_update(m_s, z_s, z1, s, inv_temp, HAS_TARGET)
+            if TAIL:
+                member, j = _members(sid_row, j, n_k, offs, start + BLOCK, ok)
+                m_n, z_n, _e, _alpha = online_update_scaled(m_n, z_n, tl.where(member, float("-inf"), s), inv_temp)
+    lz_s = tl.log(z_s)
+    if HAS_TARGET:
+        lz1 = tl.log(z1)
+        s_g = tl.load(s_row + g, mask=ok, other=0.0).to(tl.float32)
+        hard = (m_s - s_g) + lz1
+    else:
+        lz1 = 0.0
+        hard = 0.0
+
+    # ---- buckets ----
+    if TAIL:
+        lq_k = tl.where(valid, (x_k - m_s) * inv_temp - lz_s, float("-inf"))
+        lz_n = tl.log(z_n)
+        m_n_safe = tl.where(m_n == float("-inf"), m_s, m_n)  # no non-member: z_n = 0 gives -inf below
+        # log q_tail from whichever side is smaller: a tail below 1/2 as the difference of
+        # the two lse (summed over the non-members themselves: no cancellation, no
+        # underflow), a tail above 1/2 as log1p(-sum q_k) (the lse difference would lose
+        # eps * lse in absolute terms, 1e-4 relative for a tail of 0.99 at V = 4096).
+        # A row of padding only: sum q_k = 0, the tail is exactly 0.
+        q_members = tl.sum(tl.exp(lq_k), 0)
+        lq_tail = tl.where(q_members < 0.5, _log1p(-q_members), (m_n_safe - m_s) * inv_temp + lz_n - lz_s)
+        lp_k = lp_in
+        # teacher tail 1 - sum p_k in float64 (clamped at 0): float32 would keep no digit of a 1e-9 tail
+        p_tail64 = 1.0 - tl.sum(tl.exp(lp_in.to(tl.float64)), 0)
+        lp_tail = tl.where(p_tail64 > 0.0, tl.log(tl.where(p_tail64 > 0.0, p_tail64, 1.0)), float("-inf")).to(tl.float32)
+        term_n, g_n, h_n = _bucket_terms(lp_tail, lq_tail, a, b, w_p, w_q, log_wp, log_wq, KIND)
+    else:
+        # renormalise over the K ids (the full lse cancels): both sides shifted by their own max
+        mx = tl.max(x_k, 0)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        ex = (x_k - mx) * inv_temp
+        lq_k = tl.where(valid, ex - tl.log(tl.sum(tl.exp(ex), 0)), float("-inf"))
+        mp = tl.max(lp_in, 0)
+        mp = tl.where(mp == float("-inf"), 0.0, mp)
+        lp_k = tl.where(valid, (lp_in - mp) - tl.log(tl.sum(tl.exp(lp_in - mp), 0)), float("-inf"))
+        term_n = 0.0
+        g_n = 0.0
+        h_n = 0.0
+        lq_tail = 0.0
+        m_n_safe = 0.0
+        lz_n = 0.0
+        lp_tail = 0.0
+    term_k, g_k, h_k = _bucket_terms(lp_k, lq_k, a, b, w_p, w_q, log_wp, log_wq, KIND)
+    soft = tl.sum(tl.where(valid, term_k, 0.0), 0) + term_n
+    sum_g = tl.sum(tl.where(valid, g_k, 0.0), 0) + g_n
+    _store_row_outputs(LOSS, SOFT, HARD, row, ok, fill, w, soft, hard, soft_scale, ce_weight)
+
+    if GRAD_T:  # w.r.t. the given log-probs: no 1/T
+        p_k = tl.exp(lp_k)
+        if TAIL:
+            # p_tail = 1 - sum p_k: d/dlp_k moves mass from the tail. H omits the a p of
+            # d/dlp [a p (l p - l m)], which that move cancels; an empty (clamped) tail does not
+            # move, so the a p_k stays: H_k + a p_k (TVD's H is the whole derivative).
+            p_tail = tl.exp(lp_tail)
+            if KIND == 1:
+                empty_tail = 0.0
+            else:
+                empty_tail = -a
+            ratio = tl.where(p_tail == 0.0, empty_tail, h_n / tl.where(p_tail == 0.0, 1.0, p_tail))
+            gt = h_k - p_k * ratio
+        else:
+            gt = h_k - p_k * tl.sum(tl.where(valid, h_k, 0.0), 0)
+        gt = tl.where(valid, w * soft_scale * gt, 0.0)
+        tl.store(GT + row * stride_gt + ks, tl.where(ok, gt, fill).to(GT.dtype.element_ty), mask=kmask)
+
+    if GRAD_S:
+        c_soft = w * soft_scale * inv_temp
+        c_ce = w * ce_weight
+        # non-member lanes (the whole row for skipped and bad rows)
+        j = 0
+        for start in range(0, n_cols, BLOCK):
+            offs = start + cols
+            mask = offs < n_cols
+            s = tl.load(s_row + offs, mask=offs < n_live, other=float("-inf"),
+                        eviction_policy="evict_first").to(tl.float32)
+            member, j = _members(sid_row, j, n_k, offs, start + BLOCK, ok)
+            if TAIL:
+                q = tl.exp((s - m_s) * inv_temp - lz_s)
+                gs = c_soft * (tl.exp((s - m_n_safe) * inv_temp - lz_n) * g_n - q * sum_g)
+            else:
+                gs = tl.zeros([BLOCK], dtype=tl.float32)  # renormalised: 0 outside the ids
+            if HAS_TARGET:
+                ce = tl.exp((s - m_s) - lz1) - tl.where(offs == g, 1.0, 0.0)
+                gs += tl.where(ce_weight == 0.0, 0.0, c_ce * ce)
+            tl.store(GS + row * stride_gs + offs, tl.where(ok, gs, fill).to(GS.dtype.element_ty),
+                     mask=mask & ~member)
+        # member lanes: G_k - q_k sum G (q_k the bucket probability)
+        gm = c_soft * (g_k - tl.exp(lq_k) * sum_g)
+        if HAS_TARGET:
+            ce_k = tl.exp((x_k - m_s) - lz1) - tl.where(ids == g, 1.0, 0.0)
+            gm += tl.where(ce_weight == 0.0, 0.0, c_ce * ce_k)
+        tl.store(GS + row * stride_gs + ids, gm.to(GS.dtype.element_ty), mask=valid)
+
+
+# Launch sizes. Both kernels keep about ten float32 values per element live (s, t, l p, l q,
+# p, q, l m, r, u, G, H). ptxas (sm_90, tests/test_triton_compile.py) held the dense bf16
+# kernel at 64 registers and spilled 4 bytes with 8 elements per thread (BLOCK 2048 / 8 warps,
+# and 1024 / 4); at 4 elements per thread (2048 / 16, 1024 / 8) it uses at most 63 and
+# never spills. So: blocks of at most 2048 columns, 4 elements per thread.
+DIV_MAX_BLOCK = 2048
+DIV_ELEMS_PER_THREAD = 4
+
+
+def div_row_config(n_cols):
+    """(BLOCK, num_warps) of both divergence kernels: the row width rounded up to a power of two
+    (at least 16, at most DIV_MAX_BLOCK), DIV_ELEMS_PER_THREAD elements per thread (1 to 16 warps)."""
+    block = max(16, min(DIV_MAX_BLOCK, triton.next_power_of_2(int(n_cols))))
+    num_warps = max(1, min(16, block // (32 * DIV_ELEMS_PER_THREAD)))
+    return block, num_warps
+
+
+def div_topk_config(n_cols, kp):
+    """(BLOCK, num_warps) of the top-k kernel: ``div_row_config``, with enough warps that the
+    K-wide bucket vectors (``kp`` lanes) also hold at most DIV_ELEMS_PER_THREAD per thread
+    (K = 256 on one warp spilled 4 bytes at 128 registers, sm_90)."""
+    block, num_warps = div_row_config(n_cols)
+    return block, max(num_warps, min(16, kp // (32 * DIV_ELEMS_PER_THREAD)))
+
+
+def _check(student, teacher, topk_ids, target, row_weight, temperature, kind, ce_weight, topk_mode):
+    """Shape, dtype and option checks that need no device read (the values are the Python layer's)."""
+    if kind not in (KIND_KL, KIND_TVD):
+        raise ValueError(f"fastkd: divergence_fwd kind must be 0 (KL family) or 1 (TVD), got {kind}")
+    if topk_mode not in (TOPK_NONE, TOPK_TAIL, TOPK_RENORM):
+        raise ValueError(f"fastkd: divergence_fwd topk_mode must be 0 (dense), 1 (tail) or 2 (renormalise), "
+                         f"got {topk_mode}")
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"fastkd: temperature must be a finite number > 0, got {temperature}")
+    if student.dim() != 2 or not student.is_floating_point():
+        raise ValueError(f"fastkd: student must be a floating-point [N, V] tensor, got {tuple(student.shape)} "
+                         f"{student.dtype}")
+    n = student.shape[0]
+    if teacher.dim() != 2 or not teacher.is_floating_point():
+        raise ValueError(f"fastkd: teacher must be a floating-point 2-D tensor, got {tuple(teacher.shape)} "
+                         f"{teacher.dtype}")
+    if topk_mode == TOPK_NONE:
+        if teacher.shape != student.shape:
+            raise ValueError(f"fastkd: student and teacher shapes differ: {tuple(student.shape)} vs "
+                             f"{tuple(teacher.shape)}")
+        if topk_ids.numel() != 0:
+            raise ValueError("fastkd: topk_ids must be empty for a dense teacher (topk_mode = 0)")
+    else:
+        if teacher.shape[0] != n:
+            raise ValueError(f"fastkd: teacher (top-k log-probs) must be [N, K] with N = {n}, got "
+                             f"{tuple(teacher.shape)}")
+        if topk_ids.shape != teacher.shape or topk_ids.dtype != torch.int64:
+            raise ValueError(f"fastkd: topk_ids must be int64 of the teacher log-probs' shape {tuple(teacher.shape)}, "
+                             f"got {tuple(topk_ids.shape)} {topk_ids.dtype}")
+    if target.numel() not in (0, n) or (target.numel() and target.dtype not in (torch.int64, torch.int32)):
+        raise ValueError(f"fastkd: target must be empty or int [N] with N = {n}, got {tuple(target.shape)} "
+                         f"{target.dtype}")
+    if target.numel() == 0 and ce_weight != 0:
+        raise ValueError(f"fastkd: ce_weight = {ce_weight} needs a target (one class per row)")
+    if row_weight.shape != (n,) or row_weight.dtype != torch.float32:
+        raise ValueError(f"fastkd: row_weight must be float32 [N] with N = {n}, got {tuple(row_weight.shape)} "
+                         f"{row_weight.dtype}")
+
+
+@triton_op("fastkd::divergence_fwd_triton", mutates_args=())
+def divergence_fwd(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    topk_ids: torch.Tensor,
+    target: torch.Tensor,
+    row_weight: torch.Tensor,
+    temperature: float,
+    kind: int,
+    a: float,
+    b: float,
+    w_p: float,
+    w_q: float,
+    soft_scale: float,
+    ce_weight: float,
+    topk_mode: int,
+    reduce: bool,
+    grad_student: bool,
+    grad_teacher: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``divergence_fwd`` row op (docs/design.md): the compiled op's arguments and outputs.
+
+    Returns (loss, soft, hard, grad_student, grad_teacher): loss/soft/hard float32,
+    0-d sums (reduce) or [N]; grad_student [N, V] in the student's dtype and
+    grad_teacher in the teacher's shape and dtype, or empty when not requested.
+    """
+    _check(student, teacher, topk_ids, target, row_weight, temperature, kind, ce_weight, topk_mode)
+    student = unit_stride_rows(student)  # row slices run in place; other layouts are copied
+    teacher = unit_stride_rows(teacher)
+    n, v = student.shape
+    dev = student.device
+    loss_rows = torch.empty(n, dtype=torch.float32, device=dev)
+    soft_rows = torch.empty(n, dtype=torch.float32, device=dev)
+    hard_rows = torch.empty(n, dtype=torch.float32, device=dev)
+    gs = torch.empty(student.shape, dtype=student.dtype, device=dev) if grad_student else empty_grad(student)
+    gt = torch.empty(teacher.shape, dtype=teacher.dtype, device=dev) if grad_teacher else empty_grad(teacher)
+    has_target = target.numel() > 0
+    # the target pointer is not read without a target: row_weight stands in
+    tgt = target.to(torch.int64).contiguous() if has_target else row_weight
+    scalars = (v, 1.0 / temperature, a, b, w_p, w_q, soft_scale, ce_weight)
+    if n:
+        block, num_warps = div_row_config(v)
+        with device_guard(student):  # launch on the input's device
+            if topk_mode == TOPK_NONE:
+                wrap_triton(_div_dense_kernel)[(n,)](
+                    student, teacher, tgt, row_weight, loss_rows, soft_rows, hard_rows, gs, gt,
+                    student.stride(0), teacher.stride(0),
+                    gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0, row_weight.stride(0),
+                    *scalars,
+                    KIND=kind, HAS_TARGET=has_target, GRAD_S=grad_student, GRAD_T=grad_teacher,
+                    BLOCK=block, num_warps=num_warps,
+                )
+            else:
+                k = teacher.shape[1]
+                kp = max(1, triton.next_power_of_2(k))
+                block, num_warps = div_topk_config(v, kp)
+                ids = unit_stride_rows(topk_ids)
+                # membership walk (tail statistics, student gradient): ids sorted per row, padding last
+                if topk_mode == TOPK_TAIL or grad_student:
+                    sorted_ids = torch.where(ids < 0, torch.full((), ID_SENTINEL, dtype=torch.int64, device=dev),
+                                             ids).sort(dim=1).values.contiguous()
+                else:
+                    sorted_ids = ids  # not read
+                wrap_triton(_div_topk_kernel)[(n,)](
+                    student, teacher, ids, sorted_ids, tgt, row_weight, loss_rows, soft_rows, hard_rows, gs, gt,
+                    student.stride(0), teacher.stride(0), ids.stride(0),
+                    gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0, row_weight.stride(0),
+                    v, k, *scalars[1:],
+                    KIND=kind, TAIL=topk_mode == TOPK_TAIL, HAS_TARGET=has_target,
+                    GRAD_S=grad_student, GRAD_T=grad_teacher, BLOCK=block,
+                    KP=kp, num_warps=num_warps,
+                )
+    if reduce:
+        return loss_rows.sum(), soft_rows.sum(), hard_rows.sum(), gs, gt
+    return loss_rows, soft_rows, hard_rows, gs, gt
+
+
+register_loss_autograd(divergence_fwd, {0: 3, 1: 4})

@@ -1,0 +1,354 @@
+"""The Triton ``divergence_fwd`` row op (fastkd/triton/divergence.py) against the float64 reference op.
+
+The reference is ``fastkd._reference_divergence.divergence_fwd`` (same arguments and
+outputs, plain PyTorch, here on float64 copies of the inputs). Values are compared
+with allclose; every gradient also by its relative-norm error ``||g - r|| / ||r||``
+(< 1e-5 for float32 gradients, < 1e-2 for bfloat16 ones).
+
+Under the interpreter (TRITON_INTERPRET=1, tests/conftest.py) the kernels run on
+CPU tensors. To keep rows wider than one block cheap, most tests cap the block at
+16 columns (``narrow_blocks``) and use V = 2 * 16 + 5: three blocks, a ragged tail;
+``test_real_block_config`` runs the launcher's own config on V = 2 * 2048 + 5.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+from fastkd import _reference_divergence as R
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("Triton needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+import fastkd.triton as ft  # noqa: E402  (after the TRITON_INTERPRET decision)
+import fastkd.triton.divergence as fdiv  # noqa: E402
+
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: masked lanes compute -inf - -inf
+
+F32, BF16 = torch.float32, torch.bfloat16
+BLOCK = 16
+V = 2 * BLOCK + 5  # three blocks, the last one ragged
+N = 6
+VALUE_TOL = {F32: (2e-6, 2e-5), BF16: (2e-6, 2e-5)}  # values: float32 math on the same (rounded) inputs
+GRAD_REL = {F32: 1e-5, BF16: 1e-2}  # gradients: stored in the input dtype
+
+# (name, kind, (a, b, w_p, w_q)) of every divergence of the family
+DIVERGENCES = [
+    ("reverse_kl", 0, R.divergence_coefficients("reverse_kl")),
+    *[(f"jsd{beta}", 0, R.divergence_coefficients("jsd", beta=beta)) for beta in (0.0, 0.1, 0.5, 0.9, 1.0)],
+    ("skew_kl", 0, R.divergence_coefficients("skew_kl", skew=0.1)),
+    ("skew_rkl", 0, R.divergence_coefficients("skew_kl", skew=0.1, reverse=True)),
+    ("tvd", 1, (0.0, 0.0, 0.0, 1.0)),
+]
+FORWARD_KL = R.divergence_coefficients("forward_kl")
+
+
+@pytest.fixture
+def narrow_blocks(monkeypatch):
+    monkeypatch.setattr(fdiv, "DIV_MAX_BLOCK", BLOCK)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def dense_inputs(seed, dtype=F32, n=N, v=V, scale=3.0):
+    g = gen(seed)
+    s = (torch.randn(n, v, generator=g) * scale).to(dtype)
+    t = (torch.randn(n, v, generator=g) * scale).to(dtype)
+    target = torch.randint(0, v, (n,), generator=g)
+    # row weights as the Python layer makes them: an ignored row (0), sample weights, a divisor
+    w = (torch.rand(n, generator=g) + 0.5) / n
+    w[1] = 0.0
+    return s.to(DEVICE), t.to(DEVICE), target.to(DEVICE), w.to(DEVICE)
+
+
+def topk_inputs(seed, dtype=F32, n=N, v=V, k=5):
+    """Student logits, teacher top-k (ids, log-probs of a full teacher softmax), padding in two rows."""
+    g = gen(seed)
+    s = (torch.randn(n, v, generator=g) * 3.0).to(dtype)
+    full = torch.log_softmax(torch.randn(n, v, generator=g) * 3.0, dim=1)
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+    logprobs = full.gather(1, ids).to(dtype)
+    ids[2, -2:] = -1  # fewer than K ids
+    ids[3, :] = -1  # padding only
+    target = torch.randint(0, v, (n,), generator=g)
+    w = (torch.rand(n, generator=g) + 0.5) / n
+    w[1] = 0.0
+    return s.to(DEVICE), logprobs.to(DEVICE), ids.to(DEVICE), target.to(DEVICE), w.to(DEVICE)
+
+
+def rel_err(g, r):
+    g, r = g.detach().double().cpu(), r.detach().double().cpu()
+    return float((g - r).norm() / r.norm()) if r.norm() > 0 else float(g.norm())
+
+
+def no_target():
+    return torch.empty(0, dtype=torch.int64, device=DEVICE)
+
+
+def no_ids():
+    return torch.empty(0, dtype=torch.int64, device=DEVICE)
+
+
+def compare(s, t, ids, target, w, temperature, kind, coef, soft_scale, ce_weight, topk_mode, reduce,
+            grad_student=True, grad_teacher=True, tol_dtype=None):
+    """Run the Triton op and the float64 reference op on the same inputs; assert they agree."""
+    tol_dtype = tol_dtype or (BF16 if BF16 in (s.dtype, t.dtype) else F32)
+    args = (ids, target, w, temperature, kind, *coef, soft_scale, ce_weight, topk_mode, reduce)
+    out = ft.divergence_fwd(s, t, *args, grad_student, grad_teacher)
+    # a = b = 0 (cross-entropy alone): the teacher is unused, its gradient is exactly 0
+    # (the reference's autograd.grad cannot be asked for it)
+    ce_only = kind == 0 and coef[0] == 0 and coef[1] == 0
+    ref = R.divergence_fwd(s.double(), t.double(), *args, grad_student, grad_teacher and not ce_only)
+    atol, rtol = VALUE_TOL[tol_dtype]
+    for name, o, r in zip(("loss", "soft", "hard"), out[:3], ref[:3]):
+        assert o.dtype == F32 and o.shape == r.shape, name
+        torch.testing.assert_close(o.double(), r, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    for name, o, r, x, want in (("grad_student", out[3], ref[3], s, grad_student),
+                                ("grad_teacher", out[4], ref[4], t, grad_teacher)):
+        if not want:
+            assert o.numel() == 0, name
+            continue
+        assert o.dtype == x.dtype and o.shape == x.shape, name
+        if name == "grad_teacher" and ce_only:
+            assert torch.all(o == 0), name
+            continue
+        finite = torch.isfinite(r)
+        assert torch.equal(torch.isfinite(o), finite), f"{name}: non-finite pattern differs"
+        err = rel_err(o[finite], r[finite])
+        assert err < GRAD_REL[tol_dtype], f"{name}: relative-norm error {err:.2e}"
+        torch.testing.assert_close(o.double(), r, atol=5e-3 if tol_dtype == BF16 else 1e-6,
+                                   rtol=2e-2 if tol_dtype == BF16 else 1e-4, equal_nan=True,
+                                   msg=lambda m: f"{name}: {m}")
+    return out, ref
+
+
+# (temperature, ce_weight, reduce, dtype): every divergence gets each value of each option (the first
+# two cases); JSD 0.5, the general mixture, gets all four (each pair of option values but one)
+OPTION_CASES = [(1.0, 0.0, True, F32), (2.0, 0.3, False, BF16), (2.0, 0.3, False, F32), (1.0, 0.0, True, BF16)]
+DENSE_CASES = [(name, kind, coef, opts) for name, kind, coef in DIVERGENCES
+               for opts in (OPTION_CASES if name == "jsd0.5" else OPTION_CASES[:2])]
+
+
+def _opts_id(o):
+    return f"T{o[0]}-ce{o[1]}-{'sum' if o[2] else 'rows'}-{str(o[3]).replace('torch.', '')}"
+
+
+@pytest.mark.parametrize("name,kind,coef,opts", DENSE_CASES, ids=[f"{c[0]}-{_opts_id(c[3])}" for c in DENSE_CASES])
+def test_dense_divergences(narrow_blocks, name, kind, coef, opts):
+    temperature, ce_weight, reduce, dtype = opts
+    s, t, target, w = dense_inputs(sum(map(ord, name)), dtype)
+    compare(s, t, no_ids(), target, w, temperature, kind, coef, 1.0, ce_weight, 0, reduce)
+
+
+def test_dense_without_target_and_grad_flags(narrow_blocks):
+    s, t, _, w = dense_inputs(1)
+    jsd = R.divergence_coefficients("jsd", beta=0.5)
+    out, _ = compare(s, t, no_ids(), no_target(), w, 2.0, 0, jsd, 1.0, 0.0, 0, False)
+    assert torch.all(out[2] == 0)  # hard = 0 without a target
+    for gs, gt in ((True, False), (False, True)):
+        compare(s, t, no_ids(), no_target(), w, 2.0, 0, jsd, 1.0, 0.0, 0, True, gs, gt)
+
+
+def test_cross_entropy_alone_and_forward_kl_soft_scale(narrow_blocks):
+    s, t, target, w = dense_inputs(2)
+    out, _ = compare(s, t, no_ids(), target, w, 2.0, 0, (0.0, 0.0, 0.0, 1.0), 1.0, 0.7, 0, False)
+    assert torch.all(out[1] == 0)
+    compare(s, t, no_ids(), target, w, 3.0, 0, FORWARD_KL, 9.0, 0.1, 0, False)  # kd_loss + CE: soft_scale T^2
+
+
+def test_skipped_rows_are_not_read(narrow_blocks):
+    s, t, target, w = dense_inputs(3)
+    s[1] = float("nan")  # row 1 has weight 0
+    t[1] = float("inf")
+    target[1] = 10 ** 6
+    jsd = R.divergence_coefficients("jsd", beta=0.5)
+    out = ft.divergence_fwd(s, t, no_ids(), target, w, 2.0, 0, *jsd, 1.0, 0.3, 0, False, True, True)
+    for o in out:
+        assert torch.all(o[1] == 0)
+        assert torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize("name,kind,coef", [d for d in DIVERGENCES if d[0] in ("jsd0.5", "skew_kl", "skew_rkl",
+                                                                                   "tvd", "jsd0.9")],
+                         ids=lambda x: x if isinstance(x, str) else "")
+def test_confident_masked_and_tiny_log_probs(narrow_blocks, name, kind, coef):
+    """Gap-100 rows, -inf logits on either side, log-probs below -104 (Liger's JSD NaN): finite, as float64."""
+    s, t, target, w = dense_inputs(4)
+    s[0, 3] += 100.0  # confident student
+    t[0, 3] += 100.0  # confident teacher, same class
+    t[2, 7] += 100.0  # confident teacher, another class than the student's
+    s[3, :4] = float("-inf")  # masked vocabulary, student side only
+    t[4, 5:9] = float("-inf")  # teacher side only
+    s[5, 10:14] = float("-inf")  # both sides
+    t[5, 10:14] = float("-inf")
+    s[2, 20:24] = -150.0  # log-probs far below -104 on both sides
+    t[2, 20:24] = -140.0
+    target[3] = 5  # targets at finite student logits
+    target[5] = 20
+    out, ref = compare(s, t, no_ids(), target, w, 1.0, kind, coef, 1.0, 0.3, 0, False)
+    assert torch.isfinite(ref[0]).all()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[3]).all() and torch.isfinite(out[4]).all()
+
+
+def test_real_block_config():
+    """The launcher's own BLOCK (2048) on rows of 2 * 2048 + 5 columns, dense and top-k."""
+    v = 2 * 2048 + 5
+    assert fdiv.div_row_config(v)[0] == 2048
+    s, t, target, w = dense_inputs(5, n=3, v=v)
+    compare(s, t, no_ids(), target, w, 2.0, 0, R.divergence_coefficients("jsd", beta=0.5), 1.0, 0.3, 0, False)
+    s, lp, ids, target, w = topk_inputs(6, n=4, v=v, k=8)
+    compare(s, lp, ids, target, w, 2.0, 0, FORWARD_KL, 4.0, 0.3, 1, False)
+
+
+def test_non_contiguous_inputs(narrow_blocks):
+    s, t, target, w = dense_inputs(7)
+    wide_s = torch.randn(N, V + 7, device=DEVICE)
+    wide_s[:, :V] = s
+    t_T = t.t().contiguous().t()  # column stride N: copied by the launcher
+    w2 = torch.zeros(2 * N, device=DEVICE)
+    w2[::2] = w
+    rkl = R.divergence_coefficients("reverse_kl")
+    compare(wide_s[:, :V], t_T, no_ids(), target, w2[::2], 2.0, 0, rkl, 1.0, 0.3, 0, False)
+    s, lp, ids, target, w = topk_inputs(8)
+    wide_lp = torch.zeros(N, 9, device=DEVICE)
+    wide_lp[:, 2:7] = lp
+    wide_ids = torch.zeros(N, 9, dtype=torch.int64, device=DEVICE)
+    wide_ids[:, 2:7] = ids
+    compare(s.t().contiguous().t(), wide_lp[:, 2:7], wide_ids[:, 2:7], target, w, 2.0, 0, rkl, 1.0, 0.3, 1, False)
+
+
+# ----------------------------------------------------------------------------
+# top-k teacher
+# ----------------------------------------------------------------------------
+
+TOPK_DIVERGENCES = [("forward_kl", 0, FORWARD_KL)] + [d for d in DIVERGENCES if d[0] in
+                                                       ("reverse_kl", "jsd0.5", "skew_kl", "skew_rkl", "tvd")]
+
+
+@pytest.mark.parametrize("mode", [1, 2], ids=["tail", "renormalize"])
+@pytest.mark.parametrize("opts", OPTION_CASES[:2], ids=_opts_id)
+@pytest.mark.parametrize("name,kind,coef", TOPK_DIVERGENCES, ids=[d[0] for d in TOPK_DIVERGENCES])
+def test_topk(narrow_blocks, name, kind, coef, opts, mode):
+    temperature, ce_weight, reduce, dtype = opts
+    s, lp, ids, target, w = topk_inputs(sum(map(ord, name)) + mode, dtype)
+    soft_scale = temperature ** 2 if name == "forward_kl" else 1.0  # kd_loss's T^2
+    out, _ = compare(s, lp, ids, target, w, temperature, kind, coef, soft_scale, ce_weight, mode, reduce)
+    if not reduce:
+        assert out[1][3] == 0  # a row of padding only: soft exactly 0 (tail mode: both tails the whole row)
+    if mode == 2:  # renormalised: the soft part of the student gradient is exactly 0 outside the ids
+        out = ft.divergence_fwd(s, lp, ids, no_target(), w, temperature, kind, *coef, soft_scale, 0.0, mode,
+                                reduce, True, False)
+        member = torch.zeros(s.shape, dtype=torch.bool, device=DEVICE)
+        rows = torch.arange(N, device=DEVICE)[:, None].expand_as(ids)
+        member[rows[ids >= 0], ids[ids >= 0]] = True
+        assert torch.all(out[3][~member] == 0)
+
+
+@pytest.mark.parametrize("tail_mass", [1e-6, 1e-9, "gap100"])
+def test_topk_tail_holding_nearly_all_mass(narrow_blocks, tail_mass):
+    """The student tail summed over the non-members: a top-k with all but 1e-6 / 1e-9 of the student
+    mass (total - sum over ids would cancel in float32), or with the rest 100 logits below
+    (the tail, exp(-100) of the max, underflows float32 relative to the total). The teacher's
+    top-k holds all but 1e-5 (its tail is summed in float64)."""
+    k = 4
+    g = gen(9)
+    ids = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(N)])
+    member = torch.zeros(N, V, dtype=torch.bool).scatter_(1, ids, True)
+    if tail_mass == "gap100":
+        s = torch.where(member, torch.randn(N, V, generator=g), -100.0 + torch.randn(N, V, generator=g))
+    else:
+        # members share mass 1 - eps, the V - k others eps
+        c = math.log(tail_mass * k / (V - k))
+        s = torch.where(member, torch.zeros(N, V), torch.full((N, V), c)) + 1e-3 * torch.randn(N, V, generator=g)
+    # teacher tail 1e-5: float32's 1 - sum p_k would keep about 2 digits of it
+    teacher = torch.softmax(torch.randn(N, k, generator=g), dim=1) * (1 - 1e-5)
+    lp = teacher.log()
+    target = torch.randint(0, V, (N,), generator=g)
+    w = torch.full((N,), 1.0 / N)
+    s, lp, ids, target, w = (x.to(DEVICE) for x in (s, lp, ids, target, w))
+    for name, kind, coef in (("forward_kl", 0, FORWARD_KL), ("jsd0.5", 0, R.divergence_coefficients("jsd", beta=0.5))):
+        out, ref = compare(s, lp, ids, no_target(), w, 1.0, kind, coef, 1.0, 0.0, 1, False)
+        assert torch.isfinite(out[0]).all(), name
+
+
+def test_topk_full_vocabulary_and_teacher_mass_above_one(narrow_blocks):
+    """Every id in the top-k (no student tail) and teacher log-probs summing a hair above 1, as an
+    engine's rounded log-probs may (the teacher tail is clamped: empty)."""
+    g = gen(10)
+    v, n = 20, 3
+    s = torch.randn(n, v, generator=g) * 2
+    ids = torch.stack([torch.randperm(v, generator=g) for _ in range(n)])
+    lp = torch.log_softmax(torch.randn(n, v, generator=g), dim=1) + 1e-5
+    w = torch.full((n,), 1.0)
+    for kind, coef in ((0, R.divergence_coefficients("jsd", beta=0.5)), (0, R.divergence_coefficients("reverse_kl"))):
+        compare(s.to(DEVICE), lp.to(DEVICE), ids.to(DEVICE), no_target(), w.to(DEVICE), 1.5, kind, coef, 1.0, 0.0,
+                1, False)
+
+
+# ----------------------------------------------------------------------------
+# bad values and arguments
+# ----------------------------------------------------------------------------
+
+def test_bad_target_or_id_gives_a_nan_row(narrow_blocks):
+    s, t, target, w = dense_inputs(11)
+    target[0] = V  # counted row, out of range
+    target[2] = -3
+    target[1] = V + 5  # skipped row: never read, stays 0
+    jsd = R.divergence_coefficients("jsd", beta=0.5)
+    out = ft.divergence_fwd(s, t, no_ids(), target, w, 2.0, 0, *jsd, 1.0, 0.3, 0, False, True, True)
+    for o in out:
+        assert torch.isnan(o[0]).all() and torch.isnan(o[2]).all()
+        assert torch.all(o[1] == 0)
+        assert torch.isfinite(o[3:]).all()
+    s, lp, ids, target, w = topk_inputs(12)
+    ids[0, 1] = V  # out of range
+    ids[4, 0] = -2  # below the padding id
+    ids[1, 0] = V  # skipped row
+    for mode in (1, 2):
+        out = ft.divergence_fwd(s, lp, ids, target, w, 2.0, 0, *FORWARD_KL, 4.0, 0.3, mode, False, True, True)
+        for o in out:
+            assert torch.isnan(o[0]).all() and torch.isnan(o[4]).all()
+            assert torch.all(o[1] == 0)
+            assert torch.isfinite(o[[2, 3, 5]]).all()
+
+
+def test_argument_errors_name_the_argument():
+    s, t, target, w = dense_inputs(13)
+    base = dict(topk_ids=no_ids(), target=target, row_weight=w)
+
+    def call(**kw):
+        a = dict(base, student=s, teacher=t, temperature=1.0, kind=0, topk_mode=0, ce_weight=0.0)
+        a.update(kw)
+        return ft.divergence_fwd(a["student"], a["teacher"], a["topk_ids"], a["target"], a["row_weight"],
+                                 a["temperature"], a["kind"], 0.5, 0.5, 0.5, 0.5, 1.0, a["ce_weight"],
+                                 a["topk_mode"], True, True, True)
+
+    for kw, word in ((dict(kind=2), "kind"), (dict(topk_mode=3), "topk_mode"), (dict(temperature=0.0), "temperature"),
+                     (dict(teacher=t[:, :-1]), "shapes"), (dict(target=no_target(), ce_weight=0.5), "ce_weight"),
+                     (dict(row_weight=w.double()), "row_weight"), (dict(topk_mode=1), "topk_ids"),
+                     (dict(topk_ids=torch.zeros(N, 3, dtype=torch.int64, device=DEVICE)), "topk_ids")):
+        with pytest.raises(ValueError, match=word):
+            call(**kw)
+
+
+def test_autograd_scales_the_stored_gradients(narrow_blocks):
+    s, t, target, w = dense_inputs(14)
+    jsd = R.divergence_coefficients("jsd", beta=0.9)
+    stored = ft.divergence_fwd(s, t, no_ids(), target, w, 2.0, 0, *jsd, 1.0, 0.3, 0, False, True, True)
+    si, ti = s.clone().requires_grad_(), t.clone().requires_grad_()
+    loss = ft.divergence_fwd(si, ti, no_ids(), target, w, 2.0, 0, *jsd, 1.0, 0.3, 0, False, True, True)[0]
+    up = torch.linspace(0.5, 2.0, N, device=DEVICE)
+    gs, gt = torch.autograd.grad(loss, (si, ti), up)
+    torch.testing.assert_close(gs, stored[3] * up[:, None])
+    torch.testing.assert_close(gt, stored[4] * up[:, None])
+    s, lp, ids, target, w = topk_inputs(15)
+    si, li = s.clone().requires_grad_(), lp.clone().requires_grad_()
+    loss = ft.divergence_fwd(si, li, ids, target, w, 2.0, 0, *FORWARD_KL, 4.0, 0.3, 1, True, True, True)[0]
+    loss.backward()
+    ref = R.divergence_fwd(s.double(), lp.double(), ids, target, w, 2.0, 0, *FORWARD_KL, 4.0, 0.3, 1, True, True, True)
+    assert rel_err(si.grad, ref[3]) < 1e-5 and rel_err(li.grad, ref[4]) < 1e-5
