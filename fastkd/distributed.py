@@ -182,7 +182,7 @@ class _StoredGradLoss(torch.autograd.Function):
                                "through the same loss (retain_graph=True) is not supported")
         grads, ctx.grads = ctx.grads, None
         g = grad_loss.reshape(-1, 1)  # [-1, 1]: a float32 scale, not cast to a bf16 gradient's dtype first
-        skip = g.device.type == "cpu" and g.numel() == 1 and bool(g == 1)  # free on CPU; never read on GPU
+        skip = v.on_host(g) and g.numel() == 1 and bool(g == 1)  # free on CPU; never read on a GPU
         out = []
         for stored, shape in zip(grads, ctx.shapes):
             if stored is None:
@@ -236,6 +236,14 @@ def _masked_max(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
 def _masked_sum_exp(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
     e = x.exp()
     return (e if keep is None else e.masked_fill(~keep, 0.0)).sum(dim=1)
+
+
+def _width_pair(width: int, dtype, device) -> torch.Tensor:
+    """(width, -width), made on the device without a host-to-device copy; MAX-reduced, it gives the widest
+    and the narrowest shard."""
+    pair = torch.full((2,), float(width), dtype=dtype, device=device)
+    pair[1:].neg_()
+    return pair
 
 
 def _check_equal_shards(widths: torch.Tensor, width: int) -> torch.Tensor:
@@ -368,7 +376,7 @@ def _divergence(student, teacher: Teacher, temperature, reduction, target, ignor
             maxima.append(t.amax(dim=1))
         if tail:
             maxima.append(_masked_max(s, non_member))
-        widths = torch.tensor([width, -width], dtype=dtype, device=dev)
+        widths = _width_pair(width, dtype, dev)
         *maxima, widths = _all_reduce(maxima + [widths], dist.ReduceOp.MAX, process_group)
         equal = _check_equal_shards(widths, width)
         if topk:  # ids in [-1, V) and distinct within each read row (CPU; free there)
@@ -605,7 +613,7 @@ def dkd_loss(student_logits, teacher_logits, target, *, process_group, alpha=1.0
         offset, vocab = rank * width, world * width
         own, col, is_g = _target_column(tgt, offset, width, s.shape, dev)
         other = ~is_g
-        widths = torch.tensor([width, -width], dtype=dtype, device=dev)
+        widths = _width_pair(width, dtype, dev)
         *maxima, widths = _all_reduce([s.amax(dim=1), _masked_max(s, other), t.amax(dim=1), _masked_max(t, other),
                                        widths], dist.ReduceOp.MAX, process_group)
         equal = _check_equal_shards(widths, width)
@@ -688,7 +696,7 @@ def ats_loss(student_logits, teacher_logits, target, *, process_group, target_te
         tau = torch.where(is_g, torch.full((), float(target_temperature), dtype=dtype, device=dev),
                           torch.full((), float(other_temperature), dtype=dtype, device=dev))
         y = t / tau
-        widths = torch.tensor([width, -width], dtype=dtype, device=dev)
+        widths = _width_pair(width, dtype, dev)
         m_s, m_y, widths = _all_reduce([s.amax(dim=1), y.amax(dim=1), widths], dist.ReduceOp.MAX, process_group)
         equal = _check_equal_shards(widths, width)
         _check_global_ids("target", target.reshape(n), read, vocab, 0)

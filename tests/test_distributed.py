@@ -29,6 +29,7 @@ from fastkd import reference as ref
 from fastkd.topk import TopKTeacher
 
 TIMEOUT_S = 120
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "nonzero")
 # (dtype, value rtol, gradient relative-norm tolerance)
 DTYPES = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (1e-2, 2e-2)}
 
@@ -50,6 +51,8 @@ def _entry(rank, world, port, check_name):
     try:
         failures = []
         globals()[check_name](rank, world, failures)
+        if len(_RUN) < 20:
+            failures.append(f"only {len(_RUN)} checks ran: {_RUN}")
     finally:
         dist.destroy_process_group()
     if failures:
@@ -86,7 +89,11 @@ def _shard(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return x[..., rank * width:(rank + 1) * width].detach()
 
 
+_RUN = []  # names of the checks this worker ran
+
+
 def _record(failures, name, fn):
+    _RUN.append(name)
     try:
         fn()
     except Exception:  # noqa: BLE001  (every failure is reported, the worker goes on)
@@ -353,8 +360,47 @@ def _api_checks(rank, world, failures):
         else:
             raise AssertionError("a second backward did not raise")
 
+    def no_host_reads():
+        """The GPU code path (no value checks, no host reads) on CPU tensors, every host read raising."""
+        from fastkd import _validation
+        s, t = _inputs((n, width * world), 31)
+        target = torch.arange(n) * 5
+        target[1] = -100
+        ids = torch.arange(n * 3).reshape(n, 3)
+        lp = torch.full((n, 3), -2.0)
+        cases = [
+            lambda a, b: D.kd_loss(a, b, 2.0, process_group=wd, target=target, ce_weight=0.5, return_parts=True).loss,
+            lambda a, b: D.jsd_loss(a, TopKTeacher(ids, lp), process_group=wd, target=target, ce_weight=0.5),
+            lambda a, b: D.tvd_loss(a, TopKTeacher(ids, lp, mode="renormalize"), process_group=wd),
+            lambda a, b: D.dkd_loss(a, b, target, process_group=wd),
+            lambda a, b: D.ats_loss(a, b, target, process_group=wd),
+            lambda a, b: D.dist_loss(a, b, process_group=wd),
+        ]
+        saved_devices = _validation.HOST_DEVICES
+        saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+        def forbid(name):
+            def read(self, *args, **kwargs):
+                raise AssertionError(f"host read of a tensor value: Tensor.{name}")
+            return read
+
+        for i, case in enumerate(cases):
+            a, b = _shard(s, rank, world).requires_grad_(), _shard(t, rank, world).requires_grad_()
+            upstream = torch.tensor(0.7)
+            _validation.HOST_DEVICES = ()
+            for name in HOST_READS:
+                setattr(torch.Tensor, name, forbid(name))
+            try:
+                (case(a, b) * upstream).backward()
+            finally:
+                _validation.HOST_DEVICES = saved_devices
+                for name, fn in saved.items():
+                    setattr(torch.Tensor, name, fn)
+            assert a.grad is not None and bool(torch.isfinite(a.grad).all()), f"case {i}"
+
     _record(failures, "bytes", bytes_do_not_grow_with_vocab)
     _record(failures, "errors", errors)
+    _record(failures, "no host reads", no_host_reads)
 
 
 def _dist_checks(rank, world, failures):
