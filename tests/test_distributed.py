@@ -10,8 +10,7 @@ Process groups are costly to start (each process imports torch), so each test sp
 one group and runs a whole table of checks in it; a worker collects every failure
 and raises them together. A group that hangs is killed after ``TIMEOUT_S``.
 """
-import math
-import os
+import contextlib
 import socket
 import time
 import traceback
@@ -44,9 +43,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(rank, world, port, check_name):
+DEVICE = torch.device("cpu")  # where the workers put the distributed inputs (cuda:rank under NCCL)
+
+
+def _entry(rank, world, port, check_name, backend="gloo"):
+    global DEVICE
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        DEVICE = torch.device("cuda", rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=TIMEOUT_S))
     try:
         failures = []
@@ -59,11 +65,12 @@ def _entry(rank, world, port, check_name):
         raise AssertionError(f"rank {rank}: {len(failures)} failure(s):\n" + "\n".join(failures))
 
 
-def _launch(world: int, check_name: str):
+def _launch(world: int, check_name: str, backend: str = "gloo"):
     """Run ``check_name(rank, world, failures)`` in ``world`` processes; fail on an error or a hang."""
-    # fork: the children inherit the imported torch and fastkd (spawn re-imports them: ~10 s a process here)
-    ctx = mp.start_processes(_entry, args=(world, _free_port(), check_name), nprocs=world, join=False,
-                             start_method="fork")
+    # fork: the children inherit the imported torch and fastkd (spawn re-imports them: ~10 s a process here);
+    # CUDA cannot be used after a fork, so NCCL spawns
+    ctx = mp.start_processes(_entry, args=(world, _free_port(), check_name, backend), nprocs=world, join=False,
+                             start_method="spawn" if backend == "nccl" else "fork")
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
@@ -78,15 +85,33 @@ def _launch(world: int, check_name: str):
 # ----------------------------------------------------------------------------
 
 def _rel(g: torch.Tensor, r: torch.Tensor) -> float:
-    g, r = g.double(), r.double()
+    g, r = g.detach().cpu().double(), r.detach().cpu().double()
     den = r.norm().item()
     return (g - r).norm().item() / den if den > 0 else (g - r).norm().item()
 
 
 def _shard(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """This rank's contiguous vocabulary slice: a non-contiguous view of x (a leaf)."""
+    """This rank's contiguous vocabulary slice, on DEVICE: a non-contiguous view of x (a leaf)."""
     width = x.shape[-1] // world
-    return x[..., rank * width:(rank + 1) * width].detach()
+    return x.to(DEVICE)[..., rank * width:(rank + 1) * width].detach()
+
+
+def _on(x, like):
+    """A replicated CPU argument (target, sample_weight) on the device of ``like``."""
+    return None if x is None else x.to(like.device)
+
+
+@contextlib.contextmanager
+def _no_sync():
+    """On CUDA tensors, any synchronising call inside is an error."""
+    if DEVICE.type != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 _RUN = []  # names of the checks this worker ran
@@ -120,20 +145,22 @@ def _compare_loss(name, rank, world, failures, dist_fn, ref_fn, s, t, dtype, tea
 
         s_loc = _shard(s_q, rank, world).requires_grad_()
         if teacher_topk is not None:
-            t_loc = t_q.detach().clone().requires_grad_(grad_t)
-            teacher = TopKTeacher(teacher_topk.indices, t_loc, mode=teacher_topk.mode)
+            t_loc = t_q.detach().to(DEVICE, copy=True).requires_grad_(grad_t)
+            teacher = TopKTeacher(teacher_topk.indices.to(DEVICE), t_loc, mode=teacher_topk.mode)
         else:
             t_loc = _shard(t_q, rank, world).requires_grad_(grad_t)
             teacher = t_loc
-        out = dist_fn(s_loc, teacher)
-        loss = out.loss if parts else out
+        upstream_dev = upstream.to(device=DEVICE, dtype=torch.float32)
+        with _no_sync():
+            out = dist_fn(s_loc, teacher)
+            loss = out.loss if parts else out
+            (loss * upstream_dev).sum().backward()
         assert loss.shape == loss_ref.shape, f"shape {tuple(loss.shape)} != {tuple(loss_ref.shape)}"
         values = [(loss, loss_ref)]
         if parts:
             values += [(out.soft, out_ref.soft), (out.hard, out_ref.hard)]
         for got, want in values:
-            torch.testing.assert_close(got.double(), want.detach(), rtol=rtol, atol=rtol * 0.1)
-        (loss * upstream.to(loss.dtype)).sum().backward()
+            torch.testing.assert_close(got.detach().cpu().double(), want.detach(), rtol=rtol, atol=rtol * 0.1)
         width = s.shape[-1] // world
         want_s = grads_ref[0][..., rank * width:(rank + 1) * width]
         err = _rel(s_loc.grad, want_s)
@@ -178,13 +205,13 @@ DIVERGENCES = [  # (name, distributed fn, reference kind, params, T^2)
 def _divergence_case(fn, kind, params, t2, *, temperature, reduction, target=None, ignore_index=-100,
                      sample_weight=None, ce_weight=0.0, return_parts=False):
     """(distributed call, reference call) for one divergence and one set of keyword arguments."""
-    kw = dict(reduction=reduction, target=target, ignore_index=ignore_index, sample_weight=sample_weight,
-              ce_weight=ce_weight, return_parts=return_parts)
     dist_params = dict(params)
     if kind == "skew_kl":
         dist_params.setdefault("reverse", False)
 
     def dist_fn(s, t):
+        kw = dict(reduction=reduction, target=_on(target, s), ignore_index=ignore_index,
+                  sample_weight=_on(sample_weight, s), ce_weight=ce_weight, return_parts=return_parts)
         if fn is D.kd_loss:
             return fn(s, t, temperature, process_group=dist.group.WORLD, **kw)
         return fn(s, t, process_group=dist.group.WORLD, temperature=temperature, **kw, **dist_params)
@@ -279,16 +306,17 @@ def _dkd_ats_checks(rank, world, failures, full=True):
     weight = torch.rand(n, generator=g) + 0.5
     wd = dist.group.WORLD
     cases = [
-        ("dkd", lambda a, b: D.dkd_loss(a, b, target, process_group=wd, alpha=1.3, beta=6.0, temperature=3.0,
-                                        sample_weight=weight),
+        ("dkd", lambda a, b: D.dkd_loss(a, b, _on(target, a), process_group=wd, alpha=1.3, beta=6.0,
+                                        temperature=3.0, sample_weight=_on(weight, a)),
          lambda a, b: ref.dkd_loss(a, b, target, alpha=1.3, beta=6.0, temperature=3.0, sample_weight=weight)),
-        ("dkd none", lambda a, b: D.dkd_loss(a, b, target, process_group=wd, reduction="none"),
+        ("dkd none", lambda a, b: D.dkd_loss(a, b, _on(target, a), process_group=wd, reduction="none"),
          lambda a, b: ref.dkd_loss(a, b, target, reduction="none")),
-        ("ats", lambda a, b: D.ats_loss(a, b, target, process_group=wd, target_temperature=5.0,
-                                        other_temperature=2.5, student_temperature=1.5, sample_weight=weight),
+        ("ats", lambda a, b: D.ats_loss(a, b, _on(target, a), process_group=wd, target_temperature=5.0,
+                                        other_temperature=2.5, student_temperature=1.5,
+                                        sample_weight=_on(weight, a)),
          lambda a, b: ref.ats_loss(a, b, target, target_temperature=5.0, other_temperature=2.5,
                                    student_temperature=1.5, sample_weight=weight)),
-        ("ats mean", lambda a, b: D.ats_loss(a, b, target, process_group=wd, reduction="mean"),
+        ("ats mean", lambda a, b: D.ats_loss(a, b, _on(target, a), process_group=wd, reduction="mean"),
          lambda a, b: ref.ats_loss(a, b, target, reduction="mean")),
     ]
     for name, d, r in cases:
@@ -298,10 +326,10 @@ def _dkd_ats_checks(rank, world, failures, full=True):
         tgt0 = torch.randint(0, width, (n,), generator=g)
         s, t = _inputs((n, vocab), 22)
         _compare_loss("dkd targets in shard 0", rank, world, failures,
-                      lambda a, b: D.dkd_loss(a, b, tgt0, process_group=wd),
+                      lambda a, b: D.dkd_loss(a, b, _on(tgt0, a), process_group=wd),
                       lambda a, b: ref.dkd_loss(a, b, tgt0), s, t, torch.float32)
         _compare_loss("ats targets in shard 0, 3-D", rank, world, failures,
-                      lambda a, b: D.ats_loss(a, b, tgt0.reshape(1, n), process_group=wd),
+                      lambda a, b: D.ats_loss(a, b, _on(tgt0.reshape(1, n), a), process_group=wd),
                       lambda a, b: ref.ats_loss(a, b, tgt0.reshape(1, n)), s.unsqueeze(0), t.unsqueeze(0),
                       torch.float32)
 
@@ -315,15 +343,15 @@ def _api_checks(rank, world, failures):
         for w in (16, 4096):
             s, t = _inputs((n, w * world), 30)
             s, t = _shard(s, rank, world).requires_grad_(), _shard(t, rank, world).requires_grad_()
-            target = torch.arange(n) * 3
+            target = torch.arange(n, device=DEVICE) * 3
             with D.count_comm() as c:
                 D.kd_loss(s, t, 2.0, process_group=wd, target=target, ce_weight=0.5).backward()
             seen.append((c.bytes, c.calls))
         assert seen[0] == seen[1], f"bytes/calls changed with the vocabulary: {seen}"
         # dense KD with CE and both gradients: MAX 2 rows + 2, SUM 4 rows, SUM 3 rows (float32)
         assert seen[0] == (4 * (n * (2 + 4 + 3) + 2), 3), seen[0]
-        ids = torch.arange(n * 5).reshape(n, 5)
-        topk = TopKTeacher(ids, torch.full((n, 5), -3.0), mode="tail")
+        ids = torch.arange(n * 5, device=DEVICE).reshape(n, 5)
+        topk = TopKTeacher(ids, torch.full((n, 5), -3.0, device=DEVICE), mode="tail")
         with D.count_comm() as c:
             D.kd_loss(_shard(torch.randn(n, 64 * world), rank, world), topk, 1.0, process_group=wd)
         assert (c.bytes, c.calls) == (4 * (n * (2 + 2 + 5) + 2), 2), (c.bytes, c.calls)
@@ -399,8 +427,9 @@ def _api_checks(rank, world, failures):
             assert a.grad is not None and bool(torch.isfinite(a.grad).all()), f"case {i}"
 
     _record(failures, "bytes", bytes_do_not_grow_with_vocab)
-    _record(failures, "errors", errors)
-    _record(failures, "no host reads", no_host_reads)
+    if DEVICE.type == "cpu":  # value checks and the emulated GPU path are CPU matters (on CUDA: _no_sync)
+        _record(failures, "errors", errors)
+        _record(failures, "no host reads", no_host_reads)
 
 
 def _dist_checks(rank, world, failures):
@@ -418,10 +447,11 @@ def _dist_checks(rank, world, failures):
             gs, gt = torch.autograd.grad(loss_ref, [s64, t64])
             lo = sum(counts[:rank])
             rows = slice(lo, lo + counts[rank])
-            s_loc, t_loc = s[rows].clone().requires_grad_(), t[rows].clone().requires_grad_()
-            loss = D.dist_loss(s_loc, t_loc, process_group=wd, beta=1.5, gamma=0.7, temperature=2.0)
-            torch.testing.assert_close(loss.double(), loss_ref.detach(), rtol=rtol, atol=rtol * 0.1)
-            loss.backward()
+            s_loc, t_loc = s[rows].to(DEVICE).requires_grad_(), t[rows].to(DEVICE).requires_grad_()
+            with _no_sync():
+                loss = D.dist_loss(s_loc, t_loc, process_group=wd, beta=1.5, gamma=0.7, temperature=2.0)
+                loss.backward()
+            torch.testing.assert_close(loss.detach().cpu().double(), loss_ref.detach(), rtol=rtol, atol=rtol * 0.1)
             # each rank holds world x its share of the gradient (DDP's average then gives the global one)
             for got, want in ((s_loc.grad, gs[rows]), (t_loc.grad, gt[rows])):
                 if counts[rank]:
@@ -435,7 +465,8 @@ def _dist_checks(rank, world, failures):
         model = torch.nn.Linear(hidden, classes)
         single = torch.nn.Linear(hidden, classes)
         single.load_state_dict(model.state_dict())
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        model.to(DEVICE)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if DEVICE.type == "cuda" else None)
         counts = [3, 5, 4, 2][:world]
         g = torch.Generator().manual_seed(50)
         x = torch.randn(sum(counts), hidden, generator=g)
@@ -443,14 +474,14 @@ def _dist_checks(rank, world, failures):
         lo = sum(counts[:rank])
         rows = slice(lo, lo + counts[rank])
         opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
-        loss = D.dist_loss(ddp(x[rows]), teacher[rows], process_group=wd, temperature=2.0)
+        loss = D.dist_loss(ddp(x[rows].to(DEVICE)), teacher[rows].to(DEVICE), process_group=wd, temperature=2.0)
         loss.backward()
         opt.step()
         opt_single = torch.optim.SGD(single.parameters(), lr=0.5)
         loss_single = fastkd.dist_loss(single(x), teacher, temperature=2.0, backend="reference")
         loss_single.backward()
         opt_single.step()
-        torch.testing.assert_close(loss, loss_single, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss.detach().cpu(), loss_single.detach(), rtol=1e-5, atol=1e-6)
         for p, q in zip(model.parameters(), single.parameters()):
             err = _rel(p.detach(), q.detach())
             assert err < 1e-5, f"DDP step != single-process step: relative error {err:.2e}"
@@ -482,3 +513,10 @@ def test_world_2():
 
 def test_world_4():
     _launch(4, "_checks_world4")
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_nccl_available() or not torch.cuda.is_available()
+                    or torch.cuda.device_count() < 2, reason="needs NCCL and 2 GPUs")
+def test_nccl_world_2():
+    """The world-2 table with NCCL on CUDA tensors, every loss call under set_sync_debug_mode('error')."""
+    _launch(2, "_checks_world2", backend="nccl")
