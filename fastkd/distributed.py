@@ -281,6 +281,21 @@ def _common_checks(student, teacher, reduction, target, ignore_index, sample_wei
     v.check_sample_weight(sample_weight, student)
 
 
+def _ids_in_range(ids: torch.Tensor, read: Optional[torch.Tensor], vocab: int, lo: int) -> torch.Tensor:
+    """bool [N]: the row's ids ([N, k]) are in [lo, vocab), or the row is not read (a device-side test)."""
+    ok = ((ids >= lo) & (ids < vocab)).all(dim=1)
+    return ok if read is None else ok | ~read
+
+
+def _poison(weight: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """NaN row weights where ``ok`` is False: unequal shards, or a read row with an id outside [0, V).
+
+    Where values are readable these raise first; on a GPU (no host reads) the row's loss and
+    gradients are NaN instead of silently wrong, as the fused kernels do (``docs/design.md``).
+    """
+    return torch.where(ok, weight, torch.full((), float("nan"), dtype=weight.dtype, device=weight.device))
+
+
 def _row_weight(n, target, ignore_index, sample_weight, reduction, vocab, dtype, device):
     """The contract's row weights; "mean" divides by counted rows * the *global* vocabulary."""
     valid = torch.ones(n, dtype=torch.bool, device=device) if target is None else target.reshape(n) != ignore_index
@@ -434,8 +449,12 @@ def _divergence(student, teacher: Teacher, temperature, reduction, target, ignor
             z1, s_target = sums[-3 if topk else -2], sums[-2 if topk else -1]
             hard = (m_s.squeeze(1) - s_target) + z1.log()  # lse(s) - s[target], T = 1
         weight = _row_weight(n, target, ignore_index, sample_weight, reduction, vocab, dtype, dev)
-        # unequal shards: NaN instead of a silently wrong loss (checked, and raised, where values are readable)
-        weight = torch.where(equal, weight, torch.full((), float("nan"), dtype=dtype, device=dev))
+        ok = equal
+        if topk:
+            ok = ok & _ids_in_range(ids, read, vocab, PAD_ID)
+        if use_ce:
+            ok = ok & _ids_in_range(tgt.unsqueeze(1), read, vocab, 0)
+        weight = _poison(weight, ok)
         rows = soft + ce_weight * hard if ce_weight != 0 else soft
         loss = _reduce(rows, weight, reduction, lead)
         soft_out, hard_out = _reduce(soft, weight, reduction, lead), _reduce(hard, weight, reduction, lead)
@@ -650,7 +669,7 @@ def dkd_loss(student_logits, teacher_logits, target, *, process_group, alpha=1.0
                           dist.ReduceOp.SUM, process_group)
         rows = tckd + red[0]
         weight = _row_weight(n, target, ignore_index, sample_weight, reduction, vocab, dtype, dev)
-        weight = torch.where(equal, weight, torch.full((), float("nan"), dtype=dtype, device=dev))
+        weight = _poison(weight, equal & _ids_in_range(tgt.unsqueeze(1), read, vocab, 0))
         loss = _reduce(rows, weight, reduction, lead)
 
         def chain(g_pg, g_rest, g_local, sum_local, log_all, log_other):
@@ -709,7 +728,7 @@ def ats_loss(student_logits, teacher_logits, target, *, process_group, target_te
                           process_group)
         scale = st * st
         weight = _row_weight(n, target, ignore_index, sample_weight, reduction, vocab, dtype, dev)
-        weight = torch.where(equal, weight, torch.full((), float("nan"), dtype=dtype, device=dev))
+        weight = _poison(weight, equal & _ids_in_range(tgt.unsqueeze(1), read, vocab, 0))
         loss = _reduce(scale * red[0], weight, reduction, lead)
         w = (weight * scale).unsqueeze(1)
         grad_s = ((g - lps.exp() * red[1].unsqueeze(1)) * (w / st)).to(student.dtype) if need_s else None

@@ -404,6 +404,17 @@ def _api_checks(rank, world, failures):
             lambda a, b: D.ats_loss(a, b, target, process_group=wd),
             lambda a, b: D.dist_loss(a, b, process_group=wd),
         ]
+        bad_target = target.clone()
+        bad_target[2] = width * world  # out of range and unchecked: the GPU contract is a NaN row
+        bad_ids = ids.clone()
+        bad_ids[3, 1] = width * world
+        nan_cases = [
+            lambda a, b: D.kd_loss(a, b, 2.0, process_group=wd, target=bad_target, ce_weight=0.5,
+                                   reduction="none"),
+            lambda a, b: D.kd_loss(a, TopKTeacher(bad_ids, lp), 2.0, process_group=wd, reduction="none"),
+            lambda a, b: D.dkd_loss(a, b, bad_target, process_group=wd, reduction="none"),
+            lambda a, b: D.ats_loss(a, b, bad_target, process_group=wd, reduction="none"),
+        ]
         saved_devices = _validation.HOST_DEVICES
         saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
 
@@ -412,19 +423,25 @@ def _api_checks(rank, world, failures):
                 raise AssertionError(f"host read of a tensor value: Tensor.{name}")
             return read
 
-        for i, case in enumerate(cases):
+        for i, case in enumerate(cases + nan_cases):
             a, b = _shard(s, rank, world).requires_grad_(), _shard(t, rank, world).requires_grad_()
             upstream = torch.tensor(0.7)
             _validation.HOST_DEVICES = ()
             for name in HOST_READS:
                 setattr(torch.Tensor, name, forbid(name))
             try:
-                (case(a, b) * upstream).backward()
+                loss = case(a, b)
+                (loss * upstream).sum().backward()
             finally:
                 _validation.HOST_DEVICES = saved_devices
                 for name, fn in saved.items():
                     setattr(torch.Tensor, name, fn)
-            assert a.grad is not None and bool(torch.isfinite(a.grad).all()), f"case {i}"
+            if i < len(cases):
+                assert a.grad is not None and bool(torch.isfinite(a.grad).all()), f"case {i}"
+            else:  # exactly the bad row is NaN, in the loss and the gradient
+                bad = torch.isnan(loss)
+                assert int(bad.sum()) == 1 and bool(torch.isnan(a.grad[bad]).all()), f"NaN case {i}: {loss}"
+                assert bool(torch.isfinite(a.grad[~bad]).all()), f"NaN case {i}"
 
     _record(failures, "bytes", bytes_do_not_grow_with_vocab)
     if DEVICE.type == "cpu":  # value checks and the emulated GPU path are CPU matters (on CUDA: _no_sync)
