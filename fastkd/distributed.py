@@ -271,7 +271,14 @@ def _check_global_ids(name: str, ids: torch.Tensor, read: Optional[torch.Tensor]
 def _common_checks(student, teacher, reduction, target, ignore_index, sample_weight, target_required):
     if isinstance(teacher, TopKTeacher):
         v.check_logits("student_logits", student)
-        teacher.check_against(_stand_in(student, _WIDE), None)  # shapes and device; ids after the width is known
+        # shapes and device here; ids (range over the global vocabulary, distinct in read rows) once V is known
+        lead = tuple(student.shape[:-1])
+        if tuple(teacher.indices.shape[:-1]) != lead:
+            raise ValueError(f"TopKTeacher indices [..., K] must have the leading shape of student_logits {lead}, "
+                             f"got {tuple(teacher.indices.shape)}")
+        if teacher.device != student.device:
+            raise ValueError(f"TopKTeacher must be on the student_logits' device {student.device}, "
+                             f"got {teacher.device}")
     else:
         v.check_pair(student, teacher)
     v.check_reduction(reduction)
@@ -381,9 +388,11 @@ def _divergence(student, teacher: Teacher, temperature, reduction, target, ignor
         if topk:
             pad = ids == PAD_ID
             own, col = _local_columns(ids, offset, width)
-            member = torch.zeros(s.shape, dtype=torch.int32, device=dev)
-            member.scatter_add_(1, col, own.to(torch.int32)).gt_(0)
-            non_member = member == 0
+            # count of owned ids per local column (scatter_add: unowned slots add 0 at a clamped column)
+            members = torch.zeros(s.shape, dtype=torch.int32, device=dev)
+            members.scatter_add_(1, col, own.to(torch.int32))
+            non_member = members == 0
+            del members
 
         # 1. MAX of the raw row maxima (the shifts); with the shard widths
         maxima = [s.amax(dim=1)]

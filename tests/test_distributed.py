@@ -378,6 +378,19 @@ def _api_checks(rank, world, failures):
             assert "process_group" in str(e)
         else:
             raise AssertionError("process_group=None did not raise")
+        ids = torch.arange(n * 2).reshape(n, 2)
+        ids[0] = torch.tensor([3, 3])  # repeated ids and an id past V in rows the loss does not read: fine
+        ids[1, 0] = width * world + 5
+        sw = torch.ones(n)
+        sw[:2] = 0.0
+        lp = torch.full((n, 2), -2.0)
+        D.kd_loss(s, TopKTeacher(ids, lp), 2.0, process_group=wd, sample_weight=sw)
+        try:
+            D.kd_loss(s, TopKTeacher(ids, lp), 2.0, process_group=wd)
+        except ValueError as e:
+            assert "TopKTeacher indices" in str(e), str(e)
+        else:
+            raise AssertionError("bad top-k ids in read rows did not raise")
         x = s.clone().requires_grad_()
         loss = D.reverse_kl_loss(x, t, process_group=wd)
         loss.backward(retain_graph=True)
