@@ -315,11 +315,6 @@ def _row_weight(n, target, ignore_index, sample_weight, reduction, vocab, dtype,
     return weight
 
 
-def _reduce(rows, weight, reduction, lead):
-    r = rows * weight
-    return r.reshape(lead) if reduction == "none" else r.sum()
-
-
 def _local_columns(ids: torch.Tensor, offset: int, width: int):
     """(owned bool, local column clamped into range) of global ``ids`` for the shard at ``offset``."""
     local = ids - offset
@@ -330,6 +325,56 @@ def _local_columns(ids: torch.Tensor, offset: int, width: int):
 def _gather_owned(x: torch.Tensor, own: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     """x[row, col] where this shard owns the id, else 0 (the SUM all-reduce then gives the owner's value)."""
     return torch.where(own, x.gather(1, col), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+# The local math runs on row chunks so that its [rows, V_local] float32 temporaries stay a fraction of
+# [N, V_local]. The chunks depend on N alone: every rank issues the same collectives whatever its width.
+CHUNK_MIN_ROWS = 64
+CHUNK_MAX = 16
+
+
+def _row_chunks(n: int):
+    count = max(1, min(CHUNK_MAX, -(-n // CHUNK_MIN_ROWS)))
+    size = max(1, -(-n // count))
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)] or [slice(0, 0)]
+
+
+def _run_chunks(body, n, student, t_values, need_s, need_t, reduction, lead):
+    """``body(rows, state)`` -> weighted (loss, soft, hard) rows and float gradient rows, per chunk.
+
+    Gradients go straight into one buffer per input, in the input's dtype (the only
+    [N, V_local] tensors that outlive the call). ``state`` carries what the first chunk
+    learnt (shard widths equal) to the others.
+    """
+    grad_s = torch.empty((n, student.shape[-1]), dtype=student.dtype, device=student.device) if need_s else None
+    grad_t = torch.empty((n, t_values.shape[-1]), dtype=t_values.dtype, device=t_values.device) if need_t else None
+    outs, state = [], {}
+    for rows in _row_chunks(n):
+        loss_r, soft_r, hard_r, gs, gt = body(rows, state)
+        outs.append((loss_r, soft_r, hard_r))
+        if need_s:
+            grad_s[rows] = gs
+        if need_t:
+            grad_t[rows] = gt
+    loss, soft, hard = (torch.cat(parts) for parts in zip(*outs))
+
+    def reduce(r):
+        return r.reshape(lead) if reduction == "none" else r.sum()
+
+    return reduce(loss), reduce(soft), reduce(hard), grad_s, grad_t
+
+
+def _first_chunk_widths(state, width, dtype, device):
+    """The (width, -width) pair to MAX-reduce with the first chunk's maxima ([] for the later chunks)."""
+    return [] if "equal" in state else [_width_pair(width, dtype, device)]
+
+
+def _widths_result(state, reduced, width):
+    """Record the equal-shards flag from the first chunk's MAX round; returns it (a 0-d bool tensor)."""
+    if "equal" not in state:
+        state["equal"] = _check_equal_shards(reduced[-1], width)
+        reduced = reduced[:-1]
+    return state["equal"], reduced
 
 
 def _soft_and_grads(fn, lp: torch.Tensor, lq: torch.Tensor, need_p: bool):
@@ -366,15 +411,26 @@ def _divergence(student, teacher: Teacher, temperature, reduction, target, ignor
     need_t = torch.is_grad_enabled() and t_in.requires_grad
     lead = student.shape[:-1]
 
-    def compute():
-        dtype = R._compute_dtype(student, t_in)
-        dev = student.device
-        s = student.reshape(-1, width).to(dtype)
+    dtype = R._compute_dtype(student, t_in)
+    dev = student.device
+    offset, vocab = rank * width, world * width
+    s_all = student.reshape(-1, width)
+    n_all = s_all.shape[0]
+    t_all = t_in.reshape(n_all, -1)
+    read_all = R._read_rows(student, target, ignore_index, sample_weight)
+    if topk:  # ids in [-1, V) and distinct within each read row (CPU; free there)
+        teacher.check_against(_stand_in(student, vocab), read_all)
+    if use_ce:
+        _check_global_ids("target", target.reshape(n_all), read_all, vocab, 0)
+    weight_all = _row_weight(n_all, target, ignore_index, sample_weight, reduction, vocab, dtype, dev)
+
+    def body(r, state):
+        s = s_all[r].to(dtype)
         n = s.shape[0]
-        read = R._read_rows(student, target, ignore_index, sample_weight)
-        t = t_in.reshape(n, -1).to(dtype)
-        ids = teacher.indices.reshape(n, -1) if topk else None
-        tgt = target.reshape(n).to(torch.int64) if use_ce else None
+        read = None if read_all is None else read_all[r]
+        t = t_all[r].to(dtype)
+        ids = teacher.indices.reshape(n_all, -1)[r] if topk else None
+        tgt = target.reshape(n_all)[r].to(torch.int64) if use_ce else None
         if read is not None:  # skipped rows are never read: zeros in their place, before any arithmetic
             keep = read.unsqueeze(1)
             s = torch.where(keep, s, torch.zeros((), dtype=dtype, device=dev))
@@ -383,7 +439,6 @@ def _divergence(student, teacher: Teacher, temperature, reduction, target, ignor
                 ids = torch.where(keep, ids, torch.full((), PAD_ID, dtype=ids.dtype, device=dev))
             if use_ce:
                 tgt = torch.where(read, tgt, torch.zeros_like(tgt))
-        offset, vocab = rank * width, world * width
         tail = topk and teacher.mode == "tail"
         if topk:
             pad = ids == PAD_ID
@@ -400,13 +455,9 @@ def _divergence(student, teacher: Teacher, temperature, reduction, target, ignor
             maxima.append(t.amax(dim=1))
         if tail:
             maxima.append(_masked_max(s, non_member))
-        widths = _width_pair(width, dtype, dev)
-        *maxima, widths = _all_reduce(maxima + [widths], dist.ReduceOp.MAX, process_group)
-        equal = _check_equal_shards(widths, width)
-        if topk:  # ids in [-1, V) and distinct within each read row (CPU; free there)
-            teacher.check_against(_stand_in(student, vocab), read)
-        if use_ce:
-            _check_global_ids("target", target.reshape(n), read, vocab, 0)
+        maxima = _all_reduce(maxima + _first_chunk_widths(state, width, dtype, dev), dist.ReduceOp.MAX,
+                             process_group)
+        equal, maxima = _widths_result(state, maxima, width)
         m_s = _safe_shift(maxima[0]).unsqueeze(1)
         a = (s - m_s) / T  # student logits / T, shifted in raw units first (precision at large offsets)
 
@@ -457,7 +508,7 @@ def _divergence(student, teacher: Teacher, temperature, reduction, target, ignor
         if use_ce:
             z1, s_target = sums[-3 if topk else -2], sums[-2 if topk else -1]
             hard = (m_s.squeeze(1) - s_target) + z1.log()  # lse(s) - s[target], T = 1
-        weight = _row_weight(n, target, ignore_index, sample_weight, reduction, vocab, dtype, dev)
+        weight = weight_all[r]
         ok = equal
         if topk:
             ok = ok & _ids_in_range(ids, read, vocab, PAD_ID)
@@ -465,8 +516,6 @@ def _divergence(student, teacher: Teacher, temperature, reduction, target, ignor
             ok = ok & _ids_in_range(tgt.unsqueeze(1), read, vocab, 0)
         weight = _poison(weight, ok)
         rows = soft + ce_weight * hard if ce_weight != 0 else soft
-        loss = _reduce(rows, weight, reduction, lead)
-        soft_out, hard_out = _reduce(soft, weight, reduction, lead), _reduce(hard, weight, reduction, lead)
 
         grad_s = grad_t = None
         if need_s:
@@ -475,12 +524,15 @@ def _divergence(student, teacher: Teacher, temperature, reduction, target, ignor
                 wce = (weight * ce_weight).unsqueeze(1)
                 gs = gs + wce * ((s - m_s).exp() / z1.unsqueeze(1))  # softmax(s) at T = 1
                 gs.scatter_add_(1, t_col, torch.where(t_own, -wce, torch.zeros((), dtype=dtype, device=dev)))
-            grad_s = gs.to(student.dtype)
+            grad_s = gs
         if need_t:
             # dense teacher: d/dt = (H - p sum H) / T; top-k log-probs: no 1/T (they are not divided by T)
             scale = weight * (soft_scale if topk else soft_scale / T)
-            grad_t = (grad_b * scale.unsqueeze(1)).to(t_in.dtype)
-        return loss, soft_out, hard_out, grad_s, grad_t
+            grad_t = grad_b * scale.unsqueeze(1)
+        return rows * weight, soft * weight, hard * weight, grad_s, grad_t
+
+    def compute():
+        return _run_chunks(body, n_all, student, t_in, need_s, need_t, reduction, lead)
 
     loss, soft, hard = _StoredGradLoss.apply(compute, student, t_in)
     return R.LossParts(loss, soft, hard) if return_parts else loss
@@ -598,18 +650,26 @@ def _target_column(tgt: torch.Tensor, offset: int, width: int, shape, device):
     return own, col, is_g
 
 
-def _rows_and_target(student, teacher, target, ignore_index, sample_weight, width):
-    """Rows in the compute dtype with skipped rows zeroed, and their safe targets (as the reference)."""
-    dtype = R._compute_dtype(student, teacher)
-    s = student.reshape(-1, width).to(dtype)
-    t = teacher.reshape(-1, width).to(dtype)
-    n = s.shape[0]
-    tgt = target.reshape(n).to(torch.int64)
-    read = R._read_rows(student, target, ignore_index, sample_weight)
+def _rows_and_target(student, teacher, target, read_all, rows, dtype):
+    """A chunk of rows in the compute dtype with skipped rows zeroed, and their safe targets (as the reference)."""
+    width = student.shape[-1]
+    s = student.reshape(-1, width)[rows].to(dtype)
+    t = teacher.reshape(-1, width)[rows].to(dtype)
+    tgt = target.reshape(-1)[rows].to(torch.int64)
+    read = read_all[rows]
     keep = read.unsqueeze(1)
     zero = torch.zeros((), dtype=dtype, device=s.device)
-    return (torch.where(keep, s, zero), torch.where(keep, t, zero), torch.where(read, tgt, torch.zeros_like(tgt)),
-            read, dtype)
+    return torch.where(keep, s, zero), torch.where(keep, t, zero), torch.where(read, tgt, torch.zeros_like(tgt)), read
+
+
+def _target_prologue(student, teacher, target, ignore_index, sample_weight, reduction, vocab):
+    """What DKD and ATS compute once for all rows: dtype, read rows, checked targets, row weights."""
+    dtype = R._compute_dtype(student, teacher)
+    n_all = v.rows_of(student)
+    read_all = R._read_rows(student, target, ignore_index, sample_weight)
+    _check_global_ids("target", target.reshape(n_all), read_all, vocab, 0)
+    weight_all = _row_weight(n_all, target, ignore_index, sample_weight, reduction, vocab, dtype, student.device)
+    return dtype, n_all, read_all, weight_all
 
 
 def dkd_loss(student_logits, teacher_logits, target, *, process_group, alpha=1.0, beta=8.0, temperature=4.0,
@@ -635,17 +695,18 @@ def dkd_loss(student_logits, teacher_logits, target, *, process_group, alpha=1.0
     need_t = torch.is_grad_enabled() and teacher.requires_grad
     lead = student.shape[:-1]
 
-    def compute():
-        s, t, tgt, read, dtype = _rows_and_target(student, teacher, target, ignore_index, sample_weight, width)
-        dev, n = s.device, s.shape[0]
-        offset, vocab = rank * width, world * width
+    offset, vocab = rank * width, world * width
+    dtype, n_all, read_all, weight_all = _target_prologue(student, teacher, target, ignore_index, sample_weight,
+                                                          reduction, vocab)
+
+    def body(r, state):
+        s, t, tgt, read = _rows_and_target(student, teacher, target, read_all, r, dtype)
+        dev = s.device
         own, col, is_g = _target_column(tgt, offset, width, s.shape, dev)
         other = ~is_g
-        widths = _width_pair(width, dtype, dev)
-        *maxima, widths = _all_reduce([s.amax(dim=1), _masked_max(s, other), t.amax(dim=1), _masked_max(t, other),
-                                       widths], dist.ReduceOp.MAX, process_group)
-        equal = _check_equal_shards(widths, width)
-        _check_global_ids("target", target.reshape(n), read, vocab, 0)
+        maxima = _all_reduce([s.amax(dim=1), _masked_max(s, other), t.amax(dim=1), _masked_max(t, other)]
+                             + _first_chunk_widths(state, width, dtype, dev), dist.ReduceOp.MAX, process_group)
+        equal, maxima = _widths_result(state, maxima, width)
         sides = []
         sums = []
         for x, m_all, m_oth in ((s, maxima[0], maxima[1]), (t, maxima[2], maxima[3])):
@@ -677,9 +738,7 @@ def dkd_loss(student_logits, teacher_logits, target, *, process_group, alpha=1.0
         red = _all_reduce([nckd_part, g_l.sum(dim=1)] + ([h_l.sum(dim=1)] if need_t else []),
                           dist.ReduceOp.SUM, process_group)
         rows = tckd + red[0]
-        weight = _row_weight(n, target, ignore_index, sample_weight, reduction, vocab, dtype, dev)
-        weight = _poison(weight, equal & _ids_in_range(tgt.unsqueeze(1), read, vocab, 0))
-        loss = _reduce(rows, weight, reduction, lead)
+        weight = _poison(weight_all[r], equal & _ids_in_range(tgt.unsqueeze(1), read, vocab, 0))
 
         def chain(g_pg, g_rest, g_local, sum_local, log_all, log_other):
             # d/dx_c = -(gA + gB) P_c + [c = g] gA + Q_c (gB - sum gL) + gL_c   (x = logits / T)
@@ -688,10 +747,13 @@ def dkd_loss(student_logits, teacher_logits, target, *, process_group, alpha=1.0
             grad.scatter_add_(1, col, torch.where(own, g_pg.unsqueeze(1), torch.zeros((), dtype=dtype, device=dev)))
             return grad * (weight / T).unsqueeze(1)
 
-        grad_s = chain(g_tckd[0], g_tckd[1], g_l, red[1], lq_all, oth_s).to(student.dtype) if need_s else None
-        grad_t = chain(g_tckd[2], g_tckd[3], h_l, red[2], lp_all, oth_t).to(teacher.dtype) if need_t else None
-        zero = torch.zeros_like(loss)
-        return loss, zero, zero.clone(), grad_s, grad_t
+        grad_s = chain(g_tckd[0], g_tckd[1], g_l, red[1], lq_all, oth_s) if need_s else None
+        grad_t = chain(g_tckd[2], g_tckd[3], h_l, red[2], lp_all, oth_t) if need_t else None
+        zero = torch.zeros_like(rows)
+        return rows * weight, zero, zero, grad_s, grad_t
+
+    def compute():
+        return _run_chunks(body, n_all, student, teacher, need_s, need_t, reduction, lead)
 
     return _StoredGradLoss.apply(compute, student, teacher)[0]
 
@@ -716,18 +778,20 @@ def ats_loss(student_logits, teacher_logits, target, *, process_group, target_te
     need_t = torch.is_grad_enabled() and teacher.requires_grad
     lead = student.shape[:-1]
 
-    def compute():
-        s, t, tgt, read, dtype = _rows_and_target(student, teacher, target, ignore_index, sample_weight, width)
-        dev, n = s.device, s.shape[0]
-        offset, vocab = rank * width, world * width
+    offset, vocab = rank * width, world * width
+    dtype, n_all, read_all, weight_all = _target_prologue(student, teacher, target, ignore_index, sample_weight,
+                                                          reduction, vocab)
+
+    def body(r, state):
+        s, t, tgt, read = _rows_and_target(student, teacher, target, read_all, r, dtype)
+        dev = s.device
         _, _, is_g = _target_column(tgt, offset, width, s.shape, dev)
         tau = torch.where(is_g, torch.full((), float(target_temperature), dtype=dtype, device=dev),
                           torch.full((), float(other_temperature), dtype=dtype, device=dev))
         y = t / tau
-        widths = _width_pair(width, dtype, dev)
-        m_s, m_y, widths = _all_reduce([s.amax(dim=1), y.amax(dim=1), widths], dist.ReduceOp.MAX, process_group)
-        equal = _check_equal_shards(widths, width)
-        _check_global_ids("target", target.reshape(n), read, vocab, 0)
+        maxima = _all_reduce([s.amax(dim=1), y.amax(dim=1)] + _first_chunk_widths(state, width, dtype, dev),
+                             dist.ReduceOp.MAX, process_group)
+        equal, (m_s, m_y) = _widths_result(state, maxima, width)
         a = (s - _safe_shift(m_s).unsqueeze(1)) / st
         b = y - _safe_shift(m_y).unsqueeze(1)
         z_s, z_y = _all_reduce([a.exp().sum(dim=1), b.exp().sum(dim=1)], dist.ReduceOp.SUM, process_group)
@@ -736,14 +800,16 @@ def ats_loss(student_logits, teacher_logits, target, *, process_group, target_te
         red = _all_reduce([part, g.sum(dim=1)] + ([h.sum(dim=1)] if need_t else []), dist.ReduceOp.SUM,
                           process_group)
         scale = st * st
-        weight = _row_weight(n, target, ignore_index, sample_weight, reduction, vocab, dtype, dev)
-        weight = _poison(weight, equal & _ids_in_range(tgt.unsqueeze(1), read, vocab, 0))
-        loss = _reduce(scale * red[0], weight, reduction, lead)
+        weight = _poison(weight_all[r], equal & _ids_in_range(tgt.unsqueeze(1), read, vocab, 0))
         w = (weight * scale).unsqueeze(1)
-        grad_s = ((g - lps.exp() * red[1].unsqueeze(1)) * (w / st)).to(student.dtype) if need_s else None
-        grad_t = ((h - lq.exp() * red[2].unsqueeze(1)) * w / tau).to(teacher.dtype) if need_t else None
-        zero = torch.zeros_like(loss)
-        return loss, zero, zero.clone(), grad_s, grad_t
+        grad_s = (g - lps.exp() * red[1].unsqueeze(1)) * (w / st) if need_s else None
+        grad_t = (h - lq.exp() * red[2].unsqueeze(1)) * w / tau if need_t else None
+        rows = scale * red[0] * weight
+        zero = torch.zeros_like(rows)
+        return rows, zero, zero, grad_s, grad_t
+
+    def compute():
+        return _run_chunks(body, n_all, student, teacher, need_s, need_t, reduction, lead)
 
     return _StoredGradLoss.apply(compute, student, teacher)[0]
 

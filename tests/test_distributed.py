@@ -355,6 +355,14 @@ def _api_checks(rank, world, failures):
         with D.count_comm() as c:
             D.kd_loss(_shard(torch.randn(n, 64 * world), rank, world), topk, 1.0, process_group=wd)
         assert (c.bytes, c.calls) == (4 * (n * (2 + 2 + 5) + 2), 2), (c.bytes, c.calls)
+        saved = D.CHUNK_MIN_ROWS
+        D.CHUNK_MIN_ROWS = 2  # 3 row chunks: the same bytes, 3 times the calls
+        try:
+            with D.count_comm() as c:
+                D.kd_loss(_shard(torch.randn(n, 64 * world), rank, world), topk, 1.0, process_group=wd)
+        finally:
+            D.CHUNK_MIN_ROWS = saved
+        assert (c.bytes, c.calls) == (4 * (n * (2 + 2 + 5) + 2), 6), (c.bytes, c.calls)
 
     def errors():
         s, t = torch.randn(n, width), torch.randn(n, width)
@@ -520,8 +528,11 @@ def _dist_checks(rank, world, failures):
 
 
 def _checks_world2(rank, world, failures):
+    # row chunks of 4 rows (the last one ragged): every collective sequence runs several times per call
+    D.CHUNK_MIN_ROWS = 4
     _vocab_checks(rank, world, failures)
     _dkd_ats_checks(rank, world, failures)
+    D.CHUNK_MIN_ROWS = 64
     _api_checks(rank, world, failures)
     _dist_checks(rank, world, failures)
 
