@@ -30,7 +30,7 @@ from fastkd.topk import TopKTeacher
 TIMEOUT_S = 120
 HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "nonzero")
 # (dtype, value rtol, gradient relative-norm tolerance)
-DTYPES = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (1e-2, 2e-2)}
+DTYPES = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (1e-2, 2e-2), torch.float64: (1e-10, 1e-10)}
 
 
 # ----------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def _compare_loss(name, rank, world, failures, dist_fn, ref_fn, s, t, dtype, tea
         else:
             t_loc = _shard(t_q, rank, world).requires_grad_(grad_t)
             teacher = t_loc
-        upstream_dev = upstream.to(device=DEVICE, dtype=torch.float32)
+        upstream_dev = upstream.to(device=DEVICE, dtype=R._compute_dtype(s_q))  # the loss's dtype
         with _no_sync():
             out = dist_fn(s_loc, teacher)
             loss = out.loss if parts else out
@@ -242,7 +242,7 @@ def _vocab_checks(rank, world, failures, full=True):
     t[5, 3] = float("-inf")
     s3, t3 = _inputs((3, 4, vocab), 2)  # 3-D input, rows from both leading dims
     s3t, t3t = s3.transpose(0, 1), t3.transpose(0, 1)  # and non-contiguous rows
-    dtypes = [torch.float32, torch.bfloat16] if full else [torch.float32]
+    dtypes = [torch.float32, torch.bfloat16, torch.float64] if full else [torch.float32]
     reductions = ["batchmean", "sum", "mean", "none"]
     for i, (name, fn, kind, params, t2) in enumerate(DIVERGENCES if full else DIVERGENCES[:3]):
         red = reductions[i % 4]
