@@ -291,6 +291,9 @@ def _common_checks(student, teacher, reduction, target, ignore_index, sample_wei
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     v.check_target(target, _stand_in(student, _WIDE), ignore_index, required=target_required)
     v.check_sample_weight(sample_weight, student)
+    if sample_weight is not None and torch.is_grad_enabled() and sample_weight.requires_grad:
+        raise ValueError("sample_weight requires grad, but the distributed losses treat it as a constant; "
+                         "pass sample_weight.detach()")
 
 
 def _ids_in_range(ids: torch.Tensor, read: Optional[torch.Tensor], vocab: int, lo: int) -> torch.Tensor:

@@ -399,6 +399,12 @@ def _api_checks(rank, world, failures):
             assert "TopKTeacher indices" in str(e), str(e)
         else:
             raise AssertionError("bad top-k ids in read rows did not raise")
+        try:
+            D.tvd_loss(s, t, process_group=wd, sample_weight=torch.ones(n, requires_grad=True))
+        except ValueError as e:
+            assert "sample_weight" in str(e), str(e)
+        else:
+            raise AssertionError("a sample_weight requiring grad did not raise")
         x = s.clone().requires_grad_()
         loss = D.reverse_kl_loss(x, t, process_group=wd)
         loss.backward(retain_graph=True)
