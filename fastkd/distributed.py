@@ -385,6 +385,18 @@ def _widths_result(state, reduced, width):
     return state["equal"], reduced
 
 
+def _forward_kl_and_grads(lp: torch.Tensor, lq: torch.Tensor, need_p: bool):
+    """``_soft_and_grads`` of ``KL(p || q)`` in closed form (KD, ATS, JSD beta = 0): no autograd pass.
+
+    Row sum of ``p (log p - log q)`` (0 where p == 0), ``G = -p`` and ``H = p (log p - log q)``
+    (the derivatives w.r.t. log q and log p up to multiples of q and p, which the softmax
+    projection ``G - q sum G`` removes, as it removes the ``+ p`` of the exact ``H``).
+    """
+    p = lp.exp()
+    h = p * torch.where(p == 0, torch.zeros((), dtype=lp.dtype, device=lp.device), lp - lq)
+    return h.sum(dim=1), p.neg_(), (h if need_p else None)
+
+
 def _soft_and_grads(fn, lp: torch.Tensor, lq: torch.Tensor, need_p: bool):
     """Per-row ``fn(lp, lq)`` [N] and its elementwise derivatives w.r.t. ``lq`` (and ``lp``) by autograd."""
     with torch.enable_grad():
@@ -492,7 +504,11 @@ def _divergence(student, teacher: Teacher, temperature, reduction, target, ignor
         grad_a = grad_b = None
         if not topk:
             lp = b - sums[1].log().unsqueeze(1)
-            part, g, h = _soft_and_grads(lambda lp_, lq_: R.soft_rows(lp_, lq_, kind, **params), lp, lq, need_t)
+            if kind != "tvd" and R.divergence_coefficients(kind, **params) == (1.0, 0.0, 0.0, 1.0):
+                part, g, h = _forward_kl_and_grads(lp, lq, need_t)  # KD's forward KL: closed form
+            else:
+                part, g, h = _soft_and_grads(lambda lp_, lq_: R.soft_rows(lp_, lq_, kind, **params), lp, lq,
+                                             need_t)
             # 3. SUM of the partial divergences and of sum G, sum H
             red = [part, g.sum(dim=1)] + ([h.sum(dim=1)] if need_t else [])
             red = _all_reduce(red, dist.ReduceOp.SUM, process_group)
@@ -804,7 +820,7 @@ def ats_loss(student_logits, teacher_logits, target, *, process_group, target_te
         b = y - _safe_shift(m_y).unsqueeze(1)
         z_s, z_y = _all_reduce([a.exp().sum(dim=1), b.exp().sum(dim=1)], dist.ReduceOp.SUM, process_group)
         lps, lq = a - z_s.log().unsqueeze(1), b - z_y.log().unsqueeze(1)  # student, teacher log-probs
-        part, g, h = _soft_and_grads(lambda lp_, lq_: R.soft_rows(lp_, lq_, "forward_kl"), lq, lps, need_t)
+        part, g, h = _forward_kl_and_grads(lq, lps, need_t)
         red = _all_reduce([part, g.sum(dim=1)] + ([h.sum(dim=1)] if need_t else []), dist.ReduceOp.SUM,
                           process_group)
         scale = st * st
