@@ -33,7 +33,10 @@ three all-reduces of per-row numbers, never of logits:
 Elementwise derivatives ``G``, ``H`` come from autograd of the reference's own
 row math (``fastkd._reference_divergence.soft_rows``) on the local shard, so the
 special cases (zero-probability terms, ``log m`` in log space, ``beta`` 0 and 1)
-are the reference's exactly. The gradients are formed in the forward pass and
+are the reference's exactly; the forward KL (KD, ATS, JSD with beta = 0) uses
+its closed form ``G = -p``, ``H = p (log p - log q)`` instead (no autograd pass).
+A top-k teacher needs no third round: the bucket log-probs are all-reduced
+(``K`` numbers per row), and every rank evaluates the bucket math identically. The gradients are formed in the forward pass and
 stored in the input dtype (one ``[N, V_local]`` buffer per input that requires
 grad); backward only scales them, in place (``docs/design.md``, "Autograd and
 gradient memory"): a stored gradient is used once (``retain_graph`` raises).
