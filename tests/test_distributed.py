@@ -44,6 +44,11 @@ def _free_port() -> int:
 
 
 DEVICE = torch.device("cpu")  # where the workers put the distributed inputs (cuda:rank under NCCL)
+GROUP = None  # the vocabulary-parallel group of the checks (None: the whole world)
+
+
+def _group():
+    return dist.group.WORLD if GROUP is None else GROUP
 
 
 def _entry(rank, world, port, check_name, backend="gloo"):
@@ -213,8 +218,8 @@ def _divergence_case(fn, kind, params, t2, *, temperature, reduction, target=Non
         kw = dict(reduction=reduction, target=_on(target, s), ignore_index=ignore_index,
                   sample_weight=_on(sample_weight, s), ce_weight=ce_weight, return_parts=return_parts)
         if fn is D.kd_loss:
-            return fn(s, t, temperature, process_group=dist.group.WORLD, **kw)
-        return fn(s, t, process_group=dist.group.WORLD, temperature=temperature, **kw, **dist_params)
+            return fn(s, t, temperature, process_group=_group(), **kw)
+        return fn(s, t, process_group=_group(), temperature=temperature, **kw, **dist_params)
 
     def ref_fn(s, t):
         return R._compute(s, t, temperature, reduction, target, ignore_index, sample_weight, ce_weight,
@@ -304,7 +309,7 @@ def _dkd_ats_checks(rank, world, failures, full=True):
     target[5] = vocab - 1  # the last column of the last shard
     target[6] = 0
     weight = torch.rand(n, generator=g) + 0.5
-    wd = dist.group.WORLD
+    wd = _group()
     cases = [
         ("dkd", lambda a, b: D.dkd_loss(a, b, _on(target, a), process_group=wd, alpha=1.3, beta=6.0,
                                         temperature=3.0, sample_weight=_on(weight, a)),
@@ -544,8 +549,18 @@ def _checks_world2(rank, world, failures):
 
 
 def _checks_world4(rank, world, failures):
+    global GROUP
     _vocab_checks(rank, world, failures, full=False)
     _dkd_ats_checks(rank, world, failures, full=False)
+    # tensor-parallel subgroups inside data parallelism: ranks {0, 1} and {2, 3} each shard the vocabulary
+    # in two (the shard index is the rank in the group, not the global rank)
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    GROUP = pairs[rank // 2]
+    try:
+        _vocab_checks(dist.get_rank(GROUP), 2, failures, full=False)
+        _dkd_ats_checks(dist.get_rank(GROUP), 2, failures, full=False)
+    finally:
+        GROUP = None
     _api_checks(rank, world, failures)
     _dist_checks(rank, world, failures)
 
