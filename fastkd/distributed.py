@@ -446,13 +446,14 @@ def _divergence(student, teacher: Teacher, temperature, reduction, target, ignor
     if use_ce:
         _check_global_ids("target", target.reshape(n_all), read_all, vocab, 0)
     weight_all = _row_weight(n_all, target, ignore_index, sample_weight, reduction, vocab, dtype, dev)
+    ids_all = teacher.indices.reshape(n_all, -1) if topk else None
 
     def body(r, state):
         s = s_all[r].to(dtype)
         n = s.shape[0]
         read = None if read_all is None else read_all[r]
         t = t_all[r].to(dtype)
-        ids = teacher.indices.reshape(n_all, -1)[r] if topk else None
+        ids = ids_all[r] if topk else None
         tgt = target.reshape(n_all)[r].to(torch.int64) if use_ce else None
         if read is not None:  # skipped rows are never read: zeros in their place, before any arithmetic
             keep = read.unsqueeze(1)
@@ -677,11 +678,13 @@ def _target_column(tgt: torch.Tensor, offset: int, width: int, shape, device):
     return own, col, is_g
 
 
-def _rows_and_target(student, teacher, target, read_all, rows, dtype):
-    """A chunk of rows in the compute dtype with skipped rows zeroed, and their safe targets (as the reference)."""
-    width = student.shape[-1]
-    s = student.reshape(-1, width)[rows].to(dtype)
-    t = teacher.reshape(-1, width)[rows].to(dtype)
+def _rows_and_target(s_all, t_all, target, read_all, rows, dtype):
+    """A chunk of rows in the compute dtype with skipped rows zeroed, and their safe targets (as the reference).
+
+    ``s_all``, ``t_all``: the logits as [N, V_local] (reshaped once: a copy for non-contiguous rows).
+    """
+    s = s_all[rows].to(dtype)
+    t = t_all[rows].to(dtype)
     tgt = target.reshape(-1)[rows].to(torch.int64)
     read = read_all[rows]
     keep = read.unsqueeze(1)
@@ -696,7 +699,8 @@ def _target_prologue(student, teacher, target, ignore_index, sample_weight, redu
     read_all = R._read_rows(student, target, ignore_index, sample_weight)
     _check_global_ids("target", target.reshape(n_all), read_all, vocab, 0)
     weight_all = _row_weight(n_all, target, ignore_index, sample_weight, reduction, vocab, dtype, student.device)
-    return dtype, n_all, read_all, weight_all
+    width = student.shape[-1]
+    return dtype, n_all, read_all, weight_all, student.reshape(-1, width), teacher.reshape(-1, width)
 
 
 def dkd_loss(student_logits, teacher_logits, target, *, process_group, alpha=1.0, beta=8.0, temperature=4.0,
@@ -723,11 +727,11 @@ def dkd_loss(student_logits, teacher_logits, target, *, process_group, alpha=1.0
     lead = student.shape[:-1]
 
     offset, vocab = rank * width, world * width
-    dtype, n_all, read_all, weight_all = _target_prologue(student, teacher, target, ignore_index, sample_weight,
-                                                          reduction, vocab)
+    dtype, n_all, read_all, weight_all, s_all, t_all = _target_prologue(
+        student, teacher, target, ignore_index, sample_weight, reduction, vocab)
 
     def body(r, state):
-        s, t, tgt, read = _rows_and_target(student, teacher, target, read_all, r, dtype)
+        s, t, tgt, read = _rows_and_target(s_all, t_all, target, read_all, r, dtype)
         dev = s.device
         own, col, is_g = _target_column(tgt, offset, width, s.shape, dev)
         other = ~is_g
@@ -806,11 +810,11 @@ def ats_loss(student_logits, teacher_logits, target, *, process_group, target_te
     lead = student.shape[:-1]
 
     offset, vocab = rank * width, world * width
-    dtype, n_all, read_all, weight_all = _target_prologue(student, teacher, target, ignore_index, sample_weight,
-                                                          reduction, vocab)
+    dtype, n_all, read_all, weight_all, s_all, t_all = _target_prologue(
+        student, teacher, target, ignore_index, sample_weight, reduction, vocab)
 
     def body(r, state):
-        s, t, tgt, read = _rows_and_target(student, teacher, target, read_all, r, dtype)
+        s, t, tgt, read = _rows_and_target(s_all, t_all, target, read_all, r, dtype)
         dev = s.device
         _, _, is_g = _target_column(tgt, offset, width, s.shape, dev)
         tau = torch.where(is_g, torch.full((), float(target_temperature), dtype=dtype, device=dev),
