@@ -1,0 +1,907 @@
+"""Distillation losses over ``torch.distributed`` process groups (issue 12).
+
+Two kinds of parallelism, one keyword (``process_group``):
+
+* **Vocabulary parallel** (Megatron layout, tensor parallelism): every rank holds
+  *all* rows, and the last dim of its logits is its contiguous vocabulary shard
+  ``[r * V_local, (r + 1) * V_local)`` in rank order (equal shards: ``V = P *
+  V_local``; Megatron pads the vocabulary to a multiple of P). ``target`` and
+  top-k ids are global token ids, identical on every rank, as are
+  ``sample_weight`` and the ``TopKTeacher`` log-probs. The loss equals the
+  single-process loss over the concatenated vocabulary, on every rank, and each
+  rank's gradient is the matching slice of the single-process gradient.
+  Functions: ``kd_loss``, ``reverse_kl_loss``, ``jsd_loss``, ``skew_kl_loss``,
+  ``tvd_loss`` (all with ``ce_weight``, ``return_parts`` and a ``TopKTeacher``),
+  ``dkd_loss``, ``ats_loss``.
+* **Data parallel** (``dist_loss``): rows are sharded (any count per rank, 0
+  included), classes are not; the intra-class Pearson term is taken over the
+  global batch (see ``dist_loss``).
+
+How the vocabulary-parallel losses work. A row's loss needs whole-row
+quantities (the log-sum-exps), so each rank computes them from its shard with
+three all-reduces of per-row numbers, never of logits:
+
+1. MAX of the raw per-row maxima (student, teacher, and the set a log-sum-exp is
+   taken over: the non-target classes of DKD, the non-top-k ids of a tail bucket);
+2. SUM of the sums of exponentials at those global shifts, of the logits at global
+   ids (the target, the top-k ids: only the owning rank adds a non-zero), and of
+   the cross-entropy's sum at T = 1;
+3. SUM of the per-row partial divergences and of the partial sums of their
+   derivatives (``sum G``, ``sum H`` of ``docs/design.md``), which the softmax
+   chain rule needs (``dL/ds_c = (G_c - q_c sum G) / T``).
+
+Elementwise derivatives ``G``, ``H`` come from autograd of the reference's own
+row math (``fastkd._reference_divergence.soft_rows``) on the local shard, so the
+special cases (zero-probability terms, ``log m`` in log space, ``beta`` 0 and 1)
+are the reference's exactly; the forward KL (KD, ATS, JSD with beta = 0) uses
+its closed form ``G = -p``, ``H = p (log p - log q)`` instead (no autograd pass).
+A top-k teacher needs no third round: the bucket log-probs are all-reduced
+(``K`` numbers per row), and every rank evaluates the bucket math identically. The gradients are formed in the forward pass and
+stored in the input dtype (one ``[N, V_local]`` buffer per input that requires
+grad); backward only scales them, in place (``docs/design.md``, "Autograd and
+gradient memory"): a stored gradient is used once (``retain_graph`` raises).
+
+Communication per call, in bytes (``comm_stats``; ``e`` = 4 for float32 math, 8
+for float64): ``e * (N * (r1 + r2 + r3 + K) + 2)`` with ``r1 + r2 + r3`` the
+number of per-row numbers (listed in ``PER_ROW_FLOATS``, at most 9) and ``K``
+the top-k width (0 for dense teachers). It does not depend on ``V``. Calls: 2 or
+3 per row chunk (below), at most 48.
+
+Memory: the local math runs on row chunks (at most ``CHUNK_MAX`` = 16 chunks of at
+least ``CHUNK_MIN_ROWS`` = 64 rows; the split depends on ``N`` only, so every rank
+issues the same collectives), each chunk's float32 temporaries (about 12 x
+``[rows, V_local]`` for a dense teacher with both gradients) freed before the next.
+What outlives the call: the stored gradients, in the input dtype. Measured peak
+over the inputs, ``[1024, 32000]`` float32 in a group of one process: 4.2 x ``[N, V]`` for KD
+with both gradients (2 of them the gradients), 2.0 x for a top-32 teacher.
+Math in float32 (float64 for float64 inputs), whatever the input dtype.
+
+Values are checked where reading them is free (CPU tensors; ``fastkd.set_value_checks``):
+target and top-k ids in ``[0, V)`` (``V`` the global vocabulary), equal shard widths.
+"""
+import contextlib
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from . import _reference_divergence as R
+from . import _validation as v
+from .topk import PAD_ID, TopKTeacher
+
+__all__ = [
+    "kd_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "dkd_loss", "ats_loss",
+    "dist_loss", "comm_stats", "reset_comm_stats", "count_comm", "PER_ROW_FLOATS",
+]
+
+Teacher = Union[torch.Tensor, TopKTeacher]
+
+# Per-row numbers each collective carries (the benchmark prints the byte formula from this table).
+PER_ROW_FLOATS = {
+    "divergence, dense teacher": "MAX: 2 (max s, max t); SUM: 2 + 2 with CE (sum exp s, t; CE: sum exp s at T=1, "
+                                 "s[target]); SUM: 2 + 1 with teacher grad (soft, sum G; sum H)",
+    "divergence, top-k teacher": "MAX: 1 + 1 tail (max s; max s over non-ids); SUM: 1 + 1 tail + 2 with CE + K "
+                                 "(sum exp s; sum exp over non-ids; CE; s[ids])",
+    "dkd": "MAX: 4 (max s, t over all and non-target classes); SUM: 6 (their sums of exp, s[g], t[g]); "
+           "SUM: 2 + 1 with teacher grad",
+    "ats": "MAX: 2; SUM: 2; SUM: 2 + 1 with teacher grad",
+    "every call": "+ 2 numbers (shard width, -width: checks equal shards)",
+}
+
+
+# ----------------------------------------------------------------------------
+# collectives, counted
+# ----------------------------------------------------------------------------
+
+class CommStats:
+    """Bytes and calls of the collectives this module issued (this process)."""
+
+    def __init__(self):
+        self.bytes = 0
+        self.calls = 0
+
+    def __repr__(self):
+        return f"CommStats(bytes={self.bytes}, calls={self.calls})"
+
+
+_STATS = CommStats()
+
+
+def comm_stats() -> CommStats:
+    """The running totals of this module's collectives (bytes sent per rank, calls)."""
+    return _STATS
+
+
+def reset_comm_stats() -> None:
+    _STATS.bytes = 0
+    _STATS.calls = 0
+
+
+@contextlib.contextmanager
+def count_comm():
+    """``with count_comm() as c: ...``: ``c.bytes``, ``c.calls`` of the collectives inside."""
+    before_bytes, before_calls = _STATS.bytes, _STATS.calls
+    c = CommStats()
+    try:
+        yield c
+    finally:
+        c.bytes, c.calls = _STATS.bytes - before_bytes, _STATS.calls - before_calls
+
+
+def _all_reduce(parts, op, group):
+    """All-reduce a list of tensors as one flat buffer (one collective); returns the reduced parts.
+
+    The only place this module communicates, so ``comm_stats`` counts everything.
+    """
+    flat = torch.cat([p.reshape(-1) for p in parts])
+    _STATS.bytes += flat.numel() * flat.element_size()
+    _STATS.calls += 1
+    dist.all_reduce(flat, op=op, group=group)
+    out, start = [], 0
+    for p in parts:
+        out.append(flat[start:start + p.numel()].view(p.shape))
+        start += p.numel()
+    return out
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable SUM all-reduce for a loss every rank evaluates (data parallel, DIST).
+
+    Backward is the SUM all-reduce of the incoming gradients: rank r then holds
+    ``d(sum over ranks of the replicated loss) / d(its inputs)``, that is ``P`` times
+    its share of the gradient of the global loss; DDP's gradient averaging (divide by
+    P) turns it into exactly the single-process gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_reduce([x.clone()], dist.ReduceOp.SUM, group)[0]
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce([g.contiguous()], dist.ReduceOp.SUM, ctx.group)[0], None
+
+
+# ----------------------------------------------------------------------------
+# the stored-gradient autograd node shared by every vocabulary-parallel loss
+# ----------------------------------------------------------------------------
+
+class _StoredGradLoss(torch.autograd.Function):
+    """Runs ``compute()`` (loss, soft, hard, grad_student, grad_teacher) in forward; backward scales.
+
+    The gradients are the gradients of ``loss`` (the row weights are in them);
+    backward multiplies them by the incoming gradient in float32, in place (nothing
+    else references them), so a training step holds one gradient per input.
+    """
+
+    @staticmethod
+    def forward(ctx, compute, student, teacher):
+        loss, soft, hard, grad_s, grad_t = compute()
+        ctx.grads = [grad_s, grad_t]
+        ctx.shapes = [student.shape, teacher.shape]
+        ctx.mark_non_differentiable(soft, hard)
+        return loss, soft, hard
+
+    @staticmethod
+    def backward(ctx, grad_loss, _soft, _hard):
+        if ctx.grads is None:
+            raise RuntimeError("fastkd.distributed: the stored gradient was already used; a second backward "
+                               "through the same loss (retain_graph=True) is not supported")
+        grads, ctx.grads = ctx.grads, None
+        g = grad_loss.reshape(-1, 1)  # [-1, 1]: a float32 scale, not cast to a bf16 gradient's dtype first
+        skip = v.on_host(g) and g.numel() == 1 and bool(g == 1)  # free on CPU; never read on a GPU
+        out = []
+        for stored, shape in zip(grads, ctx.shapes):
+            if stored is None:
+                out.append(None)
+                continue
+            if not skip:
+                torch.mul(stored, g, out=stored)
+            out.append(stored.view(shape) if stored.numel() else stored)
+        return None, out[0], out[1]
+
+
+# ----------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------
+
+_MINUS_INF = float("-inf")
+_WIDE = 1 << 40  # stand-in vocabulary width for structural checks before the global width is known
+
+
+def _stand_in(student: torch.Tensor, width: int) -> torch.Tensor:
+    """A tensor shaped like the student with a last dim of ``width``, no memory (for the shared checks)."""
+    return student.new_zeros(()).expand(*student.shape[:-1], width)
+
+
+def _group_geometry(student: torch.Tensor, process_group):
+    if process_group is None:
+        raise ValueError("process_group must be a torch.distributed process group (got None); "
+                         "use the fastkd.* losses for one process")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("process_group given but torch.distributed is not initialised "
+                           "(call torch.distributed.init_process_group first)")
+    rank = dist.get_rank(process_group)
+    world = dist.get_world_size(process_group)
+    if rank < 0:
+        raise ValueError("this process is not a member of process_group")
+    width = student.shape[-1]
+    if width >= 1 << 24:
+        raise ValueError(f"student_logits has a vocabulary shard of {width} columns; at most 2^24 are supported")
+    return rank, world, width
+
+
+def _safe_shift(m: torch.Tensor) -> torch.Tensor:
+    """A row maximum usable as a shift: 0 where it is -inf (an empty or fully masked set)."""
+    return torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+
+
+def _masked_max(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    return (x if keep is None else x.masked_fill(~keep, _MINUS_INF)).amax(dim=1)
+
+
+def _masked_sum_exp(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    e = x.exp()
+    return (e if keep is None else e.masked_fill(~keep, 0.0)).sum(dim=1)
+
+
+def _width_pair(width: int, dtype, device) -> torch.Tensor:
+    """(width, -width), made on the device without a host-to-device copy; MAX-reduced, it gives the widest
+    and the narrowest shard."""
+    pair = torch.full((2,), float(width), dtype=dtype, device=device)
+    pair[1:].neg_()
+    return pair
+
+
+def _check_equal_shards(widths: torch.Tensor, width: int) -> torch.Tensor:
+    """``widths`` = the all-reduced MAX of (width, -width): True (a tensor) when every shard is as wide."""
+    equal = widths[0] == -widths[1]
+    if v.reads_values(widths) and not bool(equal):
+        raise ValueError(f"student_logits: every rank must hold a vocabulary shard of the same width "
+                         f"(this rank {width}, widest {int(widths[0])}, narrowest {int(-widths[1])})")
+    return equal
+
+
+def _check_global_ids(name: str, ids: torch.Tensor, read: Optional[torch.Tensor], vocab: int, lo: int) -> None:
+    """Ids of read rows in [lo, vocab) (lo = -1 admits top-k padding), on CPU only (free there)."""
+    if ids.numel() == 0 or not v.reads_values(ids):
+        return
+    sel = ids if read is None else ids[read]
+    if sel.numel() == 0:
+        return
+    small, big = int(sel.min()), int(sel.max())
+    if small < lo or big >= vocab:
+        raise ValueError(f"{name} has token id {small if small < lo else big} outside [0, {vocab}) "
+                         f"(global ids over the concatenated vocabulary of the process group)")
+
+
+def _common_checks(student, teacher, reduction, target, ignore_index, sample_weight, target_required):
+    if isinstance(teacher, TopKTeacher):
+        v.check_logits("student_logits", student)
+        # shapes and device here; ids (range over the global vocabulary, distinct in read rows) once V is known
+        lead = tuple(student.shape[:-1])
+        if tuple(teacher.indices.shape[:-1]) != lead:
+            raise ValueError(f"TopKTeacher indices [..., K] must have the leading shape of student_logits {lead}, "
+                             f"got {tuple(teacher.indices.shape)}")
+        if teacher.device != student.device:
+            raise ValueError(f"TopKTeacher must be on the student_logits' device {student.device}, "
+                             f"got {teacher.device}")
+    else:
+        v.check_pair(student, teacher)
+    v.check_reduction(reduction)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    v.check_target(target, _stand_in(student, _WIDE), ignore_index, required=target_required)
+    v.check_sample_weight(sample_weight, student)
+    if sample_weight is not None and torch.is_grad_enabled() and sample_weight.requires_grad:
+        raise ValueError("sample_weight requires grad, but the distributed losses treat it as a constant; "
+                         "pass sample_weight.detach()")
+
+
+def _ids_in_range(ids: torch.Tensor, read: Optional[torch.Tensor], vocab: int, lo: int) -> torch.Tensor:
+    """bool [N]: the row's ids ([N, k]) are in [lo, vocab), or the row is not read (a device-side test)."""
+    ok = ((ids >= lo) & (ids < vocab)).all(dim=1)
+    return ok if read is None else ok | ~read
+
+
+def _poison(weight: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """NaN row weights where ``ok`` is False: unequal shards, or a read row with an id outside [0, V).
+
+    Where values are readable these raise first; on a GPU (no host reads) the row's loss and
+    gradients are NaN instead of silently wrong, as the fused kernels do (``docs/design.md``).
+    """
+    return torch.where(ok, weight, torch.full((), float("nan"), dtype=weight.dtype, device=weight.device))
+
+
+def _row_weight(n, target, ignore_index, sample_weight, reduction, vocab, dtype, device):
+    """The contract's row weights; "mean" divides by counted rows * the *global* vocabulary."""
+    valid = torch.ones(n, dtype=torch.bool, device=device) if target is None else target.reshape(n) != ignore_index
+    weight = valid.to(dtype)
+    if sample_weight is not None:
+        weight = torch.where(valid, sample_weight.reshape(n).to(dtype), torch.zeros((), dtype=dtype, device=device))
+    if reduction in ("batchmean", "mean"):
+        counted = valid.sum().clamp_min(1).to(dtype)
+        weight = weight / (counted * vocab if reduction == "mean" else counted)
+    return weight
+
+
+def _local_columns(ids: torch.Tensor, offset: int, width: int):
+    """(owned bool, local column clamped into range) of global ``ids`` for the shard at ``offset``."""
+    local = ids - offset
+    own = (ids != PAD_ID) & (local >= 0) & (local < width)
+    return own, local.clamp(0, width - 1)
+
+
+def _gather_owned(x: torch.Tensor, own: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """x[row, col] where this shard owns the id, else 0 (the SUM all-reduce then gives the owner's value)."""
+    return torch.where(own, x.gather(1, col), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+# The local math runs on row chunks so that its [rows, V_local] float32 temporaries stay a fraction of
+# [N, V_local]. The chunks depend on N alone: every rank issues the same collectives whatever its width.
+CHUNK_MIN_ROWS = 64
+CHUNK_MAX = 16
+
+
+def _row_chunks(n: int):
+    count = max(1, min(CHUNK_MAX, -(-n // CHUNK_MIN_ROWS)))
+    size = max(1, -(-n // count))
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)] or [slice(0, 0)]
+
+
+def _run_chunks(body, n, student, t_values, need_s, need_t, reduction, lead):
+    """``body(rows, state)`` -> weighted (loss, soft, hard) rows and float gradient rows, per chunk.
+
+    Gradients go straight into one buffer per input, in the input's dtype (the only
+    [N, V_local] tensors that outlive the call). ``state`` carries what the first chunk
+    learnt (shard widths equal) to the others.
+    """
+    grad_s = torch.empty((n, student.shape[-1]), dtype=student.dtype, device=student.device) if need_s else None
+    grad_t = torch.empty((n, t_values.shape[-1]), dtype=t_values.dtype, device=t_values.device) if need_t else None
+    outs, state = [], {}
+    for rows in _row_chunks(n):
+        loss_r, soft_r, hard_r, gs, gt = body(rows, state)
+        outs.append((loss_r, soft_r, hard_r))
+        if need_s:
+            grad_s[rows] = gs
+        if need_t:
+            grad_t[rows] = gt
+    loss, soft, hard = (torch.cat(parts) for parts in zip(*outs))
+
+    def reduce(r):
+        return r.reshape(lead) if reduction == "none" else r.sum()
+
+    return reduce(loss), reduce(soft), reduce(hard), grad_s, grad_t
+
+
+def _first_chunk_widths(state, width, dtype, device):
+    """The (width, -width) pair to MAX-reduce with the first chunk's maxima ([] for the later chunks)."""
+    return [] if "equal" in state else [_width_pair(width, dtype, device)]
+
+
+def _widths_result(state, reduced, width):
+    """Record the equal-shards flag from the first chunk's MAX round; returns it (a 0-d bool tensor)."""
+    if "equal" not in state:
+        state["equal"] = _check_equal_shards(reduced[-1], width)
+        reduced = reduced[:-1]
+    return state["equal"], reduced
+
+
+def _forward_kl_and_grads(lp: torch.Tensor, lq: torch.Tensor, need_p: bool):
+    """``_soft_and_grads`` of ``KL(p || q)`` in closed form (KD, ATS, JSD beta = 0): no autograd pass.
+
+    Row sum of ``p (log p - log q)`` (0 where p == 0), ``G = -p`` and ``H = p (log p - log q)``
+    (the derivatives w.r.t. log q and log p up to multiples of q and p, which the softmax
+    projection ``G - q sum G`` removes, as it removes the ``+ p`` of the exact ``H``).
+    """
+    p = lp.exp()
+    h = p * torch.where(p == 0, torch.zeros((), dtype=lp.dtype, device=lp.device), lp - lq)
+    return h.sum(dim=1), p.neg_(), (h if need_p else None)
+
+
+def _soft_and_grads(fn, lp: torch.Tensor, lq: torch.Tensor, need_p: bool):
+    """Per-row ``fn(lp, lq)`` [N] and its elementwise derivatives w.r.t. ``lq`` (and ``lp``) by autograd."""
+    with torch.enable_grad():
+        lq = lq.detach().requires_grad_(True)
+        lp = lp.detach().requires_grad_(need_p)
+        rows = fn(lp, lq)
+        grads = torch.autograd.grad(rows.sum(), [lq, lp] if need_p else [lq])
+    return rows.detach(), grads[0], (grads[1] if need_p else None)
+
+
+# ----------------------------------------------------------------------------
+# vocabulary parallel: the divergences (dense and top-k teachers), with the cross-entropy
+# ----------------------------------------------------------------------------
+
+def _divergence(student, teacher: Teacher, temperature, reduction, target, ignore_index, sample_weight,
+                ce_weight, return_parts, process_group, kind, soft_scale_t2=False, **params):
+    _common_checks(student, teacher, reduction, target, ignore_index, sample_weight, ce_weight != 0)
+    if isinstance(temperature, torch.Tensor):
+        raise TypeError("temperature must be a Python number with process_group (a tensor temperature is "
+                        "not supported by the vocabulary-parallel losses)")
+    v.check_positive("temperature", temperature)
+    v.check_number("ce_weight", ce_weight)
+    if not isinstance(return_parts, bool):
+        raise TypeError(f"return_parts must be a bool, got {type(return_parts).__name__}")
+    rank, world, width = _group_geometry(student, process_group)
+    topk = isinstance(teacher, TopKTeacher)
+    t_in = teacher.logprobs if topk else teacher
+    T = float(temperature)
+    soft_scale = T * T if soft_scale_t2 else 1.0
+    use_ce = target is not None and (ce_weight != 0 or return_parts)
+    need_s = torch.is_grad_enabled() and student.requires_grad
+    need_t = torch.is_grad_enabled() and t_in.requires_grad
+    lead = student.shape[:-1]
+
+    dtype = R._compute_dtype(student, t_in)
+    dev = student.device
+    offset, vocab = rank * width, world * width
+    s_all = student.reshape(-1, width)
+    n_all = s_all.shape[0]
+    t_all = t_in.reshape(n_all, -1)
+    read_all = R._read_rows(student, target, ignore_index, sample_weight)
+    if topk:  # ids in [-1, V) and distinct within each read row (CPU; free there)
+        teacher.check_against(_stand_in(student, vocab), read_all)
+    if use_ce:
+        _check_global_ids("target", target.reshape(n_all), read_all, vocab, 0)
+    weight_all = _row_weight(n_all, target, ignore_index, sample_weight, reduction, vocab, dtype, dev)
+    ids_all = teacher.indices.reshape(n_all, -1) if topk else None
+
+    def body(r, state):
+        s = s_all[r].to(dtype)
+        n = s.shape[0]
+        read = None if read_all is None else read_all[r]
+        t = t_all[r].to(dtype)
+        ids = ids_all[r] if topk else None
+        tgt = target.reshape(n_all)[r].to(torch.int64) if use_ce else None
+        if read is not None:  # skipped rows are never read: zeros in their place, before any arithmetic
+            keep = read.unsqueeze(1)
+            s = torch.where(keep, s, torch.zeros((), dtype=dtype, device=dev))
+            t = torch.where(keep, t, torch.zeros((), dtype=dtype, device=dev))
+            if topk:
+                ids = torch.where(keep, ids, torch.full((), PAD_ID, dtype=ids.dtype, device=dev))
+            if use_ce:
+                tgt = torch.where(read, tgt, torch.zeros_like(tgt))
+        tail = topk and teacher.mode == "tail"
+        if topk:
+            pad = ids == PAD_ID
+            own, col = _local_columns(ids, offset, width)
+            # count of owned ids per local column (scatter_add: unowned slots add 0 at a clamped column)
+            members = torch.zeros(s.shape, dtype=torch.int32, device=dev)
+            members.scatter_add_(1, col, own.to(torch.int32))
+            non_member = members == 0
+            del members
+
+        # 1. MAX of the raw row maxima (the shifts); with the shard widths
+        maxima = [s.amax(dim=1)]
+        if not topk:
+            maxima.append(t.amax(dim=1))
+        if tail:
+            maxima.append(_masked_max(s, non_member))
+        maxima = _all_reduce(maxima + _first_chunk_widths(state, width, dtype, dev), dist.ReduceOp.MAX,
+                             process_group)
+        equal, maxima = _widths_result(state, maxima, width)
+        m_s = _safe_shift(maxima[0]).unsqueeze(1)
+        a = (s - m_s) / T  # student logits / T, shifted in raw units first (precision at large offsets)
+
+        # 2. SUM of the sums of exponentials and of the logits at global ids
+        sums = [a.exp().sum(dim=1)]
+        if not topk:
+            m_t = _safe_shift(maxima[1]).unsqueeze(1)
+            b = (t - m_t) / T
+            sums.append(b.exp().sum(dim=1))
+        if tail:
+            m_tail = _safe_shift(maxima[-1]).unsqueeze(1)
+            a_tail = (s - m_tail) / T
+            sums.append(_masked_sum_exp(a_tail, non_member))
+        if use_ce:
+            t_own, t_col = _local_columns(tgt.unsqueeze(1), offset, width)
+            sums.append((s - m_s).exp().sum(dim=1))
+            sums.append(_gather_owned(s, t_own, t_col).squeeze(1))
+        if topk:
+            sums.append(_gather_owned(a, own, col))
+        sums = _all_reduce(sums, dist.ReduceOp.SUM, process_group)
+        log_z = sums[0].log().unsqueeze(1)
+        lq = a - log_z  # log q over the shard (q = softmax(s / T) over the whole vocabulary)
+
+        grad_a = grad_b = None
+        if not topk:
+            lp = b - sums[1].log().unsqueeze(1)
+            if kind != "tvd" and R.divergence_coefficients(kind, **params) == (1.0, 0.0, 0.0, 1.0):
+                part, g, h = _forward_kl_and_grads(lp, lq, need_t)  # KD's forward KL: closed form
+            else:
+                part, g, h = _soft_and_grads(lambda lp_, lq_: R.soft_rows(lp_, lq_, kind, **params), lp, lq,
+                                             need_t)
+            # 3. SUM of the partial divergences and of sum G, sum H
+            red = [part, g.sum(dim=1)] + ([h.sum(dim=1)] if need_t else [])
+            red = _all_reduce(red, dist.ReduceOp.SUM, process_group)
+            soft = red[0]
+            if need_s:
+                grad_a = g - lq.exp() * red[1].unsqueeze(1)
+            if need_t:
+                grad_b = h - lp.exp() * red[2].unsqueeze(1)
+        else:
+            lq_tail = None
+            if tail:
+                # log q_tail = lse(s / T over the non-ids) - lse(s / T), each sum at its own shift: exact
+                # however small the tail (never 1 - sum_k q_k); a row of padding only: the whole row, 0
+                lq_tail = (m_tail - m_s) / T + sums[1].log().unsqueeze(1) - log_z
+                lq_tail = torch.where(pad.all(dim=1, keepdim=True), torch.zeros((), dtype=dtype, device=dev), lq_tail)
+            soft, grad_a, grad_b = _topk_buckets(teacher.mode, kind, params, sums, a, lq, t, pad, own, col,
+                                                 non_member if tail else None, a_tail if tail else None,
+                                                 lq_tail, need_s, need_t)
+        soft = soft * soft_scale
+        hard = torch.zeros_like(soft)
+        if use_ce:
+            z1, s_target = sums[-3 if topk else -2], sums[-2 if topk else -1]
+            hard = (m_s.squeeze(1) - s_target) + z1.log()  # lse(s) - s[target], T = 1
+        weight = weight_all[r]
+        ok = equal
+        if topk:
+            ok = ok & _ids_in_range(ids, read, vocab, PAD_ID)
+        if use_ce:
+            ok = ok & _ids_in_range(tgt.unsqueeze(1), read, vocab, 0)
+        weight = _poison(weight, ok)
+        rows = soft + ce_weight * hard if ce_weight != 0 else soft
+
+        grad_s = grad_t = None
+        if need_s:
+            gs = grad_a * (weight * (soft_scale / T)).unsqueeze(1)
+            if use_ce and ce_weight != 0:
+                wce = (weight * ce_weight).unsqueeze(1)
+                gs = gs + wce * ((s - m_s).exp() / z1.unsqueeze(1))  # softmax(s) at T = 1
+                gs.scatter_add_(1, t_col, torch.where(t_own, -wce, torch.zeros((), dtype=dtype, device=dev)))
+            grad_s = gs
+        if need_t:
+            # dense teacher: d/dt = (H - p sum H) / T; top-k log-probs: no 1/T (they are not divided by T)
+            scale = weight * (soft_scale if topk else soft_scale / T)
+            grad_t = grad_b * scale.unsqueeze(1)
+        return rows * weight, soft * weight, hard * weight, grad_s, grad_t
+
+    def compute():
+        return _run_chunks(body, n_all, student, t_in, need_s, need_t, reduction, lead)
+
+    loss, soft, hard = _StoredGradLoss.apply(compute, student, t_in)
+    return R.LossParts(loss, soft, hard) if return_parts else loss
+
+
+def _topk_buckets(mode, kind, params, sums, a, lq, logprobs, pad, own, col, non_member, a_tail, lq_tail,
+                  need_s, need_t):
+    """Divergence over the top-k buckets (replicated, [N, K(+1)]) and the local gradient slices.
+
+    Every rank holds the same all-reduced bucket log-probs, so the bucket math (the
+    reference's ``topk_log_probs`` with the whole-vocabulary sums supplied) runs
+    identically everywhere and needs no third collective. Returns
+    (soft [N], d soft / d a [N, V_local], d soft / d logprobs [N, K]).
+    """
+    dtype = a.dtype
+    minus_inf = torch.full((), _MINUS_INF, dtype=dtype, device=a.device)
+    log_z = sums[0].unsqueeze(1).log()
+    a_ids = sums[-1]  # [N, K]: a (= s / T shifted) at the ids, from their owners
+    only_pad = pad.all(dim=1, keepdim=True)
+    with torch.enable_grad():
+        x_ids = a_ids.detach().requires_grad_(need_s)  # leaf: log q_k + log Z (tail) or before renormalising
+        lp_in = logprobs.detach().requires_grad_(need_t)
+        log_p = torch.where(pad, minus_inf, lp_in)
+        if mode == "renormalize":
+            log_p, log_q = R._log_normalize(log_p), R._log_normalize(torch.where(pad, minus_inf, x_ids))
+            leaves = [x_ids]
+        else:
+            log_q = torch.where(pad, minus_inf, x_ids - log_z)
+            lse_p = R._logsumexp_near_zero(log_p)
+            full = lse_p >= 0
+            log_p_tail = torch.where(full, minus_inf, R._log1mexp(torch.where(full, torch.full_like(lse_p, -1.0), lse_p)))
+            # the tail's log q comes from the whole-vocabulary sums (a leaf here; chained in below)
+            lq_tail = lq_tail.detach().requires_grad_(need_s)
+            log_p = torch.cat([log_p, log_p_tail], dim=1)
+            log_q = torch.cat([log_q, lq_tail], dim=1)
+            leaves = [x_ids, lq_tail]
+        rows = R.soft_rows(log_p, log_q, kind, **params)
+        wanted = ([*leaves] if need_s else []) + ([lp_in] if need_t else [])
+        grads = list(torch.autograd.grad(rows.sum(), wanted, allow_unused=True)) if wanted else []
+    rows = rows.detach()
+    grad_a = grad_lp = None
+    if need_s:
+        g_ids = grads[0] if grads[0] is not None else torch.zeros_like(a_ids)
+        g_ids = torch.where(pad, torch.zeros((), dtype=dtype, device=a.device), g_ids)
+        if mode == "renormalize":
+            grad_a = torch.zeros_like(a)  # exactly 0 outside the ids
+        else:
+            g_tail = torch.where(only_pad, torch.zeros((), dtype=dtype, device=a.device), grads[1])
+            # d/da_c: member c = id_k: g_k - q_c sum g; non-member: softmax_tail(c) g_tail - q_c sum g
+            total = g_ids.sum(dim=1, keepdim=True) + g_tail
+            tail_log_z = sums[1].unsqueeze(1).log()
+            grad_a = torch.where(non_member, (a_tail - tail_log_z).exp() * g_tail,
+                                 torch.zeros((), dtype=dtype, device=a.device)) - lq.exp() * total
+        grad_a.scatter_add_(1, col, torch.where(own, g_ids, torch.zeros((), dtype=dtype, device=a.device)))
+    if need_t:
+        grad_lp = grads[-1]
+        grad_lp = torch.where(pad, torch.zeros((), dtype=dtype, device=a.device), grad_lp)
+    return rows, grad_a, grad_lp
+
+
+# ----------------------------------------------------------------------------
+# public vocabulary-parallel losses (signatures as fastkd.*, plus process_group)
+# ----------------------------------------------------------------------------
+
+def kd_loss(student_logits, teacher_logits: Teacher, temperature: float = 4.0, *, process_group,
+            reduction="batchmean", target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0,
+            return_parts=False):
+    """``fastkd.kd_loss`` over a vocabulary-sharded process group: ``T^2 KL(p || q)`` (float temperature)."""
+    return _divergence(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
+                       sample_weight, ce_weight, return_parts, process_group, "forward_kl", soft_scale_t2=True)
+
+
+def reverse_kl_loss(student_logits, teacher_logits: Teacher, *, process_group, temperature=1.0,
+                    reduction="batchmean", target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0,
+                    return_parts=False):
+    """``fastkd.reverse_kl_loss`` over a vocabulary-sharded process group."""
+    return _divergence(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
+                       sample_weight, ce_weight, return_parts, process_group, "reverse_kl")
+
+
+def jsd_loss(student_logits, teacher_logits: Teacher, *, process_group, beta=0.5, temperature=1.0,
+             reduction="batchmean", target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0,
+             return_parts=False):
+    """``fastkd.jsd_loss`` over a vocabulary-sharded process group."""
+    R._check_unit("beta", beta)
+    return _divergence(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
+                       sample_weight, ce_weight, return_parts, process_group, "jsd", beta=beta)
+
+
+def skew_kl_loss(student_logits, teacher_logits: Teacher, *, process_group, skew=0.1, reverse=False,
+                 temperature=1.0, reduction="batchmean", target=None, ignore_index=-100, sample_weight=None,
+                 ce_weight=0.0, return_parts=False):
+    """``fastkd.skew_kl_loss`` over a vocabulary-sharded process group."""
+    R.check_skew_args(skew, reverse)
+    return _divergence(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
+                       sample_weight, ce_weight, return_parts, process_group, "skew_kl", skew=skew, reverse=reverse)
+
+
+def tvd_loss(student_logits, teacher_logits: Teacher, *, process_group, temperature=1.0, reduction="batchmean",
+             target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False):
+    """``fastkd.tvd_loss`` over a vocabulary-sharded process group."""
+    return _divergence(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
+                       sample_weight, ce_weight, return_parts, process_group, "tvd")
+
+
+# ----------------------------------------------------------------------------
+# vocabulary parallel: DKD and ATS (the target column lives on one rank)
+# ----------------------------------------------------------------------------
+
+def _target_column(tgt: torch.Tensor, offset: int, width: int, shape, device):
+    """(owned [N, 1], local column [N, 1], one-hot bool [N, V_local] of the target in this shard)."""
+    own, col = _local_columns(tgt.unsqueeze(1), offset, width)
+    is_g = torch.zeros(shape, dtype=torch.bool, device=device)
+    is_g.scatter_(1, col, own)  # one index per row: no two writes to a cell
+    return own, col, is_g
+
+
+def _rows_and_target(s_all, t_all, target, read_all, rows, dtype):
+    """A chunk of rows in the compute dtype with skipped rows zeroed, and their safe targets (as the reference).
+
+    ``s_all``, ``t_all``: the logits as [N, V_local] (reshaped once: a copy for non-contiguous rows).
+    """
+    s = s_all[rows].to(dtype)
+    t = t_all[rows].to(dtype)
+    tgt = target.reshape(-1)[rows].to(torch.int64)
+    read = read_all[rows]
+    keep = read.unsqueeze(1)
+    zero = torch.zeros((), dtype=dtype, device=s.device)
+    return torch.where(keep, s, zero), torch.where(keep, t, zero), torch.where(read, tgt, torch.zeros_like(tgt)), read
+
+
+def _target_prologue(student, teacher, target, ignore_index, sample_weight, reduction, vocab):
+    """What DKD and ATS compute once for all rows: dtype, read rows, checked targets, row weights."""
+    dtype = R._compute_dtype(student, teacher)
+    n_all = v.rows_of(student)
+    read_all = R._read_rows(student, target, ignore_index, sample_weight)
+    _check_global_ids("target", target.reshape(n_all), read_all, vocab, 0)
+    weight_all = _row_weight(n_all, target, ignore_index, sample_weight, reduction, vocab, dtype, student.device)
+    width = student.shape[-1]
+    return dtype, n_all, read_all, weight_all, student.reshape(-1, width), teacher.reshape(-1, width)
+
+
+def dkd_loss(student_logits, teacher_logits, target, *, process_group, alpha=1.0, beta=8.0, temperature=4.0,
+             reduction="batchmean", ignore_index=-100, sample_weight=None):
+    """``fastkd.dkd_loss`` over a vocabulary-sharded process group (``target``: global class ids).
+
+    Per side (student, teacher; ``x = logits / T``, ``g`` the target) the row needs
+    ``lse(x)``, ``lse(x over c != g)`` and ``x[g]``: the first two from MAX/SUM
+    all-reduces at their own shifts, ``x[g]`` from its owner. TCKD is then a
+    replicated [N, 2] computation; NCKD is summed over the shards.
+    """
+    student, teacher = student_logits, teacher_logits
+    _common_checks(student, teacher, reduction, target, ignore_index, sample_weight, True)
+    v.check_number("alpha", alpha)
+    v.check_number("beta", beta)
+    v.check_positive("temperature", temperature)
+    rank, world, width = _group_geometry(student, process_group)
+    if world * width < 2:
+        raise ValueError(f"student_logits must have at least 2 classes over the process group for DKD, "
+                         f"got {world * width}")
+    T = float(temperature)
+    need_s = torch.is_grad_enabled() and student.requires_grad
+    need_t = torch.is_grad_enabled() and teacher.requires_grad
+    lead = student.shape[:-1]
+
+    offset, vocab = rank * width, world * width
+    dtype, n_all, read_all, weight_all, s_all, t_all = _target_prologue(
+        student, teacher, target, ignore_index, sample_weight, reduction, vocab)
+
+    def body(r, state):
+        s, t, tgt, read = _rows_and_target(s_all, t_all, target, read_all, r, dtype)
+        dev = s.device
+        own, col, is_g = _target_column(tgt, offset, width, s.shape, dev)
+        other = ~is_g
+        maxima = _all_reduce([s.amax(dim=1), _masked_max(s, other), t.amax(dim=1), _masked_max(t, other)]
+                             + _first_chunk_widths(state, width, dtype, dev), dist.ReduceOp.MAX, process_group)
+        equal, maxima = _widths_result(state, maxima, width)
+        sides = []
+        sums = []
+        for x, m_all, m_oth in ((s, maxima[0], maxima[1]), (t, maxima[2], maxima[3])):
+            m_all, m_oth = _safe_shift(m_all).unsqueeze(1), _safe_shift(m_oth).unsqueeze(1)
+            a = (x - m_all) / T
+            o = ((x - m_oth) / T).masked_fill(is_g, _MINUS_INF)
+            sides.append((a, o, m_all, m_oth))
+            sums += [a.exp().sum(dim=1), o.exp().sum(dim=1), _gather_owned(a, own, col).squeeze(1)]
+        sums = _all_reduce(sums, dist.ReduceOp.SUM, process_group)
+        logs = []  # per side: (log p[g] [N], log(1 - p[g]) [N], log softmax over c != g [N, V_local], P, Q)
+        for i, (a, o, m_all, m_oth) in enumerate(sides):
+            z_all, z_oth, a_g = sums[3 * i], sums[3 * i + 1], sums[3 * i + 2]
+            lz_all, lz_oth = z_all.log(), z_oth.log()
+            log_pg = a_g - lz_all
+            log_rest = (m_oth - m_all).squeeze(1) / T + lz_oth - lz_all  # lse(x over c != g) - lse(x)
+            empty = torch.isneginf(lz_oth).unsqueeze(1)  # no mass outside g: NCKD 0 (not -inf - -inf)
+            log_other = torch.where(empty, o, o - lz_oth.unsqueeze(1))
+            logs.append((log_pg, log_rest, log_other, a - lz_all.unsqueeze(1)))
+        (pg_s, rest_s, oth_s, lq_all), (pg_t, rest_t, oth_t, lp_all) = logs
+        scale = T * T
+        with torch.enable_grad():  # TCKD, replicated: derivatives w.r.t. the four per-row log-probs
+            leaves = [x.detach().requires_grad_(True) for x in (pg_s, rest_s, pg_t, rest_t)]
+            tckd = scale * alpha * R._kl_terms(torch.stack(leaves[2:], dim=1),
+                                               torch.stack(leaves[:2], dim=1)).sum(dim=1)
+            g_tckd = torch.autograd.grad(tckd.sum(), leaves)
+        tckd = tckd.detach()
+        nckd_part, g_l, h_l = _soft_and_grads(
+            lambda lp_, lq_: scale * beta * R._kl_terms(lp_, lq_).sum(dim=1), oth_t, oth_s, need_t)
+        red = _all_reduce([nckd_part, g_l.sum(dim=1)] + ([h_l.sum(dim=1)] if need_t else []),
+                          dist.ReduceOp.SUM, process_group)
+        rows = tckd + red[0]
+        weight = _poison(weight_all[r], equal & _ids_in_range(tgt.unsqueeze(1), read, vocab, 0))
+
+        def chain(g_pg, g_rest, g_local, sum_local, log_all, log_other):
+            # d/dx_c = -(gA + gB) P_c + [c = g] gA + Q_c (gB - sum gL) + gL_c   (x = logits / T)
+            p_all, q_oth = log_all.exp(), log_other.exp()
+            grad = g_local - (g_pg + g_rest).unsqueeze(1) * p_all + q_oth * (g_rest - sum_local).unsqueeze(1)
+            grad.scatter_add_(1, col, torch.where(own, g_pg.unsqueeze(1), torch.zeros((), dtype=dtype, device=dev)))
+            return grad * (weight / T).unsqueeze(1)
+
+        grad_s = chain(g_tckd[0], g_tckd[1], g_l, red[1], lq_all, oth_s) if need_s else None
+        grad_t = chain(g_tckd[2], g_tckd[3], h_l, red[2], lp_all, oth_t) if need_t else None
+        zero = torch.zeros_like(rows)
+        return rows * weight, zero, zero, grad_s, grad_t
+
+    def compute():
+        return _run_chunks(body, n_all, student, teacher, need_s, need_t, reduction, lead)
+
+    return _StoredGradLoss.apply(compute, student, teacher)[0]
+
+
+def ats_loss(student_logits, teacher_logits, target, *, process_group, target_temperature=4.0,
+             other_temperature=2.0, student_temperature=1.0, reduction="batchmean", ignore_index=-100,
+             sample_weight=None):
+    """``fastkd.ats_loss`` over a vocabulary-sharded process group (``target``: global class ids).
+
+    The teacher's per-class temperature is ``target_temperature`` in the one column
+    (on one rank) holding the target; the rest is ``kd_loss``'s forward KL with the
+    teacher maximum taken in scaled units (the temperatures differ per column).
+    """
+    student, teacher = student_logits, teacher_logits
+    _common_checks(student, teacher, reduction, target, ignore_index, sample_weight, True)
+    for name, value in (("target_temperature", target_temperature), ("other_temperature", other_temperature),
+                        ("student_temperature", student_temperature)):
+        v.check_positive(name, value)
+    rank, world, width = _group_geometry(student, process_group)
+    st = float(student_temperature)
+    need_s = torch.is_grad_enabled() and student.requires_grad
+    need_t = torch.is_grad_enabled() and teacher.requires_grad
+    lead = student.shape[:-1]
+
+    offset, vocab = rank * width, world * width
+    dtype, n_all, read_all, weight_all, s_all, t_all = _target_prologue(
+        student, teacher, target, ignore_index, sample_weight, reduction, vocab)
+
+    def body(r, state):
+        s, t, tgt, read = _rows_and_target(s_all, t_all, target, read_all, r, dtype)
+        dev = s.device
+        _, _, is_g = _target_column(tgt, offset, width, s.shape, dev)
+        tau = torch.where(is_g, torch.full((), float(target_temperature), dtype=dtype, device=dev),
+                          torch.full((), float(other_temperature), dtype=dtype, device=dev))
+        y = t / tau
+        maxima = _all_reduce([s.amax(dim=1), y.amax(dim=1)] + _first_chunk_widths(state, width, dtype, dev),
+                             dist.ReduceOp.MAX, process_group)
+        equal, (m_s, m_y) = _widths_result(state, maxima, width)
+        a = (s - _safe_shift(m_s).unsqueeze(1)) / st
+        b = y - _safe_shift(m_y).unsqueeze(1)
+        z_s, z_y = _all_reduce([a.exp().sum(dim=1), b.exp().sum(dim=1)], dist.ReduceOp.SUM, process_group)
+        lps, lq = a - z_s.log().unsqueeze(1), b - z_y.log().unsqueeze(1)  # student, teacher log-probs
+        part, g, h = _forward_kl_and_grads(lq, lps, need_t)
+        red = _all_reduce([part, g.sum(dim=1)] + ([h.sum(dim=1)] if need_t else []), dist.ReduceOp.SUM,
+                          process_group)
+        scale = st * st
+        weight = _poison(weight_all[r], equal & _ids_in_range(tgt.unsqueeze(1), read, vocab, 0))
+        w = (weight * scale).unsqueeze(1)
+        grad_s = (g - lps.exp() * red[1].unsqueeze(1)) * (w / st) if need_s else None
+        grad_t = (h - lq.exp() * red[2].unsqueeze(1)) * w / tau if need_t else None
+        rows = scale * red[0] * weight
+        zero = torch.zeros_like(rows)
+        return rows, zero, zero, grad_s, grad_t
+
+    def compute():
+        return _run_chunks(body, n_all, student, teacher, need_s, need_t, reduction, lead)
+
+    return _StoredGradLoss.apply(compute, student, teacher)[0]
+
+
+# ----------------------------------------------------------------------------
+# data parallel: DIST over the global batch
+# ----------------------------------------------------------------------------
+
+def _sqrt0(x: torch.Tensor) -> torch.Tensor:
+    """sqrt with gradient 0 at 0 (as ``Tensor.norm`` of a zero vector), not inf * 0 = NaN."""
+    pos = x > 0
+    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+
+
+def dist_loss(student_logits, teacher_logits, *, process_group, beta=1.0, gamma=1.0, temperature=1.0):
+    """``fastkd.dist_loss`` over the global batch of a data-parallel process group.
+
+    Rows are sharded (any number per rank, 0 included), classes are not. The result,
+    on every rank, is single-process DIST on the concatenation of all ranks' rows:
+    the inter-class term averages the per-row correlations over the global rows, and
+    the intra-class correlations of each class use the global means and centred
+    moments, all-reduced in two rounds (``[C] + [C] + 2`` then ``3 [C]`` numbers;
+    centring before the products keeps the reference's two-pass precision).
+
+    Gradients and DDP: the all-reduces are differentiable with a SUM all-reduce
+    backward, so rank r's input gradient is ``P`` (the world size) times its share of
+    the gradient of the global loss; DDP averages parameter gradients over the ``P``
+    ranks, so one DDP step equals one single-process step on the concatenated batch,
+    with no rescaling. Without DDP (summing gradients yourself), divide by ``P``.
+    Every rank must call backward (it communicates).
+    """
+    v.check_pair(student_logits, teacher_logits)
+    v.check_number("beta", beta)
+    v.check_number("gamma", gamma)
+    v.check_positive("temperature", temperature)
+    if process_group is None:
+        raise ValueError("process_group must be a torch.distributed process group (got None); "
+                         "use fastkd.dist_loss for one process")
+    dtype = R._compute_dtype(student_logits, teacher_logits)
+    C = student_logits.shape[-1]
+    s = student_logits.reshape(-1, C).to(dtype)
+    t = teacher_logits.reshape(-1, C).to(dtype)
+    T = float(temperature)
+    y_s, y_t = torch.softmax(s / T, dim=1), torch.softmax(t / T, dim=1)
+    # inter-class: per-row Pearson over the classes (local), averaged over the global rows
+    cs, ct = y_s - y_s.mean(dim=1, keepdim=True), y_t - y_t.mean(dim=1, keepdim=True)
+    rho_rows = (cs * ct).sum(dim=1) / (cs.norm(dim=1) * ct.norm(dim=1) + 1e-8)
+    n_local = torch.full((1,), float(s.shape[0]), dtype=dtype, device=s.device)
+    first = _AllReduceSum.apply(torch.cat([rho_rows.sum().reshape(1), n_local, y_s.sum(dim=0), y_t.sum(dim=0)]),
+                                process_group)
+    rho_sum, n = first[0], first[1]
+    n_safe = n.clamp_min(1)
+    mean_s, mean_t = first[2:2 + C] / n_safe, first[2 + C:] / n_safe
+    # intra-class: per-class Pearson over the global rows, from centred moments
+    ds, dt = y_s - mean_s, y_t - mean_t
+    second = _AllReduceSum.apply(torch.cat([(ds * dt).sum(dim=0), (ds * ds).sum(dim=0), (dt * dt).sum(dim=0)]),
+                                 process_group)
+    s_st, s_ss, s_tt = second[:C], second[C:2 * C], second[2 * C:]
+    rho_cols = s_st / (_sqrt0(s_ss) * _sqrt0(s_tt) + 1e-8)
+    scale = T * T
+    inter = scale * (1.0 - rho_sum / n_safe)
+    intra = scale * (1.0 - rho_cols.mean())
+    loss = beta * inter + gamma * intra
+    return torch.where(n > 0, loss, torch.zeros_like(loss))  # an empty global batch: 0, as the reference

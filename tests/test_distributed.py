@@ -1,0 +1,584 @@
+"""fastkd.distributed on gloo (CPU, 127.0.0.1): 2 and 4 processes against the single-process reference.
+
+Vocabulary parallel: every loss on the shards equals the float64 reference on the
+concatenated vocabulary (``fastkd._reference_divergence._compute``, ``fastkd.reference``),
+and each rank's gradient is the matching slice (relative norm error < 1e-5 float32,
+2e-2 bfloat16). Data parallel: DIST on sharded rows equals DIST on the concatenated
+batch; one DDP step equals one single-process step.
+
+Process groups are costly to start (each process imports torch), so each test spawns
+one group and runs a whole table of checks in it; a worker collects every failure
+and raises them together. A group that hangs is killed after ``TIMEOUT_S``.
+"""
+import contextlib
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastkd
+from fastkd import _reference_divergence as R
+from fastkd import distributed as D
+from fastkd import reference as ref
+from fastkd.topk import TopKTeacher
+
+TIMEOUT_S = 120
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "nonzero")
+# (dtype, value rtol, gradient relative-norm tolerance)
+DTYPES = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (1e-2, 2e-2), torch.float64: (1e-10, 1e-10)}
+
+
+# ----------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+DEVICE = torch.device("cpu")  # where the workers put the distributed inputs (cuda:rank under NCCL)
+GROUP = None  # the vocabulary-parallel group of the checks (None: the whole world)
+
+
+def _group():
+    return dist.group.WORLD if GROUP is None else GROUP
+
+
+def _entry(rank, world, port, check_name, backend="gloo"):
+    global DEVICE
+    torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        DEVICE = torch.device("cuda", rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=TIMEOUT_S))
+    try:
+        failures = []
+        globals()[check_name](rank, world, failures)
+        if len(_RUN) < 20:
+            failures.append(f"only {len(_RUN)} checks ran: {_RUN}")
+    finally:
+        dist.destroy_process_group()
+    if failures:
+        raise AssertionError(f"rank {rank}: {len(failures)} failure(s):\n" + "\n".join(failures))
+
+
+def _launch(world: int, check_name: str, backend: str = "gloo"):
+    """Run ``check_name(rank, world, failures)`` in ``world`` processes; fail on an error or a hang."""
+    # fork: the children inherit the imported torch and fastkd (spawn re-imports them: ~10 s a process here);
+    # CUDA cannot be used after a fork, so NCCL spawns
+    ctx = mp.start_processes(_entry, args=(world, _free_port(), check_name, backend), nprocs=world, join=False,
+                             start_method="spawn" if backend == "nccl" else "fork")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"{check_name} with {world} processes did not finish in {TIMEOUT_S} s (hang?)")
+
+
+# ----------------------------------------------------------------------------
+# comparison helpers (run inside the workers)
+# ----------------------------------------------------------------------------
+
+def _rel(g: torch.Tensor, r: torch.Tensor) -> float:
+    g, r = g.detach().cpu().double(), r.detach().cpu().double()
+    den = r.norm().item()
+    return (g - r).norm().item() / den if den > 0 else (g - r).norm().item()
+
+
+def _shard(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's contiguous vocabulary slice, on DEVICE: a non-contiguous view of x (a leaf)."""
+    width = x.shape[-1] // world
+    return x.to(DEVICE)[..., rank * width:(rank + 1) * width].detach()
+
+
+def _on(x, like):
+    """A replicated CPU argument (target, sample_weight) on the device of ``like``."""
+    return None if x is None else x.to(like.device)
+
+
+@contextlib.contextmanager
+def _no_sync():
+    """On CUDA tensors, any synchronising call inside is an error."""
+    if DEVICE.type != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+_RUN = []  # names of the checks this worker ran
+
+
+def _record(failures, name, fn):
+    _RUN.append(name)
+    try:
+        fn()
+    except Exception:  # noqa: BLE001  (every failure is reported, the worker goes on)
+        failures.append(f"[{name}] " + traceback.format_exc(limit=4))
+
+
+def _compare_loss(name, rank, world, failures, dist_fn, ref_fn, s, t, dtype, teacher_topk=None,
+                  grad_t=True, parts=False, teacher_gtol=None):
+    """``dist_fn(s_shard, t_shard_or_topk)`` vs ``ref_fn(s64, t64_or_topk64)``: values and gradient slices."""
+
+    def run():
+        rtol, gtol = DTYPES[dtype]
+        s_q = s.to(dtype)
+        t_q = (teacher_topk.logprobs if teacher_topk is not None else t).to(dtype)
+        # float64 reference on the very same (rounded) inputs
+        s64 = s_q.double().requires_grad_()
+        t64 = t_q.double().requires_grad_(grad_t)
+        teacher64 = TopKTeacher(teacher_topk.indices, t64, mode=teacher_topk.mode) if teacher_topk else t64
+        out_ref = ref_fn(s64, teacher64)
+        loss_ref = out_ref.loss if parts else out_ref
+        seed = torch.Generator().manual_seed(7)
+        upstream = torch.rand(loss_ref.shape, generator=seed, dtype=torch.float64) + 0.5
+        grads_ref = torch.autograd.grad((loss_ref * upstream).sum(), [s64] + ([t64] if grad_t else []))
+
+        s_loc = _shard(s_q, rank, world).requires_grad_()
+        if teacher_topk is not None:
+            t_loc = t_q.detach().to(DEVICE, copy=True).requires_grad_(grad_t)
+            teacher = TopKTeacher(teacher_topk.indices.to(DEVICE), t_loc, mode=teacher_topk.mode)
+        else:
+            t_loc = _shard(t_q, rank, world).requires_grad_(grad_t)
+            teacher = t_loc
+        upstream_dev = upstream.to(device=DEVICE, dtype=R._compute_dtype(s_q))  # the loss's dtype
+        with _no_sync():
+            out = dist_fn(s_loc, teacher)
+            loss = out.loss if parts else out
+            (loss * upstream_dev).sum().backward()
+        assert loss.shape == loss_ref.shape, f"shape {tuple(loss.shape)} != {tuple(loss_ref.shape)}"
+        values = [(loss, loss_ref)]
+        if parts:
+            values += [(out.soft, out_ref.soft), (out.hard, out_ref.hard)]
+        for got, want in values:
+            torch.testing.assert_close(got.detach().cpu().double(), want.detach(), rtol=rtol, atol=rtol * 0.1)
+        width = s.shape[-1] // world
+        want_s = grads_ref[0][..., rank * width:(rank + 1) * width]
+        err = _rel(s_loc.grad, want_s)
+        assert s_loc.grad.dtype == dtype and s_loc.grad.shape == s_loc.shape
+        assert err < gtol, f"student gradient relative error {err:.2e} >= {gtol}"
+        if grad_t:
+            want_t = grads_ref[1] if teacher_topk is not None else grads_ref[1][..., rank * width:(rank + 1) * width]
+            err = _rel(t_loc.grad, want_t)
+            gtol = teacher_gtol or gtol
+            assert err < gtol, f"teacher gradient relative error {err:.2e} >= {gtol}"
+
+    _record(failures, f"{name} {dtype}", run)
+
+
+def _inputs(shape, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(shape, generator=g) * scale
+    t = torch.randn(shape, generator=g) * scale
+    return s, t
+
+
+def _topk_ids(n, k, vocab, seed, lo=0, hi=None):
+    """Distinct ids per row drawn from [lo, hi)."""
+    g = torch.Generator().manual_seed(seed)
+    hi = vocab if hi is None else hi
+    return torch.stack([torch.randperm(hi - lo, generator=g)[:k] + lo for _ in range(n)])
+
+
+DIVERGENCES = [  # (name, distributed fn, reference kind, params, T^2)
+    ("kd", D.kd_loss, "forward_kl", {}, True),
+    ("reverse_kl", D.reverse_kl_loss, "reverse_kl", {}, False),
+    ("jsd", D.jsd_loss, "jsd", {"beta": 0.5}, False),
+    ("jsd beta=0", D.jsd_loss, "jsd", {"beta": 0.0}, False),
+    ("jsd beta=1", D.jsd_loss, "jsd", {"beta": 1.0}, False),
+    ("jsd beta=0.2", D.jsd_loss, "jsd", {"beta": 0.2}, False),
+    ("skew_kl", D.skew_kl_loss, "skew_kl", {"skew": 0.1}, False),
+    ("skew_kl reverse", D.skew_kl_loss, "skew_kl", {"skew": 0.3, "reverse": True}, False),
+    ("tvd", D.tvd_loss, "tvd", {}, False),
+]
+
+
+def _divergence_case(fn, kind, params, t2, *, temperature, reduction, target=None, ignore_index=-100,
+                     sample_weight=None, ce_weight=0.0, return_parts=False):
+    """(distributed call, reference call) for one divergence and one set of keyword arguments."""
+    dist_params = dict(params)
+    if kind == "skew_kl":
+        dist_params.setdefault("reverse", False)
+
+    def dist_fn(s, t):
+        kw = dict(reduction=reduction, target=_on(target, s), ignore_index=ignore_index,
+                  sample_weight=_on(sample_weight, s), ce_weight=ce_weight, return_parts=return_parts)
+        if fn is D.kd_loss:
+            return fn(s, t, temperature, process_group=_group(), **kw)
+        return fn(s, t, process_group=_group(), temperature=temperature, **kw, **dist_params)
+
+    def ref_fn(s, t):
+        return R._compute(s, t, temperature, reduction, target, ignore_index, sample_weight, ce_weight,
+                          return_parts, kind, scale_t2=t2, **params)
+
+    return dist_fn, ref_fn
+
+
+# ----------------------------------------------------------------------------
+# worker check tables
+# ----------------------------------------------------------------------------
+
+def _vocab_checks(rank, world, failures, full=True):
+    n, width = 13, 37
+    vocab = width * world
+    s, t = _inputs((n, vocab), 0)
+    g = torch.Generator().manual_seed(1)
+    target = torch.randint(0, vocab, (n,), generator=g)
+    target[[2, 7]] = -100  # ignored rows (their logits are NaN: never read)
+    s[2], t[7] = float("nan"), float("inf")
+    weight = torch.rand(n, generator=g) + 0.5
+    weight[4] = 0.0  # a skipped row
+    s[4] = float("nan")
+    s[5, 3] = float("-inf")  # masked vocabulary entries on both sides (probability 0 terms)
+    t[5, 3] = float("-inf")
+    s3, t3 = _inputs((3, 4, vocab), 2)  # 3-D input, rows from both leading dims
+    s3t, t3t = s3.transpose(0, 1), t3.transpose(0, 1)  # and non-contiguous rows
+    dtypes = [torch.float32, torch.bfloat16, torch.float64] if full else [torch.float32]
+    reductions = ["batchmean", "sum", "mean", "none"]
+    for i, (name, fn, kind, params, t2) in enumerate(DIVERGENCES if full else DIVERGENCES[:3]):
+        red = reductions[i % 4]
+        for dtype in dtypes:
+            # targets, ignored and skipped rows, sample weights, CE, parts, T != 1
+            d, r = _divergence_case(fn, kind, params, t2, temperature=2.0, reduction=red, target=target,
+                                    sample_weight=weight, ce_weight=0.3, return_parts=True)
+            _compare_loss(f"{name} dense {red} ce", rank, world, failures, d, r, s, t, dtype, parts=True)
+        # 3-D, non-contiguous, per-row losses, no target
+        d, r = _divergence_case(fn, kind, params, t2, temperature=1.5, reduction="none")
+        _compare_loss(f"{name} 3-D none", rank, world, failures, d, r, s3t, t3t, torch.float32)
+        # top-k teacher, both modes, with padding slots and a row of padding only
+        for mode in ("tail", "renormalize"):
+            ids = _topk_ids(n, 5, vocab, 3 + i)
+            ids[0, 3:] = -1
+            ids[1] = -1
+            ids[6] = _topk_ids(1, 5, vocab, 99, lo=0, hi=width)[0]  # all ids in shard 0
+            ids[8] = _topk_ids(1, 5, vocab, 98, lo=vocab - width, hi=vocab)[0]  # all ids in the last shard
+            lp = torch.log_softmax(t / 2.0, dim=1).gather(1, ids.clamp_min(0))
+            topk = TopKTeacher(ids, lp, mode=mode)
+            d, r = _divergence_case(fn, kind, params, t2, temperature=2.0, reduction=red, target=target,
+                                    sample_weight=weight, ce_weight=0.5, return_parts=True)
+            _compare_loss(f"{name} top-k {mode} {red}", rank, world, failures, d, r, s, None, torch.float32,
+                          teacher_topk=topk, parts=True)
+    if not full:
+        return
+    # a shard with no target and no top-k id (everything in shard 0), and top-k ids holding nearly all the mass
+    tgt0 = torch.randint(0, width, (n,), generator=g)
+    ids0 = _topk_ids(n, 4, vocab, 5, lo=0, hi=width)
+    s0, t0 = _inputs((n, vocab), 9)
+    boost = torch.zeros(n, vocab).scatter_(1, ids0, 12.0)
+    s0, t0 = s0 + boost, t0 + boost  # the ids hold nearly all the mass on both sides: tiny tails
+    lp0 = torch.log_softmax(t0, dim=1).gather(1, ids0)
+    for mode in ("tail", "renormalize"):
+        d, r = _divergence_case(D.kd_loss, "forward_kl", {}, True, temperature=1.0, reduction="batchmean",
+                                target=tgt0, ce_weight=1.0, return_parts=True)
+        _compare_loss(f"kd top-k {mode}, ids and targets in shard 0", rank, world, failures, d, r, s0, None,
+                      torch.float32, teacher_topk=TopKTeacher(ids0, lp0, mode=mode), parts=True,
+                      # a teacher tail of ~1e-5 is ill-conditioned in float32: the single-process float32
+                      # reference itself is 4.0e-5 off the float64 teacher gradient here
+                      teacher_gtol=1e-4)
+    # teacher without grad, wide rows (several thousand columns per shard)
+    sw, tw = _inputs((4, 2500 * world), 11)
+    d, r = _divergence_case(D.jsd_loss, "jsd", {"beta": 0.7}, False, temperature=3.0, reduction="batchmean")
+    _compare_loss("jsd wide, teacher constant", rank, world, failures, d, r, sw, tw, torch.float32, grad_t=False)
+    # large common offset (maxima shift in raw units)
+    d, r = _divergence_case(D.kd_loss, "forward_kl", {}, True, temperature=4.0, reduction="batchmean")
+    _compare_loss("kd offset 1e3", rank, world, failures, d, r, s[8:] + 1e3, t[8:] - 1e3, torch.float32)
+
+
+def _dkd_ats_checks(rank, world, failures, full=True):
+    n, width = 11, 29
+    vocab = width * world
+    s, t = _inputs((n, vocab), 20)
+    g = torch.Generator().manual_seed(21)
+    target = torch.randint(0, vocab, (n,), generator=g)
+    target[3] = -100
+    s[3] = float("nan")
+    target[5] = vocab - 1  # the last column of the last shard
+    target[6] = 0
+    weight = torch.rand(n, generator=g) + 0.5
+    wd = _group()
+    cases = [
+        ("dkd", lambda a, b: D.dkd_loss(a, b, _on(target, a), process_group=wd, alpha=1.3, beta=6.0,
+                                        temperature=3.0, sample_weight=_on(weight, a)),
+         lambda a, b: ref.dkd_loss(a, b, target, alpha=1.3, beta=6.0, temperature=3.0, sample_weight=weight)),
+        ("dkd none", lambda a, b: D.dkd_loss(a, b, _on(target, a), process_group=wd, reduction="none"),
+         lambda a, b: ref.dkd_loss(a, b, target, reduction="none")),
+        ("ats", lambda a, b: D.ats_loss(a, b, _on(target, a), process_group=wd, target_temperature=5.0,
+                                        other_temperature=2.5, student_temperature=1.5,
+                                        sample_weight=_on(weight, a)),
+         lambda a, b: ref.ats_loss(a, b, target, target_temperature=5.0, other_temperature=2.5,
+                                   student_temperature=1.5, sample_weight=weight)),
+        ("ats mean", lambda a, b: D.ats_loss(a, b, _on(target, a), process_group=wd, reduction="mean"),
+         lambda a, b: ref.ats_loss(a, b, target, reduction="mean")),
+    ]
+    for name, d, r in cases:
+        for dtype in ([torch.float32, torch.bfloat16] if full else [torch.float32]):
+            _compare_loss(name, rank, world, failures, d, r, s, t, dtype)
+    if full:  # targets all in shard 0: the other shards hold no target column
+        tgt0 = torch.randint(0, width, (n,), generator=g)
+        s, t = _inputs((n, vocab), 22)
+        _compare_loss("dkd targets in shard 0", rank, world, failures,
+                      lambda a, b: D.dkd_loss(a, b, _on(tgt0, a), process_group=wd),
+                      lambda a, b: ref.dkd_loss(a, b, tgt0), s, t, torch.float32)
+        _compare_loss("ats targets in shard 0, 3-D", rank, world, failures,
+                      lambda a, b: D.ats_loss(a, b, _on(tgt0.reshape(1, n), a), process_group=wd),
+                      lambda a, b: ref.ats_loss(a, b, tgt0.reshape(1, n)), s.unsqueeze(0), t.unsqueeze(0),
+                      torch.float32)
+
+
+def _api_checks(rank, world, failures):
+    wd = dist.group.WORLD
+    n, width = 6, 16
+
+    def bytes_do_not_grow_with_vocab():
+        seen = []
+        for w in (16, 4096):
+            s, t = _inputs((n, w * world), 30)
+            s, t = _shard(s, rank, world).requires_grad_(), _shard(t, rank, world).requires_grad_()
+            target = torch.arange(n, device=DEVICE) * 3
+            with D.count_comm() as c:
+                D.kd_loss(s, t, 2.0, process_group=wd, target=target, ce_weight=0.5).backward()
+            seen.append((c.bytes, c.calls))
+        assert seen[0] == seen[1], f"bytes/calls changed with the vocabulary: {seen}"
+        # dense KD with CE and both gradients: MAX 2 rows + 2, SUM 4 rows, SUM 3 rows (float32)
+        assert seen[0] == (4 * (n * (2 + 4 + 3) + 2), 3), seen[0]
+        ids = torch.arange(n * 5, device=DEVICE).reshape(n, 5)
+        topk = TopKTeacher(ids, torch.full((n, 5), -3.0, device=DEVICE), mode="tail")
+        with D.count_comm() as c:
+            D.kd_loss(_shard(torch.randn(n, 64 * world), rank, world), topk, 1.0, process_group=wd)
+        assert (c.bytes, c.calls) == (4 * (n * (2 + 2 + 5) + 2), 2), (c.bytes, c.calls)
+        saved = D.CHUNK_MIN_ROWS
+        D.CHUNK_MIN_ROWS = 2  # 3 row chunks: the same bytes, 3 times the calls
+        try:
+            with D.count_comm() as c:
+                D.kd_loss(_shard(torch.randn(n, 64 * world), rank, world), topk, 1.0, process_group=wd)
+        finally:
+            D.CHUNK_MIN_ROWS = saved
+        assert (c.bytes, c.calls) == (4 * (n * (2 + 2 + 5) + 2), 6), (c.bytes, c.calls)
+
+    def errors():
+        s, t = torch.randn(n, width), torch.randn(n, width)
+        bad = torch.full((n,), width * world)  # one past the global vocabulary
+        try:
+            D.kd_loss(s, t, 2.0, process_group=wd, target=bad, ce_weight=1.0)
+        except ValueError as e:
+            assert "target" in str(e) and str(width * world) in str(e), str(e)
+        else:
+            raise AssertionError("an out-of-range global target did not raise")
+        D.kd_loss(s, t, 2.0, process_group=wd, target=bad - 1, ce_weight=1.0)  # global ids beyond the shard: fine
+        try:
+            D.kd_loss(torch.randn(n, width + rank), torch.randn(n, width + rank), process_group=wd)
+        except ValueError as e:
+            assert "same width" in str(e), str(e)
+        else:
+            raise AssertionError("unequal shard widths did not raise")
+        try:
+            D.jsd_loss(s, t, process_group=None)
+        except ValueError as e:
+            assert "process_group" in str(e)
+        else:
+            raise AssertionError("process_group=None did not raise")
+        ids = torch.arange(n * 2).reshape(n, 2)
+        ids[0] = torch.tensor([3, 3])  # repeated ids and an id past V in rows the loss does not read: fine
+        ids[1, 0] = width * world + 5
+        sw = torch.ones(n)
+        sw[:2] = 0.0
+        lp = torch.full((n, 2), -2.0)
+        D.kd_loss(s, TopKTeacher(ids, lp), 2.0, process_group=wd, sample_weight=sw)
+        try:
+            D.kd_loss(s, TopKTeacher(ids, lp), 2.0, process_group=wd)
+        except ValueError as e:
+            assert "TopKTeacher indices" in str(e), str(e)
+        else:
+            raise AssertionError("bad top-k ids in read rows did not raise")
+        try:
+            D.tvd_loss(s, t, process_group=wd, sample_weight=torch.ones(n, requires_grad=True))
+        except ValueError as e:
+            assert "sample_weight" in str(e), str(e)
+        else:
+            raise AssertionError("a sample_weight requiring grad did not raise")
+        x = s.clone().requires_grad_()
+        loss = D.reverse_kl_loss(x, t, process_group=wd)
+        loss.backward(retain_graph=True)
+        try:
+            loss.backward()
+        except RuntimeError as e:
+            assert "already used" in str(e)
+        else:
+            raise AssertionError("a second backward did not raise")
+
+    def no_host_reads():
+        """The GPU code path (no value checks, no host reads) on CPU tensors, every host read raising."""
+        from fastkd import _validation
+        s, t = _inputs((n, width * world), 31)
+        target = torch.arange(n) * 5
+        target[1] = -100
+        ids = torch.arange(n * 3).reshape(n, 3)
+        lp = torch.full((n, 3), -2.0)
+        cases = [
+            lambda a, b: D.kd_loss(a, b, 2.0, process_group=wd, target=target, ce_weight=0.5, return_parts=True).loss,
+            lambda a, b: D.jsd_loss(a, TopKTeacher(ids, lp), process_group=wd, target=target, ce_weight=0.5),
+            lambda a, b: D.tvd_loss(a, TopKTeacher(ids, lp, mode="renormalize"), process_group=wd),
+            lambda a, b: D.dkd_loss(a, b, target, process_group=wd),
+            lambda a, b: D.ats_loss(a, b, target, process_group=wd),
+            lambda a, b: D.dist_loss(a, b, process_group=wd),
+        ]
+        bad_target = target.clone()
+        bad_target[2] = width * world  # out of range and unchecked: the GPU contract is a NaN row
+        bad_ids = ids.clone()
+        bad_ids[3, 1] = width * world
+        nan_cases = [
+            lambda a, b: D.kd_loss(a, b, 2.0, process_group=wd, target=bad_target, ce_weight=0.5,
+                                   reduction="none"),
+            lambda a, b: D.kd_loss(a, TopKTeacher(bad_ids, lp), 2.0, process_group=wd, reduction="none"),
+            lambda a, b: D.dkd_loss(a, b, bad_target, process_group=wd, reduction="none"),
+            lambda a, b: D.ats_loss(a, b, bad_target, process_group=wd, reduction="none"),
+        ]
+        saved_devices = _validation.HOST_DEVICES
+        saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+        def forbid(name):
+            def read(self, *args, **kwargs):
+                raise AssertionError(f"host read of a tensor value: Tensor.{name}")
+            return read
+
+        for i, case in enumerate(cases + nan_cases):
+            a, b = _shard(s, rank, world).requires_grad_(), _shard(t, rank, world).requires_grad_()
+            upstream = torch.tensor(0.7)
+            _validation.HOST_DEVICES = ()
+            for name in HOST_READS:
+                setattr(torch.Tensor, name, forbid(name))
+            try:
+                loss = case(a, b)
+                (loss * upstream).sum().backward()
+            finally:
+                _validation.HOST_DEVICES = saved_devices
+                for name, fn in saved.items():
+                    setattr(torch.Tensor, name, fn)
+            if i < len(cases):
+                assert a.grad is not None and bool(torch.isfinite(a.grad).all()), f"case {i}"
+            else:  # exactly the bad row is NaN, in the loss and the gradient
+                bad = torch.isnan(loss)
+                assert int(bad.sum()) == 1 and bool(torch.isnan(a.grad[bad]).all()), f"NaN case {i}: {loss}"
+                assert bool(torch.isfinite(a.grad[~bad]).all()), f"NaN case {i}"
+
+    _record(failures, "bytes", bytes_do_not_grow_with_vocab)
+    if DEVICE.type == "cpu":  # value checks and the emulated GPU path are CPU matters (on CUDA: _no_sync)
+        _record(failures, "errors", errors)
+        _record(failures, "no host reads", no_host_reads)
+
+
+def _dist_checks(rank, world, failures):
+    """DIST on sharded rows (uneven, one rank possibly empty) vs single-process DIST on the concatenation."""
+    wd = dist.group.WORLD
+    for counts, dtype in (([3, 5, 0, 4][:world], torch.float32), ([1, 6, 2, 2][:world], torch.bfloat16),
+                          ([2, 2, 2, 2][:world], torch.float32)):
+        def run(counts=counts, dtype=dtype):
+            rtol, gtol = DTYPES[dtype]
+            total, classes = sum(counts), 23
+            s, t = _inputs((total, classes), 40 + len(counts) + sum(counts), scale=2.0)
+            s, t = s.to(dtype), t.to(dtype)
+            s64, t64 = s.double().requires_grad_(), t.double().requires_grad_()
+            loss_ref = ref.dist_loss(s64, t64, beta=1.5, gamma=0.7, temperature=2.0)
+            gs, gt = torch.autograd.grad(loss_ref, [s64, t64])
+            lo = sum(counts[:rank])
+            rows = slice(lo, lo + counts[rank])
+            s_loc, t_loc = s[rows].to(DEVICE).requires_grad_(), t[rows].to(DEVICE).requires_grad_()
+            with _no_sync():
+                loss = D.dist_loss(s_loc, t_loc, process_group=wd, beta=1.5, gamma=0.7, temperature=2.0)
+                loss.backward()
+            torch.testing.assert_close(loss.detach().cpu().double(), loss_ref.detach(), rtol=rtol, atol=rtol * 0.1)
+            # each rank holds world x its share of the gradient (DDP's average then gives the global one)
+            for got, want in ((s_loc.grad, gs[rows]), (t_loc.grad, gt[rows])):
+                if counts[rank]:
+                    err = _rel(got / world, want)
+                    assert err < gtol, f"DIST gradient relative error {err:.2e} (counts {counts})"
+        _record(failures, f"dist {counts} {dtype}", run)
+
+    def ddp_step():
+        torch.manual_seed(0)
+        hidden, classes = 8, 19
+        model = torch.nn.Linear(hidden, classes)
+        single = torch.nn.Linear(hidden, classes)
+        single.load_state_dict(model.state_dict())
+        model.to(DEVICE)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if DEVICE.type == "cuda" else None)
+        counts = [3, 5, 4, 2][:world]
+        g = torch.Generator().manual_seed(50)
+        x = torch.randn(sum(counts), hidden, generator=g)
+        teacher = torch.randn(sum(counts), classes, generator=g)
+        lo = sum(counts[:rank])
+        rows = slice(lo, lo + counts[rank])
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
+        loss = D.dist_loss(ddp(x[rows].to(DEVICE)), teacher[rows].to(DEVICE), process_group=wd, temperature=2.0)
+        loss.backward()
+        opt.step()
+        opt_single = torch.optim.SGD(single.parameters(), lr=0.5)
+        loss_single = fastkd.dist_loss(single(x), teacher, temperature=2.0, backend="reference")
+        loss_single.backward()
+        opt_single.step()
+        torch.testing.assert_close(loss.detach().cpu(), loss_single.detach(), rtol=1e-5, atol=1e-6)
+        for p, q in zip(model.parameters(), single.parameters()):
+            err = _rel(p.detach(), q.detach())
+            assert err < 1e-5, f"DDP step != single-process step: relative error {err:.2e}"
+
+    _record(failures, "ddp step", ddp_step)
+
+
+def _checks_world2(rank, world, failures):
+    # row chunks of 4 rows (the last one ragged): every collective sequence runs several times per call
+    D.CHUNK_MIN_ROWS = 4
+    _vocab_checks(rank, world, failures)
+    _dkd_ats_checks(rank, world, failures)
+    D.CHUNK_MIN_ROWS = 64
+    _api_checks(rank, world, failures)
+    _dist_checks(rank, world, failures)
+
+
+def _checks_world4(rank, world, failures):
+    global GROUP
+    _vocab_checks(rank, world, failures, full=False)
+    _dkd_ats_checks(rank, world, failures, full=False)
+    # tensor-parallel subgroups inside data parallelism: ranks {0, 1} and {2, 3} each shard the vocabulary
+    # in two (the shard index is the rank in the group, not the global rank)
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    GROUP = pairs[rank // 2]
+    try:
+        _vocab_checks(dist.get_rank(GROUP), 2, failures, full=False)
+        _dkd_ats_checks(dist.get_rank(GROUP), 2, failures, full=False)
+    finally:
+        GROUP = None
+    _api_checks(rank, world, failures)
+    _dist_checks(rank, world, failures)
+
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is unavailable")
+
+
+def test_world_2():
+    _launch(2, "_checks_world2")
+
+
+def test_world_4():
+    _launch(4, "_checks_world4")
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_nccl_available() or not torch.cuda.is_available()
+                    or torch.cuda.device_count() < 2, reason="needs NCCL and 2 GPUs")
+def test_nccl_world_2():
+    """The world-2 table with NCCL on CUDA tensors, every loss call under set_sync_debug_mode('error')."""
+    _launch(2, "_checks_world2", backend="nccl")
