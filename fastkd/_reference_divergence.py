@@ -374,7 +374,9 @@ def divergence_fwd(student, teacher, topk_ids, target, row_weight, temperature: 
         hard_w = w * hard
         loss = soft_w + ce_weight * hard_w if ce_weight != 0 else soft_w
         wanted = [x for x, want in ((s, grad_student), (t, grad_teacher)) if want]
-        grads = list(torch.autograd.grad(loss.sum(), wanted)) if wanted else []
+        # allow_unused: with a = b = 0 (cross-entropy alone) the teacher is not in the graph
+        grads = list(torch.autograd.grad(loss.sum(), wanted, allow_unused=True)) if wanted else []
+        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(wanted, grads)]
     grad_s = grads.pop(0).to(student.dtype) if grad_student else student.new_empty((0,))
     grad_t = grads.pop(0).to(teacher.dtype) if grad_teacher else teacher.new_empty((0,))
     outs = [loss.detach(), soft_w.detach(), hard_w.detach()]

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from fastkd import _ops
 from fastkd import reference as R
 
 F64 = torch.float64
@@ -498,13 +497,11 @@ def test_auto_runs_the_reference_without_a_warning(loss):
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("backend", ("cpu", "cuda", "triton"))
-def test_explicit_fused_backend_is_unavailable(loss, backend):
+def test_explicit_backend_that_cannot_run_says_why(loss):
     name = loss.replace("_rev", "")
-    with pytest.raises(ValueError, match=f"backend '{backend}' is unavailable for {name}") as info:
-        call(loss, torch.randn(2, 5), torch.randn(2, 5), backend=backend)
-    if backend == "cpu" and _ops.LOAD_ERROR is None:
-        assert f"has no {name} kernel yet (missing fastkd::divergence_fwd)" in str(info.value)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=f"backend 'cuda' is unavailable for {name}"):
+            call(loss, torch.randn(2, 5), torch.randn(2, 5), backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         call(loss, torch.randn(2, 5), torch.randn(2, 5), backend="fast")
 

@@ -128,8 +128,10 @@ def _assert_matches(loss, backend, s, t, target=None, weight=None, temperature=2
         err = _rel_norm(g, r)
         bound = max(grad_tol, 4 * _rel_norm(r32, r))
         assert err < bound, f"{name} gradient: relative norm error {err:.2e} >= {bound:.1e}"
-        scale = float(r.abs().max())
-        torch.testing.assert_close(g.double().cpu(), r.cpu(), rtol=bound * 10, atol=bound * scale)
+        if loss != "tvd":  # TVD's gradient is 0.5 sign(p - q): where p and q tie within float32
+            # rounding a single entry may take the other sign; the norm check above still bounds it
+            scale = float(r.abs().max())
+            torch.testing.assert_close(g.double().cpu(), r.cpu(), rtol=bound * 10, atol=bound * scale)
 
 
 def _case(loss, backend, shape_name, dtype, layout, seed=0):
