@@ -89,6 +89,24 @@ def fused_call(name: str, student, teacher: Teacher, *, temperature: float, redu
     return LossParts(loss, soft.detach(), hard.detach()) if return_parts else loss
 
 
+def sharded(name: str, backend: str, *args, **kwargs):
+    """``fastkd.distributed.<name>``: the loss over a ``process_group`` (vocabulary- or data-parallel).
+
+    The sharded losses run in PyTorch on each rank's shard (no fused kernel sees a
+    shard's neighbours), so an explicit fused ``backend`` is refused rather than ignored.
+    """
+    if backend not in ("auto", "reference"):
+        if not isinstance(backend, str) or backend not in ("cpu", "cuda", "triton"):
+            raise ValueError(f"backend must be one of ('auto', 'reference', 'cpu', 'cuda', 'triton'), got {backend!r}")
+        raise ValueError(
+            f"backend '{backend}' has no sharded kernel: with process_group the loss runs in PyTorch on each "
+            "rank's shard; pass backend='auto' (or 'reference')"
+        )
+    from . import distributed  # torch.distributed is imported only by those who use it
+
+    return getattr(distributed, name)(*args, **kwargs)
+
+
 def _dispatch(loss: str, student, teacher: Teacher, backend: str, temperature, reduction, target, ignore_index,
               sample_weight, ce_weight, return_parts, kind: str, scale_t2: bool = False, **params):
     """Resolve ``loss``'s backend and run it: the reference by autograd, or ``fused_call``."""
@@ -114,8 +132,14 @@ def reverse_kl_loss(
     sample_weight: Optional[torch.Tensor] = None,
     ce_weight: float = 0.0,
     return_parts: bool = False,
+    process_group=None,
     backend: str = "auto",
 ):
+    if process_group is not None:
+        return sharded("reverse_kl_loss", backend, student_logits, teacher_logits, process_group=process_group,
+                       temperature=temperature, reduction=reduction, target=target,
+                       ignore_index=ignore_index, sample_weight=sample_weight, ce_weight=ce_weight,
+                       return_parts=return_parts)
     R.check_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
                  ce_weight, return_parts)
     return _dispatch("reverse_kl", student_logits, teacher_logits, backend, temperature, reduction, target,
@@ -134,8 +158,14 @@ def jsd_loss(
     sample_weight: Optional[torch.Tensor] = None,
     ce_weight: float = 0.0,
     return_parts: bool = False,
+    process_group=None,
     backend: str = "auto",
 ):
+    if process_group is not None:
+        return sharded("jsd_loss", backend, student_logits, teacher_logits, process_group=process_group, beta=beta, 
+                       temperature=temperature, reduction=reduction, target=target,
+                       ignore_index=ignore_index, sample_weight=sample_weight, ce_weight=ce_weight,
+                       return_parts=return_parts)
     R._check_unit("beta", beta)
     R.check_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
                  ce_weight, return_parts)
@@ -156,8 +186,14 @@ def skew_kl_loss(
     sample_weight: Optional[torch.Tensor] = None,
     ce_weight: float = 0.0,
     return_parts: bool = False,
+    process_group=None,
     backend: str = "auto",
 ):
+    if process_group is not None:
+        return sharded("skew_kl_loss", backend, student_logits, teacher_logits, process_group=process_group, skew=skew, reverse=reverse, 
+                       temperature=temperature, reduction=reduction, target=target,
+                       ignore_index=ignore_index, sample_weight=sample_weight, ce_weight=ce_weight,
+                       return_parts=return_parts)
     R.check_skew_args(skew, reverse)
     R.check_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
                  ce_weight, return_parts)
@@ -176,8 +212,14 @@ def tvd_loss(
     sample_weight: Optional[torch.Tensor] = None,
     ce_weight: float = 0.0,
     return_parts: bool = False,
+    process_group=None,
     backend: str = "auto",
 ):
+    if process_group is not None:
+        return sharded("tvd_loss", backend, student_logits, teacher_logits, process_group=process_group,
+                       temperature=temperature, reduction=reduction, target=target,
+                       ignore_index=ignore_index, sample_weight=sample_weight, ce_weight=ce_weight,
+                       return_parts=return_parts)
     R.check_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
                  ce_weight, return_parts)
     return _dispatch("tvd", student_logits, teacher_logits, backend, temperature, reduction, target,
@@ -219,6 +261,9 @@ _DETAIL = """
     ``ignore_index`` or whose ``sample_weight`` is exactly 0 is never read (loss 0,
     gradient 0, even with NaN logits). Terms with probability 0 on either side
     (``-inf`` logits: masked vocabulary) add exactly 0; NaN inputs propagate.
+
+    ``process_group``: the last dim of the logits is this rank's contiguous vocabulary
+    shard (Megatron layout; ``target`` and top-k ids global): see ``fastkd.distributed``.
 
     ``ce_weight``: adds ``ce_weight * cross_entropy(s, target)`` (student logits at
     T = 1) with the same reduction, ``ignore_index`` and ``sample_weight``

@@ -28,6 +28,11 @@ __all__ = ["kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_lo
 _rows, _wants_grad, _check_constant_weight = _divergence.rows, _divergence.wants_grad, _divergence.check_constant_weight
 
 
+def _no_ce_when_sharded(loss: str, ce_weight, return_parts) -> None:
+    if ce_weight != 0 or return_parts:
+        raise ValueError(f"{loss} with process_group takes no ce_weight / return_parts (not implemented sharded)")
+
+
 def _reject_topk(loss: str, teacher) -> None:
     if isinstance(teacher, TopKTeacher):
         raise TypeError(
@@ -51,6 +56,7 @@ def kd_loss(
     sample_weight: Optional[torch.Tensor] = None,
     ce_weight: float = 0.0,
     return_parts: bool = False,
+    process_group=None,
     backend: str = "auto",
 ):
     """Vanilla KD (Hinton et al. 2015), per row::
@@ -82,7 +88,18 @@ def kd_loss(
     temperature is a number (a tensor temperature takes a second pass).
     ``return_parts=True`` returns ``LossParts(loss, soft, hard)``: the reduced KD
     term (with ``T^2``) and the unweighted reduced cross-entropy, both detached.
+
+    ``process_group`` (``torch.distributed``): the last dim of the logits is this
+    rank's contiguous vocabulary shard (Megatron layout; ``target`` and top-k ids are
+    global ids); the loss is that of the whole vocabulary, on every rank, with O(rows)
+    communication (``fastkd.distributed``; float temperature only).
     """
+    if process_group is not None:
+        return _divergence.sharded(
+            "kd_loss", backend, student_logits, teacher_logits, temperature, process_group=process_group,
+            reduction=reduction, target=target, ignore_index=ignore_index, sample_weight=sample_weight,
+            ce_weight=ce_weight, return_parts=return_parts,
+        )
     if isinstance(teacher_logits, TopKTeacher):  # top-k teacher: fastkd/divergence.py
         return _divergence.kd_topk_loss(
             student_logits, teacher_logits, temperature, reduction=reduction, target=target,
@@ -141,6 +158,7 @@ def ats_loss(
     sample_weight: Optional[torch.Tensor] = None,
     ce_weight: float = 0.0,
     return_parts: bool = False,
+    process_group=None,
     backend: str = "auto",
 ):
     """ATS, asymmetric temperature scaling (Li et al. 2022), KL form, per row::
@@ -150,8 +168,17 @@ def ats_loss(
 
     (the official soft cross-entropy minus the teacher entropy: same gradient).
     ``ce_weight`` / ``return_parts``: as ``kd_loss`` (the cross-entropy is a second
-    pass over the student logits here).
+    pass over the student logits here). ``process_group``: vocabulary-sharded logits,
+    as ``kd_loss`` (no ``ce_weight`` / ``return_parts`` there).
     """
+    if process_group is not None:
+        _no_ce_when_sharded("ats_loss", ce_weight, return_parts)
+        return _divergence.sharded(
+            "ats_loss", backend, student_logits, teacher_logits, target, process_group=process_group,
+            target_temperature=target_temperature, other_temperature=other_temperature,
+            student_temperature=student_temperature, reduction=reduction, ignore_index=ignore_index,
+            sample_weight=sample_weight,
+        )
     _reject_topk("ats_loss", teacher_logits)
     v.check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
     for name_, value in (("target_temperature", target_temperature), ("other_temperature", other_temperature),
@@ -190,6 +217,7 @@ def dkd_loss(
     sample_weight: Optional[torch.Tensor] = None,
     ce_weight: float = 0.0,
     return_parts: bool = False,
+    process_group=None,
     backend: str = "auto",
 ):
     """DKD, decoupled KD (Zhao et al. 2022), per row::
@@ -201,8 +229,16 @@ def dkd_loss(
     with ``g = target``, ``log(1 - p[g])`` computed stably as
     ``lse(x / T over c != g) - lse(x / T)``. ``ce_weight`` / ``return_parts``: as
     ``kd_loss`` (the cross-entropy is a second pass over the student logits here;
-    mdistiller adds its CE outside the loss, with weight 1).
+    mdistiller adds its CE outside the loss, with weight 1). ``process_group``:
+    vocabulary-sharded logits, as ``kd_loss`` (no ``ce_weight`` / ``return_parts`` there).
     """
+    if process_group is not None:
+        _no_ce_when_sharded("dkd_loss", ce_weight, return_parts)
+        return _divergence.sharded(
+            "dkd_loss", backend, student_logits, teacher_logits, target, process_group=process_group, alpha=alpha,
+            beta=beta, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
+            sample_weight=sample_weight,
+        )
     _reject_topk("dkd_loss", teacher_logits)
     v.check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
     v.check_number("alpha", alpha)
@@ -236,6 +272,7 @@ def dist_loss(
     beta: float = 1.0,
     gamma: float = 1.0,
     temperature: float = 1.0,
+    process_group=None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """DIST (Huang et al. 2022) on the whole [N, C] batch::
@@ -249,8 +286,16 @@ def dist_loss(
     ``reduction`` (the intra-class term correlates each class over all rows, so
     every row enters it; padding tokens must be removed before the call), and the
     intra-class statistics are over the local batch only (under data parallelism
-    each rank correlates its own rows; it is not the loss of the global batch).
+    each rank correlates its own rows; it is not the loss of the global batch)
+    unless ``process_group`` is given: then the rows are this rank's part of the
+    global batch (any count, 0 included), the intra-class statistics are all-reduced
+    per-class moments, and the loss is that of the concatenated batch on every rank.
+    Its backward all-reduces too, so under DDP (which averages gradients over ranks)
+    each parameter gets exactly the single-process gradient (``fastkd.distributed``).
     """
+    if process_group is not None:
+        return _divergence.sharded("dist_loss", backend, student_logits, teacher_logits,
+                                   process_group=process_group, beta=beta, gamma=gamma, temperature=temperature)
     _reject_topk("dist_loss", teacher_logits)
     v.check_pair(student_logits, teacher_logits)
     v.check_number("beta", beta)

@@ -109,7 +109,8 @@ class KDLoss(nn.Module):
     """
 
     def __init__(self, temperature: float = 4.0, *, reduction: str = "batchmean", ignore_index: int = -100,
-                 ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto"):
+                 ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
+                 process_group=None):
         super().__init__()
         v.check_positive("temperature", temperature)
         _check_row_args(reduction, ignore_index, backend)
@@ -120,6 +121,7 @@ class KDLoss(nn.Module):
         self.ce_weight = ce_weight
         self.return_parts = return_parts
         self.backend = backend
+        self.process_group = process_group
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 target: Optional[torch.Tensor] = None, sample_weight: Optional[torch.Tensor] = None,
@@ -128,7 +130,7 @@ class KDLoss(nn.Module):
             student_logits, teacher_logits, self.temperature if temperature is None else temperature,
             reduction=self.reduction, target=target, ignore_index=self.ignore_index,
             sample_weight=sample_weight, ce_weight=self.ce_weight, return_parts=self.return_parts,
-            backend=self.backend,
+            process_group=self.process_group, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -156,7 +158,7 @@ class DKDLoss(nn.Module):
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup_epochs: float = 20,
                  *, reduction: str = "batchmean", ignore_index: int = -100, ce_weight: float = 0.0,
-                 return_parts: bool = False, backend: str = "auto"):
+                 return_parts: bool = False, backend: str = "auto", process_group=None):
         super().__init__()
         v.check_number("alpha", alpha)
         v.check_number("beta", beta)
@@ -166,6 +168,7 @@ class DKDLoss(nn.Module):
         v.check_ce(ce_weight, return_parts, target=0)  # the target comes with each call
         self.ce_weight = ce_weight
         self.return_parts = return_parts
+        self.process_group = process_group
         self.alpha = alpha
         self.beta = beta
         self.temperature = temperature
@@ -192,7 +195,7 @@ class DKDLoss(nn.Module):
             student_logits, teacher_logits, target, alpha=self.alpha * factor, beta=self.beta * factor,
             temperature=self.temperature, reduction=self.reduction, ignore_index=self.ignore_index,
             sample_weight=sample_weight, ce_weight=self.ce_weight, return_parts=self.return_parts,
-            backend=self.backend,
+            process_group=self.process_group, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -216,7 +219,8 @@ class ATSLoss(nn.Module):
 
     def __init__(self, target_temperature: float = 4.0, other_temperature: float = 2.0,
                  student_temperature: float = 1.0, *, reduction: str = "batchmean", ignore_index: int = -100,
-                 ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto"):
+                 ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
+                 process_group=None):
         super().__init__()
         v.check_positive("target_temperature", target_temperature)
         v.check_positive("other_temperature", other_temperature)
@@ -225,6 +229,7 @@ class ATSLoss(nn.Module):
         v.check_ce(ce_weight, return_parts, target=0)  # the target comes with each call
         self.ce_weight = ce_weight
         self.return_parts = return_parts
+        self.process_group = process_group
         self.target_temperature = target_temperature
         self.other_temperature = other_temperature
         self.student_temperature = student_temperature
@@ -238,7 +243,8 @@ class ATSLoss(nn.Module):
             student_logits, teacher_logits, target, target_temperature=self.target_temperature,
             other_temperature=self.other_temperature, student_temperature=self.student_temperature,
             reduction=self.reduction, ignore_index=self.ignore_index, sample_weight=sample_weight,
-            ce_weight=self.ce_weight, return_parts=self.return_parts, backend=self.backend,
+            ce_weight=self.ce_weight, return_parts=self.return_parts,
+            process_group=self.process_group, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -260,7 +266,8 @@ class DISTLoss(nn.Module):
     ``forward(student_logits, teacher_logits)``.
     """
 
-    def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0, backend: str = "auto"):
+    def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0, backend: str = "auto",
+                 process_group=None):
         super().__init__()
         v.check_number("beta", beta)
         v.check_number("gamma", gamma)
@@ -270,11 +277,12 @@ class DISTLoss(nn.Module):
         self.gamma = gamma
         self.temperature = temperature
         self.backend = backend
+        self.process_group = process_group  # data parallel: intra-class statistics over the global batch
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         return functional.dist_loss(
             student_logits, teacher_logits, beta=self.beta, gamma=self.gamma, temperature=self.temperature,
-            backend=self.backend,
+            process_group=self.process_group, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -582,7 +590,7 @@ class _DivergenceLoss(nn.Module):
     """
 
     def __init__(self, function, options: dict, temperature: float, reduction: str, ignore_index: int,
-                 ce_weight: float, return_parts: bool, backend: str):
+                 ce_weight: float, return_parts: bool, backend: str, process_group=None):
         super().__init__()
         v.check_positive("temperature", temperature)
         _check_row_args(reduction, ignore_index, backend)
@@ -595,13 +603,15 @@ class _DivergenceLoss(nn.Module):
         self.ce_weight = ce_weight
         self.return_parts = return_parts
         self.backend = backend
+        self.process_group = process_group
 
     def forward(self, student_logits: torch.Tensor, teacher_logits, target: Optional[torch.Tensor] = None,
                 sample_weight: Optional[torch.Tensor] = None):
         return self._function(
             student_logits, teacher_logits, temperature=self.temperature, reduction=self.reduction, target=target,
             ignore_index=self.ignore_index, sample_weight=sample_weight, ce_weight=self.ce_weight,
-            return_parts=self.return_parts, backend=self.backend, **{k: getattr(self, k) for k in self._options},
+            return_parts=self.return_parts, process_group=self.process_group, backend=self.backend,
+            **{k: getattr(self, k) for k in self._options},
         )
 
     def extra_repr(self) -> str:
@@ -618,9 +628,10 @@ class ReverseKLLoss(_DivergenceLoss):
     """
 
     def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
-                 ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto"):
+                 ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
+                 process_group=None):
         super().__init__(functional.reverse_kl_loss, (), temperature, reduction, ignore_index, ce_weight,
-                         return_parts, backend)
+                         return_parts, backend, process_group)
 
 
 class JSDLoss(_DivergenceLoss):
@@ -632,10 +643,11 @@ class JSDLoss(_DivergenceLoss):
 
     def __init__(self, *, beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean",
                  ignore_index: int = -100, ce_weight: float = 0.0, return_parts: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto",
+                 process_group=None):
         _check_unit("beta", beta)
         super().__init__(functional.jsd_loss, ("beta",), temperature, reduction, ignore_index, ce_weight,
-                         return_parts, backend)
+                         return_parts, backend, process_group)
         self.beta = beta
 
 
@@ -647,12 +659,13 @@ class SkewKLLoss(_DivergenceLoss):
 
     def __init__(self, *, skew: float = 0.1, reverse: bool = False, temperature: float = 1.0,
                  reduction: str = "batchmean", ignore_index: int = -100, ce_weight: float = 0.0,
-                 return_parts: bool = False, backend: str = "auto"):
+                 return_parts: bool = False, backend: str = "auto",
+                 process_group=None):
         _check_unit("skew", skew)
         if not isinstance(reverse, bool):
             raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
         super().__init__(functional.skew_kl_loss, ("skew", "reverse"), temperature, reduction, ignore_index,
-                         ce_weight, return_parts, backend)
+                         ce_weight, return_parts, backend, process_group)
         self.skew = skew
         self.reverse = reverse
 
@@ -661,6 +674,7 @@ class TVDLoss(_DivergenceLoss):
     """Total variation distance ``0.5 * sum |p - q|`` per row. No ``T^2`` factor. See ``fastkd.tvd_loss``."""
 
     def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
-                 ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto"):
+                 ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
+                 process_group=None):
         super().__init__(functional.tvd_loss, (), temperature, reduction, ignore_index, ce_weight,
-                         return_parts, backend)
+                         return_parts, backend, process_group)

@@ -538,6 +538,41 @@ def _dist_checks(rank, world, failures):
     _record(failures, "ddp step", ddp_step)
 
 
+def _public_api_checks(rank, world, failures):
+    """``process_group=`` on the public functionals and modules routes to fastkd.distributed, bit for bit."""
+    group = _group()
+    s, t = _inputs((6, 8 * world), seed=40)
+    target = torch.tensor([0, 3, -100, 8 * world - 1, 5, 2])
+    s_r, t_r = _shard(s, rank, world), _shard(t, rank, world)
+    cases = [
+        (lambda **k: fastkd.kd_loss(s_r, t_r, 2.0, target=target, ce_weight=0.2, **k),
+         lambda: D.kd_loss(s_r, t_r, 2.0, process_group=group, target=target, ce_weight=0.2)),
+        (lambda **k: fastkd.jsd_loss(s_r, t_r, beta=0.3, target=target, **k),
+         lambda: D.jsd_loss(s_r, t_r, beta=0.3, process_group=group, target=target)),
+        (lambda **k: fastkd.nn.SkewKLLoss(skew=0.2, reverse=True, process_group=k.get("process_group"))(s_r, t_r),
+         lambda: D.skew_kl_loss(s_r, t_r, skew=0.2, reverse=True, process_group=group)),
+        (lambda **k: fastkd.dkd_loss(s_r, t_r, target, **k),
+         lambda: D.dkd_loss(s_r, t_r, target, process_group=group)),
+        (lambda **k: fastkd.nn.ATSLoss(process_group=k.get("process_group"))(s_r, t_r, target),
+         lambda: D.ats_loss(s_r, t_r, target, process_group=group)),
+        (lambda **k: fastkd.dist_loss(s_r, t_r, **k), lambda: D.dist_loss(s_r, t_r, process_group=group)),
+    ]
+
+    def routed():
+        for public, direct in cases:
+            got, want = public(process_group=group), direct()
+            assert torch.equal(got, want), (got, want)
+
+    def fused_backend_refused():
+        with pytest.raises(ValueError, match="has no sharded kernel"):
+            fastkd.tvd_loss(s_r, t_r, process_group=group, backend="cpu")
+        with pytest.raises(ValueError, match="takes no ce_weight"):
+            fastkd.dkd_loss(s_r, t_r, target, process_group=group, ce_weight=0.5)
+
+    _record(failures, "public_api_routes_process_group", routed)
+    _record(failures, "public_api_refuses_fused_backend", fused_backend_refused)
+
+
 def _checks_world2(rank, world, failures):
     # row chunks of 4 rows (the last one ragged): every collective sequence runs several times per call
     D.CHUNK_MIN_ROWS = 4
@@ -545,6 +580,7 @@ def _checks_world2(rank, world, failures):
     _dkd_ats_checks(rank, world, failures)
     D.CHUNK_MIN_ROWS = 64
     _api_checks(rank, world, failures)
+    _public_api_checks(rank, world, failures)
     _dist_checks(rank, world, failures)
 
 
