@@ -706,6 +706,9 @@ def parse_args(argv=None):
                    help="comma-separated subset of cpu,cuda,triton,eager,compile,liger (default: all available)")
     p.add_argument("--csv", default=None, help="output CSV (default: fastkd-bench-<device>[-quick].csv)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU (default: torch's)")
+    p.add_argument("--distributed", type=int, default=None, metavar="P",
+                   help="instead: the vocabulary-parallel losses on P gloo CPU processes against the unsharded "
+                        "loss on the same work, with bytes per call (fastkd.bench_distributed)")
     args = p.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -718,6 +721,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.distributed is not None:
+        from fastkd import bench_distributed
+
+        return bench_distributed.main(["--world", str(args.distributed)]) or 0
     if args.threads:
         torch.set_num_threads(args.threads)
     # MGD's mask seed is drawn on the host (an expected graph break): keep dynamo's warnings out of the table.

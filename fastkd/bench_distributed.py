@@ -1,6 +1,7 @@
 """Distributed distillation on gloo (CPU): time per step and bytes per call (issue 12).
 
-    python benchmarks/distributed.py --world 2 [--rows 1024 --vocab 32000 --repeat 5 --csv out.csv]
+    python -m fastkd.bench --distributed 2
+    python -m fastkd.bench_distributed --world 2 [--rows 1024 --vocab 32000 --repeat 5 --csv out.csv]
 
 Vocabulary parallel: each of ``--world`` processes (one thread each) holds a
 ``[rows, vocab / world]`` shard of the student and teacher logits and runs the
@@ -15,7 +16,6 @@ goes through one helper) and printed next to the formula.
 """
 import argparse
 import csv
-import os
 import socket
 import statistics
 import sys
@@ -26,11 +26,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the checkout's fastkd
-
-import fastkd  # noqa: E402
-from fastkd import distributed as D  # noqa: E402
-from fastkd.topk import TopKTeacher  # noqa: E402
+import fastkd
+from fastkd import distributed as D
+from fastkd.topk import TopKTeacher
 
 TOPK = 32
 
@@ -207,4 +205,4 @@ def _formula(name, args):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
