@@ -470,11 +470,12 @@ def fused_linear_kd_loss(
             if v.reads_values(topk.indices) else None
         topk.check_against(student_probe, read)
 
-    op = _row_op(backend, student_hidden, student_weight)
     f64 = any(x is not None and x.dtype == torch.float64
               for x in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_logits))
-    if f64 and op is not R.divergence_fwd:
-        raise ValueError("float64 inputs run on backend='reference' only (the fused backends compute in float32)")
+    if f64 and backend not in ("auto", "reference"):
+        raise ValueError(f"backend '{backend}' computes in float32 and does not take float64 inputs; use "
+                         "backend='reference' (or 'auto') for float64")
+    op = R.divergence_fwd if f64 else _row_op(backend, student_hidden, student_weight)
     compute_dtype = torch.float64 if f64 else torch.float32
 
     n = math.prod(lead)
