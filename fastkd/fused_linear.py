@@ -239,10 +239,10 @@ def _run_chunks(p: _Plan, row_weight: torch.Tensor, want_grad: bool, reduce: boo
         elif p.teacher_kind == "logits":
             t = _rows(p.teacher_logits, i0, i1, p.lead).contiguous()
         else:
-            t = p.topk_logprobs[i0:i1]
+            t = p.topk_logprobs[i0:i1].contiguous()  # [chunk, K]: cheap
         # the student's missing columns (V_t > V) are -inf: no mass, never 0
         s_op = s if p.pad == 0 else torch.nn.functional.pad(s, (0, p.pad), value=float("-inf"))
-        ids = p.topk_ids[i0:i1] if p.topk_ids is not None else empty_ids
+        ids = p.topk_ids[i0:i1].contiguous() if p.topk_ids is not None else empty_ids
         tgt = p.target[i0:i1] if p.target is not None else empty_ids
         out = p.op(s_op, t, ids, tgt, w_c, p.temperature, p.kind, p.a, p.b, p.w_p, p.w_q, p.soft_scale,
                    p.ce_weight, p.topk_mode, reduce, want_grad, False)
@@ -366,8 +366,10 @@ def _row_op(backend: str, hidden: torch.Tensor, weight: torch.Tensor):
     """The ``divergence_fwd`` that runs each chunk: the reference, or a fused backend's op."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    # the loss name under which fastkd._backend lists the op (once the fused op is wired in)
-    loss = next((name for name, ops in LOSS_OPS.items() if FUSED_OP in ops), None)
+    # the loss name under which fastkd._backend lists the op: "fused_linear_kd" once listed, else any
+    # loss that needs divergence_fwd alone (the availability of that one op is all that matters here)
+    loss = "fused_linear_kd" if "fused_linear_kd" in LOSS_OPS else \
+        next((name for name, ops in LOSS_OPS.items() if tuple(ops) == (FUSED_OP,)), None)
     if loss is not None:
         name = resolve(loss, backend, hidden, weight)
     elif backend in ("auto", "reference"):
