@@ -72,9 +72,9 @@ from fastkd.fused_linear import FusedLinearKDLoss  # noqa: E402  (fastkd.nn.Fuse
 QUICK = dict(text_bytes=400_000, vocab=1000, seq=64, batch=8, teacher_steps=50, student_steps=20,
              teacher=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=344),
              student=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=172))
-FULL = dict(text_bytes=4_000_000, vocab=8000, seq=128, batch=16, teacher_steps=600, student_steps=300,
-            teacher=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=688),
-            student=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=344))
+FULL = dict(text_bytes=2_000_000, vocab=4000, seq=128, batch=8, teacher_steps=500, student_steps=200,
+            teacher=dict(hidden_size=192, num_hidden_layers=3, num_attention_heads=4, intermediate_size=512),
+            student=dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256))
 TEMPERATURE, CE_WEIGHT = 2.0, 0.5
 
 
