@@ -362,14 +362,39 @@ def _divergence_params(divergence: str, temperature: float, beta: float, skew: f
     return (KIND_CODES["kl_family"], *coeff, 1.0)
 
 
-def _row_op(backend: str, hidden: torch.Tensor, weight: torch.Tensor):
-    """The ``divergence_fwd`` that runs each chunk: the reference, or a fused backend's op."""
+def _kd_row_op(kd_fwd):
+    """``kd_fwd`` behind ``divergence_fwd``'s signature, for forward KL alone (``T^2 KL``, no CE, no top-k)."""
+
+    def op(student, teacher, topk_ids, target, row_weight, temperature, kind, a, b, w_p, w_q, soft_scale,
+           ce_weight, topk_mode, reduce, grad_student, grad_teacher):
+        temp = torch.full((student.shape[0],), temperature, dtype=torch.float32, device=student.device)
+        loss, grad_s, grad_t, _ = kd_fwd(student, teacher, temp, row_weight, reduce, grad_student, grad_teacher,
+                                         False)
+        return loss, loss, torch.zeros_like(loss), grad_s, grad_t
+
+    return op
+
+
+def _row_op(backend: str, hidden: torch.Tensor, weight: torch.Tensor, plain_kd: bool):
+    """The ``divergence_fwd`` that runs each chunk: the reference, or a fused backend's op.
+
+    ``plain_kd``: the loss is forward KL with ``T^2`` alone on float32 dense chunks without padding
+    (``divergence="kl"``, no ``ce_weight``, no parts, no top-k, ``V_t == V``): exactly ``kd_fwd``'s row
+    loss, so a fused backend that has ``kd_fwd`` but not yet ``divergence_fwd`` runs it with ``kd_fwd``.
+    """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     # the loss name under which fastkd._backend lists the op: "fused_linear_kd" once listed, else any
     # loss that needs divergence_fwd alone (the availability of that one op is all that matters here)
     loss = "fused_linear_kd" if "fused_linear_kd" in LOSS_OPS else \
         next((name for name, ops in LOSS_OPS.items() if tuple(ops) == (FUSED_OP,)), None)
+    if plain_kd and backend != "reference":
+        name = resolve("kd", backend, hidden, weight)
+        if name != "reference":
+            if loss is not None and unavailable_reason(name, loss, hidden.device) is None:
+                return getattr(implementation(name), FUSED_OP)
+            return _kd_row_op(implementation(name).kd_fwd)
+        return R.divergence_fwd
     if loss is not None:
         name = resolve(loss, backend, hidden, weight)
     elif backend in ("auto", "reference"):
@@ -477,7 +502,10 @@ def fused_linear_kd_loss(
     if f64 and backend not in ("auto", "reference"):
         raise ValueError(f"backend '{backend}' computes in float32 and does not take float64 inputs; use "
                          "backend='reference' (or 'auto') for float64")
-    op = R.divergence_fwd if f64 else _row_op(backend, student_hidden, student_weight)
+    pass_target = target is not None and (ce_weight != 0 or return_parts)
+    plain_kd = (divergence == "kl" and ce_weight == 0 and not pass_target and topk is None
+                and teacher_vocab == vocab and (teacher_logits is None or teacher_logits.dtype == torch.float32))
+    op = R.divergence_fwd if f64 else _row_op(backend, student_hidden, student_weight, plain_kd)
     compute_dtype = torch.float64 if f64 else torch.float32
 
     n = math.prod(lead)
@@ -487,7 +515,6 @@ def fused_linear_kd_loss(
         chunk_size = default_chunk_size(n, vocab, teacher_vocab, student_weight.shape[1],
                                         student_weight.element_size(), dev.type)
     kind, a, b, w_p, w_q, soft_scale = _divergence_params(divergence, temperature, beta, skew)
-    pass_target = target is not None and (ce_weight != 0 or return_parts)
 
     def low_precision_cpu(w):
         return w.device.type != "cuda" and w.dtype in (torch.float16, torch.bfloat16)

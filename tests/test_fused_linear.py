@@ -124,6 +124,18 @@ def test_every_divergence_with_ce_biases_ignore_and_weights(backend, divergence)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ("batchmean", "mean", "none"))
+def test_plain_forward_kl_runs_on_kd_fwd(backend, reduction):
+    # divergence="kl" without CE (the kd_loss row loss): a fused backend runs it with kd_fwd until it
+    # has divergence_fwd; biases, softcap, ignore_index and sample weights stay in the matmul layer
+    sh, sw, sb, th, tw, tb, target = data(seed=19)
+    target[[2, 30]] = -100
+    sample_weight = torch.rand(37, generator=torch.Generator().manual_seed(3)) + 0.5
+    check(backend, sh * 2, sw, (th * 2, tw), target, b=sb, teacher_bias=tb, divergence="kl", temperature=2.0,
+          softcap=6.0, logit_scale=0.9, sample_weight=sample_weight, reduction=reduction, chunk_size=8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", ("kl", "jsd", "tvd"))
 def test_logit_scale_and_softcap(backend, divergence):
     sh, sw, sb, th, tw, tb, target = data(seed=2)
