@@ -34,6 +34,7 @@ The teacher is a constant: no gradient reaches it, and teacher tensors that
 require grad raise a ``ValueError`` saying to detach them.
 """
 import math
+from types import SimpleNamespace
 from typing import Optional, Tuple, Union
 
 import torch
@@ -168,11 +169,10 @@ def _f32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-class _Plan:
-    """Everything one pass over the chunks needs (tensors flattened to rows)."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+def _matmul_weight(w: torch.Tensor) -> torch.Tensor:
+    """The weight as the chunk matmuls take it: CPU bf16/fp16 weights as one float32 copy held for the
+    call (the CPU has no bf16 x bf16 -> fp32 matmul in torch); anything else as is."""
+    return w.float() if w.device.type != "cuda" and w.dtype in (torch.float16, torch.bfloat16) else w
 
 
 def _rows(x: torch.Tensor, i0: int, i1: int, lead) -> torch.Tensor:
@@ -205,7 +205,7 @@ def _head_logits(h: torch.Tensor, weight: torch.Tensor, bias, scale, softcap) ->
     return s
 
 
-def _run_chunks(p: _Plan, row_weight: torch.Tensor, want_grad: bool, reduce: bool):
+def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, reduce: bool):
     """One pass over the chunks: returns ``(loss, soft, hard, grad_hidden, grad_weight, grad_bias)``.
 
     Losses are 0-d sums (``reduce``) or ``[N]``; gradients are None unless ``want_grad``
@@ -298,9 +298,7 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, plan, row_weight):
         plan.hidden, plan.weight, plan.bias = hidden, weight, bias
-        plan.weight_mm = weight if not (weight.device.type != "cuda" and weight.dtype in (torch.float16,
-                                                                                           torch.bfloat16)) \
-            else weight.float()
+        plan.weight_mm = _matmul_weight(weight)
         plan.needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         want_grad = any(plan.needs)
         ctx.reduce = plan.reduction != "none"
@@ -516,10 +514,8 @@ def fused_linear_kd_loss(
                                         student_weight.element_size(), dev.type)
     kind, a, b, w_p, w_q, soft_scale = _divergence_params(divergence, temperature, beta, skew)
 
-    def low_precision_cpu(w):
-        return w.device.type != "cuda" and w.dtype in (torch.float16, torch.bfloat16)
-
-    plan = _Plan(
+    # everything one pass over the chunks needs (tensors flattened to rows)
+    plan = SimpleNamespace(
         n=n, lead=lead, vocab=vocab, chunk=chunk_size, compute_dtype=compute_dtype, reduction=reduction,
         pad=teacher_vocab - vocab if teacher_kind != "topk" else 0,
         logit_scale=None if logit_scale is None else float(logit_scale),
@@ -528,8 +524,7 @@ def fused_linear_kd_loss(
         mask_skipped=target is not None or sample_weight is not None,
         teacher_kind=teacher_kind,
         teacher_hidden=teacher_hidden,
-        teacher_weight_mm=(teacher_weight.float() if low_precision_cpu(teacher_weight) else teacher_weight)
-        if teacher_weight is not None else None,
+        teacher_weight_mm=_matmul_weight(teacher_weight) if teacher_weight is not None else None,
         teacher_bias=teacher_bias, teacher_logits=teacher_logits,
         topk_ids=topk.indices.reshape(n, topk.k) if topk is not None else None,
         topk_logprobs=topk.logprobs.reshape(n, topk.k) if topk is not None else None,
