@@ -1,0 +1,172 @@
+"""Fused linear distillation on the CPU: time per step and peak extra memory (issue 11).
+
+    python benchmarks/fused_linear.py [--shapes 2048x512,512x512] [--vocab 128256] [--steps 3]
+                                      [--providers fused,unfused,unfused_fastkd,matmuls,liger] [--csv FILE]
+
+One training step (forward + backward, float32) of forward KL (T = 1) between a
+student head ``[V, H]`` and a teacher head ``[V, H]`` on ``N`` rows, per provider:
+
+- ``fused``: ``fastkd.fused_linear_kd_loss(h, W, (h_t, W_t), divergence="kl")``, default chunk size.
+- ``unfused``: plain eager PyTorch, ``kl_div(log_softmax(h @ W.T), log_softmax(h_t @ W_t.T))``.
+- ``unfused_fastkd``: the same head matmuls, then ``fastkd.kd_loss(..., temperature=1)`` on the logits.
+- ``matmuls``: the four head matmuls alone (student and teacher forward, ``g @ W`` and ``g^T @ h``),
+  the floor any fused path pays on a CPU.
+- ``liger``: ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss(beta=0, weight_hard_loss=0,
+  weight_soft_loss=1, compiled=True)`` (forward KL, its batchmean over rows), when importable.
+
+Each provider runs in its own process (memory figures are process-wide): one warm-up step
+(Liger compiles there), then ``--steps`` timed steps; time = median. Peak extra memory = the
+growth of the resident set (VmHWM after ``malloc_trim``, fastkd's gradient cache emptied) over
+the timed steps, above the inputs: what the step adds, gradients included. Prints a table with
+the ratios the issue targets and writes one CSV row per (shape, provider).
+"""
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import fastkd  # noqa: E402
+from fastkd.bench import _PeakRSS  # noqa: E402
+from fastkd.fused_linear import default_chunk_size, fused_linear_kd_loss  # noqa: E402
+
+PROVIDERS = ("fused", "unfused", "unfused_fastkd", "matmuls", "liger")
+
+
+def _inputs(n, h, v, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    student_hidden = torch.randn(n, h, generator=g)
+    student_weight = (torch.randn(v, h, generator=g) * h ** -0.5).requires_grad_(True)
+    teacher_hidden = torch.randn(n, h, generator=g)
+    teacher_weight = torch.randn(v, h, generator=g) * h ** -0.5
+    target = torch.randint(0, v, (n,), generator=g)
+    return student_hidden.requires_grad_(True), student_weight, teacher_hidden, teacher_weight, target
+
+
+def _step_fn(provider, h, w, th, tw, target):
+    """A function running one forward + backward; returns the loss value."""
+    if provider == "fused":
+        def step():
+            loss = fused_linear_kd_loss(h, w, (th, tw), target, divergence="kl", temperature=1.0)
+            loss.backward()
+            return loss.item()
+    elif provider in ("unfused", "unfused_fastkd"):
+        def step():
+            s = h @ w.T
+            with torch.no_grad():
+                t = th @ tw.T
+            if provider == "unfused":
+                loss = torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1),
+                                                  log_target=True, reduction="batchmean")
+            else:
+                loss = fastkd.kd_loss(s, t, temperature=1.0)
+            del t
+            loss.backward()
+            return loss.item()
+    elif provider == "matmuls":
+        def step():
+            with torch.no_grad():
+                s = h @ w.T
+                t = th @ tw.T
+                del t
+                gh = s @ w  # the logit gradient stands in for s
+                gw = s.T @ h
+                del s
+            h.grad, w.grad = gh, gw
+            return 0.0
+    elif provider == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        loss_fn = LigerFusedLinearJSDLoss(beta=0.0, weight_hard_loss=0.0, weight_soft_loss=1.0, compiled=True)
+
+        def step():
+            loss = loss_fn(h, w, th, tw, target)
+            loss.backward()
+            return loss.item()
+    else:
+        raise ValueError(f"unknown provider {provider!r}")
+    return step
+
+
+def worker(provider, n, h, v, steps):
+    hs, w, th, tw, target = _inputs(n, h, v)
+    step = _step_fn(provider, hs, w, th, tw, target)
+    value = step()  # warm-up (compilation, lazy initialisation)
+    times = []
+    hs.grad = w.grad = None
+    if hasattr(torch.ops.fastkd, "empty_grad_cache"):
+        torch.ops.fastkd.empty_grad_cache()
+    with _PeakRSS() as peak:
+        for _ in range(steps):
+            hs.grad = w.grad = None
+            t0 = time.perf_counter()
+            value = step()
+            times.append(time.perf_counter() - t0)
+    return {"provider": provider, "n": n, "h": h, "v": v, "seconds": statistics.median(times), "times": times,
+            "peak_extra_mb": max(peak.peak_kb - peak.base_kb, 0) / 1024, "loss": value,
+            "threads": torch.get_num_threads()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="2048x512,512x512", help="comma-separated NxH")
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--providers", default=",".join(PROVIDERS))
+    p.add_argument("--csv", default=None)
+    p.add_argument("--worker", nargs=4, metavar=("PROVIDER", "N", "H", "V"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        provider, n, h, v = args.worker
+        print(json.dumps(worker(provider, int(n), int(h), int(v), args.steps)))
+        return
+    rows = []
+    for shape in args.shapes.split(","):
+        n, h = (int(x) for x in shape.lower().split("x"))
+        chunk = default_chunk_size(n, args.vocab, args.vocab, h, 4, "cpu")
+        print(f"N={n} H={h} V={args.vocab} float32, fused chunk {chunk} rows ({-(-n // chunk)} chunks)", flush=True)
+        results = {}
+        for provider in args.providers.split(","):
+            cmd = [sys.executable, os.path.abspath(__file__), "--steps", str(args.steps),
+                   "--worker", provider, str(n), str(h), str(args.vocab)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                why = (out.stderr.strip().splitlines() or ["?"])[-1]
+                print(f"  {provider:15s} failed: {why}", flush=True)
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            results[provider] = r
+            print(f"  {provider:15s} {r['seconds']:7.2f} s/step (steps {', '.join(f'{t:.2f}' for t in r['times'])})"
+                  f"  peak extra {r['peak_extra_mb']:7.0f} MB  loss {r['loss']:.6f}", flush=True)
+        fused = results.get("fused")
+        if fused:
+            for other, label in (("matmuls", "time vs the four matmuls (target <= 1.1)"),
+                                 ("unfused", "time vs unfused eager (target <= 1)"),
+                                 ("liger", "time vs Liger chunked (target <= 1)")):
+                if other in results:
+                    print(f"  fused {label}: {fused['seconds'] / results[other]['seconds']:.2f}")
+            for other, label in (("unfused", "memory vs unfused eager (target <= 0.15)"),
+                                 ("liger", "memory vs Liger chunked (target <= 0.5)")):
+                if other in results and results[other]["peak_extra_mb"] > 0:
+                    print(f"  fused {label}: {fused['peak_extra_mb'] / results[other]['peak_extra_mb']:.2f}")
+        for r in results.values():
+            r["chunk"] = chunk
+            rows.append(r)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            fields = ["provider", "n", "h", "v", "chunk", "seconds", "peak_extra_mb", "loss", "threads", "times"]
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({k: r.get(k) for k in fields})
+
+
+if __name__ == "__main__":
+    main()
