@@ -4,7 +4,10 @@
     loss = fastkd.kd_loss(student_logits, teacher_logits, temperature=4.0)
 
 Losses: ``kd_loss``, ``dkd_loss``, ``ats_loss``, ``dist_loss``, ``mgd_loss``,
-``simkd_loss``, and ``ipw_weights`` for IPWD's per-sample weights; modules in
+``simkd_loss``, and ``ipw_weights`` for IPWD's per-sample weights; the
+language-model divergences ``reverse_kl_loss``, ``jsd_loss``, ``skew_kl_loss``,
+``tvd_loss`` (``TopKTeacher`` for top-k teachers), ``fused_linear_kd_loss`` (the LM
+head fused with the loss; ``process_group=`` for sharded vocabularies); modules in
 ``fastkd.nn``; plain-PyTorch versions in ``fastkd.reference``.
 ``fastkd.backends()`` says which kernels this installation can run;
 ``fastkd.set_value_checks(True)`` also checks target / temperature values on
@@ -18,9 +21,10 @@ from ._validation import set_value_checks  # noqa: E402
 from .functional import ats_loss, dist_loss, dkd_loss, ipw_weights, kd_loss, mgd_loss, simkd_loss  # noqa: E402
 from .divergence import LossParts, jsd_loss, reverse_kl_loss, skew_kl_loss, tvd_loss  # noqa: E402
 from .topk import TopKTeacher  # noqa: E402
+from .fused_linear import fused_linear_kd_loss  # noqa: E402
 
 __all__ = [
     "kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights",
-    "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "TopKTeacher", "LossParts",
+    "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "TopKTeacher", "LossParts", "fused_linear_kd_loss",
     "backends", "set_value_checks", "nn", "reference", "__version__",
 ]

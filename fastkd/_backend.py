@@ -28,6 +28,7 @@ LOSS_OPS = {
     "skew_kl": ("divergence_fwd",),
     "tvd": ("divergence_fwd",),
     "kd_topk": ("divergence_fwd",),
+    "fused_linear_kd": ("divergence_fwd",),  # fastkd/fused_linear.py: the row op on each chunk
     # a loss with ce_weight / return_parts: the cross-entropy comes from divergence_fwd
     # (in the same pass for kd with a float temperature, a second pass otherwise)
     "kd+ce": ("kd_fwd", "divergence_fwd"),

@@ -43,7 +43,7 @@ from torch import nn
 from . import _reference_divergence as R
 from . import _validation as v
 from ._autograd import scale_stored_grad
-from ._backend import BACKENDS, LOSS_OPS, implementation, resolve, unavailable_reason
+from ._backend import BACKENDS, implementation, resolve, unavailable_reason
 from ._reference_divergence import KIND_CODES, TOPK_MODE_CODES, LossParts
 from .topk import TopKTeacher
 
@@ -382,25 +382,15 @@ def _row_op(backend: str, hidden: torch.Tensor, weight: torch.Tensor, plain_kd: 
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    # the loss name under which fastkd._backend lists the op: "fused_linear_kd" once listed, else any
-    # loss that needs divergence_fwd alone (the availability of that one op is all that matters here)
-    loss = "fused_linear_kd" if "fused_linear_kd" in LOSS_OPS else \
-        next((name for name, ops in LOSS_OPS.items() if tuple(ops) == (FUSED_OP,)), None)
+    loss = "fused_linear_kd"  # fastkd._backend.LOSS_OPS: needs divergence_fwd
     if plain_kd and backend != "reference":
         name = resolve("kd", backend, hidden, weight)
         if name != "reference":
-            if loss is not None and unavailable_reason(name, loss, hidden.device) is None:
+            if unavailable_reason(name, loss, hidden.device) is None:
                 return getattr(implementation(name), FUSED_OP)
             return _kd_row_op(implementation(name).kd_fwd)
         return R.divergence_fwd
-    if loss is not None:
-        name = resolve(loss, backend, hidden, weight)
-    elif backend in ("auto", "reference"):
-        name = "reference"
-    else:
-        reason = unavailable_reason(backend, None, hidden.device) or \
-            f"backend '{backend}' has no fused_linear_kd kernel yet (missing fastkd::{FUSED_OP})"
-        raise ValueError(f"backend '{backend}' is unavailable for fused_linear_kd: {reason}")
+    name = resolve(loss, backend, hidden, weight)
     return R.divergence_fwd if name == "reference" else getattr(implementation(name), FUSED_OP)
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "JSDLoss",
     "SkewKLLoss",
     "TVDLoss",
+    "FusedLinearKDLoss",
 ]
 
 
@@ -678,3 +679,6 @@ class TVDLoss(_DivergenceLoss):
                  process_group=None):
         super().__init__(functional.tvd_loss, (), temperature, reduction, ignore_index, ce_weight,
                          return_parts, backend, process_group)
+
+
+from .fused_linear import FusedLinearKDLoss  # noqa: E402,F401  (the LM head fused with the loss)
