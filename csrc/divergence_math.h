@@ -111,8 +111,10 @@ FASTKD_HD DivParams div_params(int kind, float a, float b, float w_p, float w_q)
   d.mix = div_mix_mode(w_p, w_q);
   d.prop = d.mix == kMixBoth && a * w_q == b * w_p;
   const bool both = kind == kDivKL && d.mix == kMixBoth;
-  d.g_shift = both ? b * (d.log_wq + (d.prop ? 1.0f : 0.0f)) : 0.0f;
-  d.h_shift = both ? a * (d.log_wp + (d.prop ? 1.0f : 0.0f)) : 0.0f;
+  // with a == 0 or b == 0 the mixture part folds in too (div_terms_delta): one more unit
+  const float plus1 = (d.prop || a == 0.0f || b == 0.0f) ? 1.0f : 0.0f;
+  d.g_shift = both ? b * (d.log_wq + plus1) : 0.0f;
+  d.h_shift = both ? a * (d.log_wp + plus1) : 0.0f;
   return d;
 }
 
@@ -183,9 +185,21 @@ FASTKD_HD DivTerms div_terms_delta(const DivParams& d, float p, float q, float d
   const float kl_q = d.b != 0.0f ? d.b * where_positive(q, q * x.dq) : 0.0f;
   t.soft = kl_p + kl_q;
   if (kMix == kMixBoth) {  // the shifted forms (see DivParams)
-    const float apbq = d.prop ? 0.0f : d.a * p + d.b * q;
-    t.g = (d.b != 0.0f ? d.b * where_positive(q, q * x.gq) : 0.0f) - x.r * apbq;
-    t.h = (d.a != 0.0f ? d.a * where_positive(p, p * x.gp) : 0.0f) - x.s * apbq;
+    const float gq = d.b != 0.0f ? d.b * where_positive(q, q * x.gq) : 0.0f;
+    const float gp = d.a != 0.0f ? d.a * where_positive(p, p * x.gp) : 0.0f;
+    if (d.prop) {  // the mixture terms are multiples of q and p
+      t.g = gq, t.h = gp;
+    } else if (d.b == 0.0f) {  // skew KL: H = a p (gp - s) + a p = a p (gp + r) (r + s = 1), no cancellation
+      t.g = -x.r * (d.a * p);
+      t.h = d.a * where_positive(p, p * (x.gp + x.r));
+    } else if (d.a == 0.0f) {  // skew reverse KL: G = b q (gq - r) + b q = b q (gq + s)
+      t.g = d.b * where_positive(q, q * (x.gq + x.s));
+      t.h = -x.s * (d.b * q);
+    } else {
+      const float apbq = d.a * p + d.b * q;
+      t.g = gq - x.r * apbq;
+      t.h = gp - x.s * apbq;
+    }
   } else {
     const float apbq = d.a * p + d.b * q;
     t.g = kl_q - x.r * apbq;
@@ -223,8 +237,10 @@ FASTKD_HD float div_h_over_p(const DivParams& d, float p, float q, float lp, flo
   if (d.mix == kMixQ) return d.a * delta;                          // H = a p (lp - lq)
   if (d.mix == kMixP) return -(d.a + d.b * expf(-delta));         // H = -(a p + b q)
   const DivMixture x = div_mixture<kMixBoth>(d, p, q, delta);
-  // s / p = w_p / m = exp(log w_p - lm), with lm = lp - (lp - lm); d.prop drops it as div_terms_delta does
-  return d.a * x.gp - (d.prop ? 0.0f : expf(d.log_wp + x.dp - lp) * (d.a * p + d.b * q));
+  // as div_terms_delta; s / p = w_p / m = exp(log w_p - lm), with lm = lp - (lp - lm)
+  if (d.prop) return d.a * x.gp;
+  if (d.b == 0.0f) return d.a * (x.gp + x.r);
+  return d.a * x.gp - expf(d.log_wp + x.dp - lp) * (d.a * p + d.b * q);
 }
 
 // TVD gradients without cancellation. G - q sum G = 0.5 q (sign(q - p) - (Q+ - Q-)),
