@@ -53,6 +53,9 @@ __all__ = [
     "kd_topk_loss",
     "topk_log_probs",
     "divergence_coefficients",
+    "divergence_fwd",
+    "TOPK_MODE_CODES",
+    "KIND_CODES",
 ]
 
 LossParts = namedtuple("LossParts", ["loss", "soft", "hard"])
@@ -91,11 +94,7 @@ def check_args(student, teacher, temperature, reduction, target, ignore_index, s
         v.check_temperature_tensor(temperature, student)
     else:
         v.check_positive("temperature", temperature)
-    v.check_number("ce_weight", ce_weight)
-    if ce_weight != 0 and target is None:
-        raise ValueError(f"ce_weight={ce_weight} adds a cross-entropy term, which needs target (one class per row)")
-    if not isinstance(return_parts, bool):
-        raise TypeError(f"return_parts must be a bool, got {type(return_parts).__name__}")
+    v.check_ce(ce_weight, return_parts, target)
 
 
 def divergence_coefficients(kind: str, beta: float = 0.5, skew: float = 0.1,
@@ -188,8 +187,16 @@ def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, w_p: float, w_q: floa
 def soft_rows(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, **params) -> torch.Tensor:
     """Per-row divergence ``[N]`` between teacher ``log_p`` and student ``log_q`` (``[N, buckets]``)."""
     if kind == "tvd":
-        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=1)
-    a, b, w_p, w_q = divergence_coefficients(kind, **params)
+        return _tvd_rows(log_p, log_q)
+    return _kl_family_rows(log_p, log_q, *divergence_coefficients(kind, **params))
+
+
+def _tvd_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=1)
+
+
+def _kl_family_rows(log_p, log_q, a: float, b: float, w_p: float, w_q: float) -> torch.Tensor:
+    """``a KL(p || m) + b KL(q || m)`` per row, ``m = w_p p + w_q q``."""
     log_m = _log_mixture(log_p, log_q, w_p, w_q)
     loss = torch.zeros(log_p.shape[0], dtype=log_p.dtype, device=log_p.device)
     if a != 0:  # skipped rather than multiplied by 0: an inf term times 0 would be NaN
@@ -320,6 +327,60 @@ def _compute(student, teacher: Teacher, temperature, reduction, target, ignore_i
         return loss
     with torch.no_grad():
         return LossParts(loss, reduce(soft.detach()), reduce(hard.detach()))
+
+
+# ----------------------------------------------------------------------------
+# the fused row op, in plain PyTorch (docs/design.md, "divergence_fwd")
+# ----------------------------------------------------------------------------
+
+# Integer codes of the op's ``kind`` and ``topk_mode`` arguments.
+KIND_CODES = {"kl_family": 0, "tvd": 1}
+TOPK_MODE_CODES = {None: 0, "tail": 1, "renormalize": 2}
+
+
+def divergence_fwd(student, teacher, topk_ids, target, row_weight, temperature: float, kind: int, a: float,
+                   b: float, w_p: float, w_q: float, soft_scale: float, ce_weight: float, topk_mode: int,
+                   reduce: bool, grad_student: bool, grad_teacher: bool):
+    """``fastkd::divergence_fwd`` with the compiled op's signature and outputs, in plain PyTorch.
+
+    The ground truth the fused kernels are tested against at the row-op level, and
+    the per-chunk op of ``fastkd.fused_linear`` on the reference backend. Computed in
+    ``max(float32, input dtypes)``; gradients by autograd, returned in the inputs'
+    dtypes (empty when not requested), as the fused ops return them.
+    """
+    dtype = _compute_dtype(student, teacher)
+    read = (row_weight != 0).unsqueeze(1)
+    zero = torch.zeros((), dtype=dtype, device=student.device)
+    with torch.enable_grad():
+        s = student.detach().to(dtype).requires_grad_(grad_student)
+        t = teacher.detach().to(dtype).requires_grad_(grad_teacher)
+        s_read, t_read = torch.where(read, s, zero), torch.where(read, t, zero)  # skipped rows: never read
+        x = s_read / temperature
+        if topk_mode == 0:
+            log_p, log_q = F.log_softmax(t_read / temperature, dim=1), F.log_softmax(x, dim=1)
+        else:
+            ids = torch.where(read, topk_ids, torch.full((), PAD_ID, dtype=topk_ids.dtype, device=topk_ids.device))
+            log_p, log_q = topk_log_probs(x, ids, t_read, "tail" if topk_mode == 1 else "renormalize")
+        if kind == KIND_CODES["tvd"]:
+            soft = _tvd_rows(log_p, log_q)
+        else:
+            soft = _kl_family_rows(log_p, log_q, a, b, w_p, w_q)
+        hard = torch.zeros_like(soft)
+        if target.numel() > 0:
+            tgt = torch.where(read.squeeze(1), target.to(torch.int64), torch.zeros_like(target, dtype=torch.int64))
+            hard = torch.logsumexp(s_read, dim=1) - s_read.gather(1, tgt.unsqueeze(1)).squeeze(1)
+        w = row_weight.to(dtype)
+        soft_w = w * (soft_scale * soft)
+        hard_w = w * hard
+        loss = soft_w + ce_weight * hard_w if ce_weight != 0 else soft_w
+        wanted = [x for x, want in ((s, grad_student), (t, grad_teacher)) if want]
+        grads = list(torch.autograd.grad(loss.sum(), wanted)) if wanted else []
+    grad_s = grads.pop(0).to(student.dtype) if grad_student else student.new_empty((0,))
+    grad_t = grads.pop(0).to(teacher.dtype) if grad_teacher else teacher.new_empty((0,))
+    outs = [loss.detach(), soft_w.detach(), hard_w.detach()]
+    if reduce:
+        outs = [o.sum() for o in outs]
+    return (*outs, grad_s, grad_t)
 
 
 # ----------------------------------------------------------------------------
