@@ -429,3 +429,30 @@ def test_public_api_cpu_backend(name, topk_mode):
     (got.loss * 0.7).backward()
     (want.loss * 0.7).backward()
     assert rel_norm(s32.grad, s64.grad) < 1e-5
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0, 3.0, 4.0, 2.5])
+def test_forward_kl_ce_fast_path(T):
+    """Forward KL without a teacher gradient runs KD's two-pass row with the CE folded in (its exps at T = 1 as
+    powers of those at 1/T for T in 1..4): against the reference and the general path (with a teacher gradient)."""
+    s, t = pair(5, WIDE, seed=40)
+    t[1, :30] = -INF  # masked teacher vocab (a masked student under a live teacher: KL infinite)
+    target = torch.tensor([0, 40, -100, 4100, 9])
+    weight = torch.tensor([1.0, 2.0, 1.0, 0.5, 1.0])
+    check("kd", s, t, T=T, target=target, sample_weight=weight, ce_weight=0.1, grad_teacher=False)
+    fast = call_op("kd", s, t, T=T, target=target, ce_weight=0.1, reduction="none")
+    general = call_op("kd", s, t, T=T, target=target, ce_weight=0.1, reduction="none", grad_teacher=True)
+    for x, y in zip(fast[:4], general[:4]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+    # the CE alone through the same path (a = b = 0, w_p = 0)
+    rw = row_weights(s, target, -100, None, "sum")
+    loss, soft, hard, gs, _ = torch.ops.fastkd.divergence_fwd(s, t, torch.empty(0, dtype=torch.long), target, rw,
+                                                              T, 0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0, True, True,
+                                                              False)
+    s64 = s.double().requires_grad_(True)
+    keep = target != -100
+    ref = torch.nn.functional.cross_entropy(s64[keep], target[keep], reduction="sum")
+    ref.backward()
+    assert soft.item() == 0.0
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=0)
+    assert rel_norm(gs, s64.grad) < 1e-5

@@ -256,6 +256,116 @@ DivRowOut dense_row(const DivCall& c, const float* s, const float* t, int64_t g,
 }
 
 // ---------------------------------------------------------------------------
+// Dense forward KL without a teacher gradient (kd_loss(..., ce_weight) runs here):
+// KD's two-pass row (csrc/cpu/kd.cpp, KDRawStats of csrc/kd_math.h) with the
+// cross-entropy folded in. kMixQ makes soft = a KL(p || q) and the student gradient
+// a (q - p) whatever b, so pass (1) gets the KL from KD's cross term and pass (2)
+// only reads the kept exps. The CE's exps at T = 1 are those at 1/T raised to the
+// power T when T is 2, 3 or 4 (same chunk base: exp(s - M) = exp((s - M) / T)^T; two
+// multiplies instead of an exp, relative error below 1e-6); other T take one exp.
+
+template <int kPow>  // 1: T = 1 (the same exps); 2..4: T = kPow; 0: any other T
+FASTKD_INLINE float exp_at_one(float es, float s, float base) {
+  if (kPow == 0) return vexp(s - base);
+  if (kPow == 1) return es;
+  if (kPow == 2) return es * es;
+  if (kPow == 3) return es * es * es;
+  const float e2 = es * es;
+  return e2 * e2;
+}
+
+template <bool kCE, int kPow>
+FASTKD_INLINE KDRawStats fkl_chunk_stats(const float* s, const float* t, int64_t n, float inv_t, float* kept_s,
+                                         float* kept_t, float& z1) {
+  float ms = -INFINITY, mt = -INFINITY;
+#pragma omp simd reduction(max : ms, mt)
+  for (int64_t j = 0; j < n; ++j) {
+    ms = s[j] > ms ? s[j] : ms;
+    mt = t[j] > mt ? t[j] : mt;
+  }
+  const float bs = ms == -INFINITY ? 0.0f : ms, bt = mt == -INFINITY ? 0.0f : mt;
+  float zs = 0.0f, zt = 0.0f, cross = 0.0f, zo = 0.0f;
+#pragma omp simd reduction(+ : zs, zt, cross, zo)
+  for (int64_t j = 0; j < n; ++j) {
+    const float a = (s[j] - bs) * inv_t, b = (t[j] - bt) * inv_t;
+    const float es = vexp(a), et = vexp(b);
+    kept_s[j] = es, kept_t[j] = et;
+    zs += es;
+    zt += et;
+    cross += kd_cross_term(et, a, b);
+    if (kCE) zo += exp_at_one<kPow>(es, s[j], bs);
+  }
+  z1 = zo;
+  return {ms, zs, mt, zt, cross};
+}
+
+template <bool kCE, int kPow>
+FASTKD_INLINE void fkl_grad_chunk(const float* s, int64_t n, float base, float to_q, float to_p, float to_1,
+                                  float coef, float ce, const float* kept_s, const float* kept_t, float* gs) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float es = kept_s[j];  // gs may be kept_s: read first
+    float g = coef * (es * to_q - kept_t[j] * to_p);
+    if (kCE) g += ce * exp_at_one<kPow>(es, s[j], base) * to_1;
+    gs[j] = g;
+  }
+}
+
+template <bool kCE, int kPow>
+FASTKD_INLINE DivRowOut fkl_row_impl(const DivCall& c, const float* s, const float* t, int64_t g, float w,
+                                     float* gs, DivScratch& sc) {
+  const int64_t V = c.V, nc = num_chunks(V);
+  const float inv_t = c.inv_t;
+  float* kept_s = gs ? gs : sized(sc.kept_s, V);
+  float* kept_t = sized(sc.kept_t, V);
+  float* chunk_max = sized(sc.chunk_max, 2 * nc);
+  KDRawStats st = kd_raw_empty();
+  DivLse st1 = div_lse_empty();
+  for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
+    const int64_t n = std::min(kStatsChunk, V - c0);
+    float z1 = 0.0f;
+    const KDRawStats part = fkl_chunk_stats<kCE, kPow>(s + c0, t + c0, n, inv_t, kept_s + c0, kept_t + c0, z1);
+    chunk_max[2 * k] = part.ms, chunk_max[2 * k + 1] = part.mt;
+    st = kd_raw_merge(st, part, inv_t);
+    if (kCE) div_lse_merge(st1, DivLse{part.ms, z1}, 1.0f);
+  }
+  const KDRow r = kd_raw_finish(st);
+  const float l1 = kCE ? logf(st1.z) : 0.0f;
+  if (gs) {
+    const float coef = w * c.soft_scale * inv_t * c.d.a, ce = w * c.ce_weight;
+    for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
+      const int64_t n = std::min(kStatsChunk, V - c0);
+      const float gap = raw_gap(chunk_max[2 * k], st.ms);
+      const float to_q = expf(gap * inv_t - r.lse_s);
+      const float to_p = expf(raw_gap(chunk_max[2 * k + 1], st.mt) * inv_t - r.lse_t);
+      const float base = chunk_max[2 * k] == -INFINITY ? 0.0f : chunk_max[2 * k];
+      const float to_1 = kCE ? expf(gap - l1) : 0.0f;  // 0 for an all -inf chunk
+      fkl_grad_chunk<kCE, kPow>(s + c0, n, base, to_q, to_p, to_1, coef, ce, kept_s + c0, kept_t + c0, gs + c0);
+    }
+    if (kCE) gs[g] -= ce;
+  }
+  DivRowOut out = {c.d.a != 0.0f ? c.d.a * r.kl : 0.0f, 0.0f};  // a = 0: CE alone (never 0 * inf)
+  if (g >= 0) out.hard = div_ce_hard(DivLse{st.ms, st1.z}, s[g]);
+  return out;
+}
+
+// T as the power of fkl's CE exps: 1..4 when T is that integer, 0 otherwise.
+int fkl_power(float T) { return (T == 1.0f || T == 2.0f || T == 3.0f || T == 4.0f) ? static_cast<int>(T) : 0; }
+
+FASTKD_CPU_CLONES
+DivRowOut fkl_row(const DivCall& c, const float* s, const float* t, int64_t g, float w, float* gs, DivScratch& sc) {
+  // the CE's sums are needed for the hard loss whenever there is a target, its gradient only when ce_weight != 0
+  if (g < 0) return fkl_row_impl<false, 1>(c, s, t, g, w, gs, sc);
+  switch (fkl_power(c.T)) {
+    case 1: return fkl_row_impl<true, 1>(c, s, t, g, w, gs, sc);
+    case 2: return fkl_row_impl<true, 2>(c, s, t, g, w, gs, sc);
+    case 3: return fkl_row_impl<true, 3>(c, s, t, g, w, gs, sc);
+    case 4: return fkl_row_impl<true, 4>(c, s, t, g, w, gs, sc);
+    default: return fkl_row_impl<true, 0>(c, s, t, g, w, gs, sc);
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Top-k teacher
 
 // Id k of row i, checked (padding: -1).
@@ -503,6 +613,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
     float* soft_out = soft_rows.mutable_data_ptr<float>();
     float* hard_out = hard_rows.mutable_data_ptr<float>();
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+    // forward KL family (w_p == 0) without a teacher gradient: KD's row (fkl_row)
+    const bool fkl = !topk && !grad_teacher && c.d.kind == kDivKL && c.d.mix == kMixQ;
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
       thread_local DivScratch sc;
       for (int64_t i = begin; i < end; ++i) {
@@ -525,7 +637,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
             r = topk_row(c, i, s, lp_all + i * K, ids_all + i * K, g, w, gs_row, gt_row, sc);
           } else {
             const float* t = input_span(teacher, i * teacher.stride(0), V, sc.t_conv);
-            r = dense_row(c, s, t, g, w, gs_row, gt_row, sc);
+            r = fkl ? fkl_row(c, s, t, g, w, gs_row, sc) : dense_row(c, s, t, g, w, gs_row, gt_row, sc);
           }
           soft_out[i] = w * c.soft_scale * r.soft;
           hard_out[i] = w * r.hard;
