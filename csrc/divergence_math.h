@@ -167,10 +167,23 @@ FASTKD_HD DivMixture div_mixture(const DivParams& d, float p, float q, float del
 
 FASTKD_HD float div_sign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
 
-// One class from its probabilities and delta = lp - lq (the preferred form: the CPU
-// kernel forms delta from the raw logits, ((t - s) - (M_t - M_s)) / T + L_s - L_t).
-template <int kKind, int kMix>
-FASTKD_HD DivTerms div_terms_delta(const DivParams& d, float p, float q, float delta) {
+// Which of the forms of div_terms_form a kMixBoth call uses (see DivParams): fixed
+// per call, so a kernel can make it a template argument (the CPU loops do: a runtime
+// branch per class kept GCC from vectorising them, 10x slower).
+enum DivForm { kFormGeneral = 0, kFormProp = 1, kFormNoB = 2, kFormNoA = 3 };
+
+FASTKD_HD int div_form(const DivParams& d) {
+  if (d.mix != kMixBoth) return kFormGeneral;
+  if (d.prop) return kFormProp;
+  if (d.b == 0.0f) return kFormNoB;
+  if (d.a == 0.0f) return kFormNoA;
+  return kFormGeneral;
+}
+
+// One class from its probabilities and delta = lp - lq, with the form fixed at
+// compile time (kForm = div_form(d); only used in kMixBoth).
+template <int kKind, int kMix, int kForm>
+FASTKD_HD DivTerms div_terms_form(const DivParams& d, float p, float q, float delta) {
   DivTerms t;
   if (kKind == kDivTVD) {
     const float diff = q - p;
@@ -187,12 +200,12 @@ FASTKD_HD DivTerms div_terms_delta(const DivParams& d, float p, float q, float d
   if (kMix == kMixBoth) {  // the shifted forms (see DivParams)
     const float gq = d.b != 0.0f ? d.b * where_positive(q, q * x.gq) : 0.0f;
     const float gp = d.a != 0.0f ? d.a * where_positive(p, p * x.gp) : 0.0f;
-    if (d.prop) {  // the mixture terms are multiples of q and p
+    if (kForm == kFormProp) {  // the mixture terms are multiples of q and p
       t.g = gq, t.h = gp;
-    } else if (d.b == 0.0f) {  // skew KL: H = a p (gp - s) + a p = a p (gp + r) (r + s = 1), no cancellation
+    } else if (kForm == kFormNoB) {  // skew KL: H = a p (gp - s) + a p = a p (gp + r) (r + s = 1), no cancellation
       t.g = -x.r * (d.a * p);
       t.h = d.a * where_positive(p, p * (x.gp + x.r));
-    } else if (d.a == 0.0f) {  // skew reverse KL: G = b q (gq - r) + b q = b q (gq + s)
+    } else if (kForm == kFormNoA) {  // skew reverse KL: G = b q (gq - r) + b q = b q (gq + s)
       t.g = d.b * where_positive(q, q * (x.gq + x.s));
       t.h = -x.s * (d.b * q);
     } else {
@@ -206,6 +219,21 @@ FASTKD_HD DivTerms div_terms_delta(const DivParams& d, float p, float q, float d
     t.h = kl_p - x.s * apbq;
   }
   return t;
+}
+
+// The same with the form chosen at run time (the preferred input: the CPU kernel
+// forms delta from the raw logits, ((t - s) - (M_t - M_s)) / T + L_s - L_t).
+template <int kKind, int kMix>
+FASTKD_HD DivTerms div_terms_delta(const DivParams& d, float p, float q, float delta) {
+  if (kKind == kDivKL && kMix == kMixBoth) {
+    switch (div_form(d)) {
+      case kFormProp: return div_terms_form<kKind, kMix, kFormProp>(d, p, q, delta);
+      case kFormNoB: return div_terms_form<kKind, kMix, kFormNoB>(d, p, q, delta);
+      case kFormNoA: return div_terms_form<kKind, kMix, kFormNoA>(d, p, q, delta);
+      default: break;
+    }
+  }
+  return div_terms_form<kKind, kMix, kFormGeneral>(d, p, q, delta);
 }
 
 // The same from the two log-probs.

@@ -345,11 +345,14 @@ def test_topk_bf16_and_reductions(mode):
     check("jsd0.5", s, lp.bfloat16(), dtype=torch.bfloat16, T=2.0, topk=(ids, mode), loss_atol=1e-4)
 
 
-@pytest.mark.parametrize("rest", [1e-9, 1e-6])
+@pytest.mark.parametrize("rest", [1e-9, 1e-6, 1e-25])
 @pytest.mark.parametrize("name", ["kd", "jsd0.5", "reverse_kl", "tvd"])
 def test_topk_tail_holding_nearly_all_mass(name, rest):
     """The student's top-k holds all but `rest` of its mass (the teacher's too): the tail must be summed over the
-    non-member ids themselves; total - top-k would cancel to 0 in float32 (KD: an infinite loss)."""
+    non-member ids themselves; total - top-k would cancel to 0 in float32 (KD: an infinite loss). 1e-25: a tail
+    below 1e-20 of the mass takes the per-column exp of the tail (tail_grad_pass)."""
+    if rest == 1e-25 and name == "reverse_kl":
+        pytest.skip("the teacher's float32 log-probs then sum to >= 1: p_tail = 0 < q_tail, KL(q || p) is infinite")
     n, V, k = 3, 3000, 8
     g = torch.Generator().manual_seed(22)
     s = torch.randn(n, V, generator=g)

@@ -101,11 +101,12 @@ struct DenseRow {
 };
 
 // (2) of one chunk. kDirectG / kDirectH: sum G / sum H known, write the gradient now.
-template <int kKind, int kMix, bool kGS, bool kGT, bool kDirectG, bool kDirectH>
-FASTKD_INLINE void dense_terms_chunk(const DivParams& d, const float* s, const float* t, int64_t n, float inv_t,
+template <int kKind, int kMix, int kForm, bool kGS, bool kGT, bool kDirectG, bool kDirectH>
+FASTKD_INLINE void dense_terms_chunk(const DivParams& dp, const float* s, const float* t, int64_t n, float inv_t,
                                      const DenseRow& r, float to_q, float to_p, const float* kept_s,
                                      const float* kept_t, float* gs, float* gt, float* g_row, double& soft,
                                      double& sum_g, double& sum_h, double* tvd) {
+  const DivParams d = dp;  // a local copy: the gradient stores cannot alias it, so its fields stay in registers
   // double sums: the gradient is G - q sum G, where G and q sum G nearly cancel on the largest classes
   // (JSD near beta = 1, TVD), so a float32 sum's rounding (lanes of 128 terms) showed as 2e-5 there
   double so = 0.0, sg = 0.0, sh = 0.0, q_lt = 0.0, q_gt = 0.0, p_lt = 0.0, p_gt = 0.0, tie = 0.0;
@@ -121,7 +122,7 @@ FASTKD_INLINE void dense_terms_chunk(const DivParams& d, const float* s, const f
     }
     // lp - lq from the raw logits: ((t - s) - (M_t - M_s)) / T + (L_s - L_t) (see div_mixture)
     const float delta = ((t[j] - s[j]) - r.dm) * inv_t + r.dl;
-    const DivTerms x = div_terms_delta<kKind, kMix>(d, p, q, delta);
+    const DivTerms x = div_terms_form<kKind, kMix, kForm>(d, p, q, delta);
     so += x.soft;
     sg += x.g;
     sh += x.h;
@@ -166,7 +167,7 @@ FASTKD_INLINE float to_prob(float chunk_max, float row_max, float inv_t, float l
   return expf(raw_gap(chunk_max, row_max) * inv_t - l);  // 0 for an all -inf chunk
 }
 
-template <int kKind, int kMix, bool kGS, bool kGT>
+template <int kKind, int kMix, int kForm, bool kGS, bool kGT>
 FASTKD_INLINE float dense_passes(const DivCall& c, const float* s, const float* t, DenseRow& r,
                                  const float* chunk_max, const float* kept_s, const float* kept_t, float* gs,
                                  float* gt, float* g_row) {
@@ -178,7 +179,7 @@ FASTKD_INLINE float dense_passes(const DivCall& c, const float* s, const float* 
     const int64_t n = std::min(kStatsChunk, V - c0);
     const float to_q = to_prob(chunk_max[2 * k], r.ms, c.inv_t, r.ls);
     const float to_p = to_prob(chunk_max[2 * k + 1], r.mt, c.inv_t, r.lt);
-    dense_terms_chunk<kKind, kMix, kGS, kGT, kDirectG, kDirectH>(
+    dense_terms_chunk<kKind, kMix, kForm, kGS, kGT, kDirectG, kDirectH>(
         c.d, s + c0, t + c0, n, c.inv_t, r, to_q, to_p, kept_s + c0, kept_t + c0, kGS ? gs + c0 : nullptr,
         kGT ? gt + c0 : nullptr, kGS ? g_row + c0 : nullptr, soft, sum_g, sum_h, tvd);
   }
@@ -199,14 +200,17 @@ FASTKD_INLINE float dense_passes(const DivCall& c, const float* s, const float* 
   return static_cast<float>(soft);
 }
 
-template <int kKind, int kMix>
+template <int kKind, int kMix, int kForm>
 FASTKD_INLINE float dense_passes_any(const DivCall& c, const float* s, const float* t, DenseRow& r,
                                      const float* chunk_max, const float* kept_s, const float* kept_t, float* gs,
                                      float* gt, float* g_row) {
-  if (gs && gt) return dense_passes<kKind, kMix, true, true>(c, s, t, r, chunk_max, kept_s, kept_t, gs, gt, g_row);
-  if (gs) return dense_passes<kKind, kMix, true, false>(c, s, t, r, chunk_max, kept_s, kept_t, gs, gt, g_row);
-  if (gt) return dense_passes<kKind, kMix, false, true>(c, s, t, r, chunk_max, kept_s, kept_t, gs, gt, g_row);
-  return dense_passes<kKind, kMix, false, false>(c, s, t, r, chunk_max, kept_s, kept_t, gs, gt, g_row);
+#define FASTKD_DIV_PASSES(GS, GT) \
+  dense_passes<kKind, kMix, kForm, GS, GT>(c, s, t, r, chunk_max, kept_s, kept_t, gs, gt, g_row)
+  if (gs && gt) return FASTKD_DIV_PASSES(true, true);
+  if (gs) return FASTKD_DIV_PASSES(true, false);
+  if (gt) return FASTKD_DIV_PASSES(false, true);
+  return FASTKD_DIV_PASSES(false, false);
+#undef FASTKD_DIV_PASSES
 }
 
 // One counted dense row (g: its target, -1 without): the unweighted soft and hard
@@ -239,10 +243,16 @@ DivRowOut dense_row(const DivCall& c, const float* s, const float* t, int64_t g,
   r.ce_q = (g >= 0 && !ce1) ? w * c.ce_weight : 0.0f;
   float* g_row = (gs && !div_sum_g_known(c.d.kind, c.d.mix)) ? sized(sc.g_row, V) : nullptr;
   float soft;
-  if (c.d.kind == kDivTVD) soft = dense_passes_any<kDivTVD, kMixBoth>(c, s, t, r, chunk_max, kept_s, kept_t, gs, gt, g_row);
-  else if (c.d.mix == kMixQ) soft = dense_passes_any<kDivKL, kMixQ>(c, s, t, r, chunk_max, kept_s, kept_t, gs, gt, g_row);
-  else if (c.d.mix == kMixP) soft = dense_passes_any<kDivKL, kMixP>(c, s, t, r, chunk_max, kept_s, kept_t, gs, gt, g_row);
-  else soft = dense_passes_any<kDivKL, kMixBoth>(c, s, t, r, chunk_max, kept_s, kept_t, gs, gt, g_row);
+#define FASTKD_DIV_ROW(KIND, MIX, FORM) \
+  dense_passes_any<KIND, MIX, FORM>(c, s, t, r, chunk_max, kept_s, kept_t, gs, gt, g_row)
+  if (c.d.kind == kDivTVD) soft = FASTKD_DIV_ROW(kDivTVD, kMixBoth, kFormGeneral);
+  else if (c.d.mix == kMixQ) soft = FASTKD_DIV_ROW(kDivKL, kMixQ, kFormGeneral);
+  else if (c.d.mix == kMixP) soft = FASTKD_DIV_ROW(kDivKL, kMixP, kFormGeneral);
+  else if (div_form(c.d) == kFormProp) soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormProp);
+  else if (div_form(c.d) == kFormNoB) soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormNoB);
+  else if (div_form(c.d) == kFormNoA) soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormNoA);
+  else soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormGeneral);
+#undef FASTKD_DIV_ROW
   if (r.ls != r.ls || r.lt != r.lt) soft = NAN;  // a NaN logit: the terms' xlogy selects could hide it
   DivRowOut out = {soft, 0.0f};
   if (g >= 0) {
@@ -389,12 +399,22 @@ FASTKD_INLINE void tail_chunk_stats(const float* s, const float* mark, int64_t n
   }
   const float bs = ms == -INFINITY ? 0.0f : ms, bt = mtl == -INFINITY ? 0.0f : mtl;
   float zs = 0.0f, ztl = 0.0f, z1 = 0.0f;
+  if (bt == bs) {  // the usual chunk: its maximum is not a member, one exp serves both sums
 #pragma omp simd reduction(+ : zs, ztl, z1)
-  for (int64_t j = 0; j < n; ++j) {
-    zs += vexp((s[j] - bs) * inv_t);
-    const float et = vexp((s[j] - bt) * inv_t);
-    ztl += mark[j] == 0.0f ? et : 0.0f;
-    if (kCE1) z1 += vexp(s[j] - bs);
+    for (int64_t j = 0; j < n; ++j) {
+      const float es = vexp((s[j] - bs) * inv_t);
+      zs += es;
+      ztl += mark[j] == 0.0f ? es : 0.0f;
+      if (kCE1) z1 += vexp(s[j] - bs);
+    }
+  } else {  // the tail's own base, so a tail far below the members keeps its digits
+#pragma omp simd reduction(+ : zs, ztl, z1)
+    for (int64_t j = 0; j < n; ++j) {
+      zs += vexp((s[j] - bs) * inv_t);
+      const float et = vexp((s[j] - bt) * inv_t);
+      ztl += mark[j] == 0.0f ? et : 0.0f;
+      if (kCE1) z1 += vexp(s[j] - bs);
+    }
   }
   cs = {ms, zs}, ctail = {mtl, ztl}, c1 = {ms, z1};
 }
@@ -406,6 +426,19 @@ FASTKD_INLINE void tail_grad_pass(const float* s, const float* mark, int64_t V, 
   const bool tail_on = tail.z > 0.0f;
   const float mtl = tail_on ? tail.m : 0.0f, ltl = tail_on ? logf(tail.z) : 0.0f;
   const float ms = full.m;
+  // exp(x_c - lse_tail) = q_c / q_tail: one exp per column while q_tail >= 1e-20 (a q_c that
+  // underflowed then had a share below 1e-18); a smaller tail takes its own exp per column
+  const float lq_tail = tail_on ? raw_gap(tail.m, ms) * inv_t + ltl - ls : -INFINITY;
+  if (tail_on && lq_tail >= -46.0f) {
+    const float inv_q_tail = expf(-lq_tail);
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) {
+      const float q = vexp(div_log_prob(s[j], ms, inv_t, ls));
+      const float share = mark[j] == 0.0f ? q * inv_q_tail : 0.0f;
+      gs[j] = div_topk_nonmember_grad(coef, share, g_tail, q, sum_g) + ce_q * q;
+    }
+    return;
+  }
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) {
     const float q = vexp(div_log_prob(s[j], ms, inv_t, ls));
