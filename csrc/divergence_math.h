@@ -1,0 +1,392 @@
+// Per-element and per-row math of fastkd::divergence_fwd (docs/design.md, "The
+// language-model divergences"), shared by the CPU kernel (csrc/cpu/divergence.cpp)
+// and the CUDA kernel (csrc/cuda/divergence.cu): every function is FASTKD_HD, with
+// no std:: containers and no host-only calls on the device path.
+//
+// One row, temperature T, raw student logits s and teacher logits t (dense teacher)
+// with raw-unit maxima M_s, M_t (as KD, csrc/kd_math.h: differences of large values
+// are formed before scaling by 1/T):
+//   log q_c = kd_shift(s_c, M_s, 1/T) - L_s,  L_s = log sum_c exp((s_c - M_s) / T)
+//   log p_c = kd_shift(t_c, M_t, 1/T) - L_t
+// kind 0 (KL family), coefficients (a, b, w_p, w_q):
+//   soft = a KL(p || m) + b KL(q || m),  m = w_p p + w_q q
+//   per class: soft_c = a p (lp - lm) + b q (lq - lm)     (a term with probability 0 adds 0)
+//              G_c = dsoft/dlq_c = b q (lq - lm) - r (a p + b q),  r = d lm / d lq = w_q q / m
+//              H_c = dsoft/dlp_c = a p (lp - lm) - s (a p + b q),  s = d lm / d lp = w_p p / m
+//   (the "+ b q" of d/dlq [q (lq - lm)] is dropped: through the log-softmax it adds
+//   b q_c - q_c sum b q = 0.) Mixture modes, fixed per call:
+//     kMixQ    (w_p == 0): lm = lq exactly, r = 1, s = 0   (forward KL: a = 1, b = 0)
+//     kMixP    (w_q == 0): lm = lp exactly, r = 0, s = 1   (reverse KL: a = 0, b = 1)
+//     kMixBoth:            lm = logaddexp(log w_p + lp, log w_q + lq), one exp and one
+//                          log1p per class, finite whatever the log-probs (no log 0 of
+//                          an underflowed m: Liger's NaN below -104 cannot happen).
+// kind 1 (TVD): soft_c = 0.5 |p - q|, G_c = 0.5 q sign(q - p), H_c = 0.5 p sign(p - q).
+// Gradients of the row (x = s / T, y = t / T):
+//   dsoft/dx_c = G_c - q_c sum G,   dsoft/dy_c = H_c - p_c sum H
+// In kMixQ sum G = -(a + b) and in kMixP sum H = -(a + b) (sum p = sum q = 1), so
+// those gradients need no second pass (div_sum_g_known / div_sum_h_known).
+//
+// Top-k teacher (K log-probs taken as given, ids -1 = padding): the same bucket math
+// over the K ids plus a tail (topk_mode 1) or over the K ids renormalised (mode 2);
+// the row-level pieces are div_topk_* below.
+#pragma once
+#include <math.h>
+#include <stdint.h>
+
+#include "kd_math.h"  // FASTKD_HD, rescale, raw_gap, kd_shift, where_positive
+
+#if !defined(__CUDACC__)
+#include "cpu/vec_exp.h"  // vexp (include this header after the torch headers: see vec_exp.h)
+#endif
+
+namespace fastkd {
+
+enum DivKind { kDivKL = 0, kDivTVD = 1 };
+enum DivMix { kMixQ = 0, kMixP = 1, kMixBoth = 2 };
+enum DivTopk { kTopkNone = 0, kTopkTail = 1, kTopkRenorm = 2 };
+
+// exp on the per-element paths: the fast hardware exp on the GPU, the vectorisable
+// polynomial (csrc/cpu/vec_exp.h, relative error < 2e-7) on the CPU.
+FASTKD_HD float div_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);
+#elif defined(__CUDACC__)
+  return expf(x);
+#else
+  return vexp(x);
+#endif
+}
+
+// log(1 + e) for e in [0, 1] (the logaddexp correction). On the CPU a branch-free
+// series that vectorises: log(1 + e) = 2 atanh(z), z = e / (2 + e) in [0, 1/3], so
+// z^2 <= 1/9 and eight odd terms leave a truncation error below 2e-9 relative; it is
+// exact to rounding for small e (log(1 + e) ~ e), which a log(1 + e) would not be.
+FASTKD_HD float div_log1p_unit(float e) {
+#if defined(__CUDACC__)
+  return log1pf(e);
+#else
+  const float z = e / (2.0f + e), z2 = z * z;
+  float poly = 1.0f / 15.0f;
+  poly = poly * z2 + 1.0f / 13.0f;
+  poly = poly * z2 + 1.0f / 11.0f;
+  poly = poly * z2 + 1.0f / 9.0f;
+  poly = poly * z2 + 1.0f / 7.0f;
+  poly = poly * z2 + 1.0f / 5.0f;
+  poly = poly * z2 + 1.0f / 3.0f;
+  poly = poly * z2 + 1.0f;
+  return 2.0f * z * poly;
+#endif
+}
+
+// The coefficients of one call. log_wp / log_wq are used in kMixBoth only (both > 0 there).
+// prop: a w_q == b w_p (JSD: a = w_p, b = w_q), so a p + b q = (a / w_p) m and the terms
+// r (a p + b q) = (a / w_p) w_q q and s (a p + b q) = (a / w_p) w_p p are constant
+// multiples of q and p: they add exactly 0 to G - q sum G and H - p sum H and are
+// dropped from G and H (div_terms_delta). Kept, they made G and q sum G nearly cancel
+// on the largest classes (relative gradient error 2e-5 in float32 at beta = 0.9).
+// G and H are then the contract's G + c q, H + c p; every gradient formula of
+// docs/design.md gives the same result with them (sum q = sum p = 1).
+// Likewise, in kMixBoth G and H use lq - lm + log w_q and lp - lm + log w_p (a shift by a
+// constant times q and p): on the largest classes lp - lm is close to -log w_p, and the
+// unshifted H nearly cancelled against p sum H (5e-3 relative where the student is
+// one-hot). The loss itself uses the unshifted differences. g_shift / h_shift: the
+// constants c of G = G_contract + c q, H = H_contract + c p.
+struct DivParams {
+  float a, b, w_p, w_q, log_wp, log_wq;
+  int kind, mix;
+  bool prop;
+  float g_shift, h_shift;
+};
+
+FASTKD_HD int div_mix_mode(float w_p, float w_q) {
+  return w_p == 0.0f ? kMixQ : (w_q == 0.0f ? kMixP : kMixBoth);
+}
+
+FASTKD_HD DivParams div_params(int kind, float a, float b, float w_p, float w_q) {
+  DivParams d;
+  d.a = a, d.b = b, d.w_p = w_p, d.w_q = w_q;
+  d.log_wp = w_p > 0.0f ? logf(w_p) : -INFINITY;
+  d.log_wq = w_q > 0.0f ? logf(w_q) : -INFINITY;
+  d.kind = kind;
+  d.mix = div_mix_mode(w_p, w_q);
+  d.prop = d.mix == kMixBoth && a * w_q == b * w_p;
+  const bool both = kind == kDivKL && d.mix == kMixBoth;
+  // with a == 0 or b == 0 the mixture part folds in too (div_terms_delta): one more unit
+  const float plus1 = (d.prop || a == 0.0f || b == 0.0f) ? 1.0f : 0.0f;
+  d.g_shift = both ? b * (d.log_wq + plus1) : 0.0f;
+  d.h_shift = both ? a * (d.log_wp + plus1) : 0.0f;
+  return d;
+}
+
+// sum_c G_c / sum_c H_c when they are known without summing (see the header comment).
+FASTKD_HD bool div_sum_g_known(int kind, int mix) { return kind == kDivKL && mix == kMixQ; }
+FASTKD_HD bool div_sum_h_known(int kind, int mix) { return kind == kDivKL && mix == kMixP; }
+FASTKD_HD float div_known_sum(const DivParams& d) { return -(d.a + d.b); }
+
+// One class (or bucket): its share of the loss and its G, H (see the header comment).
+struct DivTerms {
+  float soft, g, h;
+};
+
+// The mixture of one class in the differences it is used through: lp - lm, lq - lm,
+// r = d lm / d lq, s = d lm / d lp, from delta = lp - lq alone. Taking the
+// differences from delta (not lp - lm from two log-probs) keeps their precision:
+// each log-prob carries a rounding error of eps |lp| (a few 1e-6 at lp = -20),
+// while lp - lm is often O(0.1) (JSD near beta = 1), so the direct difference lost
+// a digit or two of the teacher gradient. Here lm = hi + log1p(e) with hi the larger
+// of A = log w_p + lp and B = log w_q + lq, e = exp(-|A - B|), A - B = log w_p - log w_q + delta.
+struct DivMixture {
+  float dp, dq, r, s;  // lp - lm, lq - lm, d lm / d lq, d lm / d lp
+  float gp, gq;        // the gradient's shifted differences (DivParams): dp + log w_p, dq + log w_q
+};
+
+template <int kMix>
+FASTKD_HD DivMixture div_mixture(const DivParams& d, float p, float q, float delta) {
+  DivMixture x;
+  if (kMix == kMixQ) {
+    x.dp = delta, x.dq = 0.0f, x.r = 1.0f, x.s = 0.0f;  // lm = lq
+    x.gp = x.dp, x.gq = x.dq;
+  } else if (kMix == kMixP) {
+    x.dp = 0.0f, x.dq = -delta, x.r = 0.0f, x.s = 1.0f;  // lm = lp
+    x.gp = x.dp, x.gq = x.dq;
+  } else {
+    const float ab = d.log_wp - d.log_wq + delta;  // A - B: +inf when q = 0, -inf when p = 0
+    const bool p_side = ab >= 0.0f;
+    const float e = div_exp(p_side ? -ab : ab);  // 0 when one side has no mass
+    const float inv = 1.0f / (1.0f + e), l1p = div_log1p_unit(e);
+    const bool any = p > 0.0f || q > 0.0f;  // p = q = 0: delta = -inf - -inf = NaN; the terms are 0 anyway
+    x.dp = p_side ? -d.log_wp - l1p : delta - d.log_wq - l1p;
+    x.dq = p_side ? -delta - d.log_wp - l1p : -d.log_wq - l1p;
+    x.gp = p_side ? -l1p : ab - l1p;
+    x.gq = p_side ? -ab - l1p : -l1p;
+    x.s = any ? (p_side ? inv : e * inv) : 0.0f;
+    x.r = any ? (p_side ? e * inv : inv) : 0.0f;
+  }
+  return x;
+}
+
+FASTKD_HD float div_sign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
+
+// Which of the forms of div_terms_form a kMixBoth call uses (see DivParams): fixed
+// per call, so a kernel can make it a template argument (the CPU loops do: a runtime
+// branch per class kept GCC from vectorising them, 10x slower).
+enum DivForm { kFormGeneral = 0, kFormProp = 1, kFormNoB = 2, kFormNoA = 3 };
+
+FASTKD_HD int div_form(const DivParams& d) {
+  if (d.mix != kMixBoth) return kFormGeneral;
+  if (d.prop) return kFormProp;
+  if (d.b == 0.0f) return kFormNoB;
+  if (d.a == 0.0f) return kFormNoA;
+  return kFormGeneral;
+}
+
+// One class from its probabilities and delta = lp - lq, with the form fixed at
+// compile time (kForm = div_form(d); only used in kMixBoth).
+template <int kKind, int kMix, int kForm>
+FASTKD_HD DivTerms div_terms_form(const DivParams& d, float p, float q, float delta) {
+  DivTerms t;
+  if (kKind == kDivTVD) {
+    const float diff = q - p;
+    t.soft = 0.5f * (diff < 0.0f ? -diff : diff);
+    t.g = 0.5f * q * div_sign(diff);
+    t.h = -0.5f * p * div_sign(diff);
+    return t;
+  }
+  const DivMixture x = div_mixture<kMix>(d, p, q, delta);
+  // a coefficient of 0 drops its term (never 0 * inf = NaN)
+  const float kl_p = d.a != 0.0f ? d.a * where_positive(p, p * x.dp) : 0.0f;
+  const float kl_q = d.b != 0.0f ? d.b * where_positive(q, q * x.dq) : 0.0f;
+  t.soft = kl_p + kl_q;
+  if (kMix == kMixBoth) {  // the shifted forms (see DivParams)
+    const float gq = d.b != 0.0f ? d.b * where_positive(q, q * x.gq) : 0.0f;
+    const float gp = d.a != 0.0f ? d.a * where_positive(p, p * x.gp) : 0.0f;
+    if (kForm == kFormProp) {  // the mixture terms are multiples of q and p
+      t.g = gq, t.h = gp;
+    } else if (kForm == kFormNoB) {  // skew KL: H = a p (gp - s) + a p = a p (gp + r) (r + s = 1), no cancellation
+      t.g = -x.r * (d.a * p);
+      t.h = d.a * where_positive(p, p * (x.gp + x.r));
+    } else if (kForm == kFormNoA) {  // skew reverse KL: G = b q (gq - r) + b q = b q (gq + s)
+      t.g = d.b * where_positive(q, q * (x.gq + x.s));
+      t.h = -x.s * (d.b * q);
+    } else {
+      const float apbq = d.a * p + d.b * q;
+      t.g = gq - x.r * apbq;
+      t.h = gp - x.s * apbq;
+    }
+  } else {
+    const float apbq = d.a * p + d.b * q;
+    t.g = kl_q - x.r * apbq;
+    t.h = kl_p - x.s * apbq;
+  }
+  return t;
+}
+
+// The same with the form chosen at run time (the preferred input: the CPU kernel
+// forms delta from the raw logits, ((t - s) - (M_t - M_s)) / T + L_s - L_t).
+template <int kKind, int kMix>
+FASTKD_HD DivTerms div_terms_delta(const DivParams& d, float p, float q, float delta) {
+  if (kKind == kDivKL && kMix == kMixBoth) {
+    switch (div_form(d)) {
+      case kFormProp: return div_terms_form<kKind, kMix, kFormProp>(d, p, q, delta);
+      case kFormNoB: return div_terms_form<kKind, kMix, kFormNoB>(d, p, q, delta);
+      case kFormNoA: return div_terms_form<kKind, kMix, kFormNoA>(d, p, q, delta);
+      default: break;
+    }
+  }
+  return div_terms_form<kKind, kMix, kFormGeneral>(d, p, q, delta);
+}
+
+// The same from the two log-probs.
+template <int kKind, int kMix>
+FASTKD_HD DivTerms div_terms(const DivParams& d, float p, float q, float lp, float lq) {
+  return div_terms_delta<kKind, kMix>(d, p, q, lp - lq);
+}
+
+// Runtime-dispatched div_terms (for code that handles one bucket at a time, e.g. the tail).
+FASTKD_HD DivTerms div_terms_any(const DivParams& d, float p, float q, float lp, float lq) {
+  if (d.kind == kDivTVD) return div_terms<kDivTVD, kMixBoth>(d, p, q, lp, lq);
+  if (d.mix == kMixQ) return div_terms<kDivKL, kMixQ>(d, p, q, lp, lq);
+  if (d.mix == kMixP) return div_terms<kDivKL, kMixP>(d, p, q, lp, lq);
+  return div_terms<kDivKL, kMixBoth>(d, p, q, lp, lq);
+}
+
+// H / p of one bucket (H as div_terms_delta gives it), formed without dividing by p
+// (the top-k tail's teacher gradient: dlp_tail / dlp_k = -p_k / p_tail, so it needs
+// H_tail / p_tail even when p_tail is tiny). Where p == 0 (the teacher's top-k mass
+// clamped at 1) the tail does not depend on the log-probs, and d/dlp_k of
+// a p_k (lp_k - lm_k) keeps the "+ a p_k" that G and H drop (it cancels against the
+// tail's -p_k / p_tail only while the tail is live): the gradient is then
+// H_k + a p_k (KL family; TVD: H_k), so this returns h_shift - a (H_k - p_k (h_shift - a)).
+// (docs/design.md says "the tail term is 0 when p_tail = 0", which misses the a p_k.)
+FASTKD_HD float div_h_over_p(const DivParams& d, float p, float q, float lp, float lq) {
+  if (!(p > 0.0f)) return d.kind == kDivKL ? d.h_shift - d.a : 0.0f;
+  if (d.kind == kDivTVD) return -0.5f * div_sign(q - p);
+  const float delta = lp - lq;
+  if (d.mix == kMixQ) return d.a * delta;                          // H = a p (lp - lq)
+  if (d.mix == kMixP) return -(d.a + d.b * expf(-delta));         // H = -(a p + b q)
+  const DivMixture x = div_mixture<kMixBoth>(d, p, q, delta);
+  // as div_terms_delta; s / p = w_p / m = exp(log w_p - lm), with lm = lp - (lp - lm)
+  if (d.prop) return d.a * x.gp;
+  if (d.b == 0.0f) return d.a * (x.gp + x.r);
+  return d.a * x.gp - expf(d.log_wp + x.dp - lp) * (d.a * p + d.b * q);
+}
+
+// TVD gradients without cancellation. G - q sum G = 0.5 q (sign(q - p) - (Q+ - Q-)),
+// Q+ / Q- the student mass where q > p / q < p; when most mass sits on one side
+// Q+ - Q- is close to +-1 and the difference loses digits (1e-5 in float32). With
+// the tie mass Z = sum of q where q == p (= that of p), 1 - Q+ = Q- + Z exactly, so
+//   q > p:  0.5 q (Z + 2 Q-),   q < p:  -0.5 q (Z + 2 Q+),   q == p:  0.5 q (Q- - Q+)
+// and the same for the teacher with the roles of p and q swapped.
+struct DivTvdSums {
+  float q_lt, q_gt, p_lt, p_gt, tie;  // sum of q where q < p, q > p; of p where p < q, p > q; of p where p == q
+};
+
+// The bracket of the student (x = q, y = p) or teacher (x = p, y = q) gradient: times 0.5 x coef.
+FASTKD_HD float div_tvd_factor(float x, float y, float x_lt, float x_gt, float tie) {
+  return x > y ? tie + 2.0f * x_lt : (x < y ? -(tie + 2.0f * x_gt) : x_lt - x_gt);
+}
+
+// ---------------------------------------------------------------------------
+// Row statistics: a running log-sum-exp with its maximum in raw units.
+// z = sum exp((x - m) * inv_t) over the values pushed (0 when empty, m = -inf).
+struct DivLse {
+  float m, z;
+};
+
+FASTKD_HD DivLse div_lse_empty() { return {-INFINITY, 0.0f}; }
+
+// Adds part (relative to its own maximum) into acc; both may be empty.
+FASTKD_HD void div_lse_merge(DivLse& acc, const DivLse& part, float inv_t) {
+  const float m = max_ignoring_nan(acc.m, part.m);
+  const float fa = acc.z > 0.0f ? expf(raw_gap(acc.m, m) * inv_t) : 0.0f;
+  const float fp = part.z > 0.0f ? expf(raw_gap(part.m, m) * inv_t) : 0.0f;
+  acc.z = acc.z * fa + part.z * fp;  // a NaN sum stays NaN (NaN * 0 is NaN)
+  acc.m = m;
+}
+
+// One value into a running DivLse (online softmax, one exp unless the maximum moves).
+FASTKD_HD void div_lse_push(DivLse& st, float x, float inv_t) {
+  if (x > st.m) {
+    st.z = (st.m == -INFINITY ? 0.0f : st.z * div_exp((st.m - x) * inv_t)) + 1.0f;
+    st.m = x;
+  } else if (st.m != -INFINITY || x != x) {
+    st.z += div_exp((x - st.m) * inv_t);
+  }
+}
+
+// log of the sum, relative to m: lse = m * inv_t + div_lse_log(st). -inf when empty.
+FASTKD_HD float div_lse_log(const DivLse& st) { return logf(st.z); }
+
+// log-prob (x - M) / T - L of one raw logit against the row's (M, L = log z).
+FASTKD_HD float div_log_prob(float x, float m, float inv_t, float l) { return kd_shift(x, m, inv_t) - l; }
+
+// Cross-entropy of one row at T = 1 from its (M, z) at unit scale: lse(s) - s[target].
+FASTKD_HD float div_ce_hard(const DivLse& st1, float s_target) {
+  return logf(st1.z) - (s_target == st1.m ? 0.0f : s_target - st1.m);
+}
+
+// ---------------------------------------------------------------------------
+// Top-k pieces.
+
+// log(1 - exp(x)) for x <= 0, accurate on both sides of -log 2 (Maechler 2012); in double (see below).
+FASTKD_HD double div_log1mexp(double x) {
+  return x > -0.693147180559945 ? log(-expm1(x)) : log1p(-exp(x));
+}
+
+// Teacher tail log-prob log(1 - sum_k p_k) from lse_k(lp) (div_topk_teacher_lse);
+// -inf when the top-k mass is >= 1 (an engine's rounding may push it a hair over).
+FASTKD_HD float div_topk_teacher_tail(double lse_p) {
+  return lse_p >= 0.0 ? -INFINITY : static_cast<float>(div_log1mexp(lse_p));
+}
+
+// lse over the non-padding log-probs of a row, accurate when it is close to 0: the
+// first maximum contributes exactly 1 and only the others are summed, so
+// log(1 + sum) keeps a remaining mass of 1e-9 (plain logsumexp rounds it to 0). In
+// double: the teacher tail 1 - sum_k p_k of K float32 log-probs has an absolute error
+// of K * 6e-8 in float32 arithmetic, which swamps a tail of 1e-9 (and the tail
+// gradient p_k / p_tail amplifies it); K terms per row cost nothing.
+// -inf for a row of padding only. lp: K float32 log-probs; ids: K ids (-1: padding).
+FASTKD_HD double div_topk_teacher_lse(const float* lp, const int64_t* ids, int64_t K) {
+  double m = -INFINITY;
+  int64_t arg = -1;
+  for (int64_t k = 0; k < K; ++k) {
+    if (ids[k] >= 0 && (arg < 0 || lp[k] > m)) m = lp[k], arg = k;
+  }
+  if (arg < 0 || m == -INFINITY) return m == m ? -INFINITY : m;
+  double others = 0.0;
+  for (int64_t k = 0; k < K; ++k) {
+    if (ids[k] >= 0 && k != arg) others += exp(double(lp[k]) - m);
+  }
+  return m + log1p(others);
+}
+
+// Student tail log-prob from the full row's (M_s, z_s) and the tail's own (M_tail,
+// z_tail) (both at 1/T): lse(x over non-members) - lse(x), summed over the non-member
+// ids themselves (never total - top-k, which cancels when the top-k holds the mass).
+// -inf when the tail is empty.
+FASTKD_HD float div_topk_student_tail(const DivLse& full, const DivLse& tail, float inv_t) {
+  if (!(tail.z > 0.0f)) return tail.z == tail.z ? -INFINITY : tail.z;
+  return raw_gap(tail.m, full.m) * inv_t + logf(tail.z) - logf(full.z);
+}
+
+// The student gradient of the dense row behind a top-k bucket set, times
+// coef = w soft_scale / T (x-space as the dense case):
+//   member c = id_k:  coef (G_k - q_c sum G)                    (div_topk_member_grad)
+//   non-member c:     coef (exp(x_c - lse_tail) G_tail - q_c sum G)
+// exp(x_c - lse_tail) is formed from the tail's own statistics, so a tail far below
+// float32 resolution of the total keeps its gradient.
+FASTKD_HD float div_topk_member_grad(float coef, float g_k, float q_c, float sum_g) {
+  return coef * (g_k - q_c * sum_g);
+}
+FASTKD_HD float div_topk_nonmember_grad(float coef, float tail_share, float g_tail, float q_c, float sum_g) {
+  return coef * (tail_share * g_tail - q_c * sum_g);
+}
+
+// Teacher gradient (w.r.t. the given log-probs, no 1/T), times coef_t = w soft_scale:
+//   tail mode:        coef_t (H_k - p_k H_tail / p_tail)   (h_tail_over_p: div_h_over_p of the tail)
+//   renormalise mode: coef_t (H_k - p_k sum H)
+FASTKD_HD float div_topk_teacher_grad(float coef_t, float h_k, float p_k, float factor) {
+  return coef_t * (h_k - p_k * factor);
+}
+
+}  // namespace fastkd
