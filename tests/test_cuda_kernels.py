@@ -174,8 +174,13 @@ def div_reference(s, t, ids, y, w, spec, mode, T, soft_scale, ce_weight, grads, 
         if y.numel():
             y[r] = 0
     kind, a, b, w_p, w_q = spec
-    return ref(s.cpu().double(), t.cpu().double(), ids, y, w.cpu(), T, kind, a, b, w_p, w_q, soft_scale, ce_weight,
-               mode, False, *grads)
+    # a = b = 0 (cross-entropy alone): the teacher is unused, autograd.grad would fail; its gradient is 0
+    unused_t = kind == 0 and a == 0 and b == 0 and grads[1]
+    out = list(ref(s.cpu().double(), t.cpu().double(), ids, y, w.cpu(), T, kind, a, b, w_p, w_q, soft_scale,
+                   ce_weight, mode, False, grads[0], grads[1] and not unused_t))
+    if unused_t:
+        out[4] = torch.zeros(t.shape, dtype=torch.float64)
+    return out
 
 
 def div_call(s, t, ids, y, w, spec, mode, T, soft_scale, ce_weight, grads, reduce=False):

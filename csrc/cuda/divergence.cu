@@ -244,6 +244,18 @@ __device__ __forceinline__ void sweep_one_grads(const RowSplit<W>& sp, const S* 
   for (int64_t c = sp.body_end + sp.lane; c < sp.n; c += sp.lanes) gs[c] = from_float<S>(f(c, x_at(c)));
 }
 
+// The tail mode's teacher gradient is coef_t (H_k - p_k factor). With a tail (p_tail > 0),
+// factor = H_tail / p_tail (d lp_tail / d lp_k = -p_k / p_tail). When the top-k mass is
+// clamped at 1 (lp_tail = -inf, constant) nothing absorbs the a p_k that d/dlp_k of
+// a p_k (lp_k - lm_k) carries besides H_k (it cancels against the tail otherwise), so the
+// gradient is H_k + a p_k: factor = -a (KL family; 0 for TVD). This is the derivative of the
+// loss as computed (and what the reference's autograd gives); div_h_over_p of
+// csrc/divergence_math.h returns 0 there.
+__device__ __forceinline__ float tail_teacher_factor(const DivParams& d, float lp_tail, float lq_tail) {
+  if (lp_tail == -INFINITY) return d.kind == kDivKL ? -d.a : 0.0f;
+  return div_h_over_p(d, div_exp(lp_tail), div_exp(lq_tail), lp_tail, lq_tail);
+}
+
 __device__ __forceinline__ bool is_member(const uint32_t* bits, int64_t c) { return (bits[c >> 5] >> (c & 31)) & 1u; }
 
 template <bool kWarp, typename S, typename T>
@@ -424,7 +436,7 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
     }
   }
   if (args.grad_teacher) {
-    const float factor = tail ? div_h_over_p(d, div_exp(lp_tail), div_exp(lq_tail), lp_tail, lq_tail) : sums.z;
+    const float factor = tail ? tail_teacher_factor(d, lp_tail, lq_tail) : sums.z;
     for (int64_t j = team.lane; j < kk; j += team.lanes) {
       const int64_t id = ids[j];
       float g = 0.0f;  // padding slots
