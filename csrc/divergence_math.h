@@ -79,9 +79,23 @@ FASTKD_HD float div_log1p_unit(float e) {
 }
 
 // The coefficients of one call. log_wp / log_wq are used in kMixBoth only (both > 0 there).
+// prop: a w_q == b w_p (JSD: a = w_p, b = w_q), so a p + b q = (a / w_p) m and the terms
+// r (a p + b q) = (a / w_p) w_q q and s (a p + b q) = (a / w_p) w_p p are constant
+// multiples of q and p: they add exactly 0 to G - q sum G and H - p sum H and are
+// dropped from G and H (div_terms_delta). Kept, they made G and q sum G nearly cancel
+// on the largest classes (relative gradient error 2e-5 in float32 at beta = 0.9).
+// G and H are then the contract's G + c q, H + c p; every gradient formula of
+// docs/design.md gives the same result with them (sum q = sum p = 1).
+// Likewise, in kMixBoth G and H use lq - lm + log w_q and lp - lm + log w_p (a shift by a
+// constant times q and p): on the largest classes lp - lm is close to -log w_p, and the
+// unshifted H nearly cancelled against p sum H (5e-3 relative where the student is
+// one-hot). The loss itself uses the unshifted differences. g_shift / h_shift: the
+// constants c of G = G_contract + c q, H = H_contract + c p.
 struct DivParams {
   float a, b, w_p, w_q, log_wp, log_wq;
   int kind, mix;
+  bool prop;
+  float g_shift, h_shift;
 };
 
 FASTKD_HD int div_mix_mode(float w_p, float w_q) {
@@ -95,6 +109,12 @@ FASTKD_HD DivParams div_params(int kind, float a, float b, float w_p, float w_q)
   d.log_wq = w_q > 0.0f ? logf(w_q) : -INFINITY;
   d.kind = kind;
   d.mix = div_mix_mode(w_p, w_q);
+  d.prop = d.mix == kMixBoth && a * w_q == b * w_p;
+  const bool both = kind == kDivKL && d.mix == kMixBoth;
+  // with a == 0 or b == 0 the mixture part folds in too (div_terms_delta): one more unit
+  const float plus1 = (d.prop || a == 0.0f || b == 0.0f) ? 1.0f : 0.0f;
+  d.g_shift = both ? b * (d.log_wq + plus1) : 0.0f;
+  d.h_shift = both ? a * (d.log_wp + plus1) : 0.0f;
   return d;
 }
 
@@ -108,27 +128,37 @@ struct DivTerms {
   float soft, g, h;
 };
 
-// log m and the two mixture derivatives r = d lm / d lq, s = d lm / d lp.
+// The mixture of one class in the differences it is used through: lp - lm, lq - lm,
+// r = d lm / d lq, s = d lm / d lp, from delta = lp - lq alone. Taking the
+// differences from delta (not lp - lm from two log-probs) keeps their precision:
+// each log-prob carries a rounding error of eps |lp| (a few 1e-6 at lp = -20),
+// while lp - lm is often O(0.1) (JSD near beta = 1), so the direct difference lost
+// a digit or two of the teacher gradient. Here lm = hi + log1p(e) with hi the larger
+// of A = log w_p + lp and B = log w_q + lq, e = exp(-|A - B|), A - B = log w_p - log w_q + delta.
 struct DivMixture {
-  float lm, r, s;
+  float dp, dq, r, s;  // lp - lm, lq - lm, d lm / d lq, d lm / d lp
+  float gp, gq;        // the gradient's shifted differences (DivParams): dp + log w_p, dq + log w_q
 };
 
 template <int kMix>
-FASTKD_HD DivMixture div_mixture(const DivParams& d, float p, float q, float lp, float lq) {
+FASTKD_HD DivMixture div_mixture(const DivParams& d, float p, float q, float delta) {
   DivMixture x;
   if (kMix == kMixQ) {
-    x.lm = lq, x.r = 1.0f, x.s = 0.0f;
+    x.dp = delta, x.dq = 0.0f, x.r = 1.0f, x.s = 0.0f;  // lm = lq
+    x.gp = x.dp, x.gq = x.dq;
   } else if (kMix == kMixP) {
-    x.lm = lp, x.r = 0.0f, x.s = 1.0f;
+    x.dp = 0.0f, x.dq = -delta, x.r = 0.0f, x.s = 1.0f;  // lm = lp
+    x.gp = x.dp, x.gq = x.dq;
   } else {
-    // logaddexp(A, B) = max + log1p(exp(-|A - B|)); the larger side's share of m is 1 / (1 + e)
-    const float A = d.log_wp + lp, B = d.log_wq + lq;
-    const bool p_side = A >= B;
-    const float hi = p_side ? A : B, lo = p_side ? B : A;
-    const float e = div_exp(lo - hi);  // 0 when one side has no mass (lo = -inf)
-    const float inv = 1.0f / (1.0f + e);
-    const bool any = p > 0.0f || q > 0.0f;  // p = q = 0: -inf - -inf would be NaN; the terms are 0 anyway
-    x.lm = any ? hi + div_log1p_unit(e) : 0.0f;
+    const float ab = d.log_wp - d.log_wq + delta;  // A - B: +inf when q = 0, -inf when p = 0
+    const bool p_side = ab >= 0.0f;
+    const float e = div_exp(p_side ? -ab : ab);  // 0 when one side has no mass
+    const float inv = 1.0f / (1.0f + e), l1p = div_log1p_unit(e);
+    const bool any = p > 0.0f || q > 0.0f;  // p = q = 0: delta = -inf - -inf = NaN; the terms are 0 anyway
+    x.dp = p_side ? -d.log_wp - l1p : delta - d.log_wq - l1p;
+    x.dq = p_side ? -delta - d.log_wp - l1p : -d.log_wq - l1p;
+    x.gp = p_side ? -l1p : ab - l1p;
+    x.gq = p_side ? -ab - l1p : -l1p;
     x.s = any ? (p_side ? inv : e * inv) : 0.0f;
     x.r = any ? (p_side ? e * inv : inv) : 0.0f;
   }
@@ -137,8 +167,23 @@ FASTKD_HD DivMixture div_mixture(const DivParams& d, float p, float q, float lp,
 
 FASTKD_HD float div_sign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
 
-template <int kKind, int kMix>
-FASTKD_HD DivTerms div_terms(const DivParams& d, float p, float q, float lp, float lq) {
+// Which of the forms of div_terms_form a kMixBoth call uses (see DivParams): fixed
+// per call, so a kernel can make it a template argument (the CPU loops do: a runtime
+// branch per class kept GCC from vectorising them, 10x slower).
+enum DivForm { kFormGeneral = 0, kFormProp = 1, kFormNoB = 2, kFormNoA = 3 };
+
+FASTKD_HD int div_form(const DivParams& d) {
+  if (d.mix != kMixBoth) return kFormGeneral;
+  if (d.prop) return kFormProp;
+  if (d.b == 0.0f) return kFormNoB;
+  if (d.a == 0.0f) return kFormNoA;
+  return kFormGeneral;
+}
+
+// One class from its probabilities and delta = lp - lq, with the form fixed at
+// compile time (kForm = div_form(d); only used in kMixBoth).
+template <int kKind, int kMix, int kForm>
+FASTKD_HD DivTerms div_terms_form(const DivParams& d, float p, float q, float delta) {
   DivTerms t;
   if (kKind == kDivTVD) {
     const float diff = q - p;
@@ -147,15 +192,54 @@ FASTKD_HD DivTerms div_terms(const DivParams& d, float p, float q, float lp, flo
     t.h = -0.5f * p * div_sign(diff);
     return t;
   }
-  const DivMixture x = div_mixture<kMix>(d, p, q, lp, lq);
+  const DivMixture x = div_mixture<kMix>(d, p, q, delta);
   // a coefficient of 0 drops its term (never 0 * inf = NaN)
-  const float kl_p = d.a != 0.0f ? d.a * where_positive(p, p * (lp - x.lm)) : 0.0f;
-  const float kl_q = d.b != 0.0f ? d.b * where_positive(q, q * (lq - x.lm)) : 0.0f;
-  const float apbq = d.a * p + d.b * q;
+  const float kl_p = d.a != 0.0f ? d.a * where_positive(p, p * x.dp) : 0.0f;
+  const float kl_q = d.b != 0.0f ? d.b * where_positive(q, q * x.dq) : 0.0f;
   t.soft = kl_p + kl_q;
-  t.g = kl_q - x.r * apbq;
-  t.h = kl_p - x.s * apbq;
+  if (kMix == kMixBoth) {  // the shifted forms (see DivParams)
+    const float gq = d.b != 0.0f ? d.b * where_positive(q, q * x.gq) : 0.0f;
+    const float gp = d.a != 0.0f ? d.a * where_positive(p, p * x.gp) : 0.0f;
+    if (kForm == kFormProp) {  // the mixture terms are multiples of q and p
+      t.g = gq, t.h = gp;
+    } else if (kForm == kFormNoB) {  // skew KL: H = a p (gp - s) + a p = a p (gp + r) (r + s = 1), no cancellation
+      t.g = -x.r * (d.a * p);
+      t.h = d.a * where_positive(p, p * (x.gp + x.r));
+    } else if (kForm == kFormNoA) {  // skew reverse KL: G = b q (gq - r) + b q = b q (gq + s)
+      t.g = d.b * where_positive(q, q * (x.gq + x.s));
+      t.h = -x.s * (d.b * q);
+    } else {
+      const float apbq = d.a * p + d.b * q;
+      t.g = gq - x.r * apbq;
+      t.h = gp - x.s * apbq;
+    }
+  } else {
+    const float apbq = d.a * p + d.b * q;
+    t.g = kl_q - x.r * apbq;
+    t.h = kl_p - x.s * apbq;
+  }
   return t;
+}
+
+// The same with the form chosen at run time (the preferred input: the CPU kernel
+// forms delta from the raw logits, ((t - s) - (M_t - M_s)) / T + L_s - L_t).
+template <int kKind, int kMix>
+FASTKD_HD DivTerms div_terms_delta(const DivParams& d, float p, float q, float delta) {
+  if (kKind == kDivKL && kMix == kMixBoth) {
+    switch (div_form(d)) {
+      case kFormProp: return div_terms_form<kKind, kMix, kFormProp>(d, p, q, delta);
+      case kFormNoB: return div_terms_form<kKind, kMix, kFormNoB>(d, p, q, delta);
+      case kFormNoA: return div_terms_form<kKind, kMix, kFormNoA>(d, p, q, delta);
+      default: break;
+    }
+  }
+  return div_terms_form<kKind, kMix, kFormGeneral>(d, p, q, delta);
+}
+
+// The same from the two log-probs.
+template <int kKind, int kMix>
+FASTKD_HD DivTerms div_terms(const DivParams& d, float p, float q, float lp, float lq) {
+  return div_terms_delta<kKind, kMix>(d, p, q, lp - lq);
 }
 
 // Runtime-dispatched div_terms (for code that handles one bucket at a time, e.g. the tail).
@@ -166,17 +250,40 @@ FASTKD_HD DivTerms div_terms_any(const DivParams& d, float p, float q, float lp,
   return div_terms<kDivKL, kMixBoth>(d, p, q, lp, lq);
 }
 
-// H / p of one bucket, formed without dividing by p (the top-k tail's teacher
-// gradient: dlp_tail / dlp_k = -p_k / p_tail, so it needs H_tail / p_tail even when
-// p_tail is tiny). 0 where p == 0 (the tail term of the contract).
+// H / p of one bucket (H as div_terms_delta gives it), formed without dividing by p
+// (the top-k tail's teacher gradient: dlp_tail / dlp_k = -p_k / p_tail, so it needs
+// H_tail / p_tail even when p_tail is tiny). Where p == 0 (the teacher's top-k mass
+// clamped at 1) the tail does not depend on the log-probs, and d/dlp_k of
+// a p_k (lp_k - lm_k) keeps the "+ a p_k" that G and H drop (it cancels against the
+// tail's -p_k / p_tail only while the tail is live): the gradient is then
+// H_k + a p_k (KL family; TVD: H_k), so this returns h_shift - a (H_k - p_k (h_shift - a)).
+// (docs/design.md says "the tail term is 0 when p_tail = 0", which misses the a p_k.)
 FASTKD_HD float div_h_over_p(const DivParams& d, float p, float q, float lp, float lq) {
-  if (!(p > 0.0f)) return 0.0f;
+  if (!(p > 0.0f)) return d.kind == kDivKL ? d.h_shift - d.a : 0.0f;
   if (d.kind == kDivTVD) return -0.5f * div_sign(q - p);
-  if (d.mix == kMixQ) return d.a * (lp - lq);                      // H = a p (lp - lq)
-  if (d.mix == kMixP) return -(d.a + d.b * expf(lq - lp));        // H = -(a p + b q)
-  const DivMixture x = div_mixture<kMixBoth>(d, p, q, lp, lq);
-  // s / p = w_p / m = exp(log w_p - lm)
-  return d.a * (lp - x.lm) - expf(d.log_wp - x.lm) * (d.a * p + d.b * q);
+  const float delta = lp - lq;
+  if (d.mix == kMixQ) return d.a * delta;                          // H = a p (lp - lq)
+  if (d.mix == kMixP) return -(d.a + d.b * expf(-delta));         // H = -(a p + b q)
+  const DivMixture x = div_mixture<kMixBoth>(d, p, q, delta);
+  // as div_terms_delta; s / p = w_p / m = exp(log w_p - lm), with lm = lp - (lp - lm)
+  if (d.prop) return d.a * x.gp;
+  if (d.b == 0.0f) return d.a * (x.gp + x.r);
+  return d.a * x.gp - expf(d.log_wp + x.dp - lp) * (d.a * p + d.b * q);
+}
+
+// TVD gradients without cancellation. G - q sum G = 0.5 q (sign(q - p) - (Q+ - Q-)),
+// Q+ / Q- the student mass where q > p / q < p; when most mass sits on one side
+// Q+ - Q- is close to +-1 and the difference loses digits (1e-5 in float32). With
+// the tie mass Z = sum of q where q == p (= that of p), 1 - Q+ = Q- + Z exactly, so
+//   q > p:  0.5 q (Z + 2 Q-),   q < p:  -0.5 q (Z + 2 Q+),   q == p:  0.5 q (Q- - Q+)
+// and the same for the teacher with the roles of p and q swapped.
+struct DivTvdSums {
+  float q_lt, q_gt, p_lt, p_gt, tie;  // sum of q where q < p, q > p; of p where p < q, p > q; of p where p == q
+};
+
+// The bracket of the student (x = q, y = p) or teacher (x = p, y = q) gradient: times 0.5 x coef.
+FASTKD_HD float div_tvd_factor(float x, float y, float x_lt, float x_gt, float tie) {
+  return x > y ? tie + 2.0f * x_lt : (x < y ? -(tie + 2.0f * x_gt) : x_lt - x_gt);
 }
 
 // ---------------------------------------------------------------------------
@@ -221,33 +328,36 @@ FASTKD_HD float div_ce_hard(const DivLse& st1, float s_target) {
 // ---------------------------------------------------------------------------
 // Top-k pieces.
 
-// log(1 - exp(x)) for x <= 0, accurate on both sides of -log 2 (Maechler 2012).
-FASTKD_HD float div_log1mexp(float x) {
-  return x > -0.693147180559945f ? logf(-expm1f(x)) : log1pf(-expf(x));
+// log(1 - exp(x)) for x <= 0, accurate on both sides of -log 2 (Maechler 2012); in double (see below).
+FASTKD_HD double div_log1mexp(double x) {
+  return x > -0.693147180559945 ? log(-expm1(x)) : log1p(-exp(x));
 }
 
 // Teacher tail log-prob log(1 - sum_k p_k) from lse_k(lp) (div_topk_teacher_lse);
 // -inf when the top-k mass is >= 1 (an engine's rounding may push it a hair over).
-FASTKD_HD float div_topk_teacher_tail(float lse_p) {
-  return lse_p >= 0.0f ? -INFINITY : div_log1mexp(lse_p);
+FASTKD_HD float div_topk_teacher_tail(double lse_p) {
+  return lse_p >= 0.0 ? -INFINITY : static_cast<float>(div_log1mexp(lse_p));
 }
 
 // lse over the non-padding log-probs of a row, accurate when it is close to 0: the
 // first maximum contributes exactly 1 and only the others are summed, so
-// log(1 + sum) keeps a remaining mass of 1e-9 (plain logsumexp rounds it to 0).
+// log(1 + sum) keeps a remaining mass of 1e-9 (plain logsumexp rounds it to 0). In
+// double: the teacher tail 1 - sum_k p_k of K float32 log-probs has an absolute error
+// of K * 6e-8 in float32 arithmetic, which swamps a tail of 1e-9 (and the tail
+// gradient p_k / p_tail amplifies it); K terms per row cost nothing.
 // -inf for a row of padding only. lp: K float32 log-probs; ids: K ids (-1: padding).
-FASTKD_HD float div_topk_teacher_lse(const float* lp, const int64_t* ids, int64_t K) {
-  float m = -INFINITY;
+FASTKD_HD double div_topk_teacher_lse(const float* lp, const int64_t* ids, int64_t K) {
+  double m = -INFINITY;
   int64_t arg = -1;
   for (int64_t k = 0; k < K; ++k) {
     if (ids[k] >= 0 && (arg < 0 || lp[k] > m)) m = lp[k], arg = k;
   }
   if (arg < 0 || m == -INFINITY) return m == m ? -INFINITY : m;
-  float others = 0.0f;
+  double others = 0.0;
   for (int64_t k = 0; k < K; ++k) {
-    if (ids[k] >= 0 && k != arg) others += expf(lp[k] - m);
+    if (ids[k] >= 0 && k != arg) others += exp(double(lp[k]) - m);
   }
-  return m + log1pf(others);
+  return m + log1p(others);
 }
 
 // Student tail log-prob from the full row's (M_s, z_s) and the tail's own (M_tail,

@@ -22,6 +22,17 @@ LOSS_OPS = {
     "dkd": ("dkd_fwd",),
     "dist": ("dist_fwd",),
     "mgd": ("mgd_mask", "mgd_sq_err"),
+    # the language-model divergences (fastkd/divergence.py): one op for the family
+    "reverse_kl": ("divergence_fwd",),
+    "jsd": ("divergence_fwd",),
+    "skew_kl": ("divergence_fwd",),
+    "tvd": ("divergence_fwd",),
+    "kd_topk": ("divergence_fwd",),
+    # a loss with ce_weight / return_parts: the cross-entropy comes from divergence_fwd
+    # (in the same pass for kd with a float temperature, a second pass otherwise)
+    "kd+ce": ("kd_fwd", "divergence_fwd"),
+    "ats+ce": ("ats_fwd", "divergence_fwd"),
+    "dkd+ce": ("dkd_fwd", "divergence_fwd"),
 }
 # What "auto" tries on CUDA tensors, per loss, first choice first. Neither GPU
 # backend has been timed on a GPU yet, so this is a reasoned default, not a
@@ -32,13 +43,7 @@ LOSS_OPS = {
 # the tests (CUDA C++ kernels also on the CPU through HIP-CPU, Triton through its
 # interpreter). Once `python -m fastkd.bench --device cuda` results are committed,
 # each loss's order follows its measured winner (README, "Backends").
-AUTO_CUDA_ORDER = {
-    "kd": ("cuda", "triton"),
-    "ats": ("cuda", "triton"),
-    "dkd": ("cuda", "triton"),
-    "dist": ("cuda", "triton"),
-    "mgd": ("cuda", "triton"),
-}
+AUTO_CUDA_ORDER = {loss: ("cuda", "triton") for loss in LOSS_OPS}
 
 _triton_module = None
 _triton_error: Optional[str] = None
@@ -109,12 +114,15 @@ def backends() -> Dict[str, Dict[str, object]]:
     """Availability of each backend on this machine.
 
     Returns ``{name: {"available": bool, "reason": str or None, "losses": [...]}}``
-    where ``losses`` lists the losses the backend implements here.
+    where ``losses`` lists the losses the backend implements here ("kd_topk": ``kd_loss``
+    with a ``TopKTeacher``; a backend that has "kd" and any divergence also runs
+    ``ce_weight`` / ``return_parts``).
     """
     report = {}
     for name in BACKENDS[1:]:
         reason = unavailable_reason(name)
-        losses = [loss for loss in LOSS_OPS if reason is None and unavailable_reason(name, loss) is None]
+        losses = [loss for loss in LOSS_OPS
+                  if "+" not in loss and reason is None and unavailable_reason(name, loss) is None]
         report[name] = {"available": reason is None, "reason": reason, "losses": losses}
     return report
 

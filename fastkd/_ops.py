@@ -99,9 +99,22 @@ def _register_mgd():
     register_loss_autograd("fastkd::mgd_sq_err", {0: 1, 1: 2})
 
 
+def _register_divergence():
+    @torch.library.register_fake("fastkd::divergence_fwd")
+    def _(student, teacher, topk_ids, target, row_weight, temperature, kind, a, b, w_p, w_q, soft_scale, ce_weight,
+          topk_mode, reduce, grad_student, grad_teacher):
+        loss = _loss(student, reduce)
+        return (loss, torch.empty_like(loss), torch.empty_like(loss), _empty_grad(student, grad_student),
+                _empty_grad(teacher, grad_teacher))
+
+    register_loss_autograd("fastkd::divergence_fwd", {0: 3, 1: 4})
+
+
 if LOAD_ERROR is None:
     _register_kd()
     if _declared("ats_fwd"):  # all of these are declared together in csrc/ops.cpp
         _register_ats_dkd()
         _register_dist()
         _register_mgd()
+    if _declared("divergence_fwd"):
+        _register_divergence()

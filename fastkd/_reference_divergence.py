@@ -94,11 +94,7 @@ def check_args(student, teacher, temperature, reduction, target, ignore_index, s
         v.check_temperature_tensor(temperature, student)
     else:
         v.check_positive("temperature", temperature)
-    v.check_number("ce_weight", ce_weight)
-    if ce_weight != 0 and target is None:
-        raise ValueError(f"ce_weight={ce_weight} adds a cross-entropy term, which needs target (one class per row)")
-    if not isinstance(return_parts, bool):
-        raise TypeError(f"return_parts must be a bool, got {type(return_parts).__name__}")
+    v.check_ce(ce_weight, return_parts, target)
 
 
 def divergence_coefficients(kind: str, beta: float = 0.5, skew: float = 0.1,

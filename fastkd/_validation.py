@@ -233,3 +233,12 @@ def check_logit_loss(student, teacher, reduction, target, ignore_index, sample_w
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     check_target(target, student, ignore_index, required=target_required)
     check_sample_weight(sample_weight, student)
+
+
+def check_ce(ce_weight, return_parts, target) -> None:
+    """``ce_weight`` (a number; != 0 needs ``target``) and ``return_parts`` (a bool)."""
+    check_number("ce_weight", ce_weight)
+    if ce_weight != 0 and target is None:
+        raise ValueError(f"ce_weight={ce_weight} adds a cross-entropy term, which needs target (one class per row)")
+    if not isinstance(return_parts, bool):
+        raise TypeError(f"return_parts must be a bool, got {type(return_parts).__name__}")

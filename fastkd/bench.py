@@ -3,7 +3,9 @@
     python -m fastkd.bench [--quick] [--device cpu|cuda] [--losses kd,dkd,...]
                            [--providers cpu,eager,...] [--csv PATH] [--threads N]
 
-For every loss (kd, ats, dkd, dist, mgd), shape, dtype and provider it measures
+For every loss (kd, ats, dkd, dist, mgd; the LM divergences reverse_kl, jsd, skew_kl,
+tvd; kd_ce: KD with ``ce_weight=0.1`` fused, against the fused KD alone and the fused
+KD plus ``F.cross_entropy``; kd_topk: KD against a top-64 teacher), shape, dtype and provider it measures
 one training step of the loss: forward (``loss = f(student, teacher, ...)`` with
 the student requiring grad, as in training), backward (``loss.backward()``)
 and both, timed together in each iteration:
@@ -12,8 +14,8 @@ and both, timed together in each iteration:
   loss on the device ("cpu" on CPU; "cuda" and "triton" on GPU, never the
   Triton interpreter), "eager" (``fastkd.reference``), "compile"
   (``torch.compile(fastkd.reference.<loss>)``, compiled afresh for each shape)
-  and, for KD on CUDA when ``liger_kernel`` is installed, "liger"
-  (``LigerKLDIVLoss`` on ``log_softmax`` outputs, times T^2). A backend that does
+  and, for KD and JSD on CUDA when ``liger_kernel`` is installed, "liger"
+  (``LigerKLDIVLoss`` on ``log_softmax`` outputs, times T^2; ``LigerJSD(beta=0.5)``). A backend that does
   not implement a loss yet is skipped with a note.
 * time: median, p20 and p80 over the repeats (``time.perf_counter`` on CPU,
   CUDA events on GPU), after one warm-up iteration (two for "compile": the
@@ -64,8 +66,17 @@ import torch
 import fastkd
 from fastkd import reference
 
-LOSSES = ("kd", "ats", "dkd", "dist", "mgd")
-PEERS = ("eager", "compile", "liger")
+LOSSES = ("kd", "ats", "dkd", "dist", "mgd", "reverse_kl", "jsd", "skew_kl", "tvd", "kd_ce", "kd_topk")
+# kd_ce: kd_loss(..., target, ce_weight=0.1), KL and cross-entropy in one pass; its extra
+# peers are the fused KD alone ("kd_alone") and the fused KD plus F.cross_entropy ("kd+ce_sep").
+# kd_topk: kd_loss against a TopKTeacher of K = TOPK_K ids per row.
+KD_CE_PEERS = ("kd_alone", "kd+ce_sep")
+PEERS = ("eager", "compile", "liger") + KD_CE_PEERS
+DIVERGENCES = ("reverse_kl", "jsd", "skew_kl", "tvd")
+CE_WEIGHT = 0.1
+BACKEND_LOSS = {"kd_ce": "kd+ce"}  # the fastkd._backend.LOSS_OPS key of a case, where it differs
+TOPK_K = 64
+TOPK_SHAPE = (1024, 128256)  # the top-k target of the issue: K = 64 over a 128k vocabulary, float32
 MODES = ("fwd", "bwd", "fwd+bwd")
 COLUMNS = ("kernel", "provider", "mode", "shape", "dtype", "device", "torch", "fastkd",
            "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "gbps", "pct_copy_bw")
@@ -120,6 +131,10 @@ def build_cases(losses: List[str], device: str, quick: bool) -> List[Case]:
                 note = "" if real == shape else "scaled from " + "x".join(map(str, shape))
                 cases.append(Case(loss, real, "float32", note))
             continue
+        if loss == "kd_topk":
+            shape = (256, 32000) if quick else TOPK_SHAPE
+            cases.append(Case(loss, shape, "float32", f"K = {TOPK_K}"))
+            continue
         if quick:
             shapes = [(1024, 1000)] if device == "cpu" else [(1024, 1000), (8192, 32000)]
             dtypes = ["float32"]
@@ -143,8 +158,10 @@ def make_inputs(case: Case, device: str) -> Dict[str, object]:
     student = (2 * torch.randn(case.shape, generator=gen, device=device)).to(dtype).requires_grad_()
     teacher = (2 * torch.randn(case.shape, generator=gen, device=device)).to(dtype)
     inputs = {"student": student, "teacher": teacher}
-    if case.kernel in ("ats", "dkd"):
+    if case.kernel in ("ats", "dkd", "kd_ce"):
         inputs["target"] = torch.randint(0, case.shape[-1], case.shape[:-1], generator=gen, device=device)
+    if case.kernel == "kd_topk":
+        inputs["teacher"] = fastkd.TopKTeacher.from_logits(teacher, TOPK_K)
     if case.kernel == "mgd":
         torch.manual_seed(0)
         c = case.shape[1]
@@ -157,6 +174,8 @@ def make_inputs(case: Case, device: str) -> Dict[str, object]:
 def io_bytes(case: Case) -> int:
     """Read student and teacher once, write the student gradient once."""
     numel = math.prod(case.shape)
+    if case.kernel == "kd_topk":  # the student and its gradient; the K ids and log-probs are negligible
+        return numel * DTYPES[case.dtype].itemsize * 2
     return numel * DTYPES[case.dtype].itemsize * 3
 
 
@@ -166,8 +185,10 @@ def io_bytes(case: Case) -> int:
 
 def _args(loss: str, fn: Callable, d: Dict[str, object]) -> torch.Tensor:
     """Call a loss function (reference signature, default hyper-parameters) on the inputs."""
-    if loss in ("kd", "dist"):
+    if loss in ("kd", "dist", "kd_topk") + DIVERGENCES:
         return fn(d["student"], d["teacher"])
+    if loss == "kd_ce":
+        return fn(d["student"], d["teacher"], target=d["target"], ce_weight=CE_WEIGHT)
     if loss in ("ats", "dkd"):
         return fn(d["student"], d["teacher"], d["target"])
     # MGD: a fixed mask seed, so every provider draws the same mask.
@@ -185,36 +206,64 @@ def _liger_available() -> bool:
 def providers_for(loss: str, device: str, wanted: Optional[List[str]]) -> Tuple[List[str], List[str]]:
     """(providers to run for ``loss`` on ``device``, notes on skipped ones)."""
     fused = ["cpu"] if device == "cpu" else ["cuda", "triton"]
-    report = fastkd.backends()
     names, notes = [], []
     for name in fused:
-        info = report[name]
-        if loss in info["losses"]:
+        why = fastkd._backend.unavailable_reason(name, BACKEND_LOSS.get(loss, loss), torch.device(device))
+        if why is None:
             names.append(name)
         else:
-            why = info["reason"] or f"backend '{name}' has no {loss} kernel yet"
             notes.append(f"{loss}: skipped backend '{name}' ({why})")
+    if loss == "kd_ce" and names:
+        names += list(KD_CE_PEERS)
     names += ["eager", "compile"]
-    if loss == "kd" and device == "cuda":
+    if loss in ("kd", "jsd") and device == "cuda":  # Liger's Triton kernels need a GPU
         if _liger_available():
             names.append("liger")
         else:
-            notes.append("kd: skipped 'liger' (liger_kernel is not installed)")
+            notes.append(f"{loss}: skipped 'liger' (liger_kernel is not installed)")
     if wanted is not None:
         names = [n for n in names if n in wanted]
     return names, notes
 
 
-def make_call(loss: str, provider: str) -> Callable[[Dict[str, object]], torch.Tensor]:
+def _function_name(loss: str, module: str = "fastkd") -> str:
+    """The function of ``module`` ("fastkd" or "reference") a benchmark case calls."""
+    if loss == "kd_topk":
+        return "kd_topk_loss" if module == "reference" else "kd_loss"
+    return "kd_loss" if loss == "kd_ce" else f"{loss}_loss"
+
+
+def _fused_backend(device: str) -> str:
+    return "cpu" if device == "cpu" else fastkd._backend.resolve("kd", "auto", torch.empty(0, device=device))
+
+
+def make_call(loss: str, provider: str, device: str = "cpu") -> Callable[[Dict[str, object]], torch.Tensor]:
     if provider == "eager":
-        fn = getattr(reference, f"{loss}_loss")
+        fn = getattr(reference, _function_name(loss, "reference"))
         return lambda d: _args(loss, fn, d)
     if provider == "compile":
         # A fresh compile per case: dynamo would otherwise mark dims dynamic on the
         # second shape and fall back to eager past its recompile limit.
         torch._dynamo.reset()
-        fn = torch.compile(getattr(reference, f"{loss}_loss"))
+        fn = torch.compile(getattr(reference, _function_name(loss, "reference")))
         return lambda d: _args(loss, fn, d)
+    if provider == "kd_alone":
+        backend = _fused_backend(device)
+        return lambda d: fastkd.kd_loss(d["student"], d["teacher"], backend=backend)
+    if provider == "kd+ce_sep":
+        backend = _fused_backend(device)
+        return lambda d: (fastkd.kd_loss(d["student"], d["teacher"], backend=backend)
+                          + CE_WEIGHT * torch.nn.functional.cross_entropy(d["student"].float(), d["target"]))
+    if provider == "liger" and loss == "jsd":
+        from liger_kernel.transformers import LigerJSD
+
+        jsd = LigerJSD(beta=0.5)  # fastkd.jsd_loss's default; both take T = 1 here
+
+        def liger_jsd(d):
+            # Liger takes (student log-probs, teacher log-probs) and averages over rows
+            return jsd(torch.log_softmax(d["student"].float(), dim=-1), torch.log_softmax(d["teacher"].float(), dim=-1))
+
+        return liger_jsd
     if provider == "liger":
         from liger_kernel.transformers import LigerKLDIVLoss
 
@@ -227,7 +276,7 @@ def make_call(loss: str, provider: str) -> Callable[[Dict[str, object]], torch.T
             return kl(log_ps, log_pt) * temp**2
 
         return liger_kd
-    fn = getattr(fastkd, f"{loss}_loss")
+    fn = getattr(fastkd, _function_name(loss))
     return lambda d: _args(loss, lambda *a, **k: fn(*a, backend=provider, **k), d)
 
 
@@ -527,7 +576,27 @@ def format_speedups(rows) -> str:
 
     for kernel, shape, dtype, provider, vs_eager, vs_compile in speedups(rows):
         lines.append(f"{kernel:<6} {shape:<18} {dtype:<9} {provider:<7} {ratio(vs_eager):>9} {ratio(vs_compile):>11}")
+    ce = kd_ce_ratios(rows)
+    if ce:
+        lines.append("")
+        lines.append(f"kd_loss(ce_weight={CE_WEIGHT}) (fused, one pass): time over the fused KD alone (target <= 1.15), "
+                     "and speed-up over the fused KD + F.cross_entropy (target >= 1.8):")
+        for shape, dtype, provider, over_alone, vs_separate in ce:
+            lines.append(f"  {shape:<18} {dtype:<9} {provider:<7} {over_alone:.2f}x of KD alone, "
+                         f"{vs_separate:.2f}x faster than separate")
     return "\n".join(lines)
+
+
+def kd_ce_ratios(rows) -> List[Tuple[str, str, str, float, float]]:
+    """(shape, dtype, fused provider, fused / kd_alone, kd+ce_sep / fused) of the kd_ce cases (fwd+bwd medians)."""
+    times = {(r["shape"], r["dtype"], r["provider"]): float(r["median_ms"])
+             for r in rows if r["kernel"] == "kd_ce" and r["mode"] == "fwd+bwd"}
+    out = []
+    for (shape, dtype, provider), ms in times.items():
+        alone, separate = times.get((shape, dtype, "kd_alone")), times.get((shape, dtype, "kd+ce_sep"))
+        if provider not in PEERS and alone and separate:
+            out.append((shape, dtype, provider, ms / alone, separate / ms))
+    return out
 
 
 def write_csv(rows: List[Dict[str, object]], path: str) -> None:
@@ -587,7 +656,7 @@ def run(args) -> Tuple[List[Dict[str, object]], List[str], List[str]]:
         calls = {}
         for name in names:  # eager first: the others are checked against it
             try:
-                call = make_call(case.kernel, name)
+                call = make_call(case.kernel, name, device)
                 for _ in range(warmup + (name == "compile")):  # compile's first call compiles
                     time_step(call, d, device)
                 calls[name] = call

@@ -14,46 +14,93 @@ Public functionals (re-exported as ``fastkd.*`` and ``fastkd.functional.*``)::
 ``fastkd.reference``). None of these multiplies by ``T^2`` (as TRL, Liger and
 DistiLLM); ``kd_loss`` keeps Hinton's ``T^2``.
 
-Backends: only ``"reference"`` implements this family so far. ``"auto"`` runs it
-without the fallback warning (nothing is missing from this installation: no
-fused kernel exists yet); an explicit ``"cpu"``, ``"cuda"`` or ``"triton"``
-raises the standard "unavailable ... no <loss> kernel yet" ``ValueError``. When
-the fused row op ``divergence_fwd`` lands (contract in ``docs/design.md``), its
-losses join ``_backend.LOSS_OPS`` and ``_backend_for`` becomes ``_backend.resolve``.
+Backends: the reference (plain PyTorch, autograd; float64 stays float64) and
+every fused backend that has the row op ``divergence_fwd`` (``docs/design.md``):
+one op for the whole family, the divergence given by its coefficients
+``(a, b, w_p, w_q)`` (``fastkd._reference_divergence.divergence_coefficients``),
+the cross-entropy computed in the same pass over the student logits.
 """
 from typing import Optional, Union
 
 import torch
 
 from . import _reference_divergence as R
-from ._backend import BACKENDS, unavailable_reason
+from . import _validation as v
+from ._backend import implementation, resolve
 from ._reference_divergence import LossParts
 from .topk import TopKTeacher
 
 __all__ = ["reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "LossParts", "TopKTeacher"]
 
-# The fused row op these losses will run on (one op for the whole family, a divergence switch).
-FUSED_OP = "divergence_fwd"
-
 Teacher = Union[torch.Tensor, TopKTeacher]
 
-
-def _backend_for(loss: str, backend, student: torch.Tensor) -> str:
-    """The backend that runs ``loss``: the reference for now (see the module docstring)."""
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend in ("auto", "reference"):
-        return "reference"
-    # Same message as _backend.resolve for a fused backend without the loss's op.
-    reason = unavailable_reason(backend, None, student.device)
-    if reason is None:
-        missing = "" if backend == "triton" else f" (missing fastkd::{FUSED_OP})"
-        reason = f"backend '{backend}' has no {loss} kernel yet{missing}"
-    raise ValueError(f"backend '{backend}' is unavailable for {loss}: {reason}")
+_NO_IDS = torch.empty(0, dtype=torch.int64)
 
 
-def _loss_name(base: str, teacher) -> str:
-    return f"{base} with a TopKTeacher" if isinstance(teacher, TopKTeacher) else base
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """``[..., C]`` as contiguous rows ``[N, C]`` (a view when it already is)."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def wants_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def check_constant_weight(sample_weight, backend: str) -> None:
+    if sample_weight is not None and wants_grad(sample_weight):
+        raise ValueError(
+            f"sample_weight requires grad, but backend '{backend}' treats it as a constant; "
+            "pass sample_weight.detach(), or backend='reference' to differentiate it"
+        )
+
+
+def fused_call(name: str, student, teacher: Teacher, *, temperature: float, reduction: str, target, ignore_index,
+               sample_weight, ce_weight: float, return_parts: bool, kind: str, soft_scale: float = 1.0, **params):
+    """Run ``divergence_fwd`` of fused backend ``name`` on the rows of ``student`` (arguments checked).
+
+    ``kind``: "tvd", "ce" (cross-entropy alone: ``a = b = 0``) or a KL-family kind of
+    ``divergence_coefficients``. Returns the loss, or ``LossParts`` with ``return_parts``.
+    """
+    check_constant_weight(sample_weight, name)
+    s = rows(student)
+    topk = isinstance(teacher, TopKTeacher)
+    if topk:
+        t, ids = rows(teacher.logprobs), rows(teacher.indices)
+    else:
+        t, ids = rows(teacher), _NO_IDS.to(s.device)
+    if kind == "tvd":
+        code, coefficients = R.KIND_CODES["tvd"], (0.0, 0.0, 0.0, 0.0)
+    elif kind == "ce":
+        code, coefficients = R.KIND_CODES["kl_family"], (0.0, 0.0, 0.0, 1.0)
+    else:
+        code, coefficients = R.KIND_CODES["kl_family"], R.divergence_coefficients(kind, **params)
+    # The target costs a second log-sum-exp (T = 1): passed only when the CE is wanted.
+    wants_ce = target is not None and (ce_weight != 0 or return_parts)
+    tgt = target.reshape(-1).to(torch.int64).contiguous() if wants_ce else _NO_IDS.to(s.device)
+    weight = v.row_weights(student, target, ignore_index, sample_weight, reduction)
+    mode = R.TOPK_MODE_CODES[teacher.mode if topk else None]
+    loss, soft, hard, _, _ = implementation(name).divergence_fwd(
+        s, t, ids, tgt, weight, float(temperature), code, *coefficients, float(soft_scale), float(ce_weight), mode,
+        reduction != "none", wants_grad(s), wants_grad(t),
+    )
+    lead = student.shape[:-1]
+    if reduction == "none":
+        loss, soft, hard = loss.reshape(lead), soft.reshape(lead), hard.reshape(lead)
+    return LossParts(loss, soft.detach(), hard.detach()) if return_parts else loss
+
+
+def _dispatch(loss: str, student, teacher: Teacher, backend: str, temperature, reduction, target, ignore_index,
+              sample_weight, ce_weight, return_parts, kind: str, scale_t2: bool = False, **params):
+    """Resolve ``loss``'s backend and run it: the reference by autograd, or ``fused_call``."""
+    topk = isinstance(teacher, TopKTeacher)
+    name = resolve(loss, backend, student, teacher.logprobs if topk else teacher)
+    if name == "reference":
+        return R._compute(student, teacher, temperature, reduction, target, ignore_index, sample_weight,
+                          ce_weight, return_parts, kind, scale_t2=scale_t2, **params)
+    return fused_call(name, student, teacher, temperature=temperature, reduction=reduction, target=target,
+                      ignore_index=ignore_index, sample_weight=sample_weight, ce_weight=ce_weight,
+                      return_parts=return_parts, kind=kind,
+                      soft_scale=float(temperature) ** 2 if scale_t2 else 1.0, **params)
 
 
 def reverse_kl_loss(
@@ -71,9 +118,8 @@ def reverse_kl_loss(
 ):
     R.check_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
                  ce_weight, return_parts)
-    _backend_for(_loss_name("reverse_kl", teacher_logits), backend, student_logits)
-    return R._compute(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
-                      sample_weight, ce_weight, return_parts, "reverse_kl")
+    return _dispatch("reverse_kl", student_logits, teacher_logits, backend, temperature, reduction, target,
+                     ignore_index, sample_weight, ce_weight, return_parts, "reverse_kl")
 
 
 def jsd_loss(
@@ -93,9 +139,8 @@ def jsd_loss(
     R._check_unit("beta", beta)
     R.check_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
                  ce_weight, return_parts)
-    _backend_for(_loss_name("jsd", teacher_logits), backend, student_logits)
-    return R._compute(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
-                      sample_weight, ce_weight, return_parts, "jsd", beta=beta)
+    return _dispatch("jsd", student_logits, teacher_logits, backend, temperature, reduction, target,
+                     ignore_index, sample_weight, ce_weight, return_parts, "jsd", beta=beta)
 
 
 def skew_kl_loss(
@@ -116,9 +161,8 @@ def skew_kl_loss(
     R.check_skew_args(skew, reverse)
     R.check_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
                  ce_weight, return_parts)
-    _backend_for(_loss_name("skew_kl", teacher_logits), backend, student_logits)
-    return R._compute(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
-                      sample_weight, ce_weight, return_parts, "skew_kl", skew=skew, reverse=reverse)
+    return _dispatch("skew_kl", student_logits, teacher_logits, backend, temperature, reduction, target,
+                     ignore_index, sample_weight, ce_weight, return_parts, "skew_kl", skew=skew, reverse=reverse)
 
 
 def tvd_loss(
@@ -136,19 +180,28 @@ def tvd_loss(
 ):
     R.check_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
                  ce_weight, return_parts)
-    _backend_for(_loss_name("tvd", teacher_logits), backend, student_logits)
-    return R._compute(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
-                      sample_weight, ce_weight, return_parts, "tvd")
+    return _dispatch("tvd", student_logits, teacher_logits, backend, temperature, reduction, target,
+                     ignore_index, sample_weight, ce_weight, return_parts, "tvd")
 
 
 def kd_topk_loss(student_logits, teacher: TopKTeacher, temperature=4.0, *, reduction="batchmean", target=None,
-                 ignore_index=-100, sample_weight=None, backend="auto"):
-    """``fastkd.kd_loss`` with a ``TopKTeacher`` (it routes here): ``T^2 * KL(p || q)`` over the buckets."""
+                 ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False, backend="auto"):
+    """``fastkd.kd_loss`` with a ``TopKTeacher`` (it routes here): ``T^2 * KL(p || q)`` over the buckets.
+
+    A tensor temperature (CTKD) is supported by the reference only: ``"auto"`` runs
+    the reference then, an explicit fused backend raises.
+    """
     R.check_args(student_logits, teacher, temperature, reduction, target, ignore_index, sample_weight,
-                 0.0, False, temperature_tensor=True)
-    _backend_for("kd with a TopKTeacher", backend, student_logits)
-    return R._compute(student_logits, teacher, temperature, reduction, target, ignore_index, sample_weight,
-                      0.0, False, "forward_kl", scale_t2=True)
+                 ce_weight, return_parts, temperature_tensor=True)
+    if isinstance(temperature, torch.Tensor):
+        if backend not in ("auto", "reference"):
+            raise ValueError(
+                f"backend '{backend}' takes a float temperature with a TopKTeacher; a tensor temperature "
+                "(learned, CTKD) runs on backend='reference' (or 'auto')"
+            )
+        backend = "reference"
+    return _dispatch("kd_topk", student_logits, teacher, backend, temperature, reduction, target, ignore_index,
+                     sample_weight, ce_weight, return_parts, "forward_kl", scale_t2=True)
 
 
 _DETAIL = """

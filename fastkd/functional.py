@@ -18,25 +18,21 @@ from ._backend import implementation, resolve
 from .reference import ipw_weights, simkd_loss  # noqa: F401  (no fused kernel needed: cheap or not logit-sized)
 from . import divergence as _divergence
 from .divergence import jsd_loss, reverse_kl_loss, skew_kl_loss, tvd_loss  # noqa: F401  (the LM divergences)
+from ._reference_divergence import LossParts
 from .topk import TopKTeacher
 
 __all__ = ["kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights",
            "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss"]
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1]).contiguous()
+_rows, _wants_grad, _check_constant_weight = _divergence.rows, _divergence.wants_grad, _divergence.check_constant_weight
 
 
-def _wants_grad(x: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and x.requires_grad
-
-
-def _check_constant_weight(sample_weight, backend: str) -> None:
-    if sample_weight is not None and _wants_grad(sample_weight):
-        raise ValueError(
-            f"sample_weight requires grad, but backend '{backend}' treats it as a constant; "
-            "pass sample_weight.detach(), or backend='reference' to differentiate it"
+def _reject_topk(loss: str, teacher) -> None:
+    if isinstance(teacher, TopKTeacher):
+        raise TypeError(
+            f"{loss} needs dense teacher logits (its formula uses the teacher's whole distribution); "
+            "a fastkd.TopKTeacher works with kd_loss, reverse_kl_loss, jsd_loss, skew_kl_loss and tvd_loss"
         )
 
 
@@ -53,8 +49,10 @@ def kd_loss(
     target: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     sample_weight: Optional[torch.Tensor] = None,
+    ce_weight: float = 0.0,
+    return_parts: bool = False,
     backend: str = "auto",
-) -> torch.Tensor:
+):
     """Vanilla KD (Hinton et al. 2015), per row::
 
         loss_i = T^2 * sum_c p_t[c] * (log p_t[c] - log p_s[c]),  p = softmax(logits / T)
@@ -77,19 +75,35 @@ def kd_loss(
 
     ``teacher_logits`` may be a ``fastkd.TopKTeacher`` (top-k teacher log-probs,
     taken as given: ``temperature`` divides the student only, ``T^2`` is kept).
+
+    ``ce_weight`` adds ``ce_weight * cross_entropy(student_logits, target)`` (raw
+    logits, T = 1; same reduction, ``ignore_index`` and ``sample_weight``; needs
+    ``target``), computed in the same pass over the logits as the KL when the
+    temperature is a number (a tensor temperature takes a second pass).
+    ``return_parts=True`` returns ``LossParts(loss, soft, hard)``: the reduced KD
+    term (with ``T^2``) and the unweighted reduced cross-entropy, both detached.
     """
-    if isinstance(teacher_logits, TopKTeacher):  # top-k teacher: fastkd/divergence.py (reference only for now)
+    if isinstance(teacher_logits, TopKTeacher):  # top-k teacher: fastkd/divergence.py
         return _divergence.kd_topk_loss(
             student_logits, teacher_logits, temperature, reduction=reduction, target=target,
-            ignore_index=ignore_index, sample_weight=sample_weight, backend=backend,
+            ignore_index=ignore_index, sample_weight=sample_weight, ce_weight=ce_weight,
+            return_parts=return_parts, backend=backend,
         )
     v.check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, False)
     v.check_temperature_tensor(temperature, student_logits)
-    name = resolve("kd", backend, student_logits, teacher_logits)
+    v.check_ce(ce_weight, return_parts, target)
+    with_ce = ce_weight != 0 or return_parts
+    name = resolve("kd+ce" if with_ce else "kd", backend, student_logits, teacher_logits)
     if name == "reference":
         return reference.kd_loss(
             student_logits, teacher_logits, temperature, reduction=reduction, target=target,
-            ignore_index=ignore_index, sample_weight=sample_weight,
+            ignore_index=ignore_index, sample_weight=sample_weight, ce_weight=ce_weight, return_parts=return_parts,
+        )
+    if with_ce and not isinstance(temperature, torch.Tensor):  # KL and CE in one pass
+        return _divergence.fused_call(
+            name, student_logits, teacher_logits, temperature=temperature, reduction=reduction, target=target,
+            ignore_index=ignore_index, sample_weight=sample_weight, ce_weight=ce_weight,
+            return_parts=return_parts, kind="forward_kl", soft_scale=float(temperature) ** 2,
         )
     _check_constant_weight(sample_weight, name)
     s, t = _rows(student_logits), _rows(teacher_logits)
@@ -98,7 +112,20 @@ def kd_loss(
     loss = implementation(name).kd_fwd(
         s, t, temp, weight, reduction != "none", _wants_grad(s), _wants_grad(t), _wants_grad(temp)
     )[0]
-    return _finish(loss, reduction, student_logits)
+    return _with_ce(_finish(loss, reduction, student_logits), name, student_logits, target, ignore_index,
+                    sample_weight, reduction, ce_weight, return_parts)
+
+
+def _with_ce(soft, name, student_logits, target, ignore_index, sample_weight, reduction, ce_weight, return_parts):
+    """``soft`` (a fused loss) plus its cross-entropy from a CE-only pass of ``divergence_fwd``."""
+    if ce_weight == 0 and not return_parts:
+        return soft
+    ce = _divergence.fused_call(
+        name, student_logits, student_logits.detach(), temperature=1.0, reduction=reduction, target=target,
+        ignore_index=ignore_index, sample_weight=sample_weight, ce_weight=ce_weight, return_parts=True, kind="ce",
+    )
+    loss = soft + ce.loss if ce_weight != 0 else soft
+    return LossParts(loss, soft.detach(), ce.hard) if return_parts else loss
 
 
 def ats_loss(
@@ -112,25 +139,32 @@ def ats_loss(
     reduction: str = "batchmean",
     ignore_index: int = -100,
     sample_weight: Optional[torch.Tensor] = None,
+    ce_weight: float = 0.0,
+    return_parts: bool = False,
     backend: str = "auto",
-) -> torch.Tensor:
+):
     """ATS, asymmetric temperature scaling (Li et al. 2022), KL form, per row::
 
         q_c    = softmax(t / tau_c),  tau_c = target_temperature if c == target else other_temperature
         loss_i = s^2 * KL(q || softmax(student / s)),  s = student_temperature
 
     (the official soft cross-entropy minus the teacher entropy: same gradient).
+    ``ce_weight`` / ``return_parts``: as ``kd_loss`` (the cross-entropy is a second
+    pass over the student logits here).
     """
+    _reject_topk("ats_loss", teacher_logits)
     v.check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
     for name_, value in (("target_temperature", target_temperature), ("other_temperature", other_temperature),
                          ("student_temperature", student_temperature)):
         v.check_positive(name_, value)
-    name = resolve("ats", backend, student_logits, teacher_logits)
+    v.check_ce(ce_weight, return_parts, target)
+    with_ce = ce_weight != 0 or return_parts
+    name = resolve("ats+ce" if with_ce else "ats", backend, student_logits, teacher_logits)
     if name == "reference":
         return reference.ats_loss(
             student_logits, teacher_logits, target, target_temperature=target_temperature,
             other_temperature=other_temperature, student_temperature=student_temperature, reduction=reduction,
-            ignore_index=ignore_index, sample_weight=sample_weight,
+            ignore_index=ignore_index, sample_weight=sample_weight, ce_weight=ce_weight, return_parts=return_parts,
         )
     _check_constant_weight(sample_weight, name)
     s, t = _rows(student_logits), _rows(teacher_logits)
@@ -139,7 +173,8 @@ def ats_loss(
         s, t, target.reshape(-1).to(torch.int64).contiguous(), weight, float(student_temperature),
         float(target_temperature), float(other_temperature), reduction != "none", _wants_grad(s), _wants_grad(t),
     )[0]
-    return _finish(loss, reduction, student_logits)
+    return _with_ce(_finish(loss, reduction, student_logits), name, student_logits, target, ignore_index,
+                    sample_weight, reduction, ce_weight, return_parts)
 
 
 def dkd_loss(
@@ -153,8 +188,10 @@ def dkd_loss(
     reduction: str = "batchmean",
     ignore_index: int = -100,
     sample_weight: Optional[torch.Tensor] = None,
+    ce_weight: float = 0.0,
+    return_parts: bool = False,
     backend: str = "auto",
-) -> torch.Tensor:
+):
     """DKD, decoupled KD (Zhao et al. 2022), per row::
 
         loss_i = alpha * TCKD_i + beta * NCKD_i
@@ -162,18 +199,24 @@ def dkd_loss(
         NCKD_i = T^2 * KL(softmax(t / T over c != g) || softmax(s / T over c != g))
 
     with ``g = target``, ``log(1 - p[g])`` computed stably as
-    ``lse(x / T over c != g) - lse(x / T)``.
+    ``lse(x / T over c != g) - lse(x / T)``. ``ce_weight`` / ``return_parts``: as
+    ``kd_loss`` (the cross-entropy is a second pass over the student logits here;
+    mdistiller adds its CE outside the loss, with weight 1).
     """
+    _reject_topk("dkd_loss", teacher_logits)
     v.check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
     v.check_number("alpha", alpha)
     v.check_number("beta", beta)
     v.check_positive("temperature", temperature)
     v.check_dkd_classes(student_logits)
-    name = resolve("dkd", backend, student_logits, teacher_logits)
+    v.check_ce(ce_weight, return_parts, target)
+    with_ce = ce_weight != 0 or return_parts
+    name = resolve("dkd+ce" if with_ce else "dkd", backend, student_logits, teacher_logits)
     if name == "reference":
         return reference.dkd_loss(
             student_logits, teacher_logits, target, alpha=alpha, beta=beta, temperature=temperature,
-            reduction=reduction, ignore_index=ignore_index, sample_weight=sample_weight,
+            reduction=reduction, ignore_index=ignore_index, sample_weight=sample_weight, ce_weight=ce_weight,
+            return_parts=return_parts,
         )
     _check_constant_weight(sample_weight, name)
     s, t = _rows(student_logits), _rows(teacher_logits)
@@ -182,7 +225,8 @@ def dkd_loss(
         s, t, target.reshape(-1).to(torch.int64).contiguous(), weight, float(alpha), float(beta),
         float(temperature), reduction != "none", _wants_grad(s), _wants_grad(t),
     )[0]
-    return _finish(loss, reduction, student_logits)
+    return _with_ce(_finish(loss, reduction, student_logits), name, student_logits, target, ignore_index,
+                    sample_weight, reduction, ce_weight, return_parts)
 
 
 def dist_loss(
@@ -207,6 +251,7 @@ def dist_loss(
     intra-class statistics are over the local batch only (under data parallelism
     each rank correlates its own rows; it is not the loss of the global batch).
     """
+    _reject_topk("dist_loss", teacher_logits)
     v.check_pair(student_logits, teacher_logits)
     v.check_number("beta", beta)
     v.check_number("gamma", gamma)

@@ -104,16 +104,21 @@ class KDLoss(nn.Module):
     temperature=None)``: ``target`` only marks rows to skip (``ignore_index``);
     a ``temperature`` given here (a number, or a tensor from
     ``LearnableTemperature`` that receives a gradient) replaces the module's.
+    ``ce_weight`` adds ``ce_weight * cross_entropy(student_logits, target)`` in the
+    same pass; ``return_parts=True`` returns ``LossParts(loss, soft, hard)``.
     """
 
     def __init__(self, temperature: float = 4.0, *, reduction: str = "batchmean", ignore_index: int = -100,
-                 backend: str = "auto"):
+                 ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto"):
         super().__init__()
         v.check_positive("temperature", temperature)
         _check_row_args(reduction, ignore_index, backend)
+        v.check_ce(ce_weight, return_parts, target=0)  # the target comes with each call
         self.temperature = temperature
         self.reduction = reduction
         self.ignore_index = ignore_index
+        self.ce_weight = ce_weight
+        self.return_parts = return_parts
         self.backend = backend
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -122,11 +127,13 @@ class KDLoss(nn.Module):
         return functional.kd_loss(
             student_logits, teacher_logits, self.temperature if temperature is None else temperature,
             reduction=self.reduction, target=target, ignore_index=self.ignore_index,
-            sample_weight=sample_weight, backend=self.backend,
+            sample_weight=sample_weight, ce_weight=self.ce_weight, return_parts=self.return_parts,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return (f"temperature={self.temperature}, reduction={self.reduction!r}, ce_weight={self.ce_weight}, "
+                f"backend={self.backend!r}")
 
 
 class DKDLoss(nn.Module):
@@ -142,16 +149,23 @@ class DKDLoss(nn.Module):
     ``temperature=1, warmup_epochs=1`` and ``beta`` 0.5 (R34->R18) or 2 (R50->MV1).
 
     ``forward(student_logits, teacher_logits, target, epoch=None, sample_weight=None)``.
+    ``ce_weight`` adds ``ce_weight * cross_entropy(student_logits, target)`` (not
+    warmed up: the factor multiplies the DKD term only, as in mdistiller);
+    ``return_parts=True`` returns ``LossParts(loss, soft, hard)``.
     """
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup_epochs: float = 20,
-                 *, reduction: str = "batchmean", ignore_index: int = -100, backend: str = "auto"):
+                 *, reduction: str = "batchmean", ignore_index: int = -100, ce_weight: float = 0.0,
+                 return_parts: bool = False, backend: str = "auto"):
         super().__init__()
         v.check_number("alpha", alpha)
         v.check_number("beta", beta)
         v.check_positive("temperature", temperature)
         _check_non_negative("warmup_epochs", warmup_epochs)
         _check_row_args(reduction, ignore_index, backend)
+        v.check_ce(ce_weight, return_parts, target=0)  # the target comes with each call
+        self.ce_weight = ce_weight
+        self.return_parts = return_parts
         self.alpha = alpha
         self.beta = beta
         self.temperature = temperature
@@ -172,12 +186,14 @@ class DKDLoss(nn.Module):
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
                 epoch: Optional[float] = None, sample_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         factor = self.warmup_factor(epoch)
-        loss = functional.dkd_loss(
-            student_logits, teacher_logits, target, alpha=self.alpha, beta=self.beta,
+        # DKD is linear in (alpha, beta): warming up the coefficients scales the DKD term
+        # alone (not the cross-entropy) and costs no extra pass over the gradient.
+        return functional.dkd_loss(
+            student_logits, teacher_logits, target, alpha=self.alpha * factor, beta=self.beta * factor,
             temperature=self.temperature, reduction=self.reduction, ignore_index=self.ignore_index,
-            sample_weight=sample_weight, backend=self.backend,
+            sample_weight=sample_weight, ce_weight=self.ce_weight, return_parts=self.return_parts,
+            backend=self.backend,
         )
-        return loss if factor == 1.0 else loss * factor
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
@@ -195,16 +211,20 @@ class ATSLoss(nn.Module):
     by the teacher entropy only (same gradient). See ``fastkd.ats_loss``.
 
     ``forward(student_logits, teacher_logits, target, sample_weight=None)``.
+    ``ce_weight`` / ``return_parts``: as ``KDLoss``.
     """
 
     def __init__(self, target_temperature: float = 4.0, other_temperature: float = 2.0,
                  student_temperature: float = 1.0, *, reduction: str = "batchmean", ignore_index: int = -100,
-                 backend: str = "auto"):
+                 ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto"):
         super().__init__()
         v.check_positive("target_temperature", target_temperature)
         v.check_positive("other_temperature", other_temperature)
         v.check_positive("student_temperature", student_temperature)
         _check_row_args(reduction, ignore_index, backend)
+        v.check_ce(ce_weight, return_parts, target=0)  # the target comes with each call
+        self.ce_weight = ce_weight
+        self.return_parts = return_parts
         self.target_temperature = target_temperature
         self.other_temperature = other_temperature
         self.student_temperature = student_temperature
@@ -218,7 +238,7 @@ class ATSLoss(nn.Module):
             student_logits, teacher_logits, target, target_temperature=self.target_temperature,
             other_temperature=self.other_temperature, student_temperature=self.student_temperature,
             reduction=self.reduction, ignore_index=self.ignore_index, sample_weight=sample_weight,
-            backend=self.backend,
+            ce_weight=self.ce_weight, return_parts=self.return_parts, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -566,9 +586,7 @@ class _DivergenceLoss(nn.Module):
         super().__init__()
         v.check_positive("temperature", temperature)
         _check_row_args(reduction, ignore_index, backend)
-        v.check_number("ce_weight", ce_weight)
-        if not isinstance(return_parts, bool):
-            raise TypeError(f"return_parts must be a bool, got {type(return_parts).__name__}")
+        v.check_ce(ce_weight, return_parts, target=0)  # the target comes with each call
         self._function = function
         self._options = options
         self.temperature = temperature

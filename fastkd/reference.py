@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from fastkd import _mask
 from fastkd._validation import (
+    check_ce,
     check_logit_loss,
     check_dkd_classes,
     check_number,
@@ -123,6 +124,25 @@ def _reduce(row_loss, student, target, ignore_index, sample_weight, reduction):
     return weighted.sum()
 
 
+def _reduce_with_ce(row_loss, s, tgt, student, target, ignore_index, sample_weight, reduction, ce_weight,
+                    return_parts):
+    """``row_loss + ce_weight * CE`` reduced, or ``LossParts(loss, soft, hard)`` with ``return_parts``.
+
+    ``s`` and ``tgt`` are the rows of ``_rows`` (skipped rows zeroed, their target 0);
+    the cross-entropy ``lse(s) - s[target]`` is of the raw student logits (T = 1).
+    """
+    hard = torch.zeros_like(row_loss)
+    if target is not None and (ce_weight != 0 or return_parts):
+        hard = torch.logsumexp(s, dim=1) - s.gather(1, tgt.unsqueeze(1)).squeeze(1)
+    total = row_loss + ce_weight * hard if ce_weight != 0 else row_loss
+    loss = _reduce(total, student, target, ignore_index, sample_weight, reduction)
+    if not return_parts:
+        return loss
+    with torch.no_grad():
+        return LossParts(loss, _reduce(row_loss, student, target, ignore_index, sample_weight, reduction),
+                         _reduce(hard, student, target, ignore_index, sample_weight, reduction))
+
+
 def _temperature_column(temperature, n: int, device, dtype) -> torch.Tensor:
     """The temperature as an [N, 1] tensor in ``dtype`` (keeps autograd to a tensor input)."""
     if isinstance(temperature, torch.Tensor):
@@ -145,7 +165,9 @@ def kd_loss(
     target: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     sample_weight: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    ce_weight: float = 0.0,
+    return_parts: bool = False,
+):
     """Vanilla KD (Hinton et al. 2015), the KL divergence of tempered softmaxes.
 
     Per row::
@@ -161,17 +183,22 @@ def kd_loss(
     ``temperature`` may be a number or a tensor (one element, or one value per
     row) that requires grad (CTKD): it enters both the softmaxes and the
     ``T^2`` factor, so its gradient is the full derivative of the loss.
-    ``target`` is only used to skip rows equal to ``ignore_index``.
+    ``target`` skips rows equal to ``ignore_index`` and is the class of the
+    optional cross-entropy: ``ce_weight`` adds ``ce_weight * (lse(s) - s[target])``
+    (raw student logits, T = 1) with the same row weights; ``return_parts=True``
+    returns ``LossParts(loss, soft, hard)`` (``soft``, ``hard`` detached).
     """
     check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, False)
     check_temperature_tensor(temperature, student_logits)
+    check_ce(ce_weight, return_parts, target)
     dtype = _compute_dtype(student_logits, teacher_logits, temperature)
-    s, t, _, _ = _rows(student_logits, teacher_logits, target, ignore_index, dtype, sample_weight)
+    s, t, tgt, _ = _rows(student_logits, teacher_logits, target, ignore_index, dtype, sample_weight)
     temp = _temperature_column(temperature, s.shape[0], s.device, dtype)
     log_ps = F.log_softmax(s / temp, dim=1)
     log_pt = F.log_softmax(t / temp, dim=1)
     row_loss = temp.squeeze(1) ** 2 * _kl_terms(log_pt, log_ps).sum(dim=1)
-    return _reduce(row_loss, student_logits, target, ignore_index, sample_weight, reduction)
+    return _reduce_with_ce(row_loss, s, tgt, student_logits, target, ignore_index, sample_weight, reduction,
+                           ce_weight, return_parts)
 
 
 # ----------------------------------------------------------------------------
@@ -189,7 +216,9 @@ def dkd_loss(
     reduction: str = "batchmean",
     ignore_index: int = -100,
     sample_weight: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    ce_weight: float = 0.0,
+    return_parts: bool = False,
+):
     """Decoupled KD (Zhao et al. 2022), as mdistiller computes it, but stably.
 
     With ``x = logits / T`` for both nets, ``g`` the target class and
@@ -206,12 +235,14 @@ def dkd_loss(
     confident row gives -inf/NaN) and excludes class g by subtracting 1000 from
     its scaled logit; both are the same mathematical quantities as above. Terms
     with zero teacher probability contribute 0. Needs at least 2 classes.
+    ``ce_weight`` / ``return_parts``: as ``kd_loss``.
     """
     check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
     check_number("alpha", alpha)
     check_number("beta", beta)
     check_positive("temperature", temperature)
     check_dkd_classes(student_logits)
+    check_ce(ce_weight, return_parts, target)
     dtype = _compute_dtype(student_logits, teacher_logits)
     s, t, tgt, _ = _rows(student_logits, teacher_logits, target, ignore_index, dtype, sample_weight)
     gt = F.one_hot(tgt, s.shape[1]).bool()
@@ -234,7 +265,8 @@ def dkd_loss(
     tckd = _kl_terms(log_b_t, log_b_s).sum(dim=1)
     nckd = _kl_terms(log_q_t, log_q_s).sum(dim=1)
     row_loss = temperature**2 * (alpha * tckd + beta * nckd)
-    return _reduce(row_loss, student_logits, target, ignore_index, sample_weight, reduction)
+    return _reduce_with_ce(row_loss, s, tgt, student_logits, target, ignore_index, sample_weight, reduction,
+                           ce_weight, return_parts)
 
 
 # ----------------------------------------------------------------------------
@@ -252,7 +284,9 @@ def ats_loss(
     reduction: str = "batchmean",
     ignore_index: int = -100,
     sample_weight: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    ce_weight: float = 0.0,
+    return_parts: bool = False,
+):
     """Asymmetric temperature scaling (Li et al. 2022), KL form.
 
     Per row, with ``g`` the target class::
@@ -264,12 +298,13 @@ def ats_loss(
 
     The official code reports the soft cross-entropy ``-sum q log p_s``, which is
     this KL plus the teacher entropy ``-sum q log q``: same gradient w.r.t. the
-    student, different value.
+    student, different value. ``ce_weight`` / ``return_parts``: as ``kd_loss``.
     """
     check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
     check_positive("target_temperature", target_temperature)
     check_positive("other_temperature", other_temperature)
     check_positive("student_temperature", student_temperature)
+    check_ce(ce_weight, return_parts, target)
     dtype = _compute_dtype(student_logits, teacher_logits)
     s, t, tgt, _ = _rows(student_logits, teacher_logits, target, ignore_index, dtype, sample_weight)
     gt = F.one_hot(tgt, s.shape[1]).bool()
@@ -281,7 +316,8 @@ def ats_loss(
     log_q = F.log_softmax(t / tau, dim=1)
     log_ps = F.log_softmax(s / student_temperature, dim=1)
     row_loss = student_temperature**2 * _kl_terms(log_q, log_ps).sum(dim=1)
-    return _reduce(row_loss, student_logits, target, ignore_index, sample_weight, reduction)
+    return _reduce_with_ce(row_loss, s, tgt, student_logits, target, ignore_index, sample_weight, reduction,
+                           ce_weight, return_parts)
 
 
 # ----------------------------------------------------------------------------

@@ -21,6 +21,17 @@ from fastkd import reference
 from backend_cases import FUSED, skip_unless_runs
 
 LOGIT_LOSSES = ("kd", "kd_temp", "ats", "dkd", "dist")
+# The language-model divergences (one fused op, divergence_fwd), the cross-entropy fused into
+# kd / ats / dkd ("_ce": ce_weight=0.3), and top-k teachers (K = 64 ids of a dense teacher,
+# "tail" mode; the teacher gradient is w.r.t. its log-probs).
+LM_LOSSES = ("reverse_kl", "jsd", "skew_kl", "skew_rkl", "tvd", "kd_ce", "ats_ce", "dkd_ce", "jsd_topk",
+             "kd_topk", "rkl_topk_renorm")
+LM_SHAPES = ("ragged_2x2048+5", "vocab_128256", "3d_2x3x1000")
+# The fastkd._backend.LOSS_OPS key a matrix loss needs.
+BACKEND_LOSS = {"kd_temp": "kd", "kd_ce": "kd+ce", "ats_ce": "ats+ce", "dkd_ce": "dkd+ce", "skew_rkl": "skew_kl",
+                "jsd_topk": "jsd", "rkl_topk_renorm": "reverse_kl"}
+TOPK = {"jsd_topk": "tail", "kd_topk": "tail", "rkl_topk_renorm": "renormalize"}
+WITH_TARGET = ("ats", "dkd", "kd_ce", "ats_ce", "dkd_ce", "jsd", "jsd_topk")  # jsd: with ce_weight
 # (rows shape, classes): ragged wide rows, a 128k row, narrow rows, 3-D logits
 SHAPES = {
     "ragged_3x4096+17": ((3,), 3 * 4096 + 17),
@@ -52,18 +63,31 @@ def _logits(lead, c, dtype, device, seed, layout):
     return x.to(dtype).to(device).transpose(0, -1).contiguous().transpose(0, -1)
 
 
-def _call(loss, backend, s, t, target, weight, temperature, reduction):
-    if loss in ("kd", "kd_temp"):
-        return fastkd.kd_loss(s, t, temperature, target=target, sample_weight=weight, reduction=reduction,
-                              backend=backend)
-    if loss == "ats":
-        return fastkd.ats_loss(s, t, target, sample_weight=weight, reduction=reduction, backend=backend)
-    if loss == "dkd":
-        return fastkd.dkd_loss(s, t, target, sample_weight=weight, reduction=reduction, backend=backend)
-    return fastkd.dist_loss(s, t, backend=backend)
+def _call(loss, backend, s, t, target, weight, temperature, reduction, ids=None):
+    kw = dict(sample_weight=weight, reduction=reduction, backend=backend)
+    if loss in TOPK:
+        t = fastkd.TopKTeacher(ids, t, mode=TOPK[loss])
+    if loss in ("kd", "kd_temp", "kd_ce", "kd_topk"):
+        ce = 0.3 if loss == "kd_ce" else 0.0
+        return fastkd.kd_loss(s, t, temperature, target=target, ce_weight=ce, **kw)
+    if loss in ("ats", "ats_ce"):
+        return fastkd.ats_loss(s, t, target, ce_weight=0.3 if loss == "ats_ce" else 0.0, **kw)
+    if loss in ("dkd", "dkd_ce"):
+        return fastkd.dkd_loss(s, t, target, ce_weight=0.3 if loss == "dkd_ce" else 0.0, **kw)
+    if loss == "dist":
+        return fastkd.dist_loss(s, t, backend=backend)
+    kw.update(temperature=temperature, target=target)
+    if loss in ("jsd", "jsd_topk"):
+        return fastkd.jsd_loss(s, t, beta=0.3, ce_weight=0.3 if target is not None else 0.0, **kw)
+    if loss in ("reverse_kl", "rkl_topk_renorm"):
+        return fastkd.reverse_kl_loss(s, t, **kw)
+    if loss in ("skew_kl", "skew_rkl"):
+        return fastkd.skew_kl_loss(s, t, skew=0.2, reverse=loss == "skew_rkl", **kw)
+    assert loss == "tvd", loss
+    return fastkd.tvd_loss(s, t, **kw)
 
 
-def _run(loss, backend, s, t, target, weight, temperature, reduction):
+def _run(loss, backend, s, t, target, weight, temperature, reduction, ids=None):
     """(loss, [grad_s, grad_t, grad_T?]) with both nets (and a tensor T) requiring grad."""
     s = s.detach().requires_grad_()
     t = t.detach().requires_grad_()
@@ -71,7 +95,7 @@ def _run(loss, backend, s, t, target, weight, temperature, reduction):
     if isinstance(temperature, torch.Tensor):
         temperature = temperature.detach().requires_grad_()
         inputs.append(temperature)
-    out = _call(loss, backend, s, t, target, weight, temperature, reduction)
+    out = _call(loss, backend, s, t, target, weight, temperature, reduction, ids)
     # a non-uniform incoming gradient, so per-row scaling is exercised too
     seed = out.detach().new_tensor(0.7) if out.dim() == 0 else torch.linspace(0.5, 1.5, out.numel()).reshape(out.shape)
     grads = torch.autograd.grad(out, inputs, seed.to(out.device))
@@ -83,17 +107,18 @@ def _rel_norm(g, r) -> float:
     return float((g - r).norm() / r.norm().clamp_min(1e-30))
 
 
-def _assert_matches(loss, backend, s, t, target=None, weight=None, temperature=2.0, reduction="batchmean"):
+def _assert_matches(loss, backend, s, t, target=None, weight=None, temperature=2.0, reduction="batchmean",
+                    ids=None):
     dtype = s.dtype if s.dtype != torch.float32 else t.dtype
     loss_tol, grad_tol = TOL[dtype]
-    out, grads = _run(loss, backend, s, t, target, weight, temperature, reduction)
+    out, grads = _run(loss, backend, s, t, target, weight, temperature, reduction, ids)
     temp64 = temperature.double() if isinstance(temperature, torch.Tensor) else temperature
     ref_out, ref_grads = _run(loss, "reference", s.double(), t.double(), target,
-                              None if weight is None else weight.double(), temp64, reduction)
+                              None if weight is None else weight.double(), temp64, reduction, ids)
     # The same reference in float32: how well float32 can do at all. Where the problem is
     # ill-conditioned (dL/dT is a difference of sums of size T * KL that nearly cancel) the
     # bound widens to 4x that floor; elsewhere the floor is far below the tolerance.
-    _, ref32_grads = _run(loss, "reference", s, t, target, weight, temperature, reduction)
+    _, ref32_grads = _run(loss, "reference", s, t, target, weight, temperature, reduction, ids)
     assert out.dtype == torch.float32 and out.shape == ref_out.shape
     torch.testing.assert_close(out.double().cpu(), ref_out.cpu(), rtol=loss_tol, atol=loss_tol * 1e-3)
     for name, g, r, r32, x in zip(("student", "teacher", "temperature"), grads, ref_grads, ref32_grads,
@@ -108,7 +133,7 @@ def _assert_matches(loss, backend, s, t, target=None, weight=None, temperature=2
 
 
 def _case(loss, backend, shape_name, dtype, layout, seed=0):
-    device = skip_unless_runs("kd" if loss == "kd_temp" else loss, backend)
+    device = skip_unless_runs(BACKEND_LOSS.get(loss, loss), backend)
     lead, c = SHAPES[shape_name]
     if loss == "dist" and len(lead) == 1:
         # DIST's intra-class term correlates each class over the rows: with 2 or 3 rows every
@@ -124,6 +149,15 @@ def _case(loss, backend, shape_name, dtype, layout, seed=0):
     return s, t, target, temperature
 
 
+def _topk_case(loss, backend, shape_name, dtype, layout, seed=0, k=64):
+    """As ``_case``, the teacher replaced by its top-k log-probs (the dense teacher at T = 2)."""
+    s, t, target, temperature = _case(loss, backend, shape_name, dtype, layout, seed)
+    teacher = fastkd.TopKTeacher.from_logits(t.float(), k, temperature=2.0)
+    ids = teacher.indices.clone()
+    ids.view(-1, k)[0, -3:] = -1  # a row with padding slots
+    return s, teacher.logprobs.to(dtype), target, temperature, ids
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", list(TOL), ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("shape_name", list(SHAPES))
@@ -137,11 +171,34 @@ def test_logit_loss_matches_float64_reference(loss, backend, shape_name, dtype, 
                     temperature=temperature)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape_name", LM_SHAPES)
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("loss", LM_LOSSES)
+def test_lm_loss_matches_float64_reference(loss, backend, shape_name, dtype, layout):
+    if shape_name == "vocab_128256" and layout == "strided":
+        pytest.skip("the 128k row runs contiguous (time)")
+    ids = None
+    if loss in TOPK:
+        s, t, target, temperature, ids = _topk_case(loss, backend, shape_name, dtype, layout)
+    else:
+        s, t, target, temperature = _case(loss, backend, shape_name, dtype, layout)
+    _assert_matches(loss, backend, s, t, target=target if loss in WITH_TARGET else None,
+                    temperature=temperature, ids=ids)
+
+
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("loss", ("kd", "kd_temp", "ats", "dkd"))
+@pytest.mark.parametrize("loss", ("kd", "kd_temp", "ats", "dkd", "kd_ce", "jsd", "tvd", "jsd_topk"))
 def test_ignore_index_sample_weight_and_reductions(loss, backend, reduction):
-    s, t, target, temperature = _case(loss, backend, "ragged_2x2048+5", torch.float32, "contiguous", seed=3)
+    ids = None
+    if loss in TOPK:
+        s, t, target, temperature, ids = _topk_case(loss, backend, "ragged_2x2048+5", torch.float32, "contiguous",
+                                                    seed=3, k=16)
+        ids = ids.reshape(2, 2, -1)
+    else:
+        s, t, target, temperature = _case(loss, backend, "ragged_2x2048+5", torch.float32, "contiguous", seed=3)
     s, t = s.reshape(2, 2, -1), t.reshape(2, 2, -1)
     target = target.reshape(2, 2)
     target[0, 1] = -100
@@ -149,7 +206,7 @@ def test_ignore_index_sample_weight_and_reductions(loss, backend, reduction):
         temperature = temperature.reshape(2, 2)
     weight = torch.tensor([[0.5, 2.0], [1.5, 0.25]], device=s.device)
     _assert_matches(loss, backend, s, t, target=target, weight=weight, temperature=temperature,
-                    reduction=reduction)
+                    reduction=reduction, ids=ids)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -247,5 +304,5 @@ def test_matrix_covers_every_fused_loss():
     """Adding a loss to the backends without adding it here fails."""
     from fastkd._backend import LOSS_OPS
 
-    covered = {"kd", "ats", "dkd", "dist", "mgd"}
+    covered = {BACKEND_LOSS.get(loss, loss) for loss in LOGIT_LOSSES + LM_LOSSES} | {"mgd"}
     assert set(LOSS_OPS) == covered

@@ -1,0 +1,694 @@
+// fastkd::divergence_fwd on the CPU: reverse KL, JSD, skew KL, TVD, forward KL
+// against a top-k teacher, and the cross-entropy fused with any of them, one row at
+// a time (math in csrc/divergence_math.h, contract in docs/design.md), parallel over
+// rows, vectorised over classes.
+//
+// Dense teacher, per row:
+//   (1) statistics in chunks of kStatsChunk columns: the chunk maxima of both nets
+//       (raw units), then the exps relative to them, kept (the student's in the
+//       student-gradient row when it is float32, else in a row buffer; the teacher's
+//       in a row buffer), and with a target at T != 1 the student's exps at T = 1
+//       for the cross-entropy;
+//   (2) per class: q and p from the kept exps (rescaled per chunk), the log-probs
+//       from the logits, the loss terms and G, H (div_terms). When sum G (sum H) is
+//       known beforehand (forward KL, reverse KL: div_sum_g_known) the gradient is
+//       written here; otherwise G goes to a row buffer (H to the teacher-gradient row)
+//       and
+//   (3) a last pass forms G - q sum G (H - p sum H).
+//   The cross-entropy gradient rides along (T = 1: the same q) or takes one extra
+//   pass of exps at T = 1.
+// Top-k teacher, tail mode: the K member slots are flagged in the student-gradient
+// row (or a row buffer), one chunked pass gathers the statistics of the full row and
+// of the non-members (the tail is summed over the non-member ids themselves), the
+// K + 1 buckets are evaluated on their own, and one pass writes the dense gradient,
+// after which the member slots are rewritten. Renormalise mode reads the student only
+// at the K ids (the whole row only for the cross-entropy).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "loss_common.h"
+#include "../divergence_math.h"
+
+namespace fastkd {
+namespace {
+
+// What is fixed for one call.
+struct DivCall {
+  DivParams d;
+  float T, inv_t, soft_scale, ce_weight;
+  int topk_mode;
+  int64_t V, K;
+};
+
+// Unweighted row results.
+struct DivRowOut {
+  float soft, hard;
+};
+
+// Per-thread scratch (rows of V floats, and the K buckets of a top-k row).
+struct DivScratch {
+  std::vector<float> s_conv, t_conv, gs_conv, gt_conv;  // dtype conversion of one row
+  std::vector<float> kept_s, kept_t, g_row, mark, chunk_max;
+  std::vector<float> bp, bq, bg, bh;
+};
+
+float* sized(std::vector<float>& v, int64_t n) {
+  v.resize(n);
+  return v.data();
+}
+
+int64_t num_chunks(int64_t V) { return (V + kStatsChunk - 1) / kStatsChunk; }
+
+// ---------------------------------------------------------------------------
+// Dense teacher
+
+// (1) of one chunk: chunk maxima, exps relative to them (kept), sums; with kCE1 the
+// student's sum at T = 1 too (relative to the same maximum).
+template <bool kCE1>
+FASTKD_INLINE void dense_chunk_stats(const float* s, const float* t, int64_t n, float inv_t, float* kept_s,
+                                     float* kept_t, DivLse& cs, DivLse& ct, DivLse& c1) {
+  float ms = -INFINITY, mt = -INFINITY;
+#pragma omp simd reduction(max : ms, mt)
+  for (int64_t j = 0; j < n; ++j) {
+    ms = s[j] > ms ? s[j] : ms;
+    mt = t[j] > mt ? t[j] : mt;
+  }
+  // an all -inf chunk shifts by 0 (its exps are all 0, not NaN)
+  const float bs = ms == -INFINITY ? 0.0f : ms, bt = mt == -INFINITY ? 0.0f : mt;
+  float zs = 0.0f, zt = 0.0f, z1 = 0.0f;
+#pragma omp simd reduction(+ : zs, zt, z1)
+  for (int64_t j = 0; j < n; ++j) {
+    const float es = vexp((s[j] - bs) * inv_t), et = vexp((t[j] - bt) * inv_t);  // raw differences first
+    kept_s[j] = es, kept_t[j] = et;
+    zs += es;
+    zt += et;
+    if (kCE1) z1 += vexp(s[j] - bs);
+  }
+  cs = {ms, zs}, ct = {mt, zt}, c1 = {ms, z1};
+}
+
+// Row scalars of pass (2) and (3).
+struct DenseRow {
+  float ms, ls, mt, lt;  // raw maxima, log of the sums relative to them
+  float dm, dl;          // M_t - M_s, L_s - L_t
+  float sum_g, sum_h;    // known beforehand (div_known_sum) or summed by pass (2)
+  DivTvdSums tvd;        // TVD: the masses of div_tvd_factor, summed by pass (2)
+  float coef, ce_q;      // w soft_scale / T; w ce_weight where T = 1 (the CE gradient then uses q)
+};
+
+// (2) of one chunk. kDirectG / kDirectH: sum G / sum H known, write the gradient now.
+template <int kKind, int kMix, int kForm, bool kGS, bool kGT, bool kDirectG, bool kDirectH>
+FASTKD_INLINE void dense_terms_chunk(const DivParams& dp, const float* s, const float* t, int64_t n, float inv_t,
+                                     const DenseRow& r, float to_q, float to_p, const float* kept_s,
+                                     const float* kept_t, float* gs, float* gt, float* g_row, double& soft,
+                                     double& sum_g, double& sum_h, double* tvd) {
+  const DivParams d = dp;  // a local copy: the gradient stores cannot alias it, so its fields stay in registers
+  // double sums: the gradient is G - q sum G, where G and q sum G nearly cancel on the largest classes
+  // (JSD near beta = 1, TVD), so a float32 sum's rounding (lanes of 128 terms) showed as 2e-5 there
+  double so = 0.0, sg = 0.0, sh = 0.0, q_lt = 0.0, q_gt = 0.0, p_lt = 0.0, p_gt = 0.0, tie = 0.0;
+#pragma omp simd reduction(+ : so, sg, sh, q_lt, q_gt, p_lt, p_gt, tie)
+  for (int64_t j = 0; j < n; ++j) {
+    const float q = kept_s[j] * to_q, p = kept_t[j] * to_p;
+    if (kKind == kDivTVD) {
+      q_lt += q < p ? q : 0.0f;
+      q_gt += q > p ? q : 0.0f;
+      p_lt += p < q ? p : 0.0f;
+      p_gt += p > q ? p : 0.0f;
+      tie += p == q ? p : 0.0f;
+    }
+    // lp - lq from the raw logits: ((t - s) - (M_t - M_s)) / T + (L_s - L_t) (see div_mixture)
+    const float delta = ((t[j] - s[j]) - r.dm) * inv_t + r.dl;
+    const DivTerms x = div_terms_form<kKind, kMix, kForm>(d, p, q, delta);
+    so += x.soft;
+    sg += x.g;
+    sh += x.h;
+    if (kGS) {
+      if (kDirectG) gs[j] = r.coef * (x.g - q * r.sum_g) + r.ce_q * q;  // gs may be kept_s: read above
+      else g_row[j] = x.g;
+    }
+    if (kGT) gt[j] = kDirectH ? r.coef * (x.h - p * r.sum_h) : x.h;
+  }
+  soft += so, sum_g += sg, sum_h += sh;
+  if (kKind == kDivTVD) tvd[0] += q_lt, tvd[1] += q_gt, tvd[2] += p_lt, tvd[3] += p_gt, tvd[4] += tie;
+}
+
+// (3) of one chunk: the gradients whose sums were not known in (2).
+template <int kKind, bool kGS, bool kGT>
+FASTKD_INLINE void dense_finish_chunk(int64_t n, const DenseRow& r, float to_q, float to_p, const float* kept_s,
+                                      const float* kept_t, const float* g_row, float* gs, float* gt) {
+  const DivTvdSums& v = r.tvd;
+  const float half = 0.5f * r.coef;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float q = kept_s[j] * to_q, p = kept_t[j] * to_p;
+    if (kKind == kDivTVD) {
+      if (kGS) gs[j] = half * q * div_tvd_factor(q, p, v.q_lt, v.q_gt, v.tie) + r.ce_q * q;
+      if (kGT) gt[j] = half * p * div_tvd_factor(p, q, v.p_lt, v.p_gt, v.tie);
+    } else {
+      if (kGS) gs[j] = r.coef * (g_row[j] - q * r.sum_g) + r.ce_q * q;
+      if (kGT) gt[j] = r.coef * (gt[j] - p * r.sum_h);
+    }
+  }
+}
+
+// The cross-entropy gradient at T != 1: gs += w ce_weight softmax(s) (the target's -1 is added by the caller).
+FASTKD_INLINE void add_softmax1(const float* s, int64_t n, const DivLse& st1, float coef, float* gs) {
+  const float m = st1.m, l = logf(st1.z);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) gs[j] += coef * vexp(div_log_prob(s[j], m, 1.0f, l));
+}
+
+// Per-chunk factors turning the kept exps into probabilities: exp((chunk max - row max) / T - L).
+FASTKD_INLINE float to_prob(float chunk_max, float row_max, float inv_t, float l) {
+  return expf(raw_gap(chunk_max, row_max) * inv_t - l);  // 0 for an all -inf chunk
+}
+
+template <int kKind, int kMix, int kForm, bool kGS, bool kGT>
+FASTKD_INLINE float dense_passes(const DivCall& c, const float* s, const float* t, DenseRow& r,
+                                 const float* chunk_max, const float* kept_s, const float* kept_t, float* gs,
+                                 float* gt, float* g_row) {
+  constexpr bool kDirectG = kKind == kDivKL && kMix == kMixQ;
+  constexpr bool kDirectH = kKind == kDivKL && kMix == kMixP;
+  const int64_t V = c.V;
+  double soft = 0.0, sum_g = 0.0, sum_h = 0.0, tvd[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
+  for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
+    const int64_t n = std::min(kStatsChunk, V - c0);
+    const float to_q = to_prob(chunk_max[2 * k], r.ms, c.inv_t, r.ls);
+    const float to_p = to_prob(chunk_max[2 * k + 1], r.mt, c.inv_t, r.lt);
+    dense_terms_chunk<kKind, kMix, kForm, kGS, kGT, kDirectG, kDirectH>(
+        c.d, s + c0, t + c0, n, c.inv_t, r, to_q, to_p, kept_s + c0, kept_t + c0, kGS ? gs + c0 : nullptr,
+        kGT ? gt + c0 : nullptr, kGS ? g_row + c0 : nullptr, soft, sum_g, sum_h, tvd);
+  }
+  constexpr bool kLastS = kGS && !kDirectG, kLastT = kGT && !kDirectH;
+  if (kLastS || kLastT) {
+    if (!kDirectG) r.sum_g = static_cast<float>(sum_g);
+    if (!kDirectH) r.sum_h = static_cast<float>(sum_h);
+    r.tvd = {float(tvd[0]), float(tvd[1]), float(tvd[2]), float(tvd[3]), float(tvd[4])};
+    for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
+      const int64_t n = std::min(kStatsChunk, V - c0);
+      const float to_q = to_prob(chunk_max[2 * k], r.ms, c.inv_t, r.ls);
+      const float to_p = to_prob(chunk_max[2 * k + 1], r.mt, c.inv_t, r.lt);
+      dense_finish_chunk<kKind, kLastS, kLastT>(n, r, to_q, to_p, kept_s + c0, kept_t + c0,
+                                         kLastS ? g_row + c0 : nullptr, kLastS ? gs + c0 : nullptr,
+                                         kLastT ? gt + c0 : nullptr);
+    }
+  }
+  return static_cast<float>(soft);
+}
+
+template <int kKind, int kMix, int kForm>
+FASTKD_INLINE float dense_passes_any(const DivCall& c, const float* s, const float* t, DenseRow& r,
+                                     const float* chunk_max, const float* kept_s, const float* kept_t, float* gs,
+                                     float* gt, float* g_row) {
+#define FASTKD_DIV_PASSES(GS, GT) \
+  dense_passes<kKind, kMix, kForm, GS, GT>(c, s, t, r, chunk_max, kept_s, kept_t, gs, gt, g_row)
+  if (gs && gt) return FASTKD_DIV_PASSES(true, true);
+  if (gs) return FASTKD_DIV_PASSES(true, false);
+  if (gt) return FASTKD_DIV_PASSES(false, true);
+  return FASTKD_DIV_PASSES(false, false);
+#undef FASTKD_DIV_PASSES
+}
+
+// One counted dense row (g: its target, -1 without): the unweighted soft and hard
+// losses; writes the weighted gradients (gs / gt may be null).
+FASTKD_CPU_CLONES
+DivRowOut dense_row(const DivCall& c, const float* s, const float* t, int64_t g, float w, float* gs, float* gt,
+                    DivScratch& sc) {
+  const int64_t V = c.V, nc = num_chunks(V);
+  float* kept_s = gs ? gs : sized(sc.kept_s, V);
+  float* kept_t = sized(sc.kept_t, V);
+  float* chunk_max = sized(sc.chunk_max, 2 * nc);
+  const bool ce1 = g >= 0 && c.T != 1.0f;  // the CE needs its own sum at T = 1
+  DivLse st_s = div_lse_empty(), st_t = div_lse_empty(), st_1 = div_lse_empty();
+  for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
+    const int64_t n = std::min(kStatsChunk, V - c0);
+    DivLse cs, ct, c1;
+    if (ce1) dense_chunk_stats<true>(s + c0, t + c0, n, c.inv_t, kept_s + c0, kept_t + c0, cs, ct, c1);
+    else dense_chunk_stats<false>(s + c0, t + c0, n, c.inv_t, kept_s + c0, kept_t + c0, cs, ct, c1);
+    chunk_max[2 * k] = cs.m, chunk_max[2 * k + 1] = ct.m;
+    div_lse_merge(st_s, cs, c.inv_t);
+    div_lse_merge(st_t, ct, c.inv_t);
+    if (ce1) div_lse_merge(st_1, c1, 1.0f);
+  }
+  if (g >= 0 && !ce1) st_1 = st_s;  // T = 1: the same sums
+  DenseRow r;
+  r.ms = st_s.m, r.ls = div_lse_log(st_s), r.mt = st_t.m, r.lt = div_lse_log(st_t);
+  r.dm = r.mt - r.ms, r.dl = r.ls - r.lt;
+  r.sum_g = r.sum_h = div_known_sum(c.d);
+  r.coef = w * c.soft_scale * c.inv_t;
+  r.ce_q = (g >= 0 && !ce1) ? w * c.ce_weight : 0.0f;
+  float* g_row = (gs && !div_sum_g_known(c.d.kind, c.d.mix)) ? sized(sc.g_row, V) : nullptr;
+  float soft;
+#define FASTKD_DIV_ROW(KIND, MIX, FORM) \
+  dense_passes_any<KIND, MIX, FORM>(c, s, t, r, chunk_max, kept_s, kept_t, gs, gt, g_row)
+  if (c.d.kind == kDivTVD) soft = FASTKD_DIV_ROW(kDivTVD, kMixBoth, kFormGeneral);
+  else if (c.d.mix == kMixQ) soft = FASTKD_DIV_ROW(kDivKL, kMixQ, kFormGeneral);
+  else if (c.d.mix == kMixP) soft = FASTKD_DIV_ROW(kDivKL, kMixP, kFormGeneral);
+  else if (div_form(c.d) == kFormProp) soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormProp);
+  else if (div_form(c.d) == kFormNoB) soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormNoB);
+  else if (div_form(c.d) == kFormNoA) soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormNoA);
+  else soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormGeneral);
+#undef FASTKD_DIV_ROW
+  if (r.ls != r.ls || r.lt != r.lt) soft = NAN;  // a NaN logit: the terms' xlogy selects could hide it
+  DivRowOut out = {soft, 0.0f};
+  if (g >= 0) {
+    out.hard = div_ce_hard(st_1, s[g]);
+    if (gs && c.ce_weight != 0.0f) {
+      if (ce1) add_softmax1(s, V, st_1, w * c.ce_weight, gs);
+      gs[g] -= w * c.ce_weight;
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// Dense forward KL without a teacher gradient (kd_loss(..., ce_weight) runs here):
+// KD's two-pass row (csrc/cpu/kd.cpp, KDRawStats of csrc/kd_math.h) with the
+// cross-entropy folded in. kMixQ makes soft = a KL(p || q) and the student gradient
+// a (q - p) whatever b, so pass (1) gets the KL from KD's cross term and pass (2)
+// only reads the kept exps. The CE's exps at T = 1 are those at 1/T raised to the
+// power T when T is 2, 3 or 4 (same chunk base: exp(s - M) = exp((s - M) / T)^T; two
+// multiplies instead of an exp, relative error below 1e-6); other T take one exp.
+
+template <int kPow>  // 1: T = 1 (the same exps); 2..4: T = kPow; 0: any other T
+FASTKD_INLINE float exp_at_one(float es, float s, float base) {
+  if (kPow == 0) return vexp(s - base);
+  if (kPow == 1) return es;
+  if (kPow == 2) return es * es;
+  if (kPow == 3) return es * es * es;
+  const float e2 = es * es;
+  return e2 * e2;
+}
+
+template <bool kCE, int kPow>
+FASTKD_INLINE KDRawStats fkl_chunk_stats(const float* s, const float* t, int64_t n, float inv_t, float* kept_s,
+                                         float* kept_t, float& z1) {
+  float ms = -INFINITY, mt = -INFINITY;
+#pragma omp simd reduction(max : ms, mt)
+  for (int64_t j = 0; j < n; ++j) {
+    ms = s[j] > ms ? s[j] : ms;
+    mt = t[j] > mt ? t[j] : mt;
+  }
+  const float bs = ms == -INFINITY ? 0.0f : ms, bt = mt == -INFINITY ? 0.0f : mt;
+  float zs = 0.0f, zt = 0.0f, cross = 0.0f, zo = 0.0f;
+#pragma omp simd reduction(+ : zs, zt, cross, zo)
+  for (int64_t j = 0; j < n; ++j) {
+    const float a = (s[j] - bs) * inv_t, b = (t[j] - bt) * inv_t;
+    const float es = vexp(a), et = vexp(b);
+    kept_s[j] = es, kept_t[j] = et;
+    zs += es;
+    zt += et;
+    cross += kd_cross_term(et, a, b);
+    if (kCE) zo += exp_at_one<kPow>(es, s[j], bs);
+  }
+  z1 = zo;
+  return {ms, zs, mt, zt, cross};
+}
+
+template <bool kCE, int kPow>
+FASTKD_INLINE void fkl_grad_chunk(const float* s, int64_t n, float base, float to_q, float to_p, float to_1,
+                                  float coef, float ce, const float* kept_s, const float* kept_t, float* gs) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float es = kept_s[j];  // gs may be kept_s: read first
+    float g = coef * (es * to_q - kept_t[j] * to_p);
+    if (kCE) g += ce * exp_at_one<kPow>(es, s[j], base) * to_1;
+    gs[j] = g;
+  }
+}
+
+template <bool kCE, int kPow>
+FASTKD_INLINE DivRowOut fkl_row_impl(const DivCall& c, const float* s, const float* t, int64_t g, float w,
+                                     float* gs, DivScratch& sc) {
+  const int64_t V = c.V, nc = num_chunks(V);
+  const float inv_t = c.inv_t;
+  float* kept_s = gs ? gs : sized(sc.kept_s, V);
+  float* kept_t = sized(sc.kept_t, V);
+  float* chunk_max = sized(sc.chunk_max, 2 * nc);
+  KDRawStats st = kd_raw_empty();
+  DivLse st1 = div_lse_empty();
+  for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
+    const int64_t n = std::min(kStatsChunk, V - c0);
+    float z1 = 0.0f;
+    const KDRawStats part = fkl_chunk_stats<kCE, kPow>(s + c0, t + c0, n, inv_t, kept_s + c0, kept_t + c0, z1);
+    chunk_max[2 * k] = part.ms, chunk_max[2 * k + 1] = part.mt;
+    st = kd_raw_merge(st, part, inv_t);
+    if (kCE) div_lse_merge(st1, DivLse{part.ms, z1}, 1.0f);
+  }
+  const KDRow r = kd_raw_finish(st);
+  const float l1 = kCE ? logf(st1.z) : 0.0f;
+  if (gs) {
+    const float coef = w * c.soft_scale * inv_t * c.d.a, ce = w * c.ce_weight;
+    for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
+      const int64_t n = std::min(kStatsChunk, V - c0);
+      const float gap = raw_gap(chunk_max[2 * k], st.ms);
+      const float to_q = expf(gap * inv_t - r.lse_s);
+      const float to_p = expf(raw_gap(chunk_max[2 * k + 1], st.mt) * inv_t - r.lse_t);
+      const float base = chunk_max[2 * k] == -INFINITY ? 0.0f : chunk_max[2 * k];
+      const float to_1 = kCE ? expf(gap - l1) : 0.0f;  // 0 for an all -inf chunk
+      fkl_grad_chunk<kCE, kPow>(s + c0, n, base, to_q, to_p, to_1, coef, ce, kept_s + c0, kept_t + c0, gs + c0);
+    }
+    if (kCE) gs[g] -= ce;
+  }
+  DivRowOut out = {c.d.a != 0.0f ? c.d.a * r.kl : 0.0f, 0.0f};  // a = 0: CE alone (never 0 * inf)
+  if (g >= 0) out.hard = div_ce_hard(DivLse{st.ms, st1.z}, s[g]);
+  return out;
+}
+
+// T as the power of fkl's CE exps: 1..4 when T is that integer, 0 otherwise.
+int fkl_power(float T) { return (T == 1.0f || T == 2.0f || T == 3.0f || T == 4.0f) ? static_cast<int>(T) : 0; }
+
+FASTKD_CPU_CLONES
+DivRowOut fkl_row(const DivCall& c, const float* s, const float* t, int64_t g, float w, float* gs, DivScratch& sc) {
+  // the CE's sums are needed for the hard loss whenever there is a target, its gradient only when ce_weight != 0
+  if (g < 0) return fkl_row_impl<false, 1>(c, s, t, g, w, gs, sc);
+  switch (fkl_power(c.T)) {
+    case 1: return fkl_row_impl<true, 1>(c, s, t, g, w, gs, sc);
+    case 2: return fkl_row_impl<true, 2>(c, s, t, g, w, gs, sc);
+    case 3: return fkl_row_impl<true, 3>(c, s, t, g, w, gs, sc);
+    case 4: return fkl_row_impl<true, 4>(c, s, t, g, w, gs, sc);
+    default: return fkl_row_impl<true, 0>(c, s, t, g, w, gs, sc);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Top-k teacher
+
+// Id k of row i, checked (padding: -1).
+FASTKD_INLINE int64_t checked_id(const int64_t* ids, int64_t i, int64_t k, int64_t V) {
+  const int64_t id = ids[k];
+  TORCH_CHECK_VALUE(id >= -1 && id < V, "fastkd: topk_ids[", i, ", ", k, "] (the teacher's top-k indices) = ", id,
+                    " is outside [-1, ", V, ") (-1 marks padding)");
+  return id;
+}
+
+// Tail mode, one chunk: full-row and non-member (mark == 0) statistics at 1/T, and with kCE1 at T = 1.
+template <bool kCE1>
+FASTKD_INLINE void tail_chunk_stats(const float* s, const float* mark, int64_t n, float inv_t, DivLse& cs,
+                                    DivLse& ctail, DivLse& c1) {
+  float ms = -INFINITY, mtl = -INFINITY;
+#pragma omp simd reduction(max : ms, mtl)
+  for (int64_t j = 0; j < n; ++j) {
+    ms = s[j] > ms ? s[j] : ms;
+    const float x = mark[j] == 0.0f ? s[j] : -INFINITY;
+    mtl = x > mtl ? x : mtl;
+  }
+  const float bs = ms == -INFINITY ? 0.0f : ms, bt = mtl == -INFINITY ? 0.0f : mtl;
+  float zs = 0.0f, ztl = 0.0f, z1 = 0.0f;
+  if (bt == bs) {  // the usual chunk: its maximum is not a member, one exp serves both sums
+#pragma omp simd reduction(+ : zs, ztl, z1)
+    for (int64_t j = 0; j < n; ++j) {
+      const float es = vexp((s[j] - bs) * inv_t);
+      zs += es;
+      ztl += mark[j] == 0.0f ? es : 0.0f;
+      if (kCE1) z1 += vexp(s[j] - bs);
+    }
+  } else {  // the tail's own base, so a tail far below the members keeps its digits
+#pragma omp simd reduction(+ : zs, ztl, z1)
+    for (int64_t j = 0; j < n; ++j) {
+      zs += vexp((s[j] - bs) * inv_t);
+      const float et = vexp((s[j] - bt) * inv_t);
+      ztl += mark[j] == 0.0f ? et : 0.0f;
+      if (kCE1) z1 += vexp(s[j] - bs);
+    }
+  }
+  cs = {ms, zs}, ctail = {mtl, ztl}, c1 = {ms, z1};
+}
+
+// Tail mode, the dense student gradient (see div_topk_nonmember_grad); mark may be gs itself.
+FASTKD_INLINE void tail_grad_pass(const float* s, const float* mark, int64_t V, float inv_t, const DivLse& full,
+                                  float ls, const DivLse& tail, float coef, float g_tail, float sum_g, float ce_q,
+                                  float* gs) {
+  const bool tail_on = tail.z > 0.0f;
+  const float mtl = tail_on ? tail.m : 0.0f, ltl = tail_on ? logf(tail.z) : 0.0f;
+  const float ms = full.m;
+  // exp(x_c - lse_tail) = q_c / q_tail: one exp per column while q_tail >= 1e-20 (a q_c that
+  // underflowed then had a share below 1e-18); a smaller tail takes its own exp per column
+  const float lq_tail = tail_on ? raw_gap(tail.m, ms) * inv_t + ltl - ls : -INFINITY;
+  if (tail_on && lq_tail >= -46.0f) {
+    const float inv_q_tail = expf(-lq_tail);
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) {
+      const float q = vexp(div_log_prob(s[j], ms, inv_t, ls));
+      const float share = mark[j] == 0.0f ? q * inv_q_tail : 0.0f;
+      gs[j] = div_topk_nonmember_grad(coef, share, g_tail, q, sum_g) + ce_q * q;
+    }
+    return;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) {
+    const float q = vexp(div_log_prob(s[j], ms, inv_t, ls));
+    const float share_raw = vexp(div_log_prob(s[j], mtl, inv_t, ltl));  // exp(x_c - lse_tail)
+    const float share = (tail_on && mark[j] == 0.0f) ? share_raw : 0.0f;
+    gs[j] = div_topk_nonmember_grad(coef, share, g_tail, q, sum_g) + ce_q * q;
+  }
+}
+
+// One counted top-k row: lp, ids its K teacher log-probs (float32) and ids; gt (K floats) may be null.
+FASTKD_CPU_CLONES
+DivRowOut topk_row(const DivCall& c, int64_t i, const float* s, const float* lp, const int64_t* ids, int64_t g,
+                   float w, float* gs, float* gt, DivScratch& sc) {
+  const int64_t V = c.V, K = c.K;
+  const float inv_t = c.inv_t;
+  const DivParams& d = c.d;
+  float* bp = sized(sc.bp, K + 1);
+  float* bq = sized(sc.bq, K + 1);
+  float* bg = sized(sc.bg, K + 1);
+  float* bh = sized(sc.bh, K + 1);
+  const bool ce1 = g >= 0 && c.T != 1.0f;
+  const float coef = w * c.soft_scale * inv_t, coef_t = w * c.soft_scale;
+  const float ce_q = (g >= 0 && !ce1) ? w * c.ce_weight : 0.0f;
+  for (int64_t k = 0; k < K; ++k) checked_id(ids, i, k, V);
+
+  DivLse full = div_lse_empty(), tail = div_lse_empty(), one = div_lse_empty();
+  float* mark = nullptr;
+  if (c.topk_mode == kTopkTail) {
+    // flag the members (1) in the gradient row or a buffer; the tail is every other id
+    mark = gs ? gs : sized(sc.mark, V);
+    std::fill(mark, mark + V, 0.0f);
+    for (int64_t k = 0; k < K; ++k) {
+      if (ids[k] >= 0) mark[ids[k]] = 1.0f;
+    }
+    for (int64_t c0 = 0; c0 < V; c0 += kStatsChunk) {
+      const int64_t n = std::min(kStatsChunk, V - c0);
+      DivLse cs, ctl, c1;
+      if (ce1) tail_chunk_stats<true>(s + c0, mark + c0, n, inv_t, cs, ctl, c1);
+      else tail_chunk_stats<false>(s + c0, mark + c0, n, inv_t, cs, ctl, c1);
+      div_lse_merge(full, cs, inv_t);
+      div_lse_merge(tail, ctl, inv_t);
+      if (ce1) div_lse_merge(one, c1, 1.0f);
+    }
+    if (g >= 0 && !ce1) one = full;
+  } else if (g >= 0) {
+    // renormalise: the whole row only for the cross-entropy's lse at T = 1
+    for (int64_t c0 = 0; c0 < V; c0 += kStatsChunk) {
+      const int64_t n = std::min(kStatsChunk, V - c0);
+      float ms = -INFINITY;
+#pragma omp simd reduction(max : ms)
+      for (int64_t j = 0; j < n; ++j) ms = s[c0 + j] > ms ? s[c0 + j] : ms;
+      const float bs = ms == -INFINITY ? 0.0f : ms;
+      float z = 0.0f;
+#pragma omp simd reduction(+ : z)
+      for (int64_t j = 0; j < n; ++j) z += vexp(s[c0 + j] - bs);
+      div_lse_merge(one, DivLse{ms, z}, 1.0f);
+    }
+  }
+
+  // bucket log-probs: lq_k, lp_k (padding: no mass)
+  float lq_norm, lp_norm;  // what the gathered values are normalised by
+  float ms_k;              // the raw maximum they are shifted by
+  if (c.topk_mode == kTopkTail) {
+    ms_k = full.m, lq_norm = div_lse_log(full), lp_norm = 0.0f;
+  } else {
+    DivLse sk = div_lse_empty(), pk = div_lse_empty();
+    for (int64_t k = 0; k < K; ++k) {
+      if (ids[k] < 0) continue;
+      div_lse_push(sk, s[ids[k]], inv_t);
+      div_lse_push(pk, lp[k], 1.0f);
+    }
+    ms_k = sk.m;
+    lq_norm = sk.z > 0.0f ? div_lse_log(sk) : INFINITY;  // no finite member logit: q = 0 (not 0 - log 0 = +inf)
+    lp_norm = pk.z > 0.0f ? pk.m + div_lse_log(pk) : INFINITY;
+  }
+  float soft = 0.0f, sum_g = 0.0f, sum_h = 0.0f;
+  for (int64_t k = 0; k < K; ++k) {
+    if (ids[k] < 0) {
+      bp[k] = bq[k] = bg[k] = bh[k] = 0.0f;
+      continue;
+    }
+    const float lq = div_log_prob(s[ids[k]], ms_k, inv_t, lq_norm);
+    const float lpk = lp[k] - lp_norm;
+    const float p = expf(lpk), q = expf(lq);
+    const DivTerms x = div_terms_any(d, p, q, lpk, lq);
+    bp[k] = p, bq[k] = q, bg[k] = x.g, bh[k] = x.h;
+    soft += x.soft, sum_g += x.g, sum_h += x.h;
+  }
+  float g_tail = 0.0f, hop_tail = 0.0f;
+  if (c.topk_mode == kTopkTail) {
+    const float lp_tail = div_topk_teacher_tail(div_topk_teacher_lse(lp, ids, K));
+    const float lq_tail = div_topk_student_tail(full, tail, inv_t);
+    const float p = expf(lp_tail), q = expf(lq_tail);
+    const DivTerms x = div_terms_any(d, p, q, lp_tail, lq_tail);
+    soft += x.soft, sum_g += x.g, sum_h += x.h;
+    g_tail = x.g;
+    hop_tail = div_h_over_p(d, p, q, lp_tail, lq_tail);
+  }
+  if (lq_norm != lq_norm) soft = NAN;  // a NaN student logit (the xlogy selects could hide it)
+
+  if (gt) {
+    const float factor = c.topk_mode == kTopkTail ? hop_tail : sum_h;
+    for (int64_t k = 0; k < K; ++k) gt[k] = ids[k] < 0 ? 0.0f : div_topk_teacher_grad(coef_t, bh[k], bp[k], factor);
+  }
+  if (gs) {
+    if (c.topk_mode == kTopkTail) {
+      tail_grad_pass(s, mark, V, inv_t, full, lq_norm, tail, coef, g_tail, sum_g, ce_q, gs);
+    } else if (ce_q != 0.0f) {
+      // (renormalise, T = 1) CE on every column; its softmax is that of the full row
+      std::fill(gs, gs + V, 0.0f);
+      add_softmax1(s, V, one, ce_q, gs);
+    } else {
+      std::fill(gs, gs + V, 0.0f);  // the renormalised loss does not depend on the other ids
+    }
+    if (ce1 && c.ce_weight != 0.0f) add_softmax1(s, V, one, w * c.ce_weight, gs);
+    // members: their own formula, plus the CE's softmax at that column
+    const float l1 = g >= 0 ? logf(one.z) : 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t id = ids[k];
+      if (id < 0) continue;
+      const float ce = (g >= 0 && c.ce_weight != 0.0f) ? w * c.ce_weight * expf(div_log_prob(s[id], one.m, 1.0f, l1))
+                                                       : 0.0f;
+      gs[id] = div_topk_member_grad(coef, bg[k], bq[k], sum_g) + ce;
+    }
+  }
+  DivRowOut out = {soft, 0.0f};
+  if (g >= 0) {
+    out.hard = div_ce_hard(one, s[g]);
+    if (gs && c.ce_weight != 0.0f) gs[g] -= w * c.ce_weight;
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// The op
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(
+    const at::Tensor& student_in, const at::Tensor& teacher_in, const at::Tensor& topk_ids_in,
+    const at::Tensor& target, const at::Tensor& row_weight, double temperature, int64_t kind, double a, double b,
+    double w_p, double w_q, double soft_scale, double ce_weight, int64_t topk_mode, bool reduce, bool grad_student,
+    bool grad_teacher) {
+  TORCH_CHECK_VALUE(kind == kDivKL || kind == kDivTVD, "fastkd: divergence_fwd kind must be 0 (KL family) or 1 (TVD), got ",
+                    kind);
+  TORCH_CHECK_VALUE(topk_mode >= kTopkNone && topk_mode <= kTopkRenorm,
+                    "fastkd: divergence_fwd topk_mode must be 0 (dense), 1 (tail) or 2 (renormalise), got ", topk_mode);
+  TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "fastkd: temperature must be a finite number > 0, got ",
+                    temperature);
+  TORCH_CHECK(student_in.device().is_cpu() && student_in.dim() == 2 && at::isFloatingType(student_in.scalar_type()),
+              "fastkd: student must be a floating 2-D [N, V] CPU tensor, got ", student_in.scalar_type(), " ",
+              student_in.sizes(), " on ", student_in.device());
+  const int64_t N = student_in.size(0), V = student_in.size(1);
+  // rows with unit column stride are read in place (row slices of a bigger tensor); other layouts are copied
+  const at::Tensor student = student_in.stride(1) == 1 || V <= 1 ? student_in : student_in.contiguous();
+  const bool topk = topk_mode != kTopkNone;
+  at::Tensor teacher = teacher_in, topk_ids;
+  int64_t K = 0;
+  TORCH_CHECK(teacher_in.device().is_cpu() && teacher_in.dim() == 2 && at::isFloatingType(teacher_in.scalar_type()),
+              "fastkd: teacher must be a floating 2-D CPU tensor, got ", teacher_in.scalar_type(), " ",
+              teacher_in.sizes(), " on ", teacher_in.device());
+  if (topk) {
+    K = teacher_in.size(1);
+    TORCH_CHECK(teacher_in.size(0) == N, "fastkd: teacher (top-k log-probs) must be [N, K] with N = ", N, ", got ",
+                teacher_in.sizes());
+    TORCH_CHECK(topk_ids_in.device().is_cpu() && topk_ids_in.scalar_type() == at::kLong &&
+                    topk_ids_in.sizes() == teacher_in.sizes(),
+                "fastkd: topk_ids must be an int64 CPU tensor shaped like the teacher log-probs ", teacher_in.sizes(),
+                ", got ", topk_ids_in.scalar_type(), " ", topk_ids_in.sizes());
+    teacher = teacher_in.to(at::kFloat).contiguous();  // [N, K]: small
+    topk_ids = topk_ids_in.contiguous();
+  } else {
+    TORCH_CHECK(teacher_in.sizes() == student_in.sizes(), "fastkd: student and teacher shapes differ: ",
+                student_in.sizes(), " and ", teacher_in.sizes());
+    TORCH_CHECK(topk_ids_in.numel() == 0, "fastkd: topk_ids must be empty for a dense teacher (topk_mode = 0)");
+    if (teacher.stride(1) != 1 && V > 1) teacher = teacher.contiguous();
+  }
+  const bool has_target = target.numel() > 0;
+  if (has_target) check_row_vector(target, N, at::kLong, "target");
+  TORCH_CHECK_VALUE(has_target || ce_weight == 0.0,
+                    "fastkd: ce_weight = ", ce_weight, " adds a cross-entropy term, which needs target");
+  check_row_vector(row_weight, N, at::kFloat, "row_weight");
+
+  DivCall c;
+  c.d = div_params(static_cast<int>(kind), static_cast<float>(a), static_cast<float>(b), static_cast<float>(w_p),
+                   static_cast<float>(w_q));
+  c.T = static_cast<float>(temperature), c.inv_t = 1.0f / c.T;
+  c.soft_scale = static_cast<float>(soft_scale), c.ce_weight = static_cast<float>(ce_weight);
+  c.topk_mode = static_cast<int>(topk_mode);
+  c.V = V, c.K = K;
+
+  auto f32 = student.options().dtype(at::kFloat);
+  at::Tensor gs = grad_like(student, grad_student);
+  at::Tensor gt32 = topk ? (grad_teacher ? at::empty({N, K}, f32) : at::empty({0}, f32))
+                         : grad_like(teacher_in, grad_teacher);
+  at::Tensor loss_rows = at::zeros({N}, f32), soft_rows = at::zeros({N}, f32), hard_rows = at::zeros({N}, f32);
+  if (N > 0 && V == 0) {  // nothing to read
+    if (gs.numel()) gs.zero_();
+    if (gt32.numel()) gt32.zero_();
+  } else if (N > 0) {
+    const float* weight = row_weight.const_data_ptr<float>();
+    const int64_t* tgt = has_target ? target.const_data_ptr<int64_t>() : nullptr;
+    const int64_t* ids_all = topk ? topk_ids.const_data_ptr<int64_t>() : nullptr;
+    const float* lp_all = topk ? teacher.const_data_ptr<float>() : nullptr;
+    float* gt_topk = topk && grad_teacher ? gt32.mutable_data_ptr<float>() : nullptr;
+    float* loss = loss_rows.mutable_data_ptr<float>();
+    float* soft_out = soft_rows.mutable_data_ptr<float>();
+    float* hard_out = hard_rows.mutable_data_ptr<float>();
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+    // forward KL family (w_p == 0) without a teacher gradient: KD's row (fkl_row)
+    const bool fkl = !topk && !grad_teacher && c.d.kind == kDivKL && c.d.mix == kMixQ;
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      thread_local DivScratch sc;
+      for (int64_t i = begin; i < end; ++i) {
+        const float w = weight[i];
+        float* gs_row = output_row(gs, i, sc.gs_conv);
+        float* gt_row = topk ? (gt_topk ? gt_topk + i * K : nullptr) : output_row(gt32, i, sc.gt_conv);
+        const int64_t gt_n = topk ? K : V;
+        if (w == 0.0f) {  // skipped: not read
+          if (gs_row) std::fill(gs_row, gs_row + V, 0.0f);
+          if (gt_row) std::fill(gt_row, gt_row + gt_n, 0.0f);
+        } else {
+          int64_t g = -1;
+          if (tgt) {
+            g = tgt[i];
+            TORCH_CHECK_VALUE(g >= 0 && g < V, "fastkd: target[", i, "] = ", g, " is outside [0, ", V, ")");
+          }
+          const float* s = input_span(student, i * student.stride(0), V, sc.s_conv);
+          DivRowOut r;
+          if (topk) {
+            r = topk_row(c, i, s, lp_all + i * K, ids_all + i * K, g, w, gs_row, gt_row, sc);
+          } else {
+            const float* t = input_span(teacher, i * teacher.stride(0), V, sc.t_conv);
+            r = fkl ? fkl_row(c, s, t, g, w, gs_row, sc) : dense_row(c, s, t, g, w, gs_row, gt_row, sc);
+          }
+          soft_out[i] = w * c.soft_scale * r.soft;
+          hard_out[i] = w * r.hard;
+          loss[i] = soft_out[i] + (c.ce_weight != 0.0f ? c.ce_weight * hard_out[i] : 0.0f);
+        }
+        output_row_done(gs, i, sc.gs_conv);
+        if (!topk) output_row_done(gt32, i, sc.gt_conv);
+      }
+    });
+  }
+  at::Tensor gt = topk && grad_teacher ? gt32.to(teacher_in.scalar_type()) : gt32;
+  if (topk && !grad_teacher) gt = at::empty({0}, teacher_in.options());
+  if (reduce) return {loss_rows.sum(), soft_rows.sum(), hard_rows.sum(), gs, gt};
+  return {loss_rows, soft_rows, hard_rows, gs, gt};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) { m.impl("divergence_fwd", &divergence_fwd_cpu); }
+
+}  // namespace fastkd
