@@ -59,6 +59,15 @@ __device__ __forceinline__ Sum3 shfl_xor(const Sum3& v, int offset) {
   return {fastkd::shfl_xor(v.x, offset), fastkd::shfl_xor(v.y, offset), fastkd::shfl_xor(v.z, offset)};
 }
 
+// The teacher tail's sum over the non-maximal log-probs and the ties with the maximum, in
+// double as div_topk_teacher_lse (K float32 terms would carry K * 6e-8 of absolute error).
+struct Sum2d {
+  double x, y;
+};
+__device__ __forceinline__ Sum2d shfl_xor(const Sum2d& v, int offset) {
+  return {fastkd::shfl_xor(v.x, offset), fastkd::shfl_xor(v.y, offset)};
+}
+
 struct AddSum3 {
   __device__ __forceinline__ Sum3 operator()(const Sum3& a, const Sum3& b) const {
     return {a.x + b.x, a.y + b.y, a.z + b.z};
@@ -244,18 +253,6 @@ __device__ __forceinline__ void sweep_one_grads(const RowSplit<W>& sp, const S* 
   for (int64_t c = sp.body_end + sp.lane; c < sp.n; c += sp.lanes) gs[c] = from_float<S>(f(c, x_at(c)));
 }
 
-// The tail mode's teacher gradient is coef_t (H_k - p_k factor). With a tail (p_tail > 0),
-// factor = H_tail / p_tail (d lp_tail / d lp_k = -p_k / p_tail). When the top-k mass is
-// clamped at 1 (lp_tail = -inf, constant) nothing absorbs the a p_k that d/dlp_k of
-// a p_k (lp_k - lm_k) carries besides H_k (it cancels against the tail otherwise), so the
-// gradient is H_k + a p_k: factor = -a (KL family; 0 for TVD). This is the derivative of the
-// loss as computed (and what the reference's autograd gives); div_h_over_p of
-// csrc/divergence_math.h returns 0 there.
-__device__ __forceinline__ float tail_teacher_factor(const DivParams& d, float lp_tail, float lq_tail) {
-  if (lp_tail == -INFINITY) return d.kind == kDivKL ? -d.a : 0.0f;
-  return div_h_over_p(d, div_exp(lp_tail), div_exp(lq_tail), lp_tail, lq_tail);
-}
-
 __device__ __forceinline__ bool is_member(const uint32_t* bits, int64_t c) { return (bits[c >> 5] >> (c & 31)) & 1u; }
 
 template <bool kWarp, typename S, typename T>
@@ -266,6 +263,7 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
   extern __shared__ uint32_t div_member_bits[];
   __shared__ RowLse lse_scratch[32];
   __shared__ Sum3 sum_scratch[32];
+  __shared__ Sum2d sum2d_scratch[32];
   const RowTeam<kWarp> team;
   const RowHead h = row_head(args, team.row);
   const int64_t V = args.cols, K = args.k;
@@ -324,7 +322,7 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
   //          and only the others are summed (div_topk_teacher_lse, here over the team: the ties
   //          with the maximum add exactly ties - 1).
   //    renormalise: the student over its ids (1/T) and the teacher over its ids (scale 1).
-  float lse_p = -INFINITY;
+  double lse_p = -INFINITY;
   RowLse ren = row_lse_empty();  // renormalise: student in .s, teacher in .s1
   if (tail) {
     Sum3 mx = {-INFINITY, 0.0f, 0.0f};
@@ -334,18 +332,19 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
     mx = team.reduce(mx, Sum3{-INFINITY, 0.0f, 0.0f},
                      [](const Sum3& a, const Sum3& b) { return Sum3{max_ignoring_nan(a.x, b.x), 0.0f, 0.0f}; },
                      sum_scratch);
-    Sum3 z = {0.0f, 0.0f, 0.0f};  // sum over the others, ties with the maximum
+    Sum2d z = {0.0, 0.0};  // sum over the others, ties with the maximum
     for (int64_t j = team.lane; j < kk; j += team.lanes) {
       if (ids[j] == kPadId) continue;
       const float lp = to_float(lp_in[j]);
       if (lp == mx.x) {
-        z.y += 1.0f;
+        z.y += 1.0;
       } else {
-        z.x += expf(lp - mx.x);  // NaN stays NaN
+        z.x += exp(static_cast<double>(lp) - mx.x);  // NaN stays NaN
       }
     }
-    z = team_sum(team, z, sum_scratch);
-    if (mx.x != -INFINITY) lse_p = mx.x + log1pf(z.x + (z.y - 1.0f));  // a NaN maximum stays NaN
+    z = team.reduce(z, Sum2d{0.0, 0.0}, [](const Sum2d& a, const Sum2d& b) { return Sum2d{a.x + b.x, a.y + b.y}; },
+                    sum2d_scratch);
+    if (mx.x != -INFINITY) lse_p = mx.x + log1p(z.x + (z.y - 1.0));  // a NaN maximum stays NaN
   } else {
     for (int64_t j = team.lane; j < kk; j += team.lanes) {
       const int64_t id = ids[j];
@@ -436,7 +435,8 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
     }
   }
   if (args.grad_teacher) {
-    const float factor = tail ? tail_teacher_factor(d, lp_tail, lq_tail) : sums.z;
+    // tail: H_tail / p_tail, or (top-k mass clamped at 1) the a p_k the tail no longer absorbs (div_h_over_p)
+    const float factor = tail ? div_h_over_p(d, div_exp(lp_tail), div_exp(lq_tail), lp_tail, lq_tail) : sums.z;
     for (int64_t j = team.lane; j < kk; j += team.lanes) {
       const int64_t id = ids[j];
       float g = 0.0f;  // padding slots
