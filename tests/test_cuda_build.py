@@ -135,6 +135,11 @@ def short_name(demangled):
     return name
 
 
+# The row kernels whose both teams must compile without spills (csrc/cuda/rows.cuh).
+REQUIRED_KERNELS = ("kd_fwd_kernel", "ats_fwd_kernel", "dkd_fwd_kernel", "divergence_dense_kernel",
+                    "divergence_topk_kernel")
+
+
 def test_cuda_kernels_compile_without_spills():
     nvcc = nvcc_path()
     if nvcc is None:
@@ -168,6 +173,12 @@ def test_cuda_kernels_compile_without_spills():
     assert not spills, "kernels spill registers:\n" + "\n".join(spills)
     for arch in ARCHS:
         assert any(a == f"sm_{arch}" for _, _, a, _ in rows), f"no kernel compiled for sm_{arch}"
+    # every row kernel, in both teams (warp / block per row), is in the table for every arch
+    for kernel in REQUIRED_KERNELS:
+        for team in ("true", "false"):
+            for arch in ARCHS:
+                assert any(k.startswith(f"{kernel}<{team},") and a == f"sm_{arch}" for _, k, a, _ in rows), (
+                    f"{kernel}<{team}, ...> not compiled for sm_{arch}")
 
 
 FAST_DIV_CHECK = r"""

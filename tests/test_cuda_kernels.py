@@ -143,3 +143,179 @@ def test_mgd_mask_bit_exact(shape, spatial, dtype):
     want = torch.ops.fastkd.mgd_mask(x, 987654321, 0.5, spatial)
     got = torch.ops.fastkd.mgd_mask(x.cuda(), 987654321, 0.5, spatial).cpu()
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+# ---------------------------------------------------------------------------
+# divergence_fwd (docs/design.md, "The language-model divergences"): the CUDA op against the
+# plain-PyTorch op of fastkd._reference_divergence in float64.
+
+DIV_KINDS = {  # (kind, a, b, w_p, w_q)
+    "forward_kl": (0, 1.0, 0.0, 0.0, 1.0), "reverse_kl": (0, 0.0, 1.0, 1.0, 0.0),
+    "jsd": (0, 0.3, 0.7, 0.3, 0.7), "skew_kl": (0, 1.0, 0.0, 0.1, 0.9), "skew_rkl": (0, 0.0, 1.0, 0.9, 0.1),
+    "tvd": (1, 0.0, 0.0, 0.0, 0.0), "ce_only": (0, 0.0, 0.0, 0.0, 1.0),
+}
+# warp rows, 64-thread blocks, 256-thread blocks with a ragged tail, 512-thread blocks, one row of 128k+ classes
+DIV_SHAPES = [(37, 100), (5, 1025), (3, 4113), (16, RAGGED), (1, 131072 + 17)]
+
+
+def div_available():
+    if not _ops.has_kernel("divergence_fwd", "CUDA"):
+        pytest.skip("fastkd._C built without the CUDA divergence_fwd")
+
+
+def div_reference(s, t, ids, y, w, spec, mode, T, soft_scale, ce_weight, grads, bad_rows=()):
+    """The float64 reference on CPU; rows in bad_rows get valid ids / targets there (CUDA writes NaN)."""
+    from fastkd._reference_divergence import divergence_fwd as ref
+
+    ids, y = ids.cpu().clone(), y.cpu().clone()
+    for r in bad_rows:
+        if ids.numel():
+            ids[r] = -1
+        if y.numel():
+            y[r] = 0
+    kind, a, b, w_p, w_q = spec
+    # a = b = 0 (cross-entropy alone): the teacher is unused, autograd.grad would fail; its gradient is 0
+    unused_t = kind == 0 and a == 0 and b == 0 and grads[1]
+    out = list(ref(s.cpu().double(), t.cpu().double(), ids, y, w.cpu(), T, kind, a, b, w_p, w_q, soft_scale,
+                   ce_weight, mode, False, grads[0], grads[1] and not unused_t))
+    if unused_t:
+        out[4] = torch.zeros(t.shape, dtype=torch.float64)
+    return out
+
+
+def div_call(s, t, ids, y, w, spec, mode, T, soft_scale, ce_weight, grads, reduce=False):
+    kind, a, b, w_p, w_q = spec
+    return torch.ops.fastkd.divergence_fwd(s, t, ids, y, w, T, kind, a, b, w_p, w_q, soft_scale, ce_weight, mode,
+                                           reduce, *grads)
+
+
+def div_check(s, t, ids, y, w, name, mode, grads=(True, True), T=2.0, bad_rows=(), s_in=None, t_in=None):
+    """Values allclose and every gradient's relative-norm error vs float64 (< 1e-5 float32, 1e-2 16-bit)."""
+    spec = DIV_KINDS[name]
+    soft_scale = 0.0 if name == "ce_only" else T * T
+    ce_weight = 0.5 if y.numel() else 0.0
+    got = div_call(s if s_in is None else s_in, t if t_in is None else t_in, ids, y, w, spec, mode, T, soft_scale,
+                   ce_weight, grads)
+    want = div_reference(s, t, ids, y, w, spec, mode, T, soft_scale, ce_weight, grads, bad_rows)
+    keep = torch.ones(s.shape[0], dtype=torch.bool)
+    keep[list(bad_rows)] = False
+    low = s.dtype != torch.float32 or t.dtype != torch.float32
+    for i, (g, r) in enumerate(zip(got, want)):
+        g = g.cpu()
+        if i >= 3 and not grads[i - 3]:
+            assert g.numel() == 0
+            continue
+        for row in bad_rows:
+            assert g[row].isnan().all(), (name, i, "bad row not NaN")
+        if i < 3:
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g[keep].double(), r[keep], rtol=2e-3 if low else 1e-5, atol=1e-5)
+        else:
+            assert g.dtype == (s.dtype if i == 3 else t.dtype)
+            assert rel_err(g[keep], r[keep]) < (1e-2 if low else 1e-5), (name, i)
+    return got
+
+
+def div_rows(N, V, ds, dt, mode, K=50, seed=0):
+    """Student logits, teacher (dense logits or top-k log-probs with ids), targets, weights; row 1 skipped
+    (bad target and ids: never read), the last row (N > 2) counted with a bad target and, top-k with
+    N > 4, the one before it with a bad id (both NaN)."""
+    g = torch.Generator().manual_seed(seed * 7919 + N * 131 + V)
+    s = (torch.randn(N, V, generator=g) * 3).to(ds)
+    w = torch.rand(N, generator=g) + 0.5
+    y = torch.randint(0, V, (N,), generator=g)
+    if mode == 0:
+        t = (torch.randn(N, V, generator=g) * 3).to(dt)
+        t[0, : V // 3] = float("-inf")  # masked teacher vocabulary
+        ids = torch.empty(0, dtype=torch.int64)
+    else:
+        K = min(K, V)
+        full = torch.log_softmax(torch.randn(N, V, generator=g, dtype=torch.float64) * 3, dim=1)
+        ids = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(N)])
+        t = full.gather(1, ids).to(dt)
+        ids[0, K - 2:] = -1  # padding slots
+        if N > 3:
+            ids[2] = -1  # a row of padding only: loss 0
+    bad = ()
+    if N > 1:
+        w[1], y[1] = 0.0, 10**9
+        if mode:
+            ids[1, 0] = 10**12
+    if N > 2:
+        y[N - 1] = V
+        bad = (N - 1,)
+    if mode and N > 4:
+        ids[N - 2, 1] = V  # counted row, top-k id out of range: NaN
+        bad = (N - 2, N - 1)
+    return s, t, ids, y, w, bad
+
+
+@pytest.mark.parametrize("name", list(DIV_KINDS))
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["dense", "tail", "renormalize"])
+@pytest.mark.parametrize("shape", DIV_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtypes", DTYPES, ids=str)
+def test_divergence_matches_reference(name, mode, shape, dtypes):
+    div_available()
+    s, t, ids, y, w, bad = div_rows(*shape, *dtypes, mode)
+    div_check(s.cuda(), t.cuda(), ids.cuda(), y.cuda(), w.cuda(), name, mode, bad_rows=bad)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["dense", "tail", "renormalize"])
+def test_divergence_one_gradient_no_target_unaligned(name, mode):
+    div_available()
+    s, t, ids, y, w, bad = div_rows(9, RAGGED, torch.bfloat16, torch.bfloat16, mode)
+    none = torch.empty(0, dtype=torch.int64, device="cuda")
+    bad_ids = (7,) if mode else ()  # without a target only the bad top-k id is left
+    for grads in ((True, False), (False, True), (False, False)):
+        div_check(s.cuda(), t.cuda(), ids.cuda(), none, w.cuda(), name, mode, grads, bad_rows=bad_ids)
+    sc, tc = s.cuda(), t.cuda()
+    div_check(sc, tc, ids.cuda(), y.cuda(), w.cuda(), name, mode, s_in=unaligned(sc), t_in=unaligned(tc),
+              bad_rows=bad)
+
+
+@pytest.mark.parametrize("mode", [1, 2], ids=["tail", "renormalize"])
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_divergence_topk_extreme_mass(mode, name):
+    """The student's top-k holds all but ~e^-30 of its mass (the tail must be summed over the
+    non-members, not as total - top-k); one teacher row's top-k mass is >= 1 (empty tail)."""
+    div_available()
+    s, t, ids, y, w, _ = div_rows(4, 4113, torch.float32, torch.float32, mode, K=20, seed=3)
+    w[1] = 1.0
+    ids[1] = torch.randperm(4113)[:20]
+    s.scatter_(1, ids.clamp_min(0), 40.0)
+    t[3] = t[3] - torch.logsumexp(t[3].double(), 0).float() + 1e-6
+    none = torch.empty(0, dtype=torch.int64, device="cuda")
+    div_check(s.cuda(), t.cuda(), ids.cuda(), none, w.cuda(), name, mode, T=1.0)
+
+
+def test_divergence_large_offsets_and_current_stream():
+    div_available()
+    s, t, ids, y, w, bad = div_rows(16, RAGGED, torch.float32, torch.float32, 0)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        sc, tc = (s + 1000).cuda(), (t - 1000).cuda()
+        got = div_check(sc, tc, ids.cuda(), y.cuda(), w.cuda(), "jsd", 0, T=1.0, bad_rows=bad)
+    stream.synchronize()
+    assert all(torch.isfinite(g[:2]).all() for g in got[:3])
+
+
+def test_divergence_reduce_and_errors():
+    div_available()
+    s, t, ids, y, w, bad = div_rows(5, 1000, torch.float32, torch.float32, 1)
+    w[list(bad)] = 0.0  # skipped, not NaN: the sums stay finite
+    sc, tc, ic, yc, wc = s.cuda(), t.cuda(), ids.cuda(), y.cuda(), w.cuda()
+    spec = DIV_KINDS["jsd"]
+    rows = div_call(sc, tc, ic, yc, wc, spec, 1, 2.0, 4.0, 0.5, (False, False))
+    total = div_call(sc, tc, ic, yc, wc, spec, 1, 2.0, 4.0, 0.5, (False, False), reduce=True)
+    for r, tot in zip(rows[:3], total[:3]):
+        assert tot.dim() == 0 and torch.allclose(r.sum(), tot)
+    with pytest.raises(RuntimeError, match="student must be contiguous"):
+        div_call(sc.t().contiguous().t(), tc, ic, yc, wc, spec, 1, 2.0, 4.0, 0.5, (True, True))
+    with pytest.raises(RuntimeError, match="topk_ids"):
+        div_call(sc, tc, ic[:, :3], yc, wc, spec, 1, 2.0, 4.0, 0.5, (True, True))
+    with pytest.raises(RuntimeError, match="needs target"):
+        div_call(sc, tc, ic, torch.empty(0, dtype=torch.int64, device="cuda"), wc, spec, 1, 2.0, 4.0, 0.5,
+                 (True, True))
+    with pytest.raises(RuntimeError, match="topk_mode"):
+        div_call(sc, tc, ic, yc, wc, spec, 3, 2.0, 4.0, 0.5, (True, True))

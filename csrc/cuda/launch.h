@@ -49,4 +49,31 @@ cudaError_t mgd_sq_err_cuda(DType p_dtype, const void* pred, DType t_dtype, cons
                             double scale, float* work, float* loss, void* grad_pred, void* grad_teacher,
                             cudaStream_t stream);
 
+// divergence_fwd (docs/design.md, "The language-model divergences"): a dense teacher
+// [rows, cols] (topk_mode 0, topk_ids null, k 0) or top-k teacher log-probs [rows, k] with
+// their ids [rows, k] (topk_mode 1 tail, 2 renormalise). target: [rows] or null (then hard
+// is 0). Writes loss_rows, soft_rows, hard_rows [rows] (weighted, before any sum) and the
+// gradients whose pointers are non-null (student [rows, cols]; teacher the teacher's shape).
+// A counted row with an out-of-range target or id gets NaN in all of them.
+struct DivergenceArgs {
+  DType s_dtype, t_dtype;
+  const void* student;
+  const void* teacher;
+  const int64_t* topk_ids;
+  const int64_t* target;
+  const float* row_weight;
+  int64_t rows, cols, k;
+  float temperature, a, b, w_p, w_q, soft_scale, ce_weight;
+  int kind, topk_mode;
+  float* loss_rows;
+  float* soft_rows;
+  float* hard_rows;
+  void* grad_student;
+  void* grad_teacher;
+};
+cudaError_t divergence_fwd_cuda(const DivergenceArgs& args, cudaStream_t stream);
+
+// Dynamic shared memory of one block of the top-k tail mode (a bit per column of each row it holds).
+int64_t divergence_tail_shared_bytes(int64_t rows, int64_t cols);
+
 }  // namespace fastkd
