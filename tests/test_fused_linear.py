@@ -484,5 +484,8 @@ def test_peak_memory_far_below_the_unfused_path():
     assert peak_unfused > 3 * block  # the measurement sees the logits
     # measured (reference row op): unfused ~15 [N, V] blocks; fused with 16-row chunks ~8% of it
     assert peak_16 < 0.15 * peak_unfused, (peak_16, peak_unfused)
-    # the working memory is O(chunk x V): a quarter of the chunk, well under half the peak
-    assert peak_16 < 0.5 * peak_64, (peak_16, peak_64)
+    # the working memory is O(chunk x V): going from 16- to 64-row chunks adds a few float32
+    # [48, V] blocks (the chunk's logits, teacher logits and gradient: measured ~3), on top of
+    # what does not depend on the chunk (the weight and hidden gradients)
+    growth = (peak_64 - peak_16) / (48 * v * 4)
+    assert 1.0 < growth < 4.5, (peak_16, peak_64, growth)
