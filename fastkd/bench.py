@@ -706,6 +706,9 @@ def parse_args(argv=None):
                    help="comma-separated subset of cpu,cuda,triton,eager,compile,liger (default: all available)")
     p.add_argument("--csv", default=None, help="output CSV (default: fastkd-bench-<device>[-quick].csv)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU (default: torch's)")
+    p.add_argument("--fused-linear", action="store_true",
+                   help="instead: fused linear distillation (LM head + loss) against the unfused path, the head "
+                        "matmuls alone and Liger's chunked loss (fastkd.bench_fused_linear; CPU)")
     p.add_argument("--distributed", type=int, default=None, metavar="P",
                    help="instead: the vocabulary-parallel losses on P gloo CPU processes against the unsharded "
                         "loss on the same work, with bytes per call (fastkd.bench_distributed)")
@@ -721,6 +724,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.fused_linear:
+        from fastkd import bench_fused_linear
+
+        return bench_fused_linear.main(["--shapes", "512x512" if args.quick else "2048x512,512x512"]) or 0
     if args.distributed is not None:
         from fastkd import bench_distributed
 

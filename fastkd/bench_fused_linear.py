@@ -1,7 +1,8 @@
 """Fused linear distillation on the CPU: time per step and peak extra memory (issue 11).
 
-    python benchmarks/fused_linear.py [--shapes 2048x512,512x512] [--vocab 128256] [--steps 3]
-                                      [--providers fused,unfused,unfused_fastkd,matmuls,liger] [--csv FILE]
+    python -m fastkd.bench --fused-linear
+    python -m fastkd.bench_fused_linear [--shapes 2048x512,512x512] [--vocab 128256] [--steps 3]
+                                        [--providers fused,unfused,unfused_fastkd,matmuls,liger] [--csv FILE]
 
 One training step (forward + backward, float32) of forward KL (T = 1) between a
 student head ``[V, H]`` and a teacher head ``[V, H]`` on ``N`` rows, per provider:
@@ -23,7 +24,6 @@ the ratios the issue targets and writes one CSV row per (shape, provider).
 import argparse
 import csv
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -31,11 +31,9 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import fastkd  # noqa: E402
-from fastkd.bench import _PeakRSS  # noqa: E402
-from fastkd.fused_linear import default_chunk_size, fused_linear_kd_loss  # noqa: E402
+import fastkd
+from fastkd.bench import _PeakRSS
+from fastkd.fused_linear import default_chunk_size, fused_linear_kd_loss
 
 PROVIDERS = ("fused", "unfused", "unfused_fastkd", "matmuls", "liger")
 
@@ -134,7 +132,7 @@ def main(argv=None):
         print(f"N={n} H={h} V={args.vocab} float32, fused chunk {chunk} rows ({-(-n // chunk)} chunks)", flush=True)
         results = {}
         for provider in args.providers.split(","):
-            cmd = [sys.executable, os.path.abspath(__file__), "--steps", str(args.steps),
+            cmd = [sys.executable, "-m", "fastkd.bench_fused_linear", "--steps", str(args.steps),
                    "--worker", provider, str(n), str(h), str(args.vocab)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
