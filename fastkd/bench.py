@@ -718,7 +718,8 @@ def parse_args(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if args.csv is None:
-        args.csv = f"fastkd-bench-{args.device}{'-quick' if args.quick else ''}.csv"
+        mode = "-fused-linear" if args.fused_linear else f"-distributed{args.distributed}" if args.distributed else ""
+        args.csv = f"fastkd-bench-{args.device}{mode}{'-quick' if args.quick else ''}.csv"
     return args
 
 
@@ -727,11 +728,15 @@ def main(argv=None) -> int:
     if args.fused_linear:
         from fastkd import bench_fused_linear
 
-        return bench_fused_linear.main(["--shapes", "512x512" if args.quick else "2048x512,512x512"]) or 0
+        if args.device != "cpu":
+            raise SystemExit("--fused-linear measures on the CPU (the GPU case is not written yet)")
+        return bench_fused_linear.main(["--shapes", "512x512" if args.quick else "2048x512,512x512",
+                                        "--csv", args.csv]) or 0
     if args.distributed is not None:
         from fastkd import bench_distributed
 
-        return bench_distributed.main(["--world", str(args.distributed)]) or 0
+        return bench_distributed.main(["--world", str(args.distributed), "--csv", args.csv]
+                                      + (["--rows", "256", "--repeat", "3"] if args.quick else [])) or 0
     if args.threads:
         torch.set_num_threads(args.threads)
     # MGD's mask seed is drawn on the host (an expected graph break): keep dynamo's warnings out of the table.

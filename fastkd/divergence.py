@@ -3,7 +3,7 @@
 Public functionals (re-exported as ``fastkd.*`` and ``fastkd.functional.*``)::
 
     reverse_kl_loss(s, t, *, temperature=1.0, reduction="batchmean", target=None, ignore_index=-100,
-                    sample_weight=None, ce_weight=0.0, return_parts=False, backend="auto")
+                    sample_weight=None, ce_weight=0.0, return_parts=False, process_group=None, backend="auto")
     jsd_loss(s, t, *, beta=0.5, ...same...)
     skew_kl_loss(s, t, *, skew=0.1, reverse=False, ...same...)
     tvd_loss(s, t, *, ...same...)
@@ -26,7 +26,7 @@ import torch
 
 from . import _reference_divergence as R
 from . import _validation as v
-from ._backend import implementation, resolve
+from ._backend import BACKENDS, implementation, resolve
 from ._reference_divergence import LossParts
 from .topk import TopKTeacher
 
@@ -236,6 +236,8 @@ def kd_topk_loss(student_logits, teacher: TopKTeacher, temperature=4.0, *, reduc
     R.check_args(student_logits, teacher, temperature, reduction, target, ignore_index, sample_weight,
                  ce_weight, return_parts, temperature_tensor=True)
     if isinstance(temperature, torch.Tensor):
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend not in ("auto", "reference"):
             raise ValueError(
                 f"backend '{backend}' takes a float temperature with a TopKTeacher; a tensor temperature "

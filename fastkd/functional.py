@@ -171,6 +171,7 @@ def ats_loss(
     pass over the student logits here). ``process_group``: vocabulary-sharded logits,
     as ``kd_loss`` (no ``ce_weight`` / ``return_parts`` there).
     """
+    _reject_topk("ats_loss", teacher_logits)
     if process_group is not None:
         _no_ce_when_sharded("ats_loss", ce_weight, return_parts)
         return _divergence.sharded(
@@ -179,7 +180,6 @@ def ats_loss(
             student_temperature=student_temperature, reduction=reduction, ignore_index=ignore_index,
             sample_weight=sample_weight,
         )
-    _reject_topk("ats_loss", teacher_logits)
     v.check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
     for name_, value in (("target_temperature", target_temperature), ("other_temperature", other_temperature),
                          ("student_temperature", student_temperature)):
@@ -232,6 +232,7 @@ def dkd_loss(
     mdistiller adds its CE outside the loss, with weight 1). ``process_group``:
     vocabulary-sharded logits, as ``kd_loss`` (no ``ce_weight`` / ``return_parts`` there).
     """
+    _reject_topk("dkd_loss", teacher_logits)
     if process_group is not None:
         _no_ce_when_sharded("dkd_loss", ce_weight, return_parts)
         return _divergence.sharded(
@@ -239,7 +240,6 @@ def dkd_loss(
             beta=beta, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
             sample_weight=sample_weight,
         )
-    _reject_topk("dkd_loss", teacher_logits)
     v.check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
     v.check_number("alpha", alpha)
     v.check_number("beta", beta)
@@ -293,10 +293,10 @@ def dist_loss(
     Its backward all-reduces too, so under DDP (which averages gradients over ranks)
     each parameter gets exactly the single-process gradient (``fastkd.distributed``).
     """
+    _reject_topk("dist_loss", teacher_logits)
     if process_group is not None:
         return _divergence.sharded("dist_loss", backend, student_logits, teacher_logits,
                                    process_group=process_group, beta=beta, gamma=gamma, temperature=temperature)
-    _reject_topk("dist_loss", teacher_logits)
     v.check_pair(student_logits, teacher_logits)
     v.check_number("beta", beta)
     v.check_number("gamma", gamma)

@@ -102,11 +102,13 @@ class KDLoss(nn.Module):
     ImageNet uses 1), ``ignore_index=-100``, ``backend="auto"``.
 
     ``forward(student_logits, teacher_logits, target=None, sample_weight=None,
-    temperature=None)``: ``target`` only marks rows to skip (``ignore_index``);
-    a ``temperature`` given here (a number, or a tensor from
-    ``LearnableTemperature`` that receives a gradient) replaces the module's.
-    ``ce_weight`` adds ``ce_weight * cross_entropy(student_logits, target)`` in the
-    same pass; ``return_parts=True`` returns ``LossParts(loss, soft, hard)``.
+    temperature=None)``: ``target`` marks rows to skip (``ignore_index``) and is the
+    class of the optional cross-entropy; a ``temperature`` given here (a number, or
+    a tensor from ``LearnableTemperature`` that receives a gradient) replaces the
+    module's. ``ce_weight`` adds ``ce_weight * cross_entropy(student_logits, target)``
+    (in the same pass with a number temperature, a second pass with a tensor);
+    ``return_parts=True`` returns ``LossParts(loss, soft, hard)``; ``process_group``:
+    vocabulary-sharded logits (``fastkd.kd_loss``).
     """
 
     def __init__(self, temperature: float = 4.0, *, reduction: str = "batchmean", ignore_index: int = -100,
@@ -136,7 +138,7 @@ class KDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, reduction={self.reduction!r}, ce_weight={self.ce_weight}, "
-                f"backend={self.backend!r}")
+                f"return_parts={self.return_parts}, backend={self.backend!r}")
 
 
 class DKDLoss(nn.Module):

@@ -332,7 +332,11 @@ def test_other_losses_reject_a_topk_teacher_naming_it():
     target = torch.tensor([0, 1])
     for call in (lambda: fastkd.dkd_loss(s, tk, target), lambda: fastkd.ats_loss(s, tk, target),
                  lambda: fastkd.dist_loss(s, tk), lambda: fastkd.nn.DKDLoss()(s, tk, target),
-                 lambda: fastkd.nn.DISTLoss()(s, tk)):
+                 lambda: fastkd.nn.DISTLoss()(s, tk),
+                 # before any sharded path: process_group does not bypass the check
+                 lambda: fastkd.dkd_loss(s, tk, target, process_group=object()),
+                 lambda: fastkd.ats_loss(s, tk, target, process_group=object()),
+                 lambda: fastkd.dist_loss(s, tk, process_group=object())):
         with pytest.raises(TypeError, match="needs dense teacher logits.*TopKTeacher works with kd_loss"):
             call()
 
