@@ -116,17 +116,21 @@ def test_bench_cases_scale_cpu_shapes_and_keep_the_headline():
 
 
 def test_bench_picks_up_fused_backends_as_they_appear(monkeypatch):
-    def fake(losses):
-        return lambda: {"cpu": {"available": True, "reason": None, "losses": losses},
-                        "cuda": {"available": False, "reason": "no CUDA device is available", "losses": []},
-                        "triton": {"available": False, "reason": "no GPU", "losses": []},
-                        "reference": {"available": True, "reason": None, "losses": list(bench.LOSSES)}}
+    def fake(cpu_losses):
+        def unavailable_reason(name, loss=None, device=None):
+            if name == "cpu":
+                return None if loss in cpu_losses else f"backend 'cpu' has no {loss} kernel yet"
+            return "no CUDA device is available" if name == "cuda" else "no GPU"
+        return unavailable_reason
 
-    monkeypatch.setattr(bench.fastkd, "backends", fake(["kd"]))
+    monkeypatch.setattr(bench.fastkd._backend, "unavailable_reason", fake(["kd"]))
     names, notes = bench.providers_for("dkd", "cpu", None)
     assert names == ["eager", "compile"] and len(notes) == 1 and "'cpu'" in notes[0] and "dkd" in notes[0]
-    monkeypatch.setattr(bench.fastkd, "backends", fake(["kd", "dkd"]))
+    monkeypatch.setattr(bench.fastkd._backend, "unavailable_reason", fake(["kd", "dkd"]))
     assert bench.providers_for("dkd", "cpu", None) == (["cpu", "eager", "compile"], [])
+    # kd_ce needs the "kd+ce" ops and brings its two extra peers
+    monkeypatch.setattr(bench.fastkd._backend, "unavailable_reason", fake(["kd", "kd+ce"]))
+    assert bench.providers_for("kd_ce", "cpu", None)[0] == ["cpu", "kd_alone", "kd+ce_sep", "eager", "compile"]
     # Never the Triton interpreter on CPU; on CUDA both GPU backends are reported when missing.
     names, notes = bench.providers_for("kd", "cuda", ["cuda", "triton", "eager"])
     assert names == ["eager"] and any("'cuda'" in n for n in notes) and any("'triton'" in n for n in notes)
