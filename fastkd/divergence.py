@@ -96,8 +96,8 @@ def sharded(name: str, backend: str, *args, **kwargs):
     shard's neighbours), so an explicit fused ``backend`` is refused rather than ignored.
     """
     if backend not in ("auto", "reference"):
-        if not isinstance(backend, str) or backend not in ("cpu", "cuda", "triton"):
-            raise ValueError(f"backend must be one of ('auto', 'reference', 'cpu', 'cuda', 'triton'), got {backend!r}")
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         raise ValueError(
             f"backend '{backend}' has no sharded kernel: with process_group the loss runs in PyTorch on each "
             "rank's shard; pass backend='auto' (or 'reference')"

@@ -156,6 +156,19 @@ def _check_optional_number(name: str, value, positive: bool) -> None:
         v.check_number(name, value)
 
 
+def _check_options(divergence, temperature, beta, skew, ce_weight, logit_scale, softcap, reduction) -> None:
+    """The numeric options, shared by the functional and the module's constructor."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    v.check_positive("temperature", temperature)
+    R._check_unit("beta", beta)
+    R._check_unit("skew", skew)
+    v.check_number("ce_weight", ce_weight)
+    _check_optional_number("logit_scale", logit_scale, positive=False)
+    _check_optional_number("softcap", softcap, positive=True)
+    v.check_reduction(reduction)
+
+
 # ----------------------------------------------------------------------------
 # the chunk loop
 # ----------------------------------------------------------------------------
@@ -422,15 +435,7 @@ def fused_linear_kd_loss(
     lead = tuple(student_hidden.shape[:-1])
     _check_head("student", student_hidden, student_weight, student_bias, None, dev)
     vocab = student_weight.shape[0]
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    v.check_positive("temperature", temperature)
-    R._check_unit("beta", beta)
-    R._check_unit("skew", skew)
-    v.check_number("ce_weight", ce_weight)
-    _check_optional_number("logit_scale", logit_scale, positive=False)
-    _check_optional_number("softcap", softcap, positive=True)
-    v.check_reduction(reduction)
+    _check_options(divergence, temperature, beta, skew, ce_weight, logit_scale, softcap, reduction)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not isinstance(return_parts, bool):
@@ -597,15 +602,7 @@ class FusedLinearKDLoss(nn.Module):
                  return_parts: bool = False, backend: str = "auto"):
         super().__init__()
         # the same checks as the functional, early (it checks again at call time)
-        if divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-        v.check_positive("temperature", temperature)
-        R._check_unit("beta", beta)
-        R._check_unit("skew", skew)
-        v.check_number("ce_weight", ce_weight)
-        _check_optional_number("logit_scale", logit_scale, positive=False)
-        _check_optional_number("softcap", softcap, positive=True)
-        v.check_reduction(reduction)
+        _check_options(divergence, temperature, beta, skew, ce_weight, logit_scale, softcap, reduction)
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
