@@ -353,21 +353,22 @@ def _api_checks(rank, world, failures):
                 D.kd_loss(s, t, 2.0, process_group=wd, target=target, ce_weight=0.5).backward()
             seen.append((c.bytes, c.calls))
         assert seen[0] == seen[1], f"bytes/calls changed with the vocabulary: {seen}"
-        # dense KD with CE and both gradients: MAX 2 rows + 2, SUM 4 rows, SUM 3 rows (float32)
-        assert seen[0] == (4 * (n * (2 + 4 + 3) + 2), 3), seen[0]
+        # dense KD with CE and both gradients: MAX 2 per row, SUM 4, SUM 3 (float32), after the shape check
+        # (4 int64: rows and widths)
+        assert seen[0] == (4 * n * (2 + 4 + 3) + 32, 4), seen[0]
         ids = torch.arange(n * 5, device=DEVICE).reshape(n, 5)
         topk = TopKTeacher(ids, torch.full((n, 5), -3.0, device=DEVICE), mode="tail")
         with D.count_comm() as c:
             D.kd_loss(_shard(torch.randn(n, 64 * world), rank, world), topk, 1.0, process_group=wd)
-        assert (c.bytes, c.calls) == (4 * (n * (2 + 2 + 5) + 2), 2), (c.bytes, c.calls)
+        assert (c.bytes, c.calls) == (4 * n * (2 + 2 + 5) + 32, 3), (c.bytes, c.calls)
         saved = D.CHUNK_MIN_ROWS
-        D.CHUNK_MIN_ROWS = 2  # 3 row chunks: the same bytes, 3 times the calls
+        D.CHUNK_MIN_ROWS = 2  # 3 row chunks: the same bytes, 3 times the per-row calls
         try:
             with D.count_comm() as c:
                 D.kd_loss(_shard(torch.randn(n, 64 * world), rank, world), topk, 1.0, process_group=wd)
         finally:
             D.CHUNK_MIN_ROWS = saved
-        assert (c.bytes, c.calls) == (4 * (n * (2 + 2 + 5) + 2), 6), (c.bytes, c.calls)
+        assert (c.bytes, c.calls) == (4 * n * (2 + 2 + 5) + 32, 7), (c.bytes, c.calls)
 
     def errors():
         s, t = torch.randn(n, width), torch.randn(n, width)
@@ -385,6 +386,14 @@ def _api_checks(rank, world, failures):
             assert "same width" in str(e), str(e)
         else:
             raise AssertionError("unequal shard widths did not raise")
+        for fn in (lambda a, b: D.kd_loss(a, b, 2.0, process_group=wd),
+                   lambda a, b: D.dkd_loss(a, b, torch.zeros(a.shape[0], dtype=torch.long), process_group=wd)):
+            try:  # rank r holds n + r rows: raised before any per-row collective (which would hang)
+                fn(torch.randn(n + rank, width), torch.randn(n + rank, width))
+            except ValueError as e:
+                assert "same rows" in str(e) and f"this rank {n + rank}" in str(e), str(e)
+            else:
+                raise AssertionError("unequal row counts did not raise")
         try:
             D.jsd_loss(s, t, process_group=None)
         except ValueError as e:
@@ -474,6 +483,14 @@ def _api_checks(rank, world, failures):
                 bad = torch.isnan(loss)
                 assert int(bad.sum()) == 1 and bool(torch.isnan(a.grad[bad]).all()), f"NaN case {i}: {loss}"
                 assert bool(torch.isfinite(a.grad[~bad]).all()), f"NaN case {i}"
+        # unequal shard widths, unread on the host: every row NaN (rank r's shard is 1 + r columns wider)
+        a = torch.randn(n, width + 1 + rank, requires_grad=True)
+        _validation.HOST_DEVICES = ()
+        try:
+            loss = D.kd_loss(a, torch.randn(n, width + 1 + rank), 2.0, process_group=wd, reduction="none")
+        finally:
+            _validation.HOST_DEVICES = saved_devices
+        assert bool(torch.isnan(loss).all()), f"unequal widths without host reads: {loss}"
 
     _record(failures, "bytes", bytes_do_not_grow_with_vocab)
     if DEVICE.type == "cpu":  # value checks and the emulated GPU path are CPU matters (on CUDA: _no_sync)
