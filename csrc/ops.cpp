@@ -28,6 +28,15 @@ TORCH_LIBRARY(fastkd, m) {
       "float temperature, int kind, float a, float b, float w_p, float w_q, float soft_scale, float ce_weight, "
       "int topk_mode, bool reduce, bool grad_student, bool grad_teacher) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // the row passes of the vocabulary-parallel divergences (csrc/cpu/divergence_shard.cpp, fastkd/distributed.py)
+  m.def("divergence_shard_stats(Tensor student, Tensor teacher, float temperature, bool ce, Tensor row_read) -> Tensor");
+  m.def(
+      "divergence_shard_terms(Tensor student, Tensor teacher, Tensor row_stats, float temperature, int kind, "
+      "float a, float b, float w_p, float w_q, Tensor row_read, bool grad_student, bool grad_teacher) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "divergence_shard_grad(Tensor student, Tensor teacher, Tensor row_stats, float temperature, Tensor row_coef, "
+      "Tensor row_read, Tensor(a!) g, Tensor(b!) h) -> ()");
 }
 
 // `import fastkd._C` loads this library, whose static initialisers register the ops.

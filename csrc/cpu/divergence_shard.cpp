@@ -1,0 +1,227 @@
+// The vocabulary-parallel divergences on the CPU (fastkd/distributed.py): the three
+// row passes of a dense-teacher divergence over one rank's shard of the vocabulary,
+// with the all-reduces of per-row numbers between them done in Python.
+//
+//   divergence_shard_stats  per row, over the shard: raw maxima of s and t and the
+//                           sums of exp((x - max) / T) relative to them (and, for the
+//                           cross-entropy, of exp(s - max_s)): [N, 5]
+//   divergence_shard_terms  given the whole-vocabulary (M_s, L_s, M_t, L_t): the
+//                           shard's part of the loss and of sum G, sum H ([N, 3]),
+//                           with G and H written to float32 [N, V_local] buffers
+//   divergence_shard_grad   given the whole-vocabulary sum G, sum H and the row
+//                           coefficients: G, H turned in place into the gradients
+//                           coef_s (G - q sum G) + ce q1, coef_t (H - p sum H)
+//
+// The per-class math is csrc/divergence_math.h's (div_terms_form), as in the
+// single-process op; only the row sums come from elsewhere. Rows with row_read 0 are
+// not read (their outputs are 0). Inputs: float32 rows with unit column stride.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "loss_common.h"
+#include "../divergence_math.h"
+
+namespace fastkd {
+namespace {
+
+void check_shard_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kFloat &&
+                  (x.size(1) <= 1 || x.stride(1) == 1),
+              "fastkd: ", name, " must be a float32 2-D CPU tensor with unit column stride, got ", x.scalar_type(),
+              " ", x.sizes(), " strides ", x.strides(), " on ", x.device());
+}
+
+void check_row_matrix(const at::Tensor& x, int64_t n, int64_t k, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(0) == n &&
+                  x.size(1) == k && x.is_contiguous(),
+              "fastkd: ", name, " must be a contiguous float32 CPU tensor [", n, ", ", k, "], got ",
+              x.scalar_type(), " ", x.sizes());
+}
+
+int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
+
+// Raw maximum and sum of exp((x - max) * inv_t) of n values (0 and -inf for an empty or all -inf span).
+FASTKD_CPU_CLONES
+DivLse span_lse(const float* x, int64_t n, float inv_t) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  if (m == -INFINITY) return {m, 0.0f};
+  float z = 0.0f;
+#pragma omp simd reduction(+ : z)
+  for (int64_t j = 0; j < n; ++j) z += vexp(kd_shift(x[j], m, inv_t));
+  if (m != m) z = NAN;  // a NaN logit: the max comparisons skip it, the sum must not
+  return {m, z};
+}
+
+at::Tensor shard_stats_cpu(const at::Tensor& student, const at::Tensor& teacher, double temperature, bool ce,
+                           const at::Tensor& row_read) {
+  check_shard_rows(student, "student");
+  check_shard_rows(teacher, "teacher");
+  TORCH_CHECK(student.sizes() == teacher.sizes(), "fastkd: student and teacher shapes differ: ", student.sizes(),
+              " and ", teacher.sizes());
+  const int64_t N = student.size(0), V = student.size(1);
+  check_row_vector(row_read, N, at::kFloat, "row_read");
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  at::Tensor out = at::zeros({N, 5}, student.options());
+  const float* s_all = student.const_data_ptr<float>();
+  const float* t_all = teacher.const_data_ptr<float>();
+  const float* read = row_read.const_data_ptr<float>();
+  float* o = out.mutable_data_ptr<float>();
+  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* r = o + 5 * i;
+      if (read[i] == 0.0f) {  // not read: an empty row (max -inf, sum 0)
+        r[0] = r[2] = -INFINITY;
+        continue;
+      }
+      const float* s = s_all + i * student.stride(0);
+      const DivLse a = span_lse(s, V, inv_t), b = span_lse(t_all + i * teacher.stride(0), V, inv_t);
+      r[0] = a.m, r[1] = a.z, r[2] = b.m, r[3] = b.z;
+      r[4] = ce ? (inv_t == 1.0f ? a.z : span_lse(s, V, 1.0f).z) : 0.0f;
+    }
+  });
+  return out;
+}
+
+// One row of divergence_shard_terms: writes G, H (either may be null), returns (soft, sum G, sum H).
+template <int kKind, int kMix, int kForm>
+FASTKD_CPU_CLONES void terms_row(const DivParams& dp, const float* s, const float* t, int64_t V, float inv_t,
+                                 const float* st, float* g, float* h, float* out) {
+  const DivParams d = dp;
+  const float ms = st[0], ls = st[1], mt = st[2], lt = st[3];
+  const float dm = mt - ms, dl = ls - lt;
+  // double sums: sum G and G - q sum G nearly cancel on the largest classes (see divergence.cpp)
+  double so = 0.0, sg = 0.0, sh = 0.0;
+#pragma omp simd reduction(+ : so, sg, sh)
+  for (int64_t j = 0; j < V; ++j) {
+    const float q = vexp(div_log_prob(s[j], ms, inv_t, ls)), p = vexp(div_log_prob(t[j], mt, inv_t, lt));
+    const float delta = ((t[j] - s[j]) - dm) * inv_t + dl;  // lp - lq from the raw logits
+    const DivTerms x = div_terms_form<kKind, kMix, kForm>(d, p, q, delta);
+    so += x.soft;
+    sg += x.g;
+    sh += x.h;
+    if (g) g[j] = x.g;
+    if (h) h[j] = x.h;
+  }
+  out[0] = static_cast<float>(so), out[1] = static_cast<float>(sg), out[2] = static_cast<float>(sh);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shard_terms_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                               const at::Tensor& row_stats, double temperature,
+                                                               int64_t kind, double a, double b, double w_p,
+                                                               double w_q, const at::Tensor& row_read,
+                                                               bool grad_student, bool grad_teacher) {
+  check_shard_rows(student, "student");
+  check_shard_rows(teacher, "teacher");
+  TORCH_CHECK(student.sizes() == teacher.sizes(), "fastkd: student and teacher shapes differ: ", student.sizes(),
+              " and ", teacher.sizes());
+  TORCH_CHECK_VALUE(kind == kDivKL || kind == kDivTVD, "fastkd: kind must be 0 (KL family) or 1 (TVD), got ", kind);
+  const int64_t N = student.size(0), V = student.size(1);
+  check_row_matrix(row_stats, N, 4, "row_stats");
+  check_row_vector(row_read, N, at::kFloat, "row_read");
+  const DivParams d = div_params(static_cast<int>(kind), static_cast<float>(a), static_cast<float>(b),
+                                 static_cast<float>(w_p), static_cast<float>(w_q));
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  auto f32 = student.options();
+  at::Tensor sums = at::zeros({N, 3}, f32);
+  at::Tensor g = grad_student ? at::empty({N, V}, f32) : at::empty({0}, f32);
+  at::Tensor h = grad_teacher ? at::empty({N, V}, f32) : at::empty({0}, f32);
+  const float* s_all = student.const_data_ptr<float>();
+  const float* t_all = teacher.const_data_ptr<float>();
+  const float* stats = row_stats.const_data_ptr<float>();
+  const float* read = row_read.const_data_ptr<float>();
+  float* g_all = grad_student ? g.mutable_data_ptr<float>() : nullptr;
+  float* h_all = grad_teacher ? h.mutable_data_ptr<float>() : nullptr;
+  float* out = sums.mutable_data_ptr<float>();
+  const int form = div_form(d);
+  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* gi = g_all ? g_all + i * V : nullptr;
+      float* hi = h_all ? h_all + i * V : nullptr;
+      if (read[i] == 0.0f) {
+        if (gi) std::fill(gi, gi + V, 0.0f);
+        if (hi) std::fill(hi, hi + V, 0.0f);
+        continue;
+      }
+      const float* s = s_all + i * student.stride(0);
+      const float* t = t_all + i * teacher.stride(0);
+      const float* st = stats + 4 * i;
+#define FASTKD_SHARD_TERMS(KIND, MIX, FORM) terms_row<KIND, MIX, FORM>(d, s, t, V, inv_t, st, gi, hi, out + 3 * i)
+      if (d.kind == kDivTVD) FASTKD_SHARD_TERMS(kDivTVD, kMixBoth, kFormGeneral);
+      else if (d.mix == kMixQ) FASTKD_SHARD_TERMS(kDivKL, kMixQ, kFormGeneral);
+      else if (d.mix == kMixP) FASTKD_SHARD_TERMS(kDivKL, kMixP, kFormGeneral);
+      else if (form == kFormProp) FASTKD_SHARD_TERMS(kDivKL, kMixBoth, kFormProp);
+      else if (form == kFormNoB) FASTKD_SHARD_TERMS(kDivKL, kMixBoth, kFormNoB);
+      else if (form == kFormNoA) FASTKD_SHARD_TERMS(kDivKL, kMixBoth, kFormNoA);
+      else FASTKD_SHARD_TERMS(kDivKL, kMixBoth, kFormGeneral);
+#undef FASTKD_SHARD_TERMS
+    }
+  });
+  return {sums, g, h};
+}
+
+// One row of divergence_shard_grad. c: (sum G, sum H, coef_s, coef_t, ce); st: (M_s, L_s, M_t, L_t, L_1).
+FASTKD_CPU_CLONES void grad_row(const float* s, const float* t, int64_t V, float inv_t, const float* st,
+                                const float* c, float* g, float* h) {
+  const float ms = st[0], ls = st[1], mt = st[2], lt = st[3], l1 = st[4];
+  const float sum_g = c[0], sum_h = c[1], coef_s = c[2], coef_t = c[3], ce = c[4];
+  if (g) {
+    if (ce != 0.0f) {
+#pragma omp simd
+      for (int64_t j = 0; j < V; ++j) {
+        const float q = vexp(div_log_prob(s[j], ms, inv_t, ls));
+        g[j] = coef_s * (g[j] - q * sum_g) + ce * vexp(div_log_prob(s[j], ms, 1.0f, l1));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < V; ++j) g[j] = coef_s * (g[j] - vexp(div_log_prob(s[j], ms, inv_t, ls)) * sum_g);
+    }
+  }
+  if (h) {
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) h[j] = coef_t * (h[j] - vexp(div_log_prob(t[j], mt, inv_t, lt)) * sum_h);
+  }
+}
+
+void shard_grad_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_stats,
+                    double temperature, const at::Tensor& row_coef, const at::Tensor& row_read, at::Tensor g,
+                    at::Tensor h) {
+  check_shard_rows(student, "student");
+  check_shard_rows(teacher, "teacher");
+  const int64_t N = student.size(0), V = student.size(1);
+  check_row_matrix(row_stats, N, 5, "row_stats");
+  check_row_matrix(row_coef, N, 5, "row_coef");
+  check_row_vector(row_read, N, at::kFloat, "row_read");
+  const bool has_g = g.numel() > 0, has_h = h.numel() > 0;
+  if (has_g) check_row_matrix(g, N, V, "g");
+  if (has_h) check_row_matrix(h, N, V, "h");
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const float* s_all = student.const_data_ptr<float>();
+  const float* t_all = teacher.const_data_ptr<float>();
+  const float* stats = row_stats.const_data_ptr<float>();
+  const float* coef = row_coef.const_data_ptr<float>();
+  const float* read = row_read.const_data_ptr<float>();
+  float* g_all = has_g ? g.mutable_data_ptr<float>() : nullptr;
+  float* h_all = has_h ? h.mutable_data_ptr<float>() : nullptr;
+  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (read[i] == 0.0f) continue;  // zeroed by divergence_shard_terms
+      grad_row(s_all + i * student.stride(0), t_all + i * teacher.stride(0), V, inv_t, stats + 5 * i, coef + 5 * i,
+               g_all ? g_all + i * V : nullptr, h_all ? h_all + i * V : nullptr);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("divergence_shard_stats", &shard_stats_cpu);
+  m.impl("divergence_shard_terms", &shard_terms_cpu);
+  m.impl("divergence_shard_grad", &shard_grad_cpu);
+}
+
+}  // namespace fastkd
