@@ -298,6 +298,29 @@ def _vocab_checks(rank, world, failures, full=True):
     _compare_loss("kd offset 1e3", rank, world, failures, d, r, s[8:] + 1e3, t[8:] - 1e3, torch.float32)
 
 
+@contextlib.contextmanager
+def _host_reads_forbidden():
+    """The GPU code path on CPU tensors: no value checks, and every host read of a tensor value raises."""
+    from fastkd import _validation
+    saved_devices = _validation.HOST_DEVICES
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def forbid(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"host read of a tensor value: Tensor.{name}")
+        return read
+
+    _validation.HOST_DEVICES = ()
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, forbid(name))
+    try:
+        yield
+    finally:
+        _validation.HOST_DEVICES = saved_devices
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
 def _dkd_ats_checks(rank, world, failures, full=True):
     n, width = 11, 29
     vocab = width * world
@@ -379,9 +402,25 @@ def _dkd_ats_checks(rank, world, failures, full=True):
             with pytest.raises((TypeError, ValueError), match="ce_weight"):
                 fn(a, b, _on(target, a), process_group=wd, ce_weight="0.5")
 
+    def ce_no_host_reads():
+        """With the CE: no host read (GPU path); an unchecked out-of-range target makes exactly its row NaN."""
+        bad = target.clone()
+        bad[4] = vocab  # one past the global vocabulary
+        for fn in (D.dkd_loss, D.ats_loss):
+            for tgt, nan_rows in ((target, 0), (bad, 1)):
+                a, b = _shard(s, rank, world).requires_grad_(), _shard(t, rank, world).requires_grad_()
+                with _host_reads_forbidden():
+                    out = fn(a, b, tgt, process_group=wd, ce_weight=0.5, return_parts=True, reduction="none")
+                    (out.loss * torch.tensor(0.7)).sum().backward()
+                nan = torch.isnan(out.loss)
+                assert int(nan.sum()) == nan_rows and bool(torch.isnan(out.hard[nan]).all()), (fn.__name__, out)
+                assert bool(torch.isnan(a.grad[nan]).all()) and bool(torch.isfinite(a.grad[~nan]).all())
+                assert bool(torch.isfinite(out.hard[~nan]).all()), (fn.__name__, out.hard)
+
     _record(failures, "dkd/ats ce bytes", ce_bytes)
     if DEVICE.type == "cpu":
         _record(failures, "dkd/ats ce errors", ce_errors)
+        _record(failures, "dkd/ats ce no host reads", ce_no_host_reads)
     if full:  # targets all in shard 0: the other shards hold no target column
         tgt0 = torch.randint(0, width, (n,), generator=g)
         s, t = _inputs((n, vocab), 22)
