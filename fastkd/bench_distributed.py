@@ -174,7 +174,7 @@ def main(argv=None):
                              reference_unsharded_ms=base[name, "reference"] * 1e3, bytes_per_call=nbytes,
                              calls=calls, formula_bytes=formula))
         assert nbytes == formula, f"{name}: counted {nbytes} bytes, formula says {formula}"
-    print("bytes per call (float32, N rows, K top-k ids, P ranks; + 8 for the shard-width pair):")
+    print("bytes per call (float32, N rows, K top-k ids, P ranks; + 32 for the shape check: 4 int64):")
     print("  dense divergence, CE and student + teacher grads: 4 N (2 + 4 + 3);  without CE: 4 N (2 + 2 + 2)"
           " (student grad only)")
     print(f"  top-k tail, no CE: 4 N (2 + 2 + K)  (K = {TOPK});  dkd: 4 N (4 + 6 + 2)")
@@ -191,13 +191,13 @@ def _formula(name, args):
     """Bytes per call from the formula (module docstring of fastkd.distributed), for the case ``name``."""
     n = args.rows
     if name == "kd T=2 +CE":  # student grad only: MAX 2, SUM 2 + 2 CE, SUM 2
-        return 4 * (n * (2 + 4 + 2) + 2)
+        return 4 * n * (2 + 4 + 2) + 32
     if name in ("kd T=2", "jsd beta=0.5"):
-        return 4 * (n * (2 + 2 + 2) + 2)
+        return 4 * n * (2 + 2 + 2) + 32
     if name.startswith("kd top-"):
-        return 4 * (n * (2 + 2 + TOPK) + 2)
+        return 4 * n * (2 + 2 + TOPK) + 32
     if name == "dkd":
-        return 4 * (n * (4 + 6 + 2) + 2)
+        return 4 * n * (4 + 6 + 2) + 32
     if name.startswith("dist"):
         c = args.vocab
         return 4 * ((2 * c + 2) + 3 * c) * 2

@@ -42,11 +42,12 @@ grad); backward only scales them, in place (``docs/design.md``, "Autograd and
 gradient memory"): a stored gradient is used once (``retain_graph`` raises).
 
 Communication per call, in bytes (``comm_stats``; ``e`` = 4 for float32 math, 8
-for float64): ``e * (N * (r1 + r2 + r3 + K) + 2)`` with ``r1 + r2 + r3`` the
-number of per-row numbers (listed in ``PER_ROW_FLOATS``, at most 15: DKD with CE and
-the teacher gradient) and ``K``
-the top-k width (0 for dense teachers). It does not depend on ``V``. Calls: 2 or
-3 per row chunk (below), at most 48.
+for float64): ``e * N * (r1 + r2 + r3 + K) + 32`` with ``r1 + r2 + r3`` the
+number of per-row numbers (listed in ``PER_ROW_FLOATS``, at most 15: DKD with CE
+and the teacher gradient) and ``K``
+the top-k width (0 for dense teachers); the 32 bytes are the shape check (four
+int64: rows and shard width, ``_check_group_shapes``). It does not depend on
+``V``. Calls: 1, then 2 or 3 per row chunk (below), at most 49.
 
 Memory: the local math runs on row chunks (at most ``CHUNK_MAX`` = 16 chunks of at
 least ``CHUNK_MIN_ROWS`` = 64 rows; the split depends on ``N`` only, so every rank
@@ -61,6 +62,7 @@ Values are checked where reading them is free (CPU tensors; ``fastkd.set_value_c
 target and top-k ids in ``[0, V)`` (``V`` the global vocabulary), equal shard widths.
 """
 import contextlib
+from types import SimpleNamespace
 from typing import Optional, Union
 
 import torch
@@ -87,7 +89,7 @@ PER_ROW_FLOATS = {
            "(sum exp s at T=1, s[target]); SUM: 2 + 1 with teacher grad",
     "ats": "MAX: 2 (max s, max t / tau); SUM: 2 (sums of exp) + 2 with CE (sum exp s at T=1, s[target]); "
            "SUM: 2 + 1 with teacher grad",
-    "every call": "+ 2 numbers (shard width, -width: checks equal shards)",
+    "every call": "+ 4 int64 in one MAX call first (rows, -rows, width, -width: equal rows and shards)",
 }
 
 
@@ -248,21 +250,30 @@ def _masked_sum_exp(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tens
     return (e if keep is None else e.masked_fill(~keep, 0.0)).sum(dim=1)
 
 
-def _width_pair(width: int, dtype, device) -> torch.Tensor:
-    """(width, -width), made on the device without a host-to-device copy; MAX-reduced, it gives the widest
-    and the narrowest shard."""
-    pair = torch.full((2,), float(width), dtype=dtype, device=device)
-    pair[1:].neg_()
-    return pair
+def _check_group_shapes(rows: int, width: int, group, device) -> torch.Tensor:
+    """One MAX all-reduce of (rows, -rows, width, -width), before any per-row collective.
 
-
-def _check_equal_shards(widths: torch.Tensor, width: int) -> torch.Tensor:
-    """``widths`` = the all-reduced MAX of (width, -width): True (a tensor) when every shard is as wide."""
-    equal = widths[0] == -widths[1]
-    if v.reads_values(widths) and not bool(equal):
-        raise ValueError(f"student_logits: every rank must hold a vocabulary shard of the same width "
-                         f"(this rank {width}, widest {int(widths[0])}, narrowest {int(-widths[1])})")
-    return equal
+    Vocabulary-parallel ranks must hold the same rows and equally wide shards: otherwise the
+    per-row collectives that follow would pair different rows, or differ in size and hang.
+    Where values are readable (CPU tensors) a mismatch raises here, naming both counts. On a
+    GPU nothing is read on the host: the returned 0-d bool (True when the shards are equal) NaNs
+    the loss and gradients (``_poison``) where widths differ; unequal row counts cannot be
+    detected there without a host read (the next collectives differ in size: NCCL errors or hangs).
+    """
+    x = torch.full((4,), rows, dtype=torch.int64, device=device)  # no host-to-device copy
+    x[2:].fill_(width)
+    x[1::2].neg_()
+    x = _all_reduce([x], dist.ReduceOp.MAX, group)[0]
+    if v.reads_values(x):
+        most_rows, least_rows, widest, narrowest = int(x[0]), -int(x[1]), int(x[2]), -int(x[3])
+        if most_rows != least_rows:
+            raise ValueError(f"student_logits: every rank of a vocabulary-parallel group must hold the same rows "
+                             f"(this rank {rows}, most {most_rows}, fewest {least_rows}); shard the vocabulary, "
+                             f"not the rows")
+        if widest != narrowest:
+            raise ValueError(f"student_logits: every rank must hold a vocabulary shard of the same width "
+                             f"(this rank {width}, widest {widest}, narrowest {narrowest})")
+    return x[2] == -x[3]
 
 
 def _check_global_ids(name: str, ids: torch.Tensor, read: Optional[torch.Tensor], vocab: int, lo: int) -> None:
@@ -353,17 +364,16 @@ def _row_chunks(n: int):
 
 
 def _run_chunks(body, n, student, t_values, need_s, need_t, reduction, lead):
-    """``body(rows, state)`` -> weighted (loss, soft, hard) rows and float gradient rows, per chunk.
+    """``body(rows)`` -> weighted (loss, soft, hard) rows and float gradient rows, per chunk.
 
     Gradients go straight into one buffer per input, in the input's dtype (the only
-    [N, V_local] tensors that outlive the call). ``state`` carries what the first chunk
-    learnt (shard widths equal) to the others.
+    [N, V_local] tensors that outlive the call).
     """
     grad_s = torch.empty((n, student.shape[-1]), dtype=student.dtype, device=student.device) if need_s else None
     grad_t = torch.empty((n, t_values.shape[-1]), dtype=t_values.dtype, device=t_values.device) if need_t else None
-    outs, state = [], {}
+    outs = []
     for rows in _row_chunks(n):
-        loss_r, soft_r, hard_r, gs, gt = body(rows, state)
+        loss_r, soft_r, hard_r, gs, gt = body(rows)
         outs.append((loss_r, soft_r, hard_r))
         if need_s:
             grad_s[rows] = gs
@@ -375,19 +385,6 @@ def _run_chunks(body, n, student, t_values, need_s, need_t, reduction, lead):
         return r.reshape(lead) if reduction == "none" else r.sum()
 
     return reduce(loss), reduce(soft), reduce(hard), grad_s, grad_t
-
-
-def _first_chunk_widths(state, width, dtype, device):
-    """The (width, -width) pair to MAX-reduce with the first chunk's maxima ([] for the later chunks)."""
-    return [] if "equal" in state else [_width_pair(width, dtype, device)]
-
-
-def _widths_result(state, reduced, width):
-    """Record the equal-shards flag from the first chunk's MAX round; returns it (a 0-d bool tensor)."""
-    if "equal" not in state:
-        state["equal"] = _check_equal_shards(reduced[-1], width)
-        reduced = reduced[:-1]
-    return state["equal"], reduced
 
 
 def _forward_kl_and_grads(lp: torch.Tensor, lq: torch.Tensor, need_p: bool):
@@ -450,122 +447,140 @@ def _divergence(student, teacher: Teacher, temperature, reduction, target, ignor
     weight_all = _row_weight(n_all, target, ignore_index, sample_weight, reduction, vocab, dtype, dev)
     ids_all = teacher.indices.reshape(n_all, -1) if topk else None
 
-    def body(r, state):
-        s = s_all[r].to(dtype)
-        n = s.shape[0]
-        read = None if read_all is None else read_all[r]
-        t = t_all[r].to(dtype)
-        ids = ids_all[r] if topk else None
-        tgt = target.reshape(n_all)[r].to(torch.int64) if use_ce else None
-        if read is not None:  # skipped rows are never read: zeros in their place, before any arithmetic
-            keep = read.unsqueeze(1)
-            s = torch.where(keep, s, torch.zeros((), dtype=dtype, device=dev))
-            t = torch.where(keep, t, torch.zeros((), dtype=dtype, device=dev))
-            if topk:
-                ids = torch.where(keep, ids, torch.full((), PAD_ID, dtype=ids.dtype, device=dev))
-            if use_ce:
-                tgt = torch.where(read, tgt, torch.zeros_like(tgt))
-        tail = topk and teacher.mode == "tail"
-        if topk:
-            pad = ids == PAD_ID
-            own, col = _local_columns(ids, offset, width)
-            # count of owned ids per local column (scatter_add: unowned slots add 0 at a clamped column)
-            members = torch.zeros(s.shape, dtype=torch.int32, device=dev)
-            members.scatter_add_(1, col, own.to(torch.int32))
-            non_member = members == 0
-            del members
-
-        # 1. MAX of the raw row maxima (the shifts); with the shard widths
-        maxima = [s.amax(dim=1)]
-        if not topk:
-            maxima.append(t.amax(dim=1))
-        if tail:
-            maxima.append(_masked_max(s, non_member))
-        maxima = _all_reduce(maxima + _first_chunk_widths(state, width, dtype, dev), dist.ReduceOp.MAX,
-                             process_group)
-        equal, maxima = _widths_result(state, maxima, width)
-        m_s = _safe_shift(maxima[0]).unsqueeze(1)
-        a = (s - m_s) / T  # student logits / T, shifted in raw units first (precision at large offsets)
-
-        # 2. SUM of the sums of exponentials and of the logits at global ids
-        sums = [a.exp().sum(dim=1)]
-        if not topk:
-            m_t = _safe_shift(maxima[1]).unsqueeze(1)
-            b = (t - m_t) / T
-            sums.append(b.exp().sum(dim=1))
-        if tail:
-            m_tail = _safe_shift(maxima[-1]).unsqueeze(1)
-            a_tail = (s - m_tail) / T
-            sums.append(_masked_sum_exp(a_tail, non_member))
-        if use_ce:
-            t_own, t_col = _local_columns(tgt.unsqueeze(1), offset, width)
-            sums.append((s - m_s).exp().sum(dim=1))
-            sums.append(_gather_owned(s, t_own, t_col).squeeze(1))
-        if topk:
-            sums.append(_gather_owned(a, own, col))
-        sums = _all_reduce(sums, dist.ReduceOp.SUM, process_group)
-        log_z = sums[0].log().unsqueeze(1)
-        lq = a - log_z  # log q over the shard (q = softmax(s / T) over the whole vocabulary)
-
-        grad_a = grad_b = None
-        if not topk:
-            lp = b - sums[1].log().unsqueeze(1)
-            if kind != "tvd" and R.divergence_coefficients(kind, **params) == (1.0, 0.0, 0.0, 1.0):
-                part, g, h = _forward_kl_and_grads(lp, lq, need_t)  # KD's forward KL: closed form
-            else:
-                part, g, h = _soft_and_grads(lambda lp_, lq_: R.soft_rows(lp_, lq_, kind, **params), lp, lq,
-                                             need_t)
-            # 3. SUM of the partial divergences and of sum G, sum H
-            red = [part, g.sum(dim=1)] + ([h.sum(dim=1)] if need_t else [])
-            red = _all_reduce(red, dist.ReduceOp.SUM, process_group)
-            soft = red[0]
-            if need_s:
-                grad_a = g - lq.exp() * red[1].unsqueeze(1)
-            if need_t:
-                grad_b = h - lp.exp() * red[2].unsqueeze(1)
-        else:
-            lq_tail = None
-            if tail:
-                # log q_tail = lse(s / T over the non-ids) - lse(s / T), each sum at its own shift: exact
-                # however small the tail (never 1 - sum_k q_k); a row of padding only: the whole row, 0
-                lq_tail = (m_tail - m_s) / T + sums[1].log().unsqueeze(1) - log_z
-                lq_tail = torch.where(pad.all(dim=1, keepdim=True), torch.zeros((), dtype=dtype, device=dev), lq_tail)
-            soft, grad_a, grad_b = _topk_buckets(teacher.mode, kind, params, sums, a, lq, t, pad, own, col,
-                                                 non_member if tail else None, a_tail if tail else None,
-                                                 lq_tail, need_s, need_t)
-        soft = soft * soft_scale
-        hard = torch.zeros_like(soft)
-        if use_ce:
-            z1, s_target = sums[-3 if topk else -2], sums[-2 if topk else -1]
-            hard = (m_s.squeeze(1) - s_target) + z1.log()  # lse(s) - s[target], T = 1
-        weight = weight_all[r]
-        ok = equal
-        if topk:
-            ok = ok & _ids_in_range(ids, read, vocab, PAD_ID)
-        if use_ce:
-            ok = ok & _ids_in_range(tgt.unsqueeze(1), read, vocab, 0)
-        weight = _poison(weight, ok)
-        rows = soft + ce_weight * hard if ce_weight != 0 else soft
-
-        grad_s = grad_t = None
-        if need_s:
-            gs = grad_a * (weight * (soft_scale / T)).unsqueeze(1)
-            if use_ce and ce_weight != 0:
-                wce = (weight * ce_weight).unsqueeze(1)
-                gs = gs + wce * ((s - m_s).exp() / z1.unsqueeze(1))  # softmax(s) at T = 1
-                gs.scatter_add_(1, t_col, torch.where(t_own, -wce, torch.zeros((), dtype=dtype, device=dev)))
-            grad_s = gs
-        if need_t:
-            # dense teacher: d/dt = (H - p sum H) / T; top-k log-probs: no 1/T (they are not divided by T)
-            scale = weight * (soft_scale if topk else soft_scale / T)
-            grad_t = grad_b * scale.unsqueeze(1)
-        return rows * weight, soft * weight, hard * weight, grad_s, grad_t
+    c = SimpleNamespace(kind=kind, params=params, T=T, soft_scale=soft_scale, mode=teacher.mode if topk else None,
+                        use_ce=use_ce, ce_weight=float(ce_weight), width=width, offset=offset, vocab=vocab,
+                        need_s=need_s, need_t=need_t, dtype=dtype, group=process_group)
+    tgt_all = target.reshape(n_all).to(torch.int64) if use_ce else None
 
     def compute():
+        equal = _check_group_shapes(n_all, width, process_group, dev)
+
+        def body(r):
+            return _divergence_rows(c, s_all[r], t_all[r], ids_all[r] if topk else None,
+                                    tgt_all[r] if use_ce else None, None if read_all is None else read_all[r],
+                                    weight_all[r], equal)
+
         return _run_chunks(body, n_all, student, t_in, need_s, need_t, reduction, lead)
 
     loss, soft, hard = _StoredGradLoss.apply(compute, student, t_in)
     return R.LossParts(loss, soft, hard) if return_parts else loss
+
+
+def _divergence_rows(c, s, t, ids, tgt, read, weight, equal):
+    """One chunk of rows of a vocabulary-parallel divergence (and its cross-entropy): three collectives.
+
+    ``s`` [n, V_local] student logits and ``t`` (teacher logits [n, V_local] or top-k log-probs
+    [n, K]) in any float dtype; ``ids`` [n, K] global top-k ids or None; ``tgt`` [n] int64 global
+    targets (None without the CE); ``read`` bool [n] (None: every row) and ``weight`` [n] the
+    contract's row weights; ``equal`` the 0-d bool of ``_check_group_shapes``. ``c``: the call's
+    constants (built in ``_divergence``, ``fused_linear_kd_loss``'s sharded row op). Returns the
+    row-weighted (loss, soft, hard) [n] and the weighted gradients w.r.t. ``s`` and ``t`` (None
+    where not requested), in ``c.dtype``.
+    """
+    dtype, dev, width, offset, vocab, T = c.dtype, s.device, c.width, c.offset, c.vocab, c.T
+    topk, use_ce, need_s, need_t, process_group = c.mode is not None, c.use_ce, c.need_s, c.need_t, c.group
+    kind, params, soft_scale, ce_weight = c.kind, c.params, c.soft_scale, c.ce_weight
+    s, t = s.to(dtype), t.to(dtype)
+    if read is not None:  # skipped rows are never read: zeros in their place, before any arithmetic
+        keep = read.unsqueeze(1)
+        s = torch.where(keep, s, torch.zeros((), dtype=dtype, device=dev))
+        t = torch.where(keep, t, torch.zeros((), dtype=dtype, device=dev))
+        if topk:
+            ids = torch.where(keep, ids, torch.full((), PAD_ID, dtype=ids.dtype, device=dev))
+        if use_ce:
+            tgt = torch.where(read, tgt, torch.zeros_like(tgt))
+    tail = c.mode == "tail"
+    if topk:
+        pad = ids == PAD_ID
+        own, col = _local_columns(ids, offset, width)
+        # count of owned ids per local column (scatter_add: unowned slots add 0 at a clamped column)
+        members = torch.zeros(s.shape, dtype=torch.int32, device=dev)
+        members.scatter_add_(1, col, own.to(torch.int32))
+        non_member = members == 0
+        del members
+
+    # 1. MAX of the raw row maxima (the shifts)
+    maxima = [s.amax(dim=1)]
+    if not topk:
+        maxima.append(t.amax(dim=1))
+    if tail:
+        maxima.append(_masked_max(s, non_member))
+    maxima = _all_reduce(maxima, dist.ReduceOp.MAX, process_group)
+    m_s = _safe_shift(maxima[0]).unsqueeze(1)
+    a = (s - m_s) / T  # student logits / T, shifted in raw units first (precision at large offsets)
+
+    # 2. SUM of the sums of exponentials and of the logits at global ids
+    sums = [a.exp().sum(dim=1)]
+    if not topk:
+        m_t = _safe_shift(maxima[1]).unsqueeze(1)
+        b = (t - m_t) / T
+        sums.append(b.exp().sum(dim=1))
+    if tail:
+        m_tail = _safe_shift(maxima[-1]).unsqueeze(1)
+        a_tail = (s - m_tail) / T
+        sums.append(_masked_sum_exp(a_tail, non_member))
+    if use_ce:
+        t_own, t_col = _local_columns(tgt.unsqueeze(1), offset, width)
+        sums.append((s - m_s).exp().sum(dim=1))
+        sums.append(_gather_owned(s, t_own, t_col).squeeze(1))
+    if topk:
+        sums.append(_gather_owned(a, own, col))
+    sums = _all_reduce(sums, dist.ReduceOp.SUM, process_group)
+    log_z = sums[0].log().unsqueeze(1)
+    lq = a - log_z  # log q over the shard (q = softmax(s / T) over the whole vocabulary)
+
+    grad_a = grad_b = None
+    if not topk:
+        lp = b - sums[1].log().unsqueeze(1)
+        if kind != "tvd" and R.divergence_coefficients(kind, **params) == (1.0, 0.0, 0.0, 1.0):
+            part, g, h = _forward_kl_and_grads(lp, lq, need_t)  # KD's forward KL: closed form
+        else:
+            part, g, h = _soft_and_grads(lambda lp_, lq_: R.soft_rows(lp_, lq_, kind, **params), lp, lq,
+                                         need_t)
+        # 3. SUM of the partial divergences and of sum G, sum H
+        red = [part, g.sum(dim=1)] + ([h.sum(dim=1)] if need_t else [])
+        red = _all_reduce(red, dist.ReduceOp.SUM, process_group)
+        soft = red[0]
+        if need_s:
+            grad_a = g - lq.exp() * red[1].unsqueeze(1)
+        if need_t:
+            grad_b = h - lp.exp() * red[2].unsqueeze(1)
+    else:
+        lq_tail = None
+        if tail:
+            # log q_tail = lse(s / T over the non-ids) - lse(s / T), each sum at its own shift: exact
+            # however small the tail (never 1 - sum_k q_k); a row of padding only: the whole row, 0
+            lq_tail = (m_tail - m_s) / T + sums[1].log().unsqueeze(1) - log_z
+            lq_tail = torch.where(pad.all(dim=1, keepdim=True), torch.zeros((), dtype=dtype, device=dev), lq_tail)
+        soft, grad_a, grad_b = _topk_buckets(c.mode, kind, params, sums, a, lq, t, pad, own, col,
+                                             non_member if tail else None, a_tail if tail else None,
+                                             lq_tail, need_s, need_t)
+    soft = soft * soft_scale
+    hard = torch.zeros_like(soft)
+    if use_ce:
+        z1, s_target = sums[-3 if topk else -2], sums[-2 if topk else -1]
+        hard = (m_s.squeeze(1) - s_target) + z1.log()  # lse(s) - s[target], T = 1
+    ok = equal
+    if topk:
+        ok = ok & _ids_in_range(ids, read, vocab, PAD_ID)
+    if use_ce:
+        ok = ok & _ids_in_range(tgt.unsqueeze(1), read, vocab, 0)
+    weight = _poison(weight, ok)
+    rows = soft + ce_weight * hard if ce_weight != 0 else soft
+
+    grad_s = grad_t = None
+    if need_s:
+        gs = grad_a * (weight * (soft_scale / T)).unsqueeze(1)
+        if use_ce and ce_weight != 0:
+            wce = (weight * ce_weight).unsqueeze(1)
+            gs = gs + wce * ((s - m_s).exp() / z1.unsqueeze(1))  # softmax(s) at T = 1
+            gs.scatter_add_(1, t_col, torch.where(t_own, -wce, torch.zeros((), dtype=dtype, device=dev)))
+        grad_s = gs
+    if need_t:
+        # dense teacher: d/dt = (H - p sum H) / T; top-k log-probs: no 1/T (they are not divided by T)
+        scale = weight * (soft_scale if topk else soft_scale / T)
+        grad_t = grad_b * scale.unsqueeze(1)
+    return rows * weight, soft * weight, hard * weight, grad_s, grad_t
 
 
 def _topk_buckets(mode, kind, params, sums, a, lq, logprobs, pad, own, col, non_member, a_tail, lq_tail,
@@ -669,6 +684,63 @@ def tvd_loss(student_logits, teacher_logits: Teacher, *, process_group, temperat
 
 
 # ----------------------------------------------------------------------------
+# vocabulary parallel: the row op of fused_linear_kd_loss(process_group=)
+# ----------------------------------------------------------------------------
+
+# fused_linear_kd_loss's divergence names -> (kind, params) of _divergence_rows
+_FUSED_LINEAR_KINDS = {
+    "kl": ("forward_kl", {}),
+    "reverse_kl": ("reverse_kl", {}),
+    "jsd": ("jsd", None),  # params: beta
+    "skew_kl": ("skew_kl", None),  # params: skew, reverse=False
+    "skew_reverse_kl": ("skew_kl", None),  # params: skew, reverse=True
+    "tvd": ("tvd", {}),
+}
+
+
+def fused_linear_row_op(divergence: str, beta: float, skew: float, topk_mode: Optional[str], use_ce: bool,
+                        process_group, width: int, equal: torch.Tensor):
+    """``fastkd.fused_linear_kd_loss``'s row op over a vocabulary-sharded group.
+
+    Returns ``op`` with ``divergence_fwd``'s signature (``docs/design.md``), run on one chunk
+    of this rank's logits ``[rows, V_local]``: the same loss, soft, hard (global over the
+    group, replicated) and this rank's slice of the gradient w.r.t. the chunk's logits, from
+    ``_divergence_rows`` (three collectives per row chunk of the chunk). The divergence and its
+    parameters are bound here; the numeric ``kind``/``a``/``b``/``w_p``/``w_q`` codes the fused
+    loop passes are ignored. ``equal``: ``_check_group_shapes`` of the whole call. Rows with
+    weight 0 are not read (the fused ops' skipped-row rule).
+    """
+    kind, params = _FUSED_LINEAR_KINDS[divergence]
+    if kind == "jsd":
+        params = {"beta": beta}
+    elif kind == "skew_kl":
+        params = {"skew": skew, "reverse": divergence == "skew_reverse_kl"}
+    rank = dist.get_rank(process_group)
+    world = dist.get_world_size(process_group)
+
+    def op(student, teacher, topk_ids, target, row_weight, temperature, _kind, _a, _b, _w_p, _w_q, soft_scale,
+           ce_weight, _topk_mode, reduce, grad_student, grad_teacher):
+        if grad_teacher:
+            raise ValueError("fused_linear_kd_loss: the teacher is a constant (no teacher gradient)")
+        n = student.shape[0]
+        c = SimpleNamespace(kind=kind, params=params, T=float(temperature), soft_scale=float(soft_scale),
+                            mode=topk_mode, use_ce=use_ce, ce_weight=float(ce_weight), width=width,
+                            offset=rank * width, vocab=world * width, need_s=grad_student, need_t=False,
+                            dtype=student.dtype, group=process_group)
+        read = row_weight != 0
+
+        def body(r):
+            return _divergence_rows(c, student[r], teacher[r], topk_ids[r] if topk_mode is not None else None,
+                                    target[r] if use_ce else None, read[r], row_weight[r], equal)
+
+        loss, soft, hard, grad_s, _ = _run_chunks(body, n, student, teacher, grad_student, False,
+                                                  "sum" if reduce else "none", (n,))
+        return loss, soft, hard, grad_s, None
+
+    return op
+
+
+# ----------------------------------------------------------------------------
 # vocabulary parallel: DKD and ATS (the target column lives on one rank)
 # ----------------------------------------------------------------------------
 
@@ -759,14 +831,13 @@ def dkd_loss(student_logits, teacher_logits, target, *, process_group, alpha=1.0
     dtype, n_all, read_all, weight_all, s_all, t_all = _target_prologue(
         student, teacher, target, ignore_index, sample_weight, reduction, vocab)
 
-    def body(r, state):
+    def body(r, equal):
         s, t, tgt, read = _rows_and_target(s_all, t_all, target, read_all, r, dtype)
         dev = s.device
         own, col, is_g = _target_column(tgt, offset, width, s.shape, dev)
         other = ~is_g
-        maxima = _all_reduce([s.amax(dim=1), _masked_max(s, other), t.amax(dim=1), _masked_max(t, other)]
-                             + _first_chunk_widths(state, width, dtype, dev), dist.ReduceOp.MAX, process_group)
-        equal, maxima = _widths_result(state, maxima, width)
+        maxima = _all_reduce([s.amax(dim=1), _masked_max(s, other), t.amax(dim=1), _masked_max(t, other)],
+                             dist.ReduceOp.MAX, process_group)
         sides = []
         sums = []
         for x, m_all, m_oth in ((s, maxima[0], maxima[1]), (t, maxima[2], maxima[3])):
@@ -819,7 +890,8 @@ def dkd_loss(student_logits, teacher_logits, target, *, process_group, alpha=1.0
         return rows * weight, soft * weight, hard * weight, grad_s, grad_t
 
     def compute():
-        return _run_chunks(body, n_all, student, teacher, need_s, need_t, reduction, lead)
+        equal = _check_group_shapes(n_all, width, process_group, student.device)
+        return _run_chunks(lambda r: body(r, equal), n_all, student, teacher, need_s, need_t, reduction, lead)
 
     loss, soft, hard = _StoredGradLoss.apply(compute, student, teacher)
     return R.LossParts(loss, soft, hard) if return_parts else loss
@@ -853,16 +925,14 @@ def ats_loss(student_logits, teacher_logits, target, *, process_group, target_te
     dtype, n_all, read_all, weight_all, s_all, t_all = _target_prologue(
         student, teacher, target, ignore_index, sample_weight, reduction, vocab)
 
-    def body(r, state):
+    def body(r, equal):
         s, t, tgt, read = _rows_and_target(s_all, t_all, target, read_all, r, dtype)
         dev = s.device
         own, col, is_g = _target_column(tgt, offset, width, s.shape, dev)
         tau = torch.where(is_g, torch.full((), float(target_temperature), dtype=dtype, device=dev),
                           torch.full((), float(other_temperature), dtype=dtype, device=dev))
         y = t / tau
-        maxima = _all_reduce([s.amax(dim=1), y.amax(dim=1)] + _first_chunk_widths(state, width, dtype, dev),
-                             dist.ReduceOp.MAX, process_group)
-        equal, (m_s, m_y) = _widths_result(state, maxima, width)
+        m_s, m_y = _all_reduce([s.amax(dim=1), y.amax(dim=1)], dist.ReduceOp.MAX, process_group)
         m_s = _safe_shift(m_s).unsqueeze(1)
         a = (s - m_s) / st
         b = y - _safe_shift(m_y).unsqueeze(1)
@@ -886,7 +956,8 @@ def ats_loss(student_logits, teacher_logits, target, *, process_group, target_te
         return rows * weight, soft * weight, hard * weight, grad_s, grad_t
 
     def compute():
-        return _run_chunks(body, n_all, student, teacher, need_s, need_t, reduction, lead)
+        equal = _check_group_shapes(n_all, width, process_group, student.device)
+        return _run_chunks(lambda r: body(r, equal), n_all, student, teacher, need_s, need_t, reduction, lead)
 
     loss, soft, hard = _StoredGradLoss.apply(compute, student, teacher)
     return R.LossParts(loss, soft, hard) if return_parts else loss

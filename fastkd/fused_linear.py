@@ -231,7 +231,10 @@ def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, r
     soft = torch.zeros(shape, dtype=acc, device=dev)
     hard = torch.zeros(shape, dtype=acc, device=dev)
     need_h, need_w, need_b = p.needs if want_grad else (False, False, False)
-    grad_h = torch.empty_like(p.hidden) if need_h else None
+    # sharded: every rank adds its shard's part of grad_hidden; summed over the group in float32
+    h_dtype = torch.float32 if p.group is not None and p.hidden.dtype in (torch.float16, torch.bfloat16) \
+        else p.hidden.dtype
+    grad_h = torch.empty(p.hidden.shape, dtype=h_dtype, device=dev) if need_h else None
     # CPU low-precision weights are multiplied as a float32 copy (p.weight_mm): accumulate in float32 there
     grad_w = torch.empty(p.weight.shape, dtype=p.weight_mm.dtype, device=dev) if need_w else None
     grad_b = torch.zeros(vocab, dtype=acc, device=dev) if need_b else None
@@ -277,7 +280,7 @@ def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, r
             del s
             g_mm = g.to(p.weight_mm.dtype)
             if need_h:
-                grad_h[i0:i1] = g_mm @ p.weight_mm
+                grad_h[i0:i1] = _f32_matmul(g_mm, p.weight_mm) if p.group is not None else g_mm @ p.weight_mm
             if need_w:
                 if i0 == 0:
                     torch.mm(g_mm.t(), h_mm, out=grad_w)
@@ -291,6 +294,11 @@ def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, r
     if n == 0:
         if need_w:
             grad_w.zero_()
+    if grad_h is not None and p.group is not None:
+        # the column-parallel head's input gradient: the only [N, H] collective (4 N H bytes in float32)
+        from .distributed import _all_reduce
+
+        grad_h = _all_reduce([grad_h], torch.distributed.ReduceOp.SUM, p.group)[0].to(p.hidden.dtype)
     if grad_w is not None:
         grad_w = grad_w.to(p.weight.dtype)
     if grad_b is not None:
@@ -428,6 +436,7 @@ def fused_linear_kd_loss(
     chunk_size: Optional[int] = None,
     return_parts: bool = False,
     backend: str = "auto",
+    process_group=None,
 ):
     # --- arguments (every message names the argument) ---
     _check_matrix("student_hidden", student_hidden, 0)
@@ -470,6 +479,21 @@ def fused_linear_kd_loss(
     if teacher_vocab < vocab:
         raise ValueError(f"the teacher's vocabulary ({teacher_vocab}) must be at least the student's "
                          f"(student_weight has V = {vocab} rows); the student's missing columns count as -inf")
+    sharded = process_group is not None
+    if sharded:
+        from . import distributed as D  # torch.distributed is imported only by those who use it
+
+        if backend not in ("auto", "reference"):
+            if not isinstance(backend, str) or backend not in BACKENDS:
+                raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+            raise ValueError(f"backend '{backend}' has no sharded kernel: with process_group each chunk's loss "
+                             "runs in PyTorch on the rank's vocabulary shard; pass backend='auto' (or 'reference')")
+        if teacher_vocab != vocab:
+            raise ValueError(f"with process_group the teacher's vocabulary shard ({teacher_vocab} columns) must be "
+                             f"as wide as student_weight's ({vocab} rows): pad both vocabularies to the same "
+                             "multiple of the group size")
+        rank, world, _ = D._group_geometry(_probe(student_hidden, lead + (vocab,)), process_group)
+    global_vocab = world * vocab if sharded else vocab  # target and top-k ids are global ids
     for name, x in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
                     ("teacher_bias", teacher_bias), ("teacher", teacher_logits),
                     ("teacher.logprobs", topk.logprobs if topk is not None else None),
@@ -478,7 +502,7 @@ def fused_linear_kd_loss(
 
     # Shape-only stand-ins for the logits (no memory): the student's [..., V] for target and top-k ids,
     # the composition's padded [..., V_t] for the row weights ("mean" divides by counted rows * V_t).
-    student_probe = _probe(student_hidden, lead + (vocab,))
+    student_probe = _probe(student_hidden, lead + (global_vocab,))
     v.check_target(target, student_probe, ignore_index, required=False)
     v.check_sample_weight(sample_weight, student_probe)
     if sample_weight is not None:
@@ -498,12 +522,17 @@ def fused_linear_kd_loss(
     pass_target = target is not None and (ce_weight != 0 or return_parts)
     plain_kd = (divergence == "kl" and ce_weight == 0 and not pass_target and topk is None
                 and teacher_vocab == vocab and (teacher_logits is None or teacher_logits.dtype == torch.float32))
-    op = R.divergence_fwd if f64 else _row_op(backend, student_hidden, student_weight, plain_kd)
     compute_dtype = torch.float64 if f64 else torch.float32
-
     n = math.prod(lead)
-    row_weight = R._row_weight(_probe(student_hidden, lead + (teacher_vocab,)), target, ignore_index,
-                               sample_weight, reduction, compute_dtype)
+    equal = None
+    if sharded:
+        equal = D._check_group_shapes(n, vocab, process_group, dev)  # before any per-row collective
+        op = D.fused_linear_row_op(divergence, beta, skew, topk.mode if topk is not None else None, pass_target,
+                                   process_group, vocab, equal)
+    else:
+        op = R.divergence_fwd if f64 else _row_op(backend, student_hidden, student_weight, plain_kd)
+    row_weight = R._row_weight(_probe(student_hidden, lead + (global_vocab if sharded else teacher_vocab,)), target,
+                               ignore_index, sample_weight, reduction, compute_dtype)
     if chunk_size is None:
         chunk_size = default_chunk_size(n, vocab, teacher_vocab, student_weight.shape[1],
                                         student_weight.element_size(), dev.type)
@@ -526,7 +555,7 @@ def fused_linear_kd_loss(
         topk_mode=TOPK_MODE_CODES[topk.mode] if topk is not None else TOPK_MODE_CODES[None],
         target=target.reshape(n).to(torch.int64) if pass_target else None,
         op=op, temperature=float(temperature), kind=kind, a=a, b=b, w_p=w_p, w_q=w_q, soft_scale=soft_scale,
-        ce_weight=float(ce_weight),
+        ce_weight=float(ce_weight), group=process_group,
     )
     hidden = student_hidden.reshape(n, student_hidden.shape[-1])
     if not hidden.is_contiguous():
@@ -581,6 +610,19 @@ fused_linear_kd_loss.__doc__ = """The LM head and a distillation loss in one op;
     accumulation); on CPU they are multiplied as a float32 copy of the weights held for
     the call. ``backend``: which ``divergence_fwd`` runs the loss on each chunk
     ("auto", "reference", "cpu", "cuda", "triton"); the matmuls always run in torch.
+
+    ``process_group`` (``torch.distributed``): a vocabulary-sharded head (Megatron's
+    column-parallel LM head). ``student_weight`` (and ``student_bias``, a
+    ``(teacher_hidden, teacher_weight)`` teacher's weight, or dense teacher logits) hold this
+    rank's contiguous rows ``[r V_local, (r + 1) V_local)`` of the vocabulary, in rank order,
+    equally wide on every rank (student and teacher alike: no ``V_t > V`` padding);
+    ``student_hidden``, ``target``, ``sample_weight`` and ``TopKTeacher`` inputs are the same on
+    every rank (ids global). The loss is the single-process loss over the concatenated
+    vocabulary, on every rank; ``grad_weight`` / ``grad_bias`` are this rank's slice of the
+    single-process gradient, and ``grad_hidden`` the whole of it: the shards' parts are summed
+    over the group (one ``[N, H]`` SUM all-reduce in float32, what a column-parallel linear's
+    backward does). Each chunk's loss runs in PyTorch on the shard with O(rows) communication
+    (``fastkd.distributed``); an explicit fused ``backend`` raises.
 """
 
 
@@ -599,7 +641,7 @@ class FusedLinearKDLoss(nn.Module):
     def __init__(self, *, divergence: str = "kl", temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
                  ce_weight: float = 0.0, logit_scale: Optional[float] = None, softcap: Optional[float] = None,
                  ignore_index: int = -100, reduction: str = "batchmean", chunk_size: Optional[int] = None,
-                 return_parts: bool = False, backend: str = "auto"):
+                 return_parts: bool = False, backend: str = "auto", process_group=None):
         super().__init__()
         # the same checks as the functional, early (it checks again at call time)
         _check_options(divergence, temperature, beta, skew, ce_weight, logit_scale, softcap, reduction)
@@ -608,7 +650,7 @@ class FusedLinearKDLoss(nn.Module):
         self.kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
                            ce_weight=ce_weight, logit_scale=logit_scale, softcap=softcap,
                            ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
-                           return_parts=return_parts, backend=backend)
+                           return_parts=return_parts, backend=backend, process_group=process_group)
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher: Teacher,
                 target: Optional[torch.Tensor] = None, *, student_bias: Optional[torch.Tensor] = None,

@@ -392,7 +392,7 @@ def _dkd_ats_checks(rank, world, failures, full=True):
                     out = fn(a, b, _on(target, a), process_group=wd, **kw)
                     (out.loss if kw.get("return_parts") else out).backward()
                 seen.append((c.bytes, c.calls))
-            assert seen[0] == seen[1] == (4 * (n * per_row + 2), 3 * chunks), (fn.__name__, kw, seen)
+            assert seen[0] == seen[1] == (4 * n * per_row + 32, 1 + 3 * chunks), (fn.__name__, kw, seen)
 
     def ce_errors():
         a, b = _shard(s, rank, world), _shard(t, rank, world)
@@ -452,21 +452,22 @@ def _api_checks(rank, world, failures):
                 D.kd_loss(s, t, 2.0, process_group=wd, target=target, ce_weight=0.5).backward()
             seen.append((c.bytes, c.calls))
         assert seen[0] == seen[1], f"bytes/calls changed with the vocabulary: {seen}"
-        # dense KD with CE and both gradients: MAX 2 rows + 2, SUM 4 rows, SUM 3 rows (float32)
-        assert seen[0] == (4 * (n * (2 + 4 + 3) + 2), 3), seen[0]
+        # dense KD with CE and both gradients: MAX 2 per row, SUM 4, SUM 3 (float32), after the shape check
+        # (4 int64: rows and widths)
+        assert seen[0] == (4 * n * (2 + 4 + 3) + 32, 4), seen[0]
         ids = torch.arange(n * 5, device=DEVICE).reshape(n, 5)
         topk = TopKTeacher(ids, torch.full((n, 5), -3.0, device=DEVICE), mode="tail")
         with D.count_comm() as c:
             D.kd_loss(_shard(torch.randn(n, 64 * world), rank, world), topk, 1.0, process_group=wd)
-        assert (c.bytes, c.calls) == (4 * (n * (2 + 2 + 5) + 2), 2), (c.bytes, c.calls)
+        assert (c.bytes, c.calls) == (4 * n * (2 + 2 + 5) + 32, 3), (c.bytes, c.calls)
         saved = D.CHUNK_MIN_ROWS
-        D.CHUNK_MIN_ROWS = 2  # 3 row chunks: the same bytes, 3 times the calls
+        D.CHUNK_MIN_ROWS = 2  # 3 row chunks: the same bytes, 3 times the per-row calls
         try:
             with D.count_comm() as c:
                 D.kd_loss(_shard(torch.randn(n, 64 * world), rank, world), topk, 1.0, process_group=wd)
         finally:
             D.CHUNK_MIN_ROWS = saved
-        assert (c.bytes, c.calls) == (4 * (n * (2 + 2 + 5) + 2), 6), (c.bytes, c.calls)
+        assert (c.bytes, c.calls) == (4 * n * (2 + 2 + 5) + 32, 7), (c.bytes, c.calls)
 
     def errors():
         s, t = torch.randn(n, width), torch.randn(n, width)
@@ -484,6 +485,14 @@ def _api_checks(rank, world, failures):
             assert "same width" in str(e), str(e)
         else:
             raise AssertionError("unequal shard widths did not raise")
+        for fn in (lambda a, b: D.kd_loss(a, b, 2.0, process_group=wd),
+                   lambda a, b: D.dkd_loss(a, b, torch.zeros(a.shape[0], dtype=torch.long), process_group=wd)):
+            try:  # rank r holds n + r rows: raised before any per-row collective (which would hang)
+                fn(torch.randn(n + rank, width), torch.randn(n + rank, width))
+            except ValueError as e:
+                assert "same rows" in str(e) and f"this rank {n + rank}" in str(e), str(e)
+            else:
+                raise AssertionError("unequal row counts did not raise")
         try:
             D.jsd_loss(s, t, process_group=None)
         except ValueError as e:
@@ -573,6 +582,14 @@ def _api_checks(rank, world, failures):
                 bad = torch.isnan(loss)
                 assert int(bad.sum()) == 1 and bool(torch.isnan(a.grad[bad]).all()), f"NaN case {i}: {loss}"
                 assert bool(torch.isfinite(a.grad[~bad]).all()), f"NaN case {i}"
+        # unequal shard widths, unread on the host: every row NaN (rank r's shard is 1 + r columns wider)
+        a = torch.randn(n, width + 1 + rank, requires_grad=True)
+        _validation.HOST_DEVICES = ()
+        try:
+            loss = D.kd_loss(a, torch.randn(n, width + 1 + rank), 2.0, process_group=wd, reduction="none")
+        finally:
+            _validation.HOST_DEVICES = saved_devices
+        assert bool(torch.isnan(loss).all()), f"unequal widths without host reads: {loss}"
 
     _record(failures, "bytes", bytes_do_not_grow_with_vocab)
     if DEVICE.type == "cpu":  # value checks and the emulated GPU path are CPU matters (on CUDA: _no_sync)
@@ -695,6 +712,148 @@ def _public_api_checks(rank, world, failures):
     _record(failures, "public_api_refuses_fused_backend", fused_backend_refused)
 
 
+def _fused_linear_checks(rank, world, failures, full=True):
+    """``fused_linear_kd_loss(process_group=)`` (vocabulary-sharded head weight) vs the float64
+    single-process fused loss on the whole head: the loss, the whole grad_hidden, the weight
+    and bias slices; chunks of 4 rows (ragged), every teacher form and divergence."""
+    n, hdim, hdim_t, width = 11, 6, 5, 17
+    vocab = width * world
+    g = torch.Generator().manual_seed(60)
+    hidden = torch.randn(n, hdim, generator=g)
+    weight = torch.randn(vocab, hdim, generator=g) * 0.7
+    bias = torch.randn(vocab, generator=g) * 0.3
+    t_hidden = torch.randn(n, hdim_t, generator=g)
+    t_weight = torch.randn(vocab, hdim_t, generator=g) * 0.7
+    t_logits = torch.randn(n, vocab, generator=g) * 2.0
+    target = torch.randint(0, vocab, (n,), generator=g)
+    target[[2, 7]] = -100
+    sample_weight = torch.rand(n, generator=g) + 0.5
+    sample_weight[4] = 0.0
+    ids_spread = _topk_ids(n, 5, vocab, 61)
+    ids_shard0 = _topk_ids(n, 4, vocab, 62, hi=width)  # every id in shard 0: the others own none
+    logprobs = torch.log_softmax(torch.randn(n, 5, generator=g), dim=1) - 0.4  # top-5 mass exp(-0.4)
+
+    def piece(x):  # this rank's rows of a [V, ...] tensor
+        return x[rank * width:(rank + 1) * width]
+
+    # (name, keyword arguments, teacher form, student bias, target, sample_weight, dtype)
+    cases = [
+        ("kl T=2 ce parts bias", dict(divergence="kl", temperature=2.0, ce_weight=0.3, return_parts=True),
+         "pair", True, target, None, torch.float32),
+        ("reverse_kl logits sum sw", dict(divergence="reverse_kl", reduction="sum"), "logits", False, None,
+         sample_weight, torch.float32),
+        ("jsd softcap scale mean", dict(divergence="jsd", beta=0.3, softcap=5.0, logit_scale=0.7, reduction="mean"),
+         "pair", True, target, None, torch.float32),
+        ("skew_kl none", dict(divergence="skew_kl", skew=0.2, reduction="none"), "pair", False, target,
+         sample_weight, torch.float32),
+        ("skew_reverse_kl ce", dict(divergence="skew_reverse_kl", skew=0.1, ce_weight=1.0, chunk_size=None),
+         "pair", False, target, None, torch.float32),
+        ("tvd ce", dict(divergence="tvd", ce_weight=0.5, temperature=1.5), "pair", True, target, None,
+         torch.float32),
+        ("kl top-k tail", dict(divergence="kl", temperature=1.0, ce_weight=0.2), "topk tail", False, target, None,
+         torch.float32),
+        ("jsd top-k renormalize shard0", dict(divergence="jsd", beta=0.5), "topk renorm shard0", True, None, None,
+         torch.float32),
+        ("kl bf16 ce", dict(divergence="kl", temperature=2.0, ce_weight=0.5), "pair", True, target, None,
+         torch.bfloat16),
+        ("reverse_kl 3-D", dict(divergence="reverse_kl"), "pair 3d", False, target, None, torch.float32),
+    ]
+    if not full:
+        cases = cases[:1] + cases[6:8]
+
+    def teacher_of(form, t_h, t_w, t_l, lp, local):
+        if form.startswith("pair"):
+            return (t_h, piece(t_w) if local else t_w)
+        if form == "logits":
+            return piece(t_l.T).T if local else t_l
+        ids = ids_shard0 if "shard0" in form else ids_spread
+        k = ids.shape[1]
+        return TopKTeacher(ids.to(t_h.device), lp[:, :k].to(t_h.device),
+                           mode="renormalize" if "renorm" in form else "tail")
+
+    for name, kw, form, use_bias, tgt, sw, dtype in cases:
+        def run(name=name, kw=kw, form=form, use_bias=use_bias, tgt=tgt, sw=sw, dtype=dtype):
+            rtol, gtol = DTYPES[dtype]
+            three_d = form.endswith("3d")
+            shape = (1, n, -1) if three_d else (n, -1)
+            q = [x.to(dtype) for x in (hidden, weight, bias, t_hidden, t_weight, t_logits)]
+            h64, w64, b64 = (x.double().requires_grad_() for x in q[:3])
+            th64, tw64, tl64 = (x.double() for x in q[3:])
+            tgt_r = None if tgt is None else tgt.reshape(shape[:-1])
+            out_ref = fastkd.fused_linear_kd_loss(
+                h64.reshape(shape), w64, teacher_of(form, th64.reshape(shape), tw64, tl64, logprobs.double(), False),
+                tgt_r, student_bias=b64 if use_bias else None, sample_weight=sw, backend="reference", **kw)
+            loss_ref = out_ref.loss if kw.get("return_parts") else out_ref
+            upstream = torch.rand(loss_ref.shape, generator=torch.Generator().manual_seed(3),
+                                  dtype=torch.float64) + 0.5
+            leaves = [h64, w64] + ([b64] if use_bias else [])
+            grads_ref = torch.autograd.grad((loss_ref * upstream).sum(), leaves)
+
+            h_loc = q[0].to(DEVICE, copy=True).requires_grad_()
+            w_loc = piece(q[1]).to(DEVICE, copy=True).requires_grad_()
+            b_loc = piece(q[2]).to(DEVICE, copy=True).requires_grad_()
+            teacher = teacher_of(form, q[3].to(DEVICE).reshape(shape), q[4].to(DEVICE), q[5].to(DEVICE),
+                                 logprobs.to(dtype), True)
+            kw_loc = dict(kw)
+            kw_loc.setdefault("chunk_size", 4)
+            with _no_sync():
+                out = fastkd.fused_linear_kd_loss(h_loc.reshape(shape), w_loc, teacher, _on(tgt_r, h_loc),
+                                                  student_bias=b_loc if use_bias else None,
+                                                  sample_weight=_on(sw, h_loc), process_group=_group(), **kw_loc)
+                loss = out.loss if kw.get("return_parts") else out
+                (loss * upstream.to(device=DEVICE, dtype=loss.dtype)).sum().backward()
+            values = [(loss, loss_ref)]
+            if kw.get("return_parts"):
+                values += [(out.soft, out_ref.soft), (out.hard, out_ref.hard)]
+            for got, want in values:
+                assert got.shape == want.shape, (got.shape, want.shape)
+                torch.testing.assert_close(got.detach().cpu().double(), want.detach(), rtol=rtol, atol=rtol * 0.1)
+            checks = [("hidden", h_loc.grad, grads_ref[0]), ("weight", w_loc.grad, piece(grads_ref[1]))]
+            if use_bias:
+                checks.append(("bias", b_loc.grad, piece(grads_ref[2])))
+            for what, got, want in checks:
+                assert got.dtype == dtype, (what, got.dtype)
+                err = _rel(got, want)
+                assert err < gtol, f"grad {what}: relative error {err:.2e} >= {gtol}"
+
+        _record(failures, f"fused linear {name}", run)
+
+    def comm_and_errors():
+        group = _group()
+        counted = {}
+        for w_local in (8, 300):
+            for need_h in (False, True):
+                h = hidden.to(DEVICE).requires_grad_(need_h)
+                wt = torch.randn(w_local, hdim, device=DEVICE, requires_grad=True)
+                with D.count_comm() as c:
+                    fastkd.fused_linear_kd_loss(h, wt, (t_hidden.to(DEVICE), torch.randn(w_local, hdim_t, device=DEVICE)),
+                                                process_group=group, divergence="kl").backward()
+                counted[w_local, need_h] = c.bytes
+        assert counted[8, False] == counted[300, False], f"bytes grew with the vocabulary: {counted}"
+        # the input gradient of the column-parallel head: one [N, H] float32 all-reduce
+        assert counted[8, True] - counted[8, False] == 4 * n * hdim, counted
+        if DEVICE.type != "cpu":
+            return
+        wt = piece(weight).requires_grad_()
+        with pytest.raises(ValueError, match="has no sharded kernel"):
+            fastkd.fused_linear_kd_loss(hidden, wt, (t_hidden, piece(t_weight)), process_group=group, backend="cpu")
+        with pytest.raises(ValueError, match="as wide as student_weight"):
+            fastkd.fused_linear_kd_loss(hidden, wt, (t_hidden, t_weight[:width + 1]), process_group=group)
+        with pytest.raises(ValueError, match="outside|target"):
+            fastkd.fused_linear_kd_loss(hidden, wt, (t_hidden, piece(t_weight)), torch.full((n,), vocab),
+                                        ce_weight=1.0, process_group=group)
+        with pytest.raises(ValueError, match="same rows"):
+            fastkd.fused_linear_kd_loss(hidden[:n - rank], wt, (t_hidden[:n - rank], piece(t_weight)),
+                                        process_group=group)
+        module = fastkd.nn.FusedLinearKDLoss(divergence="jsd", process_group=group, chunk_size=3)
+        got = module(hidden, wt, (t_hidden, piece(t_weight)), target)
+        want = fastkd.fused_linear_kd_loss(hidden, wt, (t_hidden, piece(t_weight)), target, divergence="jsd",
+                                           process_group=group, chunk_size=3)
+        assert torch.equal(got, want), (got, want)
+
+    _record(failures, "fused linear communication and errors", comm_and_errors)
+
+
 def _checks_world2(rank, world, failures):
     # row chunks of 4 rows (the last one ragged): every collective sequence runs several times per call
     D.CHUNK_MIN_ROWS = 4
@@ -703,6 +862,7 @@ def _checks_world2(rank, world, failures):
     D.CHUNK_MIN_ROWS = 64
     _api_checks(rank, world, failures)
     _public_api_checks(rank, world, failures)
+    _fused_linear_checks(rank, world, failures)
     _dist_checks(rank, world, failures)
 
 
@@ -717,6 +877,7 @@ def _checks_world4(rank, world, failures):
     try:
         _vocab_checks(dist.get_rank(GROUP), 2, failures, full=False)
         _dkd_ats_checks(dist.get_rank(GROUP), 2, failures, full=False)
+        _fused_linear_checks(dist.get_rank(GROUP), 2, failures, full=False)
     finally:
         GROUP = None
     _api_checks(rank, world, failures)
