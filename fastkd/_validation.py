@@ -183,8 +183,9 @@ def row_weights(
     ignore_index: int,
     sample_weight: Optional[torch.Tensor],
     reduction: str,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """float32 [N] weights that turn summed row losses into the reduced loss.
+    """[N] weights (float32, or ``dtype``) that turn summed row losses into the reduced loss.
 
     ``row_weight[i] = valid[i] * sample_weight[i] / divisor`` with ``divisor`` =
     counted rows ("batchmean"), counted rows * C ("mean"), 1 ("sum", "none").
@@ -193,13 +194,13 @@ def row_weights(
     n = rows_of(logits)
     num_classes = logits.shape[-1]
     if target is not None:
-        valid = (target.reshape(n) != ignore_index).to(torch.float32)
+        valid = (target.reshape(n) != ignore_index).to(dtype)
     else:
-        valid = torch.ones(n, dtype=torch.float32, device=logits.device)
+        valid = torch.ones(n, dtype=dtype, device=logits.device)
     weight = valid
     if sample_weight is not None:
         # where() rather than a product so that a NaN/inf weight on an ignored row stays ignored
-        weight = torch.where(valid > 0, sample_weight.reshape(n).to(torch.float32), 0.0)
+        weight = torch.where(valid > 0, sample_weight.reshape(n).to(dtype), 0.0)
     if reduction in ("batchmean", "mean"):
         counted = valid.sum().clamp_min(1.0)
         if reduction == "mean":

@@ -43,8 +43,7 @@ gradient memory"): a stored gradient is used once (``retain_graph`` raises).
 
 Communication per call, in bytes (``comm_stats``; ``e`` = 4 for float32 math, 8
 for float64): ``e * N * (r1 + r2 + r3 + K) + 32`` with ``r1 + r2 + r3`` the
-number of per-row numbers (listed in ``PER_ROW_FLOATS``, at most 15: DKD with CE
-and the teacher gradient) and ``K``
+number of per-row numbers (listed in ``PER_ROW_FLOATS``) and ``K``
 the top-k width (0 for dense teachers); the 32 bytes are the shape check (four
 int64: rows and shard width, ``_check_group_shapes``). It does not depend on
 ``V``. Calls: 1, then 2 or 3 per row chunk (below), at most 49.
@@ -82,7 +81,8 @@ Teacher = Union[torch.Tensor, TopKTeacher]
 # Per-row numbers each collective carries (the benchmark prints the byte formula from this table).
 PER_ROW_FLOATS = {
     "divergence, dense teacher": "MAX: 2 (max s, max t); SUM: 2 + 2 with CE (sum exp s, t; CE: sum exp s at T=1, "
-                                 "s[target]); SUM: 2 + 1 with teacher grad (soft, sum G; sum H)",
+                                 "s[target]); SUM: 2 + 1 with teacher grad (soft, sum G; sum H) + 3 with a "
+                                 "tensor temperature's grad (sum (q - p) a, sum H b, sum p b)",
     "divergence, top-k teacher": "MAX: 1 + 1 tail (max s; max s over non-ids); SUM: 1 + 1 tail + 2 with CE + K "
                                  "(sum exp s; sum exp over non-ids; CE; s[ids])",
     "dkd": "MAX: 4 (max s, t over all and non-target classes); SUM: 6 (their sums of exp, s[g], t[g]) + 2 with CE "
@@ -172,18 +172,22 @@ class _AllReduceSum(torch.autograd.Function):
 # ----------------------------------------------------------------------------
 
 class _StoredGradLoss(torch.autograd.Function):
-    """Runs ``compute()`` (loss, soft, hard, grad_student, grad_teacher) in forward; backward scales.
+    """Runs ``compute()`` (``_run_chunks``' six results) in forward; backward scales.
 
     The gradients are the gradients of ``loss`` (the row weights are in them);
     backward multiplies them by the incoming gradient in float32, in place (nothing
     else references them), so a training step holds one gradient per input.
+    ``temperature``: a tensor temperature (or None); its gradient is stored per row
+    ([N], weighted) and summed to a 1-element temperature's shape in backward.
     """
 
     @staticmethod
-    def forward(ctx, compute, student, teacher):
-        loss, soft, hard, grad_s, grad_t = compute()
+    def forward(ctx, compute, student, teacher, temperature=None):
+        loss, soft, hard, grad_s, grad_t, grad_temp = compute()
         ctx.grads = [grad_s, grad_t]
         ctx.shapes = [student.shape, teacher.shape]
+        ctx.grad_temp = grad_temp
+        ctx.temp_like = temperature.detach() if grad_temp is not None else None
         ctx.mark_non_differentiable(soft, hard)
         return loss, soft, hard
 
@@ -203,7 +207,13 @@ class _StoredGradLoss(torch.autograd.Function):
             if not skip:
                 torch.mul(stored, g, out=stored)
             out.append(stored.view(shape) if stored.numel() else stored)
-        return None, out[0], out[1]
+        grad_temp = None
+        if ctx.grad_temp is not None:  # [N] rows times the incoming (per-row or scalar) gradient
+            rows = ctx.grad_temp * grad_loss.reshape(-1).to(ctx.grad_temp.dtype)
+            like = ctx.temp_like
+            grad_temp = (rows.sum() if like.numel() == 1 else rows).reshape(like.shape).to(like.dtype)
+            ctx.grad_temp = ctx.temp_like = None
+        return None, out[0], out[1], grad_temp
 
 
 # ----------------------------------------------------------------------------
@@ -364,17 +374,21 @@ def _row_chunks(n: int):
 
 
 def _run_chunks(body, n, student, t_values, need_s, need_t, reduction, lead):
-    """``body(rows)`` -> weighted (loss, soft, hard) rows and float gradient rows, per chunk.
+    """``body(rows)`` -> weighted (loss, soft, hard) rows and float gradient rows (and optionally the
+    rows' temperature gradients [rows]), per chunk.
 
     Gradients go straight into one buffer per input, in the input's dtype (the only
-    [N, V_local] tensors that outlive the call).
+    [N, V_local] tensors that outlive the call). Returns (loss, soft, hard) reduced, the
+    two gradients, and the [N] temperature gradients (None when ``body`` gives none).
     """
     grad_s = torch.empty((n, student.shape[-1]), dtype=student.dtype, device=student.device) if need_s else None
     grad_t = torch.empty((n, t_values.shape[-1]), dtype=t_values.dtype, device=t_values.device) if need_t else None
-    outs = []
+    outs, temps = [], []
     for rows in _row_chunks(n):
-        loss_r, soft_r, hard_r, gs, gt = body(rows)
+        loss_r, soft_r, hard_r, gs, gt, *grad_temp = body(rows)
         outs.append((loss_r, soft_r, hard_r))
+        if grad_temp and grad_temp[0] is not None:
+            temps.append(grad_temp[0])
         if need_s:
             grad_s[rows] = gs
         if need_t:
@@ -384,7 +398,7 @@ def _run_chunks(body, n, student, t_values, need_s, need_t, reduction, lead):
     def reduce(r):
         return r.reshape(lead) if reduction == "none" else r.sum()
 
-    return reduce(loss), reduce(soft), reduce(hard), grad_s, grad_t
+    return reduce(loss), reduce(soft), reduce(hard), grad_s, grad_t, (torch.cat(temps) if temps else None)
 
 
 def _forward_kl_and_grads(lp: torch.Tensor, lq: torch.Tensor, need_p: bool):
@@ -416,19 +430,24 @@ def _soft_and_grads(fn, lp: torch.Tensor, lq: torch.Tensor, need_p: bool):
 def _divergence(student, teacher: Teacher, temperature, reduction, target, ignore_index, sample_weight,
                 ce_weight, return_parts, process_group, kind, soft_scale_t2=False, **params):
     _common_checks(student, teacher, reduction, target, ignore_index, sample_weight, ce_weight != 0)
-    if isinstance(temperature, torch.Tensor):
-        raise TypeError("temperature must be a Python number with process_group (a tensor temperature is "
-                        "not supported by the vocabulary-parallel losses)")
-    v.check_positive("temperature", temperature)
+    tensor_temp = isinstance(temperature, torch.Tensor)
+    if tensor_temp:
+        if not soft_scale_t2 or isinstance(teacher, TopKTeacher):
+            raise TypeError("a tensor temperature (CTKD) is taken by the vocabulary-parallel kd_loss with dense "
+                            "teacher logits only; pass temperature as a Python number")
+        v.check_temperature_tensor(temperature, student)
+    else:
+        v.check_positive("temperature", temperature)
     v.check_number("ce_weight", ce_weight)
     if not isinstance(return_parts, bool):
         raise TypeError(f"return_parts must be a bool, got {type(return_parts).__name__}")
     rank, world, width = _group_geometry(student, process_group)
     topk = isinstance(teacher, TopKTeacher)
     t_in = teacher.logprobs if topk else teacher
-    T = float(temperature)
+    T = 1.0 if tensor_temp else float(temperature)  # a tensor temperature: per-row rows below instead
     soft_scale = T * T if soft_scale_t2 else 1.0
     use_ce = target is not None and (ce_weight != 0 or return_parts)
+    need_temp = tensor_temp and torch.is_grad_enabled() and temperature.requires_grad
     need_s = torch.is_grad_enabled() and student.requires_grad
     need_t = torch.is_grad_enabled() and t_in.requires_grad
     lead = student.shape[:-1]
@@ -446,10 +465,14 @@ def _divergence(student, teacher: Teacher, temperature, reduction, target, ignor
         _check_global_ids("target", target.reshape(n_all), read_all, vocab, 0)
     weight_all = _row_weight(n_all, target, ignore_index, sample_weight, reduction, vocab, dtype, dev)
     ids_all = teacher.indices.reshape(n_all, -1) if topk else None
+    temp_all = None
+    if tensor_temp:  # one value per row, in the compute dtype (its gradient is formed here, by hand)
+        temp_all = temperature.detach().to(device=dev, dtype=dtype).reshape(-1)
+        temp_all = temp_all.expand(n_all) if temp_all.numel() == 1 else temp_all
 
     c = SimpleNamespace(kind=kind, params=params, T=T, soft_scale=soft_scale, mode=teacher.mode if topk else None,
                         use_ce=use_ce, ce_weight=float(ce_weight), width=width, offset=offset, vocab=vocab,
-                        need_s=need_s, need_t=need_t, dtype=dtype, group=process_group)
+                        need_s=need_s, need_t=need_t, need_temp=need_temp, dtype=dtype, group=process_group)
     tgt_all = target.reshape(n_all).to(torch.int64) if use_ce else None
 
     def compute():
@@ -458,15 +481,15 @@ def _divergence(student, teacher: Teacher, temperature, reduction, target, ignor
         def body(r):
             return _divergence_rows(c, s_all[r], t_all[r], ids_all[r] if topk else None,
                                     tgt_all[r] if use_ce else None, None if read_all is None else read_all[r],
-                                    weight_all[r], equal)
+                                    weight_all[r], equal, None if temp_all is None else temp_all[r])
 
         return _run_chunks(body, n_all, student, t_in, need_s, need_t, reduction, lead)
 
-    loss, soft, hard = _StoredGradLoss.apply(compute, student, t_in)
+    loss, soft, hard = _StoredGradLoss.apply(compute, student, t_in, temperature if tensor_temp else None)
     return R.LossParts(loss, soft, hard) if return_parts else loss
 
 
-def _divergence_rows(c, s, t, ids, tgt, read, weight, equal):
+def _divergence_rows(c, s, t, ids, tgt, read, weight, equal, temp=None):
     """One chunk of rows of a vocabulary-parallel divergence (and its cross-entropy): three collectives.
 
     ``s`` [n, V_local] student logits and ``t`` (teacher logits [n, V_local] or top-k log-probs
@@ -475,11 +498,18 @@ def _divergence_rows(c, s, t, ids, tgt, read, weight, equal):
     contract's row weights; ``equal`` the 0-d bool of ``_check_group_shapes``. ``c``: the call's
     constants (built in ``_divergence``, ``fused_linear_kd_loss``'s sharded row op). Returns the
     row-weighted (loss, soft, hard) [n] and the weighted gradients w.r.t. ``s`` and ``t`` (None
-    where not requested), in ``c.dtype``.
+    where not requested), in ``c.dtype``, and the weighted ``d loss_row / d temp_row`` [n] when
+    ``temp`` (the rows' temperatures, [n]: ``kd_loss`` with a tensor temperature, so forward KL
+    with ``T^2``, dense teacher) is given and ``c.need_temp``, else None.
     """
-    dtype, dev, width, offset, vocab, T = c.dtype, s.device, c.width, c.offset, c.vocab, c.T
+    dtype, dev, width, offset, vocab = c.dtype, s.device, c.width, c.offset, c.vocab
+    # T broadcasts over a row ([n, 1] for a tensor temperature); the row scales are [n] or floats
+    t_rows = c.T if temp is None else temp
+    T = c.T if temp is None else temp.unsqueeze(1)
+    scale_rows = c.soft_scale if temp is None else temp * temp
+    need_temp = temp is not None and c.need_temp
     topk, use_ce, need_s, need_t, process_group = c.mode is not None, c.use_ce, c.need_s, c.need_t, c.group
-    kind, params, soft_scale, ce_weight = c.kind, c.params, c.soft_scale, c.ce_weight
+    kind, params, ce_weight = c.kind, c.params, c.ce_weight
     s, t = s.to(dtype), t.to(dtype)
     if read is not None:  # skipped rows are never read: zeros in their place, before any arithmetic
         keep = read.unsqueeze(1)
@@ -529,17 +559,25 @@ def _divergence_rows(c, s, t, ids, tgt, read, weight, equal):
     log_z = sums[0].log().unsqueeze(1)
     lq = a - log_z  # log q over the shard (q = softmax(s / T) over the whole vocabulary)
 
-    grad_a = grad_b = None
+    grad_a = grad_b = grad_temp = None
     if not topk:
         lp = b - sums[1].log().unsqueeze(1)
         if kind != "tvd" and R.divergence_coefficients(kind, **params) == (1.0, 0.0, 0.0, 1.0):
-            part, g, h = _forward_kl_and_grads(lp, lq, need_t)  # KD's forward KL: closed form
+            part, g, h = _forward_kl_and_grads(lp, lq, need_t or need_temp)  # KD's forward KL: closed form
         else:
             part, g, h = _soft_and_grads(lambda lp_, lq_: R.soft_rows(lp_, lq_, kind, **params), lp, lq,
                                          need_t)
         # 3. SUM of the partial divergences and of sum G, sum H
         red = [part, g.sum(dim=1)] + ([h.sum(dim=1)] if need_t else [])
+        if need_temp:
+            # d KL / d T = -(S1 + S2 - KL S3) / T, S1 = sum (q - p) a, S2 = sum H b, S3 = sum p b (a = s / T,
+            # b = t / T; d KL / d a = q - p, d KL / d b = H - p KL; the shifts cancel: both sum to 0)
+            p = -g
+            red += [((lq.exp() - p) * a).sum(dim=1), (h * b).sum(dim=1), (p * b).sum(dim=1)]
         red = _all_reduce(red, dist.ReduceOp.SUM, process_group)
+        if need_temp:
+            s1, s2, s3 = red[-3:]
+            grad_temp = t_rows * (2.0 * red[0] - s1 - s2 + red[0] * s3)  # d (T^2 KL) / d T
         soft = red[0]
         if need_s:
             grad_a = g - lq.exp() * red[1].unsqueeze(1)
@@ -555,7 +593,7 @@ def _divergence_rows(c, s, t, ids, tgt, read, weight, equal):
         soft, grad_a, grad_b = _topk_buckets(c.mode, kind, params, sums, a, lq, t, pad, own, col,
                                              non_member if tail else None, a_tail if tail else None,
                                              lq_tail, need_s, need_t)
-    soft = soft * soft_scale
+    soft = soft * scale_rows
     hard = torch.zeros_like(soft)
     if use_ce:
         z1, s_target = sums[-3 if topk else -2], sums[-2 if topk else -1]
@@ -570,7 +608,7 @@ def _divergence_rows(c, s, t, ids, tgt, read, weight, equal):
 
     grad_s = grad_t = None
     if need_s:
-        gs = grad_a * (weight * (soft_scale / T)).unsqueeze(1)
+        gs = grad_a * (weight * (scale_rows / t_rows)).unsqueeze(1)
         if use_ce and ce_weight != 0:
             wce = (weight * ce_weight).unsqueeze(1)
             gs = gs + wce * ((s - m_s).exp() / z1.unsqueeze(1))  # softmax(s) at T = 1
@@ -578,9 +616,11 @@ def _divergence_rows(c, s, t, ids, tgt, read, weight, equal):
         grad_s = gs
     if need_t:
         # dense teacher: d/dt = (H - p sum H) / T; top-k log-probs: no 1/T (they are not divided by T)
-        scale = weight * (soft_scale if topk else soft_scale / T)
+        scale = weight * (scale_rows if topk else scale_rows / t_rows)
         grad_t = grad_b * scale.unsqueeze(1)
-    return rows * weight, soft * weight, hard * weight, grad_s, grad_t
+    if grad_temp is not None:
+        grad_temp = grad_temp * weight
+    return rows * weight, soft * weight, hard * weight, grad_s, grad_t, grad_temp
 
 
 def _topk_buckets(mode, kind, params, sums, a, lq, logprobs, pad, own, col, non_member, a_tail, lq_tail,
@@ -645,7 +685,13 @@ def _topk_buckets(mode, kind, params, sums, a, lq, logprobs, pad, own, col, non_
 def kd_loss(student_logits, teacher_logits: Teacher, temperature: float = 4.0, *, process_group,
             reduction="batchmean", target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0,
             return_parts=False):
-    """``fastkd.kd_loss`` over a vocabulary-sharded process group: ``T^2 KL(p || q)`` (float temperature)."""
+    """``fastkd.kd_loss`` over a vocabulary-sharded process group: ``T^2 KL(p || q)``.
+
+    ``temperature``: a number, or (dense teacher logits) a tensor of one value or one per row
+    that receives a gradient (CTKD): ``d (T^2 KL) / dT = T (2 KL - S1 - S2 + KL S3)`` with the
+    row sums ``S1 = sum (q - p) a``, ``S2 = sum p (log p - log q) b``, ``S3 = sum p b``
+    (``a = s / T``, ``b = t / T``), all-reduced with the third round's other sums.
+    """
     return _divergence(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
                        sample_weight, ce_weight, return_parts, process_group, "forward_kl", soft_scale_t2=True)
 
@@ -726,6 +772,7 @@ def fused_linear_row_op(divergence: str, beta: float, skew: float, topk_mode: Op
         c = SimpleNamespace(kind=kind, params=params, T=float(temperature), soft_scale=float(soft_scale),
                             mode=topk_mode, use_ce=use_ce, ce_weight=float(ce_weight), width=width,
                             offset=rank * width, vocab=world * width, need_s=grad_student, need_t=False,
+                            need_temp=False,
                             dtype=student.dtype, group=process_group)
         read = row_weight != 0
 
@@ -733,8 +780,8 @@ def fused_linear_row_op(divergence: str, beta: float, skew: float, topk_mode: Op
             return _divergence_rows(c, student[r], teacher[r], topk_ids[r] if topk_mode is not None else None,
                                     target[r] if use_ce else None, read[r], row_weight[r], equal)
 
-        loss, soft, hard, grad_s, _ = _run_chunks(body, n, student, teacher, grad_student, False,
-                                                  "sum" if reduce else "none", (n,))
+        loss, soft, hard, grad_s, *_ = _run_chunks(body, n, student, teacher, grad_student, False,
+                                                   "sum" if reduce else "none", (n,))
         return loss, soft, hard, grad_s, None
 
     return op

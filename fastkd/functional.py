@@ -87,7 +87,7 @@ def kd_loss(
     ``process_group`` (``torch.distributed``): the last dim of the logits is this
     rank's contiguous vocabulary shard (Megatron layout; ``target`` and top-k ids are
     global ids); the loss is that of the whole vocabulary, on every rank, with O(rows)
-    communication (``fastkd.distributed``; float temperature only).
+    communication (``fastkd.distributed``; a tensor temperature with dense teacher logits only).
     """
     if process_group is not None:
         return _divergence.sharded(

@@ -117,8 +117,9 @@ def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 def _reduce(row_loss, student, target, ignore_index, sample_weight, reduction):
     """Apply the contract's row weights; shape the result for ``reduction``."""
-    weight = row_weights(student, target, ignore_index, sample_weight, reduction)
-    weighted = row_loss * weight.to(row_loss.dtype)
+    # in the loss's dtype: a float32 1/N would cost float64 losses 2^-24 of relative precision
+    weight = row_weights(student, target, ignore_index, sample_weight, reduction, row_loss.dtype)
+    weighted = row_loss * weight
     if reduction == "none":
         return weighted.reshape(student.shape[:-1])
     return weighted.sum()

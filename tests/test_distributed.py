@@ -712,6 +712,85 @@ def _public_api_checks(rank, world, failures):
     _record(failures, "public_api_refuses_fused_backend", fused_backend_refused)
 
 
+def _tensor_temperature_checks(rank, world, failures):
+    """kd_loss with a tensor temperature (CTKD: one learnable value, or one per row) that gets a gradient:
+    the loss, the student and teacher slices and d loss / d T against the float64 reference."""
+    n, width = 9, 23
+    vocab = width * world
+    s, t = _inputs((n, vocab), 70)
+    g = torch.Generator().manual_seed(71)
+    target = torch.randint(0, vocab, (n,), generator=g)
+    target[3] = -100  # an ignored row: with a target, its logits are NaN (never read, no temperature gradient)
+    weight = torch.rand(n, generator=g) + 0.5
+    per_row = torch.rand(n, generator=g) * 3 + 0.5
+    cases = [  # (name, temperature, keyword arguments, dtype)
+        ("scalar", torch.tensor(2.5), dict(reduction="batchmean", target=target, ce_weight=0.4), torch.float32),
+        ("scalar [1] sum sw", torch.tensor([1.7]), dict(reduction="sum", sample_weight=weight), torch.float32),
+        ("per row none", per_row, dict(reduction="none", target=target), torch.float32),
+        ("per row [n, 1] mean", per_row.reshape(n, 1), dict(reduction="mean"), torch.float32),
+        ("per row 3-D", per_row.reshape(1, n), dict(reduction="batchmean"), torch.float32),
+        ("scalar bf16", torch.tensor(3.0), dict(reduction="batchmean", target=target, ce_weight=0.5),
+         torch.bfloat16),
+        ("scalar float64", torch.tensor(0.8, dtype=torch.float64), dict(reduction="batchmean"), torch.float64),
+    ]
+    for name, temp, kw, dtype in cases:
+        def run(temp=temp, kw=kw, dtype=dtype, name=name):
+            rtol, gtol = DTYPES[dtype]
+            three_d = temp.dim() == 2 and temp.shape[0] == 1
+            shape = (1, n, vocab) if three_d else (n, vocab)
+            kw_s = {k: (x.reshape(shape[:-1]) if isinstance(x, torch.Tensor) else x) for k, x in kw.items()}
+            s_q, t_q = s.to(dtype, copy=True), t.to(dtype).reshape(shape)
+            if "target" in kw:
+                s_q[3] = float("nan")
+            s_q = s_q.reshape(shape)
+            s64, t64 = s_q.double().requires_grad_(), t_q.double().requires_grad_()
+            temp64 = temp.detach().to(torch.float64, copy=True).requires_grad_()
+            loss_ref = ref.kd_loss(s64, t64, temp64, **kw_s)
+            upstream = torch.rand(loss_ref.shape, generator=torch.Generator().manual_seed(5),
+                                  dtype=torch.float64) + 0.5
+            gs, gt, gtemp = torch.autograd.grad((loss_ref * upstream).sum(), [s64, t64, temp64])
+            s_loc = _shard(s_q, rank, world).requires_grad_()
+            t_loc = _shard(t_q, rank, world).requires_grad_()
+            temp_loc = temp.detach().to(DEVICE, copy=True).requires_grad_()
+            with _no_sync():
+                loss = D.kd_loss(s_loc, t_loc, temp_loc, process_group=_group(),
+                                 **{k: _on(x, s_loc) if isinstance(x, torch.Tensor) else x for k, x in kw_s.items()})
+                (loss * upstream.to(device=DEVICE, dtype=loss.dtype)).sum().backward()
+            torch.testing.assert_close(loss.detach().cpu().double(), loss_ref.detach(), rtol=rtol, atol=rtol * 0.1)
+            sl = slice(rank * width, (rank + 1) * width)
+            for what, got, want in (("student", s_loc.grad, gs[..., sl]), ("teacher", t_loc.grad, gt[..., sl]),
+                                    ("temperature", temp_loc.grad, gtemp)):
+                assert got is not None, what
+                assert got.shape == want.shape and got.dtype == (temp.dtype if what == "temperature" else dtype), \
+                    (what, got.shape, got.dtype)
+                err = _rel(got, want)
+                assert err < gtol, f"{what} gradient relative error {err:.2e} >= {gtol}"
+
+        _record(failures, f"kd tensor temperature {name}", run)
+
+    def refused():
+        with pytest.raises(TypeError, match="dense teacher logits only"):
+            D.reverse_kl_loss(_shard(s, rank, world), _shard(t, rank, world), process_group=_group(),
+                              temperature=torch.tensor(2.0))
+        ids = torch.arange(n * 2).reshape(n, 2)
+        with pytest.raises(TypeError, match="dense teacher logits only"):
+            D.kd_loss(_shard(s, rank, world), TopKTeacher(ids, torch.full((n, 2), -1.0)), torch.tensor(2.0),
+                      process_group=_group())
+
+    def routed():  # the public module with a learnable temperature takes the same path
+        s_r, t_r = _shard(s, rank, world), _shard(t, rank, world)
+        temp = torch.tensor(1.3, requires_grad=True)
+        got = fastkd.nn.KDLoss(process_group=_group())(s_r, t_r, temperature=temp)
+        got.backward()
+        temp2 = torch.tensor(1.3, requires_grad=True)
+        want = D.kd_loss(s_r, t_r, temp2, process_group=_group())
+        want.backward()
+        assert torch.equal(got, want) and torch.equal(temp.grad, temp2.grad), (got, want, temp.grad, temp2.grad)
+
+    _record(failures, "tensor temperature refused (top-k, other divergences)", refused)
+    _record(failures, "tensor temperature through fastkd.nn.KDLoss", routed)
+
+
 def _fused_linear_checks(rank, world, failures, full=True):
     """``fused_linear_kd_loss(process_group=)`` (vocabulary-sharded head weight) vs the float64
     single-process fused loss on the whole head: the loss, the whole grad_hidden, the weight
@@ -862,6 +941,7 @@ def _checks_world2(rank, world, failures):
     D.CHUNK_MIN_ROWS = 64
     _api_checks(rank, world, failures)
     _public_api_checks(rank, world, failures)
+    _tensor_temperature_checks(rank, world, failures)
     _fused_linear_checks(rank, world, failures)
     _dist_checks(rank, world, failures)
 
