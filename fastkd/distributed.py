@@ -12,7 +12,7 @@ Two kinds of parallelism, one keyword (``process_group``):
   rank's gradient is the matching slice of the single-process gradient.
   Functions: ``kd_loss``, ``reverse_kl_loss``, ``jsd_loss``, ``skew_kl_loss``,
   ``tvd_loss`` (all with ``ce_weight``, ``return_parts`` and a ``TopKTeacher``),
-  ``dkd_loss``, ``ats_loss``.
+  ``dkd_loss``, ``ats_loss`` (with ``ce_weight`` and ``return_parts``).
 * **Data parallel** (``dist_loss``): rows are sharded (any count per rank, 0
   included), classes are not; the intra-class Pearson term is taken over the
   global batch (see ``dist_loss``).
@@ -85,9 +85,10 @@ PER_ROW_FLOATS = {
                                  "tensor temperature's grad (sum (q - p) a, sum H b, sum p b)",
     "divergence, top-k teacher": "MAX: 1 + 1 tail (max s; max s over non-ids); SUM: 1 + 1 tail + 2 with CE + K "
                                  "(sum exp s; sum exp over non-ids; CE; s[ids])",
-    "dkd": "MAX: 4 (max s, t over all and non-target classes); SUM: 6 (their sums of exp, s[g], t[g]); "
+    "dkd": "MAX: 4 (max s, t over all and non-target classes); SUM: 6 (their sums of exp, s[g], t[g]) + 2 with CE "
+           "(sum exp s at T=1, s[target]); SUM: 2 + 1 with teacher grad",
+    "ats": "MAX: 2 (max s, max t / tau); SUM: 2 (sums of exp) + 2 with CE (sum exp s at T=1, s[target]); "
            "SUM: 2 + 1 with teacher grad",
-    "ats": "MAX: 2; SUM: 2; SUM: 2 + 1 with teacher grad",
     "every call": "+ 4 int64 in one MAX call first (rows, -rows, width, -width: equal rows and shards)",
 }
 
@@ -823,20 +824,47 @@ def _target_prologue(student, teacher, target, ignore_index, sample_weight, redu
     return dtype, n_all, read_all, weight_all, student.reshape(-1, width), teacher.reshape(-1, width)
 
 
+def _check_ce_args(ce_weight, return_parts) -> None:
+    v.check_number("ce_weight", ce_weight)
+    if not isinstance(return_parts, bool):
+        raise TypeError(f"return_parts must be a bool, got {type(return_parts).__name__}")
+
+
+def _ce_sums(s: torch.Tensor, m_s: torch.Tensor, own: torch.Tensor, col: torch.Tensor):
+    """The cross-entropy's two numbers per row for the SUM round (T = 1, raw student logits):
+    ``sum exp(s - m_s)`` at the global raw maximum ``m_s`` [N, 1], and ``s[target]`` (its owner adds it)."""
+    return [(s - m_s).exp().sum(dim=1), _gather_owned(s, own, col).squeeze(1)]
+
+
+def _ce_rows(m_s: torch.Tensor, z1: torch.Tensor, s_target: torch.Tensor) -> torch.Tensor:
+    """``lse(s) - s[target]`` per row from the all-reduced ``_ce_sums``."""
+    return (m_s.squeeze(1) - s_target) + z1.log()
+
+
+def _add_ce_grad(grad, s, m_s, z1, own, col, wce) -> None:
+    """``grad += wce * (softmax(s) - onehot(target))`` in place; the one-hot only on the target's owner."""
+    grad.add_(wce * ((s - m_s).exp() / z1.unsqueeze(1)))
+    grad.scatter_add_(1, col, torch.where(own, -wce, torch.zeros((), dtype=grad.dtype, device=grad.device)))
+
+
 def dkd_loss(student_logits, teacher_logits, target, *, process_group, alpha=1.0, beta=8.0, temperature=4.0,
-             reduction="batchmean", ignore_index=-100, sample_weight=None):
+             reduction="batchmean", ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False):
     """``fastkd.dkd_loss`` over a vocabulary-sharded process group (``target``: global class ids).
 
     Per side (student, teacher; ``x = logits / T``, ``g`` the target) the row needs
     ``lse(x)``, ``lse(x over c != g)`` and ``x[g]``: the first two from MAX/SUM
     all-reduces at their own shifts, ``x[g]`` from its owner. TCKD is then a
-    replicated [N, 2] computation; NCKD is summed over the shards.
+    replicated [N, 2] computation; NCKD is summed over the shards. ``ce_weight`` /
+    ``return_parts``: as ``fastkd.dkd_loss`` (CE at T = 1 on the raw student logits;
+    its two per-row numbers ride in the SUM round, no extra collective).
     """
     student, teacher = student_logits, teacher_logits
     _common_checks(student, teacher, reduction, target, ignore_index, sample_weight, True)
     v.check_number("alpha", alpha)
     v.check_number("beta", beta)
     v.check_positive("temperature", temperature)
+    _check_ce_args(ce_weight, return_parts)
+    use_ce = ce_weight != 0 or return_parts  # target is required here
     rank, world, width = _group_geometry(student, process_group)
     if world * width < 2:
         raise ValueError(f"student_logits must have at least 2 classes over the process group for DKD, "
@@ -865,6 +893,9 @@ def dkd_loss(student_logits, teacher_logits, target, *, process_group, alpha=1.0
             o = ((x - m_oth) / T).masked_fill(is_g, _MINUS_INF)
             sides.append((a, o, m_all, m_oth))
             sums += [a.exp().sum(dim=1), o.exp().sum(dim=1), _gather_owned(a, own, col).squeeze(1)]
+        m_s = sides[0][2]  # the student's global raw maximum (safe), [N, 1]: the CE's shift
+        if use_ce:
+            sums += _ce_sums(s, m_s, own, col)
         sums = _all_reduce(sums, dist.ReduceOp.SUM, process_group)
         logs = []  # per side: (log p[g] [N], log(1 - p[g]) [N], log softmax over c != g [N, V_local], P, Q)
         for i, (a, o, m_all, m_oth) in enumerate(sides):
@@ -887,7 +918,9 @@ def dkd_loss(student_logits, teacher_logits, target, *, process_group, alpha=1.0
             lambda lp_, lq_: scale * beta * R._kl_terms(lp_, lq_).sum(dim=1), oth_t, oth_s, need_t)
         red = _all_reduce([nckd_part, g_l.sum(dim=1)] + ([h_l.sum(dim=1)] if need_t else []),
                           dist.ReduceOp.SUM, process_group)
-        rows = tckd + red[0]
+        soft = tckd + red[0]
+        hard = _ce_rows(m_s, sums[6], sums[7]) if use_ce else torch.zeros_like(soft)
+        rows = soft + ce_weight * hard if ce_weight != 0 else soft
         weight = _poison(weight_all[r], equal & _ids_in_range(tgt.unsqueeze(1), read, vocab, 0))
 
         def chain(g_pg, g_rest, g_local, sum_local, log_all, log_other):
@@ -898,31 +931,37 @@ def dkd_loss(student_logits, teacher_logits, target, *, process_group, alpha=1.0
             return grad * (weight / T).unsqueeze(1)
 
         grad_s = chain(g_tckd[0], g_tckd[1], g_l, red[1], lq_all, oth_s) if need_s else None
+        if need_s and ce_weight != 0:
+            _add_ce_grad(grad_s, s, m_s, sums[6], own, col, (weight * ce_weight).unsqueeze(1))
         grad_t = chain(g_tckd[2], g_tckd[3], h_l, red[2], lp_all, oth_t) if need_t else None
-        zero = torch.zeros_like(rows)
-        return rows * weight, zero, zero, grad_s, grad_t
+        return rows * weight, soft * weight, hard * weight, grad_s, grad_t
 
     def compute():
         equal = _check_group_shapes(n_all, width, process_group, student.device)
         return _run_chunks(lambda r: body(r, equal), n_all, student, teacher, need_s, need_t, reduction, lead)
 
-    return _StoredGradLoss.apply(compute, student, teacher)[0]
+    loss, soft, hard = _StoredGradLoss.apply(compute, student, teacher)
+    return R.LossParts(loss, soft, hard) if return_parts else loss
 
 
 def ats_loss(student_logits, teacher_logits, target, *, process_group, target_temperature=4.0,
              other_temperature=2.0, student_temperature=1.0, reduction="batchmean", ignore_index=-100,
-             sample_weight=None):
+             sample_weight=None, ce_weight=0.0, return_parts=False):
     """``fastkd.ats_loss`` over a vocabulary-sharded process group (``target``: global class ids).
 
     The teacher's per-class temperature is ``target_temperature`` in the one column
     (on one rank) holding the target; the rest is ``kd_loss``'s forward KL with the
     teacher maximum taken in scaled units (the temperatures differ per column).
+    ``ce_weight`` / ``return_parts``: as ``fastkd.ats_loss`` (CE at T = 1 on the raw
+    student logits, two more per-row numbers in the SUM round).
     """
     student, teacher = student_logits, teacher_logits
     _common_checks(student, teacher, reduction, target, ignore_index, sample_weight, True)
     for name, value in (("target_temperature", target_temperature), ("other_temperature", other_temperature),
                         ("student_temperature", student_temperature)):
         v.check_positive(name, value)
+    _check_ce_args(ce_weight, return_parts)
+    use_ce = ce_weight != 0 or return_parts  # target is required here
     rank, world, width = _group_geometry(student, process_group)
     st = float(student_temperature)
     need_s = torch.is_grad_enabled() and student.requires_grad
@@ -936,14 +975,17 @@ def ats_loss(student_logits, teacher_logits, target, *, process_group, target_te
     def body(r, equal):
         s, t, tgt, read = _rows_and_target(s_all, t_all, target, read_all, r, dtype)
         dev = s.device
-        _, _, is_g = _target_column(tgt, offset, width, s.shape, dev)
+        own, col, is_g = _target_column(tgt, offset, width, s.shape, dev)
         tau = torch.where(is_g, torch.full((), float(target_temperature), dtype=dtype, device=dev),
                           torch.full((), float(other_temperature), dtype=dtype, device=dev))
         y = t / tau
         m_s, m_y = _all_reduce([s.amax(dim=1), y.amax(dim=1)], dist.ReduceOp.MAX, process_group)
-        a = (s - _safe_shift(m_s).unsqueeze(1)) / st
+        m_s = _safe_shift(m_s).unsqueeze(1)
+        a = (s - m_s) / st
         b = y - _safe_shift(m_y).unsqueeze(1)
-        z_s, z_y = _all_reduce([a.exp().sum(dim=1), b.exp().sum(dim=1)], dist.ReduceOp.SUM, process_group)
+        sums = _all_reduce([a.exp().sum(dim=1), b.exp().sum(dim=1)] + (_ce_sums(s, m_s, own, col) if use_ce else []),
+                           dist.ReduceOp.SUM, process_group)
+        z_s, z_y = sums[0], sums[1]
         lps, lq = a - z_s.log().unsqueeze(1), b - z_y.log().unsqueeze(1)  # student, teacher log-probs
         part, g, h = _forward_kl_and_grads(lq, lps, need_t)
         red = _all_reduce([part, g.sum(dim=1)] + ([h.sum(dim=1)] if need_t else []), dist.ReduceOp.SUM,
@@ -952,16 +994,20 @@ def ats_loss(student_logits, teacher_logits, target, *, process_group, target_te
         weight = _poison(weight_all[r], equal & _ids_in_range(tgt.unsqueeze(1), read, vocab, 0))
         w = (weight * scale).unsqueeze(1)
         grad_s = (g - lps.exp() * red[1].unsqueeze(1)) * (w / st) if need_s else None
+        if need_s and ce_weight != 0:
+            _add_ce_grad(grad_s, s, m_s, sums[2], own, col, (weight * ce_weight).unsqueeze(1))
         grad_t = (h - lq.exp() * red[2].unsqueeze(1)) * w / tau if need_t else None
-        rows = scale * red[0] * weight
-        zero = torch.zeros_like(rows)
-        return rows, zero, zero, grad_s, grad_t
+        soft = scale * red[0]
+        hard = _ce_rows(m_s, sums[2], sums[3]) if use_ce else torch.zeros_like(soft)
+        rows = soft + ce_weight * hard if ce_weight != 0 else soft
+        return rows * weight, soft * weight, hard * weight, grad_s, grad_t
 
     def compute():
         equal = _check_group_shapes(n_all, width, process_group, student.device)
         return _run_chunks(lambda r: body(r, equal), n_all, student, teacher, need_s, need_t, reduction, lead)
 
-    return _StoredGradLoss.apply(compute, student, teacher)[0]
+    loss, soft, hard = _StoredGradLoss.apply(compute, student, teacher)
+    return R.LossParts(loss, soft, hard) if return_parts else loss
 
 
 # ----------------------------------------------------------------------------

@@ -28,11 +28,6 @@ __all__ = ["kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_lo
 _rows, _wants_grad, _check_constant_weight = _divergence.rows, _divergence.wants_grad, _divergence.check_constant_weight
 
 
-def _no_ce_when_sharded(loss: str, ce_weight, return_parts) -> None:
-    if ce_weight != 0 or return_parts:
-        raise ValueError(f"{loss} with process_group takes no ce_weight / return_parts (not implemented sharded)")
-
-
 def _reject_topk(loss: str, teacher) -> None:
     if isinstance(teacher, TopKTeacher):
         raise TypeError(
@@ -169,16 +164,15 @@ def ats_loss(
     (the official soft cross-entropy minus the teacher entropy: same gradient).
     ``ce_weight`` / ``return_parts``: as ``kd_loss`` (the cross-entropy is a second
     pass over the student logits here). ``process_group``: vocabulary-sharded logits,
-    as ``kd_loss`` (no ``ce_weight`` / ``return_parts`` there).
+    as ``kd_loss`` (``ce_weight`` / ``return_parts`` included).
     """
     _reject_topk("ats_loss", teacher_logits)
     if process_group is not None:
-        _no_ce_when_sharded("ats_loss", ce_weight, return_parts)
         return _divergence.sharded(
             "ats_loss", backend, student_logits, teacher_logits, target, process_group=process_group,
             target_temperature=target_temperature, other_temperature=other_temperature,
             student_temperature=student_temperature, reduction=reduction, ignore_index=ignore_index,
-            sample_weight=sample_weight,
+            sample_weight=sample_weight, ce_weight=ce_weight, return_parts=return_parts,
         )
     v.check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
     for name_, value in (("target_temperature", target_temperature), ("other_temperature", other_temperature),
@@ -230,15 +224,14 @@ def dkd_loss(
     ``lse(x / T over c != g) - lse(x / T)``. ``ce_weight`` / ``return_parts``: as
     ``kd_loss`` (the cross-entropy is a second pass over the student logits here;
     mdistiller adds its CE outside the loss, with weight 1). ``process_group``:
-    vocabulary-sharded logits, as ``kd_loss`` (no ``ce_weight`` / ``return_parts`` there).
+    vocabulary-sharded logits, as ``kd_loss`` (``ce_weight`` / ``return_parts`` included).
     """
     _reject_topk("dkd_loss", teacher_logits)
     if process_group is not None:
-        _no_ce_when_sharded("dkd_loss", ce_weight, return_parts)
         return _divergence.sharded(
             "dkd_loss", backend, student_logits, teacher_logits, target, process_group=process_group, alpha=alpha,
             beta=beta, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
-            sample_weight=sample_weight,
+            sample_weight=sample_weight, ce_weight=ce_weight, return_parts=return_parts,
         )
     v.check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
     v.check_number("alpha", alpha)

@@ -298,6 +298,29 @@ def _vocab_checks(rank, world, failures, full=True):
     _compare_loss("kd offset 1e3", rank, world, failures, d, r, s[8:] + 1e3, t[8:] - 1e3, torch.float32)
 
 
+@contextlib.contextmanager
+def _host_reads_forbidden():
+    """The GPU code path on CPU tensors: no value checks, and every host read of a tensor value raises."""
+    from fastkd import _validation
+    saved_devices = _validation.HOST_DEVICES
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def forbid(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"host read of a tensor value: Tensor.{name}")
+        return read
+
+    _validation.HOST_DEVICES = ()
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, forbid(name))
+    try:
+        yield
+    finally:
+        _validation.HOST_DEVICES = saved_devices
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
 def _dkd_ats_checks(rank, world, failures, full=True):
     n, width = 11, 29
     vocab = width * world
@@ -324,9 +347,80 @@ def _dkd_ats_checks(rank, world, failures, full=True):
         ("ats mean", lambda a, b: D.ats_loss(a, b, _on(target, a), process_group=wd, reduction="mean"),
          lambda a, b: ref.ats_loss(a, b, target, reduction="mean")),
     ]
+    # the cross-entropy (T = 1 on the raw student logits, whatever the loss's temperatures): ce_weight and
+    # return_parts (soft, hard) under every reduction, with sample weights and an ignored row
+    dkd_kw = dict(alpha=1.3, beta=6.0, temperature=3.0)
+    ats_kw = dict(target_temperature=5.0, other_temperature=2.5, student_temperature=1.5)
+    ce_cases = [  # (name, distributed fn, reference fn, keyword arguments, return_parts)
+        ("dkd ce", D.dkd_loss, ref.dkd_loss, dict(dkd_kw, ce_weight=0.3, sample_weight=weight), False),
+        ("dkd ce parts none", D.dkd_loss, ref.dkd_loss, dict(dkd_kw, ce_weight=0.3, reduction="none"), True),
+        ("dkd parts sum (ce_weight 0)", D.dkd_loss, ref.dkd_loss,
+         dict(dkd_kw, return_parts=True, reduction="sum", sample_weight=weight), True),
+        ("dkd ce parts mean", D.dkd_loss, ref.dkd_loss, dict(ce_weight=-0.7, reduction="mean"), True),
+        ("ats ce", D.ats_loss, ref.ats_loss, dict(ats_kw, ce_weight=0.3, sample_weight=weight), False),
+        ("ats ce parts sum", D.ats_loss, ref.ats_loss, dict(ats_kw, ce_weight=0.3, reduction="sum"), True),
+        ("ats ce parts none", D.ats_loss, ref.ats_loss,
+         dict(ats_kw, ce_weight=2.0, reduction="none", sample_weight=weight), True),
+        ("ats parts mean (ce_weight 0)", D.ats_loss, ref.ats_loss, dict(reduction="mean"), True),
+    ]
+
+    def ce_case(dfn, rfn, kw, parts, tgt=target):
+        kw = dict(kw, return_parts=parts or kw.get("return_parts", False))
+        sw = kw.pop("sample_weight", None)
+        return (lambda a, b: dfn(a, b, _on(tgt, a), process_group=wd, sample_weight=_on(sw, a), **kw),
+                lambda a, b: rfn(a, b, tgt, sample_weight=sw, **kw))
+
     for name, d, r in cases:
         for dtype in ([torch.float32, torch.bfloat16] if full else [torch.float32]):
             _compare_loss(name, rank, world, failures, d, r, s, t, dtype)
+    for name, dfn, rfn, kw, parts in ce_cases:
+        d, r = ce_case(dfn, rfn, kw, parts)
+        for dtype in ([torch.float32, torch.bfloat16] if full else [torch.float32]):
+            _compare_loss(name, rank, world, failures, d, r, s, t, dtype, parts=parts)
+
+    def ce_bytes():
+        """The CE adds 2 per-row numbers to the SUM round: no new collective, bytes independent of V."""
+        chunks = len(D._row_chunks(n))
+        for fn, kw, per_row in ((D.dkd_loss, {}, 4 + 6 + 3), (D.dkd_loss, {"ce_weight": 0.5}, 4 + 8 + 3),
+                                (D.dkd_loss, {"return_parts": True}, 4 + 8 + 3),
+                                (D.ats_loss, {}, 2 + 2 + 3), (D.ats_loss, {"ce_weight": 0.5}, 2 + 4 + 3)):
+            seen = []
+            for w in (width, 300):
+                a, b = _inputs((n, w * world), 24)
+                a, b = _shard(a, rank, world).requires_grad_(), _shard(b, rank, world).requires_grad_()
+                with D.count_comm() as c:
+                    out = fn(a, b, _on(target, a), process_group=wd, **kw)
+                    (out.loss if kw.get("return_parts") else out).backward()
+                seen.append((c.bytes, c.calls))
+            assert seen[0] == seen[1] == (4 * n * per_row + 32, 1 + 3 * chunks), (fn.__name__, kw, seen)
+
+    def ce_errors():
+        a, b = _shard(s, rank, world), _shard(t, rank, world)
+        for fn in (D.dkd_loss, D.ats_loss):
+            with pytest.raises(TypeError, match="return_parts"):
+                fn(a, b, _on(target, a), process_group=wd, return_parts=1)
+            with pytest.raises((TypeError, ValueError), match="ce_weight"):
+                fn(a, b, _on(target, a), process_group=wd, ce_weight="0.5")
+
+    def ce_no_host_reads():
+        """With the CE: no host read (GPU path); an unchecked out-of-range target makes exactly its row NaN."""
+        bad = target.clone()
+        bad[4] = vocab  # one past the global vocabulary
+        for fn in (D.dkd_loss, D.ats_loss):
+            for tgt, nan_rows in ((target, 0), (bad, 1)):
+                a, b = _shard(s, rank, world).requires_grad_(), _shard(t, rank, world).requires_grad_()
+                with _host_reads_forbidden():
+                    out = fn(a, b, tgt, process_group=wd, ce_weight=0.5, return_parts=True, reduction="none")
+                    (out.loss * torch.tensor(0.7)).sum().backward()
+                nan = torch.isnan(out.loss)
+                assert int(nan.sum()) == nan_rows and bool(torch.isnan(out.hard[nan]).all()), (fn.__name__, out)
+                assert bool(torch.isnan(a.grad[nan]).all()) and bool(torch.isfinite(a.grad[~nan]).all())
+                assert bool(torch.isfinite(out.hard[~nan]).all()), (fn.__name__, out.hard)
+
+    _record(failures, "dkd/ats ce bytes", ce_bytes)
+    if DEVICE.type == "cpu":
+        _record(failures, "dkd/ats ce errors", ce_errors)
+        _record(failures, "dkd/ats ce no host reads", ce_no_host_reads)
     if full:  # targets all in shard 0: the other shards hold no target column
         tgt0 = torch.randint(0, width, (n,), generator=g)
         s, t = _inputs((n, vocab), 22)
@@ -337,6 +431,11 @@ def _dkd_ats_checks(rank, world, failures, full=True):
                       lambda a, b: D.ats_loss(a, b, _on(tgt0.reshape(1, n), a), process_group=wd),
                       lambda a, b: ref.ats_loss(a, b, tgt0.reshape(1, n)), s.unsqueeze(0), t.unsqueeze(0),
                       torch.float32)
+        # the CE's one-hot and s[target] come from shard 0 alone; the other ranks add softmax(s) only
+        for name, dfn, rfn, kw in (("dkd ce targets in shard 0", D.dkd_loss, ref.dkd_loss, dkd_kw),
+                                   ("ats ce targets in shard 0", D.ats_loss, ref.ats_loss, ats_kw)):
+            d, r = ce_case(dfn, rfn, dict(kw, ce_weight=0.4, reduction="none"), True, tgt=tgt0)
+            _compare_loss(name, rank, world, failures, d, r, s, t, torch.float32, parts=True)
 
 
 def _api_checks(rank, world, failures):
@@ -573,20 +672,43 @@ def _public_api_checks(rank, world, failures):
         (lambda **k: fastkd.nn.ATSLoss(process_group=k.get("process_group"))(s_r, t_r, target),
          lambda: D.ats_loss(s_r, t_r, target, process_group=group)),
         (lambda **k: fastkd.dist_loss(s_r, t_r, **k), lambda: D.dist_loss(s_r, t_r, process_group=group)),
+        # ce_weight / return_parts pass through (LossParts compared field by field)
+        (lambda **k: fastkd.dkd_loss(s_r, t_r, target, ce_weight=0.5, return_parts=True, **k),
+         lambda: D.dkd_loss(s_r, t_r, target, process_group=group, ce_weight=0.5, return_parts=True)),
+        (lambda **k: fastkd.ats_loss(s_r, t_r, target, ce_weight=0.5, reduction="none", **k),
+         lambda: D.ats_loss(s_r, t_r, target, process_group=group, ce_weight=0.5, reduction="none")),
+        (lambda **k: fastkd.nn.ATSLoss(ce_weight=0.3, return_parts=True, process_group=k.get("process_group"))(
+            s_r, t_r, target),
+         lambda: D.ats_loss(s_r, t_r, target, process_group=group, ce_weight=0.3, return_parts=True)),
+        # DKDLoss's warm-up scales alpha and beta only: epoch 5 of 20 is alpha, beta x 0.25, the CE unscaled
+        (lambda **k: fastkd.nn.DKDLoss(ce_weight=0.3, return_parts=True, process_group=k.get("process_group"))(
+            s_r, t_r, target, epoch=5),
+         lambda: D.dkd_loss(s_r, t_r, target, process_group=group, alpha=0.25, beta=2.0, ce_weight=0.3,
+                            return_parts=True)),
     ]
 
     def routed():
         for public, direct in cases:
             got, want = public(process_group=group), direct()
-            assert torch.equal(got, want), (got, want)
+            pairs = zip(got, want) if isinstance(want, R.LossParts) else [(got, want)]
+            assert type(got) is type(want), (type(got), type(want))
+            for x, y in pairs:
+                assert torch.equal(x, y), (x, y)
+
+    def dkd_warmup_ce_not_warmed():
+        """The routed DKDLoss with the CE against the float64 reference: the warm-up factor leaves the CE alone."""
+        got = fastkd.nn.DKDLoss(ce_weight=0.3, process_group=group)(s_r, t_r, target, epoch=5)
+        want = ref.dkd_loss(s.double(), t.double(), target, alpha=0.25, beta=2.0, ce_weight=0.3)
+        torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-6)
 
     def fused_backend_refused():
         with pytest.raises(ValueError, match="has no sharded kernel"):
             fastkd.tvd_loss(s_r, t_r, process_group=group, backend="cpu")
-        with pytest.raises(ValueError, match="takes no ce_weight"):
-            fastkd.dkd_loss(s_r, t_r, target, process_group=group, ce_weight=0.5)
+        with pytest.raises(ValueError, match="has no sharded kernel"):
+            fastkd.dkd_loss(s_r, t_r, target, process_group=group, ce_weight=0.5, backend="cpu")
 
     _record(failures, "public_api_routes_process_group", routed)
+    _record(failures, "public_api_dkd_warmup_ce", dkd_warmup_ce_not_warmed)
     _record(failures, "public_api_refuses_fused_backend", fused_backend_refused)
 
 
