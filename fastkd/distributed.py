@@ -489,6 +489,90 @@ def _divergence(student, teacher: Teacher, temperature, reduction, target, ignor
     return R.LossParts(loss, soft, hard) if return_parts else loss
 
 
+# The CPU shard kernels (csrc/cpu/divergence_shard.cpp) run the dense-teacher divergences on float32 math; set
+# False to run the PyTorch math instead (the GPU path; the tests run both on CPU tensors).
+USE_SHARD_KERNELS = True
+
+
+def shard_kernels_run(c, s: torch.Tensor) -> bool:
+    """Whether ``_divergence_rows`` runs on the CPU shard kernels: a dense teacher, float32 math (not
+    float64), CPU tensors, and the compiled ops present. Anything else runs the PyTorch math."""
+    if not USE_SHARD_KERNELS or c.mode is not None or c.dtype != torch.float32 or s.device.type != "cpu":
+        return False
+    try:
+        from . import _C  # noqa: F401  (registers the ops)
+    except ImportError:
+        return False
+    return hasattr(torch.ops.fastkd, "divergence_shard_stats")
+
+
+def _gap_scale(z: torch.Tensor, m: torch.Tensor, m_all: torch.Tensor, inv_t: float) -> torch.Tensor:
+    """A sum of exps relative to this shard's max ``m``, moved to the group's max ``m_all``: 0 stays 0 (an
+    empty or all -inf shard, whose max is -inf), NaN stays NaN."""
+    gap = torch.where(m == m_all, torch.zeros_like(m), m - m_all)
+    return torch.where(z == 0, z, z * (gap * inv_t).exp())
+
+
+def _divergence_rows_kernel(c, s, t, tgt, read, weight, equal):
+    """``_divergence_rows`` of a dense teacher on the CPU shard kernels (the same collectives and results).
+
+    (1) ``divergence_shard_stats``: this shard's raw maxima and sums of exps relative to them; MAX
+    all-reduce of the maxima, the sums moved to the group's maxima (``_gap_scale``), SUM all-reduce
+    (with the CE's sum at T = 1 and ``s[target]``). (2) ``divergence_shard_terms``: the shard's part
+    of the loss, sum G, sum H, with G and H kept; SUM all-reduce. (3) ``divergence_shard_grad``: G, H
+    made the gradients in place; the CE's one-hot is added here, on the owning rank.
+    """
+    ops = torch.ops.fastkd
+    dev, width, offset, group, T = s.device, c.width, c.offset, c.group, c.T
+    f32 = torch.float32
+    s, t = s.to(f32), t.to(f32)
+    s = s if s.stride(-1) == 1 else s.contiguous()
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    n = s.shape[0]
+    read_f = torch.ones(n, dtype=f32, device=dev) if read is None else read.to(f32)
+    use_ce = c.use_ce
+    if use_ce and read is not None:
+        tgt = torch.where(read, tgt, torch.zeros_like(tgt))
+
+    stats = ops.divergence_shard_stats(s, t, T, use_ce, read_f)  # [n, 5]: m_s, z_s, m_t, z_t, z_s at T = 1
+    m_s, z_s, m_t, z_t, z_1 = stats.unbind(1)
+    big_s, big_t = _all_reduce([m_s, m_t], dist.ReduceOp.MAX, group)
+    sums = [_gap_scale(z_s, m_s, big_s, 1.0 / T), _gap_scale(z_t, m_t, big_t, 1.0 / T)]
+    if use_ce:
+        t_own, t_col = _local_columns(tgt.unsqueeze(1), offset, width)
+        sums += [_gap_scale(z_1, m_s, big_s, 1.0), _gather_owned(s, t_own, t_col).squeeze(1)]
+    sums = _all_reduce(sums, dist.ReduceOp.SUM, group)
+    l_s, l_t = sums[0].log(), sums[1].log()
+    l_1 = sums[2].log() if use_ce else torch.zeros_like(l_s)
+
+    if c.kind == "tvd":
+        code, a, b, w_p, w_q = R.KIND_CODES["tvd"], 0.0, 0.0, 0.0, 0.0
+    else:
+        code, (a, b, w_p, w_q) = R.KIND_CODES["kl_family"], R.divergence_coefficients(c.kind, **c.params)
+    row_stats = torch.stack([big_s, l_s, big_t, l_t, l_1], dim=1)
+    part, g, h = ops.divergence_shard_terms(s, t, row_stats[:, :4].contiguous(), T, code, a, b, w_p, w_q, read_f,
+                                            c.need_s, c.need_t)
+    red = _all_reduce([part[:, 0], part[:, 1]] + ([part[:, 2]] if c.need_t else []), dist.ReduceOp.SUM, group)
+    soft = red[0] * c.soft_scale
+    hard = torch.zeros_like(soft)
+    ok = equal
+    if use_ce:
+        hard = (big_s - sums[3]) + l_1  # lse(s) - s[target], T = 1
+        if read is not None:  # an unread row's statistics are empty (-inf): its CE is 0, not -inf * 0
+            hard = torch.where(read, hard, torch.zeros_like(hard))
+        ok = ok & _ids_in_range(tgt.unsqueeze(1), read, c.vocab, 0)
+    weight = _poison(weight, ok)
+    rows = soft + c.ce_weight * hard if c.ce_weight != 0 else soft
+    if c.need_s or c.need_t:
+        coef = weight * (c.soft_scale / T)
+        ce = weight * c.ce_weight if use_ce and c.ce_weight != 0 and c.need_s else torch.zeros_like(weight)
+        row_coef = torch.stack([red[1], red[2] if c.need_t else torch.zeros_like(coef), coef, coef, ce], dim=1)
+        ops.divergence_shard_grad(s, t, row_stats, T, row_coef, read_f, g, h)
+        if c.need_s and use_ce and c.ce_weight != 0:
+            g.scatter_add_(1, t_col, torch.where(t_own, -ce.unsqueeze(1), torch.zeros((), dtype=f32, device=dev)))
+    return rows * weight, soft * weight, hard * weight, (g if c.need_s else None), (h if c.need_t else None), None
+
+
 def _divergence_rows(c, s, t, ids, tgt, read, weight, equal, temp=None):
     """One chunk of rows of a vocabulary-parallel divergence (and its cross-entropy): three collectives.
 
@@ -502,6 +586,8 @@ def _divergence_rows(c, s, t, ids, tgt, read, weight, equal, temp=None):
     ``temp`` (the rows' temperatures, [n]: ``kd_loss`` with a tensor temperature, so forward KL
     with ``T^2``, dense teacher) is given and ``c.need_temp``, else None.
     """
+    if temp is None and shard_kernels_run(c, s):
+        return _divergence_rows_kernel(c, s, t, tgt, read, weight, equal)
     dtype, dev, width, offset, vocab = c.dtype, s.device, c.width, c.offset, c.vocab
     # T broadcasts over a row ([n, 1] for a tensor temperature); the row scales are [n] or floats
     t_rows = c.T if temp is None else temp

@@ -933,11 +933,47 @@ def _fused_linear_checks(rank, world, failures, full=True):
     _record(failures, "fused linear communication and errors", comm_and_errors)
 
 
+def _kernel_route_checks(rank, world, failures):
+    """On CPU tensors the dense divergences run on the shard kernels (csrc/cpu/divergence_shard.cpp); with
+    USE_SHARD_KERNELS off, float64 or a top-k teacher, on the PyTorch math."""
+    s, t = _inputs((5, 8 * world), 80)
+    s_r, t_r = _shard(s, rank, world), _shard(t, rank, world)
+    ids = torch.arange(10).reshape(5, 2)
+
+    def ops_run(fn):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        return {e.key for e in prof.key_averages() if e.key.startswith("fastkd::divergence_shard")}
+
+    def routes():
+        kernels = {"fastkd::divergence_shard_stats", "fastkd::divergence_shard_terms", "fastkd::divergence_shard_grad"}
+        got = ops_run(lambda: D.jsd_loss(s_r.requires_grad_(), t_r, process_group=_group()).backward())
+        assert got == kernels, got
+        assert ops_run(lambda: D.jsd_loss(s_r.double(), t_r.double(), process_group=_group())) == set()
+        assert ops_run(lambda: D.kd_loss(s_r, TopKTeacher(ids, torch.full((5, 2), -1.0)), process_group=_group())) \
+            == set()
+        D.USE_SHARD_KERNELS = False
+        try:
+            assert ops_run(lambda: D.jsd_loss(s_r, t_r, process_group=_group())) == set()
+        finally:
+            D.USE_SHARD_KERNELS = True
+
+    if DEVICE.type == "cpu":
+        _record(failures, "shard kernels run on CPU tensors", routes)
+
+
 def _checks_world2(rank, world, failures):
     # row chunks of 4 rows (the last one ragged): every collective sequence runs several times per call
     D.CHUNK_MIN_ROWS = 4
     _vocab_checks(rank, world, failures)
     _dkd_ats_checks(rank, world, failures)
+    if DEVICE.type == "cpu":  # the PyTorch math of the dense divergences, which CUDA tensors run
+        D.USE_SHARD_KERNELS = False
+        try:
+            _vocab_checks(rank, world, failures, full=False)
+        finally:
+            D.USE_SHARD_KERNELS = True
+        _kernel_route_checks(rank, world, failures)
     D.CHUNK_MIN_ROWS = 64
     _api_checks(rank, world, failures)
     _public_api_checks(rank, world, failures)
