@@ -489,21 +489,32 @@ def _divergence(student, teacher: Teacher, temperature, reduction, target, ignor
     return R.LossParts(loss, soft, hard) if return_parts else loss
 
 
-# The CPU shard kernels (csrc/cpu/divergence_shard.cpp) run the dense-teacher divergences on float32 math; set
-# False to run the PyTorch math instead (the GPU path; the tests run both on CPU tensors).
-USE_SHARD_KERNELS = True
+# Which shard kernels run the dense-teacher divergences (float32 math): "auto" = the compiled CPU ops
+# (csrc/cpu/divergence_shard.cpp) for CPU tensors, the Triton ones (fastkd/triton/divergence_shard.py) for
+# CUDA tensors; "triton" = Triton for CPU tensors too (the tests, under TRITON_INTERPRET=1); "off" = the
+# PyTorch math everywhere (the tests run it on CPU tensors too).
+SHARD_KERNELS = "auto"
 
 
-def shard_kernels_run(c, s: torch.Tensor) -> bool:
-    """Whether ``_divergence_rows`` runs on the CPU shard kernels: a dense teacher, float32 math (not
-    float64), CPU tensors, and the compiled ops present. Anything else runs the PyTorch math."""
-    if not USE_SHARD_KERNELS or c.mode is not None or c.dtype != torch.float32 or s.device.type != "cpu":
-        return False
+def shard_kernels(c, s: torch.Tensor):
+    """The shard ops ``_divergence_rows`` runs on (a namespace with ``divergence_shard_stats``, ``_terms``,
+    ``_grad``), or None for the PyTorch math: a top-k teacher, float64 math, ``SHARD_KERNELS = "off"``, or
+    the kernels missing (no compiled CPU ops; no Triton)."""
+    if SHARD_KERNELS == "off" or c.mode is not None or c.dtype != torch.float32:
+        return None
+    if s.device.type == "cuda" or SHARD_KERNELS == "triton":
+        try:
+            from .triton import divergence_shard as ops
+        except ImportError:
+            return None
+        return ops
+    if s.device.type != "cpu":
+        return None
     try:
         from . import _C  # noqa: F401  (registers the ops)
     except ImportError:
-        return False
-    return hasattr(torch.ops.fastkd, "divergence_shard_stats")
+        return None
+    return torch.ops.fastkd if hasattr(torch.ops.fastkd, "divergence_shard_stats") else None
 
 
 def _gap_scale(z: torch.Tensor, m: torch.Tensor, m_all: torch.Tensor, inv_t: float) -> torch.Tensor:
@@ -513,8 +524,8 @@ def _gap_scale(z: torch.Tensor, m: torch.Tensor, m_all: torch.Tensor, inv_t: flo
     return torch.where(z == 0, z, z * (gap * inv_t).exp())
 
 
-def _divergence_rows_kernel(c, s, t, tgt, read, weight, equal):
-    """``_divergence_rows`` of a dense teacher on the CPU shard kernels (the same collectives and results).
+def _divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal):
+    """``_divergence_rows`` of a dense teacher on the shard kernels ``ops`` (the same collectives and results).
 
     (1) ``divergence_shard_stats``: this shard's raw maxima and sums of exps relative to them; MAX
     all-reduce of the maxima, the sums moved to the group's maxima (``_gap_scale``), SUM all-reduce
@@ -522,7 +533,6 @@ def _divergence_rows_kernel(c, s, t, tgt, read, weight, equal):
     of the loss, sum G, sum H, with G and H kept; SUM all-reduce. (3) ``divergence_shard_grad``: G, H
     made the gradients in place; the CE's one-hot is added here, on the owning rank.
     """
-    ops = torch.ops.fastkd
     dev, width, offset, group, T = s.device, c.width, c.offset, c.group, c.T
     f32 = torch.float32
     s, t = s.to(f32), t.to(f32)
@@ -586,8 +596,9 @@ def _divergence_rows(c, s, t, ids, tgt, read, weight, equal, temp=None):
     ``temp`` (the rows' temperatures, [n]: ``kd_loss`` with a tensor temperature, so forward KL
     with ``T^2``, dense teacher) is given and ``c.need_temp``, else None.
     """
-    if temp is None and shard_kernels_run(c, s):
-        return _divergence_rows_kernel(c, s, t, tgt, read, weight, equal)
+    ops = shard_kernels(c, s) if temp is None else None
+    if ops is not None:
+        return _divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal)
     dtype, dev, width, offset, vocab = c.dtype, s.device, c.width, c.offset, c.vocab
     # T broadcasts over a row ([n, 1] for a tensor temperature); the row scales are [n] or floats
     t_rows = c.T if temp is None else temp

@@ -935,7 +935,7 @@ def _fused_linear_checks(rank, world, failures, full=True):
 
 def _kernel_route_checks(rank, world, failures):
     """On CPU tensors the dense divergences run on the shard kernels (csrc/cpu/divergence_shard.cpp); with
-    USE_SHARD_KERNELS off, float64 or a top-k teacher, on the PyTorch math."""
+    SHARD_KERNELS off, float64 or a top-k teacher, on the PyTorch math."""
     s, t = _inputs((5, 8 * world), 80)
     s_r, t_r = _shard(s, rank, world), _shard(t, rank, world)
     ids = torch.arange(10).reshape(5, 2)
@@ -952,14 +952,31 @@ def _kernel_route_checks(rank, world, failures):
         assert ops_run(lambda: D.jsd_loss(s_r.double(), t_r.double(), process_group=_group())) == set()
         assert ops_run(lambda: D.kd_loss(s_r, TopKTeacher(ids, torch.full((5, 2), -1.0)), process_group=_group())) \
             == set()
-        D.USE_SHARD_KERNELS = False
+        D.SHARD_KERNELS = "off"
         try:
             assert ops_run(lambda: D.jsd_loss(s_r, t_r, process_group=_group())) == set()
         finally:
-            D.USE_SHARD_KERNELS = True
+            D.SHARD_KERNELS = "auto"
+
+    def triton_routes():  # SHARD_KERNELS = "triton": CPU tensors on the Triton kernels (the interpreter)
+        from fastkd.triton import divergence_shard as tds
+        calls, saved = [], {}
+        for name in ("divergence_shard_stats", "divergence_shard_terms", "divergence_shard_grad"):
+            saved[name] = getattr(tds, name)
+            setattr(tds, name, lambda *a, _f=saved[name], _n=name: calls.append(_n) or _f(*a))
+        D.SHARD_KERNELS = "triton"
+        try:
+            D.reverse_kl_loss(s_r.detach().requires_grad_(), t_r, process_group=_group()).backward()
+        finally:
+            D.SHARD_KERNELS = "auto"
+            for name, fn in saved.items():
+                setattr(tds, name, fn)
+        want = ["divergence_shard_stats", "divergence_shard_terms", "divergence_shard_grad"] * len(D._row_chunks(5))
+        assert calls == want, calls
 
     if DEVICE.type == "cpu":
         _record(failures, "shard kernels run on CPU tensors", routes)
+        _record(failures, "Triton shard kernels run when asked", triton_routes)
 
 
 def _checks_world2(rank, world, failures):
@@ -967,12 +984,15 @@ def _checks_world2(rank, world, failures):
     D.CHUNK_MIN_ROWS = 4
     _vocab_checks(rank, world, failures)
     _dkd_ats_checks(rank, world, failures)
-    if DEVICE.type == "cpu":  # the PyTorch math of the dense divergences, which CUDA tensors run
-        D.USE_SHARD_KERNELS = False
-        try:
-            _vocab_checks(rank, world, failures, full=False)
-        finally:
-            D.USE_SHARD_KERNELS = True
+    if DEVICE.type == "cpu":
+        # the dense divergences on the PyTorch math, and on the Triton shard kernels (CUDA tensors' path) in
+        # the interpreter
+        for kernels in ("off", "triton"):
+            D.SHARD_KERNELS = kernels
+            try:
+                _vocab_checks(rank, world, failures, full=False)
+            finally:
+                D.SHARD_KERNELS = "auto"
         _kernel_route_checks(rank, world, failures)
     D.CHUNK_MIN_ROWS = 64
     _api_checks(rank, world, failures)

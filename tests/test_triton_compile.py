@@ -180,6 +180,44 @@ def _div_jobs(add):
             div_topk_config(DIV_MAX_BLOCK, DIV_KP[1])[1], "C")
 
 
+def _shard_stats_args(s, t):
+    return {"S": f"*{s}", "T": f"*{t}", "READ": "*fp32", "OUT": "*fp32", "stride_s": "D", "stride_t": "D",
+            "n_cols": "D", "inv_temp": "fp32"}
+
+
+def _shard_terms_args(s, t):
+    return {"S": f"*{s}", "T": f"*{t}", "STATS": "*fp32", "READ": "*fp32", "SUMS": "*fp32", "G": "*fp32",
+            "H": "*fp32", "stride_s": "D", "stride_t": "D", "n_cols": "D", "inv_temp": "fp32", "a": "fp32",
+            "b": "fp32", "w_p": "fp32", "w_q": "fp32"}
+
+
+def _shard_grad_args(s, t):
+    return {"S": f"*{s}", "T": f"*{t}", "STATS": "*fp32", "COEF": "*fp32", "READ": "*fp32", "G": "*fp32",
+            "H": "*fp32", "stride_s": "D", "stride_t": "D", "n_cols": "D", "inv_temp": "fp32"}
+
+
+def _shard_jobs(add):
+    """The vocabulary-parallel shard kernels (``divergence_shard``): float32 inputs only (the launcher's
+    contract), every flag at the widest config on sm_90, everything requested on sm_80 and at every config."""
+    from fastkd.triton._common import MAX_ROW_BLOCK, row_config
+
+    block, warps = row_config(MAX_ROW_BLOCK)
+    f32 = ("fp32", "fp32")
+    for arch in (90, 80):
+        for ce in BOOLS if arch == 90 else (True,):
+            add("shard_stats", arch, f32, dict(HAS_CE=ce, BLOCK=block), warps, "A" if arch == 90 else "C")
+        for kind, gs, gt in itertools.product((0, 1), BOOLS, BOOLS):
+            if arch == 90 or (gs and gt):
+                add("shard_terms", arch, f32, dict(KIND=kind, GRAD_S=gs, GRAD_T=gt, BLOCK=block), warps,
+                    "A" if arch == 90 else "C")
+        for gs, gt in ((True, True), (True, False), (False, True)):
+            if arch == 90 or (gs and gt):
+                add("shard_grad", arch, f32, dict(GRAD_S=gs, GRAD_T=gt, BLOCK=block), warps,
+                    "A" if arch == 90 else "C")
+    for b, w in row_configs():
+        add("shard_terms", 90, f32, dict(KIND=0, GRAD_S=True, GRAD_T=True, BLOCK=b), w, "B")
+
+
 def _mask_args(x):
     # seed_mix and threshold are uint32 values passed as Python ints (i64 above 2^31)
     return {"X": f"*{x}", "OUT": f"*{x}", "numel": "D", "seed_mix": "i64", "threshold": "i64"}
@@ -245,6 +283,7 @@ def jobs():
             add("mask", arch, (x,), dict(HW=14 * 14, CHW=256 * 14 * 14, SPATIAL=True, BLOCK=mgd.ELEM_BLOCK),
                 mgd.ELEM_WARPS, matrix)
     _div_jobs(add)
+    _shard_jobs(add)
     return out
 
 
@@ -262,6 +301,12 @@ def _kernel_and_args(job):
         if name == "div_dense":
             return divergence._div_dense_kernel, _div_dense_args(d[0], d[1], has_target)
         return divergence._div_topk_kernel, _div_topk_args(d[0], d[1], has_target)
+    if name.startswith("shard_"):
+        from fastkd.triton import divergence_shard as shard
+
+        kernel = getattr(shard, f"_{name}_kernel")
+        return kernel, {"shard_stats": _shard_stats_args, "shard_terms": _shard_terms_args,
+                        "shard_grad": _shard_grad_args}[name](*d)
     table = {
         "dkd": (dkd._dkd_kernel, _dkd_args),
         "dist_lse": (dist._dist_lse_kernel, _dist_lse_args),

@@ -1,0 +1,170 @@
+"""Triton row passes of the vocabulary-parallel divergences (``fastkd/distributed.py``): CUDA tensors.
+
+The same three passes, arguments and results as the CPU ops of
+``csrc/cpu/divergence_shard.cpp`` (``docs/design.md``, "Distributed losses"), one
+program per row of this rank's shard ``[N, V_local]``, with the all-reduces of
+per-row numbers between them done by the caller:
+
+* ``divergence_shard_stats``: raw maxima of s and t and the sums of ``exp((x - max) / T)``
+  relative to them (and of ``exp(s - max_s)`` for the cross-entropy): ``[N, 5]``.
+* ``divergence_shard_terms``: given the whole-vocabulary ``(M_s, L_s, M_t, L_t)``, the shard's
+  part of the loss and of ``sum G``, ``sum H`` (``[N, 3]``), G and H written to
+  float32 ``[N, V_local]`` buffers (``_bucket_terms``: the single-process kernel's math).
+* ``divergence_shard_grad``: G, H made the gradients in place,
+  ``coef_s (G - q sum G) + ce softmax(s)``, ``coef_t (H - p sum H)``.
+
+Rows with ``row_read`` 0 are not read (stats: max -inf, sums 0; G, H: 0). Not
+registered as torch ops: they run between collectives inside the distributed
+autograd node, never under tracing.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import device_guard, online_update_scaled, row_config, unit_stride_rows
+from .divergence import _bucket_terms, _stats_update
+
+
+@triton.jit
+def _shard_stats_kernel(S, T, READ, OUT, stride_s, stride_t, n_cols, inv_temp,
+                        HAS_CE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # 64-bit: row * stride may pass 2^31
+    live = tl.load(READ + row) != 0.0
+    n_live = tl.where(live, n_cols, 0)  # an unread row runs no iteration
+    cols = tl.arange(0, BLOCK)
+    m_s = float("-inf")
+    z_s = 0.0
+    z1 = 0.0
+    m_t = float("-inf")
+    z_t = 0.0
+    for start in range(0, n_live, BLOCK):
+        offs = start + cols
+        mask = offs < n_cols
+        s = tl.load(S + row * stride_s + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        t = tl.load(T + row * stride_t + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        m_s, z_s, z1 = _stats_update(m_s, z_s, z1, s, inv_temp, HAS_CE)
+        m_t, z_t, _e, _alpha = online_update_scaled(m_t, z_t, t, inv_temp)
+    out = OUT + row * 5
+    tl.store(out, m_s)
+    tl.store(out + 1, z_s)
+    tl.store(out + 2, m_t)
+    tl.store(out + 3, z_t)
+    tl.store(out + 4, z1)
+
+
+@triton.jit
+def _shard_terms_kernel(S, T, STATS, READ, SUMS, G, H, stride_s, stride_t, n_cols, inv_temp, a, b, w_p, w_q,
+                        KIND: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    live = tl.load(READ + row) != 0.0
+    n_live = tl.where(live, n_cols, 0)
+    m_s = tl.load(STATS + row * 4)
+    l_s = tl.load(STATS + row * 4 + 1)
+    m_t = tl.load(STATS + row * 4 + 2)
+    l_t = tl.load(STATS + row * 4 + 3)
+    log_wp = tl.log(w_p)  # -inf for 0: the mixture then reduces to the other side exactly
+    log_wq = tl.log(w_q)
+    cols = tl.arange(0, BLOCK)
+    soft = 0.0
+    sum_g = 0.0
+    sum_h = 0.0
+    for start in range(0, n_cols, BLOCK):  # every column: an unread row gets zeros
+        offs = start + cols
+        mask = offs < n_cols
+        read = offs < n_live
+        s = tl.load(S + row * stride_s + offs, mask=read, other=float("-inf")).to(tl.float32)
+        t = tl.load(T + row * stride_t + offs, mask=read, other=float("-inf")).to(tl.float32)
+        lq = (s - m_s) * inv_temp - l_s
+        lp = (t - m_t) * inv_temp - l_t
+        term, gq, hp = _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND)
+        gq = tl.where(read, gq, 0.0)
+        hp = tl.where(read, hp, 0.0)
+        soft += tl.sum(tl.where(read, term, 0.0), 0)
+        sum_g += tl.sum(gq, 0)
+        sum_h += tl.sum(hp, 0)
+        if GRAD_S:
+            tl.store(G + row * n_cols + offs, gq, mask=mask)
+        if GRAD_T:
+            tl.store(H + row * n_cols + offs, hp, mask=mask)
+    tl.store(SUMS + row * 3, soft)
+    tl.store(SUMS + row * 3 + 1, sum_g)
+    tl.store(SUMS + row * 3 + 2, sum_h)
+
+
+@triton.jit
+def _shard_grad_kernel(S, T, STATS, COEF, READ, G, H, stride_s, stride_t, n_cols, inv_temp,
+                       GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    live = tl.load(READ + row) != 0.0
+    n_live = tl.where(live, n_cols, 0)  # an unread row keeps the zeros of _shard_terms_kernel
+    m_s = tl.load(STATS + row * 5)
+    l_s = tl.load(STATS + row * 5 + 1)
+    m_t = tl.load(STATS + row * 5 + 2)
+    l_t = tl.load(STATS + row * 5 + 3)
+    l_1 = tl.load(STATS + row * 5 + 4)
+    sum_g = tl.load(COEF + row * 5)
+    sum_h = tl.load(COEF + row * 5 + 1)
+    c_s = tl.load(COEF + row * 5 + 2)
+    c_t = tl.load(COEF + row * 5 + 3)
+    ce = tl.load(COEF + row * 5 + 4)
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, n_live, BLOCK):
+        offs = start + cols
+        mask = offs < n_cols
+        if GRAD_S:
+            s = tl.load(S + row * stride_s + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            g = tl.load(G + row * n_cols + offs, mask=mask, other=0.0)
+            q = tl.exp((s - m_s) * inv_temp - l_s)
+            g = c_s * (g - q * sum_g)
+            g += tl.where(ce == 0.0, 0.0, ce * tl.exp((s - m_s) - l_1))  # the CE's softmax at T = 1
+            tl.store(G + row * n_cols + offs, g, mask=mask)
+        if GRAD_T:
+            t = tl.load(T + row * stride_t + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            h = tl.load(H + row * n_cols + offs, mask=mask, other=0.0)
+            p = tl.exp((t - m_t) * inv_temp - l_t)
+            tl.store(H + row * n_cols + offs, c_t * (h - p * sum_h), mask=mask)
+
+
+def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dim() != 2 or x.dtype != torch.float32:
+        raise ValueError(f"fastkd: {name} must be a float32 2-D tensor, got {x.dtype} {tuple(x.shape)}")
+    return unit_stride_rows(x)
+
+
+def divergence_shard_stats(student, teacher, temperature: float, ce: bool, row_read) -> torch.Tensor:
+    s, t = _rows(student, "student"), _rows(teacher, "teacher")
+    n, v = s.shape
+    out = torch.empty((n, 5), dtype=torch.float32, device=s.device)
+    if n:
+        block, warps = row_config(v)
+        with device_guard(s):
+            _shard_stats_kernel[(n,)](s, t, row_read, out, s.stride(0), t.stride(0), v, 1.0 / temperature,
+                                      HAS_CE=ce, BLOCK=block, num_warps=warps)
+    return out
+
+
+def divergence_shard_terms(student, teacher, row_stats, temperature: float, kind: int, a: float, b: float, w_p: float,
+                w_q: float, row_read, grad_student: bool, grad_teacher: bool):
+    s, t = _rows(student, "student"), _rows(teacher, "teacher")
+    n, v = s.shape
+    sums = torch.empty((n, 3), dtype=torch.float32, device=s.device)
+    g = torch.empty((n, v) if grad_student else (0,), dtype=torch.float32, device=s.device)
+    h = torch.empty((n, v) if grad_teacher else (0,), dtype=torch.float32, device=s.device)
+    if n:
+        block, warps = row_config(v)
+        with device_guard(s):
+            _shard_terms_kernel[(n,)](s, t, row_stats, row_read, sums, g, h, s.stride(0), t.stride(0), v,
+                                      1.0 / temperature, a, b, w_p, w_q, KIND=kind, GRAD_S=grad_student,
+                                      GRAD_T=grad_teacher, BLOCK=block, num_warps=warps)
+    return sums, g, h
+
+
+def divergence_shard_grad(student, teacher, row_stats, temperature: float, row_coef, row_read, g, h) -> None:
+    s, t = _rows(student, "student"), _rows(teacher, "teacher")
+    n, v = s.shape
+    if n:
+        block, warps = row_config(v)
+        with device_guard(s):
+            _shard_grad_kernel[(n,)](s, t, row_stats, row_coef, row_read, g, h, s.stride(0), t.stride(0), v,
+                                     1.0 / temperature, GRAD_S=g.numel() > 0, GRAD_T=h.numel() > 0, BLOCK=block,
+                                     num_warps=warps)
