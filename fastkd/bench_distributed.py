@@ -31,6 +31,17 @@ from fastkd import distributed as D
 from fastkd.topk import TopKTeacher
 
 TOPK = 32
+HIDDEN = 256
+
+
+def _hidden(rows, seed=1):
+    return torch.randn(rows, HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
+def _head(vocab, seed=2):
+    """(student head weight [V, H], teacher hidden [rows, H] is made by the caller, teacher weight [V, H])."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(vocab, HIDDEN, generator=g) * 0.05, torch.randn(vocab, HIDDEN, generator=g) * 0.05
 
 
 def _inputs(rows, vocab, seed=0):
@@ -67,6 +78,13 @@ def _cases(group):
         "dist (rows sharded)": (
             lambda s, t, y: D.dist_loss(s, t, process_group=group),
             lambda s, t, y, b: fastkd.dist_loss(s, t, backend=b), False),
+        # the fused LM head + KL: s = the head weight (a vocabulary shard, rows of [V, H]); t = (teacher
+        # hidden, teacher head weight shard); hidden states replicated (HIDDEN)
+        f"fused linear kl H={HIDDEN}": (
+            lambda w, t, y: fastkd.fused_linear_kd_loss(_hidden(y.shape[0]), w, t, y, temperature=2.0,
+                                                        ce_weight=0.5, process_group=group),
+            lambda w, t, y, b: fastkd.fused_linear_kd_loss(_hidden(y.shape[0]), w, t, y, temperature=2.0,
+                                                           ce_weight=0.5, backend=b), "head"),
     }
 
 
@@ -90,7 +108,10 @@ def _worker(rank, world, port, args, queue):
     rows_per = args.rows // world
     rows = slice(rank * rows_per, (rank + 1) * rows_per)
     for name, (sharded, _, vocab_parallel) in _cases(group).items():
-        if vocab_parallel:
+        if vocab_parallel == "head":
+            w_full, tw_full = _head(args.vocab)
+            s, teacher, target = w_full[cols].contiguous(), (_hidden(args.rows, 3), tw_full[cols].contiguous()), y
+        elif vocab_parallel:
             s, t = s_full[:, cols].contiguous(), t_full[:, cols].contiguous()
             teacher = t
             if "top-" in name:
@@ -138,10 +159,14 @@ def main(argv=None):
     torch.set_num_threads(args.world)
     s_full, t_full, y = _inputs(args.rows, args.vocab)
     base = {}
-    for name, (_, unsharded, _) in ({} if args.no_baselines else _cases(None)).items():
+    for name, (_, unsharded, kind) in ({} if args.no_baselines else _cases(None)).items():
         teacher = _topk(t_full, 2.0) if "top-" in name else t_full
+        inputs = s_full
+        if kind == "head":
+            inputs, tw_full = _head(args.vocab)
+            teacher = (_hidden(args.rows, 3), tw_full)
         for backend in ("auto", "reference"):
-            s = s_full.clone().requires_grad_()
+            s = inputs.clone().requires_grad_()
 
             def step():
                 s.grad = None
@@ -179,6 +204,8 @@ def main(argv=None):
           " (student grad only)")
     print(f"  top-k tail, no CE: 4 N (2 + 2 + K)  (K = {TOPK});  dkd: 4 N (4 + 6 + 2)")
     print("  dist (rows sharded, C classes): 4 (2 C + 2) + 4 (3 C) forward, the same again in backward")
+    print(f"  fused linear (head weight sharded, H = {HIDDEN}): as kd + CE; + 4 N H when the hidden states need a "
+          "gradient (not here)")
     print("  none depends on the vocabulary (V)")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
@@ -201,6 +228,8 @@ def _formula(name, args):
     if name.startswith("dist"):
         c = args.vocab
         return 4 * ((2 * c + 2) + 3 * c) * 2
+    if name.startswith("fused linear"):  # one chunk of rows here; no grad_hidden (the hidden is a constant)
+        return 4 * n * (2 + 4 + 2) + 32
     raise KeyError(name)
 
 

@@ -79,6 +79,23 @@ def test_bench_quick_run_writes_consistent_csv_and_plots(tmp_path, capsys):
     assert all(_is_png(p) and os.path.getsize(p) > 5000 for p in written)
 
 
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is unavailable")
+def test_bench_distributed_runs_and_counts_the_formula_bytes(tmp_path, capsys):
+    """``--distributed``: every case runs on 2 gloo processes; the driver asserts that the counted bytes
+    equal the printed formula (a wrong count raises in main)."""
+    from fastkd import bench_distributed
+
+    out = tmp_path / "dist.csv"
+    bench_distributed.main(["--world", "2", "--rows", "64", "--vocab", "512", "--repeat", "1", "--csv", str(out)])
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = {r["loss"] for r in rows}
+    assert len(rows) == len(bench_distributed._cases(None)) and any(n.startswith("fused linear") for n in names)
+    for r in rows:
+        assert int(r["bytes_per_call"]) == int(r["formula_bytes"]) and float(r["sharded_ms"]) > 0, r
+
+
 def test_plot_panel_without_providers(tmp_path):
     # The speed-up chart of a run with only the eager provider has panels with no bars;
     # a legend with ncol=0 is rejected by matplotlib >= 3.11 ("number sections must be larger than 0").
