@@ -374,24 +374,28 @@ def _row_chunks(n: int):
 
 
 def _run_chunks(body, n, student, t_values, need_s, need_t, reduction, lead):
-    """``body(rows)`` -> weighted (loss, soft, hard) rows and float gradient rows (and optionally the
+    """``body(rows, out)`` -> weighted (loss, soft, hard) rows and float gradient rows (and optionally the
     rows' temperature gradients [rows]), per chunk.
 
-    Gradients go straight into one buffer per input, in the input's dtype (the only
-    [N, V_local] tensors that outlive the call). Returns (loss, soft, hard) reduced, the
-    two gradients, and the [N] temperature gradients (None when ``body`` gives none).
+    Gradients go into one buffer per input, in the input's dtype (the only [N, V_local]
+    tensors that outlive the call). ``out``: the chunk's rows of those buffers where they are
+    float32 (else None), which a body may write its gradients into and return (no copy).
+    Returns (loss, soft, hard) reduced, the two gradients, and the [N] temperature gradients
+    (None when ``body`` gives none).
     """
     grad_s = torch.empty((n, student.shape[-1]), dtype=student.dtype, device=student.device) if need_s else None
     grad_t = torch.empty((n, t_values.shape[-1]), dtype=t_values.dtype, device=t_values.device) if need_t else None
     outs, temps = [], []
     for rows in _row_chunks(n):
-        loss_r, soft_r, hard_r, gs, gt, *grad_temp = body(rows)
+        out = (grad_s[rows] if need_s and grad_s.dtype == torch.float32 else None,
+               grad_t[rows] if need_t and grad_t.dtype == torch.float32 else None)
+        loss_r, soft_r, hard_r, gs, gt, *grad_temp = body(rows, out)
         outs.append((loss_r, soft_r, hard_r))
         if grad_temp and grad_temp[0] is not None:
             temps.append(grad_temp[0])
-        if need_s:
+        if need_s and gs is not out[0]:
             grad_s[rows] = gs
-        if need_t:
+        if need_t and gt is not out[1]:
             grad_t[rows] = gt
     loss, soft, hard = (torch.cat(parts) for parts in zip(*outs))
 
@@ -478,10 +482,10 @@ def _divergence(student, teacher: Teacher, temperature, reduction, target, ignor
     def compute():
         equal = _check_group_shapes(n_all, width, process_group, dev)
 
-        def body(r):
+        def body(r, out):
             return _divergence_rows(c, s_all[r], t_all[r], ids_all[r] if topk else None,
                                     tgt_all[r] if use_ce else None, None if read_all is None else read_all[r],
-                                    weight_all[r], equal, None if temp_all is None else temp_all[r])
+                                    weight_all[r], equal, None if temp_all is None else temp_all[r], out)
 
         return _run_chunks(body, n_all, student, t_in, need_s, need_t, reduction, lead)
 
@@ -524,7 +528,7 @@ def _gap_scale(z: torch.Tensor, m: torch.Tensor, m_all: torch.Tensor, inv_t: flo
     return torch.where(z == 0, z, z * (gap * inv_t).exp())
 
 
-def _divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal):
+def _divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
     """``_divergence_rows`` of a dense teacher on the shard kernels ``ops`` (the same collectives and results).
 
     (1) ``divergence_shard_stats``: this shard's raw maxima and sums of exps relative to them; MAX
@@ -560,8 +564,13 @@ def _divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal):
     else:
         code, (a, b, w_p, w_q) = R.KIND_CODES["kl_family"], R.divergence_coefficients(c.kind, **c.params)
     row_stats = torch.stack([big_s, l_s, big_t, l_t, l_1], dim=1)
-    part, g, h = ops.divergence_shard_terms(s, t, row_stats[:, :4].contiguous(), T, code, a, b, w_p, w_q, read_f,
-                                            c.need_s, c.need_t)
+    def buffer(want, given):  # the caller's float32 gradient rows, else a new one ([0]: not wanted)
+        if not want:
+            return torch.empty(0, dtype=f32, device=dev)
+        return given if given is not None else torch.empty(s.shape, dtype=f32, device=dev)
+
+    g, h = buffer(c.need_s, out[0]), buffer(c.need_t, out[1])
+    part = ops.divergence_shard_terms(s, t, row_stats[:, :4].contiguous(), T, code, a, b, w_p, w_q, read_f, g, h)
     red = _all_reduce([part[:, 0], part[:, 1]] + ([part[:, 2]] if c.need_t else []), dist.ReduceOp.SUM, group)
     soft = red[0] * c.soft_scale
     hard = torch.zeros_like(soft)
@@ -583,13 +592,14 @@ def _divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal):
     return rows * weight, soft * weight, hard * weight, (g if c.need_s else None), (h if c.need_t else None), None
 
 
-def _divergence_rows(c, s, t, ids, tgt, read, weight, equal, temp=None):
+def _divergence_rows(c, s, t, ids, tgt, read, weight, equal, temp=None, out=(None, None)):
     """One chunk of rows of a vocabulary-parallel divergence (and its cross-entropy): three collectives.
 
     ``s`` [n, V_local] student logits and ``t`` (teacher logits [n, V_local] or top-k log-probs
     [n, K]) in any float dtype; ``ids`` [n, K] global top-k ids or None; ``tgt`` [n] int64 global
     targets (None without the CE); ``read`` bool [n] (None: every row) and ``weight`` [n] the
-    contract's row weights; ``equal`` the 0-d bool of ``_check_group_shapes``. ``c``: the call's
+    contract's row weights; ``equal`` the 0-d bool of ``_check_group_shapes``; ``out``: float32
+    buffers the shard kernels may write the gradients into (``_run_chunks``). ``c``: the call's
     constants (built in ``_divergence``, ``fused_linear_kd_loss``'s sharded row op). Returns the
     row-weighted (loss, soft, hard) [n] and the weighted gradients w.r.t. ``s`` and ``t`` (None
     where not requested), in ``c.dtype``, and the weighted ``d loss_row / d temp_row`` [n] when
@@ -598,7 +608,7 @@ def _divergence_rows(c, s, t, ids, tgt, read, weight, equal, temp=None):
     """
     ops = shard_kernels(c, s) if temp is None else None
     if ops is not None:
-        return _divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal)
+        return _divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out)
     dtype, dev, width, offset, vocab = c.dtype, s.device, c.width, c.offset, c.vocab
     # T broadcasts over a row ([n, 1] for a tensor temperature); the row scales are [n] or floats
     t_rows = c.T if temp is None else temp
@@ -873,9 +883,9 @@ def fused_linear_row_op(divergence: str, beta: float, skew: float, topk_mode: Op
                             dtype=student.dtype, group=process_group)
         read = row_weight != 0
 
-        def body(r):
+        def body(r, out):
             return _divergence_rows(c, student[r], teacher[r], topk_ids[r] if topk_mode is not None else None,
-                                    target[r] if use_ce else None, read[r], row_weight[r], equal)
+                                    target[r] if use_ce else None, read[r], row_weight[r], equal, out=out)
 
         loss, soft, hard, grad_s, *_ = _run_chunks(body, n, student, teacher, grad_student, False,
                                                    "sum" if reduce else "none", (n,))
@@ -1035,7 +1045,8 @@ def dkd_loss(student_logits, teacher_logits, target, *, process_group, alpha=1.0
 
     def compute():
         equal = _check_group_shapes(n_all, width, process_group, student.device)
-        return _run_chunks(lambda r: body(r, equal), n_all, student, teacher, need_s, need_t, reduction, lead)
+        return _run_chunks(lambda r, _out: body(r, equal), n_all, student, teacher, need_s, need_t, reduction,
+                           lead)
 
     loss, soft, hard = _StoredGradLoss.apply(compute, student, teacher)
     return R.LossParts(loss, soft, hard) if return_parts else loss
@@ -1101,7 +1112,8 @@ def ats_loss(student_logits, teacher_logits, target, *, process_group, target_te
 
     def compute():
         equal = _check_group_shapes(n_all, width, process_group, student.device)
-        return _run_chunks(lambda r: body(r, equal), n_all, student, teacher, need_s, need_t, reduction, lead)
+        return _run_chunks(lambda r, _out: body(r, equal), n_all, student, teacher, need_s, need_t, reduction,
+                           lead)
 
     loss, soft, hard = _StoredGradLoss.apply(compute, student, teacher)
     return R.LossParts(loss, soft, hard) if return_parts else loss

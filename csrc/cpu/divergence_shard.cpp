@@ -7,7 +7,8 @@
 //                           cross-entropy, of exp(s - max_s)): [N, 5]
 //   divergence_shard_terms  given the whole-vocabulary (M_s, L_s, M_t, L_t): the
 //                           shard's part of the loss and of sum G, sum H ([N, 3]),
-//                           with G and H written to float32 [N, V_local] buffers
+//                           with G and H written to the caller's float32 [N, V_local]
+//                           buffers (the gradient buffers themselves for float32 inputs)
 //   divergence_shard_grad   given the whole-vocabulary sum G, sum H and the row
 //                           coefficients: G, H turned in place into the gradients
 //                           coef_s (G - q sum G) + ce q1, coef_t (H - p sum H)
@@ -87,8 +88,9 @@ at::Tensor shard_stats_cpu(const at::Tensor& student, const at::Tensor& teacher,
   return out;
 }
 
-// One row of divergence_shard_terms: writes G, H (either may be null), returns (soft, sum G, sum H).
-template <int kKind, int kMix, int kForm>
+// One row of divergence_shard_terms: writes G (kG), H (kH); returns (soft, sum G, sum H). The stores are
+// compile-time choices: a null test per class kept the loop from vectorising.
+template <int kKind, int kMix, int kForm, bool kG, bool kH>
 FASTKD_CPU_CLONES void terms_row(const DivParams& dp, const float* s, const float* t, int64_t V, float inv_t,
                                  const float* st, float* g, float* h, float* out) {
   const DivParams d = dp;
@@ -104,17 +106,25 @@ FASTKD_CPU_CLONES void terms_row(const DivParams& dp, const float* s, const floa
     so += x.soft;
     sg += x.g;
     sh += x.h;
-    if (g) g[j] = x.g;
-    if (h) h[j] = x.h;
+    if (kG) g[j] = x.g;
+    if (kH) h[j] = x.h;
   }
   out[0] = static_cast<float>(so), out[1] = static_cast<float>(sg), out[2] = static_cast<float>(sh);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> shard_terms_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                               const at::Tensor& row_stats, double temperature,
-                                                               int64_t kind, double a, double b, double w_p,
-                                                               double w_q, const at::Tensor& row_read,
-                                                               bool grad_student, bool grad_teacher) {
+template <int kKind, int kMix, int kForm>
+void terms_row_any(const DivParams& d, const float* s, const float* t, int64_t V, float inv_t, const float* st,
+                   float* g, float* h, float* out) {
+  if (g && h) terms_row<kKind, kMix, kForm, true, true>(d, s, t, V, inv_t, st, g, h, out);
+  else if (g) terms_row<kKind, kMix, kForm, true, false>(d, s, t, V, inv_t, st, g, h, out);
+  else if (h) terms_row<kKind, kMix, kForm, false, true>(d, s, t, V, inv_t, st, g, h, out);
+  else terms_row<kKind, kMix, kForm, false, false>(d, s, t, V, inv_t, st, g, h, out);
+}
+
+// g, h: float32 [N, V] outputs for G and H (rows contiguous, any row stride), or empty (not wanted).
+at::Tensor shard_terms_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_stats,
+                           double temperature, int64_t kind, double a, double b, double w_p, double w_q,
+                           const at::Tensor& row_read, at::Tensor g, at::Tensor h) {
   check_shard_rows(student, "student");
   check_shard_rows(teacher, "teacher");
   TORCH_CHECK(student.sizes() == teacher.sizes(), "fastkd: student and teacher shapes differ: ", student.sizes(),
@@ -126,22 +136,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shard_terms_cpu(const at::Tensor&
   const DivParams d = div_params(static_cast<int>(kind), static_cast<float>(a), static_cast<float>(b),
                                  static_cast<float>(w_p), static_cast<float>(w_q));
   const float inv_t = static_cast<float>(1.0 / temperature);
-  auto f32 = student.options();
-  at::Tensor sums = at::zeros({N, 3}, f32);
-  at::Tensor g = grad_student ? at::empty({N, V}, f32) : at::empty({0}, f32);
-  at::Tensor h = grad_teacher ? at::empty({N, V}, f32) : at::empty({0}, f32);
+  const bool has_g = g.numel() > 0, has_h = h.numel() > 0;
+  if (has_g) check_shard_rows(g, "g");
+  if (has_h) check_shard_rows(h, "h");
+  TORCH_CHECK((!has_g || g.sizes() == student.sizes()) && (!has_h || h.sizes() == student.sizes()),
+              "fastkd: g and h must be empty or shaped like student ", student.sizes());
+  at::Tensor sums = at::zeros({N, 3}, student.options());
   const float* s_all = student.const_data_ptr<float>();
   const float* t_all = teacher.const_data_ptr<float>();
   const float* stats = row_stats.const_data_ptr<float>();
   const float* read = row_read.const_data_ptr<float>();
-  float* g_all = grad_student ? g.mutable_data_ptr<float>() : nullptr;
-  float* h_all = grad_teacher ? h.mutable_data_ptr<float>() : nullptr;
+  float* g_all = has_g ? g.mutable_data_ptr<float>() : nullptr;
+  float* h_all = has_h ? h.mutable_data_ptr<float>() : nullptr;
   float* out = sums.mutable_data_ptr<float>();
   const int form = div_form(d);
   at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      float* gi = g_all ? g_all + i * V : nullptr;
-      float* hi = h_all ? h_all + i * V : nullptr;
+      float* gi = g_all ? g_all + i * g.stride(0) : nullptr;
+      float* hi = h_all ? h_all + i * h.stride(0) : nullptr;
       if (read[i] == 0.0f) {
         if (gi) std::fill(gi, gi + V, 0.0f);
         if (hi) std::fill(hi, hi + V, 0.0f);
@@ -150,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shard_terms_cpu(const at::Tensor&
       const float* s = s_all + i * student.stride(0);
       const float* t = t_all + i * teacher.stride(0);
       const float* st = stats + 4 * i;
-#define FASTKD_SHARD_TERMS(KIND, MIX, FORM) terms_row<KIND, MIX, FORM>(d, s, t, V, inv_t, st, gi, hi, out + 3 * i)
+#define FASTKD_SHARD_TERMS(KIND, MIX, FORM) terms_row_any<KIND, MIX, FORM>(d, s, t, V, inv_t, st, gi, hi, out + 3 * i)
       if (d.kind == kDivTVD) FASTKD_SHARD_TERMS(kDivTVD, kMixBoth, kFormGeneral);
       else if (d.mix == kMixQ) FASTKD_SHARD_TERMS(kDivKL, kMixQ, kFormGeneral);
       else if (d.mix == kMixP) FASTKD_SHARD_TERMS(kDivKL, kMixP, kFormGeneral);
@@ -161,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shard_terms_cpu(const at::Tensor&
 #undef FASTKD_SHARD_TERMS
     }
   });
-  return {sums, g, h};
+  return sums;
 }
 
 // One row of divergence_shard_grad. c: (sum G, sum H, coef_s, coef_t, ce); st: (M_s, L_s, M_t, L_t, L_1).
@@ -197,8 +209,10 @@ void shard_grad_cpu(const at::Tensor& student, const at::Tensor& teacher, const 
   check_row_matrix(row_coef, N, 5, "row_coef");
   check_row_vector(row_read, N, at::kFloat, "row_read");
   const bool has_g = g.numel() > 0, has_h = h.numel() > 0;
-  if (has_g) check_row_matrix(g, N, V, "g");
-  if (has_h) check_row_matrix(h, N, V, "h");
+  if (has_g) check_shard_rows(g, "g");
+  if (has_h) check_shard_rows(h, "h");
+  TORCH_CHECK((!has_g || g.sizes() == student.sizes()) && (!has_h || h.sizes() == student.sizes()),
+              "fastkd: g and h must be empty or shaped like student ", student.sizes());
   const float inv_t = static_cast<float>(1.0 / temperature);
   const float* s_all = student.const_data_ptr<float>();
   const float* t_all = teacher.const_data_ptr<float>();
@@ -211,7 +225,7 @@ void shard_grad_cpu(const at::Tensor& student, const at::Tensor& teacher, const 
     for (int64_t i = begin; i < end; ++i) {
       if (read[i] == 0.0f) continue;  // zeroed by divergence_shard_terms
       grad_row(s_all + i * student.stride(0), t_all + i * teacher.stride(0), V, inv_t, stats + 5 * i, coef + 5 * i,
-               g_all ? g_all + i * V : nullptr, h_all ? h_all + i * V : nullptr);
+               g_all ? g_all + i * g.stride(0) : nullptr, h_all ? h_all + i * h.stride(0) : nullptr);
     }
   });
 }

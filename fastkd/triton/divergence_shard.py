@@ -8,8 +8,9 @@ per-row numbers between them done by the caller:
 * ``divergence_shard_stats``: raw maxima of s and t and the sums of ``exp((x - max) / T)``
   relative to them (and of ``exp(s - max_s)`` for the cross-entropy): ``[N, 5]``.
 * ``divergence_shard_terms``: given the whole-vocabulary ``(M_s, L_s, M_t, L_t)``, the shard's
-  part of the loss and of ``sum G``, ``sum H`` (``[N, 3]``), G and H written to
-  float32 ``[N, V_local]`` buffers (``_bucket_terms``: the single-process kernel's math).
+  part of the loss and of ``sum G``, ``sum H`` (``[N, 3]``), G and H written to the
+  caller's float32 ``[N, V_local]`` buffers (empty: not wanted; ``_bucket_terms``: the
+  single-process kernel's math).
 * ``divergence_shard_grad``: G, H made the gradients in place,
   ``coef_s (G - q sum G) + ce softmax(s)``, ``coef_t (H - p sum H)``.
 
@@ -53,7 +54,8 @@ def _shard_stats_kernel(S, T, READ, OUT, stride_s, stride_t, n_cols, inv_temp,
 
 
 @triton.jit
-def _shard_terms_kernel(S, T, STATS, READ, SUMS, G, H, stride_s, stride_t, n_cols, inv_temp, a, b, w_p, w_q,
+def _shard_terms_kernel(S, T, STATS, READ, SUMS, G, H, stride_s, stride_t, stride_g, stride_h, n_cols, inv_temp,
+                        a, b, w_p, w_q,
                         KIND: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     live = tl.load(READ + row) != 0.0
@@ -83,16 +85,16 @@ def _shard_terms_kernel(S, T, STATS, READ, SUMS, G, H, stride_s, stride_t, n_col
         sum_g += tl.sum(gq, 0)
         sum_h += tl.sum(hp, 0)
         if GRAD_S:
-            tl.store(G + row * n_cols + offs, gq, mask=mask)
+            tl.store(G + row * stride_g + offs, gq, mask=mask)
         if GRAD_T:
-            tl.store(H + row * n_cols + offs, hp, mask=mask)
+            tl.store(H + row * stride_h + offs, hp, mask=mask)
     tl.store(SUMS + row * 3, soft)
     tl.store(SUMS + row * 3 + 1, sum_g)
     tl.store(SUMS + row * 3 + 2, sum_h)
 
 
 @triton.jit
-def _shard_grad_kernel(S, T, STATS, COEF, READ, G, H, stride_s, stride_t, n_cols, inv_temp,
+def _shard_grad_kernel(S, T, STATS, COEF, READ, G, H, stride_s, stride_t, stride_g, stride_h, n_cols, inv_temp,
                        GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     live = tl.load(READ + row) != 0.0
@@ -113,16 +115,16 @@ def _shard_grad_kernel(S, T, STATS, COEF, READ, G, H, stride_s, stride_t, n_cols
         mask = offs < n_cols
         if GRAD_S:
             s = tl.load(S + row * stride_s + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            g = tl.load(G + row * n_cols + offs, mask=mask, other=0.0)
+            g = tl.load(G + row * stride_g + offs, mask=mask, other=0.0)
             q = tl.exp((s - m_s) * inv_temp - l_s)
             g = c_s * (g - q * sum_g)
             g += tl.where(ce == 0.0, 0.0, ce * tl.exp((s - m_s) - l_1))  # the CE's softmax at T = 1
-            tl.store(G + row * n_cols + offs, g, mask=mask)
+            tl.store(G + row * stride_g + offs, g, mask=mask)
         if GRAD_T:
             t = tl.load(T + row * stride_t + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            h = tl.load(H + row * n_cols + offs, mask=mask, other=0.0)
+            h = tl.load(H + row * stride_h + offs, mask=mask, other=0.0)
             p = tl.exp((t - m_t) * inv_temp - l_t)
-            tl.store(H + row * n_cols + offs, c_t * (h - p * sum_h), mask=mask)
+            tl.store(H + row * stride_h + offs, c_t * (h - p * sum_h), mask=mask)
 
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -143,28 +145,37 @@ def divergence_shard_stats(student, teacher, temperature: float, ce: bool, row_r
     return out
 
 
-def divergence_shard_terms(student, teacher, row_stats, temperature: float, kind: int, a: float, b: float, w_p: float,
-                w_q: float, row_read, grad_student: bool, grad_teacher: bool):
+def _out_rows(x: torch.Tensor, like: torch.Tensor, name: str) -> int:
+    """Row stride of an output buffer ``x`` (float32, shaped like ``like``, unit column stride) or 0 if empty."""
+    if x.numel() == 0:
+        return 0
+    if x.dtype != torch.float32 or x.shape != like.shape or (x.shape[1] > 1 and x.stride(1) != 1):
+        raise ValueError(f"fastkd: {name} must be empty or float32 {tuple(like.shape)} with unit column stride")
+    return x.stride(0)
+
+
+def divergence_shard_terms(student, teacher, row_stats, temperature: float, kind: int, a: float, b: float,
+                           w_p: float, w_q: float, row_read, g, h) -> torch.Tensor:
     s, t = _rows(student, "student"), _rows(teacher, "teacher")
     n, v = s.shape
+    stride_g, stride_h = _out_rows(g, s, "g"), _out_rows(h, s, "h")
     sums = torch.empty((n, 3), dtype=torch.float32, device=s.device)
-    g = torch.empty((n, v) if grad_student else (0,), dtype=torch.float32, device=s.device)
-    h = torch.empty((n, v) if grad_teacher else (0,), dtype=torch.float32, device=s.device)
     if n:
         block, warps = row_config(v)
         with device_guard(s):
-            _shard_terms_kernel[(n,)](s, t, row_stats, row_read, sums, g, h, s.stride(0), t.stride(0), v,
-                                      1.0 / temperature, a, b, w_p, w_q, KIND=kind, GRAD_S=grad_student,
-                                      GRAD_T=grad_teacher, BLOCK=block, num_warps=warps)
-    return sums, g, h
+            _shard_terms_kernel[(n,)](s, t, row_stats, row_read, sums, g, h, s.stride(0), t.stride(0), stride_g,
+                                      stride_h, v, 1.0 / temperature, a, b, w_p, w_q, KIND=kind,
+                                      GRAD_S=g.numel() > 0, GRAD_T=h.numel() > 0, BLOCK=block, num_warps=warps)
+    return sums
 
 
 def divergence_shard_grad(student, teacher, row_stats, temperature: float, row_coef, row_read, g, h) -> None:
     s, t = _rows(student, "student"), _rows(teacher, "teacher")
     n, v = s.shape
+    stride_g, stride_h = _out_rows(g, s, "g"), _out_rows(h, s, "h")
     if n:
         block, warps = row_config(v)
         with device_guard(s):
-            _shard_grad_kernel[(n,)](s, t, row_stats, row_coef, row_read, g, h, s.stride(0), t.stride(0), v,
-                                     1.0 / temperature, GRAD_S=g.numel() > 0, GRAD_T=h.numel() > 0, BLOCK=block,
+            _shard_grad_kernel[(n,)](s, t, row_stats, row_coef, row_read, g, h, s.stride(0), t.stride(0), stride_g,
+                                     stride_h, v, 1.0 / temperature, GRAD_S=g.numel() > 0, GRAD_T=h.numel() > 0, BLOCK=block,
                                      num_warps=warps)
