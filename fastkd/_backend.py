@@ -35,6 +35,21 @@ LOSS_OPS = {
     "ats+ce": ("ats_fwd", "divergence_fwd"),
     "dkd+ce": ("dkd_fwd", "divergence_fwd"),
 }
+# How messages name the LOSS_OPS keys that are not a public function's name.
+_CALLS = {
+    "kd_topk": "kd_loss with a TopKTeacher",
+    "fused_linear_kd": "fused_linear_kd_loss",
+    "kd+ce": "kd_loss with ce_weight / return_parts",
+    "ats+ce": "ats_loss with ce_weight / return_parts",
+    "dkd+ce": "dkd_loss with ce_weight / return_parts",
+}
+
+
+def describe(loss: str) -> str:
+    """``loss`` (a ``LOSS_OPS`` key) as the call a user made: "kd", "kd_loss with a TopKTeacher", ..."""
+    return _CALLS.get(loss, loss)
+
+
 # What "auto" tries on CUDA tensors, per loss, first choice first. Neither GPU
 # backend has been timed on a GPU yet, so this is a reasoned default, not a
 # measurement: the compiled CUDA kernels first (no JIT compilation on the first
@@ -151,7 +166,7 @@ def _resolve(loss: str, backend: str, device_name: str, has_f64: bool) -> str:
             )
         reason = unavailable_reason(backend, loss, device)
         if reason:
-            raise ValueError(f"backend '{backend}' is unavailable for {loss}: {reason}")
+            raise ValueError(f"backend '{backend}' is unavailable for {describe(loss)}: {reason}")
         return backend
     if has_f64:  # exact float64 math is only in the reference
         return "reference"
@@ -167,7 +182,7 @@ def _resolve(loss: str, backend: str, device_name: str, has_f64: bool) -> str:
         if key not in _warned:
             _warned.add(key)
             warnings.warn(
-                f"fastkd: no fused backend for {loss} on {device.type} tensors ({'; '.join(reasons)}); "
+                f"fastkd: no fused backend for {describe(loss)} on {device.type} tensors ({'; '.join(reasons)}); "
                 "using the slower reference implementation",
                 stacklevel=4,
             )

@@ -66,6 +66,19 @@ def test_explicit_backend_that_cannot_run_raises_with_the_reason(monkeypatch):
         _backend.resolve("kd", "cpu", torch.randn(2, 3))
 
 
+def test_messages_name_the_call_not_the_internal_key(monkeypatch):
+    """LOSS_OPS keys like "kd+ce" or "kd_topk" are what dispatch needs, not what the user called."""
+    monkeypatch.setattr(_backend, "unavailable_reason", lambda name, loss=None, device=None: "no kernel here")
+    x = torch.randn(2, 3)
+    for key, call in (("kd+ce", "kd_loss with ce_weight / return_parts"), ("kd_topk", "kd_loss with a TopKTeacher"),
+                      ("dkd+ce", "dkd_loss with ce_weight / return_parts"), ("fused_linear_kd", "fused_linear_kd_loss")):
+        with pytest.raises(ValueError) as err:
+            _backend.resolve(key, "cpu", x)
+        assert f"unavailable for {call}: no kernel here" in str(err.value), str(err.value)
+    for key in _backend.LOSS_OPS:
+        assert "+" not in _backend.describe(key) and "_topk" not in _backend.describe(key), key
+
+
 def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if torch.cuda.is_available():
