@@ -68,10 +68,16 @@ from fastkd import reference
 
 LOSSES = ("kd", "ats", "dkd", "dist", "mgd", "reverse_kl", "jsd", "skew_kl", "tvd", "kd_ce", "kd_topk")
 # kd_ce: kd_loss(..., target, ce_weight=0.1), KL and cross-entropy in one pass; its extra
-# peers are the fused KD alone ("kd_alone") and the fused KD plus F.cross_entropy ("kd+ce_sep").
+# peers, per fused backend b, are b's KD alone ("kd_alone:b") and b's KD plus F.cross_entropy
+# ("kd+ce_sep:b"), so each backend's ratio is taken against its own KD.
 # kd_topk: kd_loss against a TopKTeacher of K = TOPK_K ids per row.
 KD_CE_PEERS = ("kd_alone", "kd+ce_sep")
 PEERS = ("eager", "compile", "liger") + KD_CE_PEERS
+
+
+def is_peer(provider: str) -> bool:
+    """A comparison provider (not a fastkd fused backend): eager, compile, liger, kd_alone:b, kd+ce_sep:b."""
+    return provider.split(":")[0] in PEERS
 DIVERGENCES = ("reverse_kl", "jsd", "skew_kl", "tvd")
 CE_WEIGHT = 0.1
 BACKEND_LOSS = {"kd_ce": "kd+ce"}  # the fastkd._backend.LOSS_OPS key of a case, where it differs
@@ -213,16 +219,16 @@ def providers_for(loss: str, device: str, wanted: Optional[List[str]]) -> Tuple[
             names.append(name)
         else:
             notes.append(f"{loss}: skipped backend '{name}' ({why})")
-    if loss == "kd_ce" and names:
-        names += list(KD_CE_PEERS)
+    if loss == "kd_ce":
+        names += [f"{peer}:{backend}" for backend in list(names) for peer in KD_CE_PEERS]
     names += ["eager", "compile"]
     if loss in ("kd", "jsd") and device == "cuda":  # Liger's Triton kernels need a GPU
         if _liger_available():
             names.append("liger")
         else:
             notes.append(f"{loss}: skipped 'liger' (liger_kernel is not installed)")
-    if wanted is not None:
-        names = [n for n in names if n in wanted]
+    if wanted is not None:  # "kd_alone" selects every kd_alone:b
+        names = [n for n in names if n in wanted or n.split(":")[0] in wanted]
     return names, notes
 
 
@@ -231,10 +237,6 @@ def _function_name(loss: str, module: str = "fastkd") -> str:
     if loss == "kd_topk":
         return "kd_topk_loss" if module == "reference" else "kd_loss"
     return "kd_loss" if loss == "kd_ce" else f"{loss}_loss"
-
-
-def _fused_backend(device: str) -> str:
-    return "cpu" if device == "cpu" else fastkd._backend.resolve("kd", "auto", torch.empty(0, device=device))
 
 
 def make_call(loss: str, provider: str, device: str = "cpu") -> Callable[[Dict[str, object]], torch.Tensor]:
@@ -247,11 +249,10 @@ def make_call(loss: str, provider: str, device: str = "cpu") -> Callable[[Dict[s
         torch._dynamo.reset()
         fn = torch.compile(getattr(reference, _function_name(loss, "reference")))
         return lambda d: _args(loss, fn, d)
-    if provider == "kd_alone":
-        backend = _fused_backend(device)
+    peer, _, backend = provider.partition(":")
+    if peer == "kd_alone":
         return lambda d: fastkd.kd_loss(d["student"], d["teacher"], backend=backend)
-    if provider == "kd+ce_sep":
-        backend = _fused_backend(device)
+    if peer == "kd+ce_sep":
         return lambda d: (fastkd.kd_loss(d["student"], d["teacher"], backend=backend)
                           + CE_WEIGHT * torch.nn.functional.cross_entropy(d["student"].float(), d["target"]))
     if provider == "liger" and loss == "jsd":
@@ -561,7 +562,7 @@ def speedups(rows: List[Dict[str, object]]) -> List[Tuple[str, str, str, str, fl
             times[(r["kernel"], r["shape"], r["dtype"], r["provider"])] = float(r["median_ms"])
     out = []
     for (kernel, shape, dtype, provider), ms in times.items():
-        if provider in PEERS:
+        if is_peer(provider):
             continue
         eager = times.get((kernel, shape, dtype, "eager"), float("nan"))
         comp = times.get((kernel, shape, dtype, "compile"), float("nan"))
@@ -593,8 +594,8 @@ def kd_ce_ratios(rows) -> List[Tuple[str, str, str, float, float]]:
              for r in rows if r["kernel"] == "kd_ce" and r["mode"] == "fwd+bwd"}
     out = []
     for (shape, dtype, provider), ms in times.items():
-        alone, separate = times.get((shape, dtype, "kd_alone")), times.get((shape, dtype, "kd+ce_sep"))
-        if provider not in PEERS and alone and separate:
+        alone, separate = times.get((shape, dtype, f"kd_alone:{provider}")), times.get((shape, dtype, f"kd+ce_sep:{provider}"))
+        if not is_peer(provider) and alone and separate:
             out.append((shape, dtype, provider, ms / alone, separate / ms))
     return out
 
@@ -668,7 +669,7 @@ def run(args) -> Tuple[List[Dict[str, object]], List[str], List[str]]:
             mem, loss, grad = peak_memory(call, d, device)
             if name == "eager":
                 ref = (loss, None if grad is None else grad.clone())
-            elif ref is not None:
+            elif ref is not None and not name.startswith("kd_alone"):  # KD alone is a different loss
                 problem = check_close(loss, grad, *ref, case.dtype)
                 if problem:
                     mismatches.append(f"{label} '{name}': {problem}")

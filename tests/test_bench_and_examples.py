@@ -147,7 +147,8 @@ def test_bench_picks_up_fused_backends_as_they_appear(monkeypatch):
     assert bench.providers_for("dkd", "cpu", None) == (["cpu", "eager", "compile"], [])
     # kd_ce needs the "kd+ce" ops and brings its two extra peers
     monkeypatch.setattr(bench.fastkd._backend, "unavailable_reason", fake(["kd", "kd+ce"]))
-    assert bench.providers_for("kd_ce", "cpu", None)[0] == ["cpu", "kd_alone", "kd+ce_sep", "eager", "compile"]
+    assert bench.providers_for("kd_ce", "cpu", None)[0] == ["cpu", "kd_alone:cpu", "kd+ce_sep:cpu", "eager", "compile"]
+    assert bench.providers_for("kd_ce", "cpu", ["cpu", "kd_alone"])[0] == ["cpu", "kd_alone:cpu"]
     # Never the Triton interpreter on CPU; on CUDA both GPU backends are reported when missing.
     names, notes = bench.providers_for("kd", "cuda", ["cuda", "triton", "eager"])
     assert names == ["eager"] and any("'cuda'" in n for n in notes) and any("'triton'" in n for n in notes)
