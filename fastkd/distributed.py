@@ -132,11 +132,20 @@ def count_comm():
         c.bytes, c.calls = _STATS.bytes - before_bytes, _STATS.calls - before_calls
 
 
-def _all_reduce(parts, op, group):
+def _all_reduce(parts, op, group, in_place=False):
     """All-reduce a list of tensors as one flat buffer (one collective); returns the reduced parts.
 
     The only place this module communicates, so ``comm_stats`` counts everything.
+    ``in_place``: one contiguous tensor, reduced where it is (no copy: ``grad_hidden``).
     """
+    if in_place:
+        (flat,) = parts
+        if not flat.is_contiguous():
+            raise ValueError("_all_reduce(in_place=True) takes one contiguous tensor")
+        _STATS.bytes += flat.numel() * flat.element_size()
+        _STATS.calls += 1
+        dist.all_reduce(flat, op=op, group=group)
+        return [flat]
     flat = torch.cat([p.reshape(-1) for p in parts])
     _STATS.bytes += flat.numel() * flat.element_size()
     _STATS.calls += 1

@@ -298,7 +298,7 @@ def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, r
         # the column-parallel head's input gradient: the only [N, H] collective (4 N H bytes in float32)
         from .distributed import _all_reduce
 
-        grad_h = _all_reduce([grad_h], torch.distributed.ReduceOp.SUM, p.group)[0].to(p.hidden.dtype)
+        grad_h = _all_reduce([grad_h], torch.distributed.ReduceOp.SUM, p.group, in_place=True)[0].to(p.hidden.dtype)
     if grad_w is not None:
         grad_w = grad_w.to(p.weight.dtype)
     if grad_b is not None:
