@@ -34,8 +34,8 @@ TORCH_LIBRARY(fastkd, m) {
       "divergence_shard_terms(Tensor student, Tensor teacher, Tensor row_stats, float temperature, int kind, "
       "float a, float b, float w_p, float w_q, Tensor row_read, Tensor(a!) g, Tensor(b!) h) -> Tensor");
   m.def(
-      "divergence_shard_grad(Tensor student, Tensor teacher, Tensor row_stats, float temperature, Tensor row_coef, "
-      "Tensor row_read, Tensor(a!) g, Tensor(b!) h) -> ()");
+      "divergence_shard_grad(Tensor student, Tensor teacher, Tensor row_stats, float temperature, int kind, "
+      "Tensor row_coef, Tensor row_read, Tensor(a!) g, Tensor(b!) h) -> ()");
 }
 
 // `import fastkd._C` loads this library, whose static initialisers register the ops.

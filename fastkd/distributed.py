@@ -82,7 +82,8 @@ Teacher = Union[torch.Tensor, TopKTeacher]
 PER_ROW_FLOATS = {
     "divergence, dense teacher": "MAX: 2 (max s, max t); SUM: 2 + 2 with CE (sum exp s, t; CE: sum exp s at T=1, "
                                  "s[target]); SUM: 2 + 1 with teacher grad (soft, sum G; sum H) + 3 with a "
-                                 "tensor temperature's grad (sum (q - p) a, sum H b, sum p b)",
+                                 "tensor temperature's grad (sum (q - p) a, sum H b, sum p b); TVD's third round: "
+                                 "1 + 5 with any grad (soft; the sign masses q_lt, q_gt, p_lt, p_gt, tie)",
     "divergence, top-k teacher": "MAX: 1 + 1 tail (max s; max s over non-ids); SUM: 1 + 1 tail + 2 with CE + K "
                                  "(sum exp s; sum exp over non-ids; CE; s[ids])",
     "dkd": "MAX: 4 (max s, t over all and non-target classes); SUM: 6 (their sums of exp, s[g], t[g]) + 2 with CE "
@@ -470,14 +471,14 @@ def _divergence(student, teacher: Teacher, temperature, reduction, target, ignor
     offset, vocab = rank * width, world * width
     s_all = student.reshape(-1, width)
     n_all = s_all.shape[0]
-    t_all = t_in.reshape(n_all, -1)
+    t_all = t_in.reshape(n_all, t_in.shape[-1])  # (not -1: N may be 0)
     read_all = R._read_rows(student, target, ignore_index, sample_weight)
     if topk:  # ids in [-1, V) and distinct within each read row (CPU; free there)
         teacher.check_against(_stand_in(student, vocab), read_all)
     if use_ce:
         _check_global_ids("target", target.reshape(n_all), read_all, vocab, 0)
     weight_all = _row_weight(n_all, target, ignore_index, sample_weight, reduction, vocab, dtype, dev)
-    ids_all = teacher.indices.reshape(n_all, -1) if topk else None
+    ids_all = teacher.indices.reshape(n_all, teacher.indices.shape[-1]) if topk else None
     temp_all = None
     if tensor_temp:  # one value per row, in the compute dtype (its gradient is formed here, by hand)
         temp_all = temperature.detach().to(device=dev, dtype=dtype).reshape(-1)
@@ -580,7 +581,16 @@ def _divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
 
     g, h = buffer(c.need_s, out[0]), buffer(c.need_t, out[1])
     part = ops.divergence_shard_terms(s, t, row_stats[:, :4].contiguous(), T, code, a, b, w_p, w_q, read_f, g, h)
-    red = _all_reduce([part[:, 0], part[:, 1]] + ([part[:, 2]] if c.need_t else []), dist.ReduceOp.SUM, group)
+    tvd = c.kind == "tvd"
+    zeros = torch.zeros(n, dtype=f32, device=dev)
+    if tvd:  # the gradients come from the sign masses (q_lt, q_gt, p_lt, p_gt, tie), not from sum G, sum H
+        red = _all_reduce([part[:, 0]] + ([part[:, 3:]] if c.need_s or c.need_t else []), dist.ReduceOp.SUM, group)
+        sum_g = sum_h = zeros
+        masses = red[1] if len(red) > 1 else torch.zeros((n, 5), dtype=f32, device=dev)
+    else:
+        red = _all_reduce([part[:, 0], part[:, 1]] + ([part[:, 2]] if c.need_t else []), dist.ReduceOp.SUM, group)
+        sum_g, sum_h = red[1], (red[2] if c.need_t else zeros)
+        masses = torch.zeros((n, 5), dtype=f32, device=dev)
     soft = red[0] * c.soft_scale
     hard = torch.zeros_like(soft)
     ok = equal
@@ -593,12 +603,42 @@ def _divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
     rows = soft + c.ce_weight * hard if c.ce_weight != 0 else soft
     if c.need_s or c.need_t:
         coef = weight * (c.soft_scale / T)
-        ce = weight * c.ce_weight if use_ce and c.ce_weight != 0 and c.need_s else torch.zeros_like(weight)
-        row_coef = torch.stack([red[1], red[2] if c.need_t else torch.zeros_like(coef), coef, coef, ce], dim=1)
-        ops.divergence_shard_grad(s, t, row_stats, T, row_coef, read_f, g, h)
+        ce = weight * c.ce_weight if use_ce and c.ce_weight != 0 and c.need_s else zeros
+        row_coef = torch.cat([torch.stack([sum_g, sum_h, coef, coef, ce], dim=1), masses], dim=1)
+        ops.divergence_shard_grad(s, t, row_stats, T, code, row_coef, read_f, g, h)
         if c.need_s and use_ce and c.ce_weight != 0:
             g.scatter_add_(1, t_col, torch.where(t_own, -ce.unsqueeze(1), torch.zeros((), dtype=f32, device=dev)))
     return rows * weight, soft * weight, hard * weight, (g if c.need_s else None), (h if c.need_t else None), None
+
+
+def _tvd_factor(x, y, x_lt, x_gt, tie):
+    """csrc/divergence_math.h's div_tvd_factor: the TVD gradient's bracket (times 0.5 x), per row sums [n, 1]."""
+    return torch.where(x > y, tie + 2.0 * x_lt, torch.where(x < y, -(tie + 2.0 * x_gt), x_lt - x_gt))
+
+
+def _tvd_rows(lp, lq, need_s, need_t, group):
+    """TVD of the dense rows (log-probs over the shard): the row sums and d soft / d(s / T), d soft / d(t / T).
+
+    Third round: the loss part and the five sign masses (q where q < p, q > p; p where p < q, p > q;
+    p where p == q) instead of sum G, sum H: the form ``G - q sum G`` cancels on a peaked row's largest
+    class (1e-5 relative in float32), the sign-mass bracket does not (as the CPU op, divergence_math.h).
+    """
+    p, q = lp.exp(), lq.exp()
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    parts = [(0.5 * (p - q).abs()).sum(dim=1)]
+    if need_s or need_t:
+        parts.append(torch.stack([torch.where(q < p, q, zero).sum(dim=1), torch.where(q > p, q, zero).sum(dim=1),
+                                  torch.where(p < q, p, zero).sum(dim=1), torch.where(p > q, p, zero).sum(dim=1),
+                                  torch.where(p == q, p, zero).sum(dim=1)], dim=1))
+    red = _all_reduce(parts, dist.ReduceOp.SUM, group)
+    grad_a = grad_b = None
+    if need_s or need_t:
+        q_lt, q_gt, p_lt, p_gt, tie = red[1].unsqueeze(2).unbind(1)
+        if need_s:
+            grad_a = 0.5 * q * _tvd_factor(q, p, q_lt, q_gt, tie)
+        if need_t:
+            grad_b = 0.5 * p * _tvd_factor(p, q, p_lt, p_gt, tie)
+    return red[0], grad_a, grad_b
 
 
 def _divergence_rows(c, s, t, ids, tgt, read, weight, equal, temp=None, out=(None, None)):
@@ -676,9 +716,11 @@ def _divergence_rows(c, s, t, ids, tgt, read, weight, equal, temp=None, out=(Non
     lq = a - log_z  # log q over the shard (q = softmax(s / T) over the whole vocabulary)
 
     grad_a = grad_b = grad_temp = None
-    if not topk:
+    if not topk and kind == "tvd":
+        soft, grad_a, grad_b = _tvd_rows(b - sums[1].log().unsqueeze(1), lq, need_s, need_t, process_group)
+    elif not topk:
         lp = b - sums[1].log().unsqueeze(1)
-        if kind != "tvd" and R.divergence_coefficients(kind, **params) == (1.0, 0.0, 0.0, 1.0):
+        if R.divergence_coefficients(kind, **params) == (1.0, 0.0, 0.0, 1.0):
             part, g, h = _forward_kl_and_grads(lp, lq, need_t or need_temp)  # KD's forward KL: closed form
         else:
             part, g, h = _soft_and_grads(lambda lp_, lq_: R.soft_rows(lp_, lq_, kind, **params), lp, lq,
@@ -688,8 +730,14 @@ def _divergence_rows(c, s, t, ids, tgt, read, weight, equal, temp=None, out=(Non
         if need_temp:
             # d KL / d T = -(S1 + S2 - KL S3) / T, S1 = sum (q - p) a, S2 = sum H b, S3 = sum p b (a = s / T,
             # b = t / T; d KL / d a = q - p, d KL / d b = H - p KL; the shifts cancel: both sum to 0)
-            p = -g
-            red += [((lq.exp() - p) * a).sum(dim=1), (h * b).sum(dim=1), (p * b).sum(dim=1)]
+            # a zero probability adds 0 (as in the loss): its logit may be -inf, and 0 * -inf is NaN
+            p, q, zero = -g, lq.exp(), torch.zeros((), dtype=dtype, device=dev)
+
+            def where_positive(w, x):  # row sums of x where the probability w > 0
+                return torch.where(w > 0, x, zero).sum(dim=1)
+
+            red += [where_positive(q, q * a) - where_positive(p, p * a), where_positive(p, h * b),
+                    where_positive(p, p * b)]
         red = _all_reduce(red, dist.ReduceOp.SUM, process_group)
         if need_temp:
             s1, s2, s3 = red[-3:]

@@ -349,7 +349,10 @@ class _FusedLinearKD(torch.autograd.Function):
             )
         ctx.used = True
         if grad_loss is None:
-            return None, None, None, None, None
+            if ctx.reduce or ctx.plan.group is None:
+                return None, None, None, None, None
+            # sharded, reduction="none": the rerun's collectives must run on every rank, so run it with 0
+            grad_loss = torch.zeros(ctx.row_weight.shape, dtype=ctx.row_weight.dtype, device=ctx.row_weight.device)
         if ctx.reduce:
             grads = [None if g is None else _scale(g, grad_loss) for g in ctx.stored]
             ctx.stored = None

@@ -296,6 +296,13 @@ def _vocab_checks(rank, world, failures, full=True):
     # large common offset (maxima shift in raw units)
     d, r = _divergence_case(D.kd_loss, "forward_kl", {}, True, temperature=4.0, reduction="batchmean")
     _compare_loss("kd offset 1e3", rank, world, failures, d, r, s[8:] + 1e3, t[8:] - 1e3, torch.float32)
+    # peaked rows (q ~ 1 on one class): TVD's G - q sum G cancels there; the sign-mass form must not
+    sp, tp = _inputs((4, 1500 * world), 12)
+    sp[:, 0] += 14.0
+    sp[:, 1] += 4.0
+    for name, fn, kind, params, t2 in (DIVERGENCES[-1], DIVERGENCES[2]):
+        d, r = _divergence_case(fn, kind, params, t2, temperature=1.0, reduction="sum")
+        _compare_loss(f"{name} peaked rows", rank, world, failures, d, r, sp, tp, torch.float32)
 
 
 @contextlib.contextmanager
@@ -712,6 +719,41 @@ def _public_api_checks(rank, world, failures):
     _record(failures, "public_api_refuses_fused_backend", fused_backend_refused)
 
 
+def _nan_and_empty_checks(rank, world, failures):
+    """A NaN logit in a counted row gives that row a NaN loss, on every path (never a finite number that
+    hides it), also when one rank's part of the row is all NaN; zero rows give a zero loss."""
+    n, width = 5, 11
+    s, t = _inputs((n, width * world), 90)
+    s[1, 3] = float("nan")  # one NaN in the student
+    t[2, width * world - 2] = float("nan")  # one NaN in the teacher (the last shard)
+    s[3, (world - 1) * width:] = float("nan")  # the last rank's part of the row: all NaN
+    t[4, :width] = float("-inf")  # masked columns (not NaN): finite
+    s_r, t_r = _shard(s, rank, world), _shard(t, rank, world)
+
+    def run():
+        for name, fn, kind, params, t2 in DIVERGENCES:
+            d, _ = _divergence_case(fn, kind, params, t2, temperature=2.0, reduction="none")
+            loss = d(s_r, t_r)
+            bad = torch.isnan(loss)
+            assert bad.tolist() == [False, True, True, True, False], f"{name}: {loss}"
+
+    def empty():
+        for name, fn, kind, params, t2 in DIVERGENCES[:3]:
+            d, _ = _divergence_case(fn, kind, params, t2, temperature=2.0, reduction="batchmean")
+            a = torch.zeros(0, width, requires_grad=True)
+            loss = d(a, torch.zeros(0, width))
+            loss.backward()
+            assert loss.item() == 0.0 and a.grad.shape == a.shape, (name, loss)
+
+    for kernels in ("auto", "off", "triton"):
+        D.SHARD_KERNELS = kernels
+        try:
+            _record(failures, f"NaN rows stay NaN ({kernels})", run)
+            _record(failures, f"zero rows ({kernels})", empty)
+        finally:
+            D.SHARD_KERNELS = "auto"
+
+
 def _tensor_temperature_checks(rank, world, failures):
     """kd_loss with a tensor temperature (CTKD: one learnable value, or one per row) that gets a gradient:
     the loss, the student and teacher slices and d loss / d T against the float64 reference."""
@@ -787,7 +829,26 @@ def _tensor_temperature_checks(rank, world, failures):
         want.backward()
         assert torch.equal(got, want) and torch.equal(temp.grad, temp2.grad), (got, want, temp.grad, temp2.grad)
 
+    def masked_teacher():  # -inf teacher columns: d loss / d T stays finite (0 * -inf must not appear)
+        t_m = t.clone()
+        t_m[:, :3] = float("-inf")
+        t_m[:, -2:] = float("-inf")
+        temps = (torch.tensor(2.0, requires_grad=True), torch.tensor(2.0, requires_grad=True))
+        s_full = s.clone().requires_grad_()
+        want = fastkd.kd_loss(s_full, t_m, temps[0], target=target)
+        want.backward()
+        s_loc = _shard(s, rank, world).requires_grad_()
+        got = D.kd_loss(s_loc, _shard(t_m, rank, world), temps[1], process_group=_group(), target=_on(target, s_loc))
+        got.backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(temps[1].grad), temps[1].grad
+        err = _rel(temps[1].grad, temps[0].grad)
+        assert err < 1e-4, f"temperature gradient relative error {err:.2e} (want {temps[0].grad}, got {temps[1].grad})"
+        err = _rel(s_loc.grad, s_full.grad[:, rank * width:(rank + 1) * width])
+        assert err < 1e-5, f"student gradient relative error {err:.2e}"
+
     _record(failures, "tensor temperature refused (top-k, other divergences)", refused)
+    _record(failures, "tensor temperature, masked teacher columns", masked_teacher)
     _record(failures, "tensor temperature through fastkd.nn.KDLoss", routed)
 
 
@@ -990,7 +1051,7 @@ def _checks_world2(rank, world, failures):
         for kernels in ("off", "triton"):
             D.SHARD_KERNELS = kernels
             try:
-                _vocab_checks(rank, world, failures, full=False)
+                _vocab_checks(rank, world, failures)
             finally:
                 D.SHARD_KERNELS = "auto"
         _kernel_route_checks(rank, world, failures)
@@ -998,6 +1059,8 @@ def _checks_world2(rank, world, failures):
     _api_checks(rank, world, failures)
     _public_api_checks(rank, world, failures)
     _tensor_temperature_checks(rank, world, failures)
+    if DEVICE.type == "cpu":
+        _nan_and_empty_checks(rank, world, failures)
     _fused_linear_checks(rank, world, failures)
     _dist_checks(rank, world, failures)
 

@@ -211,9 +211,9 @@ def _shard_jobs(add):
             if arch == 90 or (gs and gt):
                 add("shard_terms", arch, f32, dict(KIND=kind, GRAD_S=gs, GRAD_T=gt, BLOCK=block), warps,
                     "A" if arch == 90 else "C")
-        for gs, gt in ((True, True), (True, False), (False, True)):
+        for kind, (gs, gt) in itertools.product((0, 1), ((True, True), (True, False), (False, True))):
             if arch == 90 or (gs and gt):
-                add("shard_grad", arch, f32, dict(GRAD_S=gs, GRAD_T=gt, BLOCK=block), warps,
+                add("shard_grad", arch, f32, dict(KIND=kind, GRAD_S=gs, GRAD_T=gt, BLOCK=block), warps,
                     "A" if arch == 90 else "C")
     for b, w in row_configs():
         add("shard_terms", 90, f32, dict(KIND=0, GRAD_S=True, GRAD_T=True, BLOCK=b), w, "B")

@@ -6,12 +6,14 @@
 //                           sums of exp((x - max) / T) relative to them (and, for the
 //                           cross-entropy, of exp(s - max_s)): [N, 5]
 //   divergence_shard_terms  given the whole-vocabulary (M_s, L_s, M_t, L_t): the
-//                           shard's part of the loss and of sum G, sum H ([N, 3]),
+//                           shard's part of the loss, of sum G, sum H and of TVD's
+//                           sign masses ([N, 8]),
 //                           with G and H written to the caller's float32 [N, V_local]
 //                           buffers (the gradient buffers themselves for float32 inputs)
-//   divergence_shard_grad   given the whole-vocabulary sum G, sum H and the row
-//                           coefficients: G, H turned in place into the gradients
-//                           coef_s (G - q sum G) + ce q1, coef_t (H - p sum H)
+//   divergence_shard_grad   given the whole-vocabulary sum G, sum H (TVD: the sign
+//                           masses) and the row coefficients: G, H turned in place into
+//                           the gradients coef_s (G - q sum G) + ce q1, coef_t (H - p sum H)
+//                           (TVD: 0.5 coef q div_tvd_factor(...) + ce q1, likewise for p)
 //
 // The per-class math is csrc/divergence_math.h's (div_terms_form), as in the
 // single-process op; only the row sums come from elsewhere. Rows with row_read 0 are
@@ -44,18 +46,30 @@ void check_row_matrix(const at::Tensor& x, int64_t n, int64_t k, const char* nam
 
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
 
-// Raw maximum and sum of exp((x - max) * inv_t) of n values (0 and -inf for an empty or all -inf span).
+// sum of exp((x - m) * inv_t) of n values (m finite).
+FASTKD_CPU_CLONES
+float span_sum_exp(const float* x, int64_t n, float m, float inv_t) {
+  float z = 0.0f;
+#pragma omp simd reduction(+ : z)
+  for (int64_t j = 0; j < n; ++j) z += vexp(kd_shift(x[j], m, inv_t));
+  return z;
+}
+
+// Raw maximum and sum of exp((x - max) * inv_t) of n values: -inf and 0 for an empty or all -inf span.
+// A NaN logit makes the sum NaN (the max comparisons skip it; its exp does not), also where every
+// value is NaN or -inf (the max stays -inf): a NaN must reach the loss, never vanish as an empty shard.
 FASTKD_CPU_CLONES
 DivLse span_lse(const float* x, int64_t n, float inv_t) {
   float m = -INFINITY;
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
-  if (m == -INFINITY) return {m, 0.0f};
-  float z = 0.0f;
-#pragma omp simd reduction(+ : z)
-  for (int64_t j = 0; j < n; ++j) z += vexp(kd_shift(x[j], m, inv_t));
-  if (m != m) z = NAN;  // a NaN logit: the max comparisons skip it, the sum must not
-  return {m, z};
+  if (m == -INFINITY) {
+    int nan = 0;
+#pragma omp simd reduction(| : nan)
+    for (int64_t j = 0; j < n; ++j) nan |= x[j] != x[j];
+    return {m, nan ? NAN : 0.0f};
+  }
+  return {m, span_sum_exp(x, n, m, inv_t)};
 }
 
 at::Tensor shard_stats_cpu(const at::Tensor& student, const at::Tensor& teacher, double temperature, bool ce,
@@ -82,14 +96,15 @@ at::Tensor shard_stats_cpu(const at::Tensor& student, const at::Tensor& teacher,
       const float* s = s_all + i * student.stride(0);
       const DivLse a = span_lse(s, V, inv_t), b = span_lse(t_all + i * teacher.stride(0), V, inv_t);
       r[0] = a.m, r[1] = a.z, r[2] = b.m, r[3] = b.z;
-      r[4] = ce ? (inv_t == 1.0f ? a.z : span_lse(s, V, 1.0f).z) : 0.0f;
+      r[4] = ce ? (inv_t == 1.0f || a.m == -INFINITY ? a.z : span_sum_exp(s, V, a.m, 1.0f)) : 0.0f;
     }
   });
   return out;
 }
 
-// One row of divergence_shard_terms: writes G (kG), H (kH); returns (soft, sum G, sum H). The stores are
-// compile-time choices: a null test per class kept the loop from vectorising.
+// One row of divergence_shard_terms: writes G (kG), H (kH); returns (soft, sum G, sum H) and, for TVD, the
+// sign masses (q_lt, q_gt, p_lt, p_gt, tie of DivTvdSums) that divergence_shard_grad needs instead of G, H.
+// The stores are compile-time choices: a null test per class kept the loop from vectorising.
 template <int kKind, int kMix, int kForm, bool kG, bool kH>
 FASTKD_CPU_CLONES void terms_row(const DivParams& dp, const float* s, const float* t, int64_t V, float inv_t,
                                  const float* st, float* g, float* h, float* out) {
@@ -97,8 +112,8 @@ FASTKD_CPU_CLONES void terms_row(const DivParams& dp, const float* s, const floa
   const float ms = st[0], ls = st[1], mt = st[2], lt = st[3];
   const float dm = mt - ms, dl = ls - lt;
   // double sums: sum G and G - q sum G nearly cancel on the largest classes (see divergence.cpp)
-  double so = 0.0, sg = 0.0, sh = 0.0;
-#pragma omp simd reduction(+ : so, sg, sh)
+  double so = 0.0, sg = 0.0, sh = 0.0, q_lt = 0.0, q_gt = 0.0, p_lt = 0.0, p_gt = 0.0, tie = 0.0;
+#pragma omp simd reduction(+ : so, sg, sh, q_lt, q_gt, p_lt, p_gt, tie)
   for (int64_t j = 0; j < V; ++j) {
     const float q = vexp(div_log_prob(s[j], ms, inv_t, ls)), p = vexp(div_log_prob(t[j], mt, inv_t, lt));
     const float delta = ((t[j] - s[j]) - dm) * inv_t + dl;  // lp - lq from the raw logits
@@ -106,10 +121,20 @@ FASTKD_CPU_CLONES void terms_row(const DivParams& dp, const float* s, const floa
     so += x.soft;
     sg += x.g;
     sh += x.h;
+    if (kKind == kDivTVD) {
+      q_lt += q < p ? q : 0.0f;
+      q_gt += q > p ? q : 0.0f;
+      p_lt += p < q ? p : 0.0f;
+      p_gt += p > q ? p : 0.0f;
+      tie += p == q ? p : 0.0f;
+    }
     if (kG) g[j] = x.g;
     if (kH) h[j] = x.h;
   }
-  out[0] = static_cast<float>(so), out[1] = static_cast<float>(sg), out[2] = static_cast<float>(sh);
+  // a NaN (or an all -inf row) in either net: the terms' zero-probability selects would hide it
+  if (!(ls > -INFINITY) || !(lt > -INFINITY)) so = NAN;
+  const double sums[8] = {so, sg, sh, q_lt, q_gt, p_lt, p_gt, tie};
+  for (int k = 0; k < 8; ++k) out[k] = static_cast<float>(sums[k]);
 }
 
 template <int kKind, int kMix, int kForm>
@@ -141,7 +166,7 @@ at::Tensor shard_terms_cpu(const at::Tensor& student, const at::Tensor& teacher,
   if (has_h) check_shard_rows(h, "h");
   TORCH_CHECK((!has_g || g.sizes() == student.sizes()) && (!has_h || h.sizes() == student.sizes()),
               "fastkd: g and h must be empty or shaped like student ", student.sizes());
-  at::Tensor sums = at::zeros({N, 3}, student.options());
+  at::Tensor sums = at::zeros({N, 8}, student.options());
   const float* s_all = student.const_data_ptr<float>();
   const float* t_all = teacher.const_data_ptr<float>();
   const float* stats = row_stats.const_data_ptr<float>();
@@ -162,8 +187,9 @@ at::Tensor shard_terms_cpu(const at::Tensor& student, const at::Tensor& teacher,
       const float* s = s_all + i * student.stride(0);
       const float* t = t_all + i * teacher.stride(0);
       const float* st = stats + 4 * i;
-#define FASTKD_SHARD_TERMS(KIND, MIX, FORM) terms_row_any<KIND, MIX, FORM>(d, s, t, V, inv_t, st, gi, hi, out + 3 * i)
-      if (d.kind == kDivTVD) FASTKD_SHARD_TERMS(kDivTVD, kMixBoth, kFormGeneral);
+#define FASTKD_SHARD_TERMS(KIND, MIX, FORM) terms_row_any<KIND, MIX, FORM>(d, s, t, V, inv_t, st, gi, hi, out + 8 * i)
+      if (d.kind == kDivTVD)  // the gradient comes from the sign masses: no G, H
+        terms_row<kDivTVD, kMixBoth, kFormGeneral, false, false>(d, s, t, V, inv_t, st, gi, hi, out + 8 * i);
       else if (d.mix == kMixQ) FASTKD_SHARD_TERMS(kDivKL, kMixQ, kFormGeneral);
       else if (d.mix == kMixP) FASTKD_SHARD_TERMS(kDivKL, kMixP, kFormGeneral);
       else if (form == kFormProp) FASTKD_SHARD_TERMS(kDivKL, kMixBoth, kFormProp);
@@ -176,7 +202,34 @@ at::Tensor shard_terms_cpu(const at::Tensor& student, const at::Tensor& teacher,
   return sums;
 }
 
-// One row of divergence_shard_grad. c: (sum G, sum H, coef_s, coef_t, ce); st: (M_s, L_s, M_t, L_t, L_1).
+// One TVD row of divergence_shard_grad: 0.5 coef x div_tvd_factor (the sign-mass form: G - q sum G
+// cancelled on a peaked row's largest class, 2e-4 relative). c as grad_row's.
+template <bool kG, bool kH>
+FASTKD_CPU_CLONES void tvd_grad_row_for(const float* s, const float* t, int64_t V, float inv_t, const float* st,
+                                        const float* c, float* g, float* h) {
+  const float ms = st[0], ls = st[1], mt = st[2], lt = st[3], l1 = st[4];
+  const float half_s = 0.5f * c[2], half_t = 0.5f * c[3], ce = c[4];
+  const float q_lt = c[5], q_gt = c[6], p_lt = c[7], p_gt = c[8], tie = c[9];
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) {
+    const float q = vexp(div_log_prob(s[j], ms, inv_t, ls)), p = vexp(div_log_prob(t[j], mt, inv_t, lt));
+    if (kG) {
+      const float ce_q = ce != 0.0f ? ce * vexp(div_log_prob(s[j], ms, 1.0f, l1)) : 0.0f;
+      g[j] = half_s * q * div_tvd_factor(q, p, q_lt, q_gt, tie) + ce_q;
+    }
+    if (kH) h[j] = half_t * p * div_tvd_factor(p, q, p_lt, p_gt, tie);
+  }
+}
+
+void tvd_grad_row(const float* s, const float* t, int64_t V, float inv_t, const float* st, const float* c, float* g,
+                  float* h) {
+  if (g && h) tvd_grad_row_for<true, true>(s, t, V, inv_t, st, c, g, h);
+  else if (g) tvd_grad_row_for<true, false>(s, t, V, inv_t, st, c, g, h);
+  else if (h) tvd_grad_row_for<false, true>(s, t, V, inv_t, st, c, g, h);
+}
+
+// One row of divergence_shard_grad. c: (sum G, sum H, coef_s, coef_t, ce, the TVD masses); st: (M_s, L_s,
+// M_t, L_t, L_1).
 FASTKD_CPU_CLONES void grad_row(const float* s, const float* t, int64_t V, float inv_t, const float* st,
                                 const float* c, float* g, float* h) {
   const float ms = st[0], ls = st[1], mt = st[2], lt = st[3], l1 = st[4];
@@ -200,13 +253,16 @@ FASTKD_CPU_CLONES void grad_row(const float* s, const float* t, int64_t V, float
 }
 
 void shard_grad_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_stats,
-                    double temperature, const at::Tensor& row_coef, const at::Tensor& row_read, at::Tensor g,
-                    at::Tensor h) {
+                    double temperature, int64_t kind, const at::Tensor& row_coef, const at::Tensor& row_read,
+                    at::Tensor g, at::Tensor h) {
   check_shard_rows(student, "student");
   check_shard_rows(teacher, "teacher");
+  TORCH_CHECK(student.sizes() == teacher.sizes(), "fastkd: student and teacher shapes differ: ", student.sizes(),
+              " and ", teacher.sizes());
+  TORCH_CHECK_VALUE(kind == kDivKL || kind == kDivTVD, "fastkd: kind must be 0 (KL family) or 1 (TVD), got ", kind);
   const int64_t N = student.size(0), V = student.size(1);
   check_row_matrix(row_stats, N, 5, "row_stats");
-  check_row_matrix(row_coef, N, 5, "row_coef");
+  check_row_matrix(row_coef, N, 10, "row_coef");
   check_row_vector(row_read, N, at::kFloat, "row_read");
   const bool has_g = g.numel() > 0, has_h = h.numel() > 0;
   if (has_g) check_shard_rows(g, "g");
@@ -224,8 +280,10 @@ void shard_grad_cpu(const at::Tensor& student, const at::Tensor& teacher, const 
   at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       if (read[i] == 0.0f) continue;  // zeroed by divergence_shard_terms
-      grad_row(s_all + i * student.stride(0), t_all + i * teacher.stride(0), V, inv_t, stats + 5 * i, coef + 5 * i,
-               g_all ? g_all + i * g.stride(0) : nullptr, h_all ? h_all + i * h.stride(0) : nullptr);
+      (kind == kDivTVD ? tvd_grad_row : grad_row)(s_all + i * student.stride(0), t_all + i * teacher.stride(0), V,
+                                                  inv_t, stats + 5 * i, coef + 10 * i,
+                                                  g_all ? g_all + i * g.stride(0) : nullptr,
+                                                  h_all ? h_all + i * h.stride(0) : nullptr);
     }
   });
 }

@@ -8,11 +8,12 @@ per-row numbers between them done by the caller:
 * ``divergence_shard_stats``: raw maxima of s and t and the sums of ``exp((x - max) / T)``
   relative to them (and of ``exp(s - max_s)`` for the cross-entropy): ``[N, 5]``.
 * ``divergence_shard_terms``: given the whole-vocabulary ``(M_s, L_s, M_t, L_t)``, the shard's
-  part of the loss and of ``sum G``, ``sum H`` (``[N, 3]``), G and H written to the
+  part of the loss, of ``sum G``, ``sum H`` and of TVD's sign masses (``[N, 8]``), G and H written to the
   caller's float32 ``[N, V_local]`` buffers (empty: not wanted; ``_bucket_terms``: the
   single-process kernel's math).
 * ``divergence_shard_grad``: G, H made the gradients in place,
-  ``coef_s (G - q sum G) + ce softmax(s)``, ``coef_t (H - p sum H)``.
+  ``coef_s (G - q sum G) + ce softmax(s)``, ``coef_t (H - p sum H)`` (TVD: the sign-mass
+  form ``0.5 coef q div_tvd_factor`` from the logits).
 
 Rows with ``row_read`` 0 are not read (stats: max -inf, sums 0; G, H: 0). Not
 registered as torch ops: they run between collectives inside the distributed
@@ -67,9 +68,17 @@ def _shard_terms_kernel(S, T, STATS, READ, SUMS, G, H, stride_s, stride_t, strid
     log_wp = tl.log(w_p)  # -inf for 0: the mixture then reduces to the other side exactly
     log_wq = tl.log(w_q)
     cols = tl.arange(0, BLOCK)
-    soft = 0.0
+    # a NaN (or an all -inf row) in either net: the terms' zero-probability selects would hide it, so the
+    # row's loss starts NaN (an unread row's -inf statistics are not read: 0)
+    finite = (l_s > float("-inf")) & (l_t > float("-inf"))  # False for NaN too
+    soft = tl.where(live & (finite == 0), float("nan"), 0.0)
     sum_g = 0.0
     sum_h = 0.0
+    q_lt = 0.0  # TVD's sign masses (csrc/divergence_math.h, DivTvdSums)
+    q_gt = 0.0
+    p_lt = 0.0
+    p_gt = 0.0
+    tie = 0.0
     for start in range(0, n_cols, BLOCK):  # every column: an unread row gets zeros
         offs = start + cols
         mask = offs < n_cols
@@ -84,18 +93,39 @@ def _shard_terms_kernel(S, T, STATS, READ, SUMS, G, H, stride_s, stride_t, strid
         soft += tl.sum(tl.where(read, term, 0.0), 0)
         sum_g += tl.sum(gq, 0)
         sum_h += tl.sum(hp, 0)
+        if KIND == 1:
+            q = tl.where(read, tl.exp(lq), 0.0)
+            p = tl.where(read, tl.exp(lp), 0.0)
+            q_lt += tl.sum(tl.where(q < p, q, 0.0), 0)
+            q_gt += tl.sum(tl.where(q > p, q, 0.0), 0)
+            p_lt += tl.sum(tl.where(p < q, p, 0.0), 0)
+            p_gt += tl.sum(tl.where(p > q, p, 0.0), 0)
+            tie += tl.sum(tl.where(p == q, p, 0.0), 0)
         if GRAD_S:
             tl.store(G + row * stride_g + offs, gq, mask=mask)
         if GRAD_T:
             tl.store(H + row * stride_h + offs, hp, mask=mask)
-    tl.store(SUMS + row * 3, soft)
-    tl.store(SUMS + row * 3 + 1, sum_g)
-    tl.store(SUMS + row * 3 + 2, sum_h)
+    out = SUMS + row * 8
+    tl.store(out, soft)
+    tl.store(out + 1, sum_g)
+    tl.store(out + 2, sum_h)
+    if KIND == 1:
+        tl.store(out + 3, q_lt)
+        tl.store(out + 4, q_gt)
+        tl.store(out + 5, p_lt)
+        tl.store(out + 6, p_gt)
+        tl.store(out + 7, tie)
+
+
+@triton.jit
+def _tvd_factor(x, y, x_lt, x_gt, tie):
+    """csrc/divergence_math.h's div_tvd_factor: the TVD gradient's bracket (times 0.5 x coef)."""
+    return tl.where(x > y, tie + 2.0 * x_lt, tl.where(x < y, -(tie + 2.0 * x_gt), x_lt - x_gt))
 
 
 @triton.jit
 def _shard_grad_kernel(S, T, STATS, COEF, READ, G, H, stride_s, stride_t, stride_g, stride_h, n_cols, inv_temp,
-                       GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr):
+                       KIND: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     live = tl.load(READ + row) != 0.0
     n_live = tl.where(live, n_cols, 0)  # an unread row keeps the zeros of _shard_terms_kernel
@@ -104,27 +134,42 @@ def _shard_grad_kernel(S, T, STATS, COEF, READ, G, H, stride_s, stride_t, stride
     m_t = tl.load(STATS + row * 5 + 2)
     l_t = tl.load(STATS + row * 5 + 3)
     l_1 = tl.load(STATS + row * 5 + 4)
-    sum_g = tl.load(COEF + row * 5)
-    sum_h = tl.load(COEF + row * 5 + 1)
-    c_s = tl.load(COEF + row * 5 + 2)
-    c_t = tl.load(COEF + row * 5 + 3)
-    ce = tl.load(COEF + row * 5 + 4)
+    coef = COEF + row * 10
+    sum_g = tl.load(coef)
+    sum_h = tl.load(coef + 1)
+    c_s = tl.load(coef + 2)
+    c_t = tl.load(coef + 3)
+    ce = tl.load(coef + 4)
+    q_lt = tl.load(coef + 5)
+    q_gt = tl.load(coef + 6)
+    p_lt = tl.load(coef + 7)
+    p_gt = tl.load(coef + 8)
+    tie = tl.load(coef + 9)
     cols = tl.arange(0, BLOCK)
     for start in range(0, n_live, BLOCK):
         offs = start + cols
         mask = offs < n_cols
-        if GRAD_S:
+        q = 0.0
+        p = 0.0
+        if GRAD_S or KIND == 1:  # TVD's bracket needs both nets; the KL family only the one differentiated
             s = tl.load(S + row * stride_s + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            g = tl.load(G + row * stride_g + offs, mask=mask, other=0.0)
             q = tl.exp((s - m_s) * inv_temp - l_s)
-            g = c_s * (g - q * sum_g)
+        if GRAD_T or KIND == 1:
+            t = tl.load(T + row * stride_t + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            p = tl.exp((t - m_t) * inv_temp - l_t)
+        if GRAD_S:
+            if KIND == 1:  # TVD: the sign-mass form (G - q sum G cancels on a peaked row's largest class)
+                g = 0.5 * c_s * q * _tvd_factor(q, p, q_lt, q_gt, tie)
+            else:
+                g = c_s * (tl.load(G + row * stride_g + offs, mask=mask, other=0.0) - q * sum_g)
             g += tl.where(ce == 0.0, 0.0, ce * tl.exp((s - m_s) - l_1))  # the CE's softmax at T = 1
             tl.store(G + row * stride_g + offs, g, mask=mask)
         if GRAD_T:
-            t = tl.load(T + row * stride_t + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            h = tl.load(H + row * stride_h + offs, mask=mask, other=0.0)
-            p = tl.exp((t - m_t) * inv_temp - l_t)
-            tl.store(H + row * stride_h + offs, c_t * (h - p * sum_h), mask=mask)
+            if KIND == 1:
+                h = 0.5 * c_t * p * _tvd_factor(p, q, p_lt, p_gt, tie)
+            else:
+                h = c_t * (tl.load(H + row * stride_h + offs, mask=mask, other=0.0) - p * sum_h)
+            tl.store(H + row * stride_h + offs, h, mask=mask)
 
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -159,7 +204,7 @@ def divergence_shard_terms(student, teacher, row_stats, temperature: float, kind
     s, t = _rows(student, "student"), _rows(teacher, "teacher")
     n, v = s.shape
     stride_g, stride_h = _out_rows(g, s, "g"), _out_rows(h, s, "h")
-    sums = torch.empty((n, 3), dtype=torch.float32, device=s.device)
+    sums = torch.zeros((n, 8), dtype=torch.float32, device=s.device)  # (the KL family leaves the masses 0)
     if n:
         block, warps = row_config(v)
         with device_guard(s):
@@ -169,7 +214,8 @@ def divergence_shard_terms(student, teacher, row_stats, temperature: float, kind
     return sums
 
 
-def divergence_shard_grad(student, teacher, row_stats, temperature: float, row_coef, row_read, g, h) -> None:
+def divergence_shard_grad(student, teacher, row_stats, temperature: float, kind: int, row_coef, row_read, g,
+                          h) -> None:
     s, t = _rows(student, "student"), _rows(teacher, "teacher")
     n, v = s.shape
     stride_g, stride_h = _out_rows(g, s, "g"), _out_rows(h, s, "h")
@@ -177,5 +223,5 @@ def divergence_shard_grad(student, teacher, row_stats, temperature: float, row_c
         block, warps = row_config(v)
         with device_guard(s):
             _shard_grad_kernel[(n,)](s, t, row_stats, row_coef, row_read, g, h, s.stride(0), t.stride(0), stride_g,
-                                     stride_h, v, 1.0 / temperature, GRAD_S=g.numel() > 0, GRAD_T=h.numel() > 0, BLOCK=block,
-                                     num_warps=warps)
+                                     stride_h, v, 1.0 / temperature, KIND=kind, GRAD_S=g.numel() > 0,
+                                     GRAD_T=h.numel() > 0, BLOCK=block, num_warps=warps)
