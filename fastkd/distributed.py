@@ -544,8 +544,9 @@ def _divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
     (1) ``divergence_shard_stats``: this shard's raw maxima and sums of exps relative to them; MAX
     all-reduce of the maxima, the sums moved to the group's maxima (``_gap_scale``), SUM all-reduce
     (with the CE's sum at T = 1 and ``s[target]``). (2) ``divergence_shard_terms``: the shard's part
-    of the loss, sum G, sum H, with G and H kept; SUM all-reduce. (3) ``divergence_shard_grad``: G, H
-    made the gradients in place; the CE's one-hot is added here, on the owning rank.
+    of the loss, sum G, sum H (TVD: its sign masses), with G and H kept; SUM all-reduce.
+    (3) ``divergence_shard_grad``: G, H made the gradients in place; the CE's one-hot is added here,
+    on the owning rank.
     """
     dev, width, offset, group, T = s.device, c.width, c.offset, c.group, c.T
     f32 = torch.float32
@@ -574,6 +575,7 @@ def _divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
     else:
         code, (a, b, w_p, w_q) = R.KIND_CODES["kl_family"], R.divergence_coefficients(c.kind, **c.params)
     row_stats = torch.stack([big_s, l_s, big_t, l_t, l_1], dim=1)
+
     def buffer(want, given):  # the caller's float32 gradient rows, else a new one ([0]: not wanted)
         if not want:
             return torch.empty(0, dtype=f32, device=dev)
