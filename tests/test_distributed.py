@@ -27,7 +27,7 @@ from fastkd import distributed as D
 from fastkd import reference as ref
 from fastkd.topk import TopKTeacher
 
-TIMEOUT_S = 120
+TIMEOUT_S = 300  # a hang fails after this; a loaded 2-core machine needs ~1 min per group
 HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "nonzero")
 # (dtype, value rtol, gradient relative-norm tolerance)
 DTYPES = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (1e-2, 2e-2), torch.float64: (1e-10, 1e-10)}
@@ -537,7 +537,6 @@ def _api_checks(rank, world, failures):
 
     def no_host_reads():
         """The GPU code path (no value checks, no host reads) on CPU tensors, every host read raising."""
-        from fastkd import _validation
         s, t = _inputs((n, width * world), 31)
         target = torch.arange(n) * 5
         target[1] = -100
@@ -562,27 +561,12 @@ def _api_checks(rank, world, failures):
             lambda a, b: D.dkd_loss(a, b, bad_target, process_group=wd, reduction="none"),
             lambda a, b: D.ats_loss(a, b, bad_target, process_group=wd, reduction="none"),
         ]
-        saved_devices = _validation.HOST_DEVICES
-        saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-        def forbid(name):
-            def read(self, *args, **kwargs):
-                raise AssertionError(f"host read of a tensor value: Tensor.{name}")
-            return read
-
         for i, case in enumerate(cases + nan_cases):
             a, b = _shard(s, rank, world).requires_grad_(), _shard(t, rank, world).requires_grad_()
             upstream = torch.tensor(0.7)
-            _validation.HOST_DEVICES = ()
-            for name in HOST_READS:
-                setattr(torch.Tensor, name, forbid(name))
-            try:
+            with _host_reads_forbidden():
                 loss = case(a, b)
                 (loss * upstream).sum().backward()
-            finally:
-                _validation.HOST_DEVICES = saved_devices
-                for name, fn in saved.items():
-                    setattr(torch.Tensor, name, fn)
             if i < len(cases):
                 assert a.grad is not None and bool(torch.isfinite(a.grad).all()), f"case {i}"
             else:  # exactly the bad row is NaN, in the loss and the gradient
@@ -591,11 +575,8 @@ def _api_checks(rank, world, failures):
                 assert bool(torch.isfinite(a.grad[~bad]).all()), f"NaN case {i}"
         # unequal shard widths, unread on the host: every row NaN (rank r's shard is 1 + r columns wider)
         a = torch.randn(n, width + 1 + rank, requires_grad=True)
-        _validation.HOST_DEVICES = ()
-        try:
+        with _host_reads_forbidden():
             loss = D.kd_loss(a, torch.randn(n, width + 1 + rank), 2.0, process_group=wd, reduction="none")
-        finally:
-            _validation.HOST_DEVICES = saved_devices
         assert bool(torch.isnan(loss).all()), f"unequal widths without host reads: {loss}"
 
     _record(failures, "bytes", bytes_do_not_grow_with_vocab)

@@ -44,6 +44,16 @@ void check_row_matrix(const at::Tensor& x, int64_t n, int64_t k, const char* nam
               x.scalar_type(), " ", x.sizes());
 }
 
+// The checks every pass makes: two float32 row tensors of one shape, and a known kind (-1: none given).
+void check_shard_pair(const at::Tensor& student, const at::Tensor& teacher, int64_t kind) {
+  check_shard_rows(student, "student");
+  check_shard_rows(teacher, "teacher");
+  TORCH_CHECK(student.sizes() == teacher.sizes(), "fastkd: student and teacher shapes differ: ", student.sizes(),
+              " and ", teacher.sizes());
+  TORCH_CHECK_VALUE(kind == -1 || kind == kDivKL || kind == kDivTVD,
+                    "fastkd: kind must be 0 (KL family) or 1 (TVD), got ", kind);
+}
+
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
 
 // sum of exp((x - m) * inv_t) of n values (m finite).
@@ -74,10 +84,7 @@ DivLse span_lse(const float* x, int64_t n, float inv_t) {
 
 at::Tensor shard_stats_cpu(const at::Tensor& student, const at::Tensor& teacher, double temperature, bool ce,
                            const at::Tensor& row_read) {
-  check_shard_rows(student, "student");
-  check_shard_rows(teacher, "teacher");
-  TORCH_CHECK(student.sizes() == teacher.sizes(), "fastkd: student and teacher shapes differ: ", student.sizes(),
-              " and ", teacher.sizes());
+  check_shard_pair(student, teacher, -1);
   const int64_t N = student.size(0), V = student.size(1);
   check_row_vector(row_read, N, at::kFloat, "row_read");
   const float inv_t = static_cast<float>(1.0 / temperature);
@@ -150,11 +157,7 @@ void terms_row_any(const DivParams& d, const float* s, const float* t, int64_t V
 at::Tensor shard_terms_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_stats,
                            double temperature, int64_t kind, double a, double b, double w_p, double w_q,
                            const at::Tensor& row_read, at::Tensor g, at::Tensor h) {
-  check_shard_rows(student, "student");
-  check_shard_rows(teacher, "teacher");
-  TORCH_CHECK(student.sizes() == teacher.sizes(), "fastkd: student and teacher shapes differ: ", student.sizes(),
-              " and ", teacher.sizes());
-  TORCH_CHECK_VALUE(kind == kDivKL || kind == kDivTVD, "fastkd: kind must be 0 (KL family) or 1 (TVD), got ", kind);
+  check_shard_pair(student, teacher, kind);
   const int64_t N = student.size(0), V = student.size(1);
   check_row_matrix(row_stats, N, 4, "row_stats");
   check_row_vector(row_read, N, at::kFloat, "row_read");
@@ -255,11 +258,7 @@ FASTKD_CPU_CLONES void grad_row(const float* s, const float* t, int64_t V, float
 void shard_grad_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_stats,
                     double temperature, int64_t kind, const at::Tensor& row_coef, const at::Tensor& row_read,
                     at::Tensor g, at::Tensor h) {
-  check_shard_rows(student, "student");
-  check_shard_rows(teacher, "teacher");
-  TORCH_CHECK(student.sizes() == teacher.sizes(), "fastkd: student and teacher shapes differ: ", student.sizes(),
-              " and ", teacher.sizes());
-  TORCH_CHECK_VALUE(kind == kDivKL || kind == kDivTVD, "fastkd: kind must be 0 (KL family) or 1 (TVD), got ", kind);
+  check_shard_pair(student, teacher, kind);
   const int64_t N = student.size(0), V = student.size(1);
   check_row_matrix(row_stats, N, 5, "row_stats");
   check_row_matrix(row_coef, N, 10, "row_coef");
