@@ -594,6 +594,10 @@ def _divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
         sum_g, sum_h = red[1], (red[2] if c.need_t else zeros)
         masses = torch.zeros((n, 5), dtype=f32, device=dev)
     soft = red[0] * c.soft_scale
+    # a NaN logit (or an all -inf row) in either net: the kernels' zero-probability selects may hide it
+    # (skew KL of an all-NaN student row came out finite), the whole-vocabulary lse does not
+    hidden_nan = ~((l_s > float("-inf")) & (l_t > float("-inf")))
+    soft = torch.where(hidden_nan if read is None else hidden_nan & read, torch.full_like(soft, float("nan")), soft)
     hard = torch.zeros_like(soft)
     ok = equal
     if use_ce:

@@ -703,12 +703,14 @@ def _public_api_checks(rank, world, failures):
 def _nan_and_empty_checks(rank, world, failures):
     """A NaN logit in a counted row gives that row a NaN loss, on every path (never a finite number that
     hides it), also when one rank's part of the row is all NaN; zero rows give a zero loss."""
-    n, width = 5, 11
+    n, width = 7, 11
     s, t = _inputs((n, width * world), 90)
     s[1, 3] = float("nan")  # one NaN in the student
     t[2, width * world - 2] = float("nan")  # one NaN in the teacher (the last shard)
     s[3, (world - 1) * width:] = float("nan")  # the last rank's part of the row: all NaN
     t[4, :width] = float("-inf")  # masked columns (not NaN): finite
+    s[5] = float("nan")  # a whole row NaN (skew KL's selects once hid it: a finite loss)
+    t[6] = float("-inf")  # a teacher with no mass at all: NaN, as the reference
     s_r, t_r = _shard(s, rank, world), _shard(t, rank, world)
 
     def run():
@@ -716,7 +718,7 @@ def _nan_and_empty_checks(rank, world, failures):
             d, _ = _divergence_case(fn, kind, params, t2, temperature=2.0, reduction="none")
             loss = d(s_r, t_r)
             bad = torch.isnan(loss)
-            assert bad.tolist() == [False, True, True, True, False], f"{name}: {loss}"
+            assert bad.tolist() == [False, True, True, True, False, True, True], f"{name}: {loss}"
 
     def empty():
         for name, fn, kind, params, t2 in DIVERGENCES[:3]:

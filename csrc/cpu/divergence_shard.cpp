@@ -138,8 +138,7 @@ FASTKD_CPU_CLONES void terms_row(const DivParams& dp, const float* s, const floa
     if (kG) g[j] = x.g;
     if (kH) h[j] = x.h;
   }
-  // a NaN (or an all -inf row) in either net: the terms' zero-probability selects would hide it
-  if (!(ls > -INFINITY) || !(lt > -INFINITY)) so = NAN;
+  // (a NaN or all -inf row, which the zero-probability selects hide, is made NaN by the caller from the lse)
   const double sums[8] = {so, sg, sh, q_lt, q_gt, p_lt, p_gt, tie};
   for (int k = 0; k < 8; ++k) out[k] = static_cast<float>(sums[k]);
 }

@@ -68,10 +68,7 @@ def _shard_terms_kernel(S, T, STATS, READ, SUMS, G, H, stride_s, stride_t, strid
     log_wp = tl.log(w_p)  # -inf for 0: the mixture then reduces to the other side exactly
     log_wq = tl.log(w_q)
     cols = tl.arange(0, BLOCK)
-    # a NaN (or an all -inf row) in either net: the terms' zero-probability selects would hide it, so the
-    # row's loss starts NaN (an unread row's -inf statistics are not read: 0)
-    finite = (l_s > float("-inf")) & (l_t > float("-inf"))  # False for NaN too
-    soft = tl.where(live & (finite == 0), float("nan"), 0.0)
+    soft = 0.0
     sum_g = 0.0
     sum_h = 0.0
     q_lt = 0.0  # TVD's sign masses (csrc/divergence_math.h, DivTvdSums)
@@ -105,6 +102,8 @@ def _shard_terms_kernel(S, T, STATS, READ, SUMS, G, H, stride_s, stride_t, strid
             tl.store(G + row * stride_g + offs, gq, mask=mask)
         if GRAD_T:
             tl.store(H + row * stride_h + offs, hp, mask=mask)
+    # (a NaN or all -inf row, which the zero-probability selects may hide, is made NaN by the caller from
+    # the lse: a test here cost a stack frame or a spill)
     out = SUMS + row * 8
     tl.store(out, soft)
     tl.store(out + 1, sum_g)
