@@ -92,15 +92,16 @@ def fused_call(name: str, student, teacher: Teacher, *, temperature: float, redu
 def sharded(name: str, backend: str, *args, **kwargs):
     """``fastkd.distributed.<name>``: the loss over a ``process_group`` (vocabulary- or data-parallel).
 
-    The sharded losses run in PyTorch on each rank's shard (no fused kernel sees a
-    shard's neighbours), so an explicit fused ``backend`` is refused rather than ignored.
+    The sharded losses pick their own kernels (``fastkd.distributed.SHARD_KERNELS``: shard
+    kernels by device, or PyTorch on the shard), not a backend's whole-row op, so an
+    explicit fused ``backend`` is refused rather than ignored.
     """
     if backend not in ("auto", "reference"):
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         raise ValueError(
-            f"backend '{backend}' has no sharded kernel: with process_group the loss runs in PyTorch on each "
-            "rank's shard; pass backend='auto' (or 'reference')"
+            f"backend '{backend}' cannot be chosen with process_group: the sharded losses pick their own shard "
+            "kernels by device (fastkd.distributed.SHARD_KERNELS); pass backend='auto' (or 'reference')"
         )
     from . import distributed  # torch.distributed is imported only by those who use it
 

@@ -489,8 +489,9 @@ def fused_linear_kd_loss(
         if backend not in ("auto", "reference"):
             if not isinstance(backend, str) or backend not in BACKENDS:
                 raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-            raise ValueError(f"backend '{backend}' has no sharded kernel: with process_group each chunk's loss "
-                             "runs in PyTorch on the rank's vocabulary shard; pass backend='auto' (or 'reference')")
+            raise ValueError(f"backend '{backend}' cannot be chosen with process_group: each chunk's loss runs "
+                             "on fastkd.distributed's shard kernels (chosen by device); pass backend='auto' "
+                             "(or 'reference')")
         if teacher_vocab != vocab:
             raise ValueError(f"with process_group the teacher's vocabulary shard ({teacher_vocab} columns) must be "
                              f"as wide as student_weight's ({vocab} rows): pad both vocabularies to the same "
