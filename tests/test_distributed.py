@@ -11,6 +11,7 @@ one group and runs a whole table of checks in it; a worker collects every failur
 and raises them together. A group that hangs is killed after ``TIMEOUT_S``.
 """
 import contextlib
+import os
 import socket
 import time
 import traceback
@@ -44,6 +45,10 @@ def _free_port() -> int:
 
 
 DEVICE = torch.device("cpu")  # where the workers put the distributed inputs (cuda:rank under NCCL)
+SYNC_CHECK = True  # CUDA tensors: no synchronising call in a loss (gloo's own device-to-host copies sync: off)
+# The shard-kernel settings the CPU tensors run: the Triton ones only in the interpreter (on a GPU machine the
+# suite runs with FASTKD_GPU_TESTS=1, no interpreter, and Triton then needs CUDA tensors: test_gloo_cuda_world_2)
+CPU_SHARD_MODES = ("auto", "off", "triton") if os.environ.get("TRITON_INTERPRET") == "1" else ("auto", "off")
 GROUP = None  # the vocabulary-parallel group of the checks (None: the whole world)
 
 
@@ -52,11 +57,15 @@ def _group():
 
 
 def _entry(rank, world, port, check_name, backend="gloo"):
-    global DEVICE
+    global DEVICE, SYNC_CHECK
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)
         DEVICE = torch.device("cuda", rank)
+    elif backend == "gloo-cuda":  # CUDA tensors over gloo: every rank on the one GPU (the Triton shard kernels)
+        DEVICE = torch.device("cuda", 0)
+        SYNC_CHECK = False
+        backend = "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=TIMEOUT_S))
     try:
@@ -75,7 +84,7 @@ def _launch(world: int, check_name: str, backend: str = "gloo"):
     # fork: the children inherit the imported torch and fastkd (spawn re-imports them: ~10 s a process here);
     # CUDA cannot be used after a fork, so NCCL spawns
     ctx = mp.start_processes(_entry, args=(world, _free_port(), check_name, backend), nprocs=world, join=False,
-                             start_method="spawn" if backend == "nccl" else "fork")
+                             start_method="fork" if backend == "gloo" else "spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
@@ -109,7 +118,7 @@ def _on(x, like):
 @contextlib.contextmanager
 def _no_sync():
     """On CUDA tensors, any synchronising call inside is an error."""
-    if DEVICE.type != "cuda":
+    if DEVICE.type != "cuda" or not SYNC_CHECK:
         yield
         return
     torch.cuda.set_sync_debug_mode("error")
@@ -728,7 +737,7 @@ def _nan_and_empty_checks(rank, world, failures):
             loss.backward()
             assert loss.item() == 0.0 and a.grad.shape == a.shape, (name, loss)
 
-    for kernels in ("auto", "off", "triton"):
+    for kernels in CPU_SHARD_MODES:
         D.SHARD_KERNELS = kernels
         try:
             _record(failures, f"NaN rows stay NaN ({kernels})", run)
@@ -1020,7 +1029,8 @@ def _kernel_route_checks(rank, world, failures):
 
     if DEVICE.type == "cpu":
         _record(failures, "shard kernels run on CPU tensors", routes)
-        _record(failures, "Triton shard kernels run when asked", triton_routes)
+        if "triton" in CPU_SHARD_MODES:
+            _record(failures, "Triton shard kernels run when asked", triton_routes)
 
 
 def _checks_world2(rank, world, failures):
@@ -1028,15 +1038,15 @@ def _checks_world2(rank, world, failures):
     D.CHUNK_MIN_ROWS = 4
     _vocab_checks(rank, world, failures)
     _dkd_ats_checks(rank, world, failures)
+    # the dense divergences on the PyTorch math too, and on CPU tensors on the Triton shard kernels (CUDA
+    # tensors' path) in the interpreter
+    for kernels in CPU_SHARD_MODES[1:] if DEVICE.type == "cpu" else ("off",):
+        D.SHARD_KERNELS = kernels
+        try:
+            _vocab_checks(rank, world, failures)
+        finally:
+            D.SHARD_KERNELS = "auto"
     if DEVICE.type == "cpu":
-        # the dense divergences on the PyTorch math, and on the Triton shard kernels (CUDA tensors' path) in
-        # the interpreter
-        for kernels in ("off", "triton"):
-            D.SHARD_KERNELS = kernels
-            try:
-                _vocab_checks(rank, world, failures)
-            finally:
-                D.SHARD_KERNELS = "auto"
         _kernel_route_checks(rank, world, failures)
     D.CHUNK_MIN_ROWS = 64
     _api_checks(rank, world, failures)
@@ -1076,6 +1086,13 @@ def test_world_2():
 
 def test_world_4():
     _launch(4, "_checks_world4")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gloo_cuda_world_2():
+    """The world-2 table on CUDA tensors of one GPU over gloo: the Triton shard kernels and the GPU code
+    path (every loss call under set_sync_debug_mode('error')) where a machine has one GPU."""
+    _launch(2, "_checks_world2", backend="gloo-cuda")
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_nccl_available() or not torch.cuda.is_available()
