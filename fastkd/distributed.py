@@ -569,6 +569,10 @@ def _divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
     sums = _all_reduce(sums, dist.ReduceOp.SUM, group)
     l_s, l_t = sums[0].log(), sums[1].log()
     l_1 = sums[2].log() if use_ce else torch.zeros_like(l_s)
+    # a NaN logit (or an all -inf row) in either net: the kernels' zero-probability selects may hide it
+    # (skew KL of an all-NaN student row came out finite), the whole-vocabulary lse does not
+    nan_rows = ~((l_s > float("-inf")) & (l_t > float("-inf")))
+    nan_rows = nan_rows if read is None else nan_rows & read
 
     if c.kind == "tvd":
         code, a, b, w_p, w_q = R.KIND_CODES["tvd"], 0.0, 0.0, 0.0, 0.0
@@ -589,15 +593,14 @@ def _divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
         red = _all_reduce([part[:, 0]] + ([part[:, 3:]] if c.need_s or c.need_t else []), dist.ReduceOp.SUM, group)
         sum_g = sum_h = zeros
         masses = red[1] if len(red) > 1 else torch.zeros((n, 5), dtype=f32, device=dev)
+        # a NaN row's sign comparisons are all False: NaN masses, or the other net's gradient would be 0
+        masses = torch.where(nan_rows.unsqueeze(1), torch.full_like(masses, float("nan")), masses)
     else:
         red = _all_reduce([part[:, 0], part[:, 1]] + ([part[:, 2]] if c.need_t else []), dist.ReduceOp.SUM, group)
         sum_g, sum_h = red[1], (red[2] if c.need_t else zeros)
         masses = torch.zeros((n, 5), dtype=f32, device=dev)
     soft = red[0] * c.soft_scale
-    # a NaN logit (or an all -inf row) in either net: the kernels' zero-probability selects may hide it
-    # (skew KL of an all-NaN student row came out finite), the whole-vocabulary lse does not
-    hidden_nan = ~((l_s > float("-inf")) & (l_t > float("-inf")))
-    soft = torch.where(hidden_nan if read is None else hidden_nan & read, torch.full_like(soft, float("nan")), soft)
+    soft = torch.where(nan_rows, torch.full_like(soft, float("nan")), soft)
     hard = torch.zeros_like(soft)
     ok = equal
     if use_ce:
@@ -639,7 +642,9 @@ def _tvd_rows(lp, lq, need_s, need_t, group):
     red = _all_reduce(parts, dist.ReduceOp.SUM, group)
     grad_a = grad_b = None
     if need_s or need_t:
-        q_lt, q_gt, p_lt, p_gt, tie = red[1].unsqueeze(2).unbind(1)
+        # a NaN row's sign comparisons are all False: NaN masses, or the other net's gradient would be 0
+        masses = torch.where(torch.isnan(red[0]).unsqueeze(1), torch.full_like(red[1], float("nan")), red[1])
+        q_lt, q_gt, p_lt, p_gt, tie = masses.unsqueeze(2).unbind(1)
         if need_s:
             grad_a = 0.5 * q * _tvd_factor(q, p, q_lt, q_gt, tie)
         if need_t:

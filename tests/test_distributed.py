@@ -725,9 +725,14 @@ def _nan_and_empty_checks(rank, world, failures):
     def run():
         for name, fn, kind, params, t2 in DIVERGENCES:
             d, _ = _divergence_case(fn, kind, params, t2, temperature=2.0, reduction="none")
-            loss = d(s_r, t_r)
+            a, b = s_r.detach().requires_grad_(), t_r.detach().requires_grad_()
+            loss = d(a, b)
             bad = torch.isnan(loss)
             assert bad.tolist() == [False, True, True, True, False, True, True], f"{name}: {loss}"
+            loss.nan_to_num().sum().backward()
+            for what, grad in (("student", a.grad), ("teacher", b.grad)):  # NaN rows: NaN gradients, both nets
+                assert bool(torch.isnan(grad[bad]).all(dim=1).all()), f"{name} {what} gradient: {grad[bad]}"
+                assert bool(torch.isfinite(grad[0]).all()), f"{name} {what} gradient"  # (row 4 may be inf)
 
     def empty():
         for name, fn, kind, params, t2 in DIVERGENCES[:3]:
