@@ -46,12 +46,16 @@ for float64): ``e * N * (r1 + r2 + r3 + K) + 32`` with ``r1 + r2 + r3`` the
 number of per-row numbers (listed in ``PER_ROW_FLOATS``) and ``K``
 the top-k width (0 for dense teachers); the 32 bytes are the shape check (four
 int64: rows and shard width, ``_check_group_shapes``). It does not depend on
-``V``. Calls: 1, then 2 or 3 per row chunk (below), at most 49.
+``V``. Calls: 1, then 2 or 3 per row chunk (below), at most 49 (4 on the shard kernels
+with float32 logits).
 
 Memory: the local math runs on row chunks (at most ``CHUNK_MAX`` = 16 chunks of at
-least ``CHUNK_MIN_ROWS`` = 64 rows; the split depends on ``N`` only, so every rank
-issues the same collectives), each chunk's float32 temporaries (about 12 x
-``[rows, V_local]`` for a dense teacher with both gradients) freed before the next.
+least ``CHUNK_MIN_ROWS`` = 64 rows; the split depends on ``N`` and the dtypes only, so
+every rank issues the same collectives: ranks must pass the same dtypes), each chunk's
+float32 temporaries (about 12 x ``[rows, V_local]`` for a dense teacher with both
+gradients) freed before the next. The shard kernels on float32 logits make no
+``[rows, V_local]`` temporaries (they write into the gradient buffers), so they take
+all rows in one chunk: three collectives per call, not three per chunk.
 What outlives the call: the stored gradients, in the input dtype. Measured peak
 over the inputs, ``[1024, 32000]`` float32 in a group of one process: 4.2 x ``[N, V]`` for KD
 with both gradients (2 of them the gradients), 2.0 x for a top-32 teacher.
@@ -377,15 +381,25 @@ CHUNK_MIN_ROWS = 64
 CHUNK_MAX = 16
 
 
-def _row_chunks(n: int):
-    count = max(1, min(CHUNK_MAX, -(-n // CHUNK_MIN_ROWS)))
+def _row_chunks(n: int, whole: bool = False):
+    """The row slices the local math runs on; ``whole``: one slice of every row."""
+    count = 1 if whole else max(1, min(CHUNK_MAX, -(-n // CHUNK_MIN_ROWS)))
     size = max(1, -(-n // count))
     return [slice(i, min(i + size, n)) for i in range(0, n, size)] or [slice(0, 0)]
 
 
-def _run_chunks(body, n, student, t_values, need_s, need_t, reduction, lead):
+def _grad_buffer(shape, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised gradient buffer in ``like``'s dtype and device. CPU: from the extension's cache of
+    recently freed gradient buffers, as the fused ops' (``csrc/cpu/grad_buffers.cpp``): a fresh large
+    buffer's first touch faults once per 4 KiB page (30 ms of a 100 ms KD step at [1024, 16000])."""
+    if like.device.type == "cpu" and hasattr(torch.ops.fastkd, "grad_buffer"):
+        return torch.ops.fastkd.grad_buffer(list(shape), like.dtype)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _run_chunks(body, n, student, t_values, need_s, need_t, reduction, lead, whole=False):
     """``body(rows, out)`` -> weighted (loss, soft, hard) rows and float gradient rows (and optionally the
-    rows' temperature gradients [rows]), per chunk.
+    rows' temperature gradients [rows]), per chunk (``_row_chunks(n, whole)``).
 
     Gradients go into one buffer per input, in the input's dtype (the only [N, V_local]
     tensors that outlive the call). ``out``: the chunk's rows of those buffers where they are
@@ -393,10 +407,10 @@ def _run_chunks(body, n, student, t_values, need_s, need_t, reduction, lead):
     Returns (loss, soft, hard) reduced, the two gradients, and the [N] temperature gradients
     (None when ``body`` gives none).
     """
-    grad_s = torch.empty((n, student.shape[-1]), dtype=student.dtype, device=student.device) if need_s else None
-    grad_t = torch.empty((n, t_values.shape[-1]), dtype=t_values.dtype, device=t_values.device) if need_t else None
+    grad_s = _grad_buffer((n, student.shape[-1]), student) if need_s else None
+    grad_t = _grad_buffer((n, t_values.shape[-1]), t_values) if need_t else None
     outs, temps = [], []
-    for rows in _row_chunks(n):
+    for rows in _row_chunks(n, whole):
         out = (grad_s[rows] if need_s and grad_s.dtype == torch.float32 else None,
                grad_t[rows] if need_t and grad_t.dtype == torch.float32 else None)
         loss_r, soft_r, hard_r, gs, gt, *grad_temp = body(rows, out)
@@ -497,7 +511,8 @@ def _divergence(student, teacher: Teacher, temperature, reduction, target, ignor
                                     tgt_all[r] if use_ce else None, None if read_all is None else read_all[r],
                                     weight_all[r], equal, None if temp_all is None else temp_all[r], out)
 
-        return _run_chunks(body, n_all, student, t_in, need_s, need_t, reduction, lead)
+        return _run_chunks(body, n_all, student, t_in, need_s, need_t, reduction, lead,
+                           whole=temp_all is None and _kernels_take_all_rows(c, s_all, t_all))
 
     loss, soft, hard = _StoredGradLoss.apply(compute, student, t_in, temperature if tensor_temp else None)
     return R.LossParts(loss, soft, hard) if return_parts else loss
@@ -531,6 +546,12 @@ def shard_kernels(c, s: torch.Tensor):
     return torch.ops.fastkd if hasattr(torch.ops.fastkd, "divergence_shard_stats") else None
 
 
+def _kernels_take_all_rows(c, s: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether the shard kernels run these rows with no ``[rows, V_local]`` temporaries (float32 logits
+    and gradients: nothing to convert), so one row chunk, one round of collectives, is enough."""
+    return s.dtype == t.dtype == torch.float32 and shard_kernels(c, s) is not None
+
+
 def _gap_scale(z: torch.Tensor, m: torch.Tensor, m_all: torch.Tensor, inv_t: float) -> torch.Tensor:
     """A sum of exps relative to this shard's max ``m``, moved to the group's max ``m_all``: 0 stays 0 (an
     empty or all -inf shard, whose max is -inf), NaN stays NaN."""
@@ -546,7 +567,8 @@ def _divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
     (with the CE's sum at T = 1 and ``s[target]``). (2) ``divergence_shard_terms``: the shard's part
     of the loss, sum G, sum H (TVD: its sign masses), with G and H kept; SUM all-reduce.
     (3) ``divergence_shard_grad``: G, H made the gradients in place; the CE's one-hot is added here,
-    on the owning rank.
+    on the owning rank. Forward KL's student gradient (``sum G`` known) comes from (2) directly
+    when no teacher gradient is wanted: no pass (3).
     """
     dev, width, offset, group, T = s.device, c.width, c.offset, c.group, c.T
     f32 = torch.float32
@@ -579,6 +601,17 @@ def _divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
     else:
         code, (a, b, w_p, w_q) = R.KIND_CODES["kl_family"], R.divergence_coefficients(c.kind, **c.params)
     row_stats = torch.stack([big_s, l_s, big_t, l_t, l_1], dim=1)
+    tvd = c.kind == "tvd"
+    zeros = torch.zeros(n, dtype=f32, device=dev)
+    ok = equal
+    if use_ce:
+        ok = ok & _ids_in_range(tgt.unsqueeze(1), read, c.vocab, 0)
+    weight = _poison(weight, ok)
+    coef = weight * (c.soft_scale / T)
+    ce = weight * c.ce_weight if use_ce and c.ce_weight != 0 and c.need_s else zeros
+    # forward KL (w_p = 0): sum G = -(a + b) is known, so the terms pass writes the student's gradient and
+    # the grad pass is skipped (with a teacher gradient it runs anyway, for both)
+    direct_s = c.need_s and not c.need_t and not tvd and w_p == 0.0
 
     def buffer(want, given):  # the caller's float32 gradient rows, else a new one ([0]: not wanted)
         if not want:
@@ -586,9 +619,8 @@ def _divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
         return given if given is not None else torch.empty(s.shape, dtype=f32, device=dev)
 
     g, h = buffer(c.need_s, out[0]), buffer(c.need_t, out[1])
-    part = ops.divergence_shard_terms(s, t, row_stats[:, :4].contiguous(), T, code, a, b, w_p, w_q, read_f, g, h)
-    tvd = c.kind == "tvd"
-    zeros = torch.zeros(n, dtype=f32, device=dev)
+    direct = torch.stack([coef, ce], dim=1) if direct_s else torch.empty(0, dtype=f32, device=dev)
+    part = ops.divergence_shard_terms(s, t, row_stats, T, code, a, b, w_p, w_q, read_f, direct, g, h)
     if tvd:  # the gradients come from the sign masses (q_lt, q_gt, p_lt, p_gt, tie), not from sum G, sum H
         red = _all_reduce([part[:, 0]] + ([part[:, 3:]] if c.need_s or c.need_t else []), dist.ReduceOp.SUM, group)
         sum_g = sum_h = zeros
@@ -602,21 +634,16 @@ def _divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
     soft = red[0] * c.soft_scale
     soft = torch.where(nan_rows, torch.full_like(soft, float("nan")), soft)
     hard = torch.zeros_like(soft)
-    ok = equal
     if use_ce:
         hard = (big_s - sums[3]) + l_1  # lse(s) - s[target], T = 1
         if read is not None:  # an unread row's statistics are empty (-inf): its CE is 0, not -inf * 0
             hard = torch.where(read, hard, torch.zeros_like(hard))
-        ok = ok & _ids_in_range(tgt.unsqueeze(1), read, c.vocab, 0)
-    weight = _poison(weight, ok)
     rows = soft + c.ce_weight * hard if c.ce_weight != 0 else soft
-    if c.need_s or c.need_t:
-        coef = weight * (c.soft_scale / T)
-        ce = weight * c.ce_weight if use_ce and c.ce_weight != 0 and c.need_s else zeros
+    if (c.need_s and not direct_s) or c.need_t:
         row_coef = torch.cat([torch.stack([sum_g, sum_h, coef, coef, ce], dim=1), masses], dim=1)
         ops.divergence_shard_grad(s, t, row_stats, T, code, row_coef, read_f, g, h)
-        if c.need_s and use_ce and c.ce_weight != 0:
-            g.scatter_add_(1, t_col, torch.where(t_own, -ce.unsqueeze(1), torch.zeros((), dtype=f32, device=dev)))
+    if c.need_s and use_ce and c.ce_weight != 0:
+        g.scatter_add_(1, t_col, torch.where(t_own, -ce.unsqueeze(1), torch.zeros((), dtype=f32, device=dev)))
     return rows * weight, soft * weight, hard * weight, (g if c.need_s else None), (h if c.need_t else None), None
 
 
@@ -956,7 +983,8 @@ def fused_linear_row_op(divergence: str, beta: float, skew: float, topk_mode: Op
                                     target[r] if use_ce else None, read[r], row_weight[r], equal, out=out)
 
         loss, soft, hard, grad_s, *_ = _run_chunks(body, n, student, teacher, grad_student, False,
-                                                   "sum" if reduce else "none", (n,))
+                                                   "sum" if reduce else "none", (n,),
+                                                   whole=_kernels_take_all_rows(c, student, teacher))
         return loss, soft, hard, grad_s, None
 
     return op

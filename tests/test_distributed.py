@@ -481,9 +481,18 @@ def _api_checks(rank, world, failures):
         try:
             with D.count_comm() as c:
                 D.kd_loss(_shard(torch.randn(n, 64 * world), rank, world), topk, 1.0, process_group=wd)
+            assert (c.bytes, c.calls) == (4 * n * (2 + 2 + 5) + 32, 7), (c.bytes, c.calls)
+            # dense float32 logits on the CPU shard kernels: one chunk whatever CHUNK_MIN_ROWS (no
+            # [rows, V] temporaries to bound); bf16 logits are converted per chunk, so chunked
+            s, t = _inputs((n, 64 * world), 31)
+            for dtype, chunks in ((torch.float32, 1 if DEVICE.type == "cpu" else None), (torch.bfloat16, 3)):
+                s_d = _shard(s, rank, world).to(dtype).requires_grad_()
+                with D.count_comm() as c:
+                    D.kd_loss(s_d, _shard(t, rank, world).to(dtype), 2.0, process_group=wd).backward()
+                if chunks is not None:
+                    assert (c.bytes, c.calls) == (4 * n * (2 + 2 + 2) + 32, 1 + 3 * chunks), (dtype, c.bytes, c.calls)
         finally:
             D.CHUNK_MIN_ROWS = saved
-        assert (c.bytes, c.calls) == (4 * n * (2 + 2 + 5) + 32, 7), (c.bytes, c.calls)
 
     def errors():
         s, t = torch.randn(n, width), torch.randn(n, width)
@@ -1029,7 +1038,8 @@ def _kernel_route_checks(rank, world, failures):
             D.SHARD_KERNELS = "auto"
             for name, fn in saved.items():
                 setattr(tds, name, fn)
-        want = ["divergence_shard_stats", "divergence_shard_terms", "divergence_shard_grad"] * len(D._row_chunks(5))
+        # float32 rows: one chunk, so each kernel once, whatever CHUNK_MIN_ROWS
+        want = ["divergence_shard_stats", "divergence_shard_terms", "divergence_shard_grad"]
         assert calls == want, calls
 
     if DEVICE.type == "cpu":
@@ -1105,3 +1115,93 @@ def test_gloo_cuda_world_2():
 def test_nccl_world_2():
     """The world-2 table with NCCL on CUDA tensors, every loss call under set_sync_debug_mode('error')."""
     _launch(2, "_checks_world2", backend="nccl")
+
+
+def _shard_ops(name):
+    if name == "cpu":
+        if not hasattr(torch.ops.fastkd, "divergence_shard_terms"):
+            pytest.skip("compiled extension not built")
+        return torch.ops.fastkd, torch.device("cpu")
+    if name == "triton-interpreter" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton shard kernels run on CPU tensors under TRITON_INTERPRET=1 only")
+    if name == "triton-cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pytest.importorskip("triton")
+    from fastkd.triton import divergence_shard
+    return divergence_shard, torch.device("cuda" if name == "triton-cuda" else "cpu")
+
+
+@pytest.mark.parametrize("ops_name", ["cpu", "triton-interpreter", "triton-cuda"])
+@pytest.mark.parametrize("teacher_grad", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_shard_kernels_forward_kl_gradients(ops_name, teacher_grad, temperature):
+    """The shard kernels on whole rows (a group of one): forward KL's student gradient straight from the
+    terms pass (``row_direct``: sum G = -1 known), and both gradients from the terms and grad passes,
+    against float64 autograd of
+    ``sum_i w_i T^2 KL(p_i || q_i) / T + ce_i CE_i`` and against the terms + grad passes; rows wider than one
+    Triton block with a ragged tail, an unread row, masked (-inf) columns, rows with ce 0."""
+    ops, dev = _shard_ops(ops_name)
+    n, v, T = 6, 2 * 4096 + 37, temperature
+    g = torch.Generator().manual_seed(5)
+    s = (torch.randn(n, v, generator=g) * 3).to(dev)
+    t = (torch.randn(n, v, generator=g) * 3).to(dev)
+    t[1, 7] = float("-inf")  # a column the teacher masks, and one both mask
+    s[1, 9] = t[1, 9] = float("-inf")
+    read = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0], device=dev)
+    coef = torch.tensor([0.5, 1.0, 1.0, 2.0, 0.25, 1.0], device=dev) * read
+    ce = torch.tensor([0.3, 0.0, 0.0, 1.0, 0.0, 0.7], device=dev) * read
+    st = ops.divergence_shard_stats(s, t, T, True, read)
+    row_stats = torch.stack([st[:, 0], st[:, 1].log(), st[:, 2], st[:, 3].log(), st[:, 4].log()], 1).contiguous()
+    empty = torch.empty(0, device=dev)
+    a, b, w_p, w_q = R.divergence_coefficients("forward_kl")
+
+    # the student's gradient from the terms pass (never with a teacher gradient)
+    gs_d = torch.empty(n, v, device=dev)
+    sums_d = ops.divergence_shard_terms(s, t, row_stats, T, 0, a, b, w_p, w_q, read,
+                                        torch.stack([coef, ce], 1).contiguous(), gs_d, empty)
+    # terms + grad passes, with the teacher gradient when asked
+    gs_p = torch.empty(n, v, device=dev)
+    gt_p = torch.empty(n, v, device=dev) if teacher_grad else empty
+    sums_p = ops.divergence_shard_terms(s, t, row_stats, T, 0, a, b, w_p, w_q, read, empty, gs_p, gt_p)
+    row_coef = torch.cat([torch.stack([sums_p[:, 1], sums_p[:, 2], coef, coef, ce], 1),
+                          torch.zeros(n, 5, device=dev)], 1).contiguous()
+    ops.divergence_shard_grad(s, t, row_stats, T, 0, row_coef, read, gs_p, gt_p)
+    s64 = s.double().cpu().requires_grad_()
+    t64 = t.double().cpu().requires_grad_()
+    lq, lp = torch.log_softmax(s64 / T, 1), torch.log_softmax(t64 / T, 1)
+    has_p = lp.detach() > float("-inf")  # 0 log 0 = 0, with finite gradients on both branches of the where
+    zero = torch.zeros((), dtype=torch.float64)
+    kl = torch.where(has_p, lp.exp() * (torch.where(has_p, lp, zero) - torch.where(has_p, lq, zero)), zero).sum(1)
+    ce_rows = -torch.log_softmax(s64, 1)[:, 0]  # the CE's softmax part: the one-hot is added by the caller
+    keep = read.cpu().bool()
+    loss = (torch.where(keep, coef.double().cpu() * T * kl, 0) + torch.where(keep, ce.double().cpu() * ce_rows, 0)).sum()
+    loss.backward()
+    want_s = s64.grad.clone()
+    want_s[:, 0] += ce.double().cpu()  # drop the one-hot of column 0 (not the kernels' part)
+
+    def rel(x, y):
+        return ((x.double().cpu() - y).norm() / y.norm()).item()
+
+    assert torch.equal(sums_d[:, :2], sums_p[:, :2])
+    assert rel(sums_d[:, 0][keep], kl.detach()[keep]) < 1e-5
+    for got in (gs_d, gs_p):
+        assert rel(got, want_s) < 1e-5, rel(got, want_s)
+        assert torch.all(got[2] == 0)
+    if teacher_grad:
+        assert rel(gt_p, t64.grad) < 1e-5, rel(gt_p, t64.grad)
+        assert torch.all(gt_p[2] == 0)
+
+
+@pytest.mark.parametrize("ops_name", ["cpu", "triton-interpreter"])
+def test_shard_terms_direct_needs_a_known_sum(ops_name):
+    """row_direct is refused where sum G is not known beforehand (JSD, TVD), without a g buffer or with an h."""
+    ops, dev = _shard_ops(ops_name)
+    s = torch.randn(3, 40)
+    st = torch.zeros(3, 5)
+    read, direct, g = torch.ones(3), torch.ones(3, 2), torch.empty(3, 40)
+    kl, none = R.divergence_coefficients("forward_kl"), torch.empty(0)
+    for kind, coefficients, g_buf, h_buf in ((0, R.divergence_coefficients("jsd"), g, none),
+                                             (1, (0.0, 0.0, 0.0, 0.0), g, none), (0, kl, none, none),
+                                             (0, kl, g, torch.empty(3, 40))):
+        with pytest.raises((ValueError, RuntimeError), match="row_direct"):
+            ops.divergence_shard_terms(s, s, st, 1.0, kind, *coefficients, read, direct, g_buf, h_buf)

@@ -186,7 +186,8 @@ def _shard_stats_args(s, t):
 
 
 def _shard_terms_args(s, t):
-    return {"S": f"*{s}", "T": f"*{t}", "STATS": "*fp32", "READ": "*fp32", "SUMS": "*fp32", "G": "*fp32",
+    return {"S": f"*{s}", "T": f"*{t}", "STATS": "*fp32", "READ": "*fp32", "DIRECT": "*fp32", "SUMS": "*fp32",
+            "G": "*fp32",
             "H": "*fp32", "stride_s": "D", "stride_t": "D", "stride_g": "D", "stride_h": "D", "n_cols": "D",
             "inv_temp": "fp32", "a": "fp32", "b": "fp32", "w_p": "fp32", "w_q": "fp32"}
 
@@ -209,14 +210,18 @@ def _shard_jobs(add):
             add("shard_stats", arch, f32, dict(HAS_CE=ce, BLOCK=block), warps, "A" if arch == 90 else "C")
         for kind, gs, gt in itertools.product((0, 1), BOOLS, BOOLS):
             if arch == 90 or (gs and gt):
-                add("shard_terms", arch, f32, dict(KIND=kind, GRAD_S=gs, GRAD_T=gt, BLOCK=block), warps,
-                    "A" if arch == 90 else "C")
+                add("shard_terms", arch, f32, dict(KIND=kind, GRAD_S=gs, GRAD_T=gt, STORE_GRAD=False, BLOCK=block),
+                    warps, "A" if arch == 90 else "C")
+        # forward KL with no teacher gradient: the student's gradient from the terms pass
+        add("shard_terms", arch, f32, dict(KIND=0, GRAD_S=True, GRAD_T=False, STORE_GRAD=True, BLOCK=block), warps,
+            "A" if arch == 90 else "C")
         for kind, (gs, gt) in itertools.product((0, 1), ((True, True), (True, False), (False, True))):
             if arch == 90 or (gs and gt):
                 add("shard_grad", arch, f32, dict(KIND=kind, GRAD_S=gs, GRAD_T=gt, BLOCK=block), warps,
                     "A" if arch == 90 else "C")
     for b, w in row_configs():
-        add("shard_terms", 90, f32, dict(KIND=0, GRAD_S=True, GRAD_T=True, BLOCK=b), w, "B")
+        add("shard_terms", 90, f32, dict(KIND=0, GRAD_S=True, GRAD_T=True, STORE_GRAD=False, BLOCK=b), w, "B")
+        add("shard_terms", 90, f32, dict(KIND=0, GRAD_S=True, GRAD_T=False, STORE_GRAD=True, BLOCK=b), w, "B")
 
 
 def _mask_args(x):

@@ -5,11 +5,14 @@
 //   divergence_shard_stats  per row, over the shard: raw maxima of s and t and the
 //                           sums of exp((x - max) / T) relative to them (and, for the
 //                           cross-entropy, of exp(s - max_s)): [N, 5]
-//   divergence_shard_terms  given the whole-vocabulary (M_s, L_s, M_t, L_t): the
+//   divergence_shard_terms  given the whole-vocabulary (M_s, L_s, M_t, L_t, L_1): the
 //                           shard's part of the loss, of sum G, sum H and of TVD's
 //                           sign masses ([N, 8]),
 //                           with G and H written to the caller's float32 [N, V_local]
-//                           buffers (the gradient buffers themselves for float32 inputs)
+//                           buffers (the gradient buffers themselves for float32 inputs);
+//                           where sum G is known beforehand (kMixQ: forward KL, -(a + b))
+//                           and row_direct [N, 2] gives (coef_s, ce), the student's
+//                           gradient itself instead (no grad pass; no teacher gradient)
 //   divergence_shard_grad   given the whole-vocabulary sum G, sum H (TVD: the sign
 //                           masses) and the row coefficients: G, H turned in place into
 //                           the gradients coef_s (G - q sum G) + ce q1, coef_t (H - p sum H)
@@ -109,15 +112,23 @@ at::Tensor shard_stats_cpu(const at::Tensor& student, const at::Tensor& teacher,
   return out;
 }
 
-// One row of divergence_shard_terms: writes G (kG), H (kH); returns (soft, sum G, sum H) and, for TVD, the
-// sign masses (q_lt, q_gt, p_lt, p_gt, tie of DivTvdSums) that divergence_shard_grad needs instead of G, H.
-// The stores are compile-time choices: a null test per class kept the loop from vectorising.
-template <int kKind, int kMix, int kForm, bool kG, bool kH>
+// How divergence_shard_terms stores the student's side: G, or (kMixQ, sum G known) the gradient
+// coef_s (G - q sum G) with or without the cross-entropy's ce softmax(s) at T = 1.
+enum ShardStore { kStoreG = 0, kStoreGrad = 1, kStoreGradCE = 2 };
+
+// One row of divergence_shard_terms: writes G or the student's gradient (kG, kStore), H (kH); returns (soft,
+// sum G, sum H) and, for TVD, the sign masses (q_lt, q_gt, p_lt, p_gt, tie of DivTvdSums) that
+// divergence_shard_grad needs instead of G, H. direct: (coef_s, ce) of kStoreGrad*. The stores are
+// compile-time choices: a null test per class kept the loop from vectorising.
+template <int kKind, int kMix, int kForm, bool kG, bool kH, int kStore = kStoreG>
 FASTKD_CPU_CLONES void terms_row(const DivParams& dp, const float* s, const float* t, int64_t V, float inv_t,
-                                 const float* st, float* g, float* h, float* out) {
+                                 const float* st, const float* direct, float* g, float* h, float* out) {
+  static_assert(kStore == kStoreG || (kKind == kDivKL && kMix == kMixQ), "sum G is known in kMixQ only");
   const DivParams d = dp;
-  const float ms = st[0], ls = st[1], mt = st[2], lt = st[3];
+  const float ms = st[0], ls = st[1], mt = st[2], lt = st[3], l1 = st[4];
   const float dm = mt - ms, dl = ls - lt;
+  const float coef_s = kStore == kStoreG ? 0.0f : direct[0], ce = kStore == kStoreGradCE ? direct[1] : 0.0f;
+  const float known = div_known_sum(d);
   // double sums: sum G and G - q sum G nearly cancel on the largest classes (see divergence.cpp)
   double so = 0.0, sg = 0.0, sh = 0.0, q_lt = 0.0, q_gt = 0.0, p_lt = 0.0, p_gt = 0.0, tie = 0.0;
 #pragma omp simd reduction(+ : so, sg, sh, q_lt, q_gt, p_lt, p_gt, tie)
@@ -135,7 +146,9 @@ FASTKD_CPU_CLONES void terms_row(const DivParams& dp, const float* s, const floa
       p_gt += p > q ? p : 0.0f;
       tie += p == q ? p : 0.0f;
     }
-    if (kG) g[j] = x.g;
+    if (kG && kStore == kStoreG) g[j] = x.g;
+    if (kG && kStore == kStoreGrad) g[j] = coef_s * (x.g - q * known);
+    if (kG && kStore == kStoreGradCE) g[j] = coef_s * (x.g - q * known) + ce * vexp(div_log_prob(s[j], ms, 1.0f, l1));
     if (kH) h[j] = x.h;
   }
   // (a NaN or all -inf row, which the zero-probability selects hide, is made NaN by the caller from the lse)
@@ -146,22 +159,39 @@ FASTKD_CPU_CLONES void terms_row(const DivParams& dp, const float* s, const floa
 template <int kKind, int kMix, int kForm>
 void terms_row_any(const DivParams& d, const float* s, const float* t, int64_t V, float inv_t, const float* st,
                    float* g, float* h, float* out) {
-  if (g && h) terms_row<kKind, kMix, kForm, true, true>(d, s, t, V, inv_t, st, g, h, out);
-  else if (g) terms_row<kKind, kMix, kForm, true, false>(d, s, t, V, inv_t, st, g, h, out);
-  else if (h) terms_row<kKind, kMix, kForm, false, true>(d, s, t, V, inv_t, st, g, h, out);
-  else terms_row<kKind, kMix, kForm, false, false>(d, s, t, V, inv_t, st, g, h, out);
+  if (g && h) terms_row<kKind, kMix, kForm, true, true>(d, s, t, V, inv_t, st, nullptr, g, h, out);
+  else if (g) terms_row<kKind, kMix, kForm, true, false>(d, s, t, V, inv_t, st, nullptr, g, h, out);
+  else if (h) terms_row<kKind, kMix, kForm, false, true>(d, s, t, V, inv_t, st, nullptr, g, h, out);
+  else terms_row<kKind, kMix, kForm, false, false>(d, s, t, V, inv_t, st, nullptr, g, h, out);
+}
+
+// The student's gradient straight from the terms pass (kMixQ, row_direct given; g only, no H).
+void terms_row_direct(const DivParams& d, const float* s, const float* t, int64_t V, float inv_t, const float* st,
+                      const float* direct, float* g, float* out) {
+  if (direct[1] != 0.0f)
+    terms_row<kDivKL, kMixQ, kFormGeneral, true, false, kStoreGradCE>(d, s, t, V, inv_t, st, direct, g, nullptr, out);
+  else
+    terms_row<kDivKL, kMixQ, kFormGeneral, true, false, kStoreGrad>(d, s, t, V, inv_t, st, direct, g, nullptr, out);
 }
 
 // g, h: float32 [N, V] outputs for G and H (rows contiguous, any row stride), or empty (not wanted).
+// row_direct: empty, or [N, 2] (coef_s, ce) for g to receive the student's gradient (kMixQ, no h: with a
+// teacher gradient the grad pass runs anyway, and the Triton kernel with both spilled).
 at::Tensor shard_terms_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_stats,
                            double temperature, int64_t kind, double a, double b, double w_p, double w_q,
-                           const at::Tensor& row_read, at::Tensor g, at::Tensor h) {
+                           const at::Tensor& row_read, const at::Tensor& row_direct, at::Tensor g, at::Tensor h) {
   check_shard_pair(student, teacher, kind);
   const int64_t N = student.size(0), V = student.size(1);
-  check_row_matrix(row_stats, N, 4, "row_stats");
+  check_row_matrix(row_stats, N, 5, "row_stats");
   check_row_vector(row_read, N, at::kFloat, "row_read");
   const DivParams d = div_params(static_cast<int>(kind), static_cast<float>(a), static_cast<float>(b),
                                  static_cast<float>(w_p), static_cast<float>(w_q));
+  const bool direct = row_direct.numel() > 0;
+  if (direct) {
+    check_row_matrix(row_direct, N, 2, "row_direct");
+    TORCH_CHECK_VALUE(d.kind == kDivKL && d.mix == kMixQ && g.numel() > 0 && h.numel() == 0,
+                      "fastkd: row_direct needs the KL family with w_p = 0 (sum G known), a g buffer and no h");
+  }
   const float inv_t = static_cast<float>(1.0 / temperature);
   const bool has_g = g.numel() > 0, has_h = h.numel() > 0;
   if (has_g) check_shard_rows(g, "g");
@@ -173,6 +203,7 @@ at::Tensor shard_terms_cpu(const at::Tensor& student, const at::Tensor& teacher,
   const float* t_all = teacher.const_data_ptr<float>();
   const float* stats = row_stats.const_data_ptr<float>();
   const float* read = row_read.const_data_ptr<float>();
+  const float* coef = direct ? row_direct.const_data_ptr<float>() : nullptr;
   float* g_all = has_g ? g.mutable_data_ptr<float>() : nullptr;
   float* h_all = has_h ? h.mutable_data_ptr<float>() : nullptr;
   float* out = sums.mutable_data_ptr<float>();
@@ -188,10 +219,13 @@ at::Tensor shard_terms_cpu(const at::Tensor& student, const at::Tensor& teacher,
       }
       const float* s = s_all + i * student.stride(0);
       const float* t = t_all + i * teacher.stride(0);
-      const float* st = stats + 4 * i;
+      const float* st = stats + 5 * i;
 #define FASTKD_SHARD_TERMS(KIND, MIX, FORM) terms_row_any<KIND, MIX, FORM>(d, s, t, V, inv_t, st, gi, hi, out + 8 * i)
-      if (d.kind == kDivTVD)  // the gradient comes from the sign masses: no G, H
-        terms_row<kDivTVD, kMixBoth, kFormGeneral, false, false>(d, s, t, V, inv_t, st, gi, hi, out + 8 * i);
+      if (direct)
+        terms_row_direct(d, s, t, V, inv_t, st, coef + 2 * i, gi, out + 8 * i);
+      else if (d.kind == kDivTVD)  // the gradient comes from the sign masses: no G, H
+        terms_row<kDivTVD, kMixBoth, kFormGeneral, false, false>(d, s, t, V, inv_t, st, nullptr, gi, hi,
+                                                                  out + 8 * i);
       else if (d.mix == kMixQ) FASTKD_SHARD_TERMS(kDivKL, kMixQ, kFormGeneral);
       else if (d.mix == kMixP) FASTKD_SHARD_TERMS(kDivKL, kMixP, kFormGeneral);
       else if (form == kFormProp) FASTKD_SHARD_TERMS(kDivKL, kMixBoth, kFormProp);

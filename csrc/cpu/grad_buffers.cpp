@@ -100,16 +100,30 @@ GradBufferCache& cache() {
 
 void empty_grad_cache() { cache().clear(); }
 
+// An uninitialised contiguous CPU buffer, from the cache when it is large enough.
+at::Tensor cached_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const size_t bytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
+  if (bytes < kMinBytes) return at::empty(sizes, options);
+  void* data = cache().take(bytes);
+  return at::from_blob(data, sizes, [bytes](void* p) { cache().give_back(p, bytes); }, options);
+}
+
+// fastkd::grad_buffer: the same buffers for gradients formed in Python (fastkd/distributed.py's stored
+// gradients on CPU tensors, written by the shard kernels).
+at::Tensor grad_buffer(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return cached_empty(sizes, at::TensorOptions().dtype(dtype).device(at::kCPU));
+}
+
 }  // namespace
 
 at::Tensor grad_like(const at::Tensor& x, bool wanted) {
   if (!wanted) return at::empty({0}, x.options());
-  const size_t bytes = x.numel() * x.element_size();
-  if (bytes < kMinBytes) return at::empty_like(x, at::MemoryFormat::Contiguous);
-  void* data = cache().take(bytes);
-  return at::from_blob(data, x.sizes(), [bytes](void* p) { cache().give_back(p, bytes); }, x.options());
+  return cached_empty(x.sizes(), x.options().memory_format(c10::nullopt));
 }
 
-TORCH_LIBRARY_FRAGMENT(fastkd, m) { m.def("empty_grad_cache() -> ()", &empty_grad_cache); }
+TORCH_LIBRARY_FRAGMENT(fastkd, m) {
+  m.def("empty_grad_cache() -> ()", &empty_grad_cache);
+  m.def("grad_buffer(int[] size, ScalarType dtype) -> Tensor", &grad_buffer);
+}
 
 }  // namespace fastkd

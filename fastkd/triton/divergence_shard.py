@@ -7,10 +7,12 @@ per-row numbers between them done by the caller:
 
 * ``divergence_shard_stats``: raw maxima of s and t and the sums of ``exp((x - max) / T)``
   relative to them (and of ``exp(s - max_s)`` for the cross-entropy): ``[N, 5]``.
-* ``divergence_shard_terms``: given the whole-vocabulary ``(M_s, L_s, M_t, L_t)``, the shard's
+* ``divergence_shard_terms``: given the whole-vocabulary ``(M_s, L_s, M_t, L_t, L_1)``, the shard's
   part of the loss, of ``sum G``, ``sum H`` and of TVD's sign masses (``[N, 8]``), G and H written to the
   caller's float32 ``[N, V_local]`` buffers (empty: not wanted; ``_bucket_terms``: the
-  single-process kernel's math).
+  single-process kernel's math). With ``row_direct`` ``[N, 2]`` = ``(coef_s, ce)`` (the KL family
+  with ``w_p = 0``, whose ``sum G = -(a + b)`` is known beforehand; no teacher gradient) G's
+  buffer receives the student's gradient itself, and the grad pass is not needed.
 * ``divergence_shard_grad``: G, H made the gradients in place,
   ``coef_s (G - q sum G) + ce softmax(s)``, ``coef_t (H - p sum H)`` (TVD: the sign-mass
   form ``0.5 coef q div_tvd_factor`` from the logits).
@@ -55,16 +57,21 @@ def _shard_stats_kernel(S, T, READ, OUT, stride_s, stride_t, n_cols, inv_temp,
 
 
 @triton.jit
-def _shard_terms_kernel(S, T, STATS, READ, SUMS, G, H, stride_s, stride_t, stride_g, stride_h, n_cols, inv_temp,
-                        a, b, w_p, w_q,
-                        KIND: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr):
+def _shard_terms_kernel(S, T, STATS, READ, DIRECT, SUMS, G, H, stride_s, stride_t, stride_g, stride_h, n_cols,
+                        inv_temp, a, b, w_p, w_q,
+                        KIND: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, STORE_GRAD: tl.constexpr,
+                        BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     live = tl.load(READ + row) != 0.0
     n_live = tl.where(live, n_cols, 0)
-    m_s = tl.load(STATS + row * 4)
-    l_s = tl.load(STATS + row * 4 + 1)
-    m_t = tl.load(STATS + row * 4 + 2)
-    l_t = tl.load(STATS + row * 4 + 3)
+    m_s = tl.load(STATS + row * 5)
+    l_s = tl.load(STATS + row * 5 + 1)
+    m_t = tl.load(STATS + row * 5 + 2)
+    l_t = tl.load(STATS + row * 5 + 3)
+    if STORE_GRAD:  # sum G = -(a + b) (w_p = 0): G's buffer gets coef_s (G - q sum G) + ce softmax(s)
+        l_1 = tl.load(STATS + row * 5 + 4)
+        c_s = tl.load(DIRECT + row * 2)
+        ce = tl.load(DIRECT + row * 2 + 1)
     log_wp = tl.log(w_p)  # -inf for 0: the mixture then reduces to the other side exactly
     log_wq = tl.log(w_q)
     cols = tl.arange(0, BLOCK)
@@ -99,7 +106,11 @@ def _shard_terms_kernel(S, T, STATS, READ, SUMS, G, H, stride_s, stride_t, strid
             p_gt += tl.sum(tl.where(p > q, p, 0.0), 0)
             tie += tl.sum(tl.where(p == q, p, 0.0), 0)
         if GRAD_S:
-            tl.store(G + row * stride_g + offs, gq, mask=mask)
+            if STORE_GRAD:
+                g = c_s * (gq + (a + b) * tl.exp(lq)) + tl.where(ce == 0.0, 0.0, ce * tl.exp((s - m_s) - l_1))
+                tl.store(G + row * stride_g + offs, tl.where(read, g, 0.0), mask=mask)
+            else:
+                tl.store(G + row * stride_g + offs, gq, mask=mask)
         if GRAD_T:
             tl.store(H + row * stride_h + offs, hp, mask=mask)
     # (a NaN or all -inf row, which the zero-probability selects may hide, is made NaN by the caller from
@@ -199,17 +210,22 @@ def _out_rows(x: torch.Tensor, like: torch.Tensor, name: str) -> int:
 
 
 def divergence_shard_terms(student, teacher, row_stats, temperature: float, kind: int, a: float, b: float,
-                           w_p: float, w_q: float, row_read, g, h) -> torch.Tensor:
+                           w_p: float, w_q: float, row_read, row_direct, g, h) -> torch.Tensor:
     s, t = _rows(student, "student"), _rows(teacher, "teacher")
     n, v = s.shape
     stride_g, stride_h = _out_rows(g, s, "g"), _out_rows(h, s, "h")
+    direct = row_direct.numel() > 0
+    if direct and not (kind == 0 and w_p == 0.0 and g.numel() > 0 and h.numel() == 0 and row_direct.shape == (n, 2)):
+        raise ValueError("fastkd: row_direct [N, 2] needs the KL family with w_p = 0 (sum G known), a g buffer "
+                         "and no h (with a teacher gradient the grad pass runs anyway; both together spilled)")
     sums = torch.zeros((n, 8), dtype=torch.float32, device=s.device)  # (the KL family leaves the masses 0)
     if n:
         block, warps = row_config(v)
         with device_guard(s):
-            _shard_terms_kernel[(n,)](s, t, row_stats, row_read, sums, g, h, s.stride(0), t.stride(0), stride_g,
-                                      stride_h, v, 1.0 / temperature, a, b, w_p, w_q, KIND=kind,
-                                      GRAD_S=g.numel() > 0, GRAD_T=h.numel() > 0, BLOCK=block, num_warps=warps)
+            _shard_terms_kernel[(n,)](s, t, row_stats, row_read, row_direct if direct else row_read, sums, g, h,
+                                      s.stride(0), t.stride(0), stride_g, stride_h, v, 1.0 / temperature, a, b,
+                                      w_p, w_q, KIND=kind, GRAD_S=g.numel() > 0, GRAD_T=h.numel() > 0,
+                                      STORE_GRAD=direct, BLOCK=block, num_warps=warps)
     return sums
 
 
