@@ -56,9 +56,10 @@ float32 temporaries (about 12 x ``[rows, V_local]`` for a dense teacher with bot
 gradients) freed before the next. The shard kernels on float32 logits make no
 ``[rows, V_local]`` temporaries (they write into the gradient buffers), so they take
 all rows in one chunk: three collectives per call, not three per chunk.
-What outlives the call: the stored gradients, in the input dtype. Measured peak
-over the inputs, ``[1024, 32000]`` float32 in a group of one process: 4.2 x ``[N, V]`` for KD
-with both gradients (2 of them the gradients), 2.0 x for a top-32 teacher.
+What outlives the call: the stored gradients, in the input dtype. Measured peak (RSS high-water
+mark) over the inputs, ``[1024, 32000]`` float32 in a group of one process: 2.08 x ``[N, V]``
+for KD with both gradients (the two gradients), 1.00 x with the student's only, 2.0 x for a
+top-32 teacher (PyTorch math: one gradient and the chunk temporaries).
 Math in float32 (float64 for float64 inputs), whatever the input dtype.
 
 Values are checked where reading them is free (CPU tensors; ``fastkd.set_value_checks``):
