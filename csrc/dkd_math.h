@@ -69,13 +69,14 @@ FASTKD_HD DKDRow dkd_finish(const KDStats& other, float a_g, float b_g) {
   const float p_sg = expf(lp_sg), p_tg = expf(lp_tg);
   const float r1_s = expf(l1_sg), r1_t = expf(l1_tg);  // 1 - p_g
   DKDRow r;
-  r.tckd = (p_tg > 0.0f ? p_tg * (lp_tg - lp_sg) : 0.0f) + (r1_t > 0.0f ? r1_t * (l1_tg - l1_sg) : 0.0f);
+  // (where_positive: a NaN teacher probability stays NaN, never a 0 term)
+  r.tckd = where_positive(p_tg, p_tg * (lp_tg - lp_sg)) + where_positive(r1_t, r1_t * (l1_tg - l1_sg));
   // No teacher mass outside g (e.g. C == 1): the non-target distribution is empty, NCKD = 0.
-  r.m_t = other.zt > 0.0f ? 1.0f : 0.0f;
-  r.nckd = other.zt > 0.0f ? other.cross / other.zt - lse_ot + lse_os : 0.0f;
+  r.m_t = other.zt != 0.0f ? 1.0f : 0.0f;  // (a NaN sum counts as mass: NaN NCKD, not 0)
+  r.nckd = other.zt != 0.0f ? other.cross / other.zt - lse_ot + lse_os : 0.0f;
   r.d = p_sg + p_tg > 1.0f ? r1_t - r1_s : p_sg - p_tg;
   const float pq_t = expf(lp_tg + l1_tg);
-  r.big_d = pq_t > 0.0f ? ((lp_tg - lp_sg) - (l1_tg - l1_sg)) * pq_t : 0.0f;
+  r.big_d = where_positive(pq_t, ((lp_tg - lp_sg) - (l1_tg - l1_sg)) * pq_t);
   // q_c = exp(x_c - lse'): with lse' = -inf every x_c (c != g) is -inf too, and
   // -inf - -inf would give NaN; +inf gives exp(-inf) = 0, the right q.
   r.norm_s = lse_os == -INFINITY ? INFINITY : lse_os;

@@ -45,10 +45,12 @@ FASTKD_HD float rescale(float m_old, float m_new) {
 
 FASTKD_HD float max_ignoring_nan(float x, float y) { return x > y ? x : y; }
 
-// v where p > 0, else 0: the xlogy convention (a term of probability 0 adds 0 even
-// when v is NaN or inf). v is an argument, computed unconditionally: a plain select,
-// which the CPU loops vectorise (given the -fno-trapping-math of csrc/cpu/vec_exp.h).
-FASTKD_HD float where_positive(float p, float v) { return p > 0.0f ? v : 0.0f; }
+// 0 where the probability p is 0, else v: the xlogy convention (a term of probability
+// 0 adds 0 even when v is NaN or inf). A NaN p keeps v (NaN): a NaN logit must reach the
+// loss and the gradients, not vanish as a zero probability. v is an argument, computed
+// unconditionally: a plain select, which the CPU loops vectorise (given the
+// -fno-trapping-math of csrc/cpu/vec_exp.h).
+FASTKD_HD float where_positive(float p, float v) { return p == 0.0f ? 0.0f : v; }
 
 // Partial statistics of one row (or part of one): running maxima and sums of
 // exp for student (ms, zs) and teacher (mt, zt), and cross = sum exp(b - mt) (b - a).

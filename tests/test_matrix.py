@@ -247,6 +247,27 @@ def test_skipped_rows_are_not_read(loss, backend):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("net", ("student", "teacher"))
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("loss", ("kd", "kd_ce", "ats", "dkd", "dist", "reverse_kl", "jsd", "skew_kl", "tvd"))
+def test_nan_logit_gives_nan_where_the_reference_does(loss, backend, net):
+    """One NaN logit (in a row's ragged tail, past the first block): the loss rows and every gradient entry
+    are NaN exactly where the float64 reference's are (the row's whole gradient for both nets, except TVD's
+    other net, whose sign term the reference makes 0; DIST: every row), never 0 or finite in their place."""
+    s, t, target, temperature = _case(loss, backend, "ragged_2x2048+5", torch.float32, "contiguous", seed=6)
+    (s if net == "student" else t)[1, 2 * 2048 + 3] = float("nan")
+    reduction = "sum" if loss == "dist" else "none"
+    results = [_run(loss, name, x.double() if name == "reference" else x, y.double() if name == "reference" else y,
+                    target, None, temperature, reduction)
+               for name, x, y in ((backend, s, t), ("reference", s, t))]
+    (out, grads), (ref_out, ref_grads) = results
+    assert torch.equal(out.isnan().cpu(), ref_out.isnan().cpu()) and ref_out.isnan().any()
+    for name, g, r in zip(("student", "teacher"), grads, ref_grads):
+        assert r.isnan().any() or name != net, f"the reference's {name} gradient has no NaN"
+        assert torch.equal(g.isnan().cpu(), r.isnan().cpu()), (
+            f"{name} gradient: NaN at {int(g.isnan().sum())} entries, the reference at {int(r.isnan().sum())}")
+
+
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("offset", [1e3, 1e4])
 def test_temperature_gradient_with_large_logit_offset(backend, offset):

@@ -65,9 +65,10 @@ def log1p_pos(x):
 
 @triton.jit
 def logaddexp(x, y):
-    """log(exp(x) + exp(y)) without overflow; -inf when both are -inf."""
-    hi = tl.maximum(x, y)
-    lo = tl.minimum(x, y)
+    """log(exp(x) + exp(y)) without overflow; -inf when both are -inf; NaN when either is NaN (the default
+    maximum / minimum return the other operand: a NaN row sum became finite, log 2 above the other)."""
+    hi = tl.maximum(x, y, propagate_nan=tl.PropagateNan.ALL)
+    lo = tl.minimum(x, y, propagate_nan=tl.PropagateNan.ALL)
     hi_safe = tl.where(hi == float("-inf"), 0.0, hi)
     return hi + log1p_pos(tl.exp(lo - hi_safe))
 

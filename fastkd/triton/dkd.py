@@ -81,7 +81,7 @@ def _dkd_kernel(
         b = tl.load(t_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32) * inv_temp
         m_s, z_s, _e_s, _al_s = online_update(m_s, z_s, a)
         m_t, z_t, e_t, alpha_t = online_update(m_t, z_t, b)
-        diff = tl.where(e_t > 0.0, b - a, 0.0)
+        diff = tl.where(e_t == 0.0, 0.0, b - a)  # (== 0, not > 0: a NaN stays NaN, as in csrc/kd_math.h)
         acc = acc * alpha_t + tl.sum(e_t * diff, 0)
     lse_os = m_s + tl.log(z_s)  # lse over c != g (-inf when there is no such class)
     lse_ot = m_t + tl.log(z_t)
@@ -95,10 +95,10 @@ def _dkd_kernel(
     p_tg = tl.exp(lp_tg)
     q1_s = tl.exp(l1_sg)  # 1 - p_sg
     q1_t = tl.exp(l1_tg)
-    tckd = tl.where(p_tg > 0.0, p_tg * (lp_tg - lp_sg), 0.0) + tl.where(q1_t > 0.0, q1_t * (l1_tg - l1_sg), 0.0)
+    tckd = tl.where(p_tg == 0.0, 0.0, p_tg * (lp_tg - lp_sg)) + tl.where(q1_t == 0.0, 0.0, q1_t * (l1_tg - l1_sg))
     # No non-target teacher mass (C == 1, a one-hot or masked teacher): the non-target
     # distribution is empty, NCKD = 0 and its student gradient vanishes (m_t = 0).
-    has_t = z_t > 0.0
+    has_t = z_t != 0.0  # (a NaN sum counts as mass: NaN NCKD, not 0)
     nckd = tl.where(has_t, acc / z_t - lse_ot + lse_os, 0.0)
     m_t = tl.where(has_t, 1.0, 0.0)
     # q_c = exp(x_c - lse'): where lse' = -inf every x_c (c != g) is -inf too and
@@ -114,7 +114,7 @@ def _dkd_kernel(
         # p_sg - p_tg, from whichever side of 1/2 keeps the operands small
         d = tl.where(p_sg + p_tg > 1.0, q1_t - q1_s, p_sg - p_tg)
         pq_t = tl.exp(lp_tg + l1_tg)  # p_tg (1 - p_tg)
-        big_d = tl.where(pq_t > 0.0, ((lp_tg - lp_sg) - (l1_tg - l1_sg)) * pq_t, 0.0)
+        big_d = tl.where(pq_t == 0.0, 0.0, ((lp_tg - lp_sg) - (l1_tg - l1_sg)) * pq_t)
         for start in range(0, n_cols, BLOCK):
             offs = start + cols
             mask = offs < n_cols
@@ -133,7 +133,7 @@ def _dkd_kernel(
                 gs = tl.where(ok, coef * gs, fill)
                 tl.store(GS + row * stride_gs + offs, gs.to(GS.dtype.element_ty), mask=mask)
             if GRAD_T:
-                nc = tl.where(q_t > 0.0, q_t * (log_qt - log_qs - nckd), 0.0)
+                nc = tl.where(q_t == 0.0, 0.0, q_t * (log_qt - log_qs - nckd))
                 gt = tl.where(is_g, alpha * big_d, -alpha * big_d * q_t + beta * nc)
                 gt = tl.where(ok, coef * gt, fill)
                 tl.store(GT + row * stride_gt + offs, gt.to(GT.dtype.element_ty), mask=mask)
