@@ -530,7 +530,10 @@ def fused_linear_kd_loss(
     n = math.prod(lead)
     equal = None
     if sharded:
-        equal = D._check_group_shapes(n, vocab, process_group, dev)  # before any per-row collective
+        teacher_dtype = {"topk": lambda: topk.logprobs, "pair": lambda: teacher_hidden,
+                         "logits": lambda: teacher_logits}[teacher_kind]().dtype
+        equal = D._check_group_shapes(n, vocab, process_group, dev,  # before any per-row collective
+                                      (student_hidden.dtype, student_weight.dtype, teacher_dtype))
         op = D.fused_linear_row_op(divergence, beta, skew, topk.mode if topk is not None else None, pass_target,
                                    process_group, vocab, equal)
     else:

@@ -265,6 +265,17 @@ def _vocab_checks(rank, world, failures, full=True):
             d, r = _divergence_case(fn, kind, params, t2, temperature=2.0, reduction=red, target=target,
                                     sample_weight=weight, ce_weight=0.3, return_parts=True)
             _compare_loss(f"{name} dense {red} ce", rank, world, failures, d, r, s, t, dtype, parts=True)
+        if full:
+            # the student's gradient only (forward KL: written by the terms pass); a float32 student with a
+            # bf16 teacher (row chunks: the float32 gradient buffer written chunk by chunk)
+            d, r = _divergence_case(fn, kind, params, t2, temperature=2.0, reduction=red, target=target,
+                                    sample_weight=weight, ce_weight=0.3)
+            _compare_loss(f"{name} dense {red} ce student grad only", rank, world, failures, d, r, s, t,
+                          torch.float32, grad_t=False)
+            bf16 = torch.bfloat16
+            _compare_loss(f"{name} dense {red} ce bf16 teacher", rank, world, failures,
+                          lambda a, b, d=d: d(a, b.to(bf16)), lambda a, b, r=r: r(a, b.to(bf16).double()), s, t,
+                          torch.float32, grad_t=False)
         # 3-D, non-contiguous, per-row losses, no target
         d, r = _divergence_case(fn, kind, params, t2, temperature=1.5, reduction="none")
         _compare_loss(f"{name} 3-D none", rank, world, failures, d, r, s3t, t3t, torch.float32)
@@ -482,15 +493,14 @@ def _api_checks(rank, world, failures):
             with D.count_comm() as c:
                 D.kd_loss(_shard(torch.randn(n, 64 * world), rank, world), topk, 1.0, process_group=wd)
             assert (c.bytes, c.calls) == (4 * n * (2 + 2 + 5) + 32, 7), (c.bytes, c.calls)
-            # dense float32 logits on the CPU shard kernels: one chunk whatever CHUNK_MIN_ROWS (no
-            # [rows, V] temporaries to bound); bf16 logits are converted per chunk, so chunked
+            # dense float32 logits on the shard kernels: one chunk whatever CHUNK_MIN_ROWS (no [rows, V]
+            # temporaries to bound); bf16 logits are converted per chunk, so chunked
             s, t = _inputs((n, 64 * world), 31)
-            for dtype, chunks in ((torch.float32, 1 if DEVICE.type == "cpu" else None), (torch.bfloat16, 3)):
+            for dtype, chunks in ((torch.float32, 1), (torch.bfloat16, 3)):
                 s_d = _shard(s, rank, world).to(dtype).requires_grad_()
                 with D.count_comm() as c:
                     D.kd_loss(s_d, _shard(t, rank, world).to(dtype), 2.0, process_group=wd).backward()
-                if chunks is not None:
-                    assert (c.bytes, c.calls) == (4 * n * (2 + 2 + 2) + 32, 1 + 3 * chunks), (dtype, c.bytes, c.calls)
+                assert (c.bytes, c.calls) == (4 * n * (2 + 2 + 2) + 32, 1 + 3 * chunks), (dtype, c.bytes, c.calls)
         finally:
             D.CHUNK_MIN_ROWS = saved
 
@@ -518,6 +528,12 @@ def _api_checks(rank, world, failures):
                 assert "same rows" in str(e) and f"this rank {n + rank}" in str(e), str(e)
             else:
                 raise AssertionError("unequal row counts did not raise")
+        try:  # rank 0 passes a bf16 teacher, the others float32 (their row chunks would differ): all raise
+            D.kd_loss(s, t.to(torch.bfloat16) if rank == 0 else t, 2.0, process_group=wd)
+        except ValueError as e:
+            assert "same dtypes" in str(e), str(e)
+        else:
+            raise AssertionError("unequal dtypes did not raise")
         try:
             D.jsd_loss(s, t, process_group=None)
         except ValueError as e:
@@ -1147,6 +1163,7 @@ def test_shard_kernels_forward_kl_gradients(ops_name, teacher_grad, temperature)
     t = (torch.randn(n, v, generator=g) * 3).to(dev)
     t[1, 7] = float("-inf")  # a column the teacher masks, and one both mask
     s[1, 9] = t[1, 9] = float("-inf")
+    s[4, 4100] = float("-inf")  # q = 0 under teacher mass: loss inf, student gradient finite (G = -p there)
     read = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0], device=dev)
     coef = torch.tensor([0.5, 1.0, 1.0, 2.0, 0.25, 1.0], device=dev) * read
     ce = torch.tensor([0.3, 0.0, 0.0, 1.0, 0.0, 0.7], device=dev) * read
@@ -1183,12 +1200,14 @@ def test_shard_kernels_forward_kl_gradients(ops_name, teacher_grad, temperature)
         return ((x.double().cpu() - y).norm() / y.norm()).item()
 
     assert torch.equal(sums_d[:, :2], sums_p[:, :2])
-    assert rel(sums_d[:, 0][keep], kl.detach()[keep]) < 1e-5
+    finite = keep & torch.isfinite(kl.detach())
+    assert torch.isinf(sums_d[4, 0]) and finite.sum() == 4
+    assert rel(sums_d[:, 0][finite], kl.detach()[finite]) < 1e-5
     for got in (gs_d, gs_p):
         assert rel(got, want_s) < 1e-5, rel(got, want_s)
         assert torch.all(got[2] == 0)
-    if teacher_grad:
-        assert rel(gt_p, t64.grad) < 1e-5, rel(gt_p, t64.grad)
+    if teacher_grad:  # (the inf row's teacher gradient is not finite, in the reference too)
+        assert rel(gt_p[finite], t64.grad[finite]) < 1e-5, rel(gt_p[finite], t64.grad[finite])
         assert torch.all(gt_p[2] == 0)
 
 

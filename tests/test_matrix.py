@@ -269,6 +269,25 @@ def test_nan_logit_gives_nan_where_the_reference_does(loss, backend, net):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("loss", ("kd_ce", "reverse_kl"))
+def test_kl_with_zero_probability_under_the_other_nets_mass(loss, backend):
+    """Forward KL with q = 0 where p > 0 (a -inf student logit; reverse KL: a -inf teacher logit): that row's
+    loss is inf; the gradient w.r.t. the net with the zero probability is finite and equal to the float64
+    reference's (G = -a p there), the other net's non-finite exactly where the reference's is."""
+    s, t, target, temperature = _case(loss, backend, "ragged_2x2048+5", torch.float32, "contiguous", seed=7)
+    zero_side = 0 if loss == "kd_ce" else 1
+    (s, t)[zero_side][1, 2 * 2048 + 2] = float("-inf")
+    out, grads = _run(loss, backend, s, t, target, None, temperature, "none")
+    ref_out, ref_grads = _run(loss, "reference", s.double(), t.double(), target, None, temperature, "none")
+    assert torch.isinf(out[1]) and torch.isinf(ref_out[1]) and torch.isfinite(out[[0, 2, 3]]).all()
+    g, r = grads[zero_side], ref_grads[zero_side]
+    assert torch.isfinite(r).all() and torch.isfinite(g).all()
+    assert _rel_norm(g, r) < TOL[torch.float32][1], _rel_norm(g, r)
+    g, r = grads[1 - zero_side], ref_grads[1 - zero_side]
+    assert torch.equal(torch.isfinite(g).cpu(), torch.isfinite(r).cpu())
+
+
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("offset", [1e3, 1e4])
 def test_temperature_gradient_with_large_logit_offset(backend, offset):
     """dL/dT cancels: sum (p_s - p_t) a with a ~ offset / T. Fused kernels subtract the row max

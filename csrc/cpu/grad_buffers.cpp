@@ -102,7 +102,9 @@ void empty_grad_cache() { cache().clear(); }
 
 // An uninitialised contiguous CPU buffer, from the cache when it is large enough.
 at::Tensor cached_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  const size_t bytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
+  for (const int64_t d : sizes) TORCH_CHECK_VALUE(d >= 0, "fastkd: a gradient buffer size must be >= 0, got ", sizes);
+  // checked: a product past the address space raises instead of wrapping to a small allocation
+  const size_t bytes = at::detail::computeStorageNbytesContiguous(sizes, options.dtype().itemsize());
   if (bytes < kMinBytes) return at::empty(sizes, options);
   void* data = cache().take(bytes);
   return at::from_blob(data, sizes, [bytes](void* p) { cache().give_back(p, bytes); }, options);

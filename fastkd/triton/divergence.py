@@ -84,8 +84,10 @@ def _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND: tl.constexpr):
         lm = tl.where(w_p == 0.0, lq, tl.where(w_q == 0.0, lp, mixed))
         no_m = lm == float("-inf")
         lm_safe = tl.where(no_m, 0.0, lm)
-        r = tl.where(no_m, 0.0, tl.exp(log_wq + lq - lm_safe))  # w_q q / m
-        u = tl.where(no_m, 0.0, tl.exp(log_wp + lp - lm_safe))  # w_p p / m
+        # w_q q / m and w_p p / m; exactly 1 where m is that side alone (as csrc/divergence_math.h), also
+        # where its probability is 0: forward KL's G = -a p there (sum G = -(a + b) exactly; inf loss)
+        r = tl.where(w_p == 0.0, 1.0, tl.where(no_m, 0.0, tl.exp(log_wq + lq - lm_safe)))
+        u = tl.where(w_q == 0.0, 1.0, tl.where(no_m, 0.0, tl.exp(log_wp + lp - lm_safe)))
         kl_p = tl.where(p == 0.0, 0.0, p * (lp - lm))
         kl_q = tl.where(q == 0.0, 0.0, q * (lq - lm))
         ta = tl.where(a == 0.0, 0.0, a * kl_p)

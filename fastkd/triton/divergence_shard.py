@@ -215,9 +215,10 @@ def divergence_shard_terms(student, teacher, row_stats, temperature: float, kind
     n, v = s.shape
     stride_g, stride_h = _out_rows(g, s, "g"), _out_rows(h, s, "h")
     direct = row_direct.numel() > 0
-    if direct and not (kind == 0 and w_p == 0.0 and g.numel() > 0 and h.numel() == 0 and row_direct.shape == (n, 2)):
-        raise ValueError("fastkd: row_direct [N, 2] needs the KL family with w_p = 0 (sum G known), a g buffer "
-                         "and no h (with a teacher gradient the grad pass runs anyway; both together spilled)")
+    if direct and not (kind == 0 and w_p == 0.0 and g.numel() > 0 and h.numel() == 0 and row_direct.shape == (n, 2)
+                       and row_direct.dtype == torch.float32 and row_direct.is_contiguous()):
+        raise ValueError("fastkd: row_direct (contiguous float32 [N, 2]) needs the KL family with w_p = 0 (sum G "
+                         "known), a g buffer and no h (with a teacher gradient the grad pass runs anyway)")
     sums = torch.zeros((n, 8), dtype=torch.float32, device=s.device)  # (the KL family leaves the masses 0)
     if n:
         block, warps = row_config(v)
