@@ -641,9 +641,9 @@ def _divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
     if tvd:  # the gradients come from the sign masses (q_lt, q_gt, p_lt, p_gt, tie), not from sum G, sum H
         red = _all_reduce([part[:, 0]] + ([part[:, 3:]] if c.need_s or c.need_t else []), dist.ReduceOp.SUM, group)
         sum_g = sum_h = zeros
+        # (a NaN in one net: its sign comparisons are all False, so the other net's gradient is 0 there, as
+        # in the single-process losses and the reference)
         masses = red[1] if len(red) > 1 else torch.zeros((n, 5), dtype=f32, device=dev)
-        # a NaN row's sign comparisons are all False: NaN masses, or the other net's gradient would be 0
-        masses = torch.where(nan_rows.unsqueeze(1), torch.full_like(masses, float("nan")), masses)
     else:
         red = _all_reduce([part[:, 0], part[:, 1]] + ([part[:, 2]] if c.need_t else []), dist.ReduceOp.SUM, group)
         sum_g, sum_h = red[1], (red[2] if c.need_t else zeros)
@@ -686,9 +686,8 @@ def _tvd_rows(lp, lq, need_s, need_t, group):
     red = _all_reduce(parts, dist.ReduceOp.SUM, group)
     grad_a = grad_b = None
     if need_s or need_t:
-        # a NaN row's sign comparisons are all False: NaN masses, or the other net's gradient would be 0
-        masses = torch.where(torch.isnan(red[0]).unsqueeze(1), torch.full_like(red[1], float("nan")), red[1])
-        q_lt, q_gt, p_lt, p_gt, tie = masses.unsqueeze(2).unbind(1)
+        # (a NaN in one net gives the other net's gradient 0, as the single-process losses: see above)
+        q_lt, q_gt, p_lt, p_gt, tie = red[1].unsqueeze(2).unbind(1)
         if need_s:
             grad_a = 0.5 * q * _tvd_factor(q, p, q_lt, q_gt, tie)
         if need_t:
