@@ -45,7 +45,7 @@ Communication per call, in bytes (``comm_stats``; ``e`` = 4 for float32 math, 8
 for float64): ``e * N * (r1 + r2 + r3 + K) + 32`` with ``r1 + r2 + r3`` the
 number of per-row numbers (listed in ``PER_ROW_FLOATS``) and ``K``
 the top-k width (0 for dense teachers); the 32 bytes are the shape check (four
-int64: rows with the input dtypes, and shard width, ``_check_group_shapes``). It does not depend on
+int64: rows with the input dtypes and gradient flags, and shard width, ``_check_group_shapes``). It does not depend on
 ``V``. Calls: 1, then 2 or 3 per row chunk (below), at most 49 (4 on the shard kernels
 with float32 logits).
 
@@ -95,7 +95,8 @@ PER_ROW_FLOATS = {
            "(sum exp s at T=1, s[target]); SUM: 2 + 1 with teacher grad",
     "ats": "MAX: 2 (max s, max t / tau); SUM: 2 (sums of exp) + 2 with CE (sum exp s at T=1, s[target]); "
            "SUM: 2 + 1 with teacher grad",
-    "every call": "+ 4 int64 in one MAX call first (rows, -rows, width, -width: equal rows, dtypes and shards)",
+    "every call": "+ 4 int64 in one MAX call first (rows, -rows, width, -width: equal rows, dtypes, gradients "
+                  "wanted and shards)",
 }
 
 
@@ -276,36 +277,40 @@ def _masked_sum_exp(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tens
 
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
-_DTYPE_SLOTS = 64  # 4 codes per dtype, up to 3 dtypes
+_CALL_SLOTS = 1024  # 4 codes per dtype, 2 per gradient flag: room for 3 dtypes and 3 flags (512)
 
 
-def _check_group_shapes(rows: int, width: int, group, device, dtypes=()) -> torch.Tensor:
+def _check_group_shapes(rows: int, width: int, group, device, dtypes=(), grads=()) -> torch.Tensor:
     """One MAX all-reduce of (rows, -rows, width, -width), before any per-row collective.
 
-    Vocabulary-parallel ranks must hold the same rows and equally wide shards, and pass inputs of
-    the same ``dtypes`` (they choose the row chunks: float32 logits on the shard kernels take one):
-    otherwise the per-row collectives that follow would pair different rows, or differ in size and
-    hang. The dtypes ride in the row entries (``rows * 64 + code``). Where values are readable
-    (CPU tensors) a mismatch raises here, naming both counts. On a GPU nothing is read on the host:
-    the returned 0-d bool (True when the shards are equal) NaNs the loss and gradients
-    (``_poison``) where widths differ; unequal row counts or dtypes cannot be detected there
+    Vocabulary-parallel ranks must hold the same rows and equally wide shards, and make the same
+    call: inputs of the same ``dtypes`` (they choose the row chunks: float32 logits on the shard
+    kernels take one) and the same gradients wanted (``grads``: bools, which add per-row numbers).
+    Otherwise the per-row collectives that follow would pair different rows, or differ in size and
+    hang. Dtypes and flags ride in the row entries (``rows * 1024 + code``). Where values are
+    readable (CPU tensors) a mismatch raises here, naming both counts. On a GPU nothing is read on
+    the host: the returned 0-d bool (True when the shards are equal) NaNs the loss and gradients
+    (``_poison``) where widths differ; unequal row counts, dtypes or flags cannot be detected there
     without a host read (the next collectives differ in size: NCCL errors or hangs).
     """
     code = 0
     for dtype in dtypes:
         code = code * 4 + _DTYPE_CODES.get(dtype, 0)
-    assert code < _DTYPE_SLOTS, dtypes
-    x = torch.full((4,), rows * _DTYPE_SLOTS + code, dtype=torch.int64, device=device)  # no host-to-device copy
+    for flag in grads:
+        code = code * 2 + int(bool(flag))
+    assert code < _CALL_SLOTS, (dtypes, grads)
+    x = torch.full((4,), rows * _CALL_SLOTS + code, dtype=torch.int64, device=device)  # no host-to-device copy
     x[2:].fill_(width)
     x[1::2].neg_()
     x = _all_reduce([x], dist.ReduceOp.MAX, group)[0]
     if v.reads_values(x):
         most, least, widest, narrowest = int(x[0]), -int(x[1]), int(x[2]), -int(x[3])
-        most_rows, least_rows = most // _DTYPE_SLOTS, least // _DTYPE_SLOTS
+        most_rows, least_rows = most // _CALL_SLOTS, least // _CALL_SLOTS
         if most_rows == least_rows and most != least:
             names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
             raise ValueError(f"student_logits: every rank of a vocabulary-parallel group must pass inputs of the same "
-                             f"dtypes (this rank: {names}; another rank differs)")
+                             f"dtypes and requires_grad (this rank: {names}, gradients wanted {list(map(bool, grads))}"
+                             f"; another rank differs)")
         if most_rows != least_rows:
             raise ValueError(f"student_logits: every rank of a vocabulary-parallel group must hold the same rows "
                              f"(this rank {rows}, most {most_rows}, fewest {least_rows}); shard the vocabulary, "
@@ -520,7 +525,8 @@ def _divergence(student, teacher: Teacher, temperature, reduction, target, ignor
     tgt_all = target.reshape(n_all).to(torch.int64) if use_ce else None
 
     def compute():
-        equal = _check_group_shapes(n_all, width, process_group, dev, (student.dtype, t_in.dtype))
+        equal = _check_group_shapes(n_all, width, process_group, dev, (student.dtype, t_in.dtype),
+                                    (need_s, need_t, need_temp))
 
         def body(r, out):
             return _divergence_rows(c, s_all[r], t_all[r], ids_all[r] if topk else None,
@@ -1156,7 +1162,8 @@ def dkd_loss(student_logits, teacher_logits, target, *, process_group, alpha=1.0
         return rows * weight, soft * weight, hard * weight, grad_s, grad_t
 
     def compute():
-        equal = _check_group_shapes(n_all, width, process_group, student.device, (student.dtype, teacher.dtype))
+        equal = _check_group_shapes(n_all, width, process_group, student.device, (student.dtype, teacher.dtype),
+                                    (need_s, need_t))
         return _run_chunks(lambda r, _out: body(r, equal), n_all, student, teacher, need_s, need_t, reduction,
                            lead)
 
@@ -1223,7 +1230,8 @@ def ats_loss(student_logits, teacher_logits, target, *, process_group, target_te
         return rows * weight, soft * weight, hard * weight, grad_s, grad_t
 
     def compute():
-        equal = _check_group_shapes(n_all, width, process_group, student.device, (student.dtype, teacher.dtype))
+        equal = _check_group_shapes(n_all, width, process_group, student.device, (student.dtype, teacher.dtype),
+                                    (need_s, need_t))
         return _run_chunks(lambda r, _out: body(r, equal), n_all, student, teacher, need_s, need_t, reduction,
                            lead)
 

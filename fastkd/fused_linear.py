@@ -532,8 +532,10 @@ def fused_linear_kd_loss(
     if sharded:
         teacher_dtype = {"topk": lambda: topk.logprobs, "pair": lambda: teacher_hidden,
                          "logits": lambda: teacher_logits}[teacher_kind]().dtype
+        wants = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
+                      for x in (student_hidden, student_weight, student_bias))
         equal = D._check_group_shapes(n, vocab, process_group, dev,  # before any per-row collective
-                                      (student_hidden.dtype, student_weight.dtype, teacher_dtype))
+                                      (student_hidden.dtype, student_weight.dtype, teacher_dtype), wants)
         op = D.fused_linear_row_op(divergence, beta, skew, topk.mode if topk is not None else None, pass_target,
                                    process_group, vocab, equal)
     else:

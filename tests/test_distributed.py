@@ -534,6 +534,12 @@ def _api_checks(rank, world, failures):
             assert "same dtypes" in str(e), str(e)
         else:
             raise AssertionError("unequal dtypes did not raise")
+        try:  # rank 0 wants the teacher's gradient, the others not (round 3 would differ in size): all raise
+            D.kd_loss(s, t.clone().requires_grad_(rank == 0), 2.0, process_group=wd)
+        except ValueError as e:
+            assert "requires_grad" in str(e), str(e)
+        else:
+            raise AssertionError("unequal requires_grad did not raise")
         try:
             D.jsd_loss(s, t, process_group=None)
         except ValueError as e:
