@@ -692,7 +692,8 @@ def _tvd_rows(lp, lq, need_s, need_t, group):
     red = _all_reduce(parts, dist.ReduceOp.SUM, group)
     grad_a = grad_b = None
     if need_s or need_t:
-        # (a NaN in one net gives the other net's gradient 0, as the single-process losses: see above)
+        # (a NaN in one net: its sign comparisons are all False, so the other net's gradient is 0 there, as
+        # in the single-process losses and the reference)
         q_lt, q_gt, p_lt, p_gt, tie = red[1].unsqueeze(2).unbind(1)
         if need_s:
             grad_a = 0.5 * q * _tvd_factor(q, p, q_lt, q_gt, tie)

@@ -530,12 +530,12 @@ def fused_linear_kd_loss(
     n = math.prod(lead)
     equal = None
     if sharded:
-        teacher_dtype = {"topk": lambda: topk.logprobs, "pair": lambda: teacher_hidden,
-                         "logits": lambda: teacher_logits}[teacher_kind]().dtype
+        teacher_values = topk.logprobs if topk is not None else (
+            teacher_hidden if teacher_logits is None else teacher_logits)
         wants = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
                       for x in (student_hidden, student_weight, student_bias))
         equal = D._check_group_shapes(n, vocab, process_group, dev,  # before any per-row collective
-                                      (student_hidden.dtype, student_weight.dtype, teacher_dtype), wants)
+                                      (student_hidden.dtype, student_weight.dtype, teacher_values.dtype), wants)
         op = D.fused_linear_row_op(divergence, beta, skew, topk.mode if topk is not None else None, pass_target,
                                    process_group, vocab, equal)
     else:

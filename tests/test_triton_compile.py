@@ -187,8 +187,7 @@ def _shard_stats_args(s, t):
 
 def _shard_terms_args(s, t):
     return {"S": f"*{s}", "T": f"*{t}", "STATS": "*fp32", "READ": "*fp32", "DIRECT": "*fp32", "SUMS": "*fp32",
-            "G": "*fp32",
-            "H": "*fp32", "stride_s": "D", "stride_t": "D", "stride_g": "D", "stride_h": "D", "n_cols": "D",
+            "G": "*fp32", "H": "*fp32", "stride_s": "D", "stride_t": "D", "stride_g": "D", "stride_h": "D", "n_cols": "D",
             "inv_temp": "fp32", "a": "fp32", "b": "fp32", "w_p": "fp32", "w_q": "fp32"}
 
 
