@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from fastkd import _reference_divergence as R
-from fastkd._validation import row_weights
+from fastkd.reference import divergence as R
+from fastkd.core.rows import row_weights
 
 DIVERGENCES = {
     "reverse_kl": (fastkd.reverse_kl_loss, R.reverse_kl_loss, {}),

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastkd  # noqa: E402
-from fastkd.bench import _PeakRSS  # noqa: E402
+from fastkd.bench.memory import PeakRSS  # noqa: E402
 
 
 def main(argv=None):
@@ -31,7 +31,7 @@ def main(argv=None):
     s = (torch.randn(args.rows, args.classes, generator=g) * 3).requires_grad_()
     t = torch.randn(args.rows, args.classes, generator=g) * 3
     grad_mb = s.numel() * s.element_size() / 2**20
-    with _PeakRSS() as peak:
+    with PeakRSS() as peak:
         loss = 0.9 * fastkd.kd_loss(s, t, 4.0, backend=args.backend)
         loss.backward()
     growth = max(peak.peak_kb - peak.base_kb, 0) / 1024

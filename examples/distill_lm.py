@@ -66,8 +66,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastkd  # noqa: E402
-from fastkd.bench import _PeakRSS  # noqa: E402
-from fastkd.fused_linear import FusedLinearKDLoss  # noqa: E402  (fastkd.nn.FusedLinearKDLoss once exported)
+from fastkd.bench.memory import PeakRSS  # noqa: E402
+from fastkd.nn import FusedLinearKDLoss  # noqa: E402
 
 QUICK = dict(text_bytes=400_000, vocab=1000, seq=64, batch=8, teacher_steps=50, student_steps=20,
              teacher=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=344),
@@ -191,7 +191,7 @@ def train_student(method, student, teacher, train_ids, val_ids, cfg, vocab, seed
     for step, batch in enumerate(batches(train_ids, cfg["seq"], cfg["batch"], cfg["student_steps"], seed + 1)):
         measure = step == 2  # one step after warm-up: peak extra resident memory
         t0 = time.perf_counter()
-        with _PeakRSS() if measure else _NoPeak() as peak:
+        with PeakRSS() if measure else _NoPeak() as peak:
             loss = student_loss(method, student, teacher, batch, vocab, fused_loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()

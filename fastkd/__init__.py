@@ -16,12 +16,24 @@ GPU tensors (off by default there: it would synchronise every step).
 __version__ = "0.1.0"
 
 from . import nn, reference  # noqa: E402  (fastkd.nn usable after `import fastkd`, as torch.nn)
-from ._backend import backends  # noqa: E402
-from ._validation import set_value_checks  # noqa: E402
-from .functional import ats_loss, dist_loss, dkd_loss, ipw_weights, kd_loss, mgd_loss, simkd_loss  # noqa: E402
-from .divergence import LossParts, jsd_loss, reverse_kl_loss, skew_kl_loss, tvd_loss  # noqa: E402
-from .topk import TopKTeacher  # noqa: E402
-from .fused_linear import fused_linear_kd_loss  # noqa: E402
+from .core.checks import set_value_checks  # noqa: E402
+from .core.divergence import LossParts  # noqa: E402
+from .core.topk import TopKTeacher  # noqa: E402
+from .dispatch.backend import backends  # noqa: E402
+from .functional import (  # noqa: E402
+    ats_loss,
+    dist_loss,
+    dkd_loss,
+    fused_linear_kd_loss,
+    ipw_weights,
+    jsd_loss,
+    kd_loss,
+    mgd_loss,
+    reverse_kl_loss,
+    simkd_loss,
+    skew_kl_loss,
+    tvd_loss,
+)
 
 __all__ = [
     "kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights",

@@ -21,7 +21,7 @@ else
 fi
 "$PYTHON" - <<'PY'
 import fastkd
-from fastkd import _ops
+from fastkd.dispatch import ops as _ops
 print(f"fastkd {fastkd.__version__} installed; compiled extension: "
       f"{'loaded' if _ops.LOAD_ERROR is None else _ops.LOAD_ERROR}")
 PY

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from fastkd._backend import unavailable_reason
+from fastkd.dispatch.backend import unavailable_reason
 
 # (dtype, atol, rtol) for fused losses and gradients against the reference
 TOLERANCES = {

@@ -16,7 +16,8 @@ def pytest_sessionstart(session):
     import pytest
     import torch
 
-    from fastkd import _backend, _ops
+    from fastkd.dispatch import backend as _backend
+    from fastkd.dispatch import ops as _ops
 
     if _ops.LOAD_ERROR:
         pytest.exit(f"FASTKD_REQUIRE_EXTENSION=1: {_ops.LOAD_ERROR}", returncode=3)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import _backend
+from fastkd.dispatch import backend as _backend
 
 
 def test_report_lists_every_backend_with_a_reason_when_unavailable():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import bench
+from fastkd.bench import kernels as bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -84,7 +84,7 @@ def test_bench_quick_run_writes_consistent_csv_and_plots(tmp_path, capsys):
 def test_bench_distributed_runs_and_counts_the_formula_bytes(tmp_path, capsys):
     """``--distributed``: every case runs on 2 gloo processes; the driver asserts that the counted bytes
     equal the printed formula (a wrong count raises in main)."""
-    from fastkd import bench_distributed
+    from fastkd.bench import distributed as bench_distributed
 
     out = tmp_path / "dist.csv"
     bench_distributed.main(["--world", "2", "--rows", "64", "--vocab", "512", "--repeat", "1", "--csv", str(out)])
@@ -140,13 +140,13 @@ def test_bench_picks_up_fused_backends_as_they_appear(monkeypatch):
             return "no CUDA device is available" if name == "cuda" else "no GPU"
         return unavailable_reason
 
-    monkeypatch.setattr(bench.fastkd._backend, "unavailable_reason", fake(["kd"]))
+    monkeypatch.setattr(bench._backend, "unavailable_reason", fake(["kd"]))
     names, notes = bench.providers_for("dkd", "cpu", None)
     assert names == ["eager", "compile"] and len(notes) == 1 and "'cpu'" in notes[0] and "dkd" in notes[0]
-    monkeypatch.setattr(bench.fastkd._backend, "unavailable_reason", fake(["kd", "dkd"]))
+    monkeypatch.setattr(bench._backend, "unavailable_reason", fake(["kd", "dkd"]))
     assert bench.providers_for("dkd", "cpu", None) == (["cpu", "eager", "compile"], [])
     # kd_ce needs the "kd+ce" ops and brings its two extra peers
-    monkeypatch.setattr(bench.fastkd._backend, "unavailable_reason", fake(["kd", "kd+ce"]))
+    monkeypatch.setattr(bench._backend, "unavailable_reason", fake(["kd", "kd+ce"]))
     assert bench.providers_for("kd_ce", "cpu", None)[0] == ["cpu", "kd_alone:cpu", "kd+ce_sep:cpu", "eager", "compile"]
     assert bench.providers_for("kd_ce", "cpu", ["cpu", "kd_alone"])[0] == ["cpu", "kd_alone:cpu"]
     # Never the Triton interpreter on CPU; on CUDA both GPU backends are reported when missing.

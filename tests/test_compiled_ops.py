@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import _ops
+from fastkd.dispatch import ops as _ops
 from fastkd import reference as R
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64

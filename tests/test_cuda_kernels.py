@@ -11,7 +11,7 @@ compute-sanitizer (memcheck, racecheck) on the tests named 37x100, 16x12305, str
 import pytest
 import torch
 
-from fastkd import _ops
+from fastkd.dispatch import ops as _ops
 
 pytestmark = pytest.mark.gpu
 
@@ -147,7 +147,7 @@ def test_mgd_mask_bit_exact(shape, spatial, dtype):
 
 # ---------------------------------------------------------------------------
 # divergence_fwd (docs/design.md, "The language-model divergences"): the CUDA op against the
-# plain-PyTorch op of fastkd._reference_divergence in float64.
+# plain-PyTorch op of fastkd.reference.divergence in float64.
 
 DIV_KINDS = {  # (kind, a, b, w_p, w_q)
     "forward_kl": (0, 1.0, 0.0, 0.0, 1.0), "reverse_kl": (0, 0.0, 1.0, 1.0, 0.0),
@@ -165,7 +165,7 @@ def div_available():
 
 def div_reference(s, t, ids, y, w, spec, mode, T, soft_scale, ce_weight, grads, bad_rows=()):
     """The float64 reference on CPU; rows in bad_rows get valid ids / targets there (CUDA writes NaN)."""
-    from fastkd._reference_divergence import divergence_fwd as ref
+    from fastkd.reference.divergence import divergence_fwd as ref
 
     ids, y = ids.cpu().clone(), y.cpu().clone()
     for r in bad_rows:

@@ -1,7 +1,7 @@
 """fastkd.distributed on gloo (CPU, 127.0.0.1): 2 and 4 processes against the single-process reference.
 
 Vocabulary parallel: every loss on the shards equals the float64 reference on the
-concatenated vocabulary (``fastkd._reference_divergence._compute``, ``fastkd.reference``),
+concatenated vocabulary (``fastkd.reference.divergence.compute``, ``fastkd.reference``),
 and each rank's gradient is the matching slice (relative norm error < 1e-5 float32,
 2e-2 bfloat16). Data parallel: DIST on sharded rows equals DIST on the concatenated
 batch; one DDP step equals one single-process step.
@@ -23,10 +23,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastkd
-from fastkd import _reference_divergence as R
+from fastkd.reference import divergence as R
 from fastkd import distributed as D
 from fastkd import reference as ref
-from fastkd.topk import TopKTeacher
+from fastkd import TopKTeacher
 
 TIMEOUT_S = 300  # a hang fails after this; a loaded 2-core machine needs ~1 min per group
 HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "nonzero")
@@ -164,7 +164,7 @@ def _compare_loss(name, rank, world, failures, dist_fn, ref_fn, s, t, dtype, tea
         else:
             t_loc = _shard(t_q, rank, world).requires_grad_(grad_t)
             teacher = t_loc
-        upstream_dev = upstream.to(device=DEVICE, dtype=R._compute_dtype(s_q))  # the loss's dtype
+        upstream_dev = upstream.to(device=DEVICE, dtype=R.compute_dtype(s_q))  # the loss's dtype
         with _no_sync():
             out = dist_fn(s_loc, teacher)
             loss = out.loss if parts else out
@@ -231,7 +231,7 @@ def _divergence_case(fn, kind, params, t2, *, temperature, reduction, target=Non
         return fn(s, t, process_group=_group(), temperature=temperature, **kw, **dist_params)
 
     def ref_fn(s, t):
-        return R._compute(s, t, temperature, reduction, target, ignore_index, sample_weight, ce_weight,
+        return R.compute(s, t, temperature, reduction, target, ignore_index, sample_weight, ce_weight,
                           return_parts, kind, scale_t2=t2, **params)
 
     return dist_fn, ref_fn
@@ -328,7 +328,7 @@ def _vocab_checks(rank, world, failures, full=True):
 @contextlib.contextmanager
 def _host_reads_forbidden():
     """The GPU code path on CPU tensors: no value checks, and every host read of a tensor value raises."""
-    from fastkd import _validation
+    from fastkd.core import checks as _validation
     saved_devices = _validation.HOST_DEVICES
     saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
 
@@ -407,7 +407,7 @@ def _dkd_ats_checks(rank, world, failures, full=True):
 
     def ce_bytes():
         """The CE adds 2 per-row numbers to the SUM round: no new collective, bytes independent of V."""
-        chunks = len(D._row_chunks(n))
+        chunks = len(D.rows.row_chunks(n))
         for fn, kw, per_row in ((D.dkd_loss, {}, 4 + 6 + 3), (D.dkd_loss, {"ce_weight": 0.5}, 4 + 8 + 3),
                                 (D.dkd_loss, {"return_parts": True}, 4 + 8 + 3),
                                 (D.ats_loss, {}, 2 + 2 + 3), (D.ats_loss, {"ce_weight": 0.5}, 2 + 4 + 3)):

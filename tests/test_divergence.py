@@ -597,7 +597,7 @@ def test_public_names():
 
 def test_no_host_reads_on_the_gpu_path(monkeypatch):
     """With value checks off (as on GPU tensors), a training step reads no tensor value on the host."""
-    from fastkd import _validation
+    from fastkd.core import checks as _validation
 
     monkeypatch.setattr(_validation, "HOST_DEVICES", ())
     s = torch.randn(2, 3, 40, requires_grad=True)

@@ -1,6 +1,6 @@
 """The compiled CPU kernel of ``fastkd::divergence_fwd`` against the float64 reference.
 
-The op is called directly (row weights from ``fastkd._validation.row_weights``),
+The op is called directly (row weights from ``fastkd.core.rows.row_weights``),
 with every divergence of the family: reverse KL, JSD (beta 0, 0.1, 0.5, 0.9, 1),
 skew KL both ways, TVD, forward KL with ``soft_scale = T^2`` (KD), and the top-k
 teacher in both modes. The oracle is ``fastkd.reference`` evaluated in float64 on
@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import fastkd  # noqa: F401  (loads the compiled ops)
-from fastkd import _ops
-from fastkd import _reference_divergence as R
-from fastkd._validation import row_weights
-from fastkd.topk import TopKTeacher
+from fastkd.dispatch import ops as _ops
+from fastkd.reference import divergence as R
+from fastkd.core.rows import row_weights
+from fastkd import TopKTeacher
 
 pytestmark = pytest.mark.skipif(
     not _ops.has_kernel("divergence_fwd", "CPU"), reason="compiled CPU divergence_fwd not built"

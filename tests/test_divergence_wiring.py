@@ -1,8 +1,8 @@
-"""The Python layer of the fused divergences (fastkd.divergence.fused_call), independent of any kernel.
+"""The Python layer of the fused divergences (fastkd.losses.divergence.fused_call), independent of any kernel.
 
 A test op with the arguments of ``fastkd::divergence_fwd`` runs the plain-PyTorch row op
-(``fastkd._reference_divergence.divergence_fwd``) with the fused ops' backward (stored gradients
-scaled by ``fastkd._autograd.scale_stored_grad``), and the
+(``fastkd.reference.divergence.divergence_fwd``) with the fused ops' backward (stored gradients
+scaled by ``fastkd.core.autograd.scale_stored_grad``), and the
 functionals' fused path is compared with the reference functionals: argument plumbing
 (rows of 3-D inputs, row weights, reductions, top-k ids and modes, target only when the CE
 is wanted, return_parts shapes, teacher gradients) is what is tested here; the kernels are
@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import _reference_divergence as R
-from fastkd import divergence as D
+from fastkd.reference import divergence as R
+from fastkd.losses import divergence as D
 from fastkd import functional as F_
-from fastkd._autograd import scale_stored_grad
+from fastkd.losses import classification as C
+from fastkd.core.autograd import scale_stored_grad
 
 CALLS = []
 
@@ -51,7 +52,7 @@ def test_backend(monkeypatch):
     impl = types.SimpleNamespace(divergence_fwd=_test_op)
     monkeypatch.setattr(D, "implementation", lambda name: impl)
     monkeypatch.setattr(D, "resolve", lambda loss, backend, *tensors: "cpu")
-    monkeypatch.setattr(F_, "resolve", lambda loss, backend, *tensors: "cpu")  # dkd_fwd, ats_fwd: the CPU ops
+    monkeypatch.setattr(C, "resolve", lambda loss, backend, *tensors: "cpu")  # dkd_fwd, ats_fwd: the CPU ops
     CALLS.clear()
     return CALLS
 
@@ -89,7 +90,7 @@ def test_fused_path_matches_the_reference(test_backend, loss, reduction, teacher
     out = fused(s_f, teacher_f, return_parts=True, **kw)
     expected = ref(s_ref, teacher_ref, return_parts=True, **kw)
     assert test_backend and test_backend[-1]["target"] == 10 and test_backend[-1]["contiguous"]
-    assert test_backend[-1]["topk_mode"] == R.TOPK_MODE_CODES[None if teacher_kind == "dense" else teacher_kind]
+    assert test_backend[-1]["topk_mode"] == fastkd.core.divergence.TOPK_MODE_CODES[None if teacher_kind == "dense" else teacher_kind]
     for got, want in zip(out, expected):
         assert got.shape == want.shape and got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-6)

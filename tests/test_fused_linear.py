@@ -2,7 +2,7 @@
 
 The oracle is the unfused composition written out here in float64: the logits
 ``softcap(scale * (h @ W.T + b))`` (student padded to V_t with -inf), then the
-plain-PyTorch divergences of ``fastkd._reference_divergence`` (themselves tested
+plain-PyTorch divergences of ``fastkd.reference.divergence`` (themselves tested
 against independent code in tests/test_divergence.py), differentiated by
 autograd. Every fused backend that has ``divergence_fwd`` runs the same cases;
 the others are skipped with the reason.
@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from fastkd import _reference_divergence as R
-from fastkd.fused_linear import DIVERGENCES, FusedLinearKDLoss, default_chunk_size, fused_linear_kd_loss
+from fastkd.reference import divergence as R
+from fastkd.losses.fused_linear import DIVERGENCES, default_chunk_size, fused_linear_kd_loss
+from fastkd.nn import FusedLinearKDLoss
 
 F64 = torch.float64
 BACKENDS = ("reference", "cpu", "triton")
@@ -57,7 +58,7 @@ def composition(h, w, teacher, target=None, *, divergence="kl", temperature=1.0,
              "skew_kl": ("skew_kl", {"skew": skew}), "skew_reverse_kl": ("skew_kl", {"skew": skew, "reverse": True}),
              "tvd": ("tvd", {})}
     kind, params = kinds[divergence]
-    return R._compute(s, t, temperature, reduction, target, ignore_index, sample_weight, ce_weight, return_parts,
+    return R.compute(s, t, temperature, reduction, target, ignore_index, sample_weight, ce_weight, return_parts,
                       kind, scale_t2=divergence == "kl", **params)
 
 

@@ -27,7 +27,7 @@ LOGIT_LOSSES = ("kd", "kd_temp", "ats", "dkd", "dist")
 LM_LOSSES = ("reverse_kl", "jsd", "skew_kl", "skew_rkl", "tvd", "kd_ce", "ats_ce", "dkd_ce", "jsd_topk",
              "kd_topk", "rkl_topk_renorm")
 LM_SHAPES = ("ragged_2x2048+5", "vocab_128256", "3d_2x3x1000")
-# The fastkd._backend.LOSS_OPS key a matrix loss needs.
+# The fastkd.dispatch.backend.LOSS_OPS key a matrix loss needs.
 BACKEND_LOSS = {"kd_temp": "kd", "kd_ce": "kd+ce", "ats_ce": "ats+ce", "dkd_ce": "dkd+ce", "skew_rkl": "skew_kl",
                 "jsd_topk": "jsd", "rkl_topk_renorm": "reverse_kl"}
 TOPK = {"jsd_topk": "tail", "kd_topk": "tail", "rkl_topk_renorm": "renormalize"}
@@ -344,7 +344,7 @@ def test_mgd_matches_float64_reference(mask_type, backend, dtype, layout):
 
 def test_matrix_covers_every_fused_loss():
     """Adding a loss to the backends without adding it here fails."""
-    from fastkd._backend import LOSS_OPS
+    from fastkd.dispatch.backend import LOSS_OPS
 
     # fused_linear_kd: tests/test_fused_linear.py runs the same row op per chunk on every backend
     covered = {BACKEND_LOSS.get(loss, loss) for loss in LOGIT_LOSSES + LM_LOSSES} | {"mgd", "fused_linear_kd"}

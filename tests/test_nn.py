@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastkd import _mask, functional
+from fastkd import functional
+from fastkd.core import mask as _mask
 from fastkd import nn as fnn
 from fastkd import reference as R
 

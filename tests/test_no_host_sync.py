@@ -3,7 +3,7 @@
 On a GPU, reading a tensor's value on the host (``.item()``, ``float(t)``,
 ``bool(t)``, boolean-mask indexing, ``nonzero``) waits for the device: it
 stalls the launch queue every step and fails under CUDA-graph capture. The
-Python layer reads values only of tensors on ``fastkd._validation.HOST_DEVICES``
+Python layer reads values only of tensors on ``fastkd.core.checks.HOST_DEVICES``
 (the CPU, where it is free). Here the CPU is taken off that list, so the very
 code path that GPU tensors take runs on CPU tensors, with every host read made
 to raise. The GPU tests (tests/test_gpu_sync.py) check the same with
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import _validation
+from fastkd.core import checks as _validation
 from backend_cases import FUSED, skip_unless_runs
 
 HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "nonzero")
@@ -86,7 +86,7 @@ def test_mgd_reads_no_values_on_the_gpu_path(backend, gpu_path, monkeypatch):
     device = skip_unless_runs("mgd", backend)
     # The mask seed is drawn from a CPU generator (the default, whatever the features' device):
     # a host value that involves no GPU, so the forbidden-read patch must not see it.
-    monkeypatch.setattr(fastkd._mask, "draw_seed", lambda generator=None: 1234)
+    monkeypatch.setattr(fastkd.core.mask, "draw_seed", lambda generator=None: 1234)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 5, 5, generator=g).to(device).requires_grad_()
     y = torch.randn(2, 4, 5, 5, generator=g).to(device)
@@ -132,7 +132,7 @@ def test_backward_returns_the_stored_gradient_scaled_in_place(backend, dtype):
     device = skip_unless_runs("kd", backend)
     s, t, _, _ = _inputs(device, requires_grad=False)
     s = s.to(dtype).requires_grad_()
-    impl = fastkd._backend.implementation(backend)
+    impl = fastkd.dispatch.backend.implementation(backend)
     n = s.shape[0]
     temp = torch.full((n,), 2.0, device=device)
     weight = torch.full((n,), 1.0 / n, device=device)
@@ -149,7 +149,7 @@ def test_backward_returns_the_stored_gradient_scaled_in_place(backend, dtype):
 def test_backward_with_per_row_gradient_scales_in_place(backend):
     device = skip_unless_runs("kd", backend)
     s, t, _, _ = _inputs(device)
-    impl = fastkd._backend.implementation(backend)
+    impl = fastkd.dispatch.backend.implementation(backend)
     n = s.shape[0]
     temp = torch.full((n,), 2.0, device=device)
     weight = torch.ones(n, device=device)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastkd import _mask
+from fastkd.core import mask as _mask
 from fastkd import reference as R
 
 F64 = torch.float64

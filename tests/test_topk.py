@@ -346,4 +346,4 @@ def test_modules_take_a_topk_teacher():
     tk = fastkd.TopKTeacher.from_logits(torch.randn(2, 3, 10), 4)
     assert torch.equal(fastkd.nn.JSDLoss(beta=0.3)(s, tk), fastkd.jsd_loss(s, tk, beta=0.3))
     assert torch.equal(fastkd.nn.KDLoss(2.0)(s, tk), fastkd.kd_loss(s, tk, 2.0))
-    assert fastkd.TopKTeacher is fastkd.topk.TopKTeacher
+    assert fastkd.TopKTeacher is fastkd.core.topk.TopKTeacher

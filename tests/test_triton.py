@@ -4,7 +4,7 @@ Without a GPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) on
 CPU tensors; with FASTKD_GPU_TESTS=1 on a GPU machine the same tests run on CUDA
 tensors, plus the GPU-only checks at the end (opcheck, torch.compile).
 Each case calls the op the way fastkd.functional does (rows, row weights from
-fastkd._validation) and compares the loss and, through autograd, the gradients.
+fastkd.core.checks) and compares the loss and, through autograd, the gradients.
 """
 import os
 
@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from backend_cases import TOLERANCES
-from fastkd import _mask, _ops, reference
-from fastkd._validation import row_weights, temperature_rows
+from fastkd import reference
+from fastkd.core import mask as _mask
+from fastkd.dispatch import ops as _ops
+from fastkd.core.rows import row_weights, temperature_rows
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
@@ -515,7 +517,7 @@ def _mask_probe(OUT, base, seed_mix, threshold, BLOCK: tl.constexpr):
 
 
 def test_mgd_mask_hash_high_index_bits():
-    # Indices past 2^32 use the high word; check the in-kernel hash against fastkd._mask there.
+    # Indices past 2^32 use the high word; check the in-kernel hash against fastkd.core.mask there.
     seed, ratio = 12345, 0.5
     for base in [0, 2**32 - 8, 3 * 2**32 + 5, 2**45]:
         out = torch.zeros(64, dtype=torch.bool, device=DEVICE)

@@ -1,6 +1,6 @@
 """The Triton ``divergence_fwd`` row op (fastkd/triton/divergence.py) against the float64 reference op.
 
-The reference is ``fastkd._reference_divergence.divergence_fwd`` (same arguments and
+The reference is ``fastkd.reference.divergence.divergence_fwd`` (same arguments and
 outputs, plain PyTorch, here on float64 copies of the inputs). Values are compared
 with allclose; every gradient also by its relative-norm error ``||g - r|| / ||r||``
 (< 1e-5 for float32 gradients, < 1e-2 for bfloat16 ones).
@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from fastkd import _reference_divergence as R
+from fastkd.reference import divergence as R
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():

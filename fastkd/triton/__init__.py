@@ -2,7 +2,7 @@
 
 Each op (``torch.ops.fastkd.<name>_triton``) returns the loss and the input
 gradients it was asked for, computed in the forward pass; its autograd only
-scales them by the incoming gradient (``fastkd._autograd.register_loss_autograd``, shared with the compiled backends).
+scales them by the incoming gradient (``fastkd.core.autograd.register_loss_autograd``, shared with the compiled backends).
 The names exported here are those autograd-aware ops, called with the
 signatures of ``docs/design.md``:
 

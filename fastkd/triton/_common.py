@@ -1,5 +1,5 @@
 """Pieces shared by every Triton kernel family: launch sizes and numerics helpers.
-(The autograd rule, shared with the compiled backends, is in ``fastkd._autograd``.)
+(The autograd rule, shared with the compiled backends, is in ``fastkd.core.autograd``.)
 """
 
 import contextlib

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .._autograd import register_loss_autograd
+from ..core.autograd import register_loss_autograd
 from ._common import device_guard, empty_grad, online_update, row_config, unit_stride_rows
 
 EPS = 1e-8

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .._autograd import register_loss_autograd
+from ..core.autograd import register_loss_autograd
 from ._common import device_guard, empty_grad, logaddexp, online_update_scaled, unit_stride_rows
 
 NEG_INF = tl.constexpr(float("-inf"))

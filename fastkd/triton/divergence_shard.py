@@ -1,4 +1,4 @@
-"""Triton row passes of the vocabulary-parallel divergences (``fastkd/distributed.py``): CUDA tensors.
+"""Triton row passes of the vocabulary-parallel divergences (``fastkd/distributed/``): CUDA tensors.
 
 The same three passes, arguments and results as the CPU ops of
 ``csrc/cpu/divergence_shard.cpp`` (``docs/design.md``, "Distributed losses"), one

@@ -1,7 +1,7 @@
 """Triton MGD: the random feature mask generated in-kernel, and the squared error.
 
 Mask: element i of the mask is kept iff ``u(i) >= floor(mask_ratio * 2^32)`` with
-the counter hash of ``fastkd/_mask.py`` (all arithmetic mod 2^32, here in uint32)::
+the counter hash of ``fastkd/core/mask.py`` (all arithmetic mod 2^32, here in uint32)::
 
     mix(x) = x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16
     u(i)   = mix(lo32(i) ^ mix(hi32(i) ^ mix(seed)))
@@ -20,9 +20,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fastkd._mask import mask_threshold, mix_int
+from ..core.mask import mask_threshold, mix_int
 
-from .._autograd import register_loss_autograd
+from ..core.autograd import register_loss_autograd
 from ._common import device_guard, empty_grad
 
 # Element-wise passes: 4096 elements per program at 8 warps = 16 per thread,
@@ -71,7 +71,7 @@ def _mgd_mask_kernel(
 
 @triton_op("fastkd::mgd_mask_triton", mutates_args=())
 def mgd_mask(x: torch.Tensor, seed: int, mask_ratio: float, spatial: bool) -> torch.Tensor:
-    """``x * M`` for x[N, C, H, W], M the MGD keep mask of ``fastkd._mask`` (channel
+    """``x * M`` for x[N, C, H, W], M the MGD keep mask of ``fastkd.core.mask`` (channel
     mask (N, C, 1, 1), or spatial (N, 1, H, W) when ``spatial``)."""
     x = x.contiguous()
     out = torch.empty_like(x)

@@ -35,14 +35,20 @@ T = 1) to each row before the row weight, so the CE has the same reduction,
 ``ignore_index`` and ``sample_weight`` as the soft loss.
 """
 import math
-from collections import namedtuple
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from . import _validation as v
-from .topk import PAD_ID, TopKTeacher
+from ..core.divergence import (
+    KIND_CODES,
+    LossParts,
+    check_divergence_args,
+    check_divergence_params,
+    divergence_coefficients,
+)
+from ..core.rows import compute_dtype, read_rows, row_weights
+from ..core.topk import PAD_ID, TopKTeacher
 
 __all__ = [
     "LossParts",
@@ -52,115 +58,17 @@ __all__ = [
     "tvd_loss",
     "kd_topk_loss",
     "topk_log_probs",
-    "divergence_coefficients",
     "divergence_fwd",
-    "TOPK_MODE_CODES",
-    "KIND_CODES",
 ]
 
-LossParts = namedtuple("LossParts", ["loss", "soft", "hard"])
-LossParts.__doc__ = """``return_parts=True`` result: ``loss`` (differentiable) = ``soft + ce_weight * hard``;
-``soft`` (the reduced divergence) and ``hard`` (the reduced cross-entropy, 0 without a
-target) are detached, in the loss's dtype (float32; float64 for float64 inputs)."""
-
 Teacher = Union[torch.Tensor, TopKTeacher]
-
-
-# ----------------------------------------------------------------------------
-# argument checks (run once per call: by these functions, or by fastkd.divergence)
-# ----------------------------------------------------------------------------
-
-def _check_unit(name: str, value) -> None:
-    v.check_number(name, value)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-
-
-def check_args(student, teacher, temperature, reduction, target, ignore_index, sample_weight,
-               ce_weight, return_parts, temperature_tensor: bool = False) -> None:
-    """Checks shared by every loss of this module (dense or top-k teacher)."""
-    if isinstance(teacher, TopKTeacher):
-        v.check_logits("student_logits", student)
-        v.check_reduction(reduction)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-        v.check_target(target, student, ignore_index, required=False)
-        v.check_sample_weight(sample_weight, student)
-        teacher.check_against(student, _read_rows(student, target, ignore_index, sample_weight)
-                              if v.reads_values(teacher.indices) else None)
-    else:
-        v.check_logit_loss(student, teacher, reduction, target, ignore_index, sample_weight, False)
-    if temperature_tensor:
-        v.check_temperature_tensor(temperature, student)
-    else:
-        v.check_positive("temperature", temperature)
-    v.check_ce(ce_weight, return_parts, target)
-
-
-def divergence_coefficients(kind: str, beta: float = 0.5, skew: float = 0.1,
-                            reverse: bool = False) -> Tuple[float, float, float, float]:
-    """``(a, b, w_p, w_q)`` of ``a KL(p || m) + b KL(q || m)``, ``m = w_p p + w_q q``, for ``kind``.
-
-    ``kind``: "forward_kl", "reverse_kl", "jsd" (``beta``), "skew_kl" (``skew``, ``reverse``).
-    """
-    if kind == "forward_kl":
-        return 1.0, 0.0, 0.0, 1.0
-    if kind == "reverse_kl":
-        return 0.0, 1.0, 1.0, 0.0
-    if kind == "jsd":
-        # TRL / Liger special cases: the formula's limit at beta = 0 or 1 is 0, they use the plain KLs
-        if beta == 0:
-            return divergence_coefficients("forward_kl")
-        if beta == 1:
-            return divergence_coefficients("reverse_kl")
-        return beta, 1.0 - beta, beta, 1.0 - beta
-    if kind == "skew_kl":
-        return (0.0, 1.0, 1.0 - skew, skew) if reverse else (1.0, 0.0, skew, 1.0 - skew)
-    raise ValueError(f"unknown divergence kind {kind!r}")
 
 
 # ----------------------------------------------------------------------------
 # row math
 # ----------------------------------------------------------------------------
 
-def _compute_dtype(*tensors) -> torch.dtype:
-    dtype = torch.float32
-    for x in tensors:
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            dtype = torch.promote_types(dtype, x.dtype)
-    return dtype
-
-
-def _read_rows(student, target, ignore_index, sample_weight) -> Optional[torch.Tensor]:
-    """bool [N]: the rows the loss reads (target != ignore_index and sample weight != 0); None: all."""
-    if target is None and sample_weight is None:
-        return None
-    n = v.rows_of(student)
-    read = torch.ones(n, dtype=torch.bool, device=student.device)
-    if target is not None:
-        read = read & (target.reshape(n) != ignore_index)
-    if sample_weight is not None:
-        read = read & (sample_weight.reshape(n) != 0)
-    return read
-
-
-def _row_weight(student, target, ignore_index, sample_weight, reduction, dtype) -> torch.Tensor:
-    """``fastkd._validation.row_weights`` in ``dtype`` (float64 stays exact for float64 inputs)."""
-    n = v.rows_of(student)
-    valid = torch.ones(n, dtype=torch.bool, device=student.device)
-    if target is not None:
-        valid = target.reshape(n) != ignore_index
-    weight = valid.to(dtype)
-    if sample_weight is not None:
-        # where(), not a product: a NaN/inf weight on an ignored row stays ignored
-        weight = torch.where(valid, sample_weight.reshape(n).to(dtype), torch.zeros((), dtype=dtype))
-    if reduction in ("batchmean", "mean"):
-        counted = valid.sum().clamp_min(1).to(dtype)
-        weight = weight / (counted * student.shape[-1] if reduction == "mean" else counted)
-    return weight
-
-
-def _kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+def kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """Element-wise ``a (log a - log b)``, exactly 0 in value and gradient where a == 0.
 
     The difference is masked before the product, so the ``-inf - -inf`` of a
@@ -170,7 +78,7 @@ def _kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return a * torch.where(a == 0, torch.zeros_like(log_a), log_a - log_b)
 
 
-def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, w_p: float, w_q: float) -> torch.Tensor:
+def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, w_p: float, w_q: float) -> torch.Tensor:
     """``log(w_p p + w_q q)`` in log space; exact ``log q`` / ``log p`` when a weight is 0."""
     if w_p == 0:
         return log_q
@@ -187,26 +95,26 @@ def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, w_p: float, w_q: floa
 def soft_rows(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, **params) -> torch.Tensor:
     """Per-row divergence ``[N]`` between teacher ``log_p`` and student ``log_q`` (``[N, buckets]``)."""
     if kind == "tvd":
-        return _tvd_rows(log_p, log_q)
-    return _kl_family_rows(log_p, log_q, *divergence_coefficients(kind, **params))
+        return tvd_rows(log_p, log_q)
+    return kl_family_rows(log_p, log_q, *divergence_coefficients(kind, **params))
 
 
-def _tvd_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+def tvd_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=1)
 
 
-def _kl_family_rows(log_p, log_q, a: float, b: float, w_p: float, w_q: float) -> torch.Tensor:
+def kl_family_rows(log_p, log_q, a: float, b: float, w_p: float, w_q: float) -> torch.Tensor:
     """``a KL(p || m) + b KL(q || m)`` per row, ``m = w_p p + w_q q``."""
-    log_m = _log_mixture(log_p, log_q, w_p, w_q)
+    log_m = log_mixture(log_p, log_q, w_p, w_q)
     loss = torch.zeros(log_p.shape[0], dtype=log_p.dtype, device=log_p.device)
     if a != 0:  # skipped rather than multiplied by 0: an inf term times 0 would be NaN
-        loss = loss + a * _kl_terms(log_p, log_m).sum(dim=1)
+        loss = loss + a * kl_terms(log_p, log_m).sum(dim=1)
     if b != 0:
-        loss = loss + b * _kl_terms(log_q, log_m).sum(dim=1)
+        loss = loss + b * kl_terms(log_q, log_m).sum(dim=1)
     return loss
 
 
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """``log(1 - exp(x))`` for ``x < 0``, accurate on both sides of ``-log 2`` (Maechler 2012).
 
     Each branch gets a safe input where it is not used, so neither puts NaN in the gradient.
@@ -217,13 +125,13 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
                        torch.log1p(-torch.exp(torch.where(near, dummy, x))))
 
 
-def _log_normalize(log_x: torch.Tensor) -> torch.Tensor:
+def log_normalize(log_x: torch.Tensor) -> torch.Tensor:
     """``log_x - logsumexp(log_x)`` per row; a row of -inf only (no mass) stays -inf, not NaN."""
     lse = torch.logsumexp(log_x, dim=1, keepdim=True)
     return torch.where(torch.isneginf(lse), log_x, log_x - lse)
 
 
-def _logsumexp_near_zero(log_x: torch.Tensor) -> torch.Tensor:
+def logsumexp_near_zero(log_x: torch.Tensor) -> torch.Tensor:
     """Row logsumexp ``[N, 1]`` accurate to relative rounding when it is close to 0 (a sum close to 1).
 
     ``m + log1p(sum of the other terms)``: the largest term contributes exactly 1 and is
@@ -256,12 +164,12 @@ def topk_log_probs(x: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tenso
     if mode == "renormalize":
         # normalised over the K ids from the gathered logits themselves (the full lse cancels), so the
         # student gradient outside the ids is exactly 0, not a rounding residue
-        return _log_normalize(log_p), _log_normalize(torch.where(pad, minus_inf, x.gather(1, ids)))
+        return log_normalize(log_p), log_normalize(torch.where(pad, minus_inf, x.gather(1, ids)))
     # Teacher tail: log(1 - sum_k p_k), with the sum clamped at 1 (an engine's log-probs may
     # sum a hair above 1 after rounding): then the tail is empty (-inf).
-    lse_p = _logsumexp_near_zero(log_p)
+    lse_p = logsumexp_near_zero(log_p)
     full = lse_p >= 0
-    log_p_tail = torch.where(full, minus_inf, _log1mexp(torch.where(full, torch.full_like(lse_p, -1.0), lse_p)))
+    log_p_tail = torch.where(full, minus_inf, log1mexp(torch.where(full, torch.full_like(lse_p, -1.0), lse_p)))
     # Student tail: the log-sum-exp of the ids outside the top-k, minus the full lse. This is
     # log1mexp(lse_k - lse) without its cancellation: a tail far below float32 rounding of the
     # total mass stays > 0 instead of rounding to 0 (which would make KL(p || q) infinite).
@@ -273,16 +181,16 @@ def topk_log_probs(x: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tenso
     return torch.cat([log_p, log_p_tail], dim=1), torch.cat([log_q, log_q_tail], dim=1)
 
 
-def _compute(student, teacher: Teacher, temperature, reduction, target, ignore_index, sample_weight,
+def compute(student, teacher: Teacher, temperature, reduction, target, ignore_index, sample_weight,
              ce_weight, return_parts, kind, scale_t2=False, **params):
     """The loss of any divergence here, arguments already checked."""
     topk = isinstance(teacher, TopKTeacher)
     t_values = teacher.logprobs if topk else teacher
-    dtype = _compute_dtype(student, t_values, temperature)
+    dtype = compute_dtype(student, t_values, temperature)
     num_classes = student.shape[-1]
     s = student.reshape(-1, num_classes).to(dtype)
     n = s.shape[0]
-    read = _read_rows(student, target, ignore_index, sample_weight)
+    read = read_rows(student, target, ignore_index, sample_weight)
     if topk:
         indices = teacher.indices.reshape(n, teacher.k)
         t = teacher.logprobs.reshape(n, teacher.k).to(dtype)
@@ -316,7 +224,7 @@ def _compute(student, teacher: Teacher, temperature, reduction, target, ignore_i
             tgt = torch.where(read, tgt, torch.zeros_like(tgt))  # skipped rows: never index with their target
         hard = torch.logsumexp(s, dim=1) - s.gather(1, tgt.unsqueeze(1)).squeeze(1)
     row = soft + ce_weight * hard if ce_weight != 0 else soft
-    weight = _row_weight(student, target, ignore_index, sample_weight, reduction, dtype)
+    weight = row_weights(student, target, ignore_index, sample_weight, reduction, dtype)
 
     def reduce(r):
         r = r * weight
@@ -333,22 +241,17 @@ def _compute(student, teacher: Teacher, temperature, reduction, target, ignore_i
 # the fused row op, in plain PyTorch (docs/design.md, "divergence_fwd")
 # ----------------------------------------------------------------------------
 
-# Integer codes of the op's ``kind`` and ``topk_mode`` arguments.
-KIND_CODES = {"kl_family": 0, "tvd": 1}
-TOPK_MODE_CODES = {None: 0, "tail": 1, "renormalize": 2}
-
-
 def divergence_fwd(student, teacher, topk_ids, target, row_weight, temperature: float, kind: int, a: float,
                    b: float, w_p: float, w_q: float, soft_scale: float, ce_weight: float, topk_mode: int,
                    reduce: bool, grad_student: bool, grad_teacher: bool):
     """``fastkd::divergence_fwd`` with the compiled op's signature and outputs, in plain PyTorch.
 
     The ground truth the fused kernels are tested against at the row-op level, and
-    the per-chunk op of ``fastkd.fused_linear`` on the reference backend. Computed in
+    the per-chunk op of ``fastkd.losses.fused_linear`` on the reference backend. Computed in
     ``max(float32, input dtypes)``; gradients by autograd, returned in the inputs'
     dtypes (empty when not requested), as the fused ops return them.
     """
-    dtype = _compute_dtype(student, teacher)
+    dtype = compute_dtype(student, teacher)
     read = (row_weight != 0).unsqueeze(1)
     zero = torch.zeros((), dtype=dtype, device=student.device)
     with torch.enable_grad():
@@ -362,9 +265,9 @@ def divergence_fwd(student, teacher, topk_ids, target, row_weight, temperature: 
             ids = torch.where(read, topk_ids, torch.full((), PAD_ID, dtype=topk_ids.dtype, device=topk_ids.device))
             log_p, log_q = topk_log_probs(x, ids, t_read, "tail" if topk_mode == 1 else "renormalize")
         if kind == KIND_CODES["tvd"]:
-            soft = _tvd_rows(log_p, log_q)
+            soft = tvd_rows(log_p, log_q)
         else:
-            soft = _kl_family_rows(log_p, log_q, a, b, w_p, w_q)
+            soft = kl_family_rows(log_p, log_q, a, b, w_p, w_q)
         hard = torch.zeros_like(soft)
         if target.numel() > 0:
             tgt = torch.where(read.squeeze(1), target.to(torch.int64), torch.zeros_like(target, dtype=torch.int64))
@@ -402,45 +305,39 @@ _COMMON_DOC = """
 """
 
 
+def _checked(kind: str, params: dict, student, teacher, temperature, reduction, target, ignore_index,
+             sample_weight, ce_weight, return_parts):
+    """Check, then compute: the body of each public reference divergence."""
+    check_divergence_params(**params)
+    check_divergence_args(student, teacher, temperature, reduction, target, ignore_index, sample_weight, ce_weight,
+                          return_parts)
+    return compute(student, teacher, temperature, reduction, target, ignore_index, sample_weight, ce_weight,
+                   return_parts, kind, **params)
+
+
 def reverse_kl_loss(student_logits, teacher_logits: Teacher, *, temperature=1.0, reduction="batchmean",
                     target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False):
-    check_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
-               ce_weight, return_parts)
-    return _compute(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
-                    ce_weight, return_parts, "reverse_kl")
+    return _checked("reverse_kl", {}, student_logits, teacher_logits, temperature, reduction, target, ignore_index,
+                    sample_weight, ce_weight, return_parts)
 
 
 def jsd_loss(student_logits, teacher_logits: Teacher, *, beta=0.5, temperature=1.0, reduction="batchmean",
              target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False):
-    _check_unit("beta", beta)
-    check_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
-               ce_weight, return_parts)
-    return _compute(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
-                    ce_weight, return_parts, "jsd", beta=beta)
+    return _checked("jsd", {"beta": beta}, student_logits, teacher_logits, temperature, reduction, target,
+                    ignore_index, sample_weight, ce_weight, return_parts)
 
 
 def skew_kl_loss(student_logits, teacher_logits: Teacher, *, skew=0.1, reverse=False, temperature=1.0,
                  reduction="batchmean", target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0,
                  return_parts=False):
-    check_skew_args(skew, reverse)
-    check_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
-               ce_weight, return_parts)
-    return _compute(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
-                    ce_weight, return_parts, "skew_kl", skew=skew, reverse=reverse)
-
-
-def check_skew_args(skew, reverse) -> None:
-    _check_unit("skew", skew)
-    if not isinstance(reverse, bool):
-        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
+    return _checked("skew_kl", {"skew": skew, "reverse": reverse}, student_logits, teacher_logits, temperature,
+                    reduction, target, ignore_index, sample_weight, ce_weight, return_parts)
 
 
 def tvd_loss(student_logits, teacher_logits: Teacher, *, temperature=1.0, reduction="batchmean", target=None,
              ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False):
-    check_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
-               ce_weight, return_parts)
-    return _compute(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
-                    ce_weight, return_parts, "tvd")
+    return _checked("tvd", {}, student_logits, teacher_logits, temperature, reduction, target, ignore_index,
+                    sample_weight, ce_weight, return_parts)
 
 
 def kd_topk_loss(student_logits, teacher: TopKTeacher, temperature=4.0, *, reduction="batchmean", target=None,
@@ -453,9 +350,9 @@ def kd_topk_loss(student_logits, teacher: TopKTeacher, temperature=4.0, *, reduc
     """
     if not isinstance(teacher, TopKTeacher):
         raise TypeError(f"teacher must be a fastkd.TopKTeacher, got {type(teacher).__name__}")
-    check_args(student_logits, teacher, temperature, reduction, target, ignore_index, sample_weight,
-               ce_weight, return_parts, temperature_tensor=True)
-    return _compute(student_logits, teacher, temperature, reduction, target, ignore_index, sample_weight,
+    check_divergence_args(student_logits, teacher, temperature, reduction, target, ignore_index, sample_weight,
+                          ce_weight, return_parts, temperature_tensor=True)
+    return compute(student_logits, teacher, temperature, reduction, target, ignore_index, sample_weight,
                     ce_weight, return_parts, "forward_kl", scale_t2=True)
 
 

@@ -7,11 +7,11 @@ that ``fastkd.backends()`` can say why the compiled backends are missing.
 """
 import torch
 
-from ._autograd import register_loss_autograd
+from ..core.autograd import register_loss_autograd
 
 LOAD_ERROR = None
 try:
-    from . import _C  # noqa: F401  (registers the ops)
+    from .. import _C  # noqa: F401  (registers the ops)
 except ImportError as exc:  # pure-Python install or a broken build
     LOAD_ERROR = f"fastkd._C could not be imported ({exc}); reinstall fastkd with its compiled extension"
 

@@ -1,96 +1,17 @@
-"""``torch.nn.Module`` wrappers of the fastkd losses, and the trainable parts some methods need.
-
-Logit losses (hold the hyper-parameters, call ``fastkd.functional``):
-``KDLoss``, ``DKDLoss`` (with mdistiller's warm-up), ``ATSLoss``, ``DISTLoss``.
-
-Feature methods (own their trainable layers):
-``MGDLoss`` (align + generation block), ``SimKD`` (projector + the teacher's classifier).
-
-CTKD (curriculum temperature): ``GradientReversal``, ``CosineCurriculum`` and
-``LearnableTemperature``, whose output is passed as ``temperature`` to ``KDLoss``::
-
-    temp = LearnableTemperature()
-    curriculum = CosineCurriculum(epochs=10)
-    kd = KDLoss()
-    ...
-    T = temp(lambda_=curriculum(epoch))
-    loss = ce + kd(student_logits, teacher_logits, temperature=T)
-
-Formulas and semantics: ``docs/methods.md`` and each functional's docstring.
+"""Modules of the classification losses: ``KDLoss``, ``DKDLoss`` (with mdistiller's warm-up),
+``ATSLoss``, ``DISTLoss`` (they hold the hyper-parameters and call ``fastkd.functional``), and the
+feature methods that own trainable layers: ``MGDLoss`` (align + generation block), ``SimKD``
+(projector + the teacher's classifier). Formulas: ``docs/methods.md`` and each functional's docstring.
 """
-import math
 from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional, reference
-from . import _validation as v
-from ._backend import BACKENDS
+from .. import functional
+from ..core import checks as v
 
-__all__ = [
-    "KDLoss",
-    "DKDLoss",
-    "ATSLoss",
-    "DISTLoss",
-    "MGDLoss",
-    "SimKD",
-    "GradientReversal",
-    "CosineCurriculum",
-    "LearnableTemperature",
-    "ReverseKLLoss",
-    "JSDLoss",
-    "SkewKLLoss",
-    "TVDLoss",
-    "FusedLinearKDLoss",
-]
-
-
-# ----------------------------------------------------------------------------
-# constructor checks (the functionals check again at call time; these fail early)
-# ----------------------------------------------------------------------------
-
-def _check_backend(backend) -> None:
-    # Availability depends on the tensors' device, so only the name is checked here.
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def _check_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_row_args(reduction, ignore_index, backend) -> None:
-    v.check_reduction(reduction)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    _check_backend(backend)
-
-
-def _check_non_negative(name: str, value) -> None:
-    v.check_number(name, value)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-
-
-def _check_feature(name: str, x, channels: int) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must be a 4-D feature map (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.shape[1] != channels:
-        raise ValueError(f"{name} must have {channels} channels (as constructed), got {x.shape[1]}")
-
-
-# ----------------------------------------------------------------------------
-# logit losses
-# ----------------------------------------------------------------------------
 
 class KDLoss(nn.Module):
     """Vanilla KD (Hinton et al. 2015), per row::
@@ -116,7 +37,7 @@ class KDLoss(nn.Module):
                  process_group=None):
         super().__init__()
         v.check_positive("temperature", temperature)
-        _check_row_args(reduction, ignore_index, backend)
+        v.check_row_args(reduction, ignore_index, backend)
         v.check_ce(ce_weight, return_parts, target=0)  # the target comes with each call
         self.temperature = temperature
         self.reduction = reduction
@@ -166,8 +87,8 @@ class DKDLoss(nn.Module):
         v.check_number("alpha", alpha)
         v.check_number("beta", beta)
         v.check_positive("temperature", temperature)
-        _check_non_negative("warmup_epochs", warmup_epochs)
-        _check_row_args(reduction, ignore_index, backend)
+        v.check_non_negative("warmup_epochs", warmup_epochs)
+        v.check_row_args(reduction, ignore_index, backend)
         v.check_ce(ce_weight, return_parts, target=0)  # the target comes with each call
         self.ce_weight = ce_weight
         self.return_parts = return_parts
@@ -184,7 +105,7 @@ class DKDLoss(nn.Module):
         """``min(epoch / warmup_epochs, 1)``; 1 when ``epoch`` is None or ``warmup_epochs`` is 0."""
         if epoch is None:
             return 1.0
-        _check_non_negative("epoch", epoch)
+        v.check_non_negative("epoch", epoch)
         if self.warmup_epochs == 0:
             return 1.0
         return min(epoch / self.warmup_epochs, 1.0)
@@ -228,7 +149,7 @@ class ATSLoss(nn.Module):
         v.check_positive("target_temperature", target_temperature)
         v.check_positive("other_temperature", other_temperature)
         v.check_positive("student_temperature", student_temperature)
-        _check_row_args(reduction, ignore_index, backend)
+        v.check_row_args(reduction, ignore_index, backend)
         v.check_ce(ce_weight, return_parts, target=0)  # the target comes with each call
         self.ce_weight = ce_weight
         self.return_parts = return_parts
@@ -275,7 +196,7 @@ class DISTLoss(nn.Module):
         v.check_number("beta", beta)
         v.check_number("gamma", gamma)
         v.check_positive("temperature", temperature)
-        _check_backend(backend)
+        v.check_backend(backend)
         self.beta = beta
         self.gamma = gamma
         self.temperature = temperature
@@ -319,11 +240,11 @@ class MGDLoss(nn.Module):
     def __init__(self, student_channels: int, teacher_channels: int, *, alpha: float = 7e-5,
                  mask_ratio: float = 0.15, mask_type: str = "channel", backend: str = "auto"):
         super().__init__()
-        _check_int("student_channels", student_channels)
-        _check_int("teacher_channels", teacher_channels)
+        v.check_int("student_channels", student_channels)
+        v.check_int("teacher_channels", teacher_channels)
         v.check_number("alpha", alpha)
-        reference._check_mask_args(mask_ratio, mask_type)
-        _check_backend(backend)
+        v.check_mask_args(mask_ratio, mask_type)
+        v.check_backend(backend)
         self.student_channels = student_channels
         self.teacher_channels = teacher_channels
         self.alpha = alpha
@@ -340,8 +261,8 @@ class MGDLoss(nn.Module):
     def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
         # Channel counts are checked here so a mismatch is a ValueError, not a conv error.
-        _check_feature("student_feat", student_feat, self.student_channels)
-        _check_feature("teacher_feat", teacher_feat, self.teacher_channels)
+        v.check_feature("student_feat", student_feat, self.student_channels)
+        v.check_feature("teacher_feat", teacher_feat, self.teacher_channels)
         return functional.mgd_loss(
             student_feat, teacher_feat, self.generation, align=self.align, alpha=self.alpha,
             mask_ratio=self.mask_ratio, mask_type=self.mask_type, generator=generator, backend=self.backend,
@@ -381,11 +302,11 @@ class SimKD(nn.Module):
     def __init__(self, student_channels: int, teacher_channels: int,
                  teacher_classifier: Callable[[torch.Tensor], torch.Tensor], factor: int = 2):
         super().__init__()
-        _check_int("student_channels", student_channels)
-        _check_int("teacher_channels", teacher_channels)
+        v.check_int("student_channels", student_channels)
+        v.check_int("teacher_channels", teacher_channels)
         if not callable(teacher_classifier):
             raise TypeError(f"teacher_classifier must be callable (a module), got {type(teacher_classifier).__name__}")
-        _check_int("factor", factor)
+        v.check_int("factor", factor)
         mid = teacher_channels // factor
         if mid < 1:
             raise ValueError(
@@ -408,8 +329,8 @@ class SimKD(nn.Module):
         return self._teacher_classifier[0]
 
     def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor):
-        _check_feature("student_feat", student_feat, self.student_channels)
-        _check_feature("teacher_feat", teacher_feat, self.teacher_channels)
+        v.check_feature("student_feat", student_feat, self.student_channels)
+        v.check_feature("teacher_feat", teacher_feat, self.teacher_channels)
         if student_feat.shape[0] != teacher_feat.shape[0]:
             raise ValueError(
                 f"student_feat and teacher_feat must have the same batch size, "
@@ -428,259 +349,3 @@ class SimKD(nn.Module):
     def extra_repr(self) -> str:
         return (f"student_channels={self.student_channels}, teacher_channels={self.teacher_channels}, "
                 f"factor={self.factor}")
-
-
-# ----------------------------------------------------------------------------
-# CTKD
-# ----------------------------------------------------------------------------
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the incoming gradient by ``lambda_``."""
-
-    @staticmethod
-    def forward(ctx, x, lambda_):
-        ctx.lambda_ = lambda_
-        return x.view_as(x)  # a view, not x itself: autograd needs a new tensor to attach the backward to
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.lambda_, None
-
-
-class GradientReversal(nn.Module):
-    """Gradient reversal layer as CTKD uses it::
-
-        forward(x) = x,   backward: dL/dx = lambda_ * dL/dy
-
-    A negative ``lambda_`` reverses the gradient (CTKD ramps it from 0 to -1
-    with ``CosineCurriculum``), so whatever sits before this layer ascends the
-    loss. ``lambda_`` (default -1.0, full reversal) is a plain attribute: set
-    it each step, or pass ``lambda_=`` to ``forward`` for one call.
-    """
-
-    def __init__(self, lambda_: float = -1.0):
-        super().__init__()
-        v.check_number("lambda_", lambda_)
-        self.lambda_ = lambda_
-
-    def forward(self, x: torch.Tensor, lambda_: Optional[float] = None) -> torch.Tensor:
-        lambda_ = self.lambda_ if lambda_ is None else lambda_
-        v.check_number("lambda_", lambda_)
-        return _ScaleGrad.apply(x, float(lambda_))
-
-    def extra_repr(self) -> str:
-        return f"lambda_={self.lambda_}"
-
-
-class CosineCurriculum:
-    """CTKD's cosine schedule of the gradient-reversal factor::
-
-        lambda(e) = l_min + (l_max - l_min) * (cos(pi * min(e, L) / L) + 1) / 2,  L = epochs
-
-    With the defaults ``l_min=-1, l_max=0`` it goes from 0 at epoch 0 to -1 at
-    epoch ``L`` and stays there (CIFAR ``L=10``, ImageNet ``L=5``).
-    ``curriculum(epoch)`` returns a float.
-    """
-
-    def __init__(self, l_min: float = -1.0, l_max: float = 0.0, epochs: int = 10):
-        v.check_number("l_min", l_min)
-        v.check_number("l_max", l_max)
-        _check_int("epochs", epochs)
-        self.l_min = l_min
-        self.l_max = l_max
-        self.epochs = epochs
-
-    def __call__(self, epoch: float) -> float:
-        _check_non_negative("epoch", epoch)
-        progress = min(epoch, self.epochs) / self.epochs
-        return self.l_min + (self.l_max - self.l_min) * (math.cos(math.pi * progress) + 1.0) / 2.0
-
-    def __repr__(self) -> str:
-        return f"CosineCurriculum(l_min={self.l_min}, l_max={self.l_max}, epochs={self.epochs})"
-
-
-class LearnableTemperature(nn.Module):
-    """CTKD's learnable distillation temperature, trained adversarially through gradient reversal.
-
-    ``mode="global"``: one parameter ``w`` (init 1)::
-
-        T = t_start + t_end * sigmoid(GRL(w))          (0-d tensor; about 15.6 at init)
-
-    ``mode="instance"``: an MLP on the concatenated logits predicts one value per row::
-
-        T_i = t_start + t_end * sigmoid(GRL(mlp(cat(student_i, teacher_i))))   (shape: leading dims)
-
-    with ``mlp = Linear(2 * num_classes, hidden) -> ReLU -> Linear(hidden, 1)``.
-    The logits enter the MLP detached: the predictor only learns through ``T``,
-    and no reversed gradient reaches the student's logits through it.
-
-    ``T`` lies in ``(t_start, t_start + t_end)``; defaults ``t_start=1,
-    t_end=20``. ``GRL`` is ``self.grl`` (a ``GradientReversal``); ``forward(...,
-    lambda_=curriculum(epoch))`` uses that factor for this call (None: the
-    layer's ``lambda_`` attribute, default -1). Pass ``T`` as the
-    ``temperature`` of ``KDLoss`` / ``fastkd.kd_loss`` (it enters the softmaxes
-    and the ``T^2`` factor, and receives a gradient), and put this module's
-    parameters in the optimizer: with a negative lambda the step raises the KD
-    loss (the harder curriculum).
-
-    ``forward(student_logits=None, teacher_logits=None, lambda_=None)``; the
-    logits are only needed (and only read) in instance mode.
-    """
-
-    MODES = ("global", "instance")
-
-    def __init__(self, mode: str = "global", t_start: float = 1.0, t_end: float = 20.0,
-                 num_classes: Optional[int] = None, hidden: int = 256):
-        super().__init__()
-        if mode not in self.MODES:
-            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
-        v.check_positive("t_start", t_start)
-        v.check_positive("t_end", t_end)
-        _check_int("hidden", hidden)
-        if mode == "instance":
-            if num_classes is None:
-                raise ValueError("num_classes is required for mode='instance' (the MLP reads both logit vectors)")
-            _check_int("num_classes", num_classes)
-        elif num_classes is not None:
-            raise ValueError("num_classes is only used by mode='instance'; leave it None for mode='global'")
-        self.mode = mode
-        self.t_start = t_start
-        self.t_end = t_end
-        self.num_classes = num_classes
-        self.grl = GradientReversal()
-        if mode == "global":
-            self.w = nn.Parameter(torch.ones(()))
-        else:
-            self.mlp = nn.Sequential(nn.Linear(2 * num_classes, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-
-    def forward(self, student_logits: Optional[torch.Tensor] = None, teacher_logits: Optional[torch.Tensor] = None,
-                lambda_: Optional[float] = None) -> torch.Tensor:
-        if self.mode == "global":
-            raw = self.w
-        else:
-            if student_logits is None or teacher_logits is None:
-                raise ValueError("mode='instance' needs student_logits and teacher_logits")
-            v.check_pair(student_logits, teacher_logits)
-            if student_logits.shape[-1] != self.num_classes:
-                raise ValueError(
-                    f"student_logits must have num_classes={self.num_classes} classes, got {student_logits.shape[-1]}"
-                )
-            features = torch.cat([student_logits, teacher_logits], dim=-1).detach()
-            raw = self.mlp(features.to(self.mlp[0].weight.dtype)).squeeze(-1)
-        return self.t_start + self.t_end * torch.sigmoid(self.grl(raw, lambda_))
-
-    def extra_repr(self) -> str:
-        extra = f", num_classes={self.num_classes}" if self.mode == "instance" else ""
-        return f"mode={self.mode!r}, t_start={self.t_start}, t_end={self.t_end}{extra}"
-
-
-# ----------------------------------------------------------------------------
-# language-model divergences (fastkd/divergence.py)
-# ----------------------------------------------------------------------------
-
-def _check_unit(name: str, value) -> None:
-    v.check_number(name, value)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-
-
-class _DivergenceLoss(nn.Module):
-    """What the divergence modules share: the keyword arguments and ``forward``.
-
-    ``forward(student_logits, teacher_logits, target=None, sample_weight=None)``;
-    ``teacher_logits`` may be a ``fastkd.TopKTeacher``. The constructor checks the
-    arguments so that a bad one fails early; the functional checks again per call.
-    """
-
-    def __init__(self, function, options: dict, temperature: float, reduction: str, ignore_index: int,
-                 ce_weight: float, return_parts: bool, backend: str, process_group=None):
-        super().__init__()
-        v.check_positive("temperature", temperature)
-        _check_row_args(reduction, ignore_index, backend)
-        v.check_ce(ce_weight, return_parts, target=0)  # the target comes with each call
-        self._function = function
-        self._options = options
-        self.temperature = temperature
-        self.reduction = reduction
-        self.ignore_index = ignore_index
-        self.ce_weight = ce_weight
-        self.return_parts = return_parts
-        self.backend = backend
-        self.process_group = process_group
-
-    def forward(self, student_logits: torch.Tensor, teacher_logits, target: Optional[torch.Tensor] = None,
-                sample_weight: Optional[torch.Tensor] = None):
-        return self._function(
-            student_logits, teacher_logits, temperature=self.temperature, reduction=self.reduction, target=target,
-            ignore_index=self.ignore_index, sample_weight=sample_weight, ce_weight=self.ce_weight,
-            return_parts=self.return_parts, process_group=self.process_group, backend=self.backend,
-            **{k: getattr(self, k) for k in self._options},
-        )
-
-    def extra_repr(self) -> str:
-        options = "".join(f"{k}={getattr(self, k)!r}, " for k in self._options)
-        return (f"{options}temperature={self.temperature}, reduction={self.reduction!r}, "
-                f"ignore_index={self.ignore_index}, ce_weight={self.ce_weight}, "
-                f"return_parts={self.return_parts}, backend={self.backend!r}")
-
-
-class ReverseKLLoss(_DivergenceLoss):
-    """Reverse KL ``KL(q || p)`` per row, ``q`` the student, ``p`` the teacher, both ``softmax(logits / T)``.
-
-    No ``T^2`` factor (``KDLoss`` has it). Arguments and semantics: ``fastkd.reverse_kl_loss``.
-    """
-
-    def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
-                 ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
-                 process_group=None):
-        super().__init__(functional.reverse_kl_loss, (), temperature, reduction, ignore_index, ce_weight,
-                         return_parts, backend, process_group)
-
-
-class JSDLoss(_DivergenceLoss):
-    """Generalised JSD (GKD) ``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1 - beta) q``.
-
-    ``beta == 0``: ``KL(p || q)``; ``beta == 1``: ``KL(q || p)`` (as TRL). No ``T^2``
-    factor. Arguments and semantics: ``fastkd.jsd_loss``.
-    """
-
-    def __init__(self, *, beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean",
-                 ignore_index: int = -100, ce_weight: float = 0.0, return_parts: bool = False,
-                 backend: str = "auto",
-                 process_group=None):
-        _check_unit("beta", beta)
-        super().__init__(functional.jsd_loss, ("beta",), temperature, reduction, ignore_index, ce_weight,
-                         return_parts, backend, process_group)
-        self.beta = beta
-
-
-class SkewKLLoss(_DivergenceLoss):
-    """Skew KL (DistiLLM): ``KL(p || skew p + (1 - skew) q)``; ``reverse=True``: ``KL(q || (1 - skew) p + skew q)``.
-
-    No ``T^2`` factor. Arguments and semantics: ``fastkd.skew_kl_loss``.
-    """
-
-    def __init__(self, *, skew: float = 0.1, reverse: bool = False, temperature: float = 1.0,
-                 reduction: str = "batchmean", ignore_index: int = -100, ce_weight: float = 0.0,
-                 return_parts: bool = False, backend: str = "auto",
-                 process_group=None):
-        _check_unit("skew", skew)
-        if not isinstance(reverse, bool):
-            raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
-        super().__init__(functional.skew_kl_loss, ("skew", "reverse"), temperature, reduction, ignore_index,
-                         ce_weight, return_parts, backend, process_group)
-        self.skew = skew
-        self.reverse = reverse
-
-
-class TVDLoss(_DivergenceLoss):
-    """Total variation distance ``0.5 * sum |p - q|`` per row. No ``T^2`` factor. See ``fastkd.tvd_loss``."""
-
-    def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
-                 ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
-                 process_group=None):
-        super().__init__(functional.tvd_loss, (), temperature, reduction, ignore_index, ce_weight,
-                         return_parts, backend, process_group)
-
-
-from .fused_linear import FusedLinearKDLoss  # noqa: E402,F401  (the LM head fused with the loss)

@@ -48,15 +48,11 @@ the full (non-quick) run.
 """
 import argparse
 import contextlib
-import csv
-import ctypes
 import gc
 import logging
 import math
-import os
 import platform
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -65,27 +61,19 @@ import torch
 
 import fastkd
 from fastkd import reference
+from fastkd.bench.memory import PeakRSS
+from fastkd.bench.report import (  # noqa: F401  (speedups, kd_ce_ratios: used by the tests)
+    CE_WEIGHT, COLUMNS, KD_CE_PEERS, PEERS, Progress, format_speedups, format_table, is_peer, kd_ce_ratios, speedups,
+    write_csv,
+)
+from fastkd.dispatch import backend as _backend
 
 LOSSES = ("kd", "ats", "dkd", "dist", "mgd", "reverse_kl", "jsd", "skew_kl", "tvd", "kd_ce", "kd_topk")
-# kd_ce: kd_loss(..., target, ce_weight=0.1), KL and cross-entropy in one pass; its extra
-# peers, per fused backend b, are b's KD alone ("kd_alone:b") and b's KD plus F.cross_entropy
-# ("kd+ce_sep:b"), so each backend's ratio is taken against its own KD.
-# kd_topk: kd_loss against a TopKTeacher of K = TOPK_K ids per row.
-KD_CE_PEERS = ("kd_alone", "kd+ce_sep")
-PEERS = ("eager", "compile", "liger") + KD_CE_PEERS
-
-
-def is_peer(provider: str) -> bool:
-    """A comparison provider (not a fastkd fused backend): eager, compile, liger, kd_alone:b, kd+ce_sep:b."""
-    return provider.split(":")[0] in PEERS
 DIVERGENCES = ("reverse_kl", "jsd", "skew_kl", "tvd")
-CE_WEIGHT = 0.1
-BACKEND_LOSS = {"kd_ce": "kd+ce"}  # the fastkd._backend.LOSS_OPS key of a case, where it differs
+BACKEND_LOSS = {"kd_ce": "kd+ce"}  # the fastkd.dispatch.backend.LOSS_OPS key of a case, where it differs
 TOPK_K = 64
 TOPK_SHAPE = (1024, 128256)  # the top-k target of the issue: K = 64 over a 128k vocabulary, float32
 MODES = ("fwd", "bwd", "fwd+bwd")
-COLUMNS = ("kernel", "provider", "mode", "shape", "dtype", "device", "torch", "fastkd",
-           "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "gbps", "pct_copy_bw")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # Nominal shapes (GPU sizes). Logits: classification and LM vocabularies.
@@ -214,7 +202,7 @@ def providers_for(loss: str, device: str, wanted: Optional[List[str]]) -> Tuple[
     fused = ["cpu"] if device == "cpu" else ["cuda", "triton"]
     names, notes = [], []
     for name in fused:
-        why = fastkd._backend.unavailable_reason(name, BACKEND_LOSS.get(loss, loss), torch.device(device))
+        why = _backend.unavailable_reason(name, BACKEND_LOSS.get(loss, loss), torch.device(device))
         if why is None:
             names.append(name)
         else:
@@ -343,60 +331,6 @@ def time_interleaved(calls: Dict[str, Callable], d, device: str, budget_s: float
     return samples
 
 
-class _PeakRSS:
-    """Resident set (kB) of this process before (``base_kb``) and at its peak during (``peak_kb``) a block (Linux)."""
-
-    _libc = None
-
-    @staticmethod
-    def _status_kb(key: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1])
-        raise KeyError(key)
-
-    @staticmethod
-    def _statm_kb() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-
-    def __enter__(self):
-        gc.collect()
-        try:
-            if _PeakRSS._libc is None:
-                _PeakRSS._libc = ctypes.CDLL("libc.so.6")
-            # Give freed heap pages back so that reusing them shows up as growth again.
-            _PeakRSS._libc.malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        self._sampler = None
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-        except OSError:
-            self._sampler = threading.Thread(target=self._sample, daemon=True)
-        self.base_kb = self._statm_kb()
-        self._max_kb, self._stop = self.base_kb, False
-        if self._sampler is not None:
-            self._sampler.start()
-        return self
-
-    def _sample(self):
-        while not self._stop:
-            self._max_kb = max(self._max_kb, self._statm_kb())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        if self._sampler is not None:
-            self._stop = True
-            self._sampler.join()
-            self.peak_kb = max(self._max_kb, self._statm_kb())
-        else:
-            self.peak_kb = self._status_kb("VmHWM")
-        return False
-
-
 @contextlib.contextmanager
 def _cuda_peak(result: Dict[str, float], key: str, base: int):
     torch.cuda.synchronize()
@@ -418,9 +352,9 @@ def peak_memory(call, d, device: str):
         with _cuda_peak(result, "bwd", base):
             loss.backward()
     else:
-        with _PeakRSS() as fwd:
+        with PeakRSS() as fwd:
             loss = call(d)
-        with _PeakRSS() as bwd:
+        with PeakRSS() as bwd:
             loss.backward()
         # Both relative to the resident set before the forward (the forward's saved tensors count).
         result["fwd"] = max(fwd.peak_kb - fwd.base_kb, 0) / 1024
@@ -486,134 +420,6 @@ def device_name(device: str) -> str:
     return f"{name} ({torch.get_num_threads()} threads)"
 
 
-class _Progress:
-    """tqdm if installed, else a one-line counter on stderr."""
-
-    def __init__(self, total: int):
-        try:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, unit="case", dynamic_ncols=True)
-        except ImportError:
-            self._bar = None
-        self.total, self.done, self.text = total, 0, ""
-
-    def label(self, text: str) -> None:
-        """Say what is being measured now."""
-        self.text = text
-        if self._bar is not None:
-            self._bar.set_postfix_str(text)
-        else:
-            self._draw()
-
-    def update(self) -> None:
-        self.done += 1
-        if self._bar is not None:
-            self._bar.update(1)
-        else:
-            self._draw()
-
-    def _draw(self) -> None:
-        width = 30
-        filled = width * self.done // max(self.total, 1)
-        print(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {self.text:<60}",
-              end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        else:
-            print(file=sys.stderr)
-
-
-def _fmt(x, digits=3) -> str:
-    if x == "" or x is None:
-        return "-"
-    x = float(x)
-    if math.isnan(x):
-        return "-"
-    return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:.0f}"
-
-
-def format_table(rows: List[Dict[str, object]]) -> str:
-    """One line per (kernel, shape, dtype, provider): the three medians, memory, bandwidth."""
-    by_key: Dict[tuple, Dict[str, Dict[str, object]]] = {}
-    for r in rows:
-        by_key.setdefault((r["kernel"], r["shape"], r["dtype"], r["provider"]), {})[r["mode"]] = r
-    head = f"{'kernel':<6} {'shape':<18} {'dtype':<9} {'provider':<8} {'fwd ms':>9} {'bwd ms':>9} " \
-           f"{'fwd+bwd ms':>11} {'[p20, p80]':>19} {'peak MB':>8} {'GB/s':>7} {'%copy':>6}"
-    lines = [head, "-" * len(head)]
-    for (kernel, shape, dtype, provider), modes in by_key.items():
-        f, b, fb = modes.get("fwd", {}), modes.get("bwd", {}), modes.get("fwd+bwd", {})
-        spread = f"[{_fmt(fb.get('p20_ms'))}, {_fmt(fb.get('p80_ms'))}]"
-        lines.append(
-            f"{kernel:<6} {shape:<18} {dtype:<9} {provider:<8} {_fmt(f.get('median_ms')):>9} "
-            f"{_fmt(b.get('median_ms')):>9} {_fmt(fb.get('median_ms')):>11} {spread:>19} "
-            f"{_fmt(fb.get('peak_mem_mb')):>8} {_fmt(fb.get('gbps')):>7} {_fmt(fb.get('pct_copy_bw'), 2):>6}"
-        )
-    return "\n".join(lines)
-
-
-def speedups(rows: List[Dict[str, object]]) -> List[Tuple[str, str, str, str, float, float]]:
-    """(kernel, shape, dtype, fused provider, fwd+bwd speed-up vs eager, vs compile); NaN if absent."""
-    times = {}
-    for r in rows:
-        if r["mode"] == "fwd+bwd":
-            times[(r["kernel"], r["shape"], r["dtype"], r["provider"])] = float(r["median_ms"])
-    out = []
-    for (kernel, shape, dtype, provider), ms in times.items():
-        if is_peer(provider):
-            continue
-        eager = times.get((kernel, shape, dtype, "eager"), float("nan"))
-        comp = times.get((kernel, shape, dtype, "compile"), float("nan"))
-        out.append((kernel, shape, dtype, provider, eager / ms, comp / ms))
-    return out
-
-
-def format_speedups(rows) -> str:
-    lines = [f"{'kernel':<6} {'shape':<18} {'dtype':<9} {'fused':<7} {'vs eager':>9} {'vs compile':>11}"]
-    def ratio(x: float) -> str:
-        return "-" if math.isnan(x) else f"{x:.2f}x"
-
-    for kernel, shape, dtype, provider, vs_eager, vs_compile in speedups(rows):
-        lines.append(f"{kernel:<6} {shape:<18} {dtype:<9} {provider:<7} {ratio(vs_eager):>9} {ratio(vs_compile):>11}")
-    ce = kd_ce_ratios(rows)
-    if ce:
-        lines.append("")
-        lines.append(f"kd_loss(ce_weight={CE_WEIGHT}) (fused, one pass): time over the fused KD alone (target <= 1.15), "
-                     "and speed-up over the fused KD + F.cross_entropy (target >= 1.8):")
-        for shape, dtype, provider, over_alone, vs_separate in ce:
-            lines.append(f"  {shape:<18} {dtype:<9} {provider:<7} {over_alone:.2f}x of KD alone, "
-                         f"{vs_separate:.2f}x faster than separate")
-    return "\n".join(lines)
-
-
-def kd_ce_ratios(rows) -> List[Tuple[str, str, str, float, float]]:
-    """(shape, dtype, fused provider, fused / kd_alone, kd+ce_sep / fused) of the kd_ce cases (fwd+bwd medians)."""
-    times = {(r["shape"], r["dtype"], r["provider"]): float(r["median_ms"])
-             for r in rows if r["kernel"] == "kd_ce" and r["mode"] == "fwd+bwd"}
-    out = []
-    for (shape, dtype, provider), ms in times.items():
-        alone, separate = times.get((shape, dtype, f"kd_alone:{provider}")), times.get((shape, dtype, f"kd+ce_sep:{provider}"))
-        if not is_peer(provider) and alone and separate:
-            out.append((shape, dtype, provider, ms / alone, separate / ms))
-    return out
-
-
-def write_csv(rows: List[Dict[str, object]], path: str) -> None:
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-# ----------------------------------------------------------------------------
-# driver
-# ----------------------------------------------------------------------------
-
 def _split(text: Optional[str], allowed, what: str) -> Optional[List[str]]:
     if text is None:
         return None
@@ -648,7 +454,7 @@ def run(args) -> Tuple[List[Dict[str, object]], List[str], List[str]]:
             plan.append((case, sorted(names, key=lambda n: n != "eager")))
 
     rows, mismatches = [], []
-    progress = _Progress(len(plan))
+    progress = Progress(len(plan))
     for case, names in plan:
         label = f"{case.kernel} {case.shape_str} {case.dtype}"
         progress.label(f"{label}: {', '.join(names)}")
@@ -709,10 +515,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU (default: torch's)")
     p.add_argument("--fused-linear", action="store_true",
                    help="instead: fused linear distillation (LM head + loss) against the unfused path, the head "
-                        "matmuls alone and Liger's chunked loss (fastkd.bench_fused_linear; CPU)")
+                        "matmuls alone and Liger's chunked loss (fastkd.bench.fused_linear; CPU)")
     p.add_argument("--distributed", type=int, default=None, metavar="P",
                    help="instead: the vocabulary-parallel losses on P gloo CPU processes against the unsharded "
-                        "loss on the same work, with bytes per call (fastkd.bench_distributed)")
+                        "loss on the same work, with bytes per call (fastkd.bench.distributed)")
     args = p.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -727,14 +533,14 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.fused_linear:
-        from fastkd import bench_fused_linear
+        from fastkd.bench import fused_linear as bench_fused_linear
 
         if args.device != "cpu":
             raise SystemExit("--fused-linear measures on the CPU (the GPU case is not written yet)")
         return bench_fused_linear.main(["--shapes", "512x512" if args.quick else "2048x512,512x512",
                                         "--csv", args.csv]) or 0
     if args.distributed is not None:
-        from fastkd import bench_distributed
+        from fastkd.bench import distributed as bench_distributed
 
         return bench_distributed.main(["--world", str(args.distributed), "--csv", args.csv]
                                       + (["--rows", "256", "--repeat", "3"] if args.quick else [])) or 0

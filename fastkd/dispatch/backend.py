@@ -12,9 +12,9 @@ from typing import Dict, Optional
 
 import torch
 
-from . import _ops
+from ..core.checks import BACKENDS
+from . import ops as _ops
 
-BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # The ops each fused backend must provide to run a loss (docs/design.md).
 LOSS_OPS = {
     "kd": ("kd_fwd",),
@@ -22,13 +22,13 @@ LOSS_OPS = {
     "dkd": ("dkd_fwd",),
     "dist": ("dist_fwd",),
     "mgd": ("mgd_mask", "mgd_sq_err"),
-    # the language-model divergences (fastkd/divergence.py): one op for the family
+    # the language-model divergences (fastkd/losses/divergence.py): one op for the family
     "reverse_kl": ("divergence_fwd",),
     "jsd": ("divergence_fwd",),
     "skew_kl": ("divergence_fwd",),
     "tvd": ("divergence_fwd",),
     "kd_topk": ("divergence_fwd",),
-    "fused_linear_kd": ("divergence_fwd",),  # fastkd/fused_linear.py: the row op on each chunk
+    "fused_linear_kd": ("divergence_fwd",),  # fastkd/losses/fused_linear.py: the row op on each chunk
     # a loss with ce_weight / return_parts: the cross-entropy comes from divergence_fwd
     # (in the same pass for kd with a float temperature, a second pass otherwise)
     "kd+ce": ("kd_fwd", "divergence_fwd"),
@@ -76,7 +76,7 @@ def _load_triton():
             )
             return None
         try:
-            from . import triton as module
+            from .. import triton as module
 
             _triton_module = module
         except Exception as exc:  # triton missing or incompatible

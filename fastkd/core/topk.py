@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from . import _validation as v
+from . import checks as v
 
 __all__ = ["TopKTeacher", "TOPK_MODES"]
 

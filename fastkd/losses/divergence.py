@@ -10,48 +10,39 @@ Public functionals (re-exported as ``fastkd.*`` and ``fastkd.functional.*``)::
 
 ``t`` is dense teacher logits or a ``fastkd.TopKTeacher``. With
 ``p = softmax(t / T)`` (teacher), ``q = softmax(s / T)`` (student), per row
-(formulas and numerics: ``fastkd._reference_divergence``, re-exported by
+(formulas and numerics: ``fastkd.reference.divergence``, re-exported by
 ``fastkd.reference``). None of these multiplies by ``T^2`` (as TRL, Liger and
 DistiLLM); ``kd_loss`` keeps Hinton's ``T^2``.
 
 Backends: the reference (plain PyTorch, autograd; float64 stays float64) and
 every fused backend that has the row op ``divergence_fwd`` (``docs/design.md``):
 one op for the whole family, the divergence given by its coefficients
-``(a, b, w_p, w_q)`` (``fastkd._reference_divergence.divergence_coefficients``),
+``(a, b, w_p, w_q)`` (``fastkd.core.divergence.divergence_coefficients``),
 the cross-entropy computed in the same pass over the student logits.
 """
 from typing import Optional, Union
 
 import torch
 
-from . import _reference_divergence as R
-from . import _validation as v
-from ._backend import BACKENDS, implementation, resolve
-from ._reference_divergence import LossParts
-from .topk import TopKTeacher
+from ..core.checks import BACKENDS, check_constant_weight
+from ..core.divergence import (
+    KIND_CODES,
+    TOPK_MODE_CODES,
+    LossParts,
+    check_divergence_args,
+    check_divergence_params,
+    divergence_coefficients,
+)
+from ..core.rows import row_view, row_weights, wants_grad
+from ..core.topk import TopKTeacher
+from ..dispatch.backend import implementation, resolve
+from ..reference import divergence as R
 
 __all__ = ["reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "LossParts", "TopKTeacher"]
 
 Teacher = Union[torch.Tensor, TopKTeacher]
 
 _NO_IDS = torch.empty(0, dtype=torch.int64)
-
-
-def rows(x: torch.Tensor) -> torch.Tensor:
-    """``[..., C]`` as contiguous rows ``[N, C]`` (a view when it already is)."""
-    return x.reshape(-1, x.shape[-1]).contiguous()
-
-
-def wants_grad(x: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and x.requires_grad
-
-
-def check_constant_weight(sample_weight, backend: str) -> None:
-    if sample_weight is not None and wants_grad(sample_weight):
-        raise ValueError(
-            f"sample_weight requires grad, but backend '{backend}' treats it as a constant; "
-            "pass sample_weight.detach(), or backend='reference' to differentiate it"
-        )
 
 
 def fused_call(name: str, student, teacher: Teacher, *, temperature: float, reduction: str, target, ignore_index,
@@ -62,23 +53,23 @@ def fused_call(name: str, student, teacher: Teacher, *, temperature: float, redu
     ``divergence_coefficients``. Returns the loss, or ``LossParts`` with ``return_parts``.
     """
     check_constant_weight(sample_weight, name)
-    s = rows(student)
+    s = row_view(student)
     topk = isinstance(teacher, TopKTeacher)
     if topk:
-        t, ids = rows(teacher.logprobs), rows(teacher.indices)
+        t, ids = row_view(teacher.logprobs), row_view(teacher.indices)
     else:
-        t, ids = rows(teacher), _NO_IDS.to(s.device)
+        t, ids = row_view(teacher), _NO_IDS.to(s.device)
     if kind == "tvd":
-        code, coefficients = R.KIND_CODES["tvd"], (0.0, 0.0, 0.0, 0.0)
+        code, coefficients = KIND_CODES["tvd"], (0.0, 0.0, 0.0, 0.0)
     elif kind == "ce":
-        code, coefficients = R.KIND_CODES["kl_family"], (0.0, 0.0, 0.0, 1.0)
+        code, coefficients = KIND_CODES["kl_family"], (0.0, 0.0, 0.0, 1.0)
     else:
-        code, coefficients = R.KIND_CODES["kl_family"], R.divergence_coefficients(kind, **params)
+        code, coefficients = KIND_CODES["kl_family"], divergence_coefficients(kind, **params)
     # The target costs a second log-sum-exp (T = 1): passed only when the CE is wanted.
     wants_ce = target is not None and (ce_weight != 0 or return_parts)
     tgt = target.reshape(-1).to(torch.int64).contiguous() if wants_ce else _NO_IDS.to(s.device)
-    weight = v.row_weights(student, target, ignore_index, sample_weight, reduction)
-    mode = R.TOPK_MODE_CODES[teacher.mode if topk else None]
+    weight = row_weights(student, target, ignore_index, sample_weight, reduction)
+    mode = TOPK_MODE_CODES[teacher.mode if topk else None]
     loss, soft, hard, _, _ = implementation(name).divergence_fwd(
         s, t, ids, tgt, weight, float(temperature), code, *coefficients, float(soft_scale), float(ce_weight), mode,
         reduction != "none", wants_grad(s), wants_grad(t),
@@ -103,7 +94,7 @@ def sharded(name: str, backend: str, *args, **kwargs):
             f"backend '{backend}' cannot be chosen with process_group: the sharded losses pick their own shard "
             "kernels by device (fastkd.distributed.SHARD_KERNELS); pass backend='auto' (or 'reference')"
         )
-    from . import distributed  # torch.distributed is imported only by those who use it
+    from .. import distributed  # torch.distributed is imported only by those who use it
 
     return getattr(distributed, name)(*args, **kwargs)
 
@@ -114,12 +105,26 @@ def _dispatch(loss: str, student, teacher: Teacher, backend: str, temperature, r
     topk = isinstance(teacher, TopKTeacher)
     name = resolve(loss, backend, student, teacher.logprobs if topk else teacher)
     if name == "reference":
-        return R._compute(student, teacher, temperature, reduction, target, ignore_index, sample_weight,
+        return R.compute(student, teacher, temperature, reduction, target, ignore_index, sample_weight,
                           ce_weight, return_parts, kind, scale_t2=scale_t2, **params)
     return fused_call(name, student, teacher, temperature=temperature, reduction=reduction, target=target,
                       ignore_index=ignore_index, sample_weight=sample_weight, ce_weight=ce_weight,
                       return_parts=return_parts, kind=kind,
                       soft_scale=float(temperature) ** 2 if scale_t2 else 1.0, **params)
+
+
+def _divergence_loss(kind: str, params: dict, student, teacher: Teacher, temperature, reduction, target,
+                     ignore_index, sample_weight, ce_weight, return_parts, process_group, backend: str):
+    """The body of every public divergence: the sharded loss with a process group, else check and dispatch."""
+    if process_group is not None:
+        return sharded(f"{kind}_loss", backend, student, teacher, process_group=process_group, **params,
+                       temperature=temperature, reduction=reduction, target=target, ignore_index=ignore_index,
+                       sample_weight=sample_weight, ce_weight=ce_weight, return_parts=return_parts)
+    check_divergence_params(**params)
+    check_divergence_args(student, teacher, temperature, reduction, target, ignore_index, sample_weight, ce_weight,
+                          return_parts)
+    return _dispatch(kind, student, teacher, backend, temperature, reduction, target, ignore_index, sample_weight,
+                     ce_weight, return_parts, kind, **params)
 
 
 def reverse_kl_loss(
@@ -136,15 +141,8 @@ def reverse_kl_loss(
     process_group=None,
     backend: str = "auto",
 ):
-    if process_group is not None:
-        return sharded("reverse_kl_loss", backend, student_logits, teacher_logits, process_group=process_group,
-                       temperature=temperature, reduction=reduction, target=target,
-                       ignore_index=ignore_index, sample_weight=sample_weight, ce_weight=ce_weight,
-                       return_parts=return_parts)
-    R.check_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
-                 ce_weight, return_parts)
-    return _dispatch("reverse_kl", student_logits, teacher_logits, backend, temperature, reduction, target,
-                     ignore_index, sample_weight, ce_weight, return_parts, "reverse_kl")
+    return _divergence_loss("reverse_kl", {}, student_logits, teacher_logits, temperature, reduction, target,
+                            ignore_index, sample_weight, ce_weight, return_parts, process_group, backend)
 
 
 def jsd_loss(
@@ -162,16 +160,8 @@ def jsd_loss(
     process_group=None,
     backend: str = "auto",
 ):
-    if process_group is not None:
-        return sharded("jsd_loss", backend, student_logits, teacher_logits, process_group=process_group, beta=beta, 
-                       temperature=temperature, reduction=reduction, target=target,
-                       ignore_index=ignore_index, sample_weight=sample_weight, ce_weight=ce_weight,
-                       return_parts=return_parts)
-    R._check_unit("beta", beta)
-    R.check_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
-                 ce_weight, return_parts)
-    return _dispatch("jsd", student_logits, teacher_logits, backend, temperature, reduction, target,
-                     ignore_index, sample_weight, ce_weight, return_parts, "jsd", beta=beta)
+    return _divergence_loss("jsd", {"beta": beta}, student_logits, teacher_logits, temperature, reduction, target,
+                            ignore_index, sample_weight, ce_weight, return_parts, process_group, backend)
 
 
 def skew_kl_loss(
@@ -190,16 +180,8 @@ def skew_kl_loss(
     process_group=None,
     backend: str = "auto",
 ):
-    if process_group is not None:
-        return sharded("skew_kl_loss", backend, student_logits, teacher_logits, process_group=process_group, skew=skew, reverse=reverse, 
-                       temperature=temperature, reduction=reduction, target=target,
-                       ignore_index=ignore_index, sample_weight=sample_weight, ce_weight=ce_weight,
-                       return_parts=return_parts)
-    R.check_skew_args(skew, reverse)
-    R.check_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
-                 ce_weight, return_parts)
-    return _dispatch("skew_kl", student_logits, teacher_logits, backend, temperature, reduction, target,
-                     ignore_index, sample_weight, ce_weight, return_parts, "skew_kl", skew=skew, reverse=reverse)
+    return _divergence_loss("skew_kl", {"skew": skew, "reverse": reverse}, student_logits, teacher_logits, temperature, reduction, target,
+                            ignore_index, sample_weight, ce_weight, return_parts, process_group, backend)
 
 
 def tvd_loss(
@@ -216,15 +198,8 @@ def tvd_loss(
     process_group=None,
     backend: str = "auto",
 ):
-    if process_group is not None:
-        return sharded("tvd_loss", backend, student_logits, teacher_logits, process_group=process_group,
-                       temperature=temperature, reduction=reduction, target=target,
-                       ignore_index=ignore_index, sample_weight=sample_weight, ce_weight=ce_weight,
-                       return_parts=return_parts)
-    R.check_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
-                 ce_weight, return_parts)
-    return _dispatch("tvd", student_logits, teacher_logits, backend, temperature, reduction, target,
-                     ignore_index, sample_weight, ce_weight, return_parts, "tvd")
+    return _divergence_loss("tvd", {}, student_logits, teacher_logits, temperature, reduction, target,
+                            ignore_index, sample_weight, ce_weight, return_parts, process_group, backend)
 
 
 def kd_topk_loss(student_logits, teacher: TopKTeacher, temperature=4.0, *, reduction="batchmean", target=None,
@@ -234,8 +209,8 @@ def kd_topk_loss(student_logits, teacher: TopKTeacher, temperature=4.0, *, reduc
     A tensor temperature (CTKD) is supported by the reference only: ``"auto"`` runs
     the reference then, an explicit fused backend raises.
     """
-    R.check_args(student_logits, teacher, temperature, reduction, target, ignore_index, sample_weight,
-                 ce_weight, return_parts, temperature_tensor=True)
+    check_divergence_args(student_logits, teacher, temperature, reduction, target, ignore_index, sample_weight,
+                          ce_weight, return_parts, temperature_tensor=True)
     if isinstance(temperature, torch.Tensor):
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

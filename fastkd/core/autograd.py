@@ -17,7 +17,7 @@ exactly 1 skips the scaling pass.
 """
 import torch
 
-from . import _validation
+from . import checks
 
 
 def _traced(x: torch.Tensor) -> bool:
@@ -40,7 +40,7 @@ def scale_stored_grad(stored: torch.Tensor, grad_loss: torch.Tensor) -> torch.Te
     scale = grad_loss.reshape((-1,) + (1,) * (stored.dim() - 1)).float()
     if _traced(grad_loss):
         return (stored.float() * scale).to(stored.dtype)  # fused by the compiler
-    if grad_loss.dim() == 0 and _validation.on_host(grad_loss) and float(grad_loss) == 1.0:
+    if grad_loss.dim() == 0 and checks.on_host(grad_loss) and float(grad_loss) == 1.0:
         return stored  # reading a CPU scalar costs no synchronisation
     return torch.mul(stored, scale, out=stored)
 

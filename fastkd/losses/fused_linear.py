@@ -24,7 +24,7 @@ reduction is global, whatever the chunking.
 
 Gradients are computed in the forward pass and stored (``student_hidden``,
 ``student_weight``, ``student_bias``); backward only scales them in place by the
-incoming gradient (``fastkd._autograd.scale_stored_grad``), as the other fused
+incoming gradient (``fastkd.core.autograd.scale_stored_grad``), as the other fused
 losses do. With ``reduction="none"`` the per-row incoming gradient cannot be
 applied to a stored ``grad_weight`` (a sum over rows), so the forward computes the
 losses only and backward runs the chunks again with the row weights multiplied
@@ -38,18 +38,19 @@ from types import SimpleNamespace
 from typing import Optional, Tuple, Union
 
 import torch
-from torch import nn
 
-from . import _reference_divergence as R
-from . import _validation as v
-from ._autograd import scale_stored_grad
-from ._backend import BACKENDS, implementation, resolve, unavailable_reason
-from ._reference_divergence import KIND_CODES, TOPK_MODE_CODES, LossParts
-from .topk import TopKTeacher
+from ..core import checks as v
+from ..core.autograd import scale_stored_grad
+from ..core.checks import FUSED_LINEAR_DIVERGENCES
+from ..core.divergence import KIND_CODES, TOPK_MODE_CODES, LossParts, divergence_coefficients
+from ..core.rows import read_rows, row_weights
+from ..core.topk import TopKTeacher
+from ..dispatch.backend import implementation, resolve, unavailable_reason
+from ..reference import divergence as R
 
-__all__ = ["fused_linear_kd_loss", "FusedLinearKDLoss", "DIVERGENCES", "default_chunk_size"]
+__all__ = ["fused_linear_kd_loss", "DIVERGENCES", "default_chunk_size"]
 
-DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+DIVERGENCES = FUSED_LINEAR_DIVERGENCES
 FUSED_OP = "divergence_fwd"
 
 Teacher = Union[Tuple[torch.Tensor, torch.Tensor], torch.Tensor, TopKTeacher]
@@ -86,87 +87,9 @@ def default_chunk_size(n: int, vocab: int, teacher_vocab: int, hidden: int, weig
     return min(n, 8 * math.ceil(math.ceil(n / chunks) / 8))
 
 
-# ----------------------------------------------------------------------------
-# argument checks
-# ----------------------------------------------------------------------------
-
-def _check_matrix(name: str, x, dim: int) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in v.FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (float32, float16, bfloat16 or float64), got {x.dtype}")
-    if dim == 2 and x.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D [V, H] head weight, got shape {tuple(x.shape)}")
-    if dim == 1 and x.dim() != 1:
-        raise ValueError(f"{name} must be a 1-D [V] bias, got shape {tuple(x.shape)}")
-    if dim == 0 and x.dim() < 1:
-        raise ValueError(f"{name} must have shape [..., H], got a 0-d tensor")
-
-
-def _check_constant(name: str, x) -> None:
-    if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            f"{name} requires grad, but fused_linear_kd_loss treats the teacher (and sample_weight) as a "
-            f"constant and no gradient would reach it; pass {name}.detach() (or freeze the teacher with "
-            "requires_grad_(False))"
-        )
-
-
-def _check_same_device(name: str, x: torch.Tensor, device: torch.device) -> None:
-    if x.device != device:
-        raise ValueError(f"{name} must be on student_hidden's device {device}, got {x.device}")
-
-
-def _check_head(prefix: str, hidden, weight, bias, lead, device) -> None:
-    """``{prefix}_hidden [..., H]``, ``{prefix}_weight [V, H]``, ``{prefix}_bias [V]``."""
-    _check_matrix(f"{prefix}_hidden", hidden, 0)
-    _check_matrix(f"{prefix}_weight", weight, 2)
-    if lead is not None and tuple(hidden.shape[:-1]) != lead:
-        raise ValueError(f"{prefix}_hidden must have the leading shape of student_hidden {lead}, "
-                         f"got {tuple(hidden.shape)}")
-    if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{prefix}_hidden has {hidden.shape[-1]} features but {prefix}_weight [V, H] has "
-                         f"H = {weight.shape[1]}")
-    if weight.shape[0] == 0:
-        raise ValueError(f"{prefix}_weight has 0 rows (an empty vocabulary)")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"{prefix}_hidden and {prefix}_weight must have the same dtype (as F.linear), "
-                        f"got {hidden.dtype} and {weight.dtype}")
-    _check_same_device(f"{prefix}_hidden", hidden, device)
-    _check_same_device(f"{prefix}_weight", weight, device)
-    if bias is not None:
-        _check_matrix(f"{prefix}_bias", bias, 1)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"{prefix}_bias must have shape [{weight.shape[0]}] (one per row of "
-                             f"{prefix}_weight), got {tuple(bias.shape)}")
-        _check_same_device(f"{prefix}_bias", bias, device)
-
-
 def _probe(like: torch.Tensor, shape) -> torch.Tensor:
     """A tensor of ``shape`` on ``like``'s device with no memory behind it (stride 0), for the shape checks."""
     return like.new_empty(()).expand(*shape)
-
-
-def _check_optional_number(name: str, value, positive: bool) -> None:
-    if value is None:
-        return
-    if positive:
-        v.check_positive(name, value)
-    else:
-        v.check_number(name, value)
-
-
-def _check_options(divergence, temperature, beta, skew, ce_weight, logit_scale, softcap, reduction) -> None:
-    """The numeric options, shared by the functional and the module's constructor."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    v.check_positive("temperature", temperature)
-    R._check_unit("beta", beta)
-    R._check_unit("skew", skew)
-    v.check_number("ce_weight", ce_weight)
-    _check_optional_number("logit_scale", logit_scale, positive=False)
-    _check_optional_number("softcap", softcap, positive=True)
-    v.check_reduction(reduction)
 
 
 # ----------------------------------------------------------------------------
@@ -296,9 +219,9 @@ def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, r
             grad_w.zero_()
     if grad_h is not None and p.group is not None:
         # the column-parallel head's input gradient: the only [N, H] collective (4 N H bytes in float32)
-        from .distributed import _all_reduce
+        from ..distributed.comm import all_reduce
 
-        grad_h = _all_reduce([grad_h], torch.distributed.ReduceOp.SUM, p.group, in_place=True)[0].to(p.hidden.dtype)
+        grad_h = all_reduce([grad_h], torch.distributed.ReduceOp.SUM, p.group, in_place=True)[0].to(p.hidden.dtype)
     if grad_w is not None:
         grad_w = grad_w.to(p.weight.dtype)
     if grad_b is not None:
@@ -374,13 +297,13 @@ def _divergence_params(divergence: str, temperature: float, beta: float, skew: f
     if divergence == "tvd":
         return KIND_CODES["tvd"], 0.0, 0.0, 0.0, 0.0, 1.0
     if divergence == "kl":  # kd_loss: Hinton's T^2
-        return (KIND_CODES["kl_family"], *R.divergence_coefficients("forward_kl"), float(temperature) ** 2)
+        return (KIND_CODES["kl_family"], *divergence_coefficients("forward_kl"), float(temperature) ** 2)
     if divergence == "reverse_kl":
-        coeff = R.divergence_coefficients("reverse_kl")
+        coeff = divergence_coefficients("reverse_kl")
     elif divergence == "jsd":
-        coeff = R.divergence_coefficients("jsd", beta=beta)
+        coeff = divergence_coefficients("jsd", beta=beta)
     else:
-        coeff = R.divergence_coefficients("skew_kl", skew=skew, reverse=divergence == "skew_reverse_kl")
+        coeff = divergence_coefficients("skew_kl", skew=skew, reverse=divergence == "skew_reverse_kl")
     return (KIND_CODES["kl_family"], *coeff, 1.0)
 
 
@@ -404,9 +327,8 @@ def _row_op(backend: str, hidden: torch.Tensor, weight: torch.Tensor, plain_kd: 
     (``divergence="kl"``, no ``ce_weight``, no parts, no top-k, ``V_t == V``): exactly ``kd_fwd``'s row
     loss, so a fused backend that has ``kd_fwd`` but not yet ``divergence_fwd`` runs it with ``kd_fwd``.
     """
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    loss = "fused_linear_kd"  # fastkd._backend.LOSS_OPS: needs divergence_fwd
+    v.check_backend(backend)
+    loss = "fused_linear_kd"  # fastkd.dispatch.backend.LOSS_OPS: needs divergence_fwd
     if plain_kd and backend != "reference":
         name = resolve("kd", backend, hidden, weight)
         if name != "reference":
@@ -442,12 +364,12 @@ def fused_linear_kd_loss(
     process_group=None,
 ):
     # --- arguments (every message names the argument) ---
-    _check_matrix("student_hidden", student_hidden, 0)
+    v.check_matrix("student_hidden", student_hidden, 0)
     dev = student_hidden.device
     lead = tuple(student_hidden.shape[:-1])
-    _check_head("student", student_hidden, student_weight, student_bias, None, dev)
+    v.check_head("student", student_hidden, student_weight, student_bias, None, dev)
     vocab = student_weight.shape[0]
-    _check_options(divergence, temperature, beta, skew, ce_weight, logit_scale, softcap, reduction)
+    v.check_fused_linear_options(divergence, temperature, beta, skew, ce_weight, logit_scale, softcap, reduction)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not isinstance(return_parts, bool):
@@ -464,7 +386,7 @@ def fused_linear_kd_loss(
         if len(teacher) != 2:
             raise ValueError(f"teacher as a tuple must be (teacher_hidden, teacher_weight), got {len(teacher)} items")
         teacher_hidden, teacher_weight = teacher
-        _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, lead, dev)
+        v.check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, lead, dev)
         teacher_kind, teacher_vocab = "pair", teacher_weight.shape[0]
     elif isinstance(teacher, torch.Tensor):
         v.check_logits("teacher", teacher)
@@ -472,7 +394,7 @@ def fused_linear_kd_loss(
         if tuple(teacher.shape[:-1]) != lead:
             raise ValueError(f"teacher logits [..., V_t] must have the leading shape of student_hidden {lead}, "
                              f"got {tuple(teacher.shape)}")
-        _check_same_device("teacher", teacher, dev)
+        v.check_same_device("teacher", teacher, dev)
         teacher_kind, teacher_vocab = "logits", teacher.shape[-1]
     else:
         raise TypeError("teacher must be a (teacher_hidden, teacher_weight) pair, teacher logits [..., V_t] or a "
@@ -484,11 +406,10 @@ def fused_linear_kd_loss(
                          f"(student_weight has V = {vocab} rows); the student's missing columns count as -inf")
     sharded = process_group is not None
     if sharded:
-        from . import distributed as D  # torch.distributed is imported only by those who use it
+        from .. import distributed as D  # torch.distributed is imported only by those who use it
 
         if backend not in ("auto", "reference"):
-            if not isinstance(backend, str) or backend not in BACKENDS:
-                raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+            v.check_backend(backend)
             raise ValueError(f"backend '{backend}' cannot be chosen with process_group: each chunk's loss runs "
                              "on fastkd.distributed's shard kernels (chosen by device); pass backend='auto' "
                              "(or 'reference')")
@@ -496,13 +417,13 @@ def fused_linear_kd_loss(
             raise ValueError(f"with process_group the teacher's vocabulary shard ({teacher_vocab} columns) must be "
                              f"as wide as student_weight's ({vocab} rows): pad both vocabularies to the same "
                              "multiple of the group size")
-        rank, world, _ = D._group_geometry(_probe(student_hidden, lead + (vocab,)), process_group)
+        rank, world, _ = D.comm.group_geometry(_probe(student_hidden, lead + (vocab,)), process_group)
     global_vocab = world * vocab if sharded else vocab  # target and top-k ids are global ids
     for name, x in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
                     ("teacher_bias", teacher_bias), ("teacher", teacher_logits),
                     ("teacher.logprobs", topk.logprobs if topk is not None else None),
                     ("sample_weight", sample_weight)):
-        _check_constant(name, x)
+        v.check_teacher_constant(name, x)
 
     # Shape-only stand-ins for the logits (no memory): the student's [..., V] for target and top-k ids,
     # the composition's padded [..., V_t] for the row weights ("mean" divides by counted rows * V_t).
@@ -510,11 +431,11 @@ def fused_linear_kd_loss(
     v.check_target(target, student_probe, ignore_index, required=False)
     v.check_sample_weight(sample_weight, student_probe)
     if sample_weight is not None:
-        _check_same_device("sample_weight", sample_weight, dev)
+        v.check_same_device("sample_weight", sample_weight, dev)
     if ce_weight != 0 and target is None:
         raise ValueError(f"ce_weight={ce_weight} adds a cross-entropy term, which needs target (one class per row)")
     if topk is not None:
-        read = R._read_rows(student_probe, target, ignore_index, sample_weight) \
+        read = read_rows(student_probe, target, ignore_index, sample_weight) \
             if v.reads_values(topk.indices) else None
         topk.check_against(student_probe, read)
 
@@ -534,13 +455,13 @@ def fused_linear_kd_loss(
             teacher_hidden if teacher_logits is None else teacher_logits)
         wants = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
                       for x in (student_hidden, student_weight, student_bias))
-        equal = D._check_group_shapes(n, vocab, process_group, dev,  # before any per-row collective
+        equal = D.comm.check_group_shapes(n, vocab, process_group, dev,  # before any per-row collective
                                       (student_hidden.dtype, student_weight.dtype, teacher_values.dtype), wants)
         op = D.fused_linear_row_op(divergence, beta, skew, topk.mode if topk is not None else None, pass_target,
                                    process_group, vocab, equal)
     else:
         op = R.divergence_fwd if f64 else _row_op(backend, student_hidden, student_weight, plain_kd)
-    row_weight = R._row_weight(_probe(student_hidden, lead + (global_vocab if sharded else teacher_vocab,)), target,
+    row_weight = row_weights(_probe(student_hidden, lead + (global_vocab if sharded else teacher_vocab,)), target,
                                ignore_index, sample_weight, reduction, compute_dtype)
     if chunk_size is None:
         chunk_size = default_chunk_size(n, vocab, teacher_vocab, student_weight.shape[1],
@@ -610,7 +531,7 @@ fused_linear_kd_loss.__doc__ = """The LM head and a distillation loss in one op;
     only; teacher tensors (and ``sample_weight``) that require grad raise
     ``ValueError`` (detach them). ``float`` ``temperature`` only.
 
-    ``chunk_size``: rows per chunk (``None``: ``fastkd.fused_linear.default_chunk_size``,
+    ``chunk_size``: rows per chunk (``None``: ``fastkd.losses.fused_linear.default_chunk_size``,
     the working block at most the size of the weight gradient or 256 MiB, and at least
     512 rows on CUDA / 64 on CPU). Peak extra memory: the weight gradient plus one
     chunk's float32 student, teacher and gradient blocks (``4 (V + 2 V_t)`` bytes per
@@ -633,39 +554,3 @@ fused_linear_kd_loss.__doc__ = """The LM head and a distillation loss in one op;
     backward does). Each chunk's loss runs in PyTorch on the shard with O(rows) communication
     (``fastkd.distributed``); an explicit fused ``backend`` raises.
 """
-
-
-class FusedLinearKDLoss(nn.Module):
-    """``fastkd.fused_linear_kd_loss`` as a module: the keyword arguments at construction,
-    ``forward(student_hidden, student_weight, teacher, target=None)``.
-
-    ::
-
-        loss_fn = fastkd.nn.FusedLinearKDLoss(divergence="kl", temperature=2.0, ce_weight=0.5)
-        out = student(input_ids, output_hidden_states=True)
-        loss = loss_fn(out.hidden_states[-1], student.lm_head.weight,
-                       (teacher_hidden.detach(), teacher.lm_head.weight.detach()), labels)
-    """
-
-    def __init__(self, *, divergence: str = "kl", temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
-                 ce_weight: float = 0.0, logit_scale: Optional[float] = None, softcap: Optional[float] = None,
-                 ignore_index: int = -100, reduction: str = "batchmean", chunk_size: Optional[int] = None,
-                 return_parts: bool = False, backend: str = "auto", process_group=None):
-        super().__init__()
-        # the same checks as the functional, early (it checks again at call time)
-        _check_options(divergence, temperature, beta, skew, ce_weight, logit_scale, softcap, reduction)
-        if not isinstance(backend, str) or backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
-                           ce_weight=ce_weight, logit_scale=logit_scale, softcap=softcap,
-                           ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
-                           return_parts=return_parts, backend=backend, process_group=process_group)
-
-    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher: Teacher,
-                target: Optional[torch.Tensor] = None, *, student_bias: Optional[torch.Tensor] = None,
-                teacher_bias: Optional[torch.Tensor] = None, sample_weight: Optional[torch.Tensor] = None):
-        return fused_linear_kd_loss(student_hidden, student_weight, teacher, target, student_bias=student_bias,
-                                    teacher_bias=teacher_bias, sample_weight=sample_weight, **self.kwargs)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={val!r}" for k, val in self.kwargs.items())

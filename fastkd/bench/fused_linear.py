@@ -1,7 +1,7 @@
 """Fused linear distillation on the CPU: time per step and peak extra memory (issue 11).
 
     python -m fastkd.bench --fused-linear
-    python -m fastkd.bench_fused_linear [--shapes 2048x512,512x512] [--vocab 128256] [--steps 3]
+    python -m fastkd.bench.fused_linear [--shapes 2048x512,512x512] [--vocab 128256] [--steps 3]
                                         [--providers fused,unfused,unfused_fastkd,matmuls,liger] [--csv FILE]
 
 One training step (forward + backward, float32) of forward KL (T = 1) between a
@@ -32,8 +32,8 @@ import time
 import torch
 
 import fastkd
-from fastkd.bench import _PeakRSS
-from fastkd.fused_linear import default_chunk_size, fused_linear_kd_loss
+from fastkd.bench.memory import PeakRSS
+from fastkd.losses.fused_linear import default_chunk_size, fused_linear_kd_loss
 
 PROVIDERS = ("fused", "unfused", "unfused_fastkd", "matmuls", "liger")
 
@@ -101,7 +101,7 @@ def worker(provider, n, h, v, steps):
     hs.grad = w.grad = None
     if hasattr(torch.ops.fastkd, "empty_grad_cache"):
         torch.ops.fastkd.empty_grad_cache()
-    with _PeakRSS() as peak:
+    with PeakRSS() as peak:
         for _ in range(steps):
             hs.grad = w.grad = None
             t0 = time.perf_counter()
@@ -132,7 +132,7 @@ def main(argv=None):
         print(f"N={n} H={h} V={args.vocab} float32, fused chunk {chunk} rows ({-(-n // chunk)} chunks)", flush=True)
         results = {}
         for provider in args.providers.split(","):
-            cmd = [sys.executable, "-m", "fastkd.bench_fused_linear", "--steps", str(args.steps),
+            cmd = [sys.executable, "-m", "fastkd.bench.fused_linear", "--steps", str(args.steps),
                    "--worker", provider, str(n), str(h), str(args.vocab)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:

@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference implementations of every fastkd loss.
+"""Plain-PyTorch references of the classification losses (KD, DKD, ATS, DIST, MGD, SimKD, IPWD).
 
 These mirror the official semantics written down in ``docs/methods.md`` and are
 what every fused backend (cpu, cuda, triton) is tested against. They favour
@@ -11,7 +11,7 @@ Conventions shared by every logit loss here:
   inputs give a float32 loss, float64 inputs stay float64 (so
   ``torch.autograd.gradcheck`` works on this module).
 * ``row_weight[i] = valid[i] * sample_weight[i] / divisor`` (from
-  ``fastkd._validation.row_weights``) already contains the reduction divisor, so
+  ``fastkd.core.rows.row_weights``) already contains the reduction divisor, so
   the loss is ``sum_i row_loss[i] * row_weight[i]``; with ``reduction="none"``
   the weighted per-row losses are returned in the leading shape.
 * A skipped row -- its target equals ``ignore_index``, or its ``sample_weight``
@@ -28,18 +28,25 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from fastkd import _mask
-from fastkd._validation import (
-    check_ce,
-    check_logit_loss,
-    check_dkd_classes,
-    check_number,
+from ..core import mask as _mask
+from ..core.checks import (
+    check_ats_args,
+    check_dist_args,
+    check_dkd_args,
+    check_ignore_index,
+    check_kd_args,
+    check_mask_args,
     check_pair,
     check_positive,
+    check_seed,
     check_target,
-    check_temperature_tensor,
-    row_weights,
+    mgd_check_aligned,
+    mgd_check_args,
+    mgd_check_generated,
 )
+from ..core.divergence import LossParts
+from ..core.rows import compute_dtype, row_weights
+from .divergence import kl_terms
 
 __all__ = [
     "kd_loss",
@@ -50,29 +57,12 @@ __all__ = [
     "mgd_keep_mask",
     "simkd_loss",
     "ipw_weights",
-    # language-model divergences and top-k teachers (fastkd/_reference_divergence.py)
-    "reverse_kl_loss",
-    "jsd_loss",
-    "skew_kl_loss",
-    "tvd_loss",
-    "kd_topk_loss",
-    "topk_log_probs",
-    "LossParts",
 ]
 
 
 # ----------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """max(float32, dtypes of the given tensors): float64 stays float64."""
-    dtype = torch.float32
-    for x in tensors:
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            dtype = torch.promote_types(dtype, x.dtype)
-    return dtype
-
 
 def _rows(student, teacher, target, ignore_index, dtype, sample_weight=None):
     """Flatten to [N, C] in ``dtype``; zero the logits of skipped rows.
@@ -101,18 +91,6 @@ def _rows(student, teacher, target, ignore_index, dtype, sample_weight=None):
     if tgt is not None:
         tgt = torch.where(read, tgt, torch.zeros_like(tgt))
     return s, t, tgt, valid
-
-
-def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Element-wise ``p * (log p - log q)``, exactly 0 (value and grad) where p == 0.
-
-    The difference is masked *before* the product so that the ``-inf - -inf``
-    NaN of a zero-probability term never reaches the gradient either.
-    NaN in either input still gives NaN (NaN != 0).
-    """
-    p = log_p.exp()
-    diff = torch.where(p == 0, torch.zeros_like(log_p), log_p - log_q)
-    return p * diff
 
 
 def _reduce(row_loss, student, target, ignore_index, sample_weight, reduction):
@@ -189,15 +167,21 @@ def kd_loss(
     (raw student logits, T = 1) with the same row weights; ``return_parts=True``
     returns ``LossParts(loss, soft, hard)`` (``soft``, ``hard`` detached).
     """
-    check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, False)
-    check_temperature_tensor(temperature, student_logits)
-    check_ce(ce_weight, return_parts, target)
-    dtype = _compute_dtype(student_logits, teacher_logits, temperature)
+    check_kd_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
+                  ce_weight, return_parts)
+    return compute_kd(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
+                      ce_weight, return_parts)
+
+
+def compute_kd(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
+               ce_weight, return_parts):
+    """``kd_loss`` on checked arguments (the dispatching functional's reference branch calls it)."""
+    dtype = compute_dtype(student_logits, teacher_logits, temperature)
     s, t, tgt, _ = _rows(student_logits, teacher_logits, target, ignore_index, dtype, sample_weight)
     temp = _temperature_column(temperature, s.shape[0], s.device, dtype)
     log_ps = F.log_softmax(s / temp, dim=1)
     log_pt = F.log_softmax(t / temp, dim=1)
-    row_loss = temp.squeeze(1) ** 2 * _kl_terms(log_pt, log_ps).sum(dim=1)
+    row_loss = temp.squeeze(1) ** 2 * kl_terms(log_pt, log_ps).sum(dim=1)
     return _reduce_with_ce(row_loss, s, tgt, student_logits, target, ignore_index, sample_weight, reduction,
                            ce_weight, return_parts)
 
@@ -238,13 +222,16 @@ def dkd_loss(
     with zero teacher probability contribute 0. Needs at least 2 classes.
     ``ce_weight`` / ``return_parts``: as ``kd_loss``.
     """
-    check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
-    check_number("alpha", alpha)
-    check_number("beta", beta)
-    check_positive("temperature", temperature)
-    check_dkd_classes(student_logits)
-    check_ce(ce_weight, return_parts, target)
-    dtype = _compute_dtype(student_logits, teacher_logits)
+    check_dkd_args(student_logits, teacher_logits, target, alpha, beta, temperature, reduction, ignore_index,
+                   sample_weight, ce_weight, return_parts)
+    return compute_dkd(student_logits, teacher_logits, target, alpha, beta, temperature, reduction, ignore_index,
+                       sample_weight, ce_weight, return_parts)
+
+
+def compute_dkd(student_logits, teacher_logits, target, alpha, beta, temperature, reduction, ignore_index,
+                sample_weight, ce_weight, return_parts):
+    """``dkd_loss`` on checked arguments (the dispatching functional's reference branch calls it)."""
+    dtype = compute_dtype(student_logits, teacher_logits)
     s, t, tgt, _ = _rows(student_logits, teacher_logits, target, ignore_index, dtype, sample_weight)
     gt = F.one_hot(tgt, s.shape[1]).bool()
 
@@ -263,8 +250,8 @@ def dkd_loss(
 
     log_b_s, log_q_s = parts(s)
     log_b_t, log_q_t = parts(t)
-    tckd = _kl_terms(log_b_t, log_b_s).sum(dim=1)
-    nckd = _kl_terms(log_q_t, log_q_s).sum(dim=1)
+    tckd = kl_terms(log_b_t, log_b_s).sum(dim=1)
+    nckd = kl_terms(log_q_t, log_q_s).sum(dim=1)
     row_loss = temperature**2 * (alpha * tckd + beta * nckd)
     return _reduce_with_ce(row_loss, s, tgt, student_logits, target, ignore_index, sample_weight, reduction,
                            ce_weight, return_parts)
@@ -301,12 +288,16 @@ def ats_loss(
     this KL plus the teacher entropy ``-sum q log q``: same gradient w.r.t. the
     student, different value. ``ce_weight`` / ``return_parts``: as ``kd_loss``.
     """
-    check_logit_loss(student_logits, teacher_logits, reduction, target, ignore_index, sample_weight, True)
-    check_positive("target_temperature", target_temperature)
-    check_positive("other_temperature", other_temperature)
-    check_positive("student_temperature", student_temperature)
-    check_ce(ce_weight, return_parts, target)
-    dtype = _compute_dtype(student_logits, teacher_logits)
+    check_ats_args(student_logits, teacher_logits, target, target_temperature, other_temperature,
+                   student_temperature, reduction, ignore_index, sample_weight, ce_weight, return_parts)
+    return compute_ats(student_logits, teacher_logits, target, target_temperature, other_temperature,
+                       student_temperature, reduction, ignore_index, sample_weight, ce_weight, return_parts)
+
+
+def compute_ats(student_logits, teacher_logits, target, target_temperature, other_temperature, student_temperature,
+                reduction, ignore_index, sample_weight, ce_weight, return_parts):
+    """``ats_loss`` on checked arguments (the dispatching functional's reference branch calls it)."""
+    dtype = compute_dtype(student_logits, teacher_logits)
     s, t, tgt, _ = _rows(student_logits, teacher_logits, target, ignore_index, dtype, sample_weight)
     gt = F.one_hot(tgt, s.shape[1]).bool()
     tau = torch.where(
@@ -316,7 +307,7 @@ def ats_loss(
     )
     log_q = F.log_softmax(t / tau, dim=1)
     log_ps = F.log_softmax(s / student_temperature, dim=1)
-    row_loss = student_temperature**2 * _kl_terms(log_q, log_ps).sum(dim=1)
+    row_loss = student_temperature**2 * kl_terms(log_q, log_ps).sum(dim=1)
     return _reduce_with_ce(row_loss, s, tgt, student_logits, target, ignore_index, sample_weight, reduction,
                            ce_weight, return_parts)
 
@@ -355,11 +346,13 @@ def dist_loss(
     or reduction. Returns a 0-d loss (float32, or float64 for float64 input);
     an empty batch gives 0.
     """
-    check_pair(student_logits, teacher_logits)
-    check_number("beta", beta)
-    check_number("gamma", gamma)
-    check_positive("temperature", temperature)
-    dtype = _compute_dtype(student_logits, teacher_logits)
+    check_dist_args(student_logits, teacher_logits, beta, gamma, temperature)
+    return compute_dist(student_logits, teacher_logits, beta, gamma, temperature)
+
+
+def compute_dist(student_logits, teacher_logits, beta, gamma, temperature):
+    """``dist_loss`` on checked arguments (the dispatching functional's reference branch calls it)."""
+    dtype = compute_dtype(student_logits, teacher_logits)
     s, t, _, _ = _rows(student_logits, teacher_logits, None, -100, dtype)
     if s.shape[0] == 0:
         # mean over zero rows would be NaN; keep the graph so backward gives zero grads.
@@ -376,24 +369,6 @@ def dist_loss(
 # MGD
 # ----------------------------------------------------------------------------
 
-MASK_TYPES = ("channel", "spatial")
-
-
-def _check_mask_args(mask_ratio, mask_type) -> None:
-    check_number("mask_ratio", mask_ratio)
-    if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    if mask_type not in MASK_TYPES:
-        raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
-
-
-def _check_seed(seed) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-
-
 def mgd_keep_mask(
     seed: int,
     shape_nchw: Sequence[int],
@@ -407,61 +382,15 @@ def mgd_keep_mask(
     Shape (N, C, 1, 1) for ``"channel"`` (element index ``n * C + c``) and
     (N, 1, H, W) for ``"spatial"`` (index ``n * H * W + h * W + w``); element
     ``i`` is kept iff ``hash32(seed, i) >= floor(mask_ratio * 2^32)``
-    (``fastkd._mask``), so every backend builds the same mask bit for bit.
+    (``fastkd.core.mask``), so every backend builds the same mask bit for bit.
     """
-    _check_seed(seed)
-    _check_mask_args(mask_ratio, mask_type)
+    check_seed(seed)
+    check_mask_args(mask_ratio, mask_type)
     n, c, h, w = (int(v) for v in shape_nchw)
     shape = (n, c, 1, 1) if mask_type == "channel" else (n, 1, h, w)
     count = shape[0] * shape[1] * shape[2] * shape[3]
     keep = _mask.keep_mask(seed, count, float(mask_ratio), device=device)
     return keep.reshape(shape).to(dtype)
-
-
-def _check_feature(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must be a 4-D feature map (N, C, H, W), got shape {tuple(x.shape)}")
-
-
-def mgd_check_args(student_feat, teacher_feat, generation, align, alpha, mask_ratio, mask_type, generator) -> None:
-    """Argument checks of ``mgd_loss``, shared with ``fastkd.functional.mgd_loss``."""
-    _check_feature("student_feat", student_feat)
-    _check_feature("teacher_feat", teacher_feat)
-    if student_feat.device != teacher_feat.device:
-        raise ValueError(
-            f"student_feat and teacher_feat must be on the same device, got {student_feat.device} and {teacher_feat.device}"
-        )
-    if not callable(generation):
-        raise TypeError(f"generation must be callable (a module), got {type(generation).__name__}")
-    if align is not None and not callable(align):
-        raise TypeError(f"align must be callable (a module) or None, got {type(align).__name__}")
-    check_number("alpha", alpha)
-    _check_mask_args(mask_ratio, mask_type)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-
-
-def mgd_check_aligned(x, teacher_feat, aligned: bool) -> None:
-    """The (aligned) student feature must have the teacher's shape."""
-    if x.dim() != 4 or x.shape != teacher_feat.shape:
-        what = "align(student_feat)" if aligned else "student_feat"
-        hint = "" if aligned else "; pass align= (a 1x1 conv) to map student channels to the teacher's"
-        raise ValueError(
-            f"{what} must have the shape of teacher_feat {tuple(teacher_feat.shape)}, "
-            f"got {tuple(x.shape)}{hint}"
-        )
-
-
-def mgd_check_generated(pred, teacher_feat) -> None:
-    if pred.shape != teacher_feat.shape:
-        raise ValueError(
-            f"generation output must have the shape of teacher_feat {tuple(teacher_feat.shape)}, "
-            f"got {tuple(pred.shape)}"
-        )
 
 
 def mgd_loss(
@@ -492,7 +421,7 @@ def mgd_loss(
     """
     mgd_check_args(student_feat, teacher_feat, generation, align, alpha, mask_ratio, mask_type, generator)
     if seed is not None:
-        _check_seed(seed)
+        check_seed(seed)
     x = align(student_feat) if align is not None else student_feat
     mgd_check_aligned(x, teacher_feat, align is not None)
     if seed is None:
@@ -500,7 +429,7 @@ def mgd_loss(
     mask = mgd_keep_mask(seed, x.shape, mask_ratio, mask_type, device=x.device, dtype=x.dtype)
     pred = generation(x * mask)
     mgd_check_generated(pred, teacher_feat)
-    dtype = _compute_dtype(pred, teacher_feat)
+    dtype = compute_dtype(pred, teacher_feat)
     diff = pred.to(dtype) - teacher_feat.to(dtype)
     return alpha * (diff * diff).sum() / max(teacher_feat.shape[0], 1)
 
@@ -532,7 +461,7 @@ def simkd_loss(projected_student: torch.Tensor, teacher_feat: torch.Tensor) -> t
             f"projected_student and teacher_feat must be on the same device, "
             f"got {projected_student.device} and {teacher_feat.device}"
         )
-    dtype = _compute_dtype(projected_student, teacher_feat)
+    dtype = compute_dtype(projected_student, teacher_feat)
     diff = projected_student.to(dtype) - teacher_feat.to(dtype)
     return (diff * diff).sum() / max(diff.numel(), 1)
 
@@ -580,8 +509,7 @@ def ipw_weights(
     to pass as ``sample_weight`` to any logit loss. NaN logits give NaN weights.
     """
     check_pair(kd_logits, aux_logits, "kd_logits", "aux_logits")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_ignore_index(ignore_index)
     check_target(target, kd_logits, ignore_index, required=True)
     if clip is not None:
         if not isinstance(clip, (tuple, list)) or len(clip) != 2:
@@ -594,7 +522,7 @@ def ipw_weights(
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
 
     with torch.no_grad():
-        dtype = _compute_dtype(kd_logits, aux_logits)
+        dtype = compute_dtype(kd_logits, aux_logits)
         kd, aux, tgt, valid = _rows(kd_logits.detach(), aux_logits.detach(), target, ignore_index, dtype)
         index = tgt.unsqueeze(1)
         log_w = (F.log_softmax(aux, dim=1).gather(1, index) - F.log_softmax(kd, dim=1).gather(1, index)).squeeze(1)
@@ -607,18 +535,3 @@ def ipw_weights(
             # No counted row: every weight is already 0; divide by 1 instead of 0.
             w = w * (counted / torch.where(counted > 0, w.sum(), torch.ones_like(counted)))
         return w.to(torch.float32).reshape(target.shape)
-
-
-# ----------------------------------------------------------------------------
-# language-model divergences and top-k teachers (issue 10): fastkd/_reference_divergence.py
-# ----------------------------------------------------------------------------
-
-from fastkd._reference_divergence import (  # noqa: E402  (after the helpers above; no cycle)
-    LossParts,
-    jsd_loss,
-    kd_topk_loss,
-    reverse_kl_loss,
-    skew_kl_loss,
-    topk_log_probs,
-    tvd_loss,
-)

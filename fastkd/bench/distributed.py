@@ -1,7 +1,7 @@
 """Distributed distillation on gloo (CPU): time per step and bytes per call (issue 12).
 
     python -m fastkd.bench --distributed 2
-    python -m fastkd.bench_distributed --world 2 [--rows 1024 --vocab 32000 --repeat 5 --csv out.csv]
+    python -m fastkd.bench.distributed --world 2 [--rows 1024 --vocab 32000 --repeat 5 --csv out.csv]
 
 Vocabulary parallel: each of ``--world`` processes (one thread each) holds a
 ``[rows, vocab / world]`` shard of the student and teacher logits and runs the
@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 
 import fastkd
 from fastkd import distributed as D
-from fastkd.topk import TopKTeacher
+from fastkd.core.topk import TopKTeacher
 
 TOPK = 32
 HIDDEN = 256

@@ -1,0 +1,5 @@
+import sys
+
+from fastkd.bench.kernels import main
+
+sys.exit(main())

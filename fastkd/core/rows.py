@@ -1,0 +1,89 @@
+"""Rows: how every logit loss sees its input (``docs/design.md``, "Rows and row weights").
+
+Logits ``[..., C]`` are rows ``[N, C]`` (all leading dims flattened). A row's loss is
+multiplied by its row weight, which carries ``ignore_index``, ``sample_weight`` and the
+reduction's divisor, so every reduction is a plain sum of weighted row losses.
+"""
+from typing import Optional
+
+import torch
+
+
+def rows_of(x: torch.Tensor) -> int:
+    """N, the number of rows of ``[..., C]``."""
+    return x.numel() // x.shape[-1]
+
+
+def row_view(x: torch.Tensor) -> torch.Tensor:
+    """``[..., C]`` as contiguous rows ``[N, C]`` (a view when it already is)."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def wants_grad(x: torch.Tensor) -> bool:
+    """Whether a kernel must produce the gradient of ``x`` (grad mode on and ``x`` requires it)."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def compute_dtype(*tensors) -> torch.dtype:
+    """``max(float32, dtypes of the floating tensors)``: the reference's math dtype (float64 stays float64)."""
+    dtype = torch.float32
+    for x in tensors:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
+def read_rows(logits, target, ignore_index, sample_weight) -> Optional[torch.Tensor]:
+    """bool [N]: the rows a loss reads (target != ignore_index and sample weight != 0); None: all."""
+    if target is None and sample_weight is None:
+        return None
+    n = rows_of(logits)
+    read = torch.ones(n, dtype=torch.bool, device=logits.device)
+    if target is not None:
+        read = read & (target.reshape(n) != ignore_index)
+    if sample_weight is not None:
+        read = read & (sample_weight.reshape(n) != 0)
+    return read
+
+
+def row_weights(
+    logits: torch.Tensor,
+    target: Optional[torch.Tensor],
+    ignore_index: int,
+    sample_weight: Optional[torch.Tensor],
+    reduction: str,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """[N] weights (float32, or ``dtype``) that turn summed row losses into the reduced loss.
+
+    ``row_weight[i] = valid[i] * sample_weight[i] / divisor`` with ``divisor`` =
+    counted rows ("batchmean"), counted rows * C ("mean"), 1 ("sum", "none").
+    A batch with no counted rows gets divisor 1, so the loss is exactly 0.
+    """
+    n = rows_of(logits)
+    num_classes = logits.shape[-1]
+    if target is not None:
+        valid = (target.reshape(n) != ignore_index).to(dtype)
+    else:
+        valid = torch.ones(n, dtype=dtype, device=logits.device)
+    weight = valid
+    if sample_weight is not None:
+        # where() rather than a product so that a NaN/inf weight on an ignored row stays ignored
+        weight = torch.where(valid > 0, sample_weight.reshape(n).to(dtype), 0.0)
+    if reduction in ("batchmean", "mean"):
+        counted = valid.sum().clamp_min(1.0)
+        if reduction == "mean":
+            counted = counted * num_classes
+        weight = weight / counted
+    return weight
+
+
+def temperature_rows(temperature, logits: torch.Tensor) -> torch.Tensor:
+    """The temperature as a float32 [N] tensor (keeps autograd to a tensor input)."""
+    n = rows_of(logits)
+    if isinstance(temperature, torch.Tensor):
+        t = temperature.to(device=logits.device, dtype=torch.float32)
+        return t.reshape(-1).expand(n).contiguous() if t.numel() == 1 else t.reshape(n).contiguous()
+    return torch.full((n,), float(temperature), dtype=torch.float32, device=logits.device)
+
+

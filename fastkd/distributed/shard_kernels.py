@@ -1,0 +1,132 @@
+"""The fused shard kernels of the dense-teacher divergences (float32 math): which run, and the
+three passes around the collectives (``docs/design.md``, "Shard kernels").
+"""
+import torch
+import torch.distributed as dist
+
+from ..core.divergence import KIND_CODES, divergence_coefficients
+from ..dispatch import ops
+from . import settings
+from .comm import all_reduce
+from .rows import gather_owned, ids_in_range, local_columns, poison
+
+
+def shard_kernels(c, s: torch.Tensor):
+    """The shard ops ``divergence_rows`` runs on (a namespace with ``divergence_shard_stats``, ``_terms``,
+    ``_grad``), or None for the PyTorch math: a top-k teacher, float64 math, ``SHARD_KERNELS = "off"``, or
+    the kernels missing (no compiled CPU ops; no Triton)."""
+    if settings.SHARD_KERNELS == "off" or c.mode is not None or c.dtype != torch.float32:
+        return None
+    if s.device.type == "cuda" or settings.SHARD_KERNELS == "triton":
+        try:
+            from ..triton import divergence_shard
+        except ImportError:
+            return None
+        return divergence_shard
+    if s.device.type != "cpu":
+        return None
+    if ops.LOAD_ERROR is not None:
+        return None
+    return torch.ops.fastkd if hasattr(torch.ops.fastkd, "divergence_shard_stats") else None
+
+
+def kernels_take_all_rows(c, s: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether the shard kernels run these rows with no ``[rows, V_local]`` temporaries (float32 logits
+    and gradients: nothing to convert; a rare column-strided input is copied whole), so one row chunk,
+    one round of collectives, is enough."""
+    return s.dtype == t.dtype == torch.float32 and shard_kernels(c, s) is not None
+
+
+def _gap_scale(z: torch.Tensor, m: torch.Tensor, m_all: torch.Tensor, inv_t: float) -> torch.Tensor:
+    """A sum of exps relative to this shard's max ``m``, moved to the group's max ``m_all``: 0 stays 0 (an
+    empty or all -inf shard, whose max is -inf), NaN stays NaN."""
+    gap = torch.where(m == m_all, torch.zeros_like(m), m - m_all)
+    return torch.where(z == 0, z, z * (gap * inv_t).exp())
+
+
+def divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
+    """``divergence_rows`` of a dense teacher on the shard kernels ``ops`` (the same collectives and results).
+
+    (1) ``divergence_shard_stats``: this shard's raw maxima and sums of exps relative to them; MAX
+    all-reduce of the maxima, the sums moved to the group's maxima (``_gap_scale``), SUM all-reduce
+    (with the CE's sum at T = 1 and ``s[target]``). (2) ``divergence_shard_terms``: the shard's part
+    of the loss, sum G, sum H (TVD: its sign masses), with G and H kept; SUM all-reduce.
+    (3) ``divergence_shard_grad``: G, H made the gradients in place; the CE's one-hot is added here,
+    on the owning rank. Forward KL's student gradient (``sum G`` known) comes from (2) directly
+    when no teacher gradient is wanted: no pass (3).
+    """
+    dev, width, offset, group, T = s.device, c.width, c.offset, c.group, c.T
+    f32 = torch.float32
+    s, t = s.to(f32), t.to(f32)
+    s = s if s.stride(-1) == 1 else s.contiguous()
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    n = s.shape[0]
+    read_f = torch.ones(n, dtype=f32, device=dev) if read is None else read.to(f32)
+    use_ce = c.use_ce
+    if use_ce and read is not None:
+        tgt = torch.where(read, tgt, torch.zeros_like(tgt))
+
+    stats = ops.divergence_shard_stats(s, t, T, use_ce, read_f)  # [n, 5]: m_s, z_s, m_t, z_t, z_s at T = 1
+    m_s, z_s, m_t, z_t, z_1 = stats.unbind(1)
+    big_s, big_t = all_reduce([m_s, m_t], dist.ReduceOp.MAX, group)
+    sums = [_gap_scale(z_s, m_s, big_s, 1.0 / T), _gap_scale(z_t, m_t, big_t, 1.0 / T)]
+    if use_ce:
+        t_own, t_col = local_columns(tgt.unsqueeze(1), offset, width)
+        sums += [_gap_scale(z_1, m_s, big_s, 1.0), gather_owned(s, t_own, t_col).squeeze(1)]
+    sums = all_reduce(sums, dist.ReduceOp.SUM, group)
+    l_s, l_t = sums[0].log(), sums[1].log()
+    l_1 = sums[2].log() if use_ce else torch.zeros_like(l_s)
+    # a NaN logit (or an all -inf row) in either net: the kernels' zero-probability selects may hide it
+    # (skew KL of an all-NaN student row came out finite), the whole-vocabulary lse does not
+    nan_rows = ~((l_s > float("-inf")) & (l_t > float("-inf")))
+    nan_rows = nan_rows if read is None else nan_rows & read
+
+    if c.kind == "tvd":
+        code, a, b, w_p, w_q = KIND_CODES["tvd"], 0.0, 0.0, 0.0, 0.0
+    else:
+        code, (a, b, w_p, w_q) = KIND_CODES["kl_family"], divergence_coefficients(c.kind, **c.params)
+    row_stats = torch.stack([big_s, l_s, big_t, l_t, l_1], dim=1)
+    tvd = c.kind == "tvd"
+    zeros = torch.zeros(n, dtype=f32, device=dev)
+    ok = equal
+    if use_ce:
+        ok = ok & ids_in_range(tgt.unsqueeze(1), read, c.vocab, 0)
+    weight = poison(weight, ok)
+    coef = weight * (c.soft_scale / T)
+    ce = weight * c.ce_weight if use_ce and c.ce_weight != 0 and c.need_s else zeros
+    # forward KL (w_p = 0): sum G = -(a + b) is known, so the terms pass writes the student's gradient and
+    # the grad pass is skipped (with a teacher gradient it runs anyway, for both)
+    direct_s = c.need_s and not c.need_t and not tvd and w_p == 0.0
+
+    def buffer(want, given):  # the caller's float32 gradient rows, else a new one ([0]: not wanted)
+        if not want:
+            return torch.empty(0, dtype=f32, device=dev)
+        return given if given is not None else torch.empty(s.shape, dtype=f32, device=dev)
+
+    g, h = buffer(c.need_s, out[0]), buffer(c.need_t, out[1])
+    direct = torch.stack([coef, ce], dim=1) if direct_s else torch.empty(0, dtype=f32, device=dev)
+    part = ops.divergence_shard_terms(s, t, row_stats, T, code, a, b, w_p, w_q, read_f, direct, g, h)
+    if tvd:  # the gradients come from the sign masses (q_lt, q_gt, p_lt, p_gt, tie), not from sum G, sum H
+        red = all_reduce([part[:, 0]] + ([part[:, 3:]] if c.need_s or c.need_t else []), dist.ReduceOp.SUM, group)
+        sum_g = sum_h = zeros
+        # (a NaN in one net: its sign comparisons are all False, so the other net's gradient is 0 there, as
+        # in the single-process losses and the reference)
+        masses = red[1] if len(red) > 1 else torch.zeros((n, 5), dtype=f32, device=dev)
+    else:
+        red = all_reduce([part[:, 0], part[:, 1]] + ([part[:, 2]] if c.need_t else []), dist.ReduceOp.SUM, group)
+        sum_g, sum_h = red[1], (red[2] if c.need_t else zeros)
+        masses = torch.zeros((n, 5), dtype=f32, device=dev)
+    soft = red[0] * c.soft_scale
+    soft = torch.where(nan_rows, torch.full_like(soft, float("nan")), soft)
+    hard = torch.zeros_like(soft)
+    if use_ce:
+        hard = (big_s - sums[3]) + l_1  # lse(s) - s[target], T = 1
+        if read is not None:  # an unread row's statistics are empty (-inf): its CE is 0, not -inf * 0
+            hard = torch.where(read, hard, torch.zeros_like(hard))
+    rows = soft + c.ce_weight * hard if c.ce_weight != 0 else soft
+    if (c.need_s and not direct_s) or c.need_t:
+        row_coef = torch.cat([torch.stack([sum_g, sum_h, coef, coef, ce], dim=1), masses], dim=1)
+        ops.divergence_shard_grad(s, t, row_stats, T, code, row_coef, read_f, g, h)
+    if c.need_s and use_ce and c.ce_weight != 0:
+        g.scatter_add_(1, t_col, torch.where(t_own, -ce.unsqueeze(1), torch.zeros((), dtype=f32, device=dev)))
+    return rows * weight, soft * weight, hard * weight, (g if c.need_s else None), (h if c.need_t else None), None
