@@ -213,6 +213,9 @@ def check_ce(ce_weight, return_parts, target) -> None:
 def check_constant_weight(sample_weight, backend: str) -> None:
     """A fused backend treats ``sample_weight`` as a constant: refuse one that wants a gradient."""
     if sample_weight is not None and wants_grad(sample_weight):
+        if backend == "distributed":
+            raise ValueError("sample_weight requires grad, but the distributed losses treat it as a constant; "
+                             "pass sample_weight.detach()")
         raise ValueError(
             f"sample_weight requires grad, but backend '{backend}' treats it as a constant; "
             "pass sample_weight.detach(), or backend='reference' to differentiate it"

@@ -99,12 +99,8 @@ class TopKTeacher:
     def device(self) -> torch.device:
         return self.indices.device
 
-    def check_against(self, student: torch.Tensor, read: Optional[torch.Tensor]) -> None:
-        """Check this teacher against the student logits ``[..., V]`` it is compared with.
-
-        ``read``: bool ``[N]`` of the rows the loss reads (None: all), or the
-        result of not reading values (then only shapes are checked).
-        """
+    def check_layout(self, student: torch.Tensor) -> None:
+        """The leading shape and device of this teacher against the student logits ``[..., V]``."""
         lead = tuple(student.shape[:-1])
         if tuple(self.indices.shape[:-1]) != lead:
             raise ValueError(
@@ -115,6 +111,14 @@ class TopKTeacher:
             raise ValueError(
                 f"TopKTeacher must be on the student_logits' device {student.device}, got {self.device}"
             )
+
+    def check_against(self, student: torch.Tensor, read: Optional[torch.Tensor]) -> None:
+        """Check this teacher against the student logits ``[..., V]`` it is compared with.
+
+        ``read``: bool ``[N]`` of the rows the loss reads (None: all), or the
+        result of not reading values (then only shapes are checked).
+        """
+        self.check_layout(student)
         if not v.reads_values(self.indices) or self.indices.numel() == 0:
             return
         ids = self.indices.reshape(-1, self.k)

@@ -3,14 +3,12 @@ import torch
 import torch.distributed as dist
 
 from ..core import checks as v
-from ..core.divergence import LossParts
 from ..core.rows import compute_dtype
 from ..reference import divergence as R
-from .comm import AllReduceSum, all_reduce, check_group_shapes, group_geometry
+from .comm import AllReduceSum, all_reduce
 from .rows import (
-    MINUS_INF, StoredGradLoss, add_ce_grad, ce_rows, ce_sums, check_ce_args, common_checks, forward_kl_and_grads,
-    gather_owned, ids_in_range, masked_max, poison, rows_and_target, run_chunks, safe_shift,
-    soft_and_grads, target_column, target_prologue,
+    MINUS_INF, add_ce_grad, ce_rows, ce_sums, forward_kl_and_grads, gather_owned, ids_in_range, masked_max, poison,
+    rows_and_target, run_target_loss, safe_shift, soft_and_grads, target_column, target_loss_setup,
 )
 
 
@@ -26,27 +24,20 @@ def dkd_loss(student_logits, teacher_logits, target, *, process_group, alpha=1.0
     its two per-row numbers ride in the SUM round, no extra collective).
     """
     student, teacher = student_logits, teacher_logits
-    common_checks(student, teacher, reduction, target, ignore_index, sample_weight, True)
     v.check_number("alpha", alpha)
     v.check_number("beta", beta)
     v.check_positive("temperature", temperature)
-    check_ce_args(ce_weight, return_parts)
-    use_ce = ce_weight != 0 or return_parts  # target is required here
-    rank, world, width = group_geometry(student, process_group)
-    if world * width < 2:
+    c = target_loss_setup(student, teacher, target, ignore_index, sample_weight, reduction, ce_weight, return_parts,
+                          process_group)
+    if c.vocab < 2:
         raise ValueError(f"student_logits must have at least 2 classes over the process group for DKD, "
-                         f"got {world * width}")
+                         f"got {c.vocab}")
     T = float(temperature)
-    need_s = torch.is_grad_enabled() and student.requires_grad
-    need_t = torch.is_grad_enabled() and teacher.requires_grad
-    lead = student.shape[:-1]
-
-    offset, vocab = rank * width, world * width
-    dtype, n_all, read_all, weight_all, s_all, t_all = target_prologue(
-        student, teacher, target, ignore_index, sample_weight, reduction, vocab)
+    use_ce, need_s, need_t, dtype = c.use_ce, c.need_s, c.need_t, c.dtype
+    offset, width, vocab = c.offset, c.width, c.vocab
 
     def body(r, equal):
-        s, t, tgt, read = rows_and_target(s_all, t_all, target, read_all, r, dtype)
+        s, t, tgt, read = rows_and_target(c.s, c.t, target, c.read, r, dtype)
         dev = s.device
         own, col, is_g = target_column(tgt, offset, width, s.shape, dev)
         other = ~is_g
@@ -88,7 +79,7 @@ def dkd_loss(student_logits, teacher_logits, target, *, process_group, alpha=1.0
         soft = tckd + red[0]
         hard = ce_rows(m_s, sums[6], sums[7]) if use_ce else torch.zeros_like(soft)
         rows = soft + ce_weight * hard if ce_weight != 0 else soft
-        weight = poison(weight_all[r], equal & ids_in_range(tgt.unsqueeze(1), read, vocab, 0))
+        weight = poison(c.weight[r], equal & ids_in_range(tgt.unsqueeze(1), read, vocab, 0))
 
         def chain(g_pg, g_rest, g_local, sum_local, log_all, log_other):
             # d/dx_c = -(gA + gB) P_c + [c = g] gA + Q_c (gB - sum gL) + gL_c   (x = logits / T)
@@ -103,14 +94,7 @@ def dkd_loss(student_logits, teacher_logits, target, *, process_group, alpha=1.0
         grad_t = chain(g_tckd[2], g_tckd[3], h_l, red[2], lp_all, oth_t) if need_t else None
         return rows * weight, soft * weight, hard * weight, grad_s, grad_t
 
-    def compute():
-        equal = check_group_shapes(n_all, width, process_group, student.device, (student.dtype, teacher.dtype),
-                                    (need_s, need_t))
-        return run_chunks(lambda r, _out: body(r, equal), n_all, student, teacher, need_s, need_t, reduction,
-                           lead)
-
-    loss, soft, hard = StoredGradLoss.apply(compute, student, teacher)
-    return LossParts(loss, soft, hard) if return_parts else loss
+    return run_target_loss(body, c, student, teacher, process_group, reduction, return_parts)
 
 
 def ats_loss(student_logits, teacher_logits, target, *, process_group, target_temperature=4.0,
@@ -125,24 +109,17 @@ def ats_loss(student_logits, teacher_logits, target, *, process_group, target_te
     student logits, two more per-row numbers in the SUM round).
     """
     student, teacher = student_logits, teacher_logits
-    common_checks(student, teacher, reduction, target, ignore_index, sample_weight, True)
     for name, value in (("target_temperature", target_temperature), ("other_temperature", other_temperature),
                         ("student_temperature", student_temperature)):
         v.check_positive(name, value)
-    check_ce_args(ce_weight, return_parts)
-    use_ce = ce_weight != 0 or return_parts  # target is required here
-    rank, world, width = group_geometry(student, process_group)
+    c = target_loss_setup(student, teacher, target, ignore_index, sample_weight, reduction, ce_weight, return_parts,
+                          process_group)
     st = float(student_temperature)
-    need_s = torch.is_grad_enabled() and student.requires_grad
-    need_t = torch.is_grad_enabled() and teacher.requires_grad
-    lead = student.shape[:-1]
-
-    offset, vocab = rank * width, world * width
-    dtype, n_all, read_all, weight_all, s_all, t_all = target_prologue(
-        student, teacher, target, ignore_index, sample_weight, reduction, vocab)
+    use_ce, need_s, need_t, dtype = c.use_ce, c.need_s, c.need_t, c.dtype
+    offset, width, vocab = c.offset, c.width, c.vocab
 
     def body(r, equal):
-        s, t, tgt, read = rows_and_target(s_all, t_all, target, read_all, r, dtype)
+        s, t, tgt, read = rows_and_target(c.s, c.t, target, c.read, r, dtype)
         dev = s.device
         own, col, is_g = target_column(tgt, offset, width, s.shape, dev)
         tau = torch.where(is_g, torch.full((), float(target_temperature), dtype=dtype, device=dev),
@@ -160,7 +137,7 @@ def ats_loss(student_logits, teacher_logits, target, *, process_group, target_te
         red = all_reduce([part, g.sum(dim=1)] + ([h.sum(dim=1)] if need_t else []), dist.ReduceOp.SUM,
                           process_group)
         scale = st * st
-        weight = poison(weight_all[r], equal & ids_in_range(tgt.unsqueeze(1), read, vocab, 0))
+        weight = poison(c.weight[r], equal & ids_in_range(tgt.unsqueeze(1), read, vocab, 0))
         w = (weight * scale).unsqueeze(1)
         grad_s = (g - lps.exp() * red[1].unsqueeze(1)) * (w / st) if need_s else None
         if need_s and ce_weight != 0:
@@ -171,14 +148,7 @@ def ats_loss(student_logits, teacher_logits, target, *, process_group, target_te
         rows = soft + ce_weight * hard if ce_weight != 0 else soft
         return rows * weight, soft * weight, hard * weight, grad_s, grad_t
 
-    def compute():
-        equal = check_group_shapes(n_all, width, process_group, student.device, (student.dtype, teacher.dtype),
-                                    (need_s, need_t))
-        return run_chunks(lambda r, _out: body(r, equal), n_all, student, teacher, need_s, need_t, reduction,
-                           lead)
-
-    loss, soft, hard = StoredGradLoss.apply(compute, student, teacher)
-    return LossParts(loss, soft, hard) if return_parts else loss
+    return run_target_loss(body, c, student, teacher, process_group, reduction, return_parts)
 
 
 # ----------------------------------------------------------------------------

@@ -41,9 +41,7 @@ def _divergence(student, teacher: Teacher, temperature, reduction, target, ignor
         v.check_temperature_tensor(temperature, student)
     else:
         v.check_positive("temperature", temperature)
-    v.check_number("ce_weight", ce_weight)
-    if not isinstance(return_parts, bool):
-        raise TypeError(f"return_parts must be a bool, got {type(return_parts).__name__}")
+    v.check_ce(ce_weight, return_parts, target)
     rank, world, width = group_geometry(student, process_group)
     topk = isinstance(teacher, TopKTeacher)
     t_in = teacher.logprobs if topk else teacher
@@ -126,6 +124,8 @@ def _tvd_rows(lp, lq, need_s, need_t, group):
     return red[0], grad_a, grad_b
 
 
+# Long on purpose (about 140 lines): the three collectives of a row chunk and the math between them read
+# top to bottom in the order they run; split up, a dozen per-row tensors would travel between helpers.
 def divergence_rows(c, s, t, ids, tgt, read, weight, equal, temp=None, out=(None, None)):
     """One chunk of rows of a vocabulary-parallel divergence (and its cross-entropy): three collectives.
 
@@ -297,7 +297,8 @@ def _topk_buckets(mode, kind, params, sums, a, lq, logprobs, pad, own, col, non_
             log_q = torch.where(pad, minus_inf, x_ids - log_z)
             lse_p = R.logsumexp_near_zero(log_p)
             full = lse_p >= 0
-            log_p_tail = torch.where(full, minus_inf, R.log1mexp(torch.where(full, torch.full_like(lse_p, -1.0), lse_p)))
+            safe = torch.where(full, torch.full_like(lse_p, -1.0), lse_p)
+            log_p_tail = torch.where(full, minus_inf, R.log1mexp(safe))
             # the tail's log q comes from the whole-vocabulary sums (a leaf here; chained in below)
             lq_tail = lq_tail.detach().requires_grad_(need_s)
             log_p = torch.cat([log_p, log_p_tail], dim=1)

@@ -1,16 +1,17 @@
 """The row machinery every vocabulary-parallel loss shares: argument checks, row weights, row
 chunks, gradient buffers, the stored-gradient autograd node, and the cross-entropy's sums.
 """
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from ..core import checks as v
-from ..core.rows import compute_dtype, read_rows
+from ..core.divergence import LossParts
+from ..core.rows import compute_dtype, read_rows, row_weights
 from ..core.topk import PAD_ID, TopKTeacher
 from . import settings
-from .comm import all_reduce
+from .comm import check_group_shapes, group_geometry
 
 
 # ----------------------------------------------------------------------------
@@ -89,51 +90,6 @@ def masked_sum_exp(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tenso
     return (e if keep is None else e.masked_fill(~keep, 0.0)).sum(dim=1)
 
 
-_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
-_CALL_SLOTS = 1024  # 4 codes per dtype, 2 per gradient flag: room for 3 dtypes and 3 flags (512)
-
-
-def check_group_shapes(rows: int, width: int, group, device, dtypes=(), grads=()) -> torch.Tensor:
-    """One MAX all-reduce of (rows, -rows, width, -width), before any per-row collective.
-
-    Vocabulary-parallel ranks must hold the same rows and equally wide shards, and make the same
-    call: inputs of the same ``dtypes`` (they choose the row chunks: float32 logits on the shard
-    kernels take one) and the same gradients wanted (``grads``: bools, which add per-row numbers).
-    Otherwise the per-row collectives that follow would pair different rows, or differ in size and
-    hang. Dtypes and flags ride in the row entries (``rows * 1024 + code``). Where values are
-    readable (CPU tensors) a mismatch raises here, naming both counts. On a GPU nothing is read on
-    the host: the returned 0-d bool (True when the shards are equal) NaNs the loss and gradients
-    (``poison``) where widths differ; unequal row counts, dtypes or flags cannot be detected there
-    without a host read (the next collectives differ in size: NCCL errors or hangs).
-    """
-    code = 0
-    for dtype in dtypes:
-        code = code * 4 + _DTYPE_CODES.get(dtype, 0)
-    for flag in grads:
-        code = code * 2 + int(bool(flag))
-    assert code < _CALL_SLOTS, (dtypes, grads)
-    x = torch.full((4,), rows * _CALL_SLOTS + code, dtype=torch.int64, device=device)  # no host-to-device copy
-    x[2:].fill_(width)
-    x[1::2].neg_()
-    x = all_reduce([x], dist.ReduceOp.MAX, group)[0]
-    if v.reads_values(x):
-        most, least, widest, narrowest = int(x[0]), -int(x[1]), int(x[2]), -int(x[3])
-        most_rows, least_rows = most // _CALL_SLOTS, least // _CALL_SLOTS
-        if most_rows == least_rows and most != least:
-            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-            raise ValueError(f"student_logits: every rank of a vocabulary-parallel group must pass inputs of the same "
-                             f"dtypes and requires_grad (this rank: {names}, gradients wanted {list(map(bool, grads))}"
-                             f"; another rank differs)")
-        if most_rows != least_rows:
-            raise ValueError(f"student_logits: every rank of a vocabulary-parallel group must hold the same rows "
-                             f"(this rank {rows}, most {most_rows}, fewest {least_rows}); shard the vocabulary, "
-                             f"not the rows")
-        if widest != narrowest:
-            raise ValueError(f"student_logits: every rank must hold a vocabulary shard of the same width "
-                             f"(this rank {width}, widest {widest}, narrowest {narrowest})")
-    return x[2] == -x[3]
-
-
 def check_global_ids(name: str, ids: torch.Tensor, read: Optional[torch.Tensor], vocab: int, lo: int) -> None:
     """Ids of read rows in [lo, vocab) (lo = -1 admits top-k padding), on CPU only (free there)."""
     if ids.numel() == 0 or not v.reads_values(ids):
@@ -148,26 +104,18 @@ def check_global_ids(name: str, ids: torch.Tensor, read: Optional[torch.Tensor],
 
 
 def common_checks(student, teacher, reduction, target, ignore_index, sample_weight, target_required):
+    """The checks of every vocabulary-parallel logit loss that need no global vocabulary size (ids are
+    checked once it is known: ``check_global_ids``, ``TopKTeacher.check_against``)."""
     if isinstance(teacher, TopKTeacher):
         v.check_logits("student_logits", student)
-        # shapes and device here; ids (range over the global vocabulary, distinct in read rows) once V is known
-        lead = tuple(student.shape[:-1])
-        if tuple(teacher.indices.shape[:-1]) != lead:
-            raise ValueError(f"TopKTeacher indices [..., K] must have the leading shape of student_logits {lead}, "
-                             f"got {tuple(teacher.indices.shape)}")
-        if teacher.device != student.device:
-            raise ValueError(f"TopKTeacher must be on the student_logits' device {student.device}, "
-                             f"got {teacher.device}")
+        teacher.check_layout(student)
     else:
         v.check_pair(student, teacher)
     v.check_reduction(reduction)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    v.check_ignore_index(ignore_index)
     v.check_target(target, stand_in(student, WIDE), ignore_index, required=target_required)
     v.check_sample_weight(sample_weight, student)
-    if sample_weight is not None and torch.is_grad_enabled() and sample_weight.requires_grad:
-        raise ValueError("sample_weight requires grad, but the distributed losses treat it as a constant; "
-                         "pass sample_weight.detach()")
+    v.check_constant_weight(sample_weight, "distributed")
 
 
 def ids_in_range(ids: torch.Tensor, read: Optional[torch.Tensor], vocab: int, lo: int) -> torch.Tensor:
@@ -186,15 +134,9 @@ def poison(weight: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
 
 
 def row_weight(n, target, ignore_index, sample_weight, reduction, vocab, dtype, device):
-    """The contract's row weights; "mean" divides by counted rows * the *global* vocabulary."""
-    valid = torch.ones(n, dtype=torch.bool, device=device) if target is None else target.reshape(n) != ignore_index
-    weight = valid.to(dtype)
-    if sample_weight is not None:
-        weight = torch.where(valid, sample_weight.reshape(n).to(dtype), torch.zeros((), dtype=dtype, device=device))
-    if reduction in ("batchmean", "mean"):
-        counted = valid.sum().clamp_min(1).to(dtype)
-        weight = weight / (counted * vocab if reduction == "mean" else counted)
-    return weight
+    """``fastkd.core.rows.row_weights`` of ``n`` rows; "mean" divides by counted rows * the *global* vocabulary."""
+    rows = torch.zeros((), device=device).expand(n, vocab)  # no memory: only its shape and device are read
+    return row_weights(rows, target, ignore_index, sample_weight, reduction, dtype)
 
 
 def local_columns(ids: torch.Tensor, offset: int, width: int):
@@ -307,21 +249,39 @@ def rows_and_target(s_all, t_all, target, read_all, rows, dtype):
     return torch.where(keep, s, zero), torch.where(keep, t, zero), torch.where(read, tgt, torch.zeros_like(tgt)), read
 
 
-def target_prologue(student, teacher, target, ignore_index, sample_weight, reduction, vocab):
-    """What DKD and ATS compute once for all rows: dtype, read rows, checked targets, row weights."""
+def target_loss_setup(student, teacher, target, ignore_index, sample_weight, reduction, ce_weight, return_parts,
+                      process_group):
+    """What DKD and ATS do before their row math (their own parameters checked by the caller): the shared
+    checks and the group geometry, then for all rows the dtype, read rows, checked global targets and row
+    weights. Returns a namespace: ``use_ce``, ``need_s``, ``need_t``, ``width``, ``offset``, ``vocab``,
+    ``dtype``, ``n``, ``read``, ``weight``, ``s``, ``t`` (the logits as ``[N, V_local]``), ``lead``."""
+    common_checks(student, teacher, reduction, target, ignore_index, sample_weight, True)
+    v.check_ce(ce_weight, return_parts, target)
+    rank, world, width = group_geometry(student, process_group)
+    vocab = world * width
     dtype = compute_dtype(student, teacher)
-    n_all = v.rows_of(student)
-    read_all = read_rows(student, target, ignore_index, sample_weight)
-    check_global_ids("target", target.reshape(n_all), read_all, vocab, 0)
-    weight_all = row_weight(n_all, target, ignore_index, sample_weight, reduction, vocab, dtype, student.device)
-    width = student.shape[-1]
-    return dtype, n_all, read_all, weight_all, student.reshape(-1, width), teacher.reshape(-1, width)
+    n = v.rows_of(student)
+    read = read_rows(student, target, ignore_index, sample_weight)
+    check_global_ids("target", target.reshape(n), read, vocab, 0)
+    return SimpleNamespace(
+        use_ce=ce_weight != 0 or return_parts,  # target is required here
+        need_s=torch.is_grad_enabled() and student.requires_grad,
+        need_t=torch.is_grad_enabled() and teacher.requires_grad,
+        width=width, offset=rank * width, vocab=vocab, dtype=dtype, n=n, read=read,
+        weight=row_weight(n, target, ignore_index, sample_weight, reduction, vocab, dtype, student.device),
+        s=student.reshape(-1, width), t=teacher.reshape(-1, width), lead=student.shape[:-1])
 
 
-def check_ce_args(ce_weight, return_parts) -> None:
-    v.check_number("ce_weight", ce_weight)
-    if not isinstance(return_parts, bool):
-        raise TypeError(f"return_parts must be a bool, got {type(return_parts).__name__}")
+def run_target_loss(body, c, student, teacher, process_group, reduction, return_parts):
+    """DKD's and ATS's loss: ``body(rows, equal)`` over the row chunks, behind the stored-gradient node."""
+    def compute():
+        equal = check_group_shapes(c.n, c.width, process_group, student.device, (student.dtype, teacher.dtype),
+                                   (c.need_s, c.need_t))
+        return run_chunks(lambda r, _out: body(r, equal), c.n, student, teacher, c.need_s, c.need_t, reduction,
+                          c.lead)
+
+    loss, soft, hard = StoredGradLoss.apply(compute, student, teacher)
+    return LossParts(loss, soft, hard) if return_parts else loss
 
 
 def ce_sums(s: torch.Tensor, m_s: torch.Tensor, own: torch.Tensor, col: torch.Tensor):

@@ -44,6 +44,7 @@ def _gap_scale(z: torch.Tensor, m: torch.Tensor, m_all: torch.Tensor, inv_t: flo
     return torch.where(z == 0, z, z * (gap * inv_t).exp())
 
 
+# About 85 lines: the three kernel passes with the collectives between them, in the order they run.
 def divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
     """``divergence_rows`` of a dense teacher on the shard kernels ``ops`` (the same collectives and results).
 

@@ -141,7 +141,8 @@ def reverse_kl_loss(
     process_group=None,
     backend: str = "auto",
 ):
-    return _divergence_loss("reverse_kl", {}, student_logits, teacher_logits, temperature, reduction, target,
+    params = {}
+    return _divergence_loss("reverse_kl", params, student_logits, teacher_logits, temperature, reduction, target,
                             ignore_index, sample_weight, ce_weight, return_parts, process_group, backend)
 
 
@@ -160,7 +161,8 @@ def jsd_loss(
     process_group=None,
     backend: str = "auto",
 ):
-    return _divergence_loss("jsd", {"beta": beta}, student_logits, teacher_logits, temperature, reduction, target,
+    params = {"beta": beta}
+    return _divergence_loss("jsd", params, student_logits, teacher_logits, temperature, reduction, target,
                             ignore_index, sample_weight, ce_weight, return_parts, process_group, backend)
 
 
@@ -180,7 +182,8 @@ def skew_kl_loss(
     process_group=None,
     backend: str = "auto",
 ):
-    return _divergence_loss("skew_kl", {"skew": skew, "reverse": reverse}, student_logits, teacher_logits, temperature, reduction, target,
+    params = {"skew": skew, "reverse": reverse}
+    return _divergence_loss("skew_kl", params, student_logits, teacher_logits, temperature, reduction, target,
                             ignore_index, sample_weight, ce_weight, return_parts, process_group, backend)
 
 
@@ -198,7 +201,8 @@ def tvd_loss(
     process_group=None,
     backend: str = "auto",
 ):
-    return _divergence_loss("tvd", {}, student_logits, teacher_logits, temperature, reduction, target,
+    params = {}
+    return _divergence_loss("tvd", params, student_logits, teacher_logits, temperature, reduction, target,
                             ignore_index, sample_weight, ce_weight, return_parts, process_group, backend)
 
 

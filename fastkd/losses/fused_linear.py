@@ -141,6 +141,8 @@ def _head_logits(h: torch.Tensor, weight: torch.Tensor, bias, scale, softcap) ->
     return s
 
 
+# About 85 lines: one chunk's matmuls, row op and gradient matmuls in the order they run (a chunk's
+# temporaries are freed before the next, which helpers holding references would make harder to see).
 def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, reduce: bool):
     """One pass over the chunks: returns ``(loss, soft, hard, grad_hidden, grad_weight, grad_bias)``.
 
@@ -340,6 +342,34 @@ def _row_op(backend: str, hidden: torch.Tensor, weight: torch.Tensor, plain_kd: 
     return R.divergence_fwd if name == "reference" else getattr(implementation(name), FUSED_OP)
 
 
+def _teacher_parts(teacher, teacher_bias, lead, dev, vocab: int):
+    """``teacher`` checked and taken apart: (kind, V_t, hidden, weight, logits, top-k); the absent parts None."""
+    teacher_hidden = teacher_weight = teacher_logits = topk = None
+    if isinstance(teacher, TopKTeacher):
+        topk = teacher
+        teacher_kind, teacher_vocab = "topk", vocab
+    elif isinstance(teacher, (tuple, list)):
+        if len(teacher) != 2:
+            raise ValueError(f"teacher as a tuple must be (teacher_hidden, teacher_weight), got {len(teacher)} items")
+        teacher_hidden, teacher_weight = teacher
+        v.check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, lead, dev)
+        teacher_kind, teacher_vocab = "pair", teacher_weight.shape[0]
+    elif isinstance(teacher, torch.Tensor):
+        v.check_logits("teacher", teacher)
+        teacher_logits = teacher
+        if tuple(teacher.shape[:-1]) != lead:
+            raise ValueError(f"teacher logits [..., V_t] must have the leading shape of student_hidden {lead}, "
+                             f"got {tuple(teacher.shape)}")
+        v.check_same_device("teacher", teacher, dev)
+        teacher_kind, teacher_vocab = "logits", teacher.shape[-1]
+    else:
+        raise TypeError("teacher must be a (teacher_hidden, teacher_weight) pair, teacher logits [..., V_t] or a "
+                        f"fastkd.TopKTeacher, got {type(teacher).__name__}")
+    return teacher_kind, teacher_vocab, teacher_hidden, teacher_weight, teacher_logits, topk
+
+
+# About 130 lines, most of them argument checks (every message names its argument) in the order a reader
+# meets the arguments; the work is _FusedLinearKD's.
 def fused_linear_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -370,35 +400,13 @@ def fused_linear_kd_loss(
     v.check_head("student", student_hidden, student_weight, student_bias, None, dev)
     vocab = student_weight.shape[0]
     v.check_fused_linear_options(divergence, temperature, beta, skew, ce_weight, logit_scale, softcap, reduction)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not isinstance(return_parts, bool):
-        raise TypeError(f"return_parts must be a bool, got {type(return_parts).__name__}")
+    v.check_ignore_index(ignore_index)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
 
-    teacher_hidden = teacher_weight = teacher_logits = topk = None
-    if isinstance(teacher, TopKTeacher):
-        topk = teacher
-        teacher_kind, teacher_vocab = "topk", vocab
-    elif isinstance(teacher, (tuple, list)):
-        if len(teacher) != 2:
-            raise ValueError(f"teacher as a tuple must be (teacher_hidden, teacher_weight), got {len(teacher)} items")
-        teacher_hidden, teacher_weight = teacher
-        v.check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, lead, dev)
-        teacher_kind, teacher_vocab = "pair", teacher_weight.shape[0]
-    elif isinstance(teacher, torch.Tensor):
-        v.check_logits("teacher", teacher)
-        teacher_logits = teacher
-        if tuple(teacher.shape[:-1]) != lead:
-            raise ValueError(f"teacher logits [..., V_t] must have the leading shape of student_hidden {lead}, "
-                             f"got {tuple(teacher.shape)}")
-        v.check_same_device("teacher", teacher, dev)
-        teacher_kind, teacher_vocab = "logits", teacher.shape[-1]
-    else:
-        raise TypeError("teacher must be a (teacher_hidden, teacher_weight) pair, teacher logits [..., V_t] or a "
-                        f"fastkd.TopKTeacher, got {type(teacher).__name__}")
+    teacher_kind, teacher_vocab, teacher_hidden, teacher_weight, teacher_logits, topk = _teacher_parts(
+        teacher, teacher_bias, lead, dev, vocab)
     if teacher_bias is not None and teacher_kind != "pair":
         raise ValueError("teacher_bias is used only with a (teacher_hidden, teacher_weight) teacher")
     if teacher_vocab < vocab:
@@ -432,8 +440,7 @@ def fused_linear_kd_loss(
     v.check_sample_weight(sample_weight, student_probe)
     if sample_weight is not None:
         v.check_same_device("sample_weight", sample_weight, dev)
-    if ce_weight != 0 and target is None:
-        raise ValueError(f"ce_weight={ce_weight} adds a cross-entropy term, which needs target (one class per row)")
+    v.check_ce(ce_weight, return_parts, target)
     if topk is not None:
         read = read_rows(student_probe, target, ignore_index, sample_weight) \
             if v.reads_values(topk.indices) else None

@@ -11,9 +11,10 @@ from torch import nn
 
 from .. import functional
 from ..core import checks as v
+from .base import RowLoss
 
 
-class KDLoss(nn.Module):
+class KDLoss(RowLoss):
     """Vanilla KD (Hinton et al. 2015), per row::
 
         loss_i = T^2 * sum_c p_t[c] * (log p_t[c] - log p_s[c]),  p = softmax(logits / T)
@@ -35,34 +36,23 @@ class KDLoss(nn.Module):
     def __init__(self, temperature: float = 4.0, *, reduction: str = "batchmean", ignore_index: int = -100,
                  ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
                  process_group=None):
-        super().__init__()
         v.check_positive("temperature", temperature)
-        v.check_row_args(reduction, ignore_index, backend)
-        v.check_ce(ce_weight, return_parts, target=0)  # the target comes with each call
+        super().__init__(reduction, ignore_index, ce_weight, return_parts, backend, process_group)
         self.temperature = temperature
-        self.reduction = reduction
-        self.ignore_index = ignore_index
-        self.ce_weight = ce_weight
-        self.return_parts = return_parts
-        self.backend = backend
-        self.process_group = process_group
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 target: Optional[torch.Tensor] = None, sample_weight: Optional[torch.Tensor] = None,
                 temperature: Union[float, torch.Tensor, None] = None) -> torch.Tensor:
-        return functional.kd_loss(
-            student_logits, teacher_logits, self.temperature if temperature is None else temperature,
-            reduction=self.reduction, target=target, ignore_index=self.ignore_index,
-            sample_weight=sample_weight, ce_weight=self.ce_weight, return_parts=self.return_parts,
-            process_group=self.process_group, backend=self.backend,
-        )
+        temperature = self.temperature if temperature is None else temperature
+        return functional.kd_loss(student_logits, teacher_logits, temperature, target=target,
+                                  **self.row_options(sample_weight))
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, reduction={self.reduction!r}, ce_weight={self.ce_weight}, "
                 f"return_parts={self.return_parts}, backend={self.backend!r}")
 
 
-class DKDLoss(nn.Module):
+class DKDLoss(RowLoss):
     """Decoupled KD (Zhao et al. 2022) with mdistiller's linear warm-up::
 
         loss = min(epoch / warmup_epochs, 1) * mean_i (alpha * TCKD_i + beta * NCKD_i)
@@ -83,23 +73,15 @@ class DKDLoss(nn.Module):
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup_epochs: float = 20,
                  *, reduction: str = "batchmean", ignore_index: int = -100, ce_weight: float = 0.0,
                  return_parts: bool = False, backend: str = "auto", process_group=None):
-        super().__init__()
         v.check_number("alpha", alpha)
         v.check_number("beta", beta)
         v.check_positive("temperature", temperature)
         v.check_non_negative("warmup_epochs", warmup_epochs)
-        v.check_row_args(reduction, ignore_index, backend)
-        v.check_ce(ce_weight, return_parts, target=0)  # the target comes with each call
-        self.ce_weight = ce_weight
-        self.return_parts = return_parts
-        self.process_group = process_group
+        super().__init__(reduction, ignore_index, ce_weight, return_parts, backend, process_group)
         self.alpha = alpha
         self.beta = beta
         self.temperature = temperature
         self.warmup_epochs = warmup_epochs
-        self.reduction = reduction
-        self.ignore_index = ignore_index
-        self.backend = backend
 
     def warmup_factor(self, epoch: Optional[float]) -> float:
         """``min(epoch / warmup_epochs, 1)``; 1 when ``epoch`` is None or ``warmup_epochs`` is 0."""
@@ -115,19 +97,16 @@ class DKDLoss(nn.Module):
         factor = self.warmup_factor(epoch)
         # DKD is linear in (alpha, beta): warming up the coefficients scales the DKD term
         # alone (not the cross-entropy) and costs no extra pass over the gradient.
-        return functional.dkd_loss(
-            student_logits, teacher_logits, target, alpha=self.alpha * factor, beta=self.beta * factor,
-            temperature=self.temperature, reduction=self.reduction, ignore_index=self.ignore_index,
-            sample_weight=sample_weight, ce_weight=self.ce_weight, return_parts=self.return_parts,
-            process_group=self.process_group, backend=self.backend,
-        )
+        return functional.dkd_loss(student_logits, teacher_logits, target, alpha=self.alpha * factor,
+                                   beta=self.beta * factor, temperature=self.temperature,
+                                   **self.row_options(sample_weight))
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
                 f"warmup_epochs={self.warmup_epochs}, reduction={self.reduction!r}, backend={self.backend!r}")
 
 
-class ATSLoss(nn.Module):
+class ATSLoss(RowLoss):
     """Asymmetric temperature scaling (Li et al. 2022), KL form, per row::
 
         q = softmax(t / tau),  tau_c = target_temperature if c == target else other_temperature
@@ -145,31 +124,19 @@ class ATSLoss(nn.Module):
                  student_temperature: float = 1.0, *, reduction: str = "batchmean", ignore_index: int = -100,
                  ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
                  process_group=None):
-        super().__init__()
         v.check_positive("target_temperature", target_temperature)
         v.check_positive("other_temperature", other_temperature)
         v.check_positive("student_temperature", student_temperature)
-        v.check_row_args(reduction, ignore_index, backend)
-        v.check_ce(ce_weight, return_parts, target=0)  # the target comes with each call
-        self.ce_weight = ce_weight
-        self.return_parts = return_parts
-        self.process_group = process_group
+        super().__init__(reduction, ignore_index, ce_weight, return_parts, backend, process_group)
         self.target_temperature = target_temperature
         self.other_temperature = other_temperature
         self.student_temperature = student_temperature
-        self.reduction = reduction
-        self.ignore_index = ignore_index
-        self.backend = backend
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
                 sample_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return functional.ats_loss(
-            student_logits, teacher_logits, target, target_temperature=self.target_temperature,
-            other_temperature=self.other_temperature, student_temperature=self.student_temperature,
-            reduction=self.reduction, ignore_index=self.ignore_index, sample_weight=sample_weight,
-            ce_weight=self.ce_weight, return_parts=self.return_parts,
-            process_group=self.process_group, backend=self.backend,
-        )
+        return functional.ats_loss(student_logits, teacher_logits, target, target_temperature=self.target_temperature,
+                                   other_temperature=self.other_temperature,
+                                   student_temperature=self.student_temperature, **self.row_options(sample_weight))
 
     def extra_repr(self) -> str:
         return (f"target_temperature={self.target_temperature}, other_temperature={self.other_temperature}, "

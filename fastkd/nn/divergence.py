@@ -4,44 +4,36 @@
 from typing import Optional
 
 import torch
-from torch import nn
 
 from .. import functional
 from ..core import checks as v
+from ..core.divergence import check_divergence_params
+from .base import RowLoss
 
 
-class _DivergenceLoss(nn.Module):
+class _DivergenceLoss(RowLoss):
     """What the divergence modules share: the keyword arguments and ``forward``.
 
     ``forward(student_logits, teacher_logits, target=None, sample_weight=None)``;
-    ``teacher_logits`` may be a ``fastkd.TopKTeacher``. The constructor checks the
-    arguments so that a bad one fails early; the functional checks again per call.
+    ``teacher_logits`` may be a ``fastkd.TopKTeacher``. ``params``: the divergence's own
+    parameters (``beta``, ``skew``, ``reverse``), checked here and kept as attributes.
     """
 
-    def __init__(self, function, options: dict, temperature: float, reduction: str, ignore_index: int,
+    def __init__(self, function, params: dict, temperature: float, reduction: str, ignore_index: int,
                  ce_weight: float, return_parts: bool, backend: str, process_group=None):
-        super().__init__()
         v.check_positive("temperature", temperature)
-        v.check_row_args(reduction, ignore_index, backend)
-        v.check_ce(ce_weight, return_parts, target=0)  # the target comes with each call
+        check_divergence_params(**params)
+        super().__init__(reduction, ignore_index, ce_weight, return_parts, backend, process_group)
         self._function = function
-        self._options = options
+        self._options = tuple(params)
         self.temperature = temperature
-        self.reduction = reduction
-        self.ignore_index = ignore_index
-        self.ce_weight = ce_weight
-        self.return_parts = return_parts
-        self.backend = backend
-        self.process_group = process_group
+        for name, value in params.items():
+            setattr(self, name, value)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits, target: Optional[torch.Tensor] = None,
                 sample_weight: Optional[torch.Tensor] = None):
-        return self._function(
-            student_logits, teacher_logits, temperature=self.temperature, reduction=self.reduction, target=target,
-            ignore_index=self.ignore_index, sample_weight=sample_weight, ce_weight=self.ce_weight,
-            return_parts=self.return_parts, process_group=self.process_group, backend=self.backend,
-            **{k: getattr(self, k) for k in self._options},
-        )
+        return self._function(student_logits, teacher_logits, temperature=self.temperature, target=target,
+                              **self.row_options(sample_weight), **{k: getattr(self, k) for k in self._options})
 
     def extra_repr(self) -> str:
         options = "".join(f"{k}={getattr(self, k)!r}, " for k in self._options)
@@ -59,7 +51,7 @@ class ReverseKLLoss(_DivergenceLoss):
     def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
                  ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
                  process_group=None):
-        super().__init__(functional.reverse_kl_loss, (), temperature, reduction, ignore_index, ce_weight,
+        super().__init__(functional.reverse_kl_loss, {}, temperature, reduction, ignore_index, ce_weight,
                          return_parts, backend, process_group)
 
 
@@ -74,10 +66,8 @@ class JSDLoss(_DivergenceLoss):
                  ignore_index: int = -100, ce_weight: float = 0.0, return_parts: bool = False,
                  backend: str = "auto",
                  process_group=None):
-        v.check_unit("beta", beta)
-        super().__init__(functional.jsd_loss, ("beta",), temperature, reduction, ignore_index, ce_weight,
+        super().__init__(functional.jsd_loss, {"beta": beta}, temperature, reduction, ignore_index, ce_weight,
                          return_parts, backend, process_group)
-        self.beta = beta
 
 
 class SkewKLLoss(_DivergenceLoss):
@@ -90,13 +80,8 @@ class SkewKLLoss(_DivergenceLoss):
                  reduction: str = "batchmean", ignore_index: int = -100, ce_weight: float = 0.0,
                  return_parts: bool = False, backend: str = "auto",
                  process_group=None):
-        v.check_unit("skew", skew)
-        if not isinstance(reverse, bool):
-            raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
-        super().__init__(functional.skew_kl_loss, ("skew", "reverse"), temperature, reduction, ignore_index,
-                         ce_weight, return_parts, backend, process_group)
-        self.skew = skew
-        self.reverse = reverse
+        super().__init__(functional.skew_kl_loss, {"skew": skew, "reverse": reverse}, temperature, reduction,
+                         ignore_index, ce_weight, return_parts, backend, process_group)
 
 
 class TVDLoss(_DivergenceLoss):
@@ -105,5 +90,5 @@ class TVDLoss(_DivergenceLoss):
     def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
                  ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
                  process_group=None):
-        super().__init__(functional.tvd_loss, (), temperature, reduction, ignore_index, ce_weight,
+        super().__init__(functional.tvd_loss, {}, temperature, reduction, ignore_index, ce_weight,
                          return_parts, backend, process_group)
