@@ -5,7 +5,7 @@
 
 Losses: ``kd_loss``, ``dkd_loss``, ``ats_loss``, ``dist_loss``, ``mgd_loss``,
 ``simkd_loss``, and ``ipw_weights`` for IPWD's per-sample weights; the
-language-model divergences ``reverse_kl_loss``, ``jsd_loss``, ``skew_kl_loss``,
+language-model divergences ``forward_kl_loss``, ``reverse_kl_loss``, ``jsd_loss``, ``skew_kl_loss``,
 ``tvd_loss`` (``TopKTeacher`` for top-k teachers), ``fused_linear_kd_loss`` (the LM
 head fused with the loss; ``process_group=`` for sharded vocabularies); modules in
 ``fastkd.nn``; plain-PyTorch versions in ``fastkd.reference``.
@@ -24,6 +24,7 @@ from .functional import (  # noqa: E402
     ats_loss,
     dist_loss,
     dkd_loss,
+    forward_kl_loss,
     fused_linear_kd_loss,
     ipw_weights,
     jsd_loss,
@@ -37,6 +38,6 @@ from .functional import (  # noqa: E402
 
 __all__ = [
     "kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights",
-    "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "TopKTeacher", "LossParts", "fused_linear_kd_loss",
+    "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "TopKTeacher", "LossParts", "fused_linear_kd_loss",
     "backends", "set_value_checks", "nn", "reference", "__version__",
 ]

@@ -205,6 +205,7 @@ def _topk_ids(n, k, vocab, seed, lo=0, hi=None):
 
 DIVERGENCES = [  # (name, distributed fn, reference kind, params, T^2)
     ("kd", D.kd_loss, "forward_kl", {}, True),
+    ("forward_kl", D.forward_kl_loss, "forward_kl", {}, False),
     ("reverse_kl", D.reverse_kl_loss, "reverse_kl", {}, False),
     ("jsd", D.jsd_loss, "jsd", {"beta": 0.5}, False),
     ("jsd beta=0", D.jsd_loss, "jsd", {"beta": 0.0}, False),

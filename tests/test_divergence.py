@@ -17,8 +17,9 @@ from fastkd import reference as R
 
 F64 = torch.float64
 INF = float("inf")
-LOSSES = ("reverse_kl", "jsd", "skew_kl", "skew_kl_rev", "tvd")
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_kl_rev", "tvd")
 FUNCS = {
+    "forward_kl": (fastkd.forward_kl_loss, {}),
     "reverse_kl": (fastkd.reverse_kl_loss, {}),
     "jsd": (fastkd.jsd_loss, {"beta": 0.3}),
     "skew_kl": (fastkd.skew_kl_loss, {"skew": 0.2}),
@@ -64,6 +65,8 @@ def hand_kl(a, b):
 
 def hand_row(loss, s_row, t_row, T, params):
     p, q = hand_softmax(t_row, T), hand_softmax(s_row, T)
+    if loss == "forward_kl":
+        return hand_kl(p, q)
     if loss == "reverse_kl":
         return hand_kl(q, p)
     if loss == "tvd":
@@ -258,6 +261,8 @@ def dense_rows(loss, s, t, T):
     def kl(a, log_a, log_b):
         return (a * (log_a - log_b)).sum(-1)
 
+    if loss == "forward_kl":
+        return kl(p, log_p, log_q)
     if loss == "reverse_kl":
         return kl(q, log_q, log_p)
     if loss == "tvd":
@@ -426,6 +431,8 @@ def test_masked_vocab_terms_are_exactly_zero(loss):
     """-inf logits on either side: no NaN, and a class masked on both sides gets gradient exactly 0."""
     s = torch.tensor([[1.0, 2.0, -INF, 0.5, -INF], [0.3, -INF, -INF, 1.0, 2.0]], dtype=F64, requires_grad=True)
     t = torch.tensor([[0.0, -INF, -INF, 1.0, 2.0], [1.0, -INF, 0.0, 2.0, 0.1]], dtype=F64, requires_grad=True)
+    if loss == "forward_kl":  # finite where the student covers the teacher's support: the mirror of reverse KL
+        s, t = t, s
     out = call(loss, s, t, reduction="none")
     gs, gt = torch.autograd.grad(out.sum(), [s, t])
     assert not torch.isnan(out).any()
@@ -544,6 +551,7 @@ def test_bad_divergence_parameters():
 
 
 MODULES = {
+    "forward_kl": (fastkd.nn.ForwardKLLoss, {}),
     "reverse_kl": (fastkd.nn.ReverseKLLoss, {}),
     "jsd": (fastkd.nn.JSDLoss, {"beta": 0.3}),
     "skew_kl": (fastkd.nn.SkewKLLoss, {"skew": 0.2}),
@@ -587,11 +595,11 @@ def test_module_parameter_errors():
 
 
 def test_public_names():
-    for name in ("reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss"):
+    for name in ("forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss"):
         assert getattr(fastkd, name) is getattr(fastkd.functional, name)
         assert name in fastkd.__all__ and name in fastkd.functional.__all__ and name in R.__all__
         assert "T^2" in getattr(fastkd, name).__doc__
-    for name in ("ReverseKLLoss", "JSDLoss", "SkewKLLoss", "TVDLoss"):
+    for name in ("ForwardKLLoss", "ReverseKLLoss", "JSDLoss", "SkewKLLoss", "TVDLoss"):
         assert name in fastkd.nn.__all__
 
 

@@ -24,7 +24,7 @@ LOGIT_LOSSES = ("kd", "kd_temp", "ats", "dkd", "dist")
 # The language-model divergences (one fused op, divergence_fwd), the cross-entropy fused into
 # kd / ats / dkd ("_ce": ce_weight=0.3), and top-k teachers (K = 64 ids of a dense teacher,
 # "tail" mode; the teacher gradient is w.r.t. its log-probs).
-LM_LOSSES = ("reverse_kl", "jsd", "skew_kl", "skew_rkl", "tvd", "kd_ce", "ats_ce", "dkd_ce", "jsd_topk",
+LM_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tvd", "kd_ce", "ats_ce", "dkd_ce", "jsd_topk",
              "kd_topk", "rkl_topk_renorm")
 LM_SHAPES = ("ragged_2x2048+5", "vocab_128256", "3d_2x3x1000")
 # The fastkd.dispatch.backend.LOSS_OPS key a matrix loss needs.
@@ -81,6 +81,8 @@ def _call(loss, backend, s, t, target, weight, temperature, reduction, ids=None)
         return fastkd.jsd_loss(s, t, beta=0.3, ce_weight=0.3 if target is not None else 0.0, **kw)
     if loss in ("reverse_kl", "rkl_topk_renorm"):
         return fastkd.reverse_kl_loss(s, t, **kw)
+    if loss == "forward_kl":
+        return fastkd.forward_kl_loss(s, t, **kw)
     if loss in ("skew_kl", "skew_rkl"):
         return fastkd.skew_kl_loss(s, t, skew=0.2, reverse=loss == "skew_rkl", **kw)
     assert loss == "tvd", loss

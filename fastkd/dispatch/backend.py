@@ -23,6 +23,7 @@ LOSS_OPS = {
     "dist": ("dist_fwd",),
     "mgd": ("mgd_mask", "mgd_sq_err"),
     # the language-model divergences (fastkd/losses/divergence.py): one op for the family
+    "forward_kl": ("divergence_fwd",),
     "reverse_kl": ("divergence_fwd",),
     "jsd": ("divergence_fwd",),
     "skew_kl": ("divergence_fwd",),

@@ -346,6 +346,14 @@ def kd_loss(student_logits, teacher_logits: Teacher, temperature: float = 4.0, *
                        sample_weight, ce_weight, return_parts, process_group, "forward_kl", soft_scale_t2=True)
 
 
+def forward_kl_loss(student_logits, teacher_logits: Teacher, *, process_group, temperature=1.0,
+                    reduction="batchmean", target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0,
+                    return_parts=False):
+    """``fastkd.forward_kl_loss`` over a vocabulary-sharded process group (``kd_loss`` without ``T^2``)."""
+    return _divergence(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
+                       sample_weight, ce_weight, return_parts, process_group, "forward_kl")
+
+
 def reverse_kl_loss(student_logits, teacher_logits: Teacher, *, process_group, temperature=1.0,
                     reduction="batchmean", target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0,
                     return_parts=False):

@@ -1,7 +1,8 @@
-"""The language-model divergences: reverse KL, generalised JSD, skew KL, TVD (issue 10).
+"""The language-model divergences: forward and reverse KL, generalised JSD, skew KL, TVD.
 
 Public functionals (re-exported as ``fastkd.*`` and ``fastkd.functional.*``)::
 
+    forward_kl_loss(s, t, *, temperature=1.0, ...same...)
     reverse_kl_loss(s, t, *, temperature=1.0, reduction="batchmean", target=None, ignore_index=-100,
                     sample_weight=None, ce_weight=0.0, return_parts=False, process_group=None, backend="auto")
     jsd_loss(s, t, *, beta=0.5, ...same...)
@@ -38,7 +39,7 @@ from ..core.topk import TopKTeacher
 from ..dispatch.backend import implementation, resolve
 from ..reference import divergence as R
 
-__all__ = ["reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "LossParts", "TopKTeacher"]
+__all__ = ["forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "LossParts", "TopKTeacher"]
 
 Teacher = Union[torch.Tensor, TopKTeacher]
 
@@ -125,6 +126,25 @@ def _divergence_loss(kind: str, params: dict, student, teacher: Teacher, tempera
                           return_parts)
     return _dispatch(kind, student, teacher, backend, temperature, reduction, target, ignore_index, sample_weight,
                      ce_weight, return_parts, kind, **params)
+
+
+def forward_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: Teacher,
+    *,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    target: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    sample_weight: Optional[torch.Tensor] = None,
+    ce_weight: float = 0.0,
+    return_parts: bool = False,
+    process_group=None,
+    backend: str = "auto",
+):
+    params = {}
+    return _divergence_loss("forward_kl", params, student_logits, teacher_logits, temperature, reduction, target,
+                            ignore_index, sample_weight, ce_weight, return_parts, process_group, backend)
 
 
 def reverse_kl_loss(
@@ -257,6 +277,16 @@ _DETAIL = """
     Gradients reach the student and, where it requires grad, the teacher (dense
     logits or ``TopKTeacher.logprobs``). float64 inputs are computed in float64.
 """
+
+forward_kl_loss.__doc__ = """Forward KL, per row ``KL(p || q) = sum_c p_c (log p_c - log q_c)``.
+
+    Mode-covering: the divergence of Hinton's KD without its ``T^2`` factor (``kd_loss``
+    keeps it), as TRL's ``DistillationTrainer`` and GKD with ``beta = 0``, Liger's
+    ``LigerFusedLinearJSDLoss(beta=0)`` and torchtune's ``ForwardKLLoss`` compute it
+    (torchtune divides by the count of labels != ignore_index: ``reduction="batchmean"``
+    with ``target`` here). A class the student masks (``q = 0``) while the teacher gives it
+    mass makes the loss +inf, as the KL is.
+""" + _DETAIL
 
 reverse_kl_loss.__doc__ = """Reverse KL, per row ``KL(q || p) = sum_c q_c (log q_c - log p_c)``.
 

@@ -1,4 +1,4 @@
-"""Modules of the language-model divergences: ``ReverseKLLoss``, ``JSDLoss``, ``SkewKLLoss``,
+"""Modules of the language-model divergences: ``ForwardKLLoss``, ``ReverseKLLoss``, ``JSDLoss``, ``SkewKLLoss``,
 ``TVDLoss`` (the keyword arguments at construction; ``teacher_logits`` may be a ``TopKTeacher``).
 """
 from typing import Optional
@@ -40,6 +40,19 @@ class _DivergenceLoss(RowLoss):
         return (f"{options}temperature={self.temperature}, reduction={self.reduction!r}, "
                 f"ignore_index={self.ignore_index}, ce_weight={self.ce_weight}, "
                 f"return_parts={self.return_parts}, backend={self.backend!r}")
+
+
+class ForwardKLLoss(_DivergenceLoss):
+    """Forward KL ``KL(p || q)`` per row, ``p`` the teacher, ``q`` the student, both ``softmax(logits / T)``.
+
+    No ``T^2`` factor (``KDLoss`` has it). Arguments and semantics: ``fastkd.forward_kl_loss``.
+    """
+
+    def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
+                 ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
+                 process_group=None):
+        super().__init__(functional.forward_kl_loss, {}, temperature, reduction, ignore_index, ce_weight,
+                         return_parts, backend, process_group)
 
 
 class ReverseKLLoss(_DivergenceLoss):

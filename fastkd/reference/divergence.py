@@ -4,6 +4,7 @@ Re-exported by ``fastkd.reference``. With ``p`` the teacher, ``q`` the student,
 both ``softmax(logits / T)`` over the vocabulary (or over top-k buckets, see
 ``fastkd.TopKTeacher``), per row:
 
+* ``forward_kl_loss``: ``KL(p || q)`` (``kd_loss`` without ``T^2``)
 * ``reverse_kl_loss``: ``KL(q || p)``
 * ``jsd_loss``: ``m = beta p + (1 - beta) q``, ``beta KL(p || m) + (1 - beta) KL(q || m)``;
   ``beta == 0`` is ``KL(p || q)`` and ``beta == 1`` is ``KL(q || p)`` (TRL, Liger)
@@ -52,6 +53,7 @@ from ..core.topk import PAD_ID, TopKTeacher
 
 __all__ = [
     "LossParts",
+    "forward_kl_loss",
     "reverse_kl_loss",
     "jsd_loss",
     "skew_kl_loss",
@@ -315,6 +317,12 @@ def _checked(kind: str, params: dict, student, teacher, temperature, reduction, 
                    return_parts, kind, **params)
 
 
+def forward_kl_loss(student_logits, teacher_logits: Teacher, *, temperature=1.0, reduction="batchmean",
+                    target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False):
+    return _checked("forward_kl", {}, student_logits, teacher_logits, temperature, reduction, target, ignore_index,
+                    sample_weight, ce_weight, return_parts)
+
+
 def reverse_kl_loss(student_logits, teacher_logits: Teacher, *, temperature=1.0, reduction="batchmean",
                     target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False):
     return _checked("reverse_kl", {}, student_logits, teacher_logits, temperature, reduction, target, ignore_index,
@@ -356,6 +364,8 @@ def kd_topk_loss(student_logits, teacher: TopKTeacher, temperature=4.0, *, reduc
                     ce_weight, return_parts, "forward_kl", scale_t2=True)
 
 
+forward_kl_loss.__doc__ = """Forward KL ``KL(p || q)`` per row (``kd_loss`` without its ``T^2``; GKD with beta = 0).
+""" + _COMMON_DOC
 reverse_kl_loss.__doc__ = """Reverse KL ``KL(q || p)`` per row (MiniLLM; GKD with beta = 1).
 """ + _COMMON_DOC
 jsd_loss.__doc__ = """Generalised JSD (GKD): ``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1 - beta) q``.
