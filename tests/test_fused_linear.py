@@ -43,7 +43,8 @@ def head(h, w, b=None, scale=None, softcap=None):
 
 def composition(h, w, teacher, target=None, *, divergence="kl", temperature=1.0, beta=0.5, skew=0.1,
                 ce_weight=0.0, student_bias=None, teacher_bias=None, logit_scale=None, softcap=None,
-                ignore_index=-100, reduction="batchmean", sample_weight=None, return_parts=False, chunk_size=None):
+                ignore_index=-100, reduction="batchmean", sample_weight=None, return_parts=False, chunk_size=None,
+                teacher_vocab="truncate"):
     """The unfused loss in float64 (what the fused op must equal); ``chunk_size`` is ignored."""
     s = head(h, w, student_bias, logit_scale, softcap)
     if isinstance(teacher, fastkd.TopKTeacher):
@@ -53,7 +54,10 @@ def composition(h, w, teacher, target=None, *, divergence="kl", temperature=1.0,
     else:
         t = teacher.to(F64)
     if not isinstance(t, fastkd.TopKTeacher) and t.shape[-1] > s.shape[-1]:
-        s = F.pad(s, (0, t.shape[-1] - s.shape[-1]), value=-math.inf)
+        if teacher_vocab == "mask":  # the student's missing columns count as -inf
+            s = F.pad(s, (0, t.shape[-1] - s.shape[-1]), value=-math.inf)
+        else:  # "truncate": the teacher's columns past V go (its softmax renormalised over the first V)
+            t = t[..., :s.shape[-1]]
     kinds = {"kl": ("forward_kl", {}), "reverse_kl": ("reverse_kl", {}), "jsd": ("jsd", {"beta": beta}),
              "skew_kl": ("skew_kl", {"skew": skew}), "skew_reverse_kl": ("skew_kl", {"skew": skew, "reverse": True}),
              "tvd": ("tvd", {})}
@@ -147,8 +151,8 @@ def test_logit_scale_and_softcap(backend, divergence):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", ("reverse_kl", "jsd", "skew_reverse_kl", "tvd", "kl"))
-def test_teacher_vocabulary_larger_than_student(backend, divergence):
-    # V = 300, V_t = 320 (padded to a multiple of 64): the student's missing columns are -inf.
+def test_teacher_vocabulary_larger_than_student_masked(backend, divergence):
+    # V = 300, V_t = 320, teacher_vocab="mask": the student's missing columns are -inf.
     sh, sw, sb, th, tw, tb, target = data(vt=320, seed=3)
     if divergence == "kl":
         # forward KL is infinite where the teacher puts mass on the missing columns; give those columns
@@ -159,7 +163,7 @@ def test_teacher_vocabulary_larger_than_student(backend, divergence):
     else:
         teacher = (th, tw)
     loss, _ = check(backend, sh, sw, teacher, target, b=sb, divergence=divergence, ce_weight=0.2, chunk_size=9,
-                    **PARAMS)
+                    teacher_vocab="mask", **PARAMS)
     if divergence != "kl":
         # zero padding (Liger's) gives a different value: the test tells -inf from 0
         zero_padded = F.pad(head(sh, sw, sb), (0, 20), value=0.0)
@@ -169,11 +173,33 @@ def test_teacher_vocabulary_larger_than_student(backend, divergence):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_forward_kl_is_infinite_when_the_teacher_uses_missing_columns(backend):
+@pytest.mark.parametrize("divergence", ("kl", "reverse_kl", "jsd", "tvd"))
+@pytest.mark.parametrize("teacher_kind", ("pair", "logits"))
+def test_teacher_vocabulary_truncated_by_default(backend, divergence, teacher_kind):
+    # Qwen2.5's heads: the teacher's head padded past the tokenizer (V_t = 320 > V = 300). The default drops
+    # the teacher's extra columns and renormalises it over the first V, so forward KL is finite; under
+    # "mask" the same teacher makes it infinite (the teacher's mass on the missing columns).
+    sh, sw, sb, th, tw, tb, target = data(vt=320, seed=11)
+    teacher = (th, tw) if teacher_kind == "pair" else head(th, tw).float()
+    bias = {"teacher_bias": tb} if teacher_kind == "pair" else {}
+    loss, _ = check(backend, sh, sw, teacher, target, b=sb, divergence=divergence, chunk_size=9, reduction="mean",
+                    **bias, **PARAMS)
+    assert torch.isfinite(loss)
+    if divergence == "kl":
+        masked = fused_linear_kd_loss(sh, sw, teacher, target, student_bias=sb, divergence="kl",
+                                      teacher_vocab="mask", backend=backend, **bias, **PARAMS)
+        assert torch.isinf(masked)
+    with pytest.raises(ValueError, match="teacher_vocab must be one of"):
+        fused_linear_kd_loss(sh, sw, teacher, target, teacher_vocab="pad", backend=backend, **bias)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_kl_is_infinite_when_the_teacher_uses_masked_columns(backend):
     sh, sw, sb, th, tw, tb, target = data(vt=320, seed=4)
     h, w = leaves(sh, sw)
     try:
-        loss = fused_linear_kd_loss(h, w, (th, tw), divergence="kl", backend=backend, chunk_size=8)
+        loss = fused_linear_kd_loss(h, w, (th, tw), divergence="kl", backend=backend, chunk_size=8,
+                                    teacher_vocab="mask")
     except ValueError as exc:
         pytest.skip(str(exc))
     assert loss.item() == math.inf

@@ -430,6 +430,14 @@ def check_optional_number(name: str, value, positive: bool) -> None:
         check_number(name, value)
 
 
+TEACHER_VOCABS = ("truncate", "mask")
+
+
+def check_teacher_vocab(teacher_vocab) -> None:
+    if teacher_vocab not in TEACHER_VOCABS:
+        raise ValueError(f"teacher_vocab must be one of {TEACHER_VOCABS}, got {teacher_vocab!r}")
+
+
 def check_fused_linear_options(divergence, temperature, beta, skew, ce_weight, logit_scale, softcap, reduction) -> None:
     """The numeric options, shared by the functional and the module's constructor."""
     if divergence not in FUSED_LINEAR_DIVERGENCES:

@@ -47,6 +47,7 @@ from ..core.rows import read_rows, row_weights
 from ..core.topk import TopKTeacher
 from ..dispatch.backend import implementation, resolve, unavailable_reason
 from ..reference import divergence as R
+from .fused_linear_chunks import default_chunk_size, run_chunks
 
 __all__ = ["fused_linear_kd_loss", "DIVERGENCES", "default_chunk_size"]
 
@@ -55,180 +56,91 @@ FUSED_OP = "divergence_fwd"
 
 Teacher = Union[Tuple[torch.Tensor, torch.Tensor], torch.Tensor, TopKTeacher]
 
-# chunk_size=None: the working block of one chunk (float32 student logits padded to V_t, teacher
-# logits and the logit gradient: 4 * (V + 2 V_t) bytes per row) may take as much memory as the
-# weight gradient, which the fused path holds anyway, or CHUNK_BUDGET_BYTES if that is larger.
-CHUNK_BUDGET_BYTES = 256 * 2**20
-# ... but a chunk has at least this many rows: each chunk re-reads the weights (4 passes over
-# [V, H]), and a chunk of c rows does 2c flops per weight element read. On a GPU (bf16 ridge
-# point ~300 flops/byte) 512 rows keep the matmuls compute bound; a CPU's ridge is far lower.
-MIN_CHUNK_ROWS = {"cuda": 512, "cpu": 64}
-
-
-def default_chunk_size(n: int, vocab: int, teacher_vocab: int, hidden: int, weight_bytes: int,
-                       device_type: str) -> int:
-    """Rows per chunk for ``chunk_size=None``.
-
-    ``budget = max(V * H * weight.element_size(), 256 MiB)`` (the working block is never
-    larger than the weight gradient, or 256 MiB); ``rows = max(budget // (4 (V + 2 V_t)),
-    MIN_CHUNK_ROWS[device])``. A batch of at most ``rows`` rows is one chunk (small batches
-    then cost exactly the unfused matmuls, with no weight re-read); larger batches are split
-    into ``ceil(N / rows)`` chunks of equal size (rounded up to a multiple of 8), so there is
-    no small tail chunk.
-    """
-    if n <= 0:
-        return 1
-    row_bytes = 4 * (vocab + 2 * teacher_vocab)
-    budget = max(vocab * hidden * weight_bytes, CHUNK_BUDGET_BYTES)
-    rows = max(budget // row_bytes, MIN_CHUNK_ROWS.get(device_type, 64))
-    if n <= rows:
-        return n
-    chunks = math.ceil(n / rows)
-    return min(n, 8 * math.ceil(math.ceil(n / chunks) / 8))
-
-
 def _probe(like: torch.Tensor, shape) -> torch.Tensor:
     """A tensor of ``shape`` on ``like``'s device with no memory behind it (stride 0), for the shape checks."""
     return like.new_empty(()).expand(*shape)
 
 
 # ----------------------------------------------------------------------------
-# the chunk loop
+# the op: fastkd::fused_linear_fwd (a custom op, so torch.compile(fullgraph=True) traces the call)
 # ----------------------------------------------------------------------------
 
-def _f32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` accumulated and returned in float32 (float64 stays float64), never rounded to bf16."""
-    if a.dtype in (torch.float32, torch.float64):
-        return a @ b
-    if a.device.type == "cuda":
-        return torch.mm(a, b, out_dtype=torch.float32)  # cuBLAS: bf16/fp16 inputs, fp32 output
-    return a.float() @ b.float()
+_OP = "fastkd::fused_linear_fwd"
+_REDUCE, _NEEDS = 25, slice(28, 31)  # positions of ``reduce`` and the three gradient flags in the op's inputs
 
 
-def _matmul_weight(w: torch.Tensor) -> torch.Tensor:
-    """The weight as the chunk matmuls take it: CPU bf16/fp16 weights as one float32 copy held for the
-    call (the CPU has no bf16 x bf16 -> fp32 matmul in torch); anything else as is."""
-    return w.float() if w.device.type != "cuda" and w.dtype in (torch.float16, torch.bfloat16) else w
+def _plan(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_values, topk_ids, target,
+          op, chunk, pad, logit_scale, softcap, mm_dtype, temperature, kind, a, b, w_p, w_q, soft_scale,
+          ce_weight, topk_mode, mask_skipped, needs, group=None) -> SimpleNamespace:
+    """What one pass over the chunks needs (``fused_linear_chunks.run_chunks``)."""
+    teacher_kind = "pair" if teacher_weight is not None else "topk" if topk_ids is not None else "logits"
+    return SimpleNamespace(
+        hidden=hidden, weight=weight, bias=bias, n=hidden.shape[0], vocab=weight.shape[0], chunk=chunk, pad=pad,
+        compute_dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32,
+        logit_scale=logit_scale, softcap=softcap, mm_dtype=mm_dtype, mask_skipped=mask_skipped,
+        teacher_kind=teacher_kind, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+        teacher_bias=teacher_bias, teacher_logits=teacher_values if teacher_kind == "logits" else None,
+        topk_ids=topk_ids, topk_logprobs=teacher_values if teacher_kind == "topk" else None,
+        lead=(teacher_hidden if teacher_kind == "pair" else teacher_values).shape[:-1],
+        target=target, op=op, temperature=temperature, kind=kind, a=a, b=b, w_p=w_p, w_q=w_q,
+        soft_scale=soft_scale, ce_weight=ce_weight, topk_mode=topk_mode, needs=needs, group=group,
+    )
 
 
-def _rows(x: torch.Tensor, i0: int, i1: int, lead) -> torch.Tensor:
-    """Rows ``i0:i1`` of ``x [..., C]`` flattened over ``lead``, without copying all of ``x`` when it
-    cannot be viewed as ``[N, C]`` (such as ``logits[:, :-1]``): then only the chunk is gathered."""
-    flat = x.view(-1, x.shape[-1]) if _viewable(x) else None
-    if flat is not None:
-        return flat[i0:i1]
-    index = torch.unravel_index(torch.arange(i0, i1, device=x.device), lead)
-    return x[index]
+@torch.library.custom_op(_OP, mutates_args=())
+def _fused_linear_fwd(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], teacher_hidden: Optional[torch.Tensor],
+    teacher_weight: Optional[torch.Tensor], teacher_bias: Optional[torch.Tensor],
+    teacher_values: Optional[torch.Tensor], topk_ids: Optional[torch.Tensor], target: Optional[torch.Tensor],
+    row_weight: torch.Tensor, backend: str, chunk: int, pad: int, logit_scale: Optional[float],
+    softcap: Optional[float], mm_dtype: Optional[torch.dtype], temperature: float, kind: int, a: float, b: float,
+    w_p: float, w_q: float, soft_scale: float, ce_weight: float, topk_mode: int, reduce: bool,
+    mask_skipped: bool, plain_kd: bool, need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss, soft, hard and the stored gradients of hidden, weight and bias (empty when not wanted).
 
-
-def _viewable(x: torch.Tensor) -> bool:
-    try:
-        x.view(-1, x.shape[-1])
-        return True
-    except RuntimeError:
-        return False
-
-
-def _head_logits(h: torch.Tensor, weight: torch.Tensor, bias, scale, softcap) -> torch.Tensor:
-    """``softcap(scale * (h @ W.T + b))`` in float32 (float64 for float64 weights)."""
-    s = _f32_matmul(h, weight.t())
-    if bias is not None:
-        s += bias
-    if scale is not None:
-        s *= scale
-    if softcap is not None:
-        s.div_(softcap).tanh_().mul_(softcap)
-    return s
-
-
-# About 85 lines: one chunk's matmuls, row op and gradient matmuls in the order they run (a chunk's
-# temporaries are freed before the next, which helpers holding references would make harder to see).
-def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, reduce: bool):
-    """One pass over the chunks: returns ``(loss, soft, hard, grad_hidden, grad_weight, grad_bias)``.
-
-    Losses are 0-d sums (``reduce``) or ``[N]``; gradients are None unless ``want_grad``
-    (then those of ``p.needs``: hidden, weight, bias).
+    ``hidden [N, H]`` and ``weight [V, H]`` (``bias [V]``) of the student; the teacher is a
+    ``(teacher_hidden [..., H_t], teacher_weight [V_t, H_t])`` pair, dense logits or top-k
+    log-probs ``[..., K]`` (``teacher_values``) with ``topk_ids``; ``row_weight [N]`` carries the
+    reduction. ``backend`` names the fused backend whose ``divergence_fwd`` runs each chunk's loss
+    (the reference's row op computes its gradient by autograd, which does not run inside a custom
+    op: ``_FusedLinearFunction`` runs that one).
     """
-    n, vocab, dev = p.n, p.vocab, p.hidden.device
-    acc = p.compute_dtype
-    shape = () if reduce else (n,)
-    loss = torch.zeros(shape, dtype=acc, device=dev)
-    soft = torch.zeros(shape, dtype=acc, device=dev)
-    hard = torch.zeros(shape, dtype=acc, device=dev)
-    need_h, need_w, need_b = p.needs if want_grad else (False, False, False)
-    # sharded: every rank adds its shard's part of grad_hidden; summed over the group in float32
-    h_dtype = torch.float32 if p.group is not None and p.hidden.dtype in (torch.float16, torch.bfloat16) \
-        else p.hidden.dtype
-    grad_h = torch.empty(p.hidden.shape, dtype=h_dtype, device=dev) if need_h else None
-    # CPU low-precision weights are multiplied as a float32 copy (p.weight_mm): accumulate in float32 there
-    grad_w = torch.empty(p.weight.shape, dtype=p.weight_mm.dtype, device=dev) if need_w else None
-    grad_b = torch.zeros(vocab, dtype=acc, device=dev) if need_b else None
-    empty_ids = torch.empty(0, dtype=torch.int64, device=dev)
-    for i0 in range(0, n, p.chunk):
-        i1 = min(n, i0 + p.chunk)
-        w_c = row_weight[i0:i1]
-        h = p.hidden[i0:i1]
-        if p.mask_skipped:
-            # rows the loss does not read add nothing to grad_weight even if their hidden state is NaN/inf
-            h = torch.where((w_c != 0).unsqueeze(1), h, torch.zeros((), dtype=h.dtype, device=dev))
-        h_mm = h.to(p.weight_mm.dtype)
-        s = _head_logits(h_mm, p.weight_mm, p.bias, p.logit_scale, p.softcap)
-        if p.teacher_kind == "pair":
-            th = _rows(p.teacher_hidden, i0, i1, p.lead).to(p.teacher_weight_mm.dtype)
-            t = _head_logits(th, p.teacher_weight_mm, p.teacher_bias, p.logit_scale, p.softcap)
-            del th
-        elif p.teacher_kind == "logits":
-            t = _rows(p.teacher_logits, i0, i1, p.lead).contiguous()
-        else:
-            t = p.topk_logprobs[i0:i1].contiguous()  # [chunk, K]: cheap
-        # the student's missing columns (V_t > V) are -inf: no mass, never 0
-        s_op = s if p.pad == 0 else torch.nn.functional.pad(s, (0, p.pad), value=float("-inf"))
-        ids = p.topk_ids[i0:i1].contiguous() if p.topk_ids is not None else empty_ids
-        tgt = p.target[i0:i1] if p.target is not None else empty_ids
-        out = p.op(s_op, t, ids, tgt, w_c, p.temperature, p.kind, p.a, p.b, p.w_p, p.w_q, p.soft_scale,
-                   p.ce_weight, p.topk_mode, reduce, want_grad, False)
-        del t
-        if reduce:
-            loss += out[0]
-            soft += out[1]
-            hard += out[2]
-        else:
-            loss[i0:i1], soft[i0:i1], hard[i0:i1] = out[0], out[1], out[2]
-        if want_grad:
-            g = out[3] if p.pad == 0 else out[3][:, :vocab]
-            del out, s_op
-            if p.softcap is not None:
-                # d softcap(x) / dx = 1 - tanh^2 = 1 - (s / softcap)^2 (s: the capped logits, reused in place)
-                g = g.mul_(s.div_(p.softcap).square_().neg_().add_(1.0))
-            if p.logit_scale is not None:
-                g = g.mul_(p.logit_scale)
-            del s
-            g_mm = g.to(p.weight_mm.dtype)
-            if need_h:
-                grad_h[i0:i1] = _f32_matmul(g_mm, p.weight_mm) if p.group is not None else g_mm @ p.weight_mm
-            if need_w:
-                if i0 == 0:
-                    torch.mm(g_mm.t(), h_mm, out=grad_w)
-                else:
-                    grad_w.addmm_(g_mm.t(), h_mm)
-            if need_b:
-                grad_b += g.sum(dim=0)
-            del g, g_mm
-        else:
-            del out, s_op, s
-    if n == 0:
-        if need_w:
-            grad_w.zero_()
-    if grad_h is not None and p.group is not None:
-        # the column-parallel head's input gradient: the only [N, H] collective (4 N H bytes in float32)
-        from ..distributed.comm import all_reduce
+    op = _row_op(backend, hidden, plain_kd)
+    needs = (need_hidden, need_weight, need_bias and bias is not None)
+    plan = _plan(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_values, topk_ids,
+                 target, op, chunk, pad, logit_scale, softcap, mm_dtype, temperature, kind, a, b, w_p, w_q,
+                 soft_scale, ce_weight, topk_mode, mask_skipped, needs)
+    with torch.autocast(hidden.device.type, enabled=False):  # the matmul dtype is the plan's, not autocast's
+        loss, soft, hard, gh, gw, gb = run_chunks(plan, row_weight, any(needs), reduce)
+    # (a fresh empty tensor per absent gradient: a custom op's outputs may not alias each other)
+    return loss, soft, hard, *(hidden.new_empty((0,)) if g is None else g for g in (gh, gw, gb))
 
-        grad_h = all_reduce([grad_h], torch.distributed.ReduceOp.SUM, p.group, in_place=True)[0].to(p.hidden.dtype)
-    if grad_w is not None:
-        grad_w = grad_w.to(p.weight.dtype)
-    if grad_b is not None:
-        grad_b = grad_b.to(p.bias_dtype)
-    return loss, soft, hard, grad_h, grad_w, grad_b
+
+@_fused_linear_fwd.register_fake
+def _(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_values, topk_ids, target,
+      row_weight, backend, chunk, pad, logit_scale, softcap, mm_dtype, temperature, kind, a, b, w_p, w_q,
+      soft_scale, ce_weight, topk_mode, reduce, mask_skipped, plain_kd, need_hidden, need_weight, need_bias):
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    loss = hidden.new_empty(() if reduce else (hidden.shape[0],), dtype=acc)
+    return (loss, torch.empty_like(loss), torch.empty_like(loss),
+            torch.empty_like(hidden) if need_hidden else hidden.new_empty((0,)),
+            torch.empty_like(weight) if need_weight else hidden.new_empty((0,)),
+            torch.empty_like(bias) if need_bias and bias is not None else hidden.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    ctx.used = False
+    ctx.reduce = inputs[_REDUCE]
+    ctx.needs = tuple(inputs[_NEEDS])
+    ctx.num_inputs = len(inputs)
+    if ctx.reduce:  # the gradients are stored: backward scales them
+        ctx.save_for_backward(*(g.detach() for g in output[3:]))
+    else:  # reduction="none": backward runs the chunks again with row weights times the incoming gradient
+        ctx.save_for_backward(*(x for x in inputs if isinstance(x, torch.Tensor)))
+        ctx.tensor_positions = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+        ctx.inputs = [None if isinstance(x, torch.Tensor) else x for x in inputs]
 
 
 def _scale(stored: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
@@ -238,24 +150,57 @@ def _scale(stored: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     return scale_stored_grad(stored, grad_loss)
 
 
-class _FusedLinearKD(torch.autograd.Function):
-    """Autograd of the fused head + loss (see the module docstring)."""
+def _backward(ctx, grad_loss, *_unused):  # soft, hard and the stored gradients get none
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            "fastkd: double backward (create_graph=True) is not supported by fused_linear_kd_loss: it "
+            "stores only the first derivative"
+        )
+    if ctx.used:
+        raise RuntimeError(
+            "fastkd: backward ran twice through the same fused_linear_kd_loss (retain_graph=True?). The "
+            "stored gradients are scaled in place, so they can be used once; compute the loss again"
+        )
+    ctx.used = True
+    grads = [None] * ctx.num_inputs
+    if grad_loss is None:
+        return tuple(grads)
+    if ctx.reduce:
+        stored = ctx.saved_tensors
+    else:
+        inputs = list(ctx.inputs)
+        for pos, x in zip(ctx.tensor_positions, ctx.saved_tensors):
+            inputs[pos] = x
+        row_weight = inputs[9]
+        # the gradient is linear in the row weights: scale them by the incoming per-row gradient
+        inputs[9] = row_weight * grad_loss.reshape(-1).to(row_weight.dtype)
+        inputs[_REDUCE] = True
+        stored = torch.ops.fastkd.fused_linear_fwd(*inputs)[3:]
+    for i, (want, g) in enumerate(zip(ctx.needs, stored)):  # inputs 0, 1, 2: hidden, weight, bias
+        if want:
+            grads[i] = _scale(g, grad_loss) if ctx.reduce else g
+    return tuple(grads)
+
+
+_fused_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _FusedLinearFunction(torch.autograd.Function):
+    """The chunk loop behind a plain ``autograd.Function``, for the row ops the custom op cannot run: the
+    reference's (autograd inside: float64, ``backend="reference"``) and ``fastkd.distributed``'s (a process
+    group is not an op argument). ``torch.compile`` does not trace it (a graph break)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, plan, row_weight):
         plan.hidden, plan.weight, plan.bias = hidden, weight, bias
-        plan.weight_mm = _matmul_weight(weight)
-        plan.needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        want_grad = any(plan.needs)
         ctx.reduce = plan.reduction != "none"
         ctx.used = False
         if ctx.reduce:
-            loss, soft, hard, gh, gw, gb = _run_chunks(plan, row_weight, want_grad, True)
+            loss, soft, hard, gh, gw, gb = run_chunks(plan, row_weight, any(plan.needs), True)
             ctx.stored = (gh, gw, gb)
         else:
-            loss, soft, hard, *_ = _run_chunks(plan, row_weight, False, False)
+            loss, soft, hard, *_ = run_chunks(plan, row_weight, False, False)
             ctx.plan, ctx.row_weight = plan, row_weight
-        plan.weight_mm = None if ctx.reduce else plan.weight_mm
         ctx.mark_non_differentiable(soft, hard)
         ctx.set_materialize_grads(False)
         return loss, soft, hard
@@ -274,18 +219,16 @@ class _FusedLinearKD(torch.autograd.Function):
             )
         ctx.used = True
         if grad_loss is None:
-            if ctx.reduce or ctx.plan.group is None:
+            if ctx.reduce:
                 return None, None, None, None, None
-            # sharded, reduction="none": the rerun's collectives must run on every rank, so run it with 0
+            # reduction="none": the rerun's collectives must run on every rank, so run it with 0
             grad_loss = torch.zeros(ctx.row_weight.shape, dtype=ctx.row_weight.dtype, device=ctx.row_weight.device)
         if ctx.reduce:
             grads = [None if g is None else _scale(g, grad_loss) for g in ctx.stored]
             ctx.stored = None
         else:
-            # the row weights times the incoming per-row gradient: the gradient is linear in them
-            p = ctx.plan
             weight = ctx.row_weight * grad_loss.reshape(-1).to(ctx.row_weight.dtype)
-            grads = list(_run_chunks(p, weight, True, True)[3:])
+            grads = list(run_chunks(ctx.plan, weight, True, True)[3:])
             ctx.plan = None
         return grads[0], grads[1], grads[2], None, None
 
@@ -322,24 +265,24 @@ def _kd_row_op(kd_fwd):
     return op
 
 
-def _row_op(backend: str, hidden: torch.Tensor, weight: torch.Tensor, plain_kd: bool):
-    """The ``divergence_fwd`` that runs each chunk: the reference, or a fused backend's op.
+def _row_backend(backend: str, hidden: torch.Tensor, weight: torch.Tensor, plain_kd: bool) -> str:
+    """The backend whose row op runs each chunk: "reference" or a fused backend's name.
 
     ``plain_kd``: the loss is forward KL with ``T^2`` alone on float32 dense chunks without padding
     (``divergence="kl"``, no ``ce_weight``, no parts, no top-k, ``V_t == V``): exactly ``kd_fwd``'s row
-    loss, so a fused backend that has ``kd_fwd`` but not yet ``divergence_fwd`` runs it with ``kd_fwd``.
+    loss, so a fused backend that has ``kd_fwd`` but not yet ``divergence_fwd`` runs it (``_row_op``).
     """
     v.check_backend(backend)
-    loss = "fused_linear_kd"  # fastkd.dispatch.backend.LOSS_OPS: needs divergence_fwd
-    if plain_kd and backend != "reference":
-        name = resolve("kd", backend, hidden, weight)
-        if name != "reference":
-            if unavailable_reason(name, loss, hidden.device) is None:
-                return getattr(implementation(name), FUSED_OP)
-            return _kd_row_op(implementation(name).kd_fwd)
+    return resolve("kd" if plain_kd else "fused_linear_kd", backend, hidden, weight)
+
+
+def _row_op(name: str, hidden: torch.Tensor, plain_kd: bool):
+    """The ``divergence_fwd`` of backend ``name`` (``_row_backend``'s answer)."""
+    if name == "reference":
         return R.divergence_fwd
-    name = resolve(loss, backend, hidden, weight)
-    return R.divergence_fwd if name == "reference" else getattr(implementation(name), FUSED_OP)
+    if plain_kd and unavailable_reason(name, "fused_linear_kd", hidden.device) is not None:
+        return _kd_row_op(implementation(name).kd_fwd)
+    return getattr(implementation(name), FUSED_OP)
 
 
 def _teacher_parts(teacher, teacher_bias, lead, dev, vocab: int):
@@ -368,8 +311,8 @@ def _teacher_parts(teacher, teacher_bias, lead, dev, vocab: int):
     return teacher_kind, teacher_vocab, teacher_hidden, teacher_weight, teacher_logits, topk
 
 
-# About 130 lines, most of them argument checks (every message names its argument) in the order a reader
-# meets the arguments; the work is _FusedLinearKD's.
+# About 150 lines, most of them argument checks (every message names its argument) in the order a reader
+# meets the arguments; the work is the op's (fastkd::fused_linear_fwd) or _FusedLinearFunction's.
 def fused_linear_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -390,6 +333,7 @@ def fused_linear_kd_loss(
     sample_weight: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
     return_parts: bool = False,
+    teacher_vocab: str = "truncate",
     backend: str = "auto",
     process_group=None,
 ):
@@ -405,13 +349,21 @@ def fused_linear_kd_loss(
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
 
-    teacher_kind, teacher_vocab, teacher_hidden, teacher_weight, teacher_logits, topk = _teacher_parts(
+    v.check_teacher_vocab(teacher_vocab)
+    teacher_kind, t_vocab, teacher_hidden, teacher_weight, teacher_logits, topk = _teacher_parts(
         teacher, teacher_bias, lead, dev, vocab)
     if teacher_bias is not None and teacher_kind != "pair":
         raise ValueError("teacher_bias is used only with a (teacher_hidden, teacher_weight) teacher")
-    if teacher_vocab < vocab:
-        raise ValueError(f"the teacher's vocabulary ({teacher_vocab}) must be at least the student's "
-                         f"(student_weight has V = {vocab} rows); the student's missing columns count as -inf")
+    if t_vocab < vocab:
+        raise ValueError(f"the teacher's vocabulary ({t_vocab}) must be at least the student's "
+                         f"(student_weight has V = {vocab} rows)")
+    if t_vocab > vocab and teacher_vocab == "truncate" and process_group is None:
+        # the teacher's columns past V go; its softmax is then over the first V (renormalised)
+        teacher_weight = teacher_weight[:vocab] if teacher_weight is not None else None
+        teacher_bias = teacher_bias[:vocab] if teacher_bias is not None else None
+        teacher_logits = teacher_logits[..., :vocab] if teacher_logits is not None else None
+        t_vocab = vocab
+    teacher_vocab = t_vocab
     sharded = process_group is not None
     if sharded:
         from .. import distributed as D  # torch.distributed is imported only by those who use it
@@ -454,50 +406,53 @@ def fused_linear_kd_loss(
     pass_target = target is not None and (ce_weight != 0 or return_parts)
     plain_kd = (divergence == "kl" and ce_weight == 0 and not pass_target and topk is None
                 and teacher_vocab == vocab and (teacher_logits is None or teacher_logits.dtype == torch.float32))
-    compute_dtype = torch.float64 if f64 else torch.float32
     n = math.prod(lead)
-    equal = None
-    if sharded:
-        teacher_values = topk.logprobs if topk is not None else (
-            teacher_hidden if teacher_logits is None else teacher_logits)
-        wants = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
-                      for x in (student_hidden, student_weight, student_bias))
-        equal = D.comm.check_group_shapes(n, vocab, process_group, dev,  # before any per-row collective
-                                      (student_hidden.dtype, student_weight.dtype, teacher_values.dtype), wants)
-        op = D.fused_linear_row_op(divergence, beta, skew, topk.mode if topk is not None else None, pass_target,
-                                   process_group, vocab, equal)
-    else:
-        op = R.divergence_fwd if f64 else _row_op(backend, student_hidden, student_weight, plain_kd)
+    # Grad mode decides, as for any torch op: under no_grad / inference_mode only the forward matmuls run.
+    needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
+                  for x in (student_hidden, student_weight, student_bias))
+    # Autocast: the matmul inputs are rounded to the autocast dtype, as the unfused lm_head's would be;
+    # the logits, the loss and the gradient sums stay float32 (docs/design.md, "Fused linear head").
+    mm_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) and not f64 else None
     row_weight = row_weights(_probe(student_hidden, lead + (global_vocab if sharded else teacher_vocab,)), target,
-                               ignore_index, sample_weight, reduction, compute_dtype)
+                             ignore_index, sample_weight, reduction, torch.float64 if f64 else torch.float32)
     if chunk_size is None:
         chunk_size = default_chunk_size(n, vocab, teacher_vocab, student_weight.shape[1],
                                         student_weight.element_size(), dev.type)
     kind, a, b, w_p, w_q, soft_scale = _divergence_params(divergence, temperature, beta, skew)
-
-    # everything one pass over the chunks needs (tensors flattened to rows)
-    plan = SimpleNamespace(
-        n=n, lead=lead, vocab=vocab, chunk=chunk_size, compute_dtype=compute_dtype, reduction=reduction,
-        pad=teacher_vocab - vocab if teacher_kind != "topk" else 0,
-        logit_scale=None if logit_scale is None else float(logit_scale),
-        softcap=None if softcap is None else float(softcap),
-        bias_dtype=student_bias.dtype if student_bias is not None else None,
-        mask_skipped=target is not None or sample_weight is not None,
-        teacher_kind=teacher_kind,
-        teacher_hidden=teacher_hidden,
-        teacher_weight_mm=_matmul_weight(teacher_weight) if teacher_weight is not None else None,
-        teacher_bias=teacher_bias, teacher_logits=teacher_logits,
-        topk_ids=topk.indices.reshape(n, topk.k) if topk is not None else None,
-        topk_logprobs=topk.logprobs.reshape(n, topk.k) if topk is not None else None,
-        topk_mode=TOPK_MODE_CODES[topk.mode] if topk is not None else TOPK_MODE_CODES[None],
-        target=target.reshape(n).to(torch.int64) if pass_target else None,
-        op=op, temperature=float(temperature), kind=kind, a=a, b=b, w_p=w_p, w_q=w_q, soft_scale=soft_scale,
-        ce_weight=float(ce_weight), group=process_group,
-    )
     hidden = student_hidden.reshape(n, student_hidden.shape[-1])
     if not hidden.is_contiguous():
         hidden = hidden.contiguous()
-    loss, soft, hard = _FusedLinearKD.apply(hidden, student_weight, student_bias, plan, row_weight)
+    teacher_values = topk.logprobs.reshape(n, topk.k) if topk is not None else teacher_logits
+    topk_ids = topk.indices.reshape(n, topk.k) if topk is not None else None
+    target_rows = target.reshape(n).to(torch.int64) if pass_target else None
+    pad = teacher_vocab - vocab if teacher_kind != "topk" else 0
+    logit_scale = None if logit_scale is None else float(logit_scale)
+    softcap = None if softcap is None else float(softcap)
+    topk_mode = TOPK_MODE_CODES[topk.mode if topk is not None else None]
+    mask_skipped = target is not None or sample_weight is not None
+    if sharded:
+        teacher_dtype = (teacher_values if teacher_hidden is None else teacher_hidden).dtype
+        equal = D.comm.check_group_shapes(n, vocab, process_group, dev,  # before any per-row collective
+                                          (student_hidden.dtype, student_weight.dtype, teacher_dtype), needs)
+        op = D.fused_linear_row_op(divergence, beta, skew, topk.mode if topk is not None else None, pass_target,
+                                   process_group, vocab, equal)
+        name = None
+    else:
+        name = "reference" if f64 else _row_backend(backend, student_hidden, student_weight, plain_kd)
+        op = _row_op(name, student_hidden, plain_kd)
+    if name in (None, "reference"):
+        plan = _plan(hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                     teacher_values, topk_ids, target_rows, op, chunk_size, pad, logit_scale, softcap, mm_dtype,
+                     float(temperature), kind, a, b, w_p, w_q, soft_scale, float(ce_weight), topk_mode,
+                     mask_skipped, needs, group=process_group)
+        plan.reduction = reduction
+        loss, soft, hard = _FusedLinearFunction.apply(hidden, student_weight, student_bias, plan, row_weight)
+    else:
+        loss, soft, hard, *_ = torch.ops.fastkd.fused_linear_fwd(
+            hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_values,
+            topk_ids, target_rows, row_weight, name, chunk_size, pad, logit_scale, softcap, mm_dtype, float(temperature), kind, a, b, w_p, w_q, soft_scale,
+            float(ce_weight), topk_mode, reduction != "none", mask_skipped, plain_kd, *needs)
+        soft, hard = soft.detach(), hard.detach()  # for logging: not differentiable
     if reduction == "none":
         loss, soft, hard = (x.reshape(lead) for x in (loss, soft, hard))
     return LossParts(loss, soft, hard) if return_parts else loss

@@ -1,0 +1,196 @@
+"""The chunk loop of the fused LM head (``fastkd.fused_linear_kd_loss``): matmuls, row op, gradient matmuls.
+
+One pass over the rows in chunks: each chunk's logits are computed in float32, the row op
+``divergence_fwd`` returns the chunk's loss and its gradient w.r.t. the logits, and that
+gradient goes straight into ``grad_hidden[chunk] = g @ W`` and ``grad_weight += g^T @ h``.
+
+Precision rules (``docs/design.md``, "Fused linear head"):
+
+* the logits are float32 (float64 for float64 inputs), from float32-accumulated matmuls, never
+  rounded to bf16 before the softmax;
+* ``mm_dtype`` (the autocast dtype, under ``torch.autocast``) rounds the matmul inputs as the
+  unfused ``lm_head`` would be rounded; without it the inputs are multiplied in their own dtype;
+* the weight and bias gradients accumulate over the chunks in float32 on every device and are
+  cast to the weight's dtype once, at the end (a bf16 running sum would round once per chunk).
+"""
+import math
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+# chunk_size=None: the working block of one chunk (float32 student logits padded to V_t, teacher
+# logits and the logit gradient: 4 * (V + 2 V_t) bytes per row) may take as much memory as the
+# weight gradient, which the fused path holds anyway, or CHUNK_BUDGET_BYTES if that is larger.
+CHUNK_BUDGET_BYTES = 256 * 2**20
+# ... but a chunk has at least this many rows: each chunk re-reads the weights (4 passes over
+# [V, H]), and a chunk of c rows does 2c flops per weight element read. On a GPU (bf16 ridge
+# point ~300 flops/byte) 512 rows keep the matmuls compute bound; a CPU's ridge is far lower.
+MIN_CHUNK_ROWS = {"cuda": 512, "cpu": 64}
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def default_chunk_size(n: int, vocab: int, teacher_vocab: int, hidden: int, weight_bytes: int,
+                       device_type: str) -> int:
+    """Rows per chunk for ``chunk_size=None``.
+
+    ``budget = max(V * H * weight.element_size(), 256 MiB)`` (the working block is never
+    larger than the weight gradient, or 256 MiB); ``rows = max(budget // (4 (V + 2 V_t)),
+    MIN_CHUNK_ROWS[device])``. A batch of at most ``rows`` rows is one chunk (small batches
+    then cost exactly the unfused matmuls, with no weight re-read); larger batches are split
+    into ``ceil(N / rows)`` chunks of equal size (rounded up to a multiple of 8), so there is
+    no small tail chunk.
+    """
+    if n <= 0:
+        return 1
+    row_bytes = 4 * (vocab + 2 * teacher_vocab)
+    budget = max(vocab * hidden * weight_bytes, CHUNK_BUDGET_BYTES)
+    rows = max(budget // row_bytes, MIN_CHUNK_ROWS.get(device_type, 64))
+    if n <= rows:
+        return n
+    chunks = math.ceil(n / rows)
+    return min(n, 8 * math.ceil(math.ceil(n / chunks) / 8))
+
+
+def f32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` accumulated and returned in float32 (float64 stays float64), never rounded to bf16."""
+    if a.dtype in (torch.float32, torch.float64):
+        return a @ b
+    if a.device.type == "cuda":
+        return torch.mm(a, b, out_dtype=torch.float32)  # cuBLAS: bf16/fp16 inputs, fp32 output (torch >= 2.8)
+    return a.float() @ b.float()
+
+
+def matmul_operand(x: torch.Tensor, mm_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """``x`` as the chunk matmuls take it: rounded to ``mm_dtype`` (autocast) if given; then, on a CPU,
+    low-precision values as float32 (torch's CPU has no bf16 x bf16 -> fp32 matmul)."""
+    if mm_dtype is not None and x.dtype != mm_dtype and x.dtype != torch.float64:
+        x = x.to(mm_dtype)
+    return x.float() if x.device.type != "cuda" and x.dtype in LOW_PRECISION else x
+
+
+def _rounded(x: Optional[torch.Tensor], mm_dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    """A bias as autocast's ``F.linear`` would add it: rounded to ``mm_dtype`` (float64 stays)."""
+    if x is None or mm_dtype is None or x.dtype == torch.float64:
+        return x
+    return x.to(mm_dtype)
+
+
+def rows_of(x: torch.Tensor, i0: int, i1: int, lead) -> torch.Tensor:
+    """Rows ``i0:i1`` of ``x [..., C]`` flattened over ``lead``, without copying all of ``x`` when it
+    cannot be viewed as ``[N, C]`` (such as ``logits[:, :-1]``): then only the chunk is gathered."""
+    try:
+        return x.view(-1, x.shape[-1])[i0:i1]
+    except RuntimeError:
+        index = torch.unravel_index(torch.arange(i0, i1, device=x.device), lead)
+        return x[index]
+
+
+def head_logits(h: torch.Tensor, weight: torch.Tensor, bias, scale, softcap) -> torch.Tensor:
+    """``softcap(scale * (h @ W.T + b))`` in float32 (float64 for float64 weights)."""
+    s = f32_matmul(h, weight.t())
+    if bias is not None:
+        s += bias
+    if scale is not None:
+        s *= scale
+    if softcap is not None:
+        s.div_(softcap).tanh_().mul_(softcap)
+    return s
+
+
+def _accumulate_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor, first: bool) -> None:
+    """``grad_w (+)= g^T @ h`` into a float32 (float64) buffer, whatever the operands' dtype."""
+    if g.dtype == grad_w.dtype:
+        if first:
+            torch.mm(g.t(), h, out=grad_w)
+        else:
+            grad_w.addmm_(g.t(), h)
+    elif first:  # CUDA bf16/fp16 operands: cuBLAS accumulates in fp32 and writes fp32 (torch >= 2.8)
+        torch.mm(g.t(), h, out_dtype=grad_w.dtype, out=grad_w)
+    else:
+        torch.addmm(grad_w, g.t(), h, out_dtype=grad_w.dtype, out=grad_w)
+
+
+# About 90 lines: one chunk's matmuls, row op and gradient matmuls in the order they run (a chunk's
+# temporaries are freed before the next, which helpers holding references would make harder to see).
+def run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, reduce: bool):
+    """One pass over the chunks: returns ``(loss, soft, hard, grad_hidden, grad_weight, grad_bias)``.
+
+    Losses are 0-d sums (``reduce``) or ``[N]``; gradients are None unless ``want_grad``
+    (then those of ``p.needs``: hidden, weight, bias), in the inputs' dtypes.
+    """
+    n, vocab, dev = p.n, p.vocab, p.hidden.device
+    acc = p.compute_dtype
+    shape = () if reduce else (n,)
+    loss = torch.zeros(shape, dtype=acc, device=dev)
+    soft = torch.zeros(shape, dtype=acc, device=dev)
+    hard = torch.zeros(shape, dtype=acc, device=dev)
+    need_h, need_w, need_b = p.needs if want_grad else (False, False, False)
+    weight_mm = matmul_operand(p.weight, p.mm_dtype)
+    teacher_weight_mm = matmul_operand(p.teacher_weight, p.mm_dtype) if p.teacher_weight is not None else None
+    bias, teacher_bias = (_rounded(b, p.mm_dtype) for b in (p.bias, p.teacher_bias))
+    # float32 sums: sharded grad_hidden (summed over the group) and every weight / bias gradient
+    h_dtype = torch.float32 if p.group is not None and p.hidden.dtype in LOW_PRECISION else p.hidden.dtype
+    grad_h = torch.empty(p.hidden.shape, dtype=h_dtype, device=dev) if need_h else None
+    grad_w = torch.empty(p.weight.shape, dtype=acc, device=dev) if need_w else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=dev) if need_b else None
+    empty_ids = torch.empty(0, dtype=torch.int64, device=dev)
+    for i0 in range(0, n, p.chunk):
+        i1 = min(n, i0 + p.chunk)
+        w_c = row_weight[i0:i1]
+        h = p.hidden[i0:i1]
+        if p.mask_skipped:
+            # rows the loss does not read add nothing to grad_weight even if their hidden state is NaN/inf
+            h = torch.where((w_c != 0).unsqueeze(1), h, torch.zeros((), dtype=h.dtype, device=dev))
+        h_mm = matmul_operand(h, p.mm_dtype).to(weight_mm.dtype)
+        s = head_logits(h_mm, weight_mm, bias, p.logit_scale, p.softcap)
+        if p.teacher_kind == "pair":
+            th = matmul_operand(rows_of(p.teacher_hidden, i0, i1, p.lead), p.mm_dtype).to(teacher_weight_mm.dtype)
+            t = head_logits(th, teacher_weight_mm, teacher_bias, p.logit_scale, p.softcap)
+            del th
+        elif p.teacher_kind == "logits":
+            t = rows_of(p.teacher_logits, i0, i1, p.lead).contiguous()
+        else:
+            t = p.topk_logprobs[i0:i1].contiguous()  # [chunk, K]: cheap
+        # teacher_vocab="mask": the student's missing columns (V_t > V) are -inf: no mass, never 0
+        s_op = s if p.pad == 0 else torch.nn.functional.pad(s, (0, p.pad), value=float("-inf"))
+        ids = p.topk_ids[i0:i1].contiguous() if p.topk_ids is not None else empty_ids
+        tgt = p.target[i0:i1] if p.target is not None else empty_ids
+        out = p.op(s_op, t, ids, tgt, w_c, p.temperature, p.kind, p.a, p.b, p.w_p, p.w_q, p.soft_scale,
+                   p.ce_weight, p.topk_mode, reduce, want_grad, False)
+        del t
+        if reduce:
+            loss += out[0]
+            soft += out[1]
+            hard += out[2]
+        else:
+            loss[i0:i1], soft[i0:i1], hard[i0:i1] = out[0], out[1], out[2]
+        if want_grad:
+            g = out[3] if p.pad == 0 else out[3][:, :vocab]
+            del out, s_op
+            if p.softcap is not None:
+                # d softcap(x) / dx = 1 - tanh^2 = 1 - (s / softcap)^2 (s: the capped logits, reused in place)
+                g = g.mul_(s.div_(p.softcap).square_().neg_().add_(1.0))
+            if p.logit_scale is not None:
+                g = g.mul_(p.logit_scale)
+            del s
+            g_mm = g.to(weight_mm.dtype)
+            if need_h:
+                grad_h[i0:i1] = f32_matmul(g_mm, weight_mm) if grad_h.dtype != weight_mm.dtype else g_mm @ weight_mm
+            if need_w:
+                _accumulate_weight_grad(grad_w, g_mm, h_mm, first=i0 == 0)
+            if need_b:
+                grad_b += g.sum(dim=0)
+            del g, g_mm
+        else:
+            del out, s_op, s
+    if n == 0 and need_w:
+        grad_w.zero_()
+    if grad_h is not None and p.group is not None:
+        # the column-parallel head's input gradient: the only [N, H] collective (4 N H bytes in float32)
+        from ..distributed.comm import all_reduce
+
+        grad_h = all_reduce([grad_h], torch.distributed.ReduceOp.SUM, p.group, in_place=True)[0]
+    return (loss, soft, hard, None if grad_h is None else grad_h.to(p.hidden.dtype),
+            None if grad_w is None else grad_w.to(p.weight.dtype),
+            None if grad_b is None else grad_b.to(p.bias.dtype))
