@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
 # torch first: the extension is compiled against the torch that runs it.
-"$PYTHON" -m pip install --quiet "torch>=2.6" "setuptools>=64" wheel ninja numpy
+"$PYTHON" -m pip install --quiet "torch>=2.8" "setuptools>=64" wheel ninja numpy
 
 stamp_file=build/.fastkd_build_stamp
 stamp=$( (cat setup.py pyproject.toml csrc/sources.txt; find csrc -type f | sort | xargs cat;

@@ -111,8 +111,7 @@ def _fused_linear_fwd(
     plan = _plan(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_values, topk_ids,
                  target, op, chunk, pad, logit_scale, softcap, mm_dtype, temperature, kind, a, b, w_p, w_q,
                  soft_scale, ce_weight, topk_mode, mask_skipped, needs)
-    with torch.autocast(hidden.device.type, enabled=False):  # the matmul dtype is the plan's, not autocast's
-        loss, soft, hard, gh, gw, gb = run_chunks(plan, row_weight, any(needs), reduce)
+    loss, soft, hard, gh, gw, gb = run_chunks(plan, row_weight, any(needs), reduce)
     # (a fresh empty tensor per absent gradient: a custom op's outputs may not alias each other)
     return loss, soft, hard, *(hidden.new_empty((0,)) if g is None else g for g in (gh, gw, gb))
 

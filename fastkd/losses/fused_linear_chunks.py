@@ -111,14 +111,20 @@ def _accumulate_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tens
         torch.addmm(grad_w, g.t(), h, out_dtype=grad_w.dtype, out=grad_w)
 
 
-# About 90 lines: one chunk's matmuls, row op and gradient matmuls in the order they run (a chunk's
-# temporaries are freed before the next, which helpers holding references would make harder to see).
 def run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, reduce: bool):
     """One pass over the chunks: returns ``(loss, soft, hard, grad_hidden, grad_weight, grad_bias)``.
 
     Losses are 0-d sums (``reduce``) or ``[N]``; gradients are None unless ``want_grad``
-    (then those of ``p.needs``: hidden, weight, bias), in the inputs' dtypes.
+    (then those of ``p.needs``: hidden, weight, bias), in the inputs' dtypes. Autocast is off
+    inside: the matmul dtype is the plan's (``p.mm_dtype``), the logits float32.
     """
+    with torch.autocast(p.hidden.device.type, enabled=False):
+        return _run_chunks(p, row_weight, want_grad, reduce)
+
+
+# About 90 lines: one chunk's matmuls, row op and gradient matmuls in the order they run (a chunk's
+# temporaries are freed before the next, which helpers holding references would make harder to see).
+def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, reduce: bool):
     n, vocab, dev = p.n, p.vocab, p.hidden.device
     acc = p.compute_dtype
     shape = () if reduce else (n,)

@@ -1,0 +1,230 @@
+"""Real training conditions (issue 24): grad mode, autocast, low-precision weights, torch.compile, the torch
+version the code needs. Each test is written to fail on the behaviour it guards against."""
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastkd
+from fastkd.dispatch import ops as _ops
+from fastkd.losses import fused_linear as FL
+from fastkd.losses import fused_linear_chunks as FLC
+from fastkd.reference import divergence as R
+
+ROOT = Path(__file__).resolve().parents[1]
+F64 = torch.float64
+needs_cpu_ops = pytest.mark.skipif(_ops.LOAD_ERROR is not None, reason="fastkd._C not built")
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def head_data(n=37, h=24, v=300, ht=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, h, generator=g), torch.randn(v, h, generator=g) * 0.4,
+            torch.randn(n, ht, generator=g), torch.randn(v, ht, generator=g) * 0.5,
+            torch.randint(0, v, (n,), generator=g))
+
+
+def composition64(h, w, th, tw, target, temperature=2.0, ce_weight=0.3):
+    """The unfused forward KL + CE in float64 of exactly the given values."""
+    s, t = h.double() @ w.double().T, th.double() @ tw.double().T
+    return R.compute(s, t, temperature, "batchmean", target, -100, None, ce_weight, False, "forward_kl",
+                     scale_t2=True)
+
+
+# ----------------------------------------------------------------------------
+# the fused head
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ("no_grad", "inference_mode"))
+@pytest.mark.parametrize("backend", ("reference", "cpu"))
+def test_fused_head_without_grad_mode_runs_the_forward_only(monkeypatch, mode, backend):
+    """Evaluation with lm_head.weight.requires_grad=True: no gradient matmul, no [V, H] gradient."""
+    if backend == "cpu" and _ops.LOAD_ERROR is not None:
+        pytest.skip("fastkd._C not built")
+    h, w, th, tw, target = head_data()
+    h.requires_grad_(), w.requires_grad_()
+    calls = []
+
+    def recording(plan, row_weight, want_grad, reduce):
+        calls.append((want_grad, plan.needs))
+        return FLC.run_chunks(plan, row_weight, want_grad, reduce)
+
+    def no_weight_grad(*args, **kwargs):
+        raise AssertionError("a weight-gradient matmul ran without grad mode")
+
+    monkeypatch.setattr(FL, "run_chunks", recording)
+    monkeypatch.setattr(FLC, "_accumulate_weight_grad", no_weight_grad)
+    guard = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with guard:
+        loss = fastkd.fused_linear_kd_loss(h, w, (th, tw), target, ce_weight=0.3, chunk_size=8, backend=backend)
+    assert calls == [(False, (False, False, False))]
+    assert loss.grad_fn is None
+    want = composition64(h.detach(), w.detach(), th, tw, target, temperature=1.0)
+    assert abs(loss.item() - want.item()) < 1e-5 * abs(want.item())
+
+
+@pytest.mark.parametrize("backend", ("reference", "cpu"))
+@pytest.mark.parametrize("chunk_size", (8, None))
+def test_fused_head_under_autocast_keeps_float32_logits(backend, chunk_size):
+    """torch.autocast(bfloat16) with float32 weights: the matmul inputs are rounded to bf16 (as the unfused
+    lm_head's), the logits and sums stay float32: loss and gradients equal float64 of the rounded inputs to
+    float32 rounding (bf16 logits would be off by about 1e-4 relative)."""
+    if backend == "cpu" and _ops.LOAD_ERROR is not None:
+        pytest.skip("fastkd._C not built")
+    h, w, th, tw, target = head_data(seed=1)
+    h, w = (h * 4).requires_grad_(), w.requires_grad_()  # logits of about +-10: bf16 logits would be off
+    th = th * 4  # by 6e-5 relative in the loss here, float32 logits by 2e-7
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fastkd.fused_linear_kd_loss(h, w, (th, tw), target, temperature=2.0, ce_weight=0.3,
+                                           chunk_size=chunk_size, backend=backend)
+    assert loss.dtype == torch.float32
+    gh, gw = torch.autograd.grad(loss, [h, w])
+    assert gh.dtype == gw.dtype == torch.float32  # the weights' dtype, summed in float32
+    bf = [x.detach().bfloat16().double().requires_grad_() for x in (h, w)]
+    want = composition64(bf[0], bf[1], th.bfloat16(), tw.bfloat16(), target)
+    want_gh, want_gw = torch.autograd.grad(want, bf)
+    assert abs(loss.item() - want.item()) < 2e-6 * abs(want.item()), (loss.item(), want.item())
+    assert rel(gh, want_gh) < 1e-5 and rel(gw, want_gw) < 1e-5
+
+
+def _weight_grad_error(chunk_size, device, dtype):
+    h, w, th, tw, target = head_data(n=416, h=64, v=512, ht=64, seed=2)
+    h, w = (x.to(device=device, dtype=dtype).requires_grad_() for x in (h, w))
+    th, tw, target = th.to(device=device, dtype=dtype), tw.to(device=device, dtype=dtype), target.to(device)
+    loss = fastkd.fused_linear_kd_loss(h, w, (th, tw), target, temperature=2.0, ce_weight=0.3,
+                                       chunk_size=chunk_size)
+    (gw,) = torch.autograd.grad(loss, [w])
+    ref = [x.detach().double().requires_grad_() for x in (h, w)]
+    (want,) = torch.autograd.grad(composition64(ref[0], ref[1], th, tw, target), [ref[1]])
+    return rel(gw, want)
+
+
+@pytest.mark.parametrize("device", ("cpu", pytest.param("cuda", marks=pytest.mark.gpu)))
+def test_bf16_weight_gradient_sums_in_float32_over_many_chunks(device):
+    """52 chunks round the running weight-gradient sum 52 times in bf16; in float32 the error is one GEMM's."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    one = _weight_grad_error(None, device, torch.bfloat16)
+    many = _weight_grad_error(8, device, torch.bfloat16)
+    assert many < 1.5 * one + 1e-3, (one, many)
+
+
+@needs_cpu_ops
+def test_fused_linear_op_opcheck():
+    h, w, th, tw, target = head_data(n=9, v=40)
+    h, w = h.requires_grad_(), w.requires_grad_()
+    row_weight = torch.full((9,), 1 / 9)
+    args = (h, w, None, th, tw, None, None, None, target, row_weight, "cpu", 4, 0, None, None, None, 2.0,
+            0, 1.0, 0.0, 0.0, 1.0, 4.0, 0.3, 0, True, False, False, True, True, False)
+    torch.library.opcheck(torch.ops.fastkd.fused_linear_fwd.default, args)
+
+
+# ----------------------------------------------------------------------------
+# torch.compile(fullgraph=True): every public loss, forward and backward, equal to eager
+# ----------------------------------------------------------------------------
+
+def _loss_cases():
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 5, 33, generator=g), torch.randn(2, 5, 33, generator=g)
+    y = torch.randint(0, 33, (2, 5), generator=g)
+    y[0, 1] = -100
+    topk = fastkd.TopKTeacher.from_logits(t, 4)
+    h, w, th, tw, target = head_data(n=10, v=33)
+    cases = {
+        "kd": lambda s: fastkd.kd_loss(s, t, 2.0, target=y, ce_weight=0.2),
+        "kd_topk": lambda s: fastkd.kd_loss(s, topk, 1.0, target=y),
+        "dkd": lambda s: fastkd.dkd_loss(s, t, y.clamp_min(0)),
+        "ats": lambda s: fastkd.ats_loss(s, t, y.clamp_min(0), ce_weight=0.5),
+        "dist": lambda s: fastkd.dist_loss(s, t),
+        "forward_kl": lambda s: fastkd.forward_kl_loss(s, t, target=y),
+        "reverse_kl": lambda s: fastkd.reverse_kl_loss(s, t, temperature=1.5, target=y, ce_weight=0.1),
+        "jsd": lambda s: fastkd.jsd_loss(s, t, beta=0.3, reduction="sum"),
+        "skew_kl": lambda s: fastkd.skew_kl_loss(s, t, skew=0.2, reverse=True),
+        "tvd": lambda s: fastkd.tvd_loss(s, t, reduction="none").sum(),
+        "fused_linear": lambda s: fastkd.fused_linear_kd_loss(h, w, (th, tw), target, ce_weight=0.2, chunk_size=4)
+        + s.sum() * 0,
+    }
+    return s, cases
+
+
+@needs_cpu_ops
+@pytest.mark.parametrize("loss", list(_loss_cases()[1]))
+def test_every_public_loss_compiles_with_a_full_graph(loss):
+    s, cases = _loss_cases()
+    fn = cases[loss]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    results = []
+    for f in (fn, compiled):
+        x = s.clone().requires_grad_()
+        out = f(x)
+        (g,) = torch.autograd.grad(out, [x])
+        results.append((out.detach(), g))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@needs_cpu_ops
+def test_fused_head_compiles_with_a_full_graph_with_its_gradients():
+    h, w, th, tw, target = head_data(n=10, v=33)
+
+    def step(h, w):
+        return fastkd.fused_linear_kd_loss(h, w, (th, tw), target, temperature=2.0, ce_weight=0.2, chunk_size=4)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    got = []
+    for f in (step, compiled):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        out = f(hh, ww)
+        got.append((out.detach(), *torch.autograd.grad(out, [hh, ww])))
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------
+# the declared torch minimum is the one the code needs
+# ----------------------------------------------------------------------------
+
+# What the code uses, and the first torch release that has it.
+TORCH_FEATURES = {
+    "torch.mm / torch.addmm with out_dtype (the fused head's bf16 matmuls on CUDA)": (2, 8),
+    "torch.library.triton_op / wrap_triton (the Triton backend)": (2, 6),
+    "torch.library.custom_op, register_fake, register_autograd (the fused head's op)": (2, 4),
+    "torch.get_autocast_dtype(device_type) (the fused head under autocast)": (2, 4),
+}
+
+
+def _declared_minimums():
+    found = {}
+    for path in ("pyproject.toml", "scripts/setup.sh"):
+        for match in re.finditer(r"torch>=(\d+)\.(\d+)", (ROOT / path).read_text()):
+            found.setdefault(path, set()).add((int(match.group(1)), int(match.group(2))))
+    return found
+
+
+def test_declared_torch_minimum_is_what_the_code_needs():
+    found = _declared_minimums()
+    assert set(found) == {"pyproject.toml", "scripts/setup.sh"}, found
+    declared = {v for versions in found.values() for v in versions}
+    assert len(declared) == 1, f"the files declare different torch minimums: {found}"
+    (minimum,) = declared
+    too_new = {name: v for name, v in TORCH_FEATURES.items() if v > minimum}
+    assert not too_new, f"torch>={minimum[0]}.{minimum[1]} is declared, but the code needs {too_new}"
+    installed = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+    assert installed >= minimum
+
+
+def test_installed_torch_has_every_feature_the_code_uses():
+    schemas = [str(s) for s in torch._C._jit_get_schemas_for_operator("aten::addmm")]
+    assert any("out_dtype" in s for s in schemas), "torch.addmm(out_dtype=) is missing"
+    assert any("out_dtype" in str(s) for s in torch._C._jit_get_schemas_for_operator("aten::mm"))
+    assert hasattr(torch.library, "triton_op") and hasattr(torch.library, "custom_op")
+    assert torch.get_autocast_dtype("cpu") in (torch.bfloat16, torch.float16)
