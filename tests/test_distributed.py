@@ -384,7 +384,7 @@ def _dkd_ats_checks(rank, world, failures, full=True):
         ("dkd ce parts none", D.dkd_loss, ref.dkd_loss, dict(dkd_kw, ce_weight=0.3, reduction="none"), True),
         ("dkd parts sum (ce_weight 0)", D.dkd_loss, ref.dkd_loss,
          dict(dkd_kw, return_parts=True, reduction="sum", sample_weight=weight), True),
-        ("dkd ce parts mean", D.dkd_loss, ref.dkd_loss, dict(ce_weight=-0.7, reduction="mean"), True),
+        ("dkd ce parts mean", D.dkd_loss, ref.dkd_loss, dict(ce_weight=0.7, reduction="mean"), True),
         ("ats ce", D.ats_loss, ref.ats_loss, dict(ats_kw, ce_weight=0.3, sample_weight=weight), False),
         ("ats ce parts sum", D.ats_loss, ref.ats_loss, dict(ats_kw, ce_weight=0.3, reduction="sum"), True),
         ("ats ce parts none", D.ats_loss, ref.ats_loss,

@@ -228,3 +228,88 @@ def test_installed_torch_has_every_feature_the_code_uses():
     assert any("out_dtype" in str(s) for s in torch._C._jit_get_schemas_for_operator("aten::mm"))
     assert hasattr(torch.library, "triton_op") and hasattr(torch.library, "custom_op")
     assert torch.get_autocast_dtype("cpu") in (torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------
+# every weight of a loss term is validated the same way: a finite number >= 0, named in the message
+# ----------------------------------------------------------------------------
+
+def _negative_weight_calls():
+    s, t = torch.randn(4, 9), torch.randn(4, 9)
+    y = torch.tensor([1, 2, 3, 4])
+    feat = torch.randn(2, 3, 4, 4)
+    h, w, th, tw, target = head_data(n=4, v=9)
+    return {
+        "kd ce_weight": ("ce_weight", lambda: fastkd.kd_loss(s, t, target=y, ce_weight=-1.0)),
+        "jsd ce_weight": ("ce_weight", lambda: fastkd.jsd_loss(s, t, target=y, ce_weight=-0.5)),
+        "forward_kl ce_weight": ("ce_weight", lambda: fastkd.forward_kl_loss(s, t, target=y, ce_weight=-1e-3)),
+        "reference ce_weight": ("ce_weight", lambda: fastkd.reference.tvd_loss(s, t, target=y, ce_weight=-1.0)),
+        "dkd alpha": ("alpha", lambda: fastkd.dkd_loss(s, t, y, alpha=-1.0)),
+        "dkd beta": ("beta", lambda: fastkd.dkd_loss(s, t, y, beta=-8.0)),
+        "dkd ce_weight": ("ce_weight", lambda: fastkd.dkd_loss(s, t, y, ce_weight=-1.0)),
+        "ats ce_weight": ("ce_weight", lambda: fastkd.ats_loss(s, t, y, ce_weight=-1.0)),
+        "dist beta": ("beta", lambda: fastkd.dist_loss(s, t, beta=-1.0)),
+        "dist gamma": ("gamma", lambda: fastkd.dist_loss(s, t, gamma=-2.0)),
+        "mgd alpha": ("alpha", lambda: fastkd.mgd_loss(feat, feat, torch.nn.Identity(), alpha=-1.0)),
+        "fused head ce_weight": ("ce_weight", lambda: fastkd.fused_linear_kd_loss(h, w, (th, tw), target,
+                                                                                   ce_weight=-0.1)),
+        "DKDLoss alpha": ("alpha", lambda: fastkd.nn.DKDLoss(alpha=-1.0)),
+        "DISTLoss gamma": ("gamma", lambda: fastkd.nn.DISTLoss(gamma=-1.0)),
+        "KDLoss ce_weight": ("ce_weight", lambda: fastkd.nn.KDLoss(ce_weight=-1.0)),
+        "FusedLinearKDLoss ce_weight": ("ce_weight", lambda: fastkd.nn.FusedLinearKDLoss(ce_weight=-1.0)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_negative_weight_calls()))
+def test_negative_weights_are_rejected_by_name(case):
+    name, call = _negative_weight_calls()[case]
+    with pytest.raises(ValueError, match=f"{name} must be >= 0"):
+        call()
+
+
+# ----------------------------------------------------------------------------
+# dense teacher logits wider than the student's (a teacher head padded past the tokenizer)
+# ----------------------------------------------------------------------------
+
+DENSE = {
+    "kd": lambda s, t, **kw: fastkd.kd_loss(s, t, 2.0, **kw),
+    "forward_kl": fastkd.forward_kl_loss,
+    "reverse_kl": fastkd.reverse_kl_loss,
+    "jsd": lambda s, t, **kw: fastkd.jsd_loss(s, t, beta=0.3, **kw),
+    "tvd": fastkd.tvd_loss,
+}
+
+
+@pytest.mark.parametrize("loss", list(DENSE))
+@pytest.mark.parametrize("backend", ("reference", "cpu", "triton"))
+def test_wider_teacher_logits_truncate_or_mask(loss, backend):
+    from backend_cases import skip_unless_runs
+
+    skip_unless_runs("kd" if loss == "kd" else loss, backend)
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(6, 40, generator=g), torch.randn(6, 45, generator=g)
+    t[:, 40:] -= 3.0  # some teacher mass past V: "mask" and "truncate" differ
+    y = torch.randint(0, 40, (6,), generator=g)
+    fn = DENSE[loss]
+    for mode in ("truncate", "mask"):
+        x = s.clone().requires_grad_()
+        tt = t.clone().requires_grad_()
+        got = fn(x, tt, target=y, ce_weight=0.2, reduction="mean", teacher_vocab=mode, backend=backend)
+        xr, tr = s.double().requires_grad_(), t.double().requires_grad_()
+        if mode == "truncate":  # the teacher over the first V columns, renormalised
+            want = fn(xr, tr[:, :40], target=y, ce_weight=0.2, reduction="mean", backend="reference")
+        else:  # the student padded with -inf (no mass) to V_t
+            want = fn(F.pad(xr, (0, 5), value=-math.inf), tr, target=y, ce_weight=0.2, reduction="mean",
+                      backend="reference")
+        if not torch.isfinite(want):
+            assert got.item() == want.item(), (mode, got, want)
+            continue
+        torch.testing.assert_close(got.double(), want.detach(), rtol=2e-5, atol=1e-7)
+        gs, gt = torch.autograd.grad(got, [x, tt])
+        ws, wt = torch.autograd.grad(want, [xr, tr])
+        assert gs.shape == s.shape and gt.shape == t.shape
+        assert rel(gs, ws) < 1e-5 and rel(gt, wt) < 1e-5
+        if mode == "truncate":
+            assert (gt[:, 40:] == 0).all()
+    with pytest.raises(ValueError, match="teacher_vocab must be one of"):
+        fn(s, t, teacher_vocab="drop", backend=backend)

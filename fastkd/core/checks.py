@@ -112,6 +112,13 @@ def check_number(name: str, value) -> None:
         raise ValueError(f"{name} must be finite, got {value}")
 
 
+def check_non_negative(name: str, value) -> None:
+    """A weight of a loss term (``ce_weight``, DKD's ``alpha`` / ``beta``, ...): a finite number >= 0."""
+    check_number(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
 def check_ignore_index(ignore_index) -> None:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -201,8 +208,8 @@ def check_logit_loss(student, teacher, reduction, target, ignore_index, sample_w
 
 
 def check_ce(ce_weight, return_parts, target) -> None:
-    """``ce_weight`` (a number; != 0 needs ``target``) and ``return_parts`` (a bool)."""
-    check_number("ce_weight", ce_weight)
+    """``ce_weight`` (a number >= 0; != 0 needs ``target``) and ``return_parts`` (a bool)."""
+    check_non_negative("ce_weight", ce_weight)
     if ce_weight != 0 and target is None:
         raise ValueError(f"ce_weight={ce_weight} adds a cross-entropy term, which needs target (one class per row)")
     if not isinstance(return_parts, bool):
@@ -234,8 +241,8 @@ def check_dkd_args(student, teacher, target, alpha, beta, temperature, reduction
                    ce_weight, return_parts) -> None:
     """``dkd_loss``, on every backend."""
     check_logit_loss(student, teacher, reduction, target, ignore_index, sample_weight, True)
-    check_number("alpha", alpha)
-    check_number("beta", beta)
+    check_non_negative("alpha", alpha)
+    check_non_negative("beta", beta)
     check_positive("temperature", temperature)
     check_dkd_classes(student)
     check_ce(ce_weight, return_parts, target)
@@ -254,8 +261,8 @@ def check_ats_args(student, teacher, target, target_temperature, other_temperatu
 def check_dist_args(student, teacher, beta, gamma, temperature) -> None:
     """``dist_loss``, on every backend."""
     check_pair(student, teacher)
-    check_number("beta", beta)
-    check_number("gamma", gamma)
+    check_non_negative("beta", beta)
+    check_non_negative("gamma", gamma)
     check_positive("temperature", temperature)
 
 
@@ -311,7 +318,7 @@ def mgd_check_args(student_feat, teacher_feat, generation, align, alpha, mask_ra
         raise TypeError(f"generation must be callable (a module), got {type(generation).__name__}")
     if align is not None and not callable(align):
         raise TypeError(f"align must be callable (a module) or None, got {type(align).__name__}")
-    check_number("alpha", alpha)
+    check_non_negative("alpha", alpha)
     check_mask_args(mask_ratio, mask_type)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
@@ -357,12 +364,6 @@ def check_row_args(reduction, ignore_index, backend) -> None:
     check_reduction(reduction)
     check_ignore_index(ignore_index)
     check_backend(backend)
-
-
-def check_non_negative(name: str, value) -> None:
-    check_number(name, value)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
 
 
 # ----------------------------------------------------------------------------
@@ -445,7 +446,7 @@ def check_fused_linear_options(divergence, temperature, beta, skew, ce_weight, l
     check_positive("temperature", temperature)
     check_unit("beta", beta)
     check_unit("skew", skew)
-    check_number("ce_weight", ce_weight)
+    check_non_negative("ce_weight", ce_weight)
     check_optional_number("logit_scale", logit_scale, positive=False)
     check_optional_number("softcap", softcap, positive=True)
     check_reduction(reduction)

@@ -24,8 +24,8 @@ def dkd_loss(student_logits, teacher_logits, target, *, process_group, alpha=1.0
     its two per-row numbers ride in the SUM round, no extra collective).
     """
     student, teacher = student_logits, teacher_logits
-    v.check_number("alpha", alpha)
-    v.check_number("beta", beta)
+    v.check_non_negative("alpha", alpha)
+    v.check_non_negative("beta", beta)
     v.check_positive("temperature", temperature)
     c = target_loss_setup(student, teacher, target, ignore_index, sample_weight, reduction, ce_weight, return_parts,
                           process_group)
@@ -179,8 +179,8 @@ def dist_loss(student_logits, teacher_logits, *, process_group, beta=1.0, gamma=
     Every rank must call backward (it communicates).
     """
     v.check_pair(student_logits, teacher_logits)
-    v.check_number("beta", beta)
-    v.check_number("gamma", gamma)
+    v.check_non_negative("beta", beta)
+    v.check_non_negative("gamma", gamma)
     v.check_positive("temperature", temperature)
     if process_group is None:
         raise ValueError("process_group must be a torch.distributed process group (got None); "

@@ -48,6 +48,7 @@ def kd_loss(
     sample_weight: Optional[torch.Tensor] = None,
     ce_weight: float = 0.0,
     return_parts: bool = False,
+    teacher_vocab: str = "truncate",
     process_group=None,
     backend: str = "auto",
 ):
@@ -81,11 +82,18 @@ def kd_loss(
     ``return_parts=True`` returns ``LossParts(loss, soft, hard)``: the reduced KD
     term (with ``T^2``) and the unweighted reduced cross-entropy, both detached.
 
+    ``teacher_vocab``: dense teacher logits wider than the student's (``V_t > V``): ``"truncate"``
+    (default) drops the teacher's columns past ``V``, ``"mask"`` gives the student ``-inf`` there
+    (then KD is infinite where the teacher puts mass past ``V``); see ``fastkd.forward_kl_loss``.
+
     ``process_group`` (``torch.distributed``): the last dim of the logits is this
     rank's contiguous vocabulary shard (Megatron layout; ``target`` and top-k ids are
     global ids); the loss is that of the whole vocabulary, on every rank, with O(rows)
     communication (``fastkd.distributed``; a tensor temperature with dense teacher logits only).
     """
+    if process_group is None:
+        student_logits, teacher_logits = _divergence.align_teacher_vocab(student_logits, teacher_logits,
+                                                                         teacher_vocab)
     if process_group is not None:
         return _divergence.sharded(
             "kd_loss", backend, student_logits, teacher_logits, temperature, process_group=process_group,

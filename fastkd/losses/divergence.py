@@ -25,6 +25,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..core import checks as v
 from ..core.checks import BACKENDS, check_constant_weight
 from ..core.divergence import (
     KIND_CODES,
@@ -114,9 +115,32 @@ def _dispatch(loss: str, student, teacher: Teacher, backend: str, temperature, r
                       soft_scale=float(temperature) ** 2 if scale_t2 else 1.0, **params)
 
 
+def align_teacher_vocab(student, teacher, teacher_vocab: str):
+    """Dense teacher logits wider than the student's (``V_t > V``: a head padded past the tokenizer).
+
+    ``"truncate"``: the teacher's columns past ``V`` are dropped, so the teacher is renormalised over
+    the student's vocabulary (a view, no copy). ``"mask"``: the student gets ``V_t - V`` columns of
+    ``-inf`` (no mass; a copy of the student's logits). Anything else is returned as is, for the
+    argument checks to judge.
+    """
+    v.check_teacher_vocab(teacher_vocab)
+    if not (isinstance(student, torch.Tensor) and isinstance(teacher, torch.Tensor)) or min(student.dim(),
+                                                                                           teacher.dim()) < 1:
+        return student, teacher
+    vocab, t_vocab = student.shape[-1], teacher.shape[-1]
+    if t_vocab <= vocab or student.shape[:-1] != teacher.shape[:-1]:
+        return student, teacher
+    if teacher_vocab == "truncate":
+        return student, teacher[..., :vocab]
+    return torch.nn.functional.pad(student, (0, t_vocab - vocab), value=float("-inf")), teacher
+
+
 def _divergence_loss(kind: str, params: dict, student, teacher: Teacher, temperature, reduction, target,
-                     ignore_index, sample_weight, ce_weight, return_parts, process_group, backend: str):
+                     ignore_index, sample_weight, ce_weight, return_parts, process_group, backend: str,
+                     teacher_vocab: str = "truncate"):
     """The body of every public divergence: the sharded loss with a process group, else check and dispatch."""
+    if process_group is None:
+        student, teacher = align_teacher_vocab(student, teacher, teacher_vocab)
     if process_group is not None:
         return sharded(f"{kind}_loss", backend, student, teacher, process_group=process_group, **params,
                        temperature=temperature, reduction=reduction, target=target, ignore_index=ignore_index,
@@ -139,12 +163,14 @@ def forward_kl_loss(
     sample_weight: Optional[torch.Tensor] = None,
     ce_weight: float = 0.0,
     return_parts: bool = False,
+    teacher_vocab: str = "truncate",
     process_group=None,
     backend: str = "auto",
 ):
     params = {}
     return _divergence_loss("forward_kl", params, student_logits, teacher_logits, temperature, reduction, target,
-                            ignore_index, sample_weight, ce_weight, return_parts, process_group, backend)
+                            ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
+                            teacher_vocab)
 
 
 def reverse_kl_loss(
@@ -158,12 +184,14 @@ def reverse_kl_loss(
     sample_weight: Optional[torch.Tensor] = None,
     ce_weight: float = 0.0,
     return_parts: bool = False,
+    teacher_vocab: str = "truncate",
     process_group=None,
     backend: str = "auto",
 ):
     params = {}
     return _divergence_loss("reverse_kl", params, student_logits, teacher_logits, temperature, reduction, target,
-                            ignore_index, sample_weight, ce_weight, return_parts, process_group, backend)
+                            ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
+                            teacher_vocab)
 
 
 def jsd_loss(
@@ -178,12 +206,14 @@ def jsd_loss(
     sample_weight: Optional[torch.Tensor] = None,
     ce_weight: float = 0.0,
     return_parts: bool = False,
+    teacher_vocab: str = "truncate",
     process_group=None,
     backend: str = "auto",
 ):
     params = {"beta": beta}
     return _divergence_loss("jsd", params, student_logits, teacher_logits, temperature, reduction, target,
-                            ignore_index, sample_weight, ce_weight, return_parts, process_group, backend)
+                            ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
+                            teacher_vocab)
 
 
 def skew_kl_loss(
@@ -199,12 +229,14 @@ def skew_kl_loss(
     sample_weight: Optional[torch.Tensor] = None,
     ce_weight: float = 0.0,
     return_parts: bool = False,
+    teacher_vocab: str = "truncate",
     process_group=None,
     backend: str = "auto",
 ):
     params = {"skew": skew, "reverse": reverse}
     return _divergence_loss("skew_kl", params, student_logits, teacher_logits, temperature, reduction, target,
-                            ignore_index, sample_weight, ce_weight, return_parts, process_group, backend)
+                            ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
+                            teacher_vocab)
 
 
 def tvd_loss(
@@ -218,12 +250,14 @@ def tvd_loss(
     sample_weight: Optional[torch.Tensor] = None,
     ce_weight: float = 0.0,
     return_parts: bool = False,
+    teacher_vocab: str = "truncate",
     process_group=None,
     backend: str = "auto",
 ):
     params = {}
     return _divergence_loss("tvd", params, student_logits, teacher_logits, temperature, reduction, target,
-                            ignore_index, sample_weight, ce_weight, return_parts, process_group, backend)
+                            ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
+                            teacher_vocab)
 
 
 def kd_topk_loss(student_logits, teacher: TopKTeacher, temperature=4.0, *, reduction="batchmean", target=None,
@@ -254,6 +288,15 @@ _DETAIL = """
     student only, and the divergence is over its K + 1 buckets, or K renormalised).
 
     No ``T^2`` factor (as TRL, Liger and DistiLLM; ``kd_loss`` keeps Hinton's ``T^2``).
+
+    ``teacher_vocab``: what dense teacher logits wider than the student's (``V_t > V``, a teacher
+    head padded past the tokenizer, as Qwen2.5's 152064 rows for 151665 tokens) mean. ``"truncate"``
+    (default) drops the teacher's columns past ``V`` and renormalises it over the first ``V``: every
+    divergence is then over the shared vocabulary (the padding rows of a head carry no real token).
+    ``"mask"`` keeps the teacher whole and gives the student ``-inf`` on the missing columns: forward
+    KL, JSD-style mixtures' ``p`` side and skew KL are then infinite (or grow) wherever the teacher
+    puts mass past ``V``, reverse KL ignores that mass, TVD counts it; ``"mean"`` divides by
+    ``V_t``. Ignored with ``process_group`` (shards are equally wide).
 
     Rows, reduction, skipped rows: as ``kd_loss``. Leading dims are flattened into
     rows; ``"batchmean"`` divides by the counted rows over all leading dims (TRL's

@@ -73,8 +73,8 @@ class DKDLoss(RowLoss):
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup_epochs: float = 20,
                  *, reduction: str = "batchmean", ignore_index: int = -100, ce_weight: float = 0.0,
                  return_parts: bool = False, backend: str = "auto", process_group=None):
-        v.check_number("alpha", alpha)
-        v.check_number("beta", beta)
+        v.check_non_negative("alpha", alpha)
+        v.check_non_negative("beta", beta)
         v.check_positive("temperature", temperature)
         v.check_non_negative("warmup_epochs", warmup_epochs)
         super().__init__(reduction, ignore_index, ce_weight, return_parts, backend, process_group)
@@ -160,8 +160,8 @@ class DISTLoss(nn.Module):
     def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0, backend: str = "auto",
                  process_group=None):
         super().__init__()
-        v.check_number("beta", beta)
-        v.check_number("gamma", gamma)
+        v.check_non_negative("beta", beta)
+        v.check_non_negative("gamma", gamma)
         v.check_positive("temperature", temperature)
         v.check_backend(backend)
         self.beta = beta
@@ -209,7 +209,7 @@ class MGDLoss(nn.Module):
         super().__init__()
         v.check_int("student_channels", student_channels)
         v.check_int("teacher_channels", teacher_channels)
-        v.check_number("alpha", alpha)
+        v.check_non_negative("alpha", alpha)
         v.check_mask_args(mask_ratio, mask_type)
         v.check_backend(backend)
         self.student_channels = student_channels
