@@ -299,9 +299,10 @@ _DETAIL = """
     ``V_t``. Ignored with ``process_group`` (shards are equally wide).
 
     Rows, reduction, skipped rows: as ``kd_loss``. Leading dims are flattened into
-    rows; ``"batchmean"`` divides by the counted rows over all leading dims (TRL's
-    ``batchmean`` divides by the label != -100 count with labels, but by dim 0 only
-    without them); ``"sum"``; ``"mean"`` divides by counted rows * V; ``"none"``
+    rows; ``"batchmean"`` divides by the counted rows over all leading dims, as TRL's
+    ``DistillationTrainer`` divides by its valid tokens (``size(0) * size(1)`` without a
+    mask; checked against TRL 1.16; its older GKD ``generalized_jsd_loss`` divides by
+    ``size(0)`` alone when it gets no labels); ``"sum"``; ``"mean"`` divides by counted rows * V; ``"none"``
     returns the weighted per-row losses in the leading shape. A row whose target is
     ``ignore_index`` or whose ``sample_weight`` is exactly 0 is never read (loss 0,
     gradient 0, even with NaN logits). Terms with probability 0 on either side

@@ -299,7 +299,7 @@ _COMMON_DOC = """
     divergence is over its top-k buckets). No ``T^2`` factor (as TRL, Liger and
     DistiLLM; ``kd_loss`` keeps Hinton's ``T^2``). Reduction, ``ignore_index``,
     ``sample_weight`` and skipped rows as ``kd_loss``; ``"batchmean"`` divides by the
-    counted rows over all leading dims (TRL without labels divides by dim 0 only).
+    counted rows over all leading dims (as TRL's ``DistillationTrainer``; TRL's GKD loss without labels divides by dim 0 only).
     ``ce_weight`` adds ``ce_weight * cross_entropy(s, target)`` (student logits at
     T = 1, same reduction, ignore_index and sample_weight; ``"mean"`` divides it by
     counted rows * V like the soft loss). ``return_parts=True`` returns
