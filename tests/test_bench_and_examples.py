@@ -2,6 +2,7 @@
 (``benchmarks/plot.py``) and the digits distillation example: tiny runs whose
 outputs are checked (columns, quantile order, bandwidth arithmetic, agreement of
 fused and eager losses, accuracies above chance, determinism)."""
+import re
 import csv
 import importlib.util
 import os
@@ -270,3 +271,18 @@ def test_digits_split_is_fixed_and_runs_are_deterministic(digits):
     # Adding the transfer setting leaves the full setting's results as they were.
     assert first[0]["full"] == full_only[0]["full"] and set(full_only[0]) == {"full"}
     assert first[1]["labelled"] == 107 and 0.0 <= first[1]["pseudo_agreement"] <= 1.0
+
+
+def test_bench_fused_linear_alternates_the_providers(capsys):
+    """``--fused-linear``: each provider in its own process, stepped in turn; ratios per round with their range."""
+    from fastkd.bench import fused_linear as bench_fused_linear
+
+    bench_fused_linear.main(["--shapes", "24x16", "--vocab", "300", "--steps", "2",
+                             "--providers", "fused,unfused,matmuls"])
+    out = capsys.readouterr().out
+    assert "alternated" in out
+    for provider in ("fused", "unfused", "matmuls"):
+        assert re.search(rf"^  {provider}\s+\d+\.\d+ s/step \(range ", out, re.M), out
+    assert re.search(r"fused time vs the four matmuls \(target <= 1.1\): \d+\.\d+ \(rounds ", out), out
+    losses = re.findall(r"^  (fused|unfused)\s.*loss (\d+\.\d+)", out, re.M)
+    assert len(losses) == 2 and losses[0][1] == losses[1][1], losses  # the same loss value

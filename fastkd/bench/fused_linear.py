@@ -15,8 +15,10 @@ student head ``[V, H]`` and a teacher head ``[V, H]`` on ``N`` rows, per provide
 - ``liger``: ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss(beta=0, weight_hard_loss=0,
   weight_soft_loss=1, compiled=True)`` (forward KL, its batchmean over rows), when importable.
 
-Each provider runs in its own process (memory figures are process-wide): one warm-up step
-(Liger compiles there), then ``--steps`` timed steps; time = median. Peak extra memory = the
+Each provider runs in its own process (memory figures are process-wide) and warms up (Liger
+compiles there); then the driver steps the providers in turn, ``--steps`` rounds with the order
+rotating, so a change of load on a shared machine reaches every provider alike; time = median,
+with the range, and each ratio is the median of the per-round ratios (with their range). Peak extra memory = the
 growth of the resident set (VmHWM after ``malloc_trim``, fastkd's gradient cache emptied) over
 the timed steps, above the inputs: what the step adds, gradients included. Prints a table with
 the ratios the issue targets and writes one CSV row per (shape, provider).
@@ -93,63 +95,93 @@ def _step_fn(provider, h, w, th, tw, target):
     return step
 
 
-def worker(provider, n, h, v, steps):
+def worker(provider, n, h, v):
+    """A provider's process: warm up, then one timed step per "step" line on stdin (its seconds on stdout);
+    "done" prints the peak memory and the loss as JSON. The driver alternates the providers step by step,
+    so a change of machine load reaches every provider alike."""
     hs, w, th, tw, target = _inputs(n, h, v)
     step = _step_fn(provider, hs, w, th, tw, target)
     value = step()  # warm-up (compilation, lazy initialisation)
-    times = []
     hs.grad = w.grad = None
     if hasattr(torch.ops.fastkd, "empty_grad_cache"):
         torch.ops.fastkd.empty_grad_cache()
+    print("ready", flush=True)
     with PeakRSS() as peak:
-        for _ in range(steps):
+        for line in sys.stdin:
+            if line.strip() != "step":
+                break
             hs.grad = w.grad = None
             t0 = time.perf_counter()
             value = step()
-            times.append(time.perf_counter() - t0)
-    return {"provider": provider, "n": n, "h": h, "v": v, "seconds": statistics.median(times), "times": times,
-            "peak_extra_mb": max(peak.peak_kb - peak.base_kb, 0) / 1024, "loss": value,
-            "threads": torch.get_num_threads()}
+            print(time.perf_counter() - t0, flush=True)
+    print(json.dumps({"peak_extra_mb": max(peak.peak_kb - peak.base_kb, 0) / 1024, "loss": value,
+                      "threads": torch.get_num_threads()}), flush=True)
+
+
+def _spread(xs):
+    return f"{min(xs):.2f}-{max(xs):.2f}"
+
+
+def run_shape(n, h, v, providers, steps):
+    """Every provider in its own process, stepped in turn (the order rotating each round)."""
+    procs = {}
+    for provider in providers:
+        cmd = [sys.executable, "-m", "fastkd.bench.fused_linear", "--worker", provider, str(n), str(h), str(v)]
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if proc.stdout.readline().strip() != "ready":  # warm-ups one after the other: no overlap
+            why = (proc.stderr.read().strip().splitlines() or ["?"])[-1]
+            print(f"  {provider:15s} failed: {why}", flush=True)
+            continue
+        procs[provider] = proc
+    times = {p: [] for p in procs}
+    order = list(procs)
+    for r in range(steps):
+        for provider in order[r % len(order):] + order[:r % len(order)]:
+            procs[provider].stdin.write("step\n")
+            procs[provider].stdin.flush()
+            times[provider].append(float(procs[provider].stdout.readline()))
+    results = {}
+    for provider, proc in procs.items():
+        proc.stdin.write("done\n")
+        proc.stdin.flush()
+        info = json.loads(proc.stdout.readline())
+        proc.wait()
+        results[provider] = {"provider": provider, "n": n, "h": h, "v": v, "times": times[provider],
+                             "seconds": statistics.median(times[provider]), **info}
+    return results
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="2048x512,512x512", help="comma-separated NxH")
     p.add_argument("--vocab", type=int, default=128256)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--csv", default=None)
     p.add_argument("--worker", nargs=4, metavar=("PROVIDER", "N", "H", "V"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         provider, n, h, v = args.worker
-        print(json.dumps(worker(provider, int(n), int(h), int(v), args.steps)))
+        worker(provider, int(n), int(h), int(v))
         return
     rows = []
     for shape in args.shapes.split(","):
         n, h = (int(x) for x in shape.lower().split("x"))
         chunk = default_chunk_size(n, args.vocab, args.vocab, h, 4, "cpu")
-        print(f"N={n} H={h} V={args.vocab} float32, fused chunk {chunk} rows ({-(-n // chunk)} chunks)", flush=True)
-        results = {}
-        for provider in args.providers.split(","):
-            cmd = [sys.executable, "-m", "fastkd.bench.fused_linear", "--steps", str(args.steps),
-                   "--worker", provider, str(n), str(h), str(args.vocab)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                why = (out.stderr.strip().splitlines() or ["?"])[-1]
-                print(f"  {provider:15s} failed: {why}", flush=True)
-                continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            results[provider] = r
-            print(f"  {provider:15s} {r['seconds']:7.2f} s/step (steps {', '.join(f'{t:.2f}' for t in r['times'])})"
+        print(f"N={n} H={h} V={args.vocab} float32, fused chunk {chunk} rows ({-(-n // chunk)} chunks), "
+              f"{args.steps} steps per provider, alternated", flush=True)
+        results = run_shape(n, h, args.vocab, args.providers.split(","), args.steps)
+        for r in results.values():
+            print(f"  {r['provider']:15s} {r['seconds']:7.2f} s/step (range {_spread(r['times'])})"
                   f"  peak extra {r['peak_extra_mb']:7.0f} MB  loss {r['loss']:.6f}", flush=True)
         fused = results.get("fused")
         if fused:
             for other, label in (("matmuls", "time vs the four matmuls (target <= 1.1)"),
                                  ("unfused", "time vs unfused eager (target <= 1)"),
                                  ("liger", "time vs Liger chunked (target <= 1)")):
-                if other in results:
-                    print(f"  fused {label}: {fused['seconds'] / results[other]['seconds']:.2f}")
+                if other in results:  # per round: both measured back to back under the same load
+                    ratios = [a / b for a, b in zip(fused["times"], results[other]["times"])]
+                    print(f"  fused {label}: {statistics.median(ratios):.2f} (rounds {_spread(ratios)})")
             for other, label in (("unfused", "memory vs unfused eager (target <= 0.15)"),
                                  ("liger", "memory vs Liger chunked (target <= 0.5)")):
                 if other in results and results[other]["peak_extra_mb"] > 0:
