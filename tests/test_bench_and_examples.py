@@ -2,10 +2,10 @@
 (``benchmarks/plot.py``) and the digits distillation example: tiny runs whose
 outputs are checked (columns, quantile order, bandwidth arithmetic, agreement of
 fused and eager losses, accuracies above chance, determinism)."""
-import re
 import csv
 import importlib.util
 import os
+import re
 
 import pytest
 import torch
