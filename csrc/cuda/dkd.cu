@@ -42,9 +42,12 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
     const float a = x * inv_t, b = y * inv_t;
     const float q_s = __expf(a - r.norm_s), q_t = __expf(b - r.norm_t);
     GradPair g = {0.0f, 0.0f};
-    const bool at_g = c == row.g;  // the target column
-    if (row.gs) g.gs = coef * (at_g ? dkd_student_target(r, alpha) : dkd_student_other(r, alpha, beta, q_s, q_t));
-    if (row.gt) g.gt = coef * (at_g ? dkd_teacher_target(r, alpha) : dkd_teacher_other(r, alpha, beta, q_t, a, b));
+    if (row.gs) {
+      g.gs = coef * (c == row.g ? dkd_student_target(r, alpha) : dkd_student_other(r, alpha, beta, q_s, q_t));
+    }
+    if (row.gt) {
+      g.gt = coef * (c == row.g ? dkd_teacher_target(r, alpha) : dkd_teacher_other(r, alpha, beta, q_t, a, b));
+    }
     return g;
   });
 }
