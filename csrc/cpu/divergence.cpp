@@ -71,14 +71,8 @@ int64_t num_chunks(int64_t V) { return (V + kStatsChunk - 1) / kStatsChunk; }
 template <bool kCE1>
 FASTKD_INLINE void dense_chunk_stats(const float* s, const float* t, int64_t n, float inv_t, float* kept_s,
                                      float* kept_t, DivLse& cs, DivLse& ct, DivLse& c1) {
-  float ms = -INFINITY, mt = -INFINITY;
-#pragma omp simd reduction(max : ms, mt)
-  for (int64_t j = 0; j < n; ++j) {
-    ms = s[j] > ms ? s[j] : ms;
-    mt = t[j] > mt ? t[j] : mt;
-  }
-  // an all -inf chunk shifts by 0 (its exps are all 0, not NaN)
-  const float bs = ms == -INFINITY ? 0.0f : ms, bt = mt == -INFINITY ? 0.0f : mt;
+  const ChunkMax m = chunk_max(s, t, n);
+  const float bs = m.bs, bt = m.bt;
   float zs = 0.0f, zt = 0.0f, z1 = 0.0f;
 #pragma omp simd reduction(+ : zs, zt, z1)
   for (int64_t j = 0; j < n; ++j) {
@@ -88,7 +82,7 @@ FASTKD_INLINE void dense_chunk_stats(const float* s, const float* t, int64_t n, 
     zt += et;
     if (kCE1) z1 += vexp(s[j] - bs);
   }
-  cs = {ms, zs}, ct = {mt, zt}, c1 = {ms, z1};
+  cs = {m.ms, zs}, ct = {m.mt, zt}, c1 = {m.ms, z1};
 }
 
 // Row scalars of pass (2) and (3).
@@ -113,13 +107,7 @@ FASTKD_INLINE void dense_terms_chunk(const DivParams& dp, const float* s, const 
 #pragma omp simd reduction(+ : so, sg, sh, q_lt, q_gt, p_lt, p_gt, tie)
   for (int64_t j = 0; j < n; ++j) {
     const float q = kept_s[j] * to_q, p = kept_t[j] * to_p;
-    if (kKind == kDivTVD) {
-      q_lt += q < p ? q : 0.0f;
-      q_gt += q > p ? q : 0.0f;
-      p_lt += p < q ? p : 0.0f;
-      p_gt += p > q ? p : 0.0f;
-      tie += p == q ? p : 0.0f;
-    }
+    if (kKind == kDivTVD) tvd_masses_add(q, p, q_lt, q_gt, p_lt, p_gt, tie);
     // lp - lq from the raw logits: ((t - s) - (M_t - M_s)) / T + (L_s - L_t) (see div_mixture)
     const float delta = ((t[j] - s[j]) - r.dm) * inv_t + r.dl;
     const DivTerms x = div_terms_form<kKind, kMix, kForm>(d, p, q, delta);
@@ -287,13 +275,8 @@ FASTKD_INLINE float exp_at_one(float es, float s, float base) {
 template <bool kCE, int kPow>
 FASTKD_INLINE KDRawStats fkl_chunk_stats(const float* s, const float* t, int64_t n, float inv_t, float* kept_s,
                                          float* kept_t, float& z1) {
-  float ms = -INFINITY, mt = -INFINITY;
-#pragma omp simd reduction(max : ms, mt)
-  for (int64_t j = 0; j < n; ++j) {
-    ms = s[j] > ms ? s[j] : ms;
-    mt = t[j] > mt ? t[j] : mt;
-  }
-  const float bs = ms == -INFINITY ? 0.0f : ms, bt = mt == -INFINITY ? 0.0f : mt;
+  const ChunkMax m = chunk_max(s, t, n);
+  const float bs = m.bs, bt = m.bt;
   float zs = 0.0f, zt = 0.0f, cross = 0.0f, zo = 0.0f;
 #pragma omp simd reduction(+ : zs, zt, cross, zo)
   for (int64_t j = 0; j < n; ++j) {
@@ -306,7 +289,7 @@ FASTKD_INLINE KDRawStats fkl_chunk_stats(const float* s, const float* t, int64_t
     if (kCE) zo += exp_at_one<kPow>(es, s[j], bs);
   }
   z1 = zo;
-  return {ms, zs, mt, zt, cross};
+  return {m.ms, zs, m.mt, zt, cross};
 }
 
 template <bool kCE, int kPow>

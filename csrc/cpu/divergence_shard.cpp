@@ -139,13 +139,7 @@ FASTKD_CPU_CLONES void terms_row(const DivParams& dp, const float* s, const floa
     so += x.soft;
     sg += x.g;
     sh += x.h;
-    if (kKind == kDivTVD) {
-      q_lt += q < p ? q : 0.0f;
-      q_gt += q > p ? q : 0.0f;
-      p_lt += p < q ? p : 0.0f;
-      p_gt += p > q ? p : 0.0f;
-      tie += p == q ? p : 0.0f;
-    }
+    if (kKind == kDivTVD) tvd_masses_add(q, p, q_lt, q_gt, p_lt, p_gt, tie);
     if (kG && kStore == kStoreG) g[j] = x.g;
     if (kG && kStore == kStoreGrad) g[j] = coef_s * (x.g - q * known);
     if (kG && kStore == kStoreGradCE) g[j] = coef_s * (x.g - q * known) + ce * vexp(div_log_prob(s[j], ms, 1.0f, l1));

@@ -49,19 +49,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dkd_fwd_cpu(const at::Tensor& stu
                                                            const at::Tensor& target, const at::Tensor& row_weight,
                                                            double alpha, double beta, double temperature, bool reduce,
                                                            bool grad_student, bool grad_teacher) {
-  check_logit_pair(student, teacher);
-  const int64_t N = student.size(0), C = student.size(1);
-  check_row_vector(target, N, at::kLong, "target");
-  check_row_vector(row_weight, N, at::kFloat, "row_weight");
-  at::Tensor gs = grad_like(student, grad_student), gt = grad_like(teacher, grad_teacher);
-  const int64_t* tgt = target.const_data_ptr<int64_t>();
-  const float* weight = row_weight.const_data_ptr<float>();
   const float T = static_cast<float>(temperature), a = static_cast<float>(alpha), b = static_cast<float>(beta);
-  auto row = [&](int64_t i, const float* s, const float* t, float* gs_row, float* gt_row) {
-    return dkd_row(s, t, C, checked_target(tgt, i, C), T, a, b, weight[i], gs_row, gt_row);
-  };
-  at::Tensor loss_rows = for_each_weighted_row(student, teacher, row_weight, gs, gt, row);
-  return {reduce ? loss_rows.sum() : loss_rows, gs, gt};
+  return target_rows_fwd(student, teacher, target, row_weight, reduce, grad_student, grad_teacher,
+                         [&](const float* s, const float* t, int64_t C, int64_t g, float w, float* gs, float* gt) {
+                           return dkd_row(s, t, C, g, T, a, b, w, gs, gt);
+                         });
 }
 
 }  // namespace

@@ -30,25 +30,18 @@ namespace {
 template <bool kKeep>
 FASTKD_INLINE KDRawStats kd_chunk_stats(const float* s, const float* t, int64_t n, float inv_t, float* kept_s,
                                         float* kept_t) {
-  float ms = -INFINITY, mt = -INFINITY;
-#pragma omp simd reduction(max : ms, mt)
-  for (int64_t j = 0; j < n; ++j) {
-    ms = s[j] > ms ? s[j] : ms;
-    mt = t[j] > mt ? t[j] : mt;
-  }
-  // an all -inf chunk shifts by 0 (its exps are all 0, not NaN)
-  const float base_s = ms == -INFINITY ? 0.0f : ms, base_t = mt == -INFINITY ? 0.0f : mt;
+  const ChunkMax m = chunk_max(s, t, n);
   float zs = 0.0f, zt = 0.0f, cross = 0.0f;
 #pragma omp simd reduction(+ : zs, zt, cross)
   for (int64_t j = 0; j < n; ++j) {
-    const float a = (s[j] - base_s) * inv_t, b = (t[j] - base_t) * inv_t;  // raw differences first
+    const float a = (s[j] - m.bs) * inv_t, b = (t[j] - m.bt) * inv_t;  // raw differences first
     const float es = vexp(a), et = vexp(b);
     if (kKeep) kept_s[j] = es, kept_t[j] = et;
     zs += es;
     zt += et;
     cross += kd_cross_term(et, a, b);
   }
-  return {ms, zs, mt, zt, cross};
+  return {m.ms, zs, m.mt, zt, cross};
 }
 
 // The gradients of one chunk from its kept exps: p = kept * to_p (to_p per net:

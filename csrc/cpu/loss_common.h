@@ -1,7 +1,8 @@
-// Pieces shared by the CPU kernels of the target-aware KL losses (ats.cpp,
-// dkd.cpp) and DIST / MGD: argument checks, online softmax statistics of a
-// stretch of a row with separate student and teacher scales, and the parallel
-// row loop that skips ignored rows.
+// Pieces shared by the CPU kernels: argument checks, chunk maxima (KD and the
+// divergences), TVD's sign masses (the divergence kernels), online softmax
+// statistics of a stretch of a row with separate student and teacher scales, and
+// the parallel row loop that skips ignored rows with the forward of the
+// target-aware KL losses (ats.cpp, dkd.cpp) around it.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -46,6 +47,36 @@ inline int64_t checked_target(const int64_t* target, int64_t i, int64_t C) {
 // Columns per chunk of the statistics pass: a chunk of both nets (16 KiB in
 // float32) stays in L1 between its max and its sums.
 constexpr int64_t kStatsChunk = 2048;
+
+// The raw maxima of both nets over one chunk of n columns, and the shifts its exps are
+// taken relative to: the maxima, or 0 for an all -inf net (its exps are all 0, not NaN).
+// (KD, forward KL and the dense divergences; kl_chunk_stats below takes maxima of scaled logits.)
+struct ChunkMax {
+  float ms, mt;  // maxima
+  float bs, bt;  // shifts
+};
+
+FASTKD_INLINE ChunkMax chunk_max(const float* s, const float* t, int64_t n) {
+  float ms = -INFINITY, mt = -INFINITY;
+#pragma omp simd reduction(max : ms, mt)
+  for (int64_t j = 0; j < n; ++j) {
+    ms = s[j] > ms ? s[j] : ms;
+    mt = t[j] > mt ? t[j] : mt;
+  }
+  return {ms, mt, ms == -INFINITY ? 0.0f : ms, mt == -INFINITY ? 0.0f : mt};
+}
+
+// Adds one class to TVD's sign masses (DivTvdSums in csrc/divergence_math.h): q where q < p,
+// q where q > p, p where p < q, p where p > q, p where p == q. The divergence loops keep them
+// in double, as their other sums.
+FASTKD_INLINE void tvd_masses_add(float q, float p, double& q_lt, double& q_gt, double& p_lt, double& p_gt,
+                                  double& tie) {
+  q_lt += q < p ? q : 0.0f;
+  q_gt += q > p ? q : 0.0f;
+  p_lt += p < q ? p : 0.0f;
+  p_gt += p > q ? p : 0.0f;
+  tie += p == q ? p : 0.0f;
+}
 
 // KDStats of one chunk, a = s * inv_a (student), b = t * inv_b (teacher): the
 // chunk max first, then the sums relative to it (one exp per element and net).
@@ -115,6 +146,28 @@ at::Tensor for_each_weighted_row(const at::Tensor& student, const at::Tensor& te
     }
   });
   return loss_rows;
+}
+
+// The forward of a target-indexed loss (ATS, DKD) around
+// `row(s, t, C, target, weight, gs, gt) -> weighted row loss` of one counted row:
+// the checks, the gradients asked for, the row loop, and the sum when `reduce`.
+template <typename RowFn>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> target_rows_fwd(const at::Tensor& student, const at::Tensor& teacher,
+                                                               const at::Tensor& target, const at::Tensor& row_weight,
+                                                               bool reduce, bool grad_student, bool grad_teacher,
+                                                               const RowFn& row) {
+  check_logit_pair(student, teacher);
+  const int64_t N = student.size(0), C = student.size(1);
+  check_row_vector(target, N, at::kLong, "target");
+  check_row_vector(row_weight, N, at::kFloat, "row_weight");
+  at::Tensor gs = grad_like(student, grad_student), gt = grad_like(teacher, grad_teacher);
+  const int64_t* tgt = target.const_data_ptr<int64_t>();
+  const float* weight = row_weight.const_data_ptr<float>();
+  auto counted_row = [&](int64_t i, const float* s, const float* t, float* gs_row, float* gt_row) {
+    return row(s, t, C, checked_target(tgt, i, C), weight[i], gs_row, gt_row);
+  };
+  at::Tensor loss_rows = for_each_weighted_row(student, teacher, row_weight, gs, gt, counted_row);
+  return {reduce ? loss_rows.sum() : loss_rows, gs, gt};
 }
 
 }  // namespace fastkd

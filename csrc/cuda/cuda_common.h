@@ -97,4 +97,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_loss_call(const CudaCall& cal
   return {reduce ? loss_rows.sum() : loss_rows, gs, gt};
 }
 
+// ATS and DKD: the checks of a target-indexed loss on the CUDA device, then row_loss_call
+// with `launch(N, C, loss_rows, grad_student_ptr, grad_teacher_ptr, stream)`.
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> target_row_loss_call(const char* op, const at::Tensor& student,
+                                                                    const at::Tensor& teacher,
+                                                                    const at::Tensor& target,
+                                                                    const at::Tensor& row_weight, bool reduce,
+                                                                    bool grad_student, bool grad_teacher,
+                                                                    Launch&& launch) {
+  check_logit_pair_cuda(student, teacher);
+  const int64_t N = student.size(0), C = student.size(1);
+  check_target_cuda(target, N, student);
+  check_vector_cuda(row_weight, N, "row_weight", student);
+  const CudaCall call(op, student);
+  return row_loss_call(call, student, teacher, reduce, grad_student, grad_teacher,
+                       [&](float* loss_rows, void* gs_ptr, void* gt_ptr) {
+                         return launch(N, C, loss_rows, gs_ptr, gt_ptr, call.stream());
+                       });
+}
+
 }  // namespace fastkd

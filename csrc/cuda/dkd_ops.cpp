@@ -10,19 +10,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dkd_fwd_cuda_op(const at::Tensor&
                                                                const at::Tensor& target, const at::Tensor& row_weight,
                                                                double alpha, double beta, double temperature,
                                                                bool reduce, bool grad_student, bool grad_teacher) {
-  check_logit_pair_cuda(student, teacher);
-  const int64_t N = student.size(0), C = student.size(1);
-  check_target_cuda(target, N, student);
-  check_vector_cuda(row_weight, N, "row_weight", student);
-  const CudaCall call("dkd_fwd", student);
-  return row_loss_call(call, student, teacher, reduce, grad_student, grad_teacher,
-                       [&](float* loss_rows, void* gs_ptr, void* gt_ptr) {
-                         return dkd_fwd_cuda(dtype_tag(student), student.const_data_ptr(), dtype_tag(teacher),
-                                             teacher.const_data_ptr(), target.const_data_ptr<int64_t>(),
-                                             row_weight.const_data_ptr<float>(), N, C, static_cast<float>(alpha),
-                                             static_cast<float>(beta), static_cast<float>(temperature), loss_rows,
-                                             gs_ptr, gt_ptr, call.stream());
-                       });
+  return target_row_loss_call(
+      "dkd_fwd", student, teacher, target, row_weight, reduce, grad_student, grad_teacher,
+      [&](int64_t N, int64_t C, float* loss_rows, void* gs_ptr, void* gt_ptr, cudaStream_t stream) {
+        return dkd_fwd_cuda(dtype_tag(student), student.const_data_ptr(), dtype_tag(teacher), teacher.const_data_ptr(),
+                            target.const_data_ptr<int64_t>(), row_weight.const_data_ptr<float>(), N, C,
+                            static_cast<float>(alpha), static_cast<float>(beta), static_cast<float>(temperature),
+                            loss_rows, gs_ptr, gt_ptr, stream);
+      });
 }
 
 }  // namespace

@@ -37,15 +37,12 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
   const float w = live ? row_weight[team.row] : 0.0f;
   const bool counted = w != 0.0f;  // ignored rows (and rows past the end) read nothing
   const int64_t offset = team.row * cols;  // 64-bit: rows * cols may pass 2^31
-  const S* s = student + offset;
-  const T* t = teacher + offset;
-  S* gs = grad_student ? grad_student + offset : nullptr;
-  T* gt = grad_teacher ? grad_teacher + offset : nullptr;
+  const RowPtrs<S, T> row = row_ptrs(offset, student, teacher, grad_student, grad_teacher);
   const RowSplit<W> sp = split_row<W>(offset, counted ? cols : 0, packs, team.lane, team.lanes);
   const float temp = counted ? temperature[team.row] : 1.0f, inv_t = 1.0f / temp;
 
   KDRawStats st = kd_raw_empty();
-  sweep_row(sp, s, t, [&](int64_t, float x, float y) { kd_raw_push(st, x, y, inv_t); });
+  sweep_row(sp, row.s, row.t, [&](int64_t, float x, float y) { kd_raw_push(st, x, y, inv_t); });
   st = team.reduce(st, kd_raw_empty(),
                    [inv_t](const KDRawStats& x, const KDRawStats& y) { return kd_raw_merge(x, y, inv_t); },
                    stats_scratch);
@@ -54,17 +51,19 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
     loss_rows[team.row] = counted ? w * temp * temp * r.kl : 0.0f;
     if (grad_temperature && !counted) grad_temperature[team.row] = 0.0f;
   }
-  if (!counted) fill_row_grads(split_row<W>(offset, live ? cols : 0, packs, team.lane, team.lanes), gs, gt, 0.0f);
-  if (!gs && !gt && !grad_temperature) return;  // the same for every thread of the launch
+  if (!counted) {
+    fill_row_grads(split_row<W>(offset, live ? cols : 0, packs, team.lane, team.lanes), row.gs, row.gt, 0.0f);
+  }
+  if (!row.gs && !row.gt && !grad_temperature) return;  // the same for every thread of the launch
 
   // An ignored row sweeps nothing here but still joins the reduction below (rows.cuh).
   const float coef = w * temp;
   Sum2 acc = {0.0f, 0.0f};
-  sweep_row_grads(sp, s, t, gs, gt, [&](int64_t, float x, float y) {
+  sweep_row_grads(sp, row.s, row.t, row.gs, row.gt, [&](int64_t, float x, float y) {
     const float a = (x - st.ms) * inv_t, b = (y - st.mt) * inv_t;  // shifted in raw units
     const float ps = __expf(a - r.lse_s), pt = __expf(b - r.lse_t);
     if (grad_temperature) kd_dtemp_terms(r, ps, pt, a, b, acc.x, acc.y);
-    return GradPair{gs ? coef * (ps - pt) : 0.0f, gt ? coef * kd_teacher_term(r, pt, a, b) : 0.0f};
+    return GradPair{row.gs ? coef * (ps - pt) : 0.0f, row.gt ? coef * kd_teacher_term(r, pt, a, b) : 0.0f};
   });
   if (!grad_temperature) return;
   acc = team.reduce(acc, Sum2{0.0f, 0.0f}, [](const Sum2& x, const Sum2& y) { return Sum2{x.x + y.x, x.y + y.y}; },
@@ -78,17 +77,11 @@ cudaError_t kd_fwd_cuda(DType s_dtype, const void* student, DType t_dtype, const
                         const float* temperature, const float* row_weight, int64_t rows, int64_t cols,
                         float* loss_rows, void* grad_student, void* grad_teacher, float* grad_temperature,
                         cudaStream_t stream) {
-  if (rows == 0) return cudaSuccess;
-  const RowPlan plan = plan_rows(rows, cols);
-  FASTKD_DISPATCH_ONE(s_dtype, S, FASTKD_DISPATCH_ONE(t_dtype, T, {
-    const bool packs = rows_vectorizable<S, T>(student, teacher, grad_student, grad_teacher);
-    with_row_team(plan, [&](auto warp) {
-      kd_fwd_kernel<decltype(warp)::value, S, T><<<plan.blocks, plan.threads, 0, stream>>>(
-          static_cast<const S*>(student), static_cast<const T*>(teacher), temperature, row_weight, rows, cols, packs,
-          loss_rows, static_cast<S*>(grad_student), static_cast<T*>(grad_teacher), grad_temperature);
-    });
-  }))
-  return cudaGetLastError();
+  return launch_rows(s_dtype, student, t_dtype, teacher, grad_student, grad_teacher, rows, cols,
+                     [&](auto warp, auto s, auto t, auto gs, auto gt, bool packs, const RowPlan& plan) {
+                       kd_fwd_kernel<decltype(warp)::value><<<plan.blocks, plan.threads, 0, stream>>>(
+                           s, t, temperature, row_weight, rows, cols, packs, loss_rows, gs, gt, grad_temperature);
+                     });
 }
 
 }  // namespace fastkd

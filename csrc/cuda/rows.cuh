@@ -88,6 +88,25 @@ bool rows_vectorizable(const void* s, const void* t, const void* gs, const void*
          pack_aligned(gt, w, sizeof(T));
 }
 
+// Host side of a KD / ATS / DKD launch over [rows, cols] logits: the team (plan_rows), the C++
+// types behind the two dtypes, and whether packs may be used, then
+// launch(warp, s, t, gs, gt, packs, plan) with typed pointers, from which the kernel's element
+// types are deduced. Returns the launch status.
+template <typename Launch>
+cudaError_t launch_rows(DType s_dtype, const void* student, DType t_dtype, const void* teacher, void* grad_student,
+                        void* grad_teacher, int64_t rows, int64_t cols, Launch&& launch) {
+  if (rows == 0) return cudaSuccess;
+  const RowPlan plan = plan_rows(rows, cols);
+  FASTKD_DISPATCH_ONE(s_dtype, S, FASTKD_DISPATCH_ONE(t_dtype, T, {
+    const bool packs = rows_vectorizable<S, T>(student, teacher, grad_student, grad_teacher);
+    with_row_team(plan, [&](auto warp) {
+      launch(warp, static_cast<const S*>(student), static_cast<const T*>(teacher), static_cast<S*>(grad_student),
+             static_cast<T*>(grad_teacher), packs, plan);
+    });
+  }))
+  return cudaGetLastError();
+}
+
 template <typename X, int W>
 struct alignas(sizeof(X) * W) Pack {
   X v[W];
@@ -207,6 +226,22 @@ __device__ __forceinline__ void fill_row_grads(const RowSplit<W>& sp, S* gs, T* 
   }
 }
 
+// One row of the [rows, cols] inputs and of the gradients asked for (null: not wanted).
+template <typename S, typename T>
+struct RowPtrs {
+  const S* s;
+  const T* t;
+  S* gs;
+  T* gt;
+};
+
+template <typename S, typename T>
+__device__ __forceinline__ RowPtrs<S, T> row_ptrs(int64_t offset, const S* student, const T* teacher,
+                                                  S* grad_student, T* grad_teacher) {
+  return {student + offset, teacher + offset, grad_student ? grad_student + offset : nullptr,
+          grad_teacher ? grad_teacher + offset : nullptr};
+}
+
 // A target-indexed row (ATS, DKD): weight and target, and whether it is counted. A row
 // past the end or with weight 0 is skipped with fill 0 and its target is never read; a
 // counted row whose target is outside [0, cols) is skipped with fill NaN (loss and gradients).
@@ -224,6 +259,26 @@ __device__ __forceinline__ TargetRow target_row(const float* row_weight, const i
   const int64_t g = target[row];
   const bool ok = g >= 0 && g < cols;
   return {w, g, ok, ok ? 0.0f : NAN};
+}
+
+// What an ATS or DKD thread starts from: its TargetRow, the row's pointers, and its splits
+// of the whole row (`all`: a skipped row's fill) and of the columns it sweeps (`work`:
+// all of a counted row, none of a skipped one).
+template <int W, typename S, typename T>
+struct TargetRowView : RowPtrs<S, T>, TargetRow {
+  RowSplit<W> all, work;
+};
+
+template <int W, bool kWarp, typename S, typename T>
+__device__ __forceinline__ TargetRowView<W, S, T> target_row_view(const RowTeam<kWarp>& team, const S* student,
+                                                                  const T* teacher, const int64_t* target,
+                                                                  const float* row_weight, int64_t rows, int64_t cols,
+                                                                  bool packs, S* grad_student, T* grad_teacher) {
+  const TargetRow tr = target_row(row_weight, target, team.row, rows, cols);
+  const int64_t offset = team.row * cols;  // 64-bit: rows * cols may pass 2^31
+  return {row_ptrs(offset, student, teacher, grad_student, grad_teacher), tr,
+          split_row<W>(offset, team.row < rows ? cols : 0, packs, team.lane, team.lanes),
+          split_row<W>(offset, tr.counted ? cols : 0, packs, team.lane, team.lanes)};
 }
 
 }  // namespace fastkd

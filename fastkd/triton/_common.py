@@ -57,6 +57,16 @@ def online_update(m, z, x):
 
 
 @triton.jit
+def load_logits(s_row, t_row, offs, mask, EVICT: tl.constexpr):
+    """Both nets' logits at ``offs`` of a row, as float32; -inf where ``mask`` is off, which
+    the running maxima and sums ignore. ``EVICT``: the cache hint ("evict_last" where a later
+    pass reads the row again, "evict_first" on its last read, "" for none)."""
+    s = tl.load(s_row + offs, mask=mask, other=float("-inf"), eviction_policy=EVICT).to(tl.float32)
+    t = tl.load(t_row + offs, mask=mask, other=float("-inf"), eviction_policy=EVICT).to(tl.float32)
+    return s, t
+
+
+@triton.jit
 def log1p_pos(x):
     """log(1 + x) for x >= 0, accurate for tiny x (Goldberg's trick, no libdevice)."""
     u = 1.0 + x

@@ -42,7 +42,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..core.autograd import register_loss_autograd
-from ._common import device_guard, empty_grad, online_update, row_config, unit_stride_rows
+from ._common import device_guard, empty_grad, load_logits, online_update, row_config, unit_stride_rows
 
 EPS = 1e-8
 # Pass-2 tile: 2048 elements per tensor (16 per thread at 4 warps), normally
@@ -68,10 +68,9 @@ def _dist_lse_kernel(S, T, LSE, stride_s, stride_t, n_rows, n_cols, inv_temp, BL
     for start in range(0, n_cols, BLOCK):
         offs = start + cols
         mask = offs < n_cols
-        a = tl.load(S + row * stride_s + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-        b = tl.load(T + row * stride_t + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-        m_s, z_s, _e_s, _al_s = online_update(m_s, z_s, a)
-        m_t, z_t, _e_t, _al_t = online_update(m_t, z_t, b)
+        s, t = load_logits(S + row * stride_s, T + row * stride_t, offs, mask, "")
+        m_s, z_s, _e_s, _al_s = online_update(m_s, z_s, s * inv_temp)
+        m_t, z_t, _e_t, _al_t = online_update(m_t, z_t, t * inv_temp)
     tl.store(LSE + row, m_s + tl.log(z_s))
     tl.store(LSE + n_rows + row, m_t + tl.log(z_t))
 
@@ -144,6 +143,19 @@ def _dist_stats_kernel(
 
 
 @triton.jit
+def _dist_net_grad(sweep: tl.constexpr, y, y_other, c, c_other, a_i, b_i, u, v, inv_c, inv_temp, dot, G, offs, mask):
+    """One net's part of a sweep of _dist_grad_kernel (the other net's values primed below):
+    g = A (y' - 1/C) + B (y - 1/C) + U c' + V c with c = y - mu; sweep 0 adds <y, g> to ``dot``
+    and returns it, sweep 1 writes y (g - dot) / tau at ``G + offs``."""
+    g = a_i * (y_other - inv_c) + b_i * (y - inv_c) + u * c_other + v * c
+    if sweep == 0:
+        dot += tl.sum(tl.where(mask, y * g, 0.0), 0)
+    else:
+        tl.store(G + offs, (y * (g - dot) * inv_temp).to(G.dtype.element_ty), mask=mask)
+    return dot
+
+
+@triton.jit
 def _dist_grad_kernel(
     S, T, ROWC, COLC, GS, GT,
     stride_s, stride_t, stride_gs, stride_gt, n_rows, n_cols, inv_temp, inv_c,
@@ -171,8 +183,7 @@ def _dist_grad_kernel(
         for start in range(0, n_cols, BLOCK):
             offs = start + cols
             mask = offs < n_cols
-            s = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            t = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            s, t = load_logits(s_row, t_row, offs, mask, "")
             ys = tl.exp(s * inv_temp - lse_s)  # masked lanes: 0
             yt = tl.exp(t * inv_temp - lse_t)
             cs = ys - tl.load(COLC + offs, mask=mask, other=0.0)
@@ -180,21 +191,13 @@ def _dist_grad_kernel(
             if GRAD_S:
                 u = tl.load(COLC + 2 * n_cols + offs, mask=mask, other=0.0)
                 v = tl.load(COLC + 4 * n_cols + offs, mask=mask, other=0.0)
-                g_s = a_i * (yt - inv_c) + bs_i * (ys - inv_c) + u * ct + v * cs
-                if sweep == 0:
-                    dot_s += tl.sum(tl.where(mask, ys * g_s, 0.0), 0)
-                else:
-                    gs = ys * (g_s - dot_s) * inv_temp
-                    tl.store(GS + row * stride_gs + offs, gs.to(GS.dtype.element_ty), mask=mask)
+                dot_s = _dist_net_grad(sweep, ys, yt, cs, ct, a_i, bs_i, u, v, inv_c, inv_temp, dot_s,
+                                       GS + row * stride_gs, offs, mask)
             if GRAD_T:
                 u = tl.load(COLC + 3 * n_cols + offs, mask=mask, other=0.0)
                 v = tl.load(COLC + 5 * n_cols + offs, mask=mask, other=0.0)
-                g_t = a_i * (ys - inv_c) + bt_i * (yt - inv_c) + u * cs + v * ct
-                if sweep == 0:
-                    dot_t += tl.sum(tl.where(mask, yt * g_t, 0.0), 0)
-                else:
-                    gt = yt * (g_t - dot_t) * inv_temp
-                    tl.store(GT + row * stride_gt + offs, gt.to(GT.dtype.element_ty), mask=mask)
+                dot_t = _dist_net_grad(sweep, yt, ys, ct, cs, a_i, bt_i, u, v, inv_c, inv_temp, dot_t,
+                                       GT + row * stride_gt, offs, mask)
 
 
 def _rho_and_coefs(cov, var_x, var_y, weight):

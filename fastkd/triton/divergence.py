@@ -48,7 +48,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..core.autograd import register_loss_autograd
-from ._common import device_guard, empty_grad, logaddexp, online_update_scaled, unit_stride_rows
+from ._common import device_guard, empty_grad, load_logits, logaddexp, online_update_scaled, unit_stride_rows
 
 NEG_INF = tl.constexpr(float("-inf"))
 # Sorted-id sentinel for padding slots (and past the end): above every column index.
@@ -122,6 +122,25 @@ def _stats_update(m, z, z1, x, inv_temp, HAS_TARGET: tl.constexpr):
 
 
 @triton.jit
+def _row_stats(s_row, t_row, n_live, n_cols, inv_temp, HAS_TARGET: tl.constexpr, BLOCK: tl.constexpr,
+               EVICT: tl.constexpr):
+    """Pass 1 of a dense row: the raw maxima and sums (student at 1/T and, with a target, at 1;
+    teacher at 1/T), (m_s, z_s, z1, m_t, z_t). ``n_live`` = 0 reads nothing."""
+    cols = tl.arange(0, BLOCK)
+    m_s = float("-inf")
+    z_s = 0.0
+    z1 = 0.0
+    m_t = float("-inf")
+    z_t = 0.0
+    for start in range(0, n_live, BLOCK):
+        offs = start + cols
+        s, t = load_logits(s_row, t_row, offs, offs < n_cols, EVICT)
+        m_s, z_s, z1 = _stats_update(m_s, z_s, z1, s, inv_temp, HAS_TARGET)
+        m_t, z_t, _e, _alpha = online_update_scaled(m_t, z_t, t, inv_temp)
+    return m_s, z_s, z1, m_t, z_t
+
+
+@triton.jit
 def _target(TGT, row, live, n_cols, HAS_TARGET: tl.constexpr):
     """(target, its validity): ``-1, live`` without a target; skipped rows never read it."""
     if HAS_TARGET:
@@ -163,18 +182,7 @@ def _div_dense_kernel(
     log_wq = tl.log(w_q)
 
     # ---- pass 1: raw maxima and sums (student at 1/T and at 1, teacher at 1/T) ----
-    m_s = float("-inf")
-    z_s = 0.0
-    z1 = 0.0
-    m_t = float("-inf")
-    z_t = 0.0
-    for start in range(0, n_live, BLOCK):
-        offs = start + cols
-        mask = offs < n_cols
-        s = tl.load(s_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
-        t = tl.load(t_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
-        m_s, z_s, z1 = _stats_update(m_s, z_s, z1, s, inv_temp, HAS_TARGET)
-        m_t, z_t, _e, _alpha = online_update_scaled(m_t, z_t, t, inv_temp)
+    m_s, z_s, z1, m_t, z_t = _row_stats(s_row, t_row, n_live, n_cols, inv_temp, HAS_TARGET, BLOCK, "evict_last")
     lz_s = tl.log(z_s)
     lz_t = tl.log(z_t)
     if HAS_TARGET:
@@ -192,8 +200,7 @@ def _div_dense_kernel(
     for start in range(0, n_live, BLOCK):
         offs = start + cols
         mask = offs < n_cols
-        s = tl.load(s_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
-        t = tl.load(t_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+        s, t = load_logits(s_row, t_row, offs, mask, "evict_last")
         lq = (s - m_s) * inv_temp - lz_s
         lp = (t - m_t) * inv_temp - lz_t
         term, gq, hp = _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND)
@@ -211,11 +218,7 @@ def _div_dense_kernel(
         for start in range(0, n_cols, BLOCK):
             offs = start + cols
             mask = offs < n_cols
-            load_mask = offs < n_live  # nothing is read from skipped rows
-            s = tl.load(s_row + offs, mask=load_mask, other=float("-inf"), eviction_policy="evict_first")
-            t = tl.load(t_row + offs, mask=load_mask, other=float("-inf"), eviction_policy="evict_first")
-            s = s.to(tl.float32)
-            t = t.to(tl.float32)
+            s, t = load_logits(s_row, t_row, offs, offs < n_live, "evict_first")  # skipped rows: nothing read
             lq = (s - m_s) * inv_temp - lz_s
             lp = (t - m_t) * inv_temp - lz_t
             _term, gq, hp = _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND)

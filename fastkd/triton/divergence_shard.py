@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_guard, online_update_scaled, row_config, unit_stride_rows
-from .divergence import _bucket_terms, _stats_update
+from ._common import device_guard, load_logits, row_config, unit_stride_rows
+from .divergence import _bucket_terms, _row_stats
 
 
 @triton.jit
@@ -35,19 +35,8 @@ def _shard_stats_kernel(S, T, READ, OUT, stride_s, stride_t, n_cols, inv_temp,
     row = tl.program_id(0).to(tl.int64)  # 64-bit: row * stride may pass 2^31
     live = tl.load(READ + row) != 0.0
     n_live = tl.where(live, n_cols, 0)  # an unread row runs no iteration
-    cols = tl.arange(0, BLOCK)
-    m_s = float("-inf")
-    z_s = 0.0
-    z1 = 0.0
-    m_t = float("-inf")
-    z_t = 0.0
-    for start in range(0, n_live, BLOCK):
-        offs = start + cols
-        mask = offs < n_cols
-        s = tl.load(S + row * stride_s + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        t = tl.load(T + row * stride_t + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        m_s, z_s, z1 = _stats_update(m_s, z_s, z1, s, inv_temp, HAS_CE)
-        m_t, z_t, _e, _alpha = online_update_scaled(m_t, z_t, t, inv_temp)
+    m_s, z_s, z1, m_t, z_t = _row_stats(S + row * stride_s, T + row * stride_t, n_live, n_cols, inv_temp, HAS_CE,
+                                        BLOCK, "")
     out = OUT + row * 5
     tl.store(out, m_s)
     tl.store(out + 1, z_s)
@@ -87,8 +76,7 @@ def _shard_terms_kernel(S, T, STATS, READ, DIRECT, SUMS, G, H, stride_s, stride_
         offs = start + cols
         mask = offs < n_cols
         read = offs < n_live
-        s = tl.load(S + row * stride_s + offs, mask=read, other=float("-inf")).to(tl.float32)
-        t = tl.load(T + row * stride_t + offs, mask=read, other=float("-inf")).to(tl.float32)
+        s, t = load_logits(S + row * stride_s, T + row * stride_t, offs, read, "")
         lq = (s - m_s) * inv_temp - l_s
         lp = (t - m_t) * inv_temp - l_t
         term, gq, hp = _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND)

@@ -42,7 +42,15 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..core.autograd import register_loss_autograd
-from ._common import device_guard, empty_grad, online_update, online_update_scaled, row_config, unit_stride_rows
+from ._common import (
+    device_guard,
+    empty_grad,
+    load_logits,
+    online_update,
+    online_update_scaled,
+    row_config,
+    unit_stride_rows,
+)
 
 
 @triton.jit
@@ -93,9 +101,7 @@ def _kd_kernel(
     for start in range(0, n_live, BLOCK):
         offs = start + cols
         mask = offs < n_cols
-        # evict_last: pass 2 re-reads the row and should find it in L2
-        s = tl.load(s_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
-        t = tl.load(t_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+        s, t = load_logits(s_row, t_row, offs, mask, "evict_last")  # pass 2 should find the row in L2
         m_s, z_s, _e_s, _alpha_s = online_update_scaled(m_s, z_s, s, inv_a)
         if IS_ATS:
             b = t * tl.where(offs == g, inv_target_temp, inv_other_temp)
@@ -127,11 +133,7 @@ def _kd_kernel(
         for start in range(0, n_cols, BLOCK):
             offs = start + cols
             mask = offs < n_cols
-            load_mask = offs < n_live  # nothing is read from skipped rows
-            s = tl.load(s_row + offs, mask=load_mask, other=float("-inf"), eviction_policy="evict_first")
-            t = tl.load(t_row + offs, mask=load_mask, other=float("-inf"), eviction_policy="evict_first")
-            s = s.to(tl.float32)
-            t = t.to(tl.float32)
+            s, t = load_logits(s_row, t_row, offs, offs < n_live, "evict_first")  # skipped rows: nothing read
             log_ps = (s - m_s) * inv_a - lz_s
             if IS_ATS:
                 inv_b = tl.where(offs == g, inv_target_temp, inv_other_temp)
