@@ -162,7 +162,8 @@ def check_sample_weight(sample_weight, logits: torch.Tensor) -> None:
     if not sample_weight.is_floating_point():
         raise TypeError(f"sample_weight must be a floating tensor, got {sample_weight.dtype}")
     lead = tuple(logits.shape[:-1])
-    if tuple(sample_weight.shape) != lead and not (sample_weight.dim() == 1 and sample_weight.numel() == rows_of(logits)):
+    flat = sample_weight.dim() == 1 and sample_weight.numel() == rows_of(logits)
+    if tuple(sample_weight.shape) != lead and not flat:
         raise ValueError(
             f"sample_weight must have one weight per row, shape {lead}, got {tuple(sample_weight.shape)}"
         )
@@ -312,7 +313,8 @@ def mgd_check_args(student_feat, teacher_feat, generation, align, alpha, mask_ra
     check_feature("teacher_feat", teacher_feat)
     if student_feat.device != teacher_feat.device:
         raise ValueError(
-            f"student_feat and teacher_feat must be on the same device, got {student_feat.device} and {teacher_feat.device}"
+            f"student_feat and teacher_feat must be on the same device, got {student_feat.device} and "
+            f"{teacher_feat.device}"
         )
     if not callable(generation):
         raise TypeError(f"generation must be callable (a module), got {type(generation).__name__}")

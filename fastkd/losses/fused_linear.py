@@ -449,8 +449,9 @@ def fused_linear_kd_loss(
     else:
         loss, soft, hard, *_ = torch.ops.fastkd.fused_linear_fwd(
             hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_values,
-            topk_ids, target_rows, row_weight, name, chunk_size, pad, logit_scale, softcap, mm_dtype, float(temperature), kind, a, b, w_p, w_q, soft_scale,
-            float(ce_weight), topk_mode, reduction != "none", mask_skipped, plain_kd, *needs)
+            topk_ids, target_rows, row_weight, name, chunk_size, pad, logit_scale, softcap, mm_dtype,
+            float(temperature), kind, a, b, w_p, w_q, soft_scale, float(ce_weight), topk_mode, reduction != "none",
+            mask_skipped, plain_kd, *needs)
         soft, hard = soft.detach(), hard.detach()  # for logging: not differentiable
     if reduction == "none":
         loss, soft, hard = (x.reshape(lead) for x in (loss, soft, hard))

@@ -52,13 +52,14 @@ def default_chunk_size(n: int, vocab: int, teacher_vocab: int, hidden: int, weig
     return min(n, 8 * math.ceil(math.ceil(n / chunks) / 8))
 
 
-def f32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` accumulated and returned in float32 (float64 stays float64), never rounded to bf16."""
+def f32_matmul(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``a @ b`` accumulated and returned in float32 (float64 stays float64), never rounded to bf16;
+    into ``out`` (a float32 / float64 buffer of the product's shape) when given."""
     if a.dtype in (torch.float32, torch.float64):
-        return a @ b
-    if a.device.type == "cuda":
-        return torch.mm(a, b, out_dtype=torch.float32)  # cuBLAS: bf16/fp16 inputs, fp32 output (torch >= 2.8)
-    return a.float() @ b.float()
+        return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+    if a.device.type == "cuda":  # cuBLAS: bf16/fp16 inputs, fp32 output (torch >= 2.8)
+        return torch.mm(a, b, out_dtype=torch.float32) if out is None else torch.mm(a, b, out_dtype=out.dtype, out=out)
+    return f32_matmul(a.float(), b.float(), out)
 
 
 def matmul_operand(x: torch.Tensor, mm_dtype: Optional[torch.dtype]) -> torch.Tensor:
@@ -86,9 +87,9 @@ def rows_of(x: torch.Tensor, i0: int, i1: int, lead) -> torch.Tensor:
         return x[index]
 
 
-def head_logits(h: torch.Tensor, weight: torch.Tensor, bias, scale, softcap) -> torch.Tensor:
-    """``softcap(scale * (h @ W.T + b))`` in float32 (float64 for float64 weights)."""
-    s = f32_matmul(h, weight.t())
+def head_logits(h: torch.Tensor, weight: torch.Tensor, bias, scale, softcap, out=None) -> torch.Tensor:
+    """``softcap(scale * (h @ W.T + b))`` in float32 (float64 for float64 weights), into ``out`` if given."""
+    s = f32_matmul(h, weight.t(), out)
     if bias is not None:
         s += bias
     if scale is not None:
@@ -141,6 +142,11 @@ def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, r
     grad_w = torch.empty(p.weight.shape, dtype=acc, device=dev) if need_w else None
     grad_b = torch.zeros(vocab, dtype=acc, device=dev) if need_b else None
     empty_ids = torch.empty(0, dtype=torch.int64, device=dev)
+    # One logit buffer per head for the whole loop: a fresh [chunk, V] block per chunk would be new
+    # memory each time (a large block goes back to the system when freed), paid in page faults.
+    rows = min(p.chunk, n)
+    s_buf = torch.empty((rows, vocab), dtype=acc, device=dev)
+    t_buf = torch.empty((rows, p.teacher_weight.shape[0]), dtype=acc, device=dev) if p.teacher_kind == "pair" else None
     for i0 in range(0, n, p.chunk):
         i1 = min(n, i0 + p.chunk)
         w_c = row_weight[i0:i1]
@@ -149,10 +155,10 @@ def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, r
             # rows the loss does not read add nothing to grad_weight even if their hidden state is NaN/inf
             h = torch.where((w_c != 0).unsqueeze(1), h, torch.zeros((), dtype=h.dtype, device=dev))
         h_mm = matmul_operand(h, p.mm_dtype).to(weight_mm.dtype)
-        s = head_logits(h_mm, weight_mm, bias, p.logit_scale, p.softcap)
+        s = head_logits(h_mm, weight_mm, bias, p.logit_scale, p.softcap, out=s_buf[:i1 - i0])
         if p.teacher_kind == "pair":
             th = matmul_operand(rows_of(p.teacher_hidden, i0, i1, p.lead), p.mm_dtype).to(teacher_weight_mm.dtype)
-            t = head_logits(th, teacher_weight_mm, teacher_bias, p.logit_scale, p.softcap)
+            t = head_logits(th, teacher_weight_mm, teacher_bias, p.logit_scale, p.softcap, out=t_buf[:i1 - i0])
             del th
         elif p.teacher_kind == "logits":
             t = rows_of(p.teacher_logits, i0, i1, p.lead).contiguous()
