@@ -313,3 +313,41 @@ def test_wider_teacher_logits_truncate_or_mask(loss, backend):
             assert (gt[:, 40:] == 0).all()
     with pytest.raises(ValueError, match="teacher_vocab must be one of"):
         fn(s, t, teacher_vocab="drop", backend=backend)
+
+
+# ----------------------------------------------------------------------------
+# row slices reach the row op as views, not copies
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ("cpu", "triton"))
+def test_row_slices_reach_the_row_op_without_a_copy(monkeypatch, backend):
+    """A shifted 2-D view (``logits[:-1]``) and a truncated wider teacher (``teacher[..., :V]``) are passed to
+    ``divergence_fwd`` in place: the op sees tensors inside the inputs' storage."""
+    from backend_cases import skip_unless_runs
+    from fastkd.dispatch import backend as _backend
+    from fastkd.losses import divergence as D
+
+    skip_unless_runs("reverse_kl", backend)
+    impl = _backend.implementation(backend)
+    seen = []
+
+    class Recording:
+        def divergence_fwd(self, s, t, *args):
+            seen.append((s.data_ptr(), s.stride(), t.data_ptr(), t.stride()))
+            return impl.divergence_fwd(s, t, *args)
+
+    monkeypatch.setattr(D, "implementation", lambda name: Recording())
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(9, 50, generator=g, requires_grad=True)
+    teacher = torch.randn(9, 64, generator=g)  # a head padded past V = 50
+    labels = torch.randint(0, 50, (9,), generator=g)
+    s, t = logits[:-1], teacher[1:]  # HF-style shift on 2-D rows; t wider: truncated to [..., :50]
+    loss = fastkd.reverse_kl_loss(s, t, target=labels[1:], ce_weight=0.1, backend=backend)
+    want = fastkd.reverse_kl_loss(s.detach().double(), t[..., :50].double(), target=labels[1:], ce_weight=0.1,
+                                  backend="reference")
+    assert abs(loss.item() - want.item()) < 1e-5 * abs(want.item())
+    (s_ptr, s_stride, t_ptr, t_stride), = seen
+    assert s_ptr == logits.data_ptr() and s_stride == (50, 1)
+    assert t_ptr == teacher.data_ptr() + 64 * teacher.element_size() and t_stride == (64, 1)
+    (grad,) = torch.autograd.grad(loss, [logits])
+    assert (grad[-1] == 0).all() and torch.isfinite(grad).all()

@@ -14,9 +14,16 @@ def rows_of(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
-def row_view(x: torch.Tensor) -> torch.Tensor:
-    """``[..., C]`` as contiguous rows ``[N, C]`` (a view when it already is)."""
-    return x.reshape(-1, x.shape[-1]).contiguous()
+def row_view(x: torch.Tensor, row_strided: bool = False) -> torch.Tensor:
+    """``[..., C]`` as rows ``[N, C]``: contiguous (a view when it already is), or with ``row_strided``
+    any row stride with adjacent elements in a row (the row ops that take a row stride read a row
+    slice such as ``teacher[..., :V]`` or a 2-D ``logits[:-1]`` in place, no copy). Leading dims
+    that cannot be flattened into one row stride (``logits[:, :-1]`` of ``[B, S, V]`` with B > 1)
+    are copied either way."""
+    rows = x.reshape(-1, x.shape[-1])
+    if row_strided and (rows.stride(-1) == 1 or rows.shape[-1] <= 1):
+        return rows
+    return rows.contiguous()
 
 
 def wants_grad(x: torch.Tensor) -> bool:

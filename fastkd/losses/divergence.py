@@ -45,6 +45,8 @@ __all__ = ["forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tv
 Teacher = Union[torch.Tensor, TopKTeacher]
 
 _NO_IDS = torch.empty(0, dtype=torch.int64)
+# The backends whose divergence_fwd reads rows with any row stride (CUDA's takes contiguous rows).
+ROW_STRIDED_BACKENDS = ("cpu", "triton")
 
 
 def fused_call(name: str, student, teacher: Teacher, *, temperature: float, reduction: str, target, ignore_index,
@@ -55,12 +57,13 @@ def fused_call(name: str, student, teacher: Teacher, *, temperature: float, redu
     ``divergence_coefficients``. Returns the loss, or ``LossParts`` with ``return_parts``.
     """
     check_constant_weight(sample_weight, name)
-    s = row_view(student)
+    strided = name in ROW_STRIDED_BACKENDS
+    s = row_view(student, strided)
     topk = isinstance(teacher, TopKTeacher)
     if topk:
         t, ids = row_view(teacher.logprobs), row_view(teacher.indices)
     else:
-        t, ids = row_view(teacher), _NO_IDS.to(s.device)
+        t, ids = row_view(teacher, strided), _NO_IDS.to(s.device)
     if kind == "tvd":
         code, coefficients = KIND_CODES["tvd"], (0.0, 0.0, 0.0, 0.0)
     elif kind == "ce":
