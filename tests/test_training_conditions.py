@@ -137,6 +137,8 @@ def _loss_cases():
     y[0, 1] = -100
     topk = fastkd.TopKTeacher.from_logits(t, 4)
     h, w, th, tw, target = head_data(n=10, v=33)
+    feat_t = torch.randn(2, 3, 4, 4, generator=g)
+    gen = torch.nn.Conv2d(3, 3, 1)
     cases = {
         "kd": lambda s: fastkd.kd_loss(s, t, 2.0, target=y, ce_weight=0.2),
         "kd_topk": lambda s: fastkd.kd_loss(s, topk, 1.0, target=y),
@@ -150,6 +152,10 @@ def _loss_cases():
         "tvd": lambda s: fastkd.tvd_loss(s, t, reduction="none").sum(),
         "fused_linear": lambda s: fastkd.fused_linear_kd_loss(h, w, (th, tw), target, ce_weight=0.2, chunk_size=4)
         + s.sum() * 0,
+        "mgd": lambda s: fastkd.mgd_loss(s.reshape(2, 5, 33)[:, :3, :16].reshape(2, 3, 4, 4), feat_t, gen, seed=11,
+                                         mask_ratio=0.5),
+        "simkd": lambda s: fastkd.simkd_loss(s, t),
+        "ipw_weighted_kd": lambda s: fastkd.kd_loss(s, t, target=y, sample_weight=fastkd.ipw_weights(s, t, y)),
     }
     return s, cases
 
@@ -351,3 +357,30 @@ def test_row_slices_reach_the_row_op_without_a_copy(monkeypatch, backend):
     assert t_ptr == teacher.data_ptr() + 64 * teacher.element_size() and t_stride == (64, 1)
     (grad,) = torch.autograd.grad(loss, [logits])
     assert (grad[-1] == 0).all() and torch.isfinite(grad).all()
+
+
+def test_mgd_seed_pins_the_mask_on_every_path():
+    g = torch.Generator().manual_seed(9)
+    s, t = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    gen = torch.nn.Conv2d(3, 3, 1)
+    want = fastkd.reference.mgd_loss(s, t, gen, seed=123, mask_ratio=0.5)
+    for backend in ("auto", "reference"):
+        got = fastkd.mgd_loss(s, t, gen, seed=123, mask_ratio=0.5, backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert fastkd.mgd_loss(s, t, gen, seed=124, mask_ratio=0.5).item() != want.item()
+    with pytest.raises(ValueError, match="seed must be in"):
+        fastkd.mgd_loss(s, t, gen, seed=-1)
+
+
+@pytest.mark.parametrize("module,functional", [
+    (fastkd.nn.KDLoss, lambda s, t, **kw: fastkd.kd_loss(s, t, 4.0, **kw)),
+    (fastkd.nn.ForwardKLLoss, fastkd.forward_kl_loss),
+    (fastkd.nn.JSDLoss, fastkd.jsd_loss),
+    (fastkd.nn.TVDLoss, fastkd.tvd_loss),
+])
+def test_modules_take_teacher_vocab(module, functional):
+    s, t = torch.randn(3, 10), torch.randn(3, 12)
+    for mode in ("truncate", "mask"):
+        assert torch.equal(module(teacher_vocab=mode)(s, t), functional(s, t, teacher_vocab=mode))
+    with pytest.raises(ValueError, match="teacher_vocab must be one of"):
+        module(teacher_vocab="x")

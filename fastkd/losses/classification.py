@@ -299,6 +299,7 @@ def mgd_loss(
     mask_ratio: float = 0.15,
     mask_type: str = "channel",
     generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """MGD, masked generative distillation (Yang et al. 2022)::
@@ -308,12 +309,17 @@ def mgd_loss(
     ``M`` drops whole channels (``mask_type="channel"``, shape (N, C, 1, 1)) or
     positions (``"spatial"``, (N, 1, H, W)) with probability ``mask_ratio``; it is
     generated from a seed drawn from ``generator`` (``fastkd.core.mask``), identically
-    on every backend. The fused backends apply the mask and the squared error in
-    kernels; ``align`` and ``generation`` are ordinary modules (cuDNN convolutions).
+    on every backend, or from ``seed`` (an int in ``[0, 2^63)``) when given: drawing reads a
+    tensor on the host, so under ``torch.compile(fullgraph=True)`` pass ``seed``. The fused
+    backends apply the mask and the squared error in kernels; ``align`` and ``generation``
+    are ordinary modules (cuDNN convolutions).
     """
     v.mgd_check_args(student_feat, teacher_feat, generation, align, alpha, mask_ratio, mask_type, generator)
     name = resolve("mgd", backend, student_feat, teacher_feat)
-    seed = _mask.draw_seed(generator)
+    if seed is None:  # a host read of a drawn tensor: under torch.compile pass seed= for a full graph
+        seed = _mask.draw_seed(generator)
+    else:
+        v.check_seed(seed)
     if name == "reference":
         return reference.mgd_loss(
             student_feat, teacher_feat, generation, align=align, alpha=alpha, mask_ratio=mask_ratio,

@@ -34,18 +34,20 @@ class KDLoss(RowLoss):
     """
 
     def __init__(self, temperature: float = 4.0, *, reduction: str = "batchmean", ignore_index: int = -100,
-                 ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
-                 process_group=None):
+                 ce_weight: float = 0.0, return_parts: bool = False, teacher_vocab: str = "truncate",
+                 backend: str = "auto", process_group=None):
         v.check_positive("temperature", temperature)
+        v.check_teacher_vocab(teacher_vocab)
         super().__init__(reduction, ignore_index, ce_weight, return_parts, backend, process_group)
         self.temperature = temperature
+        self.teacher_vocab = teacher_vocab
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 target: Optional[torch.Tensor] = None, sample_weight: Optional[torch.Tensor] = None,
                 temperature: Union[float, torch.Tensor, None] = None) -> torch.Tensor:
         temperature = self.temperature if temperature is None else temperature
         return functional.kd_loss(student_logits, teacher_logits, temperature, target=target,
-                                  **self.row_options(sample_weight))
+                                  teacher_vocab=self.teacher_vocab, **self.row_options(sample_weight))
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, reduction={self.reduction!r}, ce_weight={self.ce_weight}, "

@@ -1,5 +1,6 @@
 """Modules of the language-model divergences: ``ForwardKLLoss``, ``ReverseKLLoss``, ``JSDLoss``, ``SkewKLLoss``,
-``TVDLoss`` (the keyword arguments at construction; ``teacher_logits`` may be a ``TopKTeacher``).
+``TVDLoss`` (the keyword arguments at construction, ``teacher_vocab`` included; ``teacher_logits`` may
+be a ``TopKTeacher``).
 """
 from typing import Optional
 
@@ -20,20 +21,24 @@ class _DivergenceLoss(RowLoss):
     """
 
     def __init__(self, function, params: dict, temperature: float, reduction: str, ignore_index: int,
-                 ce_weight: float, return_parts: bool, backend: str, process_group=None):
+                 ce_weight: float, return_parts: bool, backend: str, process_group=None,
+                 teacher_vocab: str = "truncate"):
         v.check_positive("temperature", temperature)
+        v.check_teacher_vocab(teacher_vocab)
         check_divergence_params(**params)
         super().__init__(reduction, ignore_index, ce_weight, return_parts, backend, process_group)
         self._function = function
         self._options = tuple(params)
         self.temperature = temperature
+        self.teacher_vocab = teacher_vocab
         for name, value in params.items():
             setattr(self, name, value)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits, target: Optional[torch.Tensor] = None,
                 sample_weight: Optional[torch.Tensor] = None):
         return self._function(student_logits, teacher_logits, temperature=self.temperature, target=target,
-                              **self.row_options(sample_weight), **{k: getattr(self, k) for k in self._options})
+                              teacher_vocab=self.teacher_vocab, **self.row_options(sample_weight),
+                              **{k: getattr(self, k) for k in self._options})
 
     def extra_repr(self) -> str:
         options = "".join(f"{k}={getattr(self, k)!r}, " for k in self._options)
@@ -50,9 +55,9 @@ class ForwardKLLoss(_DivergenceLoss):
 
     def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
                  ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
-                 process_group=None):
+                 process_group=None, teacher_vocab: str = "truncate"):
         super().__init__(functional.forward_kl_loss, {}, temperature, reduction, ignore_index, ce_weight,
-                         return_parts, backend, process_group)
+                         return_parts, backend, process_group, teacher_vocab)
 
 
 class ReverseKLLoss(_DivergenceLoss):
@@ -63,9 +68,9 @@ class ReverseKLLoss(_DivergenceLoss):
 
     def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
                  ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
-                 process_group=None):
+                 process_group=None, teacher_vocab: str = "truncate"):
         super().__init__(functional.reverse_kl_loss, {}, temperature, reduction, ignore_index, ce_weight,
-                         return_parts, backend, process_group)
+                         return_parts, backend, process_group, teacher_vocab)
 
 
 class JSDLoss(_DivergenceLoss):
@@ -78,9 +83,9 @@ class JSDLoss(_DivergenceLoss):
     def __init__(self, *, beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean",
                  ignore_index: int = -100, ce_weight: float = 0.0, return_parts: bool = False,
                  backend: str = "auto",
-                 process_group=None):
+                 process_group=None, teacher_vocab: str = "truncate"):
         super().__init__(functional.jsd_loss, {"beta": beta}, temperature, reduction, ignore_index, ce_weight,
-                         return_parts, backend, process_group)
+                         return_parts, backend, process_group, teacher_vocab)
 
 
 class SkewKLLoss(_DivergenceLoss):
@@ -92,9 +97,9 @@ class SkewKLLoss(_DivergenceLoss):
     def __init__(self, *, skew: float = 0.1, reverse: bool = False, temperature: float = 1.0,
                  reduction: str = "batchmean", ignore_index: int = -100, ce_weight: float = 0.0,
                  return_parts: bool = False, backend: str = "auto",
-                 process_group=None):
+                 process_group=None, teacher_vocab: str = "truncate"):
         super().__init__(functional.skew_kl_loss, {"skew": skew, "reverse": reverse}, temperature, reduction,
-                         ignore_index, ce_weight, return_parts, backend, process_group)
+                         ignore_index, ce_weight, return_parts, backend, process_group, teacher_vocab)
 
 
 class TVDLoss(_DivergenceLoss):
@@ -102,6 +107,6 @@ class TVDLoss(_DivergenceLoss):
 
     def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
                  ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
-                 process_group=None):
+                 process_group=None, teacher_vocab: str = "truncate"):
         super().__init__(functional.tvd_loss, {}, temperature, reduction, ignore_index, ce_weight,
-                         return_parts, backend, process_group)
+                         return_parts, backend, process_group, teacher_vocab)
