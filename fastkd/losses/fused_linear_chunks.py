@@ -88,28 +88,43 @@ def rows_of(x: torch.Tensor, i0: int, i1: int, lead) -> torch.Tensor:
 
 
 def head_logits(h: torch.Tensor, weight: torch.Tensor, bias, scale, softcap, out=None) -> torch.Tensor:
-    """``softcap(scale * (h @ W.T + b))`` in float32 (float64 for float64 weights), into ``out`` if given."""
-    s = f32_matmul(h, weight.t(), out)
-    if bias is not None:
-        s += bias
-    if scale is not None:
-        s *= scale
+    """``softcap(scale * (h @ W.T + b))`` in float32 (float64 for float64 weights), into ``out`` if given.
+
+    The bias, ``scale`` and ``1 / softcap`` ride in the matmul (``addmm``'s ``beta`` and ``alpha``), so
+    the logits are written once by the matmul and, with a softcap, passed over twice more (tanh, times
+    the cap) instead of once per option.
+    """
+    alpha = (1.0 if scale is None else scale) / (1.0 if softcap is None else softcap)
+    if h.dtype not in (torch.float32, torch.float64):  # CUDA bf16/fp16 operands: the out_dtype matmul
+        s = f32_matmul(h, weight.t(), out)
+        if bias is not None:
+            s += bias
+        if alpha != 1.0:
+            s *= alpha
+    elif bias is not None:
+        b = bias.to(h.dtype)
+        s = torch.addmm(b, h, weight.t(), beta=alpha, alpha=alpha, out=out) if out is not None else \
+            torch.addmm(b, h, weight.t(), beta=alpha, alpha=alpha)
+    elif out is not None:  # beta = 0: out's old contents (even NaN) are ignored
+        s = torch.addmm(out, h, weight.t(), beta=0.0, alpha=alpha, out=out)
+    else:
+        s = torch.mm(h, weight.t())
+        if alpha != 1.0:
+            s *= alpha
     if softcap is not None:
-        s.div_(softcap).tanh_().mul_(softcap)
+        s.tanh_().mul_(softcap)
     return s
 
 
-def _accumulate_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor, first: bool) -> None:
-    """``grad_w (+)= g^T @ h`` into a float32 (float64) buffer, whatever the operands' dtype."""
+def _accumulate_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor, first: bool,
+                            alpha: float) -> None:
+    """``grad_w (+)= alpha g^T @ h`` into a float32 (float64) buffer, whatever the operands' dtype
+    (``beta = 0`` on the first chunk: the buffer's uninitialised contents are ignored)."""
+    beta = 0.0 if first else 1.0
     if g.dtype == grad_w.dtype:
-        if first:
-            torch.mm(g.t(), h, out=grad_w)
-        else:
-            grad_w.addmm_(g.t(), h)
-    elif first:  # CUDA bf16/fp16 operands: cuBLAS accumulates in fp32 and writes fp32 (torch >= 2.8)
-        torch.mm(g.t(), h, out_dtype=grad_w.dtype, out=grad_w)
-    else:
-        torch.addmm(grad_w, g.t(), h, out_dtype=grad_w.dtype, out=grad_w)
+        torch.addmm(grad_w, g.t(), h, beta=beta, alpha=alpha, out=grad_w)
+    else:  # CUDA bf16/fp16 operands: cuBLAS accumulates in fp32 and writes fp32 (torch >= 2.8)
+        torch.addmm(grad_w, g.t(), h, out_dtype=grad_w.dtype, beta=beta, alpha=alpha, out=grad_w)
 
 
 def run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, reduce: bool):
@@ -181,18 +196,18 @@ def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, r
             g = out[3] if p.pad == 0 else out[3][:, :vocab]
             del out, s_op
             if p.softcap is not None:
-                # d softcap(x) / dx = 1 - tanh^2 = 1 - (s / softcap)^2 (s: the capped logits, reused in place)
-                g = g.mul_(s.div_(p.softcap).square_().neg_().add_(1.0))
-            if p.logit_scale is not None:
-                g = g.mul_(p.logit_scale)
+                # d softcap(x) / dx = 1 - tanh^2 = 1 - (s / softcap)^2, s the capped logits (squared in place)
+                g = g.addcmul_(g, s.square_(), value=-1.0 / p.softcap ** 2)
             del s
+            scale = 1.0 if p.logit_scale is None else p.logit_scale  # applied by the gradient matmuls
             g_mm = g.to(weight_mm.dtype)
             if need_h:
-                grad_h[i0:i1] = f32_matmul(g_mm, weight_mm) if grad_h.dtype != weight_mm.dtype else g_mm @ weight_mm
+                part = f32_matmul(g_mm, weight_mm) if grad_h.dtype != weight_mm.dtype else g_mm @ weight_mm
+                grad_h[i0:i1] = part if scale == 1.0 else part.mul_(scale)  # [chunk, H]: small
             if need_w:
-                _accumulate_weight_grad(grad_w, g_mm, h_mm, first=i0 == 0)
+                _accumulate_weight_grad(grad_w, g_mm, h_mm, i0 == 0, scale)
             if need_b:
-                grad_b += g.sum(dim=0)
+                grad_b.add_(g.sum(dim=0), alpha=scale)
             del g, g_mm
         else:
             del out, s_op, s
