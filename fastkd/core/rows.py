@@ -94,3 +94,58 @@ def temperature_rows(temperature, logits: torch.Tensor) -> torch.Tensor:
     return torch.full((n,), float(temperature), dtype=torch.float32, device=logits.device)
 
 
+
+
+# ----------------------------------------------------------------------------
+# shifted logits: [B, L, C] slices along the sequence of a [B, L + k, C] tensor, without a copy
+# ----------------------------------------------------------------------------
+
+def gapped_period(*xs: torch.Tensor) -> Optional[int]:
+    """``P = L + k`` when every ``x [B, L, C]`` is a slice along dim 1 of a ``[B, P, C]`` tensor with
+    adjacent elements in a row (``logits[:, :-1]``: ``P = L + 1``), the same ``P`` for all, else None.
+
+    Such an ``x`` cannot be flattened into ``[B L, C]`` rows of one stride (``reshape`` copies it), but
+    it is ``B P - k`` rows of one stride over the tensor it was cut from, ``k`` of them between batch
+    elements ("gap rows", which the loss gives row weight 0 and so never reads)."""
+    period = None
+    for x in xs:
+        if x.dim() != 3 or x.shape[0] < 2 or x.shape[1] < 1 or x.stride(2) != 1 or x.stride(1) < x.shape[2]:
+            return None
+        row, batch = x.stride(1), x.stride(0)
+        if batch % row or batch // row <= x.shape[1] or period not in (None, batch // row):
+            return None
+        period = batch // row
+    return period
+
+
+class GappedRows(torch.autograd.Function):
+    """``x [B, L, C]`` (see ``gapped_period``) as ``[B P - k, C]`` rows of one stride, a view of the same
+    memory; backward views the rows' gradient back as ``[B, L, C]`` (no copy: the gap rows' part is
+    simply not looked at)."""
+
+    @staticmethod
+    def forward(ctx, x, period: int):
+        batch, length, width = x.shape
+        ctx.shape, ctx.period = x.shape, period
+        return x.as_strided((batch * period - (period - length), width), (x.stride(1), 1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None
+        batch, length, width = ctx.shape
+        return grad.as_strided((batch, length, width), (ctx.period * grad.stride(0), grad.stride(0), 1)), None
+
+
+def to_gapped(values: torch.Tensor, period: int, fill) -> torch.Tensor:
+    """Per-row ``values [B, L, ...]`` laid out like ``GappedRows``' rows: ``[B P - k, ...]``, gap rows ``fill``."""
+    batch, length = values.shape[:2]
+    out = values.new_full((batch, period) + tuple(values.shape[2:]), fill)
+    out[:, :length] = values
+    return out.reshape((batch * period,) + tuple(values.shape[2:]))[:batch * period - (period - length)]
+
+
+def from_gapped(rows: torch.Tensor, batch: int, length: int, period: int) -> torch.Tensor:
+    """The inverse of ``to_gapped`` for per-row results ``[B P - k]``: ``[B, L]``."""
+    full = torch.cat([rows, rows.new_zeros(period - length)]) if period > length else rows
+    return full.reshape(batch, period)[:, :length]

@@ -16,7 +16,7 @@ import torch
 from ..core import checks as v
 from ..core import mask as _mask
 from ..core.divergence import LossParts
-from ..core.rows import row_view, row_weights, temperature_rows, wants_grad
+from ..core.rows import gapped_period, row_view, row_weights, temperature_rows, wants_grad
 from ..core.topk import TopKTeacher
 from ..dispatch.backend import implementation, resolve
 from ..reference import classification as reference
@@ -109,11 +109,14 @@ def kd_loss(
     v.check_kd_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index, sample_weight,
                     ce_weight, return_parts)
     with_ce = ce_weight != 0 or return_parts
-    name = resolve("kd+ce" if with_ce else "kd", backend, student_logits, teacher_logits)
+    # shifted [B, S - 1, V] views run copy-free on divergence_fwd (forward KL, T^2), where kd_fwd would copy
+    shifted = not isinstance(temperature, torch.Tensor) and gapped_period(student_logits, teacher_logits)
+    name = resolve("kd+ce" if with_ce or shifted else "kd", backend, student_logits, teacher_logits)
     if name == "reference":
         return reference.compute_kd(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
                                     sample_weight, ce_weight, return_parts)
-    if with_ce and not isinstance(temperature, torch.Tensor):  # KL and CE in one pass
+    fused_in_one_pass = with_ce or (shifted and name in _divergence.ROW_STRIDED_BACKENDS)
+    if fused_in_one_pass and not isinstance(temperature, torch.Tensor):  # KL (and CE) in one pass
         return _divergence.fused_call(
             name, student_logits, teacher_logits, temperature=temperature, reduction=reduction, target=target,
             ignore_index=ignore_index, sample_weight=sample_weight, ce_weight=ce_weight,

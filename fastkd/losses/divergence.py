@@ -35,8 +35,8 @@ from ..core.divergence import (
     check_divergence_params,
     divergence_coefficients,
 )
-from ..core.rows import row_view, row_weights, wants_grad
-from ..core.topk import TopKTeacher
+from ..core.rows import GappedRows, from_gapped, gapped_period, row_view, row_weights, to_gapped, wants_grad
+from ..core.topk import PAD_ID, TopKTeacher
 from ..dispatch.backend import implementation, resolve
 from ..reference import divergence as R
 
@@ -58,10 +58,20 @@ def fused_call(name: str, student, teacher: Teacher, *, temperature: float, redu
     """
     check_constant_weight(sample_weight, name)
     strided = name in ROW_STRIDED_BACKENDS
-    s = row_view(student, strided)
     topk = isinstance(teacher, TopKTeacher)
+    # logits[:, :-1] of [B, S, V] (HF's shift): B S - 1 rows of one stride over the unshifted tensor,
+    # the B - 1 gap rows weighted 0 (never read): no copy of the logits, none of their gradient
+    period = gapped_period(student, *(() if topk else (teacher,))) if strided else None
+    gap = (lambda x, fill: to_gapped(x, period, fill)) if period else (lambda x, fill: x.reshape((-1,) + x.shape[2:]))
+    if period:
+        s = GappedRows.apply(student, period)
+    else:
+        s = row_view(student, strided)
     if topk:
-        t, ids = row_view(teacher.logprobs), row_view(teacher.indices)
+        t, ids = gap(teacher.logprobs, 0.0), gap(teacher.indices, PAD_ID)
+        t, ids = row_view(t), row_view(ids)
+    elif period:
+        t, ids = GappedRows.apply(teacher, period), _NO_IDS.to(s.device)
     else:
         t, ids = row_view(teacher, strided), _NO_IDS.to(s.device)
     if kind == "tvd":
@@ -72,15 +82,17 @@ def fused_call(name: str, student, teacher: Teacher, *, temperature: float, redu
         code, coefficients = KIND_CODES["kl_family"], divergence_coefficients(kind, **params)
     # The target costs a second log-sum-exp (T = 1): passed only when the CE is wanted.
     wants_ce = target is not None and (ce_weight != 0 or return_parts)
-    tgt = target.reshape(-1).to(torch.int64).contiguous() if wants_ce else _NO_IDS.to(s.device)
-    weight = row_weights(student, target, ignore_index, sample_weight, reduction)
+    lead = student.shape[:-1]
+    tgt = gap(target.reshape(lead).to(torch.int64), 0).contiguous() if wants_ce else _NO_IDS.to(s.device)
+    weight = gap(row_weights(student, target, ignore_index, sample_weight, reduction).reshape(lead), 0.0)
     mode = TOPK_MODE_CODES[teacher.mode if topk else None]
     loss, soft, hard, _, _ = implementation(name).divergence_fwd(
         s, t, ids, tgt, weight, float(temperature), code, *coefficients, float(soft_scale), float(ce_weight), mode,
         reduction != "none", wants_grad(s), wants_grad(t),
     )
-    lead = student.shape[:-1]
     if reduction == "none":
+        if period:
+            loss, soft, hard = (from_gapped(x, lead[0], lead[1], period) for x in (loss, soft, hard))
         loss, soft, hard = loss.reshape(lead), soft.reshape(lead), hard.reshape(lead)
     return LossParts(loss, soft.detach(), hard.detach()) if return_parts else loss
 
