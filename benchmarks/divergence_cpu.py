@@ -14,15 +14,14 @@ Prints medians (ms) and the ratios. Times vary with the machine and its load;
 compare ratios from one run.
 """
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import fastkd
-from fastkd.reference import divergence as R
+from fastkd.bench.timing import median_seconds
 from fastkd.core.rows import row_weights
+from fastkd.reference import divergence as R
 
 DIVERGENCES = {
     "reverse_kl": (fastkd.reverse_kl_loss, R.reverse_kl_loss, {}),
@@ -34,14 +33,7 @@ DIVERGENCES = {
 
 
 def median_ms(fn, reps, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_seconds(fn, reps, warmup)
 
 
 def fwd_bwd(loss_fn, s):

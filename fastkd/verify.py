@@ -10,12 +10,12 @@ Exits with status 1 if any comparison fails.
 """
 import argparse
 import sys
-import time
 
 import torch
 
 from . import functional as F
 from . import reference
+from .bench.timing import median_seconds
 from .dispatch import backend as _backend
 
 TOLERANCES = {torch.float32: (5e-5, 5e-4), torch.bfloat16: (2e-2, 3e-2)}
@@ -111,16 +111,6 @@ def verify(device: str):
     return failures
 
 
-def _time(fn, reps):
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def bench(device: str):
     shape = (1024, 8000) if device == "cpu" else (8192, 32000)
     print(f"\nforward+backward, float32 {list(shape)} on {device} (median of 5; ratios vs eager reference)")
@@ -140,7 +130,7 @@ def bench(device: str):
                 if device == "cuda":
                     torch.cuda.synchronize()
 
-            ms = _time(step, 5) * 1e3
+            ms = median_seconds(step, 5) * 1e3
             base = base or ms
             print(f"{loss:6s}{label:12s}{ms:10.1f}{base / ms:9.1f}x")
 

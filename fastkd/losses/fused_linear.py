@@ -149,7 +149,8 @@ def _scale(stored: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     return scale_stored_grad(stored, grad_loss)
 
 
-def _backward(ctx, grad_loss, *_unused):  # soft, hard and the stored gradients get none
+def _backward_once(ctx) -> None:
+    """The stored gradients are scaled in place: one backward, first derivatives only."""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         raise RuntimeError(
             "fastkd: double backward (create_graph=True) is not supported by fused_linear_kd_loss: it "
@@ -161,6 +162,10 @@ def _backward(ctx, grad_loss, *_unused):  # soft, hard and the stored gradients 
             "stored gradients are scaled in place, so they can be used once; compute the loss again"
         )
     ctx.used = True
+
+
+def _backward(ctx, grad_loss, *_unused):  # soft, hard and the stored gradients get none
+    _backward_once(ctx)
     grads = [None] * ctx.num_inputs
     if grad_loss is None:
         return tuple(grads)
@@ -206,17 +211,7 @@ class _FusedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_soft, _grad_hard):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "fastkd: double backward (create_graph=True) is not supported by fused_linear_kd_loss: it "
-                "stores only the first derivative"
-            )
-        if ctx.used:
-            raise RuntimeError(
-                "fastkd: backward ran twice through the same fused_linear_kd_loss (retain_graph=True?). The "
-                "stored gradients are scaled in place, so they can be used once; compute the loss again"
-            )
-        ctx.used = True
+        _backward_once(ctx)
         if grad_loss is None:
             if ctx.reduce:
                 return None, None, None, None, None
