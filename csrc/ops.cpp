@@ -32,11 +32,12 @@ TORCH_LIBRARY(fastkd, m) {
   m.def("divergence_shard_stats(Tensor student, Tensor teacher, float temperature, bool ce, Tensor row_read) -> Tensor");
   m.def(
       "divergence_shard_terms(Tensor student, Tensor teacher, Tensor row_stats, float temperature, int kind, "
-      "float a, float b, float w_p, float w_q, Tensor row_read, Tensor row_direct, Tensor(a!) g, Tensor(b!) h) "
-      "-> Tensor");
+      "float a, float b, float w_p, float w_q, Tensor row_read, Tensor row_direct, Tensor row_target, "
+      "Tensor(a!) g, Tensor(b!) h) -> Tensor");
   m.def(
       "divergence_shard_grad(Tensor student, Tensor teacher, Tensor row_stats, float temperature, int kind, "
-      "Tensor row_coef, Tensor row_read, Tensor(a!) g, Tensor(b!) h) -> ()");
+      "float a, float b, float w_p, float w_q, Tensor row_coef, Tensor row_read, Tensor row_target, "
+      "Tensor(a!) g, Tensor(b!) h) -> ()");
 }
 
 // `import fastkd._C` loads this library, whose static initialisers register the ops.

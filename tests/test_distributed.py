@@ -3,7 +3,7 @@
 Vocabulary parallel: every loss on the shards equals the float64 reference on the
 concatenated vocabulary (``fastkd.reference.divergence.compute``, ``fastkd.reference``),
 and each rank's gradient is the matching slice (relative norm error < 1e-5 float32,
-2e-2 bfloat16). Data parallel: DIST on sharded rows equals DIST on the concatenated
+2e-2 bfloat16, 5e-3 float16). Data parallel: DIST on sharded rows equals DIST on the concatenated
 batch; one DDP step equals one single-process step.
 
 Process groups are costly to start (each process imports torch), so each test spawns
@@ -31,7 +31,8 @@ from fastkd import TopKTeacher
 TIMEOUT_S = 300  # a hang fails after this; a loaded 2-core machine needs ~1 min per group
 HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "nonzero")
 # (dtype, value rtol, gradient relative-norm tolerance)
-DTYPES = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (1e-2, 2e-2), torch.float64: (1e-10, 1e-10)}
+DTYPES = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (1e-2, 2e-2), torch.float16: (2e-3, 5e-3),
+          torch.float64: (1e-10, 1e-10)}
 
 
 # ----------------------------------------------------------------------------
@@ -176,15 +177,20 @@ def _compare_loss(name, rank, world, failures, dist_fn, ref_fn, s, t, dtype, tea
         for got, want in values:
             torch.testing.assert_close(got.detach().cpu().double(), want.detach(), rtol=rtol, atol=rtol * 0.1)
         width = s.shape[-1] // world
+
+        def tolerance(want, tol):
+            # fp16 gradients of "mean" (divided by N * V) fall below fp16's smallest normal (6.1e-5), where the
+            # spacing is 6e-8: there even the exact gradient rounded to fp16 is ~1e-2 off; allow twice that
+            return max(tol, 2 * _rel(want.to(dtype), want)) if dtype == torch.float16 else tol
+
         want_s = grads_ref[0][..., rank * width:(rank + 1) * width]
-        err = _rel(s_loc.grad, want_s)
+        err, tol = _rel(s_loc.grad, want_s), tolerance(want_s, gtol)
         assert s_loc.grad.dtype == dtype and s_loc.grad.shape == s_loc.shape
-        assert err < gtol, f"student gradient relative error {err:.2e} >= {gtol}"
+        assert err < tol, f"student gradient relative error {err:.2e} >= {tol}"
         if grad_t:
             want_t = grads_ref[1] if teacher_topk is not None else grads_ref[1][..., rank * width:(rank + 1) * width]
-            err = _rel(t_loc.grad, want_t)
-            gtol = teacher_gtol or gtol
-            assert err < gtol, f"teacher gradient relative error {err:.2e} >= {gtol}"
+            err, tol = _rel(t_loc.grad, want_t), tolerance(want_t, teacher_gtol or gtol)
+            assert err < tol, f"teacher gradient relative error {err:.2e} >= {tol}"
 
     _record(failures, f"{name} {dtype}", run)
 
@@ -257,7 +263,7 @@ def _vocab_checks(rank, world, failures, full=True):
     t[5, 3] = float("-inf")
     s3, t3 = _inputs((3, 4, vocab), 2)  # 3-D input, rows from both leading dims
     s3t, t3t = s3.transpose(0, 1), t3.transpose(0, 1)  # and non-contiguous rows
-    dtypes = [torch.float32, torch.bfloat16, torch.float64] if full else [torch.float32]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64] if full else [torch.float32]
     reductions = ["batchmean", "sum", "mean", "none"]
     for i, (name, fn, kind, params, t2) in enumerate(DIVERGENCES if full else DIVERGENCES[:3]):
         red = reductions[i % 4]
@@ -494,14 +500,24 @@ def _api_checks(rank, world, failures):
             with D.count_comm() as c:
                 D.kd_loss(_shard(torch.randn(n, 64 * world), rank, world), topk, 1.0, process_group=wd)
             assert (c.bytes, c.calls) == (4 * n * (2 + 2 + 5) + 32, 7), (c.bytes, c.calls)
-            # dense float32 logits on the shard kernels: one chunk whatever CHUNK_MIN_ROWS (no [rows, V]
-            # temporaries to bound); bf16 logits are converted per chunk, so chunked
+            # dense logits on the shard kernels: one chunk whatever CHUNK_MIN_ROWS (no [rows, V] temporaries
+            # to bound), bf16 and fp16 as float32 (converted after loading): the shape check and three rounds,
+            # the same bytes (the per-row numbers are float32 whatever the logits' dtype)
             s, t = _inputs((n, 64 * world), 31)
-            for dtype, chunks in ((torch.float32, 1), (torch.bfloat16, 3)):
-                s_d = _shard(s, rank, world).to(dtype).requires_grad_()
-                with D.count_comm() as c:
-                    D.kd_loss(s_d, _shard(t, rank, world).to(dtype), 2.0, process_group=wd).backward()
-                assert (c.bytes, c.calls) == (4 * n * (2 + 2 + 2) + 32, 1 + 3 * chunks), (dtype, c.bytes, c.calls)
+            target = torch.arange(n, device=DEVICE) * 5
+            # (KD without a teacher gradient: two kernel passes, the student's gradient from the terms pass)
+            for fn, kw, grad_t, per_row in ((D.kd_loss, {}, False, 2 + 2 + 2), (D.kd_loss, {}, True, 2 + 2 + 3),
+                                            (D.jsd_loss, {}, True, 2 + 2 + 3),
+                                            (D.reverse_kl_loss, dict(target=target, ce_weight=0.5), False, 2 + 4 + 2),
+                                            (D.tvd_loss, {}, True, 2 + 2 + 6)):
+                seen = {}
+                for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                    s_d = _shard(s, rank, world).to(dtype).requires_grad_()
+                    t_d = _shard(t, rank, world).to(dtype).requires_grad_(grad_t)
+                    with D.count_comm() as c:
+                        fn(s_d, t_d, process_group=wd, **kw).backward()
+                    seen[dtype] = (c.bytes, c.calls)
+                assert set(seen.values()) == {(4 * n * per_row + 32, 4)}, (fn.__name__, seen)
         finally:
             D.CHUNK_MIN_ROWS = saved
 
@@ -1047,6 +1063,10 @@ def _kernel_route_checks(rank, world, failures):
         kernels = {"fastkd::divergence_shard_stats", "fastkd::divergence_shard_terms", "fastkd::divergence_shard_grad"}
         got = ops_run(lambda: D.jsd_loss(s_r.requires_grad_(), t_r, process_group=_group()).backward())
         assert got == kernels, got
+        for dtype in (torch.bfloat16, torch.float16):  # read as they are (no float32 copy of the rows)
+            s_h = s_r.detach().to(dtype).requires_grad_()
+            got = ops_run(lambda: D.jsd_loss(s_h, t_r.to(dtype), process_group=_group()).backward())
+            assert got == kernels and s_h.grad.dtype == dtype, (dtype, got)
         assert ops_run(lambda: D.jsd_loss(s_r.double(), t_r.double(), process_group=_group())) == set()
         assert ops_run(lambda: D.kd_loss(s_r, TopKTeacher(ids, torch.full((5, 2), -1.0)), process_group=_group())) \
             == set()
@@ -1064,14 +1084,16 @@ def _kernel_route_checks(rank, world, failures):
             setattr(tds, name, lambda *a, _f=saved[name], _n=name: calls.append(_n) or _f(*a))
         D.SHARD_KERNELS = "triton"
         try:
-            D.reverse_kl_loss(s_r.detach().requires_grad_(), t_r, process_group=_group()).backward()
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                D.reverse_kl_loss(s_r.detach().to(dtype).requires_grad_(), t_r.to(dtype),
+                                  process_group=_group()).backward()
         finally:
             D.SHARD_KERNELS = "auto"
             for name, fn in saved.items():
                 setattr(tds, name, fn)
-        # float32 rows: one chunk, so each kernel once, whatever CHUNK_MIN_ROWS
+        # one chunk for float32, bf16 and fp16 rows, so each kernel once per call, whatever CHUNK_MIN_ROWS
         want = ["divergence_shard_stats", "divergence_shard_terms", "divergence_shard_grad"]
-        assert calls == want, calls
+        assert calls == want * 3, calls
 
     if DEVICE.type == "cpu":
         _record(failures, "shard kernels run on CPU tensors", routes)
@@ -1189,22 +1211,23 @@ def test_shard_kernels_forward_kl_gradients(ops_name, teacher_grad, temperature)
 
     # the student's gradient from the terms pass (never with a teacher gradient)
     gs_d = torch.empty(n, v, device=dev)
+    no_target = torch.empty(0, dtype=torch.int64, device=dev)
     sums_d = ops.divergence_shard_terms(s, t, row_stats, T, 0, a, b, w_p, w_q, read,
-                                        torch.stack([coef, ce], 1).contiguous(), gs_d, empty)
+                                        torch.stack([coef, ce], 1).contiguous(), no_target, gs_d, empty)
     # terms + grad passes, with the teacher gradient when asked
     gs_p = torch.empty(n, v, device=dev)
     gt_p = torch.empty(n, v, device=dev) if teacher_grad else empty
-    sums_p = ops.divergence_shard_terms(s, t, row_stats, T, 0, a, b, w_p, w_q, read, empty, gs_p, gt_p)
+    sums_p = ops.divergence_shard_terms(s, t, row_stats, T, 0, a, b, w_p, w_q, read, empty, no_target, gs_p, gt_p)
     row_coef = torch.cat([torch.stack([sums_p[:, 1], sums_p[:, 2], coef, coef, ce], 1),
                           torch.zeros(n, 5, device=dev)], 1).contiguous()
-    ops.divergence_shard_grad(s, t, row_stats, T, 0, row_coef, read, gs_p, gt_p)
+    ops.divergence_shard_grad(s, t, row_stats, T, 0, a, b, w_p, w_q, row_coef, read, no_target, gs_p, gt_p)
     s64 = s.double().cpu().requires_grad_()
     t64 = t.double().cpu().requires_grad_()
     lq, lp = torch.log_softmax(s64 / T, 1), torch.log_softmax(t64 / T, 1)
     has_p = lp.detach() > float("-inf")  # 0 log 0 = 0, with finite gradients on both branches of the where
     zero = torch.zeros((), dtype=torch.float64)
     kl = torch.where(has_p, lp.exp() * (torch.where(has_p, lp, zero) - torch.where(has_p, lq, zero)), zero).sum(1)
-    ce_rows = -torch.log_softmax(s64, 1)[:, 0]  # the CE's softmax part: the one-hot is added by the caller
+    ce_rows = -torch.log_softmax(s64, 1)[:, 0]  # the CE's softmax part (no row_target: no one-hot)
     keep = read.cpu().bool()
     loss = (torch.where(keep, coef.double().cpu() * T * kl, 0) + torch.where(keep, ce.double().cpu() * ce_rows, 0)).sum()
     loss.backward()
@@ -1238,4 +1261,90 @@ def test_shard_terms_direct_needs_a_known_sum(ops_name):
                                              (1, (0.0, 0.0, 0.0, 0.0), g, none), (0, kl, none, none),
                                              (0, kl, g, torch.empty(3, 40))):
         with pytest.raises((ValueError, RuntimeError), match="row_direct"):
-            ops.divergence_shard_terms(s, s, st, 1.0, kind, *coefficients, read, direct, g_buf, h_buf)
+            ops.divergence_shard_terms(s, s, st, 1.0, kind, *coefficients, read, direct,
+                                       torch.empty(0, dtype=torch.long), g_buf, h_buf)
+
+
+def _shard_passes(ops, s, t, T, kind, coefficients, read, coef, ce, target, g, h, direct=False):
+    """The three shard passes on whole rows (a group of one, no collectives): the row sums; g, h written."""
+    st = ops.divergence_shard_stats(s, t, T, True, read)
+    row_stats = torch.stack([st[:, 0], st[:, 1].log(), st[:, 2], st[:, 3].log(), st[:, 4].log()], 1).contiguous()
+    row_direct = torch.stack([coef, ce], 1).contiguous() if direct else torch.empty(0, device=s.device)
+    sums = ops.divergence_shard_terms(s, t, row_stats, T, kind, *coefficients, read, row_direct, target, g, h)
+    if not direct:
+        row_coef = torch.cat([torch.stack([sums[:, 1], sums[:, 2], coef, coef, ce], 1), sums[:, 3:]], 1)
+        ops.divergence_shard_grad(s, t, row_stats, T, kind, *coefficients, row_coef.contiguous(), read, target, g, h)
+    return st, sums
+
+
+@pytest.mark.parametrize("ops_name", ["cpu", "triton-interpreter", "triton-cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["forward_kl direct", "forward_kl", "jsd", "reverse_kl", "tvd"])
+def test_shard_kernels_low_precision_logits(ops_name, dtype, kind):
+    """bf16/fp16 logits on the shard kernels: read as they are, math in float32, so the same statistics and
+    row sums as the float32 kernels on the same values, bit for bit; the gradients into float32 buffers
+    bit for bit too, into buffers of the logits' dtype the float32 gradients rounded once (G, H recomputed by
+    the grad pass, never kept in bf16; the CE's one-hot at row_target put in before the rounding). Rows
+    wider than one Triton block, an unread row (its gradient rows 0), -inf columns, a row with ce 0."""
+    ops, dev = _shard_ops(ops_name)
+    n, v, T = 5, 4096 + 37, 2.0
+    g = torch.Generator().manual_seed(6)
+    s = (torch.randn(n, v, generator=g) * 3).to(dtype).to(dev)
+    t = (torch.randn(n, v, generator=g) * 3).to(dtype).to(dev)
+    s[1, 9] = t[1, 9] = s[3, 5] = float("-inf")  # (row 3: forward KL's loss inf, its teacher gradient NaN)
+    s[2] = float("nan")  # unread
+    read = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0], device=dev)
+    coef = torch.tensor([0.5, 1.0, 0.0, 2.0, 0.25], device=dev)
+    ce = torch.tensor([0.3, 0.0, 0.0, 1.0, 0.7], device=dev)
+    target = torch.tensor([4100, 3, 0, -1, 0], device=dev)  # -1: the target is on another rank
+    name, direct = kind.split(" ")[0], kind.endswith("direct")
+    coefficients = (0.0, 0.0, 0.0, 0.0) if name == "tvd" else R.divergence_coefficients(name)
+    code = 1 if name == "tvd" else 0
+    grad_t = not direct
+
+    def run(s_in, t_in, buf_dtype):
+        gs = torch.full((n, v), 7.0, dtype=buf_dtype, device=dev)  # (unread rows must come back 0)
+        gt = torch.full((n, v), 7.0, dtype=buf_dtype, device=dev) if grad_t else torch.empty(0, device=dev)
+        st, sums = _shard_passes(ops, s_in, t_in, T, code, coefficients, read, coef, ce, target, gs, gt, direct)
+        return st, sums, gs, gt
+
+    def same(x, y):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+
+    def rounded(x, y32):  # x: y32 rounded once to x's dtype
+        if ops_name == "triton-interpreter" and x.dtype == torch.bfloat16:
+            # the interpreter truncates float32 -> bf16 (a GPU rounds to nearest): within one ulp
+            torch.testing.assert_close(x.float(), y32, rtol=2.0 ** -7, atol=0, equal_nan=True)
+        else:
+            same(x, y32.to(x.dtype))
+
+    st32, sums32, gs32, gt32 = run(s.float(), t.float(), torch.float32)
+    for buf_dtype in (torch.float32, dtype):
+        st, sums, gs, gt = run(s, t, buf_dtype)
+        same(st, st32)
+        same(sums, sums32)
+        assert gs.dtype == buf_dtype
+        rounded(gs, gs32)
+        if grad_t:
+            rounded(gt, gt32)
+    assert torch.all(gs32[2] == 0) and torch.isfinite(gs32[[0, 1, 4]]).all()
+    assert gs32[0, 4100] < 0 and gs32[4, 0] < 0  # the one-hot is in: -ce (1 - q1) + the divergence's part
+
+
+@pytest.mark.parametrize("ops_name", ["cpu", "triton-interpreter"])
+def test_shard_kernels_refuse_other_dtypes(ops_name):
+    """Logits other than float32/bf16/fp16, and gradient buffers other than float32 or their input's dtype,
+    raise an error that names the argument."""
+    ops, _ = _shard_ops(ops_name)
+    s = torch.randn(3, 40)
+    read = torch.ones(3)
+    with pytest.raises((ValueError, RuntimeError), match="student"):
+        ops.divergence_shard_stats(s.double(), s, 1.0, False, read)
+    st = torch.zeros(3, 5)
+    kl, none = R.divergence_coefficients("forward_kl"), torch.empty(0)
+    with pytest.raises((ValueError, RuntimeError), match="g must be"):
+        ops.divergence_shard_terms(s.bfloat16(), s, st, 1.0, 0, *kl, read, none, none.long(),
+                                   torch.empty(3, 40, dtype=torch.float16), none)
+    with pytest.raises((ValueError, RuntimeError), match="row_target"):
+        ops.divergence_shard_grad(s, s, st, 1.0, 0, *kl, torch.zeros(3, 10), read, torch.zeros(3), torch.empty(3, 40),
+                                  none)

@@ -185,42 +185,56 @@ def _shard_stats_args(s, t):
             "n_cols": "D", "inv_temp": "fp32"}
 
 
-def _shard_terms_args(s, t):
-    return {"S": f"*{s}", "T": f"*{t}", "STATS": "*fp32", "READ": "*fp32", "DIRECT": "*fp32", "SUMS": "*fp32",
-            "G": "*fp32", "H": "*fp32", "stride_s": "D", "stride_t": "D", "stride_g": "D", "stride_h": "D", "n_cols": "D",
-            "inv_temp": "fp32", "a": "fp32", "b": "fp32", "w_p": "fp32", "w_q": "fp32"}
+def _shard_terms_args(s, t, g="fp32"):
+    # g: the gradient buffers' type (float32, or the logits' own for bf16/fp16 logits)
+    return {"S": f"*{s}", "T": f"*{t}", "STATS": "*fp32", "READ": "*fp32", "DIRECT": "*fp32", "TARGET": "*i64",
+            "SUMS": "*fp32", "G": f"*{g}", "H": f"*{g}", "stride_s": "D", "stride_t": "D", "stride_g": "D",
+            "stride_h": "D", "n_cols": "D", "inv_temp": "fp32", "a": "fp32", "b": "fp32", "w_p": "fp32", "w_q": "fp32"}
 
 
-def _shard_grad_args(s, t):
-    return {"S": f"*{s}", "T": f"*{t}", "STATS": "*fp32", "COEF": "*fp32", "READ": "*fp32", "G": "*fp32",
-            "H": "*fp32", "stride_s": "D", "stride_t": "D", "stride_g": "D", "stride_h": "D", "n_cols": "D",
-            "inv_temp": "fp32"}
+def _shard_grad_args(s, t, g="fp32"):
+    return {"S": f"*{s}", "T": f"*{t}", "STATS": "*fp32", "COEF": "*fp32", "READ": "*fp32", "TARGET": "*i64",
+            "G": f"*{g}", "H": f"*{g}", "stride_s": "D", "stride_t": "D", "stride_g": "D", "stride_h": "D",
+            "n_cols": "D", "inv_temp": "fp32", "a": "fp32", "b": "fp32", "w_p": "fp32", "w_q": "fp32"}
 
 
 def _shard_jobs(add):
-    """The vocabulary-parallel shard kernels (``divergence_shard``): float32 inputs only (the launcher's
-    contract), every flag at the widest config on sm_90, everything requested on sm_80 and at every config."""
+    """The vocabulary-parallel shard kernels (``divergence_shard``): float32 logits and buffers (G, H stored
+    by the terms pass), and bf16/fp16 logits with buffers of their dtype (terms stores nothing but the
+    direct gradient; grad recomputes G, H: RECOMPUTE); every flag at the widest config on sm_90, everything
+    requested on sm_80 and at every config. dtypes: (student, teacher, gradient buffers)."""
     from fastkd.triton._common import MAX_ROW_BLOCK, row_config
 
     block, warps = row_config(MAX_ROW_BLOCK)
-    f32 = ("fp32", "fp32")
+    f32 = ("fp32", "fp32", "fp32")
+    low = [("bf16", "bf16", "bf16"), ("fp16", "fp16", "fp16")]
     for arch in (90, 80):
-        for ce in BOOLS if arch == 90 else (True,):
-            add("shard_stats", arch, f32, dict(HAS_CE=ce, BLOCK=block), warps, "A" if arch == 90 else "C")
+        tag = "A" if arch == 90 else "C"
+        for d, ce in itertools.product([f32] + low, BOOLS if arch == 90 else (True,)):
+            add("shard_stats", arch, d[:2], dict(HAS_CE=ce, BLOCK=block), warps, tag)
         for kind, gs, gt in itertools.product((0, 1), BOOLS, BOOLS):
             if arch == 90 or (gs and gt):
-                add("shard_terms", arch, f32, dict(KIND=kind, GRAD_S=gs, GRAD_T=gt, STORE_GRAD=False, BLOCK=block),
-                    warps, "A" if arch == 90 else "C")
-        # forward KL with no teacher gradient: the student's gradient from the terms pass
-        add("shard_terms", arch, f32, dict(KIND=0, GRAD_S=True, GRAD_T=False, STORE_GRAD=True, BLOCK=block), warps,
-            "A" if arch == 90 else "C")
-        for kind, (gs, gt) in itertools.product((0, 1), ((True, True), (True, False), (False, True))):
-            if arch == 90 or (gs and gt):
-                add("shard_grad", arch, f32, dict(KIND=kind, GRAD_S=gs, GRAD_T=gt, BLOCK=block), warps,
-                    "A" if arch == 90 else "C")
-    for b, w in row_configs():
-        add("shard_terms", 90, f32, dict(KIND=0, GRAD_S=True, GRAD_T=True, STORE_GRAD=False, BLOCK=b), w, "B")
-        add("shard_terms", 90, f32, dict(KIND=0, GRAD_S=True, GRAD_T=False, STORE_GRAD=True, BLOCK=b), w, "B")
+                add("shard_terms", arch, f32, dict(KIND=kind, GRAD_S=gs, GRAD_T=gt, STORE_GRAD=False, ONE_HOT=False,
+                                                   BLOCK=block), warps, tag)
+        for d, kind in itertools.product(low, (0, 1)):  # bf16/fp16 buffers: the sums only
+            add("shard_terms", arch, d, dict(KIND=kind, GRAD_S=False, GRAD_T=False, STORE_GRAD=False, ONE_HOT=False,
+                                             BLOCK=block), warps, tag)
+        # forward KL with no teacher gradient: the student's gradient from the terms pass, with the CE's one-hot
+        for d, one_hot in itertools.product([f32] + low, BOOLS if arch == 90 else (True,)):
+            add("shard_terms", arch, d, dict(KIND=0, GRAD_S=True, GRAD_T=False, STORE_GRAD=True, ONE_HOT=one_hot,
+                                             BLOCK=block), warps, tag)
+        for d, kind, (gs, gt) in itertools.product([f32] + low, (0, 1), ((True, True), (True, False), (False, True))):
+            for one_hot in (BOOLS if arch == 90 else (True,)) if gs else (False,):  # (a one-hot needs GRAD_S)
+                if arch == 90 or (gs and gt):
+                    add("shard_grad", arch, d, dict(KIND=kind, GRAD_S=gs, GRAD_T=gt, RECOMPUTE=d != f32,
+                                                    ONE_HOT=one_hot, BLOCK=block), warps, tag)
+    for (b, w), d in itertools.product(row_configs(), [f32] + low[:1]):
+        add("shard_terms", 90, d, dict(KIND=0, GRAD_S=d == f32, GRAD_T=d == f32, STORE_GRAD=False, ONE_HOT=False,
+                                       BLOCK=b), w, "B")
+        add("shard_terms", 90, d, dict(KIND=0, GRAD_S=True, GRAD_T=False, STORE_GRAD=True, ONE_HOT=True, BLOCK=b),
+            w, "B")
+        add("shard_grad", 90, d, dict(KIND=0, GRAD_S=True, GRAD_T=True, RECOMPUTE=d != f32, ONE_HOT=True, BLOCK=b),
+            w, "B")
 
 
 def _mask_args(x):

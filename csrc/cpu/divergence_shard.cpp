@@ -8,24 +8,36 @@
 //   divergence_shard_terms  given the whole-vocabulary (M_s, L_s, M_t, L_t, L_1): the
 //                           shard's part of the loss, of sum G, sum H and of TVD's
 //                           sign masses ([N, 8]),
-//                           with G and H written to the caller's float32 [N, V_local]
-//                           buffers (the gradient buffers themselves for float32 inputs);
+//                           with G and H written to the gradient buffers g, h when both
+//                           are float32 ("stored"; else nothing: the grad pass recomputes);
 //                           where sum G is known beforehand (kMixQ: forward KL, -(a + b))
 //                           and row_direct [N, 2] gives (coef_s, ce), the student's
 //                           gradient itself instead (no grad pass; no teacher gradient)
 //   divergence_shard_grad   given the whole-vocabulary sum G, sum H (TVD: the sign
-//                           masses) and the row coefficients: G, H turned in place into
-//                           the gradients coef_s (G - q sum G) + ce q1, coef_t (H - p sum H)
-//                           (TVD: 0.5 coef q div_tvd_factor(...) + ce q1, likewise for p)
+//                           masses) and the row coefficients: the gradients
+//                           coef_s (G - q sum G) + ce (q1 - onehot), coef_t (H - p sum H)
+//                           (TVD: 0.5 coef q div_tvd_factor(...) + ce (q1 - onehot), likewise
+//                           for p), from the stored G, H in place, or with G, H recomputed
+//
+// Inputs: float32, bfloat16 or float16 rows with unit column stride (any row stride), converted
+// to float32 per row (row_buffers.h); the math is float32 throughout. Gradient buffers g, h:
+// float32 or the dtype of their input (student, teacher). G, H are kept between the passes only
+// in float32: rounded to bf16, G alone carries an error of |G| eps where the gradient
+// G - q sum G can be far smaller (forward KL: q - p, near 0 where the nets agree), so with a
+// bf16/fp16 buffer the grad pass recomputes them from the logits (one more evaluation of the
+// per-class terms, no [N, V] temporary). The CE's one-hot (-ce at row_target, the target's
+// local column or -1) is added before a gradient is rounded to its dtype.
 //
 // The per-class math is csrc/divergence_math.h's (div_terms_form), as in the
 // single-process op; only the row sums come from elsewhere. Rows with row_read 0 are
-// not read (their outputs are 0). Inputs: float32 rows with unit column stride.
+// not read (their outputs are 0).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <vector>
 
 #include "loss_common.h"
 #include "../divergence_math.h"
@@ -33,11 +45,56 @@
 namespace fastkd {
 namespace {
 
+bool shard_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
 void check_shard_rows(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kFloat &&
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && shard_dtype(x.scalar_type()) &&
                   (x.size(1) <= 1 || x.stride(1) == 1),
-              "fastkd: ", name, " must be a float32 2-D CPU tensor with unit column stride, got ", x.scalar_type(),
-              " ", x.sizes(), " strides ", x.strides(), " on ", x.device());
+              "fastkd: ", name, " must be a float32, bfloat16 or float16 2-D CPU tensor with unit column stride, got ",
+              x.scalar_type(), " ", x.sizes(), " strides ", x.strides(), " on ", x.device());
+}
+
+// A gradient buffer: empty (not wanted), or shaped like its input with unit column stride, in float32
+// or the input's dtype.
+void check_grad_rows(const at::Tensor& x, const at::Tensor& input, const char* name) {
+  if (x.numel() == 0) return;
+  TORCH_CHECK(x.device().is_cpu() && x.sizes() == input.sizes() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == input.scalar_type()) &&
+                  (x.size(1) <= 1 || x.stride(1) == 1),
+              "fastkd: ", name, " must be empty or a CPU tensor shaped like its input ", input.sizes(),
+              " in float32 or ", input.scalar_type(), " with unit column stride, got ", x.scalar_type(), " ",
+              x.sizes(), " strides ", x.strides());
+}
+
+// Whether G, H are kept in the gradient buffers between the terms and grad passes: every given one
+// is float32 (else the grad pass recomputes them).
+bool terms_stored(const at::Tensor& g, const at::Tensor& h) {
+  return (g.numel() == 0 || g.scalar_type() == at::kFloat) && (h.numel() == 0 || h.scalar_type() == at::kFloat);
+}
+
+// row_target: empty (no one-hot) or int64 [N], the target's local column or -1.
+const int64_t* row_targets(const at::Tensor& row_target, int64_t n) {
+  if (row_target.numel() == 0) return nullptr;
+  check_row_vector(row_target, n, at::kLong, "row_target");
+  return row_target.const_data_ptr<int64_t>();
+}
+
+// Row i of x as float32 (in place, or converted into buf), and where row i of a gradient buffer is
+// written as float32 (in place, or buf; then grad_row_done converts it): row_buffers.h at row i's offset.
+const float* shard_row(const at::Tensor& x, int64_t i, std::vector<float>& buf) {
+  return input_span(x, i * x.stride(0), x.size(1), buf);
+}
+float* grad_row_out(const at::Tensor& g, int64_t i, std::vector<float>& buf) {
+  return output_span(g, g.numel() ? i * g.stride(0) : 0, g.numel() ? g.size(1) : 0, buf);
+}
+void grad_row_done(const at::Tensor& g, int64_t i, const std::vector<float>& buf) {
+  if (g.numel()) output_span_done(g, i * g.stride(0), g.size(1), buf);
+}
+
+// An unread row of a gradient buffer: zeros (all-zero bits in every dtype taken).
+void zero_row(const at::Tensor& g, int64_t i) {
+  if (g.numel()) std::memset(static_cast<char*>(g.data_ptr()) + i * g.stride(0) * g.element_size(), 0,
+                             g.size(1) * g.element_size());
 }
 
 void check_row_matrix(const at::Tensor& x, int64_t n, int64_t k, const char* name) {
@@ -91,20 +148,19 @@ at::Tensor shard_stats_cpu(const at::Tensor& student, const at::Tensor& teacher,
   const int64_t N = student.size(0), V = student.size(1);
   check_row_vector(row_read, N, at::kFloat, "row_read");
   const float inv_t = static_cast<float>(1.0 / temperature);
-  at::Tensor out = at::zeros({N, 5}, student.options());
-  const float* s_all = student.const_data_ptr<float>();
-  const float* t_all = teacher.const_data_ptr<float>();
+  at::Tensor out = at::zeros({N, 5}, student.options().dtype(at::kFloat));
   const float* read = row_read.const_data_ptr<float>();
   float* o = out.mutable_data_ptr<float>();
   at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+    std::vector<float> sbuf, tbuf;
     for (int64_t i = begin; i < end; ++i) {
       float* r = o + 5 * i;
       if (read[i] == 0.0f) {  // not read: an empty row (max -inf, sum 0)
         r[0] = r[2] = -INFINITY;
         continue;
       }
-      const float* s = s_all + i * student.stride(0);
-      const DivLse a = span_lse(s, V, inv_t), b = span_lse(t_all + i * teacher.stride(0), V, inv_t);
+      const float* s = shard_row(student, i, sbuf);
+      const DivLse a = span_lse(s, V, inv_t), b = span_lse(shard_row(teacher, i, tbuf), V, inv_t);
       r[0] = a.m, r[1] = a.z, r[2] = b.m, r[3] = b.z;
       r[4] = ce ? (inv_t == 1.0f || a.m == -INFINITY ? a.z : span_sum_exp(s, V, a.m, 1.0f)) : 0.0f;
     }
@@ -168,12 +224,35 @@ void terms_row_direct(const DivParams& d, const float* s, const float* t, int64_
     terms_row<kDivKL, kMixQ, kFormGeneral, true, false, kStoreGrad>(d, s, t, V, inv_t, st, direct, g, nullptr, out);
 }
 
-// g, h: float32 [N, V] outputs for G and H (rows contiguous, any row stride), or empty (not wanted).
-// row_direct: empty, or [N, 2] (coef_s, ce) for g to receive the student's gradient (kMixQ, no h: with a
-// teacher gradient the grad pass runs anyway, and the Triton kernel with both spilled).
+// One row of the per-class terms (the kernel variant for d): the row's sums into out, G and H into g, h
+// where not null (TVD: sums and sign masses only).
+void terms_row_for(const DivParams& d, int form, const float* s, const float* t, int64_t V, float inv_t,
+                   const float* st, float* g, float* h, float* out) {
+#define FASTKD_SHARD_TERMS(KIND, MIX, FORM) terms_row_any<KIND, MIX, FORM>(d, s, t, V, inv_t, st, g, h, out)
+  if (d.kind == kDivTVD)  // the gradient comes from the sign masses: no G, H
+    terms_row<kDivTVD, kMixBoth, kFormGeneral, false, false>(d, s, t, V, inv_t, st, nullptr, g, h, out);
+  else if (d.mix == kMixQ) FASTKD_SHARD_TERMS(kDivKL, kMixQ, kFormGeneral);
+  else if (d.mix == kMixP) FASTKD_SHARD_TERMS(kDivKL, kMixP, kFormGeneral);
+  else if (form == kFormProp) FASTKD_SHARD_TERMS(kDivKL, kMixBoth, kFormProp);
+  else if (form == kFormNoB) FASTKD_SHARD_TERMS(kDivKL, kMixBoth, kFormNoB);
+  else if (form == kFormNoA) FASTKD_SHARD_TERMS(kDivKL, kMixBoth, kFormNoA);
+  else FASTKD_SHARD_TERMS(kDivKL, kMixBoth, kFormGeneral);
+#undef FASTKD_SHARD_TERMS
+}
+
+// The CE's one-hot: -ce at the target's local column (col -1: another shard's, or none).
+inline void add_one_hot(float* g, const int64_t* target, int64_t i, float ce) {
+  if (g && target && ce != 0.0f && target[i] >= 0) g[target[i]] -= ce;
+}
+
+// g, h: [N, V] gradient buffers (float32 or the input's dtype; unit column stride, any row stride), or empty
+// (not wanted): G, H written to them when both are float32 (terms_stored). row_direct: empty, or [N, 2]
+// (coef_s, ce) for g to receive the student's gradient (kMixQ, no h: with a teacher gradient the grad pass
+// runs anyway, and the Triton kernel with both spilled), with the one-hot at row_target.
 at::Tensor shard_terms_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_stats,
                            double temperature, int64_t kind, double a, double b, double w_p, double w_q,
-                           const at::Tensor& row_read, const at::Tensor& row_direct, at::Tensor g, at::Tensor h) {
+                           const at::Tensor& row_read, const at::Tensor& row_direct, const at::Tensor& row_target,
+                           at::Tensor g, at::Tensor h) {
   check_shard_pair(student, teacher, kind);
   const int64_t N = student.size(0), V = student.size(1);
   check_row_matrix(row_stats, N, 5, "row_stats");
@@ -187,46 +266,37 @@ at::Tensor shard_terms_cpu(const at::Tensor& student, const at::Tensor& teacher,
                       "fastkd: row_direct needs the KL family with w_p = 0 (sum G known), a g buffer and no h");
   }
   const float inv_t = static_cast<float>(1.0 / temperature);
-  const bool has_g = g.numel() > 0, has_h = h.numel() > 0;
-  if (has_g) check_shard_rows(g, "g");
-  if (has_h) check_shard_rows(h, "h");
-  TORCH_CHECK((!has_g || g.sizes() == student.sizes()) && (!has_h || h.sizes() == student.sizes()),
-              "fastkd: g and h must be empty or shaped like student ", student.sizes());
-  at::Tensor sums = at::zeros({N, 8}, student.options());
-  const float* s_all = student.const_data_ptr<float>();
-  const float* t_all = teacher.const_data_ptr<float>();
+  check_grad_rows(g, student, "g");
+  check_grad_rows(h, teacher, "h");
+  const int64_t* target = row_targets(row_target, N);
+  // G, H kept only in float32 buffers (terms_stored); the direct gradient goes into any
+  const bool store = terms_stored(g, h);
+  at::Tensor sums = at::zeros({N, 8}, student.options().dtype(at::kFloat));
   const float* stats = row_stats.const_data_ptr<float>();
   const float* read = row_read.const_data_ptr<float>();
   const float* coef = direct ? row_direct.const_data_ptr<float>() : nullptr;
-  float* g_all = has_g ? g.mutable_data_ptr<float>() : nullptr;
-  float* h_all = has_h ? h.mutable_data_ptr<float>() : nullptr;
   float* out = sums.mutable_data_ptr<float>();
   const int form = div_form(d);
   at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+    std::vector<float> sbuf, tbuf, gbuf, hbuf;
     for (int64_t i = begin; i < end; ++i) {
-      float* gi = g_all ? g_all + i * g.stride(0) : nullptr;
-      float* hi = h_all ? h_all + i * h.stride(0) : nullptr;
       if (read[i] == 0.0f) {
-        if (gi) std::fill(gi, gi + V, 0.0f);
-        if (hi) std::fill(hi, hi + V, 0.0f);
+        zero_row(g, i);
+        zero_row(h, i);
         continue;
       }
-      const float* s = s_all + i * student.stride(0);
-      const float* t = t_all + i * teacher.stride(0);
+      const float* s = shard_row(student, i, sbuf);
+      const float* t = shard_row(teacher, i, tbuf);
       const float* st = stats + 5 * i;
-#define FASTKD_SHARD_TERMS(KIND, MIX, FORM) terms_row_any<KIND, MIX, FORM>(d, s, t, V, inv_t, st, gi, hi, out + 8 * i)
-      if (direct)
+      if (direct) {
+        float* gi = grad_row_out(g, i, gbuf);
         terms_row_direct(d, s, t, V, inv_t, st, coef + 2 * i, gi, out + 8 * i);
-      else if (d.kind == kDivTVD)  // the gradient comes from the sign masses: no G, H
-        terms_row<kDivTVD, kMixBoth, kFormGeneral, false, false>(d, s, t, V, inv_t, st, nullptr, gi, hi,
-                                                                  out + 8 * i);
-      else if (d.mix == kMixQ) FASTKD_SHARD_TERMS(kDivKL, kMixQ, kFormGeneral);
-      else if (d.mix == kMixP) FASTKD_SHARD_TERMS(kDivKL, kMixP, kFormGeneral);
-      else if (form == kFormProp) FASTKD_SHARD_TERMS(kDivKL, kMixBoth, kFormProp);
-      else if (form == kFormNoB) FASTKD_SHARD_TERMS(kDivKL, kMixBoth, kFormNoB);
-      else if (form == kFormNoA) FASTKD_SHARD_TERMS(kDivKL, kMixBoth, kFormNoA);
-      else FASTKD_SHARD_TERMS(kDivKL, kMixBoth, kFormGeneral);
-#undef FASTKD_SHARD_TERMS
+        add_one_hot(gi, target, i, coef[2 * i + 1]);
+        grad_row_done(g, i, gbuf);
+      } else {
+        terms_row_for(d, form, s, t, V, inv_t, st, store ? grad_row_out(g, i, gbuf) : nullptr,
+                      store ? grad_row_out(h, i, hbuf) : nullptr, out + 8 * i);
+      }
     }
   });
   return sums;
@@ -282,34 +352,47 @@ FASTKD_CPU_CLONES void grad_row(const float* s, const float* t, int64_t V, float
   }
 }
 
+// a, b, w_p, w_q: the divergence's coefficients (as divergence_shard_terms'), for G, H recomputed when
+// the buffers are not float32 (terms_stored). row_target: the CE's one-hot, as divergence_shard_terms'.
 void shard_grad_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_stats,
-                    double temperature, int64_t kind, const at::Tensor& row_coef, const at::Tensor& row_read,
-                    at::Tensor g, at::Tensor h) {
+                    double temperature, int64_t kind, double a, double b, double w_p, double w_q,
+                    const at::Tensor& row_coef, const at::Tensor& row_read, const at::Tensor& row_target, at::Tensor g,
+                    at::Tensor h) {
   check_shard_pair(student, teacher, kind);
   const int64_t N = student.size(0), V = student.size(1);
   check_row_matrix(row_stats, N, 5, "row_stats");
   check_row_matrix(row_coef, N, 10, "row_coef");
   check_row_vector(row_read, N, at::kFloat, "row_read");
-  const bool has_g = g.numel() > 0, has_h = h.numel() > 0;
-  if (has_g) check_shard_rows(g, "g");
-  if (has_h) check_shard_rows(h, "h");
-  TORCH_CHECK((!has_g || g.sizes() == student.sizes()) && (!has_h || h.sizes() == student.sizes()),
-              "fastkd: g and h must be empty or shaped like student ", student.sizes());
+  check_grad_rows(g, student, "g");
+  check_grad_rows(h, teacher, "h");
+  const int64_t* target = row_targets(row_target, N);
+  const DivParams d = div_params(static_cast<int>(kind), static_cast<float>(a), static_cast<float>(b),
+                                 static_cast<float>(w_p), static_cast<float>(w_q));
+  const int form = div_form(d);
+  const bool stored = terms_stored(g, h);
   const float inv_t = static_cast<float>(1.0 / temperature);
-  const float* s_all = student.const_data_ptr<float>();
-  const float* t_all = teacher.const_data_ptr<float>();
   const float* stats = row_stats.const_data_ptr<float>();
   const float* coef = row_coef.const_data_ptr<float>();
   const float* read = row_read.const_data_ptr<float>();
-  float* g_all = has_g ? g.mutable_data_ptr<float>() : nullptr;
-  float* h_all = has_h ? h.mutable_data_ptr<float>() : nullptr;
   at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+    std::vector<float> sbuf, tbuf, gbuf, hbuf;
+    float unused[8];
     for (int64_t i = begin; i < end; ++i) {
       if (read[i] == 0.0f) continue;  // zeroed by divergence_shard_terms
-      (kind == kDivTVD ? tvd_grad_row : grad_row)(s_all + i * student.stride(0), t_all + i * teacher.stride(0), V,
-                                                  inv_t, stats + 5 * i, coef + 10 * i,
-                                                  g_all ? g_all + i * g.stride(0) : nullptr,
-                                                  h_all ? h_all + i * h.stride(0) : nullptr);
+      const float* s = shard_row(student, i, sbuf);
+      const float* t = shard_row(teacher, i, tbuf);
+      const float *st = stats + 5 * i, *c = coef + 10 * i;
+      float* gi = grad_row_out(g, i, gbuf);
+      float* hi = grad_row_out(h, i, hbuf);
+      if (kind == kDivTVD) {
+        tvd_grad_row(s, t, V, inv_t, st, c, gi, hi);
+      } else {
+        if (!stored) terms_row_for(d, form, s, t, V, inv_t, st, gi, hi, unused);  // G, H again, in float32
+        grad_row(s, t, V, inv_t, st, c, gi, hi);
+      }
+      add_one_hot(gi, target, i, c[4]);
+      grad_row_done(g, i, gbuf);
+      grad_row_done(h, i, hbuf);
     }
   });
 }

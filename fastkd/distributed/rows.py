@@ -172,8 +172,9 @@ def run_chunks(body, n, student, t_values, need_s, need_t, reduction, lead, whol
     rows' temperature gradients [rows]), per chunk (``row_chunks(n, whole)``).
 
     Gradients go into one buffer per input, in the input's dtype (the only [N, V_local]
-    tensors that outlive the call). ``out``: the chunk's rows of those buffers where they are
-    float32 (else None), which a body may write its gradients into and return (no copy).
+    tensors that outlive the call). ``out``: the chunk's rows of those buffers (None where not
+    wanted), which a body may write its gradients into and return (no copy); a body that returns
+    other tensors (float32 math) has them copied in.
     Returns (loss, soft, hard) reduced, the two gradients, and the [N] temperature gradients
     (None when ``body`` gives none).
     """
@@ -181,8 +182,7 @@ def run_chunks(body, n, student, t_values, need_s, need_t, reduction, lead, whol
     grad_t = grad_buffer((n, t_values.shape[-1]), t_values) if need_t else None
     outs, temps = [], []
     for rows in row_chunks(n, whole):
-        out = (grad_s[rows] if need_s and grad_s.dtype == torch.float32 else None,
-               grad_t[rows] if need_t and grad_t.dtype == torch.float32 else None)
+        out = (grad_s[rows] if need_s else None, grad_t[rows] if need_t else None)
         loss_r, soft_r, hard_r, gs, gt, *grad_temp = body(rows, out)
         outs.append((loss_r, soft_r, hard_r))
         if grad_temp and grad_temp[0] is not None:

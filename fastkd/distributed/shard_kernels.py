@@ -1,5 +1,5 @@
-"""The fused shard kernels of the dense-teacher divergences (float32 math): which run, and the
-three passes around the collectives (``docs/design.md``, "Shard kernels").
+"""The fused shard kernels of the dense-teacher divergences (float32, bfloat16 and float16 logits, float32
+math): which run, and the three passes around the collectives (``docs/design.md``, "Shard kernels").
 """
 import torch
 import torch.distributed as dist
@@ -10,11 +10,14 @@ from . import settings
 from .comm import all_reduce
 from .rows import gather_owned, ids_in_range, local_columns, poison
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the logits the shard kernels read as they are
+
 
 def shard_kernels(c, s: torch.Tensor):
     """The shard ops ``divergence_rows`` runs on (a namespace with ``divergence_shard_stats``, ``_terms``,
-    ``_grad``), or None for the PyTorch math: a top-k teacher, float64 math, ``SHARD_KERNELS = "off"``, or
-    the kernels missing (no compiled CPU ops; no Triton)."""
+    ``_grad``), or None for the PyTorch math: a top-k teacher, float64 math (a float64 input),
+    ``SHARD_KERNELS = "off"``, or the kernels missing (no compiled CPU ops; no Triton). Float32 math is
+    float32, bfloat16 or float16 logits, which the kernels read as they are."""
     if settings.SHARD_KERNELS == "off" or c.mode is not None or c.dtype != torch.float32:
         return None
     if s.device.type == "cuda" or settings.SHARD_KERNELS == "triton":
@@ -31,10 +34,10 @@ def shard_kernels(c, s: torch.Tensor):
 
 
 def kernels_take_all_rows(c, s: torch.Tensor, t: torch.Tensor) -> bool:
-    """Whether the shard kernels run these rows with no ``[rows, V_local]`` temporaries (float32 logits
-    and gradients: nothing to convert; a rare column-strided input is copied whole), so one row chunk,
-    one round of collectives, is enough."""
-    return s.dtype == t.dtype == torch.float32 and shard_kernels(c, s) is not None
+    """Whether the shard kernels run these rows: they make no ``[rows, V_local]`` temporaries (bf16/fp16
+    logits are converted after loading, the gradients written into the caller's buffers in their dtype; a
+    rare column-strided input is copied whole), so one row chunk, one round of collectives, is enough."""
+    return s.dtype in KERNEL_DTYPES and t.dtype in KERNEL_DTYPES and shard_kernels(c, s) is not None
 
 
 def _gap_scale(z: torch.Tensor, m: torch.Tensor, m_all: torch.Tensor, inv_t: float) -> torch.Tensor:
@@ -52,13 +55,14 @@ def divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
     all-reduce of the maxima, the sums moved to the group's maxima (``_gap_scale``), SUM all-reduce
     (with the CE's sum at T = 1 and ``s[target]``). (2) ``divergence_shard_terms``: the shard's part
     of the loss, sum G, sum H (TVD: its sign masses), with G and H kept; SUM all-reduce.
-    (3) ``divergence_shard_grad``: G, H made the gradients in place; the CE's one-hot is added here,
-    on the owning rank. Forward KL's student gradient (``sum G`` known) comes from (2) directly
-    when no teacher gradient is wanted: no pass (3).
+    (3) ``divergence_shard_grad``: the gradients, from the G, H of (2) where they are float32 buffers,
+    else with G, H recomputed (bf16/fp16 buffers: ``docs/design.md``, "Shard kernels"); the CE's one-hot
+    on the owning rank (``row_target``). Forward KL's student gradient (``sum G`` known) comes from (2)
+    directly when no teacher gradient is wanted: no pass (3). ``s``, ``t``: float32, bf16 or fp16 rows, read
+    as they are; ``out``: the gradient buffers' rows (float32 or the input's dtype) written in place.
     """
     dev, width, offset, group, T = s.device, c.width, c.offset, c.group, c.T
     f32 = torch.float32
-    s, t = s.to(f32), t.to(f32)
     s = s if s.stride(-1) == 1 else s.contiguous()
     t = t if t.stride(-1) == 1 else t.contiguous()
     n = s.shape[0]
@@ -73,7 +77,7 @@ def divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
     sums = [_gap_scale(z_s, m_s, big_s, 1.0 / T), _gap_scale(z_t, m_t, big_t, 1.0 / T)]
     if use_ce:
         t_own, t_col = local_columns(tgt.unsqueeze(1), offset, width)
-        sums += [_gap_scale(z_1, m_s, big_s, 1.0), gather_owned(s, t_own, t_col).squeeze(1)]
+        sums += [_gap_scale(z_1, m_s, big_s, 1.0), gather_owned(s, t_own, t_col).squeeze(1).to(f32)]
     sums = all_reduce(sums, dist.ReduceOp.SUM, group)
     l_s, l_t = sums[0].log(), sums[1].log()
     l_1 = sums[2].log() if use_ce else torch.zeros_like(l_s)
@@ -99,14 +103,18 @@ def divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
     # the grad pass is skipped (with a teacher gradient it runs anyway, for both)
     direct_s = c.need_s and not c.need_t and not tvd and w_p == 0.0
 
-    def buffer(want, given):  # the caller's float32 gradient rows, else a new one ([0]: not wanted)
+    def buffer(want, given, x):  # the caller's gradient rows, else a new one in x's dtype ([0]: not wanted)
         if not want:
             return torch.empty(0, dtype=f32, device=dev)
-        return given if given is not None else torch.empty(s.shape, dtype=f32, device=dev)
+        return given if given is not None else torch.empty(x.shape, dtype=x.dtype, device=dev)
 
-    g, h = buffer(c.need_s, out[0]), buffer(c.need_t, out[1])
+    g, h = buffer(c.need_s, out[0], s), buffer(c.need_t, out[1], t)
     direct = torch.stack([coef, ce], dim=1) if direct_s else torch.empty(0, dtype=f32, device=dev)
-    part = ops.divergence_shard_terms(s, t, row_stats, T, code, a, b, w_p, w_q, read_f, direct, g, h)
+    # the CE's one-hot (-ce at the target's local column, -1 on the other ranks), put in by the kernels
+    # before a gradient is rounded to bf16/fp16
+    one_hot = c.need_s and use_ce and c.ce_weight != 0
+    target = torch.where(t_own, t_col, -1).squeeze(1) if one_hot else torch.empty(0, dtype=torch.int64, device=dev)
+    part = ops.divergence_shard_terms(s, t, row_stats, T, code, a, b, w_p, w_q, read_f, direct, target, g, h)
     if tvd:  # the gradients come from the sign masses (q_lt, q_gt, p_lt, p_gt, tie), not from sum G, sum H
         red = all_reduce([part[:, 0]] + ([part[:, 3:]] if c.need_s or c.need_t else []), dist.ReduceOp.SUM, group)
         sum_g = sum_h = zeros
@@ -127,7 +135,5 @@ def divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
     rows = soft + c.ce_weight * hard if c.ce_weight != 0 else soft
     if (c.need_s and not direct_s) or c.need_t:
         row_coef = torch.cat([torch.stack([sum_g, sum_h, coef, coef, ce], dim=1), masses], dim=1)
-        ops.divergence_shard_grad(s, t, row_stats, T, code, row_coef, read_f, g, h)
-    if c.need_s and use_ce and c.ce_weight != 0:
-        g.scatter_add_(1, t_col, torch.where(t_own, -ce.unsqueeze(1), torch.zeros((), dtype=f32, device=dev)))
+        ops.divergence_shard_grad(s, t, row_stats, T, code, a, b, w_p, w_q, row_coef, read_f, target, g, h)
     return rows * weight, soft * weight, hard * weight, (g if c.need_s else None), (h if c.need_t else None), None
