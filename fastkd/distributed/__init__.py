@@ -46,16 +46,18 @@ for float64): ``e * N * (r1 + r2 + r3 + K) + 32`` with ``r1 + r2 + r3`` the
 number of per-row numbers (listed in ``PER_ROW_FLOATS``) and ``K``
 the top-k width (0 for dense teachers); the 32 bytes are the shape check (four
 int64: rows with the input dtypes and gradient flags, and shard width, ``_check_group_shapes``). It does not depend on
-``V``. Calls: 1, then 2 or 3 per row chunk (below), at most 49 (4 on the shard kernels
-with float32 logits).
+``V``. Calls: 1, then 2 or 3 per row chunk (below), at most 49 (4 on the shard kernels,
+whatever the logits' dtype: float32, bf16 or fp16).
 
 Memory: the local math runs on row chunks (at most ``CHUNK_MAX`` = 16 chunks of at
 least ``CHUNK_MIN_ROWS`` = 64 rows; the split depends on ``N`` and the dtypes only, so
 every rank issues the same collectives: the shape check makes ranks agree on both), each chunk's
 float32 temporaries (about 12 x ``[rows, V_local]`` for a dense teacher with both
-gradients) freed before the next. The shard kernels on float32 logits make no
-``[rows, V_local]`` temporaries (they write into the gradient buffers), so they take
-all rows in one chunk: three collectives per call, not three per chunk.
+gradients) freed before the next. The shard kernels make no ``[rows, V_local]`` temporaries:
+they read float32, bf16 or fp16 logits as they are (converted after loading, math in float32)
+and write into the gradient buffers in the input dtype (bf16/fp16: G and H recomputed by the
+grad pass rather than kept in bf16), so they take all rows in one chunk: three collectives per
+call, not three per chunk.
 What outlives the call: the stored gradients, in the input dtype. Measured peak (RSS high-water
 mark) over the inputs, ``[1024, 32000]`` float32 in a group of one process: 2.08 x ``[N, V]``
 for KD with both gradients (the two gradients), 1.00 x with the student's only, 2.0 x for a

@@ -139,8 +139,8 @@ def check_group_shapes(rows: int, width: int, group, device, dtypes=(), grads=()
     """One MAX all-reduce of (rows, -rows, width, -width), before any per-row collective.
 
     Vocabulary-parallel ranks must hold the same rows and equally wide shards, and make the same
-    call: inputs of the same ``dtypes`` (they choose the row chunks: float32 logits on the shard
-    kernels take one) and the same gradients wanted (``grads``: bools, which add per-row numbers).
+    call: inputs of the same ``dtypes`` (they choose the row chunks: float32, bf16 or fp16 logits on
+    the shard kernels take one) and the same gradients wanted (``grads``: bools, which add per-row numbers).
     Otherwise the per-row collectives that follow would pair different rows, or differ in size and
     hang. Dtypes and flags ride in the row entries (``rows * 1024 + code``). Where values are
     readable (CPU tensors) a mismatch raises here, naming both counts. On a GPU nothing is read on
