@@ -61,7 +61,10 @@ call, not three per chunk.
 What outlives the call: the stored gradients, in the input dtype. Measured peak (RSS high-water
 mark) over the inputs, ``[1024, 32000]`` float32 in a group of one process: 2.08 x ``[N, V]``
 for KD with both gradients (the two gradients), 1.00 x with the student's only, 2.0 x for a
-top-32 teacher (PyTorch math: one gradient and the chunk temporaries).
+top-32 teacher (PyTorch math: one gradient and the chunk temporaries). bf16 and fp16 logits (shard
+kernels, a fresh process per call): 1.00 x ``[N, V]`` in their dtype for KD and JSD with the
+student's gradient, 2.00 x with both (the gradients alone; when they were copied to float32 per row
+chunk: 1.0-2.0 x and 2.6-2.9 x).
 Math in float32 (float64 for float64 inputs), whatever the input dtype.
 
 Values are checked where reading them is free (CPU tensors; ``fastkd.set_value_checks``):
