@@ -344,6 +344,57 @@ def test_mgd_matches_float64_reference(mask_type, backend, dtype, layout):
         assert err < max(grad_tol, 1e-5), f"{name} gradient: relative norm error {err:.2e}"
 
 
+# ---- divergence_fwd numerics (issue 24): the reference and every fused backend against float64 ----
+
+_TOPK_FNS = {"forward_kl": fastkd.forward_kl_loss, "reverse_kl": fastkd.reverse_kl_loss, "jsd": fastkd.jsd_loss,
+             "tvd": fastkd.tvd_loss}
+
+
+def _topk_run(loss, backend, s, lp, ids, mode, target=None, ce_weight=0.0):
+    """(per-row loss, grad student, grad teacher log-probs) of a divergence against a TopKTeacher."""
+    s = s.detach().requires_grad_()
+    lp = lp.detach().requires_grad_()
+    teacher = fastkd.TopKTeacher(ids, lp, mode=mode)
+    kw = dict(reduction="none", target=target, ce_weight=ce_weight, backend=backend)
+    if loss == "kd":
+        out = fastkd.kd_loss(s, teacher, 2.0, **kw)
+    else:
+        out = _TOPK_FNS[loss](s, teacher, temperature=2.0, **kw)
+    return (out.detach(), *torch.autograd.grad(out.sum(), [s, lp]))
+
+
+def _topk_rows(device, n=3, v=100, k=8, seed=21):
+    """Student logits [n, v], k distinct ids per row and teacher log-probs with a tail of mass 0.1."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, v, generator=g) * 3
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+    lp = torch.log_softmax(torch.randn(n, k, generator=g) * 2, dim=1) + torch.log(torch.tensor(0.9))
+    return s.to(device), lp.to(device), ids.to(device)
+
+
+@pytest.mark.parametrize("backend", ("reference",) + FUSED)
+@pytest.mark.parametrize("loss", ("kd", "reverse_kl", "jsd", "tvd"))
+def test_topk_tail_with_every_non_member_masked(loss, backend):
+    """Tail mode where every student logit outside the row's ids is -inf (the student tail is empty) and the loss
+    is finite (forward KL: a teacher whose top-k mass is clamped at 1): the masked columns' gradient is exactly 0,
+    not NaN (logsumexp of an all -inf tail, exp(-inf - -inf) times a tail G of 0), and the rest is float64's."""
+    device = skip_unless_runs("kd_topk" if loss == "kd" else loss, backend)
+    s, lp, ids = _topk_rows(device)
+    masked = torch.ones_like(s, dtype=torch.bool).scatter_(1, ids, False)
+    s = s.masked_fill(masked, float("-inf"))
+    if loss == "kd":  # forward KL is finite only without teacher tail mass: one slot holds it all
+        lp = torch.full_like(lp, -40.0)
+        lp[:, 0] = 0.0
+    out, gs, gt = _topk_run(loss, backend, s, lp, ids, "tail")
+    ref_out, ref_gs, ref_gt = _topk_run(loss, "reference", s.double(), lp.double(), ids, "tail")
+    assert torch.isfinite(out).all() and torch.isfinite(ref_out).all()
+    for name, g, r in (("student", gs, ref_gs), ("teacher", gt, ref_gt)):
+        assert torch.isfinite(g).all() and torch.isfinite(r).all(), f"{name} gradient is not finite"
+        assert _rel_norm(g, r) < 1e-5, f"{name} gradient: relative norm error {_rel_norm(g, r):.2e}"
+    assert (gs[masked] == 0).all() and (ref_gs[masked] == 0).all()
+    torch.testing.assert_close(out.double().cpu(), ref_out.cpu(), rtol=2e-5, atol=1e-6)
+
+
 def test_matrix_covers_every_fused_loss():
     """Adding a loss to the backends without adding it here fails."""
     from fastkd.dispatch.backend import LOSS_OPS

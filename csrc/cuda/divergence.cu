@@ -416,7 +416,8 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
     sweep_one_grads(sp, s, gs, [&](int64_t c, float x) {
       float g = 0.0f;
       if (tail) {
-        const float share = is_member(bits, c) ? 0.0f : div_exp(div_log_prob(x, st.u.m, inv_t, lu));
+        // an empty tail (every non-member -inf) has no share: exp(-inf - -inf) would be NaN, times G_tail = 0
+        const float share = is_member(bits, c) || st.u.z == 0.0f ? 0.0f : div_exp(div_log_prob(x, st.u.m, inv_t, lu));
         g = div_topk_nonmember_grad(coef, share, e_tail.g, div_exp(div_log_prob(x, st.s.m, inv_t, ls)), sums.y);
       }
       if (with_ce) g += cew * ce_grad(x, st.s1, l1, c, h.g);

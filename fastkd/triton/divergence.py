@@ -375,7 +375,9 @@ def _div_topk_kernel(
             member, j = _members(sid_row, j, n_k, offs, start + BLOCK, ok)
             if TAIL:
                 q = tl.exp((s - m_s) * inv_temp - lz_s)
-                gs = c_soft * (tl.exp((s - m_n_safe) * inv_temp - lz_n) * g_n - q * sum_g)
+                # an empty tail (every non-member -inf, z_n = 0) has no share: exp(-inf + inf) would be NaN
+                share = tl.where(z_n == 0.0, 0.0, tl.exp((s - m_n_safe) * inv_temp - lz_n))
+                gs = c_soft * (share * g_n - q * sum_g)
             else:
                 gs = tl.zeros([BLOCK], dtype=tl.float32)  # renormalised: 0 outside the ids
             if HAS_TARGET:
