@@ -395,6 +395,36 @@ def test_topk_tail_with_every_non_member_masked(loss, backend):
     torch.testing.assert_close(out.double().cpu(), ref_out.cpu(), rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("nan_at", ("teacher_slot", "student_first_column", "student_member"))
+@pytest.mark.parametrize("loss, mode", [("kd", "tail"), ("jsd", "tail"), ("tvd", "tail"), ("reverse_kl", "tail"),
+                                        ("tvd", "renormalize"), ("reverse_kl", "renormalize")])
+def test_nan_in_a_topk_row_gives_nan_where_the_reference_does(loss, mode, nan_at, backend):
+    """A NaN teacher log-prob (tail mode: the tail mass is NaN, so every slot's teacher gradient is NaN, not finite),
+    a NaN student logit at column 0 (the first value a thread reads: an online log-sum-exp must not drop it) or at a
+    member id: loss, hard and both gradients are NaN exactly where the float64 reference's are (TVD: the other
+    net's sign term is 0), with the cross-entropy on."""
+    device = skip_unless_runs("kd_topk" if loss == "kd" else loss, backend)
+    s, lp, ids = _topk_rows(device)
+    ids[1, 5] = -1  # a padding slot: its log-prob is never read
+    lp[1, 5] = float("nan")
+    if nan_at == "teacher_slot":
+        lp[1, 2] = float("nan")
+    elif nan_at == "student_first_column":
+        s[1, 0] = float("nan")
+    else:
+        s[1, ids[1, 3]] = float("nan")
+    target = torch.tensor([7, 7, 7], device=device)
+    got = _topk_run(loss, backend, s, lp, ids, mode, target, ce_weight=0.5)
+    want = _topk_run(loss, "reference", s.double(), lp.double(), ids, mode, target, ce_weight=0.5)
+    assert want[0][1].isnan() and torch.isfinite(want[0][[0, 2]]).all()
+    for name, g, r in zip(("loss", "student gradient", "teacher gradient"), got, want):
+        assert torch.equal(g.isnan().cpu(), r.isnan().cpu()), (
+            f"{name}: NaN at {int(g.isnan().sum())} entries, the reference at {int(r.isnan().sum())}")
+        f = torch.isfinite(r)
+        assert _rel_norm(g[f], r[f]) < 1e-5, f"{name}: relative norm error {_rel_norm(g[f], r[f]):.2e}"
+
+
 def test_matrix_covers_every_fused_loss():
     """Adding a loss to the backends without adding it here fails."""
     from fastkd.dispatch.backend import LOSS_OPS

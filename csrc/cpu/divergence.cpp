@@ -494,8 +494,9 @@ DivRowOut topk_row(const DivCall& c, int64_t i, const float* s, const float* lp,
       div_lse_push(pk, lp[k], 1.0f);
     }
     ms_k = sk.m;
-    lq_norm = sk.z > 0.0f ? div_lse_log(sk) : INFINITY;  // no finite member logit: q = 0 (not 0 - log 0 = +inf)
-    lp_norm = pk.z > 0.0f ? pk.m + div_lse_log(pk) : INFINITY;
+    // no finite member logit: q = 0 (not 0 - log 0 = +inf); a NaN sum stays NaN (not q = 0)
+    lq_norm = sk.z != 0.0f ? div_lse_log(sk) : INFINITY;
+    lp_norm = pk.z != 0.0f ? pk.m + div_lse_log(pk) : INFINITY;
   }
   float soft = 0.0f, sum_g = 0.0f, sum_h = 0.0f;
   for (int64_t k = 0; k < K; ++k) {

@@ -363,7 +363,7 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
       lp = y;
     } else {
       lq = div_log_prob(x, ren.s.m, inv_t, lren_s);
-      lp = ren.s1.z > 0.0f ? div_log_prob(y, ren.s1.m, 1.0f, lren_p) : y;  // no teacher mass: stays -inf
+      lp = ren.s1.z != 0.0f ? div_log_prob(y, ren.s1.m, 1.0f, lren_p) : y;  // no teacher mass: stays -inf; NaN stays
     }
   };
 

@@ -321,7 +321,9 @@ def _div_topk_kernel(
         lp_k = lp_in
         # teacher tail 1 - sum p_k in float64 (clamped at 0): float32 would keep no digit of a 1e-9 tail
         p_tail64 = 1.0 - tl.sum(tl.exp(lp_in.to(tl.float64)), 0)
-        lp_tail = tl.where(p_tail64 > 0.0, tl.log(tl.where(p_tail64 > 0.0, p_tail64, 1.0)), float("-inf")).to(tl.float32)
+        # (a NaN log-prob makes the tail NaN, not empty: every slot's gradient is then NaN, as the reference's)
+        lp_tail = tl.where(p_tail64 > 0.0, tl.log(tl.where(p_tail64 > 0.0, p_tail64, 1.0)),
+                           tl.where(p_tail64 != p_tail64, p_tail64, float("-inf"))).to(tl.float32)
         term_n, g_n, h_n = _bucket_terms(lp_tail, lq_tail, a, b, w_p, w_q, log_wp, log_wq, KIND)
     else:
         # renormalise over the K ids (the full lse cancels): both sides shifted by their own max
