@@ -118,6 +118,9 @@ FASTKD_HD DivParams div_params(int kind, float a, float b, float w_p, float w_q)
   return d;
 }
 
+// Whether there is a soft loss at all: a = b = 0 in the KL family is the cross-entropy alone (soft 0).
+FASTKD_HD bool div_soft_on(const DivParams& d) { return d.kind == kDivTVD || d.a != 0.0f || d.b != 0.0f; }
+
 // sum_c G_c / sum_c H_c when they are known without summing (see the header comment).
 FASTKD_HD bool div_sum_g_known(int kind, int mix) { return kind == kDivKL && mix == kMixQ; }
 FASTKD_HD bool div_sum_h_known(int kind, int mix) { return kind == kDivKL && mix == kMixP; }

@@ -425,6 +425,30 @@ def test_nan_in_a_topk_row_gives_nan_where_the_reference_does(loss, mode, nan_at
         assert _rel_norm(g[f], r[f]) < 1e-5, f"{name}: relative norm error {_rel_norm(g[f], r[f]):.2e}"
 
 
+@pytest.mark.parametrize("backend", ("reference",) + FUSED)
+@pytest.mark.parametrize("mode", (0, 1, 2))
+def test_cross_entropy_alone_has_soft_zero_on_nan_rows(mode, backend):
+    """divergence_fwd with a = b = 0 (the cross-entropy alone, as dkd_loss / ats_loss call it): soft is 0 on every
+    row, a NaN logit anywhere included; loss and hard are NaN only on the row whose student holds the NaN."""
+    device = skip_unless_runs("dkd+ce", backend) if backend != "reference" else torch.device("cpu")
+    s, lp, ids = _topk_rows(device, n=4)
+    if mode == 0:
+        t, ids = torch.randn(4, 100, generator=torch.Generator().manual_seed(3)).to(device), ids[:0].reshape(0)
+        t[2, 40] = float("nan")
+    else:
+        t = lp
+        t[2, 1] = float("nan")
+    s[1, 0] = float("nan")
+    op = reference.divergence.divergence_fwd if backend == "reference" else (
+        fastkd.dispatch.backend.implementation(backend).divergence_fwd)
+    target = torch.tensor([3, 7, 9, 11], device=device)
+    w = torch.full((4,), 0.25, device=device)
+    loss, soft, hard, _, _ = op(s, t, ids, target, w, 2.0, 0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.5, mode, False, True, True)
+    assert (soft == 0).all(), soft
+    nan_rows = torch.tensor([False, True, False, False])
+    assert torch.equal(loss.isnan().cpu(), nan_rows) and torch.equal(hard.isnan().cpu(), nan_rows)
+
+
 def test_matrix_covers_every_fused_loss():
     """Adding a loss to the backends without adding it here fails."""
     from fastkd.dispatch.backend import LOSS_OPS

@@ -241,7 +241,8 @@ DivRowOut dense_row(const DivCall& c, const float* s, const float* t, int64_t g,
   else if (div_form(c.d) == kFormNoA) soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormNoA);
   else soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormGeneral);
 #undef FASTKD_DIV_ROW
-  if (r.ls != r.ls || r.lt != r.lt) soft = NAN;  // a NaN logit: the terms' xlogy selects could hide it
+  // a NaN logit: the terms' xlogy selects could hide it (cross-entropy alone: soft is 0 whatever the row)
+  if (div_soft_on(c.d) && (r.ls != r.ls || r.lt != r.lt)) soft = NAN;
   DivRowOut out = {soft, 0.0f};
   if (g >= 0) {
     out.hard = div_ce_hard(st_1, s[g]);
@@ -521,7 +522,7 @@ DivRowOut topk_row(const DivCall& c, int64_t i, const float* s, const float* lp,
     g_tail = x.g;
     hop_tail = div_h_over_p(d, p, q, lp_tail, lq_tail);
   }
-  if (lq_norm != lq_norm) soft = NAN;  // a NaN student logit (the xlogy selects could hide it)
+  if (div_soft_on(d) && lq_norm != lq_norm) soft = NAN;  // a NaN student logit (the xlogy selects could hide it)
 
   if (gt) {
     const float factor = c.topk_mode == kTopkTail ? hop_tail : sum_h;

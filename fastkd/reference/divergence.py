@@ -285,7 +285,9 @@ def divergence_fwd(student, teacher, topk_ids, target, row_weight, temperature: 
         loss = soft_w + ce_weight * hard_w if ce_weight != 0 else soft_w
         wanted = [x for x, want in ((s, grad_student), (t, grad_teacher)) if want]
         # allow_unused: with a = b = 0 (cross-entropy alone) the teacher is not in the graph
-        grads = list(torch.autograd.grad(loss.sum(), wanted, allow_unused=True)) if wanted else []
+        # (the loss of the cross-entropy alone with only the teacher's gradient wanted has no graph at all)
+        grads = (list(torch.autograd.grad(loss.sum(), wanted, allow_unused=True)) if loss.requires_grad
+                 else [None] * len(wanted))
         grads = [torch.zeros_like(x) if g is None else g for x, g in zip(wanted, grads)]
     grad_s = grads.pop(0).to(student.dtype) if grad_student else student.new_empty((0,))
     grad_t = grads.pop(0).to(teacher.dtype) if grad_teacher else teacher.new_empty((0,))
