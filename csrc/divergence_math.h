@@ -225,7 +225,7 @@ FASTKD_HD DivTerms div_terms_form(const DivParams& d, float p, float q, float de
 }
 
 // The same with the form chosen at run time (the preferred input: the CPU kernel
-// forms delta from the raw logits, ((t - s) - (M_t - M_s)) / T + L_s - L_t).
+// forms delta from the raw logits, ((t - M_t) - (s - M_s)) / T + L_s - L_t).
 template <int kKind, int kMix>
 FASTKD_HD DivTerms div_terms_delta(const DivParams& d, float p, float q, float delta) {
   if (kKind == kDivKL && kMix == kMixBoth) {

@@ -88,7 +88,7 @@ FASTKD_INLINE void dense_chunk_stats(const float* s, const float* t, int64_t n, 
 // Row scalars of pass (2) and (3).
 struct DenseRow {
   float ms, ls, mt, lt;  // raw maxima, log of the sums relative to them
-  float dm, dl;          // M_t - M_s, L_s - L_t
+  float dl;              // L_s - L_t
   float sum_g, sum_h;    // known beforehand (div_known_sum) or summed by pass (2)
   DivTvdSums tvd;        // TVD: the masses of div_tvd_factor, summed by pass (2)
   float coef, ce_q;      // w soft_scale / T; w ce_weight where T = 1 (the CE gradient then uses q)
@@ -108,8 +108,9 @@ FASTKD_INLINE void dense_terms_chunk(const DivParams& dp, const float* s, const 
   for (int64_t j = 0; j < n; ++j) {
     const float q = kept_s[j] * to_q, p = kept_t[j] * to_p;
     if (kKind == kDivTVD) tvd_masses_add(q, p, q_lt, q_gt, p_lt, p_gt, tie);
-    // lp - lq from the raw logits: ((t - s) - (M_t - M_s)) / T + (L_s - L_t) (see div_mixture)
-    const float delta = ((t[j] - s[j]) - r.dm) * inv_t + r.dl;
+    // lp - lq from the raw logits: ((t - M_t) - (s - M_s)) / T + (L_s - L_t) (see div_mixture); each
+    // maximum first: t - s loses |t - s| eps when the nets sit at different large offsets (+-1e4)
+    const float delta = ((t[j] - r.mt) - (s[j] - r.ms)) * inv_t + r.dl;
     const DivTerms x = div_terms_form<kKind, kMix, kForm>(d, p, q, delta);
     so += x.soft;
     sg += x.g;
@@ -225,7 +226,7 @@ DivRowOut dense_row(const DivCall& c, const float* s, const float* t, int64_t g,
   if (g >= 0 && !ce1) st_1 = st_s;  // T = 1: the same sums
   DenseRow r;
   r.ms = st_s.m, r.ls = div_lse_log(st_s), r.mt = st_t.m, r.lt = div_lse_log(st_t);
-  r.dm = r.mt - r.ms, r.dl = r.ls - r.lt;
+  r.dl = r.ls - r.lt;
   r.sum_g = r.sum_h = div_known_sum(c.d);
   r.coef = w * c.soft_scale * c.inv_t;
   r.ce_q = (g >= 0 && !ce1) ? w * c.ce_weight : 0.0f;
