@@ -465,6 +465,32 @@ def test_divergence_with_nets_at_different_large_offsets(loss, backend):
         assert _rel_norm(gr, r) < 1e-5, f"{name} gradient: relative norm error {_rel_norm(gr, r):.2e}"
 
 
+@pytest.mark.parametrize("backend", ("reference",) + FUSED)
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=("0_rows", "2x0_rows"))
+@pytest.mark.parametrize("loss", ("kd", "forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd", "dkd"))
+def test_empty_batch_with_cross_entropy(loss, lead, backend):
+    """No rows, a target of the same (empty) leading shape and ce_weight > 0: loss 0 and empty gradients on every
+    backend (the op took the empty target for "no target" and refused the ce_weight)."""
+    key = {"kd": "kd+ce", "dkd": "dkd+ce"}.get(loss, loss)
+    device = skip_unless_runs(key, backend) if backend != "reference" else torch.device("cpu")
+    s = torch.randn(*lead, 50, device=device, requires_grad=True)
+    t = torch.randn(*lead, 50, device=device, requires_grad=True)
+    target = torch.zeros(lead, dtype=torch.int64, device=device)
+    kw = dict(target=target, ce_weight=0.5, backend=backend)
+    if loss == "kd":
+        out = fastkd.kd_loss(s, t, 2.0, **kw)
+    elif loss == "dkd":
+        out = fastkd.dkd_loss(s, t, target, ce_weight=0.5, backend=backend)
+    elif loss == "skew_kl":
+        out = fastkd.skew_kl_loss(s, t, **kw)
+    else:
+        out = _TOPK_FNS[loss](s, t, **kw)
+    assert out.shape == () and float(out) == 0.0
+    gs, gt = torch.autograd.grad(out, [s, t], allow_unused=True)
+    for g, x in ((gs, s), (gt, t)):
+        assert g is None or (g.shape == x.shape and g.numel() == 0)
+
+
 def test_matrix_covers_every_fused_loss():
     """Adding a loss to the backends without adding it here fails."""
     from fastkd.dispatch.backend import LOSS_OPS

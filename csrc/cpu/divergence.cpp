@@ -602,7 +602,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
   }
   const bool has_target = target.numel() > 0;
   if (has_target) check_row_vector(target, N, at::kLong, "target");
-  TORCH_CHECK_VALUE(has_target || ce_weight == 0.0,
+  // no rows: nothing to classify, so an empty target is the target of every row (kd_loss on [0, V] gives 0)
+  TORCH_CHECK_VALUE(has_target || ce_weight == 0.0 || N == 0,
                     "fastkd: ce_weight = ", ce_weight, " adds a cross-entropy term, which needs target");
   check_row_vector(row_weight, N, at::kFloat, "row_weight");
 

@@ -452,7 +452,7 @@ def _check(student, teacher, topk_ids, target, row_weight, temperature, kind, ce
     if target.numel() not in (0, n) or (target.numel() and target.dtype not in (torch.int64, torch.int32)):
         raise ValueError(f"fastkd: target must be empty or int [N] with N = {n}, got {tuple(target.shape)} "
                          f"{target.dtype}")
-    if target.numel() == 0 and ce_weight != 0:
+    if target.numel() == 0 and ce_weight != 0 and n != 0:  # no rows: an empty target is every row's
         raise ValueError(f"fastkd: ce_weight = {ce_weight} needs a target (one class per row)")
     if row_weight.shape != (n,) or row_weight.dtype != torch.float32:
         raise ValueError(f"fastkd: row_weight must be float32 [N] with N = {n}, got {tuple(row_weight.shape)} "
