@@ -118,6 +118,9 @@ FASTKD_HD DivParams div_params(int kind, float a, float b, float w_p, float w_q)
   return d;
 }
 
+// Whether there is a soft loss at all: a = b = 0 in the KL family is the cross-entropy alone (soft 0).
+FASTKD_HD bool div_soft_on(const DivParams& d) { return d.kind == kDivTVD || d.a != 0.0f || d.b != 0.0f; }
+
 // sum_c G_c / sum_c H_c when they are known without summing (see the header comment).
 FASTKD_HD bool div_sum_g_known(int kind, int mix) { return kind == kDivKL && mix == kMixQ; }
 FASTKD_HD bool div_sum_h_known(int kind, int mix) { return kind == kDivKL && mix == kMixP; }
@@ -222,7 +225,7 @@ FASTKD_HD DivTerms div_terms_form(const DivParams& d, float p, float q, float de
 }
 
 // The same with the form chosen at run time (the preferred input: the CPU kernel
-// forms delta from the raw logits, ((t - s) - (M_t - M_s)) / T + L_s - L_t).
+// forms delta from the raw logits, ((t - M_t) - (s - M_s)) / T + L_s - L_t).
 template <int kKind, int kMix>
 FASTKD_HD DivTerms div_terms_delta(const DivParams& d, float p, float q, float delta) {
   if (kKind == kDivKL && kMix == kMixBoth) {
@@ -259,6 +262,7 @@ FASTKD_HD DivTerms div_terms_any(const DivParams& d, float p, float q, float lp,
 // H_k + a p_k (KL family; TVD: H_k), so this returns h_shift - a (H_k - p_k (h_shift - a)).
 // (docs/design.md says "the tail term is 0 when p_tail = 0", which misses the a p_k.)
 FASTKD_HD float div_h_over_p(const DivParams& d, float p, float q, float lp, float lq) {
+  if (p != p) return p;  // a NaN teacher tail (a NaN log-prob): every slot's gradient is NaN
   if (!(p > 0.0f)) return d.kind == kDivKL ? d.h_shift - d.a : 0.0f;
   if (d.kind == kDivTVD) return -0.5f * div_sign(q - p);
   const float delta = lp - lq;
@@ -307,7 +311,8 @@ FASTKD_HD void div_lse_merge(DivLse& acc, const DivLse& part, float inv_t) {
 // One value into a running DivLse (online softmax, one exp unless the maximum moves).
 FASTKD_HD void div_lse_push(DivLse& st, float x, float inv_t) {
   if (x > st.m) {
-    st.z = (st.m == -INFINITY ? 0.0f : st.z * div_exp((st.m - x) * inv_t)) + 1.0f;
+    // while m is -inf, z is 0 or NaN (a NaN pushed first): a NaN must survive the first finite value
+    st.z = (st.m == -INFINITY ? (st.z == st.z ? 0.0f : st.z) : st.z * div_exp((st.m - x) * inv_t)) + 1.0f;
     st.m = x;
   } else if (st.m != -INFINITY || x != x) {
     st.z += div_exp((x - st.m) * inv_t);

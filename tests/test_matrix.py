@@ -344,6 +344,153 @@ def test_mgd_matches_float64_reference(mask_type, backend, dtype, layout):
         assert err < max(grad_tol, 1e-5), f"{name} gradient: relative norm error {err:.2e}"
 
 
+# ---- divergence_fwd numerics (issue 24): the reference and every fused backend against float64 ----
+
+_TOPK_FNS = {"forward_kl": fastkd.forward_kl_loss, "reverse_kl": fastkd.reverse_kl_loss, "jsd": fastkd.jsd_loss,
+             "tvd": fastkd.tvd_loss}
+
+
+def _topk_run(loss, backend, s, lp, ids, mode, target=None, ce_weight=0.0):
+    """(per-row loss, grad student, grad teacher log-probs) of a divergence against a TopKTeacher."""
+    s = s.detach().requires_grad_()
+    lp = lp.detach().requires_grad_()
+    teacher = fastkd.TopKTeacher(ids, lp, mode=mode)
+    kw = dict(reduction="none", target=target, ce_weight=ce_weight, backend=backend)
+    if loss == "kd":
+        out = fastkd.kd_loss(s, teacher, 2.0, **kw)
+    else:
+        out = _TOPK_FNS[loss](s, teacher, temperature=2.0, **kw)
+    return (out.detach(), *torch.autograd.grad(out.sum(), [s, lp]))
+
+
+def _topk_rows(device, n=3, v=100, k=8, seed=21):
+    """Student logits [n, v], k distinct ids per row and teacher log-probs with a tail of mass 0.1."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, v, generator=g) * 3
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+    lp = torch.log_softmax(torch.randn(n, k, generator=g) * 2, dim=1) + torch.log(torch.tensor(0.9))
+    return s.to(device), lp.to(device), ids.to(device)
+
+
+@pytest.mark.parametrize("backend", ("reference",) + FUSED)
+@pytest.mark.parametrize("loss", ("kd", "reverse_kl", "jsd", "tvd"))
+def test_topk_tail_with_every_non_member_masked(loss, backend):
+    """Tail mode where every student logit outside the row's ids is -inf (the student tail is empty) and the loss
+    is finite (forward KL: a teacher whose top-k mass is clamped at 1): the masked columns' gradient is exactly 0,
+    not NaN (logsumexp of an all -inf tail, exp(-inf - -inf) times a tail G of 0), and the rest is float64's."""
+    device = skip_unless_runs("kd_topk" if loss == "kd" else loss, backend)
+    s, lp, ids = _topk_rows(device)
+    masked = torch.ones_like(s, dtype=torch.bool).scatter_(1, ids, False)
+    s = s.masked_fill(masked, float("-inf"))
+    if loss == "kd":  # forward KL is finite only without teacher tail mass: one slot holds it all
+        lp = torch.full_like(lp, -40.0)
+        lp[:, 0] = 0.0
+    out, gs, gt = _topk_run(loss, backend, s, lp, ids, "tail")
+    ref_out, ref_gs, ref_gt = _topk_run(loss, "reference", s.double(), lp.double(), ids, "tail")
+    assert torch.isfinite(out).all() and torch.isfinite(ref_out).all()
+    for name, g, r in (("student", gs, ref_gs), ("teacher", gt, ref_gt)):
+        assert torch.isfinite(g).all() and torch.isfinite(r).all(), f"{name} gradient is not finite"
+        assert _rel_norm(g, r) < 1e-5, f"{name} gradient: relative norm error {_rel_norm(g, r):.2e}"
+    assert (gs[masked] == 0).all() and (ref_gs[masked] == 0).all()
+    torch.testing.assert_close(out.double().cpu(), ref_out.cpu(), rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("nan_at", ("teacher_slot", "student_first_column", "student_member"))
+@pytest.mark.parametrize("loss, mode", [("kd", "tail"), ("jsd", "tail"), ("tvd", "tail"), ("reverse_kl", "tail"),
+                                        ("tvd", "renormalize"), ("reverse_kl", "renormalize")])
+def test_nan_in_a_topk_row_gives_nan_where_the_reference_does(loss, mode, nan_at, backend):
+    """A NaN teacher log-prob (tail mode: the tail mass is NaN, so every slot's teacher gradient is NaN, not finite),
+    a NaN student logit at column 0 (the first value a thread reads: an online log-sum-exp must not drop it) or at a
+    member id: loss, hard and both gradients are NaN exactly where the float64 reference's are (TVD: the other
+    net's sign term is 0), with the cross-entropy on."""
+    device = skip_unless_runs("kd_topk" if loss == "kd" else loss, backend)
+    s, lp, ids = _topk_rows(device)
+    ids[1, 5] = -1  # a padding slot: its log-prob is never read
+    lp[1, 5] = float("nan")
+    if nan_at == "teacher_slot":
+        lp[1, 2] = float("nan")
+    elif nan_at == "student_first_column":
+        s[1, 0] = float("nan")
+    else:
+        s[1, ids[1, 3]] = float("nan")
+    target = torch.tensor([7, 7, 7], device=device)
+    got = _topk_run(loss, backend, s, lp, ids, mode, target, ce_weight=0.5)
+    want = _topk_run(loss, "reference", s.double(), lp.double(), ids, mode, target, ce_weight=0.5)
+    assert want[0][1].isnan() and torch.isfinite(want[0][[0, 2]]).all()
+    for name, g, r in zip(("loss", "student gradient", "teacher gradient"), got, want):
+        assert torch.equal(g.isnan().cpu(), r.isnan().cpu()), (
+            f"{name}: NaN at {int(g.isnan().sum())} entries, the reference at {int(r.isnan().sum())}")
+        f = torch.isfinite(r)
+        assert _rel_norm(g[f], r[f]) < 1e-5, f"{name}: relative norm error {_rel_norm(g[f], r[f]):.2e}"
+
+
+@pytest.mark.parametrize("backend", ("reference",) + FUSED)
+@pytest.mark.parametrize("mode", (0, 1, 2))
+def test_cross_entropy_alone_has_soft_zero_on_nan_rows(mode, backend):
+    """divergence_fwd with a = b = 0 (the cross-entropy alone, as dkd_loss / ats_loss call it): soft is 0 on every
+    row, a NaN logit anywhere included; loss and hard are NaN only on the row whose student holds the NaN."""
+    device = skip_unless_runs("dkd+ce", backend) if backend != "reference" else torch.device("cpu")
+    s, lp, ids = _topk_rows(device, n=4)
+    if mode == 0:
+        t, ids = torch.randn(4, 100, generator=torch.Generator().manual_seed(3)).to(device), ids[:0].reshape(0)
+        t[2, 40] = float("nan")
+    else:
+        t = lp
+        t[2, 1] = float("nan")
+    s[1, 0] = float("nan")
+    op = reference.divergence.divergence_fwd if backend == "reference" else (
+        fastkd.dispatch.backend.implementation(backend).divergence_fwd)
+    target = torch.tensor([3, 7, 9, 11], device=device)
+    w = torch.full((4,), 0.25, device=device)
+    loss, soft, hard, _, _ = op(s, t, ids, target, w, 2.0, 0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.5, mode, False, True, True)
+    assert (soft == 0).all(), soft
+    nan_rows = torch.tensor([False, True, False, False])
+    assert torch.equal(loss.isnan().cpu(), nan_rows) and torch.equal(hard.isnan().cpu(), nan_rows)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("loss", ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tvd"))
+def test_divergence_with_nets_at_different_large_offsets(loss, backend):
+    """Student logits around +1e4, teacher logits around -1e4: the kernels subtract each net's own maximum before
+    forming lp - lq (t - s would lose |t - s| eps, 6e-4 of the gradient); every gradient within 1e-5 of float64."""
+    device = skip_unless_runs(BACKEND_LOSS.get(loss, loss), backend)
+    g = torch.Generator().manual_seed(17)
+    s = (torch.randn(4, 2 * 2048 + 5, generator=g) * 3 + 1e4).to(device)
+    t = (torch.randn(4, 2 * 2048 + 5, generator=g) * 3 - 1e4).to(device)
+    out, grads = _run(loss, backend, s, t, None, None, 2.0, "batchmean")
+    ref_out, ref_grads = _run(loss, "reference", s.double(), t.double(), None, None, 2.0, "batchmean")
+    torch.testing.assert_close(out.double().cpu(), ref_out.cpu(), rtol=2e-5, atol=1e-7)
+    for name, gr, r in zip(("student", "teacher"), grads, ref_grads):
+        assert _rel_norm(gr, r) < 1e-5, f"{name} gradient: relative norm error {_rel_norm(gr, r):.2e}"
+
+
+@pytest.mark.parametrize("backend", ("reference",) + FUSED)
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=("0_rows", "2x0_rows"))
+@pytest.mark.parametrize("loss", ("kd", "forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd", "dkd"))
+def test_empty_batch_with_cross_entropy(loss, lead, backend):
+    """No rows, a target of the same (empty) leading shape and ce_weight > 0: loss 0 and empty gradients on every
+    backend (the op took the empty target for "no target" and refused the ce_weight)."""
+    key = {"kd": "kd+ce", "dkd": "dkd+ce"}.get(loss, loss)
+    device = skip_unless_runs(key, backend) if backend != "reference" else torch.device("cpu")
+    s = torch.randn(*lead, 50, device=device, requires_grad=True)
+    t = torch.randn(*lead, 50, device=device, requires_grad=True)
+    target = torch.zeros(lead, dtype=torch.int64, device=device)
+    kw = dict(target=target, ce_weight=0.5, backend=backend)
+    if loss == "kd":
+        out = fastkd.kd_loss(s, t, 2.0, **kw)
+    elif loss == "dkd":
+        out = fastkd.dkd_loss(s, t, target, ce_weight=0.5, backend=backend)
+    elif loss == "skew_kl":
+        out = fastkd.skew_kl_loss(s, t, **kw)
+    else:
+        out = _TOPK_FNS[loss](s, t, **kw)
+    assert out.shape == () and float(out) == 0.0
+    gs, gt = torch.autograd.grad(out, [s, t], allow_unused=True)
+    for g, x in ((gs, s), (gt, t)):
+        assert g is None or (g.shape == x.shape and g.numel() == 0)
+
+
 def test_matrix_covers_every_fused_loss():
     """Adding a loss to the backends without adding it here fails."""
     from fastkd.dispatch.backend import LOSS_OPS

@@ -88,7 +88,7 @@ FASTKD_INLINE void dense_chunk_stats(const float* s, const float* t, int64_t n, 
 // Row scalars of pass (2) and (3).
 struct DenseRow {
   float ms, ls, mt, lt;  // raw maxima, log of the sums relative to them
-  float dm, dl;          // M_t - M_s, L_s - L_t
+  float dl;              // L_s - L_t
   float sum_g, sum_h;    // known beforehand (div_known_sum) or summed by pass (2)
   DivTvdSums tvd;        // TVD: the masses of div_tvd_factor, summed by pass (2)
   float coef, ce_q;      // w soft_scale / T; w ce_weight where T = 1 (the CE gradient then uses q)
@@ -108,8 +108,9 @@ FASTKD_INLINE void dense_terms_chunk(const DivParams& dp, const float* s, const 
   for (int64_t j = 0; j < n; ++j) {
     const float q = kept_s[j] * to_q, p = kept_t[j] * to_p;
     if (kKind == kDivTVD) tvd_masses_add(q, p, q_lt, q_gt, p_lt, p_gt, tie);
-    // lp - lq from the raw logits: ((t - s) - (M_t - M_s)) / T + (L_s - L_t) (see div_mixture)
-    const float delta = ((t[j] - s[j]) - r.dm) * inv_t + r.dl;
+    // lp - lq from the raw logits: ((t - M_t) - (s - M_s)) / T + (L_s - L_t) (see div_mixture); each
+    // maximum first: t - s loses |t - s| eps when the nets sit at different large offsets (+-1e4)
+    const float delta = ((t[j] - r.mt) - (s[j] - r.ms)) * inv_t + r.dl;
     const DivTerms x = div_terms_form<kKind, kMix, kForm>(d, p, q, delta);
     so += x.soft;
     sg += x.g;
@@ -225,7 +226,7 @@ DivRowOut dense_row(const DivCall& c, const float* s, const float* t, int64_t g,
   if (g >= 0 && !ce1) st_1 = st_s;  // T = 1: the same sums
   DenseRow r;
   r.ms = st_s.m, r.ls = div_lse_log(st_s), r.mt = st_t.m, r.lt = div_lse_log(st_t);
-  r.dm = r.mt - r.ms, r.dl = r.ls - r.lt;
+  r.dl = r.ls - r.lt;
   r.sum_g = r.sum_h = div_known_sum(c.d);
   r.coef = w * c.soft_scale * c.inv_t;
   r.ce_q = (g >= 0 && !ce1) ? w * c.ce_weight : 0.0f;
@@ -241,7 +242,8 @@ DivRowOut dense_row(const DivCall& c, const float* s, const float* t, int64_t g,
   else if (div_form(c.d) == kFormNoA) soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormNoA);
   else soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormGeneral);
 #undef FASTKD_DIV_ROW
-  if (r.ls != r.ls || r.lt != r.lt) soft = NAN;  // a NaN logit: the terms' xlogy selects could hide it
+  // a NaN logit: the terms' xlogy selects could hide it (cross-entropy alone: soft is 0 whatever the row)
+  if (div_soft_on(c.d) && (r.ls != r.ls || r.lt != r.lt)) soft = NAN;
   DivRowOut out = {soft, 0.0f};
   if (g >= 0) {
     out.hard = div_ce_hard(st_1, s[g]);
@@ -494,8 +496,9 @@ DivRowOut topk_row(const DivCall& c, int64_t i, const float* s, const float* lp,
       div_lse_push(pk, lp[k], 1.0f);
     }
     ms_k = sk.m;
-    lq_norm = sk.z > 0.0f ? div_lse_log(sk) : INFINITY;  // no finite member logit: q = 0 (not 0 - log 0 = +inf)
-    lp_norm = pk.z > 0.0f ? pk.m + div_lse_log(pk) : INFINITY;
+    // no finite member logit: q = 0 (not 0 - log 0 = +inf); a NaN sum stays NaN (not q = 0)
+    lq_norm = sk.z != 0.0f ? div_lse_log(sk) : INFINITY;
+    lp_norm = pk.z != 0.0f ? pk.m + div_lse_log(pk) : INFINITY;
   }
   float soft = 0.0f, sum_g = 0.0f, sum_h = 0.0f;
   for (int64_t k = 0; k < K; ++k) {
@@ -520,7 +523,7 @@ DivRowOut topk_row(const DivCall& c, int64_t i, const float* s, const float* lp,
     g_tail = x.g;
     hop_tail = div_h_over_p(d, p, q, lp_tail, lq_tail);
   }
-  if (lq_norm != lq_norm) soft = NAN;  // a NaN student logit (the xlogy selects could hide it)
+  if (div_soft_on(d) && lq_norm != lq_norm) soft = NAN;  // a NaN student logit (the xlogy selects could hide it)
 
   if (gt) {
     const float factor = c.topk_mode == kTopkTail ? hop_tail : sum_h;
@@ -599,7 +602,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
   }
   const bool has_target = target.numel() > 0;
   if (has_target) check_row_vector(target, N, at::kLong, "target");
-  TORCH_CHECK_VALUE(has_target || ce_weight == 0.0,
+  // no rows: nothing to classify, so an empty target is the target of every row (kd_loss on [0, V] gives 0)
+  TORCH_CHECK_VALUE(has_target || ce_weight == 0.0 || N == 0,
                     "fastkd: ce_weight = ", ce_weight, " adds a cross-entropy term, which needs target");
   check_row_vector(row_weight, N, at::kFloat, "row_weight");
 

@@ -86,6 +86,10 @@ __device__ __forceinline__ RowLse team_lse(const RowTeam<kWarp>& team, const Row
                      scratch);
 }
 
+// The maximum of two log-probs, NaN if either is (max_ignoring_nan keeps a NaN only when it comes second, so a
+// NaN teacher log-prob was dropped or kept depending on the lane order of the reduction).
+__device__ __forceinline__ float max_keep_nan(float x, float y) { return x != x || x > y ? x : y; }
+
 // A barrier over the row's team that also orders its shared and global memory accesses
 // (a warp shuffle does not).
 template <bool kWarp>
@@ -327,10 +331,10 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
   if (tail) {
     Sum3 mx = {-INFINITY, 0.0f, 0.0f};
     for (int64_t j = team.lane; j < kk; j += team.lanes) {
-      if (ids[j] != kPadId) mx.x = max_ignoring_nan(mx.x, to_float(lp_in[j]));
+      if (ids[j] != kPadId) mx.x = max_keep_nan(mx.x, to_float(lp_in[j]));
     }
     mx = team.reduce(mx, Sum3{-INFINITY, 0.0f, 0.0f},
-                     [](const Sum3& a, const Sum3& b) { return Sum3{max_ignoring_nan(a.x, b.x), 0.0f, 0.0f}; },
+                     [](const Sum3& a, const Sum3& b) { return Sum3{max_keep_nan(a.x, b.x), 0.0f, 0.0f}; },
                      sum_scratch);
     Sum2d z = {0.0, 0.0};  // sum over the others, ties with the maximum
     for (int64_t j = team.lane; j < kk; j += team.lanes) {
@@ -363,7 +367,7 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
       lp = y;
     } else {
       lq = div_log_prob(x, ren.s.m, inv_t, lren_s);
-      lp = ren.s1.z > 0.0f ? div_log_prob(y, ren.s1.m, 1.0f, lren_p) : y;  // no teacher mass: stays -inf
+      lp = ren.s1.z != 0.0f ? div_log_prob(y, ren.s1.m, 1.0f, lren_p) : y;  // no teacher mass: stays -inf; NaN stays
     }
   };
 
@@ -416,7 +420,8 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
     sweep_one_grads(sp, s, gs, [&](int64_t c, float x) {
       float g = 0.0f;
       if (tail) {
-        const float share = is_member(bits, c) ? 0.0f : div_exp(div_log_prob(x, st.u.m, inv_t, lu));
+        // an empty tail (every non-member -inf) has no share: exp(-inf - -inf) would be NaN, times G_tail = 0
+        const float share = is_member(bits, c) || st.u.z == 0.0f ? 0.0f : div_exp(div_log_prob(x, st.u.m, inv_t, lu));
         g = div_topk_nonmember_grad(coef, share, e_tail.g, div_exp(div_log_prob(x, st.s.m, inv_t, ls)), sums.y);
       }
       if (with_ce) g += cew * ce_grad(x, st.s1, l1, c, h.g);

@@ -36,7 +36,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
   }
   const bool has_target = target.numel() > 0;
   if (has_target) check_target_cuda(target, N, student);
-  TORCH_CHECK(has_target || ce_weight == 0, "fastkd: divergence_fwd: ce_weight=", ce_weight,
+  // no rows: nothing to classify, so an empty target is the target of every row (kd_loss on [0, V] gives 0)
+  TORCH_CHECK(has_target || ce_weight == 0 || N == 0, "fastkd: divergence_fwd: ce_weight=", ce_weight,
               " adds a cross-entropy term, which needs target");
   check_vector_cuda(row_weight, N, "row_weight", student);
   const CudaCall call("divergence_fwd", student);

@@ -177,7 +177,12 @@ def topk_log_probs(x: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tenso
     # total mass stays > 0 instead of rounding to 0 (which would make KL(p || q) infinite).
     member = torch.zeros(x.shape, dtype=torch.int32, device=x.device)
     member.scatter_add_(1, ids, (~pad).to(torch.int32))  # scatter_add: padding slots alias id 0 harmlessly
-    log_q_tail = torch.logsumexp(x.masked_fill(member > 0, float("-inf")), dim=1, keepdim=True) - lse
+    # A row whose non-members are all -inf has an empty tail (-inf); logsumexp's gradient there is
+    # exp(-inf - -inf) = NaN, which would reach those columns even times a 0, so it gets zeros instead.
+    x_tail = x.masked_fill(member > 0, float("-inf"))
+    no_tail = torch.isneginf(x_tail).all(dim=1, keepdim=True)
+    x_tail = torch.where(no_tail, torch.zeros((), dtype=x.dtype, device=x.device), x_tail)
+    log_q_tail = torch.where(no_tail, minus_inf, torch.logsumexp(x_tail, dim=1, keepdim=True)) - lse
     # a row of padding only: the tail is the whole row on both sides, exactly (loss exactly 0)
     log_q_tail = torch.where(pad.all(dim=1, keepdim=True), torch.zeros((), dtype=x.dtype), log_q_tail)
     return torch.cat([log_p, log_p_tail], dim=1), torch.cat([log_q, log_q_tail], dim=1)
@@ -280,7 +285,9 @@ def divergence_fwd(student, teacher, topk_ids, target, row_weight, temperature: 
         loss = soft_w + ce_weight * hard_w if ce_weight != 0 else soft_w
         wanted = [x for x, want in ((s, grad_student), (t, grad_teacher)) if want]
         # allow_unused: with a = b = 0 (cross-entropy alone) the teacher is not in the graph
-        grads = list(torch.autograd.grad(loss.sum(), wanted, allow_unused=True)) if wanted else []
+        # (the loss of the cross-entropy alone with only the teacher's gradient wanted has no graph at all)
+        grads = (list(torch.autograd.grad(loss.sum(), wanted, allow_unused=True)) if loss.requires_grad
+                 else [None] * len(wanted))
         grads = [torch.zeros_like(x) if g is None else g for x, g in zip(wanted, grads)]
     grad_s = grads.pop(0).to(student.dtype) if grad_student else student.new_empty((0,))
     grad_t = grads.pop(0).to(teacher.dtype) if grad_teacher else teacher.new_empty((0,))

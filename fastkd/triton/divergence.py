@@ -321,7 +321,9 @@ def _div_topk_kernel(
         lp_k = lp_in
         # teacher tail 1 - sum p_k in float64 (clamped at 0): float32 would keep no digit of a 1e-9 tail
         p_tail64 = 1.0 - tl.sum(tl.exp(lp_in.to(tl.float64)), 0)
-        lp_tail = tl.where(p_tail64 > 0.0, tl.log(tl.where(p_tail64 > 0.0, p_tail64, 1.0)), float("-inf")).to(tl.float32)
+        # (a NaN log-prob makes the tail NaN, not empty: every slot's gradient is then NaN, as the reference's)
+        lp_tail = tl.where(p_tail64 > 0.0, tl.log(tl.where(p_tail64 > 0.0, p_tail64, 1.0)),
+                           tl.where(p_tail64 != p_tail64, p_tail64, float("-inf"))).to(tl.float32)
         term_n, g_n, h_n = _bucket_terms(lp_tail, lq_tail, a, b, w_p, w_q, log_wp, log_wq, KIND)
     else:
         # renormalise over the K ids (the full lse cancels): both sides shifted by their own max
@@ -375,7 +377,9 @@ def _div_topk_kernel(
             member, j = _members(sid_row, j, n_k, offs, start + BLOCK, ok)
             if TAIL:
                 q = tl.exp((s - m_s) * inv_temp - lz_s)
-                gs = c_soft * (tl.exp((s - m_n_safe) * inv_temp - lz_n) * g_n - q * sum_g)
+                # an empty tail (every non-member -inf, z_n = 0) has no share: exp(-inf + inf) would be NaN
+                share = tl.where(z_n == 0.0, 0.0, tl.exp((s - m_n_safe) * inv_temp - lz_n))
+                gs = c_soft * (share * g_n - q * sum_g)
             else:
                 gs = tl.zeros([BLOCK], dtype=tl.float32)  # renormalised: 0 outside the ids
             if HAS_TARGET:
@@ -448,7 +452,7 @@ def _check(student, teacher, topk_ids, target, row_weight, temperature, kind, ce
     if target.numel() not in (0, n) or (target.numel() and target.dtype not in (torch.int64, torch.int32)):
         raise ValueError(f"fastkd: target must be empty or int [N] with N = {n}, got {tuple(target.shape)} "
                          f"{target.dtype}")
-    if target.numel() == 0 and ce_weight != 0:
+    if target.numel() == 0 and ce_weight != 0 and n != 0:  # no rows: an empty target is every row's
         raise ValueError(f"fastkd: ce_weight = {ce_weight} needs a target (one class per row)")
     if row_weight.shape != (n,) or row_weight.dtype != torch.float32:
         raise ValueError(f"fastkd: row_weight must be float32 [N] with N = {n}, got {tuple(row_weight.shape)} "
