@@ -532,7 +532,9 @@ def test_bad_arguments(loss):
         with pytest.raises(exc, match=message):
             call(loss, s, t, **kwargs)
     with pytest.raises(ValueError, match="must have the same shape"):
-        call(loss, s, torch.randn(3, 6))
+        call(loss, s, torch.randn(3, 4))  # a narrower teacher (a wider one is truncated: teacher_vocab)
+    with pytest.raises(ValueError, match="must have the same shape"):
+        call(loss, s, torch.randn(2, 6))
     with pytest.raises(TypeError, match="student_logits must be a floating tensor"):
         call(loss, s.long(), t)
     with pytest.raises(TypeError, match="teacher_logits must be a torch.Tensor"):
