@@ -286,3 +286,8 @@ def test_bench_fused_linear_alternates_the_providers(capsys):
     assert re.search(r"fused time vs the four matmuls \(target <= 1.1\): \d+\.\d+ \(rounds ", out), out
     losses = re.findall(r"^  (fused|unfused)\s.*loss (\d+\.\d+)", out, re.M)
     assert len(losses) == 2 and losses[0][1] == losses[1][1], losses  # the same loss value
+    bench_fused_linear.main(["--profile", "--shapes", "24x16", "--vocab", "300"])
+    out = capsys.readouterr().out
+    shares = re.findall(r"^  (.+?)\s+(\d+\.\d+) s  \(\s*(\d+\.\d)%\)", out, re.M)
+    assert [name for name, _, _ in shares][:3] == ["matmuls", "loss kernel", "allocation"], out
+    assert abs(sum(float(p) for _, _, p in shares) - 100) < 1.0, out  # the phases add up to the step

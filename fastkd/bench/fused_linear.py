@@ -118,6 +118,38 @@ def worker(provider, n, h, v):
                       "threads": torch.get_num_threads()}), flush=True)
 
 
+# Phases of a fused step, by the ops that make them (torch.profiler's self CPU time per op name).
+PHASES = (
+    ("matmuls", ("aten::mm", "aten::addmm", "aten::matmul", "aten::bmm")),
+    ("loss kernel", ("fastkd::divergence_fwd", "fastkd::kd_fwd")),
+    ("allocation", ("aten::empty", "aten::empty_strided", "aten::zeros", "aten::new_empty", "aten::zero_",
+                    "aten::fill_")),
+)
+
+
+def profile(n, h, v, steps=1):
+    """Where one fused step's time goes: self CPU seconds per phase (matmuls, the loss kernel, allocation,
+    and every other op: elementwise passes, copies, reductions), from ``torch.profiler``."""
+    hs, w, th, tw, target = _inputs(n, h, v)
+    step = _step_fn("fused", hs, w, th, tw, target)
+    step()  # warm-up
+    hs.grad = w.grad = None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            hs.grad = w.grad = None
+            step()
+        wall = (time.perf_counter() - t0) / steps
+    totals = {name: 0.0 for name, _ in PHASES}
+    totals["elementwise and other ops"] = 0.0
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6 / steps
+        phase = next((name for name, ops in PHASES if event.key in ops), "elementwise and other ops")
+        totals[phase] += seconds
+    totals["python and launch (wall minus ops)"] = max(wall - sum(totals.values()), 0.0)
+    return wall, totals
+
+
 def _spread(xs):
     return f"{min(xs):.2f}-{max(xs):.2f}"
 
@@ -158,8 +190,17 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--csv", default=None)
+    p.add_argument("--profile", action="store_true", help="where a fused step's time goes, per phase")
     p.add_argument("--worker", nargs=4, metavar=("PROVIDER", "N", "H", "V"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.profile:
+        for shape in args.shapes.split(","):
+            n, h = (int(x) for x in shape.lower().split("x"))
+            wall, totals = profile(n, h, args.vocab)
+            print(f"N={n} H={h} V={args.vocab}: fused step {wall:.2f} s")
+            for phase, seconds in totals.items():
+                print(f"  {phase:36s} {seconds:7.2f} s  ({100 * seconds / wall:4.1f}%)")
+        return
     if args.worker:
         provider, n, h, v = args.worker
         worker(provider, int(n), int(h), int(v))
