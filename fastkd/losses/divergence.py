@@ -62,14 +62,14 @@ def fused_call(name: str, student, teacher: Teacher, *, temperature: float, redu
     # logits[:, :-1] of [B, S, V] (HF's shift): B S - 1 rows of one stride over the unshifted tensor,
     # the B - 1 gap rows weighted 0 (never read): no copy of the logits, none of their gradient
     period = gapped_period(student, *(() if topk else (teacher,))) if strided else None
-    gap = (lambda x, fill: to_gapped(x, period, fill)) if period else (lambda x, fill: x.reshape((-1,) + x.shape[2:]))
-    if period:
-        s = GappedRows.apply(student, period)
-    else:
-        s = row_view(student, strided)
+
+    def per_row(x, fill):  # per-row values [..., (K)] laid out as the student's rows
+        return to_gapped(x, period, fill) if period else x.reshape((-1,) + x.shape[len(lead):])
+
+    lead = student.shape[:-1]
+    s = GappedRows.apply(student, period) if period else row_view(student, strided)
     if topk:
-        t, ids = gap(teacher.logprobs, 0.0), gap(teacher.indices, PAD_ID)
-        t, ids = row_view(t), row_view(ids)
+        t, ids = row_view(per_row(teacher.logprobs, 0.0)), row_view(per_row(teacher.indices, PAD_ID))
     elif period:
         t, ids = GappedRows.apply(teacher, period), _NO_IDS.to(s.device)
     else:
@@ -82,9 +82,8 @@ def fused_call(name: str, student, teacher: Teacher, *, temperature: float, redu
         code, coefficients = KIND_CODES["kl_family"], divergence_coefficients(kind, **params)
     # The target costs a second log-sum-exp (T = 1): passed only when the CE is wanted.
     wants_ce = target is not None and (ce_weight != 0 or return_parts)
-    lead = student.shape[:-1]
-    tgt = gap(target.reshape(lead).to(torch.int64), 0).contiguous() if wants_ce else _NO_IDS.to(s.device)
-    weight = gap(row_weights(student, target, ignore_index, sample_weight, reduction).reshape(lead), 0.0)
+    tgt = per_row(target.reshape(lead).to(torch.int64), 0).contiguous() if wants_ce else _NO_IDS.to(s.device)
+    weight = per_row(row_weights(student, target, ignore_index, sample_weight, reduction).reshape(lead), 0.0)
     mode = TOPK_MODE_CODES[teacher.mode if topk else None]
     loss, soft, hard, _, _ = implementation(name).divergence_fwd(
         s, t, ids, tgt, weight, float(temperature), code, *coefficients, float(soft_scale), float(ce_weight), mode,
