@@ -134,8 +134,10 @@ def _row_stats(s_row, t_row, n_live, n_cols, inv_temp, HAS_TARGET: tl.constexpr,
     """Pass 1 of a dense row: the raw maxima and sums (student at 1/T and, with a target, at 1;
     teacher at 1/T), (m_s, z_s, z1, m_t, z_t, kl). ``n_live`` = 0 reads nothing.
 
-    ``kl``: CROSS 1: KL(p || q), 2: KL(q || p), from KD's cross term (fastkd/triton/kd.py):
-    the weighting net's sum of e (x_w - x_o) in raw units; 0 with CROSS 0.
+    ``kl``: CROSS 1: KL(p || q), 2: KL(q || p), from KD's cross term: the weighting net's sum of
+    e (d_w - d_o), ``d = x - m`` each net's logits minus its own running maximum (raw units; t - s
+    would lose |t - s| eps with the nets at different large offsets), shifted as the maxima move;
+    0 with CROSS 0.
     """
     cols = tl.arange(0, BLOCK)
     m_s = float("-inf")
@@ -147,23 +149,32 @@ def _row_stats(s_row, t_row, n_live, n_cols, inv_temp, HAS_TARGET: tl.constexpr,
     for start in range(0, n_live, BLOCK):
         offs = start + cols
         s, t = load_logits(s_row, t_row, offs, offs < n_cols, EVICT)
+        m_s_old = m_s
+        m_t_old = m_t
+        z_s_old = z_s
+        z_t_old = z_t
         if CROSS == 2:
-            m_old = m_s
             m_s, z_s, e_s, alpha_s = online_update_scaled(m_s, z_s, s, inv_temp)
             if HAS_TARGET:  # as _stats_update: the T = 1 sum on the same raw max
                 m_safe = tl.where(m_s == float("-inf"), 0.0, m_s)
-                z1 = z1 * tl.exp(m_old - m_safe) + tl.sum(tl.exp(s - m_safe), 0)
-            # q == 0 (student -inf, masked lanes) adds exactly 0, not 0 * inf
-            acc = acc * alpha_s + tl.sum(e_s * tl.where(e_s > 0.0, s - t, 0.0), 0)
+                z1 = z1 * tl.exp(m_s_old - m_safe) + tl.sum(tl.exp(s - m_safe), 0)
         else:
             m_s, z_s, z1 = _stats_update(m_s, z_s, z1, s, inv_temp, HAS_TARGET)
         m_t, z_t, e_t, alpha_t = online_update_scaled(m_t, z_t, t, inv_temp)
-        if CROSS == 1:
-            acc = acc * alpha_t + tl.sum(e_t * tl.where(e_t > 0.0, t - s, 0.0), 0)
-    if CROSS == 1:  # E_p[t - s] / T - (lse_t - lse_s)
-        kl = acc / z_t * inv_temp - (m_t - m_s) * inv_temp - tl.log(z_t) + tl.log(z_s)
+        if CROSS != 0:
+            d = (s - tl.where(m_s == float("-inf"), 0.0, m_s)) - (t - tl.where(m_t == float("-inf"), 0.0, m_t))
+            gap = tl.where(m_t == m_t_old, 0.0, m_t - m_t_old) - tl.where(m_s == m_s_old, 0.0, m_s - m_s_old)
+            # earlier terms' d moves by gap (d_o - d_w by -gap); a zero probability adds exactly 0, not 0 * inf
+            if CROSS == 2:
+                acc = (acc + tl.where(z_s_old > 0.0, z_s_old * gap, 0.0)) * alpha_s
+                acc += tl.sum(e_s * tl.where(e_s > 0.0, d, 0.0), 0)
+            else:
+                acc = (acc - tl.where(z_t_old > 0.0, z_t_old * gap, 0.0)) * alpha_t
+                acc += tl.sum(e_t * tl.where(e_t > 0.0, -d, 0.0), 0)
+    if CROSS == 1:  # E_p[d_t - d_s] / T - (log z_t - log z_s)
+        kl = acc / z_t * inv_temp - tl.log(z_t) + tl.log(z_s)
     elif CROSS == 2:
-        kl = acc / z_s * inv_temp - (m_s - m_t) * inv_temp - tl.log(z_s) + tl.log(z_t)
+        kl = acc / z_s * inv_temp - tl.log(z_s) + tl.log(z_t)
     else:
         kl = 0.0
     return m_s, z_s, z1, m_t, z_t, kl
