@@ -129,14 +129,16 @@ def pair(n, v, seed=0):
 # ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(DIVS))
-@pytest.mark.parametrize("T", [1.0, 2.0])
-def test_dense_divergences_wide_rows(name, T):
-    """Every divergence, rows of three chunks with a ragged tail, ignore + sample weights, CE at T = 1 and T != 1."""
+@pytest.mark.parametrize("T", [1.0, 2.0, 3.0, 4.0, 2.5])
+@pytest.mark.parametrize("grad_teacher", [True, False])
+def test_dense_divergences_wide_rows(name, T, grad_teacher):
+    """Every divergence, rows of three chunks with a ragged tail, ignore + sample weights, CE at T = 1 and T != 1
+    (the CE's T = 1 sums and softmax come from the kept exps at T = 2, 3, 4, from their own exps at 2.5)."""
     n = 6
     s, t = pair(n, WIDE, seed=1)
     target = torch.tensor([5, -100, 4100, 0, 17, 2048])
     weight = torch.tensor([1.0, 3.0, 0.5, 2.0, 0.0, 1.5])
-    check(name, s, t, T=T, target=target, sample_weight=weight, ce_weight=0.3)
+    check(name, s, t, T=T, target=target, sample_weight=weight, ce_weight=0.3, grad_teacher=grad_teacher)
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])

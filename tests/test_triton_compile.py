@@ -153,11 +153,19 @@ def _div_jobs(add):
     from fastkd.triton.divergence import DIV_MAX_BLOCK, div_row_config, div_topk_config
 
     block, warps = div_row_config(DIV_MAX_BLOCK)
+
+    def add_dense(arch, dtypes, consts, warps, matrix):  # the dense kernel's constexprs with defaults, explicit
+        add("div_dense", arch, dtypes, dict(dict(SUMS_KNOWN=False, CROSS=0), **consts), warps, matrix)
     full = dict(HAS_TARGET=True, GRAD_S=True, GRAD_T=True)
     bf = ("bf16", "bf16")
     for kind, gs, gt in itertools.product((0, 1), BOOLS, BOOLS):
-        add("div_dense", 90, bf, dict(KIND=kind, HAS_TARGET=True, GRAD_S=gs, GRAD_T=gt, BLOCK=block), warps, "A")
-        add("div_dense", 90, bf, dict(KIND=kind, HAS_TARGET=False, GRAD_S=True, GRAD_T=True, BLOCK=block), warps, "A")
+        add_dense(90, bf, dict(KIND=kind, HAS_TARGET=True, GRAD_S=gs, GRAD_T=gt, BLOCK=block), warps, "A")
+        add_dense(90, bf, dict(KIND=kind, HAS_TARGET=False, GRAD_S=True, GRAD_T=True, BLOCK=block), warps, "A")
+    # the two-pass path (forward / reverse KL: SUMS_KNOWN, CROSS the KL that pass 1 sums)
+    for cross, gs, gt in ((2, True, False), (2, True, True), (1, False, True), (1, True, True), (0, True, False),
+                          (0, False, True)):
+        add_dense(90, bf, dict(KIND=0, HAS_TARGET=True, GRAD_S=gs, GRAD_T=gt, BLOCK=block, SUMS_KNOWN=True,
+                                      CROSS=cross), warps, "A")
     for tail, gs, gt in itertools.product(BOOLS, BOOLS, BOOLS):
         add("div_topk", 90, bf, dict(KIND=0, TAIL=tail, HAS_TARGET=True, GRAD_S=gs, GRAD_T=gt, BLOCK=block,
                                      KP=DIV_KP[0]), warps, "A")
@@ -166,16 +174,17 @@ def _div_jobs(add):
                                      KP=DIV_KP[0]), warps, "A")
         add("div_topk", 90, bf, dict(KIND=1, TAIL=tail, **full, BLOCK=block, KP=DIV_KP[0]), warps, "A")
     for s, t in DIV_PAIRS:
-        add("div_dense", 90, (s, t), dict(KIND=0, **full, BLOCK=block), warps, "A")
+        add_dense(90, (s, t), dict(KIND=0, **full, BLOCK=block), warps, "A")
         add("div_topk", 90, (s, t), dict(KIND=0, TAIL=True, **full, BLOCK=block, KP=DIV_KP[0]), warps, "A")
     for b, w in div_row_configs():
-        add("div_dense", 90, bf, dict(KIND=0, **full, BLOCK=b), w, "B")
+        add_dense(90, bf, dict(KIND=0, **full, BLOCK=b), w, "B")
     for n_cols in (10, 300, 32000):  # the narrowest, a middle and the widest block
         for kp in DIV_KP:
             b, w = div_topk_config(n_cols, kp)
             add("div_topk", 90, bf, dict(KIND=0, TAIL=True, **full, BLOCK=b, KP=kp), w, "B")
     for s, t in DIV_SM80_PAIRS:
-        add("div_dense", 80, (s, t), dict(KIND=0, **full, BLOCK=block), warps, "C")
+        add_dense(80, (s, t), dict(KIND=0, **full, BLOCK=block), warps, "C")
+        add_dense(80, (s, t), dict(KIND=0, **full, BLOCK=block, SUMS_KNOWN=True, CROSS=2), warps, "C")
         add("div_topk", 80, (s, t), dict(KIND=0, TAIL=True, **full, BLOCK=block, KP=DIV_KP[1]),
             div_topk_config(DIV_MAX_BLOCK, DIV_KP[1])[1], "C")
 

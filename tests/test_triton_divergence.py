@@ -352,3 +352,38 @@ def test_autograd_scales_the_stored_gradients(narrow_blocks):
     loss.backward()
     ref = R.divergence_fwd(s.double(), lp.double(), ids, target, w, 2.0, 0, *FORWARD_KL, 4.0, 0.3, 1, True, True, True)
     assert rel_err(si.grad, ref[3]) < 1e-5 and rel_err(li.grad, ref[4]) < 1e-5
+
+
+@pytest.mark.skipif(not INTERPRET, reason="counts the interpreter's loads")
+@pytest.mark.parametrize("grads", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("name,coef,passes", [("forward_kl", FORWARD_KL, 2), ("reverse_kl", DIVERGENCES[0][2], 2),
+                                              ("jsd0.5", R.divergence_coefficients("jsd", beta=0.5), 3)])
+def test_dense_passes(narrow_blocks, monkeypatch, name, coef, passes, grads):
+    """Reads of each logit per call: two where sum G and sum H are known after the statistics
+    pass (forward and reverse KL, any gradients: the KL as KD's cross term), three otherwise.
+    Counted in the interpreter's loads from the logit buffers; the values are checked too."""
+    import triton.runtime.interpreter as interp
+
+    s, t, target, w = dense_inputs(21)
+    w[1] = 0.5  # every row read
+    reads = {"s": 0, "t": 0}
+    load = interp.InterpreterBuilder.create_masked_load
+
+    def counting_load(self, ptrs, mask, other, *rest):
+        on = ptrs.data[mask.data]
+        for key, x in (("s", s), ("t", t)):
+            lo = x.data_ptr()
+            reads[key] += int(((on >= lo) & (on < lo + x.numel() * x.element_size())).sum())
+        return load(self, ptrs, mask, other, *rest)
+
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_masked_load", counting_load)
+    args = (s, t, no_ids(), target, w, 2.0, 0, *coef, 4.0, 0.1, 0, False, *grads)
+    out = ft.divergence_fwd(*args)
+    monkeypatch.undo()
+    reads_s = reads["s"] - N  # the target logits, one per row
+    assert (reads_s, reads["t"]) == (passes * N * V, passes * N * V), (name, grads, reads)
+    ref = R.divergence_fwd(s.double(), t.double(), *args[2:])
+    torch.testing.assert_close(out[0].double(), ref[0], rtol=2e-5, atol=2e-6)
+    for got, want, on in ((out[3], ref[3], grads[0]), (out[4], ref[4], grads[1])):
+        if on:
+            assert rel_err(got, want) < 1e-5, (name, grads)

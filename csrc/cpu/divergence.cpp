@@ -7,16 +7,17 @@
 //   (1) statistics in chunks of kStatsChunk columns: the chunk maxima of both nets
 //       (raw units), then the exps relative to them, kept (the student's in the
 //       student-gradient row when it is float32, else in a row buffer; the teacher's
-//       in a row buffer), and with a target at T != 1 the student's exps at T = 1
-//       for the cross-entropy;
-//   (2) per class: q and p from the kept exps (rescaled per chunk), the log-probs
-//       from the logits, the loss terms and G, H (div_terms). When sum G (sum H) is
-//       known beforehand (forward KL, reverse KL: div_sum_g_known) the gradient is
-//       written here; otherwise G goes to a row buffer (H to the teacher-gradient row)
-//       and
+//       in a row buffer), with a target at T != 1 the student's sum at T = 1 for the
+//       cross-entropy (from the kept exps at T = 2, 3, 4), and for forward and reverse
+//       KL the KL itself as KD's cross term (DivCross);
+//   (2) forward and reverse KL: the gradients, their sums being known (sum G of
+//       reverse KL is the KL of (1)): two passes, as KD. Otherwise per class: q and p
+//       from the kept exps (rescaled per chunk), the log-probs from the logits, the
+//       loss terms and the sums of G, H (div_terms); G goes to a row buffer (H to the
+//       teacher-gradient row) and
 //   (3) a last pass forms G - q sum G (H - p sum H).
-//   The cross-entropy gradient rides along (T = 1: the same q) or takes one extra
-//   pass of exps at T = 1.
+//   The cross-entropy gradient rides along the last pass (softmax at T = 1 from the
+//   kept exps, or one exp per element at other T than 1..4).
 // Top-k teacher, tail mode: the K member slots are flagged in the student-gradient
 // row (or a row buffer), one chunked pass gathers the statistics of the full row and
 // of the non-members (the tail is summed over the non-member ids themselves), the
@@ -66,81 +67,171 @@ int64_t num_chunks(int64_t V) { return (V + kStatsChunk - 1) / kStatsChunk; }
 // ---------------------------------------------------------------------------
 // Dense teacher
 
+// Which KL pass (1) also sums as KD's cross term (csrc/kd_math.h), so that the sum the
+// gradient needs is known before pass (2), which then writes the gradient (two passes):
+//   kCrossP: KL(p || q), weights e_t: kMixQ (forward KL), sum H = a KL(p || q) = soft;
+//   kCrossQ: KL(q || p), weights e_s: kMixP (reverse KL), sum G = b KL(q || p) = soft.
+// The KDRawStats are oriented as kd_math.h has them, the weighting net second, so for
+// kCrossQ the nets swap places (kd_raw_merge and kd_raw_finish then serve unchanged).
+enum DivCross { kCrossNone = 0, kCrossP = 1, kCrossQ = 2 };
+
+// How the cross-entropy's exps at T = 1 come from the kept exps at 1/T (same chunk base
+// M): kCE1Pow: T = 2, 3 or 4, exp(s - M) = exp((s - M) / T)^T (a few multiplies, where an
+// exp per element made CE cost a third of KD; relative error below 1e-6, as fkl_row's);
+// kCE1Exp: any other T, one exp; kCE1Same: T = 1, the CE's softmax is q; kCE1None: not needed.
+enum DivCE1 { kCE1None = 0, kCE1Pow = 1, kCE1Exp = 2, kCE1Same = 3 };
+
+// T as that power: 1..4 when T is that integer, 0 otherwise.
+int ce_power(float T) { return (T == 1.0f || T == 2.0f || T == 3.0f || T == 4.0f) ? static_cast<int>(T) : 0; }
+
+// e^pw for pw in 1..4, as the four powers weighted by 0 or 1: a select on the
+// loop-invariant pw kept the loops scalar (6x slower). e is a kept exp (<= 1 or NaN),
+// so no inf * 0 arises.
+struct PowSel {
+  float w1, w2, w3, w4;
+};
+PowSel pow_sel(int pw) { return {pw == 1 ? 1.0f : 0.0f, pw == 2 ? 1.0f : 0.0f, pw == 3 ? 1.0f : 0.0f, pw == 4 ? 1.0f : 0.0f}; }
+FASTKD_INLINE float pow_small(float e, const PowSel& w) { return e * (w.w1 + e * w.w2) + e * e * e * (w.w3 + e * w.w4); }
+
 // (1) of one chunk: chunk maxima, exps relative to them (kept), sums; with kCE1 the
-// student's sum at T = 1 too (relative to the same maximum).
-template <bool kCE1>
-FASTKD_INLINE void dense_chunk_stats(const float* s, const float* t, int64_t n, float inv_t, float* kept_s,
-                                     float* kept_t, DivLse& cs, DivLse& ct, DivLse& c1) {
+// student's sum at T = 1 too (relative to the same maximum; T = 1 itself needs none);
+// with kCross the cross term. Returns the oriented KDRawStats (see DivCross).
+template <int kCross, int kCE1>
+FASTKD_INLINE KDRawStats dense_chunk_stats(const float* s, const float* t, int64_t n, float inv_t, PowSel pw,
+                                           float* kept_s, float* kept_t, float& z1) {
   const ChunkMax m = chunk_max(s, t, n);
   const float bs = m.bs, bt = m.bt;
-  float zs = 0.0f, zt = 0.0f, z1 = 0.0f;
-#pragma omp simd reduction(+ : zs, zt, z1)
+  float zs = 0.0f, zt = 0.0f, cross = 0.0f, zo = 0.0f;
+#pragma omp simd reduction(+ : zs, zt, cross, zo)
   for (int64_t j = 0; j < n; ++j) {
-    const float es = vexp((s[j] - bs) * inv_t), et = vexp((t[j] - bt) * inv_t);  // raw differences first
+    const float a = (s[j] - bs) * inv_t, b = (t[j] - bt) * inv_t;  // raw differences first
+    const float es = vexp(a), et = vexp(b);
     kept_s[j] = es, kept_t[j] = et;
     zs += es;
     zt += et;
-    if (kCE1) z1 += vexp(s[j] - bs);
+    if (kCross == kCrossP) cross += kd_cross_term(et, a, b);  // e_t (b - a)
+    if (kCross == kCrossQ) cross += kd_cross_term(es, b, a);  // e_s (a - b)
+    if (kCE1 == kCE1Pow) zo += pow_small(es, pw);
+    if (kCE1 == kCE1Exp) zo += vexp(s[j] - bs);
   }
-  cs = {m.ms, zs}, ct = {m.mt, zt}, c1 = {m.ms, z1};
+  z1 = zo;
+  if (kCross == kCrossQ) return {m.mt, zt, m.ms, zs, cross};
+  return {m.ms, zs, m.mt, zt, cross};
 }
 
-// Row scalars of pass (2) and (3).
+// Pass (1) over the row: the row statistics (st_s, st_t at 1/T, st_1 at T = 1 when kCE1),
+// the chunk maxima, and the oriented cross statistics.
+template <int kCross, int kCE1>
+FASTKD_INLINE KDRawStats dense_stats(const DivCall& c, const float* s, const float* t, PowSel pw, float* kept_s,
+                                     float* kept_t, float* chunk_max, DivLse& st_s, DivLse& st_t, DivLse& st_1) {
+  KDRawStats x = kd_raw_empty();
+  for (int64_t c0 = 0, k = 0; c0 < c.V; c0 += kStatsChunk, ++k) {
+    const int64_t n = std::min(kStatsChunk, c.V - c0);
+    float z1 = 0.0f;
+    const KDRawStats part =
+        dense_chunk_stats<kCross, kCE1>(s + c0, t + c0, n, c.inv_t, pw, kept_s + c0, kept_t + c0, z1);
+    const float ms = kCross == kCrossQ ? part.mt : part.ms, mt = kCross == kCrossQ ? part.ms : part.mt;
+    const float zs = kCross == kCrossQ ? part.zt : part.zs, zt = kCross == kCrossQ ? part.zs : part.zt;
+    chunk_max[2 * k] = ms, chunk_max[2 * k + 1] = mt;
+    div_lse_merge(st_s, DivLse{ms, zs}, c.inv_t);
+    div_lse_merge(st_t, DivLse{mt, zt}, c.inv_t);
+    if (kCE1 != kCE1None) div_lse_merge(st_1, DivLse{ms, z1}, 1.0f);
+    if (kCross != kCrossNone) x = kd_raw_merge(x, part, c.inv_t);
+  }
+  return x;
+}
+
+// Row scalars of passes (2) and (3).
 struct DenseRow {
   float ms, ls, mt, lt;  // raw maxima, log of the sums relative to them
   float dl;              // L_s - L_t
-  float sum_g, sum_h;    // known beforehand (div_known_sum) or summed by pass (2)
+  float sum_g, sum_h;    // known beforehand (kCross, or div_known_sum) or summed by pass (2)
   DivTvdSums tvd;        // TVD: the masses of div_tvd_factor, summed by pass (2)
-  float coef, ce_q;      // w soft_scale / T; w ce_weight where T = 1 (the CE gradient then uses q)
+  float coef;            // w soft_scale / T
+  float ce;              // w ce_weight: the CE gradient ce (softmax(s) - onehot) (the onehot added by the caller)
+  PowSel pw;             // kCE1Pow: T as a power
+  float m1, l1;          // the T = 1 statistics (raw max, log of the sum)
 };
 
-// (2) of one chunk. kDirectG / kDirectH: sum G / sum H known, write the gradient now.
-template <int kKind, int kMix, int kForm, bool kGS, bool kGT, bool kDirectG, bool kDirectH>
+// The CE's softmax(s)_j at T = 1: kept_s^T to_1 (kCE1Pow; to_1 = exp(chunk max - M - L_1)) or one exp.
+template <int kCE1>
+FASTKD_INLINE float softmax1(const DenseRow& r, float es, float q, float s, float to_1) {
+  if (kCE1 == kCE1Same) return q;
+  if (kCE1 == kCE1Exp) return vexp(div_log_prob(s, r.m1, 1.0f, r.l1));
+  return pow_small(es, r.pw) * to_1;
+}
+
+// (2) of one chunk where the sums are known (kMixQ, kMixP): the gradients. gs may be kept_s.
+template <int kMix, bool kGS, bool kGT, int kCE1>
+FASTKD_INLINE void dense_grad_chunk(const DivParams& dp, const float* s, const float* t, int64_t n, float inv_t,
+                                    const DenseRow& r, float to_q, float to_p, float to_1, const float* kept_s,
+                                    const float* kept_t, float* gs, float* gt) {
+  const DivParams d = dp;  // a local copy: the gradient stores cannot alias it, so its fields stay in registers
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float es = kept_s[j], q = es * to_q, p = kept_t[j] * to_p;  // read before gs[j] is written
+    const float delta = ((t[j] - r.mt) - (s[j] - r.ms)) * inv_t + r.dl;  // lp - lq, each maximum first
+    const DivTerms x = div_terms_form<kDivKL, kMix, kFormGeneral>(d, p, q, delta);
+    if (kGS) {
+      float g = r.coef * (x.g - q * r.sum_g);
+      if (kCE1 != kCE1None) g += r.ce * softmax1<kCE1>(r, es, q, s[j], to_1);
+      gs[j] = g;
+    }
+    if (kGT) gt[j] = r.coef * (x.h - p * r.sum_h);
+  }
+}
+
+// (2) of one chunk where a sum is not known: the row's soft loss and the sums the wanted
+// gradients need (only those: each float -> double sum costs conversions in the loop);
+// G goes to g_row, H to the teacher-gradient row.
+template <int kKind, int kMix, int kForm, bool kGS, bool kGT>
 FASTKD_INLINE void dense_terms_chunk(const DivParams& dp, const float* s, const float* t, int64_t n, float inv_t,
                                      const DenseRow& r, float to_q, float to_p, const float* kept_s,
-                                     const float* kept_t, float* gs, float* gt, float* g_row, double& soft,
-                                     double& sum_g, double& sum_h, double* tvd) {
-  const DivParams d = dp;  // a local copy: the gradient stores cannot alias it, so its fields stay in registers
+                                     const float* kept_t, float* gt, float* g_row, double& soft, double& sum_g,
+                                     double& sum_h, double* tvd) {
+  const DivParams d = dp;
+  constexpr bool kTVD = kKind == kDivTVD;
   // double sums: the gradient is G - q sum G, where G and q sum G nearly cancel on the largest classes
   // (JSD near beta = 1, TVD), so a float32 sum's rounding (lanes of 128 terms) showed as 2e-5 there
   double so = 0.0, sg = 0.0, sh = 0.0, q_lt = 0.0, q_gt = 0.0, p_lt = 0.0, p_gt = 0.0, tie = 0.0;
 #pragma omp simd reduction(+ : so, sg, sh, q_lt, q_gt, p_lt, p_gt, tie)
   for (int64_t j = 0; j < n; ++j) {
     const float q = kept_s[j] * to_q, p = kept_t[j] * to_p;
-    if (kKind == kDivTVD) tvd_masses_add(q, p, q_lt, q_gt, p_lt, p_gt, tie);
+    if (kTVD && kGS) q_lt += q < p ? q : 0.0f, q_gt += q > p ? q : 0.0f;
+    if (kTVD && kGT) p_lt += p < q ? p : 0.0f, p_gt += p > q ? p : 0.0f;
+    if (kTVD && (kGS || kGT)) tie += p == q ? p : 0.0f;
     // lp - lq from the raw logits: ((t - M_t) - (s - M_s)) / T + (L_s - L_t) (see div_mixture); each
     // maximum first: t - s loses |t - s| eps when the nets sit at different large offsets (+-1e4)
     const float delta = ((t[j] - r.mt) - (s[j] - r.ms)) * inv_t + r.dl;
     const DivTerms x = div_terms_form<kKind, kMix, kForm>(d, p, q, delta);
     so += x.soft;
-    sg += x.g;
-    sh += x.h;
-    if (kGS) {
-      if (kDirectG) gs[j] = r.coef * (x.g - q * r.sum_g) + r.ce_q * q;  // gs may be kept_s: read above
-      else g_row[j] = x.g;
-    }
-    if (kGT) gt[j] = kDirectH ? r.coef * (x.h - p * r.sum_h) : x.h;
+    if (!kTVD && kGS) sg += x.g, g_row[j] = x.g;
+    if (!kTVD && kGT) sh += x.h, gt[j] = x.h;
   }
   soft += so, sum_g += sg, sum_h += sh;
-  if (kKind == kDivTVD) tvd[0] += q_lt, tvd[1] += q_gt, tvd[2] += p_lt, tvd[3] += p_gt, tvd[4] += tie;
+  if (kTVD) tvd[0] += q_lt, tvd[1] += q_gt, tvd[2] += p_lt, tvd[3] += p_gt, tvd[4] += tie;
 }
 
-// (3) of one chunk: the gradients whose sums were not known in (2).
-template <int kKind, bool kGS, bool kGT>
-FASTKD_INLINE void dense_finish_chunk(int64_t n, const DenseRow& r, float to_q, float to_p, const float* kept_s,
-                                      const float* kept_t, const float* g_row, float* gs, float* gt) {
+// (3) of one chunk: the gradients whose sums (2) found.
+template <int kKind, bool kGS, bool kGT, int kCE1>
+FASTKD_INLINE void dense_finish_chunk(const float* s, int64_t n, const DenseRow& r, float to_q, float to_p,
+                                      float to_1, const float* kept_s, const float* kept_t, const float* g_row,
+                                      float* gs, float* gt) {
   const DivTvdSums& v = r.tvd;
   const float half = 0.5f * r.coef;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const float q = kept_s[j] * to_q, p = kept_t[j] * to_p;
+    const float es = kept_s[j], q = es * to_q, p = kept_t[j] * to_p;
+    float g = 0.0f;
     if (kKind == kDivTVD) {
-      if (kGS) gs[j] = half * q * div_tvd_factor(q, p, v.q_lt, v.q_gt, v.tie) + r.ce_q * q;
+      if (kGS) g = half * q * div_tvd_factor(q, p, v.q_lt, v.q_gt, v.tie);
       if (kGT) gt[j] = half * p * div_tvd_factor(p, q, v.p_lt, v.p_gt, v.tie);
     } else {
-      if (kGS) gs[j] = r.coef * (g_row[j] - q * r.sum_g) + r.ce_q * q;
+      if (kGS) g = r.coef * (g_row[j] - q * r.sum_g);
       if (kGT) gt[j] = r.coef * (gt[j] - p * r.sum_h);
     }
+    if (kGS && kCE1 != kCE1None) g += r.ce * softmax1<kCE1>(r, es, q, s[j], to_1);
+    if (kGS) gs[j] = g;
   }
 }
 
@@ -156,49 +247,72 @@ FASTKD_INLINE float to_prob(float chunk_max, float row_max, float inv_t, float l
   return expf(raw_gap(chunk_max, row_max) * inv_t - l);  // 0 for an all -inf chunk
 }
 
-template <int kKind, int kMix, int kForm, bool kGS, bool kGT>
+// Passes (2) and (3) of a row; returns its soft loss (soft_known where kMixQ / kMixP).
+template <int kKind, int kMix, int kForm, bool kGS, bool kGT, int kCE1>
 FASTKD_INLINE float dense_passes(const DivCall& c, const float* s, const float* t, DenseRow& r,
                                  const float* chunk_max, const float* kept_s, const float* kept_t, float* gs,
-                                 float* gt, float* g_row) {
-  constexpr bool kDirectG = kKind == kDivKL && kMix == kMixQ;
-  constexpr bool kDirectH = kKind == kDivKL && kMix == kMixP;
+                                 float* gt, float* g_row, float soft_known) {
+  constexpr bool kKnown = kKind == kDivKL && kMix != kMixBoth;  // sum G and sum H known: two passes
   const int64_t V = c.V;
+  auto chunk_factors = [&](int64_t k, float& to_q, float& to_p, float& to_1) {
+    to_q = to_prob(chunk_max[2 * k], r.ms, c.inv_t, r.ls);
+    to_p = to_prob(chunk_max[2 * k + 1], r.mt, c.inv_t, r.lt);
+    to_1 = kCE1 == kCE1Pow ? to_prob(chunk_max[2 * k], r.m1, 1.0f, r.l1) : 0.0f;
+  };
+  if (kKnown) {
+    if (kGS || kGT) {
+      for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
+        const int64_t n = std::min(kStatsChunk, V - c0);
+        float to_q, to_p, to_1;
+        chunk_factors(k, to_q, to_p, to_1);
+        dense_grad_chunk<kMix, kGS, kGT, kCE1>(c.d, s + c0, t + c0, n, c.inv_t, r, to_q, to_p, to_1, kept_s + c0,
+                                               kept_t + c0, kGS ? gs + c0 : nullptr, kGT ? gt + c0 : nullptr);
+      }
+    }
+    return soft_known;
+  }
   double soft = 0.0, sum_g = 0.0, sum_h = 0.0, tvd[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
   for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
     const int64_t n = std::min(kStatsChunk, V - c0);
-    const float to_q = to_prob(chunk_max[2 * k], r.ms, c.inv_t, r.ls);
-    const float to_p = to_prob(chunk_max[2 * k + 1], r.mt, c.inv_t, r.lt);
-    dense_terms_chunk<kKind, kMix, kForm, kGS, kGT, kDirectG, kDirectH>(
-        c.d, s + c0, t + c0, n, c.inv_t, r, to_q, to_p, kept_s + c0, kept_t + c0, kGS ? gs + c0 : nullptr,
-        kGT ? gt + c0 : nullptr, kGS ? g_row + c0 : nullptr, soft, sum_g, sum_h, tvd);
+    float to_q, to_p, to_1;
+    chunk_factors(k, to_q, to_p, to_1);
+    dense_terms_chunk<kKind, kMix, kForm, kGS, kGT>(c.d, s + c0, t + c0, n, c.inv_t, r, to_q, to_p, kept_s + c0,
+                                                    kept_t + c0, kGT ? gt + c0 : nullptr,
+                                                    kGS ? g_row + c0 : nullptr, soft, sum_g, sum_h, tvd);
   }
-  constexpr bool kLastS = kGS && !kDirectG, kLastT = kGT && !kDirectH;
-  if (kLastS || kLastT) {
-    if (!kDirectG) r.sum_g = static_cast<float>(sum_g);
-    if (!kDirectH) r.sum_h = static_cast<float>(sum_h);
+  if (kGS || kGT) {
+    r.sum_g = static_cast<float>(sum_g);
+    r.sum_h = static_cast<float>(sum_h);
     r.tvd = {float(tvd[0]), float(tvd[1]), float(tvd[2]), float(tvd[3]), float(tvd[4])};
     for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
       const int64_t n = std::min(kStatsChunk, V - c0);
-      const float to_q = to_prob(chunk_max[2 * k], r.ms, c.inv_t, r.ls);
-      const float to_p = to_prob(chunk_max[2 * k + 1], r.mt, c.inv_t, r.lt);
-      dense_finish_chunk<kKind, kLastS, kLastT>(n, r, to_q, to_p, kept_s + c0, kept_t + c0,
-                                         kLastS ? g_row + c0 : nullptr, kLastS ? gs + c0 : nullptr,
-                                         kLastT ? gt + c0 : nullptr);
+      float to_q, to_p, to_1;
+      chunk_factors(k, to_q, to_p, to_1);
+      dense_finish_chunk<kKind, kGS, kGT, kCE1>(s + c0, n, r, to_q, to_p, to_1, kept_s + c0, kept_t + c0,
+                                                kGS ? g_row + c0 : nullptr, kGS ? gs + c0 : nullptr,
+                                                kGT ? gt + c0 : nullptr);
     }
   }
   return static_cast<float>(soft);
 }
 
+// kCE1 only matters with a student gradient (the CE adds to it alone).
 template <int kKind, int kMix, int kForm>
 FASTKD_INLINE float dense_passes_any(const DivCall& c, const float* s, const float* t, DenseRow& r,
                                      const float* chunk_max, const float* kept_s, const float* kept_t, float* gs,
-                                     float* gt, float* g_row) {
-#define FASTKD_DIV_PASSES(GS, GT) \
-  dense_passes<kKind, kMix, kForm, GS, GT>(c, s, t, r, chunk_max, kept_s, kept_t, gs, gt, g_row)
-  if (gs && gt) return FASTKD_DIV_PASSES(true, true);
-  if (gs) return FASTKD_DIV_PASSES(true, false);
-  if (gt) return FASTKD_DIV_PASSES(false, true);
-  return FASTKD_DIV_PASSES(false, false);
+                                     float* gt, float* g_row, float soft_known, int ce1) {
+#define FASTKD_DIV_PASSES(GS, GT, CE1) \
+  dense_passes<kKind, kMix, kForm, GS, GT, CE1>(c, s, t, r, chunk_max, kept_s, kept_t, gs, gt, g_row, soft_known)
+#define FASTKD_DIV_PASSES_CE(GS, GT)                                  \
+  (ce1 == kCE1Same  ? FASTKD_DIV_PASSES(GS, GT, kCE1Same)             \
+   : ce1 == kCE1Pow ? FASTKD_DIV_PASSES(GS, GT, kCE1Pow)              \
+   : ce1 == kCE1Exp ? FASTKD_DIV_PASSES(GS, GT, kCE1Exp)              \
+                    : FASTKD_DIV_PASSES(GS, GT, kCE1None))
+  if (gs && gt) return FASTKD_DIV_PASSES_CE(true, true);
+  if (gs) return FASTKD_DIV_PASSES_CE(true, false);
+  if (gt) return FASTKD_DIV_PASSES(false, true, kCE1None);
+  return FASTKD_DIV_PASSES(false, false, kCE1None);
+#undef FASTKD_DIV_PASSES_CE
 #undef FASTKD_DIV_PASSES
 }
 
@@ -208,38 +322,55 @@ FASTKD_CPU_CLONES
 DivRowOut dense_row(const DivCall& c, const float* s, const float* t, int64_t g, float w, float* gs, float* gt,
                     DivScratch& sc) {
   const int64_t V = c.V, nc = num_chunks(V);
+  const DivParams& d = c.d;
   float* kept_s = gs ? gs : sized(sc.kept_s, V);
   float* kept_t = sized(sc.kept_t, V);
   float* chunk_max = sized(sc.chunk_max, 2 * nc);
-  const bool ce1 = g >= 0 && c.T != 1.0f;  // the CE needs its own sum at T = 1
+  // the CE's sums at T = 1: those at 1/T when T = 1, else from the kept exps (kCE1Pow) or their own exps
+  const int pw = ce_power(c.T);
+  const int ce1_stats = (g < 0 || c.T == 1.0f) ? kCE1None : (pw ? kCE1Pow : kCE1Exp);
+  const int cross = d.kind != kDivKL ? kCrossNone : (d.mix == kMixP ? kCrossQ : (d.mix == kMixQ ? kCrossP : kCrossNone));
   DivLse st_s = div_lse_empty(), st_t = div_lse_empty(), st_1 = div_lse_empty();
-  for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
-    const int64_t n = std::min(kStatsChunk, V - c0);
-    DivLse cs, ct, c1;
-    if (ce1) dense_chunk_stats<true>(s + c0, t + c0, n, c.inv_t, kept_s + c0, kept_t + c0, cs, ct, c1);
-    else dense_chunk_stats<false>(s + c0, t + c0, n, c.inv_t, kept_s + c0, kept_t + c0, cs, ct, c1);
-    chunk_max[2 * k] = cs.m, chunk_max[2 * k + 1] = ct.m;
-    div_lse_merge(st_s, cs, c.inv_t);
-    div_lse_merge(st_t, ct, c.inv_t);
-    if (ce1) div_lse_merge(st_1, c1, 1.0f);
-  }
-  if (g >= 0 && !ce1) st_1 = st_s;  // T = 1: the same sums
+  KDRawStats x;
+#define FASTKD_DIV_STATS(CROSS, CE1) \
+  dense_stats<CROSS, CE1>(c, s, t, pow_sel(pw), kept_s, kept_t, chunk_max, st_s, st_t, st_1)
+#define FASTKD_DIV_STATS_CE(CROSS)                                            \
+  (ce1_stats == kCE1Pow   ? FASTKD_DIV_STATS(CROSS, kCE1Pow)                  \
+   : ce1_stats == kCE1Exp ? FASTKD_DIV_STATS(CROSS, kCE1Exp)                  \
+                          : FASTKD_DIV_STATS(CROSS, kCE1None))
+  if (cross == kCrossQ) x = FASTKD_DIV_STATS_CE(kCrossQ);
+  else if (cross == kCrossP) x = FASTKD_DIV_STATS_CE(kCrossP);
+  else x = FASTKD_DIV_STATS_CE(kCrossNone);
+#undef FASTKD_DIV_STATS_CE
+#undef FASTKD_DIV_STATS
+  if (g >= 0 && ce1_stats == kCE1None) st_1 = st_s;  // T = 1: the same sums
   DenseRow r;
   r.ms = st_s.m, r.ls = div_lse_log(st_s), r.mt = st_t.m, r.lt = div_lse_log(st_t);
   r.dl = r.ls - r.lt;
-  r.sum_g = r.sum_h = div_known_sum(c.d);
+  r.sum_g = r.sum_h = div_known_sum(d);
+  // kMixP: soft = b KL(q || p) = sum G; kMixQ: soft = a KL(p || q) = sum H (a coefficient of 0: never 0 * inf)
+  float soft_known = 0.0f;
+  if (cross != kCrossNone) {
+    const float kl = kd_raw_finish(x).kl, coef = cross == kCrossQ ? d.b : d.a;
+    soft_known = coef != 0.0f ? coef * kl : 0.0f;
+    (cross == kCrossQ ? r.sum_g : r.sum_h) = soft_known;
+  }
   r.coef = w * c.soft_scale * c.inv_t;
-  r.ce_q = (g >= 0 && !ce1) ? w * c.ce_weight : 0.0f;
-  float* g_row = (gs && !div_sum_g_known(c.d.kind, c.d.mix)) ? sized(sc.g_row, V) : nullptr;
+  r.ce = g >= 0 ? w * c.ce_weight : 0.0f;
+  r.pw = pow_sel(pw);
+  r.m1 = st_1.m, r.l1 = g >= 0 ? div_lse_log(st_1) : 0.0f;
+  // the CE gradient rides along the last pass: from the kept exps at T = 1, 2, 3, 4, else one exp
+  const int ce1 = (g < 0 || c.ce_weight == 0.0f) ? kCE1None : (pw == 1 ? kCE1Same : (pw ? kCE1Pow : kCE1Exp));
+  float* g_row = (gs && cross == kCrossNone && d.kind == kDivKL) ? sized(sc.g_row, V) : nullptr;
   float soft;
 #define FASTKD_DIV_ROW(KIND, MIX, FORM) \
-  dense_passes_any<KIND, MIX, FORM>(c, s, t, r, chunk_max, kept_s, kept_t, gs, gt, g_row)
-  if (c.d.kind == kDivTVD) soft = FASTKD_DIV_ROW(kDivTVD, kMixBoth, kFormGeneral);
-  else if (c.d.mix == kMixQ) soft = FASTKD_DIV_ROW(kDivKL, kMixQ, kFormGeneral);
-  else if (c.d.mix == kMixP) soft = FASTKD_DIV_ROW(kDivKL, kMixP, kFormGeneral);
-  else if (div_form(c.d) == kFormProp) soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormProp);
-  else if (div_form(c.d) == kFormNoB) soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormNoB);
-  else if (div_form(c.d) == kFormNoA) soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormNoA);
+  dense_passes_any<KIND, MIX, FORM>(c, s, t, r, chunk_max, kept_s, kept_t, gs, gt, g_row, soft_known, ce1)
+  if (d.kind == kDivTVD) soft = FASTKD_DIV_ROW(kDivTVD, kMixBoth, kFormGeneral);
+  else if (d.mix == kMixQ) soft = FASTKD_DIV_ROW(kDivKL, kMixQ, kFormGeneral);
+  else if (d.mix == kMixP) soft = FASTKD_DIV_ROW(kDivKL, kMixP, kFormGeneral);
+  else if (div_form(d) == kFormProp) soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormProp);
+  else if (div_form(d) == kFormNoB) soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormNoB);
+  else if (div_form(d) == kFormNoA) soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormNoA);
   else soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormGeneral);
 #undef FASTKD_DIV_ROW
   // a NaN logit: the terms' xlogy selects could hide it (cross-entropy alone: soft is 0 whatever the row)
@@ -247,10 +378,7 @@ DivRowOut dense_row(const DivCall& c, const float* s, const float* t, int64_t g,
   DivRowOut out = {soft, 0.0f};
   if (g >= 0) {
     out.hard = div_ce_hard(st_1, s[g]);
-    if (gs && c.ce_weight != 0.0f) {
-      if (ce1) add_softmax1(s, V, st_1, w * c.ce_weight, gs);
-      gs[g] -= w * c.ce_weight;
-    }
+    if (gs && c.ce_weight != 0.0f) gs[g] -= w * c.ce_weight;
   }
   return out;
 }
@@ -344,14 +472,11 @@ FASTKD_INLINE DivRowOut fkl_row_impl(const DivCall& c, const float* s, const flo
   return out;
 }
 
-// T as the power of fkl's CE exps: 1..4 when T is that integer, 0 otherwise.
-int fkl_power(float T) { return (T == 1.0f || T == 2.0f || T == 3.0f || T == 4.0f) ? static_cast<int>(T) : 0; }
-
 FASTKD_CPU_CLONES
 DivRowOut fkl_row(const DivCall& c, const float* s, const float* t, int64_t g, float w, float* gs, DivScratch& sc) {
   // the CE's sums are needed for the hard loss whenever there is a target, its gradient only when ce_weight != 0
   if (g < 0) return fkl_row_impl<false, 1>(c, s, t, g, w, gs, sc);
-  switch (fkl_power(c.T)) {
+  switch (ce_power(c.T)) {
     case 1: return fkl_row_impl<true, 1>(c, s, t, g, w, gs, sc);
     case 2: return fkl_row_impl<true, 2>(c, s, t, g, w, gs, sc);
     case 3: return fkl_row_impl<true, 3>(c, s, t, g, w, gs, sc);

@@ -7,8 +7,12 @@
 //   sweep 1: online log-sum-exps (maxima in raw units) of the student at 1/T, of the
 //            student at T = 1 (only with a target: the cross-entropy) and of the teacher;
 //   sweep 2: the row's soft loss, sum G and sum H;
-//   sweep 3: the gradients. When the sums the wanted gradients need are known in closed
-//            form (forward KL: sum G = -(a + b); reverse KL: sum H), sweeps 2 and 3 are one.
+//   sweep 3: the gradients. When the sums the wanted gradients need are known after
+//            sweep 1, sweeps 2 and 3 are one (two reads of the row, as KD): forward KL
+//            (sum G = -(a + b)) and reverse KL (sum H = -(a + b)), whose other sum is
+//            the KL itself (reverse: sum G = b KL(q || p); forward: sum H = a KL(p || q)),
+//            which sweep 1 then sums as KD's cross term (kd_raw_push, the weighting net
+//            second: for KL(q || p) the nets swap places).
 // Top-k teacher (divergence_topk_kernel), K log-probs and ids per row:
 //   the ids are checked first (an id outside [-1, V) makes the row NaN and nothing of it
 //   is read through that id); in the tail mode they are set in a shared-memory bitmap
@@ -24,6 +28,14 @@
 #include "rows.cuh"
 
 namespace fastkd {
+
+// Found by argument-dependent lookup from RowTeam::reduce, so in namespace fastkd (that of
+// KDRawStats), not the anonymous one; static: kd.cu defines the same for its own kernel.
+static __device__ __forceinline__ KDRawStats shfl_xor(const KDRawStats& v, int offset) {
+  return {shfl_xor(v.ms, offset), shfl_xor(v.zs, offset), shfl_xor(v.mt, offset), shfl_xor(v.zt, offset),
+          shfl_xor(v.cross, offset)};
+}
+
 namespace {
 
 constexpr int64_t kPadId = -1;
@@ -153,6 +165,7 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
   constexpr int W = kPackWidth<S, T>;
   __shared__ RowLse lse_scratch[32];
   __shared__ Sum3 sum_scratch[32];
+  __shared__ KDRawStats cross_scratch[32];
   const RowTeam<kWarp> team;
   const RowHead h = row_head(args, team.row);
   const bool ok = h.counted && !h.bad;
@@ -166,13 +179,38 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
   const bool ce = args.target != nullptr;  // the T = 1 statistics are kept for the cross-entropy only
   const DivParams d = div_params(args.kind, args.a, args.b, args.w_p, args.w_q);
 
+  // All of these are the same for every thread of the launch (reductions below depend on them).
+  const bool soft_on = d.kind == kDivTVD || d.a != 0.0f || d.b != 0.0f;  // a = b = 0: cross-entropy alone
+  const bool want_s = args.grad_student != nullptr, want_t = args.grad_teacher != nullptr;
+  // the KL that sweep 1 sums as a cross term: KL(q || p) = sum G / b (w_q == 0), KL(p || q) = sum H / a (w_p == 0)
+  const bool cross_q = soft_on && want_s && d.kind == kDivKL && d.mix == kMixP;
+  const bool cross_p = soft_on && want_t && d.kind == kDivKL && d.mix == kMixQ;
+  const bool g_known = div_sum_g_known(d.kind, d.mix) || cross_q, h_known = div_sum_h_known(d.kind, d.mix) || cross_p;
+  const bool fused = soft_on && (want_s || want_t) && (!want_s || g_known) && (!want_t || h_known);
+
   RowLse st = row_lse_empty();
+  KDRawStats kx = kd_raw_empty();  // cross_q: the nets swapped (the student second)
   sweep_row(sp, s, t, [&](int64_t, float x, float y) {
-    div_lse_push(st.s, x, inv_t);
+    if (cross_q) {
+      kd_raw_push(kx, y, x, inv_t);
+    } else if (cross_p) {
+      kd_raw_push(kx, x, y, inv_t);
+    } else {
+      div_lse_push(st.s, x, inv_t);
+      div_lse_push(st.u, y, inv_t);
+    }
     if (ce) div_lse_push(st.s1, x, 1.0f);
-    div_lse_push(st.u, y, inv_t);
   });
-  st = team_lse(team, st, inv_t, lse_scratch);
+  st = team_lse(team, st, inv_t, lse_scratch);  // (with cross_q / cross_p: st.s1 only)
+  float cross_kl = 0.0f;
+  if (cross_q || cross_p) {
+    kx = team.reduce(kx, kd_raw_empty(),
+                     [inv_t](const KDRawStats& u, const KDRawStats& v) { return kd_raw_merge(u, v, inv_t); },
+                     cross_scratch);
+    cross_kl = kd_raw_finish(kx).kl;
+    st.s = cross_q ? DivLse{kx.mt, kx.zt} : DivLse{kx.ms, kx.zs};
+    st.u = cross_q ? DivLse{kx.ms, kx.zs} : DivLse{kx.mt, kx.zt};
+  }
   const float ls = div_lse_log(st.s), lt = div_lse_log(st.u), l1 = div_lse_log(st.s1);
   // p, q and the terms of one class
   auto terms = [&](float x, float y, float& p, float& q) {
@@ -181,12 +219,6 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
     p = div_exp(lp);
     return div_terms_any(d, p, q, lp, lq);
   };
-
-  // All of these are the same for every thread of the launch (reductions below depend on them).
-  const bool soft_on = d.kind == kDivTVD || d.a != 0.0f || d.b != 0.0f;  // a = b = 0: cross-entropy alone
-  const bool want_s = args.grad_student != nullptr, want_t = args.grad_teacher != nullptr;
-  const bool g_known = div_sum_g_known(d.kind, d.mix), h_known = div_sum_h_known(d.kind, d.mix);
-  const bool fused = soft_on && (want_s || want_t) && (!want_s || g_known) && (!want_t || h_known);
 
   Sum3 sums = {0.0f, 0.0f, 0.0f};  // soft, sum G, sum H
   if (soft_on && !fused) {
@@ -202,9 +234,9 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
   if (!ok) fill_row_grads(split_row<W>(offset, h.live ? V : 0, packs, team.lane, team.lanes), gs, gt,
                           h.counted ? NAN : 0.0f);
   if (want_s || want_t) {
-    if (fused) {
-      sums.y = g_known ? div_known_sum(d) : 0.0f;
-      sums.z = h_known ? div_known_sum(d) : 0.0f;
+    if (fused) {  // a coefficient of 0 drops its KL (never 0 * inf)
+      sums.y = cross_q ? (d.b != 0.0f ? d.b * cross_kl : 0.0f) : (g_known ? div_known_sum(d) : 0.0f);
+      sums.z = cross_p ? (d.a != 0.0f ? d.a * cross_kl : 0.0f) : (h_known ? div_known_sum(d) : 0.0f);
     }
     const float coef = h.w * args.soft_scale * inv_t, cew = h.w * args.ce_weight;
     const bool with_ce = ce && args.ce_weight != 0.0f;

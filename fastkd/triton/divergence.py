@@ -22,8 +22,15 @@ Dense kernel, three passes over the row (the third only for gradients):
   1. statistics: raw running maxima and sums of the student at 1/T (and at T = 1
      when a target is given: same raw max, a second exponential) and of the teacher;
   2. the per-element terms with the final lse: soft, sum G, sum H;
-  3. the gradients, which need sum G / sum H, from the logits again (a GPU
-     re-reads them mostly from L2). No [N, V] temporary: only the gradients are written.
+  3. the gradients, which need sum G / sum H, from the logits again. Each pass
+     re-reads the row from DRAM at large V (at 128k the rows in flight exceed the
+     L2), so a pass is a third of the row's traffic. No [N, V] temporary: only the
+     gradients are written.
+Two passes where the sums are known after pass 1 (SUMS_KNOWN: w_p == 0 or w_q == 0 in
+the KL family, forward and reverse KL): there sum G and sum H are -(a + b) or the soft
+loss itself (w_q == 0: sum G = b KL(q || p); w_p == 0: sum H = a KL(p || q)), which
+pass 1 gets as KD's cross term (CROSS); pass 2 then sums the soft loss and writes the
+gradients.
 
 Top-k kernel (teacher log-probs [N, K] taken as given, ids [N, K], -1 = padding):
   1. one pass over the student row: lse(x) and, for the tail, lse over the ids
@@ -123,21 +130,54 @@ def _stats_update(m, z, z1, x, inv_temp, HAS_TARGET: tl.constexpr):
 
 @triton.jit
 def _row_stats(s_row, t_row, n_live, n_cols, inv_temp, HAS_TARGET: tl.constexpr, BLOCK: tl.constexpr,
-               EVICT: tl.constexpr):
+               EVICT: tl.constexpr, CROSS: tl.constexpr = 0):
     """Pass 1 of a dense row: the raw maxima and sums (student at 1/T and, with a target, at 1;
-    teacher at 1/T), (m_s, z_s, z1, m_t, z_t). ``n_live`` = 0 reads nothing."""
+    teacher at 1/T), (m_s, z_s, z1, m_t, z_t, kl). ``n_live`` = 0 reads nothing.
+
+    ``kl``: CROSS 1: KL(p || q), 2: KL(q || p), from KD's cross term: the weighting net's sum of
+    e (d_w - d_o), ``d = x - m`` each net's logits minus its own running maximum (raw units; t - s
+    would lose |t - s| eps with the nets at different large offsets), shifted as the maxima move;
+    0 with CROSS 0.
+    """
     cols = tl.arange(0, BLOCK)
     m_s = float("-inf")
     z_s = 0.0
     z1 = 0.0
     m_t = float("-inf")
     z_t = 0.0
+    acc = 0.0
     for start in range(0, n_live, BLOCK):
         offs = start + cols
         s, t = load_logits(s_row, t_row, offs, offs < n_cols, EVICT)
-        m_s, z_s, z1 = _stats_update(m_s, z_s, z1, s, inv_temp, HAS_TARGET)
-        m_t, z_t, _e, _alpha = online_update_scaled(m_t, z_t, t, inv_temp)
-    return m_s, z_s, z1, m_t, z_t
+        m_s_old = m_s
+        m_t_old = m_t
+        z_s_old = z_s
+        z_t_old = z_t
+        if CROSS == 2:
+            m_s, z_s, e_s, alpha_s = online_update_scaled(m_s, z_s, s, inv_temp)
+            if HAS_TARGET:  # as _stats_update: the T = 1 sum on the same raw max
+                m_safe = tl.where(m_s == float("-inf"), 0.0, m_s)
+                z1 = z1 * tl.exp(m_s_old - m_safe) + tl.sum(tl.exp(s - m_safe), 0)
+        else:
+            m_s, z_s, z1 = _stats_update(m_s, z_s, z1, s, inv_temp, HAS_TARGET)
+        m_t, z_t, e_t, alpha_t = online_update_scaled(m_t, z_t, t, inv_temp)
+        if CROSS != 0:
+            d = (s - tl.where(m_s == float("-inf"), 0.0, m_s)) - (t - tl.where(m_t == float("-inf"), 0.0, m_t))
+            gap = tl.where(m_t == m_t_old, 0.0, m_t - m_t_old) - tl.where(m_s == m_s_old, 0.0, m_s - m_s_old)
+            # earlier terms' d moves by gap (d_o - d_w by -gap); a zero probability adds exactly 0, not 0 * inf
+            if CROSS == 2:
+                acc = (acc + tl.where(z_s_old > 0.0, z_s_old * gap, 0.0)) * alpha_s
+                acc += tl.sum(e_s * tl.where(e_s > 0.0, d, 0.0), 0)
+            else:
+                acc = (acc - tl.where(z_t_old > 0.0, z_t_old * gap, 0.0)) * alpha_t
+                acc += tl.sum(e_t * tl.where(e_t > 0.0, -d, 0.0), 0)
+    if CROSS == 1:  # E_p[d_t - d_s] / T - (log z_t - log z_s)
+        kl = acc / z_t * inv_temp - tl.log(z_t) + tl.log(z_s)
+    elif CROSS == 2:
+        kl = acc / z_s * inv_temp - tl.log(z_s) + tl.log(z_t)
+    else:
+        kl = 0.0
+    return m_s, z_s, z1, m_t, z_t, kl
 
 
 @triton.jit
@@ -168,6 +208,7 @@ def _div_dense_kernel(
     n_cols, inv_temp, a, b, w_p, w_q, soft_scale, ce_weight,
     KIND: tl.constexpr, HAS_TARGET: tl.constexpr,
     GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr,
+    SUMS_KNOWN: tl.constexpr = False, CROSS: tl.constexpr = 0,
 ):
     row = tl.program_id(0).to(tl.int64)  # 64-bit: row * stride may pass 2^31
     w = tl.load(W + row * stride_w)
@@ -182,7 +223,8 @@ def _div_dense_kernel(
     log_wq = tl.log(w_q)
 
     # ---- pass 1: raw maxima and sums (student at 1/T and at 1, teacher at 1/T) ----
-    m_s, z_s, z1, m_t, z_t = _row_stats(s_row, t_row, n_live, n_cols, inv_temp, HAS_TARGET, BLOCK, "evict_last")
+    m_s, z_s, z1, m_t, z_t, kl = _row_stats(s_row, t_row, n_live, n_cols, inv_temp, HAS_TARGET, BLOCK, "evict_last",
+                                            CROSS)
     lz_s = tl.log(z_s)
     lz_t = tl.log(z_t)
     if HAS_TARGET:
@@ -192,6 +234,18 @@ def _div_dense_kernel(
     else:
         lz1 = 0.0
         hard = 0.0
+
+    if SUMS_KNOWN and (GRAD_S or GRAD_T):
+        # ---- pass 2 of 2: soft and the gradients, the sums known (a coefficient of 0: never 0 * inf) ----
+        known = -(a + b)
+        sum_g = tl.where(CROSS == 2, tl.where(b == 0.0, 0.0, b * kl), known)
+        sum_h = tl.where(CROSS == 1, tl.where(a == 0.0, 0.0, a * kl), known)
+        soft = _div_dense_grads(s_row, t_row, GS, GT, row, stride_gs, stride_gt, n_cols, n_live, g, ok, fill,
+                                m_s, lz_s, m_t, lz_t, lz1, inv_temp, a, b, w_p, w_q, log_wp, log_wq, sum_g, sum_h,
+                                w * soft_scale * inv_temp, w * ce_weight, ce_weight,
+                                KIND, HAS_TARGET, GRAD_S, GRAD_T, BLOCK, True)
+        _store_row_outputs(LOSS, SOFT, HARD, row, ok, fill, w, soft, hard, soft_scale, ce_weight)
+        return
 
     # ---- pass 2: per-element terms: soft, sum G, sum H ----
     soft = 0.0
@@ -213,24 +267,41 @@ def _div_dense_kernel(
 
     # ---- pass 3: gradients ----
     if GRAD_S or GRAD_T:
-        c_soft = w * soft_scale * inv_temp
-        c_ce = w * ce_weight
-        for start in range(0, n_cols, BLOCK):
-            offs = start + cols
-            mask = offs < n_cols
-            s, t = load_logits(s_row, t_row, offs, offs < n_live, "evict_first")  # skipped rows: nothing read
-            lq = (s - m_s) * inv_temp - lz_s
-            lp = (t - m_t) * inv_temp - lz_t
-            _term, gq, hp = _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND)
-            if GRAD_S:
-                gs = c_soft * (gq - tl.exp(lq) * sum_g)
-                if HAS_TARGET:
-                    ce = tl.exp((s - m_s) - lz1) - tl.where(offs == g, 1.0, 0.0)
-                    gs += tl.where(ce_weight == 0.0, 0.0, c_ce * ce)
-                tl.store(GS + row * stride_gs + offs, tl.where(ok, gs, fill).to(GS.dtype.element_ty), mask=mask)
-            if GRAD_T:
-                gt = c_soft * (hp - tl.exp(lp) * sum_h)
-                tl.store(GT + row * stride_gt + offs, tl.where(ok, gt, fill).to(GT.dtype.element_ty), mask=mask)
+        _div_dense_grads(s_row, t_row, GS, GT, row, stride_gs, stride_gt, n_cols, n_live, g, ok, fill,
+                         m_s, lz_s, m_t, lz_t, lz1, inv_temp, a, b, w_p, w_q, log_wp, log_wq, sum_g, sum_h,
+                         w * soft_scale * inv_temp, w * ce_weight, ce_weight,
+                         KIND, HAS_TARGET, GRAD_S, GRAD_T, BLOCK, False)
+
+
+@triton.jit
+def _div_dense_grads(s_row, t_row, GS, GT, row, stride_gs, stride_gt, n_cols, n_live, g, ok, fill,
+                     m_s, lz_s, m_t, lz_t, lz1, inv_temp, a, b, w_p, w_q, log_wp, log_wq, sum_g, sum_h,
+                     c_soft, c_ce, ce_weight,
+                     KIND: tl.constexpr, HAS_TARGET: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+                     BLOCK: tl.constexpr, SUM_SOFT: tl.constexpr):
+    """The gradient pass of a dense row (the whole row: skipped and bad rows get ``fill``);
+    with SUM_SOFT also the row's soft loss (the two-pass path), else 0."""
+    cols = tl.arange(0, BLOCK)
+    soft = 0.0
+    for start in range(0, n_cols, BLOCK):
+        offs = start + cols
+        mask = offs < n_cols
+        s, t = load_logits(s_row, t_row, offs, offs < n_live, "evict_first")  # skipped rows: nothing read
+        lq = (s - m_s) * inv_temp - lz_s
+        lp = (t - m_t) * inv_temp - lz_t
+        term, gq, hp = _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND)
+        if SUM_SOFT:
+            soft += tl.sum(tl.where(offs < n_live, term, 0.0), 0)
+        if GRAD_S:
+            gs = c_soft * (gq - tl.exp(lq) * sum_g)
+            if HAS_TARGET:
+                ce = tl.exp((s - m_s) - lz1) - tl.where(offs == g, 1.0, 0.0)
+                gs += tl.where(ce_weight == 0.0, 0.0, c_ce * ce)
+            tl.store(GS + row * stride_gs + offs, tl.where(ok, gs, fill).to(GS.dtype.element_ty), mask=mask)
+        if GRAD_T:
+            gt = c_soft * (hp - tl.exp(lp) * sum_h)
+            tl.store(GT + row * stride_gt + offs, tl.where(ok, gt, fill).to(GT.dtype.element_ty), mask=mask)
+    return soft
 
 
 @triton.jit
@@ -420,6 +491,18 @@ def div_topk_config(n_cols, kp):
     return block, max(num_warps, min(16, kp // (32 * DIV_ELEMS_PER_THREAD)))
 
 
+def dense_sums_known(kind, w_p, w_q, grad_student, grad_teacher):
+    """(SUMS_KNOWN, CROSS) of the dense kernel: whether sum G and sum H are known after pass 1
+    (the KL family with w_p == 0 or w_q == 0: two passes), and which KL pass 1 sums for the
+    one that is the soft loss (1: KL(p || q), w_p == 0 with a teacher gradient; 2: KL(q || p),
+    w_q == 0 with a student gradient; 0: none needed)."""
+    if kind != KIND_KL or (w_p != 0 and w_q != 0):
+        return False, 0
+    if w_q == 0:
+        return True, 2 if grad_student else 0
+    return True, 1 if grad_teacher else 0
+
+
 def _check(student, teacher, topk_ids, target, row_weight, temperature, kind, ce_weight, topk_mode):
     """Shape, dtype and option checks that need no device read (the values are the Python layer's)."""
     if kind not in (KIND_KL, KIND_TVD):
@@ -503,13 +586,14 @@ def divergence_fwd(
         block, num_warps = div_row_config(v)
         with device_guard(student):  # launch on the input's device
             if topk_mode == TOPK_NONE:
+                known, cross = dense_sums_known(kind, w_p, w_q, grad_student, grad_teacher)
                 wrap_triton(_div_dense_kernel)[(n,)](
                     student, teacher, tgt, row_weight, loss_rows, soft_rows, hard_rows, gs, gt,
                     student.stride(0), teacher.stride(0),
                     gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0, row_weight.stride(0),
                     *scalars,
                     KIND=kind, HAS_TARGET=has_target, GRAD_S=grad_student, GRAD_T=grad_teacher,
-                    BLOCK=block, num_warps=num_warps,
+                    BLOCK=block, num_warps=num_warps, SUMS_KNOWN=known, CROSS=cross,
                 )
             else:
                 k = teacher.shape[1]
