@@ -55,7 +55,8 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..core.autograd import register_loss_autograd
-from ._common import device_guard, empty_grad, load_logits, logaddexp, online_update_scaled, unit_stride_rows
+from ._common import device_guard, empty_grad, load_logits, online_update_scaled, unit_stride_rows
+from .divergence_rows import _bucket_terms, _log1p, _row_stats, _stats_update
 
 NEG_INF = tl.constexpr(float("-inf"))
 # Sorted-id sentinel for padding slots (and past the end): above every column index.
@@ -64,120 +65,6 @@ _ID_SENTINEL = tl.constexpr(ID_SENTINEL)
 
 KIND_KL, KIND_TVD = 0, 1
 TOPK_NONE, TOPK_TAIL, TOPK_RENORM = 0, 1, 2
-
-
-@triton.jit
-def _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND: tl.constexpr):
-    """(soft term, G, H) of buckets with teacher log-prob ``lp`` and student log-prob ``lq``.
-
-    Zero-probability terms are selected away with ``== 0`` tests (not ``> 0``), so a
-    NaN probability still propagates; a coefficient of 0 is selected away too
-    (inf * 0 would be NaN). Lanes with ``lp = lq = -inf`` give exactly 0.
-    """
-    p = tl.exp(lp)
-    q = tl.exp(lq)
-    if KIND == 1:  # TVD
-        d = p - q
-        soft = 0.5 * tl.abs(d)
-        sgn = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))  # sign(p - q), sign(0) = 0
-        g = -0.5 * q * sgn
-        h = 0.5 * p * sgn
-    else:
-        # log m: exactly log q (w_p == 0) or log p (w_q == 0), else a log-space mixture
-        # (no underflow to log 0 for log-probs below -104: Liger's JSD NaN).
-        # Where p == q the mixture is exactly log p + log(w_p + w_q) (0 for the family's weights),
-        # not logaddexp's rounding: a row of padding only then has loss exactly 0.
-        mixed = tl.where(lp == lq, lp + tl.log(w_p + w_q), logaddexp(lp + log_wp, lq + log_wq))
-        lm = tl.where(w_p == 0.0, lq, tl.where(w_q == 0.0, lp, mixed))
-        no_m = lm == float("-inf")
-        lm_safe = tl.where(no_m, 0.0, lm)
-        # w_q q / m and w_p p / m; exactly 1 where m is that side alone (as csrc/divergence_math.h), also
-        # where its probability is 0: forward KL's G = -a p there (sum G = -(a + b) exactly; inf loss)
-        r = tl.where(w_p == 0.0, 1.0, tl.where(no_m, 0.0, tl.exp(log_wq + lq - lm_safe)))
-        u = tl.where(w_q == 0.0, 1.0, tl.where(no_m, 0.0, tl.exp(log_wp + lp - lm_safe)))
-        kl_p = tl.where(p == 0.0, 0.0, p * (lp - lm))
-        kl_q = tl.where(q == 0.0, 0.0, q * (lq - lm))
-        ta = tl.where(a == 0.0, 0.0, a * kl_p)
-        tb = tl.where(b == 0.0, 0.0, b * kl_q)
-        soft = ta + tb
-        mass = a * p + b * q
-        g = tb - r * mass
-        h = ta - u * mass
-    return soft, g, h
-
-
-@triton.jit
-def _log1p(x):
-    """log(1 + x) for x > -1, accurate for tiny |x| (Goldberg: the rounding of 1 + x cancels)."""
-    u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * x / (u - 1.0))
-
-
-@triton.jit
-def _stats_update(m, z, z1, x, inv_temp, HAS_TARGET: tl.constexpr):
-    """Fold raw logits ``x`` into (raw max ``m``, ``z = sum exp((x - m) / T)``, ``z1 = sum exp(x - m)``).
-
-    One raw maximum serves both temperatures (shift before scaling, as KD);
-    ``z1`` (the T = 1 sum of the cross-entropy) only when a target is given.
-    """
-    m_new = tl.maximum(m, tl.max(x, 0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    z = z * tl.exp((m - m_safe) * inv_temp) + tl.sum(tl.exp((x - m_safe) * inv_temp), 0)
-    if HAS_TARGET:
-        z1 = z1 * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
-    return m_new, z, z1
-
-
-@triton.jit
-def _row_stats(s_row, t_row, n_live, n_cols, inv_temp, HAS_TARGET: tl.constexpr, BLOCK: tl.constexpr,
-               EVICT: tl.constexpr, CROSS: tl.constexpr = 0):
-    """Pass 1 of a dense row: the raw maxima and sums (student at 1/T and, with a target, at 1;
-    teacher at 1/T), (m_s, z_s, z1, m_t, z_t, kl). ``n_live`` = 0 reads nothing.
-
-    ``kl``: CROSS 1: KL(p || q), 2: KL(q || p), from KD's cross term: the weighting net's sum of
-    e (d_w - d_o), ``d = x - m`` each net's logits minus its own running maximum (raw units; t - s
-    would lose |t - s| eps with the nets at different large offsets), shifted as the maxima move;
-    0 with CROSS 0.
-    """
-    cols = tl.arange(0, BLOCK)
-    m_s = float("-inf")
-    z_s = 0.0
-    z1 = 0.0
-    m_t = float("-inf")
-    z_t = 0.0
-    acc = 0.0
-    for start in range(0, n_live, BLOCK):
-        offs = start + cols
-        s, t = load_logits(s_row, t_row, offs, offs < n_cols, EVICT)
-        m_s_old = m_s
-        m_t_old = m_t
-        z_s_old = z_s
-        z_t_old = z_t
-        if CROSS == 2:
-            m_s, z_s, e_s, alpha_s = online_update_scaled(m_s, z_s, s, inv_temp)
-            if HAS_TARGET:  # as _stats_update: the T = 1 sum on the same raw max
-                m_safe = tl.where(m_s == float("-inf"), 0.0, m_s)
-                z1 = z1 * tl.exp(m_s_old - m_safe) + tl.sum(tl.exp(s - m_safe), 0)
-        else:
-            m_s, z_s, z1 = _stats_update(m_s, z_s, z1, s, inv_temp, HAS_TARGET)
-        m_t, z_t, e_t, alpha_t = online_update_scaled(m_t, z_t, t, inv_temp)
-        if CROSS != 0:
-            d = (s - tl.where(m_s == float("-inf"), 0.0, m_s)) - (t - tl.where(m_t == float("-inf"), 0.0, m_t))
-            gap = tl.where(m_t == m_t_old, 0.0, m_t - m_t_old) - tl.where(m_s == m_s_old, 0.0, m_s - m_s_old)
-            # earlier terms' d moves by gap (d_o - d_w by -gap); a zero probability adds exactly 0, not 0 * inf
-            if CROSS == 2:
-                acc = (acc + tl.where(z_s_old > 0.0, z_s_old * gap, 0.0)) * alpha_s
-                acc += tl.sum(e_s * tl.where(e_s > 0.0, d, 0.0), 0)
-            else:
-                acc = (acc - tl.where(z_t_old > 0.0, z_t_old * gap, 0.0)) * alpha_t
-                acc += tl.sum(e_t * tl.where(e_t > 0.0, -d, 0.0), 0)
-    if CROSS == 1:  # E_p[d_t - d_s] / T - (log z_t - log z_s)
-        kl = acc / z_t * inv_temp - tl.log(z_t) + tl.log(z_s)
-    elif CROSS == 2:
-        kl = acc / z_s * inv_temp - tl.log(z_s) + tl.log(z_t)
-    else:
-        kl = 0.0
-    return m_s, z_s, z1, m_t, z_t, kl
 
 
 @triton.jit

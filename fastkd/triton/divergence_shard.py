@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._common import device_guard, load_logits, row_config, unit_stride_rows
-from .divergence import _bucket_terms, _row_stats
+from .divergence_rows import _bucket_terms, _row_stats
 
 
 @triton.jit
@@ -40,8 +40,8 @@ def _shard_stats_kernel(S, T, READ, OUT, stride_s, stride_t, n_cols, inv_temp,
     row = tl.program_id(0).to(tl.int64)  # 64-bit: row * stride may pass 2^31
     live = tl.load(READ + row) != 0.0
     n_live = tl.where(live, n_cols, 0)  # an unread row runs no iteration
-    m_s, z_s, z1, m_t, z_t = _row_stats(S + row * stride_s, T + row * stride_t, n_live, n_cols, inv_temp, HAS_CE,
-                                        BLOCK, "")
+    m_s, z_s, z1, m_t, z_t, _ = _row_stats(S + row * stride_s, T + row * stride_t, n_live, n_cols, inv_temp,
+                                           HAS_CE, BLOCK, "")  # (no KL: CROSS 0)
     out = OUT + row * 5
     tl.store(out, m_s)
     tl.store(out + 1, z_s)
