@@ -77,7 +77,7 @@ def _rounded(x: Optional[torch.Tensor], mm_dtype: Optional[torch.dtype]) -> Opti
     return x.to(mm_dtype)
 
 
-def rows_of(x: torch.Tensor, i0: int, i1: int, lead) -> torch.Tensor:
+def chunk_rows(x: torch.Tensor, i0: int, i1: int, lead) -> torch.Tensor:
     """Rows ``i0:i1`` of ``x [..., C]`` flattened over ``lead``, without copying all of ``x`` when it
     cannot be viewed as ``[N, C]`` (such as ``logits[:, :-1]``): then only the chunk is gathered."""
     try:
@@ -172,11 +172,11 @@ def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, r
         h_mm = matmul_operand(h, p.mm_dtype).to(weight_mm.dtype)
         s = head_logits(h_mm, weight_mm, bias, p.logit_scale, p.softcap, out=s_buf[:i1 - i0])
         if p.teacher_kind == "pair":
-            th = matmul_operand(rows_of(p.teacher_hidden, i0, i1, p.lead), p.mm_dtype).to(teacher_weight_mm.dtype)
+            th = matmul_operand(chunk_rows(p.teacher_hidden, i0, i1, p.lead), p.mm_dtype).to(teacher_weight_mm.dtype)
             t = head_logits(th, teacher_weight_mm, teacher_bias, p.logit_scale, p.softcap, out=t_buf[:i1 - i0])
             del th
         elif p.teacher_kind == "logits":
-            t = rows_of(p.teacher_logits, i0, i1, p.lead).contiguous()
+            t = chunk_rows(p.teacher_logits, i0, i1, p.lead).contiguous()
         else:
             t = p.topk_logprobs[i0:i1].contiguous()  # [chunk, K]: cheap
         # teacher_vocab="mask": the student's missing columns (V_t > V) are -inf: no mass, never 0
