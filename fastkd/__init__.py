@@ -15,7 +15,7 @@ GPU tensors (off by default there: it would synchronise every step).
 """
 __version__ = "0.1.0"
 
-from . import nn, reference  # noqa: E402  (fastkd.nn usable after `import fastkd`, as torch.nn)
+from . import cache, nn, reference  # noqa: E402  (fastkd.nn usable after `import fastkd`, as torch.nn)
 from .core.checks import set_value_checks  # noqa: E402
 from .core.divergence import LossParts  # noqa: E402
 from .core.topk import TopKTeacher  # noqa: E402
@@ -39,5 +39,5 @@ from .functional import (  # noqa: E402
 __all__ = [
     "kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights",
     "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "TopKTeacher", "LossParts", "fused_linear_kd_loss",
-    "backends", "set_value_checks", "nn", "reference", "__version__",
+    "backends", "set_value_checks", "nn", "reference", "cache", "__version__",
 ]

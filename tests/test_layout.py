@@ -27,6 +27,7 @@ PUBLIC_NAMES = {
         "LossParts", "ats_loss", "dist_loss", "dkd_loss", "ipw_weights", "jsd_loss", "kd_loss", "kd_topk_loss",
         "mgd_keep_mask", "mgd_loss", "reverse_kl_loss", "simkd_loss", "skew_kl_loss", "topk_log_probs", "tvd_loss",
     ],
+    "fastkd.cache": ["CacheError", "TeacherCache", "TeacherCacheWriter", "collate", "from_axolotl", "to_axolotl"],
     "fastkd.distributed": [
         "PER_ROW_FLOATS", "ats_loss", "comm_stats", "count_comm", "dist_loss", "dkd_loss", "jsd_loss", "kd_loss",
         "reset_comm_stats", "reverse_kl_loss", "skew_kl_loss", "tvd_loss",
@@ -44,6 +45,7 @@ LAYERS = [
     ("fastkd.distributed",),
     ("fastkd.losses", "fastkd.functional"),
     ("fastkd.nn",),
+    ("fastkd.cache",),
     ("fastkd",),
     ("fastkd.verify", "fastkd.bench"),
 ]
