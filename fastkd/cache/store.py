@@ -61,7 +61,9 @@ class TeacherCacheWriter:
     shards and index; the reader merges them in writer order).
     ``resume=True`` continues a writer's earlier run: the shards its index names are
     verified (size, checksum), files it wrote after its last index update are removed,
-    and ``num_sequences`` says how many sequences are already stored. Without it, a
+    and ``num_sequences`` says how many sequences are already stored. Leaving the
+    ``with`` block by an exception is treated as a crash: the sequences not yet in a
+    shard are dropped (a resumed run writes them again, into the same shards). Without it, a
     directory that already holds this writer's index is an error (nothing is overwritten).
     """
 
@@ -201,8 +203,11 @@ class TeacherCacheWriter:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:  # as after a crash: the index names the complete shards; buffered sequences are not written
+            self._closed = True
 
 
 def _load_index(path: str) -> dict:
