@@ -332,7 +332,9 @@ class DistillationTrainer(transformers.Trainer):
     ``"teacher_topk"`` (built by your collator; set ``remove_unused_columns=False`` if it comes from a
     dataset column). ``distillation_loss=None``: forward KL at T = 1 (``FusedLinearKDLoss()``).
 
-    The teacher is moved to the student's device, put in eval mode and run under ``no_grad``. The
+    The teacher is moved to the student's device, put in eval mode and run under ``no_grad``; both
+    run under ``accelerator.autocast()`` (``bf16=True``: the mixed precision accelerate would give the
+    model's own forward, which the backbone call does not go through). The
     token count ``num_items_in_batch`` is always taken (over ``labels[:, 1:]``), so gradient
     accumulation and data parallelism give the gradient of the whole batch; under DDP with
     ``average_tokens_across_devices`` (the default) the loss is multiplied by the number of processes,
@@ -364,8 +366,10 @@ class DistillationTrainer(transformers.Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher_model is not None:
             self.teacher_model.eval()
-        parts = distillation_loss(model, self.teacher_model, inputs, self.distillation_loss, num_items_in_batch,
-                                  drop_ignored=self.drop_ignored)
+        # accelerate's mixed precision lives in the model's patched forward, which the backbone call skips
+        with self.accelerator.autocast():
+            parts = distillation_loss(model, self.teacher_model, inputs, self.distillation_loss, num_items_in_batch,
+                                      drop_ignored=self.drop_ignored)
         loss, soft, hard = parts
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # as Trainer.compute_loss: num_items_in_batch counts every process's tokens and DDP averages
