@@ -225,6 +225,21 @@ def test_trainer_trains_and_logs_soft_and_hard(tmp_path):
     assert abs(logs[0]["loss"] - first) < 0.2 * first
 
 
+@pytest.mark.parametrize("drop_ignored", [True, False])
+def test_a_batch_with_no_counted_token_gives_zero(drop_ignored):
+    """A micro-batch of prompts only (a rank or accumulation step can get one): loss 0, gradient 0, no NaN."""
+    student, teacher = llama(dtype=torch.float32), qwen2(dtype=torch.float32)
+    inputs = batch()
+    inputs["labels"][:] = -100
+    for n in (None, torch.tensor(7)):
+        student.zero_grad()
+        loss = distillation_loss(student, teacher, inputs, FusedLinearKDLoss(ce_weight=0.5), n,
+                                 drop_ignored=drop_ignored).loss
+        loss.backward()
+        assert loss.item() == 0.0
+        assert all(g.abs().max().item() == 0.0 for g in grads(student).values())
+
+
 def test_frozen_head_gets_no_weight_gradient_work(monkeypatch):
     """A frozen lm_head (LoRA / PEFT students): no g^T h matmul runs and its .grad stays None."""
     calls = []

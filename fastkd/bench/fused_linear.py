@@ -17,6 +17,8 @@ student head ``[V, H]`` and a teacher head ``[V, H]`` on ``N`` rows, per provide
 - ``unfused_fastkd``: the same head matmuls, then ``fastkd.kd_loss(..., temperature=1)`` on the logits.
 - ``matmuls``: the four head matmuls alone (student and teacher forward, ``g @ W`` and ``g^T @ h``),
   the floor any fused path pays on a CPU.
+- ``trl``: TRL's chunked head (``trl.trainer.distillation_trainer._chunked_divergence_loss``, beta = 0:
+  forward KL, the rows with target -100 masked), when importable (``fastkd[trl]``).
 - ``liger``: ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss(beta=0, weight_hard_loss=0,
   weight_soft_loss=1, compiled=True)`` (forward KL, its batchmean over rows), when importable.
 
@@ -42,7 +44,7 @@ import fastkd
 from fastkd.bench.memory import PeakRSS
 from fastkd.losses.fused_linear import default_chunk_size, fused_linear_kd_loss
 
-PROVIDERS = ("fused", "unfused", "unfused_fastkd", "matmuls", "liger")
+PROVIDERS = ("fused", "unfused", "unfused_fastkd", "matmuls", "liger", "trl")
 IGNORED = 0.0  # --ignored: the fraction of rows (the first ones) whose target is -100
 
 
@@ -94,6 +96,14 @@ def _step_fn(provider, h, w, th, tw, target):
                 del s
             h.grad, w.grad = gh, gw
             return 0.0
+    elif provider == "trl":
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+        def step():
+            mask = (target != -100).unsqueeze(0)
+            loss = _chunked_divergence_loss(h.unsqueeze(0), th.unsqueeze(0), w, tw, mask, 0.0)[0]
+            loss.backward()
+            return loss.item()
     elif provider == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
@@ -238,7 +248,8 @@ def main(argv=None):
             for other, label in (("fused_dropped", "time with the ignored rows projected vs dropped"),
                                  ("matmuls", "time vs the four matmuls (target <= 1.1)"),
                                  ("unfused", "time vs unfused eager (target <= 1)"),
-                                 ("liger", "time vs Liger chunked (target <= 1)")):
+                                 ("liger", "time vs Liger chunked (target <= 1)"),
+                                 ("trl", "time vs TRL's chunked head")):
                 if other in results:  # per round: both measured back to back under the same load
                     ratios = [a / b for a, b in zip(fused["times"], results[other]["times"])]
                     print(f"  fused {label}: {statistics.median(ratios):.2f} (rounds {_spread(ratios)})")
