@@ -223,6 +223,12 @@ def test_trainer_trains_and_logs_soft_and_hard(tmp_path):
     # the first interval's loss is the helper's on the batches it saw (at the start: the untrained student)
     first = distillation_loss(llama(dtype=torch.float32), qwen2(dtype=torch.float32), inputs, loss_fn).loss.item()
     assert abs(logs[0]["loss"] - first) < 0.2 * first
+    # evaluation: the same loss on the whole set (one batch of 8), from the trained student
+    trainer.args.per_device_eval_batch_size = 8
+    metrics = trainer.evaluate(eval_dataset=_Rows(inputs))
+    with torch.no_grad():
+        want = distillation_loss(student, trainer.teacher_model, inputs, loss_fn).loss.item()
+    assert math.isclose(metrics["eval_loss"], want, rel_tol=1e-5), (metrics, want)
 
 
 @pytest.mark.parametrize("drop_ignored", [True, False])
