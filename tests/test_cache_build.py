@@ -128,7 +128,7 @@ def test_training_from_the_cache_equals_online_topk(setup, tmp_path):
             if source == "online":
                 with torch.no_grad():
                     hidden = base(input_ids=batch["input_ids"]).last_hidden_state
-                online = teacher_topk(hidden.reshape(-1, hidden.shape[-1]), weight, cache.k)
+                    online = teacher_topk(hidden.reshape(-1, hidden.shape[-1]), weight, cache.k)
                 top = fastkd.TopKTeacher(online.indices.reshape(*hidden.shape[:2], -1),
                                          online.logprobs.reshape(*hidden.shape[:2], -1))
             else:

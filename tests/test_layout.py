@@ -47,6 +47,7 @@ LAYERS = [
     ("fastkd.nn",),
     ("fastkd.cache",),
     ("fastkd",),
+    ("fastkd.integrations",),  # the trainers' glue (transformers, TRL): above the library
     ("fastkd.verify", "fastkd.bench"),
 ]
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "fastkd"
@@ -146,6 +147,7 @@ def test_library_never_imports_the_benchmarks():
         seen.add(name)
         todo.extend(graph.get(name, ()))
     assert not [m for m in seen if m.startswith("fastkd.bench")], sorted(m for m in seen if "bench" in m)
+    assert not [m for m in seen if m.startswith("fastkd.integrations")], "the library imports its integrations"
 
 
 def test_layer_table_catches_an_upward_import():
