@@ -48,7 +48,7 @@ LAYERS = [
     ("fastkd.cache",),
     ("fastkd",),
     ("fastkd.integrations",),  # the trainers' glue (transformers, TRL): above the library
-    ("fastkd.verify", "fastkd.bench"),
+    ("fastkd.verify", "fastkd.bench", "fastkd.cache.build", "fastkd.cache.__main__"),  # tools (the cache's CLI)
 ]
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "fastkd"
 MAX_MODULE_LINES = 600

@@ -89,20 +89,20 @@ def load_teacher(spec: str, dtype: torch.dtype, seed: int):
 
 
 def head_of(model):
-    """``(base model, head weight, head bias, logit_scale, softcap)`` of a causal LM.
+    """``(backbone, head weight, head bias, logit_scale, softcap)`` of a causal LM.
 
-    The base model gives the last hidden state; the head's scale and final soft-cap are
-    read from the config (Cohere's ``logit_scale``, Gemma 2's ``final_logit_softcapping``).
+    The backbone (``base_model``) gives the last hidden state; the head's scale and soft-cap
+    are read from the config as the trainers' integration reads them (``head_options``).
     """
+    from ..integrations.transformers import head_options
+
     head = model.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output embeddings (get_output_embeddings() is None)")
-    base = getattr(model, model.base_model_prefix, None)
-    if base is None:
-        raise ValueError(f"{type(model).__name__} has no base model attribute {model.base_model_prefix!r}")
-    config = model.config
-    return base, head.weight, getattr(head, "bias", None), getattr(config, "logit_scale", None), \
-        getattr(config, "final_logit_softcapping", None)
+    base = getattr(model, "base_model", model)
+    if base is model:
+        raise ValueError(f"{type(model).__name__} has no backbone (base_model) apart from its head")
+    return (base, head.weight, getattr(head, "bias", None), *head_options(model.config))
 
 
 # --- build -------------------------------------------------------------------------------------
