@@ -1,9 +1,10 @@
 """Smoke tests of the benchmark driver (``fastkd.bench``), its charts
-(``benchmarks/plot.py``) and the digits distillation example: tiny runs whose
+(``benchmarks/plot.py``) and the digits and language-model distillation examples: tiny runs whose
 outputs are checked (columns, quantile order, bandwidth arithmetic, agreement of
 fused and eager losses, accuracies above chance, determinism)."""
 import csv
 import importlib.util
+import math
 import os
 import re
 
@@ -320,3 +321,20 @@ def test_quick_bench_writes_under_results_and_adds_the_fused_head(monkeypatch, t
     assert "Fused linear distillation" in capsys.readouterr().out
     monkeypatch.setattr(bench, "QUICK_FUSED_LINEAR", None)  # --losses: the kernel cases only
     assert bench.main(["--quick", "--device", "cpu", "--losses", "kd", "--csv", str(tmp_path / "kd.csv")]) == 0
+
+
+def test_distill_lm_tiny_run_trains_and_fused_equals_unfused(tmp_path):
+    """examples/distill_lm.py end to end (``--tiny``: tiny Llama teacher and Qwen2 student, 3 steps): every
+    method trains, the fused and unfused losses agree step by step, and the table is written."""
+    for module in ("transformers", "tokenizers"):
+        pytest.importorskip(module, reason=f"examples/distill_lm.py needs {module} (the examples extra)")
+    lm = _load("examples/distill_lm.py", "fastkd_distill_lm")
+    out = tmp_path / "lm.md"
+    results, first, worst = lm.main(["--tiny", "--out", str(out)])
+    assert [r["method"] for r in results] == ["CE", "fused", "unfused"]
+    for r in results:
+        assert len(r["curve"]) == lm.TINY["student_steps"] and all(math.isfinite(x) for x in r["curve"])
+        assert math.isfinite(r["val_ce"]) and r["sec"] > 0
+    assert first < 1e-5 and worst < 1e-4  # the same function: float32 rounding only
+    assert abs(results[1]["val_ce"] - results[2]["val_ce"]) < 1e-3
+    assert "| fused |" in out.read_text()
