@@ -29,9 +29,10 @@ step() {  # step NAME COMMAND...: run with a log in $out/NAME.log
   > "$out/device.txt" 2>&1
 cat "$out/device.txt"
 # MAX_JOBS: the device machine has more cores than the dev machines
-step build env MAX_JOBS=${MAX_JOBS:-16} FASTKD_CUDA_ARCHS=${FASTKD_CUDA_ARCHS:-9.0} \
+# FASTKD_BUILD_CUDA=1: the CUDA kernels or a failed build (never a quiet CPU-only one)
+step build env MAX_JOBS=${MAX_JOBS:-16} FASTKD_BUILD_CUDA=1 FASTKD_CUDA_ARCHS=${FASTKD_CUDA_ARCHS:-9.0} \
   "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e .
-step tests env FASTKD_GPU_TESTS=1 FASTKD_REQUIRE_EXTENSION=1 "$PYTHON" -m pytest -q -x --durations=15
+step tests env FASTKD_GPU_TESTS=1 FASTKD_REQUIRE_EXTENSION=1 "$PYTHON" -m pytest -q -rs -x --durations=15
 # The CUDA kernel tests under compute-sanitizer, when the machine has it: memcheck
 # (out-of-bounds and misaligned accesses; PyTorch's caching allocator off so that
 # every tensor is its own allocation and a read past its end is caught) and racecheck

@@ -1,6 +1,10 @@
 """Distil a small causal language model with ``fastkd.nn.FusedLinearKDLoss`` (issue 11, "Real client").
 
-    python examples/distill_lm.py [--quick] [--teacher-steps N] [--student-steps N] [--out FILE.md]
+    python examples/distill_lm.py [--quick | --tiny] [--teacher-steps N] [--student-steps N] [--out FILE.md]
+
+Needs the ``examples`` extra (``pip install -e ".[examples]"``: ``transformers`` and ``tokenizers``).
+``--quick`` is the main job's run (about 1.5 minutes on 2 cores); ``--tiny`` is a smoke run of a few
+seconds of training for the tests (tiny models, 3 student steps: no result to read).
 
 Data: the Python standard library's own ``.py`` sources (shipped with every Python, no
 download), a fixed sorted file list split 90/10 into train / validation text. A byte-level
@@ -75,6 +79,9 @@ QUICK = dict(text_bytes=400_000, vocab=1000, seq=64, batch=8, teacher_steps=50, 
 FULL = dict(text_bytes=2_000_000, vocab=4000, seq=128, batch=8, teacher_steps=500, student_steps=200,
             teacher=dict(hidden_size=192, num_hidden_layers=3, num_attention_heads=4, intermediate_size=512),
             student=dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256))
+TINY = dict(QUICK, text_bytes=60_000, vocab=300, seq=32, batch=4, teacher_steps=2, student_steps=3,
+            teacher=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+            student=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
 TEMPERATURE, CE_WEIGHT = 2.0, 0.5
 
 
@@ -215,13 +222,15 @@ class _NoPeak:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny models and few steps (under a minute)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small models and few steps (about 1.5 min on 2 cores)")
+    size.add_argument("--tiny", action="store_true", help="a smoke run for the tests (seconds of training)")
     p.add_argument("--teacher-steps", type=int, default=None)
     p.add_argument("--student-steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the results table (markdown) here")
     args = p.parse_args(argv)
-    cfg = dict(QUICK if args.quick else FULL)
+    cfg = dict(TINY if args.tiny else QUICK if args.quick else FULL)
     if args.teacher_steps is not None:
         cfg["teacher_steps"] = args.teacher_steps
     if args.student_steps is not None:

@@ -1,9 +1,10 @@
 """Smoke tests of the benchmark driver (``fastkd.bench``), its charts
-(``benchmarks/plot.py``) and the digits distillation example: tiny runs whose
+(``benchmarks/plot.py``) and the digits and language-model distillation examples: tiny runs whose
 outputs are checked (columns, quantile order, bandwidth arithmetic, agreement of
 fused and eager losses, accuracies above chance, determinism)."""
 import csv
 import importlib.util
+import math
 import os
 import re
 
@@ -277,8 +278,8 @@ def test_bench_fused_linear_alternates_the_providers(capsys):
     """``--fused-linear``: each provider in its own process, stepped in turn; ratios per round with their range."""
     from fastkd.bench import fused_linear as bench_fused_linear
 
-    bench_fused_linear.main(["--shapes", "24x16", "--vocab", "300", "--steps", "2",
-                             "--providers", "fused,unfused,matmuls"])
+    assert bench_fused_linear.main(["--shapes", "24x16", "--vocab", "300", "--steps", "2",
+                                    "--providers", "fused,unfused,matmuls"]) == 0
     out = capsys.readouterr().out
     assert "alternated" in out
     for provider in ("fused", "unfused", "matmuls"):
@@ -291,3 +292,49 @@ def test_bench_fused_linear_alternates_the_providers(capsys):
     shares = re.findall(r"^  (.+?)\s+(\d+\.\d+) s  \(\s*(\d+\.\d)%\)", out, re.M)
     assert [name for name, _, _ in shares][:3] == ["matmuls", "loss kernel", "allocation"], out
     assert sum(float(p) for _, _, p in shares) >= 99.0, out  # the phases cover the step
+
+
+def test_bench_fused_linear_fails_when_the_losses_disagree(monkeypatch, capsys):
+    from fastkd.bench import fused_linear as bench_fused_linear
+
+    def fake_run_shape(n, h, v, providers, steps):
+        return {p: {"provider": p, "times": [1.0], "seconds": 1.0, "peak_extra_mb": 1.0, "threads": 1,
+                    "loss": 1.0 if p == "fused" else 1.001} for p in providers}
+
+    monkeypatch.setattr(bench_fused_linear, "run_shape", fake_run_shape)
+    assert bench_fused_linear.main(["--shapes", "8x8", "--vocab", "64", "--providers", "fused,unfused"]) == 1
+    assert "MISMATCH: N=8 H=8: fused loss 1, unfused 1.001" in capsys.readouterr().out
+
+
+def test_quick_bench_writes_under_results_and_adds_the_fused_head(monkeypatch, tmp_path, capsys):
+    """The default CSV is under results/ (ignored by git), never the current folder itself; a quick run of
+    every loss also times the fused LM head and writes its CSV beside the kernels' one."""
+    assert bench.parse_args(["--quick", "--device", "cpu"]).csv == os.path.join("results", "fastkd-bench-cpu-quick.csv")
+    assert os.path.dirname(bench.parse_args(["--device", "cpu", "--fused-linear"]).csv) == "results"
+    monkeypatch.setattr(bench, "run", lambda args: ([], [], []))  # the kernel cases: tested above
+    monkeypatch.setattr(bench, "QUICK_FUSED_LINEAR", ("24x16", 300, 1, "fused,unfused"))
+    out = tmp_path / "sub" / "quick.csv"
+    assert bench.main(["--quick", "--device", "cpu", "--csv", str(out)]) == 0
+    with open(tmp_path / "sub" / "quick-fused-linear.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["provider"] for r in rows} == {"fused", "unfused"} and {r["v"] for r in rows} == {"300"}
+    assert "Fused linear distillation" in capsys.readouterr().out
+    monkeypatch.setattr(bench, "QUICK_FUSED_LINEAR", None)  # --losses: the kernel cases only
+    assert bench.main(["--quick", "--device", "cpu", "--losses", "kd", "--csv", str(tmp_path / "kd.csv")]) == 0
+
+
+def test_distill_lm_tiny_run_trains_and_fused_equals_unfused(tmp_path):
+    """examples/distill_lm.py end to end (``--tiny``: tiny Llama teacher and Qwen2 student, 3 steps): every
+    method trains, the fused and unfused losses agree step by step, and the table is written."""
+    for module in ("transformers", "tokenizers"):
+        pytest.importorskip(module, reason=f"examples/distill_lm.py needs {module} (the examples extra)")
+    lm = _load("examples/distill_lm.py", "fastkd_distill_lm")
+    out = tmp_path / "lm.md"
+    results, first, worst = lm.main(["--tiny", "--out", str(out)])
+    assert [r["method"] for r in results] == ["CE", "fused", "unfused"]
+    for r in results:
+        assert len(r["curve"]) == lm.TINY["student_steps"] and all(math.isfinite(x) for x in r["curve"])
+        assert math.isfinite(r["val_ce"]) and r["sec"] > 0
+    assert first < 1e-5 and worst < 1e-4  # the same function: float32 rounding only
+    assert abs(results[1]["val_ce"] - results[2]["val_ce"]) < 1e-3
+    assert "| fused |" in out.read_text()

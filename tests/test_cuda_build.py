@@ -1,6 +1,8 @@
 """The CUDA build, checked without a GPU.
 
-- setup.py's decision to build the CUDA kernels (fake torch / nvcc version strings);
+- setup.py's decision to build the CUDA kernels (a GPU, FASTKD_BUILD_CUDA, FASTKD_NO_CUDA; fake torch /
+  nvcc version strings), the architectures and why, and the extension it would compile (sources, nvcc
+  flags, -gencode) for FASTKD_BUILD_CUDA=1, without compiling it;
 - every csrc/cuda/*.cu compiles for sm_80 and sm_90 with setup.py's nvcc flags and no
   kernel spills registers (ptxas -v); the register table is printed (pytest -s) and
   written to $FASTKD_PTXAS_TABLE when that is set;
@@ -10,11 +12,13 @@ The .cu files include no torch headers, so each compiles in seconds to a minute.
 """
 import concurrent.futures
 import importlib.util
+import json
 import os
 import random
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -61,6 +65,88 @@ def test_cuda_skipped_without_cuda_torch_or_nvcc():
     assert "no CUDA" in SETUP.cuda_skip_reason(None, NVCC_13)
     assert "nvcc" in SETUP.cuda_skip_reason("13.0", None)
     assert "cannot read" in SETUP.cuda_skip_reason("13.0", "garbage")
+
+
+H100 = [("NVIDIA H100 80GB HBM3", (9, 0))]
+
+
+def test_cuda_kernels_are_built_with_a_gpu_or_when_asked():
+    def request(gpus=(), **env):
+        return SETUP.cuda_request(env, list(gpus))
+
+    want, required, why = request()
+    assert (want, required) == (False, False) and "no GPU" in why and "FASTKD_BUILD_CUDA=1" in why
+    want, required, why = request(H100)
+    assert (want, required) == (True, False) and "H100" in why and "sm_90" in why
+    assert request(FASTKD_BUILD_CUDA="1")[:2] == (True, True)  # CI: without a GPU, and an error if it cannot
+    assert request(H100, FASTKD_BUILD_CUDA="0")[:2] == (False, False)
+    assert request(H100, FASTKD_NO_CUDA="1") == (False, False, "FASTKD_NO_CUDA=1")
+    assert request(FASTKD_NO_CUDA="0")[:2] == (False, False)  # "0" switches nothing on
+    with pytest.raises(SystemExit, match="contradict"):
+        request(FASTKD_BUILD_CUDA="1", FASTKD_NO_CUDA="1")
+
+
+def test_cuda_archs_say_why_and_which_gpus_they_miss():
+    assert SETUP.arch_covers("8.0;9.0+PTX", (8, 0)) and SETUP.arch_covers("8.0;9.0+PTX", (8, 9))
+    assert SETUP.arch_covers("8.0;9.0+PTX", (9, 0)) and SETUP.arch_covers("8.0;9.0+PTX", (10, 0))  # PTX, JIT
+    assert not SETUP.arch_covers("8.0;9.0+PTX", (7, 5)) and not SETUP.arch_covers("9.0", (10, 0))
+    archs, why = SETUP.cuda_archs({}, H100)
+    assert archs == SETUP.DEFAULT_CUDA_ARCHS and "default" in why and "NOT covered" not in why
+    archs, why = SETUP.cuda_archs({"FASTKD_CUDA_ARCHS": "8.0"}, H100)
+    assert archs == "8.0" and "FASTKD_CUDA_ARCHS" in why and "NOT covered: NVIDIA H100" in why
+
+
+DRY_RUN = """
+import importlib.util, json, os, sys
+spec = importlib.util.spec_from_file_location("fastkd_setup", sys.argv[1])
+setup = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(setup)
+(ext,), _ = setup.extensions()
+flags = []
+if "FASTKD_WITH_CUDA" in dict(ext.define_macros):
+    from torch.utils import cpp_extension
+    flags = cpp_extension._get_cuda_arch_flags()  # what BuildExtension passes nvcc for TORCH_CUDA_ARCH_LIST
+print(json.dumps({"sources": ext.sources, "macros": dict(ext.define_macros), "nvcc": ext.extra_compile_args.get("nvcc"),
+                  "gencode": flags}))
+"""
+
+
+def dry_run(**env):
+    """setup.py's extension for the environment ``env`` (what it would compile; nothing is compiled)."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("FASTKD_") and k != "TORCH_CUDA_ARCH_LIST"}
+    r = subprocess.run([sys.executable, "-c", DRY_RUN, os.path.join(ROOT, "setup.py")], capture_output=True,
+                       text=True, env={**full, **env}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
+
+
+def test_asked_cuda_build_compiles_every_source_for_the_default_archs():
+    import torch
+
+    reason = SETUP.cuda_skip_reason(torch.version.cuda, SETUP.nvcc_version_text(SETUP.find_cuda_root() or "/none"))
+    if reason is not None:
+        pytest.skip(f"the CUDA kernels cannot be built here: {reason}")
+    ext, log = dry_run(FASTKD_BUILD_CUDA="1")
+    assert sorted(ext["sources"]) == sorted(SETUP.read_sources())  # the CPU and the CUDA sources
+    assert any(s.startswith("csrc/cuda/") for s in ext["sources"]) and ext["macros"] == {"FASTKD_WITH_CUDA": "1"}
+    assert ext["nvcc"] == SETUP.NVCC_FLAGS
+    assert {"-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+            "-gencode=arch=compute_90,code=compute_90"} <= set(ext["gencode"])
+    assert "CUDA kernels built: FASTKD_BUILD_CUDA=1" in log and "CUDA architectures 8.0;9.0+PTX: the default" in log
+    ext, log = dry_run(FASTKD_BUILD_CUDA="1", FASTKD_CUDA_ARCHS="9.0")
+    assert ext["gencode"] == ["-gencode=arch=compute_90,code=sm_90"] and "from FASTKD_CUDA_ARCHS" in log
+
+
+def test_default_build_without_a_gpu_compiles_the_cpu_sources_only():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the default build compiles the CUDA kernels")
+    ext, log = dry_run()
+    assert ext["sources"] and not any(s.startswith("csrc/cuda/") for s in ext["sources"]) and not ext["macros"]
+    assert "CPU kernels only" in log and ("FASTKD_BUILD_CUDA=1" in log or "torch" in log)
+    with pytest.raises(AssertionError, match="cannot be built|contradict"):  # asked, and impossible: an error
+        dry_run(FASTKD_BUILD_CUDA="1", FASTKD_NO_CUDA="1")
 
 
 # ptxas -v, for each kernel:

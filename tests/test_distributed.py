@@ -1179,7 +1179,7 @@ def _shard_ops(name):
         pytest.skip("the Triton shard kernels run on CPU tensors under TRITON_INTERPRET=1 only")
     if name == "triton-cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="triton is not installed: the Triton shard kernels are not checked")
     from fastkd.triton import divergence_shard
     return divergence_shard, torch.device("cuda" if name == "triton-cuda" else "cpu")
 

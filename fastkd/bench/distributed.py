@@ -16,6 +16,7 @@ goes through one helper) and printed next to the formula.
 """
 import argparse
 import csv
+import os
 import socket
 import statistics
 import sys
@@ -208,6 +209,8 @@ def main(argv=None):
           "gradient (not here)")
     print("  none depends on the vocabulary (V)")
     if args.csv:
+        if os.path.dirname(args.csv):
+            os.makedirs(os.path.dirname(args.csv), exist_ok=True)
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows_out[0]))
             w.writeheader()

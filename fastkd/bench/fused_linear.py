@@ -33,6 +33,7 @@ the ratios the issue targets and writes one CSV row per (shape, provider).
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -232,7 +233,7 @@ def main(argv=None):
         provider, n, h, v = args.worker
         worker(provider, int(n), int(h), int(v))
         return
-    rows = []
+    rows, mismatches = [], []
     for shape in args.shapes.split(","):
         n, h = (int(x) for x in shape.lower().split("x"))
         chunk = default_chunk_size(n, args.vocab, args.vocab, h, 4, "cpu")
@@ -244,6 +245,9 @@ def main(argv=None):
             print(f"  {r['provider']:15s} {r['seconds']:7.2f} s/step (range {_spread(r['times'])})"
                   f"  peak extra {r['peak_extra_mb']:7.0f} MB  loss {r['loss']:.6f}", flush=True)
         fused = results.get("fused")
+        for other in ("unfused", "unfused_fastkd", "liger"):  # the same loss: the values must agree
+            if fused and other in results and abs(fused["loss"] - results[other]["loss"]) > 1e-4 * abs(fused["loss"]):
+                mismatches.append(f"N={n} H={h}: fused loss {fused['loss']:.7g}, {other} {results[other]['loss']:.7g}")
         if fused:
             for other, label in (("fused_dropped", "time with the ignored rows projected vs dropped"),
                                  ("matmuls", "time vs the four matmuls (target <= 1.1)"),
@@ -261,13 +265,18 @@ def main(argv=None):
             r["chunk"] = chunk
             rows.append(r)
     if args.csv:
+        if os.path.dirname(args.csv):
+            os.makedirs(os.path.dirname(args.csv), exist_ok=True)
         with open(args.csv, "w", newline="") as f:
             fields = ["provider", "n", "h", "v", "chunk", "seconds", "peak_extra_mb", "loss", "threads", "times"]
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             for r in rows:
                 writer.writerow({k: r.get(k) for k in fields})
+    for problem in mismatches:
+        print("MISMATCH:", problem)
+    return 1 if mismatches else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -51,6 +51,7 @@ import contextlib
 import gc
 import logging
 import math
+import os
 import platform
 import sys
 import time
@@ -85,6 +86,9 @@ MGD_SHAPES = [(64, 256, 56, 56)]
 CPU_MAX_LOGITS = 1 << 25
 CPU_MGD_BATCH = 2  # the generation block's two 3x3 convs cost ~0.4 s per image on 2 cores
 HEADLINE_CPU = (4096, 32000)  # the CPU targets of the issue are stated on this shape, float32
+RESULTS_DIR = "results"  # the default folder of the CSVs (ignored by git), under the current directory
+# The quick run's fused head (N x H, vocabulary, steps, providers): small enough for the main job
+QUICK_FUSED_LINEAR = ("256x256", 32000, 3, "fused,unfused,matmuls")
 
 
 @dataclass
@@ -506,12 +510,15 @@ def _sig(x: float, digits: int = 4) -> float:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m fastkd.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small shapes, few repeats (about a minute on 2 cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="small shapes, few repeats; without --losses also the fused head at QUICK_FUSED_LINEAR "
+                        "(about 3 minutes on 2 cores)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     p.add_argument("--losses", default=None, help=f"comma-separated subset of {','.join(LOSSES)}")
     p.add_argument("--providers", default=None,
                    help="comma-separated subset of cpu,cuda,triton,eager,compile,liger (default: all available)")
-    p.add_argument("--csv", default=None, help="output CSV (default: fastkd-bench-<device>[-quick].csv)")
+    p.add_argument("--csv", default=None, help=f"output CSV (default: {RESULTS_DIR}/fastkd-bench-<device>[-quick].csv; "
+                   "a --quick run of every loss also writes the fused head's beside it, ...-fused-linear.csv)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU (default: torch's)")
     p.add_argument("--fused-linear", action="store_true",
                    help="instead: fused linear distillation (LM head + loss) against the unfused path, the head "
@@ -526,7 +533,7 @@ def parse_args(argv=None):
         p.error("--device cuda: no CUDA device is available")
     if args.csv is None:
         mode = "-fused-linear" if args.fused_linear else f"-distributed{args.distributed}" if args.distributed else ""
-        args.csv = f"fastkd-bench-{args.device}{mode}{'-quick' if args.quick else ''}.csv"
+        args.csv = os.path.join(RESULTS_DIR, f"fastkd-bench-{args.device}{mode}{'-quick' if args.quick else ''}.csv")
     return args
 
 
@@ -561,6 +568,17 @@ def main(argv=None) -> int:
     for problem in mismatches:
         print("MISMATCH:", problem)
     print(f"wrote {len(rows)} rows to {args.csv}")
+    if args.quick and args.losses is None and args.device == "cpu":  # the language-model head, fused and not
+        from fastkd.bench import fused_linear as bench_fused_linear
+
+        shape, vocab, steps, providers = QUICK_FUSED_LINEAR
+        fused_csv = args.csv[:-4] + "-fused-linear.csv" if args.csv.endswith(".csv") else args.csv + "-fused-linear"
+        print("\nFused linear distillation (the LM head and the loss in one op, python -m fastkd.bench "
+              "--fused-linear for the full shapes):", flush=True)
+        fused_status = bench_fused_linear.main(["--shapes", shape, "--vocab", str(vocab), "--steps", str(steps),
+                                                "--providers", providers, "--csv", fused_csv])
+        print(f"wrote {fused_csv}")
+        return 1 if mismatches or fused_status else 0
     return 1 if mismatches else 0
 
 

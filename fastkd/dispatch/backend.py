@@ -100,7 +100,8 @@ def unavailable_reason(name: str, loss: Optional[str] = None, device: Optional[t
         key = "CPU" if name == "cpu" else "CUDA"
         if name == "cuda":
             if not _ops.has_kernel("kd_fwd", "CUDA"):
-                return "fastkd._C was built without CUDA kernels (torch without CUDA, no nvcc, or FASTKD_NO_CUDA=1)"
+                return ("fastkd._C was built without CUDA kernels (they are built when torch sees a GPU at build "
+                        "time, or with FASTKD_BUILD_CUDA=1; never without a CUDA torch and nvcc)")
             if not torch.cuda.is_available():
                 return "no CUDA device is available"
         if device is not None and device.type != name:

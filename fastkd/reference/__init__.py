@@ -1,6 +1,6 @@
 """Plain-PyTorch references of every fastkd loss: the ground truth of the fused backends.
 
-They mirror each method's official semantics (``docs/methods.md``, ``docs/llm.md``) and
+They mirror each method's official semantics (``docs/methods.md``) and
 favour obviousness over speed (each materialises its ``[N, C]`` temporaries); math in
 ``max(float32, input dtypes)``, so float64 inputs give float64 losses and
 ``torch.autograd.gradcheck`` works. ``backend="reference"`` of every public loss runs
