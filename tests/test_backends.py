@@ -76,7 +76,8 @@ def test_messages_name_the_call_not_the_internal_key(monkeypatch):
             _backend.resolve(key, "cpu", x)
         assert f"unavailable for {call}: no kernel here" in str(err.value), str(err.value)
     for key in _backend.LOSS_OPS:
-        assert "+" not in _backend.describe(key) and "_topk" not in _backend.describe(key), key
+        if key != "teacher_topk":  # a public function's own name
+            assert "+" not in _backend.describe(key) and "_topk" not in _backend.describe(key), key
 
 
 def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
