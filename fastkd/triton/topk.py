@@ -6,16 +6,19 @@ NaN as -inf, -0.0 as 0.0). One program per row, two passes over the logits:
 1. per block of ``BLOCK`` columns: the online log-sum-exp (raw maximum, ``sum exp((x - M) / T)``), and
    the block's 64-bit keys ``(order-preserving bits of x) << 32 | (2^32 - 1 - id)``, whose integer
    order is the ranking (larger key: larger logit, or equal logit and lower id; keys are distinct).
-   A block whose largest key is below the running k-th key cannot enter and is skipped; otherwise
-   it is sorted (``tl.sort``), its best ``KP`` keys (``KP = next_pow2(k)``) are the column-wise
-   maxima of the sorted block viewed as ``[BLOCK / KP, KP]``, and they are merged with the running
-   ``KP`` best by one sort of the ``2 KP`` keys (again keeping the first half).
+   The running top-k is a set of k keys in registers; while the block's largest key beats the set's
+   smallest (the current k-th), it replaces it (a block max, a set min and two selects per entry).
+   A block whose maximum cannot enter costs that maximum only.
 2. the tail: ``sum exp((x - M) / T)`` over the columns whose key is below the final k-th key (the
    non-members themselves, never ``z - sum over the members``).
 
-Then ``logprobs = (x[id] - M) / T - log z`` from the logits at the decoded ids and
-``tail = log(tail sum) - log z``. On random rows few blocks after the first few pass the k-th key,
-so pass 1 costs about one read and the online sums; pass 2 reads the row again.
+The launcher sorts the ``[N, k]`` keys (descending), decodes the ids and forms
+``logprobs = (x[id] - M) / T - log z``; ``tail = log(tail sum) - log z``. Cost: on a random row about
+``k (1 + ln(V / k))`` entries replace one (``k = 64``, ``V = 128256``: ~550 block-wide max
+reductions, a few passes' worth of register work over the row); an ascending row makes every column
+enter (``V`` reductions of a block: the worst case, not seen with real logits). An earlier version
+sorted every block with ``tl.sort`` (a bitonic sort of 2048 keys, 66 stages per block, and under
+``TRITON_INTERPRET=1`` 6 s a sort).
 """
 import torch
 import triton
@@ -24,9 +27,10 @@ from torch.library import triton_op, wrap_triton
 
 from ._common import device_guard, online_update_scaled, unit_stride_rows
 
-TOPK_MAX = 1024  # fastkd.core.topk.TOPK_MAX: the merge sorts 2 KP <= 2048 keys
+TOPK_MAX = 1024  # fastkd.core.topk.TOPK_MAX: the set of KP <= 1024 keys stays in registers
 # A key below every real one: real keys are >= (bits of -inf) << 32 = -0x7F800001 << 32.
-KEY_NONE = -9223372036854775807
+KEY_NONE = tl.constexpr(-9223372036854775807)
+KEY_MAX = tl.constexpr(9223372036854775807)
 
 
 @triton.jit
@@ -40,14 +44,16 @@ def _keys(x, cols):
 
 
 @triton.jit
-def _topk_kernel(X, IDS, LP, TAIL, STATS, V, stride_x, inv_t,
+def _topk_kernel(X, KEYS, TAIL, STATS, V, stride_x, inv_t,
                  K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     lanes = tl.arange(0, BLOCK).to(tl.int64)
     slots = tl.arange(0, KP)
-    top = tl.full([KP], KEY_NONE, tl.int64)  # the best KP keys so far, descending
-    kth = tl.full([], KEY_NONE, tl.int64)
+    # the best K keys so far, unordered; empty slots hold distinct keys below every real one, and the
+    # slots past K (KP > K) the largest int64, so the minimum over the slots is the current k-th key
+    top = tl.where(slots < K, KEY_NONE + slots.to(tl.int64), KEY_MAX)
+    kth = tl.min(top, 0)
     m = tl.full([], float("-inf"), tl.float32)
     z = tl.zeros([], tl.float32)
     for c0 in range(0, V, BLOCK):
@@ -55,28 +61,24 @@ def _topk_kernel(X, IDS, LP, TAIL, STATS, V, stride_x, inv_t,
         mask = cols < V
         x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         m, z, _, _ = online_update_scaled(m, z, x, inv_t)
-        keys = tl.where(mask, _keys(x, cols), KEY_NONE)
-        if tl.max(keys, 0) > kth:
-            ordered = tl.sort(keys, 0, descending=True)
-            best = tl.max(tl.reshape(ordered, (BLOCK // KP, KP)), 0)  # the block's KP best, in order
-            both = tl.sort(tl.reshape(tl.join(top, best), (2 * KP,)), 0, descending=True)
-            top = tl.max(tl.reshape(both, (2, KP)), 0)
-            kth = tl.min(tl.where(slots < K, top, 9223372036854775807), 0)
+        keys = tl.where(mask, _keys(x, cols), KEY_NONE - 1)
+        best = tl.max(keys, 0)
+        while best > kth:  # the block's best enters, in place of the k-th; skipped blocks cost the max only
+            top = tl.where(top == kth, best, top)
+            kth = tl.min(top, 0)
+            keys = tl.where(keys == best, KEY_NONE - 1, keys)
+            best = tl.max(keys, 0)
     base = tl.where(m == float("-inf"), 0.0, m)
     tail = tl.zeros([], tl.float32)
     for c0 in range(0, V, BLOCK):
         cols = c0 + lanes
         mask = cols < V
         x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        keys = tl.where(mask, _keys(x, cols), KEY_NONE)
+        keys = tl.where(mask, _keys(x, cols), KEY_NONE - 1)
         e = tl.exp((x - base) * inv_t)
         tail += tl.sum(tl.where(keys < kth, e, 0.0), 0)
     log_z = tl.log(z)
-    ids = 4294967295 - (top & 4294967295)
-    out = slots < K
-    x_top = tl.load(x_row + ids, mask=out, other=0.0).to(tl.float32)
-    tl.store(IDS + row * K + slots, ids, mask=out)
-    tl.store(LP + row * K + slots, (x_top - m) * inv_t - log_z, mask=out)  # NaN where m = -inf (log_softmax's)
+    tl.store(KEYS + row * K + slots, top, mask=slots < K)
     tl.store(TAIL + row, tl.log(tail) - log_z)
     tl.store(STATS + 2 * row, m)
     tl.store(STATS + 2 * row + 1, log_z)
@@ -84,10 +86,9 @@ def _topk_kernel(X, IDS, LP, TAIL, STATS, V, stride_x, inv_t,
 
 def topk_config(n_cols: int, k: int):
     """(KP, BLOCK, num_warps): KP = next_pow2(k) (at least 16); BLOCK = the row width rounded up to a power
-    of two within [2 KP, 2048] (a block holds at least the KP it may contribute, twice over so that most
-    of a sort's work is the block's); 8 int64 keys per thread."""
+    of two, at most 2048; 8 keys per thread (int64: 16 registers)."""
     kp = max(16, triton.next_power_of_2(int(k)))
-    block = max(2 * kp, min(2048, triton.next_power_of_2(int(n_cols))))
+    block = max(16, min(2048, triton.next_power_of_2(int(n_cols))))
     return kp, block, max(1, min(8, block // 256))
 
 
@@ -103,13 +104,16 @@ def topk_fwd(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Te
         raise ValueError(f"fastkd: k must be in [1, min(V, {TOPK_MAX})] with V = {v}, got {k}")
     x = unit_stride_rows(logits)  # row slices run in place; other layouts are copied
     dev = x.device
-    ids = torch.empty((n, k), dtype=torch.int64, device=dev)
-    logprobs = torch.empty((n, k), dtype=torch.float32, device=dev)
+    keys = torch.empty((n, k), dtype=torch.int64, device=dev)
     tail = torch.empty((n,), dtype=torch.float32, device=dev)
     stats = torch.empty((n, 2), dtype=torch.float32, device=dev)
     if n:
         kp, block, num_warps = topk_config(v, k)
         with device_guard(x):
-            wrap_triton(_topk_kernel)[(n,)](x, ids, logprobs, tail, stats, v, x.stride(0), 1.0 / temperature,
+            wrap_triton(_topk_kernel)[(n,)](x, keys, tail, stats, v, x.stride(0), 1.0 / temperature,
                                             K=k, KP=kp, BLOCK=block, num_warps=num_warps)
+    # the k keys in order (an [N, k] sort), their ids, and the log-probs from the logits at those ids
+    ids = 4294967295 - (keys.sort(dim=1, descending=True).values & 4294967295)
+    top = stats[:, :1]
+    logprobs = (x.gather(1, ids).float() - top) * (1.0 / temperature) - stats[:, 1:]  # NaN where max = -inf
     return ids, logprobs, tail, stats
