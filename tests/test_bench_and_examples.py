@@ -291,3 +291,15 @@ def test_bench_fused_linear_alternates_the_providers(capsys):
     shares = re.findall(r"^  (.+?)\s+(\d+\.\d+) s  \(\s*(\d+\.\d)%\)", out, re.M)
     assert [name for name, _, _ in shares][:3] == ["matmuls", "loss kernel", "allocation"], out
     assert sum(float(p) for _, _, p in shares) >= 99.0, out  # the phases cover the step
+
+
+def test_bench_teacher_topk_runs_and_writes_both_providers(tmp_path, capsys):
+    from fastkd.bench import teacher_topk as bench_teacher_topk
+
+    out = tmp_path / "topk.csv"
+    assert bench_teacher_topk.main(["--rows", "16", "--vocab", "300", "--hidden", "8", "--k", "5", "--rounds", "2",
+                                    "--csv", str(out)]) == 0
+    with open(out) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["provider"] for r in rows] == ["fused", "torch"] and all(float(r["median_s"]) > 0 for r in rows)
+    assert "speed-up fused over torch" in capsys.readouterr().out
