@@ -28,6 +28,8 @@ TORCH_LIBRARY(fastkd, m) {
       "float temperature, int kind, float a, float b, float w_p, float w_q, float soft_scale, float ce_weight, "
       "int topk_mode, bool reduce, bool grad_student, bool grad_teacher) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // the teacher's top-k of each row (csrc/cpu/topk.cpp, fastkd/teacher/topk.py): ids, log-probs, tail, (max, log z)
+  m.def("topk_fwd(Tensor logits, int k, float temperature) -> (Tensor, Tensor, Tensor, Tensor)");
   // the row passes of the vocabulary-parallel divergences (csrc/cpu/divergence_shard.cpp, fastkd/distributed.py)
   m.def("divergence_shard_stats(Tensor student, Tensor teacher, float temperature, bool ce, Tensor row_read) -> Tensor");
   m.def(

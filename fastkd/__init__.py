@@ -7,7 +7,8 @@ Losses: ``kd_loss``, ``dkd_loss``, ``ats_loss``, ``dist_loss``, ``mgd_loss``,
 ``simkd_loss``, and ``ipw_weights`` for IPWD's per-sample weights; the
 language-model divergences ``forward_kl_loss``, ``reverse_kl_loss``, ``jsd_loss``, ``skew_kl_loss``,
 ``tvd_loss`` (``TopKTeacher`` for top-k teachers), ``fused_linear_kd_loss`` (the LM
-head fused with the loss; ``process_group=`` for sharded vocabularies); modules in
+head fused with the loss; ``process_group=`` for sharded vocabularies); the teacher's side:
+``teacher_topk`` (its top-k log-probs from its head, no ``[N, V]`` logits) and ``topk_from_logits``; modules in
 ``fastkd.nn``; plain-PyTorch versions in ``fastkd.reference``.
 ``fastkd.backends()`` says which kernels this installation can run;
 ``fastkd.set_value_checks(True)`` also checks target / temperature values on
@@ -33,11 +34,14 @@ from .functional import (  # noqa: E402
     reverse_kl_loss,
     simkd_loss,
     skew_kl_loss,
+    teacher_topk,
+    topk_from_logits,
     tvd_loss,
 )
 
 __all__ = [
     "kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights",
     "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "TopKTeacher", "LossParts", "fused_linear_kd_loss",
+    "teacher_topk", "topk_from_logits",
     "backends", "set_value_checks", "nn", "reference", "cache", "__version__",
 ]

@@ -338,3 +338,15 @@ def test_distill_lm_tiny_run_trains_and_fused_equals_unfused(tmp_path):
     assert first < 1e-5 and worst < 1e-4  # the same function: float32 rounding only
     assert abs(results[1]["val_ce"] - results[2]["val_ce"]) < 1e-3
     assert "| fused |" in out.read_text()
+
+
+def test_bench_teacher_topk_runs_and_writes_both_providers(tmp_path, capsys):
+    from fastkd.bench import teacher_topk as bench_teacher_topk
+
+    out = tmp_path / "topk.csv"
+    assert bench_teacher_topk.main(["--rows", "16", "--vocab", "300", "--hidden", "8", "--k", "5", "--rounds", "2",
+                                    "--csv", str(out)]) == 0
+    with open(out) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["provider"] for r in rows] == ["fused", "torch"] and all(float(r["median_s"]) > 0 for r in rows)
+    assert "speed-up fused over torch" in capsys.readouterr().out

@@ -14,6 +14,7 @@ PUBLIC_NAMES = {
         "LossParts", "TopKTeacher", "__version__", "ats_loss", "backends", "dist_loss", "dkd_loss",
         "fused_linear_kd_loss", "ipw_weights", "jsd_loss", "kd_loss", "mgd_loss", "nn", "reference",
         "reverse_kl_loss", "set_value_checks", "simkd_loss", "skew_kl_loss", "tvd_loss",
+        "teacher_topk", "topk_from_logits",  # issue 21
     ],
     "fastkd.nn": [
         "ATSLoss", "CosineCurriculum", "DISTLoss", "DKDLoss", "FusedLinearKDLoss", "GradientReversal", "JSDLoss",
@@ -22,7 +23,9 @@ PUBLIC_NAMES = {
     "fastkd.functional": [
         "ats_loss", "dist_loss", "dkd_loss", "ipw_weights", "jsd_loss", "kd_loss", "mgd_loss", "reverse_kl_loss",
         "simkd_loss", "skew_kl_loss", "tvd_loss",
+        "teacher_topk", "topk_from_logits",  # issue 21
     ],
+    "fastkd.teacher": ["teacher_topk", "topk_from_logits"],
     "fastkd.reference": [
         "LossParts", "ats_loss", "dist_loss", "dkd_loss", "ipw_weights", "jsd_loss", "kd_loss", "kd_topk_loss",
         "mgd_keep_mask", "mgd_loss", "reverse_kl_loss", "simkd_loss", "skew_kl_loss", "topk_log_probs", "tvd_loss",
@@ -43,7 +46,7 @@ LAYERS = [
     ("fastkd.dispatch",),
     ("fastkd.reference",),
     ("fastkd.distributed",),
-    ("fastkd.losses", "fastkd.functional"),
+    ("fastkd.losses", "fastkd.functional", "fastkd.teacher"),
     ("fastkd.nn",),
     ("fastkd.cache",),
     ("fastkd",),

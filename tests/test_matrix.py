@@ -496,5 +496,7 @@ def test_matrix_covers_every_fused_loss():
     from fastkd.dispatch.backend import LOSS_OPS
 
     # fused_linear_kd: tests/test_fused_linear.py runs the same row op per chunk on every backend
-    covered = {BACKEND_LOSS.get(loss, loss) for loss in LOGIT_LOSSES + LM_LOSSES} | {"mgd", "fused_linear_kd"}
+    # teacher_topk: tests/test_teacher_topk.py, one case matrix over every backend
+    covered = {BACKEND_LOSS.get(loss, loss) for loss in LOGIT_LOSSES + LM_LOSSES} | {"mgd", "fused_linear_kd",
+                                                                                     "teacher_topk"}
     assert set(LOSS_OPS) == covered

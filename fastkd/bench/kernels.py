@@ -523,6 +523,9 @@ def parse_args(argv=None):
     p.add_argument("--fused-linear", action="store_true",
                    help="instead: fused linear distillation (LM head + loss) against the unfused path, the head "
                         "matmuls alone and Liger's chunked loss (fastkd.bench.fused_linear; CPU)")
+    p.add_argument("--teacher-topk", action="store_true",
+                   help="instead: fastkd.teacher_topk against torch.topk on materialised logits, time and peak "
+                        "memory (fastkd.bench.teacher_topk; CPU)")
     p.add_argument("--distributed", type=int, default=None, metavar="P",
                    help="instead: the vocabulary-parallel losses on P gloo CPU processes against the unsharded "
                         "loss on the same work, with bytes per call (fastkd.bench.distributed)")
@@ -532,7 +535,8 @@ def parse_args(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if args.csv is None:
-        mode = "-fused-linear" if args.fused_linear else f"-distributed{args.distributed}" if args.distributed else ""
+        mode = "-fused-linear" if args.fused_linear else "-teacher-topk" if args.teacher_topk else \
+            f"-distributed{args.distributed}" if args.distributed else ""
         args.csv = os.path.join(RESULTS_DIR, f"fastkd-bench-{args.device}{mode}{'-quick' if args.quick else ''}.csv")
     return args
 
@@ -546,6 +550,11 @@ def main(argv=None) -> int:
             raise SystemExit("--fused-linear measures on the CPU (the GPU case is not written yet)")
         return bench_fused_linear.main(["--shapes", "512x512" if args.quick else "2048x512,512x512",
                                         "--csv", args.csv]) or 0
+    if args.teacher_topk:
+        from fastkd.bench import teacher_topk as bench_teacher_topk
+
+        return bench_teacher_topk.main(["--rows", "256", "--vocab", "32000", "--hidden", "256"] if args.quick
+                                       else ["--csv", args.csv]) or 0
     if args.distributed is not None:
         from fastkd.bench import distributed as bench_distributed
 

@@ -394,34 +394,36 @@ def check_teacher_constant(name: str, x) -> None:
         )
 
 
-def check_same_device(name: str, x: torch.Tensor, device: torch.device) -> None:
+def check_same_device(name: str, x: torch.Tensor, device: torch.device, owner: str = "student_hidden") -> None:
     if x.device != device:
-        raise ValueError(f"{name} must be on student_hidden's device {device}, got {x.device}")
+        raise ValueError(f"{name} must be on {owner}'s device {device}, got {x.device}")
 
 
 def check_head(prefix: str, hidden, weight, bias, lead, device) -> None:
-    """``{prefix}_hidden [..., H]``, ``{prefix}_weight [V, H]``, ``{prefix}_bias [V]``."""
-    check_matrix(f"{prefix}_hidden", hidden, 0)
-    check_matrix(f"{prefix}_weight", weight, 2)
+    """``{prefix}_hidden [..., H]``, ``{prefix}_weight [V, H]``, ``{prefix}_bias [V]`` (``hidden``, ... for prefix "")."""
+    h_name, w_name, b_name = (f"{prefix}_{x}" if prefix else x for x in ("hidden", "weight", "bias"))
+    check_matrix(h_name, hidden, 0)
+    check_matrix(w_name, weight, 2)
     if lead is not None and tuple(hidden.shape[:-1]) != lead:
-        raise ValueError(f"{prefix}_hidden must have the leading shape of student_hidden {lead}, "
+        raise ValueError(f"{h_name} must have the leading shape of student_hidden {lead}, "
                          f"got {tuple(hidden.shape)}")
     if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{prefix}_hidden has {hidden.shape[-1]} features but {prefix}_weight [V, H] has "
+        raise ValueError(f"{h_name} has {hidden.shape[-1]} features but {w_name} [V, H] has "
                          f"H = {weight.shape[1]}")
     if weight.shape[0] == 0:
-        raise ValueError(f"{prefix}_weight has 0 rows (an empty vocabulary)")
+        raise ValueError(f"{w_name} has 0 rows (an empty vocabulary)")
     if hidden.dtype != weight.dtype:
-        raise TypeError(f"{prefix}_hidden and {prefix}_weight must have the same dtype (as F.linear), "
+        raise TypeError(f"{h_name} and {w_name} must have the same dtype (as F.linear), "
                         f"got {hidden.dtype} and {weight.dtype}")
-    check_same_device(f"{prefix}_hidden", hidden, device)
-    check_same_device(f"{prefix}_weight", weight, device)
+    owner = "student_hidden" if prefix else "hidden"
+    check_same_device(h_name, hidden, device, owner)
+    check_same_device(w_name, weight, device, owner)
     if bias is not None:
-        check_matrix(f"{prefix}_bias", bias, 1)
+        check_matrix(b_name, bias, 1)
         if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"{prefix}_bias must have shape [{weight.shape[0]}] (one per row of "
-                             f"{prefix}_weight), got {tuple(bias.shape)}")
-        check_same_device(f"{prefix}_bias", bias, device)
+            raise ValueError(f"{b_name} must have shape [{weight.shape[0]}] (one per row of "
+                             f"{w_name}), got {tuple(bias.shape)}")
+        check_same_device(b_name, bias, device, owner)
 
 
 def check_optional_number(name: str, value, positive: bool) -> None:

@@ -22,9 +22,13 @@ import torch
 
 from . import checks as v
 
-__all__ = ["TopKTeacher", "TOPK_MODES"]
+__all__ = ["TopKTeacher", "TOPK_MODES", "TOPK_MAX", "topk_rows", "check_topk_k"]
 
 TOPK_MODES = ("tail", "renormalize")
+# The largest k of fastkd.topk_from_logits / fastkd.teacher_topk on every backend (csrc/cpu/topk.cpp's
+# kTopkMax and the Triton kernel's sort width follow it): the Triton kernel sorts 2 * next_pow2(k) keys
+# per merge, which stays in registers / shared memory up to 2048.
+TOPK_MAX = 1024
 # The id of a padding slot (a row with fewer than K ids): it carries no mass and its log-prob is never read.
 PAD_ID = -1
 
@@ -49,9 +53,16 @@ class TopKTeacher:
     ``indices`` of ``-1`` mark padding slots (rows with fewer than K ids): no
     mass on either side, their ``logprobs`` entries are never read. A row of
     padding only has loss 0 (to rounding) and gradient 0.
+
+    ``tail_logprob [...]`` (optional, float; None by default): the log of the teacher's mass outside
+    the row's top-k, summed over the non-members themselves (``fastkd.teacher_topk`` and
+    ``fastkd.topk_from_logits`` give it; exact where ``log(1 - sum_k exp(logprobs[k]))`` cancels,
+    that is when the top-k hold nearly all the mass). It is carried for storage and for users; the
+    losses do not read it: they keep deriving the teacher's tail bucket from ``logprobs`` as above.
     """
 
-    def __init__(self, indices: torch.Tensor, logprobs: torch.Tensor, *, mode: str = "tail"):
+    def __init__(self, indices: torch.Tensor, logprobs: torch.Tensor, *, mode: str = "tail",
+                 tail_logprob: Optional[torch.Tensor] = None):
         if not isinstance(indices, torch.Tensor):
             raise TypeError(f"indices must be a torch.Tensor of token ids, got {type(indices).__name__}")
         if indices.dtype != torch.int64:
@@ -75,21 +86,36 @@ class TopKTeacher:
             )
         if mode not in TOPK_MODES:
             raise ValueError(f"mode must be one of {TOPK_MODES}, got {mode!r}")
+        if tail_logprob is not None:
+            if not isinstance(tail_logprob, torch.Tensor) or tail_logprob.dtype not in v.FLOAT_DTYPES:
+                raise TypeError(f"tail_logprob must be None or a floating tensor [...], got "
+                                f"{getattr(tail_logprob, 'dtype', type(tail_logprob).__name__)}")
+            if tuple(tail_logprob.shape) != tuple(indices.shape[:-1]):
+                raise ValueError(f"tail_logprob must have the leading shape of indices {tuple(indices.shape[:-1])}, "
+                                 f"got {tuple(tail_logprob.shape)}")
+            if tail_logprob.device != indices.device:
+                raise ValueError(f"tail_logprob must be on the indices' device {indices.device}, "
+                                 f"got {tail_logprob.device}")
         self.indices = indices
         self.logprobs = logprobs
         self.mode = mode
+        self.tail_logprob = tail_logprob
 
     @classmethod
     def from_logits(cls, teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0,
                     mode: str = "tail") -> "TopKTeacher":
-        """The top-k of ``log_softmax(teacher_logits / temperature)`` (for tests and online teachers)."""
+        """The top-k of ``log_softmax(teacher_logits / temperature)`` (for tests and online teachers).
+
+        The definition of ``fastkd.topk_from_logits`` (``topk_rows``: ties to the lower id, the exact
+        ``tail_logprob``), in plain PyTorch; log-probs in ``teacher_logits``' dtype."""
         v.check_logits("teacher_logits", teacher_logits)
         v.check_positive("temperature", temperature)
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= teacher_logits.shape[-1]:
-            raise ValueError(f"k must be an int in [1, {teacher_logits.shape[-1]}], got {k!r}")
-        log_p = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-        values, ids = log_p.topk(k, dim=-1)
-        return cls(ids, values.to(teacher_logits.dtype), mode=mode)
+        check_topk_k(k, teacher_logits.shape[-1], limit=None)
+        lead = tuple(teacher_logits.shape[:-1])
+        ids, logprobs, tail, _ = topk_rows(teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]), k,
+                                           float(temperature))
+        return cls(ids.reshape(lead + (k,)), logprobs.to(teacher_logits.dtype).reshape(lead + (k,)), mode=mode,
+                   tail_logprob=tail.reshape(lead))
 
     @property
     def k(self) -> int:
@@ -146,3 +172,46 @@ class TopKTeacher:
     def __repr__(self) -> str:
         return (f"TopKTeacher(shape={tuple(self.indices.shape)}, logprobs={self.logprobs.dtype}, "
                 f"mode={self.mode!r}, device={self.device})")
+
+
+def check_topk_k(k, width: int, limit: Optional[int] = TOPK_MAX) -> None:
+    """``k``: an int in ``[1, width]`` (the row width), and at most ``limit`` (the kernels' TOPK_MAX)."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= width:
+        raise ValueError(f"k must be an int in [1, {width}] (the vocabulary size), got {k!r}")
+    if limit is not None and k > limit:
+        raise ValueError(f"k = {k} is over the top-k kernels' limit of {limit} (fastkd.core.topk.TOPK_MAX)")
+
+
+def topk_rows(logits: torch.Tensor, k: int, temperature: float):
+    """The definition of a row's top-k (every backend of ``fastkd.topk_from_logits`` matches it).
+
+    ``logits [N, V]`` (any float dtype; math in float64 for float64 input, else float32) ->
+    ``(ids [N, k] int64, logprobs [N, k], tail [N], stats [N, 2])`` with, per row, ``x`` the logits:
+
+    * ``ids``: the k largest ``x`` (raw logits: the temperature does not change the order), in
+      descending order; equal values rank by the lower id (so every backend gives the same ids);
+      NaN ranks as -inf (its row's log-probs are NaN anyway); -0.0 equals 0.0.
+    * ``logprobs = x[ids] / T - lse(x / T)`` (normalised over the whole row).
+    * ``tail = log(sum over the non-members c of exp(x_c / T)) - lse(x / T)``: the log of the mass
+      outside the top-k, summed over the non-members (never ``log1p(-sum exp(logprobs))``, which
+      cancels when the top-k hold nearly all the mass); ``-inf`` when ``k == V``.
+    * ``stats = (M, log z)``: the row's raw maximum and ``log sum exp((x - b) / T)`` with ``b = M``
+      (0 when ``M = -inf``), so ``lse(x / T) = b / T + log z`` (the sharded merge's per-rank numbers).
+
+    As ``log_softmax``, a row with a NaN or +inf logit, or with every logit -inf, gives NaN
+    log-probs and tail. A plain-PyTorch oracle: a stable full sort of each row and ``[N, V]``
+    temporaries (the kernels keep a running top-k and the online log-sum-exp instead).
+    """
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(dtype)
+    rank = torch.where(torch.isnan(x), float("-inf"), x) + 0.0  # + 0.0: -0.0 becomes 0.0
+    ids = torch.sort(rank, dim=1, descending=True, stable=True).indices[:, :k]
+    top = torch.amax(x, dim=1, keepdim=True)
+    top = torch.where(torch.isnan(top), float("-inf"), top)  # amax propagates NaN; the kernels skip it
+    base = torch.where(top == float("-inf"), 0.0, top)
+    shifted = (x - base) / temperature
+    log_z = torch.logsumexp(shifted, dim=1, keepdim=True)
+    logprobs = (x.gather(1, ids) - top) / temperature - log_z
+    member = torch.zeros_like(x, dtype=torch.bool).scatter_(1, ids, True)
+    tail = torch.logsumexp(shifted.masked_fill(member, float("-inf")), dim=1) - log_z.squeeze(1)
+    return ids, logprobs, tail, torch.cat([top, log_z], dim=1)

@@ -35,7 +35,11 @@ LOSS_OPS = {
     "kd+ce": ("kd_fwd", "divergence_fwd"),
     "ats+ce": ("ats_fwd", "divergence_fwd"),
     "dkd+ce": ("dkd_fwd", "divergence_fwd"),
+    # fastkd.teacher_topk / topk_from_logits (fastkd/teacher/topk.py): the row op on each chunk of logits
+    "teacher_topk": ("topk_fwd",),
 }
+# Ops with CPU and Triton kernels only (no CUDA C++ kernel: on CUDA tensors "auto" runs Triton).
+NO_CUDA_KERNEL = ("topk_fwd",)
 # How messages name the LOSS_OPS keys that are not a public function's name.
 _CALLS = {
     "kd_topk": "kd_loss with a TopKTeacher",
@@ -43,6 +47,7 @@ _CALLS = {
     "kd+ce": "kd_loss with ce_weight / return_parts",
     "ats+ce": "ats_loss with ce_weight / return_parts",
     "dkd+ce": "dkd_loss with ce_weight / return_parts",
+    "teacher_topk": "teacher_topk / topk_from_logits",
 }
 
 

@@ -110,6 +110,16 @@ def _register_divergence():
     register_loss_autograd("fastkd::divergence_fwd", {0: 3, 1: 4})
 
 
+def _register_topk():
+    # No autograd: the teacher's top-k is a constant (fastkd.teacher_topk detaches its inputs).
+    @torch.library.register_fake("fastkd::topk_fwd")
+    def _(logits, k, temperature):
+        n = logits.shape[0]
+        f32 = dict(dtype=torch.float32, device=logits.device)
+        return (logits.new_empty((n, k), dtype=torch.int64), logits.new_empty((n, k), **f32),
+                logits.new_empty((n,), **f32), logits.new_empty((n, 2), **f32))
+
+
 if LOAD_ERROR is None:
     _register_kd()
     if _declared("ats_fwd"):  # all of these are declared together in csrc/ops.cpp
@@ -118,3 +128,5 @@ if LOAD_ERROR is None:
         _register_mgd()
     if _declared("divergence_fwd"):
         _register_divergence()
+    if _declared("topk_fwd"):
+        _register_topk()

@@ -1,6 +1,7 @@
 """The collectives of the vocabulary-parallel losses: one all-reduce helper, counted, and the group checks.
 
-``all_reduce`` is the only place ``fastkd.distributed`` communicates, so ``comm_stats`` /
+``all_reduce`` (and ``all_gather``, for the sharded teacher top-k) are the only places ``fastkd.distributed``
+communicates, so ``comm_stats`` /
 ``count_comm`` count every byte; ``check_group_shapes`` makes the ranks agree on rows,
 shard widths, dtypes and gradients wanted before any per-row collective.
 """
@@ -24,6 +25,8 @@ PER_ROW_FLOATS = {
            "(sum exp s at T=1, s[target]); SUM: 2 + 1 with teacher grad",
     "ats": "MAX: 2 (max s, max t / tau); SUM: 2 (sums of exp) + 2 with CE (sum exp s at T=1, s[target]); "
            "SUM: 2 + 1 with teacher grad",
+    "teacher top-k (all-gather)": "k' int64 + k' + 3 float32, rounded up to 8 bytes (k' = min(k, V_local): ids; "
+                                  "raw logits, tail, max, log z); each rank receives world times that",
     "every call": "+ 4 int64 in one MAX call first (rows, -rows, width, -width: equal rows, dtypes, gradients "
                   "wanted and shards)",
 }
@@ -90,6 +93,15 @@ def all_reduce(parts, op, group, in_place=False):
     for p in parts:
         out.append(flat[start:start + p.numel()].view(p.shape))
         start += p.numel()
+    return out
+
+
+def all_gather(x, group):
+    """``[world, *x.shape]``: every rank's ``x`` (one collective, counted as ``x``'s bytes, the all-reduces' rule)."""
+    out = x.new_empty((dist.get_world_size(group),) + tuple(x.shape))
+    _STATS.bytes += x.numel() * x.element_size()
+    _STATS.calls += 1
+    dist.all_gather(list(out.unbind(0)), x.contiguous(), group=group)
     return out
 
 

@@ -11,6 +11,7 @@ signatures of ``docs/design.md``:
     dist_fwd             dist.py  row lse pass, class-statistics pass, gradient pass
     divergence_fwd       divergence.py  LM divergences (KL family, TVD, top-k teacher, fused CE): stats, terms, gradients
     mgd_mask, mgd_sq_err mgd.py   element-wise; the mask is hashed in-kernel from the seed
+    topk_fwd             topk.py  the teacher's top-k per row: sorted 64-bit keys merged per block, tail pass
 
 Launch sizes and the reason for each are next to their constants
 (``_common.row_config``, ``dist.STATS_*``, ``mgd.ELEM_*``).
@@ -20,5 +21,6 @@ from .divergence import divergence_fwd
 from .dkd import dkd_fwd
 from .kd import ats_fwd, kd_fwd
 from .mgd import mgd_mask, mgd_sq_err
+from .topk import topk_fwd
 
-__all__ = ["kd_fwd", "ats_fwd", "dkd_fwd", "dist_fwd", "divergence_fwd", "mgd_mask", "mgd_sq_err"]
+__all__ = ["kd_fwd", "ats_fwd", "dkd_fwd", "dist_fwd", "divergence_fwd", "mgd_mask", "mgd_sq_err", "topk_fwd"]
