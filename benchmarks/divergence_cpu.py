@@ -29,6 +29,8 @@ DIVERGENCES = {
     "skew_kl": (fastkd.skew_kl_loss, R.skew_kl_loss, {"skew": 0.1}),
     "skew_kl_rev": (fastkd.skew_kl_loss, R.skew_kl_loss, {"skew": 0.1, "reverse": True}),
     "tvd": (fastkd.tvd_loss, R.tvd_loss, {}),
+    "jeffreys": (fastkd.jeffreys_loss, R.jeffreys_loss, {}),
+    "triangular": (fastkd.triangular_loss, R.triangular_loss, {}),
 }
 
 

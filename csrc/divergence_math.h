@@ -21,6 +21,15 @@
 //                          log1p per class, finite whatever the log-probs (no log 0 of
 //                          an underflowed m: Liger's NaN below -104 cannot happen).
 // kind 1 (TVD): soft_c = 0.5 |p - q|, G_c = 0.5 q sign(q - p), H_c = 0.5 p sign(p - q).
+// kind 2 (two-sided KL, Jeffreys with a = b = 1): soft = a KL(p || q) + b KL(q || p),
+//   soft_c = a p (lp - lq) + b q (lq - lp),  G_c = b q (lq - lp) - a p,  H_c = a p (lp - lq) - b q
+//   (the + b q of G and the + a p of H are dropped, as in kind 0: multiples of q and p).
+// kind 3 (triangular discrimination): soft_c = (p - q)^2 / (p + q) (0 where p + q = 0) = p + q - 4pq / (p + q);
+//   with d = (p - q) / (p + q), u = q / (p + q), v = p / (p + q):
+//   soft_c = (p - q) d,  G_c = -4 q v^2,  H_c = -4 p u^2
+//   (the derivatives of -4pq / (p + q): q and p times the exact partials, -q d (3 - 2u) and p d (1 + 2u),
+//   less q and p. Exact ones cancelled on a peaked row: where p ~ 1 and q ~ 0, H ~ p and H - p sum H lost
+//   1e-3 of the teacher gradient in float32; -4 p u^2 has no cancellation. d, u, v in [-1, 1].)
 // Gradients of the row (x = s / T, y = t / T):
 //   dsoft/dx_c = G_c - q_c sum G,   dsoft/dy_c = H_c - p_c sum H
 // In kMixQ sum G = -(a + b) and in kMixP sum H = -(a + b) (sum p = sum q = 1), so
@@ -41,7 +50,7 @@
 
 namespace fastkd {
 
-enum DivKind { kDivKL = 0, kDivTVD = 1 };
+enum DivKind { kDivKL = 0, kDivTVD = 1, kDivJeffreys = 2, kDivTriangular = 3 };
 enum DivMix { kMixQ = 0, kMixP = 1, kMixBoth = 2 };
 enum DivTopk { kTopkNone = 0, kTopkTail = 1, kTopkRenorm = 2 };
 
@@ -119,7 +128,7 @@ FASTKD_HD DivParams div_params(int kind, float a, float b, float w_p, float w_q)
 }
 
 // Whether there is a soft loss at all: a = b = 0 in the KL family is the cross-entropy alone (soft 0).
-FASTKD_HD bool div_soft_on(const DivParams& d) { return d.kind == kDivTVD || d.a != 0.0f || d.b != 0.0f; }
+FASTKD_HD bool div_soft_on(const DivParams& d) { return d.kind != kDivKL || d.a != 0.0f || d.b != 0.0f; }
 
 // sum_c G_c / sum_c H_c when they are known without summing (see the header comment).
 FASTKD_HD bool div_sum_g_known(int kind, int mix) { return kind == kDivKL && mix == kMixQ; }
@@ -195,6 +204,24 @@ FASTKD_HD DivTerms div_terms_form(const DivParams& d, float p, float q, float de
     t.h = -0.5f * p * div_sign(diff);
     return t;
   }
+  if (kKind == kDivJeffreys) {  // a zero probability drops its side's term (delta is +-inf or NaN there)
+    const float kl_p = d.a != 0.0f ? d.a * where_positive(p, p * delta) : 0.0f;
+    const float kl_q = d.b != 0.0f ? d.b * where_positive(q, -q * delta) : 0.0f;
+    t.soft = kl_p + kl_q;
+    t.g = kl_q - d.a * p;
+    t.h = kl_p - d.b * q;
+    return t;
+  }
+  if (kKind == kDivTriangular) {
+    // == 0, not > 0: a NaN probability stays NaN; two divisions, not a reciprocal: 1 / sum overflows
+    // when p + q is subnormal (log-probs near -100)
+    const float sum = p + q, safe = sum == 0.0f ? 1.0f : sum;
+    const float dd = (p - q) / safe, u = q / safe, v = p / safe;
+    t.soft = (p - q) * dd;
+    t.g = -4.0f * q * v * v;
+    t.h = -4.0f * p * u * u;
+    return t;
+  }
   const DivMixture x = div_mixture<kMix>(d, p, q, delta);
   // a coefficient of 0 drops its term (never 0 * inf = NaN)
   const float kl_p = d.a != 0.0f ? d.a * where_positive(p, p * x.dp) : 0.0f;
@@ -248,6 +275,8 @@ FASTKD_HD DivTerms div_terms(const DivParams& d, float p, float q, float lp, flo
 // Runtime-dispatched div_terms (for code that handles one bucket at a time, e.g. the tail).
 FASTKD_HD DivTerms div_terms_any(const DivParams& d, float p, float q, float lp, float lq) {
   if (d.kind == kDivTVD) return div_terms<kDivTVD, kMixBoth>(d, p, q, lp, lq);
+  if (d.kind == kDivJeffreys) return div_terms<kDivJeffreys, kMixBoth>(d, p, q, lp, lq);
+  if (d.kind == kDivTriangular) return div_terms<kDivTriangular, kMixBoth>(d, p, q, lp, lq);
   if (d.mix == kMixQ) return div_terms<kDivKL, kMixQ>(d, p, q, lp, lq);
   if (d.mix == kMixP) return div_terms<kDivKL, kMixP>(d, p, q, lp, lq);
   return div_terms<kDivKL, kMixBoth>(d, p, q, lp, lq);
@@ -260,12 +289,21 @@ FASTKD_HD DivTerms div_terms_any(const DivParams& d, float p, float q, float lp,
 // a p_k (lp_k - lm_k) keeps the "+ a p_k" that G and H drop (it cancels against the
 // tail's -p_k / p_tail only while the tail is live): the gradient is then
 // H_k + a p_k (KL family; TVD: H_k), so this returns h_shift - a (H_k - p_k (h_shift - a)).
-// (docs/design.md says "the tail term is 0 when p_tail = 0", which misses the a p_k.)
+// (docs/design.md says "the tail term is 0 when p_tail = 0", which misses the a p_k.) The two-sided
+// KL drops the same a p (kind 2: h_shift is 0), the triangular H drops p (factor -1); TVD's H is whole.
 FASTKD_HD float div_h_over_p(const DivParams& d, float p, float q, float lp, float lq) {
   if (p != p) return p;  // a NaN teacher tail (a NaN log-prob): every slot's gradient is NaN
-  if (!(p > 0.0f)) return d.kind == kDivKL ? d.h_shift - d.a : 0.0f;
+  if (!(p > 0.0f)) {
+    if (d.kind == kDivKL || d.kind == kDivJeffreys) return d.h_shift - d.a;
+    return d.kind == kDivTriangular ? -1.0f : 0.0f;
+  }
   if (d.kind == kDivTVD) return -0.5f * div_sign(q - p);
   const float delta = lp - lq;
+  if (d.kind == kDivJeffreys) return d.a * delta - d.b * expf(-delta);  // H = a p delta - b q
+  if (d.kind == kDivTriangular) {  // H / p = -4 u^2
+    const float u = q / (p + q);
+    return -4.0f * u * u;
+  }
   if (d.mix == kMixQ) return d.a * delta;                          // H = a p (lp - lq)
   if (d.mix == kMixP) return -(d.a + d.b * expf(-delta));         // H = -(a p + b q)
   const DivMixture x = div_mixture<kMixBoth>(d, p, q, delta);

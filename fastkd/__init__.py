@@ -6,8 +6,8 @@
 Losses: ``kd_loss``, ``dkd_loss``, ``ats_loss``, ``dist_loss``, ``mgd_loss``,
 ``simkd_loss``, and ``ipw_weights`` for IPWD's per-sample weights; the
 language-model divergences ``forward_kl_loss``, ``reverse_kl_loss``, ``jsd_loss``, ``skew_kl_loss``,
-``tvd_loss`` (``TopKTeacher`` for top-k teachers), ``fused_linear_kd_loss`` (the LM
-head fused with the loss; ``process_group=`` for sharded vocabularies); the teacher's side:
+``tvd_loss``, ``jeffreys_loss``, ``triangular_loss`` (``TopKTeacher`` for top-k teachers), ``fused_linear_kd_loss``
+(the LM head fused with the loss; ``process_group=`` for sharded vocabularies); the teacher's side:
 ``teacher_topk`` (its top-k log-probs from its head, no ``[N, V]`` logits) and ``topk_from_logits``; modules in
 ``fastkd.nn``; plain-PyTorch versions in ``fastkd.reference``.
 ``fastkd.backends()`` says which kernels this installation can run;
@@ -28,6 +28,7 @@ from .functional import (  # noqa: E402
     forward_kl_loss,
     fused_linear_kd_loss,
     ipw_weights,
+    jeffreys_loss,
     jsd_loss,
     kd_loss,
     mgd_loss,
@@ -36,12 +37,13 @@ from .functional import (  # noqa: E402
     skew_kl_loss,
     teacher_topk,
     topk_from_logits,
+    triangular_loss,
     tvd_loss,
 )
 
 __all__ = [
     "kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights",
-    "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "TopKTeacher", "LossParts", "fused_linear_kd_loss",
-    "teacher_topk", "topk_from_logits",
+    "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss", "triangular_loss",
+    "TopKTeacher", "LossParts", "fused_linear_kd_loss", "teacher_topk", "topk_from_logits",
     "backends", "set_value_checks", "nn", "reference", "cache", "__version__",
 ]

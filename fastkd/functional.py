@@ -5,11 +5,12 @@ reference's own (cheap, or not logit-sized: no fused kernel needed). The teacher
 ``teacher_topk`` and ``topk_from_logits`` (``fastkd.teacher``), is re-exported here too.
 """
 from .losses.classification import ats_loss, dist_loss, dkd_loss, kd_loss, mgd_loss
-from .losses.divergence import forward_kl_loss, jsd_loss, reverse_kl_loss, skew_kl_loss, tvd_loss
+from .losses.divergence import (forward_kl_loss, jeffreys_loss, jsd_loss, reverse_kl_loss, skew_kl_loss,
+                                triangular_loss, tvd_loss)
 from .losses.fused_linear import fused_linear_kd_loss
 from .reference.classification import ipw_weights, simkd_loss
 from .teacher.topk import teacher_topk, topk_from_logits
 
 __all__ = ["kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights",
-           "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "fused_linear_kd_loss",
-           "teacher_topk", "topk_from_logits"]
+           "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss",
+           "triangular_loss", "fused_linear_kd_loss", "teacher_topk", "topk_from_logits"]

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastkd
+from fastkd.core.divergence import divergence_op_args
 from fastkd.reference import divergence as R
 from fastkd import distributed as D
 from fastkd import reference as ref
@@ -220,6 +221,8 @@ DIVERGENCES = [  # (name, distributed fn, reference kind, params, T^2)
     ("skew_kl", D.skew_kl_loss, "skew_kl", {"skew": 0.1}, False),
     ("skew_kl reverse", D.skew_kl_loss, "skew_kl", {"skew": 0.3, "reverse": True}, False),
     ("tvd", D.tvd_loss, "tvd", {}, False),
+    ("jeffreys", D.jeffreys_loss, "jeffreys", {}, False),
+    ("triangular", D.triangular_loss, "triangular", {}, False),
 ]
 
 
@@ -1279,7 +1282,8 @@ def _shard_passes(ops, s, t, T, kind, coefficients, read, coef, ce, target, g, h
 
 @pytest.mark.parametrize("ops_name", ["cpu", "triton-interpreter", "triton-cuda"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kind", ["forward_kl direct", "forward_kl", "jsd", "reverse_kl", "tvd"])
+@pytest.mark.parametrize("kind", ["forward_kl direct", "forward_kl", "jsd", "reverse_kl", "tvd", "jeffreys",
+                                  "triangular"])
 def test_shard_kernels_low_precision_logits(ops_name, dtype, kind):
     """bf16/fp16 logits on the shard kernels: read as they are, math in float32, so the same statistics and
     row sums as the float32 kernels on the same values, bit for bit; the gradients into float32 buffers
@@ -1298,8 +1302,7 @@ def test_shard_kernels_low_precision_logits(ops_name, dtype, kind):
     ce = torch.tensor([0.3, 0.0, 0.0, 1.0, 0.7], device=dev)
     target = torch.tensor([4100, 3, 0, -1, 0], device=dev)  # -1: the target is on another rank
     name, direct = kind.split(" ")[0], kind.endswith("direct")
-    coefficients = (0.0, 0.0, 0.0, 0.0) if name == "tvd" else R.divergence_coefficients(name)
-    code = 1 if name == "tvd" else 0
+    code, *coefficients = divergence_op_args(name)
     grad_t = not direct
 
     def run(s_in, t_in, buf_dtype):

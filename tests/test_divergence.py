@@ -1,4 +1,5 @@
-"""The language-model divergences (reverse KL, generalised JSD, skew KL, TVD) on the reference backend.
+"""The language-model divergences (reverse KL, generalised JSD, skew KL, TVD, Jeffreys, triangular) on the reference
+backend.
 
 Expected values come from independent code: Python-float loops (``hand_*``), the
 peers' documented formulas rewritten here (DistiLLM, torchtune), TRL's own
@@ -17,7 +18,7 @@ from fastkd import reference as R
 
 F64 = torch.float64
 INF = float("inf")
-LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_kl_rev", "tvd")
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_kl_rev", "tvd", "jeffreys", "triangular")
 FUNCS = {
     "forward_kl": (fastkd.forward_kl_loss, {}),
     "reverse_kl": (fastkd.reverse_kl_loss, {}),
@@ -25,6 +26,8 @@ FUNCS = {
     "skew_kl": (fastkd.skew_kl_loss, {"skew": 0.2}),
     "skew_kl_rev": (fastkd.skew_kl_loss, {"skew": 0.2, "reverse": True}),
     "tvd": (fastkd.tvd_loss, {}),
+    "jeffreys": (fastkd.jeffreys_loss, {}),
+    "triangular": (fastkd.triangular_loss, {}),
 }
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 # dtype -> (relative loss error, relative gradient-norm error) against float64 on the same values
@@ -71,6 +74,10 @@ def hand_row(loss, s_row, t_row, T, params):
         return hand_kl(q, p)
     if loss == "tvd":
         return 0.5 * sum(abs(x - y) for x, y in zip(p, q))
+    if loss == "jeffreys":
+        return hand_kl(p, q) + hand_kl(q, p)
+    if loss == "triangular":
+        return sum((x - y) ** 2 / (x + y) for x, y in zip(p, q) if x + y > 0)
     if loss == "jsd":
         b = params["beta"]
         if b == 0:
@@ -267,6 +274,10 @@ def dense_rows(loss, s, t, T):
         return kl(q, log_q, log_p)
     if loss == "tvd":
         return 0.5 * (p - q).abs().sum(-1)
+    if loss == "jeffreys":
+        return ((p - q) * (log_p - log_q)).sum(-1)
+    if loss == "triangular":
+        return ((p - q) ** 2 / (p + q)).sum(-1)
     if loss == "jsd":
         b = params["beta"]
         log_m = (b * p + (1 - b) * q).log()
@@ -433,6 +444,8 @@ def test_masked_vocab_terms_are_exactly_zero(loss):
     t = torch.tensor([[0.0, -INF, -INF, 1.0, 2.0], [1.0, -INF, 0.0, 2.0, 0.1]], dtype=F64, requires_grad=True)
     if loss == "forward_kl":  # finite where the student covers the teacher's support: the mirror of reverse KL
         s, t = t, s
+    if loss == "jeffreys":  # finite only where both nets mask the same classes
+        t = torch.where(torch.isneginf(s), s, t.detach().nan_to_num(neginf=0.5)).detach().requires_grad_()
     out = call(loss, s, t, reduction="none")
     gs, gt = torch.autograd.grad(out.sum(), [s, t])
     assert not torch.isnan(out).any()
@@ -559,6 +572,8 @@ MODULES = {
     "skew_kl": (fastkd.nn.SkewKLLoss, {"skew": 0.2}),
     "skew_kl_rev": (fastkd.nn.SkewKLLoss, {"skew": 0.2, "reverse": True}),
     "tvd": (fastkd.nn.TVDLoss, {}),
+    "jeffreys": (fastkd.nn.JeffreysLoss, {}),
+    "triangular": (fastkd.nn.TriangularLoss, {}),
 }
 
 
@@ -597,11 +612,12 @@ def test_module_parameter_errors():
 
 
 def test_public_names():
-    for name in ("forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss"):
+    for name in ("forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss",
+                 "triangular_loss"):
         assert getattr(fastkd, name) is getattr(fastkd.functional, name)
         assert name in fastkd.__all__ and name in fastkd.functional.__all__ and name in R.__all__
         assert "T^2" in getattr(fastkd, name).__doc__
-    for name in ("ForwardKLLoss", "ReverseKLLoss", "JSDLoss", "SkewKLLoss", "TVDLoss"):
+    for name in ("ForwardKLLoss", "ReverseKLLoss", "JSDLoss", "SkewKLLoss", "TVDLoss", "JeffreysLoss", "TriangularLoss"):
         assert name in fastkd.nn.__all__
 
 

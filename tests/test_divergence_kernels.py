@@ -15,6 +15,7 @@ import torch
 import fastkd  # noqa: F401  (loads the compiled ops)
 from fastkd.dispatch import ops as _ops
 from fastkd.reference import divergence as R
+from fastkd.core.divergence import divergence_op_args
 from fastkd.core.rows import row_weights
 from fastkd import TopKTeacher
 
@@ -35,6 +36,8 @@ DIVS = {
     "skew": ("skew_kl", {"skew": 0.1}),
     "skew_rev": ("skew_kl", {"skew": 0.1, "reverse": True}),
     "tvd": ("tvd", {}),
+    "jeffreys": ("jeffreys", {}),
+    "triangular": ("triangular", {}),
     "kd": ("forward_kl", {}),  # kd_loss: forward KL times T^2
 }
 # dtype -> (loss rtol, gradient relative-norm bound)
@@ -45,9 +48,7 @@ WIDE = 2 * 2048 + 5  # three chunks of the statistics pass, the last one ragged
 def op_args(name):
     """(kind, a, b, w_p, w_q) of the op for a divergence of DIVS."""
     base, params = DIVS[name]
-    if base == "tvd":
-        return 1, 0.0, 0.0, 0.0, 0.0
-    return (0,) + R.divergence_coefficients(base, **params)
+    return divergence_op_args(base, **params)
 
 
 def call_op(name, s, t, *, T=1.0, reduction="batchmean", target=None, ignore_index=-100, sample_weight=None,
@@ -78,7 +79,8 @@ def call_ref(name, s, t, *, T=1.0, reduction="batchmean", target=None, ignore_in
         full = R.jsd_loss(s, t, beta=0.0, temperature=T, **kw)
         loss = T * T * soft + (full.loss - soft)
         return R.LossParts(loss, (T * T * soft).detach(), full.hard)
-    fn = {"reverse_kl": R.reverse_kl_loss, "jsd": R.jsd_loss, "skew_kl": R.skew_kl_loss, "tvd": R.tvd_loss}[base]
+    fn = {"reverse_kl": R.reverse_kl_loss, "jsd": R.jsd_loss, "skew_kl": R.skew_kl_loss, "tvd": R.tvd_loss,
+          "jeffreys": R.jeffreys_loss, "triangular": R.triangular_loss}[base]
     return fn(s, t, temperature=T, **params, **kw)
 
 
@@ -176,7 +178,8 @@ def test_dense_128k_row():
     check("kd", s, t, T=2.0, target=target, ce_weight=0.1, grad_teacher=False)
 
 
-@pytest.mark.parametrize("name", ["reverse_kl", "jsd0.1", "jsd0.5", "skew", "skew_rev", "tvd", "kd"])
+@pytest.mark.parametrize("name", ["reverse_kl", "jsd0.1", "jsd0.5", "skew", "skew_rev", "tvd", "kd", "jeffreys",
+                                  "triangular"])
 def test_dense_confident_and_masked(name):
     """Logit gaps of 100, -inf on either side (not on the same class), log-probs below -104."""
     V = WIDE
@@ -187,15 +190,16 @@ def test_dense_confident_and_masked(name):
     t[3, 60:90] = -INF  # and on the teacher side
     s[2, 3000] = t[2, 3000] = 200.0  # a shared class far above all others: the others' log-probs < -104
     s[3] *= 20.0  # spread: log-probs far below -104
-    finite = name in ("tvd",) or name in ("jsd0.1", "jsd0.5", "skew", "skew_rev")
+    finite = name in ("tvd", "triangular") or name in ("jsd0.1", "jsd0.5", "skew", "skew_rev")
     if finite:
         check(name, s, t, T=1.0, target=torch.tensor([10, 20, 3000, 1]), ce_weight=0.3)
         check(name, s, t, T=2.0)
     else:
         # reverse KL with a teacher -inf where the student has mass (or KD the other way) is infinite: compare
         # only the rows where it is finite
-        rows = [0, 1, 3] if name == "kd" else [0, 1, 2]
-        check(name, s[rows], t[rows], T=2.0, target=torch.tensor([10, 20, 1]), ce_weight=0.3)
+        # (Jeffreys: infinite where either net masks a class the other one covers)
+        rows = {"kd": [0, 1, 3], "jeffreys": [0, 1]}.get(name, [0, 1, 2])
+        check(name, s[rows], t[rows], T=2.0, target=torch.tensor([10, 20, 1, 1])[rows], ce_weight=0.3)
 
 
 def test_masked_same_class_both_sides():

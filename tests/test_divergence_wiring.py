@@ -66,6 +66,8 @@ FUNCTIONS = {
     "jsd": (fastkd.jsd_loss, fastkd.reference.jsd_loss, {"beta": 0.3}),
     "skew_rkl": (fastkd.skew_kl_loss, fastkd.reference.skew_kl_loss, {"skew": 0.2, "reverse": True}),
     "tvd": (fastkd.tvd_loss, fastkd.reference.tvd_loss, {}),
+    "jeffreys": (fastkd.jeffreys_loss, fastkd.reference.jeffreys_loss, {}),
+    "triangular": (fastkd.triangular_loss, fastkd.reference.triangular_loss, {}),
 }
 
 

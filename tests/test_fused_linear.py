@@ -61,7 +61,7 @@ def composition(h, w, teacher, target=None, *, divergence="kl", temperature=1.0,
             t = t[..., :s.shape[-1]]
     kinds = {"kl": ("forward_kl", {}), "reverse_kl": ("reverse_kl", {}), "jsd": ("jsd", {"beta": beta}),
              "skew_kl": ("skew_kl", {"skew": skew}), "skew_reverse_kl": ("skew_kl", {"skew": skew, "reverse": True}),
-             "tvd": ("tvd", {})}
+             "tvd": ("tvd", {}), "jeffreys": ("jeffreys", {}), "triangular": ("triangular", {})}
     kind, params = kinds[divergence]
     return R.compute(s, t, temperature, reduction, target, ignore_index, sample_weight, ce_weight, return_parts,
                       kind, scale_t2=divergence == "kl", **params)

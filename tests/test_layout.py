@@ -15,25 +15,29 @@ PUBLIC_NAMES = {
         "fused_linear_kd_loss", "ipw_weights", "jsd_loss", "kd_loss", "mgd_loss", "nn", "reference",
         "reverse_kl_loss", "set_value_checks", "simkd_loss", "skew_kl_loss", "tvd_loss",
         "teacher_topk", "topk_from_logits",  # issue 21
+        # issue 22
+        "jeffreys_loss", "triangular_loss",
     ],
     "fastkd.nn": [
         "ATSLoss", "CosineCurriculum", "DISTLoss", "DKDLoss", "FusedLinearKDLoss", "GradientReversal", "JSDLoss",
         "KDLoss", "LearnableTemperature", "MGDLoss", "ReverseKLLoss", "SimKD", "SkewKLLoss", "TVDLoss",
+        "JeffreysLoss", "TriangularLoss",
     ],
     "fastkd.functional": [
         "ats_loss", "dist_loss", "dkd_loss", "ipw_weights", "jsd_loss", "kd_loss", "mgd_loss", "reverse_kl_loss",
-        "simkd_loss", "skew_kl_loss", "tvd_loss",
+        "simkd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss", "triangular_loss",
         "teacher_topk", "topk_from_logits",  # issue 21
     ],
     "fastkd.teacher": ["teacher_topk", "topk_from_logits"],
     "fastkd.reference": [
         "LossParts", "ats_loss", "dist_loss", "dkd_loss", "ipw_weights", "jsd_loss", "kd_loss", "kd_topk_loss",
         "mgd_keep_mask", "mgd_loss", "reverse_kl_loss", "simkd_loss", "skew_kl_loss", "topk_log_probs", "tvd_loss",
+        "jeffreys_loss", "triangular_loss",
     ],
     "fastkd.cache": ["CacheError", "TeacherCache", "TeacherCacheWriter", "collate", "from_axolotl", "to_axolotl"],
     "fastkd.distributed": [
         "PER_ROW_FLOATS", "ats_loss", "comm_stats", "count_comm", "dist_loss", "dkd_loss", "jsd_loss", "kd_loss",
-        "reset_comm_stats", "reverse_kl_loss", "skew_kl_loss", "tvd_loss",
+        "reset_comm_stats", "reverse_kl_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss", "triangular_loss",
         # documented knobs and helpers outside __all__
         "CHUNK_MAX", "CHUNK_MIN_ROWS", "CommStats", "SHARD_KERNELS", "fused_linear_row_op", "shard_kernels",
     ],

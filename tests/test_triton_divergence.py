@@ -42,6 +42,8 @@ DIVERGENCES = [
     ("skew_kl", 0, R.divergence_coefficients("skew_kl", skew=0.1)),
     ("skew_rkl", 0, R.divergence_coefficients("skew_kl", skew=0.1, reverse=True)),
     ("tvd", 1, (0.0, 0.0, 0.0, 1.0)),
+    ("jeffreys", 2, (1.0, 1.0, 0.0, 0.0)),
+    ("triangular", 3, (0.0, 0.0, 0.0, 0.0)),
 ]
 FORWARD_KL = R.divergence_coefficients("forward_kl")
 
@@ -174,7 +176,7 @@ def test_skipped_rows_are_not_read(narrow_blocks):
 
 
 @pytest.mark.parametrize("name,kind,coef", [d for d in DIVERGENCES if d[0] in ("jsd0.5", "skew_kl", "skew_rkl",
-                                                                                   "tvd", "jsd0.9")],
+                                                                                   "tvd", "jsd0.9", "triangular")],
                          ids=lambda x: x if isinstance(x, str) else "")
 def test_confident_masked_and_tiny_log_probs(narrow_blocks, name, kind, coef):
     """Gap-100 rows, -inf logits on either side, log-probs below -104 (Liger's JSD NaN): finite, as float64."""
@@ -227,7 +229,8 @@ def test_non_contiguous_inputs(narrow_blocks):
 # ----------------------------------------------------------------------------
 
 TOPK_DIVERGENCES = [("forward_kl", 0, FORWARD_KL)] + [d for d in DIVERGENCES if d[0] in
-                                                       ("reverse_kl", "jsd0.5", "skew_kl", "skew_rkl", "tvd")]
+                                                       ("reverse_kl", "jsd0.5", "skew_kl", "skew_rkl", "tvd",
+                                                        "jeffreys", "triangular")]
 
 
 @pytest.mark.parametrize("mode", [1, 2], ids=["tail", "renormalize"])

@@ -361,11 +361,13 @@ DivRowOut dense_row(const DivCall& c, const float* s, const float* t, int64_t g,
   r.m1 = st_1.m, r.l1 = g >= 0 ? div_lse_log(st_1) : 0.0f;
   // the CE gradient rides along the last pass: from the kept exps at T = 1, 2, 3, 4, else one exp
   const int ce1 = (g < 0 || c.ce_weight == 0.0f) ? kCE1None : (pw == 1 ? kCE1Same : (pw ? kCE1Pow : kCE1Exp));
-  float* g_row = (gs && cross == kCrossNone && d.kind == kDivKL) ? sized(sc.g_row, V) : nullptr;
+  float* g_row = (gs && cross == kCrossNone && d.kind != kDivTVD) ? sized(sc.g_row, V) : nullptr;
   float soft;
 #define FASTKD_DIV_ROW(KIND, MIX, FORM) \
   dense_passes_any<KIND, MIX, FORM>(c, s, t, r, chunk_max, kept_s, kept_t, gs, gt, g_row, soft_known, ce1)
   if (d.kind == kDivTVD) soft = FASTKD_DIV_ROW(kDivTVD, kMixBoth, kFormGeneral);
+  else if (d.kind == kDivJeffreys) soft = FASTKD_DIV_ROW(kDivJeffreys, kMixBoth, kFormGeneral);
+  else if (d.kind == kDivTriangular) soft = FASTKD_DIV_ROW(kDivTriangular, kMixBoth, kFormGeneral);
   else if (d.mix == kMixQ) soft = FASTKD_DIV_ROW(kDivKL, kMixQ, kFormGeneral);
   else if (d.mix == kMixP) soft = FASTKD_DIV_ROW(kDivKL, kMixP, kFormGeneral);
   else if (div_form(d) == kFormProp) soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormProp);
@@ -691,8 +693,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
     const at::Tensor& target, const at::Tensor& row_weight, double temperature, int64_t kind, double a, double b,
     double w_p, double w_q, double soft_scale, double ce_weight, int64_t topk_mode, bool reduce, bool grad_student,
     bool grad_teacher) {
-  TORCH_CHECK_VALUE(kind == kDivKL || kind == kDivTVD, "fastkd: divergence_fwd kind must be 0 (KL family) or 1 (TVD), got ",
-                    kind);
+  TORCH_CHECK_VALUE(kind >= kDivKL && kind <= kDivTriangular,
+                    "fastkd: divergence_fwd kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL) or 3 (triangular), "
+                    "got ", kind);
   TORCH_CHECK_VALUE(topk_mode >= kTopkNone && topk_mode <= kTopkRenorm,
                     "fastkd: divergence_fwd topk_mode must be 0 (dense), 1 (tail) or 2 (renormalise), got ", topk_mode);
   TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "fastkd: temperature must be a finite number > 0, got ",

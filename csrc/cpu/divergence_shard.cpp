@@ -110,8 +110,8 @@ void check_shard_pair(const at::Tensor& student, const at::Tensor& teacher, int6
   check_shard_rows(teacher, "teacher");
   TORCH_CHECK(student.sizes() == teacher.sizes(), "fastkd: student and teacher shapes differ: ", student.sizes(),
               " and ", teacher.sizes());
-  TORCH_CHECK_VALUE(kind == -1 || kind == kDivKL || kind == kDivTVD,
-                    "fastkd: kind must be 0 (KL family) or 1 (TVD), got ", kind);
+  TORCH_CHECK_VALUE(kind >= -1 && kind <= kDivTriangular,
+                    "fastkd: kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL) or 3 (triangular), got ", kind);
 }
 
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
@@ -231,6 +231,8 @@ void terms_row_for(const DivParams& d, int form, const float* s, const float* t,
 #define FASTKD_SHARD_TERMS(KIND, MIX, FORM) terms_row_any<KIND, MIX, FORM>(d, s, t, V, inv_t, st, g, h, out)
   if (d.kind == kDivTVD)  // the gradient comes from the sign masses: no G, H
     terms_row<kDivTVD, kMixBoth, kFormGeneral, false, false>(d, s, t, V, inv_t, st, nullptr, g, h, out);
+  else if (d.kind == kDivJeffreys) FASTKD_SHARD_TERMS(kDivJeffreys, kMixBoth, kFormGeneral);
+  else if (d.kind == kDivTriangular) FASTKD_SHARD_TERMS(kDivTriangular, kMixBoth, kFormGeneral);
   else if (d.mix == kMixQ) FASTKD_SHARD_TERMS(kDivKL, kMixQ, kFormGeneral);
   else if (d.mix == kMixP) FASTKD_SHARD_TERMS(kDivKL, kMixP, kFormGeneral);
   else if (form == kFormProp) FASTKD_SHARD_TERMS(kDivKL, kMixBoth, kFormProp);

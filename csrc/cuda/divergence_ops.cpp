@@ -11,7 +11,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& topk_ids, const at::Tensor& target,
     const at::Tensor& row_weight, double temperature, int64_t kind, double a, double b, double w_p, double w_q,
     double soft_scale, double ce_weight, int64_t topk_mode, bool reduce, bool grad_student, bool grad_teacher) {
-  TORCH_CHECK(kind == 0 || kind == 1, "fastkd: divergence_fwd: kind must be 0 (KL family) or 1 (TVD), got ", kind);
+  TORCH_CHECK(kind >= 0 && kind <= 3,
+              "fastkd: divergence_fwd: kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL) or 3 (triangular), got ",
+              kind);
   TORCH_CHECK(topk_mode >= 0 && topk_mode <= 2,
               "fastkd: divergence_fwd: topk_mode must be 0 (dense teacher), 1 (tail) or 2 (renormalise), got ",
               topk_mode);

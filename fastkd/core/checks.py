@@ -14,7 +14,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # the divergence= names of fused_linear_kd_loss
-FUSED_LINEAR_DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+FUSED_LINEAR_DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "jeffreys", "triangular")
 
 # Value checks (target indices in range, tensor temperatures > 0) must read tensor
 # values on the host. On CPU tensors that is free; on a GPU it would synchronise

@@ -4,8 +4,10 @@ Every KL-type divergence is one formula with four coefficients::
 
     loss = a * KL(p || m) + b * KL(q || m),   m = w_p * p + w_q * q
 
-which the fused kernels implement once (``fastkd::divergence_fwd``); TVD is its own
-kind. The integer codes below are the op's ``kind`` and ``topk_mode`` arguments.
+which the fused kernels implement once (``fastkd::divergence_fwd``); TVD, the two-sided KL
+(Jeffreys: ``a KL(p || q) + b KL(q || p)``) and the triangular discrimination are kinds of their
+own. The integer codes below are the op's ``kind`` and ``topk_mode`` arguments;
+``divergence_op_args`` maps a divergence's name and parameters to ``(kind, a, b, w_p, w_q)``.
 ``check_divergence_args`` is the argument check every divergence makes, on every
 backend (the reference and the fused path call it once per call).
 """
@@ -16,8 +18,8 @@ from . import checks as v
 from .rows import read_rows
 from .topk import TopKTeacher
 
-__all__ = ["LossParts", "KIND_CODES", "TOPK_MODE_CODES", "divergence_coefficients", "check_divergence_args",
-           "check_divergence_params"]
+__all__ = ["LossParts", "KIND_CODES", "TOPK_MODE_CODES", "divergence_coefficients", "divergence_op_args",
+           "check_divergence_args", "check_divergence_params"]
 
 LossParts = namedtuple("LossParts", ["loss", "soft", "hard"])
 LossParts.__doc__ = """``return_parts=True`` result: ``loss`` (differentiable) = ``soft + ce_weight * hard``;
@@ -25,9 +27,8 @@ LossParts.__doc__ = """``return_parts=True`` result: ``loss`` (differentiable) =
 target) are detached, in the loss's dtype (float32; float64 for float64 inputs)."""
 
 # Integer codes of the op's ``kind`` and ``topk_mode`` arguments.
-KIND_CODES = {"kl_family": 0, "tvd": 1}
+KIND_CODES = {"kl_family": 0, "tvd": 1, "jeffreys": 2, "triangular": 3}
 TOPK_MODE_CODES = {None: 0, "tail": 1, "renormalize": 2}
-
 
 
 def divergence_coefficients(kind: str, beta: float = 0.5, skew: float = 0.1,
@@ -50,6 +51,22 @@ def divergence_coefficients(kind: str, beta: float = 0.5, skew: float = 0.1,
     if kind == "skew_kl":
         return (0.0, 1.0, 1.0 - skew, skew) if reverse else (1.0, 0.0, skew, 1.0 - skew)
     raise ValueError(f"unknown divergence kind {kind!r}")
+
+
+def divergence_op_args(kind: str, **params) -> Tuple[int, float, float, float, float]:
+    """``(kind code, a, b, w_p, w_q)`` of ``divergence_fwd`` for the divergence ``kind`` (a name).
+
+    "tvd" and "triangular" take no coefficients; "jeffreys" is the two-sided KL with
+    ``a = b = 1``; "ce" is the cross-entropy alone (``a = b = 0``); the KL family's names
+    are those of ``divergence_coefficients``.
+    """
+    if kind in ("tvd", "triangular"):
+        return KIND_CODES[kind], 0.0, 0.0, 0.0, 0.0
+    if kind == "jeffreys":
+        return KIND_CODES["jeffreys"], 1.0, 1.0, 0.0, 0.0
+    if kind == "ce":
+        return KIND_CODES["kl_family"], 0.0, 0.0, 0.0, 1.0
+    return (KIND_CODES["kl_family"], *divergence_coefficients(kind, **params))
 
 
 def check_divergence_args(student, teacher, temperature, reduction, target, ignore_index, sample_weight,

@@ -28,6 +28,8 @@ LOSS_OPS = {
     "jsd": ("divergence_fwd",),
     "skew_kl": ("divergence_fwd",),
     "tvd": ("divergence_fwd",),
+    "jeffreys": ("divergence_fwd",),
+    "triangular": ("divergence_fwd",),
     "kd_topk": ("divergence_fwd",),
     "fused_linear_kd": ("divergence_fwd",),  # fastkd/losses/fused_linear.py: the row op on each chunk
     # a loss with ce_weight / return_parts: the cross-entropy comes from divergence_fwd

@@ -11,7 +11,8 @@ Two kinds of parallelism, one keyword (``process_group``):
   single-process loss over the concatenated vocabulary, on every rank, and each
   rank's gradient is the matching slice of the single-process gradient.
   Functions: ``kd_loss``, ``reverse_kl_loss``, ``jsd_loss``, ``skew_kl_loss``,
-  ``tvd_loss`` (all with ``ce_weight``, ``return_parts`` and a ``TopKTeacher``),
+  ``tvd_loss``, ``jeffreys_loss``, ``triangular_loss`` (all with ``ce_weight``, ``return_parts`` and a
+  ``TopKTeacher``),
   ``dkd_loss``, ``ats_loss`` (with ``ce_weight`` and ``return_parts``).
 * **Data parallel** (``dist_loss``): rows are sharded (any count per rank, 0
   included), classes are not; the intra-class Pearson term is taken over the
@@ -83,14 +84,15 @@ import types
 from . import settings
 from .classification import ats_loss, dist_loss, dkd_loss
 from .comm import PER_ROW_FLOATS, CommStats, comm_stats, count_comm, reset_comm_stats  # noqa: F401
-from .divergence import forward_kl_loss, jsd_loss, kd_loss, reverse_kl_loss, skew_kl_loss, tvd_loss
+from .divergence import (forward_kl_loss, jeffreys_loss, jsd_loss, kd_loss, reverse_kl_loss, skew_kl_loss,
+                         triangular_loss, tvd_loss)
 from .fused_linear import fused_linear_row_op  # noqa: F401  (the sharded fused head's row op)
 from .settings import CHUNK_MAX, CHUNK_MIN_ROWS, SHARD_KERNELS  # noqa: F401  (the knobs)
 from .shard_kernels import shard_kernels  # noqa: F401
 
 __all__ = [
-    "kd_loss", "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "dkd_loss", "ats_loss",
-    "dist_loss", "comm_stats", "reset_comm_stats", "count_comm", "PER_ROW_FLOATS",
+    "kd_loss", "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss",
+    "triangular_loss", "dkd_loss", "ats_loss", "dist_loss", "comm_stats", "reset_comm_stats", "count_comm", "PER_ROW_FLOATS",
 ]
 
 

@@ -1,6 +1,7 @@
 """Vocabulary parallel: the divergences (dense and top-k teachers), with the cross-entropy.
 
-Public: ``kd_loss``, ``reverse_kl_loss``, ``jsd_loss``, ``skew_kl_loss``, ``tvd_loss`` (the
+Public: ``kd_loss``, ``reverse_kl_loss``, ``jsd_loss``, ``skew_kl_loss``, ``tvd_loss``, ``jeffreys_loss``,
+``triangular_loss`` (the
 signatures of ``fastkd.*`` plus ``process_group``). The row math is ``divergence_rows``: three
 all-reduces of per-row numbers per row chunk (``fastkd.distributed``'s docstring).
 """
@@ -11,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..core import checks as v
-from ..core.divergence import LossParts, check_divergence_params, divergence_coefficients
+from ..core.divergence import KIND_CODES, LossParts, check_divergence_params, divergence_op_args
 from ..core.rows import compute_dtype, read_rows
 from ..core.topk import PAD_ID, TopKTeacher
 from ..reference import divergence as R
@@ -205,7 +206,7 @@ def divergence_rows(c, s, t, ids, tgt, read, weight, equal, temp=None, out=(None
         soft, grad_a, grad_b = _tvd_rows(b - sums[1].log().unsqueeze(1), lq, need_s, need_t, process_group)
     elif not topk:
         lp = b - sums[1].log().unsqueeze(1)
-        if divergence_coefficients(kind, **params) == (1.0, 0.0, 0.0, 1.0):
+        if divergence_op_args(kind, **params) == (KIND_CODES["kl_family"], 1.0, 0.0, 0.0, 1.0):
             part, g, h = forward_kl_and_grads(lp, lq, need_t or need_temp)  # KD's forward KL: closed form
         else:
             part, g, h = soft_and_grads(lambda lp_, lq_: R.soft_rows(lp_, lq_, kind, **params), lp, lq,
@@ -385,3 +386,19 @@ def tvd_loss(student_logits, teacher_logits: Teacher, *, process_group, temperat
     """``fastkd.tvd_loss`` over a vocabulary-sharded process group."""
     return _divergence(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
                        sample_weight, ce_weight, return_parts, process_group, "tvd")
+
+
+def jeffreys_loss(student_logits, teacher_logits: Teacher, *, process_group, temperature=1.0,
+                  reduction="batchmean", target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0,
+                  return_parts=False):
+    """``fastkd.jeffreys_loss`` over a vocabulary-sharded process group."""
+    return _divergence(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
+                       sample_weight, ce_weight, return_parts, process_group, "jeffreys")
+
+
+def triangular_loss(student_logits, teacher_logits: Teacher, *, process_group, temperature=1.0,
+                    reduction="batchmean", target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0,
+                    return_parts=False):
+    """``fastkd.triangular_loss`` over a vocabulary-sharded process group."""
+    return _divergence(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
+                       sample_weight, ce_weight, return_parts, process_group, "triangular")

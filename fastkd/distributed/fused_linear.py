@@ -22,6 +22,8 @@ _FUSED_LINEAR_KINDS = {
     "skew_kl": ("skew_kl", None),  # params: skew, reverse=False
     "skew_reverse_kl": ("skew_kl", None),  # params: skew, reverse=True
     "tvd": ("tvd", {}),
+    "jeffreys": ("jeffreys", {}),
+    "triangular": ("triangular", {}),
 }
 
 

@@ -4,7 +4,7 @@ math): which run, and the three passes around the collectives (``docs/design.md`
 import torch
 import torch.distributed as dist
 
-from ..core.divergence import KIND_CODES, divergence_coefficients
+from ..core.divergence import KIND_CODES, divergence_op_args
 from ..dispatch import ops
 from . import settings
 from .comm import all_reduce
@@ -86,10 +86,7 @@ def divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
     nan_rows = ~((l_s > float("-inf")) & (l_t > float("-inf")))
     nan_rows = nan_rows if read is None else nan_rows & read
 
-    if c.kind == "tvd":
-        code, a, b, w_p, w_q = KIND_CODES["tvd"], 0.0, 0.0, 0.0, 0.0
-    else:
-        code, (a, b, w_p, w_q) = KIND_CODES["kl_family"], divergence_coefficients(c.kind, **c.params)
+    code, a, b, w_p, w_q = divergence_op_args(c.kind, **c.params)
     row_stats = torch.stack([big_s, l_s, big_t, l_t, l_1], dim=1)
     tvd = c.kind == "tvd"
     zeros = torch.zeros(n, dtype=f32, device=dev)
@@ -101,7 +98,7 @@ def divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
     ce = weight * c.ce_weight if use_ce and c.ce_weight != 0 and c.need_s else zeros
     # forward KL (w_p = 0): sum G = -(a + b) is known, so the terms pass writes the student's gradient and
     # the grad pass is skipped (with a teacher gradient it runs anyway, for both)
-    direct_s = c.need_s and not c.need_t and not tvd and w_p == 0.0
+    direct_s = c.need_s and not c.need_t and code == KIND_CODES["kl_family"] and w_p == 0.0
 
     def buffer(want, given, x):  # the caller's gradient rows, else a new one in x's dtype ([0]: not wanted)
         if not want:

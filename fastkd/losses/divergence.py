@@ -1,4 +1,4 @@
-"""The language-model divergences: forward and reverse KL, generalised JSD, skew KL, TVD.
+"""The language-model divergences: forward and reverse KL, generalised JSD, skew KL, TVD, Jeffreys, triangular.
 
 Public functionals (re-exported as ``fastkd.*`` and ``fastkd.functional.*``)::
 
@@ -8,6 +8,8 @@ Public functionals (re-exported as ``fastkd.*`` and ``fastkd.functional.*``)::
     jsd_loss(s, t, *, beta=0.5, ...same...)
     skew_kl_loss(s, t, *, skew=0.1, reverse=False, ...same...)
     tvd_loss(s, t, *, ...same...)
+    jeffreys_loss(s, t, *, ...same...)
+    triangular_loss(s, t, *, ...same...)
 
 ``t`` is dense teacher logits or a ``fastkd.TopKTeacher``. With
 ``p = softmax(t / T)`` (teacher), ``q = softmax(s / T)`` (student), per row
@@ -28,19 +30,19 @@ import torch
 from ..core import checks as v
 from ..core.checks import BACKENDS, check_constant_weight
 from ..core.divergence import (
-    KIND_CODES,
     TOPK_MODE_CODES,
     LossParts,
     check_divergence_args,
     check_divergence_params,
-    divergence_coefficients,
+    divergence_op_args,
 )
 from ..core.rows import GappedRows, from_gapped, gapped_period, row_view, row_weights, to_gapped, wants_grad
 from ..core.topk import PAD_ID, TopKTeacher
 from ..dispatch.backend import implementation, resolve
 from ..reference import divergence as R
 
-__all__ = ["forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "LossParts", "TopKTeacher"]
+__all__ = ["forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss",
+           "triangular_loss", "LossParts", "TopKTeacher"]
 
 Teacher = Union[torch.Tensor, TopKTeacher]
 
@@ -74,12 +76,7 @@ def fused_call(name: str, student, teacher: Teacher, *, temperature: float, redu
         t, ids = GappedRows.apply(teacher, period), _NO_IDS.to(s.device)
     else:
         t, ids = row_view(teacher, strided), _NO_IDS.to(s.device)
-    if kind == "tvd":
-        code, coefficients = KIND_CODES["tvd"], (0.0, 0.0, 0.0, 0.0)
-    elif kind == "ce":
-        code, coefficients = KIND_CODES["kl_family"], (0.0, 0.0, 0.0, 1.0)
-    else:
-        code, coefficients = KIND_CODES["kl_family"], divergence_coefficients(kind, **params)
+    code, *coefficients = divergence_op_args(kind, **params)
     # The target costs a second log-sum-exp (T = 1): passed only when the CE is wanted.
     wants_ce = target is not None and (ce_weight != 0 or return_parts)
     tgt = per_row(target.reshape(lead).to(torch.int64), 0).contiguous() if wants_ce else _NO_IDS.to(s.device)
@@ -274,6 +271,48 @@ def tvd_loss(
                             teacher_vocab)
 
 
+def jeffreys_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: Teacher,
+    *,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    target: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    sample_weight: Optional[torch.Tensor] = None,
+    ce_weight: float = 0.0,
+    return_parts: bool = False,
+    teacher_vocab: str = "truncate",
+    process_group=None,
+    backend: str = "auto",
+):
+    params = {}
+    return _divergence_loss("jeffreys", params, student_logits, teacher_logits, temperature, reduction, target,
+                            ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
+                            teacher_vocab)
+
+
+def triangular_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: Teacher,
+    *,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    target: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    sample_weight: Optional[torch.Tensor] = None,
+    ce_weight: float = 0.0,
+    return_parts: bool = False,
+    teacher_vocab: str = "truncate",
+    process_group=None,
+    backend: str = "auto",
+):
+    params = {}
+    return _divergence_loss("triangular", params, student_logits, teacher_logits, temperature, reduction, target,
+                            ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
+                            teacher_vocab)
+
+
 def kd_topk_loss(student_logits, teacher: TopKTeacher, temperature=4.0, *, reduction="batchmean", target=None,
                  ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False, backend="auto"):
     """``fastkd.kd_loss`` with a ``TopKTeacher`` (it routes here): ``T^2 * KL(p || q)`` over the buckets.
@@ -384,4 +423,29 @@ tvd_loss.__doc__ = """Total variation distance, per row ``0.5 * sum_c |p_c - q_c
 
     Liger's ``LigerTVDLoss`` takes probabilities; this takes logits. Where
     ``p_c == q_c`` the subgradient used is 0.
+""" + _DETAIL
+
+jeffreys_loss.__doc__ = """Jeffreys divergence (the symmetrised KL), per row::
+
+        KL(p || q) + KL(q || p) = sum_c (p_c - q_c) (log p_c - log q_c)
+
+    Both mode covering and mode seeking (orda-kernel's Jeffreys). A class that one net
+    masks (probability 0) while the other gives it mass makes the loss +inf, as either KL
+    is; classes both nets mask add exactly 0. Gradient (``l = log``, ``x = s / T``):
+    ``dL/dx_c = (q_c - p_c) + q_c (l q_c - l p_c - KL(q || p))``, the teacher's the same
+    with p and q swapped. Two passes over the row would do (both KLs are cross terms of
+    the statistics pass); the fused kernels take three, as JSD (README, "passes").
+""" + _DETAIL
+
+triangular_loss.__doc__ = """Triangular discrimination (Le Cam), per row::
+
+        sum_c (p_c - q_c)^2 / (p_c + q_c)
+
+    A symmetric, bounded (``[0, 2]``) divergence: ``2 (1 - sum 2 p q / (p + q))``, within a
+    factor 2 of the squared Hellinger distance. Classes with ``p_c + q_c = 0`` (both nets
+    mask them) add exactly 0. Evaluated as ``(p - q) d``, ``d = (p - q) / (p + q)`` in
+    ``[-1, 1]``, so tiny probabilities neither underflow to 0 / 0 nor lose digits.
+    Gradient (``x = s / T``): ``dL/dx_c = G_c - q_c sum G`` with ``G_c = -4 q_c v_c^2``,
+    ``v = p / (p + q)`` (the derivative of the ``-4 p q / (p + q)`` part: no cancellation on
+    peaked rows); teacher ``H_c = -4 p_c u_c^2``, ``u = q / (p + q)``.
 """ + _DETAIL

@@ -42,7 +42,7 @@ import torch
 from ..core import checks as v
 from ..core.autograd import scale_stored_grad
 from ..core.checks import FUSED_LINEAR_DIVERGENCES
-from ..core.divergence import KIND_CODES, TOPK_MODE_CODES, LossParts, divergence_coefficients
+from ..core.divergence import KIND_CODES, TOPK_MODE_CODES, LossParts, divergence_coefficients, divergence_op_args
 from ..core.rows import read_rows, row_weights
 from ..core.topk import TopKTeacher
 from ..dispatch.backend import implementation, resolve, unavailable_reason
@@ -233,8 +233,8 @@ class _FusedLinearFunction(torch.autograd.Function):
 
 def _divergence_params(divergence: str, temperature: float, beta: float, skew: float):
     """``(kind, a, b, w_p, w_q, soft_scale)`` of ``divergence_fwd`` for ``divergence``."""
-    if divergence == "tvd":
-        return KIND_CODES["tvd"], 0.0, 0.0, 0.0, 0.0, 1.0
+    if divergence in ("tvd", "jeffreys", "triangular"):
+        return (*divergence_op_args(divergence), 1.0)
     if divergence == "kl":  # kd_loss: Hinton's T^2
         return (KIND_CODES["kl_family"], *divergence_coefficients("forward_kl"), float(temperature) ** 2)
     if divergence == "reverse_kl":
@@ -467,8 +467,8 @@ fused_linear_kd_loss.__doc__ = """The LM head and a distillation loss in one op;
         loss = divergence(s, t, ...)
 
     ``divergence``: ``"kl"`` (``fastkd.kd_loss``: ``T^2 KL(p || q)``), ``"reverse_kl"``,
-    ``"jsd"`` (``beta``), ``"skew_kl"`` / ``"skew_reverse_kl"`` (``skew``), ``"tvd"``
-    (``fastkd.reverse_kl_loss`` etc.: no ``T^2``). ``ce_weight`` adds
+    ``"jsd"`` (``beta``), ``"skew_kl"`` / ``"skew_reverse_kl"`` (``skew``), ``"tvd"``, ``"jeffreys"``,
+    ``"triangular"`` (``fastkd.reverse_kl_loss``, ``fastkd.jeffreys_loss`` etc.: no ``T^2``). ``ce_weight`` adds
     ``ce_weight * cross_entropy(s, target)`` at T = 1; ``return_parts=True`` returns
     ``LossParts(loss, soft, hard)`` (``hard``: the row-weighted CE, 0 without ``target``).
 

@@ -3,16 +3,18 @@
 By family: ``classification`` (``KDLoss``, ``DKDLoss`` with mdistiller's warm-up, ``ATSLoss``,
 ``DISTLoss``; the feature methods ``MGDLoss`` and ``SimKD``, which own their layers), ``ctkd``
 (curriculum temperature: ``LearnableTemperature``, ``GradientReversal``, ``CosineCurriculum``),
-``divergence`` (``ForwardKLLoss``, ``ReverseKLLoss``, ``JSDLoss``, ``SkewKLLoss``, ``TVDLoss``) and ``fused_linear``
+``divergence`` (``ForwardKLLoss``, ``ReverseKLLoss``, ``JSDLoss``, ``SkewKLLoss``, ``TVDLoss``, ``JeffreysLoss``,
+``TriangularLoss``) and ``fused_linear``
 (``FusedLinearKDLoss``, the LM head fused with the loss); ``base.RowLoss`` holds the row options
 they share. Formulas and semantics: ``docs/methods.md`` and each functional's docstring.
 """
 from .classification import ATSLoss, DISTLoss, DKDLoss, KDLoss, MGDLoss, SimKD
 from .ctkd import CosineCurriculum, GradientReversal, LearnableTemperature
-from .divergence import ForwardKLLoss, JSDLoss, ReverseKLLoss, SkewKLLoss, TVDLoss
+from .divergence import ForwardKLLoss, JeffreysLoss, JSDLoss, ReverseKLLoss, SkewKLLoss, TriangularLoss, TVDLoss
 from .fused_linear import FusedLinearKDLoss
 
 __all__ = [
     "KDLoss", "DKDLoss", "ATSLoss", "DISTLoss", "MGDLoss", "SimKD", "GradientReversal", "CosineCurriculum",
-    "LearnableTemperature", "ForwardKLLoss", "ReverseKLLoss", "JSDLoss", "SkewKLLoss", "TVDLoss", "FusedLinearKDLoss",
+    "LearnableTemperature", "ForwardKLLoss", "ReverseKLLoss", "JSDLoss", "SkewKLLoss", "TVDLoss", "JeffreysLoss",
+    "TriangularLoss", "FusedLinearKDLoss",
 ]

@@ -1,5 +1,5 @@
 """Modules of the language-model divergences: ``ForwardKLLoss``, ``ReverseKLLoss``, ``JSDLoss``, ``SkewKLLoss``,
-``TVDLoss`` (the keyword arguments at construction, ``teacher_vocab`` included; ``teacher_logits`` may
+``TVDLoss``, ``JeffreysLoss``, ``TriangularLoss`` (the keyword arguments at construction, ``teacher_vocab`` included; ``teacher_logits`` may
 be a ``TopKTeacher``).
 """
 from typing import Optional
@@ -109,4 +109,25 @@ class TVDLoss(_DivergenceLoss):
                  ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
                  process_group=None, teacher_vocab: str = "truncate"):
         super().__init__(functional.tvd_loss, {}, temperature, reduction, ignore_index, ce_weight,
+                         return_parts, backend, process_group, teacher_vocab)
+
+
+class JeffreysLoss(_DivergenceLoss):
+    """Jeffreys divergence ``KL(p || q) + KL(q || p)`` per row. No ``T^2`` factor. See ``fastkd.jeffreys_loss``."""
+
+    def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
+                 ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
+                 process_group=None, teacher_vocab: str = "truncate"):
+        super().__init__(functional.jeffreys_loss, {}, temperature, reduction, ignore_index, ce_weight,
+                         return_parts, backend, process_group, teacher_vocab)
+
+
+class TriangularLoss(_DivergenceLoss):
+    """Triangular discrimination ``sum (p - q)^2 / (p + q)`` per row. No ``T^2`` factor. See
+    ``fastkd.triangular_loss``."""
+
+    def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
+                 ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
+                 process_group=None, teacher_vocab: str = "truncate"):
+        super().__init__(functional.triangular_loss, {}, temperature, reduction, ignore_index, ce_weight,
                          return_parts, backend, process_group, teacher_vocab)

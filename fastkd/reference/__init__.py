@@ -23,15 +23,18 @@ from .classification import (
 from .divergence import (
     LossParts,
     forward_kl_loss,
+    jeffreys_loss,
     jsd_loss,
     kd_topk_loss,
     reverse_kl_loss,
     skew_kl_loss,
     topk_log_probs,
+    triangular_loss,
     tvd_loss,
 )
 
 __all__ = [
     "kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "mgd_keep_mask", "simkd_loss", "ipw_weights",
-    "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "kd_topk_loss", "topk_log_probs", "LossParts",
+    "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss",
+    "triangular_loss", "kd_topk_loss", "topk_log_probs", "LossParts",
 ]

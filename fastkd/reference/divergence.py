@@ -11,6 +11,8 @@ both ``softmax(logits / T)`` over the vocabulary (or over top-k buckets, see
 * ``skew_kl_loss``: ``KL(p || skew p + (1 - skew) q)``, or with ``reverse=True``
   ``KL(q || (1 - skew) p + skew q)`` (DistiLLM)
 * ``tvd_loss``: ``0.5 sum |p - q|``
+* ``jeffreys_loss``: ``KL(p || q) + KL(q || p)``
+* ``triangular_loss``: ``sum (p - q)^2 / (p + q)`` (terms with ``p + q = 0`` add 0)
 * ``kd_topk_loss``: ``T^2 KL(p || q)`` against a ``TopKTeacher`` (``kd_loss``'s formula)
 
 Every KL-type divergence here is one formula with four coefficients (the
@@ -58,6 +60,8 @@ __all__ = [
     "jsd_loss",
     "skew_kl_loss",
     "tvd_loss",
+    "jeffreys_loss",
+    "triangular_loss",
     "kd_topk_loss",
     "topk_log_probs",
     "divergence_fwd",
@@ -98,11 +102,34 @@ def soft_rows(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, **params) -> 
     """Per-row divergence ``[N]`` between teacher ``log_p`` and student ``log_q`` (``[N, buckets]``)."""
     if kind == "tvd":
         return tvd_rows(log_p, log_q)
+    if kind == "jeffreys":
+        return two_sided_kl_rows(log_p, log_q, 1.0, 1.0)
+    if kind == "triangular":
+        return triangular_rows(log_p, log_q)
     return kl_family_rows(log_p, log_q, *divergence_coefficients(kind, **params))
 
 
 def tvd_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=1)
+
+
+def two_sided_kl_rows(log_p, log_q, a: float, b: float) -> torch.Tensor:
+    """``a KL(p || q) + b KL(q || p)`` per row (Jeffreys: ``a = b = 1``); a coefficient of 0 drops its KL."""
+    loss = torch.zeros(log_p.shape[0], dtype=log_p.dtype, device=log_p.device)
+    if a != 0:
+        loss = loss + a * kl_terms(log_p, log_q).sum(dim=1)
+    if b != 0:
+        loss = loss + b * kl_terms(log_q, log_p).sum(dim=1)
+    return loss
+
+
+def triangular_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``sum (p - q)^2 / (p + q)`` per row; a class with ``p + q = 0`` adds exactly 0 (value and gradient)."""
+    p, q = log_p.exp(), log_q.exp()
+    total = p + q
+    empty = total == 0  # == 0, not > 0: a NaN probability stays NaN
+    safe = torch.where(empty, torch.ones((), dtype=p.dtype, device=p.device), total)
+    return torch.where(empty, torch.zeros((), dtype=p.dtype, device=p.device), (p - q) ** 2 / safe).sum(dim=1)
 
 
 def kl_family_rows(log_p, log_q, a: float, b: float, w_p: float, w_q: float) -> torch.Tensor:
@@ -273,6 +300,10 @@ def divergence_fwd(student, teacher, topk_ids, target, row_weight, temperature: 
             log_p, log_q = topk_log_probs(x, ids, t_read, "tail" if topk_mode == 1 else "renormalize")
         if kind == KIND_CODES["tvd"]:
             soft = tvd_rows(log_p, log_q)
+        elif kind == KIND_CODES["jeffreys"]:
+            soft = two_sided_kl_rows(log_p, log_q, a, b)
+        elif kind == KIND_CODES["triangular"]:
+            soft = triangular_rows(log_p, log_q)
         else:
             soft = kl_family_rows(log_p, log_q, a, b, w_p, w_q)
         hard = torch.zeros_like(soft)
@@ -355,6 +386,18 @@ def tvd_loss(student_logits, teacher_logits: Teacher, *, temperature=1.0, reduct
                     sample_weight, ce_weight, return_parts)
 
 
+def jeffreys_loss(student_logits, teacher_logits: Teacher, *, temperature=1.0, reduction="batchmean", target=None,
+                  ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False):
+    return _checked("jeffreys", {}, student_logits, teacher_logits, temperature, reduction, target, ignore_index,
+                    sample_weight, ce_weight, return_parts)
+
+
+def triangular_loss(student_logits, teacher_logits: Teacher, *, temperature=1.0, reduction="batchmean", target=None,
+                    ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False):
+    return _checked("triangular", {}, student_logits, teacher_logits, temperature, reduction, target, ignore_index,
+                    sample_weight, ce_weight, return_parts)
+
+
 def kd_topk_loss(student_logits, teacher: TopKTeacher, temperature=4.0, *, reduction="batchmean", target=None,
                  ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False):
     """``kd_loss`` against a ``TopKTeacher``: ``T^2 * KL(p || q)`` over its buckets.
@@ -385,4 +428,9 @@ skew_kl_loss.__doc__ = """Skew KL (DistiLLM): ``KL(p || skew p + (1 - skew) q)``
     returns ``-sum p log m`` (no teacher entropy; same gradient, value larger by H(p)).
 """ + _COMMON_DOC
 tvd_loss.__doc__ = """Total variation distance ``0.5 * sum |p - q|`` per row (DistiLLM).
+""" + _COMMON_DOC
+jeffreys_loss.__doc__ = """Jeffreys divergence ``KL(p || q) + KL(q || p)`` per row (the symmetrised KL).
+""" + _COMMON_DOC
+triangular_loss.__doc__ = """Triangular discrimination ``sum_c (p_c - q_c)^2 / (p_c + q_c)`` per row (classes with
+    ``p_c + q_c = 0`` add exactly 0).
 """ + _COMMON_DOC

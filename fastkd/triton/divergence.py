@@ -7,6 +7,8 @@ top-k buckets), ``l = log``:
 
     kind 0:  soft = a KL(p || m) + b KL(q || m),   m = w_p p + w_q q
     kind 1:  soft = 0.5 sum |p - q|                               (TVD)
+    kind 2:  soft = a KL(p || q) + b KL(q || p)                   (Jeffreys: a = b = 1)
+    kind 3:  soft = sum (p - q)^2 / (p + q)                       (triangular)
     hard = lse(s) - s[target]                                     (T = 1)
     loss = w (soft_scale soft + ce_weight hard)
 
@@ -63,7 +65,7 @@ NEG_INF = tl.constexpr(float("-inf"))
 ID_SENTINEL = 2 ** 62
 _ID_SENTINEL = tl.constexpr(ID_SENTINEL)
 
-KIND_KL, KIND_TVD = 0, 1
+KIND_KL, KIND_TVD, KIND_JEFFREYS, KIND_TRIANGULAR = 0, 1, 2, 3
 TOPK_NONE, TOPK_TAIL, TOPK_RENORM = 0, 1, 2
 
 
@@ -311,8 +313,10 @@ def _div_topk_kernel(
             # d/dlp [a p (l p - l m)], which that move cancels; an empty (clamped) tail does not
             # move, so the a p_k stays: H_k + a p_k (TVD's H is the whole derivative).
             p_tail = tl.exp(lp_tail)
-            if KIND == 1:
+            if KIND == 1:  # TVD: H is the whole derivative
                 empty_tail = 0.0
+            elif KIND == 3:  # triangular: H drops p
+                empty_tail = -1.0
             else:
                 empty_tail = -a
             ratio = tl.where(p_tail == 0.0, empty_tail, h_n / tl.where(p_tail == 0.0, 1.0, p_tail))
@@ -392,8 +396,9 @@ def dense_sums_known(kind, w_p, w_q, grad_student, grad_teacher):
 
 def _check(student, teacher, topk_ids, target, row_weight, temperature, kind, ce_weight, topk_mode):
     """Shape, dtype and option checks that need no device read (the values are the Python layer's)."""
-    if kind not in (KIND_KL, KIND_TVD):
-        raise ValueError(f"fastkd: divergence_fwd kind must be 0 (KL family) or 1 (TVD), got {kind}")
+    if kind not in (KIND_KL, KIND_TVD, KIND_JEFFREYS, KIND_TRIANGULAR):
+        raise ValueError(f"fastkd: divergence_fwd kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL) or "
+                         f"3 (triangular), got {kind}")
     if topk_mode not in (TOPK_NONE, TOPK_TAIL, TOPK_RENORM):
         raise ValueError(f"fastkd: divergence_fwd topk_mode must be 0 (dense), 1 (tail) or 2 (renormalise), "
                          f"got {topk_mode}")

@@ -23,6 +23,23 @@ def _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND: tl.constexpr):
         sgn = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))  # sign(p - q), sign(0) = 0
         g = -0.5 * q * sgn
         h = 0.5 * p * sgn
+    elif KIND == 2:  # two-sided KL a KL(p || q) + b KL(q || p) (Jeffreys: a = b = 1); G drops + b q, H + a p
+        delta = lp - lq  # +-inf or NaN where a probability is 0: that side's term is selected away
+        kl_p = tl.where((p == 0.0) | (a == 0.0), 0.0, a * p * delta)
+        kl_q = tl.where((q == 0.0) | (b == 0.0), 0.0, -b * q * delta)
+        soft = kl_p + kl_q
+        g = kl_q - a * p
+        h = kl_p - b * q
+    elif KIND == 3:  # triangular (p - q)^2 / (p + q): d = (p - q) / (p + q), u = q / (p + q), v = p / (p + q)
+        total = p + q
+        safe = tl.where(total == 0.0, 1.0, total)  # NaN stays NaN; divisions: 1 / total overflows when subnormal
+        dd = (p - q) / safe
+        u = q / safe
+        v = p / safe
+        soft = (p - q) * dd
+        # the derivatives of -4pq / (p + q) (of the exact ones less q and p: those cancel on peaked rows)
+        g = -4.0 * q * v * v
+        h = -4.0 * p * u * u
     else:
         # log m: exactly log q (w_p == 0) or log p (w_q == 0), else a log-space mixture
         # (no underflow to log 0 for log-probs below -104: Liger's JSD NaN).

@@ -172,7 +172,7 @@ def _shard_grad_kernel(S, T, STATS, COEF, READ, TARGET, G, H, stride_s, stride_t
             t = tl.load(T + row * stride_t + offs, mask=read, other=float("-inf")).to(tl.float32)
             lp = (t - m_t) * inv_temp - l_t
             p = tl.exp(lp)
-        if RECOMPUTE and KIND == 0:  # the buffers hold no G, H (bf16/fp16): the terms pass's math again
+        if RECOMPUTE and KIND != 1:  # the buffers hold no G, H (bf16/fp16): the terms pass's math again
             _, gq, hp = _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND)
         if GRAD_S:
             if KIND == 1:  # TVD: the sign-mass form (G - q sum G cancels on a peaked row's largest class)
