@@ -61,21 +61,20 @@ from fastkd.bench.memory import PeakRSS  # noqa: E402
 from fastkd.nn import FusedLinearKDLoss  # noqa: E402
 from distill_lm import build, encode, stdlib_text, train_tokenizer  # noqa: E402
 
-TEACHER = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=688)
 CONFIGS = {
-    # a few seconds: the test's check that every path runs
+    # a few seconds of training: the test's check that every path runs
     "smoke": dict(text_bytes=120_000, vocab=384, seq=32, batch=4, labelled_rows=1, labelled=0.1,
                   teacher_steps=20, student_steps=6, eval_every=3, seeds=1, reps=2, lr=3e-3,
                   teacher=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128),
                   student=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)),
     "quick": dict(text_bytes=400_000, vocab=768, seq=64, batch=8, labelled_rows=2, labelled=0.05,
-                  teacher_steps=150, student_steps=60, eval_every=20, seeds=1, reps=3, lr=3e-3,
+                  teacher_steps=120, student_steps=60, eval_every=20, seeds=1, reps=3, lr=3e-3,
                   teacher=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=344),
                   student=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=172)),
-    "full": dict(text_bytes=2_000_000, vocab=2048, seq=128, batch=8, labelled_rows=2, labelled=0.05,
-                 teacher_steps=800, student_steps=300, eval_every=50, seeds=3, reps=5, lr=3e-3,
-                 teacher=TEACHER,
-                 student=dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256)),
+    "full": dict(text_bytes=1_500_000, vocab=1024, seq=64, batch=16, labelled_rows=4, labelled=0.05,
+                 teacher_steps=400, student_steps=300, eval_every=50, seeds=3, reps=5, lr=3e-3,
+                 teacher=dict(hidden_size=192, num_hidden_layers=3, num_attention_heads=4, intermediate_size=512),
+                 student=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=172)),
 }
 TEMPERATURE, CE_WEIGHT, TOP_K = 1.0, 1.0, 16
 ALL_LABELS = "CE, all labels"  # the reference: cross-entropy with every training label (no teacher)
@@ -273,8 +272,11 @@ def train_student(method, student, teacher, batches, val, cfg, seed, out_dir):
 # the loss alone: fused vs unfused vs TRL
 # ----------------------------------------------------------------------------
 
-def bench_losses(rows: int, h_s: int, h_t: int, vocab: int, seq: int, reps: int):
-    """Forward + backward of one step's loss (T = 1): median time, peak extra memory, value."""
+def bench_losses(batch: int, positions: int, h_s: int, h_t: int, vocab: int, reps: int):
+    """Forward + backward of the loss alone on ``batch x positions`` rows (T = 1): median time, peak extra
+    memory, value; random hidden states and heads (the time does not depend on the values)."""
+    rows = batch * positions
+    shape = f"N = {rows}, H = {h_s} (teacher {h_t}), V = {vocab}"
     g = torch.Generator().manual_seed(0)
     hs = torch.randn(rows, h_s, generator=g)
     ws = torch.randn(vocab, h_s, generator=g) / h_s ** 0.5
@@ -302,13 +304,12 @@ def bench_losses(rows: int, h_s: int, h_t: int, vocab: int, seq: int, reps: int)
     try:
         from trl.trainer.distillation_trainer import _chunked_divergence_loss
         import trl
-        b = rows // (seq - 1)
-        mask = torch.ones(b, seq - 1, dtype=torch.bool)
+        mask = torch.ones(batch, positions, dtype=torch.bool)
 
         def trl_loss(beta):
-            # TRL's beta: 0 forward KL(teacher || student), 1 reverse KL; fastkd's JSD beta weighs the teacher
-            return lambda h, w: _chunked_divergence_loss(h.view(b, seq - 1, -1), ht.view(b, seq - 1, -1), w, wt,
-                                                         mask, beta)[0]
+            # TRL's beta: 0 forward KL(teacher || student), 1 reverse KL, 0.5 the symmetric JSD (fastkd's too)
+            return lambda h, w: _chunked_divergence_loss(h.view(batch, positions, -1), ht.view(batch, positions, -1),
+                                                         w, wt, mask, beta)[0]
         cases.insert(3, ("forward KL", f"TRL {trl.__version__} _chunked_divergence_loss beta=0", trl_loss(0.0)))
         cases.append(("JSD 0.5", f"TRL {trl.__version__} _chunked_divergence_loss beta=0.5", trl_loss(0.5)))
     except ImportError as e:
@@ -327,7 +328,7 @@ def bench_losses(rows: int, h_s: int, h_t: int, vocab: int, seq: int, reps: int)
                 times.append(dt)
                 peak_mb = max(peak_mb, max(peak.peak_kb - peak.base_kb, 0) / 1024)
             value = loss.item()
-        out.append(dict(loss=loss_name, impl=impl, ms=1e3 * statistics.median(times), peak_mb=peak_mb,
+        out.append(dict(shape=shape, loss=loss_name, impl=impl, ms=1e3 * statistics.median(times), peak_mb=peak_mb,
                         value=value))
         print(f"  {loss_name:10s} {impl:55s} {out[-1]['ms']:8.1f} ms  peak extra {peak_mb:6.1f} MB  "
               f"value {value:.7f}", flush=True)
@@ -365,10 +366,11 @@ def markdown(head, summary, teacher_ppl, bench, notes):
         wins = "" if r["diff"] is None or r["method"] == "CE" else f"{r['wins']}/{r['n']}"
         lines.append(f"| {r['method']} | {r['ppl'][0]:.2f} ± {r['ppl'][1]:.2f} | {diff} | {wins} | "
                      f"{r['best'][0]:.2f} ± {r['best'][1]:.2f} | {r['step_ms']:.0f} ms | {r['peak_mb']:.0f} MB |")
-    lines += ["", "The loss alone on one step's shape, forward + backward (T = 1, float32):", "",
-              "| loss | implementation | time | peak extra memory | value |", "|---|---|---|---|---|"]
+    lines += ["", "The loss alone, forward + backward (T = 1, float32; the first shape is one training step's):", "",
+              "| shape | loss | implementation | time | peak extra memory | value |", "|---|---|---|---|---|---|"]
     for b in bench:
-        lines.append(f"| {b['loss']} | {b['impl']} | {b['ms']:.1f} ms | {b['peak_mb']:.1f} MB | {b['value']:.7f} |")
+        lines.append(f"| {b['shape']} | {b['loss']} | {b['impl']} | {b['ms']:.1f} ms | {b['peak_mb']:.1f} MB | "
+                     f"{b['value']:.7f} |")
     lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
@@ -406,6 +408,7 @@ def plot(path, summary, runs, teacher_ppl, bench, title):
     ax.set_title("during training")
     ax.legend(fontsize=7)
     ax = axes[2]
+    bench = [b for b in bench if b["shape"] == bench[-1]["shape"]]  # the last (largest) shape
     labels = [f"{b['loss']}\n{b['impl'].replace(' _chunked_divergence_loss', '')}" for b in bench]
     ax.barh(range(len(bench)), [b["ms"] for b in bench],
             color=["C0" if "fused" in b["impl"] and "fastkd" in b["impl"] else "C1" if "TRL" in b["impl"] else "0.6"
@@ -413,7 +416,7 @@ def plot(path, summary, runs, teacher_ppl, bench, title):
     ax.set_yticks(range(len(bench)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("ms, forward + backward")
-    ax.set_title("the loss alone, one step's shape")
+    ax.set_title(f"the loss alone: {bench[0]['shape']}", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -474,11 +477,15 @@ def main(argv=None):
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
     n_params = sum(x.numel() for x in student.parameters())
 
-    rows = cfg["batch"] * (cfg["seq"] - 1)
-    print(f"the loss alone: {rows} rows, H = {cfg['student']['hidden_size']} (teacher "
-          f"{cfg['teacher']['hidden_size']}), V = {vocab}", flush=True)
-    bench = bench_losses(rows, cfg["student"]["hidden_size"], cfg["teacher"]["hidden_size"], vocab, cfg["seq"],
-                         cfg["reps"])
+    shapes = [(cfg["batch"], cfg["seq"] - 1, cfg["student"]["hidden_size"], cfg["teacher"]["hidden_size"], vocab,
+               cfg["reps"])]
+    if name == "full":  # and the shape of the issue's measurement: a real tokenizer's vocabulary
+        shapes.append((4, 128, 256, 256, 32000, 3))
+    bench = []
+    for shape in shapes:
+        print(f"the loss alone: {shape[0]} x {shape[1]} rows, H = {shape[2]} (teacher {shape[3]}), V = {shape[4]}",
+              flush=True)
+        bench += bench_losses(*shape)
     summary = summarise(runs, methods)
     total = time.perf_counter() - t_start
     import transformers
@@ -494,7 +501,7 @@ def main(argv=None):
         "fastkd.integrations.transformers.distillation_loss in a DistillationTrainer; CE rows: transformers.Trainer",
         f"validation: {val.shape[0]} x {cfg['seq']} tokens of held-out stdlib files; best = the lowest of the "
         f"evaluations every {cfg['eval_every']} steps",
-        f"time / step: median, transformers.Trainer step (teacher forward included); memory: PeakRSS of step 3",
+        "time / step: median, transformers.Trainer step (teacher forward included); memory: PeakRSS of step 3",
         f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} thread(s); "
         f"total {total:.0f} s",
     ]
@@ -509,7 +516,7 @@ def main(argv=None):
             w.writerow([r["method"], r["seed"], f"{r['val_ce']:.5f}", f"{r['ppl']:.4f}", f"{r['best_ppl']:.4f}",
                         f"{r['step_ms']:.1f}", f"{r['peak_mb']:.1f}"])
     with open(bench_csv + ".csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, ["loss", "impl", "ms", "peak_mb", "value"])
+        w = csv.DictWriter(fh, ["shape", "loss", "impl", "ms", "peak_mb", "value"])
         w.writeheader()
         w.writerows(bench)
     plot(stem + ".png", summary, runs, teacher_ppl, bench, head)
