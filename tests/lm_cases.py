@@ -59,3 +59,19 @@ def rel_err(a, b):
 def max_grad_err(got: dict, want: dict) -> float:
     assert got.keys() == want.keys(), (sorted(got), sorted(want))
     return max(rel_err(got[k], want[k]) for k in want)
+
+
+def tokenizer(vocab=VOCAB):
+    """A word-level tokenizer over ``w0 .. w{vocab - 4}`` and ``<pad> <bos> <eos> <unk>`` (ids 0-3), left padding
+    (TRL's generation), with a plain chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+    words.update({f"w{i}": i + 4 for i in range(vocab - 4)})
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
+                                                eos_token="<eos>", unk_token="<unk>", padding_side="left")
+    fast.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                          "{% if add_generation_prompt %}{% endif %}")
+    return fast

@@ -223,6 +223,27 @@ def test_trainer_trains_and_logs_soft_and_hard(tmp_path):
     # the first interval's loss is the helper's on the batches it saw (at the start: the untrained student)
     first = distillation_loss(llama(dtype=torch.float32), qwen2(dtype=torch.float32), inputs, loss_fn).loss.item()
     assert abs(logs[0]["loss"] - first) < 0.2 * first
+    # evaluation: the same loss on the whole set (one batch of 8), from the trained student
+    trainer.args.per_device_eval_batch_size = 8
+    metrics = trainer.evaluate(eval_dataset=_Rows(inputs))
+    with torch.no_grad():
+        want = distillation_loss(student, trainer.teacher_model, inputs, loss_fn).loss.item()
+    assert math.isclose(metrics["eval_loss"], want, rel_tol=1e-5), (metrics, want)
+
+
+@pytest.mark.parametrize("drop_ignored", [True, False])
+def test_a_batch_with_no_counted_token_gives_zero(drop_ignored):
+    """A micro-batch of prompts only (a rank or accumulation step can get one): loss 0, gradient 0, no NaN."""
+    student, teacher = llama(dtype=torch.float32), qwen2(dtype=torch.float32)
+    inputs = batch()
+    inputs["labels"][:] = -100
+    for n in (None, torch.tensor(7)):
+        student.zero_grad()
+        loss = distillation_loss(student, teacher, inputs, FusedLinearKDLoss(ce_weight=0.5), n,
+                                 drop_ignored=drop_ignored).loss
+        loss.backward()
+        assert loss.item() == 0.0
+        assert all(g.abs().max().item() == 0.0 for g in grads(student).values())
 
 
 def test_frozen_head_gets_no_weight_gradient_work(monkeypatch):

@@ -3,15 +3,22 @@
     python -m fastkd.bench --fused-linear
     python -m fastkd.bench.fused_linear [--shapes 2048x512,512x512] [--vocab 128256] [--steps 3]
                                         [--providers fused,unfused,unfused_fastkd,matmuls,liger] [--csv FILE]
+    python -m fastkd.bench.fused_linear --ignored 0.5 --providers fused,fused_dropped   # prompt rows
 
 One training step (forward + backward, float32) of forward KL (T = 1) between a
 student head ``[V, H]`` and a teacher head ``[V, H]`` on ``N`` rows, per provider:
 
 - ``fused``: ``fastkd.fused_linear_kd_loss(h, W, (h_t, W_t), divergence="kl")``, default chunk size.
+- ``fused_dropped``: the same after dropping the rows whose target is ``-100`` (``h[keep]``, as
+  ``fastkd.integrations`` does before the head): with ``--ignored F`` the first ``F N`` rows are
+  ignored (a prompt); ``fused`` projects them and gives them weight 0, ``fused_dropped`` never
+  projects them. Same loss and gradients.
 - ``unfused``: plain eager PyTorch, ``kl_div(log_softmax(h @ W.T), log_softmax(h_t @ W_t.T))``.
 - ``unfused_fastkd``: the same head matmuls, then ``fastkd.kd_loss(..., temperature=1)`` on the logits.
 - ``matmuls``: the four head matmuls alone (student and teacher forward, ``g @ W`` and ``g^T @ h``),
   the floor any fused path pays on a CPU.
+- ``trl``: TRL's chunked head (``trl.trainer.distillation_trainer._chunked_divergence_loss``, beta = 0:
+  forward KL, the rows with target -100 masked), when importable (``fastkd[trl]``).
 - ``liger``: ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss(beta=0, weight_hard_loss=0,
   weight_soft_loss=1, compiled=True)`` (forward KL, its batchmean over rows), when importable.
 
@@ -37,7 +44,8 @@ import fastkd
 from fastkd.bench.memory import PeakRSS
 from fastkd.losses.fused_linear import default_chunk_size, fused_linear_kd_loss
 
-PROVIDERS = ("fused", "unfused", "unfused_fastkd", "matmuls", "liger")
+PROVIDERS = ("fused", "unfused", "unfused_fastkd", "matmuls", "liger", "trl")
+IGNORED = 0.0  # --ignored: the fraction of rows (the first ones) whose target is -100
 
 
 def _inputs(n, h, v, seed=0):
@@ -47,6 +55,7 @@ def _inputs(n, h, v, seed=0):
     teacher_hidden = torch.randn(n, h, generator=g)
     teacher_weight = torch.randn(v, h, generator=g) * h ** -0.5
     target = torch.randint(0, v, (n,), generator=g)
+    target[:int(n * IGNORED)] = -100
     return student_hidden.requires_grad_(True), student_weight, teacher_hidden, teacher_weight, target
 
 
@@ -55,6 +64,12 @@ def _step_fn(provider, h, w, th, tw, target):
     if provider == "fused":
         def step():
             loss = fused_linear_kd_loss(h, w, (th, tw), target, divergence="kl", temperature=1.0)
+            loss.backward()
+            return loss.item()
+    elif provider == "fused_dropped":
+        def step():
+            keep = target != -100  # a data-dependent gather (a host read on a GPU)
+            loss = fused_linear_kd_loss(h[keep], w, (th[keep], tw), target[keep], divergence="kl", temperature=1.0)
             loss.backward()
             return loss.item()
     elif provider in ("unfused", "unfused_fastkd"):
@@ -81,6 +96,14 @@ def _step_fn(provider, h, w, th, tw, target):
                 del s
             h.grad, w.grad = gh, gw
             return 0.0
+    elif provider == "trl":
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+        def step():
+            mask = (target != -100).unsqueeze(0)
+            loss = _chunked_divergence_loss(h.unsqueeze(0), th.unsqueeze(0), w, tw, mask, 0.0)[0]
+            loss.backward()
+            return loss.item()
     elif provider == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
@@ -158,7 +181,8 @@ def run_shape(n, h, v, providers, steps):
     """Every provider in its own process, stepped in turn (the order rotating each round)."""
     procs = {}
     for provider in providers:
-        cmd = [sys.executable, "-m", "fastkd.bench.fused_linear", "--worker", provider, str(n), str(h), str(v)]
+        cmd = [sys.executable, "-m", "fastkd.bench.fused_linear", "--worker", provider, str(n), str(h), str(v),
+               "--ignored", str(IGNORED)]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if proc.stdout.readline().strip() != "ready":  # warm-ups one after the other: no overlap
             why = (proc.stderr.read().strip().splitlines() or ["?"])[-1]
@@ -191,8 +215,11 @@ def main(argv=None):
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--csv", default=None)
     p.add_argument("--profile", action="store_true", help="where a fused step's time goes, per phase")
+    p.add_argument("--ignored", type=float, default=0.0, help="fraction of rows with target -100 (a prompt)")
     p.add_argument("--worker", nargs=4, metavar=("PROVIDER", "N", "H", "V"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    global IGNORED
+    IGNORED = args.ignored
     if args.profile:
         for shape in args.shapes.split(","):
             n, h = (int(x) for x in shape.lower().split("x"))
@@ -209,7 +236,8 @@ def main(argv=None):
     for shape in args.shapes.split(","):
         n, h = (int(x) for x in shape.lower().split("x"))
         chunk = default_chunk_size(n, args.vocab, args.vocab, h, 4, "cpu")
-        print(f"N={n} H={h} V={args.vocab} float32, fused chunk {chunk} rows ({-(-n // chunk)} chunks), "
+        print(f"N={n} H={h} V={args.vocab} float32, {IGNORED:.0%} rows ignored, fused chunk {chunk} rows "
+              f"({-(-n // chunk)} chunks), "
               f"{args.steps} steps per provider, alternated", flush=True)
         results = run_shape(n, h, args.vocab, args.providers.split(","), args.steps)
         for r in results.values():
@@ -217,9 +245,11 @@ def main(argv=None):
                   f"  peak extra {r['peak_extra_mb']:7.0f} MB  loss {r['loss']:.6f}", flush=True)
         fused = results.get("fused")
         if fused:
-            for other, label in (("matmuls", "time vs the four matmuls (target <= 1.1)"),
+            for other, label in (("fused_dropped", "time with the ignored rows projected vs dropped"),
+                                 ("matmuls", "time vs the four matmuls (target <= 1.1)"),
                                  ("unfused", "time vs unfused eager (target <= 1)"),
-                                 ("liger", "time vs Liger chunked (target <= 1)")):
+                                 ("liger", "time vs Liger chunked (target <= 1)"),
+                                 ("trl", "time vs TRL's chunked head")):
                 if other in results:  # per round: both measured back to back under the same load
                     ratios = [a / b for a, b in zip(fused["times"], results[other]["times"])]
                     print(f"  fused {label}: {statistics.median(ratios):.2f} (rounds {_spread(ratios)})")

@@ -217,8 +217,7 @@ def distillation_loss(model: torch.nn.Module, teacher_model: Optional[torch.nn.M
     """
     if not isinstance(loss_fn, FusedLinearKDLoss):
         raise TypeError(f"loss_fn must be a fastkd.nn.FusedLinearKDLoss, got {type(loss_fn).__name__}")
-    options = dict(loss_fn.kwargs)
-    if options["reduction"] == "none":
+    if loss_fn.kwargs["reduction"] == "none":
         raise ValueError("loss_fn has reduction='none': a trainer needs a scalar loss ('batchmean' or 'sum')")
     labels = inputs.get("labels") if hasattr(inputs, "get") else None
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
@@ -237,13 +236,42 @@ def distillation_loss(model: torch.nn.Module, teacher_model: Optional[torch.nn.M
     if teacher_model is not None:
         teacher = _causal_lm(unwrap_model(teacher_model))
         t_head = _head(teacher, "teacher_model")
-        _check_teacher(head, t_head, options["teacher_vocab"])
+        _check_teacher(head, t_head, loss_fn.kwargs["teacher_vocab"])
         t_backbone = _backbone(teacher, "teacher_model")
     elif topk.device != head.weight.device:
         raise ValueError(f"inputs['teacher_topk'] is on {topk.device} but the student's LM head is on "
                          f"{head.weight.device}")
 
-    # logit scale and softcap: loss_fn's if it sets one, else the configs' (fastkd's head takes one of each)
+    options, t_scale_ratio = loss_options(loss_fn, student, teacher, num_items_in_batch)
+    shift_labels = labels[:, 1:]
+    keep = shift_labels != options["ignore_index"] if drop_ignored else None  # a gather: a host read on a GPU
+    target = shift_labels[keep] if keep is not None else shift_labels
+    model_inputs = _model_inputs(inputs)
+
+    teacher_bias = None
+    if teacher is not None:
+        def teacher_forward():
+            return t_backbone(**model_inputs).last_hidden_state
+
+        with torch.no_grad():
+            t_hidden = _rows(run_in_forward(teacher_model, teacher_forward), keep)
+        teacher_arg, teacher_bias = teacher_head_pair(t_head, t_hidden, t_scale_ratio)
+    else:
+        teacher_arg = TopKTeacher(_rows(topk.indices, keep), _rows(topk.logprobs, keep), mode=topk.mode)
+
+    def student_loss():
+        hidden = _rows(backbone(**model_inputs).last_hidden_state, keep)
+        return fused_head_loss(head, hidden, teacher_arg, target, options, teacher_bias, num_items_in_batch)
+
+    return run_in_forward(model, student_loss)
+
+
+def loss_options(loss_fn: FusedLinearKDLoss, student, teacher, num_items_in_batch) -> Tuple[dict, Optional[float]]:
+    """``fused_linear_kd_loss``'s keyword arguments for one call, and the teacher's logit-scale ratio (or None).
+
+    ``loss_fn``'s options, with: ``logit_scale`` / ``softcap`` from the configs (``head_options``) unless
+    ``loss_fn`` sets one; ``reduction="sum"`` with ``num_items_in_batch``; ``return_parts=True``."""
+    options = dict(loss_fn.kwargs)
     t_scale_ratio = None
     if options["logit_scale"] is None and options["softcap"] is None:
         scale, cap = head_options(student.config)
@@ -255,48 +283,40 @@ def distillation_loss(model: torch.nn.Module, teacher_model: Optional[torch.nn.M
             if t_scale != scale:
                 t_scale_ratio = (1.0 if t_scale is None else t_scale) / (1.0 if scale is None else scale)
         options.update(logit_scale=scale, softcap=cap)
-    sum_reduced = num_items_in_batch is not None
-    if sum_reduced:
+    if num_items_in_batch is not None:
         options["reduction"] = "sum"
     options["return_parts"] = True
-    ignore_index = options["ignore_index"]
-    shift_labels = labels[:, 1:]
-    keep = shift_labels != ignore_index if drop_ignored else None  # a gather below: one host read on a GPU
-    target = shift_labels[keep] if keep is not None else shift_labels
-    model_inputs = _model_inputs(inputs)
+    return options, t_scale_ratio
 
-    teacher_arg, teacher_bias = None, None
-    if teacher is not None:
-        def teacher_forward():
-            return t_backbone(**model_inputs).last_hidden_state
 
-        with torch.no_grad():
-            t_hidden = _rows(run_in_forward(teacher_model, teacher_forward), keep)
-            t_weight, teacher_bias = _gathered(t_head.weight).detach(), _gathered(getattr(t_head, "bias", None))
-            teacher_bias = None if teacher_bias is None else teacher_bias.detach()
-            if t_scale_ratio is not None:  # the teacher's own logit scale, folded into a copy of its head
-                t_weight = t_weight * t_scale_ratio
-                teacher_bias = None if teacher_bias is None else teacher_bias * t_scale_ratio
-            if t_hidden.dtype != t_weight.dtype and torch.is_autocast_enabled(t_hidden.device.type):
-                t_hidden = t_hidden.to(t_weight.dtype)
-        teacher_arg = (t_hidden, t_weight)
-    else:
-        teacher_arg = TopKTeacher(_rows(topk.indices, keep), _rows(topk.logprobs, keep), mode=topk.mode)
+def teacher_head_pair(t_head: torch.nn.Module, t_hidden: torch.Tensor, t_scale_ratio: Optional[float]):
+    """``((teacher_hidden, teacher_weight), teacher_bias)`` for the fused head, constants: a sharded weight
+    gathered once, the teacher's own logit scale (``t_scale_ratio``) folded into a copy of its weight."""
+    with torch.no_grad():
+        weight, bias = _gathered(t_head.weight).detach(), _gathered(getattr(t_head, "bias", None))
+        bias = None if bias is None else bias.detach()
+        if t_scale_ratio is not None:
+            weight = weight * t_scale_ratio
+            bias = None if bias is None else bias * t_scale_ratio
+        if t_hidden.dtype != weight.dtype and torch.is_autocast_enabled(t_hidden.device.type):
+            t_hidden = t_hidden.to(weight.dtype)
+    return (t_hidden.detach(), weight), bias
 
-    def student_loss():
-        hidden = _rows(backbone(**model_inputs).last_hidden_state, keep)
 
-        def fused():  # inside the head's forward when it is sharded on its own (FSDP2): its weight is whole
-            weight, bias = _gathered(head.weight), _gathered(getattr(head, "bias", None))
-            h = hidden.to(weight.dtype) if hidden.dtype != weight.dtype and \
-                torch.is_autocast_enabled(hidden.device.type) else hidden  # autocast rounds them anyway
-            return fused_linear_kd_loss(h, weight, teacher_arg, target, student_bias=bias,
-                                        teacher_bias=teacher_bias, **options)
+def fused_head_loss(head: torch.nn.Module, hidden: torch.Tensor, teacher, target, options: dict, teacher_bias,
+                    num_items_in_batch) -> LossParts:
+    """``fused_linear_kd_loss`` on the student's ``head``, inside its forward when it is sharded on its own
+    (FSDP2: its weight is then whole); divided by ``num_items_in_batch`` when given (``options`` from
+    ``loss_options``)."""
+    def fused():
+        weight, bias = _gathered(head.weight), _gathered(getattr(head, "bias", None))
+        h = hidden.to(weight.dtype) if hidden.dtype != weight.dtype and \
+            torch.is_autocast_enabled(hidden.device.type) else hidden  # autocast rounds them anyway
+        return fused_linear_kd_loss(h, weight, teacher, target, student_bias=bias, teacher_bias=teacher_bias,
+                                    **options)
 
-        return run_in_forward(head, fused)
-
-    parts = run_in_forward(model, student_loss)
-    if sum_reduced:
+    parts = run_in_forward(head, fused)
+    if num_items_in_batch is not None:
         n = num_items_in_batch.to(parts.loss.device) if isinstance(num_items_in_batch, torch.Tensor) \
             else float(num_items_in_batch)
         parts = LossParts(parts.loss / n, parts.soft / n, parts.hard / n)
@@ -312,7 +332,9 @@ class DistillationTrainer(transformers.Trainer):
     ``"teacher_topk"`` (built by your collator; set ``remove_unused_columns=False`` if it comes from a
     dataset column). ``distillation_loss=None``: forward KL at T = 1 (``FusedLinearKDLoss()``).
 
-    The teacher is moved to the student's device, put in eval mode and run under ``no_grad``. The
+    The teacher is moved to the student's device, put in eval mode and run under ``no_grad``; both
+    run under ``accelerator.autocast()`` (``bf16=True``: the mixed precision accelerate would give the
+    model's own forward, which the backbone call does not go through). The
     token count ``num_items_in_batch`` is always taken (over ``labels[:, 1:]``), so gradient
     accumulation and data parallelism give the gradient of the whole batch; under DDP with
     ``average_tokens_across_devices`` (the default) the loss is multiplied by the number of processes,
@@ -344,8 +366,10 @@ class DistillationTrainer(transformers.Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher_model is not None:
             self.teacher_model.eval()
-        parts = distillation_loss(model, self.teacher_model, inputs, self.distillation_loss, num_items_in_batch,
-                                  drop_ignored=self.drop_ignored)
+        # accelerate's mixed precision lives in the model's patched forward, which the backbone call skips
+        with self.accelerator.autocast():
+            parts = distillation_loss(model, self.teacher_model, inputs, self.distillation_loss, num_items_in_batch,
+                                      drop_ignored=self.drop_ignored)
         loss, soft, hard = parts
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # as Trainer.compute_loss: num_items_in_batch counts every process's tokens and DDP averages
