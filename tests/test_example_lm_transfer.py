@@ -1,6 +1,7 @@
-"""examples/distill_lm_transfer.py: its transfer-set loss against the loss from the models' own logits, the
-unused labels of the transfer rows, and a ``--smoke`` run end to end (every method through
-``transformers.Trainer``, the outputs written, fused = unfused = TRL on the loss benchmark)."""
+"""The language-model examples: distill_lm_transfer.py's transfer-set loss against the loss from the models'
+own logits, the unused labels of the transfer rows, its batches, a ``--smoke`` run end to end (every method
+through ``transformers.Trainer``, the outputs written, fused = unfused = TRL on the loss benchmark); and
+distill_lm_onpolicy.py's on-policy steps against TRL's own trainer."""
 import csv
 import importlib.util
 import math
@@ -170,3 +171,19 @@ def test_smoke_run_writes_the_tables_and_the_plot(ex, tmp_path):
         assert [r["method"] for r in csv.DictReader(fh)] == methods
     md = (tmp_path / "lm-transfer-quick.md").read_text()
     assert "| teacher |" in md and "| forward KL |" in md and "fastkd fused" in md
+
+
+def test_onpolicy_example_matches_trls_own_loss(capsys):
+    """examples/distill_lm_onpolicy.py: two on-policy steps through fastkd.integrations.trl and through TRL's
+    own trainer from the same student give the same logged losses (the same generations: one seed)."""
+    pytest.importorskip("trl", reason="the on-policy example needs trl (pip install fastkd[trl])")
+    pytest.importorskip("datasets", reason="TRL's trainers need datasets (pip install fastkd[trl])")
+    spec = importlib.util.spec_from_file_location("distill_lm_onpolicy",
+                                                  os.path.join(ROOT, "examples", "distill_lm_onpolicy.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    losses, before, after, theirs = module.main(["--steps", "2", "--trl", "--divergence", "jsd"])
+    assert len(losses) == len(theirs) == 2 and all(x > 0 for x in losses)
+    assert max(abs(a - b) for a, b in zip(losses, theirs)) <= 1e-5 * max(losses)
+    assert math.isfinite(before) and math.isfinite(after)
+    assert "trl.DistillationTrainer (beta = 0.5" in capsys.readouterr().out
