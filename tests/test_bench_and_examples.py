@@ -350,3 +350,15 @@ def test_bench_teacher_topk_runs_and_writes_both_providers(tmp_path, capsys):
         rows = list(csv.DictReader(fh))
     assert [r["provider"] for r in rows] == ["fused", "torch"] and all(float(r["median_s"]) > 0 for r in rows)
     assert "speed-up fused over torch" in capsys.readouterr().out
+
+
+def test_distill_offline_quick_cache_follows_online(tmp_path):
+    """examples/distill_offline.py --quick: the student trained from the int8 cache follows the one trained
+    with the teacher's top-k computed online (the encoding error is all that separates the curves)."""
+    for module in ("transformers", "tokenizers"):
+        pytest.importorskip(module, reason=f"examples/distill_offline.py needs {module} (the examples extra)")
+    offline = _load("examples/distill_offline.py", "fastkd_distill_offline")
+    out = tmp_path / "offline.md"
+    worst = offline.main(["--quick", "--teacher-cache", str(tmp_path / "cache"), "--out", str(out)])
+    assert 0 <= worst < 1e-3
+    assert "| cache |" in out.read_text() and (tmp_path / "cache" / "index-00000.json").exists()

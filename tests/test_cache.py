@@ -34,9 +34,7 @@ def exact_topk(logits, k):
 
 def teacher_of(logits, k):
     ids, values, tail = exact_topk(logits, k)
-    t = fastkd.TopKTeacher(ids, values.float())
-    t.tail_logprob = tail.float()
-    return t
+    return fastkd.TopKTeacher(ids, values.float(), tail_logprob=tail.float())
 
 
 def write_cache(path, seqs, vocab, k, **kw):

@@ -168,10 +168,7 @@ def build(args) -> TeacherCache:
 def _rows(top, a: int, b: int):
     from ..core.topk import TopKTeacher
 
-    t = TopKTeacher(top.indices[a:b], top.logprobs[a:b], mode="tail")
-    tail = getattr(top, "tail_logprob", None)
-    t.tail_logprob = None if tail is None else tail[a:b]
-    return t
+    return TopKTeacher(top.indices[a:b], top.logprobs[a:b], mode="tail", tail_logprob=top.tail_logprob[a:b])
 
 
 # --- inspect -----------------------------------------------------------------------------------

@@ -47,13 +47,11 @@ def collate(items: Sequence[Tuple[torch.Tensor, TopKTeacher]], *, pad_token_id: 
         attention[row, :n] = 1
         top_ids[row, :n] = teacher.indices
         logprobs[row, :n] = teacher.logprobs.float()
-        item_tail = getattr(teacher, "tail_logprob", None)
-        if item_tail is not None:
-            tail[row, :n] = item_tail
+        if teacher.tail_logprob is not None:
+            tail[row, :n] = teacher.tail_logprob
         has_teacher = (teacher.indices >= 0).any(dim=-1)
         target[row, :n - 1] = torch.where(has_teacher[:n - 1], ids[1:], ignore_index)
-    teacher = TopKTeacher(top_ids, logprobs, mode="tail")
-    teacher.tail_logprob = tail
+    teacher = TopKTeacher(top_ids, logprobs, mode="tail", tail_logprob=tail)
     return {"input_ids": input_ids, "attention_mask": attention, "target": target, "teacher": teacher}
 
 
@@ -110,8 +108,8 @@ def from_axolotl(dataset, writer) -> int:
         has = np.concatenate([mask[1:], [False]])
         top = np.where(has[:, None] & np.isfinite(lp), top, -1)
         lp = np.where(top >= 0, lp, -np.inf).astype(np.float32)
-        teacher = TopKTeacher(torch.from_numpy(top), torch.from_numpy(lp), mode="tail")
-        teacher.tail_logprob = torch.from_numpy(fmt.tail_from_logprobs(lp))
+        teacher = TopKTeacher(torch.from_numpy(top), torch.from_numpy(lp), mode="tail",
+                              tail_logprob=torch.from_numpy(fmt.tail_from_logprobs(lp)))
         writer.add(ids, teacher, mask=torch.from_numpy(has))
         count += 1
     return count

@@ -151,7 +151,7 @@ class TeacherCacheWriter:
             raise ValueError(f"teacher.indices must hold ids in [-1, {vocab}) (-1: padding slot)")
         logprobs = teacher.logprobs.detach().cpu().float().numpy()
         logprobs = np.where(top_ids >= 0, logprobs, -np.inf).astype(np.float32)
-        tail = getattr(teacher, "tail_logprob", None)
+        tail = teacher.tail_logprob
         tail = fmt.tail_from_logprobs(logprobs) if tail is None else tail.detach().cpu().float().numpy()
         tail = np.minimum(tail.reshape(s), 0.0)  # a log of a mass: rounding may push it past 0
         rows = np.ones(s, bool) if mask is None else mask.cpu().numpy()
@@ -326,9 +326,8 @@ class TeacherCache(torch.utils.data.Dataset):
         logprobs = fmt.decode_logprobs(rows, tail, enc["logprobs"])
         ids = np.where(np.isfinite(logprobs), ids, -1)
         input_ids = torch.from_numpy(np.asarray(arrays["input_ids"][a:b]).astype(np.int64))
-        teacher = TopKTeacher(torch.from_numpy(ids), torch.from_numpy(logprobs), mode="tail")
-        teacher.tail_logprob = torch.from_numpy(tail)
-        return input_ids, teacher
+        return input_ids, TopKTeacher(torch.from_numpy(ids), torch.from_numpy(logprobs), mode="tail",
+                                      tail_logprob=torch.from_numpy(tail))
 
     def __repr__(self) -> str:
         return (f"TeacherCache({self.directory!r}: {len(self)} sequences, {self.num_tokens} tokens, "
