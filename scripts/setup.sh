@@ -2,7 +2,8 @@
 # Installs everything fastkd needs on a fresh Linux machine with Python and pip,
 # then builds fastkd from this checkout (editable, against the installed torch).
 # Used by scripts/main.sh and scripts/test.sh. The build is skipped when the
-# sources, the build files and torch are unchanged since the last one.
+# sources, the build files, torch and the FASTKD_ build switches are unchanged since the last
+# one (FASTKD_REQUIRE_EXTENSION is read by the tests, not the build: it is not part of the stamp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -12,7 +13,8 @@ PYTHON=${PYTHON:-python3}
 
 stamp_file=build/.fastkd_build_stamp
 stamp=$( (cat setup.py pyproject.toml csrc/sources.txt; find csrc -type f | sort | xargs cat;
-          "$PYTHON" -c "import torch; print(torch.__version__)"; env | grep '^FASTKD_' | sort || true) | sha256sum | cut -d' ' -f1)
+          "$PYTHON" -c "import torch; print(torch.__version__)"
+          env | grep '^FASTKD_' | grep -v '^FASTKD_REQUIRE_EXTENSION=' | sort || true) | sha256sum | cut -d' ' -f1)
 if [[ -f $stamp_file && $(cat "$stamp_file") == "$stamp" ]] && "$PYTHON" -c "import fastkd._C" 2>/dev/null; then
   echo "fastkd: build is up to date"
 else
