@@ -54,6 +54,8 @@ DIVERGENCES = {  # label: (LOSS_OPS key, function name, keyword arguments, the f
     "skew_kl_loss skew=0.2": ("skew_kl", "skew_kl_loss", {"skew": 0.2}, "skew_kl"),
     "skew_kl_loss skew=0.2 reverse": ("skew_kl", "skew_kl_loss", {"skew": 0.2, "reverse": True}, "skew_reverse_kl"),
     "tvd_loss": ("tvd", "tvd_loss", {}, "tvd"),
+    "jeffreys_loss": ("jeffreys", "jeffreys_loss", {}, "jeffreys"),
+    "triangular_loss": ("triangular", "triangular_loss", {}, "triangular"),
 }
 
 
