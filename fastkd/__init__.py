@@ -6,7 +6,8 @@
 Losses: ``kd_loss``, ``dkd_loss``, ``ats_loss``, ``dist_loss``, ``mgd_loss``,
 ``simkd_loss``, and ``ipw_weights`` for IPWD's per-sample weights; the
 language-model divergences ``forward_kl_loss``, ``reverse_kl_loss``, ``jsd_loss``, ``skew_kl_loss``,
-``tvd_loss`` (``TopKTeacher`` for top-k teachers), ``fused_linear_kd_loss`` (the LM
+``tvd_loss`` (``TopKTeacher`` for top-k teachers), ``uld_loss`` (teacher and student with different
+tokenizers), ``fused_linear_kd_loss`` (the LM
 head fused with the loss; ``process_group=`` for sharded vocabularies); modules in
 ``fastkd.nn``; plain-PyTorch versions in ``fastkd.reference``.
 ``fastkd.backends()`` says which kernels this installation can run;
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 from . import cache, nn, reference  # noqa: E402  (fastkd.nn usable after `import fastkd`, as torch.nn)
 from .core.checks import set_value_checks  # noqa: E402
+from .core.cross_tokenizer import ULDParts  # noqa: E402
 from .core.divergence import LossParts  # noqa: E402
 from .core.topk import TopKTeacher  # noqa: E402
 from .dispatch.backend import backends  # noqa: E402
@@ -34,10 +36,12 @@ from .functional import (  # noqa: E402
     simkd_loss,
     skew_kl_loss,
     tvd_loss,
+    uld_loss,
 )
 
 __all__ = [
     "kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights",
     "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "TopKTeacher", "LossParts", "fused_linear_kd_loss",
+    "uld_loss", "ULDParts",
     "backends", "set_value_checks", "nn", "reference", "cache", "__version__",
 ]

@@ -14,18 +14,22 @@ PUBLIC_NAMES = {
         "LossParts", "TopKTeacher", "__version__", "ats_loss", "backends", "dist_loss", "dkd_loss",
         "fused_linear_kd_loss", "ipw_weights", "jsd_loss", "kd_loss", "mgd_loss", "nn", "reference",
         "reverse_kl_loss", "set_value_checks", "simkd_loss", "skew_kl_loss", "tvd_loss",
+        # issue 23: across tokenizers
+        "uld_loss", "ULDParts",
     ],
     "fastkd.nn": [
         "ATSLoss", "CosineCurriculum", "DISTLoss", "DKDLoss", "FusedLinearKDLoss", "GradientReversal", "JSDLoss",
         "KDLoss", "LearnableTemperature", "MGDLoss", "ReverseKLLoss", "SimKD", "SkewKLLoss", "TVDLoss",
+        "ULDLoss",
     ],
     "fastkd.functional": [
         "ats_loss", "dist_loss", "dkd_loss", "ipw_weights", "jsd_loss", "kd_loss", "mgd_loss", "reverse_kl_loss",
-        "simkd_loss", "skew_kl_loss", "tvd_loss",
+        "simkd_loss", "skew_kl_loss", "tvd_loss", "uld_loss",
     ],
     "fastkd.reference": [
         "LossParts", "ats_loss", "dist_loss", "dkd_loss", "ipw_weights", "jsd_loss", "kd_loss", "kd_topk_loss",
         "mgd_keep_mask", "mgd_loss", "reverse_kl_loss", "simkd_loss", "skew_kl_loss", "topk_log_probs", "tvd_loss",
+        "uld_loss",
     ],
     "fastkd.cache": ["CacheError", "TeacherCache", "TeacherCacheWriter", "collate", "from_axolotl", "to_axolotl"],
     "fastkd.distributed": [
