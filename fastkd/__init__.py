@@ -21,6 +21,7 @@ from .core.checks import set_value_checks  # noqa: E402
 from .core.cross_tokenizer import ULDParts  # noqa: E402
 from .core.divergence import LossParts  # noqa: E402
 from .core.topk import TopKTeacher  # noqa: E402
+from .core.vocab import MappedTeacher, VocabMap  # noqa: E402
 from .dispatch.backend import backends  # noqa: E402
 from .functional import (  # noqa: E402
     ats_loss,
@@ -42,6 +43,6 @@ from .functional import (  # noqa: E402
 __all__ = [
     "kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights",
     "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "TopKTeacher", "LossParts", "fused_linear_kd_loss",
-    "uld_loss", "ULDParts",
+    "uld_loss", "ULDParts", "VocabMap", "MappedTeacher",
     "backends", "set_value_checks", "nn", "reference", "cache", "__version__",
 ]

@@ -15,7 +15,7 @@ PUBLIC_NAMES = {
         "fused_linear_kd_loss", "ipw_weights", "jsd_loss", "kd_loss", "mgd_loss", "nn", "reference",
         "reverse_kl_loss", "set_value_checks", "simkd_loss", "skew_kl_loss", "tvd_loss",
         # issue 23: across tokenizers
-        "uld_loss", "ULDParts",
+        "uld_loss", "ULDParts", "VocabMap", "MappedTeacher",
     ],
     "fastkd.nn": [
         "ATSLoss", "CosineCurriculum", "DISTLoss", "DKDLoss", "FusedLinearKDLoss", "GradientReversal", "JSDLoss",
