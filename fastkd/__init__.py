@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 from . import cache, nn, reference  # noqa: E402  (fastkd.nn usable after `import fastkd`, as torch.nn)
 from .core.checks import set_value_checks  # noqa: E402
-from .core.cross_tokenizer import ULDParts  # noqa: E402
+from .core.cross_tokenizer import HybridParts, ULDParts  # noqa: E402
 from .core.divergence import LossParts  # noqa: E402
 from .core.topk import TopKTeacher  # noqa: E402
 from .core.vocab import MappedTeacher, VocabMap  # noqa: E402
@@ -37,12 +37,13 @@ from .functional import (  # noqa: E402
     simkd_loss,
     skew_kl_loss,
     tvd_loss,
+    hybrid_uld_loss,
     uld_loss,
 )
 
 __all__ = [
     "kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights",
     "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "TopKTeacher", "LossParts", "fused_linear_kd_loss",
-    "uld_loss", "ULDParts", "VocabMap", "MappedTeacher",
+    "uld_loss", "ULDParts", "VocabMap", "MappedTeacher", "hybrid_uld_loss", "HybridParts",
     "backends", "set_value_checks", "nn", "reference", "cache", "__version__",
 ]

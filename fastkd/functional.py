@@ -4,11 +4,11 @@ Defined by family in ``fastkd.losses``; ``simkd_loss`` and ``ipw_weights`` are t
 reference's own (cheap, or not logit-sized: no fused kernel needed).
 """
 from .losses.classification import ats_loss, dist_loss, dkd_loss, kd_loss, mgd_loss
-from .losses.cross_tokenizer import uld_loss
+from .losses.cross_tokenizer import hybrid_uld_loss, uld_loss
 from .losses.divergence import forward_kl_loss, jsd_loss, reverse_kl_loss, skew_kl_loss, tvd_loss
 from .losses.fused_linear import fused_linear_kd_loss
 from .reference.classification import ipw_weights, simkd_loss
 
 __all__ = ["kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights",
            "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "fused_linear_kd_loss",
-           "uld_loss"]
+           "uld_loss", "hybrid_uld_loss"]

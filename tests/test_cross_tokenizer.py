@@ -208,3 +208,80 @@ def test_matches_trl_uld(ts, tt):
     batched.backward()
     assert abs(float(batched) - float(theirs)) < 1e-5 * float(theirs)
     assert rel(s3.grad.double(), s1.grad) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hybrid_uld_loss (GOLD's hybrid)
+# ---------------------------------------------------------------------------------------------------------
+
+class FakeTokenizer:
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+
+def vocabularies(vs=230, vt=310, shared=140, seed=0):
+    """Two vocabularies sharing ``shared`` strings, the teacher's ids in another order."""
+    g = torch.Generator().manual_seed(seed)
+    student = {f"w{i}": i for i in range(vs)}
+    strings = [f"w{i}" for i in torch.randperm(vs, generator=g)[:shared].tolist()]
+    strings += [f"x{i}" for i in range(vt - shared)]
+    order = torch.randperm(vt, generator=g).tolist()
+    teacher = {strings[j]: order[j] for j in range(vt)}
+    return FakeTokenizer(student), FakeTokenizer(teacher)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("beta,weights", [(0.5, None), (0.0, (0.7, 0.2)), (1.0, None), (0.2, (1.0, 1.0))])
+def test_hybrid_matches_trl_gold(beta, weights, backend):
+    stok, ttok = vocabularies()
+    config = dict(uld_use_hybrid_loss=True, beta=beta, uld_student_temperature=1.3, uld_teacher_temperature=0.9)
+    if weights:
+        config.update(uld_hybrid_matched_weight=weights[0], uld_hybrid_unmatched_weight=weights[1])
+    uld = trl_uld(**config)
+    uld.student_tokenizer, uld.teacher_tokenizer = stok, ttok
+    uld._initialize_vocabulary_mapping()
+    vm = fastkd.VocabMap.from_tokenizers(stok, ttok)
+    assert torch.equal(vm.teacher_to_student[:uld.mapping_tensor.numel()], uld.mapping_tensor)
+    b, seq = 2, 5
+    s, t = make((b, seq), 230, 310, scale=1.0, seed=4, dtype=torch.float64)
+    labels = ids = torch.zeros(b, seq, dtype=torch.int64)
+    s1, t1 = s.clone().requires_grad_(), t.clone().requires_grad_()
+    theirs = uld(s1, t1, labels, labels, ids, ids)
+    theirs.backward()
+    kw = dict(beta=beta, temperature=1.3, teacher_temperature=0.9)
+    if weights:
+        kw.update(matched_weight=weights[0], unmatched_weight=weights[1])
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    s2, t2 = s.to(dtype).requires_grad_(), t.to(dtype).requires_grad_()
+    ours = fastkd.hybrid_uld_loss(s2, t2, vm, backend=backend, **kw)
+    ours.backward()
+    tol = 1e-12 if backend == "reference" else 2e-5
+    assert abs(ours.item() - theirs.item()) <= tol * abs(theirs.item())
+    assert rel(s2.grad.double(), s1.grad) < tol and rel(t2.grad.double(), t1.grad) < tol
+
+
+def test_hybrid_parts_rows_and_many_to_one():
+    table = torch.randint(0, 150, (400,), generator=torch.Generator().manual_seed(5))
+    table[::3] = -1
+    vm = fastkd.VocabMap(table, 200)
+    s, t = make((3, 4), 200, 400, seed=6)
+    target = torch.randint(0, 200, (3, 4))
+    target[1, 2] = -100
+    s[1, 2] = float("nan")
+    out = fastkd.hybrid_uld_loss(s, t, vm, target=target, ce_weight=0.5, return_parts=True, reduction="none")
+    ref = fastkd.hybrid_uld_loss(s.double(), t.double(), vm, target=target, ce_weight=0.5, return_parts=True,
+                                 reduction="none")
+    for a, b in zip(out, ref):
+        assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-7)
+    w_m = vm.matched_fraction
+    assert torch.allclose(ref.soft, w_m * ref.matched + (1 - w_m) * ref.unmatched)
+    assert ref.loss[1, 2] == 0 and torch.isfinite(ref.loss).all()
+    with pytest.raises(ValueError, match="both be None"):
+        fastkd.hybrid_uld_loss(s, t, vm, matched_weight=0.5)
+    with pytest.raises(ValueError, match="vocab_map maps"):
+        fastkd.hybrid_uld_loss(s[..., :100], t, vm)
+    with pytest.raises(TypeError, match="VocabMap"):
+        fastkd.hybrid_uld_loss(s, t, table)

@@ -15,7 +15,7 @@ PUBLIC_NAMES = {
         "fused_linear_kd_loss", "ipw_weights", "jsd_loss", "kd_loss", "mgd_loss", "nn", "reference",
         "reverse_kl_loss", "set_value_checks", "simkd_loss", "skew_kl_loss", "tvd_loss",
         # issue 23: across tokenizers
-        "uld_loss", "ULDParts", "VocabMap", "MappedTeacher",
+        "uld_loss", "ULDParts", "VocabMap", "MappedTeacher", "hybrid_uld_loss", "HybridParts",
     ],
     "fastkd.nn": [
         "ATSLoss", "CosineCurriculum", "DISTLoss", "DKDLoss", "FusedLinearKDLoss", "GradientReversal", "JSDLoss",
@@ -24,7 +24,7 @@ PUBLIC_NAMES = {
     ],
     "fastkd.functional": [
         "ats_loss", "dist_loss", "dkd_loss", "ipw_weights", "jsd_loss", "kd_loss", "mgd_loss", "reverse_kl_loss",
-        "simkd_loss", "skew_kl_loss", "tvd_loss", "uld_loss",
+        "simkd_loss", "skew_kl_loss", "tvd_loss", "uld_loss", "hybrid_uld_loss",
     ],
     "fastkd.reference": [
         "LossParts", "ats_loss", "dist_loss", "dkd_loss", "ipw_weights", "jsd_loss", "kd_loss", "kd_topk_loss",

@@ -7,8 +7,9 @@ tokenizers cut the text differently.
 from collections import namedtuple
 
 from . import checks as v
+from .vocab import VocabMap
 
-__all__ = ["ULDParts", "check_uld_args", "check_k"]
+__all__ = ["ULDParts", "HybridParts", "check_uld_args", "check_hybrid_args", "check_k"]
 
 ULDParts = namedtuple("ULDParts", ["loss", "soft", "hard", "bound"])
 ULDParts.__doc__ = """``return_parts=True`` result of ``uld_loss``: ``loss = soft + ce_weight * hard`` (differentiable);
@@ -52,3 +53,30 @@ def check_uld_args(student, teacher, temperature, teacher_temperature, reduction
         v.check_positive("teacher_temperature", teacher_temperature)
     v.check_ce(ce_weight, return_parts, target)
     check_k(k)
+
+
+HybridParts = namedtuple("HybridParts", ["loss", "soft", "hard", "matched", "unmatched"])
+HybridParts.__doc__ = """``return_parts=True`` result of ``hybrid_uld_loss``: ``loss = soft + ce_weight * hard``,
+``soft = w_m matched + w_u unmatched``; ``matched`` (the divergence on the matched tokens) and
+``unmatched`` (ULD on the rest) reduced with the row weights, unweighted by ``w_m``, ``w_u``; all but
+``loss`` detached."""
+
+
+def check_hybrid_args(student, teacher, vocab_map, beta, matched_weight, unmatched_weight) -> None:
+    """``hybrid_uld_loss``'s own arguments: the map against both vocabularies, ``beta``, the weights."""
+    if not isinstance(vocab_map, VocabMap):
+        raise TypeError(f"vocab_map must be a fastkd.VocabMap, got {type(vocab_map).__name__}")
+    v.check_logits("student_logits", student)
+    v.check_logits("teacher_logits", teacher)
+    if teacher.shape[-1] != vocab_map.teacher_vocab_size or student.shape[-1] != vocab_map.student_vocab_size:
+        raise ValueError(
+            f"vocab_map maps {vocab_map.teacher_vocab_size} teacher tokens onto {vocab_map.student_vocab_size} "
+            f"student tokens, but the logits have {teacher.shape[-1]} (teacher) and {student.shape[-1]} (student)"
+        )
+    v.check_unit("beta", beta)
+    if (matched_weight is None) != (unmatched_weight is None):
+        raise ValueError("matched_weight and unmatched_weight must both be None (GOLD's weighting by the matched "
+                         "fraction) or both numbers")
+    if matched_weight is not None:
+        v.check_non_negative("matched_weight", matched_weight)
+        v.check_non_negative("unmatched_weight", unmatched_weight)

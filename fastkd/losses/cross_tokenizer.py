@@ -44,11 +44,11 @@ import torch
 
 from ..core.autograd import scale_stored_grad
 from ..core.checks import BACKENDS, check_constant_weight
-from ..core.cross_tokenizer import ULDParts, check_uld_args
+from ..core.cross_tokenizer import HybridParts, ULDParts, check_hybrid_args, check_uld_args
 from ..core.rows import compute_dtype, row_weights
 from ..reference import cross_tokenizer as R
 
-__all__ = ["uld_loss", "ULDParts", "sorted_l1_batched"]
+__all__ = ["uld_loss", "hybrid_uld_loss", "ULDParts", "HybridParts", "sorted_l1_batched"]
 
 SUB_BITS = 4  # mantissa bits in a bucket key: 16 buckets per octave of probability
 REFINE_BITS = 7  # more bits per refinement level of the ambiguous buckets (128 cells each)
@@ -346,3 +346,69 @@ def uld_loss(
     if reduction == "none":
         outs = tuple(o.reshape(lead) for o in outs)
     return ULDParts(*outs) if return_parts else outs[0]
+
+
+class _SortedL1(torch.autograd.Function):
+    """``sorted_l1_batched`` as a differentiable function of probability rows (sign gradients kept from forward)."""
+
+    @staticmethod
+    def forward(ctx, q, p):
+        loss, g_q, g_p = sorted_l1_batched(q.detach(), p.detach(), want_p=ctx.needs_input_grad[1])
+        ctx.save_for_backward(g_q, g_p if g_p is not None else torch.empty(0))
+        return loss.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g_q, g_p = ctx.saved_tensors
+        grad = grad.unsqueeze(1)
+        return g_q * grad, (g_p * grad if g_p.numel() else None)
+
+
+def hybrid_uld_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    vocab_map,
+    *,
+    beta: float = 0.5,
+    matched_weight: Optional[float] = None,
+    unmatched_weight: Optional[float] = None,
+    temperature: float = 1.0,
+    teacher_temperature: Optional[float] = None,
+    reduction: str = "batchmean",
+    target: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    sample_weight: Optional[torch.Tensor] = None,
+    ce_weight: float = 0.0,
+    return_parts: bool = False,
+    backend: str = "auto",
+):
+    """GOLD's hybrid ULD (TRL ``GOLDTrainer`` with ``uld_use_hybrid_loss``): tokens the two vocabularies
+    share compared directly, the rest by ULD.
+
+    Per row, ``q = softmax(s / temperature)``, ``p = softmax(t / teacher_temperature)``; with the
+    ``fastkd.VocabMap``'s distinct matched student ids ``j`` and ``P_j = sum_{map(c) = j} p_c``::
+
+        matched   = sum_j beta P_j log(P_j / M_j) + (1 - beta) q_j log(q_j / M_j),  M = beta P + (1 - beta) q
+        unmatched = uld(q on the student ids no teacher token maps to, p on the unmatched teacher ids)
+        loss      = w_m matched + w_u unmatched
+
+    (the generalised JSD's terms on the masses as they are: not renormalised, no tail, as GOLD;
+    ``beta = 0`` / ``1``: the forward / reverse KL terms). ``w_m = vocab_map.matched_fraction`` (matched
+    teacher tokens / ``V_t``) and ``w_u = 1 - w_m`` (GOLD's adaptive weighting), or the fixed
+    ``matched_weight`` and ``unmatched_weight``. ``return_parts=True``: ``HybridParts(loss, soft, hard,
+    matched, unmatched)``. Rows, reductions, ``ce_weight``: as ``fastkd.uld_loss``.
+
+    Equal to GOLD's where the definitions overlap (a one-to-one map; TRL's ``log(clamp(x, 1e-8))``
+    only matters for probabilities below 1e-8, which it raises to 1e-8; TRL's per-sequence mean as
+    ``uld_loss`` says). A many-to-one map sums the teacher's tokens onto their student token (GOLD's
+    string match is one-to-one). Not fused: the matched term and the softmaxes run in PyTorch with
+    autograd (``[N, V]`` temporaries); ``backend="auto"`` computes the unmatched ULD without a sort
+    (``fastkd.losses.cross_tokenizer``), ``"reference"`` with one.
+    """
+    check_hybrid_args(student_logits, teacher_logits, vocab_map, beta, matched_weight, unmatched_weight)
+    check_uld_args(student_logits, teacher_logits, temperature, teacher_temperature, reduction, target, ignore_index,
+                   sample_weight, ce_weight, return_parts, None)
+    name = _resolve(backend, student_logits, teacher_logits)
+    return R.compute_hybrid(student_logits, teacher_logits, vocab_map, beta, matched_weight, unmatched_weight,
+                            temperature, teacher_temperature, reduction, target, ignore_index, sample_weight,
+                            ce_weight, return_parts, sorted_l1=_SortedL1.apply if name == "batched" else None)

@@ -21,7 +21,7 @@ from .classification import (
     mgd_loss,
     simkd_loss,
 )
-from .cross_tokenizer import uld_loss
+from .cross_tokenizer import hybrid_uld_loss, uld_loss
 from .divergence import (
     LossParts,
     forward_kl_loss,
@@ -36,5 +36,5 @@ from .divergence import (
 __all__ = [
     "kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "mgd_keep_mask", "simkd_loss", "ipw_weights",
     "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "kd_topk_loss", "topk_log_probs", "LossParts",
-    "uld_loss",
+    "uld_loss", "hybrid_uld_loss",
 ]
