@@ -23,6 +23,7 @@ from .core.divergence import LossParts  # noqa: E402
 from .core.topk import TopKTeacher  # noqa: E402
 from .core.vocab import MappedTeacher, VocabMap  # noqa: E402
 from .dispatch.backend import backends  # noqa: E402
+from .losses.align import Alignment, align_tokens, token_offsets  # noqa: E402
 from .functional import (  # noqa: E402
     ats_loss,
     dist_loss,
@@ -32,6 +33,7 @@ from .functional import (  # noqa: E402
     ipw_weights,
     jsd_loss,
     kd_loss,
+    merge_aligned,
     mgd_loss,
     reverse_kl_loss,
     simkd_loss,
@@ -45,5 +47,6 @@ __all__ = [
     "kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights",
     "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "TopKTeacher", "LossParts", "fused_linear_kd_loss",
     "uld_loss", "ULDParts", "VocabMap", "MappedTeacher", "hybrid_uld_loss", "HybridParts",
+    "align_tokens", "merge_aligned", "Alignment", "token_offsets",
     "backends", "set_value_checks", "nn", "reference", "cache", "__version__",
 ]

@@ -3,6 +3,7 @@
 Defined by family in ``fastkd.losses``; ``simkd_loss`` and ``ipw_weights`` are the
 reference's own (cheap, or not logit-sized: no fused kernel needed).
 """
+from .losses.align import merge_aligned
 from .losses.classification import ats_loss, dist_loss, dkd_loss, kd_loss, mgd_loss
 from .losses.cross_tokenizer import hybrid_uld_loss, uld_loss
 from .losses.divergence import forward_kl_loss, jsd_loss, reverse_kl_loss, skew_kl_loss, tvd_loss
@@ -11,4 +12,4 @@ from .reference.classification import ipw_weights, simkd_loss
 
 __all__ = ["kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights",
            "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "fused_linear_kd_loss",
-           "uld_loss", "hybrid_uld_loss"]
+           "uld_loss", "hybrid_uld_loss", "merge_aligned"]

@@ -16,6 +16,7 @@ PUBLIC_NAMES = {
         "reverse_kl_loss", "set_value_checks", "simkd_loss", "skew_kl_loss", "tvd_loss",
         # issue 23: across tokenizers
         "uld_loss", "ULDParts", "VocabMap", "MappedTeacher", "hybrid_uld_loss", "HybridParts",
+        "align_tokens", "merge_aligned", "Alignment", "token_offsets",
     ],
     "fastkd.nn": [
         "ATSLoss", "CosineCurriculum", "DISTLoss", "DKDLoss", "FusedLinearKDLoss", "GradientReversal", "JSDLoss",
@@ -24,7 +25,7 @@ PUBLIC_NAMES = {
     ],
     "fastkd.functional": [
         "ats_loss", "dist_loss", "dkd_loss", "ipw_weights", "jsd_loss", "kd_loss", "mgd_loss", "reverse_kl_loss",
-        "simkd_loss", "skew_kl_loss", "tvd_loss", "uld_loss", "hybrid_uld_loss",
+        "simkd_loss", "skew_kl_loss", "tvd_loss", "uld_loss", "hybrid_uld_loss", "merge_aligned",
     ],
     "fastkd.reference": [
         "LossParts", "ats_loss", "dist_loss", "dkd_loss", "ipw_weights", "jsd_loss", "kd_loss", "kd_topk_loss",

@@ -11,6 +11,7 @@ from .vocab import VocabMap
 
 __all__ = ["ULDParts", "HybridParts", "check_uld_args", "check_hybrid_args", "check_k"]
 
+INPUTS = ("logits", "log_probs")
 ULDParts = namedtuple("ULDParts", ["loss", "soft", "hard", "bound"])
 ULDParts.__doc__ = """``return_parts=True`` result of ``uld_loss``: ``loss = soft + ce_weight * hard`` (differentiable);
 ``soft`` (the reduced ULD term), ``hard`` (the reduced cross-entropy, 0 without a target) and
@@ -29,7 +30,7 @@ def check_k(k) -> None:
 
 
 def check_uld_args(student, teacher, temperature, teacher_temperature, reduction, target, ignore_index,
-                   sample_weight, ce_weight, return_parts, k) -> None:
+                   sample_weight, ce_weight, return_parts, k, inputs="logits") -> None:
     """The checks of ``uld_loss`` / ``hybrid_uld_loss`` on every backend: logits of any two vocabulary
     sizes with the same leading shape (one student row per teacher row), on one device."""
     v.check_logits("student_logits", student)
@@ -53,6 +54,11 @@ def check_uld_args(student, teacher, temperature, teacher_temperature, reduction
         v.check_positive("teacher_temperature", teacher_temperature)
     v.check_ce(ce_weight, return_parts, target)
     check_k(k)
+    if inputs not in INPUTS:
+        raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
+    if inputs == "log_probs" and (temperature != 1 or teacher_temperature not in (None, 1)):
+        raise ValueError("inputs='log_probs' takes the rows as given: temperature and teacher_temperature must be 1 "
+                         "(apply them to the logits before the log-softmax and the merge)")
 
 
 HybridParts = namedtuple("HybridParts", ["loss", "soft", "hard", "matched", "unmatched"])

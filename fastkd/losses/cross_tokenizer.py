@@ -179,7 +179,7 @@ def _topk_l1(q: torch.Tensor, p: torch.Tensor, k: int, want_q: bool, want_p: boo
     return loss, bound, g_q, g_p
 
 
-def _uld_rows(s, t, weight, target, temperature, t_temp, k, ce_weight, want_s, want_t, parts):
+def _uld_rows(s, t, weight, target, temperature, t_temp, k, ce_weight, want_s, want_t, parts, log_probs=False):
     """Row losses and the weighted gradients, chunk by chunk (arguments checked; rows ``[N, V]``)."""
     n, vs, vt = s.shape[0], s.shape[1], t.shape[1]
     dtype = compute_dtype(s, t)
@@ -197,10 +197,14 @@ def _uld_rows(s, t, weight, target, temperature, t_temp, k, ce_weight, want_s, w
         x, y = s[rows].to(dtype), t[rows].to(dtype)
         if not bool(read.all()):  # skipped rows are never read (a host read: this path syncs on a GPU)
             x, y = torch.where(read, x, 0.0), torch.where(read, y, 0.0)
-        q = torch.softmax(x / temperature if temperature != 1 else x, dim=1)
-        p = torch.softmax(y / t_temp if t_temp != 1 else y, dim=1)
-        # NaN or +inf logits, or a row of -inf, make the whole softmax row NaN: a NaN row
-        bad = q[:, :1].isnan() | p[:, :1].isnan()
+        if log_probs:  # given (e.g. merged) log-probabilities, not renormalised; <= 0 by definition
+            q, p = x.clamp(max=0.0).exp(), y.clamp(max=0.0).exp()
+            bad = q.sum(1, keepdim=True).isnan() | p.sum(1, keepdim=True).isnan()
+        else:
+            q = torch.softmax(x / temperature if temperature != 1 else x, dim=1)
+            p = torch.softmax(y / t_temp if t_temp != 1 else y, dim=1)
+            # NaN or +inf logits, or a row of -inf, make the whole softmax row NaN: a NaN row
+            bad = q[:, :1].isnan() | p[:, :1].isnan()
         any_bad = bool(bad.any())
         if any_bad:
             q, p = torch.where(bad, 0.0, q), torch.where(bad, 0.0, p)
@@ -218,8 +222,10 @@ def _uld_rows(s, t, weight, target, temperature, t_temp, k, ce_weight, want_s, w
         for want, g, prob, temp, out in ((want_s, g_q, q, temperature, grad_s), (want_t, g_p, p, t_temp, grad_t)):
             if not want:
                 continue
-            # dL/dx = w q (g - sum q g) / T, in place over the sign row
-            g.sub_(torch.einsum("ij,ij->i", prob, g).unsqueeze(1)).mul_(prob).mul_(w_col / temp)
+            # dL/dx = w q (g - sum q g) / T, in place over the sign row (log-probs as given: w q g)
+            if not log_probs:
+                g.sub_(torch.einsum("ij,ij->i", prob, g).unsqueeze(1))
+            g.mul_(prob).mul_(w_col / temp)
             if out is grad_s and ce_weight != 0:
                 ce = (x - lse1.unsqueeze(1)).exp_()
                 ce.scatter_add_(1, tgt, torch.full_like(w_col, -1.0))
@@ -235,10 +241,10 @@ class _ULDFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s, t, weight, target, options):
-        temperature, t_temp, k, ce_weight, reduce, parts = options
+        temperature, t_temp, k, ce_weight, reduce, parts, log_probs = options
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         soft, hard, bound, grad_s, grad_t = _uld_rows(s, t, weight, target, temperature, t_temp, k, ce_weight,
-                                                      want_s, want_t, parts)
+                                                      want_s, want_t, parts, log_probs)
         w = weight.double()
         out_dtype = torch.float64 if compute_dtype(s, t) == torch.float64 else torch.float32
         soft, hard, bound = soft * w, hard * w, bound * w
@@ -292,6 +298,7 @@ def uld_loss(
     ce_weight: float = 0.0,
     return_parts: bool = False,
     k: Optional[int] = None,
+    inputs: str = "logits",
     backend: str = "auto",
 ):
     """Universal Logit Distillation (Boizard et al. 2024) between vocabularies of any two sizes.
@@ -322,16 +329,20 @@ def uld_loss(
     shifted labels. TRL sorts both vocabularies per position (and loops per sequence); here no full
     sort runs (``fastkd.losses.cross_tokenizer``'s docstring states the passes).
 
+    ``inputs="log_probs"``: the rows are log-probabilities taken as given, not renormalised (e.g. the
+    merged distributions of ``fastkd.merge_aligned``; values above 0 are read as 0, the temperatures
+    must be 1: apply them before merging); ``q = exp(s)``, ``p = exp(t)``.
+
     ``backend``: ``"auto"`` runs that batched path (float64 inputs: the reference),
     ``"reference"`` the sort-based definition (autograd through ``torch.sort``); no compiled
     kernel yet.
     """
     check_uld_args(student_logits, teacher_logits, temperature, teacher_temperature, reduction, target, ignore_index,
-                   sample_weight, ce_weight, return_parts, k)
+                   sample_weight, ce_weight, return_parts, k, inputs)
     name = _resolve(backend, student_logits, teacher_logits)
     if name == "reference":
         return R.compute_uld(student_logits, teacher_logits, temperature, teacher_temperature, reduction, target,
-                             ignore_index, sample_weight, ce_weight, return_parts, k)
+                             ignore_index, sample_weight, ce_weight, return_parts, k, inputs)
     check_constant_weight(sample_weight, "auto")
     lead = student_logits.shape[:-1]
     s = student_logits.reshape(-1, student_logits.shape[-1])
@@ -341,7 +352,8 @@ def uld_loss(
         weight = weight * (s.shape[1] / max(s.shape[1], t.shape[1]))
     tgt = target.reshape(-1).to(torch.int64) if target is not None else None
     t_temp = temperature if teacher_temperature is None else teacher_temperature
-    options = (float(temperature), float(t_temp), k, float(ce_weight), reduction != "none", return_parts)
+    options = (float(temperature), float(t_temp), k, float(ce_weight), reduction != "none", return_parts,
+               inputs == "log_probs")
     outs = _ULDFunction.apply(s, t, weight, tgt, options)
     if reduction == "none":
         outs = tuple(o.reshape(lead) for o in outs)
@@ -380,6 +392,7 @@ def hybrid_uld_loss(
     sample_weight: Optional[torch.Tensor] = None,
     ce_weight: float = 0.0,
     return_parts: bool = False,
+    inputs: str = "logits",
     backend: str = "auto",
 ):
     """GOLD's hybrid ULD (TRL ``GOLDTrainer`` with ``uld_use_hybrid_loss``): tokens the two vocabularies
@@ -396,7 +409,7 @@ def hybrid_uld_loss(
     ``beta = 0`` / ``1``: the forward / reverse KL terms). ``w_m = vocab_map.matched_fraction`` (matched
     teacher tokens / ``V_t``) and ``w_u = 1 - w_m`` (GOLD's adaptive weighting), or the fixed
     ``matched_weight`` and ``unmatched_weight``. ``return_parts=True``: ``HybridParts(loss, soft, hard,
-    matched, unmatched)``. Rows, reductions, ``ce_weight``: as ``fastkd.uld_loss``.
+    matched, unmatched)``. Rows, reductions, ``ce_weight``, ``inputs``: as ``fastkd.uld_loss``.
 
     Equal to GOLD's where the definitions overlap (a one-to-one map; TRL's ``log(clamp(x, 1e-8))``
     only matters for probabilities below 1e-8, which it raises to 1e-8; TRL's per-sequence mean as
@@ -407,8 +420,8 @@ def hybrid_uld_loss(
     """
     check_hybrid_args(student_logits, teacher_logits, vocab_map, beta, matched_weight, unmatched_weight)
     check_uld_args(student_logits, teacher_logits, temperature, teacher_temperature, reduction, target, ignore_index,
-                   sample_weight, ce_weight, return_parts, None)
+                   sample_weight, ce_weight, return_parts, None, inputs)
     name = _resolve(backend, student_logits, teacher_logits)
     return R.compute_hybrid(student_logits, teacher_logits, vocab_map, beta, matched_weight, unmatched_weight,
                             temperature, teacher_temperature, reduction, target, ignore_index, sample_weight,
-                            ce_weight, return_parts, sorted_l1=_SortedL1.apply if name == "batched" else None)
+                            ce_weight, return_parts, inputs, sorted_l1=_SortedL1.apply if name == "batched" else None)

@@ -41,8 +41,16 @@ def sorted_l1_rows(q: torch.Tensor, p: torch.Tensor, k: Optional[int] = None):
     return head + (tail_a - tail_b).abs(), 2 * torch.minimum(tail_a, tail_b).detach()
 
 
+def probabilities(s, t, temperature, teacher_temperature, inputs):
+    """``(q, p)`` of rows ``s``, ``t``: softmax at the temperatures, or log-probabilities as given (<= 0)."""
+    if inputs == "log_probs":
+        return s.clamp(max=0.0).exp(), t.clamp(max=0.0).exp()
+    t_temp = temperature if teacher_temperature is None else teacher_temperature
+    return F.softmax(s / temperature, dim=1), F.softmax(t / t_temp, dim=1)
+
+
 def compute_uld(student, teacher, temperature, teacher_temperature, reduction, target, ignore_index, sample_weight,
-                ce_weight, return_parts, k):
+                ce_weight, return_parts, k, inputs="logits"):
     """The reference ULD loss, arguments already checked."""
     dtype = compute_dtype(student, teacher)
     lead = student.shape[:-1]
@@ -53,8 +61,7 @@ def compute_uld(student, teacher, temperature, teacher_temperature, reduction, t
     if read is not None:  # skipped rows are never read (NaN there changes nothing)
         s = torch.where(read.unsqueeze(1), s, torch.zeros((), dtype=dtype))
         t = torch.where(read.unsqueeze(1), t, torch.zeros((), dtype=dtype))
-    t_temp = temperature if teacher_temperature is None else teacher_temperature
-    soft, bound = sorted_l1_rows(F.softmax(s / temperature, dim=1), F.softmax(t / t_temp, dim=1), k)
+    soft, bound = sorted_l1_rows(*probabilities(s, t, temperature, teacher_temperature, inputs), k)
     hard = torch.zeros_like(soft)
     if target is not None and (ce_weight != 0 or return_parts):
         tgt = target.reshape(n).to(torch.int64)
@@ -78,16 +85,17 @@ def compute_uld(student, teacher, temperature, teacher_temperature, reduction, t
 
 
 def uld_loss(student_logits, teacher_logits, *, temperature=1.0, teacher_temperature=None, reduction="batchmean",
-             target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False, k=None):
+             target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False, k=None,
+             inputs="logits"):
     """Universal Logit Distillation: per row ``sum_i |sort(q)_i - sort(p)_i|`` (module docstring).
 
     ``teacher_temperature`` (default: ``temperature``) divides the teacher's logits. No ``T^2``
     factor. Student ``[..., V_s]`` and teacher ``[..., V_t]`` share the leading shape.
     """
     check_uld_args(student_logits, teacher_logits, temperature, teacher_temperature, reduction, target,
-                   ignore_index, sample_weight, ce_weight, return_parts, k)
+                   ignore_index, sample_weight, ce_weight, return_parts, k, inputs)
     return compute_uld(student_logits, teacher_logits, temperature, teacher_temperature, reduction, target,
-                       ignore_index, sample_weight, ce_weight, return_parts, k)
+                       ignore_index, sample_weight, ce_weight, return_parts, k, inputs)
 
 
 # ----------------------------------------------------------------------------
@@ -125,7 +133,7 @@ def hybrid_weights(vocab_map, matched_weight, unmatched_weight):
 
 def compute_hybrid(student, teacher, vocab_map, beta, matched_weight, unmatched_weight, temperature,
                    teacher_temperature, reduction, target, ignore_index, sample_weight, ce_weight, return_parts,
-                   sorted_l1=None):
+                   inputs="logits", sorted_l1=None):
     """The hybrid loss, arguments checked (``fastkd.hybrid_uld_loss``); ``sorted_l1`` as ``hybrid_rows``."""
     dtype = compute_dtype(student, teacher)
     lead = student.shape[:-1]
@@ -136,9 +144,8 @@ def compute_hybrid(student, teacher, vocab_map, beta, matched_weight, unmatched_
     if read is not None:
         s = torch.where(read.unsqueeze(1), s, torch.zeros((), dtype=dtype))
         t = torch.where(read.unsqueeze(1), t, torch.zeros((), dtype=dtype))
-    t_temp = temperature if teacher_temperature is None else teacher_temperature
     vm = vocab_map.to(s.device) if vocab_map.teacher_to_student.device != s.device else vocab_map
-    matched, unmatched = hybrid_rows(F.softmax(s / temperature, dim=1), F.softmax(t / t_temp, dim=1), vm, beta,
+    matched, unmatched = hybrid_rows(*probabilities(s, t, temperature, teacher_temperature, inputs), vm, beta,
                                      sorted_l1)
     w_m, w_u = hybrid_weights(vm, matched_weight, unmatched_weight)
     soft = w_m * matched + w_u * unmatched
@@ -167,11 +174,12 @@ def compute_hybrid(student, teacher, vocab_map, beta, matched_weight, unmatched_
 
 def hybrid_uld_loss(student_logits, teacher_logits, vocab_map, *, beta=0.5, matched_weight=None,
                     unmatched_weight=None, temperature=1.0, teacher_temperature=None, reduction="batchmean",
-                    target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False):
+                    target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False,
+                    inputs="logits"):
     """GOLD's hybrid ULD (``fastkd.hybrid_uld_loss``), sort-based, by autograd."""
     check_hybrid_args(student_logits, teacher_logits, vocab_map, beta, matched_weight, unmatched_weight)
     check_uld_args(student_logits, teacher_logits, temperature, teacher_temperature, reduction, target,
-                   ignore_index, sample_weight, ce_weight, return_parts, None)
+                   ignore_index, sample_weight, ce_weight, return_parts, None, inputs)
     return compute_hybrid(student_logits, teacher_logits, vocab_map, beta, matched_weight, unmatched_weight,
                           temperature, teacher_temperature, reduction, target, ignore_index, sample_weight, ce_weight,
-                          return_parts)
+                          return_parts, inputs)
