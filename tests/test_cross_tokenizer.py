@@ -5,11 +5,25 @@ import pytest
 import torch
 
 import fastkd
+from fastkd.dispatch import ops as _ops
+from fastkd.losses import cross_tokenizer as X
 from fastkd.losses.cross_tokenizer import sorted_l1_batched
 from fastkd.reference import cross_tokenizer as R
 
 # (leading shape, V_s, V_t): equal vocabularies, either side larger, a row wider than a chunk's column
 # tables (2048 buckets), odd sizes
+# the CPU kernel (fastkd::uld_fwd) where this build has it, and the batched PyTorch path (what GPU tensors run)
+PATHS = ["batched"] + (["cpu"] if _ops.has_kernel("uld_fwd", "CPU") else [])
+
+
+@pytest.fixture
+def path(request, monkeypatch):
+    """Make backend="auto" take the path named by the test's parameter."""
+    if request.param == "batched":
+        monkeypatch.setattr(X._ops, "has_kernel", lambda *a: False)
+    return request.param
+
+
 SHAPES = [((6,), 100, 170), ((3, 5), 1271, 401), ((4,), 37, 37), ((2, 3), 5000, 3001)]
 
 
@@ -73,9 +87,10 @@ def _both(s, t, **kw):
     return out, ref, (sf.grad, sd.grad), (tf.grad, td.grad)
 
 
+@pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("k", [None, 1, 7, 300])
 @pytest.mark.parametrize("lead,vs,vt", SHAPES)
-def test_batched_matches_reference(lead, vs, vt, k):
+def test_batched_matches_reference(lead, vs, vt, k, path):
     s, t = make(lead, vs, vt)
     out, ref, gs, gt = _both(s, t, temperature=2.0, teacher_temperature=1.5, k=k)
     assert abs(out.item() - ref.item()) <= 1e-5 * abs(ref.item())
@@ -83,8 +98,10 @@ def test_batched_matches_reference(lead, vs, vt, k):
     assert rel(gt[0].double(), gt[1]) < 1e-5
 
 
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("k", [None, 50])
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
-def test_rows_weights_ce_parts(reduction):
+def test_rows_weights_ce_parts(reduction, k, path):
     lead, vs, vt = (4, 6), 900, 1400
     s, t = make(lead, vs, vt, seed=1)
     target = torch.randint(0, vs, lead)
@@ -95,7 +112,7 @@ def test_rows_weights_ce_parts(reduction):
     sw[1, 0] = 0.0
     s[1, 0] = float("inf")
     out, ref, gs, gt = _both(s, t, reduction=reduction, target=target, sample_weight=sw, ce_weight=0.3,
-                             return_parts=True, k=50)
+                             return_parts=True, k=k)
     for a, b in zip(out, ref):
         assert a.dtype == torch.float32 and b.dtype == torch.float64
         assert torch.allclose(a.double(), b, rtol=2e-5, atol=1e-7)
@@ -115,7 +132,8 @@ def test_k_bound_brackets_the_exact_value():
     assert fastkd.uld_loss(s, t, return_parts=True).bound == 0
 
 
-def test_non_contiguous_and_low_precision():
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_non_contiguous_and_low_precision(path):
     s, t = make((40,), 301, 203)
     s_nc = s.t().contiguous().t()  # column-major rows
     t_nc = torch.cat([t, t], dim=1)[:, ::2]
@@ -129,9 +147,11 @@ def test_non_contiguous_and_low_precision():
     assert abs(loss.item() - ref.item()) < 1e-5 and sb.grad.dtype == torch.bfloat16
 
 
-def test_nan_in_a_counted_row():
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_in_a_counted_row(bad, path):
     s, t = make((5,), 300, 400)
-    s[2, 7] = float("nan")
+    s[2, 7] = bad
     sr = s.clone().requires_grad_()
     loss = fastkd.uld_loss(sr, t, reduction="none")
     loss.sum().backward()
@@ -150,7 +170,8 @@ def test_gradcheck_reference_and_module():
     assert torch.allclose(module(x, y), fastkd.uld_loss(x, y, temperature=2.0, k=5))
 
 
-def test_backward_twice_raises():
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_backward_twice_raises(path):
     s, t = make((3,), 50, 60)
     s.requires_grad_()
     loss = fastkd.uld_loss(s, t)
@@ -164,7 +185,10 @@ def test_backward_twice_raises():
     (dict(k=0), "k must be"),
     (dict(k=2.0), "k must be"),
     (dict(teacher_temperature=0.0), "teacher_temperature"),
-    (dict(backend="cpu"), "no ULD kernel"),
+    (dict(backend="cuda"), "no ULD kernel"),
+    (dict(backend="cpu", k=3), "exact ULD"),
+    (dict(inputs="probs"), "inputs must be"),
+    (dict(inputs="log_probs", temperature=2.0), "must be 1"),
     (dict(ce_weight=1.0), "needs target"),
 ])
 def test_bad_input(bad, match):
@@ -188,8 +212,9 @@ def trl_uld(**config):
     return gold.ULDLoss(types.SimpleNamespace(**defaults))
 
 
+@pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("ts,tt", [(1.0, 1.0), (2.0, 0.7)])
-def test_matches_trl_uld(ts, tt):
+def test_matches_trl_uld(ts, tt, path):
     uld = trl_uld(uld_student_temperature=ts, uld_teacher_temperature=tt)
     b, seq, vs, vt = 3, 6, 300, 451
     s, t = make((b, seq), vs, vt, seed=3, dtype=torch.float64)
@@ -285,3 +310,26 @@ def test_hybrid_parts_rows_and_many_to_one():
         fastkd.hybrid_uld_loss(s[..., :100], t, vm)
     with pytest.raises(TypeError, match="VocabMap"):
         fastkd.hybrid_uld_loss(s, t, table)
+    module = fastkd.nn.HybridULDLoss(vm, beta=0.3)
+    assert "beta=0.3" in repr(module)
+    assert torch.allclose(module(s, t, target=target), fastkd.hybrid_uld_loss(s, t, vm, beta=0.3, target=target))
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_far_tails_and_masked_columns(path):
+    # logits spread over +-60: most probabilities far below 2^-60 (the CPU kernel's lowest bucket), and
+    # -inf columns (probability exactly 0) on both sides
+    s, t = make((6,), 3000, 4500, scale=20.0, seed=8)
+    s[:, ::7] = float("-inf")
+    t[:, 1::5] = float("-inf")
+    out, ref, gs, gt = _both(s, t, temperature=1.0)
+    assert abs(out.item() - ref.item()) <= 1e-5 * ref.item()
+    assert rel(gs[0].double(), gs[1]) < 1e-5 and rel(gt[0].double(), gt[1]) < 1e-5
+    assert (gs[0][:, ::7] == 0).all()
+
+
+@pytest.mark.skipif(not _ops.has_kernel("uld_fwd", "CPU"), reason="this build of fastkd._C has no uld_fwd")
+def test_uld_fwd_opcheck():
+    s, t = make((5,), 70, 90)
+    args = (s.requires_grad_(), t, torch.randint(0, 70, (5,)), torch.rand(5), 2.0, 1.0, 0.5, True, True, False)
+    torch.library.opcheck(torch.ops.fastkd.uld_fwd.default, args, test_utils=("test_schema", "test_faketensor"))

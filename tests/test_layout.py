@@ -21,7 +21,7 @@ PUBLIC_NAMES = {
     "fastkd.nn": [
         "ATSLoss", "CosineCurriculum", "DISTLoss", "DKDLoss", "FusedLinearKDLoss", "GradientReversal", "JSDLoss",
         "KDLoss", "LearnableTemperature", "MGDLoss", "ReverseKLLoss", "SimKD", "SkewKLLoss", "TVDLoss",
-        "ULDLoss",
+        "ULDLoss", "HybridULDLoss",
     ],
     "fastkd.functional": [
         "ats_loss", "dist_loss", "dkd_loss", "ipw_weights", "jsd_loss", "kd_loss", "mgd_loss", "reverse_kl_loss",

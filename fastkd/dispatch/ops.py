@@ -110,6 +110,17 @@ def _register_divergence():
     register_loss_autograd("fastkd::divergence_fwd", {0: 3, 1: 4})
 
 
+def _register_uld():
+    @torch.library.register_fake("fastkd::uld_fwd")
+    def _(student, teacher, target, row_weight, temperature, teacher_temperature, ce_weight, reduce, grad_student,
+          grad_teacher):
+        loss = _loss(student, reduce)
+        return (loss, torch.empty_like(loss), torch.empty_like(loss), _empty_grad(student, grad_student),
+                _empty_grad(teacher, grad_teacher))
+
+    register_loss_autograd("fastkd::uld_fwd", {0: 3, 1: 4})
+
+
 if LOAD_ERROR is None:
     _register_kd()
     if _declared("ats_fwd"):  # all of these are declared together in csrc/ops.cpp
@@ -118,3 +129,5 @@ if LOAD_ERROR is None:
         _register_mgd()
     if _declared("divergence_fwd"):
         _register_divergence()
+    if _declared("uld_fwd"):
+        _register_uld()

@@ -45,11 +45,13 @@ import torch
 from ..core.autograd import scale_stored_grad
 from ..core.checks import BACKENDS, check_constant_weight
 from ..core.cross_tokenizer import HybridParts, ULDParts, check_hybrid_args, check_uld_args
-from ..core.rows import compute_dtype, row_weights
+from ..core.rows import compute_dtype, row_view, row_weights, wants_grad
+from ..dispatch import ops as _ops
 from ..reference import cross_tokenizer as R
 
 __all__ = ["uld_loss", "hybrid_uld_loss", "ULDParts", "HybridParts", "sorted_l1_batched"]
 
+_NO_IDS = torch.empty(0, dtype=torch.int64)
 SUB_BITS = 4  # mantissa bits in a bucket key: 16 buckets per octave of probability
 REFINE_BITS = 7  # more bits per refinement level of the ambiguous buckets (128 cells each)
 CHUNK_ELEMENTS = 1 << 22  # rows per chunk: about this many logits of both sides together
@@ -271,17 +273,29 @@ class _ULDFunction(torch.autograd.Function):
         return grads[0], grads[1], None, None, None
 
 
-def _resolve(backend, student, teacher) -> str:
-    """"reference" (sort, autograd) or "batched" (this module's path, PyTorch on any device)."""
+def _resolve(backend, student, teacher, kernel_case: bool = False) -> str:
+    """"reference" (sort, autograd), "cpu" (``fastkd::uld_fwd``: exact ULD of logits on CPU tensors) or
+    "batched" (this module's PyTorch path, any device). ``kernel_case``: the call is one the op computes."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference" or (backend == "auto" and torch.float64 in (student.dtype, teacher.dtype)):
+    f64 = torch.float64 in (student.dtype, teacher.dtype)
+    if backend == "reference" or (backend == "auto" and f64):
         return "reference"
+    reason = None if kernel_case else "it computes exact ULD (k=None) of logits (inputs='logits') only"
+    if student.device.type != "cpu":
+        reason = f"it runs on CPU tensors, got {student.device}"
+    elif not _ops.has_kernel("uld_fwd", "CPU"):
+        reason = _ops.LOAD_ERROR or "this build of fastkd._C has no fastkd::uld_fwd"
     if backend == "auto":
-        return "batched"
+        return "batched" if reason else "cpu"
+    if backend == "cpu" and not f64 and reason is None:
+        return "cpu"
+    if backend == "cpu":
+        raise ValueError(f"backend 'cpu' cannot run this ULD call: {reason or 'it computes in float32'}; "
+                         "backend='auto' picks the batched PyTorch path, 'reference' the sort-based definition")
     raise ValueError(
-        f"backend '{backend}' has no ULD kernel yet; backend='auto' runs fastkd's batched PyTorch path "
-        "(no full sort; any device), backend='reference' the sort-based definition"
+        f"backend '{backend}' has no ULD kernel yet; backend='auto' runs the CPU kernel or fastkd's batched "
+        "PyTorch path (no full sort; any device), backend='reference' the sort-based definition"
     )
 
 
@@ -333,13 +347,14 @@ def uld_loss(
     merged distributions of ``fastkd.merge_aligned``; values above 0 are read as 0, the temperatures
     must be 1: apply them before merging); ``q = exp(s)``, ``p = exp(t)``.
 
-    ``backend``: ``"auto"`` runs that batched path (float64 inputs: the reference),
-    ``"reference"`` the sort-based definition (autograd through ``torch.sort``); no compiled
-    kernel yet.
+    ``backend``: ``"auto"`` runs the CPU kernel ``fastkd::uld_fwd`` (``csrc/cpu/uld.cpp``: CPU tensors,
+    ``k=None``, logits) or else the batched PyTorch path (float64 inputs: the reference);
+    ``"cpu"`` the kernel only; ``"reference"`` the sort-based definition (autograd through
+    ``torch.sort``). No CUDA or Triton kernel yet (GPU tensors run the batched path).
     """
     check_uld_args(student_logits, teacher_logits, temperature, teacher_temperature, reduction, target, ignore_index,
                    sample_weight, ce_weight, return_parts, k, inputs)
-    name = _resolve(backend, student_logits, teacher_logits)
+    name = _resolve(backend, student_logits, teacher_logits, k is None and inputs == "logits")
     if name == "reference":
         return R.compute_uld(student_logits, teacher_logits, temperature, teacher_temperature, reduction, target,
                              ignore_index, sample_weight, ce_weight, return_parts, k, inputs)
@@ -352,6 +367,16 @@ def uld_loss(
         weight = weight * (s.shape[1] / max(s.shape[1], t.shape[1]))
     tgt = target.reshape(-1).to(torch.int64) if target is not None else None
     t_temp = temperature if teacher_temperature is None else teacher_temperature
+    if name == "cpu":
+        wants_ce = tgt is not None and (ce_weight != 0 or return_parts)
+        s, t = row_view(student_logits), row_view(teacher_logits)
+        loss, soft, hard, _, _ = torch.ops.fastkd.uld_fwd(
+            s, t, tgt.contiguous() if wants_ce else _NO_IDS, weight, float(temperature), float(t_temp),
+            float(ce_weight), reduction != "none", wants_grad(s), wants_grad(t))
+        outs = [loss, soft.detach(), hard.detach(), torch.zeros_like(soft)]
+        if reduction == "none":
+            outs = [o.reshape(lead) for o in outs]
+        return ULDParts(*outs) if return_parts else outs[0]
     options = (float(temperature), float(t_temp), k, float(ce_weight), reduction != "none", return_parts,
                inputs == "log_probs")
     outs = _ULDFunction.apply(s, t, weight, tgt, options)

@@ -3,12 +3,12 @@
 By family: ``classification`` (``KDLoss``, ``DKDLoss`` with mdistiller's warm-up, ``ATSLoss``,
 ``DISTLoss``; the feature methods ``MGDLoss`` and ``SimKD``, which own their layers), ``ctkd``
 (curriculum temperature: ``LearnableTemperature``, ``GradientReversal``, ``CosineCurriculum``),
-``cross_tokenizer`` (``ULDLoss``), ``divergence`` (``ForwardKLLoss``, ``ReverseKLLoss``, ``JSDLoss``, ``SkewKLLoss``, ``TVDLoss``) and ``fused_linear``
+``cross_tokenizer`` (``ULDLoss``, ``HybridULDLoss``), ``divergence`` (``ForwardKLLoss``, ``ReverseKLLoss``, ``JSDLoss``, ``SkewKLLoss``, ``TVDLoss``) and ``fused_linear``
 (``FusedLinearKDLoss``, the LM head fused with the loss); ``base.RowLoss`` holds the row options
 they share. Formulas and semantics: ``docs/methods.md`` and each functional's docstring.
 """
 from .classification import ATSLoss, DISTLoss, DKDLoss, KDLoss, MGDLoss, SimKD
-from .cross_tokenizer import ULDLoss
+from .cross_tokenizer import HybridULDLoss, ULDLoss
 from .ctkd import CosineCurriculum, GradientReversal, LearnableTemperature
 from .divergence import ForwardKLLoss, JSDLoss, ReverseKLLoss, SkewKLLoss, TVDLoss
 from .fused_linear import FusedLinearKDLoss
@@ -16,5 +16,5 @@ from .fused_linear import FusedLinearKDLoss
 __all__ = [
     "KDLoss", "DKDLoss", "ATSLoss", "DISTLoss", "MGDLoss", "SimKD", "GradientReversal", "CosineCurriculum",
     "LearnableTemperature", "ForwardKLLoss", "ReverseKLLoss", "JSDLoss", "SkewKLLoss", "TVDLoss", "FusedLinearKDLoss",
-    "ULDLoss",
+    "ULDLoss", "HybridULDLoss",
 ]
