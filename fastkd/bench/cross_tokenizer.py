@@ -86,9 +86,10 @@ def main(argv=None):
     t = torch.randn(args.batch, args.seq, args.vt) * 2
     grad_mb = s.numel() * 4 / 2**20
     rows = []
-    chosen = providers(s, t, args.skip_trl)
-    if args.only:
-        chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
+    wanted = args.only.split(",") if args.only else None
+    chosen = providers(s, t, args.skip_trl or (wanted is not None and "trl uld" not in wanted))
+    if wanted:
+        chosen = {k: v for k, v in chosen.items() if k in wanted}
     for name, fn in chosen.items():
         x = s.clone().requires_grad_()
 
