@@ -333,3 +333,14 @@ def test_uld_fwd_opcheck():
     s, t = make((5,), 70, 90)
     args = (s.requires_grad_(), t, torch.randint(0, 70, (5,)), torch.rand(5), 2.0, 1.0, 0.5, True, True, False)
     torch.library.opcheck(torch.ops.fastkd.uld_fwd.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_bench_runs_every_provider(tmp_path, capsys):
+    from fastkd.bench import cross_tokenizer as bench
+
+    out = tmp_path / "uld.csv"
+    rows = bench.main(["--batch", "2", "--seq", "3", "--vs", "300", "--vt", "500", "--reps", "1", "--csv", str(out)])
+    names = {r["provider"] for r in rows}
+    assert {"fastkd uld", "fastkd uld batched", "fastkd uld k=64", "fastkd hybrid", "fastkd kd"} <= names
+    assert all(r["seconds"] > 0 for r in rows) and out.read_text().startswith("provider,")
+    assert "fastkd uld / fastkd kd" in capsys.readouterr().out
