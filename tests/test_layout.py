@@ -17,22 +17,27 @@ PUBLIC_NAMES = {
         "teacher_topk", "topk_from_logits",  # issue 21
         # issue 22
         "jeffreys_loss", "triangular_loss",
+        # issue 23: across tokenizers
+        "uld_loss", "ULDParts", "VocabMap", "MappedTeacher", "hybrid_uld_loss", "HybridParts",
+        "align_tokens", "merge_aligned", "Alignment", "token_offsets",
     ],
     "fastkd.nn": [
         "ATSLoss", "CosineCurriculum", "DISTLoss", "DKDLoss", "FusedLinearKDLoss", "GradientReversal", "JSDLoss",
         "KDLoss", "LearnableTemperature", "MGDLoss", "ReverseKLLoss", "SimKD", "SkewKLLoss", "TVDLoss",
-        "JeffreysLoss", "TriangularLoss",
+        "JeffreysLoss", "TriangularLoss", "ULDLoss", "HybridULDLoss",
     ],
     "fastkd.functional": [
         "ats_loss", "dist_loss", "dkd_loss", "ipw_weights", "jsd_loss", "kd_loss", "mgd_loss", "reverse_kl_loss",
         "simkd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss", "triangular_loss",
         "teacher_topk", "topk_from_logits",  # issue 21
+        "uld_loss", "hybrid_uld_loss", "merge_aligned",
     ],
     "fastkd.teacher": ["teacher_topk", "topk_from_logits"],
     "fastkd.reference": [
         "LossParts", "ats_loss", "dist_loss", "dkd_loss", "ipw_weights", "jsd_loss", "kd_loss", "kd_topk_loss",
         "mgd_keep_mask", "mgd_loss", "reverse_kl_loss", "simkd_loss", "skew_kl_loss", "topk_log_probs", "tvd_loss",
         "jeffreys_loss", "triangular_loss",
+        "uld_loss",
     ],
     "fastkd.cache": ["CacheError", "TeacherCache", "TeacherCacheWriter", "collate", "from_axolotl", "to_axolotl"],
     "fastkd.distributed": [

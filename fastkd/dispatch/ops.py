@@ -120,6 +120,17 @@ def _register_topk():
                 logits.new_empty((n,), **f32), logits.new_empty((n, 2), **f32))
 
 
+def _register_uld():
+    @torch.library.register_fake("fastkd::uld_fwd")
+    def _(student, teacher, target, row_weight, temperature, teacher_temperature, ce_weight, reduce, grad_student,
+          grad_teacher):
+        loss = _loss(student, reduce)
+        return (loss, torch.empty_like(loss), torch.empty_like(loss), _empty_grad(student, grad_student),
+                _empty_grad(teacher, grad_teacher))
+
+    register_loss_autograd("fastkd::uld_fwd", {0: 3, 1: 4})
+
+
 if LOAD_ERROR is None:
     _register_kd()
     if _declared("ats_fwd"):  # all of these are declared together in csrc/ops.cpp
@@ -130,3 +141,5 @@ if LOAD_ERROR is None:
         _register_divergence()
     if _declared("topk_fwd"):
         _register_topk()
+    if _declared("uld_fwd"):
+        _register_uld()

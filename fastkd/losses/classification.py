@@ -18,6 +18,7 @@ from ..core import mask as _mask
 from ..core.divergence import LossParts
 from ..core.rows import gapped_period, row_view, row_weights, temperature_rows, wants_grad
 from ..core.topk import TopKTeacher
+from ..core.vocab import MappedTeacher
 from ..dispatch.backend import implementation, resolve
 from ..reference import classification as reference
 from . import divergence as _divergence
@@ -91,6 +92,10 @@ def kd_loss(
     global ids); the loss is that of the whole vocabulary, on every rank, with O(rows)
     communication (``fastkd.distributed``; a tensor temperature with dense teacher logits only).
     """
+    if isinstance(teacher_logits, MappedTeacher):  # another tokenizer: its top-k buckets at T
+        if isinstance(temperature, torch.Tensor):
+            raise TypeError("kd_loss with a MappedTeacher takes a float temperature (the projection runs at it)")
+        teacher_logits = _divergence.mapped_as_topk(student_logits, teacher_logits, temperature, process_group)
     if process_group is None:
         student_logits, teacher_logits = _divergence.align_teacher_vocab(student_logits, teacher_logits,
                                                                          teacher_vocab)

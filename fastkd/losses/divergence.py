@@ -38,6 +38,7 @@ from ..core.divergence import (
 )
 from ..core.rows import GappedRows, from_gapped, gapped_period, row_view, row_weights, to_gapped, wants_grad
 from ..core.topk import PAD_ID, TopKTeacher
+from ..core.vocab import MappedTeacher
 from ..dispatch.backend import implementation, resolve
 from ..reference import divergence as R
 
@@ -146,10 +147,23 @@ def align_teacher_vocab(student, teacher, teacher_vocab: str):
     return torch.nn.functional.pad(student, (0, t_vocab - vocab), value=float("-inf")), teacher
 
 
+def mapped_as_topk(student, teacher, temperature, process_group=None):
+    """A ``MappedTeacher`` as the top-k buckets it projects onto at ``temperature``; anything else unchanged."""
+    if not isinstance(teacher, MappedTeacher):
+        return teacher
+    if process_group is not None:
+        raise ValueError("a MappedTeacher cannot be used with process_group (its projection needs the whole "
+                         "student vocabulary on each rank)")
+    v.check_positive("temperature", temperature)
+    teacher.check_against(student)
+    return teacher.as_topk(temperature)
+
+
 def _divergence_loss(kind: str, params: dict, student, teacher: Teacher, temperature, reduction, target,
                      ignore_index, sample_weight, ce_weight, return_parts, process_group, backend: str,
                      teacher_vocab: str = "truncate"):
     """The body of every public divergence: the sharded loss with a process group, else check and dispatch."""
+    teacher = mapped_as_topk(student, teacher, temperature, process_group)
     if process_group is None:
         student, teacher = align_teacher_vocab(student, teacher, teacher_vocab)
     if process_group is not None:
@@ -338,7 +352,9 @@ def kd_topk_loss(student_logits, teacher: TopKTeacher, temperature=4.0, *, reduc
 _DETAIL = """
     ``t``: teacher logits ``[..., V]`` (same shape as ``s``) or a ``fastkd.TopKTeacher``
     (``[..., K]`` ids and log-probs taken as given; ``temperature`` then divides the
-    student only, and the divergence is over its K + 1 buckets, or K renormalised).
+    student only, and the divergence is over its K + 1 buckets, or K renormalised), or a
+    ``fastkd.MappedTeacher`` (a teacher with another tokenizer: ``softmax(t / T)`` summed onto the
+    matched student tokens, then as a ``TopKTeacher`` over them).
 
     No ``T^2`` factor (as TRL, Liger and DistiLLM; ``kd_loss`` keeps Hinton's ``T^2``).
 

@@ -3,12 +3,13 @@
 By family: ``classification`` (``KDLoss``, ``DKDLoss`` with mdistiller's warm-up, ``ATSLoss``,
 ``DISTLoss``; the feature methods ``MGDLoss`` and ``SimKD``, which own their layers), ``ctkd``
 (curriculum temperature: ``LearnableTemperature``, ``GradientReversal``, ``CosineCurriculum``),
-``divergence`` (``ForwardKLLoss``, ``ReverseKLLoss``, ``JSDLoss``, ``SkewKLLoss``, ``TVDLoss``, ``JeffreysLoss``,
-``TriangularLoss``) and ``fused_linear``
+``cross_tokenizer`` (``ULDLoss``, ``HybridULDLoss``), ``divergence`` (``ForwardKLLoss``, ``ReverseKLLoss``, ``JSDLoss``,
+``SkewKLLoss``, ``TVDLoss``, ``JeffreysLoss``, ``TriangularLoss``) and ``fused_linear``
 (``FusedLinearKDLoss``, the LM head fused with the loss); ``base.RowLoss`` holds the row options
 they share. Formulas and semantics: ``docs/methods.md`` and each functional's docstring.
 """
 from .classification import ATSLoss, DISTLoss, DKDLoss, KDLoss, MGDLoss, SimKD
+from .cross_tokenizer import HybridULDLoss, ULDLoss
 from .ctkd import CosineCurriculum, GradientReversal, LearnableTemperature
 from .divergence import ForwardKLLoss, JeffreysLoss, JSDLoss, ReverseKLLoss, SkewKLLoss, TriangularLoss, TVDLoss
 from .fused_linear import FusedLinearKDLoss
@@ -16,5 +17,5 @@ from .fused_linear import FusedLinearKDLoss
 __all__ = [
     "KDLoss", "DKDLoss", "ATSLoss", "DISTLoss", "MGDLoss", "SimKD", "GradientReversal", "CosineCurriculum",
     "LearnableTemperature", "ForwardKLLoss", "ReverseKLLoss", "JSDLoss", "SkewKLLoss", "TVDLoss", "JeffreysLoss",
-    "TriangularLoss", "FusedLinearKDLoss",
+    "TriangularLoss", "FusedLinearKDLoss", "ULDLoss", "HybridULDLoss",
 ]

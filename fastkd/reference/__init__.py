@@ -7,6 +7,7 @@ favour obviousness over speed (each materialises its ``[N, C]`` temporaries); ma
 these. Conventions shared by every logit loss: ``fastkd.reference.classification``.
 
 * ``classification``: KD, DKD, ATS, DIST, MGD, SimKD, IPWD's weights;
+* ``cross_tokenizer``: ULD (sorted probabilities, vocabularies of different sizes);
 * ``divergence``: the language-model divergences, top-k teachers, and
   ``divergence_fwd``, the fused row op in plain PyTorch.
 """
@@ -20,6 +21,7 @@ from .classification import (
     mgd_loss,
     simkd_loss,
 )
+from .cross_tokenizer import hybrid_uld_loss, uld_loss
 from .divergence import (
     LossParts,
     forward_kl_loss,
@@ -36,5 +38,5 @@ from .divergence import (
 __all__ = [
     "kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "mgd_keep_mask", "simkd_loss", "ipw_weights",
     "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss",
-    "triangular_loss", "kd_topk_loss", "topk_log_probs", "LossParts",
+    "triangular_loss", "kd_topk_loss", "topk_log_probs", "LossParts", "uld_loss", "hybrid_uld_loss",
 ]

@@ -1,0 +1,452 @@
+"""Distillation across tokenizers: ULD (``uld_loss``), batched, with no full sort of either vocabulary.
+
+``uld_loss(s, t)``: per row ``sum_i |a_i - b_i|`` with ``a``, ``b`` the student's and the teacher's
+probabilities sorted in descending order, the shorter zero-padded (formulas, ``k``'s bound:
+``fastkd.reference.cross_tokenizer``). Exact (``k=None``) without sorting, from the identity
+(``N_q(u) = #{c : q_c > u}``, the counting function of a row; 1-D optimal transport)::
+
+    sum_i |a_i - b_i| = integral_0^1 |N_q(u) - N_p(u)| du
+
+Per row chunk, in PyTorch (any device), the passes over ``[rows, V_s]`` and ``[rows, V_t]``:
+
+1. ``q = softmax(s / T)``, ``p = softmax(t / T_t)``;
+2. each probability's bucket: the top bits of its float (exponent and 4 mantissa bits: 16 buckets
+   per octave, ``[lo_k, hi_k)``), and per row and bucket the count and the sum of each side
+   (two ``scatter_add``; ``[rows, 2048]`` float64 tables for float32);
+3. per bucket (table-sized math): ``C_q``, ``C_p`` = counts above the bucket; on the bucket
+   ``integral N_q = C_q (hi - lo) + sum_q - cnt_q lo``. Where ``C_q >= C_p + cnt_p`` (or the
+   reverse) ``N_q - N_p`` keeps one sign across the bucket, so the bucket adds
+   ``|integral N_q - integral N_p|`` and every gradient in it is that sign: ``+1`` for the dominant
+   side's probabilities, ``-1`` for the other's (``d/da_i |a_i - b_i| = sign(a_i - b_i)``);
+4. the elements of the other ("ambiguous") buckets, where the counting functions may cross, are
+   ordered within their bucket (one stable sort of those elements only) and integrated exactly
+   segment by segment; their gradient sign is the sign of ``N_q - N_p`` just above them;
+5. the gradient ``dL/ds = w q (g - sum_c q_c g_c) / T`` (``g = +-1``), and the teacher's alike,
+   written into the stored gradient rows (``[N, V]``, the only full-size output).
+
+Ambiguous buckets hold few elements when the two rows' shapes differ (the usual case: head
+crossings hold a handful of tokens); in the worst case (student equal to the teacher) every bucket
+is ambiguous and step 4 sorts the whole row, the cost of the sort-based definition.
+
+``k=K``: ``torch.topk`` of each side (issue 21's fused selection, ``fastkd.topk_from_logits``,
+plugs in here), the K pairs exactly plus the two tails' masses as one pair; the bound
+``2 min(A, B)`` comes back in ``ULDParts.bound``.
+
+Rows and weights as the divergences (``docs/design.md``, "Row weights"); skipped rows are not
+read; a read row whose log-sum-exp is not finite (NaN or +inf logits, a row of -inf) gets a NaN
+loss and NaN gradients. Gradients are computed in the forward pass and scaled in place in backward
+(usable once, as the fused losses).
+"""
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+from ..core.autograd import scale_stored_grad
+from ..core.checks import BACKENDS, check_constant_weight
+from ..core.cross_tokenizer import HybridParts, ULDParts, check_hybrid_args, check_uld_args
+from ..core.rows import compute_dtype, row_view, row_weights, wants_grad
+from ..dispatch import ops as _ops
+from ..reference import cross_tokenizer as R
+
+__all__ = ["uld_loss", "hybrid_uld_loss", "ULDParts", "HybridParts", "sorted_l1_batched"]
+
+_NO_IDS = torch.empty(0, dtype=torch.int64)
+SUB_BITS = 4  # mantissa bits in a bucket key: 16 buckets per octave of probability
+REFINE_BITS = 7  # more bits per refinement level of the ambiguous buckets (128 cells each)
+CHUNK_ELEMENTS = 1 << 22  # rows per chunk: about this many logits of both sides together
+
+
+@lru_cache(maxsize=8)
+def _layout(dtype: torch.dtype, device: torch.device):
+    """(int view dtype, shift, bucket count, bucket edges float64 [B + 1]) of the probabilities' floats."""
+    ints, mantissa, bias = (torch.int64, 52, 1023) if dtype == torch.float64 else (torch.int32, 23, 127)
+    shift = mantissa - SUB_BITS
+    buckets = (bias + 1) << SUB_BITS  # keys of the values in [0, 2)
+    edges = (torch.arange(buckets + 1, dtype=torch.int64) << shift).to(ints).view(dtype).double()
+    return ints, shift, buckets, edges.to(device)
+
+
+def _keys(x: torch.Tensor, ints, shift: int) -> torch.Tensor:
+    """The bucket of each probability (in [0, 1]: the key is below the bucket count)."""
+    return (x.view(ints) >> shift).long()
+
+
+def _cell_integrals(cnt_q, cnt_p, sum_q, sum_p, above_q, above_p, lo, hi):
+    """Per cell: ``integral |N_q - N_p|`` where its sign is known (else 0), which cells know it, and the
+    sign of ``N_q - N_p`` there (``+1``: the student's counting function is the larger)."""
+    int_q = above_q * (hi - lo) + sum_q - cnt_q * lo
+    int_p = above_p * (hi - lo) + sum_p - cnt_p * lo
+    q_dom, p_dom = above_q >= above_p + cnt_p, above_p >= above_q + cnt_q
+    resolved = q_dom | p_dom
+    return torch.where(resolved, (int_q - int_p).abs(), 0.0), resolved, q_dom
+
+
+def sorted_l1_batched(q: torch.Tensor, p: torch.Tensor, want_q: bool = True, want_p: bool = True):
+    """Exact ``sum_i |sort(q)_i - sort(p)_i|`` per row and its sign gradients, without a full sort.
+
+    ``q [n, V_s]``, ``p [n, V_t]`` probability rows (float32 or float64, >= 0, no NaN). Returns
+    ``(loss [n] float64, g_q [n, V_s], g_p [n, V_t])`` with ``g = +-1`` the derivative of the loss
+    with respect to each probability (module docstring, steps 2-4). ``g_q`` is computed whatever
+    ``want_q`` says (the ambiguous elements are found from it); ``g_p`` only when wanted.
+    """
+    n = q.shape[0]
+    ints, shift, buckets, edges = _layout(q.dtype, q.device)
+    lo, hi = edges[:-1], edges[1:]
+    kq, kp = _keys(q, ints, shift), _keys(p, ints, shift)
+
+    def table(keys, x):
+        counts = torch.zeros(n, buckets, dtype=x.dtype, device=x.device)
+        counts.scatter_add_(1, keys, torch.ones((), dtype=x.dtype, device=x.device).expand_as(x))
+        sums = torch.zeros(n, buckets, dtype=x.dtype, device=x.device).scatter_add_(1, keys, x)
+        counts, sums = counts.double(), sums.double()
+        return counts, sums, counts.sum(1, keepdim=True) - counts.cumsum(1)
+
+    cnt_q, sum_q, above_q = table(kq, q)
+    cnt_p, sum_p, above_p = table(kp, p)
+    part, resolved, q_dom = _cell_integrals(cnt_q, cnt_p, sum_q, sum_p, above_q, above_p, lo, hi)
+    loss = part.sum(1)
+    sign_q = torch.where(resolved, torch.where(q_dom, 1.0, -1.0), 0.0).to(q.dtype)  # 0: an ambiguous bucket
+    g_q = sign_q.gather(1, kq)
+    g_p = (-sign_q).gather(1, kp) if want_p else None
+    amb = ~resolved & (cnt_q + cnt_p > 0)
+    if not bool(amb.any()):
+        return loss, g_q, g_p
+    # Refine the ambiguous buckets by more bits of the floats (MSD radix), only their elements, down to
+    # the last bit, where a cell holds one value and its integral is exact whatever the counts.
+    rq, cq = (g_q == 0).nonzero(as_tuple=True)
+    rp, cp = amb.gather(1, kp).nonzero(as_tuple=True)
+    ids = amb.flatten().cumsum(0) - 1  # compact id of each ambiguous (row, bucket)
+    cells = amb.flatten().nonzero().squeeze(1)
+    group_row, prefix = cells // buckets, cells % buckets
+    group_above_q, group_above_p = above_q.flatten()[cells], above_p.flatten()[cells]
+    bits = torch.cat([q[rq, cq].view(ints), p[rp, cp].view(ints)]).long()
+    values = torch.cat([q[rq, cq], p[rp, cp]]).double()
+    is_q = torch.cat([torch.ones_like(rq, dtype=torch.bool), torch.zeros_like(rp, dtype=torch.bool)])
+    where = torch.arange(bits.numel(), device=q.device)  # position in [q elements, p elements]
+    group = ids[torch.cat([rq * buckets + kq[rq, cq], rp * buckets + kp[rp, cp]])]
+    level_shift, nq = shift, rq.numel()
+    while bits.numel():
+        step = min(REFINE_BITS, level_shift)
+        level_shift -= step
+        width, groups = 1 << step, group_row.numel()
+        cell = group * width + ((bits >> level_shift) & (width - 1))
+        tables = [torch.zeros(groups * width, dtype=torch.float64, device=q.device) for _ in range(4)]
+        tables[0].index_add_(0, cell[is_q], torch.ones_like(values[is_q]))
+        tables[1].index_add_(0, cell[~is_q], torch.ones_like(values[~is_q]))
+        tables[2].index_add_(0, cell[is_q], values[is_q])
+        tables[3].index_add_(0, cell[~is_q], values[~is_q])
+        c_q, c_p, s_q, s_p = (x.view(groups, width) for x in tables)
+        a_q = group_above_q.unsqueeze(1) + c_q.sum(1, keepdim=True) - c_q.cumsum(1)
+        a_p = group_above_p.unsqueeze(1) + c_p.sum(1, keepdim=True) - c_p.cumsum(1)
+        sub = (prefix.unsqueeze(1) << step) | torch.arange(width, device=q.device)
+        lo_c, hi_c = ((x << level_shift).to(ints).view(q.dtype).double() for x in (sub, sub + 1))
+        part, done, q_dom = _cell_integrals(c_q, c_p, s_q, s_p, a_q, a_p, lo_c, hi_c)
+        if level_shift == 0:  # one value per cell: exact; exact ties between the sides take sign(a_q - a_p)
+            part = torch.where(done, part, (a_q - a_p).abs() * (hi_c - lo_c))
+            q_dom = torch.where(done, q_dom, a_q >= a_p)
+            done = torch.ones_like(done)
+        loss.index_add_(0, group_row, part.sum(1))
+        cell_done, cell_sign = done.flatten()[cell], torch.where(q_dom.flatten()[cell], 1.0, -1.0)
+        settled = cell_done & is_q
+        g_q[rq[where[settled]], cq[where[settled]]] = cell_sign[settled].to(q.dtype)
+        settled = cell_done & ~is_q
+        if want_p:
+            g_p[rp[where[settled] - nq], cp[where[settled] - nq]] = -cell_sign[settled].to(p.dtype)
+        amb = ~done & (c_q + c_p > 0)
+        keep = ~cell_done
+        ids = amb.flatten().cumsum(0) - 1
+        cells = amb.flatten().nonzero().squeeze(1)
+        group_row, prefix = group_row[cells // width], sub.flatten()[cells]
+        group_above_q, group_above_p = a_q.flatten()[cells], a_p.flatten()[cells]
+        bits, values, is_q, where, group = bits[keep], values[keep], is_q[keep], where[keep], ids[cell[keep]]
+    return loss, g_q, g_p
+
+
+def _topk_l1(q: torch.Tensor, p: torch.Tensor, k: int, want_q: bool, want_p: bool):
+    """``uld_K``, its bound and sign gradients (``fastkd.reference.cross_tokenizer``): the K largest of each
+    side by ``torch.topk`` (where issue 21's fused selection plugs in), the rest by their masses."""
+    a, ia = q.topk(min(k, q.shape[1]), dim=1)
+    b, ib = p.topk(min(k, p.shape[1]), dim=1)
+    a_pad = torch.nn.functional.pad(a, (0, k - a.shape[1]))
+    b_pad = torch.nn.functional.pad(b, (0, k - b.shape[1]))
+    head = a_pad - b_pad
+    tail_a = q.scatter(1, ia, 0.0).sum(1)  # summed over the rest itself: no 1 - sum(head) cancellation
+    tail_b = p.scatter(1, ib, 0.0).sum(1)
+    loss = head.abs().double().sum(1) + (tail_a - tail_b).abs().double()
+    bound = 2 * torch.minimum(tail_a, tail_b).double()
+    tail_sign = torch.sign(tail_a - tail_b).unsqueeze(1)
+    g_q = tail_sign.expand_as(q).clone().scatter_(1, ia, torch.sign(head[:, :a.shape[1]])) if want_q else None
+    g_p = (-tail_sign).expand_as(p).clone().scatter_(1, ib, -torch.sign(head[:, :b.shape[1]])) if want_p else None
+    return loss, bound, g_q, g_p
+
+
+def _uld_rows(s, t, weight, target, temperature, t_temp, k, ce_weight, want_s, want_t, parts, log_probs=False):
+    """Row losses and the weighted gradients, chunk by chunk (arguments checked; rows ``[N, V]``)."""
+    n, vs, vt = s.shape[0], s.shape[1], t.shape[1]
+    dtype = compute_dtype(s, t)
+    soft = torch.zeros(n, dtype=torch.float64, device=s.device)
+    hard = torch.zeros_like(soft)
+    bound = torch.zeros_like(soft)
+    grad_s = torch.empty_like(s, memory_format=torch.contiguous_format) if want_s else None
+    grad_t = torch.empty_like(t, memory_format=torch.contiguous_format) if want_t else None
+    wants_ce = target is not None and (ce_weight != 0 or parts)
+    step = max(1, CHUNK_ELEMENTS // (vs + vt))
+    for i in range(0, n, step):
+        rows = slice(i, min(n, i + step))
+        w = weight[rows].to(dtype)
+        read = (w != 0).unsqueeze(1)
+        x, y = s[rows].to(dtype), t[rows].to(dtype)
+        if not bool(read.all()):  # skipped rows are never read (a host read: this path syncs on a GPU)
+            x, y = torch.where(read, x, 0.0), torch.where(read, y, 0.0)
+        if log_probs:  # given (e.g. merged) log-probabilities, not renormalised; <= 0 by definition
+            q, p = x.clamp(max=0.0).exp(), y.clamp(max=0.0).exp()
+            bad = q.sum(1, keepdim=True).isnan() | p.sum(1, keepdim=True).isnan()
+        else:
+            q = torch.softmax(x / temperature if temperature != 1 else x, dim=1)
+            p = torch.softmax(y / t_temp if t_temp != 1 else y, dim=1)
+            # NaN or +inf logits, or a row of -inf, make the whole softmax row NaN: a NaN row
+            bad = q[:, :1].isnan() | p[:, :1].isnan()
+        any_bad = bool(bad.any())
+        if any_bad:
+            q, p = torch.where(bad, 0.0, q), torch.where(bad, 0.0, p)
+        if k is None or k >= max(vs, vt):
+            row, g_q, g_p = sorted_l1_batched(q, p, want_s, want_t)
+        else:
+            row, b, g_q, g_p = _topk_l1(q, p, k, want_s, want_t)
+            bound[rows] = b
+        soft[rows] = torch.where(bad.squeeze(1), float("nan"), row) if any_bad else row
+        if wants_ce:
+            lse1 = torch.logsumexp(x, dim=1)
+            tgt = torch.where(read.squeeze(1), target[rows], 0).unsqueeze(1)
+            hard[rows] = (lse1 - x.gather(1, tgt).squeeze(1)).double()
+        w_col = w.unsqueeze(1)
+        for want, g, prob, temp, out in ((want_s, g_q, q, temperature, grad_s), (want_t, g_p, p, t_temp, grad_t)):
+            if not want:
+                continue
+            # dL/dx = w q (g - sum q g) / T, in place over the sign row (log-probs as given: w q g)
+            if not log_probs:
+                g.sub_(torch.einsum("ij,ij->i", prob, g).unsqueeze(1))
+            g.mul_(prob).mul_(w_col / temp)
+            if out is grad_s and ce_weight != 0:
+                ce = (x - lse1.unsqueeze(1)).exp_()
+                ce.scatter_add_(1, tgt, torch.full_like(w_col, -1.0))
+                g.add_(ce.mul_(w_col * ce_weight))
+            if any_bad:
+                g = torch.where(bad, float("nan"), g)
+            out[rows] = g
+    return soft, hard, bound, grad_s, grad_t
+
+
+class _ULDFunction(torch.autograd.Function):
+    """The batched ULD with its gradients computed in forward and scaled in place in backward."""
+
+    @staticmethod
+    def forward(ctx, s, t, weight, target, options):
+        temperature, t_temp, k, ce_weight, reduce, parts, log_probs = options
+        want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        soft, hard, bound, grad_s, grad_t = _uld_rows(s, t, weight, target, temperature, t_temp, k, ce_weight,
+                                                      want_s, want_t, parts, log_probs)
+        w = weight.double()
+        out_dtype = torch.float64 if compute_dtype(s, t) == torch.float64 else torch.float32
+        soft, hard, bound = soft * w, hard * w, bound * w
+        loss = soft + ce_weight * hard if ce_weight != 0 else soft.clone()
+        outs = [loss, soft, hard, bound]
+        if reduce:
+            outs = [o.sum() for o in outs]
+        outs = [o.to(out_dtype) for o in outs]
+        ctx.mark_non_differentiable(*outs[1:])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*(g for g in (grad_s, grad_t) if g is not None))
+        ctx.wants = (want_s, want_t)
+        ctx.used = False
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        if ctx.used:
+            raise RuntimeError("fastkd: backward ran twice through uld_loss (retain_graph=True?); its stored "
+                               "gradient is scaled in place and can be used once (or use backend='reference')")
+        ctx.used = True
+        stored = list(ctx.saved_tensors)
+        grads = [scale_stored_grad(stored.pop(0), grad_loss) if want else None for want in ctx.wants]
+        return grads[0], grads[1], None, None, None
+
+
+def _resolve(backend, student, teacher, kernel_case: bool = False) -> str:
+    """"reference" (sort, autograd), "cpu" (``fastkd::uld_fwd``: exact ULD of logits on CPU tensors) or
+    "batched" (this module's PyTorch path, any device). ``kernel_case``: the call is one the op computes."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    f64 = torch.float64 in (student.dtype, teacher.dtype)
+    if backend == "reference" or (backend == "auto" and f64):
+        return "reference"
+    reason = None if kernel_case else "it computes exact ULD (k=None) of logits (inputs='logits') only"
+    if student.device.type != "cpu":
+        reason = f"it runs on CPU tensors, got {student.device}"
+    elif not _ops.has_kernel("uld_fwd", "CPU"):
+        reason = _ops.LOAD_ERROR or "this build of fastkd._C has no fastkd::uld_fwd"
+    if backend == "auto":
+        return "batched" if reason else "cpu"
+    if backend == "cpu" and not f64 and reason is None:
+        return "cpu"
+    if backend == "cpu":
+        raise ValueError(f"backend 'cpu' cannot run this ULD call: {reason or 'it computes in float32'}; "
+                         "backend='auto' picks the batched PyTorch path, 'reference' the sort-based definition")
+    raise ValueError(
+        f"backend '{backend}' has no ULD kernel yet; backend='auto' runs the CPU kernel or fastkd's batched "
+        "PyTorch path (no full sort; any device), backend='reference' the sort-based definition"
+    )
+
+
+def uld_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    teacher_temperature: Optional[float] = None,
+    reduction: str = "batchmean",
+    target: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    sample_weight: Optional[torch.Tensor] = None,
+    ce_weight: float = 0.0,
+    return_parts: bool = False,
+    k: Optional[int] = None,
+    inputs: str = "logits",
+    backend: str = "auto",
+):
+    """Universal Logit Distillation (Boizard et al. 2024) between vocabularies of any two sizes.
+
+    Per row, ``q = softmax(s / temperature)`` over the student's ``V_s`` classes and
+    ``p = softmax(t / teacher_temperature)`` over the teacher's ``V_t`` (``teacher_temperature``
+    defaults to ``temperature``)::
+
+        uld = sum_i |sort(q)_i - sort(p)_i|     (descending; the shorter padded with zeros)
+
+    No token correspondence is needed: ``s [..., V_s]`` and ``t [..., V_t]`` share only the leading
+    shape (one teacher row per student row: ``fastkd.align_tokens`` pairs positions first). No
+    ``T^2`` factor. Gradients reach the student and, when it requires grad, the teacher: through the
+    sort permutation, ``d uld / d q_c = sign(q_c - p_(rank of c))``, then the softmax.
+
+    ``k=None`` (default): exact. ``k=K``: the K largest of each side exactly, the rest by their
+    masses ``A``, ``B``: ``sum_{i <= K} |a_i - b_i| + |A - B|``, a lower bound of the exact value,
+    which lies within ``2 min(A, B)`` above it; ``return_parts=True`` returns
+    ``ULDParts(loss, soft, hard, bound)`` with that bound (reduced like ``soft``; 0 with ``k=None``).
+
+    Rows, ``reduction`` (``"mean"`` divides by counted rows * ``max(V_s, V_t)``), ``target`` /
+    ``ignore_index`` / ``sample_weight`` (skipped rows never read) and ``ce_weight`` (the student's
+    cross-entropy at T = 1, same reduction): as ``fastkd.jsd_loss``.
+
+    Differs from TRL's ``GOLDTrainer`` ``ULDLoss``: TRL divides each sequence's sum by its length
+    and averages the sequences (equal to ``"batchmean"`` here when all sequences have the same
+    number of counted rows); TRL takes its ``uld_crossentropy_weight`` term on the student's own
+    shifted labels. TRL sorts both vocabularies per position (and loops per sequence); here no full
+    sort runs (``fastkd.losses.cross_tokenizer``'s docstring states the passes).
+
+    ``inputs="log_probs"``: the rows are log-probabilities taken as given, not renormalised (e.g. the
+    merged distributions of ``fastkd.merge_aligned``; values above 0 are read as 0, the temperatures
+    must be 1: apply them before merging); ``q = exp(s)``, ``p = exp(t)``.
+
+    ``backend``: ``"auto"`` runs the CPU kernel ``fastkd::uld_fwd`` (``csrc/cpu/uld.cpp``: CPU tensors,
+    ``k=None``, logits) or else the batched PyTorch path (float64 inputs: the reference);
+    ``"cpu"`` the kernel only; ``"reference"`` the sort-based definition (autograd through
+    ``torch.sort``). No CUDA or Triton kernel yet (GPU tensors run the batched path).
+    """
+    check_uld_args(student_logits, teacher_logits, temperature, teacher_temperature, reduction, target, ignore_index,
+                   sample_weight, ce_weight, return_parts, k, inputs)
+    name = _resolve(backend, student_logits, teacher_logits, k is None and inputs == "logits")
+    if name == "reference":
+        return R.compute_uld(student_logits, teacher_logits, temperature, teacher_temperature, reduction, target,
+                             ignore_index, sample_weight, ce_weight, return_parts, k, inputs)
+    check_constant_weight(sample_weight, "auto")
+    lead = student_logits.shape[:-1]
+    s = student_logits.reshape(-1, student_logits.shape[-1])
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    weight = row_weights(student_logits, target, ignore_index, sample_weight, reduction)
+    if reduction == "mean":  # divided by counted rows * V_s; ULD's width is max(V_s, V_t)
+        weight = weight * (s.shape[1] / max(s.shape[1], t.shape[1]))
+    tgt = target.reshape(-1).to(torch.int64) if target is not None else None
+    t_temp = temperature if teacher_temperature is None else teacher_temperature
+    if name == "cpu":
+        wants_ce = tgt is not None and (ce_weight != 0 or return_parts)
+        s, t = row_view(student_logits), row_view(teacher_logits)
+        loss, soft, hard, _, _ = torch.ops.fastkd.uld_fwd(
+            s, t, tgt.contiguous() if wants_ce else _NO_IDS, weight, float(temperature), float(t_temp),
+            float(ce_weight), reduction != "none", wants_grad(s), wants_grad(t))
+        outs = [loss, soft.detach(), hard.detach(), torch.zeros_like(soft)]
+        if reduction == "none":
+            outs = [o.reshape(lead) for o in outs]
+        return ULDParts(*outs) if return_parts else outs[0]
+    options = (float(temperature), float(t_temp), k, float(ce_weight), reduction != "none", return_parts,
+               inputs == "log_probs")
+    outs = _ULDFunction.apply(s, t, weight, tgt, options)
+    if reduction == "none":
+        outs = tuple(o.reshape(lead) for o in outs)
+    return ULDParts(*outs) if return_parts else outs[0]
+
+
+class _SortedL1(torch.autograd.Function):
+    """``sorted_l1_batched`` as a differentiable function of probability rows (sign gradients kept from forward)."""
+
+    @staticmethod
+    def forward(ctx, q, p):
+        loss, g_q, g_p = sorted_l1_batched(q.detach(), p.detach(), want_p=ctx.needs_input_grad[1])
+        ctx.save_for_backward(g_q, g_p if g_p is not None else torch.empty(0))
+        return loss.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g_q, g_p = ctx.saved_tensors
+        grad = grad.unsqueeze(1)
+        return g_q * grad, (g_p * grad if g_p.numel() else None)
+
+
+def hybrid_uld_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    vocab_map,
+    *,
+    beta: float = 0.5,
+    matched_weight: Optional[float] = None,
+    unmatched_weight: Optional[float] = None,
+    temperature: float = 1.0,
+    teacher_temperature: Optional[float] = None,
+    reduction: str = "batchmean",
+    target: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    sample_weight: Optional[torch.Tensor] = None,
+    ce_weight: float = 0.0,
+    return_parts: bool = False,
+    inputs: str = "logits",
+    backend: str = "auto",
+):
+    """GOLD's hybrid ULD (TRL ``GOLDTrainer`` with ``uld_use_hybrid_loss``): tokens the two vocabularies
+    share compared directly, the rest by ULD.
+
+    Per row, ``q = softmax(s / temperature)``, ``p = softmax(t / teacher_temperature)``; with the
+    ``fastkd.VocabMap``'s distinct matched student ids ``j`` and ``P_j = sum_{map(c) = j} p_c``::
+
+        matched   = sum_j beta P_j log(P_j / M_j) + (1 - beta) q_j log(q_j / M_j),  M = beta P + (1 - beta) q
+        unmatched = uld(q on the student ids no teacher token maps to, p on the unmatched teacher ids)
+        loss      = w_m matched + w_u unmatched
+
+    (the generalised JSD's terms on the masses as they are: not renormalised, no tail, as GOLD;
+    ``beta = 0`` / ``1``: the forward / reverse KL terms). ``w_m = vocab_map.matched_fraction`` (matched
+    teacher tokens / ``V_t``) and ``w_u = 1 - w_m`` (GOLD's adaptive weighting), or the fixed
+    ``matched_weight`` and ``unmatched_weight``. ``return_parts=True``: ``HybridParts(loss, soft, hard,
+    matched, unmatched)``. Rows, reductions, ``ce_weight``, ``inputs``: as ``fastkd.uld_loss``.
+
+    Equal to GOLD's where the definitions overlap (a one-to-one map; TRL's ``log(clamp(x, 1e-8))``
+    only matters for probabilities below 1e-8, which it raises to 1e-8; TRL's per-sequence mean as
+    ``uld_loss`` says). A many-to-one map sums the teacher's tokens onto their student token (GOLD's
+    string match is one-to-one). Not fused: the matched term and the softmaxes run in PyTorch with
+    autograd (``[N, V]`` temporaries); ``backend="auto"`` computes the unmatched ULD without a sort
+    (``fastkd.losses.cross_tokenizer``), ``"reference"`` with one.
+    """
+    check_hybrid_args(student_logits, teacher_logits, vocab_map, beta, matched_weight, unmatched_weight)
+    check_uld_args(student_logits, teacher_logits, temperature, teacher_temperature, reduction, target, ignore_index,
+                   sample_weight, ce_weight, return_parts, None, inputs)
+    name = _resolve(backend, student_logits, teacher_logits)
+    return R.compute_hybrid(student_logits, teacher_logits, vocab_map, beta, matched_weight, unmatched_weight,
+                            temperature, teacher_temperature, reduction, target, ignore_index, sample_weight,
+                            ce_weight, return_parts, inputs, sorted_l1=_SortedL1.apply if name == "batched" else None)
