@@ -32,25 +32,21 @@ def collate(items: Sequence[Tuple[torch.Tensor, TopKTeacher]], *, pad_token_id: 
     if not items:
         raise ValueError("collate needs at least one item")
     k = items[0][1].k
-    b, s = len(items), max(len(ids) for ids, _ in items)
-    input_ids = torch.full((b, s), pad_token_id, dtype=torch.int64)
-    attention = torch.zeros(b, s, dtype=torch.int64)
-    target = torch.full((b, s), ignore_index, dtype=torch.int64)
-    top_ids = torch.full((b, s, k), -1, dtype=torch.int64)
-    logprobs = torch.full((b, s, k), float("-inf"), dtype=torch.float32)
-    tail = torch.zeros(b, s, dtype=torch.float32)
-    for row, (ids, teacher) in enumerate(items):
-        n = len(ids)
+    for row, (_, teacher) in enumerate(items):
         if teacher.k != k:
             raise ValueError(f"every item's teacher must have the same k; item 0 has {k}, item {row} {teacher.k}")
-        input_ids[row, :n] = ids
-        attention[row, :n] = 1
-        top_ids[row, :n] = teacher.indices
-        logprobs[row, :n] = teacher.logprobs.float()
-        if teacher.tail_logprob is not None:
-            tail[row, :n] = teacher.tail_logprob
-        has_teacher = (teacher.indices >= 0).any(dim=-1)
-        target[row, :n - 1] = torch.where(has_teacher[:n - 1], ids[1:], ignore_index)
+    pad = torch.nn.utils.rnn.pad_sequence  # one copy per field for the whole batch
+    lengths = torch.tensor([len(ids) for ids, _ in items])
+    input_ids = pad([ids for ids, _ in items], batch_first=True, padding_value=pad_token_id)
+    top_ids = pad([t.indices for _, t in items], batch_first=True, padding_value=-1)
+    logprobs = pad([t.logprobs.float() for _, t in items], batch_first=True, padding_value=float("-inf"))
+    tail = pad([t.tail_logprob if t.tail_logprob is not None else torch.zeros(len(ids)) for ids, t in items],
+               batch_first=True, padding_value=0.0).float()
+    attention = (torch.arange(input_ids.shape[1]) < lengths[:, None]).to(torch.int64)
+    # position i counts when the next token is real and the row has teacher data
+    target = torch.full_like(input_ids, ignore_index)
+    counted = attention[:, 1:].bool() & (top_ids[:, :-1] >= 0).any(dim=-1)
+    target[:, :-1] = torch.where(counted, input_ids[:, 1:], ignore_index)
     teacher = TopKTeacher(top_ids, logprobs, mode="tail", tail_logprob=tail)
     return {"input_ids": input_ids, "attention_mask": attention, "target": target, "teacher": teacher}
 
