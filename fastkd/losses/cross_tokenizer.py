@@ -190,15 +190,19 @@ def _uld_rows(s, t, weight, target, temperature, t_temp, k, ce_weight, want_s, w
     bound = torch.zeros_like(soft)
     grad_s = torch.empty_like(s, memory_format=torch.contiguous_format) if want_s else None
     grad_t = torch.empty_like(t, memory_format=torch.contiguous_format) if want_t else None
+    # skipped rows (weight 0) are never read: only the read rows are gathered, chunk by chunk (a host read:
+    # this path syncs on a GPU); their outputs stay 0
+    kept = (weight != 0).nonzero().squeeze(1)
+    if kept.numel() < n:
+        for g in (grad_s, grad_t):
+            if g is not None:
+                g.zero_()
     wants_ce = target is not None and (ce_weight != 0 or parts)
     step = max(1, CHUNK_ELEMENTS // (vs + vt))
-    for i in range(0, n, step):
-        rows = slice(i, min(n, i + step))
+    for i in range(0, kept.numel(), step):
+        rows = kept[i:i + step] if kept.numel() < n else slice(i, min(n, i + step))
         w = weight[rows].to(dtype)
-        read = (w != 0).unsqueeze(1)
         x, y = s[rows].to(dtype), t[rows].to(dtype)
-        if not bool(read.all()):  # skipped rows are never read (a host read: this path syncs on a GPU)
-            x, y = torch.where(read, x, 0.0), torch.where(read, y, 0.0)
         if log_probs:  # given (e.g. merged) log-probabilities, not renormalised; <= 0 by definition
             q, p = x.clamp(max=0.0).exp(), y.clamp(max=0.0).exp()
             bad = q.sum(1, keepdim=True).isnan() | p.sum(1, keepdim=True).isnan()
@@ -218,7 +222,7 @@ def _uld_rows(s, t, weight, target, temperature, t_temp, k, ce_weight, want_s, w
         soft[rows] = torch.where(bad.squeeze(1), float("nan"), row) if any_bad else row
         if wants_ce:
             lse1 = torch.logsumexp(x, dim=1)
-            tgt = torch.where(read.squeeze(1), target[rows], 0).unsqueeze(1)
+            tgt = target[rows].unsqueeze(1)
             hard[rows] = (lse1 - x.gather(1, tgt).squeeze(1)).double()
         w_col = w.unsqueeze(1)
         for want, g, prob, temp, out in ((want_s, g_q, q, temperature, grad_s), (want_t, g_p, p, t_temp, grad_t)):
