@@ -19,14 +19,16 @@ Per row chunk, in PyTorch (any device), the passes over ``[rows, V_s]`` and ``[r
    ``|integral N_q - integral N_p|`` and every gradient in it is that sign: ``+1`` for the dominant
    side's probabilities, ``-1`` for the other's (``d/da_i |a_i - b_i| = sign(a_i - b_i)``);
 4. the elements of the other ("ambiguous") buckets, where the counting functions may cross, are
-   ordered within their bucket (one stable sort of those elements only) and integrated exactly
-   segment by segment; their gradient sign is the sign of ``N_q - N_p`` just above them;
+   refined by 7 more bits of their floats per level (MSD radix, those elements only), the same test
+   per cell, down to the last bit, where a cell holds one value and its integral is exact: no sort;
+   an element's gradient sign is the sign of ``N_q - N_p`` over its cell;
 5. the gradient ``dL/ds = w q (g - sum_c q_c g_c) / T`` (``g = +-1``), and the teacher's alike,
    written into the stored gradient rows (``[N, V]``, the only full-size output).
 
-Ambiguous buckets hold few elements when the two rows' shapes differ (the usual case: head
-crossings hold a handful of tokens); in the worst case (student equal to the teacher) every bucket
-is ambiguous and step 4 sorts the whole row, the cost of the sort-based definition.
+Ambiguous buckets hold a few percent of the elements when the two rows' shapes differ; in the worst
+case (student equal to the teacher) every level refines the whole row (three levels for float32).
+On CPU tensors ``backend="auto"`` runs the C++ kernel ``fastkd::uld_fwd`` instead (``csrc/cpu/uld.cpp``:
+the same identity, 64 buckets per octave, the ambiguous elements sorted), for exact ULD of logits.
 
 ``k=K``: ``torch.topk`` of each side (issue 21's fused selection, ``fastkd.topk_from_logits``,
 plugs in here), the K pairs exactly plus the two tails' masses as one pair; the bound
