@@ -19,14 +19,16 @@ Per row chunk, in PyTorch (any device), the passes over ``[rows, V_s]`` and ``[r
    ``|integral N_q - integral N_p|`` and every gradient in it is that sign: ``+1`` for the dominant
    side's probabilities, ``-1`` for the other's (``d/da_i |a_i - b_i| = sign(a_i - b_i)``);
 4. the elements of the other ("ambiguous") buckets, where the counting functions may cross, are
-   ordered within their bucket (one stable sort of those elements only) and integrated exactly
-   segment by segment; their gradient sign is the sign of ``N_q - N_p`` just above them;
+   refined by 7 more bits of their floats per level (MSD radix, those elements only), the same test
+   per cell, down to the last bit, where a cell holds one value and its integral is exact: no sort;
+   an element's gradient sign is the sign of ``N_q - N_p`` over its cell;
 5. the gradient ``dL/ds = w q (g - sum_c q_c g_c) / T`` (``g = +-1``), and the teacher's alike,
    written into the stored gradient rows (``[N, V]``, the only full-size output).
 
-Ambiguous buckets hold few elements when the two rows' shapes differ (the usual case: head
-crossings hold a handful of tokens); in the worst case (student equal to the teacher) every bucket
-is ambiguous and step 4 sorts the whole row, the cost of the sort-based definition.
+Ambiguous buckets hold a few percent of the elements when the two rows' shapes differ; in the worst
+case (student equal to the teacher) every level refines the whole row (three levels for float32).
+On CPU tensors ``backend="auto"`` runs the C++ kernel ``fastkd::uld_fwd`` instead (``csrc/cpu/uld.cpp``:
+the same identity, 64 buckets per octave, the ambiguous elements sorted), for exact ULD of logits.
 
 ``k=K``: ``torch.topk`` of each side (issue 21's fused selection, ``fastkd.topk_from_logits``,
 plugs in here), the K pairs exactly plus the two tails' masses as one pair; the bound
@@ -190,15 +192,19 @@ def _uld_rows(s, t, weight, target, temperature, t_temp, k, ce_weight, want_s, w
     bound = torch.zeros_like(soft)
     grad_s = torch.empty_like(s, memory_format=torch.contiguous_format) if want_s else None
     grad_t = torch.empty_like(t, memory_format=torch.contiguous_format) if want_t else None
+    # skipped rows (weight 0) are never read: only the read rows are gathered, chunk by chunk (a host read:
+    # this path syncs on a GPU); their outputs stay 0
+    kept = (weight != 0).nonzero().squeeze(1)
+    if kept.numel() < n:
+        for g in (grad_s, grad_t):
+            if g is not None:
+                g.zero_()
     wants_ce = target is not None and (ce_weight != 0 or parts)
     step = max(1, CHUNK_ELEMENTS // (vs + vt))
-    for i in range(0, n, step):
-        rows = slice(i, min(n, i + step))
+    for i in range(0, kept.numel(), step):
+        rows = kept[i:i + step] if kept.numel() < n else slice(i, min(n, i + step))
         w = weight[rows].to(dtype)
-        read = (w != 0).unsqueeze(1)
         x, y = s[rows].to(dtype), t[rows].to(dtype)
-        if not bool(read.all()):  # skipped rows are never read (a host read: this path syncs on a GPU)
-            x, y = torch.where(read, x, 0.0), torch.where(read, y, 0.0)
         if log_probs:  # given (e.g. merged) log-probabilities, not renormalised; <= 0 by definition
             q, p = x.clamp(max=0.0).exp(), y.clamp(max=0.0).exp()
             bad = q.sum(1, keepdim=True).isnan() | p.sum(1, keepdim=True).isnan()
@@ -218,7 +224,7 @@ def _uld_rows(s, t, weight, target, temperature, t_temp, k, ce_weight, want_s, w
         soft[rows] = torch.where(bad.squeeze(1), float("nan"), row) if any_bad else row
         if wants_ce:
             lse1 = torch.logsumexp(x, dim=1)
-            tgt = torch.where(read.squeeze(1), target[rows], 0).unsqueeze(1)
+            tgt = target[rows].unsqueeze(1)
             hard[rows] = (lse1 - x.gather(1, tgt).squeeze(1)).double()
         w_col = w.unsqueeze(1)
         for want, g, prob, temp, out in ((want_s, g_q, q, temperature, grad_s), (want_t, g_p, p, t_temp, grad_t)):
