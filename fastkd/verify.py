@@ -13,7 +13,9 @@ Cases: ``kd_loss`` (plain, with ``ce_weight``), ``ats_loss``, ``dkd_loss``, ``di
 ``reverse=True``), ``tvd_loss``, each with and without ``ce_weight``; ``kd_loss`` and every
 divergence against a ``TopKTeacher`` in both modes; ``fused_linear_kd_loss`` with each divergence
 (with ``ce_weight``, one with a bias and a wider teacher head); an empty batch and a batch whose
-rows are all ignored (loss 0, gradient 0). Logits of shape ``[2, 5, 257]`` (a non-contiguous
+rows are all ignored (loss 0, gradient 0); ``uld_loss`` (a teacher vocabulary wider than the
+student's; the CPU kernel, and log-prob rows on the batched path) and ``hybrid_uld_loss`` (a
+many-to-one ``VocabMap``), on CPU tensors only (no GPU kernel yet). Logits of shape ``[2, 5, 257]`` (a non-contiguous
 student) and ``[7, 4099]`` (rows wider than a 4096-column block, ragged tail), ids ``-100`` on
 some rows; float32 and bfloat16 for the logit losses.
 
@@ -39,6 +41,7 @@ import torch
 from . import functional as F
 from . import reference
 from .core.topk import TopKTeacher
+from .core.vocab import VocabMap
 from .dispatch import backend as _backend
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}  # relative-norm error of loss and gradients
@@ -76,6 +79,7 @@ class Case:
     vocab_dim: Dict[str, int] = field(default_factory=lambda: {"student": -1, "teacher": -1})
     truth: Optional[Callable] = None
     sharded: bool = True
+    runs_on: Optional[Dict[str, str]] = None  # {column backend: backend passed}; None: as dispatch says
 
 
 # ----------------------------------------------------------------------------
@@ -178,9 +182,55 @@ def cases(only: Optional[str] = None) -> List[Case]:
              lambda d, b, g: F.kd_loss(d["student"], d["teacher"], target=d["target"], ce_weight=0.3, backend=b,
                                        process_group=g), dtypes=(torch.float32,)),
     ]
+    out += _cross_tokenizer_cases()
     if only:
         out = [c for c in out if any(part.strip() in c.name for part in only.split(","))]
     return out
+
+
+def _two_vocabularies(shape, log_probs=False):
+    """A student over ``V`` classes and a teacher over ``V + V // 3 + 1`` (vocabularies of two tokenizers)."""
+    d = _logits(shape)
+    g = torch.Generator().manual_seed(7 + shape[-1])
+    d["teacher"] = torch.randn(shape[:-1] + (shape[-1] + shape[-1] // 3 + 1,), generator=g) * 3
+    if log_probs:  # rows given as log-probabilities (the merged rows of fastkd.merge_aligned)
+        d["student"], d["teacher"] = torch.log_softmax(d["student"], -1), torch.log_softmax(d["teacher"], -1)
+    return d
+
+
+def _vocab_map(v_s, v_t):
+    """Every third teacher token unmatched, two teacher tokens onto student token 0, the rest one-to-one."""
+    t2s = torch.arange(v_t) % v_s
+    t2s[::3] = -1
+    t2s[1] = 0
+    return VocabMap(t2s, v_s)
+
+
+def _cross_tokenizer_cases() -> List[Case]:
+    """ULD and GOLD's hybrid on CPU tensors: the C++ kernel ("cpu" column), the batched sort-free PyTorch path
+    (``backend="auto"`` where the call is not the kernel's, shown in the "cpu" column) and the sort-based
+    reference. No CUDA or Triton kernel yet: "-" there."""
+    def uld(d, b, g):
+        return F.uld_loss(d["student"], d["teacher"], temperature=1.5, target=d["target"], ce_weight=0.3, backend=b)
+
+    def uld_log_probs(d, b, g):
+        return F.uld_loss(d["student"], d["teacher"], inputs="log_probs", target=d["target"], ce_weight=0.3,
+                          backend=b)
+
+    def hybrid(d, b, g):
+        vocab_map = _vocab_map(d["student"].shape[-1], d["teacher"].shape[-1])
+        return F.hybrid_uld_loss(d["student"], d["teacher"], vocab_map, temperature=1.5, target=d["target"],
+                                 ce_weight=0.3, backend=b)
+
+    kernel, batched = {"reference": "reference", "cpu": "cpu"}, {"reference": "reference", "cpu": "auto"}
+    one = dict(dtypes=(torch.float32,), sharded=False)
+    return [
+        Case("uld_loss T=1.5 ce_weight=0.3, V_t > V_s", "uld", _two_vocabularies, uld, runs_on=kernel, **one),
+        Case("uld_loss log-prob rows (batched path)", "uld", lambda shape: _two_vocabularies(shape, log_probs=True),
+             uld_log_probs, runs_on=batched, **one),
+        Case("hybrid_uld_loss T=1.5 ce_weight=0.3 (batched path)", "uld", _two_vocabularies, hybrid,
+             runs_on=batched, **one),
+    ]
 
 
 def _mgd_inputs(shape):
@@ -362,7 +412,12 @@ def verify(cols, sharded, quiet=False, only=None) -> int:
             cells = []
             truths = [truth_of(case, shape, dtype) for shape in case.shapes]
             for label, backend, device in cols:
-                if _backend.unavailable_reason(backend, case.op, torch.device(device)) is not None:
+                if case.runs_on is not None:
+                    if backend not in case.runs_on or device != "cpu":
+                        cells.append("-")
+                        continue
+                    backend = case.runs_on[backend]
+                elif _backend.unavailable_reason(backend, case.op, torch.device(device)) is not None:
                     cells.append("-")
                     continue
                 try:
