@@ -22,6 +22,7 @@ from .core.checks import set_value_checks  # noqa: E402
 from .core.cross_tokenizer import HybridParts, ULDParts  # noqa: E402
 from .core.divergence import LossParts  # noqa: E402
 from .core.topk import TopKTeacher  # noqa: E402
+from .core.mixture import TeacherMixture  # noqa: E402
 from .core.vocab import MappedTeacher, VocabMap  # noqa: E402
 from .dispatch.backend import backends  # noqa: E402
 from .losses.align import Alignment, align_tokens, token_offsets  # noqa: E402
@@ -52,7 +53,7 @@ __all__ = [
     "kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights",
     "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss", "triangular_loss",
     "TopKTeacher", "LossParts", "fused_linear_kd_loss", "teacher_topk", "topk_from_logits",
-    "uld_loss", "ULDParts", "VocabMap", "MappedTeacher", "hybrid_uld_loss", "HybridParts",
+    "uld_loss", "ULDParts", "VocabMap", "MappedTeacher", "hybrid_uld_loss", "HybridParts", "TeacherMixture",
     "align_tokens", "merge_aligned", "Alignment", "token_offsets",
     "backends", "set_value_checks", "nn", "reference", "cache", "__version__",
 ]

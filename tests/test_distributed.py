@@ -928,6 +928,7 @@ def _fused_linear_checks(rank, world, failures, full=True):
     ids_spread = _topk_ids(n, 5, vocab, 61)
     ids_shard0 = _topk_ids(n, 4, vocab, 62, hi=width)  # every id in shard 0: the others own none
     logprobs = torch.log_softmax(torch.randn(n, 5, generator=g), dim=1) - 0.4  # top-5 mass exp(-0.4)
+    shared_hidden = torch.randn(n, hdim, generator=g)  # a shared head's teacher rows (the student's weight)
 
     def piece(x):  # this rank's rows of a [V, ...] tensor
         return x[rank * width:(rank + 1) * width]
@@ -953,11 +954,17 @@ def _fused_linear_checks(rank, world, failures, full=True):
         ("kl bf16 ce", dict(divergence="kl", temperature=2.0, ce_weight=0.5), "pair", True, target, None,
          torch.bfloat16),
         ("reverse_kl 3-D", dict(divergence="reverse_kl"), "pair 3d", False, target, None, torch.float32),
+        ("jsd teacher_temperature", dict(divergence="jsd", temperature=2.0, teacher_temperature=1.3, ce_weight=0.2),
+         "pair", True, target, None, torch.float32),
+        ("kl shared head teacher_temperature", dict(divergence="kl", temperature=2.0, teacher_temperature=3.0),
+         "shared", True, target, None, torch.float32),
     ]
     if not full:
         cases = cases[:1] + cases[6:8]
 
     def teacher_of(form, t_h, t_w, t_l, lp, local):
+        if form == "shared":
+            return (shared_hidden.to(t_h.device, t_h.dtype), None)
         if form.startswith("pair"):
             return (t_h, piece(t_w) if local else t_w)
         if form == "logits":

@@ -30,8 +30,11 @@ applied to a stored ``grad_weight`` (a sum over rows), so the forward computes t
 losses only and backward runs the chunks again with the row weights multiplied
 by the incoming gradient (twice the matmuls).
 
-The teacher is a constant: no gradient reaches it, and teacher tensors that
-require grad raise a ``ValueError`` saying to detach them.
+The teacher is a constant by default: teacher tensors that require grad raise a
+``ValueError`` saying to detach them. ``teacher_grad=True`` makes it learn (mutual
+learning, co-training): the row op's teacher-logit gradient goes through the
+teacher's matmuls in the same chunk loop (``fused_linear_teachers.py`` has the
+teacher's forms: pair, shared head, dense logits, top-k, ``TeacherMixture``).
 """
 import math
 from types import SimpleNamespace
@@ -48,6 +51,7 @@ from ..core.topk import TopKTeacher
 from ..dispatch.backend import implementation, resolve, unavailable_reason
 from ..reference import divergence as R
 from .fused_linear_chunks import default_chunk_size, run_chunks
+from .fused_linear_teachers import mixture_vocab, teacher_parts, teacher_scale_of
 
 __all__ = ["fused_linear_kd_loss", "DIVERGENCES", "default_chunk_size"]
 
@@ -66,14 +70,16 @@ def _probe(like: torch.Tensor, shape) -> torch.Tensor:
 # ----------------------------------------------------------------------------
 
 _OP = "fastkd::fused_linear_fwd"
-_REDUCE, _NEEDS = 25, slice(28, 31)  # positions of ``reduce`` and the three gradient flags in the op's inputs
+_REDUCE, _NEEDS = 26, slice(29, 32)  # positions of ``reduce`` and the three gradient flags in the op's inputs
 
 
 def _plan(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_values, topk_ids, target,
-          op, chunk, pad, logit_scale, softcap, mm_dtype, temperature, kind, a, b, w_p, w_q, soft_scale,
-          ce_weight, topk_mode, mask_skipped, needs, group=None) -> SimpleNamespace:
+          op, chunk, pad, logit_scale, softcap, mm_dtype, temperature, teacher_scale, kind, a, b, w_p, w_q,
+          soft_scale, ce_weight, topk_mode, mask_skipped, needs, group=None, teacher_needs=(False,) * 4,
+          teacher_grad=False, mixture=None) -> SimpleNamespace:
     """What one pass over the chunks needs (``fused_linear_chunks.run_chunks``)."""
-    teacher_kind = "pair" if teacher_weight is not None else "topk" if topk_ids is not None else "logits"
+    teacher_kind = "mixture" if mixture is not None else "pair" if teacher_weight is not None else \
+        "topk" if topk_ids is not None else "logits"
     return SimpleNamespace(
         hidden=hidden, weight=weight, bias=bias, n=hidden.shape[0], vocab=weight.shape[0], chunk=chunk, pad=pad,
         compute_dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32,
@@ -81,9 +87,13 @@ def _plan(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, te
         teacher_kind=teacher_kind, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
         teacher_bias=teacher_bias, teacher_logits=teacher_values if teacher_kind == "logits" else None,
         topk_ids=topk_ids, topk_logprobs=teacher_values if teacher_kind == "topk" else None,
-        lead=(teacher_hidden if teacher_kind == "pair" else teacher_values).shape[:-1],
-        target=target, op=op, temperature=temperature, kind=kind, a=a, b=b, w_p=w_p, w_q=w_q,
+        lead=hidden.shape[:-1] if teacher_kind == "mixture" else
+        (teacher_hidden if teacher_kind == "pair" else teacher_values).shape[:-1],
+        target=target, op=op, temperature=temperature, teacher_scale=teacher_scale,
+        teacher_temperature=temperature / teacher_scale, kind=kind, a=a, b=b, w_p=w_p, w_q=w_q,
         soft_scale=soft_scale, ce_weight=ce_weight, topk_mode=topk_mode, needs=needs, group=group,
+        teacher_needs=teacher_needs, teacher_grad=teacher_grad, mixture=mixture,
+        mixture_vocab=mixture_vocab(mixture) if mixture is not None else 0,
     )
 
 
@@ -93,8 +103,8 @@ def _fused_linear_fwd(
     teacher_weight: Optional[torch.Tensor], teacher_bias: Optional[torch.Tensor],
     teacher_values: Optional[torch.Tensor], topk_ids: Optional[torch.Tensor], target: Optional[torch.Tensor],
     row_weight: torch.Tensor, backend: str, chunk: int, pad: int, logit_scale: Optional[float],
-    softcap: Optional[float], mm_dtype: Optional[torch.dtype], temperature: float, kind: int, a: float, b: float,
-    w_p: float, w_q: float, soft_scale: float, ce_weight: float, topk_mode: int, reduce: bool,
+    softcap: Optional[float], mm_dtype: Optional[torch.dtype], temperature: float, teacher_scale: float, kind: int,
+    a: float, b: float, w_p: float, w_q: float, soft_scale: float, ce_weight: float, topk_mode: int, reduce: bool,
     mask_skipped: bool, plain_kd: bool, need_hidden: bool, need_weight: bool, need_bias: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss, soft, hard and the stored gradients of hidden, weight and bias (empty when not wanted).
@@ -102,24 +112,25 @@ def _fused_linear_fwd(
     ``hidden [N, H]`` and ``weight [V, H]`` (``bias [V]``) of the student; the teacher is a
     ``(teacher_hidden [..., H_t], teacher_weight [V_t, H_t])`` pair, dense logits or top-k
     log-probs ``[..., K]`` (``teacher_values``) with ``topk_ids``; ``row_weight [N]`` carries the
-    reduction. ``backend`` names the fused backend whose ``divergence_fwd`` runs each chunk's loss
+    reduction; ``teacher_scale = temperature / teacher_temperature`` multiplies the teacher's logits.
+    ``backend`` names the fused backend whose ``divergence_fwd`` runs each chunk's loss
     (the reference's row op computes its gradient by autograd, which does not run inside a custom
     op: ``_FusedLinearFunction`` runs that one).
     """
     op = _row_op(backend, hidden, plain_kd)
     needs = (need_hidden, need_weight, need_bias and bias is not None)
     plan = _plan(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_values, topk_ids,
-                 target, op, chunk, pad, logit_scale, softcap, mm_dtype, temperature, kind, a, b, w_p, w_q,
-                 soft_scale, ce_weight, topk_mode, mask_skipped, needs)
-    loss, soft, hard, gh, gw, gb = run_chunks(plan, row_weight, any(needs), reduce)
+                 target, op, chunk, pad, logit_scale, softcap, mm_dtype, temperature, teacher_scale, kind, a, b,
+                 w_p, w_q, soft_scale, ce_weight, topk_mode, mask_skipped, needs)
+    loss, soft, hard, gh, gw, gb = run_chunks(plan, row_weight, any(needs), reduce)[:6]
     # (a fresh empty tensor per absent gradient: a custom op's outputs may not alias each other)
     return loss, soft, hard, *(hidden.new_empty((0,)) if g is None else g for g in (gh, gw, gb))
 
 
 @_fused_linear_fwd.register_fake
 def _(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_values, topk_ids, target,
-      row_weight, backend, chunk, pad, logit_scale, softcap, mm_dtype, temperature, kind, a, b, w_p, w_q,
-      soft_scale, ce_weight, topk_mode, reduce, mask_skipped, plain_kd, need_hidden, need_weight, need_bias):
+      row_weight, backend, chunk, pad, logit_scale, softcap, mm_dtype, temperature, teacher_scale, kind, a, b, w_p,
+      w_q, soft_scale, ce_weight, topk_mode, reduce, mask_skipped, plain_kd, need_hidden, need_weight, need_bias):
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     loss = hidden.new_empty(() if reduce else (hidden.shape[0],), dtype=acc)
     return (loss, torch.empty_like(loss), torch.empty_like(loss),
@@ -190,18 +201,23 @@ _fused_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _FusedLinearFunction(torch.autograd.Function):
-    """The chunk loop behind a plain ``autograd.Function``, for the row ops the custom op cannot run: the
-    reference's (autograd inside: float64, ``backend="reference"``) and ``fastkd.distributed``'s (a process
-    group is not an op argument). ``torch.compile`` does not trace it (a graph break)."""
+    """The chunk loop behind a plain ``autograd.Function``, for what the custom op does not take: the
+    reference's row op (autograd inside: float64, ``backend="reference"``), ``fastkd.distributed``'s (a process
+    group is not an op argument), a teacher that gets gradients (``teacher_grad=True``) and a
+    ``TeacherMixture``. ``torch.compile`` does not trace it (a graph break)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, plan, row_weight):
+    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, plan,
+                row_weight):
         plan.hidden, plan.weight, plan.bias = hidden, weight, bias
+        if plan.shared:  # the student's head is the teacher's
+            plan.teacher_weight, plan.teacher_bias = weight, bias
         ctx.reduce = plan.reduction != "none"
         ctx.used = False
+        want_grad = any(plan.needs) or any(plan.teacher_needs) or plan.teacher_grad
         if ctx.reduce:
-            loss, soft, hard, gh, gw, gb = run_chunks(plan, row_weight, any(plan.needs), True)
-            ctx.stored = (gh, gw, gb)
+            loss, soft, hard, *grads = run_chunks(plan, row_weight, want_grad, True)
+            ctx.stored = grads
         else:
             loss, soft, hard, *_ = run_chunks(plan, row_weight, False, False)
             ctx.plan, ctx.row_weight = plan, row_weight
@@ -214,7 +230,7 @@ class _FusedLinearFunction(torch.autograd.Function):
         _backward_once(ctx)
         if grad_loss is None:
             if ctx.reduce:
-                return None, None, None, None, None
+                return (None,) * 9
             # reduction="none": the rerun's collectives must run on every rank, so run it with 0
             grad_loss = torch.zeros(ctx.row_weight.shape, dtype=ctx.row_weight.dtype, device=ctx.row_weight.device)
         if ctx.reduce:
@@ -224,7 +240,7 @@ class _FusedLinearFunction(torch.autograd.Function):
             weight = ctx.row_weight * grad_loss.reshape(-1).to(ctx.row_weight.dtype)
             grads = list(run_chunks(ctx.plan, weight, True, True)[3:])
             ctx.plan = None
-        return grads[0], grads[1], grads[2], None, None
+        return (*grads, None, None)
 
 
 # ----------------------------------------------------------------------------
@@ -279,32 +295,6 @@ def _row_op(name: str, hidden: torch.Tensor, plain_kd: bool):
     return getattr(implementation(name), FUSED_OP)
 
 
-def _teacher_parts(teacher, teacher_bias, lead, dev, vocab: int):
-    """``teacher`` checked and taken apart: (kind, V_t, hidden, weight, logits, top-k); the absent parts None."""
-    teacher_hidden = teacher_weight = teacher_logits = topk = None
-    if isinstance(teacher, TopKTeacher):
-        topk = teacher
-        teacher_kind, teacher_vocab = "topk", vocab
-    elif isinstance(teacher, (tuple, list)):
-        if len(teacher) != 2:
-            raise ValueError(f"teacher as a tuple must be (teacher_hidden, teacher_weight), got {len(teacher)} items")
-        teacher_hidden, teacher_weight = teacher
-        v.check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, lead, dev)
-        teacher_kind, teacher_vocab = "pair", teacher_weight.shape[0]
-    elif isinstance(teacher, torch.Tensor):
-        v.check_logits("teacher", teacher)
-        teacher_logits = teacher
-        if tuple(teacher.shape[:-1]) != lead:
-            raise ValueError(f"teacher logits [..., V_t] must have the leading shape of student_hidden {lead}, "
-                             f"got {tuple(teacher.shape)}")
-        v.check_same_device("teacher", teacher, dev)
-        teacher_kind, teacher_vocab = "logits", teacher.shape[-1]
-    else:
-        raise TypeError("teacher must be a (teacher_hidden, teacher_weight) pair, teacher logits [..., V_t] or a "
-                        f"fastkd.TopKTeacher, got {type(teacher).__name__}")
-    return teacher_kind, teacher_vocab, teacher_hidden, teacher_weight, teacher_logits, topk
-
-
 # About 150 lines, most of them argument checks (every message names its argument) in the order a reader
 # meets the arguments; the work is the op's (fastkd::fused_linear_fwd) or _FusedLinearFunction's.
 def fused_linear_kd_loss(
@@ -315,6 +305,8 @@ def fused_linear_kd_loss(
     *,
     divergence: str = "kl",
     temperature: float = 1.0,
+    teacher_temperature: Optional[float] = None,
+    teacher_grad: bool = False,
     beta: float = 0.5,
     skew: float = 0.1,
     ce_weight: float = 0.0,
@@ -344,8 +336,12 @@ def fused_linear_kd_loss(
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
 
     v.check_teacher_vocab(teacher_vocab)
-    teacher_kind, t_vocab, teacher_hidden, teacher_weight, teacher_logits, topk = _teacher_parts(
-        teacher, teacher_bias, lead, dev, vocab)
+    teacher_kind, t_vocab, teacher_hidden, teacher_weight, teacher_logits, topk, mixture = teacher_parts(
+        teacher, teacher_bias, lead, dev, vocab, student_weight)
+    shared = teacher_weight is student_weight
+    if shared:
+        teacher_bias = student_bias
+    teacher_scale = teacher_scale_of(temperature, teacher_temperature, teacher_grad, teacher_kind, process_group)
     if teacher_bias is not None and teacher_kind != "pair":
         raise ValueError("teacher_bias is used only with a (teacher_hidden, teacher_weight) teacher")
     if t_vocab < vocab:
@@ -356,6 +352,7 @@ def fused_linear_kd_loss(
         teacher_weight = teacher_weight[:vocab] if teacher_weight is not None else None
         teacher_bias = teacher_bias[:vocab] if teacher_bias is not None else None
         teacher_logits = teacher_logits[..., :vocab] if teacher_logits is not None else None
+        mixture = mixture.truncated(vocab) if mixture is not None else None
         t_vocab = vocab
     teacher_vocab = t_vocab
     sharded = process_group is not None
@@ -373,10 +370,13 @@ def fused_linear_kd_loss(
                              "multiple of the group size")
         rank, world, _ = D.comm.group_geometry(_probe(student_hidden, lead + (vocab,)), process_group)
     global_vocab = world * vocab if sharded else vocab  # target and top-k ids are global ids
-    for name, x in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
-                    ("teacher_bias", teacher_bias), ("teacher", teacher_logits),
-                    ("teacher.logprobs", topk.logprobs if topk is not None else None),
-                    ("sample_weight", sample_weight)):
+    constants = [("teacher.logprobs", topk.logprobs if topk is not None else None), ("sample_weight", sample_weight)]
+    if not teacher_grad:  # with teacher_grad=True the teacher's tensors get their gradients
+        constants += [("teacher_hidden", teacher_hidden), ("teacher", teacher_logits)]
+        constants += [] if shared else [("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias)]
+    if mixture is not None:
+        constants += [(f"teachers[{i}]", x) for i, m in enumerate(mixture.members) for x in m[1:]]
+    for name, x in constants:
         v.check_teacher_constant(name, x)
 
     # Shape-only stand-ins for the logits (no memory): the student's [..., V] for target and top-k ids,
@@ -404,6 +404,10 @@ def fused_linear_kd_loss(
     # Grad mode decides, as for any torch op: under no_grad / inference_mode only the forward matmuls run.
     needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
                   for x in (student_hidden, student_weight, student_bias))
+    # the teacher's hidden, weight, bias, logits (a shared head's weight and bias gradients are the student's)
+    teacher_needs = tuple(teacher_grad and torch.is_grad_enabled() and x is not None and x.requires_grad
+                          for x in (teacher_hidden, None if shared else teacher_weight,
+                                    None if shared else teacher_bias, teacher_logits))
     # Autocast: the matmul inputs are rounded to the autocast dtype, as the unfused lm_head's would be;
     # the logits, the loss and the gradient sums stay float32 (docs/design.md, "Fused linear head").
     mm_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) and not f64 else None
@@ -434,19 +438,23 @@ def fused_linear_kd_loss(
     else:
         name = "reference" if f64 else _row_backend(backend, student_hidden, student_weight, plain_kd)
         op = _row_op(name, student_hidden, plain_kd)
-    if name in (None, "reference"):
+    if name in (None, "reference") or teacher_grad or mixture is not None:
         plan = _plan(hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                      teacher_values, topk_ids, target_rows, op, chunk_size, pad, logit_scale, softcap, mm_dtype,
-                     float(temperature), kind, a, b, w_p, w_q, soft_scale, float(ce_weight), topk_mode,
-                     mask_skipped, needs, group=process_group)
-        plan.reduction = reduction
-        loss, soft, hard = _FusedLinearFunction.apply(hidden, student_weight, student_bias, plan, row_weight)
+                     float(temperature), teacher_scale, kind, a, b, w_p, w_q, soft_scale, float(ce_weight),
+                     topk_mode, mask_skipped, needs, group=process_group, teacher_needs=teacher_needs,
+                     teacher_grad=teacher_grad, mixture=mixture)
+        plan.reduction, plan.shared = reduction, shared
+        loss, soft, hard = _FusedLinearFunction.apply(
+            hidden, student_weight, student_bias, teacher_hidden if teacher_needs[0] else None,
+            teacher_weight if teacher_needs[1] else None, teacher_bias if teacher_needs[2] else None,
+            teacher_logits if teacher_needs[3] else None, plan, row_weight)
     else:
         loss, soft, hard, *_ = torch.ops.fastkd.fused_linear_fwd(
             hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_values,
             topk_ids, target_rows, row_weight, name, chunk_size, pad, logit_scale, softcap, mm_dtype,
-            float(temperature), kind, a, b, w_p, w_q, soft_scale, float(ce_weight), topk_mode, reduction != "none",
-            mask_skipped, plain_kd, *needs)
+            float(temperature), teacher_scale, kind, a, b, w_p, w_q, soft_scale, float(ce_weight), topk_mode,
+            reduction != "none", mask_skipped, plain_kd, *needs)
         soft, hard = soft.detach(), hard.detach()  # for logging: not differentiable
     if reduction == "none":
         loss, soft, hard = (x.reshape(lead) for x in (loss, soft, hard))
@@ -488,9 +496,35 @@ fused_linear_kd_loss.__doc__ = """The LM head and a distillation loss in one op;
     ``V_t``, the composition's width). Rows skipped by the loss (``ignore_index``,
     weight 0) add nothing to any gradient, even with NaN hidden states.
 
-    Gradients reach ``student_hidden``, ``student_weight`` and ``student_bias``
-    only; teacher tensors (and ``sample_weight``) that require grad raise
-    ``ValueError`` (detach them). ``float`` ``temperature`` only.
+    Gradients reach ``student_hidden``, ``student_weight`` and ``student_bias``; by default
+    teacher tensors (and ``sample_weight``) that require grad raise ``ValueError`` (detach
+    them). ``float`` ``temperature`` only.
+
+    Teachers beyond a frozen head:
+
+    * ``teacher_temperature`` (default: ``temperature``): ``p = softmax(t / teacher_temperature)``,
+      ``q = softmax(s / temperature)`` (the teacher's logits times ``temperature /
+      teacher_temperature``, one multiply per chunk). Not with a ``TopKTeacher``, whose
+      log-probs are taken as given.
+    * ``teacher_grad=True`` (mutual learning, co-training, online distillation): a
+      ``(teacher_hidden, teacher_weight)`` teacher (and ``teacher_bias``) or dense teacher
+      logits may require grad and get the gradient of the loss, computed in the same chunk
+      loop as the student's (the row op's teacher-logit gradient, then ``g_t @ W_t`` and
+      ``g_t^T @ h_t``); the CE term reaches the student only. Not with top-k teachers, a
+      ``TeacherMixture`` or ``process_group``.
+    * A shared head, ``teacher=(teacher_hidden, None)`` (self-distillation, early exits, the
+      same model on two views): the teacher's logits use ``student_weight`` and
+      ``student_bias``. Frozen (default), the teacher path is a constant (as
+      ``student_weight.detach()``); with ``teacher_grad=True`` the weight and bias gradients
+      hold both heads' contributions, summed by one matmul over the stacked rows per chunk
+      (one pass over the weight gradient), and ``teacher_hidden`` gets its gradient.
+    * ``fastkd.TeacherMixture([...], weights, mode)``: several teachers (pairs or dense
+      logits, one vocabulary), mixed per chunk in log space (``fastkd.core.mixture``): the
+      mixture never exists as an ``[N, V]`` tensor. Not with ``process_group``.
+
+    ``teacher_grad=True`` and ``TeacherMixture`` run the chunk loop behind a plain
+    ``autograd.Function`` (a graph break under ``torch.compile``); ``teacher_temperature``
+    and the frozen shared head run in the traced custom op.
 
     ``chunk_size``: rows per chunk (``None``: ``fastkd.losses.fused_linear.default_chunk_size``,
     the working block at most the size of the weight gradient or 256 MiB, and at least

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from ..core.mixture import mix_log_probs
+
 # chunk_size=None: the working block of one chunk (float32 student logits padded to V_t, teacher
 # logits and the logit gradient: 4 * (V + 2 V_t) bytes per row) may take as much memory as the
 # weight gradient, which the fused path holds anyway, or CHUNK_BUDGET_BYTES if that is larger.
@@ -128,17 +130,57 @@ def _accumulate_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tens
 
 
 def run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, reduce: bool):
-    """One pass over the chunks: returns ``(loss, soft, hard, grad_hidden, grad_weight, grad_bias)``.
+    """One pass over the chunks: ``(loss, soft, hard, grad_hidden, grad_weight, grad_bias,
+    grad_teacher_hidden, grad_teacher_weight, grad_teacher_bias, grad_teacher_logits)``.
 
     Losses are 0-d sums (``reduce``) or ``[N]``; gradients are None unless ``want_grad``
-    (then those of ``p.needs``: hidden, weight, bias), in the inputs' dtypes. Autocast is off
-    inside: the matmul dtype is the plan's (``p.mm_dtype``), the logits float32.
+    (then those of ``p.needs``: hidden, weight, bias, and of ``p.teacher_needs``: the teacher's
+    hidden, weight, bias or dense logits), in the inputs' dtypes. A shared head (``p.shared``: the
+    teacher's weight is the student's) adds the teacher's weight and bias gradients to the
+    student's. Autocast is off inside: the matmul dtype is the plan's (``p.mm_dtype``), the logits
+    float32.
     """
     with torch.autocast(p.hidden.device.type, enabled=False):
         return _run_chunks(p, row_weight, want_grad, reduce)
 
 
-# About 90 lines: one chunk's matmuls, row op and gradient matmuls in the order they run (a chunk's
+def _softcap_grad_(g: torch.Tensor, capped_times: torch.Tensor, softcap: Optional[float], times: float):
+    """``g * (1 - (x / softcap)^2)`` in place, ``x`` the capped logits, given as ``capped_times = times * x``
+    (squared in place: it is not used again)."""
+    if softcap is None:
+        return g
+    return g.addcmul_(g, capped_times.square_(), value=-1.0 / (softcap * times) ** 2)
+
+
+def _teacher_chunk(p: SimpleNamespace, i0: int, i1: int, t_buf, tw_mm, teacher_bias, keep_rows, want_t: bool):
+    """The teacher's chunk logits (times ``p.teacher_scale``) and the matmul operand of its hidden rows (None
+    unless the teacher is a pair whose gradients are wanted: ``want_t``; ``keep_rows`` then masks skipped rows)."""
+    if p.teacher_kind == "pair":
+        th = matmul_operand(chunk_rows(p.teacher_hidden, i0, i1, p.lead), p.mm_dtype).to(tw_mm.dtype)
+        if want_t and keep_rows is not None:  # skipped rows add nothing to the teacher's gradients, even if NaN
+            th = torch.where(keep_rows, th, torch.zeros((), dtype=th.dtype, device=th.device))
+        t = head_logits(th, tw_mm, teacher_bias, p.logit_scale, p.softcap, out=t_buf[:i1 - i0])
+        th = th if want_t else None
+    elif p.teacher_kind == "logits":
+        t, th = chunk_rows(p.teacher_logits, i0, i1, p.lead).contiguous(), None
+        if p.teacher_scale != 1.0:
+            return t * p.teacher_scale, None  # a chunk-sized copy: the user's logits stay as they are
+        return t, None
+    elif p.teacher_kind == "mixture":
+        members = (chunk_rows(m[1], i0, i1, p.lead).to(p.compute_dtype) if m[0] == "logits" else
+                   head_logits(matmul_operand(chunk_rows(m[1], i0, i1, p.lead), p.mm_dtype).to(w_mm.dtype), w_mm,
+                               _rounded(m[3], p.mm_dtype), p.logit_scale, p.softcap)
+                   for m, w_mm in zip(p.mixture.members, p.mixture_weights_mm))
+        t = mix_log_probs(members, p.mixture.weights, p.mixture.mode, p.teacher_temperature, t_buf[:i1 - i0])
+        return t.mul_(p.temperature), None  # softmax(T log p / T) = p
+    else:
+        return p.topk_logprobs[i0:i1].contiguous(), None  # [chunk, K]: cheap
+    if p.teacher_scale != 1.0:
+        t.mul_(p.teacher_scale)
+    return t, th
+
+
+# About 120 lines: one chunk's matmuls, row op and gradient matmuls in the order they run (a chunk's
 # temporaries are freed before the next, which helpers holding references would make harder to see).
 def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, reduce: bool):
     n, vocab, dev = p.n, p.vocab, p.hidden.device
@@ -148,59 +190,89 @@ def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, r
     soft = torch.zeros(shape, dtype=acc, device=dev)
     hard = torch.zeros(shape, dtype=acc, device=dev)
     need_h, need_w, need_b = p.needs if want_grad else (False, False, False)
+    t_need_h, t_need_w, t_need_b, t_need_logits = p.teacher_needs if want_grad else (False,) * 4
+    shared = p.teacher_weight is p.weight  # a shared head: the teacher's weight and bias gradients are the student's
+    want_t = t_need_h or t_need_w or t_need_b or t_need_logits or (shared and p.teacher_grad and (need_w or need_b))
     weight_mm = matmul_operand(p.weight, p.mm_dtype)
-    teacher_weight_mm = matmul_operand(p.teacher_weight, p.mm_dtype) if p.teacher_weight is not None else None
+    teacher_weight_mm = weight_mm if shared else \
+        matmul_operand(p.teacher_weight, p.mm_dtype) if p.teacher_weight is not None else None
+    if p.teacher_kind == "mixture":
+        p.mixture_weights_mm = [matmul_operand(m[2], p.mm_dtype) if m[0] == "pair" else None
+                                for m in p.mixture.members]
     bias, teacher_bias = (_rounded(b, p.mm_dtype) for b in (p.bias, p.teacher_bias))
     # float32 sums: sharded grad_hidden (summed over the group) and every weight / bias gradient
     h_dtype = torch.float32 if p.group is not None and p.hidden.dtype in LOW_PRECISION else p.hidden.dtype
     grad_h = torch.empty(p.hidden.shape, dtype=h_dtype, device=dev) if need_h else None
     grad_w = torch.empty(p.weight.shape, dtype=acc, device=dev) if need_w else None
     grad_b = torch.zeros(vocab, dtype=acc, device=dev) if need_b else None
+    t_rows = math.prod(p.lead)
+    grad_th = torch.empty((t_rows, p.teacher_hidden.shape[-1]), dtype=acc, device=dev) if t_need_h else None
+    grad_tw = torch.empty(p.teacher_weight.shape, dtype=acc, device=dev) if t_need_w else None
+    grad_tb = torch.zeros(p.teacher_weight.shape[0], dtype=acc, device=dev) if t_need_b else None
+    grad_tl = torch.empty((t_rows, p.teacher_logits.shape[-1]), dtype=acc, device=dev) if t_need_logits else None
     empty_ids = torch.empty(0, dtype=torch.int64, device=dev)
     # One logit buffer per head for the whole loop: a fresh [chunk, V] block per chunk would be new
     # memory each time (a large block goes back to the system when freed), paid in page faults.
     rows = min(p.chunk, n)
     s_buf = torch.empty((rows, vocab), dtype=acc, device=dev)
-    t_buf = torch.empty((rows, p.teacher_weight.shape[0]), dtype=acc, device=dev) if p.teacher_kind == "pair" else None
+    t_width = p.teacher_weight.shape[0] if p.teacher_kind == "pair" else \
+        p.mixture_vocab if p.teacher_kind == "mixture" else 0
+    t_buf = torch.empty((rows, t_width), dtype=acc, device=dev) if t_width else None
     for i0 in range(0, n, p.chunk):
         i1 = min(n, i0 + p.chunk)
         w_c = row_weight[i0:i1]
         h = p.hidden[i0:i1]
-        if p.mask_skipped:
+        keep_rows = (w_c != 0).unsqueeze(1) if p.mask_skipped else None
+        if keep_rows is not None:
             # rows the loss does not read add nothing to grad_weight even if their hidden state is NaN/inf
-            h = torch.where((w_c != 0).unsqueeze(1), h, torch.zeros((), dtype=h.dtype, device=dev))
+            h = torch.where(keep_rows, h, torch.zeros((), dtype=h.dtype, device=dev))
         h_mm = matmul_operand(h, p.mm_dtype).to(weight_mm.dtype)
         s = head_logits(h_mm, weight_mm, bias, p.logit_scale, p.softcap, out=s_buf[:i1 - i0])
-        if p.teacher_kind == "pair":
-            th = matmul_operand(chunk_rows(p.teacher_hidden, i0, i1, p.lead), p.mm_dtype).to(teacher_weight_mm.dtype)
-            t = head_logits(th, teacher_weight_mm, teacher_bias, p.logit_scale, p.softcap, out=t_buf[:i1 - i0])
-            del th
-        elif p.teacher_kind == "logits":
-            t = chunk_rows(p.teacher_logits, i0, i1, p.lead).contiguous()
-        else:
-            t = p.topk_logprobs[i0:i1].contiguous()  # [chunk, K]: cheap
+        t, th = _teacher_chunk(p, i0, i1, t_buf, teacher_weight_mm, teacher_bias, keep_rows, want_t)
         # teacher_vocab="mask": the student's missing columns (V_t > V) are -inf: no mass, never 0
         s_op = s if p.pad == 0 else torch.nn.functional.pad(s, (0, p.pad), value=float("-inf"))
         ids = p.topk_ids[i0:i1].contiguous() if p.topk_ids is not None else empty_ids
         tgt = p.target[i0:i1] if p.target is not None else empty_ids
         out = p.op(s_op, t, ids, tgt, w_c, p.temperature, p.kind, p.a, p.b, p.w_p, p.w_q, p.soft_scale,
-                   p.ce_weight, p.topk_mode, reduce, want_grad, False)
-        del t
+                   p.ce_weight, p.topk_mode, reduce, want_grad, want_t)
         if reduce:
             loss += out[0]
             soft += out[1]
             hard += out[2]
         else:
             loss[i0:i1], soft[i0:i1], hard[i0:i1] = out[0], out[1], out[2]
-        if want_grad:
-            g = out[3] if p.pad == 0 else out[3][:, :vocab]
-            del out, s_op
-            if p.softcap is not None:
-                # d softcap(x) / dx = 1 - tanh^2 = 1 - (s / softcap)^2, s the capped logits (squared in place)
-                g = g.addcmul_(g, s.square_(), value=-1.0 / p.softcap ** 2)
-            del s
-            scale = 1.0 if p.logit_scale is None else p.logit_scale  # applied by the gradient matmuls
-            g_mm = g.to(weight_mm.dtype)
+        if not want_grad:
+            del out, s_op, s, t
+            continue
+        scale = 1.0 if p.logit_scale is None else p.logit_scale  # applied by the gradient matmuls
+        g = _softcap_grad_(out[3] if p.pad == 0 else out[3][:, :vocab], s, p.softcap, 1.0)
+        gt = out[4] if want_t else None
+        del out, s_op, s
+        if gt is not None:
+            if p.teacher_scale != 1.0:  # t = teacher_scale * (the teacher's capped logits)
+                gt.mul_(p.teacher_scale)
+            gt = _softcap_grad_(gt, t, p.softcap if p.teacher_kind == "pair" else None, p.teacher_scale)
+            if t_need_logits:
+                grad_tl[i0:i1] = gt
+        del t
+        g_mm = g.to(weight_mm.dtype)
+        gt_mm = gt.to(teacher_weight_mm.dtype) if th is not None else None
+        if shared and gt_mm is not None:  # one pass over the shared weight for both heads' gradients
+            g_both, h_both = torch.cat([g_mm, gt_mm]), torch.cat([h_mm, th])
+            if need_h or t_need_h:
+                part = f32_matmul(g_both, weight_mm) if acc != weight_mm.dtype else g_both @ weight_mm
+                if scale != 1.0:
+                    part.mul_(scale)
+                if need_h:
+                    grad_h[i0:i1] = part[:i1 - i0]
+                if t_need_h:
+                    grad_th[i0:i1] = part[i1 - i0:]
+            if need_w:
+                _accumulate_weight_grad(grad_w, g_both, h_both, i0 == 0, scale)
+            if need_b:
+                grad_b.add_(g_both.sum(dim=0), alpha=scale)
+            del g_both, h_both
+        else:
             if need_h:
                 part = f32_matmul(g_mm, weight_mm) if grad_h.dtype != weight_mm.dtype else g_mm @ weight_mm
                 grad_h[i0:i1] = part if scale == 1.0 else part.mul_(scale)  # [chunk, H]: small
@@ -208,16 +280,30 @@ def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, r
                 _accumulate_weight_grad(grad_w, g_mm, h_mm, i0 == 0, scale)
             if need_b:
                 grad_b.add_(g.sum(dim=0), alpha=scale)
-            del g, g_mm
-        else:
-            del out, s_op, s
-    if n == 0 and need_w:
-        grad_w.zero_()
+            if gt_mm is not None:
+                if t_need_h:
+                    part = f32_matmul(gt_mm, teacher_weight_mm) if acc != teacher_weight_mm.dtype else \
+                        gt_mm @ teacher_weight_mm
+                    grad_th[i0:i1] = part if scale == 1.0 else part.mul_(scale)
+                if t_need_w:
+                    _accumulate_weight_grad(grad_tw, gt_mm, th, i0 == 0, scale)
+                if t_need_b:
+                    grad_tb.add_(gt.sum(dim=0), alpha=scale)
+        del g, g_mm, gt, gt_mm, th
+    if n == 0:
+        for buf in (grad_w, grad_tw):
+            if buf is not None:
+                buf.zero_()
     if grad_h is not None and p.group is not None:
         # the column-parallel head's input gradient: the only [N, H] collective (4 N H bytes in float32)
         from ..distributed.comm import all_reduce
 
         grad_h = all_reduce([grad_h], torch.distributed.ReduceOp.SUM, p.group, in_place=True)[0]
-    return (loss, soft, hard, None if grad_h is None else grad_h.to(p.hidden.dtype),
-            None if grad_w is None else grad_w.to(p.weight.dtype),
-            None if grad_b is None else grad_b.to(p.bias.dtype))
+
+    def cast(g, like):
+        return None if g is None else g.to(like.dtype)
+
+    return (loss, soft, hard, cast(grad_h, p.hidden), cast(grad_w, p.weight), cast(grad_b, p.bias),
+            None if grad_th is None else grad_th.reshape(p.teacher_hidden.shape).to(p.teacher_hidden.dtype),
+            cast(grad_tw, p.teacher_weight), cast(grad_tb, p.teacher_bias),
+            None if grad_tl is None else grad_tl.reshape(p.teacher_logits.shape).to(p.teacher_logits.dtype))

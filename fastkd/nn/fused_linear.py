@@ -24,17 +24,20 @@ class FusedLinearKDLoss(nn.Module):
                  ce_weight: float = 0.0, logit_scale: Optional[float] = None, softcap: Optional[float] = None,
                  ignore_index: int = -100, reduction: str = "batchmean", chunk_size: Optional[int] = None,
                  return_parts: bool = False, teacher_vocab: str = "truncate", backend: str = "auto",
-                 process_group=None):
+                 process_group=None, teacher_temperature: Optional[float] = None, teacher_grad: bool = False):
         super().__init__()
         # the same checks as the functional, early (it checks again at call time)
         v.check_fused_linear_options(divergence, temperature, beta, skew, ce_weight, logit_scale, softcap, reduction)
         v.check_backend(backend)
         v.check_teacher_vocab(teacher_vocab)
+        if teacher_temperature is not None:
+            v.check_positive("teacher_temperature", teacher_temperature)
         self.kwargs = dict(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
                            ce_weight=ce_weight, logit_scale=logit_scale, softcap=softcap,
                            ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
                            return_parts=return_parts, teacher_vocab=teacher_vocab, backend=backend,
-                           process_group=process_group)
+                           process_group=process_group, teacher_temperature=teacher_temperature,
+                           teacher_grad=teacher_grad)
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher: Teacher,
                 target: Optional[torch.Tensor] = None, *, student_bias: Optional[torch.Tensor] = None,

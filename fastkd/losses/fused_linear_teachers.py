@@ -1,0 +1,75 @@
+"""The teacher of ``fastkd.fused_linear_kd_loss``: its forms checked and taken apart, and its options.
+
+A teacher is a ``(teacher_hidden, teacher_weight)`` pair, ``(teacher_hidden, None)`` (a shared head:
+the student's weight and bias), dense logits, a ``fastkd.TopKTeacher`` or a ``fastkd.TeacherMixture``.
+``teacher_temperature`` becomes a factor on the teacher's logits (``temperature / teacher_temperature``:
+the row op divides both sides by ``temperature``), applied per chunk; ``teacher_grad=True`` lets the
+teacher's tensors receive gradients (the row op's teacher-logit gradient, through the teacher's matmuls).
+"""
+import torch
+
+from ..core import checks as v
+from ..core.mixture import TeacherMixture, check_mixture, mixture_vocab
+from ..core.topk import TopKTeacher
+
+__all__ = ["teacher_parts", "teacher_scale_of", "mixture_vocab"]
+
+
+def teacher_parts(teacher, teacher_bias, lead, dev, vocab: int, student_weight):
+    """``teacher`` checked and taken apart: (kind, V_t, hidden, weight, logits, top-k, mixture); the absent parts
+    None. A ``(teacher_hidden, None)`` pair is a shared head: its weight is ``student_weight``."""
+    teacher_hidden = teacher_weight = teacher_logits = topk = mixture = None
+    if isinstance(teacher, TeacherMixture):
+        mixture = teacher
+        teacher_kind, teacher_vocab = "mixture", check_mixture(teacher, lead, dev)
+        if teacher_bias is not None:
+            raise ValueError("teacher_bias is not used with a TeacherMixture: give each member's bias as "
+                             "(teacher_hidden, teacher_weight, teacher_bias)")
+    elif isinstance(teacher, TopKTeacher):
+        topk = teacher
+        teacher_kind, teacher_vocab = "topk", vocab
+    elif isinstance(teacher, (tuple, list)):
+        if len(teacher) != 2:
+            raise ValueError(f"teacher as a tuple must be (teacher_hidden, teacher_weight), got {len(teacher)} items")
+        teacher_hidden, teacher_weight = teacher
+        if teacher_weight is None:  # a shared head
+            if teacher_bias is not None:
+                raise ValueError("teacher_bias must be None with a shared head (teacher=(teacher_hidden, None)): "
+                                 "the teacher uses student_weight and student_bias")
+            teacher_weight = student_weight
+        v.check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, lead, dev)
+        teacher_kind, teacher_vocab = "pair", teacher_weight.shape[0]
+    elif isinstance(teacher, torch.Tensor):
+        v.check_logits("teacher", teacher)
+        teacher_logits = teacher
+        if tuple(teacher.shape[:-1]) != lead:
+            raise ValueError(f"teacher logits [..., V_t] must have the leading shape of student_hidden {lead}, "
+                             f"got {tuple(teacher.shape)}")
+        v.check_same_device("teacher", teacher, dev)
+        teacher_kind, teacher_vocab = "logits", teacher.shape[-1]
+    else:
+        raise TypeError("teacher must be a (teacher_hidden, teacher_weight) pair, (teacher_hidden, None) for a "
+                        "shared head, teacher logits [..., V_t], a fastkd.TopKTeacher or a fastkd.TeacherMixture, "
+                        f"got {type(teacher).__name__}")
+    return teacher_kind, teacher_vocab, teacher_hidden, teacher_weight, teacher_logits, topk, mixture
+
+
+def teacher_scale_of(temperature, teacher_temperature, teacher_grad, teacher_kind: str, process_group) -> float:
+    """``temperature / teacher_temperature``, the factor on the teacher's logits; and the teacher options' checks."""
+    if not isinstance(teacher_grad, bool):
+        raise TypeError(f"teacher_grad must be a bool, got {type(teacher_grad).__name__}")
+    if teacher_grad and teacher_kind in ("topk", "mixture"):
+        raise ValueError(f"teacher_grad=True needs a (teacher_hidden, teacher_weight) pair or teacher logits, got a "
+                         f"{'TopKTeacher' if teacher_kind == 'topk' else 'TeacherMixture'} (its values are data)")
+    if teacher_grad and process_group is not None:
+        raise ValueError("teacher_grad=True is not supported with process_group yet")
+    if teacher_kind == "mixture" and process_group is not None:
+        raise ValueError("a TeacherMixture is not supported with process_group yet (each member's softmax needs "
+                         "the whole vocabulary)")
+    if teacher_temperature is None:
+        return 1.0
+    v.check_positive("teacher_temperature", teacher_temperature)
+    if teacher_kind == "topk":
+        raise ValueError("teacher_temperature does not apply to a TopKTeacher: its log-probs are taken as given "
+                         "(at the temperature they were computed at); leave it None")
+    return float(temperature) / float(teacher_temperature)
