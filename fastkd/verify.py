@@ -13,7 +13,8 @@ Cases: ``kd_loss`` (plain, with ``ce_weight``), ``ats_loss``, ``dkd_loss``, ``di
 ``reverse=True``), ``tvd_loss``, each with and without ``ce_weight``; ``kd_loss`` and every
 divergence against a ``TopKTeacher`` in both modes; ``fused_linear_kd_loss`` with each divergence
 (with ``ce_weight``, one with a bias and a wider teacher head); an empty batch and a batch whose
-rows are all ignored (loss 0, gradient 0); ``uld_loss`` (a teacher vocabulary wider than the
+rows are all ignored (loss 0, gradient 0); the fused head's teachers (a teacher temperature with
+a teacher that learns, a shared head, a ``TeacherMixture``); ``uld_loss`` (a teacher vocabulary wider than the
 student's; the CPU kernel, and log-prob rows on the batched path) and ``hybrid_uld_loss`` (a
 many-to-one ``VocabMap``), on CPU tensors only (no GPU kernel yet). Logits of shape ``[2, 5, 257]`` (a non-contiguous
 student) and ``[7, 4099]`` (rows wider than a 4096-column block, ragged tail), ids ``-100`` on
@@ -40,6 +41,7 @@ import torch
 
 from . import functional as F
 from . import reference
+from .core.mixture import TeacherMixture
 from .core.topk import TopKTeacher
 from .core.vocab import VocabMap
 from .dispatch import backend as _backend
@@ -182,10 +184,55 @@ def cases(only: Optional[str] = None) -> List[Case]:
              lambda d, b, g: F.kd_loss(d["student"], d["teacher"], target=d["target"], ce_weight=0.3, backend=b,
                                        process_group=g), dtypes=(torch.float32,)),
     ]
+    out += _fused_teacher_cases()
     out += _cross_tokenizer_cases()
     if only:
         out = [c for c in out if any(part.strip() in c.name for part in only.split(","))]
     return out
+
+
+def _fused_teacher_cases() -> List[Case]:
+    """The fused head's teachers: a teacher temperature with a learning teacher (every student and teacher
+    gradient), a shared head, and a two-teacher mixture; the truth is the unfused float64 composition."""
+    def learning(d, b, g):
+        return F.fused_linear_kd_loss(d["hidden"], d["weight"], (d["teacher_hidden"], d["teacher_weight"]),
+                                      d["target"], divergence="jsd", temperature=2.0, teacher_temperature=1.5,
+                                      teacher_grad=True, ce_weight=0.3, chunk_size=FUSED_CHUNK, backend=b)
+
+    def learning_truth(d):
+        s, t = d["hidden"] @ d["weight"].T, d["teacher_hidden"] @ d["teacher_weight"].T * (2.0 / 1.5)
+        return reference.jsd_loss(s, t, temperature=2.0, target=d["target"], ce_weight=0.3)
+
+    def shared(d, b, g):
+        return F.fused_linear_kd_loss(d["hidden"], d["weight"], (d["teacher_hidden"], None), d["target"],
+                                      divergence="reverse_kl", teacher_grad=True, chunk_size=FUSED_CHUNK, backend=b)
+
+    def shared_truth(d):
+        return reference.reverse_kl_loss(d["hidden"] @ d["weight"].T, d["teacher_hidden"] @ d["weight"].T,
+                                         target=d["target"])
+
+    def mixture(d, b, g):
+        second = (d["hidden"].detach() * 0.5, d["weight"].detach())  # the student's head on other rows, frozen
+        teachers = TeacherMixture([(d["teacher_hidden"], d["teacher_weight"]), second], [0.7, 0.3])
+        return F.fused_linear_kd_loss(d["hidden"], d["weight"], teachers, d["target"], temperature=2.0,
+                                      chunk_size=FUSED_CHUNK, backend=b)
+
+    def mixture_truth(d):
+        p1 = torch.softmax(d["teacher_hidden"] @ d["teacher_weight"].T / 2.0, -1)
+        p2 = torch.softmax((d["hidden"] * 0.5).detach() @ d["weight"].detach().T / 2.0, -1)
+        return reference.kd_loss(d["hidden"] @ d["weight"].T, 2.0 * torch.log(0.7 * p1 + 0.3 * p2), 2.0,
+                                 target=d["target"])
+
+    one = dict(shapes=((FUSED_VOCAB + 1,),), dtypes=(torch.float32,), sharded=False,
+               vocab_dim={"weight": 0, "teacher_weight": 0})
+    return [
+        Case("fused_linear_kd_loss jsd teacher_temperature teacher_grad", "fused_linear_kd", _head, learning,
+             grads=("hidden", "weight", "teacher_hidden", "teacher_weight"), truth=learning_truth, **one),
+        Case("fused_linear_kd_loss reverse_kl shared head teacher_grad", "fused_linear_kd", _head, shared,
+             grads=("hidden", "weight", "teacher_hidden"), truth=shared_truth, **one),
+        Case("fused_linear_kd_loss TeacherMixture (2 teachers)", "fused_linear_kd", _head, mixture,
+             grads=("hidden", "weight"), truth=mixture_truth, **one),
+    ]
 
 
 def _two_vocabularies(shape, log_probs=False):

@@ -259,3 +259,21 @@ def test_teacher_temperature_traces_with_torch_compile():
         got.append((out.detach(), *torch.autograd.grad(out, [h, w])))
     for a, b in zip(*got):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ("reference", "cpu"))
+def test_mixture_of_shifted_3d_views(backend):
+    """Members given as HF-style shifted views ``x[:, :-1]`` of ``[B, S, ...]`` tensors (not viewable as rows:
+    each chunk gathers its rows), with the student 3-D too."""
+    needs(backend)
+    g = torch.Generator().manual_seed(15)
+    sh, sw = torch.randn(2, 8, 16, generator=g), torch.randn(300, 16, generator=g) * 0.5
+    th, tw = torch.randn(2, 9, 12, generator=g), torch.randn(300, 12, generator=g) * 0.6
+    dense = torch.randn(2, 9, 300, generator=g) * 2
+    mixture = fastkd.TeacherMixture([(th[:, :-1], tw), dense[:, :-1]], [0.4, 0.6], mode="geometric")
+    h, w = leaves(sh, sw)
+    loss = fused_linear_kd_loss(h, w, mixture, temperature=T, chunk_size=5, backend=backend)
+    h2, w2 = leaves(sh, sw, dtype=F64)
+    t = _mixture_truth([head(th[:, :-1], tw), dense[:, :-1].double()], [0.4, 0.6], "geometric", T)
+    ref = composition(h2, w2, t, temperature=T)
+    compare(loss, ref, [h, w], [h2, w2], names=["hidden", "weight"])

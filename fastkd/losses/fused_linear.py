@@ -87,8 +87,8 @@ def _plan(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, te
         teacher_kind=teacher_kind, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
         teacher_bias=teacher_bias, teacher_logits=teacher_values if teacher_kind == "logits" else None,
         topk_ids=topk_ids, topk_logprobs=teacher_values if teacher_kind == "topk" else None,
-        lead=hidden.shape[:-1] if teacher_kind == "mixture" else
-        (teacher_hidden if teacher_kind == "pair" else teacher_values).shape[:-1],
+        lead=(mixture.members[0][1] if teacher_kind == "mixture" else
+              teacher_hidden if teacher_kind == "pair" else teacher_values).shape[:-1],
         target=target, op=op, temperature=temperature, teacher_scale=teacher_scale,
         teacher_temperature=temperature / teacher_scale, kind=kind, a=a, b=b, w_p=w_p, w_q=w_q,
         soft_scale=soft_scale, ce_weight=ce_weight, topk_mode=topk_mode, needs=needs, group=group,
