@@ -121,7 +121,7 @@ def test_fused_linear_op_opcheck():
     h, w, th, tw, target = head_data(n=9, v=40)
     h, w = h.requires_grad_(), w.requires_grad_()
     row_weight = torch.full((9,), 1 / 9)
-    args = (h, w, None, th, tw, None, None, None, target, row_weight, "cpu", 4, 0, None, None, None, 2.0,
+    args = (h, w, None, th, tw, None, None, None, target, row_weight, "cpu", 4, 0, None, None, None, 2.0, 1.5,
             0, 1.0, 0.0, 0.0, 1.0, 4.0, 0.3, 0, True, False, False, True, True, False)
     torch.library.opcheck(torch.ops.fastkd.fused_linear_fwd.default, args)
 
