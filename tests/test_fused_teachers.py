@@ -226,6 +226,11 @@ def test_mixture_and_teacher_options_errors():
         fastkd.fused_linear_kd_loss(sh, sw, fastkd.TeacherMixture([(th, tw)]), y, teacher_grad=True)
     with pytest.raises(ValueError, match="teacher_grad=True needs"):
         fastkd.fused_linear_kd_loss(sh, sw, topk, y, teacher_grad=True)
+    mapped = fastkd.MappedTeacher((th, tw), _vocab_map(300, 300, 18))
+    with pytest.raises(ValueError, match="teacher_grad=True needs .* got a MappedTeacher"):
+        fastkd.fused_linear_kd_loss(sh, sw, mapped, y, teacher_grad=True)
+    with pytest.raises(ValueError, match="MappedTeacher must have the leading shape"):
+        fastkd.fused_linear_kd_loss(sh[:-1], sw, mapped, y[:-1])
     with pytest.raises(ValueError, match="teacher_temperature does not apply to a TopKTeacher"):
         fastkd.fused_linear_kd_loss(sh, sw, topk, y, teacher_temperature=2.0)
     with pytest.raises(ValueError, match="teacher_temperature"):
@@ -276,4 +281,37 @@ def test_mixture_of_shifted_3d_views(backend):
     h2, w2 = leaves(sh, sw, dtype=F64)
     t = _mixture_truth([head(th[:, :-1], tw), dense[:, :-1].double()], [0.4, 0.6], "geometric", T)
     ref = composition(h2, w2, t, temperature=T)
+    compare(loss, ref, [h, w], [h2, w2], names=["hidden", "weight"])
+
+
+# ----------------------------------------------------------------------------
+# MappedTeacher (another tokenizer) in the fused head
+# ----------------------------------------------------------------------------
+
+def _vocab_map(v_s, v_t, seed):
+    """Every fourth teacher token unmatched, two onto student 0; ``whole``: every token matched both ways."""
+    t2s = torch.randperm(v_t, generator=torch.Generator().manual_seed(seed)) % v_s
+    t2s[::4] = -1
+    t2s[1] = 0
+    return fastkd.VocabMap(t2s, v_s)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ("tail", "renormalize"))
+@pytest.mark.parametrize("form", ("pair", "logits"))
+def test_mapped_teacher_projected_per_chunk(backend, mode, form):
+    """A teacher over another vocabulary (V_t = 500 onto V = 300): its probabilities summed onto the matched
+    student ids per chunk equal the dense ``MappedTeacher`` projection's top-k buckets (float64)."""
+    needs(backend)
+    sh, sw, _, th, tw, _, y = data(v=300, vt=500, seed=16)
+    y[::3] = -100
+    vocab_map = _vocab_map(300, 500, 17)
+    rows = (th, tw) if form == "pair" else head(th, tw).float()
+    h, w = leaves(sh, sw)
+    loss = fused_linear_kd_loss(h, w, fastkd.MappedTeacher(rows, vocab_map, mode=mode), y, divergence="jsd",
+                                temperature=T, teacher_temperature=T_T, ce_weight=0.3, chunk_size=8, backend=backend)
+    h2, w2 = leaves(sh, sw, dtype=F64)
+    rows64 = (th.double(), tw.double()) if form == "pair" else rows.double()
+    buckets = fastkd.MappedTeacher(rows64, vocab_map, mode=mode).as_topk(T_T)
+    ref = composition(h2, w2, buckets, y, divergence="jsd", temperature=T, ce_weight=0.3)
     compare(loss, ref, [h, w], [h2, w2], names=["hidden", "weight"])

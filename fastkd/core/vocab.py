@@ -157,6 +157,7 @@ class MappedTeacher:
     Implemented as a ``TopKTeacher`` over the ``V_m`` matched student ids (every divergence backend runs
     it, the fused ones included), built per call: ``[N, V_m]`` teacher log-probs and ids are formed (the
     projection is PyTorch, differentiable in the teacher); no fused in-row-op projection yet.
+    ``fastkd.fused_linear_kd_loss`` takes it too and projects it chunk by chunk (a constant teacher there).
     """
 
     def __init__(self, teacher: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], vocab_map: VocabMap, *,
@@ -202,25 +203,31 @@ class MappedTeacher:
             raise ValueError(f"student_logits has {student.shape[-1]} classes but vocab_map maps onto "
                              f"{self.vocab_map.student_vocab_size} student tokens")
 
-    def projected_probs(self, temperature: float, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """``P [..., V_m]``: the teacher's probabilities summed onto the matched student ids (``student_ids``)."""
-        t = self.logits()
+    def projected_probs(self, temperature: float, dtype: Optional[torch.dtype] = None,
+                        logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``P [..., V_m]``: the teacher's probabilities (of ``logits``, default its own) summed onto the
+        matched student ids (``student_ids``)."""
+        t = self.logits() if logits is None else logits
         dtype = dtype or torch.promote_types(t.dtype, torch.float32)
         vm = self.vocab_map
         p = torch.softmax(t.to(dtype) / temperature, dim=-1)
         out = p.new_zeros(p.shape[:-1] + (vm.student_ids.numel(),))
         return out.index_add(-1, vm.bucket, p.index_select(-1, vm.matched_teacher))
 
+    @property
+    def topk_mode(self) -> str:
+        """The buckets' mode: ``mode``, or ``"renormalize"`` when every token is matched on both sides (both
+        tails are then exactly empty, which "tail" mode would see as the rounding residue of ``1 - sum P``: an
+        infinite forward KL against the student's exact 0; renormalising is the same pair, exactly)."""
+        vm = self.vocab_map
+        whole = vm.student_ids.numel() == vm.student_vocab_size and vm.matched_teacher.numel() == vm.teacher_vocab_size
+        return "renormalize" if whole else self.mode
+
     def as_topk(self, temperature: float) -> TopKTeacher:
         """This teacher as top-k buckets over the matched student ids, at ``temperature``."""
         probs = self.projected_probs(temperature)
-        vm = self.vocab_map
-        ids = vm.student_ids.expand(probs.shape)
-        # Every token matched on both sides: both tails are exactly empty, which "tail" mode would see as the
-        # rounding residue of 1 - sum P (an infinite forward KL against the student's exact 0). Renormalising
-        # over the ids is then the same distribution pair, exactly.
-        whole = vm.student_ids.numel() == vm.student_vocab_size and vm.matched_teacher.numel() == vm.teacher_vocab_size
-        return _MappedTopK(ids, probs.log(), mode="renormalize" if whole else self.mode)
+        ids = self.vocab_map.student_ids.expand(probs.shape)
+        return _MappedTopK(ids, probs.log(), mode=self.topk_mode)
 
     def __repr__(self) -> str:
         return f"MappedTeacher({self.vocab_map!r}, mode={self.mode!r})"

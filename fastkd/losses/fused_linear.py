@@ -51,7 +51,7 @@ from ..core.topk import TopKTeacher
 from ..dispatch.backend import implementation, resolve, unavailable_reason
 from ..reference import divergence as R
 from .fused_linear_chunks import default_chunk_size, run_chunks
-from .fused_linear_teachers import mixture_vocab, teacher_parts, teacher_scale_of
+from .fused_linear_teachers import mapped_rows, mixture_vocab, teacher_parts, teacher_scale_of
 
 __all__ = ["fused_linear_kd_loss", "DIVERGENCES", "default_chunk_size"]
 
@@ -76,10 +76,10 @@ _REDUCE, _NEEDS = 26, slice(29, 32)  # positions of ``reduce`` and the three gra
 def _plan(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_values, topk_ids, target,
           op, chunk, pad, logit_scale, softcap, mm_dtype, temperature, teacher_scale, kind, a, b, w_p, w_q,
           soft_scale, ce_weight, topk_mode, mask_skipped, needs, group=None, teacher_needs=(False,) * 4,
-          teacher_grad=False, mixture=None) -> SimpleNamespace:
+          teacher_grad=False, mixture=None, mapped=None) -> SimpleNamespace:
     """What one pass over the chunks needs (``fused_linear_chunks.run_chunks``)."""
-    teacher_kind = "mixture" if mixture is not None else "pair" if teacher_weight is not None else \
-        "topk" if topk_ids is not None else "logits"
+    teacher_kind = "mixture" if mixture is not None else "mapped" if mapped is not None else \
+        "pair" if teacher_weight is not None else "topk" if topk_ids is not None else "logits"
     return SimpleNamespace(
         hidden=hidden, weight=weight, bias=bias, n=hidden.shape[0], vocab=weight.shape[0], chunk=chunk, pad=pad,
         compute_dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32,
@@ -87,12 +87,12 @@ def _plan(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, te
         teacher_kind=teacher_kind, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
         teacher_bias=teacher_bias, teacher_logits=teacher_values if teacher_kind == "logits" else None,
         topk_ids=topk_ids, topk_logprobs=teacher_values if teacher_kind == "topk" else None,
-        lead=(mixture.members[0][1] if teacher_kind == "mixture" else
-              teacher_hidden if teacher_kind == "pair" else teacher_values).shape[:-1],
+        lead=(mixture.members[0][1] if teacher_kind == "mixture" else mapped_rows(mapped) if teacher_kind == "mapped"
+              else teacher_hidden if teacher_kind == "pair" else teacher_values).shape[:-1],
         target=target, op=op, temperature=temperature, teacher_scale=teacher_scale,
         teacher_temperature=temperature / teacher_scale, kind=kind, a=a, b=b, w_p=w_p, w_q=w_q,
         soft_scale=soft_scale, ce_weight=ce_weight, topk_mode=topk_mode, needs=needs, group=group,
-        teacher_needs=teacher_needs, teacher_grad=teacher_grad, mixture=mixture,
+        teacher_needs=teacher_needs, teacher_grad=teacher_grad, mixture=mixture, mapped=mapped,
         mixture_vocab=mixture_vocab(mixture) if mixture is not None else 0,
     )
 
@@ -336,7 +336,7 @@ def fused_linear_kd_loss(
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
 
     v.check_teacher_vocab(teacher_vocab)
-    teacher_kind, t_vocab, teacher_hidden, teacher_weight, teacher_logits, topk, mixture = teacher_parts(
+    teacher_kind, t_vocab, teacher_hidden, teacher_weight, teacher_logits, topk, mixture, mapped = teacher_parts(
         teacher, teacher_bias, lead, dev, vocab, student_weight)
     shared = teacher_weight is student_weight
     if shared:
@@ -376,6 +376,9 @@ def fused_linear_kd_loss(
         constants += [] if shared else [("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias)]
     if mixture is not None:
         constants += [(f"teachers[{i}]", x) for i, m in enumerate(mixture.members) for x in m[1:]]
+    if mapped is not None:
+        constants += [("MappedTeacher", x) for x in (mapped.teacher if isinstance(mapped.teacher, (tuple, list))
+                                                     else (mapped.teacher,))]
     for name, x in constants:
         v.check_teacher_constant(name, x)
 
@@ -398,7 +401,7 @@ def fused_linear_kd_loss(
         raise ValueError(f"backend '{backend}' computes in float32 and does not take float64 inputs; use "
                          "backend='reference' (or 'auto') for float64")
     pass_target = target is not None and (ce_weight != 0 or return_parts)
-    plain_kd = (divergence == "kl" and ce_weight == 0 and not pass_target and topk is None
+    plain_kd = (divergence == "kl" and ce_weight == 0 and not pass_target and topk is None and mapped is None
                 and teacher_vocab == vocab and (teacher_logits is None or teacher_logits.dtype == torch.float32))
     n = math.prod(lead)
     # Grad mode decides, as for any torch op: under no_grad / inference_mode only the forward matmuls run.
@@ -426,7 +429,7 @@ def fused_linear_kd_loss(
     pad = teacher_vocab - vocab if teacher_kind != "topk" else 0
     logit_scale = None if logit_scale is None else float(logit_scale)
     softcap = None if softcap is None else float(softcap)
-    topk_mode = TOPK_MODE_CODES[topk.mode if topk is not None else None]
+    topk_mode = TOPK_MODE_CODES[topk.mode if topk is not None else mapped.topk_mode if mapped is not None else None]
     mask_skipped = target is not None or sample_weight is not None
     if sharded:
         teacher_dtype = (teacher_values if teacher_hidden is None else teacher_hidden).dtype
@@ -438,12 +441,12 @@ def fused_linear_kd_loss(
     else:
         name = "reference" if f64 else _row_backend(backend, student_hidden, student_weight, plain_kd)
         op = _row_op(name, student_hidden, plain_kd)
-    if name in (None, "reference") or teacher_grad or mixture is not None:
+    if name in (None, "reference") or teacher_grad or mixture is not None or mapped is not None:
         plan = _plan(hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                      teacher_values, topk_ids, target_rows, op, chunk_size, pad, logit_scale, softcap, mm_dtype,
                      float(temperature), teacher_scale, kind, a, b, w_p, w_q, soft_scale, float(ce_weight),
                      topk_mode, mask_skipped, needs, group=process_group, teacher_needs=teacher_needs,
-                     teacher_grad=teacher_grad, mixture=mixture)
+                     teacher_grad=teacher_grad, mixture=mixture, mapped=mapped)
         plan.reduction, plan.shared = reduction, shared
         loss, soft, hard = _FusedLinearFunction.apply(
             hidden, student_weight, student_bias, teacher_hidden if teacher_needs[0] else None,

@@ -173,6 +173,14 @@ def _teacher_chunk(p: SimpleNamespace, i0: int, i1: int, t_buf, tw_mm, teacher_b
                    for m, w_mm in zip(p.mixture.members, p.mixture_weights_mm))
         t = mix_log_probs(members, p.mixture.weights, p.mixture.mode, p.teacher_temperature, t_buf[:i1 - i0])
         return t.mul_(p.temperature), None  # softmax(T log p / T) = p
+    elif p.teacher_kind == "mapped":  # the teacher's chunk (no logit_scale / softcap: another model) projected
+        rows = p.mapped.teacher
+        if isinstance(rows, (tuple, list)):
+            th = matmul_operand(chunk_rows(rows[0], i0, i1, p.lead), p.mm_dtype)
+            logits = f32_matmul(th, matmul_operand(rows[1], p.mm_dtype).to(th.dtype).t())
+        else:
+            logits = chunk_rows(rows, i0, i1, p.lead)
+        return p.mapped.projected_probs(p.teacher_temperature, p.compute_dtype, logits).log_(), None
     else:
         return p.topk_logprobs[i0:i1].contiguous(), None  # [chunk, K]: cheap
     if p.teacher_scale != 1.0:
@@ -218,6 +226,8 @@ def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, r
     t_width = p.teacher_weight.shape[0] if p.teacher_kind == "pair" else \
         p.mixture_vocab if p.teacher_kind == "mixture" else 0
     t_buf = torch.empty((rows, t_width), dtype=acc, device=dev) if t_width else None
+    # a MappedTeacher's buckets: the map's distinct student ids, the same in every row
+    mapped_ids = p.mapped.vocab_map.student_ids.expand(rows, -1).contiguous() if p.teacher_kind == "mapped" else None
     for i0 in range(0, n, p.chunk):
         i1 = min(n, i0 + p.chunk)
         w_c = row_weight[i0:i1]
@@ -231,7 +241,8 @@ def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, r
         t, th = _teacher_chunk(p, i0, i1, t_buf, teacher_weight_mm, teacher_bias, keep_rows, want_t)
         # teacher_vocab="mask": the student's missing columns (V_t > V) are -inf: no mass, never 0
         s_op = s if p.pad == 0 else torch.nn.functional.pad(s, (0, p.pad), value=float("-inf"))
-        ids = p.topk_ids[i0:i1].contiguous() if p.topk_ids is not None else empty_ids
+        ids = p.topk_ids[i0:i1].contiguous() if p.topk_ids is not None else \
+            mapped_ids[:i1 - i0] if p.teacher_kind == "mapped" else empty_ids
         tgt = p.target[i0:i1] if p.target is not None else empty_ids
         out = p.op(s_op, t, ids, tgt, w_c, p.temperature, p.kind, p.a, p.b, p.w_p, p.w_q, p.soft_scale,
                    p.ce_weight, p.topk_mode, reduce, want_grad, want_t)

@@ -11,15 +11,25 @@ import torch
 from ..core import checks as v
 from ..core.mixture import TeacherMixture, check_mixture, mixture_vocab
 from ..core.topk import TopKTeacher
+from ..core.vocab import MappedTeacher
 
-__all__ = ["teacher_parts", "teacher_scale_of", "mixture_vocab"]
+__all__ = ["teacher_parts", "teacher_scale_of", "mixture_vocab", "mapped_rows"]
+
+
+def mapped_rows(mapped: MappedTeacher) -> torch.Tensor:
+    """The tensor whose leading dims are a ``MappedTeacher``'s rows: its hidden states or its logits."""
+    return mapped.teacher[0] if isinstance(mapped.teacher, (tuple, list)) else mapped.teacher
 
 
 def teacher_parts(teacher, teacher_bias, lead, dev, vocab: int, student_weight):
     """``teacher`` checked and taken apart: (kind, V_t, hidden, weight, logits, top-k, mixture); the absent parts
     None. A ``(teacher_hidden, None)`` pair is a shared head: its weight is ``student_weight``."""
-    teacher_hidden = teacher_weight = teacher_logits = topk = mixture = None
-    if isinstance(teacher, TeacherMixture):
+    teacher_hidden = teacher_weight = teacher_logits = topk = mixture = mapped = None
+    if isinstance(teacher, MappedTeacher):  # another tokenizer: projected onto the student's ids per chunk
+        mapped = teacher
+        teacher.check_against(student_weight.new_empty(()).expand(*lead, vocab))
+        teacher_kind, teacher_vocab = "mapped", vocab
+    elif isinstance(teacher, TeacherMixture):
         mixture = teacher
         teacher_kind, teacher_vocab = "mixture", check_mixture(teacher, lead, dev)
         if teacher_bias is not None:
@@ -49,23 +59,24 @@ def teacher_parts(teacher, teacher_bias, lead, dev, vocab: int, student_weight):
         teacher_kind, teacher_vocab = "logits", teacher.shape[-1]
     else:
         raise TypeError("teacher must be a (teacher_hidden, teacher_weight) pair, (teacher_hidden, None) for a "
-                        "shared head, teacher logits [..., V_t], a fastkd.TopKTeacher or a fastkd.TeacherMixture, "
-                        f"got {type(teacher).__name__}")
-    return teacher_kind, teacher_vocab, teacher_hidden, teacher_weight, teacher_logits, topk, mixture
+                        "shared head, teacher logits [..., V_t], a fastkd.TopKTeacher, a fastkd.TeacherMixture or a "
+                        f"fastkd.MappedTeacher, got {type(teacher).__name__}")
+    return teacher_kind, teacher_vocab, teacher_hidden, teacher_weight, teacher_logits, topk, mixture, mapped
 
 
 def teacher_scale_of(temperature, teacher_temperature, teacher_grad, teacher_kind: str, process_group) -> float:
     """``temperature / teacher_temperature``, the factor on the teacher's logits; and the teacher options' checks."""
     if not isinstance(teacher_grad, bool):
         raise TypeError(f"teacher_grad must be a bool, got {type(teacher_grad).__name__}")
-    if teacher_grad and teacher_kind in ("topk", "mixture"):
-        raise ValueError(f"teacher_grad=True needs a (teacher_hidden, teacher_weight) pair or teacher logits, got a "
-                         f"{'TopKTeacher' if teacher_kind == 'topk' else 'TeacherMixture'} (its values are data)")
+    names = {"topk": "TopKTeacher", "mixture": "TeacherMixture", "mapped": "MappedTeacher"}
+    if teacher_grad and teacher_kind in names:
+        raise ValueError("teacher_grad=True needs a (teacher_hidden, teacher_weight) pair or teacher logits, got a "
+                         f"{names[teacher_kind]}")
     if teacher_grad and process_group is not None:
         raise ValueError("teacher_grad=True is not supported with process_group yet")
-    if teacher_kind == "mixture" and process_group is not None:
-        raise ValueError("a TeacherMixture is not supported with process_group yet (each member's softmax needs "
-                         "the whole vocabulary)")
+    if teacher_kind in ("mixture", "mapped") and process_group is not None:
+        raise ValueError(f"a {names[teacher_kind]} is not supported with process_group yet (its softmax needs the "
+                         "whole vocabulary)")
     if teacher_temperature is None:
         return 1.0
     v.check_positive("teacher_temperature", teacher_temperature)
