@@ -524,6 +524,10 @@ fused_linear_kd_loss.__doc__ = """The LM head and a distillation loss in one op;
     * ``fastkd.TeacherMixture([...], weights, mode)``: several teachers (pairs or dense
       logits, one vocabulary), mixed per chunk in log space (``fastkd.core.mixture``): the
       mixture never exists as an ``[N, V]`` tensor. Not with ``process_group``.
+    * ``fastkd.MappedTeacher(teacher, vocab_map)`` (another tokenizer): the teacher's chunk
+      (``(hidden, weight)`` or dense logits over ``V_t``; no ``logit_scale`` / ``softcap``) at
+      ``teacher_temperature``, summed onto the matched student ids per chunk, then a top-k teacher
+      over those ids (its ``mode``). Not with ``process_group``.
 
     ``teacher_grad=True`` and ``TeacherMixture`` run the chunk loop behind a plain
     ``autograd.Function`` (a graph break under ``torch.compile``); ``teacher_temperature``
