@@ -46,6 +46,7 @@ from fastkd.bench.memory import PeakRSS
 from fastkd.losses.fused_linear import default_chunk_size, fused_linear_kd_loss
 
 PROVIDERS = ("fused", "unfused", "unfused_fastkd", "matmuls", "liger", "trl")
+# also: "fused_dropped" (--ignored), "fused_mutual" / "unfused_mutual" (a teacher that learns: teacher_grad=True)
 IGNORED = 0.0  # --ignored: the fraction of rows (the first ones) whose target is -100
 
 
@@ -71,6 +72,21 @@ def _step_fn(provider, h, w, th, tw, target):
         def step():
             keep = target != -100  # a data-dependent gather (a host read on a GPU)
             loss = fused_linear_kd_loss(h[keep], w, (th[keep], tw), target[keep], divergence="kl", temperature=1.0)
+            loss.backward()
+            return loss.item()
+    elif provider in ("fused_mutual", "unfused_mutual"):  # the teacher learns too (deep mutual learning)
+        th.requires_grad_(True)
+        tw.requires_grad_(True)
+
+        def step():
+            if provider == "fused_mutual":
+                loss = fused_linear_kd_loss(h, w, (th, tw), target, divergence="kl", temperature=1.0,
+                                            teacher_grad=True)
+            else:
+                s, t = h @ w.T, th @ tw.T
+                loss = torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1),
+                                                  log_target=True, reduction="batchmean")
+                del s, t
             loss.backward()
             return loss.item()
     elif provider in ("unfused", "unfused_fastkd"):
