@@ -294,6 +294,16 @@ def test_bench_fused_linear_alternates_the_providers(capsys):
     assert sum(float(p) for _, _, p in shares) >= 99.0, out  # the phases cover the step
 
 
+def test_bench_fused_linear_mutual_learning_providers_agree(capsys):
+    """``fused_mutual`` (``teacher_grad=True``) and ``unfused_mutual`` (both heads by autograd): the same loss."""
+    from fastkd.bench import fused_linear as bench_fused_linear
+
+    assert bench_fused_linear.main(["--shapes", "24x16", "--vocab", "300", "--steps", "1",
+                                    "--providers", "fused_mutual,unfused_mutual"]) == 0
+    losses = re.findall(r"^  (fused_mutual|unfused_mutual)\s.*loss (\d+\.\d+)", capsys.readouterr().out, re.M)
+    assert len(losses) == 2 and losses[0][1] == losses[1][1], losses
+
+
 def test_bench_fused_linear_fails_when_the_losses_disagree(monkeypatch, capsys):
     from fastkd.bench import fused_linear as bench_fused_linear
 
