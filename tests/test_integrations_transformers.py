@@ -231,6 +231,31 @@ def test_trainer_trains_and_logs_soft_and_hard(tmp_path):
     assert math.isclose(metrics["eval_loss"], want, rel_tol=1e-5), (metrics, want)
 
 
+def test_trainer_with_bf16_autocast_trains_with_bf16_matmuls_and_float32_logits(tmp_path, monkeypatch):
+    """``TrainingArguments(bf16=True)`` (autocast on CPU): the fused head sees autocast and rounds its matmul
+    inputs to bf16 (as autocast's F.linear would), the logits and loss stay float32; training lowers the loss."""
+    from fastkd.losses import fused_linear as fl
+
+    seen = []
+
+    def spy(plan, *args, **kwargs):
+        seen.append(plan.mm_dtype)
+        return run_chunks(plan, *args, **kwargs)
+
+    run_chunks = fl.run_chunks
+    monkeypatch.setattr(fl, "run_chunks", spy)
+    loss_fn = FusedLinearKDLoss(divergence="kl", temperature=2.0, ce_weight=0.5)
+    trainer = _trainer(llama(dtype=torch.float32), qwen2(dtype=torch.float32), batch(rows=8), tmp_path, loss_fn,
+                       max_steps=12, per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=3, bf16=True)
+    trainer.train()
+    assert seen and set(seen) == {torch.bfloat16}
+    logs = [r for r in trainer.state.log_history if "soft" in r]
+    assert all(math.isfinite(r["loss"]) for r in logs)
+    assert logs[-1]["loss"] < 0.95 * logs[0]["loss"]
+    for r in logs:
+        assert math.isclose(r["loss"], r["soft"] + 0.5 * r["hard"], rel_tol=1e-3), r
+
+
 @pytest.mark.parametrize("drop_ignored", [True, False])
 def test_a_batch_with_no_counted_token_gives_zero(drop_ignored):
     """A micro-batch of prompts only (a rank or accumulation step can get one): loss 0, gradient 0, no NaN."""
