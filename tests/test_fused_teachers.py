@@ -315,3 +315,30 @@ def test_mapped_teacher_projected_per_chunk(backend, mode, form):
     buckets = fastkd.MappedTeacher(rows64, vocab_map, mode=mode).as_topk(T_T)
     ref = composition(h2, w2, buckets, y, divergence="jsd", temperature=T, ce_weight=0.3)
     compare(loss, ref, [h, w], [h2, w2], names=["hidden", "weight"])
+
+
+# ----------------------------------------------------------------------------
+# return_entropy: the student's entropy from the chunks' logits (TRL's metric)
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_entropy_is_the_students_entropy_over_the_read_rows(backend):
+    needs(backend)
+    sh, sw, sb, th, tw, _, y = data(n=19, v=4099, seed=19)
+    y[::3] = -100
+    h, w = leaves(sh, sw)
+    parts, entropy = fused_linear_kd_loss(h, w, (th, tw), y, student_bias=sb, divergence="jsd", temperature=T,
+                                          softcap=5.0, ce_weight=0.5, return_parts=True, return_entropy=True,
+                                          chunk_size=8, backend=backend)
+    want = fused_linear_kd_loss(h, w, (th, tw), y, student_bias=sb, divergence="jsd", temperature=T, softcap=5.0,
+                                ce_weight=0.5, return_parts=True, chunk_size=8, backend=backend)
+    torch.testing.assert_close(parts.loss, want.loss, rtol=1e-6, atol=0)
+    log_q = torch.log_softmax(head(sh, sw, sb, softcap=5.0) / T, -1)
+    rows = -(log_q.exp() * log_q).sum(-1)
+    assert entropy.dtype == torch.float32 and not entropy.requires_grad
+    torch.testing.assert_close(entropy.double(), rows[y != -100].sum(), rtol=1e-6, atol=0)
+    # the loss still trains: gradients as without the entropy
+    g = torch.autograd.grad(parts.loss, [h, w])
+    g2 = torch.autograd.grad(want.loss, [h, w])
+    for a, b in zip(g, g2):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)

@@ -46,7 +46,7 @@ from fastkd.bench.memory import PeakRSS
 from fastkd.losses.fused_linear import default_chunk_size, fused_linear_kd_loss
 
 PROVIDERS = ("fused", "unfused", "unfused_fastkd", "matmuls", "liger", "trl")
-# also: "fused_dropped" (--ignored), "fused_mutual" / "unfused_mutual" (a teacher that learns: teacher_grad=True)
+# also: "fused_dropped" (--ignored), "fused_entropy" (return_entropy=True), "fused_mutual" / "unfused_mutual" (a teacher that learns: teacher_grad=True)
 IGNORED = 0.0  # --ignored: the fraction of rows (the first ones) whose target is -100
 
 
@@ -66,6 +66,12 @@ def _step_fn(provider, h, w, th, tw, target):
     if provider == "fused":
         def step():
             loss = fused_linear_kd_loss(h, w, (th, tw), target, divergence="kl", temperature=1.0)
+            loss.backward()
+            return loss.item()
+    elif provider == "fused_entropy":  # and the student's entropy (TRL's metric) from the chunks' logits
+        def step():
+            loss, _ = fused_linear_kd_loss(h, w, (th, tw), target, divergence="kl", temperature=1.0,
+                                           return_entropy=True)
             loss.backward()
             return loss.item()
     elif provider == "fused_dropped":

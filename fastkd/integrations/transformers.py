@@ -304,23 +304,23 @@ def teacher_head_pair(t_head: torch.nn.Module, t_hidden: torch.Tensor, t_scale_r
 
 
 def fused_head_loss(head: torch.nn.Module, hidden: torch.Tensor, teacher, target, options: dict, teacher_bias,
-                    num_items_in_batch) -> LossParts:
+                    num_items_in_batch, return_entropy: bool = False):
     """``fused_linear_kd_loss`` on the student's ``head``, inside its forward when it is sharded on its own
     (FSDP2: its weight is then whole); divided by ``num_items_in_batch`` when given (``options`` from
-    ``loss_options``)."""
+    ``loss_options``). ``return_entropy``: ``(parts, the student's entropy summed over the rows)``."""
     def fused():
         weight, bias = _gathered(head.weight), _gathered(getattr(head, "bias", None))
         h = hidden.to(weight.dtype) if hidden.dtype != weight.dtype and \
             torch.is_autocast_enabled(hidden.device.type) else hidden  # autocast rounds them anyway
         return fused_linear_kd_loss(h, weight, teacher, target, student_bias=bias, teacher_bias=teacher_bias,
-                                    **options)
+                                    return_entropy=return_entropy, **options)
 
-    parts = run_in_forward(head, fused)
+    parts, entropy = run_in_forward(head, fused) if return_entropy else (run_in_forward(head, fused), None)
     if num_items_in_batch is not None:
         n = num_items_in_batch.to(parts.loss.device) if isinstance(num_items_in_batch, torch.Tensor) \
             else float(num_items_in_batch)
         parts = LossParts(parts.loss / n, parts.soft / n, parts.hard / n)
-    return parts
+    return (parts, entropy) if return_entropy else parts
 
 
 class DistillationTrainer(transformers.Trainer):

@@ -24,12 +24,10 @@
   Only completion positions are projected (the masked rows are dropped first, as TRL does on GPUs;
   TRL projects every row on CPUs).
 * The entropy metric TRL logs (mean entropy of ``softmax(student logits / T)`` over completion tokens)
-  needs the student's logits, which the fused head never keeps: it is computed in a separate
-  ``no_grad`` pass over the same rows, in chunks of ``ENTROPY_CHUNK_ROWS`` (one more ``[n, V] x H``
-  student matmul per step, a fifth next to the fused head's four, and a softmax over the rows; no
-  gradient: +0.8-0.9 s on a 1.4-1.6 s step at N = 512, H = 256, V = 32000 on a CPU). ``log_entropy=False``
-  skips it (the logged entropy is then 0). Computing it inside the fused chunk loop, from the
-  chunk's logits, would save the matmul; that needs an entropy output on ``fastkd::fused_linear_fwd``.
+  needs the student's logits, which the fused head never keeps: ``fused_linear_kd_loss(...,
+  return_entropy=True)`` sums it from each chunk's logits inside the chunk loop (no extra matmul: a
+  softmax over the chunk, a few elementwise passes). ``log_entropy=False`` skips it (the logged entropy
+  is then 0).
 * ``GKDTrainer`` (``trl.experimental.gkd.GKDTrainer``: off-policy or mixed, an ``SFTTrainer`` with a
   teacher): its ``compute_loss`` (full student and teacher logits, ``generalized_jsd_loss``) replaced
   by ``fastkd.integrations.transformers.distillation_loss`` on the batch's ``labels``. TRL's GKD loss
@@ -45,14 +43,11 @@ from typing import Optional
 import torch
 import trl
 
-from ..losses.fused_linear_chunks import head_logits, matmul_operand
 from ..nn.fused_linear import FusedLinearKDLoss
 from .transformers import (_causal_lm, _check_teacher, _head, distillation_loss as _distillation_loss,
                            fused_head_loss, loss_options, teacher_head_pair)
 
-__all__ = ["DistillationTrainer", "student_entropy_sum", "ENTROPY_CHUNK_ROWS"]  # and GKDTrainer (built on use)
-
-ENTROPY_CHUNK_ROWS = 1024
+__all__ = ["DistillationTrainer"]  # and GKDTrainer (built on use)
 MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                    "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
@@ -63,22 +58,6 @@ def _check_loss(loss_fn):
     if loss_fn.kwargs["reduction"] == "none":
         raise ValueError("distillation_loss has reduction='none': a trainer needs a scalar loss")
     return loss_fn
-
-
-@torch.no_grad()
-def student_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], options: dict,
-                        chunk_rows: int = ENTROPY_CHUNK_ROWS) -> torch.Tensor:
-    """``sum_rows H(softmax(z / T))``, ``z = softcap(logit_scale (h W^T + b))`` (TRL's entropy metric), float32,
-    from ``hidden [n, H]`` in chunks of rows: no gradient, no ``[n, V]`` tensor beyond one chunk."""
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    w = matmul_operand(weight.detach(), None)
-    b = None if bias is None else bias.detach()
-    for i in range(0, hidden.shape[0], chunk_rows):
-        h = matmul_operand(hidden[i:i + chunk_rows].detach(), None).to(w.dtype)
-        z = head_logits(h, w, b, options["logit_scale"], options["softcap"]).float() / options["temperature"]
-        log_p = torch.log_softmax(z, dim=-1)
-        total -= (log_p.exp() * log_p).sum()
-    return total
 
 
 class DistillationTrainer(trl.DistillationTrainer):
@@ -121,10 +100,11 @@ class DistillationTrainer(trl.DistillationTrainer):
         options, ratio = loss_options(self.distillation_loss, student, teacher, num_items_in_batch)
         hidden = student_hidden.to(device)[keep]
         pair, teacher_bias = teacher_head_pair(t_head, teacher_hidden.to(device)[keep], ratio)
-        parts = fused_head_loss(head, hidden, pair, target, options, teacher_bias, num_items_in_batch)
         if self.log_entropy:
-            entropy = student_entropy_sum(hidden, head.weight, getattr(head, "bias", None), options)
+            parts, entropy = fused_head_loss(head, hidden, pair, target, options, teacher_bias, num_items_in_batch,
+                                             return_entropy=True)
         else:
+            parts = fused_head_loss(head, hidden, pair, target, options, teacher_bias, num_items_in_batch)
             entropy = torch.zeros((), device=device)
         return parts.loss, entropy, keep.sum()
 

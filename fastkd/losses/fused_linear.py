@@ -221,12 +221,13 @@ class _FusedLinearFunction(torch.autograd.Function):
         else:
             loss, soft, hard, *_ = run_chunks(plan, row_weight, False, False)
             ctx.plan, ctx.row_weight = plan, row_weight
-        ctx.mark_non_differentiable(soft, hard)
+        entropy = plan.entropy if plan.entropy is not None else loss.new_zeros(())
+        ctx.mark_non_differentiable(soft, hard, entropy)
         ctx.set_materialize_grads(False)
-        return loss, soft, hard
+        return loss, soft, hard, entropy
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_soft, _grad_hard):
+    def backward(ctx, grad_loss, _grad_soft, _grad_hard, _grad_entropy):
         _backward_once(ctx)
         if grad_loss is None:
             if ctx.reduce:
@@ -322,6 +323,7 @@ def fused_linear_kd_loss(
     teacher_vocab: str = "truncate",
     backend: str = "auto",
     process_group=None,
+    return_entropy: bool = False,
 ):
     # --- arguments (every message names the argument) ---
     v.check_matrix("student_hidden", student_hidden, 0)
@@ -441,14 +443,19 @@ def fused_linear_kd_loss(
     else:
         name = "reference" if f64 else _row_backend(backend, student_hidden, student_weight, plain_kd)
         op = _row_op(name, student_hidden, plain_kd)
-    if name in (None, "reference") or teacher_grad or mixture is not None or mapped is not None:
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    if return_entropy and sharded:
+        raise ValueError("return_entropy=True is not supported with process_group yet")
+    entropy = None
+    if name in (None, "reference") or teacher_grad or mixture is not None or mapped is not None or return_entropy:
         plan = _plan(hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                      teacher_values, topk_ids, target_rows, op, chunk_size, pad, logit_scale, softcap, mm_dtype,
                      float(temperature), teacher_scale, kind, a, b, w_p, w_q, soft_scale, float(ce_weight),
                      topk_mode, mask_skipped, needs, group=process_group, teacher_needs=teacher_needs,
                      teacher_grad=teacher_grad, mixture=mixture, mapped=mapped)
-        plan.reduction, plan.shared = reduction, shared
-        loss, soft, hard = _FusedLinearFunction.apply(
+        plan.reduction, plan.shared, plan.want_entropy = reduction, shared, return_entropy
+        loss, soft, hard, entropy = _FusedLinearFunction.apply(
             hidden, student_weight, student_bias, teacher_hidden if teacher_needs[0] else None,
             teacher_weight if teacher_needs[1] else None, teacher_bias if teacher_needs[2] else None,
             teacher_logits if teacher_needs[3] else None, plan, row_weight)
@@ -461,7 +468,8 @@ def fused_linear_kd_loss(
         soft, hard = soft.detach(), hard.detach()  # for logging: not differentiable
     if reduction == "none":
         loss, soft, hard = (x.reshape(lead) for x in (loss, soft, hard))
-    return LossParts(loss, soft, hard) if return_parts else loss
+    out = LossParts(loss, soft, hard) if return_parts else loss
+    return (out, entropy.float()) if return_entropy else out
 
 
 fused_linear_kd_loss.__doc__ = """The LM head and a distillation loss in one op; the ``[N, V]`` logits never exist.
@@ -529,7 +537,11 @@ fused_linear_kd_loss.__doc__ = """The LM head and a distillation loss in one op;
       ``teacher_temperature``, summed onto the matched student ids per chunk, then a top-k teacher
       over those ids (its ``mode``). Not with ``process_group``.
 
-    ``teacher_grad=True`` and ``TeacherMixture`` run the chunk loop behind a plain
+    ``return_entropy=True`` returns ``(loss or parts, entropy)``: ``entropy`` is the sum over the rows
+    the loss reads of the student's ``H(softmax(s / temperature))`` (float32, no gradient; TRL's
+    entropy metric), from each chunk's logits (no extra matmul). Not with ``process_group``.
+
+    ``teacher_grad=True``, ``TeacherMixture`` and ``return_entropy`` run the chunk loop behind a plain
     ``autograd.Function`` (a graph break under ``torch.compile``); ``teacher_temperature``
     and the frozen shared head run in the traced custom op.
 

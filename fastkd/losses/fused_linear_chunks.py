@@ -219,6 +219,7 @@ def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, r
     grad_tb = torch.zeros(p.teacher_weight.shape[0], dtype=acc, device=dev) if t_need_b else None
     grad_tl = torch.empty((t_rows, p.teacher_logits.shape[-1]), dtype=acc, device=dev) if t_need_logits else None
     empty_ids = torch.empty(0, dtype=torch.int64, device=dev)
+    entropy = torch.zeros((), dtype=acc, device=dev) if getattr(p, "want_entropy", False) else None
     # One logit buffer per head for the whole loop: a fresh [chunk, V] block per chunk would be new
     # memory each time (a large block goes back to the system when freed), paid in page faults.
     rows = min(p.chunk, n)
@@ -246,6 +247,13 @@ def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, r
         tgt = p.target[i0:i1] if p.target is not None else empty_ids
         out = p.op(s_op, t, ids, tgt, w_c, p.temperature, p.kind, p.a, p.b, p.w_p, p.w_q, p.soft_scale,
                    p.ce_weight, p.topk_mode, reduce, want_grad, want_t)
+        if entropy is not None:  # H(softmax(z)) = lse(z) - sum q z, z = s / T, of the rows the loss reads
+            z = s if p.temperature == 1.0 else s / p.temperature
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            q = (z - lse).exp_()  # one [chunk, V] temporary (two with a temperature); the row dot has none
+            rows = lse.squeeze(1) - torch.bmm(q.unsqueeze(1), z.unsqueeze(2)).view(-1)
+            entropy += (rows * (w_c != 0)).sum()
+            del z, q
         if reduce:
             loss += out[0]
             soft += out[1]
@@ -310,6 +318,8 @@ def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, r
         from ..distributed.comm import all_reduce
 
         grad_h = all_reduce([grad_h], torch.distributed.ReduceOp.SUM, p.group, in_place=True)[0]
+
+    p.entropy = entropy  # the student's summed entropy when asked (a statistic: no gradient)
 
     def cast(g, like):
         return None if g is None else g.to(like.dtype)
