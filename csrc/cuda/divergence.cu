@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
   const DivParams d = div_params(args.kind, args.a, args.b, args.w_p, args.w_q);
 
   // All of these are the same for every thread of the launch (reductions below depend on them).
-  const bool soft_on = d.kind == kDivTVD || d.a != 0.0f || d.b != 0.0f;  // a = b = 0: cross-entropy alone
+  const bool soft_on = div_soft_on(d);  // a = b = 0 in the KL family: cross-entropy alone
   const bool want_s = args.grad_student != nullptr, want_t = args.grad_teacher != nullptr;
   // the KL that sweep 1 sums as a cross term: KL(q || p) = sum G / b (w_q == 0), KL(p || q) = sum H / a (w_p == 0)
   const bool cross_q = soft_on && want_s && d.kind == kDivKL && d.mix == kMixP;
