@@ -54,11 +54,12 @@ class TeacherMixture:
                                 f"teacher_weight[, teacher_bias]) tuple of tensors, got {type(t).__name__}")
         if weights is None:
             weights = [1.0 / len(members)] * len(members) if mode == "arithmetic" else [1.0] * len(members)
+        given = weights
         weights = [float(w) if isinstance(w, (int, float)) and not isinstance(w, bool) else None
                    for w in (weights if isinstance(weights, (list, tuple)) else [None])]
         if len(weights) != len(members) or any(w is None or not math.isfinite(w) or w <= 0 for w in weights):
-            raise ValueError(f"weights must be {len(members)} positive finite numbers (one per teacher), "
-                             f"got {weights!r}")
+            raise ValueError(f"weights must be a list of {len(members)} positive finite Python numbers (one per "
+                             f"teacher), got {given!r}")
         if mode == "arithmetic":
             total = sum(weights)
             weights = [w / total for w in weights]
@@ -105,6 +106,9 @@ def check_mixture(mixture: TeacherMixture, lead: tuple, device: torch.device) ->
                              f"student_hidden {tuple(lead)}, got {tuple(x.shape)}")
         if m[0] == "pair":
             w, b = m[2], m[3]
+            if x.dtype != w.dtype:
+                raise TypeError(f"{name} hidden and weight must have the same dtype (as F.linear), got {x.dtype} "
+                                f"and {w.dtype}")
             if w.dim() != 2 or w.shape[1] != x.shape[-1]:
                 raise ValueError(f"{name} weight must be [V_t, H] with H = {x.shape[-1]} (its hidden size), got "
                                  f"{tuple(w.shape)}")
@@ -121,11 +125,14 @@ def mix_log_probs(member_logits, weights: Sequence[float], mode: str, teacher_te
                   out: torch.Tensor) -> torch.Tensor:
     """The mixture's log-probs (up to a per-row constant for "geometric") of one chunk, into ``out``.
 
-    ``member_logits``: an iterable yielding each member's float32 ``[rows, V_t]`` chunk logits in turn
-    (consumed one at a time, so one member block is alive besides ``out``).
+    ``member_logits``: an iterable yielding each member's float32 ``[rows, V_t]`` chunk logits in turn,
+    owned by the caller's loop (turned into log-probs in place; consumed one at a time, so one member
+    block, and the log-sum-exp's transient, is alive besides ``out``).
     """
     for i, logits in enumerate(member_logits):
-        log_p = torch.log_softmax(logits / teacher_temperature, dim=-1)
+        if teacher_temperature != 1.0:
+            logits.div_(teacher_temperature)
+        log_p = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
         del logits
         if mode == "arithmetic":
             log_p += math.log(weights[i])

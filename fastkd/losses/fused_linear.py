@@ -214,7 +214,7 @@ class _FusedLinearFunction(torch.autograd.Function):
             plan.teacher_weight, plan.teacher_bias = weight, bias
         ctx.reduce = plan.reduction != "none"
         ctx.used = False
-        want_grad = any(plan.needs) or any(plan.teacher_needs) or plan.teacher_grad
+        want_grad = any(plan.needs) or any(plan.teacher_needs)
         if ctx.reduce:
             loss, soft, hard, *grads = run_chunks(plan, row_weight, want_grad, True)
             ctx.stored = grads
@@ -340,7 +340,7 @@ def fused_linear_kd_loss(
     v.check_teacher_vocab(teacher_vocab)
     teacher_kind, t_vocab, teacher_hidden, teacher_weight, teacher_logits, topk, mixture, mapped = teacher_parts(
         teacher, teacher_bias, lead, dev, vocab, student_weight)
-    shared = teacher_weight is student_weight
+    shared = isinstance(teacher, (tuple, list)) and len(teacher) == 2 and teacher[1] is None  # (hidden, None)
     if shared:
         teacher_bias = student_bias
     teacher_scale = teacher_scale_of(temperature, teacher_temperature, teacher_grad, teacher_kind, process_group)
@@ -541,9 +541,12 @@ fused_linear_kd_loss.__doc__ = """The LM head and a distillation loss in one op;
     the loss reads of the student's ``H(softmax(s / temperature))`` (float32, no gradient; TRL's
     entropy metric), from each chunk's logits (no extra matmul). Not with ``process_group``.
 
-    ``teacher_grad=True``, ``TeacherMixture`` and ``return_entropy`` run the chunk loop behind a plain
-    ``autograd.Function`` (a graph break under ``torch.compile``); ``teacher_temperature``
-    and the frozen shared head run in the traced custom op.
+    ``teacher_grad=True``, ``TeacherMixture``, ``MappedTeacher`` and ``return_entropy`` run the chunk
+    loop behind a plain ``autograd.Function`` (a graph break under ``torch.compile``);
+    ``teacher_temperature`` and the frozen shared head run in the traced custom op. A learning
+    teacher adds its own gradients to the peak memory: its float32 weight-gradient sum (cast to its
+    dtype once), one more chunk block for its logit gradient, and with a shared head the stacked
+    ``[2 chunk, V]`` gradient block.
 
     ``chunk_size``: rows per chunk (``None``: ``fastkd.losses.fused_linear.default_chunk_size``,
     the working block at most the size of the weight gradient or 256 MiB, and at least

@@ -162,12 +162,12 @@ def _teacher_chunk(p: SimpleNamespace, i0: int, i1: int, t_buf, tw_mm, teacher_b
         t = head_logits(th, tw_mm, teacher_bias, p.logit_scale, p.softcap, out=t_buf[:i1 - i0])
         th = th if want_t else None
     elif p.teacher_kind == "logits":
-        t, th = chunk_rows(p.teacher_logits, i0, i1, p.lead).contiguous(), None
-        if p.teacher_scale != 1.0:
-            return t * p.teacher_scale, None  # a chunk-sized copy: the user's logits stay as they are
+        t = chunk_rows(p.teacher_logits, i0, i1, p.lead).contiguous()
+        if p.teacher_scale != 1.0:  # a float32 chunk copy (the user's logits stay as they are, never rounded)
+            return t.to(p.compute_dtype) * p.teacher_scale, None
         return t, None
     elif p.teacher_kind == "mixture":
-        members = (chunk_rows(m[1], i0, i1, p.lead).to(p.compute_dtype) if m[0] == "logits" else
+        members = (chunk_rows(m[1], i0, i1, p.lead).to(p.compute_dtype, copy=True) if m[0] == "logits" else
                    head_logits(matmul_operand(chunk_rows(m[1], i0, i1, p.lead), p.mm_dtype).to(w_mm.dtype), w_mm,
                                _rounded(m[3], p.mm_dtype), p.logit_scale, p.softcap)
                    for m, w_mm in zip(p.mixture.members, p.mixture_weights_mm))
@@ -176,8 +176,8 @@ def _teacher_chunk(p: SimpleNamespace, i0: int, i1: int, t_buf, tw_mm, teacher_b
     elif p.teacher_kind == "mapped":  # the teacher's chunk (no logit_scale / softcap: another model) projected
         rows = p.mapped.teacher
         if isinstance(rows, (tuple, list)):
-            th = matmul_operand(chunk_rows(rows[0], i0, i1, p.lead), p.mm_dtype)
-            logits = f32_matmul(th, matmul_operand(rows[1], p.mm_dtype).to(th.dtype).t())
+            th = matmul_operand(chunk_rows(rows[0], i0, i1, p.lead), p.mm_dtype).to(p.mapped_weight_mm.dtype)
+            logits = f32_matmul(th, p.mapped_weight_mm.t())
         else:
             logits = chunk_rows(rows, i0, i1, p.lead)
         return p.mapped.projected_probs(p.teacher_temperature, p.compute_dtype, logits).log_(), None
@@ -199,11 +199,14 @@ def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, r
     hard = torch.zeros(shape, dtype=acc, device=dev)
     need_h, need_w, need_b = p.needs if want_grad else (False, False, False)
     t_need_h, t_need_w, t_need_b, t_need_logits = p.teacher_needs if want_grad else (False,) * 4
-    shared = p.teacher_weight is p.weight  # a shared head: the teacher's weight and bias gradients are the student's
+    # a shared head (teacher=(hidden, None)): the teacher's weight and bias gradients are the student's
+    shared = getattr(p, "shared", False)
     want_t = t_need_h or t_need_w or t_need_b or t_need_logits or (shared and p.teacher_grad and (need_w or need_b))
     weight_mm = matmul_operand(p.weight, p.mm_dtype)
-    teacher_weight_mm = weight_mm if shared else \
+    teacher_weight_mm = weight_mm if p.teacher_weight is p.weight else \
         matmul_operand(p.teacher_weight, p.mm_dtype) if p.teacher_weight is not None else None
+    if p.teacher_kind == "mapped" and isinstance(p.mapped.teacher, (tuple, list)):
+        p.mapped_weight_mm = matmul_operand(p.mapped.teacher[1], p.mm_dtype)  # once, not per chunk
     if p.teacher_kind == "mixture":
         p.mixture_weights_mm = [matmul_operand(m[2], p.mm_dtype) if m[0] == "pair" else None
                                 for m in p.mixture.members]
@@ -217,7 +220,9 @@ def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, r
     grad_th = torch.empty((t_rows, p.teacher_hidden.shape[-1]), dtype=acc, device=dev) if t_need_h else None
     grad_tw = torch.empty(p.teacher_weight.shape, dtype=acc, device=dev) if t_need_w else None
     grad_tb = torch.zeros(p.teacher_weight.shape[0], dtype=acc, device=dev) if t_need_b else None
-    grad_tl = torch.empty((t_rows, p.teacher_logits.shape[-1]), dtype=acc, device=dev) if t_need_logits else None
+    # the dense teacher logits' gradient in their own dtype (one rounding per chunk, no float32 copy of [N, V_t])
+    grad_tl = torch.empty((t_rows, p.teacher_logits.shape[-1]), dtype=p.teacher_logits.dtype, device=dev) \
+        if t_need_logits else None
     empty_ids = torch.empty(0, dtype=torch.int64, device=dev)
     entropy = torch.zeros((), dtype=acc, device=dev) if getattr(p, "want_entropy", False) else None
     # One logit buffer per head for the whole loop: a fresh [chunk, V] block per chunk would be new
@@ -327,4 +332,4 @@ def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, r
     return (loss, soft, hard, cast(grad_h, p.hidden), cast(grad_w, p.weight), cast(grad_b, p.bias),
             None if grad_th is None else grad_th.reshape(p.teacher_hidden.shape).to(p.teacher_hidden.dtype),
             cast(grad_tw, p.teacher_weight), cast(grad_tb, p.teacher_bias),
-            None if grad_tl is None else grad_tl.reshape(p.teacher_logits.shape).to(p.teacher_logits.dtype))
+            None if grad_tl is None else grad_tl.reshape(p.teacher_logits.shape))
