@@ -1057,6 +1057,46 @@ def _fused_linear_checks(rank, world, failures, full=True):
     _record(failures, "fused linear communication and errors", comm_and_errors)
 
 
+def _fused_teacher_grad_checks(rank, world, failures):
+    """``teacher_grad=True`` over a vocabulary-sharded group: every rank's teacher weight and bias slices and the
+    whole teacher hidden gradient (summed over the group) equal the single-process float64 ones."""
+    n, hdim, hdim_t, width = 9, 6, 5, 13
+    vocab = width * world
+    g = torch.Generator().manual_seed(70)
+    base = [torch.randn(n, hdim, generator=g), torch.randn(vocab, hdim, generator=g) * 0.7,
+            torch.randn(n, hdim_t, generator=g), torch.randn(vocab, hdim_t, generator=g) * 0.7,
+            torch.randn(vocab, generator=g) * 0.3]
+    target = torch.randint(0, vocab, (n,), generator=g)
+    target[3] = -100
+
+    def piece(x):
+        return x[rank * width:(rank + 1) * width]
+
+    for divergence in ("jsd", "kl", "tvd"):
+        def run(divergence=divergence):
+            kw = dict(divergence=divergence, temperature=2.0, teacher_temperature=1.5, ce_weight=0.3,
+                      teacher_grad=True)
+            ref = [x.double().requires_grad_() for x in base]
+            loss_ref = fastkd.fused_linear_kd_loss(ref[0], ref[1], (ref[2], ref[3]), target, teacher_bias=ref[4],
+                                                   backend="reference", **kw)
+            grads_ref = torch.autograd.grad(loss_ref, ref)
+            h, w, th, tw, tb = (x.to(DEVICE, copy=True) for x in (base[0], piece(base[1]), base[2], piece(base[3]),
+                                                                  piece(base[4])))
+            leaves = [x.requires_grad_() for x in (h, w, th, tw, tb)]
+            with _no_sync():
+                loss = fastkd.fused_linear_kd_loss(h, w, (th, tw), _on(target, h), teacher_bias=tb, chunk_size=4,
+                                                   process_group=_group(), **kw)
+                loss.backward()
+            torch.testing.assert_close(loss.detach().cpu().double(), loss_ref.detach(), rtol=2e-5, atol=2e-6)
+            wants = [grads_ref[0], piece(grads_ref[1]), grads_ref[2], piece(grads_ref[3]), piece(grads_ref[4])]
+            for what, x, want in zip(("hidden", "weight", "teacher_hidden", "teacher_weight", "teacher_bias"),
+                                     leaves, wants):
+                err = _rel(x.grad, want)
+                assert err < 2e-5, f"grad {what}: relative error {err:.2e}"
+
+        _record(failures, f"fused linear teacher_grad {divergence}", run)
+
+
 def _kernel_route_checks(rank, world, failures):
     """On CPU tensors the dense divergences run on the shard kernels (csrc/cpu/divergence_shard.cpp); with
     SHARD_KERNELS off, float64 or a top-k teacher, on the PyTorch math."""
@@ -1133,6 +1173,7 @@ def _checks_world2(rank, world, failures):
     if DEVICE.type == "cpu":
         _nan_and_empty_checks(rank, world, failures)
     _fused_linear_checks(rank, world, failures)
+    _fused_teacher_grad_checks(rank, world, failures)
     _dist_checks(rank, world, failures)
 
 

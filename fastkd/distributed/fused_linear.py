@@ -37,7 +37,8 @@ def fused_linear_row_op(divergence: str, beta: float, skew: float, topk_mode: Op
     ``divergence_rows`` (three collectives per row chunk of the chunk). The divergence and its
     parameters are bound here; the numeric ``kind``/``a``/``b``/``w_p``/``w_q`` codes the fused
     loop passes are ignored. ``equal``: ``check_group_shapes`` of the whole call. Rows with
-    weight 0 are not read (the fused ops' skipped-row rule).
+    weight 0 are not read (the fused ops' skipped-row rule). ``grad_teacher`` (``teacher_grad=True``):
+    this rank's slice of the gradient w.r.t. the chunk's teacher logits too.
     """
     kind, params = _FUSED_LINEAR_KINDS[divergence]
     if kind == "jsd":
@@ -49,12 +50,10 @@ def fused_linear_row_op(divergence: str, beta: float, skew: float, topk_mode: Op
 
     def op(student, teacher, topk_ids, target, row_weight, temperature, _kind, _a, _b, _w_p, _w_q, soft_scale,
            ce_weight, _topk_mode, reduce, grad_student, grad_teacher):
-        if grad_teacher:
-            raise ValueError("fused_linear_kd_loss: the teacher is a constant (no teacher gradient)")
         n = student.shape[0]
         c = SimpleNamespace(kind=kind, params=params, T=float(temperature), soft_scale=float(soft_scale),
                             mode=topk_mode, use_ce=use_ce, ce_weight=float(ce_weight), width=width,
-                            offset=rank * width, vocab=world * width, need_s=grad_student, need_t=False,
+                            offset=rank * width, vocab=world * width, need_s=grad_student, need_t=grad_teacher,
                             need_temp=False,
                             dtype=student.dtype, group=process_group)
         read = row_weight != 0
@@ -63,9 +62,9 @@ def fused_linear_row_op(divergence: str, beta: float, skew: float, topk_mode: Op
             return divergence_rows(c, student[r], teacher[r], topk_ids[r] if topk_mode is not None else None,
                                     target[r] if use_ce else None, read[r], row_weight[r], equal, out=out)
 
-        loss, soft, hard, grad_s, *_ = run_chunks(body, n, student, teacher, grad_student, False,
-                                                   "sum" if reduce else "none", (n,),
-                                                   whole=kernels_take_all_rows(c, student, teacher))
-        return loss, soft, hard, grad_s, None
+        loss, soft, hard, grad_s, grad_t, _ = run_chunks(body, n, student, teacher, grad_student, grad_teacher,
+                                                          "sum" if reduce else "none", (n,),
+                                                          whole=kernels_take_all_rows(c, student, teacher))
+        return loss, soft, hard, grad_s, grad_t
 
     return op

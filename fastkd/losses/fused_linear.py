@@ -521,8 +521,9 @@ fused_linear_kd_loss.__doc__ = """The LM head and a distillation loss in one op;
       ``(teacher_hidden, teacher_weight)`` teacher (and ``teacher_bias``) or dense teacher
       logits may require grad and get the gradient of the loss, computed in the same chunk
       loop as the student's (the row op's teacher-logit gradient, then ``g_t @ W_t`` and
-      ``g_t^T @ h_t``); the CE term reaches the student only. Not with top-k teachers, a
-      ``TeacherMixture`` or ``process_group``.
+      ``g_t^T @ h_t``); the CE term reaches the student only. Not with top-k teachers or a
+      ``TeacherMixture``. With ``process_group`` the teacher's weight (bias) gradient is this rank's
+      slice and its hidden gradient the whole (summed over the group, as the student's).
     * A shared head, ``teacher=(teacher_hidden, None)`` (self-distillation, early exits, the
       same model on two views): the teacher's logits use ``student_weight`` and
       ``student_bias``. Frozen (default), the teacher path is a constant (as

@@ -318,11 +318,12 @@ def _run_chunks(p: SimpleNamespace, row_weight: torch.Tensor, want_grad: bool, r
         for buf in (grad_w, grad_tw):
             if buf is not None:
                 buf.zero_()
-    if grad_h is not None and p.group is not None:
-        # the column-parallel head's input gradient: the only [N, H] collective (4 N H bytes in float32)
+    if p.group is not None and (grad_h is not None or grad_th is not None):
+        # the column-parallel heads' input gradients: the only [N, H] collectives (4 N H bytes each in float32)
         from ..distributed.comm import all_reduce
 
-        grad_h = all_reduce([grad_h], torch.distributed.ReduceOp.SUM, p.group, in_place=True)[0]
+        grad_h, grad_th = (None if g is None else all_reduce([g], torch.distributed.ReduceOp.SUM, p.group,
+                                                             in_place=True)[0] for g in (grad_h, grad_th))
 
     p.entropy = entropy  # the student's summed entropy when asked (a statistic: no gradient)
 

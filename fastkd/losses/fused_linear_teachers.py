@@ -72,8 +72,6 @@ def teacher_scale_of(temperature, teacher_temperature, teacher_grad, teacher_kin
     if teacher_grad and teacher_kind in names:
         raise ValueError("teacher_grad=True needs a (teacher_hidden, teacher_weight) pair or teacher logits, got a "
                          f"{names[teacher_kind]}")
-    if teacher_grad and process_group is not None:
-        raise ValueError("teacher_grad=True is not supported with process_group yet")
     if teacher_kind in ("mixture", "mapped") and process_group is not None:
         raise ValueError(f"a {names[teacher_kind]} is not supported with process_group yet (its softmax needs the "
                          "whole vocabulary)")
