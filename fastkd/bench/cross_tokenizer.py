@@ -30,7 +30,7 @@ def _batched(s, t):
     """The batched PyTorch path of ``uld_loss`` (what ``backend="auto"`` runs off the CPU kernel)."""
     weight = torch.full((s.shape[0] * s.shape[1],), 1.0 / (s.shape[0] * s.shape[1]))
     rows = (s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]))
-    return X._ULDFunction.apply(*rows, weight, None, (1.0, 1.0, None, 0.0, True, False, False))[0]
+    return X._RowsFunction.apply(*rows, weight, None, (1.0, 1.0, 0.0, True, False, False), X._uld_op(None))[0]
 
 
 def _trl_loss():
