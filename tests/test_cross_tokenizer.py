@@ -315,11 +315,14 @@ def test_hybrid_parts_rows_and_many_to_one():
     assert torch.allclose(module(s, t, target=target), fastkd.hybrid_uld_loss(s, t, vm, beta=0.3, target=target))
 
 
-def _hybrid_case(inputs, seed=11):
-    """A many-to-one map with unmatched ids on both sides, rows [3, 5], V_s = 300, V_t = 700."""
+def _hybrid_case(inputs, seed=11, whole=False):
+    """A many-to-one map with unmatched ids on both sides (``whole``: every teacher token matched, every
+    student id hit: no unmatched term), rows [3, 5], V_s = 300, V_t = 700."""
     g = torch.Generator().manual_seed(seed)
     table = torch.randint(0, 220, (700,), generator=g)
     table[::4] = -1  # unmatched teacher tokens; student ids 220.. are hit by none
+    if whole:
+        table = torch.randperm(700, generator=g) % 300
     vm = fastkd.VocabMap(table, 300)
     s, t = make((3, 5), 300, 700, scale=2.5, seed=seed, dtype=torch.float64)
     if inputs == "log_probs":  # rows that do not sum to 1, as merged groups
@@ -331,13 +334,13 @@ def _hybrid_case(inputs, seed=11):
     return vm, s, t, target, weight
 
 
-@pytest.mark.parametrize("inputs", ["logits", "log_probs"])
+@pytest.mark.parametrize("inputs,whole", [("logits", False), ("log_probs", False), ("logits", True)])
 @pytest.mark.parametrize("beta,weights", [(0.0, None), (0.3, (0.6, 0.9)), (1.0, None)])
-def test_hybrid_batched_against_float64_reference(inputs, beta, weights, monkeypatch):
+def test_hybrid_batched_against_float64_reference(inputs, whole, beta, weights, monkeypatch):
     # chunks of 2 rows (several chunks, a ragged last one), a non-contiguous student, both gradients,
     # the CE term, skipped rows and row weights, against the sort-based reference by autograd in float64
     monkeypatch.setattr(X, "CHUNK_ELEMENTS", 2 * 1000)
-    vm, s, t, target, weight = _hybrid_case(inputs)
+    vm, s, t, target, weight = _hybrid_case(inputs, whole=whole)
     temps = dict(temperature=1.4, teacher_temperature=0.8) if inputs == "logits" else {}
     kw = dict(beta=beta, target=target, sample_weight=weight.float(), ce_weight=0.4, inputs=inputs, **temps)
     if weights:
@@ -353,7 +356,7 @@ def test_hybrid_batched_against_float64_reference(inputs, beta, weights, monkeyp
     ref.loss.backward()
     for a, b in zip(out, ref):
         assert abs(a.item() - b.item()) <= 1e-5 * abs(b.item()) + 1e-7
-    assert ref.matched > 0 and ref.unmatched > 0
+    assert ref.matched > 0 and (ref.unmatched == 0 if whole else ref.unmatched > 0)
     assert rel(s32.grad.double(), s64.grad) < 1e-5 and rel(t32.grad.double(), t64.grad) < 1e-5
     assert (s32.grad[0, 1] == 0).all() and (t32.grad[2, 4] == 0).all()  # skipped rows: gradient 0
 

@@ -429,14 +429,17 @@ def _hybrid_op(vm, beta: float, w_m: float, w_u: float):
     hit[vm.student_ids] = True
     rest_s, rest_t = (~hit).nonzero().squeeze(1), (vm.teacher_to_student < 0).nonzero().squeeze(1)
     has_rest = rest_s.numel() > 0 and rest_t.numel() > 0  # GOLD: no unmatched term when either side has none
+    every_s = vm.student_ids.numel() == vm.student_vocab_size  # every column matched: no gather, no scatter
+    every_t = vm.matched_teacher.numel() == vm.teacher_vocab_size
 
     def xlog(x, log_m, coef):  # (coef sum x log(x / m), coef (log(x / m) + 1)), 0 where x == 0
         log_ratio = torch.where(x == 0, 0.0, x.log() - log_m)
         return coef * (x * log_ratio).sum(1, dtype=torch.float64), torch.where(x == 0, 0.0, coef * (log_ratio + 1))
 
     def op(q, p, want_q, want_p):
-        big_p = q.new_zeros(q.shape[0], vm.student_ids.numel()).index_add_(1, vm.bucket, p[:, vm.matched_teacher])
-        q_m = q[:, vm.student_ids]
+        p_m = p if every_t else p.index_select(1, vm.matched_teacher)
+        big_p = q.new_zeros(q.shape[0], vm.student_ids.numel()).index_add_(1, vm.bucket, p_m)
+        q_m = q if every_s else q.index_select(1, vm.student_ids)
         mix = w_p * big_p + w_q * q_m
         log_m, pull = mix.log(), a * big_p + b * q_m
         ratio = torch.where(pull == 0, 0.0, pull / mix)
@@ -448,11 +451,11 @@ def _hybrid_op(vm, beta: float, w_m: float, w_u: float):
         if b != 0:
             value, d = xlog(q_m, log_m, b)
             matched, g_qm = matched + value, g_qm + d
-        g_q = torch.zeros_like(q)
-        g_q[:, vm.student_ids] = w_m * g_qm
-        g_p = torch.zeros_like(p) if want_p else None
+        g_q = g_qm.mul_(w_m) if every_s else torch.zeros_like(q).index_copy_(1, vm.student_ids, g_qm.mul_(w_m))
+        g_p = None
         if want_p:
-            g_p[:, vm.matched_teacher] = w_m * g_pm[:, vm.bucket]
+            g_pm = g_pm.mul_(w_m).index_select(1, vm.bucket)
+            g_p = g_pm if every_t else torch.zeros_like(p).index_copy_(1, vm.matched_teacher, g_pm)
         unmatched = torch.zeros_like(matched)
         if has_rest:
             unmatched, g_qr, g_pr = sorted_l1_batched(q[:, rest_s], p[:, rest_t], want_q, want_p)
