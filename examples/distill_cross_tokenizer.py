@@ -59,9 +59,9 @@ import fastkd  # noqa: E402
 from distill_lm import build, stdlib_text, train_tokenizer  # noqa: E402
 
 CONFIGS = {
-    "quick": dict(text_bytes=250_000, vocab_t=1000, vocab_s=400, window=128, batch=8, labelled_rows=2, labelled=0.05,
-                  teacher_steps=100, student_steps=40, eval_windows=16, seeds=1, lr=3e-3,
-                  teacher=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=172),
+    "quick": dict(text_bytes=150_000, vocab_t=600, vocab_s=300, window=96, batch=8, labelled_rows=2, labelled=0.05,
+                  teacher_steps=60, student_steps=25, eval_windows=16, seeds=1, lr=3e-3,
+                  teacher=dict(hidden_size=48, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128),
                   student=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=86)),
     "full": dict(text_bytes=1_000_000, vocab_t=4000, vocab_s=1000, window=256, batch=8, labelled_rows=2,
                  labelled=0.05, teacher_steps=800, student_steps=250, eval_windows=64, seeds=3, lr=3e-3,
