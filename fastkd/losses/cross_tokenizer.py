@@ -38,6 +38,10 @@ Rows and weights as the divergences (``docs/design.md``, "Row weights"); skipped
 read; a read row whose log-sum-exp is not finite (NaN or +inf logits, a row of -inf) gets a NaN
 loss and NaN gradients. Gradients are computed in the forward pass and scaled in place in backward
 (usable once, as the fused losses).
+
+``hybrid_uld_loss`` runs on the same row driver (``_rows``): per chunk the matched terms and their
+derivatives in closed form, the unmatched ULD by ``sorted_l1_batched``, the gradients written into the
+stored ``[N, V]`` rows; no autograd graph, no full-size temporary.
 """
 from functools import lru_cache
 from typing import Optional
