@@ -339,7 +339,7 @@ def _hybrid_case(inputs, seed=11, whole=False):
 def test_hybrid_batched_against_float64_reference(inputs, whole, beta, weights, monkeypatch):
     # chunks of 2 rows (several chunks, a ragged last one), a non-contiguous student, both gradients,
     # the CE term, skipped rows and row weights, against the sort-based reference by autograd in float64
-    monkeypatch.setattr(X, "CHUNK_ELEMENTS", 2 * 1000)
+    monkeypatch.setattr(X, "HYBRID_CHUNK_ELEMENTS", 2 * 1000)
     vm, s, t, target, weight = _hybrid_case(inputs, whole=whole)
     temps = dict(temperature=1.4, teacher_temperature=0.8) if inputs == "logits" else {}
     kw = dict(beta=beta, target=target, sample_weight=weight.float(), ce_weight=0.4, inputs=inputs, **temps)
