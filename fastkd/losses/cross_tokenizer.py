@@ -223,9 +223,10 @@ def _uld_op(k):
 def _rows(s, t, weight, target, options, op):
     """Row losses and the weighted gradients of ``op``'s loss, chunk by chunk (arguments checked; rows ``[N, V]``).
 
-    ``op(q, p, want_q, want_p) -> (rows, g_q, g_p)``: per chunk (about ``op.chunk`` logits) of probability rows, the unweighted row
-    losses (a tuple of ``op.values`` tensors ``[n]``, the first the soft loss) and the derivatives ``dL/dq``, ``dL/dp`` (which this
-    function turns into the logits' gradients in place). Returns ``(rows [n] float64 each, hard, grad_s,
+    ``op(q, p, want_q, want_p) -> (rows, g_q, g_p)``: per chunk of probability rows (about ``op.chunk``
+    logits), the unweighted row losses (a tuple of ``op.values`` tensors ``[n]``, the first the soft loss)
+    and the derivatives ``dL/dq``, ``dL/dp`` (which this function turns into the logits' gradients in
+    place). Returns ``(rows [n] float64 each, hard, grad_s,
     grad_t)``; the gradients are the only ``[N, V]`` outputs, every other tensor is a chunk's.
     """
     temperature, t_temp, ce_weight, parts, log_probs, want_s, want_t = options
