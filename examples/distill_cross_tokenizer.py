@@ -38,8 +38,8 @@ trained on the same training text (``tokenizers``): 4000 tokens for the teacher,
    in bits, over the bytes of the predicted tokens: the only figure comparable across tokenizers), mean
    ± std over seeds and the paired difference against CE; time per step.
 
-Outputs (``--out-dir``, default ``examples/results``): ``cross_tokenizer.md`` and ``cross_tokenizer.csv``
-(one row per method and seed); with ``--quick``, ``cross_tokenizer-quick.*`` (git-ignored).
+Outputs (``--out-dir``, default ``examples/results``): ``cross_tokenizer.md``, ``cross_tokenizer.csv``
+(one row per method and seed) and ``cross_tokenizer.png``; with ``--quick``, ``cross_tokenizer-quick.*`` (git-ignored).
 """
 import argparse
 import csv
@@ -295,6 +295,30 @@ def markdown(head, runs, methods, teacher_bpb, notes):
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 
+def plot(path, runs, methods, teacher_bpb, title):
+    """Bars (mean ± std over seeds) and the seeds' dots per method, the teacher as a line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, m in enumerate(methods):
+        vals = [r["bpb"] for r in runs if r["method"] == m]
+        ax.bar(i, statistics.mean(vals), yerr=statistics.stdev(vals) if len(vals) > 1 else 0.0, capsize=3,
+               color="0.6" if m in NO_TERM else "C0")
+        ax.plot([i] * len(vals), vals, "k.", ms=4)
+    ax.axhline(teacher_bpb, color="C3", ls="--", label=f"teacher {teacher_bpb:.3f}")
+    low = min(teacher_bpb, min(r["bpb"] for r in runs))
+    ax.set_ylim(low * 0.95, max(r["bpb"] for r in runs) * 1.02)
+    ax.set_xticks(range(len(methods)), methods, rotation=15)
+    ax.set_ylabel("validation bits per byte (lower is better)")
+    ax.set_title(title, fontsize=8, wrap=True)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one seed, tiny models (about a minute on 2 cores)")
@@ -362,6 +386,7 @@ def main(argv=None):
         w.writerow(["method", "seed", "val_bits_per_byte", "step_ms"])
         for r in runs:
             w.writerow([r["method"], r["seed"], f"{r['bpb']:.5f}", f"{1e3 * r['step_s']:.1f}"])
+    plot(stem + ".png", runs, methods, teacher_bpb, head)
     return runs, teacher_bpb
 
 

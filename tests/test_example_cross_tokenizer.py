@@ -1,5 +1,5 @@
 """examples/distill_cross_tokenizer.py: the group-start rows it distils on, its first-token vocabulary map, its
-labelled windows, and a ``--quick`` run end to end (every method, the outputs written)."""
+labelled windows, and a ``--quick`` run end to end (every method, the table, csv and plot written)."""
 import csv
 import importlib.util
 import math
@@ -96,5 +96,7 @@ def test_quick_run_writes_the_table(ex, tmp_path):
     assert teacher_bpb < min(r["bpb"] for r in runs)  # the teacher learned more than any student
     with open(tmp_path / "cross_tokenizer-quick.csv") as fh:
         assert [r["method"] for r in csv.DictReader(fh)] == list(ex.METHODS)
+    with open(tmp_path / "cross_tokenizer-quick.png", "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "cross_tokenizer-quick.md").read_text()
     assert "| teacher |" in md and "| hybrid |" in md and "vs CE (KD batches), paired" in md
