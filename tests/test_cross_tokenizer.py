@@ -315,6 +315,68 @@ def test_hybrid_parts_rows_and_many_to_one():
     assert torch.allclose(module(s, t, target=target), fastkd.hybrid_uld_loss(s, t, vm, beta=0.3, target=target))
 
 
+def _hybrid_case(inputs, seed=11, whole=False):
+    """A many-to-one map with unmatched ids on both sides (``whole``: every teacher token matched, every
+    student id hit: no unmatched term), rows [3, 5], V_s = 300, V_t = 700."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randint(0, 220, (700,), generator=g)
+    table[::4] = -1  # unmatched teacher tokens; student ids 220.. are hit by none
+    if whole:
+        table = torch.randperm(700, generator=g) % 300
+    vm = fastkd.VocabMap(table, 300)
+    s, t = make((3, 5), 300, 700, scale=2.5, seed=seed, dtype=torch.float64)
+    if inputs == "log_probs":  # rows that do not sum to 1, as merged groups
+        s = s.log_softmax(-1) - torch.rand(3, 5, 1, generator=g, dtype=torch.float64)
+        t = t.log_softmax(-1) - torch.rand(3, 5, 1, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 300, (3, 5), generator=g)
+    target[0, 1] = target[2, 4] = -100
+    weight = torch.rand(3, 5, generator=g, dtype=torch.float64) + 0.5
+    return vm, s, t, target, weight
+
+
+@pytest.mark.parametrize("inputs,whole", [("logits", False), ("log_probs", False), ("logits", True)])
+@pytest.mark.parametrize("beta,weights", [(0.0, None), (0.3, (0.6, 0.9)), (1.0, None)])
+def test_hybrid_batched_against_float64_reference(inputs, whole, beta, weights, monkeypatch):
+    # chunks of 2 rows (several chunks, a ragged last one), a non-contiguous student, both gradients,
+    # the CE term, skipped rows and row weights, against the sort-based reference by autograd in float64
+    monkeypatch.setattr(X, "HYBRID_CHUNK_ELEMENTS", 2 * 1000)
+    vm, s, t, target, weight = _hybrid_case(inputs, whole=whole)
+    temps = dict(temperature=1.4, teacher_temperature=0.8) if inputs == "logits" else {}
+    kw = dict(beta=beta, target=target, sample_weight=weight.float(), ce_weight=0.4, inputs=inputs, **temps)
+    if weights:
+        kw.update(matched_weight=weights[0], unmatched_weight=weights[1])
+    s32 = s.float().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    assert not s32.is_contiguous()
+    t32 = t.float().requires_grad_()
+    out = fastkd.hybrid_uld_loss(s32, t32, vm, return_parts=True, **kw)
+    assert out.loss.grad_fn is not None and out.matched.grad_fn is None
+    out.loss.backward()
+    s64, t64 = s.clone().requires_grad_(), t.clone().requires_grad_()
+    ref = fastkd.hybrid_uld_loss(s64, t64, vm, return_parts=True, backend="reference", **kw)
+    ref.loss.backward()
+    for a, b in zip(out, ref):
+        assert abs(a.item() - b.item()) <= 1e-5 * abs(b.item()) + 1e-7
+    assert ref.matched > 0 and (ref.unmatched == 0 if whole else ref.unmatched > 0)
+    assert rel(s32.grad.double(), s64.grad) < 1e-5 and rel(t32.grad.double(), t64.grad) < 1e-5
+    assert (s32.grad[0, 1] == 0).all() and (t32.grad[2, 4] == 0).all()  # skipped rows: gradient 0
+
+
+def test_hybrid_batched_rows_nan_and_once():
+    vm, s, t, target, _ = _hybrid_case("logits", seed=12)
+    s, t = s.float(), t.float()
+    s[1, 2, 7] = float("nan")
+    x = s.clone().requires_grad_()
+    loss = fastkd.hybrid_uld_loss(x, t, vm, reduction="none")
+    ref = fastkd.hybrid_uld_loss(s.double(), t.double(), vm, reduction="none", backend="reference")
+    assert loss[1, 2].isnan() and torch.allclose(loss.double().nan_to_num(), ref.nan_to_num(), rtol=1e-5, atol=1e-7)
+    loss.sum().backward()
+    assert x.grad[1, 2].isnan().all() and torch.isfinite(x.grad[0]).all()
+    again = fastkd.hybrid_uld_loss(s.requires_grad_(), t, vm)
+    again.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        again.backward()
+
+
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 def test_far_tails_and_masked_columns(path):
     # logits spread over +-60: most probabilities far below 2^-60 (the CPU kernel's lowest bucket), and

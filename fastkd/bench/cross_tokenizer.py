@@ -6,8 +6,8 @@
 Forward + backward (student gradient), float32 logits ``[B, S, V_s]`` and ``[B, S, V_t]``, every row
 counted. Providers: ``fastkd uld`` (``backend="auto"``: the CPU kernel ``fastkd::uld_fwd``),
 ``fastkd uld batched`` (the PyTorch path without a sort, what GPU tensors run), ``fastkd uld k=64``
-(top-64 and the tail masses), ``fastkd hybrid`` (``hybrid_uld_loss``, PyTorch + autograd, half the
-teacher's tokens matched), ``trl uld`` (TRL's ``ULDLoss``: a softmax and a full sort of both
+(top-64 and the tail masses), ``fastkd hybrid`` (``hybrid_uld_loss``, PyTorch row chunks with the
+gradients computed in forward, half the teacher's tokens matched), ``trl uld`` (TRL's ``ULDLoss``: a softmax and a full sort of both
 vocabularies per position, a Python loop per sequence; one timed call, it takes tens of seconds),
 ``fastkd kd`` (``kd_loss`` with T = 1 on ``[B S, V_s]`` both sides: the fused-KD yardstick).
 Peak extra memory: the resident set's peak during one call over the inputs (``PeakRSS``), against
@@ -30,7 +30,7 @@ def _batched(s, t):
     """The batched PyTorch path of ``uld_loss`` (what ``backend="auto"`` runs off the CPU kernel)."""
     weight = torch.full((s.shape[0] * s.shape[1],), 1.0 / (s.shape[0] * s.shape[1]))
     rows = (s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]))
-    return X._ULDFunction.apply(*rows, weight, None, (1.0, 1.0, None, 0.0, True, False, False))[0]
+    return X._RowsFunction.apply(*rows, weight, None, (1.0, 1.0, 0.0, True, False, False), X._uld_op(None))[0]
 
 
 def _trl_loss():

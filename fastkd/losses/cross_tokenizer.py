@@ -38,6 +38,10 @@ Rows and weights as the divergences (``docs/design.md``, "Row weights"); skipped
 read; a read row whose log-sum-exp is not finite (NaN or +inf logits, a row of -inf) gets a NaN
 loss and NaN gradients. Gradients are computed in the forward pass and scaled in place in backward
 (usable once, as the fused losses).
+
+``hybrid_uld_loss`` runs on the same row driver (``_rows``): per chunk the matched terms and their
+derivatives in closed form, the unmatched ULD by ``sorted_l1_batched``, the gradients written into the
+stored ``[N, V]`` rows; no autograd graph, no full-size temporary.
 """
 from functools import lru_cache
 from typing import Optional
@@ -46,6 +50,7 @@ import torch
 
 from ..core.autograd import scale_stored_grad
 from ..core.checks import BACKENDS, check_constant_weight
+from ..core.divergence import divergence_coefficients
 from ..core.cross_tokenizer import HybridParts, ULDParts, check_hybrid_args, check_uld_args
 from ..core.rows import compute_dtype, row_view, row_weights, wants_grad
 from ..dispatch import ops as _ops
@@ -57,6 +62,9 @@ _NO_IDS = torch.empty(0, dtype=torch.int64)
 SUB_BITS = 4  # mantissa bits in a bucket key: 16 buckets per octave of probability
 REFINE_BITS = 7  # more bits per refinement level of the ambiguous buckets (128 cells each)
 CHUNK_ELEMENTS = 1 << 22  # rows per chunk: about this many logits of both sides together
+# the hybrid's chunks: larger (its per-chunk cost is higher: measured 80 s at 1 << 22 against 28-30 s at
+# 1 << 24 on 2048 rows of 32000 + 50000 logits, 2 threads; peak extra 0.37 GB against 0.78 GB)
+HYBRID_CHUNK_ELEMENTS = 1 << 24
 
 
 @lru_cache(maxsize=8)
@@ -183,13 +191,49 @@ def _topk_l1(q: torch.Tensor, p: torch.Tensor, k: int, want_q: bool, want_p: boo
     return loss, bound, g_q, g_p
 
 
-def _uld_rows(s, t, weight, target, temperature, t_temp, k, ce_weight, want_s, want_t, parts, log_probs=False):
-    """Row losses and the weighted gradients, chunk by chunk (arguments checked; rows ``[N, V]``)."""
+def _probabilities(x, y, temperature, t_temp, log_probs):
+    """``(q, p, bad [n, 1], any bad)`` of a chunk of rows: softmax at the temperatures, or the given
+    log-probabilities' exps (not renormalised; values above 0 read as 0). Bad rows (NaN or +inf logits, a
+    row of -inf: the softmax row is NaN) are zeroed here; the caller makes their outputs NaN."""
+    if log_probs:
+        q, p = x.clamp(max=0.0).exp(), y.clamp(max=0.0).exp()
+        bad = q.sum(1, keepdim=True).isnan() | p.sum(1, keepdim=True).isnan()
+    else:
+        q = torch.softmax(x / temperature if temperature != 1 else x, dim=1)
+        p = torch.softmax(y / t_temp if t_temp != 1 else y, dim=1)
+        bad = q[:, :1].isnan() | p[:, :1].isnan()
+    any_bad = bool(bad.any())
+    if any_bad:
+        q, p = torch.where(bad, 0.0, q), torch.where(bad, 0.0, p)
+    return q, p, bad, any_bad
+
+
+def _uld_op(k):
+    """The ULD chunk op of ``_rows``: ``(q, p, want_q, want_p) -> ((row, bound), dL/dq, dL/dp)``; 2 values."""
+    def op(q, p, want_q, want_p):
+        if k is None or k >= max(q.shape[1], p.shape[1]):
+            row, g_q, g_p = sorted_l1_batched(q, p, want_q, want_p)
+            return (row, torch.zeros_like(row)), g_q, g_p
+        row, bound, g_q, g_p = _topk_l1(q, p, k, want_q, want_p)
+        return (row, bound), g_q, g_p
+    op.values, op.chunk = 2, CHUNK_ELEMENTS
+    return op
+
+
+def _rows(s, t, weight, target, options, op):
+    """Row losses and the weighted gradients of ``op``'s loss, chunk by chunk (arguments checked; rows ``[N, V]``).
+
+    ``op(q, p, want_q, want_p) -> (rows, g_q, g_p)``: per chunk of probability rows (about ``op.chunk``
+    logits), the unweighted row losses (a tuple of ``op.values`` tensors ``[n]``, the first the soft loss)
+    and the derivatives ``dL/dq``, ``dL/dp`` (which this function turns into the logits' gradients in
+    place). Returns ``(rows [n] float64 each, hard, grad_s,
+    grad_t)``; the gradients are the only ``[N, V]`` outputs, every other tensor is a chunk's.
+    """
+    temperature, t_temp, ce_weight, parts, log_probs, want_s, want_t = options
     n, vs, vt = s.shape[0], s.shape[1], t.shape[1]
     dtype = compute_dtype(s, t)
-    soft = torch.zeros(n, dtype=torch.float64, device=s.device)
-    hard = torch.zeros_like(soft)
-    bound = torch.zeros_like(soft)
+    hard = torch.zeros(n, dtype=torch.float64, device=s.device)
+    outs = [torch.zeros_like(hard) for _ in range(op.values)]
     grad_s = torch.empty_like(s, memory_format=torch.contiguous_format) if want_s else None
     grad_t = torch.empty_like(t, memory_format=torch.contiguous_format) if want_t else None
     # skipped rows (weight 0) are never read: only the read rows are gathered, chunk by chunk (a host read:
@@ -200,28 +244,15 @@ def _uld_rows(s, t, weight, target, temperature, t_temp, k, ce_weight, want_s, w
             if g is not None:
                 g.zero_()
     wants_ce = target is not None and (ce_weight != 0 or parts)
-    step = max(1, CHUNK_ELEMENTS // (vs + vt))
+    step = max(1, op.chunk // (vs + vt))
     for i in range(0, kept.numel(), step):
         rows = kept[i:i + step] if kept.numel() < n else slice(i, min(n, i + step))
         w = weight[rows].to(dtype)
         x, y = s[rows].to(dtype), t[rows].to(dtype)
-        if log_probs:  # given (e.g. merged) log-probabilities, not renormalised; <= 0 by definition
-            q, p = x.clamp(max=0.0).exp(), y.clamp(max=0.0).exp()
-            bad = q.sum(1, keepdim=True).isnan() | p.sum(1, keepdim=True).isnan()
-        else:
-            q = torch.softmax(x / temperature if temperature != 1 else x, dim=1)
-            p = torch.softmax(y / t_temp if t_temp != 1 else y, dim=1)
-            # NaN or +inf logits, or a row of -inf, make the whole softmax row NaN: a NaN row
-            bad = q[:, :1].isnan() | p[:, :1].isnan()
-        any_bad = bool(bad.any())
-        if any_bad:
-            q, p = torch.where(bad, 0.0, q), torch.where(bad, 0.0, p)
-        if k is None or k >= max(vs, vt):
-            row, g_q, g_p = sorted_l1_batched(q, p, want_s, want_t)
-        else:
-            row, b, g_q, g_p = _topk_l1(q, p, k, want_s, want_t)
-            bound[rows] = b
-        soft[rows] = torch.where(bad.squeeze(1), float("nan"), row) if any_bad else row
+        q, p, bad, any_bad = _probabilities(x, y, temperature, t_temp, log_probs)
+        values, g_q, g_p = op(q, p, want_s, want_t)
+        for out, v in zip(outs, values):
+            out[rows] = torch.where(bad.squeeze(1), float("nan"), v.double()) if any_bad else v.double()
         if wants_ce:
             lse1 = torch.logsumexp(x, dim=1)
             tgt = target[rows].unsqueeze(1)
@@ -230,7 +261,7 @@ def _uld_rows(s, t, weight, target, temperature, t_temp, k, ce_weight, want_s, w
         for want, g, prob, temp, out in ((want_s, g_q, q, temperature, grad_s), (want_t, g_p, p, t_temp, grad_t)):
             if not want:
                 continue
-            # dL/dx = w q (g - sum q g) / T, in place over the sign row (log-probs as given: w q g)
+            # dL/dx = w q (g - sum q g) / T, in place over g = dL/dq (log-probs as given: w q g)
             if not log_probs:
                 g.sub_(torch.einsum("ij,ij->i", prob, g).unsqueeze(1))
             g.mul_(prob).mul_(w_col / temp)
@@ -241,23 +272,24 @@ def _uld_rows(s, t, weight, target, temperature, t_temp, k, ce_weight, want_s, w
             if any_bad:
                 g = torch.where(bad, float("nan"), g)
             out[rows] = g
-    return soft, hard, bound, grad_s, grad_t
+    return outs, hard, grad_s, grad_t
 
 
-class _ULDFunction(torch.autograd.Function):
-    """The batched ULD with its gradients computed in forward and scaled in place in backward."""
+class _RowsFunction(torch.autograd.Function):
+    """``_rows``' loss with its gradients computed in forward and scaled in place in backward. Outputs:
+    ``loss, soft, hard`` and ``op``'s further row values (ULD: the bound; the hybrid: matched, unmatched)."""
 
     @staticmethod
-    def forward(ctx, s, t, weight, target, options):
-        temperature, t_temp, k, ce_weight, reduce, parts, log_probs = options
+    def forward(ctx, s, t, weight, target, options, op):
+        temperature, t_temp, ce_weight, reduce, parts, log_probs = options
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        soft, hard, bound, grad_s, grad_t = _uld_rows(s, t, weight, target, temperature, t_temp, k, ce_weight,
-                                                      want_s, want_t, parts, log_probs)
+        values, hard, grad_s, grad_t = _rows(s, t, weight, target, (temperature, t_temp, ce_weight, parts,
+                                                                     log_probs, want_s, want_t), op)
         w = weight.double()
         out_dtype = torch.float64 if compute_dtype(s, t) == torch.float64 else torch.float32
-        soft, hard, bound = soft * w, hard * w, bound * w
+        soft, hard = values[0] * w, hard * w
         loss = soft + ce_weight * hard if ce_weight != 0 else soft.clone()
-        outs = [loss, soft, hard, bound]
+        outs = [loss, soft, hard] + [v * w for v in values[1:]]
         if reduce:
             outs = [o.sum() for o in outs]
         outs = [o.to(out_dtype) for o in outs]
@@ -271,12 +303,13 @@ class _ULDFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         if ctx.used:
-            raise RuntimeError("fastkd: backward ran twice through uld_loss (retain_graph=True?); its stored "
-                               "gradient is scaled in place and can be used once (or use backend='reference')")
+            raise RuntimeError("fastkd: backward ran twice through uld_loss / hybrid_uld_loss (retain_graph=True?); "
+                               "its stored gradient is scaled in place and can be used once (or use "
+                               "backend='reference')")
         ctx.used = True
         stored = list(ctx.saved_tensors)
         grads = [scale_stored_grad(stored.pop(0), grad_loss) if want else None for want in ctx.wants]
-        return grads[0], grads[1], None, None, None
+        return grads[0], grads[1], None, None, None, None
 
 
 def _resolve(backend, student, teacher, kernel_case: bool = False) -> str:
@@ -383,28 +416,64 @@ def uld_loss(
         if reduction == "none":
             outs = [o.reshape(lead) for o in outs]
         return ULDParts(*outs) if return_parts else outs[0]
-    options = (float(temperature), float(t_temp), k, float(ce_weight), reduction != "none", return_parts,
+    options = (float(temperature), float(t_temp), float(ce_weight), reduction != "none", return_parts,
                inputs == "log_probs")
-    outs = _ULDFunction.apply(s, t, weight, tgt, options)
+    outs = _RowsFunction.apply(s, t, weight, tgt, options, _uld_op(k))
     if reduction == "none":
         outs = tuple(o.reshape(lead) for o in outs)
     return ULDParts(*outs) if return_parts else outs[0]
 
 
-class _SortedL1(torch.autograd.Function):
-    """``sorted_l1_batched`` as a differentiable function of probability rows (sign gradients kept from forward)."""
+def _hybrid_op(vm, beta: float, w_m: float, w_u: float):
+    """The hybrid's chunk op of ``_rows`` (``vm`` on the rows' device): ``((soft, matched, unmatched), dL/dq, dL/dp)``.
 
-    @staticmethod
-    def forward(ctx, q, p):
-        loss, g_q, g_p = sorted_l1_batched(q.detach(), p.detach(), want_p=ctx.needs_input_grad[1])
-        ctx.save_for_backward(g_q, g_p if g_p is not None else torch.empty(0))
-        return loss.to(q.dtype)
+    Matched (``fastkd.core.divergence.divergence_coefficients("jsd", beta) = (a, b, w_p, w_q)``, ``P`` the
+    teacher's mass on each matched student id, ``m = w_p P + w_q q``): ``a sum P log(P / m) + b sum q log(q / m)``,
+    ``dL/dq = b (log(q / m) + 1) - w_q (a P + b q) / m`` and ``dL/dP = a (log(P / m) + 1) - w_p (a P + b q) / m``
+    (a ``0 log 0`` term is 0 and has derivative 0, as the reference's ``kl_terms``), every matched teacher token
+    taking its student id's ``dL/dP``; unmatched: ``sorted_l1_batched``'s sign rows. Temporaries: the chunk's."""
+    a, b, w_p, w_q = divergence_coefficients("jsd", beta=beta)
+    hit = torch.zeros(vm.student_vocab_size, dtype=torch.bool, device=vm.teacher_to_student.device)
+    hit[vm.student_ids] = True
+    rest_s, rest_t = (~hit).nonzero().squeeze(1), (vm.teacher_to_student < 0).nonzero().squeeze(1)
+    has_rest = rest_s.numel() > 0 and rest_t.numel() > 0  # GOLD: no unmatched term when either side has none
+    every_s = vm.student_ids.numel() == vm.student_vocab_size  # every column matched: no gather, no scatter
+    every_t = vm.matched_teacher.numel() == vm.teacher_vocab_size
 
-    @staticmethod
-    def backward(ctx, grad):
-        g_q, g_p = ctx.saved_tensors
-        grad = grad.unsqueeze(1)
-        return g_q * grad, (g_p * grad if g_p.numel() else None)
+    def xlog(x, log_m, coef):  # (coef sum x log(x / m), coef (log(x / m) + 1)), 0 where x == 0
+        log_ratio = torch.where(x == 0, 0.0, x.log() - log_m)
+        return coef * (x * log_ratio).sum(1, dtype=torch.float64), torch.where(x == 0, 0.0, coef * (log_ratio + 1))
+
+    def op(q, p, want_q, want_p):
+        p_m = p if every_t else p.index_select(1, vm.matched_teacher)
+        big_p = q.new_zeros(q.shape[0], vm.student_ids.numel()).index_add_(1, vm.bucket, p_m)
+        q_m = q if every_s else q.index_select(1, vm.student_ids)
+        mix = w_p * big_p + w_q * q_m
+        log_m, pull = mix.log(), a * big_p + b * q_m
+        ratio = torch.where(pull == 0, 0.0, pull / mix)
+        matched = torch.zeros(q.shape[0], dtype=torch.float64, device=q.device)
+        g_qm, g_pm = -w_q * ratio, -w_p * ratio
+        if a != 0:  # skipped rather than multiplied by 0 (an inf term times 0 would be NaN)
+            value, d = xlog(big_p, log_m, a)
+            matched, g_pm = matched + value, g_pm + d
+        if b != 0:
+            value, d = xlog(q_m, log_m, b)
+            matched, g_qm = matched + value, g_qm + d
+        g_q = g_qm.mul_(w_m) if every_s else torch.zeros_like(q).index_copy_(1, vm.student_ids, g_qm.mul_(w_m))
+        g_p = None
+        if want_p:
+            g_pm = g_pm.mul_(w_m).index_select(1, vm.bucket)
+            g_p = g_pm if every_t else torch.zeros_like(p).index_copy_(1, vm.matched_teacher, g_pm)
+        unmatched = torch.zeros_like(matched)
+        if has_rest:
+            unmatched, g_qr, g_pr = sorted_l1_batched(q[:, rest_s], p[:, rest_t], want_q, want_p)
+            g_q[:, rest_s] = w_u * g_qr
+            if want_p:
+                g_p[:, rest_t] = w_u * g_pr
+        return (w_m * matched + w_u * unmatched, matched, unmatched), g_q, g_p
+
+    op.values, op.chunk = 3, HYBRID_CHUNK_ELEMENTS
+    return op
 
 
 def hybrid_uld_loss(
@@ -445,14 +514,33 @@ def hybrid_uld_loss(
     Equal to GOLD's where the definitions overlap (a one-to-one map; TRL's ``log(clamp(x, 1e-8))``
     only matters for probabilities below 1e-8, which it raises to 1e-8; TRL's per-sequence mean as
     ``uld_loss`` says). A many-to-one map sums the teacher's tokens onto their student token (GOLD's
-    string match is one-to-one). Not fused: the matched term and the softmaxes run in PyTorch with
-    autograd (``[N, V]`` temporaries); ``backend="auto"`` computes the unmatched ULD without a sort
-    (``fastkd.losses.cross_tokenizer``), ``"reference"`` with one.
+    string match is one-to-one). ``backend="auto"``: row chunks in PyTorch (any device), both gradients
+    computed in the forward pass (``dL/dq`` of the matched terms in closed form, the unmatched ULD's sign
+    rows from ``sorted_l1_batched``: no sort), no ``[N, V]`` tensor but the gradients, no autograd graph;
+    usable once, as ``uld_loss``. Float64 inputs and ``"reference"``: the sort-based definition by autograd.
     """
     check_hybrid_args(student_logits, teacher_logits, vocab_map, beta, matched_weight, unmatched_weight)
     check_uld_args(student_logits, teacher_logits, temperature, teacher_temperature, reduction, target, ignore_index,
                    sample_weight, ce_weight, return_parts, None, inputs)
     name = _resolve(backend, student_logits, teacher_logits)
-    return R.compute_hybrid(student_logits, teacher_logits, vocab_map, beta, matched_weight, unmatched_weight,
-                            temperature, teacher_temperature, reduction, target, ignore_index, sample_weight,
-                            ce_weight, return_parts, inputs, sorted_l1=_SortedL1.apply if name == "batched" else None)
+    if name == "reference":
+        return R.compute_hybrid(student_logits, teacher_logits, vocab_map, beta, matched_weight, unmatched_weight,
+                                temperature, teacher_temperature, reduction, target, ignore_index, sample_weight,
+                                ce_weight, return_parts, inputs)
+    check_constant_weight(sample_weight, "auto")
+    lead = student_logits.shape[:-1]
+    s = student_logits.reshape(-1, student_logits.shape[-1])
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    weight = row_weights(student_logits, target, ignore_index, sample_weight, reduction)
+    if reduction == "mean":  # divided by counted rows * V_s; the width is max(V_s, V_t)
+        weight = weight * (s.shape[1] / max(s.shape[1], t.shape[1]))
+    tgt = target.reshape(-1).to(torch.int64) if target is not None else None
+    t_temp = temperature if teacher_temperature is None else teacher_temperature
+    vm = vocab_map.to(s.device) if vocab_map.teacher_to_student.device != s.device else vocab_map
+    op = _hybrid_op(vm, float(beta), *R.hybrid_weights(vm, matched_weight, unmatched_weight))
+    options = (float(temperature), float(t_temp), float(ce_weight), reduction != "none", return_parts,
+               inputs == "log_probs")
+    outs = _RowsFunction.apply(s, t, weight, tgt, options, op)
+    if reduction == "none":
+        outs = tuple(o.reshape(lead) for o in outs)
+    return HybridParts(*outs) if return_parts else outs[0]
