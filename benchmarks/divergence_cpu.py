@@ -31,6 +31,7 @@ DIVERGENCES = {
     "tvd": (fastkd.tvd_loss, R.tvd_loss, {}),
     "jeffreys": (fastkd.jeffreys_loss, R.jeffreys_loss, {}),
     "triangular": (fastkd.triangular_loss, R.triangular_loss, {}),
+    "entropy_gated_kl": (fastkd.entropy_gated_kl_loss, R.entropy_gated_kl_loss, {}),
 }
 
 
