@@ -955,6 +955,10 @@ def _fused_linear_checks(rank, world, failures, full=True):
         ("kl bf16 ce", dict(divergence="kl", temperature=2.0, ce_weight=0.5), "pair", True, target, None,
          torch.bfloat16),
         ("reverse_kl 3-D", dict(divergence="reverse_kl"), "pair 3d", False, target, None, torch.float32),
+        ("entropy_gated_kl ce", dict(divergence="entropy_gated_kl", alpha_min=0.2, alpha_max=0.9, tau=0.8, scale=0.1,
+                                     ce_weight=0.3, temperature=2.0), "pair", True, target, None, torch.float32),
+        ("entropy_gated_kl top-k tail", dict(divergence="entropy_gated_kl", alpha_min=0.1, alpha_max=0.7, tau=0.2,
+                                             scale=0.3), "topk tail", False, target, None, torch.float32),
     ]
     if not full:
         cases = cases[:1] + cases[6:8]
