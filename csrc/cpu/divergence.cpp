@@ -162,7 +162,7 @@ FASTKD_INLINE float softmax1(const DenseRow& r, float es, float q, float s, floa
 }
 
 // (2) of one chunk where the sums are known (kMixQ, kMixP): the gradients. gs may be kept_s.
-template <int kMix, bool kGS, bool kGT, int kCE1, int kKind = kDivKL>
+template <int kMix, bool kGS, bool kGT, int kCE1>
 FASTKD_INLINE void dense_grad_chunk(const DivParams& dp, const float* s, const float* t, int64_t n, float inv_t,
                                     const DenseRow& r, float to_q, float to_p, float to_1, const float* kept_s,
                                     const float* kept_t, float* gs, float* gt) {
@@ -171,7 +171,7 @@ FASTKD_INLINE void dense_grad_chunk(const DivParams& dp, const float* s, const f
   for (int64_t j = 0; j < n; ++j) {
     const float es = kept_s[j], q = es * to_q, p = kept_t[j] * to_p;  // read before gs[j] is written
     const float delta = ((t[j] - r.mt) - (s[j] - r.ms)) * inv_t + r.dl;  // lp - lq, each maximum first
-    const DivTerms x = div_terms_form<kKind, kMix, kFormGeneral>(d, p, q, delta);
+    const DivTerms x = div_terms_form<kDivKL, kMix, kFormGeneral>(d, p, q, delta);
     if (kGS) {
       float g = r.coef * (x.g - q * r.sum_g);
       if (kCE1 != kCE1None) g += r.ce * softmax1<kCE1>(r, es, q, s[j], to_1);
@@ -213,10 +213,13 @@ FASTKD_INLINE void dense_terms_chunk(const DivParams& dp, const float* s, const 
 }
 
 // (2) of one chunk of an entropy-gated row (kind 7): the three sums that do not depend on the gate,
-// KL(p || q), KL(q || p) and H(p) (div_gate_terms; lp from the teacher's logits, as delta).
+// KL(p || q), KL(q || p) and H(p) (div_gate_terms; lp from the teacher's logits, as delta); the per-class
+// q (lq - lp) to g_row and p (lp - lq) to the teacher-gradient row (0 where the probability is 0), from
+// which (3) forms kind 2's G = (1 - w) q (lq - lp) - w p, H = w p (lp - lq) - (1 - w) q once w is known.
+template <bool kGS, bool kGT>
 FASTKD_INLINE void dense_gate_chunk(const float* s, const float* t, int64_t n, float inv_t, const DenseRow& r,
-                                    float to_q, float to_p, const float* kept_s, const float* kept_t, double& kl_pq,
-                                    double& kl_qp, double& ent) {
+                                    float to_q, float to_p, const float* kept_s, const float* kept_t, float* gt,
+                                    float* g_row, double& kl_pq, double& kl_qp, double& ent) {
   double a = 0.0, b = 0.0, h = 0.0;
 #pragma omp simd reduction(+ : a, b, h)
   for (int64_t j = 0; j < n; ++j) {
@@ -225,8 +228,32 @@ FASTKD_INLINE void dense_gate_chunk(const float* s, const float* t, int64_t n, f
     const float delta = ((t[j] - r.mt) - (s[j] - r.ms)) * inv_t + r.dl;
     const DivTerms x = div_gate_terms(p, q, lp, delta);
     a += x.soft, b += x.g, h += x.h;
+    if (kGS) g_row[j] = x.g;
+    if (kGT) gt[j] = x.soft;
   }
   kl_pq += a, kl_qp += b, ent += h;
+}
+
+// (3) of one chunk of an entropy-gated row: kind 2's gradients at (a, b) = (w, u = 1 - w) from the parts (2)
+// kept (a weight of 0 drops its part: never 0 * inf); reads the kept exps and those parts, not the logits.
+template <bool kGS, bool kGT, int kCE1>
+FASTKD_INLINE void dense_gate_finish_chunk(const float* s, int64_t n, const DenseRow& r, float w, float u,
+                                           float to_q, float to_p, float to_1, const float* kept_s,
+                                           const float* kept_t, const float* g_row, float* gs, float* gt) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float es = kept_s[j], q = es * to_q, p = kept_t[j] * to_p;
+    if (kGS) {
+      const float g = (u != 0.0f ? u * g_row[j] : 0.0f) - w * p;
+      float out = r.coef * (g - q * r.sum_g);
+      if (kCE1 != kCE1None) out += r.ce * softmax1<kCE1>(r, es, q, s[j], to_1);
+      gs[j] = out;
+    }
+    if (kGT) {
+      const float h = (w != 0.0f ? w * gt[j] : 0.0f) - u * q;
+      gt[j] = r.coef * (h - p * r.sum_h);
+    }
+  }
 }
 
 // (3) of one chunk: the gradients whose sums (2) found.
@@ -283,7 +310,8 @@ FASTKD_INLINE float dense_passes(const DivCall& c, const float* s, const float* 
       const int64_t n = std::min(kStatsChunk, V - c0);
       float to_q, to_p, to_1;
       chunk_factors(k, to_q, to_p, to_1);
-      dense_gate_chunk(s + c0, t + c0, n, c.inv_t, r, to_q, to_p, kept_s + c0, kept_t + c0, kl_pq, kl_qp, ent);
+      dense_gate_chunk<kGS, kGT>(s + c0, t + c0, n, c.inv_t, r, to_q, to_p, kept_s + c0, kept_t + c0,
+                                 kGT ? gt + c0 : nullptr, kGS ? g_row + c0 : nullptr, kl_pq, kl_qp, ent);
     }
     const DivGateRow gr = div_gate_row(c.d, float(kl_pq), float(kl_qp), float(ent), V);
     if (kGS || kGT) {
@@ -292,9 +320,9 @@ FASTKD_INLINE float dense_passes(const DivCall& c, const float* s, const float* 
         const int64_t n = std::min(kStatsChunk, V - c0);
         float to_q, to_p, to_1;
         chunk_factors(k, to_q, to_p, to_1);
-        dense_grad_chunk<kMixBoth, kGS, kGT, kCE1, kDivJeffreys>(gr.d, s + c0, t + c0, n, c.inv_t, r, to_q, to_p,
-                                                                 to_1, kept_s + c0, kept_t + c0,
-                                                                 kGS ? gs + c0 : nullptr, kGT ? gt + c0 : nullptr);
+        dense_gate_finish_chunk<kGS, kGT, kCE1>(s + c0, n, r, gr.d.a, gr.d.b, to_q, to_p, to_1, kept_s + c0,
+                                                kept_t + c0, kGS ? g_row + c0 : nullptr, kGS ? gs + c0 : nullptr,
+                                                kGT ? gt + c0 : nullptr);
       }
     }
     return gr.soft;
@@ -401,8 +429,7 @@ DivRowOut dense_row(const DivCall& c, const float* s, const float* t, int64_t g,
   r.m1 = st_1.m, r.l1 = g >= 0 ? div_lse_log(st_1) : 0.0f;
   // the CE gradient rides along the last pass: from the kept exps at T = 1, 2, 3, 4, else one exp
   const int ce1 = (g < 0 || c.ce_weight == 0.0f) ? kCE1None : (pw == 1 ? kCE1Same : (pw ? kCE1Pow : kCE1Exp));
-  float* g_row = (gs && cross == kCrossNone && d.kind != kDivTVD && d.kind != kDivEntropyGated) ? sized(sc.g_row, V)
-                                                                                                : nullptr;
+  float* g_row = (gs && cross == kCrossNone && d.kind != kDivTVD) ? sized(sc.g_row, V) : nullptr;
   float soft;
 #define FASTKD_DIV_ROW(KIND, MIX, FORM) \
   dense_passes_any<KIND, MIX, FORM>(c, s, t, r, chunk_max, kept_s, kept_t, gs, gt, g_row, soft_known, ce1)
