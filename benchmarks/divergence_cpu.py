@@ -9,6 +9,7 @@ Forward + backward, float32, 2 threads (the issue's targets):
     (log_softmax, gather, tail bucket, KL over K+1; target >= 3x).
 
     python benchmarks/divergence_cpu.py [--rows 4096] [--reps 5] [--skip-eager] [--only jsd,tvd,...]
+    python benchmarks/divergence_cpu.py --vs-kd --only jeffreys,entropy_gated_kl   (each against fused KD)
 
 Prints medians (ms) and the ratios. Times vary with the machine and its load;
 compare ratios from one run.
@@ -31,6 +32,7 @@ DIVERGENCES = {
     "tvd": (fastkd.tvd_loss, R.tvd_loss, {}),
     "jeffreys": (fastkd.jeffreys_loss, R.jeffreys_loss, {}),
     "triangular": (fastkd.triangular_loss, R.triangular_loss, {}),
+    "entropy_gated_kl": (fastkd.entropy_gated_kl_loss, R.entropy_gated_kl_loss, {}),
 }
 
 
@@ -123,6 +125,26 @@ def bench_topk(args):
     print(f"eager path                  {eager:9.1f} ms   speed-up = {eager / fused:.2f}x (target >= 3)")
 
 
+def bench_vs_kd(args, s, t):
+    """Each divergence's fused forward + backward against fused ``kd_loss`` (T = 2) on the same rows, in
+    ``--reps`` interleaved rounds (one call of each per round, so the machine's load moves them alike);
+    prints the medians and the ratios to KD (the issue's target: within 1.5x)."""
+    names = [n for n in DIVERGENCES if not args.only or n in args.only]
+    calls = {"kd": lambda x: fastkd.kd_loss(x, t, 2.0, backend="cpu")}
+    for name in names:
+        fn, _, params = DIVERGENCES[name]
+        calls[name] = lambda x, fn=fn, params=params: fn(x, t, temperature=2.0, backend="cpu", **params)
+    times = {k: [] for k in calls}
+    for _ in range(args.reps + 1):  # the first round warms up
+        for k, fn in calls.items():
+            times[k].append(median_ms(fwd_bwd(fn, s), 1, warmup=0))
+    med = {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in times.items()}
+    print(f"\n== against fused KD, float32 [{s.shape[0]}, {s.shape[1]}], T = 2, forward+backward, "
+          f"medians of {args.reps} interleaved rounds ==")
+    for k, v in med.items():
+        print(f"{k:<18} {v:9.1f} ms  {v / med['kd']:5.2f}x KD")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=4096)
@@ -133,12 +155,16 @@ def main():
     p.add_argument("--skip-eager", action="store_true")
     p.add_argument("--only", type=lambda x: x.split(","), default=None,
                    help="comma list of sections/losses: divergence names, kd_ce, topk")
+    p.add_argument("--vs-kd", action="store_true",
+                   help="instead of the sections: the divergences (--only) against fused kd_loss, interleaved")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     s = (torch.randn(args.rows, args.vocab, generator=g) * 3).requires_grad_(True)
     t = torch.randn(args.rows, args.vocab, generator=g) * 3
     target = torch.randint(0, args.vocab, (args.rows,), generator=g)
+    if args.vs_kd:
+        return bench_vs_kd(args, s, t)
     if not args.only or any(n in args.only for n in DIVERGENCES):
         bench_divergences(args, s, t, target)
     if not args.only or "kd_ce" in args.only:

@@ -30,6 +30,15 @@
 //   (the derivatives of -4pq / (p + q): q and p times the exact partials, -q d (3 - 2u) and p d (1 + 2u),
 //   less q and p. Exact ones cancelled on a peaked row: where p ~ 1 and q ~ 0, H ~ p and H - p sum H lost
 //   1e-3 of the teacher gradient in float32; -4 p u^2 has no cancellation. d, u, v in [-1, 1].)
+// kind 7 (entropy-gated KL): soft = w KL(p || q) + (1 - w) KL(q || p) per row, with the gate
+//   w = alpha_min + (alpha_max - alpha_min) sigmoid((H(p) / log V - tau) / scale), H(p) = -sum p lp
+//   (the op's a, b, w_p, w_q carry alpha_min, alpha_max, tau, scale). The pass that sums the terms
+//   sums KL(p || q), KL(q || p) and H(p) (div_gate_terms: three sums that do not depend on w), then
+//   div_gate_row turns them into the row's soft loss, sum G, sum H and the kind-2 parameters
+//   (a, b) = (w, 1 - w) with which the gradient pass evaluates G, H: w is held constant in both
+//   gradients (it depends on the teacher alone, so the student gradient is exact; the teacher
+//   gradient omits the gate's own derivative, as AKL does with its weights). Passes: statistics,
+//   terms (+ H(p)), gradients: the same three as kind 2.
 // Gradients of the row (x = s / T, y = t / T):
 //   dsoft/dx_c = G_c - q_c sum G,   dsoft/dy_c = H_c - p_c sum H
 // In kMixQ sum G = -(a + b) and in kMixP sum H = -(a + b) (sum p = sum q = 1), so
@@ -51,6 +60,12 @@
 namespace fastkd {
 
 enum DivKind { kDivKL = 0, kDivTVD = 1, kDivJeffreys = 2, kDivTriangular = 3 };
+// kinds 4 to 6: issue 22's other divergences (their own branch); appended kinds, never renumbered:
+enum DivKindGated { kDivEntropyGated = 7 };
+// The largest kind a kernel accepts (its checks read `kind <= kDivLastKind`; numbers 4 to 6 are not
+// accepted until their kernels exist: see div_kind_known).
+constexpr int kDivLastKind = 7;
+FASTKD_HD bool div_kind_known(int64_t kind) { return (kind >= kDivKL && kind <= kDivTriangular) || kind == kDivEntropyGated; }
 enum DivMix { kMixQ = 0, kMixP = 1, kMixBoth = 2 };
 enum DivTopk { kTopkNone = 0, kTopkTail = 1, kTopkRenorm = 2 };
 
@@ -273,13 +288,58 @@ FASTKD_HD DivTerms div_terms(const DivParams& d, float p, float q, float lp, flo
 }
 
 // Runtime-dispatched div_terms (for code that handles one bucket at a time, e.g. the tail).
+FASTKD_HD DivTerms div_gate_terms(float p, float q, float lp, float delta);
 FASTKD_HD DivTerms div_terms_any(const DivParams& d, float p, float q, float lp, float lq) {
+  if (d.kind == kDivEntropyGated) return div_gate_terms(p, q, lp, lp - lq);
   if (d.kind == kDivTVD) return div_terms<kDivTVD, kMixBoth>(d, p, q, lp, lq);
   if (d.kind == kDivJeffreys) return div_terms<kDivJeffreys, kMixBoth>(d, p, q, lp, lq);
   if (d.kind == kDivTriangular) return div_terms<kDivTriangular, kMixBoth>(d, p, q, lp, lq);
   if (d.mix == kMixQ) return div_terms<kDivKL, kMixQ>(d, p, q, lp, lq);
   if (d.mix == kMixP) return div_terms<kDivKL, kMixP>(d, p, q, lp, lq);
   return div_terms<kDivKL, kMixBoth>(d, p, q, lp, lq);
+}
+
+// ---------------------------------------------------------------------------
+// Entropy-gated KL (kind 7; see the header comment).
+
+// One class's share of the three sums of the terms pass: {KL(p || q), KL(q || p), H(p)} in the
+// fields {soft, g, h}; a zero probability adds 0 (its log-prob is -inf: never 0 * inf), a NaN one NaN.
+FASTKD_HD DivTerms div_gate_terms(float p, float q, float lp, float delta) {
+  DivTerms t;
+  t.soft = where_positive(p, p * delta);
+  t.g = where_positive(q, -q * delta);
+  t.h = where_positive(p, -p * lp);
+  return t;
+}
+
+// The row's gate w from its teacher entropy H and the vocabulary size V (the whole vocabulary's,
+// also on a shard); H / log V is taken as 0 for V = 1 (H = 0 there). Both exps of the sigmoid are
+// of a non-positive number (no overflow for any scale); a NaN entropy gives a NaN gate.
+FASTKD_HD float div_gate_weight(const DivParams& d, float entropy, int64_t V) {
+  const float h_norm = V > 1 ? entropy / logf(static_cast<float>(V)) : 0.0f;
+  const float x = (h_norm - d.w_p) / d.w_q;  // (H / log V - tau) / scale
+  const float e = expf(-fabsf(x));
+  const float sig = x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+  return x != x ? x : d.a + (d.b - d.a) * sig;  // alpha_min + (alpha_max - alpha_min) sigmoid
+}
+
+// What the gradient pass needs of a gated row: the kind-2 parameters (a, b) = (w, 1 - w), the soft
+// loss and the sums of G, H (kind 2's: sum G = b KL(q || p) - a, sum H = a KL(p || q) - b; a weight
+// of 0 drops its KL, never 0 * inf).
+struct DivGateRow {
+  DivParams d;
+  float soft, sum_g, sum_h;
+};
+
+FASTKD_HD DivGateRow div_gate_row(const DivParams& gate, float kl_pq, float kl_qp, float entropy, int64_t V) {
+  const float w = div_gate_weight(gate, entropy, V), u = 1.0f - w;
+  DivGateRow r;
+  r.d = div_params(kDivJeffreys, w, u, 0.0f, 0.0f);
+  const float fwd = w != 0.0f ? w * kl_pq : 0.0f, rev = u != 0.0f ? u * kl_qp : 0.0f;
+  r.soft = fwd + rev;
+  r.sum_g = rev - w;
+  r.sum_h = fwd - u;
+  return r;
 }
 
 // H / p of one bucket (H as div_terms_delta gives it), formed without dividing by p

@@ -6,7 +6,8 @@
 Losses: ``kd_loss``, ``dkd_loss``, ``ats_loss``, ``dist_loss``, ``mgd_loss``,
 ``simkd_loss``, and ``ipw_weights`` for IPWD's per-sample weights; the
 language-model divergences ``forward_kl_loss``, ``reverse_kl_loss``, ``jsd_loss``, ``skew_kl_loss``,
-``tvd_loss``, ``jeffreys_loss``, ``triangular_loss`` (``TopKTeacher`` for top-k teachers), ``uld_loss`` and
+``tvd_loss``, ``jeffreys_loss``, ``triangular_loss``, ``entropy_gated_kl_loss`` (``TopKTeacher`` for top-k
+teachers), ``uld_loss`` and
 ``hybrid_uld_loss`` (teacher and student with different tokenizers), ``fused_linear_kd_loss``
 (the LM head fused with the loss; ``process_group=`` for sharded vocabularies); the teacher's side:
 ``teacher_topk`` (its top-k log-probs from its head, no ``[N, V]`` logits) and ``topk_from_logits``; modules in
@@ -30,6 +31,7 @@ from .functional import (  # noqa: E402
     ats_loss,
     dist_loss,
     dkd_loss,
+    entropy_gated_kl_loss,
     forward_kl_loss,
     fused_linear_kd_loss,
     ipw_weights,
@@ -52,6 +54,7 @@ from .functional import (  # noqa: E402
 __all__ = [
     "kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights",
     "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss", "triangular_loss",
+    "entropy_gated_kl_loss",
     "TopKTeacher", "LossParts", "fused_linear_kd_loss", "teacher_topk", "topk_from_logits",
     "uld_loss", "ULDParts", "VocabMap", "MappedTeacher", "hybrid_uld_loss", "HybridParts", "TeacherMixture",
     "align_tokens", "merge_aligned", "Alignment", "token_offsets",

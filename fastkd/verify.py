@@ -61,6 +61,8 @@ DIVERGENCES = {  # label: (LOSS_OPS key, function name, keyword arguments, the f
     "tvd_loss": ("tvd", "tvd_loss", {}, "tvd"),
     "jeffreys_loss": ("jeffreys", "jeffreys_loss", {}, "jeffreys"),
     "triangular_loss": ("triangular", "triangular_loss", {}, "triangular"),
+    "entropy_gated_kl_loss": ("entropy_gated_kl", "entropy_gated_kl_loss",
+                              {"alpha_min": 0.2, "alpha_max": 0.9, "tau": 0.8, "scale": 0.1}, "entropy_gated_kl"),
 }
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastkd
-from fastkd.core.divergence import divergence_op_args
+from fastkd.core.divergence import divergence_op_args, entropy_gate
 from fastkd.reference import divergence as R
 from fastkd import distributed as D
 from fastkd import reference as ref
@@ -222,7 +222,9 @@ DIVERGENCES = [  # (name, distributed fn, reference kind, params, T^2)
     ("skew_kl reverse", D.skew_kl_loss, "skew_kl", {"skew": 0.3, "reverse": True}, False),
     ("tvd", D.tvd_loss, "tvd", {}, False),
     ("jeffreys", D.jeffreys_loss, "jeffreys", {}, False),
-    ("triangular", D.triangular_loss, "triangular", {}, False),
+    ("entropy_gated_kl", D.entropy_gated_kl_loss, "entropy_gated_kl",
+     {"alpha_min": 0.2, "alpha_max": 0.9, "tau": 0.8, "scale": 0.1}, False),
+    ("triangular", D.triangular_loss, "triangular", {}, False),  # (last: the peaked-rows case takes it)
 ]
 
 
@@ -958,6 +960,10 @@ def _fused_linear_checks(rank, world, failures, full=True):
          "pair", True, target, None, torch.float32),
         ("kl shared head teacher_temperature", dict(divergence="kl", temperature=2.0, teacher_temperature=3.0),
          "shared", True, target, None, torch.float32),
+        ("entropy_gated_kl ce", dict(divergence="entropy_gated_kl", alpha_min=0.2, alpha_max=0.9, tau=0.8, scale=0.1,
+                                     ce_weight=0.3, temperature=2.0), "pair", True, target, None, torch.float32),
+        ("entropy_gated_kl top-k tail", dict(divergence="entropy_gated_kl", alpha_min=0.1, alpha_max=0.7, tau=0.2,
+                                             scale=0.3), "topk tail", False, target, None, torch.float32),
     ]
     if not full:
         cases = cases[:1] + cases[6:8]
@@ -1322,7 +1328,12 @@ def _shard_passes(ops, s, t, T, kind, coefficients, read, coef, ce, target, g, h
     row_stats = torch.stack([st[:, 0], st[:, 1].log(), st[:, 2], st[:, 3].log(), st[:, 4].log()], 1).contiguous()
     row_direct = torch.stack([coef, ce], 1).contiguous() if direct else torch.empty(0, device=s.device)
     sums = ops.divergence_shard_terms(s, t, row_stats, T, kind, *coefficients, read, row_direct, target, g, h)
-    if not direct:
+    if not direct and kind == 7:  # entropy-gated: KL(p || q), KL(q || p), H(p) -> the gate w (in the masses' place)
+        w = entropy_gate(sums[:, 2], s.shape[1], *coefficients)
+        row_coef = torch.stack([(1 - w) * sums[:, 1] - w, w * sums[:, 0] - (1 - w), coef, coef, ce, w]
+                               + [torch.zeros_like(w)] * 4, 1)
+        ops.divergence_shard_grad(s, t, row_stats, T, kind, *coefficients, row_coef.contiguous(), read, target, g, h)
+    elif not direct:
         row_coef = torch.cat([torch.stack([sums[:, 1], sums[:, 2], coef, coef, ce], 1), sums[:, 3:]], 1)
         ops.divergence_shard_grad(s, t, row_stats, T, kind, *coefficients, row_coef.contiguous(), read, target, g, h)
     return st, sums
@@ -1331,7 +1342,7 @@ def _shard_passes(ops, s, t, T, kind, coefficients, read, coef, ce, target, g, h
 @pytest.mark.parametrize("ops_name", ["cpu", "triton-interpreter", "triton-cuda"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["forward_kl direct", "forward_kl", "jsd", "reverse_kl", "tvd", "jeffreys",
-                                  "triangular"])
+                                  "triangular", "entropy_gated_kl"])
 def test_shard_kernels_low_precision_logits(ops_name, dtype, kind):
     """bf16/fp16 logits on the shard kernels: read as they are, math in float32, so the same statistics and
     row sums as the float32 kernels on the same values, bit for bit; the gradients into float32 buffers

@@ -18,7 +18,10 @@ from fastkd import reference as R
 
 F64 = torch.float64
 INF = float("inf")
-LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_kl_rev", "tvd", "jeffreys", "triangular")
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_kl_rev", "tvd", "jeffreys", "triangular",
+          "entropy_gated_kl")
+# w = 0.2 + 0.7 sigmoid((H / log V - 0.6) / 0.2): both KLs weigh in, and the gate is not saturated on these rows
+GATE = {"alpha_min": 0.2, "alpha_max": 0.9, "tau": 0.6, "scale": 0.2}
 FUNCS = {
     "forward_kl": (fastkd.forward_kl_loss, {}),
     "reverse_kl": (fastkd.reverse_kl_loss, {}),
@@ -28,6 +31,7 @@ FUNCS = {
     "tvd": (fastkd.tvd_loss, {}),
     "jeffreys": (fastkd.jeffreys_loss, {}),
     "triangular": (fastkd.triangular_loss, {}),
+    "entropy_gated_kl": (fastkd.entropy_gated_kl_loss, GATE),
 }
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 # dtype -> (relative loss error, relative gradient-norm error) against float64 on the same values
@@ -66,6 +70,13 @@ def hand_kl(a, b):
     return total
 
 
+def hand_gate(p, params):
+    """The entropy gate w of one row: alpha_min + (alpha_max - alpha_min) sigmoid((H / log V - tau) / scale)."""
+    entropy = -sum(x * math.log(x) for x in p if x > 0)
+    x = (entropy / math.log(len(p)) - params["tau"]) / params["scale"]
+    return params["alpha_min"] + (params["alpha_max"] - params["alpha_min"]) / (1.0 + math.exp(-x))
+
+
 def hand_row(loss, s_row, t_row, T, params):
     p, q = hand_softmax(t_row, T), hand_softmax(s_row, T)
     if loss == "forward_kl":
@@ -78,6 +89,9 @@ def hand_row(loss, s_row, t_row, T, params):
         return hand_kl(p, q) + hand_kl(q, p)
     if loss == "triangular":
         return sum((x - y) ** 2 / (x + y) for x, y in zip(p, q) if x + y > 0)
+    if loss == "entropy_gated_kl":
+        w = hand_gate(p, params)
+        return w * hand_kl(p, q) + (1 - w) * hand_kl(q, p)
     if loss == "jsd":
         b = params["beta"]
         if b == 0:
@@ -251,6 +265,8 @@ def test_gradcheck(loss):
     def f(a, b):
         return call(loss, a, b, temperature=1.7, target=target, sample_weight=weight, ce_weight=0.3)
 
+    if loss == "entropy_gated_kl":  # the gate is a constant in the gradients: exact for the student alone
+        t = t.detach()
     assert torch.autograd.gradcheck(f, (s, t))
     assert torch.autograd.gradgradcheck(f, (s, t)) if loss != "tvd" else True
 
@@ -278,6 +294,12 @@ def dense_rows(loss, s, t, T):
         return ((p - q) * (log_p - log_q)).sum(-1)
     if loss == "triangular":
         return ((p - q) ** 2 / (p + q)).sum(-1)
+    if loss == "entropy_gated_kl":
+        h = -(p * log_p).sum(-1) / math.log(p.shape[-1])
+        w = params["alpha_min"] + (params["alpha_max"] - params["alpha_min"]) * torch.sigmoid(
+            (h - params["tau"]) / params["scale"])
+        w = w.detach()  # the gate is a constant in the gradients (documented)
+        return w * kl(p, log_p, log_q) + (1 - w) * kl(q, log_q, log_p)
     if loss == "jsd":
         b = params["beta"]
         log_m = (b * p + (1 - b) * q).log()
@@ -444,7 +466,7 @@ def test_masked_vocab_terms_are_exactly_zero(loss):
     t = torch.tensor([[0.0, -INF, -INF, 1.0, 2.0], [1.0, -INF, 0.0, 2.0, 0.1]], dtype=F64, requires_grad=True)
     if loss == "forward_kl":  # finite where the student covers the teacher's support: the mirror of reverse KL
         s, t = t, s
-    if loss == "jeffreys":  # finite only where both nets mask the same classes
+    if loss in ("jeffreys", "entropy_gated_kl"):  # finite only where both nets mask the same classes
         t = torch.where(torch.isneginf(s), s, t.detach().nan_to_num(neginf=0.5)).detach().requires_grad_()
     out = call(loss, s, t, reduction="none")
     gs, gt = torch.autograd.grad(out.sum(), [s, t])
@@ -454,8 +476,9 @@ def test_masked_vocab_terms_are_exactly_zero(loss):
     assert not torch.isnan(gs[finite]).any() and not torch.isnan(gt[finite]).any()
     both = torch.isneginf(s) & torch.isneginf(t) & finite.unsqueeze(1)  # (an infinite row's gradient is not)
     assert both.any() and (gs[both] == 0).all() and (gt[both] == 0).all()
-    # a class masked on both sides contributes nothing: dropping it leaves the row's loss unchanged
-    for row, dropped in ((0, 2), (1, 1)):
+    # a class masked on both sides contributes nothing: dropping it leaves the row's loss unchanged (not the
+    # entropy gate's: its log V counts every class of the row, masked or not)
+    for row, dropped in ((0, 2), (1, 1)) if loss != "entropy_gated_kl" else ():
         cols = [c for c in range(5) if c != dropped]
         alone = call(loss, s.detach()[row:row + 1, cols], t.detach()[row:row + 1, cols], reduction="none")
         torch.testing.assert_close(alone, out.detach()[row:row + 1], rtol=1e-14, atol=0)
@@ -574,6 +597,7 @@ MODULES = {
     "tvd": (fastkd.nn.TVDLoss, {}),
     "jeffreys": (fastkd.nn.JeffreysLoss, {}),
     "triangular": (fastkd.nn.TriangularLoss, {}),
+    "entropy_gated_kl": (fastkd.nn.EntropyGatedKLLoss, GATE),
 }
 
 
@@ -609,15 +633,25 @@ def test_module_parameter_errors():
         fastkd.nn.SkewKLLoss(skew=-1.0)
     with pytest.raises(TypeError, match="reverse must be a bool"):
         fastkd.nn.SkewKLLoss(reverse="yes")
+    for kwargs, message in ((dict(alpha_min=-0.1), "alpha_min must be in"), (dict(alpha_max=1.5), "alpha_max must be in"),
+                            (dict(tau=float("nan")), "tau must be finite"), (dict(scale=0.0), "scale must be")):
+        with pytest.raises(ValueError, match=message):
+            fastkd.nn.EntropyGatedKLLoss(**kwargs)
+        with pytest.raises(ValueError, match=message):
+            fastkd.entropy_gated_kl_loss(torch.randn(2, 5), torch.randn(2, 5), **kwargs)
+        with pytest.raises(ValueError, match=message):
+            fastkd.fused_linear_kd_loss(torch.randn(2, 3), torch.randn(5, 3), torch.randn(2, 5),
+                                        divergence="entropy_gated_kl", **kwargs)
 
 
 def test_public_names():
     for name in ("forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss",
-                 "triangular_loss"):
+                 "triangular_loss", "entropy_gated_kl_loss"):
         assert getattr(fastkd, name) is getattr(fastkd.functional, name)
         assert name in fastkd.__all__ and name in fastkd.functional.__all__ and name in R.__all__
         assert "T^2" in getattr(fastkd, name).__doc__
-    for name in ("ForwardKLLoss", "ReverseKLLoss", "JSDLoss", "SkewKLLoss", "TVDLoss", "JeffreysLoss", "TriangularLoss"):
+    for name in ("ForwardKLLoss", "ReverseKLLoss", "JSDLoss", "SkewKLLoss", "TVDLoss", "JeffreysLoss", "TriangularLoss",
+                 "EntropyGatedKLLoss"):
         assert name in fastkd.nn.__all__
 
 
@@ -644,3 +678,59 @@ def test_no_host_reads_on_the_gpu_path(monkeypatch):
             out = call(loss, s, teacher, target=target, sample_weight=weight, ce_weight=0.1, return_parts=True)
             out.loss.backward()
     fastkd.kd_loss(s, tk, 2.0, target=target, sample_weight=weight).backward()
+
+
+# ----------------------------------------------------------------------------
+# the entropy-gated KL: its gate, its limits, w a constant in the gradients
+# ----------------------------------------------------------------------------
+
+def test_entropy_gate_limits_and_blend():
+    """alpha_min = alpha_max = 1 is forward KL and = 0 reverse KL exactly; in between the per-row blend of the two
+    with w from the teacher's normalised entropy (a peaked teacher row -> w near alpha_min, a flat one -> alpha_max)."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(4, 50, generator=g, dtype=F64)
+    t = torch.randn(4, 50, generator=g, dtype=F64)
+    t[0] *= 30.0  # peaked: normalised entropy near 0
+    t[1] *= 0.01  # flat: near 1
+    kw = dict(temperature=1.5, reduction="none")
+    fwd, rev = fastkd.forward_kl_loss(s, t, **kw), fastkd.reverse_kl_loss(s, t, **kw)
+    one = dict(alpha_min=1.0, alpha_max=1.0)
+    torch.testing.assert_close(fastkd.entropy_gated_kl_loss(s, t, **one, **kw), fwd, rtol=1e-14, atol=0)
+    torch.testing.assert_close(fastkd.entropy_gated_kl_loss(s, t, alpha_min=0.0, alpha_max=0.0, **kw), rev,
+                               rtol=1e-14, atol=0)
+    out = fastkd.entropy_gated_kl_loss(s, t, alpha_min=0.1, alpha_max=0.8, tau=0.5, scale=0.05, **kw)
+    p = torch.softmax(t / 1.5, -1)
+    h = -(p * p.log()).sum(-1) / math.log(50)
+    w = 0.1 + 0.7 * torch.sigmoid((h - 0.5) / 0.05)
+    torch.testing.assert_close(out, w * fwd + (1 - w) * rev, rtol=1e-13, atol=0)
+    assert w[0] < 0.11 and w[1] > 0.79  # the peaked row seeks the mode, the flat one covers
+    # alpha_min > alpha_max inverts the gate (allowed): the peaked row then leans to the forward KL
+    inv = fastkd.entropy_gated_kl_loss(s, t, alpha_min=1.0, alpha_max=0.0, tau=0.5, scale=0.05, **kw)
+    w_inv = 1.0 - torch.sigmoid((h - 0.5) / 0.05)
+    torch.testing.assert_close(inv, w_inv * fwd + (1 - w_inv) * rev, rtol=1e-13, atol=0)
+    assert w_inv[0] > 0.99 and w_inv[1] < 0.01
+
+
+def test_entropy_gate_is_a_constant_in_the_gradients():
+    """Both gradients are those of w KL(p || q) + (1 - w) KL(q || p) at w fixed (detached): the student's is then
+    exact (w does not depend on it), the teacher's omits dw/dt (documented); differs from the full derivative."""
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(3, 40, generator=g, dtype=F64, requires_grad=True)
+    t = torch.randn(3, 40, generator=g, dtype=F64, requires_grad=True)
+    out = fastkd.entropy_gated_kl_loss(s, t, **GATE, temperature=2.0, reduction="sum")
+    gs, gt = torch.autograd.grad(out, [s, t])
+
+    def blend(s, t, detach):
+        log_p, log_q = F.log_softmax(t / 2.0, -1), F.log_softmax(s / 2.0, -1)
+        p, q = log_p.exp(), log_q.exp()
+        h = -(p * log_p).sum(-1) / math.log(40)
+        w = GATE["alpha_min"] + (GATE["alpha_max"] - GATE["alpha_min"]) * torch.sigmoid((h - GATE["tau"]) / GATE["scale"])
+        w = w.detach() if detach else w
+        return (w * (p * (log_p - log_q)).sum(-1) + (1 - w) * (q * (log_q - log_p)).sum(-1)).sum()
+
+    es, et = torch.autograd.grad(blend(s, t, True), [s, t])
+    torch.testing.assert_close(gs, es, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(gt, et, rtol=1e-12, atol=1e-15)
+    fs, ft = torch.autograd.grad(blend(s, t, False), [s, t])
+    torch.testing.assert_close(gs, fs, rtol=1e-12, atol=1e-15)  # the student's is the exact derivative
+    assert rel_norm(gt, ft) > 1e-4  # the teacher's is not (the gate's derivative is left out)

@@ -38,6 +38,7 @@ DIVS = {
     "tvd": ("tvd", {}),
     "jeffreys": ("jeffreys", {}),
     "triangular": ("triangular", {}),
+    "entropy_gated": ("entropy_gated_kl", {"alpha_min": 0.2, "alpha_max": 0.9, "tau": 0.8, "scale": 0.1}),
     "kd": ("forward_kl", {}),  # kd_loss: forward KL times T^2
 }
 # dtype -> (loss rtol, gradient relative-norm bound)
@@ -80,7 +81,8 @@ def call_ref(name, s, t, *, T=1.0, reduction="batchmean", target=None, ignore_in
         loss = T * T * soft + (full.loss - soft)
         return R.LossParts(loss, (T * T * soft).detach(), full.hard)
     fn = {"reverse_kl": R.reverse_kl_loss, "jsd": R.jsd_loss, "skew_kl": R.skew_kl_loss, "tvd": R.tvd_loss,
-          "jeffreys": R.jeffreys_loss, "triangular": R.triangular_loss}[base]
+          "jeffreys": R.jeffreys_loss, "triangular": R.triangular_loss,
+          "entropy_gated_kl": R.entropy_gated_kl_loss}[base]
     return fn(s, t, temperature=T, **params, **kw)
 
 
@@ -179,7 +181,7 @@ def test_dense_128k_row():
 
 
 @pytest.mark.parametrize("name", ["reverse_kl", "jsd0.1", "jsd0.5", "skew", "skew_rev", "tvd", "kd", "jeffreys",
-                                  "triangular"])
+                                  "triangular", "entropy_gated"])
 def test_dense_confident_and_masked(name):
     """Logit gaps of 100, -inf on either side (not on the same class), log-probs below -104."""
     V = WIDE
@@ -198,7 +200,7 @@ def test_dense_confident_and_masked(name):
         # reverse KL with a teacher -inf where the student has mass (or KD the other way) is infinite: compare
         # only the rows where it is finite
         # (Jeffreys: infinite where either net masks a class the other one covers)
-        rows = {"kd": [0, 1, 3], "jeffreys": [0, 1]}.get(name, [0, 1, 2])
+        rows = {"kd": [0, 1, 3], "jeffreys": [0, 1], "entropy_gated": [0, 1]}.get(name, [0, 1, 2])
         check(name, s[rows], t[rows], T=2.0, target=torch.tensor([10, 20, 1, 1])[rows], ce_weight=0.3)
 
 
@@ -402,6 +404,8 @@ PUBLIC = {
     "jsd": (fastkd.jsd_loss, R.jsd_loss, {"beta": 0.9}),
     "skew_rev": (fastkd.skew_kl_loss, R.skew_kl_loss, {"skew": 0.1, "reverse": True}),
     "tvd": (fastkd.tvd_loss, R.tvd_loss, {}),
+    "entropy_gated": (fastkd.entropy_gated_kl_loss, R.entropy_gated_kl_loss,
+                      {"alpha_min": 0.2, "alpha_max": 0.9, "tau": 0.3, "scale": 0.2}),
 }
 
 

@@ -68,6 +68,8 @@ FUNCTIONS = {
     "tvd": (fastkd.tvd_loss, fastkd.reference.tvd_loss, {}),
     "jeffreys": (fastkd.jeffreys_loss, fastkd.reference.jeffreys_loss, {}),
     "triangular": (fastkd.triangular_loss, fastkd.reference.triangular_loss, {}),
+    "entropy_gated_kl": (fastkd.entropy_gated_kl_loss, fastkd.reference.entropy_gated_kl_loss,
+                         {"alpha_min": 0.2, "alpha_max": 0.9, "tau": 0.7, "scale": 0.2}),
 }
 
 

@@ -23,7 +23,9 @@ F64 = torch.float64
 BACKENDS = ("reference", "cpu", "triton")
 # dtype -> (relative loss error, relative gradient-norm error) against float64 of the same values
 TOL = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (1e-6, 1e-2)}
-PARAMS = {"temperature": 2.0, "beta": 0.3, "skew": 0.2}
+# the entropy gate in its steep part on these rows (normalised teacher entropy about 0.9 at T = 2)
+GATE = {"alpha_min": 0.2, "alpha_max": 0.9, "tau": 0.85, "scale": 0.1}
+PARAMS = {"temperature": 2.0, "beta": 0.3, "skew": 0.2, **GATE}
 
 
 def rel_norm(g, r):
@@ -43,7 +45,7 @@ def head(h, w, b=None, scale=None, softcap=None):
 
 
 def composition(h, w, teacher, target=None, *, divergence="kl", temperature=1.0, beta=0.5, skew=0.1,
-                ce_weight=0.0, student_bias=None, teacher_bias=None, logit_scale=None, softcap=None,
+                alpha_min=0.0, alpha_max=1.0, tau=0.5, scale=0.1, ce_weight=0.0, student_bias=None, teacher_bias=None, logit_scale=None, softcap=None,
                 ignore_index=-100, reduction="batchmean", sample_weight=None, return_parts=False, chunk_size=None,
                 teacher_vocab="truncate"):
     """The unfused loss in float64 (what the fused op must equal); ``chunk_size`` is ignored."""
@@ -61,7 +63,9 @@ def composition(h, w, teacher, target=None, *, divergence="kl", temperature=1.0,
             t = t[..., :s.shape[-1]]
     kinds = {"kl": ("forward_kl", {}), "reverse_kl": ("reverse_kl", {}), "jsd": ("jsd", {"beta": beta}),
              "skew_kl": ("skew_kl", {"skew": skew}), "skew_reverse_kl": ("skew_kl", {"skew": skew, "reverse": True}),
-             "tvd": ("tvd", {}), "jeffreys": ("jeffreys", {}), "triangular": ("triangular", {})}
+             "tvd": ("tvd", {}), "jeffreys": ("jeffreys", {}), "triangular": ("triangular", {}),
+             "entropy_gated_kl": ("entropy_gated_kl", {"alpha_min": alpha_min, "alpha_max": alpha_max, "tau": tau,
+                                                       "scale": scale})}
     kind, params = kinds[divergence]
     return R.compute(s, t, temperature, reduction, target, ignore_index, sample_weight, ce_weight, return_parts,
                       kind, scale_t2=divergence == "kl", **params)
@@ -219,7 +223,7 @@ def test_reductions_are_global_over_chunks(backend, reduction):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ("tail", "renormalize"))
-@pytest.mark.parametrize("divergence", ("kl", "reverse_kl", "jsd"))
+@pytest.mark.parametrize("divergence", ("kl", "reverse_kl", "jsd", "entropy_gated_kl"))
 def test_topk_teacher(backend, mode, divergence):
     sh, sw, sb, th, tw, tb, target = data(seed=6)
     topk = fastkd.TopKTeacher.from_logits(head(th, tw).float(), 12, mode=mode)

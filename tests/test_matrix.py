@@ -13,6 +13,8 @@ Shapes: rows wider than one block with a ragged tail (3*4096 + 17, 2*2048 + 5),
 a row of 128256 classes, narrow rows, 3-D logits; inputs contiguous and not
 (a student sliced from a wider tensor, a teacher with a transposed layout).
 """
+import functools
+
 import pytest
 import torch
 
@@ -25,16 +27,22 @@ LOGIT_LOSSES = ("kd", "kd_temp", "ats", "dkd", "dist")
 # kd / ats / dkd ("_ce": ce_weight=0.3), and top-k teachers (K = 64 ids of a dense teacher,
 # "tail" mode; the teacher gradient is w.r.t. its log-probs).
 LM_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tvd", "kd_ce", "ats_ce", "dkd_ce", "jsd_topk",
-             "kd_topk", "rkl_topk_renorm", "jeffreys", "triangular", "jeffreys_topk", "triangular_topk_renorm")
+             "kd_topk", "rkl_topk_renorm", "jeffreys", "triangular", "jeffreys_topk", "triangular_topk_renorm",
+             "entropy_gated_kl", "entropy_gated_kl_topk")
 LM_SHAPES = ("ragged_2x2048+5", "vocab_128256", "3d_2x3x1000")
 # The fastkd.dispatch.backend.LOSS_OPS key a matrix loss needs.
 BACKEND_LOSS = {"kd_temp": "kd", "kd_ce": "kd+ce", "ats_ce": "ats+ce", "dkd_ce": "dkd+ce", "skew_rkl": "skew_kl",
                 "jsd_topk": "jsd", "rkl_topk_renorm": "reverse_kl", "jeffreys_topk": "jeffreys",
-                "triangular_topk_renorm": "triangular"}
-TOPK = {"jsd_topk": "tail", "kd_topk": "tail", "rkl_topk_renorm": "renormalize", "jeffreys_topk": "tail",
+                "triangular_topk_renorm": "triangular", "entropy_gated_kl_topk": "entropy_gated_kl"}
+TOPK = {"entropy_gated_kl_topk": "tail",
+        "jsd_topk": "tail", "kd_topk": "tail", "rkl_topk_renorm": "renormalize", "jeffreys_topk": "tail",
         "triangular_topk_renorm": "renormalize"}
 # jsd, triangular, jeffreys_topk: with ce_weight
-WITH_TARGET = ("ats", "dkd", "kd_ce", "ats_ce", "dkd_ce", "jsd", "jsd_topk", "triangular", "jeffreys_topk")
+WITH_TARGET = ("ats", "dkd", "kd_ce", "ats_ce", "dkd_ce", "jsd", "jsd_topk", "triangular", "jeffreys_topk",
+               "entropy_gated_kl")
+# The entropy gate's parameters in these tests: w = 0.2 + 0.7 sigmoid((H / log V - 0.8) / 0.1), in its steep part
+# on the dense rows here (H / log V about 0.85), so an error in the entropy shows in the loss and both gradients.
+GATE = {"alpha_min": 0.2, "alpha_max": 0.9, "tau": 0.8, "scale": 0.1}
 # (rows shape, classes): ragged wide rows, a 128k row, narrow rows, 3-D logits
 SHAPES = {
     "ragged_3x4096+17": ((3,), 3 * 4096 + 17),
@@ -90,6 +98,8 @@ def _call(loss, backend, s, t, target, weight, temperature, reduction, ids=None)
         return fastkd.jeffreys_loss(s, t, ce_weight=0.3 if target is not None else 0.0, **kw)
     if loss in ("triangular", "triangular_topk_renorm"):
         return fastkd.triangular_loss(s, t, ce_weight=0.3 if target is not None else 0.0, **kw)
+    if loss in ("entropy_gated_kl", "entropy_gated_kl_topk"):
+        return fastkd.entropy_gated_kl_loss(s, t, ce_weight=0.3 if target is not None else 0.0, **GATE, **kw)
     if loss in ("skew_kl", "skew_rkl"):
         return fastkd.skew_kl_loss(s, t, skew=0.2, reverse=loss == "skew_rkl", **kw)
     assert loss == "tvd", loss
@@ -202,7 +212,7 @@ def test_lm_loss_matches_float64_reference(loss, backend, shape_name, dtype, lay
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("loss", ("kd", "kd_temp", "ats", "dkd", "kd_ce", "jsd", "tvd", "jsd_topk", "jeffreys",
-                                  "triangular", "jeffreys_topk"))
+                                  "triangular", "jeffreys_topk", "entropy_gated_kl", "entropy_gated_kl_topk"))
 def test_ignore_index_sample_weight_and_reductions(loss, backend, reduction):
     ids = None
     if loss in TOPK:
@@ -260,7 +270,7 @@ def test_skipped_rows_are_not_read(loss, backend):
 @pytest.mark.parametrize("net", ("student", "teacher"))
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("loss", ("kd", "kd_ce", "ats", "dkd", "dist", "reverse_kl", "jsd", "skew_kl", "tvd", "jeffreys",
-                                  "triangular"))
+                                  "triangular", "entropy_gated_kl"))
 def test_nan_logit_gives_nan_where_the_reference_does(loss, backend, net):
     """One NaN logit (in a row's ragged tail, past the first block): the loss rows and every gradient entry
     are NaN exactly where the float64 reference's are (the row's whole gradient for both nets, except TVD's
@@ -356,7 +366,8 @@ def test_mgd_matches_float64_reference(mask_type, backend, dtype, layout):
 # ---- divergence_fwd numerics (issue 24): the reference and every fused backend against float64 ----
 
 _TOPK_FNS = {"forward_kl": fastkd.forward_kl_loss, "reverse_kl": fastkd.reverse_kl_loss, "jsd": fastkd.jsd_loss,
-             "tvd": fastkd.tvd_loss, "jeffreys": fastkd.jeffreys_loss, "triangular": fastkd.triangular_loss}
+             "tvd": fastkd.tvd_loss, "jeffreys": fastkd.jeffreys_loss, "triangular": fastkd.triangular_loss,
+             "entropy_gated_kl": functools.partial(fastkd.entropy_gated_kl_loss, **GATE)}
 
 
 def _topk_run(loss, backend, s, lp, ids, mode, target=None, ce_weight=0.0):
@@ -408,7 +419,8 @@ def test_topk_tail_with_every_non_member_masked(loss, backend):
 @pytest.mark.parametrize("nan_at", ("teacher_slot", "student_first_column", "student_member"))
 @pytest.mark.parametrize("loss, mode", [("kd", "tail"), ("jsd", "tail"), ("tvd", "tail"), ("reverse_kl", "tail"),
                                         ("tvd", "renormalize"), ("reverse_kl", "renormalize"), ("jeffreys", "tail"),
-                                        ("triangular", "tail"), ("triangular", "renormalize")])
+                                        ("triangular", "tail"), ("triangular", "renormalize"),
+                                        ("entropy_gated_kl", "tail"), ("entropy_gated_kl", "renormalize")])
 def test_nan_in_a_topk_row_gives_nan_where_the_reference_does(loss, mode, nan_at, backend):
     """A NaN teacher log-prob (tail mode: the tail mass is NaN, so every slot's teacher gradient is NaN, not finite),
     a NaN student logit at column 0 (the first value a thread reads: an online log-sum-exp must not drop it) or at a
@@ -461,7 +473,7 @@ def test_cross_entropy_alone_has_soft_zero_on_nan_rows(mode, backend):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("loss", ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tvd", "jeffreys",
-                                  "triangular"))
+                                  "triangular", "entropy_gated_kl"))
 def test_divergence_with_nets_at_different_large_offsets(loss, backend):
     """Student logits around +1e4, teacher logits around -1e4: the kernels subtract each net's own maximum before
     forming lp - lq (t - s would lose |t - s| eps, 6e-4 of the gradient); every gradient within 1e-5 of float64."""
@@ -479,7 +491,7 @@ def test_divergence_with_nets_at_different_large_offsets(loss, backend):
 @pytest.mark.parametrize("backend", ("reference",) + FUSED)
 @pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=("0_rows", "2x0_rows"))
 @pytest.mark.parametrize("loss", ("kd", "forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd", "dkd", "jeffreys",
-                                  "triangular"))
+                                  "triangular", "entropy_gated_kl"))
 def test_empty_batch_with_cross_entropy(loss, lead, backend):
     """No rows, a target of the same (empty) leading shape and ce_weight > 0: loss 0 and empty gradients on every
     backend (the op took the empty target for "no target" and refused the ce_weight)."""

@@ -120,7 +120,7 @@ def _div_dense_args(s, t, has_target):
             "SOFT": "*fp32", "HARD": "*fp32", "GS": f"*{s}", "GT": f"*{t}",
             "stride_s": "D", "stride_t": "D", "stride_gs": "D", "stride_gt": "D", "stride_w": 1,
             "n_cols": "D", "inv_temp": "fp32", "a": "fp32", "b": "fp32", "w_p": "fp32", "w_q": "fp32",
-            "soft_scale": "fp32", "ce_weight": "fp32"}
+            "soft_scale": "fp32", "ce_weight": "fp32", "log_v": "fp32"}
 
 
 def _div_topk_args(s, t, has_target):
@@ -128,7 +128,7 @@ def _div_topk_args(s, t, has_target):
             "W": "*fp32", "LOSS": "*fp32", "SOFT": "*fp32", "HARD": "*fp32", "GS": f"*{s}", "GT": f"*{t}",
             "stride_s": "D", "stride_lp": "D", "stride_ids": "D", "stride_gs": "D", "stride_gt": "D", "stride_w": 1,
             "n_cols": "D", "n_k": "i32", "inv_temp": "fp32", "a": "fp32", "b": "fp32", "w_p": "fp32", "w_q": "fp32",
-            "soft_scale": "fp32", "ce_weight": "fp32"}
+            "soft_scale": "fp32", "ce_weight": "fp32", "log_v": "fp32"}
 
 
 def div_row_configs():
@@ -161,6 +161,10 @@ def _div_jobs(add):
     for kind, gs, gt in itertools.product((0, 1), BOOLS, BOOLS):
         add_dense(90, bf, dict(KIND=kind, HAS_TARGET=True, GRAD_S=gs, GRAD_T=gt, BLOCK=block), warps, "A")
         add_dense(90, bf, dict(KIND=kind, HAS_TARGET=False, GRAD_S=True, GRAD_T=True, BLOCK=block), warps, "A")
+    # the entropy gate (kind 7: its three sums, then kind 2's gradients at the row's gate), dense and top-k
+    add_dense(90, bf, dict(KIND=7, **full, BLOCK=block), warps, "A")
+    for tail in BOOLS:
+        add("div_topk", 90, bf, dict(KIND=7, TAIL=tail, **full, BLOCK=block, KP=DIV_KP[0]), warps, "A")
     # the two-pass path (forward / reverse KL: SUMS_KNOWN, CROSS the KL that pass 1 sums)
     for cross, gs, gt in ((2, True, False), (2, True, True), (1, False, True), (1, True, True), (0, True, False),
                           (0, False, True)):
@@ -228,6 +232,11 @@ def _shard_jobs(add):
         for d, kind in itertools.product(low, (0, 1)):  # bf16/fp16 buffers: the sums only
             add("shard_terms", arch, d, dict(KIND=kind, GRAD_S=False, GRAD_T=False, STORE_GRAD=False, ONE_HOT=False,
                                              BLOCK=block), warps, tag)
+        if arch == 90:  # the entropy gate (kind 7): terms store nothing, grad evaluates kind 2 at the row's gate
+            add("shard_terms", arch, f32, dict(KIND=7, GRAD_S=False, GRAD_T=False, STORE_GRAD=False, ONE_HOT=False,
+                                               BLOCK=block), warps, tag)
+            add("shard_grad", arch, f32, dict(KIND=7, GRAD_S=True, GRAD_T=True, RECOMPUTE=True, ONE_HOT=True,
+                                              BLOCK=block), warps, tag)
         # forward KL with no teacher gradient: the student's gradient from the terms pass, with the CE's one-hot
         for d, one_hot in itertools.product([f32] + low, BOOLS if arch == 90 else (True,)):
             add("shard_terms", arch, d, dict(KIND=0, GRAD_S=True, GRAD_T=False, STORE_GRAD=True, ONE_HOT=one_hot,

@@ -44,6 +44,7 @@ DIVERGENCES = [
     ("tvd", 1, (0.0, 0.0, 0.0, 1.0)),
     ("jeffreys", 2, (1.0, 1.0, 0.0, 0.0)),
     ("triangular", 3, (0.0, 0.0, 0.0, 0.0)),
+    ("entropy_gated_kl", 7, (0.2, 0.9, 0.7, 0.1)),  # alpha_min, alpha_max, tau, scale
 ]
 FORWARD_KL = R.divergence_coefficients("forward_kl")
 
@@ -230,7 +231,7 @@ def test_non_contiguous_inputs(narrow_blocks):
 
 TOPK_DIVERGENCES = [("forward_kl", 0, FORWARD_KL)] + [d for d in DIVERGENCES if d[0] in
                                                        ("reverse_kl", "jsd0.5", "skew_kl", "skew_rkl", "tvd",
-                                                        "jeffreys", "triangular")]
+                                                        "jeffreys", "triangular", "entropy_gated_kl")]
 
 
 @pytest.mark.parametrize("mode", [1, 2], ids=["tail", "renormalize"])
@@ -360,7 +361,8 @@ def test_autograd_scales_the_stored_gradients(narrow_blocks):
 @pytest.mark.skipif(not INTERPRET, reason="counts the interpreter's loads")
 @pytest.mark.parametrize("grads", [(True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("name,coef,passes", [("forward_kl", FORWARD_KL, 2), ("reverse_kl", DIVERGENCES[0][2], 2),
-                                              ("jsd0.5", R.divergence_coefficients("jsd", beta=0.5), 3)])
+                                              ("jsd0.5", R.divergence_coefficients("jsd", beta=0.5), 3),
+                                              ("entropy_gated_kl", (0.2, 0.9, 0.7, 0.1), 3)])
 def test_dense_passes(narrow_blocks, monkeypatch, name, coef, passes, grads):
     """Reads of each logit per call: two where sum G and sum H are known after the statistics
     pass (forward and reverse KL, any gradients: the KL as KD's cross term), three otherwise.
@@ -380,7 +382,8 @@ def test_dense_passes(narrow_blocks, monkeypatch, name, coef, passes, grads):
         return load(self, ptrs, mask, other, *rest)
 
     monkeypatch.setattr(interp.InterpreterBuilder, "create_masked_load", counting_load)
-    args = (s, t, no_ids(), target, w, 2.0, 0, *coef, 4.0, 0.1, 0, False, *grads)
+    kind = 7 if name == "entropy_gated_kl" else 0  # (the entropy gate: statistics, its three sums, gradients)
+    args = (s, t, no_ids(), target, w, 2.0, kind, *coef, 4.0, 0.1, 0, False, *grads)
     out = ft.divergence_fwd(*args)
     monkeypatch.undo()
     reads_s = reads["s"] - N  # the target logits, one per row

@@ -212,6 +212,50 @@ FASTKD_INLINE void dense_terms_chunk(const DivParams& dp, const float* s, const 
   if (kTVD) tvd[0] += q_lt, tvd[1] += q_gt, tvd[2] += p_lt, tvd[3] += p_gt, tvd[4] += tie;
 }
 
+// (2) of one chunk of an entropy-gated row (kind 7): the three sums that do not depend on the gate,
+// KL(p || q), KL(q || p) and H(p) (div_gate_terms; lp from the teacher's logits, as delta); the per-class
+// q (lq - lp) to g_row and p (lp - lq) to the teacher-gradient row (0 where the probability is 0), from
+// which (3) forms kind 2's G = (1 - w) q (lq - lp) - w p, H = w p (lp - lq) - (1 - w) q once w is known.
+template <bool kGS, bool kGT>
+FASTKD_INLINE void dense_gate_chunk(const float* s, const float* t, int64_t n, float inv_t, const DenseRow& r,
+                                    float to_q, float to_p, const float* kept_s, const float* kept_t, float* gt,
+                                    float* g_row, double& kl_pq, double& kl_qp, double& ent) {
+  double a = 0.0, b = 0.0, h = 0.0;
+#pragma omp simd reduction(+ : a, b, h)
+  for (int64_t j = 0; j < n; ++j) {
+    const float q = kept_s[j] * to_q, p = kept_t[j] * to_p;
+    const float lp = (t[j] - r.mt) * inv_t - r.lt;
+    const float delta = ((t[j] - r.mt) - (s[j] - r.ms)) * inv_t + r.dl;
+    const DivTerms x = div_gate_terms(p, q, lp, delta);
+    a += x.soft, b += x.g, h += x.h;
+    if (kGS) g_row[j] = x.g;
+    if (kGT) gt[j] = x.soft;
+  }
+  kl_pq += a, kl_qp += b, ent += h;
+}
+
+// (3) of one chunk of an entropy-gated row: kind 2's gradients at (a, b) = (w, u = 1 - w) from the parts (2)
+// kept (a weight of 0 drops its part: never 0 * inf); reads the kept exps and those parts, not the logits.
+template <bool kGS, bool kGT, int kCE1>
+FASTKD_INLINE void dense_gate_finish_chunk(const float* s, int64_t n, const DenseRow& r, float w, float u,
+                                           float to_q, float to_p, float to_1, const float* kept_s,
+                                           const float* kept_t, const float* g_row, float* gs, float* gt) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float es = kept_s[j], q = es * to_q, p = kept_t[j] * to_p;
+    if (kGS) {
+      const float g = (u != 0.0f ? u * g_row[j] : 0.0f) - w * p;
+      float out = r.coef * (g - q * r.sum_g);
+      if (kCE1 != kCE1None) out += r.ce * softmax1<kCE1>(r, es, q, s[j], to_1);
+      gs[j] = out;
+    }
+    if (kGT) {
+      const float h = (w != 0.0f ? w * gt[j] : 0.0f) - u * q;
+      gt[j] = r.coef * (h - p * r.sum_h);
+    }
+  }
+}
+
 // (3) of one chunk: the gradients whose sums (2) found.
 template <int kKind, bool kGS, bool kGT, int kCE1>
 FASTKD_INLINE void dense_finish_chunk(const float* s, int64_t n, const DenseRow& r, float to_q, float to_p,
@@ -259,6 +303,30 @@ FASTKD_INLINE float dense_passes(const DivCall& c, const float* s, const float* 
     to_p = to_prob(chunk_max[2 * k + 1], r.mt, c.inv_t, r.lt);
     to_1 = kCE1 == kCE1Pow ? to_prob(chunk_max[2 * k], r.m1, 1.0f, r.l1) : 0.0f;
   };
+  if constexpr (kKind == kDivEntropyGated) {
+    // (2) the gate's three sums, then (3) the kind-2 gradients with (a, b) = (w, 1 - w), sums known
+    double kl_pq = 0.0, kl_qp = 0.0, ent = 0.0;
+    for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
+      const int64_t n = std::min(kStatsChunk, V - c0);
+      float to_q, to_p, to_1;
+      chunk_factors(k, to_q, to_p, to_1);
+      dense_gate_chunk<kGS, kGT>(s + c0, t + c0, n, c.inv_t, r, to_q, to_p, kept_s + c0, kept_t + c0,
+                                 kGT ? gt + c0 : nullptr, kGS ? g_row + c0 : nullptr, kl_pq, kl_qp, ent);
+    }
+    const DivGateRow gr = div_gate_row(c.d, float(kl_pq), float(kl_qp), float(ent), V);
+    if (kGS || kGT) {
+      r.sum_g = gr.sum_g, r.sum_h = gr.sum_h;
+      for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
+        const int64_t n = std::min(kStatsChunk, V - c0);
+        float to_q, to_p, to_1;
+        chunk_factors(k, to_q, to_p, to_1);
+        dense_gate_finish_chunk<kGS, kGT, kCE1>(s + c0, n, r, gr.d.a, gr.d.b, to_q, to_p, to_1, kept_s + c0,
+                                                kept_t + c0, kGS ? g_row + c0 : nullptr, kGS ? gs + c0 : nullptr,
+                                                kGT ? gt + c0 : nullptr);
+      }
+    }
+    return gr.soft;
+  }
   if (kKnown) {
     if (kGS || kGT) {
       for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
@@ -368,6 +436,7 @@ DivRowOut dense_row(const DivCall& c, const float* s, const float* t, int64_t g,
   if (d.kind == kDivTVD) soft = FASTKD_DIV_ROW(kDivTVD, kMixBoth, kFormGeneral);
   else if (d.kind == kDivJeffreys) soft = FASTKD_DIV_ROW(kDivJeffreys, kMixBoth, kFormGeneral);
   else if (d.kind == kDivTriangular) soft = FASTKD_DIV_ROW(kDivTriangular, kMixBoth, kFormGeneral);
+  else if (d.kind == kDivEntropyGated) soft = FASTKD_DIV_ROW(kDivEntropyGated, kMixBoth, kFormGeneral);
   else if (d.mix == kMixQ) soft = FASTKD_DIV_ROW(kDivKL, kMixQ, kFormGeneral);
   else if (d.mix == kMixP) soft = FASTKD_DIV_ROW(kDivKL, kMixP, kFormGeneral);
   else if (div_form(d) == kFormProp) soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormProp);
@@ -640,15 +709,31 @@ DivRowOut topk_row(const DivCall& c, int64_t i, const float* s, const float* lp,
     bp[k] = p, bq[k] = q, bg[k] = x.g, bh[k] = x.h;
     soft += x.soft, sum_g += x.g, sum_h += x.h;
   }
-  float g_tail = 0.0f, hop_tail = 0.0f;
+  float g_tail = 0.0f, hop_tail = 0.0f, lp_tail = 0.0f, lq_tail = 0.0f;
   if (c.topk_mode == kTopkTail) {
-    const float lp_tail = div_topk_teacher_tail(div_topk_teacher_lse(lp, ids, K));
-    const float lq_tail = div_topk_student_tail(full, tail, inv_t);
+    lp_tail = div_topk_teacher_tail(div_topk_teacher_lse(lp, ids, K));
+    lq_tail = div_topk_student_tail(full, tail, inv_t);
     const float p = expf(lp_tail), q = expf(lq_tail);
     const DivTerms x = div_terms_any(d, p, q, lp_tail, lq_tail);
     soft += x.soft, sum_g += x.g, sum_h += x.h;
     g_tail = x.g;
     hop_tail = div_h_over_p(d, p, q, lp_tail, lq_tail);
+  }
+  if (d.kind == kDivEntropyGated) {
+    // the sums were KL(p || q), KL(q || p), H(p) over the buckets: gate, then G, H of kind 2 at (w, 1 - w)
+    const DivGateRow gr = div_gate_row(d, soft, sum_g, sum_h, V);
+    soft = gr.soft, sum_g = gr.sum_g, sum_h = gr.sum_h;
+    for (int64_t k = 0; k < K; ++k) {
+      if (ids[k] < 0) continue;
+      const float lq = div_log_prob(s[ids[k]], ms_k, inv_t, lq_norm), lpk = lp[k] - lp_norm;
+      const DivTerms x = div_terms_any(gr.d, bp[k], bq[k], lpk, lq);
+      bg[k] = x.g, bh[k] = x.h;
+    }
+    if (c.topk_mode == kTopkTail) {
+      const float p = expf(lp_tail), q = expf(lq_tail);
+      g_tail = div_terms_any(gr.d, p, q, lp_tail, lq_tail).g;
+      hop_tail = div_h_over_p(gr.d, p, q, lp_tail, lq_tail);
+    }
   }
   if (div_soft_on(d) && lq_norm != lq_norm) soft = NAN;  // a NaN student logit (the xlogy selects could hide it)
 
@@ -693,9 +778,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
     const at::Tensor& target, const at::Tensor& row_weight, double temperature, int64_t kind, double a, double b,
     double w_p, double w_q, double soft_scale, double ce_weight, int64_t topk_mode, bool reduce, bool grad_student,
     bool grad_teacher) {
-  TORCH_CHECK_VALUE(kind >= kDivKL && kind <= kDivTriangular,
-                    "fastkd: divergence_fwd kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL) or 3 (triangular), "
-                    "got ", kind);
+  // kinds 4 to 6 are another branch's (appended there); div_kind_known accepts what this file implements
+  TORCH_CHECK_VALUE(kind >= kDivKL && kind <= kDivLastKind && div_kind_known(kind),
+                    "fastkd: divergence_fwd kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL), 3 (triangular) "
+                    "or 7 (entropy-gated KL), got ", kind);
   TORCH_CHECK_VALUE(topk_mode >= kTopkNone && topk_mode <= kTopkRenorm,
                     "fastkd: divergence_fwd topk_mode must be 0 (dense), 1 (tail) or 2 (renormalise), got ", topk_mode);
   TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "fastkd: temperature must be a finite number > 0, got ",

@@ -213,23 +213,29 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
   }
   const float ls = div_lse_log(st.s), lt = div_lse_log(st.u), l1 = div_lse_log(st.s1);
   // p, q and the terms of one class
-  auto terms = [&](float x, float y, float& p, float& q) {
+  DivParams dg = d;  // the gradient sweep's parameters (kind 7: kind 2 at (w, 1 - w), set by the gate below)
+  auto terms = [&](const DivParams& dd, float x, float y, float& p, float& q) {
     const float lq = div_log_prob(x, st.s.m, inv_t, ls), lp = div_log_prob(y, st.u.m, inv_t, lt);
     q = div_exp(lq);
     p = div_exp(lp);
-    return div_terms_any(d, p, q, lp, lq);
+    return div_terms_any(dd, p, q, lp, lq);
   };
 
   Sum3 sums = {0.0f, 0.0f, 0.0f};  // soft, sum G, sum H
   if (soft_on && !fused) {
     sweep_row(sp, s, t, [&](int64_t, float x, float y) {
       float p, q;
-      const DivTerms e = terms(x, y, p, q);
+      const DivTerms e = terms(d, x, y, p, q);
       sums.x += e.soft;
       sums.y += e.g;
       sums.z += e.h;
     });
     sums = team_sum(team, sums, sum_scratch);
+    if (d.kind == kDivEntropyGated) {  // the sums are KL(p || q), KL(q || p), H(p): gate the row
+      const DivGateRow gr = div_gate_row(d, sums.x, sums.y, sums.z, V);
+      dg = gr.d;
+      sums = Sum3{gr.soft, gr.sum_g, gr.sum_h};
+    }
   }
   if (!ok) fill_row_grads(split_row<W>(offset, h.live ? V : 0, packs, team.lane, team.lanes), gs, gt,
                           h.counted ? NAN : 0.0f);
@@ -243,7 +249,7 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
     float soft = 0.0f;
     sweep_row_grads(sp, s, t, gs, gt, [&](int64_t c, float x, float y) {
       float p, q;
-      const DivTerms e = terms(x, y, p, q);
+      const DivTerms e = terms(dg, x, y, p, q);
       soft += e.soft;
       float g_s = coef * (e.g - q * sums.y);
       if (with_ce) g_s += cew * ce_grad(x, st.s1, l1, c, h.g);
@@ -427,6 +433,13 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
     sums.z += e_tail.h;
   }
   if (!has_ids) sums = Sum3{0.0f, 0.0f, 0.0f};
+  DivParams dg = d;  // the gradients' parameters (kind 7: kind 2 at the row's (w, 1 - w))
+  if (d.kind == kDivEntropyGated && has_ids) {  // the sums are KL(p || q), KL(q || p), H(p) over the buckets
+    const DivGateRow gr = div_gate_row(d, sums.x, sums.y, sums.z, V);
+    dg = gr.d;
+    sums = Sum3{gr.soft, gr.sum_g, gr.sum_h};
+    if (tail) e_tail = div_terms_any(dg, div_exp(lp_tail), div_exp(lq_tail), lp_tail, lq_tail);
+  }
   if (h.live && team.lane == 0) {
     const float hard = ok && ce ? div_ce_hard(st.s1, to_float(s[h.g])) : 0.0f;
     write_row(args, team.row, h.counted, ok, sums.x, hard, h.w);
@@ -466,14 +479,14 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
       float lp, lq;
       bucket(j, id, lp, lq);
       const float q = div_exp(lq);
-      float g = div_topk_member_grad(coef, div_terms_any(d, div_exp(lp), q, lp, lq).g, q, sums.y);
+      float g = div_topk_member_grad(coef, div_terms_any(dg, div_exp(lp), q, lp, lq).g, q, sums.y);
       if (with_ce) g += cew * ce_grad(to_float(s[id]), st.s1, l1, id, h.g);
       gs[id] = from_float<S>(g);
     }
   }
   if (args.grad_teacher) {
     // tail: H_tail / p_tail, or (top-k mass clamped at 1) the a p_k the tail no longer absorbs (div_h_over_p)
-    const float factor = tail ? div_h_over_p(d, div_exp(lp_tail), div_exp(lq_tail), lp_tail, lq_tail) : sums.z;
+    const float factor = tail ? div_h_over_p(dg, div_exp(lp_tail), div_exp(lq_tail), lp_tail, lq_tail) : sums.z;
     for (int64_t j = team.lane; j < kk; j += team.lanes) {
       const int64_t id = ids[j];
       float g = 0.0f;  // padding slots
@@ -481,7 +494,7 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
         float lp, lq;
         bucket(j, id, lp, lq);
         const float p = div_exp(lp);
-        g = div_topk_teacher_grad(soft_coef, div_terms_any(d, p, div_exp(lq), lp, lq).h, p, factor);
+        g = div_topk_teacher_grad(soft_coef, div_terms_any(dg, p, div_exp(lq), lp, lq).h, p, factor);
       }
       gt[j] = from_float<T>(g);
     }

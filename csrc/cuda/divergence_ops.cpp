@@ -11,9 +11,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& topk_ids, const at::Tensor& target,
     const at::Tensor& row_weight, double temperature, int64_t kind, double a, double b, double w_p, double w_q,
     double soft_scale, double ce_weight, int64_t topk_mode, bool reduce, bool grad_student, bool grad_teacher) {
-  TORCH_CHECK(kind >= 0 && kind <= 3,
-              "fastkd: divergence_fwd: kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL) or 3 (triangular), got ",
-              kind);
+  // kinds 4 to 6 are another branch's (appended there): kDivEntropyGated = 7 of csrc/divergence_math.h
+  TORCH_CHECK((kind >= 0 && kind <= 3) || kind == 7,
+              "fastkd: divergence_fwd: kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL), 3 (triangular) or "
+              "7 (entropy-gated KL), got ", kind);
   TORCH_CHECK(topk_mode >= 0 && topk_mode <= 2,
               "fastkd: divergence_fwd: topk_mode must be 0 (dense teacher), 1 (tail) or 2 (renormalise), got ",
               topk_mode);

@@ -6,20 +6,24 @@ Every KL-type divergence is one formula with four coefficients::
 
 which the fused kernels implement once (``fastkd::divergence_fwd``); TVD, the two-sided KL
 (Jeffreys: ``a KL(p || q) + b KL(q || p)``) and the triangular discrimination are kinds of their
-own. The integer codes below are the op's ``kind`` and ``topk_mode`` arguments;
+own, and so is the entropy-gated KL (``w KL(p || q) + (1 - w) KL(q || p)``, ``w`` a per-row gate on the
+teacher's entropy: ``entropy_gate``). The integer codes below are the op's ``kind`` and ``topk_mode`` arguments;
 ``divergence_op_args`` maps a divergence's name and parameters to ``(kind, a, b, w_p, w_q)``.
 ``check_divergence_args`` is the argument check every divergence makes, on every
 backend (the reference and the fused path call it once per call).
 """
+import math
 from collections import namedtuple
 from typing import Tuple
+
+import torch
 
 from . import checks as v
 from .rows import read_rows
 from .topk import TopKTeacher
 
-__all__ = ["LossParts", "KIND_CODES", "TOPK_MODE_CODES", "divergence_coefficients", "divergence_op_args",
-           "check_divergence_args", "check_divergence_params"]
+__all__ = ["LossParts", "KIND_CODES", "TOPK_MODE_CODES", "ENTROPY_GATE_DEFAULTS", "divergence_coefficients",
+           "divergence_op_args", "entropy_gate", "check_divergence_args", "check_divergence_params"]
 
 LossParts = namedtuple("LossParts", ["loss", "soft", "hard"])
 LossParts.__doc__ = """``return_parts=True`` result: ``loss`` (differentiable) = ``soft + ce_weight * hard``;
@@ -28,6 +32,12 @@ target) are detached, in the loss's dtype (float32; float64 for float64 inputs).
 
 # Integer codes of the op's ``kind`` and ``topk_mode`` arguments.
 KIND_CODES = {"kl_family": 0, "tvd": 1, "jeffreys": 2, "triangular": 3}
+# (4 to 6: issue 22's other divergences, another branch; appended, never renumbered)
+KIND_CODES["entropy_gated_kl"] = 7
+
+# The entropy-gated KL's parameters and their defaults (fastkd's choice: the gate opens around half the
+# maximal normalised entropy and spans the whole [reverse KL, forward KL] range).
+ENTROPY_GATE_DEFAULTS = {"alpha_min": 0.0, "alpha_max": 1.0, "tau": 0.5, "scale": 0.1}
 TOPK_MODE_CODES = {None: 0, "tail": 1, "renormalize": 2}
 
 
@@ -57,7 +67,7 @@ def divergence_op_args(kind: str, **params) -> Tuple[int, float, float, float, f
     """``(kind code, a, b, w_p, w_q)`` of ``divergence_fwd`` for the divergence ``kind`` (a name).
 
     "tvd" and "triangular" take no coefficients; "jeffreys" is the two-sided KL with
-    ``a = b = 1``; "ce" is the cross-entropy alone (``a = b = 0``); the KL family's names
+    ``a = b = 1``; "entropy_gated_kl" passes ``(alpha_min, alpha_max, tau, scale)`` in their place; "ce" is the cross-entropy alone (``a = b = 0``); the KL family's names
     are those of ``divergence_coefficients``.
     """
     if kind in ("tvd", "triangular"):
@@ -66,6 +76,9 @@ def divergence_op_args(kind: str, **params) -> Tuple[int, float, float, float, f
         return KIND_CODES["jeffreys"], 1.0, 1.0, 0.0, 0.0
     if kind == "ce":
         return KIND_CODES["kl_family"], 0.0, 0.0, 0.0, 1.0
+    if kind == "entropy_gated_kl":  # the op's a, b, w_p, w_q carry alpha_min, alpha_max, tau, scale
+        g = {**ENTROPY_GATE_DEFAULTS, **params}
+        return KIND_CODES[kind], float(g["alpha_min"]), float(g["alpha_max"]), float(g["tau"]), float(g["scale"])
     return (KIND_CODES["kl_family"], *divergence_coefficients(kind, **params))
 
 
@@ -89,10 +102,28 @@ def check_divergence_args(student, teacher, temperature, reduction, target, igno
     v.check_ce(ce_weight, return_parts, target)
 
 
+def entropy_gate(entropy, num_classes: int, alpha_min: float, alpha_max: float, tau: float, scale: float):
+    """The entropy-gated KL's weight of ``KL(p || q)`` per row (a tensor like ``entropy``)::
+
+        w = alpha_min + (alpha_max - alpha_min) sigmoid((H(p) / log V - tau) / scale)
+
+    ``H(p) / log V`` (the normalised entropy, in [0, 1]) is 0 for ``V = 1``. The reference, the
+    PyTorch sharded path and the shard kernels' caller use it; the kernels have the same formula
+    (``csrc/divergence_math.h``, ``div_gate_weight``; Triton ``_gate``).
+    """
+    h_norm = entropy / math.log(num_classes) if num_classes > 1 else torch.zeros_like(entropy)
+    return alpha_min + (alpha_max - alpha_min) * torch.sigmoid((h_norm - tau) / scale)
+
+
 def check_divergence_params(**params) -> None:
-    """A divergence's own parameters: ``beta`` (JSD) and ``skew`` in [0, 1], ``reverse`` a bool."""
-    for name in ("beta", "skew"):
+    """A divergence's own parameters: ``beta`` (JSD) and ``skew`` in [0, 1], ``reverse`` a bool; the
+    entropy gate's ``alpha_min``, ``alpha_max`` in [0, 1] (either order), ``tau`` finite, ``scale`` > 0."""
+    for name in ("beta", "skew", "alpha_min", "alpha_max"):
         if name in params:
             v.check_unit(name, params[name])
+    if "tau" in params:
+        v.check_number("tau", params["tau"])
+    if "scale" in params:
+        v.check_positive("scale", params["scale"])
     if "reverse" in params and not isinstance(params["reverse"], bool):
         raise TypeError(f"reverse must be a bool, got {type(params['reverse']).__name__}")

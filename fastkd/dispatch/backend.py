@@ -30,6 +30,7 @@ LOSS_OPS = {
     "tvd": ("divergence_fwd",),
     "jeffreys": ("divergence_fwd",),
     "triangular": ("divergence_fwd",),
+    "entropy_gated_kl": ("divergence_fwd",),
     "kd_topk": ("divergence_fwd",),
     "fused_linear_kd": ("divergence_fwd",),  # fastkd/losses/fused_linear.py: the row op on each chunk
     # a loss with ce_weight / return_parts: the cross-entropy comes from divergence_fwd

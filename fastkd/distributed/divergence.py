@@ -1,7 +1,7 @@
 """Vocabulary parallel: the divergences (dense and top-k teachers), with the cross-entropy.
 
 Public: ``kd_loss``, ``reverse_kl_loss``, ``jsd_loss``, ``skew_kl_loss``, ``tvd_loss``, ``jeffreys_loss``,
-``triangular_loss`` (the
+``triangular_loss``, ``entropy_gated_kl_loss`` (the
 signatures of ``fastkd.*`` plus ``process_group``). The row math is ``divergence_rows``: three
 all-reduces of per-row numbers per row chunk (``fastkd.distributed``'s docstring).
 """
@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from ..core import checks as v
-from ..core.divergence import KIND_CODES, LossParts, check_divergence_params, divergence_op_args
+from ..core.divergence import (ENTROPY_GATE_DEFAULTS, KIND_CODES, LossParts, check_divergence_params,
+                               divergence_op_args, entropy_gate)
 from ..core.rows import compute_dtype, read_rows
 from ..core.topk import PAD_ID, TopKTeacher
 from ..reference import divergence as R
@@ -125,6 +126,29 @@ def _tvd_rows(lp, lq, need_s, need_t, group):
     return red[0], grad_a, grad_b
 
 
+def _gated_rows(lp, lq, vocab, params, group):
+    """Entropy-gated KL of the dense rows (log-probs over the shard): the row sums and d soft / d(s / T),
+    d soft / d(t / T) (both formed; the caller keeps those it needs).
+
+    Third round: the shard's parts of ``KL(p || q)``, ``KL(q || p)`` and ``H(p)``, so the gate ``w`` sees the
+    whole vocabulary's entropy over ``log V`` (``V`` the whole vocabulary); then kind 2's
+    ``G = (1 - w) q (lq - lp) - w p``, ``H = w p (lp - lq) - (1 - w) q`` at that fixed ``w``.
+    """
+    p, q = lp.exp(), lq.exp()
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    kl_p = torch.where(p == 0, zero, p * (lp - lq))
+    kl_q = torch.where(q == 0, zero, q * (lq - lp))
+    entropy = torch.where(p == 0, zero, -p * lp)
+    red = all_reduce([kl_p.sum(dim=1), kl_q.sum(dim=1), entropy.sum(dim=1)], dist.ReduceOp.SUM, group)
+    w = entropy_gate(red[2], vocab, **{**ENTROPY_GATE_DEFAULTS, **params})
+    u = 1.0 - w
+    fwd, rev = torch.where(w == 0, zero, w * red[0]), torch.where(u == 0, zero, u * red[1])
+    w, u = w.unsqueeze(1), u.unsqueeze(1)
+    g = torch.where(u == 0, zero, u * kl_q) - w * p - q * (rev - w.squeeze(1)).unsqueeze(1)
+    h = torch.where(w == 0, zero, w * kl_p) - u * q - p * (fwd - u.squeeze(1)).unsqueeze(1)
+    return fwd + rev, g, h
+
+
 # Long on purpose (about 140 lines): the three collectives of a row chunk and the math between them read
 # top to bottom in the order they run; split up, a dozen per-row tensors would travel between helpers.
 def divergence_rows(c, s, t, ids, tgt, read, weight, equal, temp=None, out=(None, None)):
@@ -202,7 +226,9 @@ def divergence_rows(c, s, t, ids, tgt, read, weight, equal, temp=None, out=(None
     lq = a - log_z  # log q over the shard (q = softmax(s / T) over the whole vocabulary)
 
     grad_a = grad_b = grad_temp = None
-    if not topk and kind == "tvd":
+    if not topk and kind == "entropy_gated_kl":
+        soft, grad_a, grad_b = _gated_rows(b - sums[1].log().unsqueeze(1), lq, vocab, params, process_group)
+    elif not topk and kind == "tvd":
         soft, grad_a, grad_b = _tvd_rows(b - sums[1].log().unsqueeze(1), lq, need_s, need_t, process_group)
     elif not topk:
         lp = b - sums[1].log().unsqueeze(1)
@@ -242,7 +268,7 @@ def divergence_rows(c, s, t, ids, tgt, read, weight, equal, temp=None, out=(None
             lq_tail = torch.where(pad.all(dim=1, keepdim=True), torch.zeros((), dtype=dtype, device=dev), lq_tail)
         soft, grad_a, grad_b = _topk_buckets(c.mode, kind, params, sums, a, lq, t, pad, own, col,
                                              non_member if tail else None, a_tail if tail else None,
-                                             lq_tail, need_s, need_t)
+                                             lq_tail, need_s, need_t, vocab)
     soft = soft * scale_rows
     hard = torch.zeros_like(soft)
     if use_ce:
@@ -274,7 +300,7 @@ def divergence_rows(c, s, t, ids, tgt, read, weight, equal, temp=None, out=(None
 
 
 def _topk_buckets(mode, kind, params, sums, a, lq, logprobs, pad, own, col, non_member, a_tail, lq_tail,
-                  need_s, need_t):
+                  need_s, need_t, vocab):
     """Divergence over the top-k buckets (replicated, [N, K(+1)]) and the local gradient slices.
 
     Every rank holds the same all-reduced bucket log-probs, so the bucket math (the
@@ -305,7 +331,7 @@ def _topk_buckets(mode, kind, params, sums, a, lq, logprobs, pad, own, col, non_
             log_p = torch.cat([log_p, log_p_tail], dim=1)
             log_q = torch.cat([log_q, lq_tail], dim=1)
             leaves = [x_ids, lq_tail]
-        rows = R.soft_rows(log_p, log_q, kind, **params)
+        rows = R.soft_rows(log_p, log_q, kind, num_classes=vocab, **params)
         wanted = ([*leaves] if need_s else []) + ([lp_in] if need_t else [])
         grads = list(torch.autograd.grad(rows.sum(), wanted, allow_unused=True)) if wanted else []
     rows = rows.detach()
@@ -394,6 +420,17 @@ def jeffreys_loss(student_logits, teacher_logits: Teacher, *, process_group, tem
     """``fastkd.jeffreys_loss`` over a vocabulary-sharded process group."""
     return _divergence(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
                        sample_weight, ce_weight, return_parts, process_group, "jeffreys")
+
+
+def entropy_gated_kl_loss(student_logits, teacher_logits: Teacher, *, process_group, alpha_min=0.0,
+                          alpha_max=1.0, tau=0.5, scale=0.1, temperature=1.0, reduction="batchmean", target=None,
+                          ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False):
+    """``fastkd.entropy_gated_kl_loss`` over a vocabulary-sharded process group (the gate's entropy and
+    ``log V`` are the whole vocabulary's: the shards' sums are all-reduced before it is formed)."""
+    params = {"alpha_min": alpha_min, "alpha_max": alpha_max, "tau": tau, "scale": scale}
+    check_divergence_params(**params)
+    return _divergence(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
+                       sample_weight, ce_weight, return_parts, process_group, "entropy_gated_kl", **params)
 
 
 def triangular_loss(student_logits, teacher_logits: Teacher, *, process_group, temperature=1.0,

@@ -24,11 +24,12 @@ _FUSED_LINEAR_KINDS = {
     "tvd": ("tvd", {}),
     "jeffreys": ("jeffreys", {}),
     "triangular": ("triangular", {}),
+    "entropy_gated_kl": ("entropy_gated_kl", None),  # params: alpha_min, alpha_max, tau, scale (gate=)
 }
 
 
 def fused_linear_row_op(divergence: str, beta: float, skew: float, topk_mode: Optional[str], use_ce: bool,
-                        process_group, width: int, equal: torch.Tensor):
+                        process_group, width: int, equal: torch.Tensor, gate: Optional[dict] = None):
     """``fastkd.fused_linear_kd_loss``'s row op over a vocabulary-sharded group.
 
     Returns ``op`` with ``divergence_fwd``'s signature (``docs/design.md``), run on one chunk
@@ -45,6 +46,8 @@ def fused_linear_row_op(divergence: str, beta: float, skew: float, topk_mode: Op
         params = {"beta": beta}
     elif kind == "skew_kl":
         params = {"skew": skew, "reverse": divergence == "skew_reverse_kl"}
+    elif kind == "entropy_gated_kl":
+        params = dict(gate or {})
     rank = dist.get_rank(process_group)
     world = dist.get_world_size(process_group)
 

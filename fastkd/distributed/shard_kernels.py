@@ -4,7 +4,7 @@ math): which run, and the three passes around the collectives (``docs/design.md`
 import torch
 import torch.distributed as dist
 
-from ..core.divergence import KIND_CODES, divergence_op_args
+from ..core.divergence import KIND_CODES, divergence_op_args, entropy_gate
 from ..dispatch import ops
 from . import settings
 from .comm import all_reduce
@@ -88,7 +88,7 @@ def divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
 
     code, a, b, w_p, w_q = divergence_op_args(c.kind, **c.params)
     row_stats = torch.stack([big_s, l_s, big_t, l_t, l_1], dim=1)
-    tvd = c.kind == "tvd"
+    tvd, gated = c.kind == "tvd", c.kind == "entropy_gated_kl"
     zeros = torch.zeros(n, dtype=f32, device=dev)
     ok = equal
     if use_ce:
@@ -118,6 +118,12 @@ def divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
         # (a NaN in one net: its sign comparisons are all False, so the other net's gradient is 0 there, as
         # in the single-process losses and the reference)
         masses = red[1] if len(red) > 1 else torch.zeros((n, 5), dtype=f32, device=dev)
+    elif gated:  # KL(p || q), KL(q || p), H(p) over the whole vocabulary: the gate w, kind 2's sums at (w, 1 - w)
+        red = all_reduce([part[:, 0], part[:, 1], part[:, 2]], dist.ReduceOp.SUM, group)
+        w = entropy_gate(red[2], c.vocab, a, b, w_p, w_q)  # (the op's a, b, w_p, w_q: alpha_min, ..., scale)
+        fwd, rev = torch.where(w == 0, zeros, w * red[0]), torch.where(w == 1, zeros, (1.0 - w) * red[1])
+        red[0], sum_g, sum_h = fwd + rev, rev - w, fwd - (1.0 - w)
+        masses = torch.cat([w.unsqueeze(1), torch.zeros((n, 4), dtype=f32, device=dev)], dim=1)  # w for the grad
     else:
         red = all_reduce([part[:, 0], part[:, 1]] + ([part[:, 2]] if c.need_t else []), dist.ReduceOp.SUM, group)
         sum_g, sum_h = red[1], (red[2] if c.need_t else zeros)

@@ -1,4 +1,5 @@
-"""The language-model divergences: forward and reverse KL, generalised JSD, skew KL, TVD, Jeffreys, triangular.
+"""The language-model divergences: forward and reverse KL, generalised JSD, skew KL, TVD, Jeffreys, triangular,
+entropy-gated KL.
 
 Public functionals (re-exported as ``fastkd.*`` and ``fastkd.functional.*``)::
 
@@ -10,6 +11,7 @@ Public functionals (re-exported as ``fastkd.*`` and ``fastkd.functional.*``)::
     tvd_loss(s, t, *, ...same...)
     jeffreys_loss(s, t, *, ...same...)
     triangular_loss(s, t, *, ...same...)
+    entropy_gated_kl_loss(s, t, *, alpha_min=0.0, alpha_max=1.0, tau=0.5, scale=0.1, ...same...)
 
 ``t`` is dense teacher logits or a ``fastkd.TopKTeacher``. With
 ``p = softmax(t / T)`` (teacher), ``q = softmax(s / T)`` (student), per row
@@ -43,7 +45,7 @@ from ..dispatch.backend import implementation, resolve
 from ..reference import divergence as R
 
 __all__ = ["forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss",
-           "triangular_loss", "LossParts", "TopKTeacher"]
+           "triangular_loss", "entropy_gated_kl_loss", "LossParts", "TopKTeacher"]
 
 Teacher = Union[torch.Tensor, TopKTeacher]
 
@@ -327,6 +329,31 @@ def triangular_loss(
                             teacher_vocab)
 
 
+def entropy_gated_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: Teacher,
+    *,
+    alpha_min: float = 0.0,
+    alpha_max: float = 1.0,
+    tau: float = 0.5,
+    scale: float = 0.1,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    target: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    sample_weight: Optional[torch.Tensor] = None,
+    ce_weight: float = 0.0,
+    return_parts: bool = False,
+    teacher_vocab: str = "truncate",
+    process_group=None,
+    backend: str = "auto",
+):
+    params = {"alpha_min": alpha_min, "alpha_max": alpha_max, "tau": tau, "scale": scale}
+    return _divergence_loss("entropy_gated_kl", params, student_logits, teacher_logits, temperature, reduction,
+                            target, ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
+                            teacher_vocab)
+
+
 def kd_topk_loss(student_logits, teacher: TopKTeacher, temperature=4.0, *, reduction="batchmean", target=None,
                  ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False, backend="auto"):
     """``fastkd.kd_loss`` with a ``TopKTeacher`` (it routes here): ``T^2 * KL(p || q)`` over the buckets.
@@ -464,4 +491,26 @@ triangular_loss.__doc__ = """Triangular discrimination (Le Cam), per row::
     Gradient (``x = s / T``): ``dL/dx_c = G_c - q_c sum G`` with ``G_c = -4 q_c v_c^2``,
     ``v = p / (p + q)`` (the derivative of the ``-4 p q / (p + q)`` part: no cancellation on
     peaked rows); teacher ``H_c = -4 p_c u_c^2``, ``u = q / (p + q)``.
+""" + _DETAIL
+
+entropy_gated_kl_loss.__doc__ = """Entropy-gated KL, per row::
+
+        w = alpha_min + (alpha_max - alpha_min) * sigmoid((H(p) / log V - tau) / scale)
+        loss = w KL(p || q) + (1 - w) KL(q || p)
+
+    The teacher's normalised entropy ``H(p) / log V`` (in [0, 1]; 0 for ``V = 1``) decides
+    between mode covering (forward KL, where the teacher is unsure: ``w -> alpha_max``) and mode
+    seeking (reverse KL, where it is sure: ``w -> alpha_min``), as orda-kernel's entropy-gated
+    blend. ``alpha_min``, ``alpha_max`` in [0, 1] (either order), ``tau`` finite, ``scale > 0``;
+    the defaults are fastkd's. ``V`` is the whole vocabulary (with ``process_group``, the
+    entropy and ``log V`` are the whole vocabulary's: the row sums are all-reduced).
+
+    ``w`` depends on the teacher alone and is a constant in both gradients: the student gradient
+    (frozen teacher) is exact, ``dL/dx_c = w (q_c - p_c) + (1 - w) q_c (l q_c - l p_c - KL(q || p))``
+    (``x = s / T``, ``l = log``); a teacher gradient is that of the blend at fixed ``w`` (the gate's own
+    derivative, ``(KL(p || q) - KL(q || p)) dw/dH dH/dy``, is omitted, as AKL omits its weights').
+    The fused kernels sum ``KL(p || q)``, ``KL(q || p)`` and ``H(p)`` in the pass after the
+    statistics and write the gradients in a third: the passes of Jeffreys. Against a
+    ``TopKTeacher``, ``H(p)`` is the buckets' (the K probabilities and the tail bucket; renormalised:
+    the K), still divided by ``log V``.
 """ + _DETAIL

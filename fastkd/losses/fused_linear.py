@@ -45,7 +45,8 @@ import torch
 from ..core import checks as v
 from ..core.autograd import scale_stored_grad
 from ..core.checks import FUSED_LINEAR_DIVERGENCES
-from ..core.divergence import KIND_CODES, TOPK_MODE_CODES, LossParts, divergence_coefficients, divergence_op_args
+from ..core.divergence import (KIND_CODES, TOPK_MODE_CODES, LossParts, check_divergence_params,
+                               divergence_coefficients, divergence_op_args)
 from ..core.rows import read_rows, row_weights
 from ..core.topk import TopKTeacher
 from ..dispatch.backend import implementation, resolve, unavailable_reason
@@ -248,10 +249,13 @@ class _FusedLinearFunction(torch.autograd.Function):
 # the public functional and module
 # ----------------------------------------------------------------------------
 
-def _divergence_params(divergence: str, temperature: float, beta: float, skew: float):
-    """``(kind, a, b, w_p, w_q, soft_scale)`` of ``divergence_fwd`` for ``divergence``."""
+def _divergence_params(divergence: str, temperature: float, beta: float, skew: float, gate=None):
+    """``(kind, a, b, w_p, w_q, soft_scale)`` of ``divergence_fwd`` for ``divergence`` (``gate``: the
+    entropy-gated KL's ``alpha_min``, ``alpha_max``, ``tau``, ``scale``)."""
     if divergence in ("tvd", "jeffreys", "triangular"):
         return (*divergence_op_args(divergence), 1.0)
+    if divergence == "entropy_gated_kl":
+        return (*divergence_op_args(divergence, **(gate or {})), 1.0)
     if divergence == "kl":  # kd_loss: Hinton's T^2
         return (KIND_CODES["kl_family"], *divergence_coefficients("forward_kl"), float(temperature) ** 2)
     if divergence == "reverse_kl":
@@ -310,6 +314,7 @@ def fused_linear_kd_loss(
     teacher_grad: bool = False,
     beta: float = 0.5,
     skew: float = 0.1,
+    alpha_min: float = 0.0, alpha_max: float = 1.0, tau: float = 0.5, scale: float = 0.1,  # entropy_gated_kl
     ce_weight: float = 0.0,
     student_bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
@@ -332,6 +337,8 @@ def fused_linear_kd_loss(
     v.check_head("student", student_hidden, student_weight, student_bias, None, dev)
     vocab = student_weight.shape[0]
     v.check_fused_linear_options(divergence, temperature, beta, skew, ce_weight, logit_scale, softcap, reduction)
+    gate = {"alpha_min": alpha_min, "alpha_max": alpha_max, "tau": tau, "scale": scale}
+    check_divergence_params(**gate)
     v.check_ignore_index(ignore_index)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
@@ -421,7 +428,7 @@ def fused_linear_kd_loss(
     if chunk_size is None:
         chunk_size = default_chunk_size(n, vocab, teacher_vocab, student_weight.shape[1],
                                         student_weight.element_size(), dev.type)
-    kind, a, b, w_p, w_q, soft_scale = _divergence_params(divergence, temperature, beta, skew)
+    kind, a, b, w_p, w_q, soft_scale = _divergence_params(divergence, temperature, beta, skew, gate)
     hidden = student_hidden.reshape(n, student_hidden.shape[-1])
     if not hidden.is_contiguous():
         hidden = hidden.contiguous()
@@ -438,7 +445,7 @@ def fused_linear_kd_loss(
         equal = D.comm.check_group_shapes(n, vocab, process_group, dev,  # before any per-row collective
                                           (student_hidden.dtype, student_weight.dtype, teacher_dtype), needs)
         op = D.fused_linear_row_op(divergence, beta, skew, topk.mode if topk is not None else None, pass_target,
-                                   process_group, vocab, equal)
+                                   process_group, vocab, equal, gate=gate)
         name = None
     else:
         name = "reference" if f64 else _row_backend(backend, student_hidden, student_weight, plain_kd)
@@ -487,7 +494,8 @@ fused_linear_kd_loss.__doc__ = """The LM head and a distillation loss in one op;
 
     ``divergence``: ``"kl"`` (``fastkd.kd_loss``: ``T^2 KL(p || q)``), ``"reverse_kl"``,
     ``"jsd"`` (``beta``), ``"skew_kl"`` / ``"skew_reverse_kl"`` (``skew``), ``"tvd"``, ``"jeffreys"``,
-    ``"triangular"`` (``fastkd.reverse_kl_loss``, ``fastkd.jeffreys_loss`` etc.: no ``T^2``). ``ce_weight`` adds
+    ``"triangular"``, ``"entropy_gated_kl"`` (``alpha_min``, ``alpha_max``, ``tau``, ``scale``; its gate's
+    ``log V`` is the composition's width) (``fastkd.reverse_kl_loss``, ``fastkd.jeffreys_loss`` etc.: no ``T^2``). ``ce_weight`` adds
     ``ce_weight * cross_entropy(s, target)`` at T = 1; ``return_parts=True`` returns
     ``LossParts(loss, soft, hard)`` (``hard``: the row-weighted CE, 0 without ``target``).
 

@@ -1,5 +1,5 @@
 """Modules of the language-model divergences: ``ForwardKLLoss``, ``ReverseKLLoss``, ``JSDLoss``, ``SkewKLLoss``,
-``TVDLoss``, ``JeffreysLoss``, ``TriangularLoss`` (the keyword arguments at construction, ``teacher_vocab`` included; ``teacher_logits`` may
+``TVDLoss``, ``JeffreysLoss``, ``TriangularLoss``, ``EntropyGatedKLLoss`` (the keyword arguments at construction, ``teacher_vocab`` included; ``teacher_logits`` may
 be a ``TopKTeacher``).
 """
 from typing import Optional
@@ -130,4 +130,17 @@ class TriangularLoss(_DivergenceLoss):
                  ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
                  process_group=None, teacher_vocab: str = "truncate"):
         super().__init__(functional.triangular_loss, {}, temperature, reduction, ignore_index, ce_weight,
+                         return_parts, backend, process_group, teacher_vocab)
+
+
+class EntropyGatedKLLoss(_DivergenceLoss):
+    """Entropy-gated KL ``w KL(p || q) + (1 - w) KL(q || p)`` per row, ``w = alpha_min + (alpha_max -
+    alpha_min) sigmoid((H(p) / log V - tau) / scale)``. No ``T^2`` factor. See ``fastkd.entropy_gated_kl_loss``."""
+
+    def __init__(self, *, alpha_min: float = 0.0, alpha_max: float = 1.0, tau: float = 0.5, scale: float = 0.1,
+                 temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
+                 ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
+                 process_group=None, teacher_vocab: str = "truncate"):
+        params = {"alpha_min": alpha_min, "alpha_max": alpha_max, "tau": tau, "scale": scale}
+        super().__init__(functional.entropy_gated_kl_loss, params, temperature, reduction, ignore_index, ce_weight,
                          return_parts, backend, process_group, teacher_vocab)

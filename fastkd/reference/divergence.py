@@ -13,6 +13,8 @@ both ``softmax(logits / T)`` over the vocabulary (or over top-k buckets, see
 * ``tvd_loss``: ``0.5 sum |p - q|``
 * ``jeffreys_loss``: ``KL(p || q) + KL(q || p)``
 * ``triangular_loss``: ``sum (p - q)^2 / (p + q)`` (terms with ``p + q = 0`` add 0)
+* ``entropy_gated_kl_loss``: ``w KL(p || q) + (1 - w) KL(q || p)``, ``w = alpha_min + (alpha_max -
+  alpha_min) sigmoid((H(p) / log V - tau) / scale)`` per row, ``w`` a constant in the gradients
 * ``kd_topk_loss``: ``T^2 KL(p || q)`` against a ``TopKTeacher`` (``kd_loss``'s formula)
 
 Every KL-type divergence here is one formula with four coefficients (the
@@ -49,6 +51,7 @@ from ..core.divergence import (
     check_divergence_args,
     check_divergence_params,
     divergence_coefficients,
+    entropy_gate,
 )
 from ..core.rows import compute_dtype, read_rows, row_weights
 from ..core.topk import PAD_ID, TopKTeacher
@@ -62,6 +65,7 @@ __all__ = [
     "tvd_loss",
     "jeffreys_loss",
     "triangular_loss",
+    "entropy_gated_kl_loss",
     "kd_topk_loss",
     "topk_log_probs",
     "divergence_fwd",
@@ -98,8 +102,12 @@ def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, w_p: float, w_q: float
                            torch.where(both, zero, log_q + math.log(w_q)))
 
 
-def soft_rows(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, **params) -> torch.Tensor:
-    """Per-row divergence ``[N]`` between teacher ``log_p`` and student ``log_q`` (``[N, buckets]``)."""
+def soft_rows(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, num_classes=None, **params) -> torch.Tensor:
+    """Per-row divergence ``[N]`` between teacher ``log_p`` and student ``log_q`` (``[N, buckets]``).
+
+    ``num_classes``: the vocabulary size ``V`` (the entropy gate's ``log V``; default: the buckets)."""
+    if kind == "entropy_gated_kl":
+        return entropy_gated_kl_rows(log_p, log_q, num_classes or log_p.shape[1], **params)
     if kind == "tvd":
         return tvd_rows(log_p, log_q)
     if kind == "jeffreys":
@@ -121,6 +129,20 @@ def two_sided_kl_rows(log_p, log_q, a: float, b: float) -> torch.Tensor:
     if b != 0:
         loss = loss + b * kl_terms(log_q, log_p).sum(dim=1)
     return loss
+
+
+def entropy_gated_kl_rows(log_p, log_q, num_classes: int, alpha_min: float = 0.0, alpha_max: float = 1.0,
+                          tau: float = 0.5, scale: float = 0.1) -> torch.Tensor:
+    """``w KL(p || q) + (1 - w) KL(q || p)`` per row, ``w = entropy_gate(H(p), V, ...)`` computed from the
+    detached teacher (a constant in both gradients); a weight of 0 drops its KL (never 0 * inf)."""
+    p = log_p.exp()
+    entropy = -(p * torch.where(p == 0, torch.zeros_like(log_p), log_p)).sum(dim=1)
+    w = entropy_gate(entropy.detach(), num_classes, alpha_min, alpha_max, tau, scale)
+    u = 1.0 - w
+    zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
+    fwd = torch.where(w == 0, zero, w * kl_terms(log_p, log_q).sum(dim=1))
+    rev = torch.where(u == 0, zero, u * kl_terms(log_q, log_p).sum(dim=1))
+    return fwd + rev
 
 
 def triangular_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -248,7 +270,7 @@ def compute(student, teacher: Teacher, temperature, reduction, target, ignore_in
         log_p, log_q = topk_log_probs(x, indices, t, teacher.mode)
     else:
         log_p, log_q = F.log_softmax(t / temp, dim=1), F.log_softmax(x, dim=1)
-    soft = soft_rows(log_p, log_q, kind, **params)
+    soft = soft_rows(log_p, log_q, kind, num_classes=num_classes, **params)
     if scale_t2:
         soft = soft * (temp.squeeze(1) ** 2 if isinstance(temp, torch.Tensor) else temp ** 2)
     hard = torch.zeros_like(soft)
@@ -304,6 +326,8 @@ def divergence_fwd(student, teacher, topk_ids, target, row_weight, temperature: 
             soft = two_sided_kl_rows(log_p, log_q, a, b)
         elif kind == KIND_CODES["triangular"]:
             soft = triangular_rows(log_p, log_q)
+        elif kind == KIND_CODES["entropy_gated_kl"]:  # a, b, w_p, w_q: alpha_min, alpha_max, tau, scale
+            soft = entropy_gated_kl_rows(log_p, log_q, student.shape[1], a, b, w_p, w_q)
         else:
             soft = kl_family_rows(log_p, log_q, a, b, w_p, w_q)
         hard = torch.zeros_like(soft)
@@ -398,6 +422,14 @@ def triangular_loss(student_logits, teacher_logits: Teacher, *, temperature=1.0,
                     sample_weight, ce_weight, return_parts)
 
 
+def entropy_gated_kl_loss(student_logits, teacher_logits: Teacher, *, alpha_min=0.0, alpha_max=1.0, tau=0.5,
+                          scale=0.1, temperature=1.0, reduction="batchmean", target=None, ignore_index=-100,
+                          sample_weight=None, ce_weight=0.0, return_parts=False):
+    params = {"alpha_min": alpha_min, "alpha_max": alpha_max, "tau": tau, "scale": scale}
+    return _checked("entropy_gated_kl", params, student_logits, teacher_logits, temperature, reduction, target,
+                    ignore_index, sample_weight, ce_weight, return_parts)
+
+
 def kd_topk_loss(student_logits, teacher: TopKTeacher, temperature=4.0, *, reduction="batchmean", target=None,
                  ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False):
     """``kd_loss`` against a ``TopKTeacher``: ``T^2 * KL(p || q)`` over its buckets.
@@ -433,4 +465,13 @@ jeffreys_loss.__doc__ = """Jeffreys divergence ``KL(p || q) + KL(q || p)`` per r
 """ + _COMMON_DOC
 triangular_loss.__doc__ = """Triangular discrimination ``sum_c (p_c - q_c)^2 / (p_c + q_c)`` per row (classes with
     ``p_c + q_c = 0`` add exactly 0).
+""" + _COMMON_DOC
+entropy_gated_kl_loss.__doc__ = """Entropy-gated KL: ``w KL(p || q) + (1 - w) KL(q || p)`` per row, with
+    ``w = alpha_min + (alpha_max - alpha_min) sigmoid((H(p) / log V - tau) / scale)``: the teacher's
+    normalised entropy ``H(p) / log V`` (in [0, 1]) decides between mode covering (forward KL, an
+    uncertain teacher) and mode seeking (reverse KL, a confident one). ``w`` depends on the teacher
+    alone and is a constant in both gradients (the frozen teacher's student gradient is exact; a
+    teacher gradient omits the gate's derivative). Against a ``TopKTeacher``, ``H(p)`` is that of the
+    buckets (the K probabilities and the tail as one bucket; renormalised: the K), still over ``log V``.
+    Defaults (fastkd's): ``alpha_min=0``, ``alpha_max=1``, ``tau=0.5``, ``scale=0.1``.
 """ + _COMMON_DOC

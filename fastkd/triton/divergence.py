@@ -51,6 +51,8 @@ Rows with weight 0 are not read (loss 0, gradients 0). A counted row with a targ
 outside [0, V) or an id outside [-1, V) reads no logit and gets NaN loss, soft,
 hard and gradients (no host-side check, no illegal access).
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -58,7 +60,7 @@ from torch.library import triton_op, wrap_triton
 
 from ..core.autograd import register_loss_autograd
 from ._common import device_guard, empty_grad, load_logits, online_update_scaled, unit_stride_rows
-from .divergence_rows import _bucket_terms, _log1p, _row_stats, _stats_update
+from .divergence_rows import _bucket_terms, _gate, _log1p, _row_stats, _stats_update
 
 NEG_INF = tl.constexpr(float("-inf"))
 # Sorted-id sentinel for padding slots (and past the end): above every column index.
@@ -66,6 +68,7 @@ ID_SENTINEL = 2 ** 62
 _ID_SENTINEL = tl.constexpr(ID_SENTINEL)
 
 KIND_KL, KIND_TVD, KIND_JEFFREYS, KIND_TRIANGULAR = 0, 1, 2, 3
+KIND_ENTROPY_GATED = 7  # (4 to 6: issue 22's other divergences, another branch)
 TOPK_NONE, TOPK_TAIL, TOPK_RENORM = 0, 1, 2
 
 
@@ -94,7 +97,7 @@ def _store_row_outputs(LOSS, SOFT, HARD, row, ok, fill, w, soft, hard, soft_scal
 def _div_dense_kernel(
     S, T, TGT, W, LOSS, SOFT, HARD, GS, GT,
     stride_s, stride_t, stride_gs, stride_gt, stride_w,
-    n_cols, inv_temp, a, b, w_p, w_q, soft_scale, ce_weight,
+    n_cols, inv_temp, a, b, w_p, w_q, soft_scale, ce_weight, log_v,
     KIND: tl.constexpr, HAS_TARGET: tl.constexpr,
     GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr,
     SUMS_KNOWN: tl.constexpr = False, CROSS: tl.constexpr = 0,
@@ -148,14 +151,21 @@ def _div_dense_kernel(
         lp = (t - m_t) * inv_temp - lz_t
         term, gq, hp = _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND)
         soft += tl.sum(tl.where(mask, term, 0.0), 0)
-        if GRAD_S:
+        if GRAD_S or KIND == 7:
             sum_g += tl.sum(tl.where(mask, gq, 0.0), 0)
-        if GRAD_T:
+        if GRAD_T or KIND == 7:
             sum_h += tl.sum(tl.where(mask, hp, 0.0), 0)
+    if KIND == 7:  # the sums were KL(p || q), KL(q || p), H(p): gate, then the gradients of kind 2 at (w, 1 - w)
+        a, b, soft, sum_g, sum_h = _gate(soft, sum_g, sum_h, a, b, w_p, w_q, log_v)
     _store_row_outputs(LOSS, SOFT, HARD, row, ok, fill, w, soft, hard, soft_scale, ce_weight)
 
     # ---- pass 3: gradients ----
-    if GRAD_S or GRAD_T:
+    if (GRAD_S or GRAD_T) and KIND == 7:
+        _div_dense_grads(s_row, t_row, GS, GT, row, stride_gs, stride_gt, n_cols, n_live, g, ok, fill,
+                         m_s, lz_s, m_t, lz_t, lz1, inv_temp, a, b, w_p, w_q, log_wp, log_wq, sum_g, sum_h,
+                         w * soft_scale * inv_temp, w * ce_weight, ce_weight,
+                         2, HAS_TARGET, GRAD_S, GRAD_T, BLOCK, False)
+    elif GRAD_S or GRAD_T:
         _div_dense_grads(s_row, t_row, GS, GT, row, stride_gs, stride_gt, n_cols, n_live, g, ok, fill,
                          m_s, lz_s, m_t, lz_t, lz1, inv_temp, a, b, w_p, w_q, log_wp, log_wq, sum_g, sum_h,
                          w * soft_scale * inv_temp, w * ce_weight, ce_weight,
@@ -214,7 +224,7 @@ def _members(SID_row, j, n_k, offs, end, ok):
 def _div_topk_kernel(
     S, LPT, IDS, SIDS, TGT, W, LOSS, SOFT, HARD, GS, GT,
     stride_s, stride_lp, stride_ids, stride_gs, stride_gt, stride_w,
-    n_cols, n_k, inv_temp, a, b, w_p, w_q, soft_scale, ce_weight,
+    n_cols, n_k, inv_temp, a, b, w_p, w_q, soft_scale, ce_weight, log_v,
     KIND: tl.constexpr, TAIL: tl.constexpr, HAS_TARGET: tl.constexpr,
     GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr,
 ):
@@ -304,6 +314,12 @@ def _div_topk_kernel(
     term_k, g_k, h_k = _bucket_terms(lp_k, lq_k, a, b, w_p, w_q, log_wp, log_wq, KIND)
     soft = tl.sum(tl.where(valid, term_k, 0.0), 0) + term_n
     sum_g = tl.sum(tl.where(valid, g_k, 0.0), 0) + g_n
+    if KIND == 7:  # KL(p || q), KL(q || p), H(p) over the buckets: gate, then G, H of kind 2 at (w, 1 - w)
+        ent = tl.sum(tl.where(valid, h_k, 0.0), 0) + h_n
+        a, b, soft, sum_g, _sum_h = _gate(soft, sum_g, ent, a, b, w_p, w_q, log_v)
+        term_k, g_k, h_k = _bucket_terms(lp_k, lq_k, a, b, w_p, w_q, log_wp, log_wq, 2)
+        if TAIL:
+            term_n, g_n, h_n = _bucket_terms(lp_tail, lq_tail, a, b, w_p, w_q, log_wp, log_wq, 2)
     _store_row_outputs(LOSS, SOFT, HARD, row, ok, fill, w, soft, hard, soft_scale, ce_weight)
 
     if GRAD_T:  # w.r.t. the given log-probs: no 1/T
@@ -396,9 +412,9 @@ def dense_sums_known(kind, w_p, w_q, grad_student, grad_teacher):
 
 def _check(student, teacher, topk_ids, target, row_weight, temperature, kind, ce_weight, topk_mode):
     """Shape, dtype and option checks that need no device read (the values are the Python layer's)."""
-    if kind not in (KIND_KL, KIND_TVD, KIND_JEFFREYS, KIND_TRIANGULAR):
-        raise ValueError(f"fastkd: divergence_fwd kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL) or "
-                         f"3 (triangular), got {kind}")
+    if kind not in (KIND_KL, KIND_TVD, KIND_JEFFREYS, KIND_TRIANGULAR, KIND_ENTROPY_GATED):
+        raise ValueError(f"fastkd: divergence_fwd kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL), "
+                         f"3 (triangular) or 7 (entropy-gated KL), got {kind}")
     if topk_mode not in (TOPK_NONE, TOPK_TAIL, TOPK_RENORM):
         raise ValueError(f"fastkd: divergence_fwd topk_mode must be 0 (dense), 1 (tail) or 2 (renormalise), "
                          f"got {topk_mode}")
@@ -473,7 +489,7 @@ def divergence_fwd(
     has_target = target.numel() > 0
     # the target pointer is not read without a target: row_weight stands in
     tgt = target.to(torch.int64).contiguous() if has_target else row_weight
-    scalars = (v, 1.0 / temperature, a, b, w_p, w_q, soft_scale, ce_weight)
+    scalars = (v, 1.0 / temperature, a, b, w_p, w_q, soft_scale, ce_weight, math.log(v) if v > 1 else 0.0)
     if n:
         block, num_warps = div_row_config(v)
         with device_guard(student):  # launch on the input's device

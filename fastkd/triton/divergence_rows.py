@@ -25,8 +25,10 @@ def _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND: tl.constexpr):
         h = 0.5 * p * sgn
     elif KIND == 2:  # two-sided KL a KL(p || q) + b KL(q || p) (Jeffreys: a = b = 1); G drops + b q, H + a p
         delta = lp - lq  # +-inf or NaN where a probability is 0: that side's term is selected away
-        kl_p = tl.where((p == 0.0) | (a == 0.0), 0.0, a * p * delta)
-        kl_q = tl.where((q == 0.0) | (b == 0.0), 0.0, -b * q * delta)
+        # (nested where, not `|`: a, b are the row's gate (w, 1 - w) in kind 7, a scalar the interpreter cannot
+        # `|` with a vector)
+        kl_p = tl.where(p == 0.0, 0.0, tl.where(a == 0.0, 0.0, a * p * delta))
+        kl_q = tl.where(q == 0.0, 0.0, tl.where(b == 0.0, 0.0, -b * q * delta))
         soft = kl_p + kl_q
         g = kl_q - a * p
         h = kl_p - b * q
@@ -40,6 +42,11 @@ def _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND: tl.constexpr):
         # the derivatives of -4pq / (p + q) (of the exact ones less q and p: those cancel on peaked rows)
         g = -4.0 * q * v * v
         h = -4.0 * p * u * u
+    elif KIND == 7:  # entropy-gated KL: the gate's three sums KL(p || q), KL(q || p), H(p) (no G, H: see _gate)
+        delta = lp - lq
+        soft = tl.where(p == 0.0, 0.0, p * delta)
+        g = tl.where(q == 0.0, 0.0, -q * delta)
+        h = tl.where(p == 0.0, 0.0, -p * lp)
     else:
         # log m: exactly log q (w_p == 0) or log p (w_q == 0), else a log-space mixture
         # (no underflow to log 0 for log-probs below -104: Liger's JSD NaN).
@@ -62,6 +69,23 @@ def _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND: tl.constexpr):
         g = tb - r * mass
         h = ta - u * mass
     return soft, g, h
+
+
+@triton.jit
+def _gate(kl_pq, kl_qp, ent, alpha_min, alpha_max, tau, scale, log_v):
+    """Entropy-gated KL (kind 7) of a row from its three sums: ``(w, 1 - w, soft, sum G, sum H)``, with
+    ``w = alpha_min + (alpha_max - alpha_min) sigmoid((H / log V - tau) / scale)`` (``H / log V`` = 0 for
+    ``V = 1``: ``log_v`` = 0) and the sums of kind 2 at ``(a, b) = (w, 1 - w)`` (csrc/divergence_math.h's
+    ``div_gate_row``; a weight of 0 drops its KL, never 0 * inf). The gradients then run as kind 2."""
+    h_norm = tl.where(log_v > 0.0, ent / tl.where(log_v > 0.0, log_v, 1.0), 0.0)
+    x = (h_norm - tau) / scale
+    e = tl.exp(-tl.abs(x))
+    sig = tl.where(x >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))  # NaN x: NaN
+    wg = alpha_min + (alpha_max - alpha_min) * sig
+    ug = 1.0 - wg
+    fwd = tl.where(wg == 0.0, 0.0, wg * kl_pq)
+    rev = tl.where(ug == 0.0, 0.0, ug * kl_qp)
+    return wg, ug, fwd + rev, rev - wg, fwd - ug
 
 
 @triton.jit
