@@ -1,7 +1,8 @@
 """The teacher of ``fastkd.fused_linear_kd_loss``: its forms checked and taken apart, and its options.
 
 A teacher is a ``(teacher_hidden, teacher_weight)`` pair, ``(teacher_hidden, None)`` (a shared head:
-the student's weight and bias), dense logits, a ``fastkd.TopKTeacher`` or a ``fastkd.TeacherMixture``.
+the student's weight and bias), dense logits, a ``fastkd.TopKTeacher``, a ``fastkd.TeacherMixture`` or a
+``fastkd.MappedTeacher`` (another tokenizer's teacher, projected onto the student's ids per chunk).
 ``teacher_temperature`` becomes a factor on the teacher's logits (``temperature / teacher_temperature``:
 the row op divides both sides by ``temperature``), applied per chunk; ``teacher_grad=True`` lets the
 teacher's tensors receive gradients (the row op's teacher-logit gradient, through the teacher's matmuls).
@@ -22,8 +23,8 @@ def mapped_rows(mapped: MappedTeacher) -> torch.Tensor:
 
 
 def teacher_parts(teacher, teacher_bias, lead, dev, vocab: int, student_weight):
-    """``teacher`` checked and taken apart: (kind, V_t, hidden, weight, logits, top-k, mixture); the absent parts
-    None. A ``(teacher_hidden, None)`` pair is a shared head: its weight is ``student_weight``."""
+    """``teacher`` checked and taken apart: (kind, V_t, hidden, weight, logits, top-k, mixture, mapped); the
+    absent parts None. A ``(teacher_hidden, None)`` pair is a shared head: its weight is ``student_weight``."""
     teacher_hidden = teacher_weight = teacher_logits = topk = mixture = mapped = None
     if isinstance(teacher, MappedTeacher):  # another tokenizer: projected onto the student's ids per chunk
         mapped = teacher
