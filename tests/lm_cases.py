@@ -1,6 +1,20 @@
-"""Tiny causal LMs built from configs (nothing downloaded) and batches, for the integration tests."""
+"""Tiny causal LMs built from configs (nothing downloaded) and batches, for the integration tests; the
+examples as modules, for their tests."""
+import importlib.util
+import os
+
 import torch
 import transformers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_example(name: str):
+    """``examples/<name>.py`` imported as a module (the examples are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def one_thread():

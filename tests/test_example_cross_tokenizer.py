@@ -1,9 +1,7 @@
 """examples/distill_cross_tokenizer.py: the group-start rows it distils on, its first-token vocabulary map, its
 labelled windows, and a ``--quick`` run end to end (every method, the table, csv and plot written)."""
 import csv
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
@@ -13,24 +11,16 @@ pytest.importorskip("tokenizers", reason="the example trains BPE tokenizers (pip
 
 import fastkd  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import lm_cases  # noqa: E402
+
 
 
 @pytest.fixture(scope="module")
 def ex():
-    spec = importlib.util.spec_from_file_location("distill_cross_tokenizer",
-                                                  os.path.join(ROOT, "examples", "distill_cross_tokenizer.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return lm_cases.load_example("distill_cross_tokenizer")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = pytest.fixture(autouse=True)(lm_cases.one_thread)
 
 
 def test_group_rows_are_the_predictions_at_each_common_cut(ex):

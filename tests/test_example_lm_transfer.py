@@ -3,9 +3,7 @@ own logits, the unused labels of the transfer rows, its batches, a ``--smoke`` r
 through ``transformers.Trainer``, the outputs written, fused = unfused = TRL on the loss benchmark); and
 distill_lm_onpolicy.py's on-policy steps against TRL's own trainer."""
 import csv
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
@@ -16,7 +14,8 @@ pytest.importorskip("tokenizers", reason="the example trains a BPE tokenizer (pi
 
 import fastkd  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import lm_cases  # noqa: E402
+
 STUDENT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
 TEACHER = dict(hidden_size=48, num_hidden_layers=1, num_attention_heads=2, intermediate_size=96)
 VOCAB, SEQ = 131, 12
@@ -24,19 +23,10 @@ VOCAB, SEQ = 131, 12
 
 @pytest.fixture(scope="module")
 def ex():
-    spec = importlib.util.spec_from_file_location("distill_lm_transfer",
-                                                  os.path.join(ROOT, "examples", "distill_lm_transfer.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return lm_cases.load_example("distill_lm_transfer")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = pytest.fixture(autouse=True)(lm_cases.one_thread)
 
 
 def _trainer(ex, student, teacher, options, tmp_path, ce_weight=0.7, topk=False):
@@ -178,10 +168,7 @@ def test_onpolicy_example_matches_trls_own_loss(capsys):
     own trainer from the same student give the same logged losses (the same generations: one seed)."""
     pytest.importorskip("trl", reason="the on-policy example needs trl (pip install fastkd[trl])")
     pytest.importorskip("datasets", reason="TRL's trainers need datasets (pip install fastkd[trl])")
-    spec = importlib.util.spec_from_file_location("distill_lm_onpolicy",
-                                                  os.path.join(ROOT, "examples", "distill_lm_onpolicy.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = lm_cases.load_example("distill_lm_onpolicy")
     losses, before, after, theirs = module.main(["--steps", "2", "--trl", "--divergence", "jsd"])
     assert len(losses) == len(theirs) == 2 and all(x > 0 for x in losses)
     assert max(abs(a - b) for a, b in zip(losses, theirs)) <= 1e-5 * max(losses)
