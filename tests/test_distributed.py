@@ -12,15 +12,12 @@ and raises them together. A group that hangs is killed after ``TIMEOUT_S``.
 """
 import contextlib
 import os
-import socket
-import time
 import traceback
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastkd
 from fastkd.core.divergence import divergence_op_args, entropy_gate
@@ -28,6 +25,7 @@ from fastkd.reference import divergence as R
 from fastkd import distributed as D
 from fastkd import reference as ref
 from fastkd import TopKTeacher
+from processes import free_port, run_processes
 
 TIMEOUT_S = 300  # a hang fails after this; a loaded 2-core machine needs ~1 min per group
 HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "nonzero")
@@ -39,12 +37,6 @@ DTYPES = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (1e-2, 2e-2), torch.float
 # ----------------------------------------------------------------------------
 # launcher
 # ----------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 DEVICE = torch.device("cpu")  # where the workers put the distributed inputs (cuda:rank under NCCL)
 SYNC_CHECK = True  # CUDA tensors: no synchronising call in a loss (gloo's own device-to-host copies sync: off)
@@ -82,18 +74,10 @@ def _entry(rank, world, port, check_name, backend="gloo"):
 
 
 def _launch(world: int, check_name: str, backend: str = "gloo"):
-    """Run ``check_name(rank, world, failures)`` in ``world`` processes; fail on an error or a hang."""
-    # fork: the children inherit the imported torch and fastkd (spawn re-imports them: ~10 s a process here);
-    # CUDA cannot be used after a fork, so NCCL spawns
-    ctx = mp.start_processes(_entry, args=(world, _free_port(), check_name, backend), nprocs=world, join=False,
-                             start_method="fork" if backend == "gloo" else "spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"{check_name} with {world} processes did not finish in {TIMEOUT_S} s (hang?)")
+    """Run ``check_name(rank, world, failures)`` in ``world`` processes; fail on an error or a hang (NCCL
+    spawns: CUDA cannot be used after a fork)."""
+    run_processes(_entry, (world, free_port(), check_name, backend), world, TIMEOUT_S,
+                  f"{check_name} with {world} processes", "fork" if backend == "gloo" else "spawn")
 
 
 # ----------------------------------------------------------------------------

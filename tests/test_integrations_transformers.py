@@ -2,8 +2,6 @@
 Cohere / Gemma 2 models built from configs (nothing downloaded), against the loss computed from the models'
 own logits; gradient accumulation, DDP and FSDP2 on gloo (CPU, 127.0.0.1), a frozen head, bad input."""
 import math
-import socket
-import time
 from datetime import timedelta
 
 import pytest
@@ -21,6 +19,7 @@ from fastkd.nn import FusedLinearKDLoss  # noqa: E402
 
 import lm_cases  # noqa: E402
 from lm_cases import VOCAB, batch, grads, llama, max_grad_err, qwen2, rel_err, shifted_logits  # noqa: E402
+from processes import free_port, run_processes  # noqa: E402
 
 one_thread = pytest.fixture(autouse=True)(lm_cases.one_thread)
 
@@ -407,16 +406,4 @@ def test_ddp_and_fsdp2_equal_one_process():
     dist = pytest.importorskip("torch.distributed", reason="needs torch.distributed")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is unavailable")
-    import torch.multiprocessing as mp
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.start_processes(_entry, args=(2, port), nprocs=2, join=False, start_method="fork")
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail("the 2-process group did not finish in 240 s (hang?)")
+    run_processes(_entry, (2, free_port()), 2, 240, "the 2-process group")

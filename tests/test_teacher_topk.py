@@ -6,18 +6,16 @@ log-probs and tail to float32 accuracy. Head tests use integer-valued hidden sta
 the float32 (and bf16) matmul is exact and the ranking cannot depend on the summation order.
 """
 import math
-import socket
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastkd
 from fastkd.core.topk import TOPK_MAX, topk_rows
 from fastkd.dispatch.backend import unavailable_reason
+from processes import free_port, run_processes
 
 F64 = torch.float64
 INF = float("inf")
@@ -347,12 +345,6 @@ def test_cpu_op_under_opcheck_and_compile():
 TIMEOUT_S = 300
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _sharded_checks(rank, world):
     from fastkd.distributed import count_comm
 
@@ -406,12 +398,5 @@ def _entry(rank, world, port):
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_sharded_head_equals_one_process():
     world = 2
-    ctx = mp.start_processes(_entry, args=(world, _free_port()), nprocs=world, join=False, start_method="fork")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"the sharded top-k did not finish in {TIMEOUT_S} s (hang?)")
+    run_processes(_entry, (world, free_port()), world, TIMEOUT_S, "the sharded top-k")
 
