@@ -16,12 +16,14 @@ import torch
 from ..core import checks as v
 from ..core import mask as _mask
 from ..core.divergence import LossParts
+from ..core.mixture import TeacherMixture
 from ..core.rows import gapped_period, row_view, row_weights, temperature_rows, wants_grad
 from ..core.topk import TopKTeacher
 from ..core.vocab import MappedTeacher
 from ..dispatch.backend import implementation, resolve
 from ..reference import classification as reference
 from . import divergence as _divergence
+from .dense_mixture import mixture_loss
 
 __all__ = ["kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss"]
 
@@ -75,6 +77,9 @@ def kd_loss(
 
     ``teacher_logits`` may be a ``fastkd.TopKTeacher`` (top-k teacher log-probs,
     taken as given: ``temperature`` divides the student only, ``T^2`` is kept).
+    It may also be a ``fastkd.TeacherMixture`` of dense logits (``p`` the members' arithmetic or
+    geometric mixture at ``temperature``, formed one block of rows at a time; a float temperature,
+    no ``process_group``).
 
     ``ce_weight`` adds ``ce_weight * cross_entropy(student_logits, target)`` (raw
     logits, T = 1; same reduction, ``ignore_index`` and ``sample_weight``; needs
@@ -92,6 +97,13 @@ def kd_loss(
     global ids); the loss is that of the whole vocabulary, on every rank, with O(rows)
     communication (``fastkd.distributed``; a tensor temperature with dense teacher logits only).
     """
+    if isinstance(teacher_logits, TeacherMixture):  # several teachers: forward KL at T, times T^2
+        if isinstance(temperature, torch.Tensor) or process_group is not None:
+            raise TypeError("kd_loss with a TeacherMixture takes a float temperature and no process_group")
+        v.check_positive("temperature", temperature)
+        return mixture_loss("forward_kl", {}, student_logits, teacher_logits, temperature, reduction, target,
+                            ignore_index, sample_weight, ce_weight, return_parts, backend, "kd+ce", teacher_vocab,
+                            soft_scale=float(temperature) ** 2)
     if isinstance(teacher_logits, MappedTeacher):  # another tokenizer: its top-k buckets at T
         if isinstance(temperature, torch.Tensor):
             raise TypeError("kd_loss with a MappedTeacher takes a float temperature (the projection runs at it)")

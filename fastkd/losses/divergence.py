@@ -13,7 +13,9 @@ Public functionals (re-exported as ``fastkd.*`` and ``fastkd.functional.*``)::
     triangular_loss(s, t, *, ...same...)
     entropy_gated_kl_loss(s, t, *, alpha_min=0.0, alpha_max=1.0, tau=0.5, scale=0.1, ...same...)
 
-``t`` is dense teacher logits or a ``fastkd.TopKTeacher``. With
+``t`` is dense teacher logits, a ``fastkd.TopKTeacher``, a ``fastkd.MappedTeacher`` (another
+tokenizer's teacher) or a ``fastkd.TeacherMixture`` of dense logits (several teachers mixed block by
+block of rows, never as an ``[N, V]`` tensor: ``fastkd.losses.dense_mixture``; not with ``process_group``). With
 ``p = softmax(t / T)`` (teacher), ``q = softmax(s / T)`` (student), per row
 (formulas and numerics: ``fastkd.reference.divergence``, re-exported by
 ``fastkd.reference``). None of these multiplies by ``T^2`` (as TRL, Liger and
@@ -40,9 +42,11 @@ from ..core.divergence import (
 )
 from ..core.rows import GappedRows, from_gapped, gapped_period, row_view, row_weights, to_gapped, wants_grad
 from ..core.topk import PAD_ID, TopKTeacher
+from ..core.mixture import TeacherMixture
 from ..core.vocab import MappedTeacher
 from ..dispatch.backend import implementation, resolve
 from ..reference import divergence as R
+from .dense_mixture import mixture_loss
 
 __all__ = ["forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss",
            "triangular_loss", "entropy_gated_kl_loss", "LossParts", "TopKTeacher"]
@@ -165,6 +169,13 @@ def _divergence_loss(kind: str, params: dict, student, teacher: Teacher, tempera
                      ignore_index, sample_weight, ce_weight, return_parts, process_group, backend: str,
                      teacher_vocab: str = "truncate"):
     """The body of every public divergence: the sharded loss with a process group, else check and dispatch."""
+    if isinstance(teacher, TeacherMixture):
+        if process_group is not None:
+            raise ValueError("a TeacherMixture cannot be used with process_group (the sharded losses take one "
+                             "teacher's logits)")
+        check_divergence_params(**params)
+        return mixture_loss(kind, params, student, teacher, temperature, reduction, target, ignore_index,
+                            sample_weight, ce_weight, return_parts, backend, kind, teacher_vocab)
     teacher = mapped_as_topk(student, teacher, temperature, process_group)
     if process_group is None:
         student, teacher = align_teacher_vocab(student, teacher, teacher_vocab)

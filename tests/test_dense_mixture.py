@@ -1,0 +1,186 @@
+"""``fastkd.TeacherMixture`` of dense teacher logits as the teacher of the logit losses (every divergence and
+``kd_loss``; issue 22): every backend against the mixture's float64 definition written out here (not the
+library's reference), blocks of rows with a ragged last block, shifted and non-contiguous views, reductions,
+CE, weights, and the training-loop conditions."""
+import math
+
+import pytest
+import torch
+
+import fastkd
+from backend_cases import FUSED, skip_unless_runs
+from fastkd.losses import dense_mixture
+
+BACKENDS = ("reference",) + FUSED
+T = 2.0
+WEIGHTS = [0.5, 0.3, 0.2]
+
+
+def mixture_log_probs(members, weights, mode, temperature):
+    """The definition in float64: arithmetic ``log sum_i w_i p_i`` (w normalised), geometric
+    ``log(prod_i p_i^(w_i) / Z)``."""
+    logs = [torch.log_softmax(m.double() / temperature, dim=-1) for m in members]
+    if mode == "arithmetic":
+        total = sum(weights)
+        return torch.log(sum((w / total) * lp.exp() for w, lp in zip(weights, logs)))
+    return torch.log_softmax(sum(w * lp for w, lp in zip(weights, logs)), dim=-1)
+
+
+def truth(loss, s, members, weights, mode, temperature, **kw):
+    """``loss`` of float64 ``s`` against the float64 mixture, on the reference backend with the mixture's
+    log-probs as the teacher (times T: softmax(T log p / T) = p)."""
+    lp = mixture_log_probs(members, weights, mode, temperature)
+    return loss(s, lp * temperature, temperature=temperature, backend="reference", **kw)
+
+
+def rel_norm(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+LOSSES = {
+    "forward_kl": lambda s, t, **kw: fastkd.forward_kl_loss(s, t, **kw),
+    "jsd": lambda s, t, **kw: fastkd.jsd_loss(s, t, beta=0.3, **kw),
+    "tvd": lambda s, t, **kw: fastkd.tvd_loss(s, t, **kw),
+    "jeffreys": lambda s, t, **kw: fastkd.jeffreys_loss(s, t, **kw),
+    "kd": lambda s, t, temperature, **kw: fastkd.kd_loss(s, t, temperature, **kw),
+}
+
+
+def members_like(shape, n=3, seed=1, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return [scale * torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(n)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["arithmetic", "geometric"])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_mixture_matches_its_definition(backend, mode, name, monkeypatch):
+    device = skip_unless_runs("forward_kl", backend) if backend != "reference" else torch.device("cpu")
+    # blocks of 4 rows of 2053 classes: several blocks, the last one ragged, rows wider than a kernel block
+    monkeypatch.setattr(dense_mixture, "BLOCK_ELEMENTS", 4 * 2053)
+    g = torch.Generator().manual_seed(0)
+    s64 = 3 * torch.randn(3, 5, 2053, generator=g, dtype=torch.float64)
+    members = members_like(s64.shape)
+    target = torch.randint(0, 2053, (3, 5), generator=g)
+    target[0, 1] = -100
+    loss = LOSSES[name]
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    s = s64.to(dtype).to(device).clone().requires_grad_()
+    mixture = fastkd.TeacherMixture([m.to(dtype).to(device) for m in members], WEIGHTS, mode=mode)
+    got = loss(s, mixture, temperature=T, target=target.to(device), ce_weight=0.25, backend=backend)
+    ref_s = s64.detach().clone().requires_grad_()
+    ref = truth(loss, ref_s, members, WEIGHTS, mode, T, target=target, ce_weight=0.25)
+    assert abs(got.item() - ref.item()) <= 1e-5 * abs(ref.item()) + 1e-7
+    go = 0.7
+    (got * go).backward()
+    (ref * go).backward()
+    assert rel_norm(s.grad.cpu(), ref_s.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixture_reductions_parts_weights_and_views(backend, monkeypatch):
+    """reduction="none" (per-row, a random incoming gradient), return_parts, sample_weight, and a student and
+    members that are HF-shifted views (logits[:, :-1]) in bfloat16, in blocks of 3 rows."""
+    device = skip_unless_runs("forward_kl", backend) if backend != "reference" else torch.device("cpu")
+    monkeypatch.setattr(dense_mixture, "BLOCK_ELEMENTS", 3 * 301)
+    g = torch.Generator().manual_seed(3)
+    full = (3 * torch.randn(2, 8, 301, generator=g)).to(torch.bfloat16)
+    members_full = [(3 * torch.randn(2, 8, 301, generator=g)).to(torch.bfloat16) for _ in range(2)]
+    target = torch.randint(0, 301, (2, 7), generator=g)
+    target[1, 3] = -100
+    weight = torch.rand(2, 7, generator=g)
+    for reduction in ("none", "sum", "mean", "batchmean"):
+        base = full.clone().to(device).requires_grad_()
+        s = base[:, :-1]
+        mixture = fastkd.TeacherMixture([m.to(device)[:, :-1] for m in members_full], [2.0, 1.0])
+        got = fastkd.jsd_loss(s, mixture, temperature=T, target=target.to(device), sample_weight=weight.to(device),
+                              ce_weight=0.5, return_parts=True, reduction=reduction, backend=backend)
+        ref_base = full.double().clone().requires_grad_()
+        ref = truth(lambda x, t, **kw: fastkd.jsd_loss(x, t, return_parts=True, **kw), ref_base[:, :-1],
+                    [m[:, :-1] for m in members_full], [2.0, 1.0], "arithmetic", T, target=target,
+                    sample_weight=weight, ce_weight=0.5, reduction=reduction)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a.cpu().double(), b.detach(), rtol=1e-4, atol=1e-6)
+        go = torch.randn(got.loss.shape, generator=g)
+        (got.loss * go.to(device)).sum().backward()
+        (ref.loss * go.double()).sum().backward()
+        assert base.grad.dtype == torch.bfloat16
+        assert rel_norm(base.grad.cpu(), ref_base.grad) < 1e-2
+        assert base.grad[:, -1].abs().max() == 0  # the shifted-out position gets no gradient
+
+
+def test_blocks_cover_every_row_once():
+    for lead, rows in [((7,), 3), ((2, 5), 3), ((2, 5), 10), ((3, 2, 4), 5), ((4, 1), 1), ((0,), 4), ((2, 0), 3)]:
+        seen = torch.zeros(lead, dtype=torch.int64)
+        for idx in dense_mixture._blocks(lead, rows):
+            seen[idx] += 1
+        assert torch.equal(seen, torch.ones(lead, dtype=torch.int64)), (lead, rows)
+
+
+def test_mixture_of_one_teacher_is_that_teacher():
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(6, 50, generator=g, requires_grad=True)
+    t = torch.randn(6, 50, generator=g)
+    for mode in ("arithmetic", "geometric"):
+        a = fastkd.reverse_kl_loss(s, fastkd.TeacherMixture([t], mode=mode), temperature=T)
+        b = fastkd.reverse_kl_loss(s, t, temperature=T)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_members_get_no_gradient_and_no_grad_does_no_backward_work():
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(4, 40, generator=g, requires_grad=True)
+    t1, t2 = (torch.randn(4, 40, generator=g, requires_grad=True) for _ in range(2))
+    loss = fastkd.forward_kl_loss(s, fastkd.TeacherMixture([t1, t2]), backend="cpu")
+    loss.backward()
+    assert t1.grad is None and t2.grad is None and s.grad is not None
+    with torch.no_grad():
+        loss = fastkd.forward_kl_loss(s, fastkd.TeacherMixture([t1, t2]), backend="cpu")
+    assert loss.grad_fn is None
+    with torch.inference_mode():
+        assert math.isfinite(fastkd.kd_loss(s, fastkd.TeacherMixture([t1, t2]), backend="cpu").item())
+
+
+def test_wider_members_are_truncated():
+    g = torch.Generator().manual_seed(6)
+    s = torch.randn(4, 30, generator=g, requires_grad=True)
+    members = [torch.randn(4, 34, generator=g) for _ in range(2)]
+    a = fastkd.jsd_loss(s, fastkd.TeacherMixture(members), backend="cpu")
+    b = fastkd.jsd_loss(s, fastkd.TeacherMixture([m[:, :30] for m in members]), backend="cpu")
+    torch.testing.assert_close(a, b)
+
+
+def test_compiled_fullgraph():
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(4, 33, generator=g, requires_grad=True)
+    members = [torch.randn(4, 33, generator=g) for _ in range(2)]
+
+    def step(x, t1, t2):
+        return fastkd.forward_kl_loss(x, fastkd.TeacherMixture([t1, t2], [0.25, 0.75]), temperature=T,
+                                      backend="cpu")
+
+    eager = step(s, *members)
+    (ge,) = torch.autograd.grad(eager, s)
+    compiled = torch.compile(step, fullgraph=True, backend="eager")(s, *members)
+    (gc,) = torch.autograd.grad(compiled, s)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(gc, ge)
+
+
+def test_mixture_errors():
+    s = torch.randn(4, 10)
+    t = torch.randn(4, 10)
+    with pytest.raises(TypeError, match="pair"):
+        fastkd.forward_kl_loss(s, fastkd.TeacherMixture([(torch.randn(4, 3), torch.randn(10, 3))]))
+    with pytest.raises(ValueError, match="leading shape"):
+        fastkd.forward_kl_loss(s, fastkd.TeacherMixture([t, torch.randn(5, 10)]))
+    with pytest.raises(ValueError, match="same vocabulary"):
+        fastkd.forward_kl_loss(s, fastkd.TeacherMixture([t, torch.randn(4, 12)]))
+    with pytest.raises(ValueError, match="teacher_vocab='mask'"):
+        fastkd.forward_kl_loss(s, fastkd.TeacherMixture([torch.randn(4, 12)]), teacher_vocab="mask")
+    with pytest.raises(ValueError, match="process_group"):
+        fastkd.jsd_loss(s, fastkd.TeacherMixture([t]), process_group=object())
+    with pytest.raises(TypeError, match="float temperature"):
+        fastkd.kd_loss(s, fastkd.TeacherMixture([t]), torch.tensor(2.0))
+    with pytest.raises(ValueError, match="temperature"):
+        fastkd.jsd_loss(s, fastkd.TeacherMixture([t]), temperature=0.0)
