@@ -1,5 +1,5 @@
 """Several teachers as one (``fastkd.TeacherMixture``), for ``fastkd.fused_linear_kd_loss`` and the logit
-losses (every divergence and ``kd_loss``: ``fastkd/losses/dense_mixture.py``).
+losses (every divergence and ``kd_loss``: ``fastkd/losses/teacher_blocks.py``).
 
 Per row, with ``p_i = softmax(t_i / T_t)`` the members' distributions (``T_t`` the teacher
 temperature) and weights ``w_i``::
@@ -34,7 +34,7 @@ class TeacherMixture:
     ``prod_i p_i^(w_i)`` (``weights`` as given): the members' agreement, sharper than each.
     The members are constants (no gradient reaches them). The logit losses (every divergence,
     ``kd_loss``) take a mixture of dense logits in place of ``teacher_logits`` and form it one block
-    of rows at a time as well (``fastkd.losses.dense_mixture``); ``fused_linear_kd_loss`` takes
+    of rows at a time as well (``fastkd.losses.teacher_blocks``); ``fused_linear_kd_loss`` takes
     pairs and logits.
     """
 

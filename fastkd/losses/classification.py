@@ -23,7 +23,6 @@ from ..core.vocab import MappedTeacher
 from ..dispatch.backend import implementation, resolve
 from ..reference import classification as reference
 from . import divergence as _divergence
-from .dense_mixture import mixture_loss
 
 __all__ = ["kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss"]
 
@@ -45,6 +44,7 @@ def kd_loss(
     teacher_logits: torch.Tensor,
     temperature: Union[float, torch.Tensor] = 4.0,
     *,
+    teacher_temperature: Optional[float] = None,
     reduction: str = "batchmean",
     target: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
@@ -77,6 +77,10 @@ def kd_loss(
 
     ``teacher_logits`` may be a ``fastkd.TopKTeacher`` (top-k teacher log-probs,
     taken as given: ``temperature`` divides the student only, ``T^2`` is kept).
+    ``teacher_temperature`` (a float; default ``temperature``): ``p_t = softmax(teacher_logits /
+    teacher_temperature)``, the student's at ``temperature``, the factor ``temperature^2`` (as the fused
+    head); dense logits run block by block on ``divergence_fwd`` (``fastkd.forward_kl_loss``'s
+    ``teacher_temperature``). Not with a tensor temperature, a ``TopKTeacher`` or ``process_group``.
     It may also be a ``fastkd.TeacherMixture`` of dense logits (``p`` the members' arithmetic or
     geometric mixture at ``temperature``, formed one block of rows at a time; a float temperature,
     no ``process_group``).
@@ -97,13 +101,19 @@ def kd_loss(
     global ids); the loss is that of the whole vocabulary, on every rank, with O(rows)
     communication (``fastkd.distributed``; a tensor temperature with dense teacher logits only).
     """
-    if isinstance(teacher_logits, TeacherMixture):  # several teachers: forward KL at T, times T^2
-        if isinstance(temperature, torch.Tensor) or process_group is not None:
-            raise TypeError("kd_loss with a TeacherMixture takes a float temperature and no process_group")
-        v.check_positive("temperature", temperature)
-        return mixture_loss("forward_kl", {}, student_logits, teacher_logits, temperature, reduction, target,
-                            ignore_index, sample_weight, ce_weight, return_parts, backend, "kd+ce", teacher_vocab,
-                            soft_scale=float(temperature) ** 2)
+    if isinstance(teacher_logits, TeacherMixture) or (
+            teacher_temperature is not None and not isinstance(temperature, torch.Tensor)):
+        # several teachers, or the teacher at its own temperature: forward KL at T, times T^2, on the
+        # divergences' path (fastkd/losses/teacher_blocks.py)
+        if isinstance(temperature, torch.Tensor):
+            raise TypeError("kd_loss with a TeacherMixture takes a float temperature")
+        return _divergence._divergence_loss(
+            "forward_kl", {}, student_logits, teacher_logits, temperature, reduction, target, ignore_index,
+            sample_weight, ce_weight, return_parts, process_group, backend, teacher_vocab, teacher_temperature,
+            scale_t2=True)
+    if teacher_temperature is not None:
+        raise TypeError("kd_loss's teacher_temperature needs a float temperature (a tensor temperature, CTKD, "
+                        "scales both sides)")
     if isinstance(teacher_logits, MappedTeacher):  # another tokenizer: its top-k buckets at T
         if isinstance(temperature, torch.Tensor):
             raise TypeError("kd_loss with a MappedTeacher takes a float temperature (the projection runs at it)")

@@ -15,7 +15,7 @@ Public functionals (re-exported as ``fastkd.*`` and ``fastkd.functional.*``)::
 
 ``t`` is dense teacher logits, a ``fastkd.TopKTeacher``, a ``fastkd.MappedTeacher`` (another
 tokenizer's teacher) or a ``fastkd.TeacherMixture`` of dense logits (several teachers mixed block by
-block of rows, never as an ``[N, V]`` tensor: ``fastkd.losses.dense_mixture``; not with ``process_group``). With
+block of rows, never as an ``[N, V]`` tensor: ``fastkd.losses.teacher_blocks``; not with ``process_group``). With
 ``p = softmax(t / T)`` (teacher), ``q = softmax(s / T)`` (student), per row
 (formulas and numerics: ``fastkd.reference.divergence``, re-exported by
 ``fastkd.reference``). None of these multiplies by ``T^2`` (as TRL, Liger and
@@ -46,7 +46,7 @@ from ..core.mixture import TeacherMixture
 from ..core.vocab import MappedTeacher
 from ..dispatch.backend import implementation, resolve
 from ..reference import divergence as R
-from .dense_mixture import mixture_loss
+from .teacher_blocks import mixture_loss, teacher_temperature_loss
 
 __all__ = ["forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss",
            "triangular_loss", "entropy_gated_kl_loss", "LossParts", "TopKTeacher"]
@@ -167,27 +167,59 @@ def mapped_as_topk(student, teacher, temperature, process_group=None):
 
 def _divergence_loss(kind: str, params: dict, student, teacher: Teacher, temperature, reduction, target,
                      ignore_index, sample_weight, ce_weight, return_parts, process_group, backend: str,
-                     teacher_vocab: str = "truncate"):
-    """The body of every public divergence: the sharded loss with a process group, else check and dispatch."""
+                     teacher_vocab: str = "truncate", teacher_temperature: Optional[float] = None,
+                     scale_t2: bool = False):
+    """The body of every public divergence: the sharded loss with a process group, else check and dispatch
+    (``kd_loss`` comes here with a mixture or a teacher temperature: forward KL times ``T^2``, ``scale_t2``)."""
+    check_divergence_params(**params)
+    teacher_temperature = check_teacher_temperature(teacher, temperature, teacher_temperature, process_group)
     if isinstance(teacher, TeacherMixture):
         if process_group is not None:
             raise ValueError("a TeacherMixture cannot be used with process_group (the sharded losses take one "
                              "teacher's logits)")
-        check_divergence_params(**params)
         return mixture_loss(kind, params, student, teacher, temperature, reduction, target, ignore_index,
-                            sample_weight, ce_weight, return_parts, backend, kind, teacher_vocab)
-    teacher = mapped_as_topk(student, teacher, temperature, process_group)
+                            sample_weight, ce_weight, return_parts, backend, kind, teacher_vocab,
+                            _soft_scale(temperature, scale_t2), teacher_temperature)
+    teacher = mapped_as_topk(student, teacher, temperature if teacher_temperature is None else teacher_temperature,
+                             process_group)
     if process_group is None:
         student, teacher = align_teacher_vocab(student, teacher, teacher_vocab)
+    if teacher_temperature is not None and not isinstance(teacher, TopKTeacher):  # dense logits at their own T
+        check_divergence_args(student, teacher, temperature, reduction, target, ignore_index, sample_weight,
+                              ce_weight, return_parts)
+        return teacher_temperature_loss(kind, params, student, teacher, temperature, teacher_temperature, reduction,
+                                        target, ignore_index, sample_weight, ce_weight, return_parts, backend,
+                                        kind, _soft_scale(temperature, scale_t2))
     if process_group is not None:
         return sharded(f"{kind}_loss", backend, student, teacher, process_group=process_group, **params,
                        temperature=temperature, reduction=reduction, target=target, ignore_index=ignore_index,
                        sample_weight=sample_weight, ce_weight=ce_weight, return_parts=return_parts)
-    check_divergence_params(**params)
     check_divergence_args(student, teacher, temperature, reduction, target, ignore_index, sample_weight, ce_weight,
                           return_parts)
     return _dispatch(kind, student, teacher, backend, temperature, reduction, target, ignore_index, sample_weight,
-                     ce_weight, return_parts, kind, **params)
+                     ce_weight, return_parts, kind, scale_t2=scale_t2, **params)
+
+
+def _soft_scale(temperature, scale_t2: bool) -> float:
+    return float(temperature) ** 2 if scale_t2 else 1.0
+
+
+def check_teacher_temperature(teacher, temperature, teacher_temperature, process_group) -> Optional[float]:
+    """``teacher_temperature`` checked: ``None`` where it equals ``temperature`` (the one-temperature
+    path), else the float; refused with a ``TopKTeacher`` (its log-probs are taken as given) and with
+    ``process_group``."""
+    if teacher_temperature is None:
+        return None
+    v.check_positive("teacher_temperature", teacher_temperature)
+    v.check_positive("temperature", temperature)
+    if float(teacher_temperature) == float(temperature):
+        return None
+    if isinstance(teacher, TopKTeacher):
+        raise ValueError("teacher_temperature does not apply to a TopKTeacher: its log-probs are taken as given "
+                         "(build the top-k at the teacher's temperature: fastkd.teacher_topk(..., temperature=))")
+    if process_group is not None:
+        raise ValueError("teacher_temperature different from temperature is not supported with process_group yet")
+    return float(teacher_temperature)
 
 
 def forward_kl_loss(
@@ -195,6 +227,7 @@ def forward_kl_loss(
     teacher_logits: Teacher,
     *,
     temperature: float = 1.0,
+    teacher_temperature: Optional[float] = None,
     reduction: str = "batchmean",
     target: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
@@ -208,7 +241,7 @@ def forward_kl_loss(
     params = {}
     return _divergence_loss("forward_kl", params, student_logits, teacher_logits, temperature, reduction, target,
                             ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
-                            teacher_vocab)
+                            teacher_vocab, teacher_temperature)
 
 
 def reverse_kl_loss(
@@ -216,6 +249,7 @@ def reverse_kl_loss(
     teacher_logits: Teacher,
     *,
     temperature: float = 1.0,
+    teacher_temperature: Optional[float] = None,
     reduction: str = "batchmean",
     target: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
@@ -229,7 +263,7 @@ def reverse_kl_loss(
     params = {}
     return _divergence_loss("reverse_kl", params, student_logits, teacher_logits, temperature, reduction, target,
                             ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
-                            teacher_vocab)
+                            teacher_vocab, teacher_temperature)
 
 
 def jsd_loss(
@@ -238,6 +272,7 @@ def jsd_loss(
     *,
     beta: float = 0.5,
     temperature: float = 1.0,
+    teacher_temperature: Optional[float] = None,
     reduction: str = "batchmean",
     target: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
@@ -251,7 +286,7 @@ def jsd_loss(
     params = {"beta": beta}
     return _divergence_loss("jsd", params, student_logits, teacher_logits, temperature, reduction, target,
                             ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
-                            teacher_vocab)
+                            teacher_vocab, teacher_temperature)
 
 
 def skew_kl_loss(
@@ -261,6 +296,7 @@ def skew_kl_loss(
     skew: float = 0.1,
     reverse: bool = False,
     temperature: float = 1.0,
+    teacher_temperature: Optional[float] = None,
     reduction: str = "batchmean",
     target: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
@@ -274,7 +310,7 @@ def skew_kl_loss(
     params = {"skew": skew, "reverse": reverse}
     return _divergence_loss("skew_kl", params, student_logits, teacher_logits, temperature, reduction, target,
                             ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
-                            teacher_vocab)
+                            teacher_vocab, teacher_temperature)
 
 
 def tvd_loss(
@@ -282,6 +318,7 @@ def tvd_loss(
     teacher_logits: Teacher,
     *,
     temperature: float = 1.0,
+    teacher_temperature: Optional[float] = None,
     reduction: str = "batchmean",
     target: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
@@ -295,7 +332,7 @@ def tvd_loss(
     params = {}
     return _divergence_loss("tvd", params, student_logits, teacher_logits, temperature, reduction, target,
                             ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
-                            teacher_vocab)
+                            teacher_vocab, teacher_temperature)
 
 
 def jeffreys_loss(
@@ -303,6 +340,7 @@ def jeffreys_loss(
     teacher_logits: Teacher,
     *,
     temperature: float = 1.0,
+    teacher_temperature: Optional[float] = None,
     reduction: str = "batchmean",
     target: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
@@ -316,7 +354,7 @@ def jeffreys_loss(
     params = {}
     return _divergence_loss("jeffreys", params, student_logits, teacher_logits, temperature, reduction, target,
                             ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
-                            teacher_vocab)
+                            teacher_vocab, teacher_temperature)
 
 
 def triangular_loss(
@@ -324,6 +362,7 @@ def triangular_loss(
     teacher_logits: Teacher,
     *,
     temperature: float = 1.0,
+    teacher_temperature: Optional[float] = None,
     reduction: str = "batchmean",
     target: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
@@ -337,7 +376,7 @@ def triangular_loss(
     params = {}
     return _divergence_loss("triangular", params, student_logits, teacher_logits, temperature, reduction, target,
                             ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
-                            teacher_vocab)
+                            teacher_vocab, teacher_temperature)
 
 
 def entropy_gated_kl_loss(
@@ -349,6 +388,7 @@ def entropy_gated_kl_loss(
     tau: float = 0.5,
     scale: float = 0.1,
     temperature: float = 1.0,
+    teacher_temperature: Optional[float] = None,
     reduction: str = "batchmean",
     target: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
@@ -362,7 +402,7 @@ def entropy_gated_kl_loss(
     params = {"alpha_min": alpha_min, "alpha_max": alpha_max, "tau": tau, "scale": scale}
     return _divergence_loss("entropy_gated_kl", params, student_logits, teacher_logits, temperature, reduction,
                             target, ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
-                            teacher_vocab)
+                            teacher_vocab, teacher_temperature)
 
 
 def kd_topk_loss(student_logits, teacher: TopKTeacher, temperature=4.0, *, reduction="batchmean", target=None,
@@ -395,6 +435,13 @@ _DETAIL = """
     matched student tokens, then as a ``TopKTeacher`` over them).
 
     No ``T^2`` factor (as TRL, Liger and DistiLLM; ``kd_loss`` keeps Hinton's ``T^2``).
+
+    ``teacher_temperature`` (default: ``temperature``): ``p = softmax(t / teacher_temperature)`` while
+    ``q = softmax(s / temperature)``. For dense logits the op runs on blocks of rows of
+    ``t (T / T_t)`` (``fastkd.losses.teacher_blocks``: no ``[N, V]`` copy of the teacher; one more
+    read of it), and a teacher that requires grad gets its gradient at ``T_t``; a ``MappedTeacher`` is
+    projected, a ``TeacherMixture``'s members are mixed, at ``T_t``. Not with a ``TopKTeacher`` (its
+    log-probs are taken as given: build it at the teacher's temperature) nor ``process_group``.
 
     ``teacher_vocab``: what dense teacher logits wider than the student's (``V_t > V``, a teacher
     head padded past the tokenizer, as Qwen2.5's 152064 rows for 151665 tokens) mean. ``"truncate"``

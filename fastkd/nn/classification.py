@@ -33,13 +33,17 @@ class KDLoss(RowLoss):
     vocabulary-sharded logits (``fastkd.kd_loss``).
     """
 
-    def __init__(self, temperature: float = 4.0, *, reduction: str = "batchmean", ignore_index: int = -100,
+    def __init__(self, temperature: float = 4.0, *, teacher_temperature: Optional[float] = None,
+                 reduction: str = "batchmean", ignore_index: int = -100,
                  ce_weight: float = 0.0, return_parts: bool = False, teacher_vocab: str = "truncate",
                  backend: str = "auto", process_group=None):
         v.check_positive("temperature", temperature)
+        if teacher_temperature is not None:
+            v.check_positive("teacher_temperature", teacher_temperature)
         v.check_teacher_vocab(teacher_vocab)
         super().__init__(reduction, ignore_index, ce_weight, return_parts, backend, process_group)
         self.temperature = temperature
+        self.teacher_temperature = teacher_temperature
         self.teacher_vocab = teacher_vocab
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -47,10 +51,11 @@ class KDLoss(RowLoss):
                 temperature: Union[float, torch.Tensor, None] = None) -> torch.Tensor:
         temperature = self.temperature if temperature is None else temperature
         return functional.kd_loss(student_logits, teacher_logits, temperature, target=target,
-                                  teacher_vocab=self.teacher_vocab, **self.row_options(sample_weight))
+                                  teacher_temperature=self.teacher_temperature, teacher_vocab=self.teacher_vocab,
+                                  **self.row_options(sample_weight))
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, reduction={self.reduction!r}, ce_weight={self.ce_weight}, "
+        return (f"temperature={self.temperature}, teacher_temperature={self.teacher_temperature}, reduction={self.reduction!r}, ce_weight={self.ce_weight}, "
                 f"return_parts={self.return_parts}, backend={self.backend!r}")
 
 

@@ -22,27 +22,32 @@ class _DivergenceLoss(RowLoss):
 
     def __init__(self, function, params: dict, temperature: float, reduction: str, ignore_index: int,
                  ce_weight: float, return_parts: bool, backend: str, process_group=None,
-                 teacher_vocab: str = "truncate"):
+                 teacher_vocab: str = "truncate", teacher_temperature: Optional[float] = None):
         v.check_positive("temperature", temperature)
+        if teacher_temperature is not None:
+            v.check_positive("teacher_temperature", teacher_temperature)
         v.check_teacher_vocab(teacher_vocab)
         check_divergence_params(**params)
         super().__init__(reduction, ignore_index, ce_weight, return_parts, backend, process_group)
         self._function = function
         self._options = tuple(params)
         self.temperature = temperature
+        self.teacher_temperature = teacher_temperature
         self.teacher_vocab = teacher_vocab
         for name, value in params.items():
             setattr(self, name, value)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits, target: Optional[torch.Tensor] = None,
                 sample_weight: Optional[torch.Tensor] = None):
-        return self._function(student_logits, teacher_logits, temperature=self.temperature, target=target,
+        return self._function(student_logits, teacher_logits, temperature=self.temperature,
+                              teacher_temperature=self.teacher_temperature, target=target,
                               teacher_vocab=self.teacher_vocab, **self.row_options(sample_weight),
                               **{k: getattr(self, k) for k in self._options})
 
     def extra_repr(self) -> str:
         options = "".join(f"{k}={getattr(self, k)!r}, " for k in self._options)
-        return (f"{options}temperature={self.temperature}, reduction={self.reduction!r}, "
+        return (f"{options}temperature={self.temperature}, teacher_temperature={self.teacher_temperature}, "
+                f"reduction={self.reduction!r}, "
                 f"ignore_index={self.ignore_index}, ce_weight={self.ce_weight}, "
                 f"return_parts={self.return_parts}, backend={self.backend!r}")
 
@@ -53,11 +58,13 @@ class ForwardKLLoss(_DivergenceLoss):
     No ``T^2`` factor (``KDLoss`` has it). Arguments and semantics: ``fastkd.forward_kl_loss``.
     """
 
-    def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
+    def __init__(self, *, temperature: float = 1.0, teacher_temperature: Optional[float] = None,
+                 reduction: str = "batchmean", ignore_index: int = -100,
                  ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
                  process_group=None, teacher_vocab: str = "truncate"):
         super().__init__(functional.forward_kl_loss, {}, temperature, reduction, ignore_index, ce_weight,
-                         return_parts, backend, process_group, teacher_vocab)
+                         return_parts, backend, process_group, teacher_vocab,
+                         teacher_temperature)
 
 
 class ReverseKLLoss(_DivergenceLoss):
@@ -66,11 +73,13 @@ class ReverseKLLoss(_DivergenceLoss):
     No ``T^2`` factor (``KDLoss`` has it). Arguments and semantics: ``fastkd.reverse_kl_loss``.
     """
 
-    def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
+    def __init__(self, *, temperature: float = 1.0, teacher_temperature: Optional[float] = None,
+                 reduction: str = "batchmean", ignore_index: int = -100,
                  ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
                  process_group=None, teacher_vocab: str = "truncate"):
         super().__init__(functional.reverse_kl_loss, {}, temperature, reduction, ignore_index, ce_weight,
-                         return_parts, backend, process_group, teacher_vocab)
+                         return_parts, backend, process_group, teacher_vocab,
+                         teacher_temperature)
 
 
 class JSDLoss(_DivergenceLoss):
@@ -80,12 +89,14 @@ class JSDLoss(_DivergenceLoss):
     factor. Arguments and semantics: ``fastkd.jsd_loss``.
     """
 
-    def __init__(self, *, beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean",
+    def __init__(self, *, beta: float = 0.5, temperature: float = 1.0, teacher_temperature: Optional[float] = None,
+                 reduction: str = "batchmean",
                  ignore_index: int = -100, ce_weight: float = 0.0, return_parts: bool = False,
                  backend: str = "auto",
                  process_group=None, teacher_vocab: str = "truncate"):
         super().__init__(functional.jsd_loss, {"beta": beta}, temperature, reduction, ignore_index, ce_weight,
-                         return_parts, backend, process_group, teacher_vocab)
+                         return_parts, backend, process_group, teacher_vocab,
+                         teacher_temperature)
 
 
 class SkewKLLoss(_DivergenceLoss):
@@ -95,42 +106,49 @@ class SkewKLLoss(_DivergenceLoss):
     """
 
     def __init__(self, *, skew: float = 0.1, reverse: bool = False, temperature: float = 1.0,
-                 reduction: str = "batchmean", ignore_index: int = -100, ce_weight: float = 0.0,
+                 teacher_temperature: Optional[float] = None, reduction: str = "batchmean", ignore_index: int = -100, ce_weight: float = 0.0,
                  return_parts: bool = False, backend: str = "auto",
                  process_group=None, teacher_vocab: str = "truncate"):
         super().__init__(functional.skew_kl_loss, {"skew": skew, "reverse": reverse}, temperature, reduction,
-                         ignore_index, ce_weight, return_parts, backend, process_group, teacher_vocab)
+                         ignore_index, ce_weight, return_parts, backend, process_group, teacher_vocab,
+                         teacher_temperature)
 
 
 class TVDLoss(_DivergenceLoss):
     """Total variation distance ``0.5 * sum |p - q|`` per row. No ``T^2`` factor. See ``fastkd.tvd_loss``."""
 
-    def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
+    def __init__(self, *, temperature: float = 1.0, teacher_temperature: Optional[float] = None,
+                 reduction: str = "batchmean", ignore_index: int = -100,
                  ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
                  process_group=None, teacher_vocab: str = "truncate"):
         super().__init__(functional.tvd_loss, {}, temperature, reduction, ignore_index, ce_weight,
-                         return_parts, backend, process_group, teacher_vocab)
+                         return_parts, backend, process_group, teacher_vocab,
+                         teacher_temperature)
 
 
 class JeffreysLoss(_DivergenceLoss):
     """Jeffreys divergence ``KL(p || q) + KL(q || p)`` per row. No ``T^2`` factor. See ``fastkd.jeffreys_loss``."""
 
-    def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
+    def __init__(self, *, temperature: float = 1.0, teacher_temperature: Optional[float] = None,
+                 reduction: str = "batchmean", ignore_index: int = -100,
                  ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
                  process_group=None, teacher_vocab: str = "truncate"):
         super().__init__(functional.jeffreys_loss, {}, temperature, reduction, ignore_index, ce_weight,
-                         return_parts, backend, process_group, teacher_vocab)
+                         return_parts, backend, process_group, teacher_vocab,
+                         teacher_temperature)
 
 
 class TriangularLoss(_DivergenceLoss):
     """Triangular discrimination ``sum (p - q)^2 / (p + q)`` per row. No ``T^2`` factor. See
     ``fastkd.triangular_loss``."""
 
-    def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
+    def __init__(self, *, temperature: float = 1.0, teacher_temperature: Optional[float] = None,
+                 reduction: str = "batchmean", ignore_index: int = -100,
                  ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
                  process_group=None, teacher_vocab: str = "truncate"):
         super().__init__(functional.triangular_loss, {}, temperature, reduction, ignore_index, ce_weight,
-                         return_parts, backend, process_group, teacher_vocab)
+                         return_parts, backend, process_group, teacher_vocab,
+                         teacher_temperature)
 
 
 class EntropyGatedKLLoss(_DivergenceLoss):
@@ -138,9 +156,11 @@ class EntropyGatedKLLoss(_DivergenceLoss):
     alpha_min) sigmoid((H(p) / log V - tau) / scale)``. No ``T^2`` factor. See ``fastkd.entropy_gated_kl_loss``."""
 
     def __init__(self, *, alpha_min: float = 0.0, alpha_max: float = 1.0, tau: float = 0.5, scale: float = 0.1,
-                 temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
+                 temperature: float = 1.0, teacher_temperature: Optional[float] = None,
+                 reduction: str = "batchmean", ignore_index: int = -100,
                  ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
                  process_group=None, teacher_vocab: str = "truncate"):
         params = {"alpha_min": alpha_min, "alpha_max": alpha_max, "tau": tau, "scale": scale}
         super().__init__(functional.entropy_gated_kl_loss, params, temperature, reduction, ignore_index, ce_weight,
-                         return_parts, backend, process_group, teacher_vocab)
+                         return_parts, backend, process_group, teacher_vocab,
+                         teacher_temperature)

@@ -9,7 +9,7 @@ import torch
 
 import fastkd
 from backend_cases import FUSED, skip_unless_runs
-from fastkd.losses import dense_mixture
+from fastkd.losses import teacher_blocks
 
 BACKENDS = ("reference",) + FUSED
 T = 2.0
@@ -57,7 +57,7 @@ def members_like(shape, n=3, seed=1, scale=3.0):
 def test_mixture_matches_its_definition(backend, mode, name, monkeypatch):
     device = skip_unless_runs("forward_kl", backend) if backend != "reference" else torch.device("cpu")
     # blocks of 4 rows of 2053 classes: several blocks, the last one ragged, rows wider than a kernel block
-    monkeypatch.setattr(dense_mixture, "BLOCK_ELEMENTS", 4 * 2053)
+    monkeypatch.setattr(teacher_blocks, "BLOCK_ELEMENTS", 4 * 2053)
     g = torch.Generator().manual_seed(0)
     s64 = 3 * torch.randn(3, 5, 2053, generator=g, dtype=torch.float64)
     members = members_like(s64.shape)
@@ -82,7 +82,7 @@ def test_mixture_reductions_parts_weights_and_views(backend, monkeypatch):
     """reduction="none" (per-row, a random incoming gradient), return_parts, sample_weight, and a student and
     members that are HF-shifted views (logits[:, :-1]) in bfloat16, in blocks of 3 rows."""
     device = skip_unless_runs("forward_kl", backend) if backend != "reference" else torch.device("cpu")
-    monkeypatch.setattr(dense_mixture, "BLOCK_ELEMENTS", 3 * 301)
+    monkeypatch.setattr(teacher_blocks, "BLOCK_ELEMENTS", 3 * 301)
     g = torch.Generator().manual_seed(3)
     full = (3 * torch.randn(2, 8, 301, generator=g)).to(torch.bfloat16)
     members_full = [(3 * torch.randn(2, 8, 301, generator=g)).to(torch.bfloat16) for _ in range(2)]
@@ -112,7 +112,7 @@ def test_mixture_reductions_parts_weights_and_views(backend, monkeypatch):
 def test_blocks_cover_every_row_once():
     for lead, rows in [((7,), 3), ((2, 5), 3), ((2, 5), 10), ((3, 2, 4), 5), ((4, 1), 1), ((0,), 4), ((2, 0), 3)]:
         seen = torch.zeros(lead, dtype=torch.int64)
-        for idx in dense_mixture._blocks(lead, rows):
+        for idx in teacher_blocks._blocks(lead, rows):
             seen[idx] += 1
         assert torch.equal(seen, torch.ones(lead, dtype=torch.int64)), (lead, rows)
 
@@ -184,3 +184,138 @@ def test_mixture_errors():
         fastkd.kd_loss(s, fastkd.TeacherMixture([t]), torch.tensor(2.0))
     with pytest.raises(ValueError, match="temperature"):
         fastkd.jsd_loss(s, fastkd.TeacherMixture([t]), temperature=0.0)
+
+
+# ---- teacher_temperature: p = softmax(t / T_t), q = softmax(s / T) ----
+
+T_T = 0.7
+
+
+def by_hand(name, s, t, temperature, teacher_temperature):
+    """Per-row float64 definitions, written out: forward KL, JSD (beta 0.3), reverse KL, kd (T^2 forward KL)."""
+    lq = torch.log_softmax(s / temperature, dim=-1)
+    lp = torch.log_softmax(t / teacher_temperature, dim=-1)
+    p, q = lp.exp(), lq.exp()
+    if name in ("forward_kl", "kd"):
+        rows = (p * (lp - lq)).sum(-1) * (temperature ** 2 if name == "kd" else 1.0)
+    elif name == "reverse_kl":
+        rows = (q * (lq - lp)).sum(-1)
+    else:
+        m = 0.3 * p + 0.7 * q
+        rows = 0.3 * (p * (lp - m.log())).sum(-1) + 0.7 * (q * (lq - m.log())).sum(-1)
+    return rows.sum() / rows.numel()
+
+
+TEMP_LOSSES = {
+    "forward_kl": LOSSES["forward_kl"],
+    "reverse_kl": lambda s, t, **kw: fastkd.reverse_kl_loss(s, t, **kw),
+    "jsd": LOSSES["jsd"],
+    "kd": LOSSES["kd"],
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(TEMP_LOSSES))
+def test_teacher_temperature_matches_its_definition(backend, name, monkeypatch):
+    """Value, student and teacher gradients (the teacher requires grad) against the float64 definition, in
+    blocks of 4 rows (ragged last block) of 2053 classes."""
+    device = skip_unless_runs("forward_kl", backend) if backend != "reference" else torch.device("cpu")
+    monkeypatch.setattr(teacher_blocks, "BLOCK_ELEMENTS", 4 * 2053)
+    g = torch.Generator().manual_seed(8)
+    s64 = 3 * torch.randn(3, 5, 2053, generator=g, dtype=torch.float64)
+    t64 = 3 * torch.randn(3, 5, 2053, generator=g, dtype=torch.float64)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    s = s64.to(dtype).to(device).clone().requires_grad_()
+    t = t64.to(dtype).to(device).clone().requires_grad_()
+    got = TEMP_LOSSES[name](s, t, temperature=T, teacher_temperature=T_T, backend=backend)
+    rs, rt = s64.clone().requires_grad_(), t64.clone().requires_grad_()
+    ref = by_hand(name, rs, rt, T, T_T)
+    assert abs(got.item() - ref.item()) <= 1e-5 * abs(ref.item()) + 1e-7
+    got.backward()
+    ref.backward()
+    assert rel_norm(s.grad.cpu(), rs.grad) < 1e-5
+    assert rel_norm(t.grad.cpu(), rt.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_temperature_shifted_bf16_none_and_frozen_teacher(backend, monkeypatch):
+    """HF-shifted bf16 views, reduction="none" with a random incoming gradient, a frozen teacher (no teacher
+    gradient computed), CE and ignore_index, in blocks of 3 rows."""
+    device = skip_unless_runs("forward_kl", backend) if backend != "reference" else torch.device("cpu")
+    monkeypatch.setattr(teacher_blocks, "BLOCK_ELEMENTS", 3 * 301)
+    g = torch.Generator().manual_seed(9)
+    full = (3 * torch.randn(2, 8, 301, generator=g)).to(torch.bfloat16)
+    teacher = (3 * torch.randn(2, 8, 301, generator=g)).to(torch.bfloat16)
+    target = torch.randint(0, 301, (2, 7), generator=g)
+    target[0, 2] = -100
+    base = full.clone().to(device).requires_grad_()
+    got = fastkd.forward_kl_loss(base[:, :-1], teacher.to(device)[:, :-1], temperature=T, teacher_temperature=T_T,
+                                 target=target.to(device), ce_weight=0.5, reduction="none", backend=backend)
+    ref_base = full.double().clone().requires_grad_()
+    lq = torch.log_softmax(ref_base[:, :-1] / T, -1)
+    lp = torch.log_softmax(teacher[:, :-1].double() / T_T, -1)
+    ce = torch.nn.functional.cross_entropy(ref_base[:, :-1].reshape(-1, 301), target.reshape(-1), reduction="none")
+    ref = ((lp.exp() * (lp - lq)).sum(-1) + 0.5 * ce.reshape(2, 7)) * (target != -100)
+    torch.testing.assert_close(got.double().cpu(), ref.detach(), rtol=1e-2, atol=1e-3)
+    go = torch.randn(2, 7, generator=g)
+    (got * go.to(device)).sum().backward()
+    (ref * go.double()).sum().backward()
+    assert rel_norm(base.grad.cpu(), ref_base.grad) < 1e-2
+    assert base.grad[:, -1].abs().max() == 0
+
+
+def test_teacher_temperature_equal_to_temperature_is_the_plain_call():
+    g = torch.Generator().manual_seed(10)
+    s, t = torch.randn(4, 30, generator=g), torch.randn(4, 30, generator=g)
+    assert torch.equal(fastkd.jsd_loss(s, t, temperature=2.0, teacher_temperature=2.0),
+                       fastkd.jsd_loss(s, t, temperature=2.0))
+    torch.testing.assert_close(fastkd.kd_loss(s, t, 2.0, teacher_temperature=2.0), fastkd.kd_loss(s, t, 2.0),
+                               rtol=1e-6, atol=0)
+
+
+def test_teacher_temperature_with_a_mixture_and_a_mapped_teacher():
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(4, 30, generator=g, dtype=torch.float64)
+    members = [torch.randn(4, 30, generator=g, dtype=torch.float64) for _ in range(2)]
+    got = fastkd.forward_kl_loss(s, fastkd.TeacherMixture(members, mode="geometric"), temperature=T,
+                                 teacher_temperature=T_T)
+    lp = mixture_log_probs(members, [1.0, 1.0], "geometric", T_T)
+    want = fastkd.forward_kl_loss(s, lp * T, temperature=T)
+    torch.testing.assert_close(got, want)
+    # a MappedTeacher projects at the teacher's temperature
+    vocab_map = fastkd.VocabMap(torch.tensor([0, 1, 2, -1, 5, 5, 7]), 30)
+    t = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    got = fastkd.forward_kl_loss(s, fastkd.MappedTeacher(t, vocab_map), temperature=T, teacher_temperature=T_T)
+    want = fastkd.forward_kl_loss(s, fastkd.MappedTeacher(t, vocab_map).as_topk(T_T), temperature=T)
+    torch.testing.assert_close(got, want)
+
+
+def test_teacher_temperature_module_and_compile():
+    g = torch.Generator().manual_seed(12)
+    s = torch.randn(4, 33, generator=g, requires_grad=True)
+    t = torch.randn(4, 33, generator=g)
+    module = fastkd.nn.JSDLoss(beta=0.3, temperature=T, teacher_temperature=T_T)
+    assert "teacher_temperature=0.7" in repr(module)
+    eager = module(s, t)
+    torch.testing.assert_close(eager.double(), by_hand("jsd", s.detach().double(), t.double(), T, T_T),
+                               rtol=1e-6, atol=0)
+    compiled = torch.compile(lambda x, y: module(x, y), fullgraph=True, backend="eager")(s, t)
+    torch.testing.assert_close(compiled, eager)
+    kd = fastkd.nn.KDLoss(T, teacher_temperature=T_T)
+    torch.testing.assert_close(kd(s, t).double(), by_hand("kd", s.detach().double(), t.double(), T, T_T),
+                               rtol=1e-6, atol=0)
+
+
+def test_teacher_temperature_errors():
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    topk = fastkd.topk_from_logits(t, 3)
+    with pytest.raises(ValueError, match="TopKTeacher"):
+        fastkd.forward_kl_loss(s, topk, teacher_temperature=2.0)
+    with pytest.raises(ValueError, match="teacher_temperature"):
+        fastkd.jsd_loss(s, t, teacher_temperature=0.0)
+    with pytest.raises(ValueError, match="process_group"):
+        fastkd.jsd_loss(s, t, teacher_temperature=2.0, process_group=object())
+    with pytest.raises(TypeError, match="float temperature"):
+        fastkd.kd_loss(s, t, torch.tensor(2.0), teacher_temperature=2.0)
+    with pytest.raises(ValueError, match="teacher_temperature"):
+        fastkd.nn.ForwardKLLoss(teacher_temperature=-1.0)

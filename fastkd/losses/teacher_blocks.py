@@ -1,0 +1,224 @@
+"""Teachers formed one block of rows at a time for the logit losses (every divergence and ``kd_loss``):
+a ``fastkd.TeacherMixture`` of dense logits, and dense logits at their own ``teacher_temperature``.
+
+Both hand the fused backend's ``divergence_fwd`` (which takes one temperature ``T``) float32 teacher
+logits per block of rows whose ``softmax(. / T)`` is the wanted ``p``:
+
+- mixture (``fastkd.core.mixture``: arithmetic ``sum_i w_i p_i`` or geometric ``prod_i p_i^(w_i) / Z``
+  of ``p_i = softmax(t_i / T_t)``): ``T log p``, formed in float32 log space. The members are
+  constants: no gradient reaches them (as in ``fused_linear_kd_loss``).
+- teacher temperature: ``t (T / T_t)``; a teacher that requires grad gets ``T / T_t`` times the op's
+  gradient with respect to the block.
+
+So neither exists as an ``[N, V]`` tensor: besides the gradients, one ``[rows, V]`` block of the
+teacher (for the mixture, and one of the member being mixed; a contiguous copy of the student's block
+where its rows are not one stride apart) is alive at a time. Blocks are about ``BLOCK_ELEMENTS``
+elements (32 MiB of float32). The cost over the plain call: one more read of the teacher and a write
+and read of each float32 block.
+
+The reference backend forms the whole teacher (in float64 for float64 inputs) and runs the reference
+loss on it: it is the oracle, not a memory-saving path.
+"""
+import math
+from typing import Iterator, Optional, Tuple
+
+import torch
+
+from ..core import checks as v
+from ..core.divergence import LossParts, check_divergence_args, divergence_op_args
+from ..core.mixture import TeacherMixture, mix_log_probs, mixture_vocab
+from ..core.rows import compute_dtype, row_weights, wants_grad
+from ..dispatch.backend import implementation, resolve
+from ..reference import divergence as R
+
+__all__ = ["mixture_loss", "teacher_temperature_loss", "check_dense_mixture"]
+
+# Elements of one block of rows (float32: 32 MiB per block of the mixture).
+BLOCK_ELEMENTS = 1 << 23
+_NO_IDS = torch.empty(0, dtype=torch.int64)
+
+
+def check_dense_mixture(student: torch.Tensor, mixture: TeacherMixture, teacher_vocab: str) -> TeacherMixture:
+    """The members against the student (dense logits only, the student's leading shape, one device,
+    one vocabulary ``V_t``); ``V_t > V`` with ``teacher_vocab="truncate"`` drops the columns past ``V``.
+    Returns the mixture to use."""
+    v.check_logits("student_logits", student)
+    for i, m in enumerate(mixture.members):
+        if m[0] != "logits":
+            raise TypeError(f"teachers[{i}] of the TeacherMixture is a (teacher_hidden, teacher_weight) pair: the "
+                            "logit losses take members of dense teacher logits [..., V]; pairs are for "
+                            "fastkd.fused_linear_kd_loss")
+        x = m[1]
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"teachers[{i}] must be a floating tensor of teacher logits")
+        if x.device != student.device:
+            raise ValueError(f"teachers[{i}] must be on student_logits' device {student.device}, got {x.device}")
+        if tuple(x.shape[:-1]) != tuple(student.shape[:-1]):
+            raise ValueError(f"teachers[{i}] must have student_logits' leading shape {tuple(student.shape[:-1])}, "
+                             f"got {tuple(x.shape)}")
+        if x.shape[-1] != mixture_vocab(mixture):
+            raise ValueError(f"every teacher of a TeacherMixture must have the same vocabulary: teachers[0] has "
+                             f"{mixture_vocab(mixture)} classes, teachers[{i}] has {x.shape[-1]}")
+    v.check_teacher_vocab(teacher_vocab)
+    vocab, t_vocab = student.shape[-1], mixture_vocab(mixture)
+    if t_vocab > vocab and teacher_vocab == "truncate":
+        return mixture.truncated(vocab)
+    if t_vocab != vocab:
+        raise ValueError(f"the TeacherMixture's vocabulary ({t_vocab}) must match student_logits' last dim ({vocab})"
+                         + (" (teacher_vocab='mask' is not supported with a TeacherMixture: use 'truncate')"
+                            if t_vocab > vocab else ""))
+    return mixture
+
+
+def _blocks(lead: Tuple[int, ...], rows: int) -> Iterator[tuple]:
+    """Index tuples ``idx`` over the leading dims ``lead`` such that ``x[idx]`` (``x [*lead, V]``) are
+    disjoint blocks of about ``rows`` rows covering ``x``, each a view (no copy)."""
+    if len(lead) == 0:
+        yield ()
+        return
+    inner = math.prod(lead[1:])
+    if inner <= rows:
+        step = max(1, rows // max(inner, 1))
+        for i in range(0, lead[0], step):
+            yield (slice(i, min(i + step, lead[0])),)
+        return
+    for i in range(lead[0]):
+        for rest in _blocks(lead[1:], rows):
+            yield (i,) + rest
+
+
+def _mixed_block(mixture: TeacherMixture, idx: tuple, teacher_temperature: float) -> torch.Tensor:
+    """``log p`` of the mixture (members at ``teacher_temperature``) over the rows ``idx``: float32
+    ``[rows, V]`` (contiguous)."""
+    first = mixture.members[0][1][idx]
+    out = torch.empty(first.reshape(-1, first.shape[-1]).shape, dtype=torch.float32, device=first.device)
+    members = (m[1][idx].reshape(out.shape).to(torch.float32, copy=True) for m in mixture.members)
+    return mix_log_probs(members, mixture.weights, mixture.mode, float(teacher_temperature), out)
+
+
+class _BlockRows(torch.autograd.Function):
+    """The loss of ``student`` against teacher blocks (``make_block(idx)``: float32 ``[rows, V]`` teacher
+    logits for the op), block by block on a fused backend's ``divergence_fwd``.
+
+    The forward writes each block's student gradient into one ``[..., V]`` buffer (the student's
+    shape and dtype), and with ``teacher`` (dense logits that require grad: the blocks are
+    ``teacher * t_scale``) its teacher gradient, times ``t_scale``, into one teacher-shaped buffer; the
+    backward scales them by the incoming gradient in place (no second buffer).
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, make_block, name, temperature, weight, target, code, coefficients,
+                soft_scale, ce_weight, reduce, want_s, t_scale):
+        lead, vocab = student.shape[:-1], student.shape[-1]
+        want_t = teacher is not None
+        grad_s = torch.empty(student.shape, dtype=student.dtype, device=student.device) if want_s else None
+        grad_t = torch.empty(teacher.shape, dtype=teacher.dtype, device=teacher.device) if want_t else None
+        dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+        totals = torch.zeros(3, dtype=dtype, device=student.device)
+        per_row = None if reduce else torch.zeros((3,) + tuple(lead), dtype=dtype, device=student.device)
+        op = implementation(name).divergence_fwd
+        no_ids = _NO_IDS.to(student.device)
+        for idx in _blocks(tuple(lead), max(1, BLOCK_ELEMENTS // max(vocab, 1))):
+            s = student[idx]
+            rows = s.reshape(-1, vocab)  # a view when the block's rows are one stride apart, else a block copy
+            if rows.stride(-1) != 1:
+                rows = rows.contiguous()
+            tgt = target[idx].reshape(-1) if target is not None else no_ids
+            loss, soft, hard, g, gt = op(rows, make_block(idx), no_ids, tgt, weight[idx].reshape(-1),
+                                         float(temperature), code, *coefficients, float(soft_scale), float(ce_weight),
+                                         0, reduce, want_s, want_t)
+            if reduce:
+                totals += torch.stack((loss, soft, hard)).to(dtype)
+            else:
+                per_row[(slice(None),) + idx] = torch.stack((loss, soft, hard)).to(dtype).reshape(
+                    (3,) + tuple(s.shape[:-1]))
+            if want_s:
+                grad_s[idx] = g.reshape(s.shape)
+            if want_t:
+                grad_t[idx] = gt.reshape(s.shape).mul_(t_scale)
+        ctx.grads, ctx.reduce = (grad_s, grad_t), reduce
+        loss, soft, hard = (totals if reduce else per_row).unbind(0)
+        ctx.mark_non_differentiable(soft, hard)
+        return loss, soft, hard
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_soft, grad_hard):
+        grads, ctx.grads = ctx.grads, None
+        scale = grad_loss if ctx.reduce else grad_loss.unsqueeze(-1)
+        grad_s, grad_t = (None if g is None else g.mul_(scale.to(g.dtype)) for g in grads)
+        return (grad_s, grad_t) + (None,) * 12
+
+
+def _run_blocks(kind, params, student, teacher_for_grad, make_block, name, temperature, reduction, target,
+                ignore_index, sample_weight, ce_weight, return_parts, soft_scale, t_scale=1.0):
+    v.check_constant_weight(sample_weight, name)
+    lead = student.shape[:-1]
+    weight = row_weights(student, target, ignore_index, sample_weight, reduction).reshape(lead)
+    wants_ce = target is not None and (ce_weight != 0 or return_parts)
+    tgt = target.reshape(lead).to(torch.int64) if wants_ce else None
+    code, *coefficients = divergence_op_args(kind, **params)
+    loss, soft, hard = _BlockRows.apply(student, teacher_for_grad, make_block, name, float(temperature), weight, tgt,
+                                        code, tuple(coefficients), float(soft_scale), float(ce_weight),
+                                        reduction != "none", wants_grad(student), float(t_scale))
+    return LossParts(loss, soft.detach(), hard.detach()) if return_parts else loss
+
+
+def mixture_loss(kind: str, params: dict, student: torch.Tensor, mixture: TeacherMixture, temperature: float,
+                 reduction: str, target, ignore_index, sample_weight, ce_weight: float, return_parts: bool,
+                 backend: str, loss_name: str, teacher_vocab: str = "truncate", soft_scale: float = 1.0,
+                 teacher_temperature: Optional[float] = None):
+    """The divergence ``kind`` (``divergence_op_args``' names; ``kd_loss`` is ``"forward_kl"`` with
+    ``soft_scale = T^2``) of ``student`` against ``mixture`` (its members at ``teacher_temperature``,
+    default ``temperature``), reduced by ``reduction``."""
+    mixture = check_dense_mixture(student, mixture, teacher_vocab)
+    first = mixture.members[0][1]
+    check_divergence_args(student, first, temperature, reduction, target, ignore_index, sample_weight, ce_weight,
+                          return_parts)
+    t_temp = float(temperature if teacher_temperature is None else teacher_temperature)
+    name = resolve(loss_name, backend, student, *(m[1] for m in mixture.members))
+    if name == "reference":
+        with torch.no_grad():
+            mixed = _mixed_reference(mixture, t_temp, compute_dtype(student, *(m[1] for m in mixture.members)))
+        return R.compute(student, mixed * temperature, temperature, reduction, target, ignore_index, sample_weight,
+                         ce_weight, return_parts, kind, scale_t2=soft_scale != 1.0, **params)
+
+    def make_block(idx):  # T log p: the op's softmax(. / T) gives the mixture
+        return _mixed_block(mixture, idx, t_temp).mul_(float(temperature))
+
+    return _run_blocks(kind, params, student, None, make_block, name, temperature, reduction, target, ignore_index,
+                       sample_weight, ce_weight, return_parts, soft_scale)
+
+
+def teacher_temperature_loss(kind: str, params: dict, student: torch.Tensor, teacher: torch.Tensor,
+                             temperature: float, teacher_temperature: float, reduction: str, target, ignore_index,
+                             sample_weight, ce_weight: float, return_parts: bool, backend: str, loss_name: str,
+                             soft_scale: float = 1.0):
+    """The divergence ``kind`` with ``p = softmax(t / teacher_temperature)``, ``q = softmax(s / temperature)``
+    for dense teacher logits (arguments checked by the caller): the op runs at ``T`` on teacher blocks
+    ``t (T / T_t)`` (``softmax(t (T / T_t) / T) = softmax(t / T_t)``), one block of rows at a time (no
+    ``[N, V]`` copy of the teacher); a teacher that requires grad gets ``(T / T_t)`` times the op's
+    gradient with respect to the block."""
+    ratio = float(temperature) / float(teacher_temperature)
+    name = resolve(loss_name, backend, student, teacher)
+    if name == "reference":
+        return R.compute(student, teacher * ratio, temperature, reduction, target, ignore_index, sample_weight,
+                         ce_weight, return_parts, kind, scale_t2=soft_scale != 1.0, **params)
+
+    def make_block(idx):
+        block = teacher[idx]
+        return block.reshape(-1, block.shape[-1]).to(torch.float32, copy=True).mul_(ratio)
+
+    return _run_blocks(kind, params, student, teacher if wants_grad(teacher) else None, make_block, name,
+                       temperature, reduction, target, ignore_index, sample_weight, ce_weight, return_parts,
+                       soft_scale, t_scale=ratio)
+
+
+def _mixed_reference(mixture: TeacherMixture, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """``log p`` of the whole mixture in ``dtype`` (the reference's oracle: float64 for float64 inputs; the
+    geometric one up to a per-row constant, which the loss's softmax removes)."""
+    logs = [torch.log_softmax(m[1].to(dtype) / temperature, dim=-1) for m in mixture.members]
+    if mixture.mode == "arithmetic":
+        log_p = torch.logsumexp(torch.stack([lp + math.log(w) for lp, w in zip(logs, mixture.weights)]), dim=0)
+    else:
+        log_p = sum(w * lp for lp, w in zip(logs, mixture.weights))
+    return log_p
