@@ -948,11 +948,20 @@ def _fused_linear_checks(rank, world, failures, full=True):
                                      ce_weight=0.3, temperature=2.0), "pair", True, target, None, torch.float32),
         ("entropy_gated_kl top-k tail", dict(divergence="entropy_gated_kl", alpha_min=0.1, alpha_max=0.7, tau=0.2,
                                              scale=0.3), "topk tail", False, target, None, torch.float32),
+        # a mixture of a head and dense logits: each member's softmax over the group's whole vocabulary
+        ("jsd mixture arithmetic teacher_temperature ce",
+         dict(divergence="jsd", beta=0.4, temperature=2.0, teacher_temperature=1.5, ce_weight=0.2),
+         "mixture arithmetic", True, target, None, torch.float32),
+        ("kl mixture geometric sum sw", dict(divergence="kl", reduction="sum"), "mixture geometric", False, None,
+         sample_weight, torch.float32),
     ]
     if not full:
         cases = cases[:1] + cases[6:8]
 
     def teacher_of(form, t_h, t_w, t_l, lp, local):
+        if form.startswith("mixture"):
+            return fastkd.TeacherMixture([(t_h, piece(t_w) if local else t_w), piece(t_l.T).T if local else t_l],
+                                         [0.3, 0.7], mode=form.split()[1])
         if form == "shared":
             return (shared_hidden.to(t_h.device, t_h.dtype), None)
         if form.startswith("pair"):

@@ -14,7 +14,7 @@ temperature ``T``, are the teacher logits the row op takes (``softmax(T log p / 
 mixture never exists as an ``[N, V]`` tensor: only one ``[chunk, V]`` block per member at a time.
 """
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -125,18 +125,25 @@ def check_mixture(mixture: TeacherMixture, lead: tuple, device: torch.device) ->
     return vocab
 
 
+def _row_logsumexp(x: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(x, dim=-1, keepdim=True)
+
+
 def mix_log_probs(member_logits, weights: Sequence[float], mode: str, teacher_temperature: float,
-                  out: torch.Tensor) -> torch.Tensor:
+                  out: torch.Tensor, row_logsumexp: Callable[[torch.Tensor], torch.Tensor] = _row_logsumexp
+                  ) -> torch.Tensor:
     """The mixture's log-probs (up to a per-row constant for "geometric") of one chunk, into ``out``.
 
     ``member_logits``: an iterable yielding each member's float32 ``[rows, V_t]`` chunk logits in turn,
     owned by the caller's loop (turned into log-probs in place; consumed one at a time, so one member
-    block, and the log-sum-exp's transient, is alive besides ``out``).
+    block, and the log-sum-exp's transient, is alive besides ``out``). ``row_logsumexp``: each row's
+    normaliser ``[rows, 1]`` (over the whole vocabulary: with a vocabulary-sharded head, the group's,
+    ``fastkd.distributed.comm.group_logsumexp``).
     """
     for i, logits in enumerate(member_logits):
         if teacher_temperature != 1.0:
             logits.div_(teacher_temperature)
-        log_p = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+        log_p = logits.sub_(row_logsumexp(logits))
         del logits
         if mode == "arithmetic":
             log_p += math.log(weights[i])

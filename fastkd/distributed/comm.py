@@ -105,6 +105,14 @@ def all_gather(x, group):
     return out
 
 
+def group_logsumexp(x: torch.Tensor, group) -> torch.Tensor:
+    """``[rows, 1]``: the log-sum-exp of each row of ``x [rows, width]`` over the whole vocabulary, ``x``
+    being this rank's shard of it (one all-gather of the local ``[rows]`` log-sum-exps; a row of
+    ``-inf`` everywhere gives ``-inf``)."""
+    local = torch.logsumexp(x, dim=-1)
+    return torch.logsumexp(all_gather(local, group), dim=0).unsqueeze(-1)
+
+
 class AllReduceSum(torch.autograd.Function):
     """Differentiable SUM all-reduce for a loss every rank evaluates (data parallel, DIST).
 

@@ -441,7 +441,8 @@ def fused_linear_kd_loss(
     topk_mode = TOPK_MODE_CODES[topk.mode if topk is not None else mapped.topk_mode if mapped is not None else None]
     mask_skipped = target is not None or sample_weight is not None
     if sharded:
-        teacher_dtype = (teacher_values if teacher_hidden is None else teacher_hidden).dtype
+        teacher_dtype = (mixture.members[0][1] if mixture is not None else
+                         teacher_values if teacher_hidden is None else teacher_hidden).dtype
         equal = D.comm.check_group_shapes(n, vocab, process_group, dev,  # before any per-row collective
                                           (student_hidden.dtype, student_weight.dtype, teacher_dtype), needs)
         op = D.fused_linear_row_op(divergence, beta, skew, topk.mode if topk is not None else None, pass_target,
@@ -540,7 +541,9 @@ fused_linear_kd_loss.__doc__ = """The LM head and a distillation loss in one op;
       (one pass over the weight gradient), and ``teacher_hidden`` gets its gradient.
     * ``fastkd.TeacherMixture([...], weights, mode)``: several teachers (pairs or dense
       logits, one vocabulary), mixed per chunk in log space (``fastkd.core.mixture``): the
-      mixture never exists as an ``[N, V]`` tensor. Not with ``process_group``.
+      mixture never exists as an ``[N, V]`` tensor. With ``process_group`` each member is a
+      vocabulary shard (its head's rows or its logits' columns), normalised over the group's whole
+      vocabulary (one all-gather of each chunk row's local log-sum-exp per member).
     * ``fastkd.MappedTeacher(teacher, vocab_map)`` (another tokenizer): the teacher's chunk
       (``(hidden, weight)`` or dense logits over ``V_t``; no ``logit_scale`` / ``softcap``) at
       ``teacher_temperature``, summed onto the matched student ids per chunk, then a top-k teacher

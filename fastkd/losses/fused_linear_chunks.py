@@ -152,6 +152,12 @@ def _softcap_grad_(g: torch.Tensor, capped_times: torch.Tensor, softcap: Optiona
     return g.addcmul_(g, capped_times.square_(), value=-1.0 / (softcap * times) ** 2)
 
 
+def _group_logsumexp(group):
+    """Each row's log-sum-exp over the vocabulary-sharded group's whole row (for a sharded mixture)."""
+    from ..distributed.comm import group_logsumexp  # torch.distributed only for those who use a group
+    return lambda x: group_logsumexp(x, group)
+
+
 def _teacher_chunk(p: SimpleNamespace, i0: int, i1: int, t_buf, tw_mm, teacher_bias, keep_rows, want_t: bool):
     """The teacher's chunk logits (times ``p.teacher_scale``) and the matmul operand of its hidden rows (None
     unless the teacher is a pair whose gradients are wanted: ``want_t``; ``keep_rows`` then masks skipped rows)."""
@@ -171,7 +177,8 @@ def _teacher_chunk(p: SimpleNamespace, i0: int, i1: int, t_buf, tw_mm, teacher_b
                    head_logits(matmul_operand(chunk_rows(m[1], i0, i1, p.lead), p.mm_dtype).to(w_mm.dtype), w_mm,
                                _rounded(m[3], p.mm_dtype), p.logit_scale, p.softcap)
                    for m, w_mm in zip(p.mixture.members, p.mixture_weights_mm))
-        t = mix_log_probs(members, p.mixture.weights, p.mixture.mode, p.teacher_temperature, t_buf[:i1 - i0])
+        t = mix_log_probs(members, p.mixture.weights, p.mixture.mode, p.teacher_temperature, t_buf[:i1 - i0],
+                          *(() if p.group is None else (_group_logsumexp(p.group),)))
         return t.mul_(p.temperature), None  # softmax(T log p / T) = p
     elif p.teacher_kind == "mapped":  # the teacher's chunk (no logit_scale / softcap: another model) projected
         rows = p.mapped.teacher

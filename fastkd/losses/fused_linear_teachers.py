@@ -73,9 +73,9 @@ def teacher_scale_of(temperature, teacher_temperature, teacher_grad, teacher_kin
     if teacher_grad and teacher_kind in names:
         raise ValueError("teacher_grad=True needs a (teacher_hidden, teacher_weight) pair or teacher logits, got a "
                          f"{names[teacher_kind]}")
-    if teacher_kind in ("mixture", "mapped") and process_group is not None:
-        raise ValueError(f"a {names[teacher_kind]} is not supported with process_group yet (its softmax needs the "
-                         "whole vocabulary)")
+    if teacher_kind == "mapped" and process_group is not None:
+        raise ValueError("a MappedTeacher is not supported with process_group yet (its projection needs the "
+                         "teacher's whole vocabulary on each rank)")
     if teacher_temperature is None:
         return 1.0
     v.check_positive("teacher_temperature", teacher_temperature)
