@@ -13,14 +13,18 @@ from fastkd.reference import cross_tokenizer as R
 # (leading shape, V_s, V_t): equal vocabularies, either side larger, a row wider than a chunk's column
 # tables (2048 buckets), odd sizes
 # the CPU kernel (fastkd::uld_fwd) where this build has it, and the batched PyTorch path (what GPU tensors run)
-PATHS = ["batched"] + (["cpu"] if _ops.has_kernel("uld_fwd", "CPU") else [])
+# "sync-free": the batched path as GPU tensors run it (no host reads: every row processed, skipped rows
+# masked, ULD by a sort of each row), forced on CPU tensors
+PATHS = ["batched", "sync-free"] + (["cpu"] if _ops.has_kernel("uld_fwd", "CPU") else [])
 
 
 @pytest.fixture
 def path(request, monkeypatch):
     """Make backend="auto" take the path named by the test's parameter."""
-    if request.param == "batched":
+    if request.param in ("batched", "sync-free"):
         monkeypatch.setattr(X._ops, "has_kernel", lambda *a: False)
+    if request.param == "sync-free":
+        monkeypatch.setattr(X, "_no_host_reads", lambda x: True)
     return request.param
 
 
@@ -38,12 +42,13 @@ def make(lead, vs, vt, scale=3.0, seed=0, dtype=torch.float32):
     return s, t
 
 
+@pytest.mark.parametrize("l1", [sorted_l1_batched, X.sorted_l1_by_sort])
 @pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])
 @pytest.mark.parametrize("lead,vs,vt", SHAPES)
-def test_sorted_l1_exact_against_sort(lead, vs, vt, scale):
+def test_sorted_l1_exact_against_sort(lead, vs, vt, scale, l1):
     s, t = make(lead, vs, vt, scale, dtype=torch.float64)
     q, p = s.reshape(-1, vs).softmax(1), t.reshape(-1, vt).softmax(1)
-    loss, g_q, g_p = sorted_l1_batched(q, p)
+    loss, g_q, g_p = l1(q, p)
     qr, pr = q.clone().requires_grad_(), p.clone().requires_grad_()
     ref, _ = R.sorted_l1_rows(qr, pr)
     ref.sum().backward()
@@ -334,12 +339,16 @@ def _hybrid_case(inputs, seed=11, whole=False):
     return vm, s, t, target, weight
 
 
+@pytest.mark.parametrize("sync_free", [False, True])
 @pytest.mark.parametrize("inputs,whole", [("logits", False), ("log_probs", False), ("logits", True)])
 @pytest.mark.parametrize("beta,weights", [(0.0, None), (0.3, (0.6, 0.9)), (1.0, None)])
-def test_hybrid_batched_against_float64_reference(inputs, whole, beta, weights, monkeypatch):
+def test_hybrid_batched_against_float64_reference(inputs, whole, beta, weights, sync_free, monkeypatch):
     # chunks of 2 rows (several chunks, a ragged last one), a non-contiguous student, both gradients,
-    # the CE term, skipped rows and row weights, against the sort-based reference by autograd in float64
+    # the CE term, skipped rows and row weights, against the sort-based reference by autograd in float64;
+    # sync_free: the GPU's branch (no host reads) forced on CPU tensors
     monkeypatch.setattr(X, "HYBRID_CHUNK_ELEMENTS", 2 * 1000)
+    if sync_free:
+        monkeypatch.setattr(X, "_no_host_reads", lambda x: True)
     vm, s, t, target, weight = _hybrid_case(inputs, whole=whole)
     temps = dict(temperature=1.4, teacher_temperature=0.8) if inputs == "logits" else {}
     kw = dict(beta=beta, target=target, sample_weight=weight.float(), ce_weight=0.4, inputs=inputs, **temps)

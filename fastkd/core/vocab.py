@@ -99,6 +99,12 @@ class VocabMap:
         self.matched_teacher = matched.nonzero().squeeze(1)  # teacher ids with a counterpart
         self.student_ids, bucket = torch.unique(teacher_to_student[matched], return_inverse=True)
         self.bucket = bucket  # [matched teacher tokens]: index into student_ids
+        # the ids on neither side of a match (the hybrid's ULD terms), found once here: a loss call on a GPU
+        # would synchronise the host to find them (data-dependent sizes)
+        self.unmatched_teacher = (~matched).nonzero().squeeze(1)
+        hit = torch.zeros(self.student_vocab_size, dtype=torch.bool, device=teacher_to_student.device)
+        hit[self.student_ids] = True
+        self.unmatched_student = (~hit).nonzero().squeeze(1)
 
     @property
     def teacher_vocab_size(self) -> int:

@@ -7,7 +7,8 @@ probabilities sorted in descending order, the shorter zero-padded (formulas, ``k
 
     sum_i |a_i - b_i| = integral_0^1 |N_q(u) - N_p(u)| du
 
-Per row chunk, in PyTorch (any device), the passes over ``[rows, V_s]`` and ``[rows, V_t]``:
+Per row chunk, in PyTorch (CPU tensors; GPU tensors sort each row instead: ``sorted_l1_by_sort``, no host
+synchronisation), the passes over ``[rows, V_s]`` and ``[rows, V_t]``:
 
 1. ``q = softmax(s / T)``, ``p = softmax(t / T_t)``;
 2. each probability's bucket: the top bits of its float (exponent and 4 mantissa bits: 16 buckets
@@ -173,6 +174,34 @@ def sorted_l1_batched(q: torch.Tensor, p: torch.Tensor, want_q: bool = True, wan
     return loss, g_q, g_p
 
 
+def _no_host_reads(x: torch.Tensor) -> bool:
+    """Whether the batched path must avoid reading values on the host for ``x`` (a GPU tensor: each read would
+    synchronise the device; the tests set this on CPU tensors to run the GPU's branch)."""
+    return x.is_cuda
+
+
+def sorted_l1_by_sort(q: torch.Tensor, p: torch.Tensor, want_q: bool = True, want_p: bool = True):
+    """``sorted_l1_batched``'s result by a sort of each row: no data-dependent shapes, so no host
+    synchronisation (the bucket refinement's ``nonzero`` would synchronise a GPU once per level and chunk).
+    Used for GPU tensors; ``O(V log V)`` per row and ``[n, V]`` sort temporaries (the chunk's). An exact
+    tie ``a_i == b_i`` takes gradient 0 (any value in [-1, 1] is a subgradient there; the batched path
+    takes the counting functions' sign)."""
+    a, ia = q.sort(dim=1, descending=True)
+    b, ib = p.sort(dim=1, descending=True)
+    width = max(a.shape[1], b.shape[1])
+    diff = torch.nn.functional.pad(a, (0, width - a.shape[1])) - torch.nn.functional.pad(b, (0, width - b.shape[1]))
+    loss = diff.abs().sum(1, dtype=torch.float64)
+    sign = diff.sign_()
+    g_q = torch.empty_like(q).scatter_(1, ia, sign[:, :a.shape[1]])
+    g_p = torch.empty_like(p).scatter_(1, ib, sign[:, :b.shape[1]].neg()) if want_p else None
+    return loss, g_q, g_p
+
+
+def _sorted_l1(q: torch.Tensor, p: torch.Tensor, want_q: bool, want_p: bool):
+    """Exact ULD of probability rows: by sort on GPUs (no host synchronisation), else without a sort."""
+    return (sorted_l1_by_sort if _no_host_reads(q) else sorted_l1_batched)(q, p, want_q, want_p)
+
+
 def _topk_l1(q: torch.Tensor, p: torch.Tensor, k: int, want_q: bool, want_p: bool):
     """``uld_K``, its bound and sign gradients (``fastkd.reference.cross_tokenizer``): the K largest of each
     side by ``torch.topk`` (where issue 21's fused selection plugs in), the rest by their masses."""
@@ -202,7 +231,8 @@ def _probabilities(x, y, temperature, t_temp, log_probs):
         q = torch.softmax(x / temperature if temperature != 1 else x, dim=1)
         p = torch.softmax(y / t_temp if t_temp != 1 else y, dim=1)
         bad = q[:, :1].isnan() | p[:, :1].isnan()
-    any_bad = bool(bad.any())
+    # a GPU applies the masks unconditionally (reading `bad.any()` would synchronise the host)
+    any_bad = True if _no_host_reads(x) else bool(bad.any())
     if any_bad:
         q, p = torch.where(bad, 0.0, q), torch.where(bad, 0.0, p)
     return q, p, bad, any_bad
@@ -212,7 +242,7 @@ def _uld_op(k):
     """The ULD chunk op of ``_rows``: ``(q, p, want_q, want_p) -> ((row, bound), dL/dq, dL/dp)``; 2 values."""
     def op(q, p, want_q, want_p):
         if k is None or k >= max(q.shape[1], p.shape[1]):
-            row, g_q, g_p = sorted_l1_batched(q, p, want_q, want_p)
+            row, g_q, g_p = _sorted_l1(q, p, want_q, want_p)
             return (row, torch.zeros_like(row)), g_q, g_p
         row, bound, g_q, g_p = _topk_l1(q, p, k, want_q, want_p)
         return (row, bound), g_q, g_p
@@ -236,9 +266,11 @@ def _rows(s, t, weight, target, options, op):
     outs = [torch.zeros_like(hard) for _ in range(op.values)]
     grad_s = torch.empty_like(s, memory_format=torch.contiguous_format) if want_s else None
     grad_t = torch.empty_like(t, memory_format=torch.contiguous_format) if want_t else None
-    # skipped rows (weight 0) are never read: only the read rows are gathered, chunk by chunk (a host read:
-    # this path syncs on a GPU); their outputs stay 0
-    kept = (weight != 0).nonzero().squeeze(1)
+    # skipped rows (weight 0) are never read: on CPU only the read rows are gathered, chunk by chunk; on a
+    # GPU (where finding them would synchronise the host) every row is processed and the skipped ones are
+    # masked to 0 before any arithmetic (`gpu_skip`): their outputs are 0 all the same
+    gpu_skip = (weight == 0).unsqueeze(1) if _no_host_reads(s) else None
+    kept = torch.arange(n, device=s.device) if gpu_skip is not None else (weight != 0).nonzero().squeeze(1)
     if kept.numel() < n:
         for g in (grad_s, grad_t):
             if g is not None:
@@ -249,6 +281,8 @@ def _rows(s, t, weight, target, options, op):
         rows = kept[i:i + step] if kept.numel() < n else slice(i, min(n, i + step))
         w = weight[rows].to(dtype)
         x, y = s[rows].to(dtype), t[rows].to(dtype)
+        if gpu_skip is not None:
+            x, y = x.masked_fill(gpu_skip[rows], 0.0), y.masked_fill(gpu_skip[rows], 0.0)
         q, p, bad, any_bad = _probabilities(x, y, temperature, t_temp, log_probs)
         values, g_q, g_p = op(q, p, want_s, want_t)
         for out, v in zip(outs, values):
@@ -256,6 +290,8 @@ def _rows(s, t, weight, target, options, op):
         if wants_ce:
             lse1 = torch.logsumexp(x, dim=1)
             tgt = target[rows].unsqueeze(1)
+            if gpu_skip is not None:  # a skipped row's target (ignore_index) is no column
+                tgt = tgt.masked_fill(gpu_skip[rows], 0)
             hard[rows] = (lse1 - x.gather(1, tgt).squeeze(1)).double()
         w_col = w.unsqueeze(1)
         for want, g, prob, temp, out in ((want_s, g_q, q, temperature, grad_s), (want_t, g_p, p, t_temp, grad_t)):
@@ -389,7 +425,8 @@ def uld_loss(
     ``backend``: ``"auto"`` runs the CPU kernel ``fastkd::uld_fwd`` (``csrc/cpu/uld.cpp``: CPU tensors,
     ``k=None``, logits) or else the batched PyTorch path (float64 inputs: the reference);
     ``"cpu"`` the kernel only; ``"reference"`` the sort-based definition (autograd through
-    ``torch.sort``). No CUDA or Triton kernel yet (GPU tensors run the batched path).
+    ``torch.sort``). No CUDA or Triton kernel yet: GPU tensors run the batched path's sync-free branch (a
+    sort of each chunk row; no host read in the step).
     """
     check_uld_args(student_logits, teacher_logits, temperature, teacher_temperature, reduction, target, ignore_index,
                    sample_weight, ce_weight, return_parts, k, inputs)
@@ -431,11 +468,9 @@ def _hybrid_op(vm, beta: float, w_m: float, w_u: float):
     teacher's mass on each matched student id, ``m = w_p P + w_q q``): ``a sum P log(P / m) + b sum q log(q / m)``,
     ``dL/dq = b (log(q / m) + 1) - w_q (a P + b q) / m`` and ``dL/dP = a (log(P / m) + 1) - w_p (a P + b q) / m``
     (a ``0 log 0`` term is 0 and has derivative 0, as the reference's ``kl_terms``), every matched teacher token
-    taking its student id's ``dL/dP``; unmatched: ``sorted_l1_batched``'s sign rows. Temporaries: the chunk's."""
+    taking its student id's ``dL/dP``; unmatched: ``_sorted_l1``'s sign rows. Temporaries: the chunk's."""
     a, b, w_p, w_q = divergence_coefficients("jsd", beta=beta)
-    hit = torch.zeros(vm.student_vocab_size, dtype=torch.bool, device=vm.teacher_to_student.device)
-    hit[vm.student_ids] = True
-    rest_s, rest_t = (~hit).nonzero().squeeze(1), (vm.teacher_to_student < 0).nonzero().squeeze(1)
+    rest_s, rest_t = vm.unmatched_student, vm.unmatched_teacher
     has_rest = rest_s.numel() > 0 and rest_t.numel() > 0  # GOLD: no unmatched term when either side has none
     every_s = vm.student_ids.numel() == vm.student_vocab_size  # every column matched: no gather, no scatter
     every_t = vm.matched_teacher.numel() == vm.teacher_vocab_size
@@ -466,7 +501,7 @@ def _hybrid_op(vm, beta: float, w_m: float, w_u: float):
             g_p = g_pm if every_t else torch.zeros_like(p).index_copy_(1, vm.matched_teacher, g_pm)
         unmatched = torch.zeros_like(matched)
         if has_rest:
-            unmatched, g_qr, g_pr = sorted_l1_batched(q[:, rest_s], p[:, rest_t], want_q, want_p)
+            unmatched, g_qr, g_pr = _sorted_l1(q[:, rest_s], p[:, rest_t], want_q, want_p)
             g_q[:, rest_s] = w_u * g_qr
             if want_p:
                 g_p[:, rest_t] = w_u * g_pr
