@@ -33,8 +33,8 @@ TORCH_LIBRARY(fastkd, m) {
   // ULD across vocabularies (csrc/cpu/uld.cpp, fastkd/losses/cross_tokenizer.py): student [N, V_s], teacher [N, V_t]
   m.def(
       "uld_fwd(Tensor student, Tensor teacher, Tensor target, Tensor row_weight, float temperature, "
-      "float teacher_temperature, float ce_weight, bool reduce, bool grad_student, bool grad_teacher) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float teacher_temperature, float ce_weight, bool reduce, bool grad_student, bool grad_teacher, "
+      "bool log_probs=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // the row passes of the vocabulary-parallel divergences (csrc/cpu/divergence_shard.cpp, fastkd/distributed.py)
   m.def("divergence_shard_stats(Tensor student, Tensor teacher, float temperature, bool ce, Tensor row_read) -> Tensor");
   m.def(

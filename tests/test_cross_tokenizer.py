@@ -126,6 +126,29 @@ def test_rows_weights_ce_parts(reduction, k, path):
         assert torch.isfinite(g).all() and (g[0, 1] == 0).all() and (g[1, 0] == 0).all()
 
 
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_log_probs_rows_weights_ce(reduction, path):
+    """inputs="log_probs" (rows taken as given, as merge_aligned's: masses below 1, -inf entries, a value
+    above 0 read as probability 1) on every path, the CPU kernel included, against the float64 reference."""
+    lead, vs, vt = (3, 5), 2100, 1300
+    s, t = make(lead, vs, vt, seed=4)
+    s, t = torch.log_softmax(s, -1) - 0.3, torch.log_softmax(t, -1) - 0.05  # total masses e^-0.3, e^-0.05
+    s[0, 0, :7] = float("-inf")
+    t[1, 2, 3] = float("-inf")
+    t[2, 1, 9] = 0.25  # read as log-prob 0
+    target = torch.randint(0, vs, lead)
+    target[1, 1] = -100
+    s[1, 1] = float("nan")  # a skipped row is never read
+    sw = torch.rand(lead) + 0.5
+    out, ref, gs, gt = _both(s, t, inputs="log_probs", reduction=reduction, target=target, sample_weight=sw,
+                             ce_weight=0.2, return_parts=True)
+    for a, b in zip(out, ref):
+        assert torch.allclose(a.double(), b, rtol=2e-5, atol=1e-7), (a, b)
+    assert rel(gs[0].double(), gs[1]) < 1e-5 and rel(gt[0].double(), gt[1]) < 1e-5
+    assert (gs[0][1, 1] == 0).all() and torch.isfinite(gs[0]).all() and torch.isfinite(gt[0]).all()
+
+
 def test_k_bound_brackets_the_exact_value():
     s, t = make((16,), 2000, 3000, 1.0, dtype=torch.float64)
     exact = fastkd.uld_loss(s, t, reduction="none")

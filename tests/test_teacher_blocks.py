@@ -127,13 +127,15 @@ def test_mixture_of_one_teacher_is_that_teacher():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_members_get_no_gradient_and_no_grad_does_no_backward_work():
+def test_members_are_constants_and_no_grad_does_no_backward_work():
     g = torch.Generator().manual_seed(5)
     s = torch.randn(4, 40, generator=g, requires_grad=True)
     t1, t2 = (torch.randn(4, 40, generator=g, requires_grad=True) for _ in range(2))
-    loss = fastkd.forward_kl_loss(s, fastkd.TeacherMixture([t1, t2]), backend="cpu")
+    with pytest.raises(ValueError, match=r"teachers\[0\] requires grad"):
+        fastkd.forward_kl_loss(s, fastkd.TeacherMixture([t1, t2]), backend="cpu")
+    loss = fastkd.forward_kl_loss(s, fastkd.TeacherMixture([t1.detach(), t2.detach()]), backend="cpu")
     loss.backward()
-    assert t1.grad is None and t2.grad is None and s.grad is not None
+    assert s.grad is not None
     with torch.no_grad():
         loss = fastkd.forward_kl_loss(s, fastkd.TeacherMixture([t1, t2]), backend="cpu")
     assert loss.grad_fn is None
@@ -319,3 +321,71 @@ def test_teacher_temperature_errors():
         fastkd.kd_loss(s, t, torch.tensor(2.0), teacher_temperature=2.0)
     with pytest.raises(ValueError, match="teacher_temperature"):
         fastkd.nn.ForwardKLLoss(teacher_temperature=-1.0)
+
+
+# ---- the block driver in a training loop (review findings) ----
+
+def _block_losses():
+    g = torch.Generator().manual_seed(13)
+    s = torch.randn(4, 6, 37, generator=g)
+    t1, t2 = torch.randn(4, 6, 37, generator=g), torch.randn(4, 6, 37, generator=g)
+    return s, {
+        "mixture": lambda x, **kw: fastkd.jsd_loss(x, fastkd.TeacherMixture([t1, t2]), backend="cpu", **kw),
+        "teacher_temperature": lambda x, **kw: fastkd.kd_loss(x, t1, 2.0, teacher_temperature=1.5, backend="cpu",
+                                                              **kw),
+    }
+
+
+@pytest.mark.parametrize("form", ["mixture", "teacher_temperature"])
+def test_blocks_backward_once_in_place_loss_and_low_precision_scale(form, monkeypatch):
+    monkeypatch.setattr(teacher_blocks, "BLOCK_ELEMENTS", 5 * 37)
+    s, losses = _block_losses()
+    loss_fn = losses[form]
+    # a second backward, and double backward, raise fastkd's clear errors
+    x = s.clone().requires_grad_()
+    loss = loss_fn(x)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss_fn(x), x, create_graph=True)
+    # the returned loss can be changed in place (loss += ce), reduced or per row
+    for reduction in ("batchmean", "none"):
+        x = s.clone().requires_grad_()
+        loss = loss_fn(x, reduction=reduction)
+        loss += 1.0
+        loss.sum().backward()
+        assert torch.isfinite(x.grad).all()
+    # bf16: the incoming gradient (0.9) multiplies in float32, not rounded to bf16 first
+    xb = s.to(torch.bfloat16).requires_grad_()
+    (g1,) = torch.autograd.grad(loss_fn(xb), xb)
+    (g9,) = torch.autograd.grad(loss_fn(xb) * 0.9, xb)
+    assert torch.equal(g9, (g1.float() * 0.9).to(torch.bfloat16))
+
+
+def test_blocks_take_any_layout():
+    """An expanded student (stride-0 rows), a column slice and a transposed teacher run (copied per block
+    where the backend needs contiguous rows) and match the float64 definition, gradients included."""
+    g = torch.Generator().manual_seed(14)
+    transposed = torch.randn(29, 6, generator=g).T
+    sliced = torch.randn(6, 40, generator=g)[:, :29]
+    cases = [(torch.randn(1, 29, generator=g), lambda leaf: leaf.expand(6, 29), transposed),
+             (torch.randn(6, 40, generator=g), lambda leaf: leaf[:, :29], transposed),
+             (torch.randn(1, 29, generator=g), lambda leaf: leaf.expand(6, 29), sliced)]
+    for source, view, teacher in cases:
+        leaf, leaf64 = source.clone().requires_grad_(), source.double().requires_grad_()
+        got = fastkd.forward_kl_loss(view(leaf), teacher, temperature=2.0, teacher_temperature=1.2, backend="cpu")
+        want = by_hand("forward_kl", view(leaf64), teacher.double(), 2.0, 1.2)
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-7)
+        got.backward()
+        want.backward()
+        assert rel_norm(leaf.grad, leaf64.grad) < 1e-5
+
+
+def test_kd_loss_equal_teacher_temperature_with_a_process_group_keeps_the_sharded_kd(monkeypatch):
+    """kd_loss with teacher_temperature == temperature and a process_group is the plain sharded kd_loss (T^2
+    kept), not the divergences' path."""
+    calls = []
+    monkeypatch.setattr(fastkd.losses.divergence, "sharded", lambda name, *a, **kw: calls.append(name) or 0.0)
+    fastkd.kd_loss(torch.randn(2, 5), torch.randn(2, 5), 2.0, teacher_temperature=2.0, process_group=object())
+    assert calls == ["kd_loss"]

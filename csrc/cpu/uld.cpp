@@ -14,6 +14,8 @@
 //      sorted by value, and integrated exactly segment by segment; their sign is that of N_q - N_p
 //      just above them;
 //   4. the gradients, w q (g - sum q g) / T (and the teacher's), over the kept probabilities.
+// With log_probs (rows of log-probabilities taken as given, not renormalised: inputs="log_probs"), step 1
+// is exp(min(x, 0)) and the gradients are w q g (no normaliser, no temperature).
 // So three passes over the student row plus the gradient pass, two over the teacher's, one exp
 // per element (two with a cross-entropy at T != 1), and a sort of the ambiguous elements only.
 #include <ATen/ATen.h>
@@ -101,6 +103,24 @@ FASTKD_INLINE void softmax_exps(const float* x, int64_t n, float inv_t, float* o
   m = row_max, mn = row_min, z = total;
 }
 
+// Log-probabilities taken as given (inputs="log_probs"): out = exp(min(x, 0)) (a value above 0 reads as
+// probability 1, as the batched path), one factor of 1 per chunk and z = 1 (the normalising pass then only
+// counts), the row's max and min; `bad` when a value is NaN (the one bad row here: -inf is probability 0).
+FASTKD_INLINE void logprob_exps(const float* x, int64_t n, float* out, std::vector<float>& factor, float& m,
+                                float& mn, bool& bad) {
+  float row_max = -INFINITY, row_min = INFINITY;
+  int nan = 0;
+#pragma omp simd reduction(max : row_max) reduction(min : row_min) reduction(| : nan)
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = x[j];
+    nan |= static_cast<int>(v != v);
+    row_max = v > row_max ? v : row_max, row_min = v < row_min ? v : row_min;
+    out[j] = vexp(v < 0.0f ? v : 0.0f);
+  }
+  factor.assign(2 * ((n + kStatsChunk - 1) / kStatsChunk), 1.0f);
+  m = row_max, mn = row_min, bad = nan != 0;
+}
+
 // Normalise (out *= the chunk's factor / z) and add each probability to its bucket's count and sum.
 FASTKD_INLINE void normalise_and_count(float* out, int64_t n, const std::vector<float>& factor, double z, int32_t* cnt,
                                        double* sum) {
@@ -127,6 +147,12 @@ void side_grad(const float* prob, int64_t n, const int32_t* sign, int flip, floa
   }
 }
 
+// Log-probs as given: a value above 0 is read as 0, a constant, so its gradient is 0.
+FASTKD_INLINE void zero_where_positive(const float* x, int64_t n, float* g) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) g[j] = x[j] > 0.0f ? 0.0f : g[j];
+}
+
 // The elements of one side in ambiguous buckets (sign 0). Blocks of 16 without one (most: the ambiguous
 // elements are a few percent, spread over the vocabulary) are skipped by a vectorised test (gathers of
 // the int32 sign table).
@@ -148,16 +174,32 @@ FASTKD_INLINE void collect_ambiguous(const float* x, int64_t n, const int32_t* s
 // One counted row: returns {soft, hard} (unweighted); writes the weighted gradients (gs / gt may be null).
 FASTKD_CPU_CLONES
 std::pair<double, double> uld_row(const float* s, int64_t vs, const float* t, int64_t vt, float inv_ts, float inv_tt,
-                                  int64_t target, float w, float ce_weight, float* gs, float* gt, ULDScratch& sc) {
+                                  int64_t target, float w, float ce_weight, bool log_probs, float* gs, float* gt,
+                                  ULDScratch& sc) {
   sc.q.resize(vs);
   sc.p.resize(vt);
   float* q = gs ? gs : sc.q.data();
   float* p = gt ? gt : sc.p.data();
   float ms, mt, ns, nt;
-  double zs, zt;
-  softmax_exps(s, vs, inv_ts, q, sc.factor_q, ms, ns, zs);
-  softmax_exps(t, vt, inv_tt, p, sc.factor_p, mt, nt, zt);
-  if (!(zs > 0 && std::isfinite(zs) && zt > 0 && std::isfinite(zt))) {  // NaN / +inf logits, or all -inf
+  double zs = 1.0, zt = 1.0;
+  // each side's largest and smallest probability (the bucket range the tables use)
+  double q_max, q_min, p_max, p_min;
+  bool bad;
+  if (log_probs) {  // the rows as given: no softmax, no temperature
+    bool bad_t;
+    logprob_exps(s, vs, q, sc.factor_q, ms, ns, bad);
+    logprob_exps(t, vt, p, sc.factor_p, mt, nt, bad_t);
+    bad = bad || bad_t;
+    q_max = std::exp(std::min(double(ms), 0.0)), q_min = std::exp(std::min(double(ns), 0.0));
+    p_max = std::exp(std::min(double(mt), 0.0)), p_min = std::exp(std::min(double(nt), 0.0));
+  } else {
+    softmax_exps(s, vs, inv_ts, q, sc.factor_q, ms, ns, zs);
+    softmax_exps(t, vt, inv_tt, p, sc.factor_p, mt, nt, zt);
+    bad = !(zs > 0 && std::isfinite(zs) && zt > 0 && std::isfinite(zt));  // NaN / +inf logits, or all -inf
+    q_max = 1.0 / zs, q_min = std::exp(double(ns - ms) * inv_ts) / zs;
+    p_max = 1.0 / zt, p_min = std::exp(double(nt - mt) * inv_tt) / zt;
+  }
+  if (bad) {
     if (gs) std::fill(gs, gs + vs, NAN);
     if (gt) std::fill(gt, gt + vt, NAN);
     return {NAN, NAN};
@@ -167,10 +209,10 @@ std::pair<double, double> uld_row(const float* s, int64_t vs, const float* t, in
   sc.cnt_p.resize(kBuckets + 1);
   sc.sign.resize(kBuckets + 1);
   // the tables are cleared (and walked) only between the lowest and the highest bucket either side uses
-  // (the largest probability is 1 / z, the smallest exp((min - max) / T) / z; one bucket of slack for rounding)
-  const double q_min = std::exp(double(ns - ms) * inv_ts) / zs, p_min = std::exp(double(nt - mt) * inv_tt) / zt;
+  // (softmax: the largest probability is 1 / z, the smallest exp((min - max) / T) / z; one bucket of slack
+  // for rounding)
   const int k_lo = std::max(0, bucket_of(static_cast<float>(std::min(q_min, p_min))) - 1);
-  const int k_hi = std::min(kBuckets, bucket_of(static_cast<float>(1.0 / std::min(zs, zt))) + 1);
+  const int k_hi = std::min(kBuckets, bucket_of(static_cast<float>(std::max(q_max, p_max))) + 1);
   for (auto* v : {&sc.sum_q, &sc.sum_p}) std::fill(v->begin() + k_lo, v->begin() + k_hi + 1, 0.0);
   for (auto* v : {&sc.cnt_q, &sc.cnt_p}) std::fill(v->begin() + k_lo, v->begin() + k_hi + 1, 0);
   normalise_and_count(q, vs, sc.factor_q, zs, sc.cnt_q.data(), sc.sum_q.data());
@@ -228,7 +270,7 @@ std::pair<double, double> uld_row(const float* s, int64_t vs, const float* t, in
   double hard = 0.0, lse1 = 0.0;
   const bool ce = target >= 0;
   if (ce) {
-    if (inv_ts == 1.0f) {
+    if (inv_ts == 1.0f && !log_probs) {
       lse1 = ms + std::log(zs);
     } else {
       double z1 = 0.0;
@@ -237,11 +279,14 @@ std::pair<double, double> uld_row(const float* s, int64_t vs, const float* t, in
     }
     hard = lse1 - s[target];
   }
+  // softmax rows: dL/dx = w q (g - sum q g) / T; log-probs as given: dL/dx = w q g (no normaliser)
+  if (log_probs) c_q = c_p = 0.0, inv_ts = inv_tt = 1.0f;
   if (gs) {
     const float coef = w * inv_ts, cq = static_cast<float>(c_q);
     side_grad(q, vs, sc.sign.data(), 1, coef, cq, gs);  // q lives in gs: read, then overwritten
     for (const auto& e : sc.amb)
       if (e.student) gs[e.index] = coef * (e.value - std::fabs(e.value) * cq);
+    if (log_probs) zero_where_positive(s, vs, gs);
     if (ce && ce_weight != 0.0f) {
       const float wc = w * ce_weight, l1 = static_cast<float>(lse1);
       for (int64_t j = 0; j < vs; ++j) gs[j] += wc * vexp(s[j] - l1);
@@ -253,6 +298,7 @@ std::pair<double, double> uld_row(const float* s, int64_t vs, const float* t, in
     side_grad(p, vt, sc.sign.data(), -1, coef, cp, gt);
     for (const auto& e : sc.amb)
       if (!e.student) gt[e.index] = coef * (e.value - std::fabs(e.value) * cp);
+    if (log_probs) zero_where_positive(t, vt, gt);
   }
   return {loss, hard};
 }
@@ -260,7 +306,7 @@ std::pair<double, double> uld_row(const float* s, int64_t vs, const float* t, in
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> uld_fwd_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& target, const at::Tensor& row_weight,
     double temperature, double teacher_temperature, double ce_weight, bool reduce, bool grad_student,
-    bool grad_teacher) {
+    bool grad_teacher, bool log_probs) {
   check_logit_rows(student, "student");
   check_logit_rows(teacher, "teacher");
   const int64_t N = student.size(0), vs = student.size(1), vt = teacher.size(1);
@@ -290,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> uld_fwd_c
       } else {
         const int64_t row_target = tgt ? checked_target(tgt, i, vs) : -1;
         const auto r = uld_row(input_row(student, i, sbuf), vs, input_row(teacher, i, tbuf), vt, inv_ts, inv_tt,
-                               row_target, weight[i], ce, gs_row, gt_row, scratch);
+                               row_target, weight[i], ce, log_probs, gs_row, gt_row, scratch);
         soft_out[i] = static_cast<float>(weight[i] * r.first);
         hard_out[i] = static_cast<float>(weight[i] * r.second);
       }

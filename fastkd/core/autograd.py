@@ -45,6 +45,24 @@ def scale_stored_grad(stored: torch.Tensor, grad_loss: torch.Tensor) -> torch.Te
     return torch.mul(stored, scale, out=stored)
 
 
+def guard_stored_backward(ctx, grad_loss) -> None:
+    """The checks of a backward that scales stored gradients in place (``ctx.used`` starts False): no
+    double backward (only the first derivative is stored), no second backward (the stored gradient is
+    used up). Marks ``ctx`` used."""
+    if torch.is_grad_enabled() and not _traced(grad_loss if grad_loss is not None else torch.empty(0)):
+        raise RuntimeError(
+            "fastkd: double backward (create_graph=True) is not supported by the fused losses: they "
+            "store only the first derivative. Use backend='reference' for higher-order gradients."
+        )
+    if ctx.used:
+        raise RuntimeError(
+            "fastkd: backward ran twice through the same fused loss (retain_graph=True?). The fused "
+            "losses scale their stored gradient in place, so it can be used once; compute the loss "
+            "again, or use backend='reference', to backpropagate through it twice."
+        )
+    ctx.used = True
+
+
 def register_loss_autograd(op, grad_slots):
     """Register autograd for a fused loss op (a name like "fastkd::kd_fwd" or a custom op).
 
@@ -66,18 +84,7 @@ def register_loss_autograd(op, grad_slots):
         ctx.save_for_backward(*(output[out].detach() for out in grad_slots.values()))
 
     def backward(ctx, grad_loss, *unused):
-        if torch.is_grad_enabled() and not _traced(grad_loss if grad_loss is not None else torch.empty(0)):
-            raise RuntimeError(
-                "fastkd: double backward (create_graph=True) is not supported by the fused losses: they "
-                "store only the first derivative. Use backend='reference' for higher-order gradients."
-            )
-        if ctx.used:
-            raise RuntimeError(
-                "fastkd: backward ran twice through the same fused loss (retain_graph=True?). The fused "
-                "losses scale their stored gradient in place, so it can be used once; compute the loss "
-                "again, or use backend='reference', to backpropagate through it twice."
-            )
-        ctx.used = True
+        guard_stored_backward(ctx, grad_loss)
         grads = [None] * ctx.num_inputs
         for inp, stored, requested in zip(grad_slots.keys(), ctx.saved_tensors, ctx.requested):
             if requested:

@@ -43,6 +43,8 @@ LOSS_OPS = {
 }
 # Ops with CPU and Triton kernels only (no CUDA C++ kernel: on CUDA tensors "auto" runs Triton).
 NO_CUDA_KERNEL = ("topk_fwd",)
+# The backends whose divergence_fwd reads rows with any row stride (CUDA's takes contiguous rows).
+ROW_STRIDED_BACKENDS = ("cpu", "triton")
 # How messages name the LOSS_OPS keys that are not a public function's name.
 _CALLS = {
     "kd_topk": "kd_loss with a TopKTeacher",

@@ -123,7 +123,7 @@ def _register_topk():
 def _register_uld():
     @torch.library.register_fake("fastkd::uld_fwd")
     def _(student, teacher, target, row_weight, temperature, teacher_temperature, ce_weight, reduce, grad_student,
-          grad_teacher):
+          grad_teacher, log_probs=False):
         loss = _loss(student, reduce)
         return (loss, torch.empty_like(loss), torch.empty_like(loss), _empty_grad(student, grad_student),
                 _empty_grad(teacher, grad_teacher))

@@ -82,8 +82,8 @@ def kd_loss(
     head); dense logits run block by block on ``divergence_fwd`` (``fastkd.forward_kl_loss``'s
     ``teacher_temperature``). Not with a tensor temperature, a ``TopKTeacher`` or ``process_group``.
     It may also be a ``fastkd.TeacherMixture`` of dense logits (``p`` the members' arithmetic or
-    geometric mixture at ``temperature``, formed one block of rows at a time; a float temperature,
-    no ``process_group``).
+    geometric mixture at ``teacher_temperature``, default ``temperature``, formed one block of rows at
+    a time; a float temperature, no ``process_group``).
 
     ``ce_weight`` adds ``ce_weight * cross_entropy(student_logits, target)`` (raw
     logits, T = 1; same reduction, ``ignore_index`` and ``sample_weight``; needs
@@ -101,8 +101,14 @@ def kd_loss(
     global ids); the loss is that of the whole vocabulary, on every rank, with O(rows)
     communication (``fastkd.distributed``; a tensor temperature with dense teacher logits only).
     """
-    if isinstance(teacher_logits, TeacherMixture) or (
-            teacher_temperature is not None and not isinstance(temperature, torch.Tensor)):
+    if teacher_temperature is not None:
+        if isinstance(temperature, torch.Tensor):
+            raise TypeError("kd_loss's teacher_temperature needs a float temperature (a tensor temperature, CTKD, "
+                            "scales both sides)")
+        v.check_positive("teacher_temperature", teacher_temperature)
+        if float(teacher_temperature) == float(temperature):
+            teacher_temperature = None  # one temperature: the plain path
+    if isinstance(teacher_logits, TeacherMixture) or teacher_temperature is not None:
         # several teachers, or the teacher at its own temperature: forward KL at T, times T^2, on the
         # divergences' path (fastkd/losses/teacher_blocks.py)
         if isinstance(temperature, torch.Tensor):
@@ -111,9 +117,6 @@ def kd_loss(
             "forward_kl", {}, student_logits, teacher_logits, temperature, reduction, target, ignore_index,
             sample_weight, ce_weight, return_parts, process_group, backend, teacher_vocab, teacher_temperature,
             scale_t2=True)
-    if teacher_temperature is not None:
-        raise TypeError("kd_loss's teacher_temperature needs a float temperature (a tensor temperature, CTKD, "
-                        "scales both sides)")
     if isinstance(teacher_logits, MappedTeacher):  # another tokenizer: its top-k buckets at T
         if isinstance(temperature, torch.Tensor):
             raise TypeError("kd_loss with a MappedTeacher takes a float temperature (the projection runs at it)")

@@ -29,7 +29,8 @@ synchronisation), the passes over ``[rows, V_s]`` and ``[rows, V_t]``:
 Ambiguous buckets hold a few percent of the elements when the two rows' shapes differ; in the worst
 case (student equal to the teacher) every level refines the whole row (three levels for float32).
 On CPU tensors ``backend="auto"`` runs the C++ kernel ``fastkd::uld_fwd`` instead (``csrc/cpu/uld.cpp``:
-the same identity, 64 buckets per octave, the ambiguous elements sorted), for exact ULD of logits.
+the same identity, 64 buckets per octave, the ambiguous elements sorted), for exact ULD of logits or of
+log-probs taken as given (``inputs="log_probs"``: the merged rows of ``fastkd.merge_aligned``).
 
 ``k=K``: ``torch.topk`` of each side (issue 21's fused selection, ``fastkd.topk_from_logits``,
 plugs in here), the K pairs exactly plus the two tails' masses as one pair; the bound
@@ -301,6 +302,8 @@ def _rows(s, t, weight, target, options, op):
             if not log_probs:
                 g.sub_(torch.einsum("ij,ij->i", prob, g).unsqueeze(1))
             g.mul_(prob).mul_(w_col / temp)
+            if log_probs:  # a log-prob above 0 is read as 0: a constant there
+                g.masked_fill_((x if out is grad_s else y) > 0, 0.0)
             if out is grad_s and ce_weight != 0:
                 ce = (x - lse1.unsqueeze(1)).exp_()
                 ce.scatter_add_(1, tgt, torch.full_like(w_col, -1.0))
@@ -349,14 +352,14 @@ class _RowsFunction(torch.autograd.Function):
 
 
 def _resolve(backend, student, teacher, kernel_case: bool = False) -> str:
-    """"reference" (sort, autograd), "cpu" (``fastkd::uld_fwd``: exact ULD of logits on CPU tensors) or
+    """"reference" (sort, autograd), "cpu" (``fastkd::uld_fwd``: exact ULD on CPU tensors) or
     "batched" (this module's PyTorch path, any device). ``kernel_case``: the call is one the op computes."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     f64 = torch.float64 in (student.dtype, teacher.dtype)
     if backend == "reference" or (backend == "auto" and f64):
         return "reference"
-    reason = None if kernel_case else "it computes exact ULD (k=None) of logits (inputs='logits') only"
+    reason = None if kernel_case else "it computes exact ULD (k=None) only"
     if student.device.type != "cpu":
         reason = f"it runs on CPU tensors, got {student.device}"
     elif not _ops.has_kernel("uld_fwd", "CPU"):
@@ -423,14 +426,14 @@ def uld_loss(
     must be 1: apply them before merging); ``q = exp(s)``, ``p = exp(t)``.
 
     ``backend``: ``"auto"`` runs the CPU kernel ``fastkd::uld_fwd`` (``csrc/cpu/uld.cpp``: CPU tensors,
-    ``k=None``, logits) or else the batched PyTorch path (float64 inputs: the reference);
+    ``k=None``, logits or log-probs) or else the batched PyTorch path (float64 inputs: the reference);
     ``"cpu"`` the kernel only; ``"reference"`` the sort-based definition (autograd through
     ``torch.sort``). No CUDA or Triton kernel yet: GPU tensors run the batched path's sync-free branch (a
     sort of each chunk row; no host read in the step).
     """
     check_uld_args(student_logits, teacher_logits, temperature, teacher_temperature, reduction, target, ignore_index,
                    sample_weight, ce_weight, return_parts, k, inputs)
-    name = _resolve(backend, student_logits, teacher_logits, k is None and inputs == "logits")
+    name = _resolve(backend, student_logits, teacher_logits, k is None)
     if name == "reference":
         return R.compute_uld(student_logits, teacher_logits, temperature, teacher_temperature, reduction, target,
                              ignore_index, sample_weight, ce_weight, return_parts, k, inputs)
@@ -448,7 +451,7 @@ def uld_loss(
         s, t = row_view(student_logits), row_view(teacher_logits)
         loss, soft, hard, _, _ = torch.ops.fastkd.uld_fwd(
             s, t, tgt.contiguous() if wants_ce else _NO_IDS, weight, float(temperature), float(t_temp),
-            float(ce_weight), reduction != "none", wants_grad(s), wants_grad(t))
+            float(ce_weight), reduction != "none", wants_grad(s), wants_grad(t), inputs == "log_probs")
         outs = [loss, soft.detach(), hard.detach(), torch.zeros_like(soft)]
         if reduction == "none":
             outs = [o.reshape(lead) for o in outs]

@@ -44,7 +44,7 @@ from ..core.rows import GappedRows, from_gapped, gapped_period, row_view, row_we
 from ..core.topk import PAD_ID, TopKTeacher
 from ..core.mixture import TeacherMixture
 from ..core.vocab import MappedTeacher
-from ..dispatch.backend import implementation, resolve
+from ..dispatch.backend import ROW_STRIDED_BACKENDS, implementation, resolve
 from ..reference import divergence as R
 from .teacher_blocks import mixture_loss, teacher_temperature_loss
 
@@ -54,8 +54,6 @@ __all__ = ["forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tv
 Teacher = Union[torch.Tensor, TopKTeacher]
 
 _NO_IDS = torch.empty(0, dtype=torch.int64)
-# The backends whose divergence_fwd reads rows with any row stride (CUDA's takes contiguous rows).
-ROW_STRIDED_BACKENDS = ("cpu", "triton")
 
 
 def fused_call(name: str, student, teacher: Teacher, *, temperature: float, reduction: str, target, ignore_index,

@@ -27,8 +27,9 @@ import torch
 from ..core import checks as v
 from ..core.divergence import LossParts, check_divergence_args, divergence_op_args
 from ..core.mixture import TeacherMixture, mix_log_probs, mixture_vocab
+from ..core.autograd import guard_stored_backward, scale_stored_grad
 from ..core.rows import compute_dtype, row_weights, wants_grad
-from ..dispatch.backend import implementation, resolve
+from ..dispatch.backend import ROW_STRIDED_BACKENDS, implementation, resolve
 from ..reference import divergence as R
 
 __all__ = ["mixture_loss", "teacher_temperature_loss", "check_dense_mixture"]
@@ -53,6 +54,9 @@ def check_dense_mixture(student: torch.Tensor, mixture: TeacherMixture, teacher_
             raise TypeError(f"teachers[{i}] must be a floating tensor of teacher logits")
         if x.device != student.device:
             raise ValueError(f"teachers[{i}] must be on student_logits' device {student.device}, got {x.device}")
+        if x.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"teachers[{i}] requires grad, but a TeacherMixture's members are constants (no "
+                             f"gradient would reach them); pass teachers[{i}].detach()")
         if tuple(x.shape[:-1]) != tuple(student.shape[:-1]):
             raise ValueError(f"teachers[{i}] must have student_logits' leading shape {tuple(student.shape[:-1])}, "
                              f"got {tuple(x.shape)}")
@@ -113,39 +117,41 @@ class _BlockRows(torch.autograd.Function):
         want_t = teacher is not None
         grad_s = torch.empty(student.shape, dtype=student.dtype, device=student.device) if want_s else None
         grad_t = torch.empty(teacher.shape, dtype=teacher.dtype, device=teacher.device) if want_t else None
-        dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-        totals = torch.zeros(3, dtype=dtype, device=student.device)
-        per_row = None if reduce else torch.zeros((3,) + tuple(lead), dtype=dtype, device=student.device)
+        shape = () if reduce else tuple(lead)
+        loss, soft, hard = (torch.zeros(shape, dtype=torch.float32, device=student.device) for _ in range(3))
         op = implementation(name).divergence_fwd
+        strided = name in ROW_STRIDED_BACKENDS  # CUDA's divergence_fwd takes contiguous rows
         no_ids = _NO_IDS.to(student.device)
         for idx in _blocks(tuple(lead), max(1, BLOCK_ELEMENTS // max(vocab, 1))):
             s = student[idx]
             rows = s.reshape(-1, vocab)  # a view when the block's rows are one stride apart, else a block copy
-            if rows.stride(-1) != 1:
+            if rows.stride(-1) != 1 or not (strided or rows.is_contiguous()):
                 rows = rows.contiguous()
             tgt = target[idx].reshape(-1) if target is not None else no_ids
-            loss, soft, hard, g, gt = op(rows, make_block(idx), no_ids, tgt, weight[idx].reshape(-1),
-                                         float(temperature), code, *coefficients, float(soft_scale), float(ce_weight),
-                                         0, reduce, want_s, want_t)
-            if reduce:
-                totals += torch.stack((loss, soft, hard)).to(dtype)
-            else:
-                per_row[(slice(None),) + idx] = torch.stack((loss, soft, hard)).to(dtype).reshape(
-                    (3,) + tuple(s.shape[:-1]))
+            out = op(rows, make_block(idx), no_ids, tgt, weight[idx].reshape(-1), float(temperature), code,
+                     *coefficients, float(soft_scale), float(ce_weight), 0, reduce, want_s, want_t)
+            for total, value in zip((loss, soft, hard), out[:3]):
+                if reduce:
+                    total += value
+                else:
+                    total[idx] = value.reshape(s.shape[:-1])
             if want_s:
-                grad_s[idx] = g.reshape(s.shape)
+                grad_s[idx] = out[3].reshape(s.shape)
             if want_t:
-                grad_t[idx] = gt.reshape(s.shape).mul_(t_scale)
-        ctx.grads, ctx.reduce = (grad_s, grad_t), reduce
-        loss, soft, hard = (totals if reduce else per_row).unbind(0)
+                grad_t[idx] = out[4].reshape(s.shape).mul_(t_scale)
+        ctx.grads, ctx.reduce, ctx.used = (grad_s, grad_t), reduce, False
+        ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(soft, hard)
         return loss, soft, hard
 
     @staticmethod
     def backward(ctx, grad_loss, grad_soft, grad_hard):
+        guard_stored_backward(ctx, grad_loss)
         grads, ctx.grads = ctx.grads, None
-        scale = grad_loss if ctx.reduce else grad_loss.unsqueeze(-1)
-        grad_s, grad_t = (None if g is None else g.mul_(scale.to(g.dtype)) for g in grads)
+        # the stored gradients are contiguous [..., V]: as rows they scale by one incoming value per row
+        per_row = grad_loss if grad_loss is None or ctx.reduce else grad_loss.reshape(-1)
+        grad_s, grad_t = (None if g is None else scale_stored_grad(g.view(-1, g.shape[-1]), per_row).view(g.shape)
+                          for g in grads)
         return (grad_s, grad_t) + (None,) * 12
 
 
@@ -204,9 +210,10 @@ def teacher_temperature_loss(kind: str, params: dict, student: torch.Tensor, tea
         return R.compute(student, teacher * ratio, temperature, reduction, target, ignore_index, sample_weight,
                          ce_weight, return_parts, kind, scale_t2=soft_scale != 1.0, **params)
 
-    def make_block(idx):
+    def make_block(idx):  # float32, contiguous (CUDA's op takes contiguous rows)
         block = teacher[idx]
-        return block.reshape(-1, block.shape[-1]).to(torch.float32, copy=True).mul_(ratio)
+        block = block.reshape(-1, block.shape[-1])
+        return torch.empty(block.shape, dtype=torch.float32, device=block.device).copy_(block).mul_(ratio)
 
     return _run_blocks(kind, params, student, teacher if wants_grad(teacher) else None, make_block, name,
                        temperature, reduction, target, ignore_index, sample_weight, ce_weight, return_parts,
