@@ -5,7 +5,9 @@
 
 Forward + backward (student gradient), float32 logits ``[B, S, V_s]`` and ``[B, S, V_t]``, every row
 counted. Providers: ``fastkd uld`` (``backend="auto"``: the CPU kernel ``fastkd::uld_fwd``),
-``fastkd uld batched`` (the PyTorch path without a sort, what GPU tensors run), ``fastkd uld k=64``
+``fastkd uld batched`` (the PyTorch path without a sort), ``fastkd uld log_probs`` / ``... batched``
+(``inputs="log_probs"`` on log-softmaxed rows: the kernel, the batched path; the student's log-softmax
+included), ``fastkd uld k=64``
 (top-64 and the tail masses), ``fastkd hybrid`` (``hybrid_uld_loss``, PyTorch row chunks with the
 gradients computed in forward, half the teacher's tokens matched), ``trl uld`` (TRL's ``ULDLoss``: a softmax and a full sort of both
 vocabularies per position, a Python loop per sequence; one timed call, it takes tens of seconds),
@@ -26,11 +28,11 @@ from fastkd.bench.timing import median_seconds
 from fastkd.losses import cross_tokenizer as X
 
 
-def _batched(s, t):
+def _batched(s, t, log_probs: bool = False):
     """The batched PyTorch path of ``uld_loss`` (what ``backend="auto"`` runs off the CPU kernel)."""
     weight = torch.full((s.shape[0] * s.shape[1],), 1.0 / (s.shape[0] * s.shape[1]))
     rows = (s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]))
-    return X._RowsFunction.apply(*rows, weight, None, (1.0, 1.0, 0.0, True, False, False), X._uld_op(None))[0]
+    return X._RowsFunction.apply(*rows, weight, None, (1.0, 1.0, 0.0, True, False, log_probs), X._uld_op(None))[0]
 
 
 def _trl_loss():
@@ -50,9 +52,13 @@ def providers(s, t, skip_trl: bool):
     table = torch.full((vt,), -1, dtype=torch.int64)
     table[: vt // 2] = torch.randperm(vs)[: vt // 2] if vt // 2 <= vs else torch.randint(0, vs, (vt // 2,))
     vocab_map = fastkd.VocabMap(table, vs)
+    t_log = torch.log_softmax(t, -1)
     out = {
         "fastkd uld": lambda x: fastkd.uld_loss(x, t),
         "fastkd uld batched": lambda x: _batched(x, t),
+        # log-prob rows as merge_aligned gives them (here the logits' log-softmax): the kernel and the batched path
+        "fastkd uld log_probs": lambda x: fastkd.uld_loss(torch.log_softmax(x, -1), t_log, inputs="log_probs"),
+        "fastkd uld log_probs batched": lambda x: _batched(torch.log_softmax(x, -1), t_log, log_probs=True),
         "fastkd uld k=64": lambda x: fastkd.uld_loss(x, t, k=64),
         "fastkd hybrid": lambda x: fastkd.hybrid_uld_loss(x, t, vocab_map),
         "fastkd kd": lambda x: fastkd.kd_loss(x, t[..., :vs], temperature=1.0),
