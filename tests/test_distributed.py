@@ -1056,6 +1056,73 @@ def _fused_linear_checks(rank, world, failures, full=True):
     _record(failures, "fused linear communication and errors", comm_and_errors)
 
 
+def _uld_checks(rank, world, failures):
+    """``uld_loss(process_group=)``: vocabulary-parallel student and teacher (unequal widths) vs the float64
+    single-process reference on the whole rows: loss, parts and both gradients' slices."""
+    n, ws, wt = 7, 90, 53
+    g = torch.Generator().manual_seed(70)
+    s_full = torch.randn(n, ws * world, generator=g, dtype=torch.float64) * 3
+    t_full = torch.randn(n, wt * world, generator=g, dtype=torch.float64) * 3
+    target = torch.randint(0, ws * world, (n,), generator=g)
+    target[2] = -100
+    sample_weight = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    sample_weight[4] = 0.0
+
+    def piece(x, width):
+        return x[:, rank * width:(rank + 1) * width]
+
+    cases = [  # (name, inputs, keyword arguments)
+        ("logits T ce parts", "logits", dict(temperature=1.5, teacher_temperature=1.2, target=target, ce_weight=0.3,
+                                             return_parts=True)),
+        ("logits none sw", "logits", dict(reduction="none", sample_weight=sample_weight)),
+        ("log_probs mean ce", "log_probs", dict(reduction="mean", target=target, ce_weight=0.5)),
+    ]
+    for name, inputs, kw in cases:
+        def run(inputs=inputs, kw=kw):
+            s0, t0 = (s_full, t_full) if inputs == "logits" else (torch.log_softmax(s_full, -1) - 0.2,
+                                                                  torch.log_softmax(t_full, -1))
+            s0, t0 = s0.clone(), t0.clone()
+            if "target" in kw:
+                s0[2] = float("nan")  # an ignored row is never read, on any rank
+            if "sample_weight" in kw:
+                t0[4] = float("nan")  # nor a row of weight 0
+            ref_s, ref_t = s0.clone().requires_grad_(), t0.clone().requires_grad_()
+            ref = fastkd.uld_loss(ref_s, ref_t, inputs=inputs, backend="reference", **kw)
+            ref_loss = ref.loss if kw.get("return_parts") else ref
+            upstream = torch.rand(ref_loss.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+            (ref_loss * upstream).sum().backward()
+            ls = piece(s0, ws).float().to(DEVICE).requires_grad_()
+            lt = piece(t0, wt).float().to(DEVICE).requires_grad_()
+            kw_loc = {key: _on(val, ls) if isinstance(val, torch.Tensor) else val for key, val in kw.items()}
+            if "sample_weight" in kw_loc:
+                kw_loc["sample_weight"] = kw_loc["sample_weight"].float()
+            with _no_sync():
+                out = fastkd.uld_loss(ls, lt, inputs=inputs, process_group=_group(), **kw_loc)
+                loss = out.loss if kw.get("return_parts") else out
+                (loss * upstream.to(device=DEVICE, dtype=loss.dtype)).sum().backward()
+            for got, want in zip(out if kw.get("return_parts") else [out], ref if kw.get("return_parts") else [ref]):
+                torch.testing.assert_close(got.detach().cpu().double(), want.detach(), rtol=2e-5, atol=1e-7)
+            for what, got, want in (("student", ls.grad, piece(ref_s.grad, ws)), ("teacher", lt.grad,
+                                                                                  piece(ref_t.grad, wt))):
+                err = _rel(got, want)
+                assert err < 1e-5, f"grad {what}: relative error {err:.2e}"
+
+        _record(failures, f"uld {name}", run)
+
+    def errors():
+        if DEVICE.type != "cpu":
+            return
+        s, t = piece(s_full, ws).float(), piece(t_full, wt).float()
+        with pytest.raises(ValueError, match="k must be None"):
+            fastkd.uld_loss(s, t, k=5, process_group=_group())
+        with pytest.raises(ValueError, match="cannot be chosen with process_group"):
+            fastkd.uld_loss(s, t, backend="cpu", process_group=_group())
+        with pytest.raises(ValueError, match="target"):
+            fastkd.uld_loss(s, t, target=torch.full((n,), ws * world), ce_weight=1.0, process_group=_group())
+
+    _record(failures, "uld errors", errors)
+
+
 def _fused_teacher_grad_checks(rank, world, failures):
     """``teacher_grad=True`` over a vocabulary-sharded group: every rank's teacher weight and bias slices and the
     whole teacher hidden gradient (summed over the group) equal the single-process float64 ones."""
@@ -1173,6 +1240,7 @@ def _checks_world2(rank, world, failures):
         _nan_and_empty_checks(rank, world, failures)
     _fused_linear_checks(rank, world, failures)
     _fused_teacher_grad_checks(rank, world, failures)
+    _uld_checks(rank, world, failures)
     _dist_checks(rank, world, failures)
 
 
@@ -1188,6 +1256,7 @@ def _checks_world4(rank, world, failures):
         _vocab_checks(dist.get_rank(GROUP), 2, failures, full=False)
         _dkd_ats_checks(dist.get_rank(GROUP), 2, failures, full=False)
         _fused_linear_checks(dist.get_rank(GROUP), 2, failures, full=False)
+        _uld_checks(dist.get_rank(GROUP), 2, failures)
     finally:
         GROUP = None
     _api_checks(rank, world, failures)

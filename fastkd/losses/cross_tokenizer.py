@@ -45,12 +45,14 @@ loss and NaN gradients. Gradients are computed in the forward pass and scaled in
 derivatives in closed form, the unmatched ULD by ``sorted_l1_batched``, the gradients written into the
 stored ``[N, V]`` rows; no autograd graph, no full-size temporary.
 """
+import math
 from functools import lru_cache
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from ..core.autograd import scale_stored_grad
+from ..core import checks
 from ..core.checks import BACKENDS, check_constant_weight
 from ..core.divergence import divergence_coefficients
 from ..core.cross_tokenizer import HybridParts, ULDParts, check_hybrid_args, check_uld_args
@@ -94,13 +96,18 @@ def _cell_integrals(cnt_q, cnt_p, sum_q, sum_p, above_q, above_p, lo, hi):
     return torch.where(resolved, (int_q - int_p).abs(), 0.0), resolved, q_dom
 
 
-def sorted_l1_batched(q: torch.Tensor, p: torch.Tensor, want_q: bool = True, want_p: bool = True):
+def sorted_l1_batched(q: torch.Tensor, p: torch.Tensor, want_q: bool = True, want_p: bool = True,
+                      reduce_sum=None):
     """Exact ``sum_i |sort(q)_i - sort(p)_i|`` per row and its sign gradients, without a full sort.
 
     ``q [n, V_s]``, ``p [n, V_t]`` probability rows (float32 or float64, >= 0, no NaN). Returns
     ``(loss [n] float64, g_q [n, V_s], g_p [n, V_t])`` with ``g = +-1`` the derivative of the loss
     with respect to each probability (module docstring, steps 2-4). ``g_q`` is computed whatever
     ``want_q`` says (the ambiguous elements are found from it); ``g_p`` only when wanted.
+
+    ``reduce_sum`` (vocabulary-parallel rows: ``q``, ``p`` this rank's columns of each row): sums a list
+    of count and sum tables over the group. Every table is built from the local elements and summed,
+    so the cells, the loss and the loop (run while any cell is ambiguous anywhere) are the group's.
     """
     n = q.shape[0]
     ints, shift, buckets, edges = _layout(q.dtype, q.device)
@@ -116,6 +123,10 @@ def sorted_l1_batched(q: torch.Tensor, p: torch.Tensor, want_q: bool = True, wan
 
     cnt_q, sum_q, above_q = table(kq, q)
     cnt_p, sum_p, above_p = table(kp, p)
+    if reduce_sum is not None:
+        cnt_q, sum_q, cnt_p, sum_p = reduce_sum([cnt_q, sum_q, cnt_p, sum_p])
+        above_q = cnt_q.sum(1, keepdim=True) - cnt_q.cumsum(1)
+        above_p = cnt_p.sum(1, keepdim=True) - cnt_p.cumsum(1)
     part, resolved, q_dom = _cell_integrals(cnt_q, cnt_p, sum_q, sum_p, above_q, above_p, lo, hi)
     loss = part.sum(1)
     sign_q = torch.where(resolved, torch.where(q_dom, 1.0, -1.0), 0.0).to(q.dtype)  # 0: an ambiguous bucket
@@ -138,7 +149,7 @@ def sorted_l1_batched(q: torch.Tensor, p: torch.Tensor, want_q: bool = True, wan
     where = torch.arange(bits.numel(), device=q.device)  # position in [q elements, p elements]
     group = ids[torch.cat([rq * buckets + kq[rq, cq], rp * buckets + kp[rp, cp]])]
     level_shift, nq = shift, rq.numel()
-    while bits.numel():
+    while group_row.numel():  # (one process: as long as an element is left; a group: anywhere)
         step = min(REFINE_BITS, level_shift)
         level_shift -= step
         width, groups = 1 << step, group_row.numel()
@@ -148,6 +159,8 @@ def sorted_l1_batched(q: torch.Tensor, p: torch.Tensor, want_q: bool = True, wan
         tables[1].index_add_(0, cell[~is_q], torch.ones_like(values[~is_q]))
         tables[2].index_add_(0, cell[is_q], values[is_q])
         tables[3].index_add_(0, cell[~is_q], values[~is_q])
+        if reduce_sum is not None:
+            tables = reduce_sum(tables)
         c_q, c_p, s_q, s_p = (x.view(groups, width) for x in tables)
         a_q = group_above_q.unsqueeze(1) + c_q.sum(1, keepdim=True) - c_q.cumsum(1)
         a_p = group_above_p.unsqueeze(1) + c_p.sum(1, keepdim=True) - c_p.cumsum(1)
@@ -221,16 +234,43 @@ def _topk_l1(q: torch.Tensor, p: torch.Tensor, k: int, want_q: bool, want_p: boo
     return loss, bound, g_q, g_p
 
 
-def _probabilities(x, y, temperature, t_temp, log_probs):
+class Shards(NamedTuple):
+    """Vocabulary-parallel rows (``uld_loss(process_group=)``): each rank holds a contiguous, equally wide
+    slice of the student's and of the teacher's columns; ``offset`` is this rank's first student column."""
+    group: object
+    offset: int
+
+    def sum(self, tables):
+        from ..distributed.comm import all_reduce  # torch.distributed only for those who pass a group
+        return all_reduce(tables, torch.distributed.ReduceOp.SUM, self.group)
+
+    def softmax(self, x: torch.Tensor) -> torch.Tensor:
+        """The softmax of each row over the group's whole row (a row of NaN, +inf or only -inf: NaN)."""
+        from ..distributed.comm import all_reduce
+        m = all_reduce([x.amax(1, keepdim=True)], torch.distributed.ReduceOp.MAX, self.group)[0]
+        e = (x - m).exp_()
+        return e.div_(self.sum([e.sum(1, keepdim=True)])[0])
+
+    def logsumexp(self, x: torch.Tensor) -> torch.Tensor:
+        from ..distributed.comm import group_logsumexp
+        return group_logsumexp(x, self.group).squeeze(1)
+
+
+def _probabilities(x, y, temperature, t_temp, log_probs, shards: Optional[Shards] = None):
     """``(q, p, bad [n, 1], any bad)`` of a chunk of rows: softmax at the temperatures, or the given
     log-probabilities' exps (not renormalised; values above 0 read as 0). Bad rows (NaN or +inf logits, a
-    row of -inf: the softmax row is NaN) are zeroed here; the caller makes their outputs NaN."""
+    row of -inf: the softmax row is NaN) are zeroed here; the caller makes their outputs NaN. ``shards``:
+    the rows are this rank's columns; softmax and badness are the group's."""
     if log_probs:
         q, p = x.clamp(max=0.0).exp(), y.clamp(max=0.0).exp()
-        bad = q.sum(1, keepdim=True).isnan() | p.sum(1, keepdim=True).isnan()
+        sums = [q.sum(1, keepdim=True), p.sum(1, keepdim=True)]
+        if shards is not None:
+            sums = shards.sum(sums)
+        bad = sums[0].isnan() | sums[1].isnan()
     else:
-        q = torch.softmax(x / temperature if temperature != 1 else x, dim=1)
-        p = torch.softmax(y / t_temp if t_temp != 1 else y, dim=1)
+        x, y = x / temperature if temperature != 1 else x, y / t_temp if t_temp != 1 else y
+        softmax = shards.softmax if shards is not None else (lambda r: torch.softmax(r, dim=1))
+        q, p = softmax(x), softmax(y)
         bad = q[:, :1].isnan() | p[:, :1].isnan()
     # a GPU applies the masks unconditionally (reading `bad.any()` would synchronise the host)
     any_bad = True if _no_host_reads(x) else bool(bad.any())
@@ -239,9 +279,14 @@ def _probabilities(x, y, temperature, t_temp, log_probs):
     return q, p, bad, any_bad
 
 
-def _uld_op(k):
-    """The ULD chunk op of ``_rows``: ``(q, p, want_q, want_p) -> ((row, bound), dL/dq, dL/dp)``; 2 values."""
+def _uld_op(k, shards: Optional[Shards] = None):
+    """The ULD chunk op of ``_rows``: ``(q, p, want_q, want_p) -> ((row, bound), dL/dq, dL/dp)``; 2 values.
+    ``shards``: exact ULD (``k=None``) of vocabulary-parallel rows (the bucket tables summed over the group;
+    no sort, which would need the whole rows, on any device)."""
     def op(q, p, want_q, want_p):
+        if shards is not None:
+            row, g_q, g_p = sorted_l1_batched(q, p, want_q, want_p, reduce_sum=shards.sum)
+            return (row, torch.zeros_like(row)), g_q, g_p
         if k is None or k >= max(q.shape[1], p.shape[1]):
             row, g_q, g_p = _sorted_l1(q, p, want_q, want_p)
             return (row, torch.zeros_like(row)), g_q, g_p
@@ -251,7 +296,7 @@ def _uld_op(k):
     return op
 
 
-def _rows(s, t, weight, target, options, op):
+def _rows(s, t, weight, target, options, op, shards: Optional[Shards] = None):
     """Row losses and the weighted gradients of ``op``'s loss, chunk by chunk (arguments checked; rows ``[N, V]``).
 
     ``op(q, p, want_q, want_p) -> (rows, g_q, g_p)``: per chunk of probability rows (about ``op.chunk``
@@ -259,6 +304,8 @@ def _rows(s, t, weight, target, options, op):
     and the derivatives ``dL/dq``, ``dL/dp`` (which this function turns into the logits' gradients in
     place). Returns ``(rows [n] float64 each, hard, grad_s,
     grad_t)``; the gradients are the only ``[N, V]`` outputs, every other tensor is a chunk's.
+    ``shards``: vocabulary-parallel rows (``target`` global ids); the row sums (softmax, ``sum q g``, the
+    CE's log-sum-exp and target logit) are the group's, the gradients this rank's columns.
     """
     temperature, t_temp, ce_weight, parts, log_probs, want_s, want_t = options
     n, vs, vt = s.shape[0], s.shape[1], t.shape[1]
@@ -284,29 +331,36 @@ def _rows(s, t, weight, target, options, op):
         x, y = s[rows].to(dtype), t[rows].to(dtype)
         if gpu_skip is not None:
             x, y = x.masked_fill(gpu_skip[rows], 0.0), y.masked_fill(gpu_skip[rows], 0.0)
-        q, p, bad, any_bad = _probabilities(x, y, temperature, t_temp, log_probs)
+        q, p, bad, any_bad = _probabilities(x, y, temperature, t_temp, log_probs, shards)
         values, g_q, g_p = op(q, p, want_s, want_t)
         for out, v in zip(outs, values):
             out[rows] = torch.where(bad.squeeze(1), float("nan"), v.double()) if any_bad else v.double()
         if wants_ce:
-            lse1 = torch.logsumexp(x, dim=1)
             tgt = target[rows].unsqueeze(1)
             if gpu_skip is not None:  # a skipped row's target (ignore_index) is no column
                 tgt = tgt.masked_fill(gpu_skip[rows], 0)
-            hard[rows] = (lse1 - x.gather(1, tgt).squeeze(1)).double()
+            if shards is None:
+                lse1, target_logit, owned = torch.logsumexp(x, dim=1), x.gather(1, tgt).squeeze(1), None
+            else:  # the target's column is on one rank: its logit comes from there
+                owned = (tgt >= shards.offset) & (tgt < shards.offset + vs)
+                tgt = (tgt - shards.offset).clamp_(0, vs - 1)
+                lse1 = shards.logsumexp(x)
+                target_logit = shards.sum([torch.where(owned, x.gather(1, tgt), 0.0).squeeze(1)])[0]
+            hard[rows] = (lse1 - target_logit).double()
         w_col = w.unsqueeze(1)
         for want, g, prob, temp, out in ((want_s, g_q, q, temperature, grad_s), (want_t, g_p, p, t_temp, grad_t)):
             if not want:
                 continue
             # dL/dx = w q (g - sum q g) / T, in place over g = dL/dq (log-probs as given: w q g)
             if not log_probs:
-                g.sub_(torch.einsum("ij,ij->i", prob, g).unsqueeze(1))
+                dots = torch.einsum("ij,ij->i", prob, g).unsqueeze(1)
+                g.sub_(dots if shards is None else shards.sum([dots])[0])
             g.mul_(prob).mul_(w_col / temp)
             if log_probs:  # a log-prob above 0 is read as 0: a constant there
                 g.masked_fill_((x if out is grad_s else y) > 0, 0.0)
             if out is grad_s and ce_weight != 0:
                 ce = (x - lse1.unsqueeze(1)).exp_()
-                ce.scatter_add_(1, tgt, torch.full_like(w_col, -1.0))
+                ce.scatter_add_(1, tgt, torch.full_like(w_col, -1.0) if owned is None else -owned.to(ce.dtype))
                 g.add_(ce.mul_(w_col * ce_weight))
             if any_bad:
                 g = torch.where(bad, float("nan"), g)
@@ -319,11 +373,11 @@ class _RowsFunction(torch.autograd.Function):
     ``loss, soft, hard`` and ``op``'s further row values (ULD: the bound; the hybrid: matched, unmatched)."""
 
     @staticmethod
-    def forward(ctx, s, t, weight, target, options, op):
+    def forward(ctx, s, t, weight, target, options, op, shards=None):
         temperature, t_temp, ce_weight, reduce, parts, log_probs = options
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         values, hard, grad_s, grad_t = _rows(s, t, weight, target, (temperature, t_temp, ce_weight, parts,
-                                                                     log_probs, want_s, want_t), op)
+                                                                     log_probs, want_s, want_t), op, shards)
         w = weight.double()
         out_dtype = torch.float64 if compute_dtype(s, t) == torch.float64 else torch.float32
         soft, hard = values[0] * w, hard * w
@@ -348,7 +402,7 @@ class _RowsFunction(torch.autograd.Function):
         ctx.used = True
         stored = list(ctx.saved_tensors)
         grads = [scale_stored_grad(stored.pop(0), grad_loss) if want else None for want in ctx.wants]
-        return grads[0], grads[1], None, None, None, None
+        return grads[0], grads[1], None, None, None, None, None
 
 
 def _resolve(backend, student, teacher, kernel_case: bool = False) -> str:
@@ -391,6 +445,7 @@ def uld_loss(
     return_parts: bool = False,
     k: Optional[int] = None,
     inputs: str = "logits",
+    process_group=None,
     backend: str = "auto",
 ):
     """Universal Logit Distillation (Boizard et al. 2024) between vocabularies of any two sizes.
@@ -425,12 +480,26 @@ def uld_loss(
     merged distributions of ``fastkd.merge_aligned``; values above 0 are read as 0, the temperatures
     must be 1: apply them before merging); ``q = exp(s)``, ``p = exp(t)``.
 
+    ``process_group`` (``torch.distributed``): vocabulary parallel. The last dim of each side is this
+    rank's contiguous, equally wide slice of its vocabulary (the student's and the teacher's widths may
+    differ); ``target`` holds global ids. The loss is that of the whole rows, on every rank; each rank gets
+    its columns' gradients. It runs the batched path's bucket algorithm with the count and sum tables
+    summed over the group (a SUM all-reduce of ``[rows, 2048]`` float64 tables per chunk and side, and of
+    each refinement level's tables), plus per row the group's softmax (MAX and SUM), ``sum q g`` and the
+    CE's log-sum-exp and target logit: no sort (a sort would need the whole rows). ``k`` must be None;
+    ``backend="auto"``. On GPU tensors it reads the refinement's sizes on the host (``nonzero``): one
+    synchronisation per level. ``hybrid_uld_loss`` and ``MappedTeacher`` take no group (the token map
+    crosses the shards).
+
     ``backend``: ``"auto"`` runs the CPU kernel ``fastkd::uld_fwd`` (``csrc/cpu/uld.cpp``: CPU tensors,
     ``k=None``, logits or log-probs) or else the batched PyTorch path (float64 inputs: the reference);
     ``"cpu"`` the kernel only; ``"reference"`` the sort-based definition (autograd through
     ``torch.sort``). No CUDA or Triton kernel yet: GPU tensors run the batched path's sync-free branch (a
     sort of each chunk row; no host read in the step).
     """
+    if process_group is not None:
+        return _uld_sharded(student_logits, teacher_logits, temperature, teacher_temperature, reduction, target,
+                            ignore_index, sample_weight, ce_weight, return_parts, k, inputs, process_group, backend)
     check_uld_args(student_logits, teacher_logits, temperature, teacher_temperature, reduction, target, ignore_index,
                    sample_weight, ce_weight, return_parts, k, inputs)
     name = _resolve(backend, student_logits, teacher_logits, k is None)
@@ -459,6 +528,53 @@ def uld_loss(
     options = (float(temperature), float(t_temp), float(ce_weight), reduction != "none", return_parts,
                inputs == "log_probs")
     outs = _RowsFunction.apply(s, t, weight, tgt, options, _uld_op(k))
+    if reduction == "none":
+        outs = tuple(o.reshape(lead) for o in outs)
+    return ULDParts(*outs) if return_parts else outs[0]
+
+
+def _uld_sharded(student, teacher, temperature, teacher_temperature, reduction, target, ignore_index, sample_weight,
+                 ce_weight, return_parts, k, inputs, process_group, backend):
+    """``uld_loss(process_group=)``: vocabulary-parallel rows (the batched path with the group's sums)."""
+    from ..distributed.comm import check_group_shapes, group_geometry
+    from ..distributed.rows import check_global_ids, poison
+
+    # the target holds global ids (checked below against the group's vocabulary), and with it the CE term
+    check_uld_args(student, teacher, temperature, teacher_temperature, reduction, None, ignore_index,
+                   sample_weight, 0.0, False, k, inputs)
+    if backend not in ("auto",):
+        checks.check_backend(backend)
+        raise ValueError(f"backend '{backend}' cannot be chosen with process_group: the vocabulary-parallel ULD "
+                         "runs the batched PyTorch path with the group's sums; pass backend='auto'")
+    if k is not None:
+        raise ValueError("k must be None with process_group (the top-k of a row would need its whole vocabulary)")
+    rank, world, width = group_geometry(student, process_group)
+    t_width = teacher.shape[-1]
+    vs, vt = world * width, world * t_width
+    lead = student.shape[:-1]
+    n = math.prod(lead)
+    checks.check_target(target, torch.zeros((), device=student.device).expand(*lead, vs), ignore_index,
+                        required=False)
+    checks.check_ce(ce_weight, return_parts, target)
+    check_constant_weight(sample_weight, "distributed")
+    s, t = student.reshape(n, width), teacher.reshape(n, t_width)
+    need = (wants_grad(student), wants_grad(teacher))
+    # equally wide shards of both sides on every rank, the same rows, dtypes and wanted gradients
+    equal = check_group_shapes(n, width, process_group, student.device, (student.dtype, teacher.dtype), need) & \
+        check_group_shapes(n, t_width, process_group, student.device)
+    rows = torch.zeros((), device=student.device).expand(n, vs)  # shape only: "mean" divides by rows * V_s
+    weight = poison(row_weights(rows, target, ignore_index, sample_weight, reduction), equal)
+    if reduction == "mean":  # ULD's width is max(V_s, V_t)
+        weight = weight * (vs / max(vs, vt))
+    tgt = None
+    if target is not None:
+        tgt = target.reshape(n).to(torch.int64)
+        check_global_ids("target", tgt, weight != 0, vs, 0)
+    t_temp = temperature if teacher_temperature is None else teacher_temperature
+    options = (float(temperature), float(t_temp), float(ce_weight), reduction != "none", return_parts,
+               inputs == "log_probs")
+    shards = Shards(process_group, rank * width)
+    outs = _RowsFunction.apply(s, t, weight, tgt, options, _uld_op(None, shards), shards)
     if reduction == "none":
         outs = tuple(o.reshape(lead) for o in outs)
     return ULDParts(*outs) if return_parts else outs[0]
