@@ -389,3 +389,56 @@ def test_kd_loss_equal_teacher_temperature_with_a_process_group_keeps_the_sharde
     monkeypatch.setattr(fastkd.losses.divergence, "sharded", lambda name, *a, **kw: calls.append(name) or 0.0)
     fastkd.kd_loss(torch.randn(2, 5), torch.randn(2, 5), 2.0, teacher_temperature=2.0, process_group=object())
     assert calls == ["kd_loss"]
+
+
+# ---- MappedTeacher (another tokenizer's teacher): projected block by block ----
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("form", ["logits", "pair"])
+@pytest.mark.parametrize("mode", ["tail", "renormalize"])
+def test_mapped_teacher_in_blocks_matches_the_whole_projection(backend, form, mode, monkeypatch):
+    """A constant MappedTeacher runs projected per block of rows (3 rows here: several blocks, a ragged last
+    one), as logits or a (hidden, weight) pair, against the float64 reference's whole projection."""
+    device = skip_unless_runs("forward_kl", backend)
+    monkeypatch.setattr(teacher_blocks, "BLOCK_ELEMENTS", 3 * 500)
+    g = torch.Generator().manual_seed(15)
+    vs, vt, h = 500, 700, 16
+    table = torch.full((vt,), -1, dtype=torch.int64)
+    table[:400] = torch.randperm(vs, generator=g)[:400]
+    table[400:450] = table[:50]  # many teacher tokens onto one student token
+    vocab_map = fastkd.VocabMap(table, vs)
+    s64 = 3 * torch.randn(2, 5, vs, generator=g, dtype=torch.float64)
+    hidden = torch.randn(2, 5, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(vt, h, generator=g, dtype=torch.float64)
+    target = torch.randint(0, vs, (2, 5), generator=g)
+    target[1, 2] = -100
+
+    def teacher(dtype):
+        pair = (hidden.to(dtype).to(device), weight.to(dtype).to(device))
+        return fastkd.MappedTeacher(pair if form == "pair" else pair[0] @ pair[1].T, vocab_map.to(device),
+                                    mode=mode)
+
+    for loss_fn in (lambda x, t, **kw: fastkd.jsd_loss(x, t, beta=0.3, temperature=2.0, **kw),
+                    lambda x, t, **kw: fastkd.kd_loss(x, t, 2.0, teacher_temperature=1.5, **kw)):
+        x = s64.float().to(device).requires_grad_()
+        with monkeypatch.context() as patch:  # the fused call never forms the whole projection
+            patch.setattr(fastkd.MappedTeacher, "as_topk", lambda *a: pytest.fail("whole projection formed"))
+            got = loss_fn(x, teacher(torch.float32), target=target.to(device), ce_weight=0.2, backend=backend)
+        x64 = s64.clone().requires_grad_()
+        want = loss_fn(x64, teacher(torch.float64), target=target, ce_weight=0.2, backend="reference")
+        assert abs(got.item() - want.item()) <= 2e-5 * abs(want.item()) + 1e-7, (got, want)
+        got.backward()
+        want.backward()
+        assert rel_norm(x.grad.cpu(), x64.grad) < 1e-5
+
+
+def test_mapped_teacher_that_requires_grad_gets_its_gradient():
+    """A MappedTeacher whose logits require grad takes the whole projection (differentiable), as before."""
+    g = torch.Generator().manual_seed(16)
+    vocab_map = fastkd.VocabMap(torch.tensor([3, 1, -1, 0, 3, 2]), 5)
+    s = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    t32 = t.detach().float().requires_grad_()
+    fastkd.forward_kl_loss(s.detach().float(), fastkd.MappedTeacher(t32, vocab_map), backend="cpu").backward()
+    fastkd.forward_kl_loss(s, fastkd.MappedTeacher(t, vocab_map), backend="reference").backward()
+    assert t32.grad is not None and rel_norm(t32.grad, t.grad) < 1e-5

@@ -21,6 +21,7 @@ import torch
 from . import checks as v
 from .rows import read_rows
 from .topk import TopKTeacher
+from .vocab import MappedTeacher
 
 __all__ = ["LossParts", "KIND_CODES", "TOPK_MODE_CODES", "ENTROPY_GATE_DEFAULTS", "divergence_coefficients",
            "divergence_op_args", "entropy_gate", "check_divergence_args", "check_divergence_params"]
@@ -84,8 +85,14 @@ def divergence_op_args(kind: str, **params) -> Tuple[int, float, float, float, f
 
 def check_divergence_args(student, teacher, temperature, reduction, target, ignore_index, sample_weight,
                           ce_weight, return_parts, temperature_tensor: bool = False) -> None:
-    """The checks every divergence makes (dense or top-k teacher), on every backend."""
-    if isinstance(teacher, TopKTeacher):
+    """The checks every divergence makes (dense, top-k or mapped teacher), on every backend."""
+    if isinstance(teacher, MappedTeacher):
+        teacher.check_against(student)
+        v.check_reduction(reduction)
+        v.check_ignore_index(ignore_index)
+        v.check_target(target, student, ignore_index, required=False)
+        v.check_sample_weight(sample_weight, student)
+    elif isinstance(teacher, TopKTeacher):
         v.check_logits("student_logits", student)
         v.check_reduction(reduction)
         v.check_ignore_index(ignore_index)

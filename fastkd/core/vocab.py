@@ -161,8 +161,10 @@ class MappedTeacher:
     that matches every token on both sides runs as ``"renormalize"`` (the same pair, no rounding residue).
 
     Implemented as a ``TopKTeacher`` over the ``V_m`` matched student ids (every divergence backend runs
-    it, the fused ones included), built per call: ``[N, V_m]`` teacher log-probs and ids are formed (the
-    projection is PyTorch, differentiable in the teacher); no fused in-row-op projection yet.
+    it, the fused ones included). A constant teacher on a fused backend is projected one block of rows at
+    a time (``fastkd.losses.teacher_blocks``; for a pair, the block's logits by one matmul): no ``[N, V_m]``
+    (nor ``[N, V_t]``) tensor. A teacher that requires grad, and the reference, form the whole projection
+    (PyTorch, differentiable in the teacher). The projection is not inside the row op's kernel.
     ``fastkd.fused_linear_kd_loss`` takes it too and projects it chunk by chunk (a constant teacher there).
     """
 

@@ -108,19 +108,15 @@ def kd_loss(
         v.check_positive("teacher_temperature", teacher_temperature)
         if float(teacher_temperature) == float(temperature):
             teacher_temperature = None  # one temperature: the plain path
-    if isinstance(teacher_logits, TeacherMixture) or teacher_temperature is not None:
-        # several teachers, or the teacher at its own temperature: forward KL at T, times T^2, on the
-        # divergences' path (fastkd/losses/teacher_blocks.py)
+    if isinstance(teacher_logits, (TeacherMixture, MappedTeacher)) or teacher_temperature is not None:
+        # several teachers, another tokenizer's teacher, or the teacher at its own temperature: forward KL at
+        # T, times T^2, on the divergences' path (fastkd/losses/teacher_blocks.py)
         if isinstance(temperature, torch.Tensor):
-            raise TypeError("kd_loss with a TeacherMixture takes a float temperature")
+            raise TypeError(f"kd_loss with a {type(teacher_logits).__name__} takes a float temperature")
         return _divergence._divergence_loss(
             "forward_kl", {}, student_logits, teacher_logits, temperature, reduction, target, ignore_index,
             sample_weight, ce_weight, return_parts, process_group, backend, teacher_vocab, teacher_temperature,
             scale_t2=True)
-    if isinstance(teacher_logits, MappedTeacher):  # another tokenizer: its top-k buckets at T
-        if isinstance(temperature, torch.Tensor):
-            raise TypeError("kd_loss with a MappedTeacher takes a float temperature (the projection runs at it)")
-        teacher_logits = _divergence.mapped_as_topk(student_logits, teacher_logits, temperature, process_group)
     if process_group is None:
         student_logits, teacher_logits = _divergence.align_teacher_vocab(student_logits, teacher_logits,
                                                                          teacher_vocab)

@@ -46,7 +46,7 @@ from ..core.mixture import TeacherMixture
 from ..core.vocab import MappedTeacher
 from ..dispatch.backend import ROW_STRIDED_BACKENDS, implementation, resolve
 from ..reference import divergence as R
-from .teacher_blocks import mixture_loss, teacher_temperature_loss
+from .teacher_blocks import mapped_is_constant, mapped_loss, mixture_loss, teacher_temperature_loss
 
 __all__ = ["forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss",
            "triangular_loss", "entropy_gated_kl_loss", "LossParts", "TopKTeacher"]
@@ -178,6 +178,15 @@ def _divergence_loss(kind: str, params: dict, student, teacher: Teacher, tempera
         return mixture_loss(kind, params, student, teacher, temperature, reduction, target, ignore_index,
                             sample_weight, ce_weight, return_parts, backend, kind, teacher_vocab,
                             _soft_scale(temperature, scale_t2), teacher_temperature)
+    if isinstance(teacher, MappedTeacher) and process_group is None and mapped_is_constant(teacher):
+        check_divergence_args(student, teacher, temperature, reduction, target, ignore_index, sample_weight,
+                              ce_weight, return_parts)
+        hidden = teacher.teacher if isinstance(teacher.teacher, torch.Tensor) else teacher.teacher[0]
+        name = resolve(kind, backend, student, hidden)
+        if name != "reference":  # projected block by block (the reference projects the whole teacher: the oracle)
+            return mapped_loss(kind, params, student, teacher, temperature, teacher_temperature, reduction, target,
+                               ignore_index, sample_weight, ce_weight, return_parts, name,
+                               _soft_scale(temperature, scale_t2))
     teacher = mapped_as_topk(student, teacher, temperature if teacher_temperature is None else teacher_temperature,
                              process_group)
     if process_group is None:

@@ -25,14 +25,15 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from ..core import checks as v
-from ..core.divergence import LossParts, check_divergence_args, divergence_op_args
+from ..core.divergence import TOPK_MODE_CODES, LossParts, check_divergence_args, divergence_op_args
 from ..core.mixture import TeacherMixture, mix_log_probs, mixture_vocab
+from ..core.vocab import MappedTeacher
 from ..core.autograd import guard_stored_backward, scale_stored_grad
 from ..core.rows import compute_dtype, row_weights, wants_grad
 from ..dispatch.backend import ROW_STRIDED_BACKENDS, implementation, resolve
 from ..reference import divergence as R
 
-__all__ = ["mixture_loss", "teacher_temperature_loss", "check_dense_mixture"]
+__all__ = ["mixture_loss", "teacher_temperature_loss", "mapped_loss", "mapped_is_constant", "check_dense_mixture"]
 
 # Elements of one block of rows (float32: 32 MiB per block of the mixture).
 BLOCK_ELEMENTS = 1 << 23
@@ -102,7 +103,8 @@ def _mixed_block(mixture: TeacherMixture, idx: tuple, teacher_temperature: float
 
 class _BlockRows(torch.autograd.Function):
     """The loss of ``student`` against teacher blocks (``make_block(idx)``: float32 ``[rows, V]`` teacher
-    logits for the op), block by block on a fused backend's ``divergence_fwd``.
+    logits for the op, or ``(log-probs [rows, K], ids [rows, K], top-k mode code)``: top-k buckets),
+    block by block on a fused backend's ``divergence_fwd``.
 
     The forward writes each block's student gradient into one ``[..., V]`` buffer (the student's
     shape and dtype), and with ``teacher`` (dense logits that require grad: the blocks are
@@ -128,8 +130,10 @@ class _BlockRows(torch.autograd.Function):
             if rows.stride(-1) != 1 or not (strided or rows.is_contiguous()):
                 rows = rows.contiguous()
             tgt = target[idx].reshape(-1) if target is not None else no_ids
-            out = op(rows, make_block(idx), no_ids, tgt, weight[idx].reshape(-1), float(temperature), code,
-                     *coefficients, float(soft_scale), float(ce_weight), 0, reduce, want_s, want_t)
+            block = make_block(idx)
+            t_block, ids, mode = block if isinstance(block, tuple) else (block, no_ids, 0)
+            out = op(rows, t_block, ids, tgt, weight[idx].reshape(-1), float(temperature), code,
+                     *coefficients, float(soft_scale), float(ce_weight), mode, reduce, want_s, want_t)
             for total, value in zip((loss, soft, hard), out[:3]):
                 if reduce:
                     total += value
@@ -218,6 +222,38 @@ def teacher_temperature_loss(kind: str, params: dict, student: torch.Tensor, tea
     return _run_blocks(kind, params, student, teacher if wants_grad(teacher) else None, make_block, name,
                        temperature, reduction, target, ignore_index, sample_weight, ce_weight, return_parts,
                        soft_scale, t_scale=ratio)
+
+
+def mapped_loss(kind: str, params: dict, student: torch.Tensor, mapped: MappedTeacher, temperature: float,
+                teacher_temperature: Optional[float], reduction: str, target, ignore_index, sample_weight,
+                ce_weight: float, return_parts: bool, name: str, soft_scale: float = 1.0):
+    """The divergence ``kind`` against a ``MappedTeacher`` (a constant one: ``mapped_is_constant``) on fused
+    backend ``name`` (arguments checked): per block of rows the teacher's logits (its own, or its
+    ``(hidden, weight)`` pair's block matmul) are projected onto the matched student ids at
+    ``teacher_temperature`` (default ``temperature``) and run as top-k buckets over them; no ``[N, V_m]``
+    projection (nor, for a pair, ``[N, V_t]`` logits) is ever formed."""
+    t_temp = float(temperature if teacher_temperature is None else teacher_temperature)
+    vm, mode = mapped.vocab_map, TOPK_MODE_CODES[mapped.topk_mode]
+
+    def make_block(idx):
+        if isinstance(mapped.teacher, torch.Tensor):
+            block = mapped.teacher[idx]
+            logits = block.reshape(-1, block.shape[-1])
+        else:
+            hidden, weight = mapped.teacher
+            block = hidden[idx]
+            logits = torch.mm(block.reshape(-1, block.shape[-1]).to(torch.float32), weight.to(torch.float32).t())
+        log_p = mapped.projected_probs(t_temp, torch.float32, logits).log_()
+        return log_p, vm.student_ids.expand(log_p.shape).contiguous(), mode
+
+    return _run_blocks(kind, params, student, None, make_block, name, temperature, reduction, target, ignore_index,
+                       sample_weight, ce_weight, return_parts, soft_scale)
+
+
+def mapped_is_constant(mapped: MappedTeacher) -> bool:
+    """No gradient would reach the teacher of ``mapped`` (the block path gives it none)."""
+    tensors = (mapped.teacher,) if isinstance(mapped.teacher, torch.Tensor) else mapped.teacher
+    return not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
 
 
 def _mixed_reference(mixture: TeacherMixture, temperature: float, dtype: torch.dtype) -> torch.Tensor:
