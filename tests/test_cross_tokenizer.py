@@ -7,7 +7,8 @@ import torch
 import fastkd
 from fastkd.dispatch import ops as _ops
 from fastkd.losses import cross_tokenizer as X
-from fastkd.losses.cross_tokenizer import sorted_l1_batched
+from fastkd.losses import uld_rows as U
+from fastkd.losses.uld_rows import sorted_l1_batched
 from fastkd.reference import cross_tokenizer as R
 
 # (leading shape, V_s, V_t): equal vocabularies, either side larger, a row wider than a chunk's column
@@ -24,7 +25,7 @@ def path(request, monkeypatch):
     if request.param in ("batched", "sync-free"):
         monkeypatch.setattr(X._ops, "has_kernel", lambda *a: False)
     if request.param == "sync-free":
-        monkeypatch.setattr(X, "_no_host_reads", lambda x: True)
+        monkeypatch.setattr(U, "_no_host_reads", lambda x: True)
     return request.param
 
 
@@ -42,7 +43,7 @@ def make(lead, vs, vt, scale=3.0, seed=0, dtype=torch.float32):
     return s, t
 
 
-@pytest.mark.parametrize("l1", [sorted_l1_batched, X.sorted_l1_by_sort])
+@pytest.mark.parametrize("l1", [sorted_l1_batched, U.sorted_l1_by_sort])
 @pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])
 @pytest.mark.parametrize("lead,vs,vt", SHAPES)
 def test_sorted_l1_exact_against_sort(lead, vs, vt, scale, l1):
@@ -371,7 +372,7 @@ def test_hybrid_batched_against_float64_reference(inputs, whole, beta, weights, 
     # sync_free: the GPU's branch (no host reads) forced on CPU tensors
     monkeypatch.setattr(X, "HYBRID_CHUNK_ELEMENTS", 2 * 1000)
     if sync_free:
-        monkeypatch.setattr(X, "_no_host_reads", lambda x: True)
+        monkeypatch.setattr(U, "_no_host_reads", lambda x: True)
     vm, s, t, target, weight = _hybrid_case(inputs, whole=whole)
     temps = dict(temperature=1.4, teacher_temperature=0.8) if inputs == "logits" else {}
     kw = dict(beta=beta, target=target, sample_weight=weight.float(), ce_weight=0.4, inputs=inputs, **temps)

@@ -25,14 +25,14 @@ import torch
 import fastkd
 from fastkd.bench.memory import PeakRSS
 from fastkd.bench.timing import median_seconds
-from fastkd.losses import cross_tokenizer as X
+from fastkd.losses import uld_rows as U
 
 
 def _batched(s, t, log_probs: bool = False):
     """The batched PyTorch path of ``uld_loss`` (what ``backend="auto"`` runs off the CPU kernel)."""
     weight = torch.full((s.shape[0] * s.shape[1],), 1.0 / (s.shape[0] * s.shape[1]))
     rows = (s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]))
-    return X._RowsFunction.apply(*rows, weight, None, (1.0, 1.0, 0.0, True, False, log_probs), X._uld_op(None))[0]
+    return U.RowsFunction.apply(*rows, weight, None, (1.0, 1.0, 0.0, True, False, log_probs), U.uld_op(None))[0]
 
 
 def _trl_loss():

@@ -540,10 +540,8 @@ fused_linear_kd_loss.__doc__ = """The LM head and a distillation loss in one op;
       hold both heads' contributions, summed by one matmul over the stacked rows per chunk
       (one pass over the weight gradient), and ``teacher_hidden`` gets its gradient.
     * ``fastkd.TeacherMixture([...], weights, mode)``: several teachers (pairs or dense
-      logits, one vocabulary), mixed per chunk in log space (``fastkd.core.mixture``): the
-      mixture never exists as an ``[N, V]`` tensor. With ``process_group`` each member is a
-      vocabulary shard (its head's rows or its logits' columns), normalised over the group's whole
-      vocabulary (one all-gather of each chunk row's local log-sum-exp per member).
+      logits, one vocabulary), mixed per chunk in log space (``fastkd.core.mixture``): never an
+      ``[N, V]`` tensor. With ``process_group``: members are shards, normalised over the group.
     * ``fastkd.MappedTeacher(teacher, vocab_map)`` (another tokenizer): the teacher's chunk
       (``(hidden, weight)`` or dense logits over ``V_t``; no ``logit_scale`` / ``softcap``) at
       ``teacher_temperature``, summed onto the matched student ids per chunk, then a top-k teacher
