@@ -1,5 +1,5 @@
 """The language-model divergences: forward and reverse KL, generalised JSD, skew KL, TVD, Jeffreys, triangular,
-entropy-gated KL.
+entropy-gated KL, adaptive KL (AKL).
 
 Public functionals (re-exported as ``fastkd.*`` and ``fastkd.functional.*``)::
 
@@ -12,6 +12,7 @@ Public functionals (re-exported as ``fastkd.*`` and ``fastkd.functional.*``)::
     jeffreys_loss(s, t, *, ...same...)
     triangular_loss(s, t, *, ...same...)
     entropy_gated_kl_loss(s, t, *, alpha_min=0.0, alpha_max=1.0, tau=0.5, scale=0.1, ...same...)
+    akl_loss(s, t, *, mu=0.5, ...same...)                  (its own row op akl_fwd, dense teachers)
 
 ``t`` is dense teacher logits or a ``fastkd.TopKTeacher``. With
 ``p = softmax(t / T)`` (teacher), ``q = softmax(s / T)`` (student), per row
@@ -34,6 +35,7 @@ from ..core.checks import BACKENDS, check_constant_weight
 from ..core.divergence import (
     TOPK_MODE_CODES,
     LossParts,
+    check_akl_teacher,
     check_divergence_args,
     check_divergence_params,
     divergence_op_args,
@@ -45,13 +47,15 @@ from ..dispatch.backend import implementation, resolve
 from ..reference import divergence as R
 
 __all__ = ["forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss",
-           "triangular_loss", "entropy_gated_kl_loss", "LossParts", "TopKTeacher"]
+           "triangular_loss", "entropy_gated_kl_loss", "akl_loss", "LossParts", "TopKTeacher"]
 
 Teacher = Union[torch.Tensor, TopKTeacher]
 
 _NO_IDS = torch.empty(0, dtype=torch.int64)
 # The backends whose divergence_fwd reads rows with any row stride (CUDA's takes contiguous rows).
 ROW_STRIDED_BACKENDS = ("cpu", "triton")
+# The divergences that run a row op of their own, with divergence_fwd's signature (docs/design.md).
+ROW_OPS = {"akl": "akl_fwd"}
 
 
 def fused_call(name: str, student, teacher: Teacher, *, temperature: float, reduction: str, target, ignore_index,
@@ -59,7 +63,8 @@ def fused_call(name: str, student, teacher: Teacher, *, temperature: float, redu
     """Run ``divergence_fwd`` of fused backend ``name`` on the rows of ``student`` (arguments checked).
 
     ``kind``: "tvd", "ce" (cross-entropy alone: ``a = b = 0``) or a KL-family kind of
-    ``divergence_coefficients``. Returns the loss, or ``LossParts`` with ``return_parts``.
+    ``divergence_coefficients``; "akl" runs the row op ``akl_fwd`` (the same signature). Returns the
+    loss, or ``LossParts`` with ``return_parts``.
     """
     check_constant_weight(sample_weight, name)
     strided = name in ROW_STRIDED_BACKENDS
@@ -85,7 +90,8 @@ def fused_call(name: str, student, teacher: Teacher, *, temperature: float, redu
     tgt = per_row(target.reshape(lead).to(torch.int64), 0).contiguous() if wants_ce else _NO_IDS.to(s.device)
     weight = per_row(row_weights(student, target, ignore_index, sample_weight, reduction).reshape(lead), 0.0)
     mode = TOPK_MODE_CODES[teacher.mode if topk else None]
-    loss, soft, hard, _, _ = implementation(name).divergence_fwd(
+    row_op = ROW_OPS.get(kind, "divergence_fwd")
+    loss, soft, hard, _, _ = getattr(implementation(name), row_op)(
         s, t, ids, tgt, weight, float(temperature), code, *coefficients, float(soft_scale), float(ce_weight), mode,
         reduction != "none", wants_grad(s), wants_grad(t),
     )
@@ -165,6 +171,8 @@ def _divergence_loss(kind: str, params: dict, student, teacher: Teacher, tempera
                      ignore_index, sample_weight, ce_weight, return_parts, process_group, backend: str,
                      teacher_vocab: str = "truncate"):
     """The body of every public divergence: the sharded loss with a process group, else check and dispatch."""
+    if kind == "akl":
+        check_akl_teacher(teacher, process_group)
     teacher = mapped_as_topk(student, teacher, temperature, process_group)
     if process_group is None:
         student, teacher = align_teacher_vocab(student, teacher, teacher_vocab)
@@ -354,6 +362,28 @@ def entropy_gated_kl_loss(
                             teacher_vocab)
 
 
+def akl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    mu: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    target: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    sample_weight: Optional[torch.Tensor] = None,
+    ce_weight: float = 0.0,
+    return_parts: bool = False,
+    process_group=None,
+    teacher_vocab: str = "truncate",
+    backend: str = "auto",
+):
+    params = {"mu": mu}
+    return _divergence_loss("akl", params, student_logits, teacher_logits, temperature, reduction, target,
+                            ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
+                            teacher_vocab)
+
+
 def kd_topk_loss(student_logits, teacher: TopKTeacher, temperature=4.0, *, reduction="batchmean", target=None,
                  ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False, backend="auto"):
     """``fastkd.kd_loss`` with a ``TopKTeacher`` (it routes here): ``T^2 * KL(p || q)`` over the buckets.
@@ -513,4 +543,33 @@ entropy_gated_kl_loss.__doc__ = """Entropy-gated KL, per row::
     statistics and write the gradients in a third: the passes of Jeffreys. Against a
     ``TopKTeacher``, ``H(p)`` is the buckets' (the K probabilities and the tail bucket; renormalised:
     the K), still divided by ``log V``.
+""" + _DETAIL
+
+akl_loss.__doc__ = """Adaptive KL (AKL, Wu et al., COLING 2025), per row::
+
+        head = the teacher's most probable classes holding mass mu (the most probable always in)
+        g_head = sum_head |p - q|,  g_tail = sum_tail |p - q|
+        h = g_head / max(g_head + g_tail, 1e-8),  l = g_tail / max(g_head + g_tail, 1e-8)
+        loss = h KL(p || q) + l KL(q || p)
+
+    As the official ``get_ratio`` / ``AKL`` (distillm style), with ``temperature`` (the official code has
+    T = 1; no ``T^2``). The head without a sort: with ``M(v)`` the teacher mass of the classes whose logit is
+    ``>= v``, the head is ``{c : M(t_c) <= mu}`` plus the classes at the maximum. Without ties this is the
+    official sorted cumulative sum; tied logits are in or out of the head together (the official code splits
+    them in its sort's order). ``mu`` in (0, 1]: 1 makes every class head (``l = 0``: ``h`` times forward
+    KL), a tiny ``mu`` only the maxima. ``h`` and ``l`` are constants in the gradients (the official code
+    detaches the student's probabilities there): the student gradient is the two-sided KL's at ``(h, l)``,
+    ``dL/dx_c = h (q_c - p_c) + l q_c (l q_c - l p_c - KL(q || p))`` (``x = s / T``, ``l`` = log); a
+    teacher gradient is the blend's at fixed ``(h, l)`` too.
+
+    The fused kernels run their own row op ``akl_fwd`` (``divergence_fwd``'s signature, ``a = mu``). The head
+    is a threshold on the teacher's logits found by selection: the CPU takes one mass histogram of the
+    teacher's log-probs (2048 bins of 1/64 nat below the maximum) in its terms pass and sorts only the
+    boundary bin's classes; CUDA four radix passes of 8-bit digits over order-preserving keys (256-bin mass
+    histograms in shared memory); Triton a 16-ary search over the keys (up to 9 passes of the teacher alone).
+    Passes over the row: CPU 4 (statistics; terms + histogram; head gaps + boundary bin; gradients from
+    the kept values), CUDA 7 (statistics, 4 radix, terms, gradients), Triton 3 + up to 9 teacher-only
+    search passes. Dense teacher logits only (``TopKTeacher`` and ``MappedTeacher`` raise: the head is
+    defined over the whole vocabulary); ``process_group`` raises (the sharded head would need all-reduced
+    histograms per selection pass).
 """ + _DETAIL
