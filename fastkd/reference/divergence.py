@@ -189,10 +189,11 @@ def akl_rows(log_p, log_q, mu: float = 0.5) -> torch.Tensor:
     """Adaptive KL per row: ``h KL(p || q) + l KL(q || p)`` with ``(h, l) = akl_weights(...)`` constants in the
     gradients (the official code detaches the student's probabilities there); a weight of 0 drops its KL."""
     h, l = akl_weights(log_p, log_q, mu)
-    zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
-    fwd = torch.where(h == 0, zero, h * kl_terms(log_p, log_q).sum(dim=1))
-    rev = torch.where(l == 0, zero, l * kl_terms(log_q, log_p).sum(dim=1))
-    return fwd + rev
+    # a weight of 0 drops its KL: its row's KL is taken between equal log-probs (0, gradient 0), never 0 * inf,
+    # whose gradient would be NaN (mu = 1 with a masked teacher: l = 0 and KL(q || p) = inf)
+    q_fwd = torch.where((h == 0).unsqueeze(1), log_p, log_q)
+    p_rev = torch.where((l == 0).unsqueeze(1), log_q, log_p)
+    return h * kl_terms(log_p, q_fwd).sum(dim=1) + l * kl_terms(log_q, p_rev).sum(dim=1)
 
 
 def triangular_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
