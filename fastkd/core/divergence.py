@@ -141,12 +141,15 @@ def check_divergence_params(**params) -> None:
         raise TypeError(f"reverse must be a bool, got {type(params['reverse']).__name__}")
 
 
-def check_akl_teacher(teacher, process_group) -> None:
+def check_akl_teacher(teacher, process_group, divergence: str = "akl") -> None:
     """AKL takes dense teacher logits on one process: its head is a threshold over the teacher's whole
     distribution (a top-k teacher's buckets, or a vocabulary shard, would need their own definition: the
-    shard's a global threshold, i.e. all-reduced mass histograms per selection pass)."""
+    shard's a global threshold, i.e. all-reduced mass histograms per selection pass). Nothing to check for
+    another ``divergence`` (the fused head's name)."""
     from .vocab import MappedTeacher
 
+    if divergence != "akl":
+        return
     if isinstance(teacher, (TopKTeacher, MappedTeacher)):
         raise TypeError(f"akl_loss takes dense teacher logits, got a {type(teacher).__name__}: AKL's head (the "
                         "teacher's most probable classes holding mass mu) is defined over the whole vocabulary")

@@ -250,12 +250,9 @@ class _FusedLinearFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------
 
 def _divergence_params(divergence: str, temperature: float, beta: float, skew: float, gate=None, mu: float = 0.5):
-    """``(kind, a, b, w_p, w_q, soft_scale)`` of ``divergence_fwd`` for ``divergence`` (``gate``: the
-    entropy-gated KL's ``alpha_min``, ``alpha_max``, ``tau``, ``scale``; ``mu``: AKL's, whose op is ``akl_fwd``)."""
-    if divergence == "akl":
-        return (*divergence_op_args("akl", mu=mu), 1.0)
-    if divergence in ("tvd", "jeffreys", "triangular"):
-        return (*divergence_op_args(divergence), 1.0)
+    """``(kind, a, b, w_p, w_q, soft_scale)`` of the row op for ``divergence`` (``gate``: the entropy gate's; ``mu``)."""
+    if divergence in ("tvd", "jeffreys", "triangular", "akl"):
+        return (*divergence_op_args(divergence, **({"mu": mu} if divergence == "akl" else {})), 1.0)
     if divergence == "entropy_gated_kl":
         return (*divergence_op_args(divergence, **(gate or {})), 1.0)
     if divergence == "kl":  # kd_loss: Hinton's T^2
@@ -282,7 +279,7 @@ def _kd_row_op(kd_fwd):
     return op
 
 
-def _row_backend(backend: str, hidden: torch.Tensor, weight: torch.Tensor, plain_kd: bool, akl: bool = False) -> str:
+def _row_backend(backend: str, hidden: torch.Tensor, weight: torch.Tensor, plain_kd: bool, kind: int = 0) -> str:
     """The backend whose row op runs each chunk: "reference" or a fused backend's name.
 
     ``plain_kd``: the loss is forward KL with ``T^2`` alone on float32 dense chunks without padding
@@ -290,18 +287,17 @@ def _row_backend(backend: str, hidden: torch.Tensor, weight: torch.Tensor, plain
     loss, so a fused backend that has ``kd_fwd`` but not yet ``divergence_fwd`` runs it (``_row_op``).
     """
     v.check_backend(backend)
+    akl = kind == KIND_CODES["akl"]  # its own row op, akl_fwd
     return resolve("kd" if plain_kd else "fused_linear_akl" if akl else "fused_linear_kd", backend, hidden, weight)
 
 
 def _row_op(name: str, hidden: torch.Tensor, plain_kd: bool, kind: int = 0):
     """The ``divergence_fwd`` of backend ``name`` (``_row_backend``'s answer); AKL's ``akl_fwd`` (same signature)."""
-    if kind == KIND_CODES["akl"]:
-        return R.akl_fwd if name == "reference" else implementation(name).akl_fwd
     if name == "reference":
-        return R.divergence_fwd
+        return R.akl_fwd if kind == KIND_CODES["akl"] else R.divergence_fwd
     if plain_kd and unavailable_reason(name, "fused_linear_kd", hidden.device) is not None:
         return _kd_row_op(implementation(name).kd_fwd)
-    return getattr(implementation(name), FUSED_OP)
+    return getattr(implementation(name), "akl_fwd" if kind == KIND_CODES["akl"] else FUSED_OP)
 
 
 # About 150 lines, most of them argument checks (every message names its argument) in the order a reader
@@ -317,9 +313,8 @@ def fused_linear_kd_loss(
     teacher_temperature: Optional[float] = None,
     teacher_grad: bool = False,
     beta: float = 0.5,
-    skew: float = 0.1,
+    skew: float = 0.1, mu: float = 0.5,  # skew_kl; akl
     alpha_min: float = 0.0, alpha_max: float = 1.0, tau: float = 0.5, scale: float = 0.1,  # entropy_gated_kl
-    mu: float = 0.5,  # akl
     ce_weight: float = 0.0,
     student_bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
@@ -343,8 +338,7 @@ def fused_linear_kd_loss(
     vocab = student_weight.shape[0]
     v.check_fused_linear_options(divergence, temperature, beta, skew, ce_weight, logit_scale, softcap, reduction)
     gate = {"alpha_min": alpha_min, "alpha_max": alpha_max, "tau": tau, "scale": scale}
-    check_divergence_params(**gate)
-    check_divergence_params(mu=mu)
+    check_divergence_params(**gate, mu=mu)
     v.check_ignore_index(ignore_index)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
@@ -353,8 +347,7 @@ def fused_linear_kd_loss(
     v.check_teacher_vocab(teacher_vocab)
     teacher_kind, t_vocab, teacher_hidden, teacher_weight, teacher_logits, topk, mixture, mapped = teacher_parts(
         teacher, teacher_bias, lead, dev, vocab, student_weight)
-    if divergence == "akl":  # dense teachers on one process (fastkd.akl_loss says why)
-        check_akl_teacher(teacher if teacher_kind in ("topk", "mapped") else None, process_group)
+    check_akl_teacher(teacher, process_group, divergence)  # AKL: dense teachers on one process
     shared = isinstance(teacher, (tuple, list)) and len(teacher) == 2 and teacher[1] is None  # (hidden, None)
     if shared:
         teacher_bias = student_bias
@@ -456,8 +449,7 @@ def fused_linear_kd_loss(
                                    process_group, vocab, equal, gate=gate)
         name = None
     else:
-        name = "reference" if f64 else _row_backend(backend, student_hidden, student_weight, plain_kd,
-                                                    divergence == "akl")
+        name = "reference" if f64 else _row_backend(backend, student_hidden, student_weight, plain_kd, kind)
         op = _row_op(name, student_hidden, plain_kd, kind)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
@@ -502,8 +494,8 @@ fused_linear_kd_loss.__doc__ = """The LM head and a distillation loss in one op;
         loss = divergence(s, t, ...)
 
     ``divergence``: ``"kl"`` (``fastkd.kd_loss``: ``T^2 KL(p || q)``), ``"reverse_kl"``,
-    ``"jsd"`` (``beta``), ``"skew_kl"`` / ``"skew_reverse_kl"`` (``skew``), ``"tvd"``, ``"jeffreys"``,
-    ``"triangular"``, ``"entropy_gated_kl"`` (``alpha_min``, ``alpha_max``, ``tau``, ``scale``; its gate's
+    ``"jsd"`` (``beta``), ``"skew_kl"`` / ``"skew_reverse_kl"`` (``skew``), ``"tvd"``, ``"jeffreys"``, ``"akl"``
+    (``mu``; dense teachers only, its own row op ``akl_fwd``), ``"triangular"``, ``"entropy_gated_kl"`` (``alpha_min``, ``alpha_max``, ``tau``, ``scale``; its gate's
     ``log V`` is the composition's width) (``fastkd.reverse_kl_loss``, ``fastkd.jeffreys_loss`` etc.: no ``T^2``). ``ce_weight`` adds
     ``ce_weight * cross_entropy(s, target)`` at T = 1; ``return_parts=True`` returns
     ``LossParts(loss, soft, hard)`` (``hard``: the row-weighted CE, 0 without ``target``).
