@@ -90,7 +90,7 @@ def test_widths_ignore_weights_ce(backend, width, T):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mu", [0.05, 0.3, 0.9])
+@pytest.mark.parametrize("mu", [0.05, 0.3, 0.9, 0.999])
 def test_mu(backend, mu):
     s, t = logits((5, 2049), seed=3), logits((5, 2049), scale=2.0, seed=4)
     check(backend, s, t, mu=mu)

@@ -3,13 +3,15 @@
 //
 // The head is a threshold on the teacher's logits. Instead of the four 8-bit radix passes over the logits'
 // keys (the CUDA kernel's), the CPU bins the teacher's log-probs below the maximum, u = (M_t - t) / T, into
-// kBins bins of 1/kBinsPerNat nat (the last holds everything past kSpan nats, -inf and NaN): u is monotone in t
-// (rounding is monotone), so each bin is an interval of logits and tied logits share a bin. One scalar scatter
+// kBins equal bins over [0, u_cut): u is monotone in t (rounding is monotone), so each bin is an interval of
+// logits and tied logits share a bin. u_cut is where p = (1 - mu) / (2 V): the tail's most probable class has
+// p >= (1 - mu) / V (the classes at or below it hold at least 1 - mu, at most V of them), so the classes past
+// u_cut are tail whatever their mass (most of a real LM teacher's row) and go to dump slots. One scalar scatter
 // of the teacher mass into that histogram rides the terms pass; walking it from the top finds the boundary bin
-// (the first whose mass takes the running mass past mu), and only that bin's classes (tens on a 32k row) are
-// collected and sorted by logit, in the pass that sums the gaps |p - q| of the other bins by side. One scatter
-// instead of four histogram passes over the row (and a boundary resolved on the exact logits), so the CPU
-// needs no selection pass of its own.
+// (the first whose mass takes the running mass past mu), and only that bin's classes are collected and sorted
+// by logit, in the pass that sums the gaps |p - q| of the other bins by side. One scatter instead of four
+// histogram passes over the row, the bins adapted to the row, and a boundary resolved on the exact logits:
+// the CPU needs no selection pass of its own.
 //
 // Per row: (1) statistics in chunks of kStatsChunk columns: chunk maxima (raw units), the exps relative to them
 // kept (the student's in the gradient row when it is float32); (2) per class KL(p || q), KL(q || p) and the
@@ -32,8 +34,10 @@ namespace fastkd {
 namespace {
 
 constexpr int kBins = 2048;
-constexpr float kBinsPerNat = 64.0f;
-constexpr float kSpan = kBins / kBinsPerNat;  // 32 nats: a class further below has p < e^-32 of the maximum's
+// The classes that cannot reach the head (and -inf, NaN) go to kDumpSlots slots past the bins, by column (their
+// mass is never read; one slot would make a run of them wait on one address).
+constexpr int kDumpSlots = 64;
+constexpr int kHist = kBins + kDumpSlots;
 
 struct AklCall {
   float mu, T, inv_t, soft_scale, ce_weight;
@@ -53,7 +57,7 @@ struct AklScratch {
   std::vector<float> s_conv, t_conv, gs_conv, gt_conv;  // dtype conversion of one row
   std::vector<float> kept_s, kept_t, g_row, kpq, chunk_max;
   std::vector<uint16_t> bins;
-  std::vector<float> hist;  // two interleaved copies: consecutive classes in one bin do not wait on each other
+  std::vector<float> hist;  // two copies of kHist, alternate classes: neighbours in one bin do not wait on each other
   std::vector<AklCandidate> cand;
 };
 
@@ -63,10 +67,11 @@ X* sized(std::vector<X>& v, int64_t n) {
   return v.data();
 }
 
-// The teacher log-prob bin of logit t below the raw maximum mt (0 at the maximum; NaN and -inf: the last).
-FASTKD_INLINE int bin_of(float t, float mt, float inv_t) {
+// The bin of logit t in column j: its teacher log-prob below the maximum's, u = (mt - t) / T in [0, u_cut), in
+// kBins equal bins (0 at the maximum), monotone in t; from u_cut on (and -inf, NaN) a dump slot.
+FASTKD_INLINE int bin_of(float t, int64_t j, float mt, float inv_t, float u_cut, float scale) {
   const float u = (mt - t) * inv_t;
-  return u < kSpan ? static_cast<int>(u * kBinsPerNat) : kBins - 1;
+  return u < u_cut ? std::min(static_cast<int>(u * scale), kBins - 1) : kBins + static_cast<int>(j & (kDumpSlots - 1));
 }
 
 FASTKD_INLINE float to_prob(float chunk_max, float row_max, float inv_t, float l) {
@@ -78,8 +83,9 @@ FASTKD_INLINE float to_prob(float chunk_max, float row_max, float inv_t, float l
 // vectorising the loop.
 template <bool kG, bool kH, bool kBin>
 FASTKD_INLINE void akl_terms_chunk(const float* s, const float* t, int64_t n, float ms, float mt, float inv_t, float dl,
-                                   float to_q, float to_p, const float* kept_s, const float* kept_t, float* g_row,
-                                   float* kpq, uint16_t* bins, double& kl_pq, double& kl_qp, double& gap) {
+                                   float u_cut, float scale, float to_q, float to_p, const float* kept_s,
+                                   const float* kept_t, float* g_row, float* kpq, uint16_t* bins, double& kl_pq,
+                                   double& kl_qp, double& gap) {
   double a = 0.0, b = 0.0, d = 0.0;
 #pragma omp simd reduction(+ : a, b, d)
   for (int64_t j = 0; j < n; ++j) {
@@ -90,7 +96,7 @@ FASTKD_INLINE void akl_terms_chunk(const float* s, const float* t, int64_t n, fl
     a += fwd, b += rev, d += fabsf(p - q);
     if (kG) g_row[j] = rev;
     if (kH) kpq[j] = fwd;
-    if (kBin) bins[j] = static_cast<uint16_t>(bin_of(t[j], mt, inv_t));
+    if (kBin) bins[j] = static_cast<uint16_t>(bin_of(t[j], j, mt, inv_t, u_cut, scale));
   }
   kl_pq += a, kl_qp += b, gap += d;
 }
@@ -143,8 +149,13 @@ AklRowOut akl_row_cpu(const AklCall& c, const float* s, const float* t, int64_t 
   float* g_row = gs ? sized(sc.g_row, V) : nullptr;
   float* kpq = gt;  // p (lp - lq) in the teacher's gradient row until (4)
   uint16_t* bins = select ? sized(sc.bins, V) : nullptr;
-  float* hist = select ? sized(sc.hist, 2 * kBins) : nullptr;
-  if (select) std::fill(hist, hist + 2 * kBins, 0.0f);
+  float* hist = select ? sized(sc.hist, 2 * kHist) : nullptr;
+  if (select) std::fill(hist, hist + 2 * kHist, 0.0f);
+  // Only a class with p >= (1 - mu) / V can be the tail's most probable (the classes at or below it hold at
+  // least 1 - mu, at most V of them), so the bins span the log-probs down to half that (rounding): u_cut above
+  // log 2 (lt <= log V), the classes past it are tail whatever their mass (most of a real LM teacher's row).
+  const float u_cut = logf(2.0f * static_cast<float>(V) / (1.0f - c.mu)) - lt;
+  const float scale = static_cast<float>(kBins) / u_cut;
   double kl_pq = 0.0, kl_qp = 0.0, gap_all = 0.0;
   for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
     const int64_t n = std::min(kStatsChunk, V - c0);
@@ -154,8 +165,9 @@ AklRowOut akl_row_cpu(const AklCall& c, const float* s, const float* t, int64_t 
     float* kh = kpq ? kpq + c0 : nullptr;
     uint16_t* bn = bins ? bins + c0 : nullptr;
 #define FASTKD_AKL_TERMS(F)                                                                                   \
-  akl_terms_chunk<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(s + c0, t + c0, n, ms, mt, inv_t, dl, to_q, to_p, \
-                                                             kept_s + c0, kept_t + c0, gr, kh, bn, kl_pq, kl_qp, gap_all)
+  akl_terms_chunk<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(s + c0, t + c0, n, ms, mt, inv_t, dl, u_cut, scale, \
+                                                             to_q, to_p, kept_s + c0, kept_t + c0, gr, kh, bn, \
+                                                             kl_pq, kl_qp, gap_all)
     switch (form) {
       case 0: FASTKD_AKL_TERMS(0); break;
       case 1: FASTKD_AKL_TERMS(1); break;
@@ -170,7 +182,14 @@ AklRowOut akl_row_cpu(const AklCall& c, const float* s, const float* t, int64_t 
     if (select) {
       const uint16_t* bc = bins + c0;
       const float* kt = kept_t + c0;
-      for (int64_t j = 0; j < n; ++j) hist[((j & 1) ? kBins : 0) + bc[j]] += kt[j] * to_p;
+      float* h0 = hist;
+      float* h1 = hist + kHist;
+      int64_t j = 0;
+      for (; j + 1 < n; j += 2) {
+        h0[bc[j]] += kt[j] * to_p;
+        h1[bc[j + 1]] += kt[j + 1] * to_p;
+      }
+      if (j < n) h0[bc[j]] += kt[j] * to_p;
     }
   }
 
@@ -178,8 +197,8 @@ AklRowOut akl_row_cpu(const AklCall& c, const float* s, const float* t, int64_t 
   double above = 0.0;
   int boundary = -1;
   if (select) {
-    for (int bin = 0; bin < kBins; ++bin) {
-      const double m = double(hist[bin]) + double(hist[kBins + bin]);
+    for (int bin = 0; bin < kBins; ++bin) {  // (the dump is tail: see u_cut)
+      const double m = double(hist[bin]) + double(hist[kHist + bin]);
       if (above + m > c.mu) {
         boundary = bin;
         break;
@@ -200,7 +219,7 @@ AklRowOut akl_row_cpu(const AklCall& c, const float* s, const float* t, int64_t 
       const float* ks = kept_s + c0;
       const float* kt = kept_t + c0;
       const uint16_t* bc = bins + c0;
-      double hd = 0.0, tl = 0.0;
+      float hd = 0.0f, tl = 0.0f;  // positive terms, one chunk: float lanes, then double
       int in_bin = 0;
 #pragma omp simd reduction(+ : hd, tl, in_bin)
       for (int64_t j = 0; j < n; ++j) {
@@ -210,11 +229,17 @@ AklRowOut akl_row_cpu(const AklCall& c, const float* s, const float* t, int64_t 
         in_bin += bc[j] == bb ? 1 : 0;
       }
       g_head += hd, g_tail += tl;
-      for (int64_t j = 0; in_bin > 0 && j < n; ++j) {
-        if (bc[j] != bb) continue;
-        const float p = kt[j] * to_p;
-        sc.cand.push_back({t[c0 + j], p, fabsf(p - ks[j] * to_q)});
-        --in_bin;
+      // collect them: blocks of 16 without one are skipped by a vectorised test
+      for (int64_t j0 = 0; in_bin > 0 && j0 < n; j0 += 16) {
+        const int64_t m = std::min<int64_t>(16, n - j0);
+        int any = 0;
+        for (int64_t j = 0; j < m; ++j) any |= bc[j0 + j] == bb;
+        for (int64_t j = j0; any && j < j0 + m; ++j) {
+          if (bc[j] != bb) continue;
+          const float p = kt[j] * to_p;
+          sc.cand.push_back({t[c0 + j], p, fabsf(p - ks[j] * to_q)});
+          --in_bin;
+        }
       }
     }
     std::sort(sc.cand.begin(), sc.cand.end(), [](const AklCandidate& x, const AklCandidate& y) { return x.t > y.t; });
