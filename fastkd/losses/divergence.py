@@ -564,8 +564,8 @@ akl_loss.__doc__ = """Adaptive KL (AKL, Wu et al., COLING 2025), per row::
 
     The fused kernels run their own row op ``akl_fwd`` (``divergence_fwd``'s signature, ``a = mu``). The head
     is a threshold on the teacher's logits found by selection: the CPU takes one mass histogram of the
-    teacher's log-probs (2048 bins of 1/64 nat below the maximum) in its terms pass and sorts only the
-    boundary bin's classes; CUDA four radix passes of 8-bit digits over order-preserving keys (256-bin mass
+    teacher's log-probs (2048 bins from the maximum down to ``p = (1 - mu) / 2V``, below which no class can
+    be head) in its terms pass and sorts only the boundary bin's classes; CUDA four radix passes of 8-bit digits over order-preserving keys (256-bin mass
     histograms in shared memory); Triton a 16-ary search over the keys (up to 9 passes of the teacher alone).
     Passes over the row: CPU 4 (statistics; terms + histogram; head gaps + boundary bin; gradients from
     the kept values), CUDA 7 (statistics, 4 radix, terms, gradients), Triton 3 + up to 9 teacher-only

@@ -11,7 +11,7 @@ Contract (``divergence_fwd``'s signature, ``a`` = mu, dense teachers): docs/desi
 The head without sorting: ``x* = min {x : f(x) <= mu}`` over the 32-bit order-preserving keys of the teacher's
 logits, ``f(x) = sum p [key >= x]`` (non-increasing), so the head is ``key >= x*`` (plus the maxima). A 16-ary
 search keeps ``x*`` in ``(lo, hi]``: each pass compares every logit's key with 16 candidates ``lo + i step``
-(a ``[SEARCH_BLOCK, 16]`` broadcast, summed over the block) and keeps the sub-interval where ``f`` crosses
+(a ``[32 columns per warp, 16]`` broadcast, summed over the block) and keeps the sub-interval where ``f`` crosses
 ``mu``; ``hi - lo`` starts at most ``2^32 + 1`` and shrinks 16-fold per pass: at most 9 passes, which read the
 teacher alone. Passes over the row: (1) statistics (both nets), (2..) the search (teacher), then the terms
 (``KL(p || q)``, ``KL(q || p)``, the gaps by side; both nets) and the gradients (both nets; divergence.py's
@@ -28,10 +28,18 @@ from ._common import device_guard, empty_grad, load_logits, unit_stride_rows
 from .divergence import _check, _div_dense_grads, _store_row_outputs, _target, div_row_config
 from .divergence_rows import _row_stats
 
-# The search's candidates per pass, and its column block (the [block, 16] comparison: 16 values per thread at 16
-# warps, where the divergence kernels hold 4 elements of about ten values each).
+# The search's candidates per pass, and its column block: 16 columns per warp (32 from 8 warps), so that the
+# [block, 16] comparison holds 8 (16) values per thread. ptxas, sm_90 / sm_80, every launch config and dtype:
+# at most 64 registers and no spills (a triton.compile of every config, as tests/test_triton_compile.py does; the
+# kernel is not in its matrix yet); the divergence blocks' 4 columns per
+# thread, 64 values per thread, took up to 167 registers at 1 and 4 warps, and 16 columns per warp at 16 warps
+# spilled 4 bytes on sm_80.
 SEARCH_WAYS = 16
-SEARCH_MAX_BLOCK = 512
+
+
+def search_block(block, num_warps):
+    """The search's column block: 16 columns per warp below 8 warps, 32 from 8, at most the row block."""
+    return min(block, (32 if num_warps >= 8 else 16) * num_warps)
 
 
 @triton.jit
@@ -180,7 +188,7 @@ def akl_fwd(
                 gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0, row_weight.stride(0),
                 v, 1.0 / temperature, a, soft_scale, ce_weight,
                 HAS_TARGET=has_target, GRAD_S=grad_student, GRAD_T=grad_teacher, BLOCK=block,
-                SBLOCK=min(block, SEARCH_MAX_BLOCK), WAYS=SEARCH_WAYS, num_warps=num_warps,
+                SBLOCK=search_block(block, num_warps), WAYS=SEARCH_WAYS, num_warps=num_warps,
             )
     if reduce:
         return loss_rows.sum(), soft_rows.sum(), hard_rows.sum(), gs, gt
