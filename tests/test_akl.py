@@ -17,6 +17,9 @@ from fastkd.core.rows import row_weights
 from fastkd.dispatch.backend import unavailable_reason
 from fastkd.dispatch import ops as _ops
 from fastkd.reference import divergence as R
+from test_no_host_sync import gpu_path
+
+FIXTURES = (gpu_path,)  # test_no_host_sync's: the path GPU tensors take, on CPU tensors, every host read raising
 
 F64 = torch.float64
 BACKENDS = ("reference", "cpu", "triton", "cuda")
@@ -402,3 +405,19 @@ def test_row_weights_reach_the_op():
     e = torch.empty(0, dtype=torch.int64)
     loss = torch.ops.fastkd.akl_fwd(s, t, e, e, rw, 1.0, AKL, 0.5, 0.0, 0.0, 0.0, 1.0, 0.0, 0, True, False, False)[0]
     torch.testing.assert_close(loss, fastkd.akl_loss(s, t, target=y, backend="cpu"))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+def test_no_host_read_on_the_gpu_path(backend, gpu_path):
+    """The Python layer of akl_loss and of the fused head reads no tensor value on the path GPU tensors take."""
+    needs(backend)
+    dev = device_of(backend)
+    s = logits((6, 300), seed=36).to(dev).requires_grad_(True)
+    t = logits((6, 300), seed=37).to(dev)
+    target = torch.tensor([1, -100, 3, 4, 5, 6], device=dev)
+    weight = torch.rand(6, generator=torch.Generator().manual_seed(38)).to(dev)
+    (0.5 * fastkd.akl_loss(s, t, target=target, sample_weight=weight, ce_weight=0.2, mu=0.4, backend=backend)).backward()
+    h, w = logits((6, 16), seed=39).to(dev).requires_grad_(True), logits((300, 16), seed=40).to(dev)
+    fastkd.fused_linear_kd_loss(h, w, (logits((6, 16), seed=41).to(dev), w), target, divergence="akl",
+                                chunk_size=4, backend=backend).backward()
+    assert s.grad is not None and h.grad is not None and gpu_path == []
