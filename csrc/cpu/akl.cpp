@@ -40,7 +40,8 @@ constexpr int kDumpSlots = 64;
 constexpr int kHist = kBins + kDumpSlots;
 
 struct AklCall {
-  float mu, T, inv_t, soft_scale, ce_weight;
+  double mu;  // (a float would make a mu within 6e-8 of 1 select nothing)
+  float T, inv_t, soft_scale, ce_weight;
   int64_t V;
 };
 
@@ -154,7 +155,7 @@ AklRowOut akl_row_cpu(const AklCall& c, const float* s, const float* t, int64_t 
   // Only a class with p >= (1 - mu) / V can be the tail's most probable (the classes at or below it hold at
   // least 1 - mu, at most V of them), so the bins span the log-probs down to half that (rounding): u_cut above
   // log 2 (lt <= log V), the classes past it are tail whatever their mass (most of a real LM teacher's row).
-  const float u_cut = logf(2.0f * static_cast<float>(V) / (1.0f - c.mu)) - lt;
+  const float u_cut = static_cast<float>(log(2.0 * static_cast<double>(V) / (1.0 - c.mu))) - lt;
   const float scale = static_cast<float>(kBins) / u_cut;
   double kl_pq = 0.0, kl_qp = 0.0, gap_all = 0.0;
   for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
@@ -340,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> akl_fwd_c
   check_row_vector(row_weight, N, at::kFloat, "row_weight");
 
   AklCall c;
-  c.mu = static_cast<float>(a);
+  c.mu = a;
   c.T = static_cast<float>(temperature), c.inv_t = 1.0f / c.T;
   c.soft_scale = static_cast<float>(soft_scale), c.ce_weight = static_cast<float>(ce_weight);
   c.V = V;
