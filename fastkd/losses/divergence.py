@@ -557,7 +557,9 @@ akl_loss.__doc__ = """Adaptive KL (AKL, Wu et al., COLING 2025), per row::
     ``>= v``, the head is ``{c : M(t_c) <= mu}`` plus the classes at the maximum. Without ties this is the
     official sorted cumulative sum; tied logits are in or out of the head together (the official code splits
     them in its sort's order). ``mu`` in (0, 1]: 1 makes every class head (``l = 0``: ``h`` times forward
-    KL), a tiny ``mu`` only the maxima. ``h`` and ``l`` are constants in the gradients (the official code
+    KL), a tiny ``mu`` only the maxima. ``-inf`` logits are classes of probability 0 here, in the head's mass
+    and gaps as in the KLs (tail unless ``mu = 1``); the official ``get_ratio`` replaces infinite logits by 0
+    before its softmax (for the ratio only), which gives them mass there. ``h`` and ``l`` are constants in the gradients (the official code
     detaches the student's probabilities there): the student gradient is the two-sided KL's at ``(h, l)``,
     ``dL/dx_c = h (q_c - p_c) + l q_c (l q_c - l p_c - KL(q || p))`` (``x = s / T``, ``l`` = log); a
     teacher gradient is the blend's at fixed ``(h, l)`` too.
