@@ -421,3 +421,18 @@ def test_no_host_read_on_the_gpu_path(backend, gpu_path):
     fastkd.fused_linear_kd_loss(h, w, (logits((6, 16), seed=41).to(dev), w), target, divergence="akl",
                                 chunk_size=4, backend=backend).backward()
     assert s.grad is not None and h.grad is not None and gpu_path == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_vocab(backend):
+    """A teacher wider than the student: "truncate" is AKL against the first V columns; "mask" pads the student
+    with -inf, so a row whose teacher has mass past V is infinite (KL(p || q) with q = 0 < p), as the reference."""
+    needs(backend)
+    dev = device_of(backend)
+    s, wide = logits((4, 2049), seed=42).to(dev), logits((4, 2060), seed=43).to(dev)
+    got = fastkd.akl_loss(s, wide, mu=0.4, backend=backend)
+    torch.testing.assert_close(got, fastkd.akl_loss(s, wide[:, :2049].contiguous(), mu=0.4, backend=backend))
+    masked = fastkd.akl_loss(s, wide, mu=0.4, teacher_vocab="mask", backend=backend, reduction="none")
+    want = R.akl_loss(F.pad(s.double().cpu(), (0, 11), value=-math.inf), wide.double().cpu(), mu=0.4,
+                      reduction="none")
+    assert torch.equal(torch.isinf(masked.cpu()), torch.isinf(want))
