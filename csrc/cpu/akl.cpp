@@ -56,7 +56,7 @@ struct AklCandidate {
 
 struct AklScratch {
   std::vector<float> s_conv, t_conv, gs_conv, gt_conv;  // dtype conversion of one row
-  std::vector<float> kept_s, kept_t, g_row, kpq, chunk_max;
+  std::vector<float> kept_s, kept_t, g_row, chunk_max;
   std::vector<uint16_t> bins;
   std::vector<float> hist;  // two copies of kHist, alternate classes: neighbours in one bin do not wait on each other
   std::vector<AklCandidate> cand;
@@ -144,7 +144,7 @@ AklRowOut akl_row_cpu(const AklCall& c, const float* s, const float* t, int64_t 
   if (g >= 0 && !ce1) st_1 = st_s;  // T = 1: the same sums
   const float ms = st_s.m, ls = div_lse_log(st_s), mt = st_t.m, lt = div_lse_log(st_t), dl = ls - lt;
   const bool nan_row = ls != ls || lt != lt;  // the xlogy selects below could hide a NaN logit
-  const bool select = c.mu < 1.0f && !nan_row;  // mu = 1: every class is head
+  const bool select = c.mu < 1.0 && !nan_row;  // mu = 1: every class is head
 
   // (2) the two KLs and the total gap; the parts of G and H; the bins and the mass histogram
   float* g_row = gs ? sized(sc.g_row, V) : nullptr;
