@@ -8,7 +8,7 @@
 //            logits (akl_key), 8 bits per sweep from the top: a 256-bin histogram of teacher MASS in shared
 //            memory (per row) over the next digit of the keys that match the prefix chosen so far, walked from
 //            the top bin with the mass above it; the first bin that takes that mass past mu is the prefix's next
-//            digit. After four digits the prefix is the key of the tail's most probable tie group: the head is
+//            digit (classes with p < (1 - mu) / 2V, below the boundary by a bound, are left out). After four digits the prefix is the key of the tail's most probable tie group: the head is
 //            every key above it, plus the maxima. (A sweep whose bins never pass mu, rounding, ends the search:
 //            its whole prefix is head.) These sweeps read the teacher alone;
 //   sweep 6: KL(p || q), KL(q || p) and the gaps |p - q| of head and tail;
@@ -114,6 +114,11 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
   bool searching = mu < 1.0f;  // the same in every lane of the team (from shared sums and uniform values)
   uint32_t prefix = 0;
   double above = 0.0;  // the teacher mass of the keys above the prefix
+  // The tail's most probable class has p >= (1 - mu) / V (the classes at or below it hold 1 - mu or more, at most V
+  // of them), so a class below half that is below the boundary key: leaving it out of the histograms changes no bin
+  // the walk reads before it stops (the boundary bin keeps every key at or above the boundary's). Most of a real LM
+  // teacher's row, and fewer shared-memory atomics on the few bins the top digits use.
+  const float p_min = 0.5f * (1.0f - mu) / static_cast<float>(V);
   for (int pass = 0; pass < 4; ++pass) {
     const int shift = 24 - 8 * pass;
     const uint32_t fixed = pass == 0 ? 0u : (0xFFFFFFFFu << (shift + 8));  // the bits the prefix has decided
@@ -123,7 +128,8 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
       sweep_teacher(sp, t, [&](int64_t, float y) {
         const uint32_t key = akl_key(y);
         if ((key & fixed) == prefix) {
-          atomicAdd(&hist[(key >> shift) & 0xFFu], div_exp(div_log_prob(y, st.t.m, inv_t, lt)));
+          const float p = div_exp(div_log_prob(y, st.t.m, inv_t, lt));
+          if (p >= p_min) atomicAdd(&hist[(key >> shift) & 0xFFu], p);
         }
       });
     }
