@@ -7,7 +7,8 @@ Every KL-type divergence is one formula with four coefficients::
 which the fused kernels implement once (``fastkd::divergence_fwd``); TVD, the two-sided KL
 (Jeffreys: ``a KL(p || q) + b KL(q || p)``) and the triangular discrimination are kinds of their
 own, and so is the entropy-gated KL (``w KL(p || q) + (1 - w) KL(q || p)``, ``w`` a per-row gate on the
-teacher's entropy: ``entropy_gate``). The integer codes below are the op's ``kind`` and ``topk_mode`` arguments;
+teacher's entropy: ``entropy_gate``). The adaptive KL (AKL) has a row op of its own, ``akl_fwd``, with
+``divergence_fwd``'s schema (``kind`` 8, ``a`` = mu: ``check_akl_op_args``). The integer codes below are the op's ``kind`` and ``topk_mode`` arguments;
 ``divergence_op_args`` maps a divergence's name and parameters to ``(kind, a, b, w_p, w_q)``.
 ``check_divergence_args`` is the argument check every divergence makes, on every
 backend (the reference and the fused path call it once per call).
@@ -23,9 +24,8 @@ from .rows import read_rows
 from .topk import TopKTeacher
 
 __all__ = ["LossParts", "KIND_CODES", "TOPK_MODE_CODES", "ENTROPY_GATE_DEFAULTS", "AKL_MU_DEFAULT",
-           "divergence_coefficients",
-           "divergence_op_args", "entropy_gate", "check_divergence_args", "check_divergence_params",
-           "check_akl_teacher", "check_akl_op_args"]
+           "divergence_coefficients", "divergence_op_args", "entropy_gate", "check_divergence_args",
+           "check_divergence_params", "check_akl_teacher", "check_akl_op_args"]
 
 LossParts = namedtuple("LossParts", ["loss", "soft", "hard"])
 LossParts.__doc__ = """``return_parts=True`` result: ``loss`` (differentiable) = ``soft + ce_weight * hard``;
