@@ -250,7 +250,7 @@ class _FusedLinearFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------
 
 def _divergence_params(divergence: str, temperature: float, beta: float, skew: float, gate=None, mu: float = 0.5):
-    """``(kind, a, b, w_p, w_q, soft_scale)`` of the row op for ``divergence`` (``gate``: the entropy gate's; ``mu``)."""
+    """``(kind, a, b, w_p, w_q, soft_scale)`` of the row op for ``divergence`` (with its ``gate`` or ``mu``)."""
     if divergence in ("tvd", "jeffreys", "triangular", "akl"):
         return (*divergence_op_args(divergence, **({"mu": mu} if divergence == "akl" else {})), 1.0)
     if divergence == "entropy_gated_kl":
@@ -280,14 +280,13 @@ def _kd_row_op(kd_fwd):
 
 
 def _row_backend(backend: str, hidden: torch.Tensor, weight: torch.Tensor, plain_kd: bool, kind: int = 0) -> str:
-    """The backend whose row op runs each chunk: "reference" or a fused backend's name.
+    """The backend whose row op runs each chunk: "reference" or a fused backend's name (AKL: its own op, ``akl_fwd``).
 
     ``plain_kd``: the loss is forward KL with ``T^2`` alone on float32 dense chunks without padding
     (``divergence="kl"``, no ``ce_weight``, no parts, no top-k, ``V_t == V``): exactly ``kd_fwd``'s row
-    loss, so a fused backend that has ``kd_fwd`` but not yet ``divergence_fwd`` runs it (``_row_op``).
-    """
+    loss, so a fused backend that has ``kd_fwd`` but not yet ``divergence_fwd`` runs it (``_row_op``)."""
     v.check_backend(backend)
-    akl = kind == KIND_CODES["akl"]  # its own row op, akl_fwd
+    akl = kind == KIND_CODES["akl"]
     return resolve("kd" if plain_kd else "fused_linear_akl" if akl else "fused_linear_kd", backend, hidden, weight)
 
 
@@ -493,10 +492,10 @@ fused_linear_kd_loss.__doc__ = """The LM head and a distillation loss in one op;
         t = softcap(logit_scale * (teacher_hidden @ teacher_weight.T + teacher_bias))
         loss = divergence(s, t, ...)
 
-    ``divergence``: ``"kl"`` (``fastkd.kd_loss``: ``T^2 KL(p || q)``), ``"reverse_kl"``,
-    ``"jsd"`` (``beta``), ``"skew_kl"`` / ``"skew_reverse_kl"`` (``skew``), ``"tvd"``, ``"jeffreys"``, ``"akl"``
-    (``mu``; dense teachers only, its own row op ``akl_fwd``), ``"triangular"``, ``"entropy_gated_kl"`` (``alpha_min``, ``alpha_max``, ``tau``, ``scale``; its gate's
-    ``log V`` is the composition's width) (``fastkd.reverse_kl_loss``, ``fastkd.jeffreys_loss`` etc.: no ``T^2``). ``ce_weight`` adds
+    ``divergence``: ``"kl"`` (``fastkd.kd_loss``: ``T^2 KL(p || q)``), ``"reverse_kl"``, ``"jsd"`` (``beta``),
+    ``"skew_kl"`` / ``"skew_reverse_kl"`` (``skew``), ``"tvd"``, ``"jeffreys"``, ``"akl"`` (``mu``; dense teachers, its
+    own row op ``akl_fwd``), ``"triangular"``, ``"entropy_gated_kl"`` (``alpha_min``, ``alpha_max``, ``tau``, ``scale``;
+    its gate's ``log V`` is the composition's width) (``fastkd.reverse_kl_loss`` etc.: no ``T^2``). ``ce_weight`` adds
     ``ce_weight * cross_entropy(s, target)`` at T = 1; ``return_parts=True`` returns
     ``LossParts(loss, soft, hard)`` (``hard``: the row-weighted CE, 0 without ``target``).
 
