@@ -54,6 +54,7 @@ Teacher = Union[torch.Tensor, TopKTeacher]
 _NO_IDS = torch.empty(0, dtype=torch.int64)
 # The backends whose divergence_fwd reads rows with any row stride (CUDA's takes contiguous rows).
 ROW_STRIDED_BACKENDS = ("cpu", "triton")
+
 # The divergences that run a row op of their own, with divergence_fwd's signature (docs/design.md).
 ROW_OPS = {"akl": "akl_fwd"}
 
@@ -171,8 +172,6 @@ def _divergence_loss(kind: str, params: dict, student, teacher: Teacher, tempera
                      ignore_index, sample_weight, ce_weight, return_parts, process_group, backend: str,
                      teacher_vocab: str = "truncate"):
     """The body of every public divergence: the sharded loss with a process group, else check and dispatch."""
-    if kind == "akl":
-        check_akl_teacher(teacher, process_group)
     teacher = mapped_as_topk(student, teacher, temperature, process_group)
     if process_group is None:
         student, teacher = align_teacher_vocab(student, teacher, teacher_vocab)
@@ -379,6 +378,7 @@ def akl_loss(
     backend: str = "auto",
 ):
     params = {"mu": mu}
+    check_akl_teacher(teacher_logits, process_group)  # dense teachers on one process (the docstring says why)
     return _divergence_loss("akl", params, student_logits, teacher_logits, temperature, reduction, target,
                             ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
                             teacher_vocab)
