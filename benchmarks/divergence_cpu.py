@@ -33,6 +33,7 @@ DIVERGENCES = {
     "jeffreys": (fastkd.jeffreys_loss, R.jeffreys_loss, {}),
     "triangular": (fastkd.triangular_loss, R.triangular_loss, {}),
     "entropy_gated_kl": (fastkd.entropy_gated_kl_loss, R.entropy_gated_kl_loss, {}),
+    "akl": (fastkd.akl_loss, R.akl_loss, {"mu": 0.5}),
 }
 
 

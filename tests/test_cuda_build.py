@@ -223,7 +223,7 @@ def short_name(demangled):
 
 # The row kernels whose both teams must compile without spills (csrc/cuda/rows.cuh).
 REQUIRED_KERNELS = ("kd_fwd_kernel", "ats_fwd_kernel", "dkd_fwd_kernel", "divergence_dense_kernel",
-                    "divergence_topk_kernel")
+                    "divergence_topk_kernel", "akl_kernel")
 
 
 def test_cuda_kernels_compile_without_spills():

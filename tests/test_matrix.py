@@ -521,6 +521,8 @@ def test_matrix_covers_every_fused_loss():
 
     # fused_linear_kd: tests/test_fused_linear.py runs the same row op per chunk on every backend
     # teacher_topk: tests/test_teacher_topk.py, one case matrix over every backend
+    # akl, fused_linear_akl: tests/test_akl.py (its own row op akl_fwd, on every backend)
     covered = {BACKEND_LOSS.get(loss, loss) for loss in LOGIT_LOSSES + LM_LOSSES} | {"mgd", "fused_linear_kd",
-                                                                                     "teacher_topk"}
+                                                                                     "teacher_topk", "akl",
+                                                                                     "fused_linear_akl"}
     assert set(LOSS_OPS) == covered

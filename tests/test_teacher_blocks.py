@@ -442,3 +442,26 @@ def test_mapped_teacher_that_requires_grad_gets_its_gradient():
     fastkd.forward_kl_loss(s.detach().float(), fastkd.MappedTeacher(t32, vocab_map), backend="cpu").backward()
     fastkd.forward_kl_loss(s, fastkd.MappedTeacher(t, vocab_map), backend="reference").backward()
     assert t32.grad is not None and rel_norm(t32.grad, t.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_akl_with_a_teacher_temperature_and_a_mixture(backend, monkeypatch):
+    """AKL (its own row op, akl_fwd) on the block path: a teacher temperature and a mixture, against the
+    float64 reference (its head by a real sort)."""
+    device = skip_unless_runs("akl", backend)
+    monkeypatch.setattr(teacher_blocks, "BLOCK_ELEMENTS", 4 * 301)
+    g = torch.Generator().manual_seed(17)
+    s64 = 3 * torch.randn(3, 5, 301, generator=g, dtype=torch.float64)
+    members = members_like(s64.shape, n=2, seed=18)
+    for teacher in (lambda dt: members[0].to(dt).to(device),
+                    lambda dt: fastkd.TeacherMixture([m.to(dt).to(device) for m in members], [0.3, 0.7])):
+        x = s64.float().to(device).requires_grad_()
+        got = fastkd.akl_loss(x, teacher(torch.float32), mu=0.6, temperature=T, teacher_temperature=T_T,
+                              backend=backend)
+        x64 = s64.clone().requires_grad_()
+        want = fastkd.akl_loss(x64, teacher(torch.float64), mu=0.6, temperature=T, teacher_temperature=T_T,
+                               backend="reference")
+        assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item()) + 1e-7, (got, want)
+        got.backward()
+        want.backward()
+        assert rel_norm(x.grad.cpu(), x64.grad) < 1e-5

@@ -25,6 +25,7 @@ The matrix (see ``jobs``):
      live values), sm_90;
   C. the register-pressure subset for sm_80: B with the dtype pairs
      (f32, f32), (bf16, bf16) and (bf16, f32) only.
+The adaptive KL (``akl._akl_kernel``) gets every launcher config on sm_90 and sm_80 (``_akl_jobs``).
 The divergence kernels (``divergence._div_dense_kernel`` / ``_div_topk_kernel``) get a
 smaller matrix (``_div_jobs``): A over their constexprs for (bf16, bf16) plus four dtype
 pairs fully requested, B over their launcher configs for (bf16, bf16), C at the widest config.
@@ -321,7 +322,29 @@ def jobs():
                 mgd.ELEM_WARPS, matrix)
     _div_jobs(add)
     _shard_jobs(add)
+    _akl_jobs(add)
     return out
+
+
+def _akl_args(s, t, has_target):
+    return {"S": f"*{s}", "T": f"*{t}", "TGT": "*i64" if has_target else "*fp32", "W": "*fp32", "LOSS": "*fp32",
+            "SOFT": "*fp32", "HARD": "*fp32", "GS": f"*{s}", "GT": f"*{t}",
+            "stride_s": "D", "stride_t": "D", "stride_gs": "D", "stride_gt": "D", "stride_w": 1,
+            "n_cols": "D", "inv_temp": "fp32", "mu": "fp32", "soft_scale": "fp32", "ce_weight": "fp32"}
+
+
+def _akl_jobs(add):
+    """The adaptive KL (``akl._akl_kernel``): every launcher config with everything requested, (bf16, bf16) on
+    sm_90 and (fp32, fp32) on sm_80; the student gradient alone without a target at the widest."""
+    from fastkd.triton.akl import SEARCH_WAYS, search_block
+
+    for arch, pair in ((90, ("bf16", "bf16")), (80, ("fp32", "fp32"))):
+        for b, w in div_row_configs():
+            add("akl", arch, pair, dict(HAS_TARGET=True, GRAD_S=True, GRAD_T=True, BLOCK=b, SBLOCK=search_block(b, w),
+                                        WAYS=SEARCH_WAYS), w, "B" if arch == 90 else "C")
+    b, w = div_row_configs()[-1]
+    add("akl", 90, ("fp32", "fp32"), dict(HAS_TARGET=False, GRAD_S=True, GRAD_T=False, BLOCK=b,
+                                          SBLOCK=search_block(b, w), WAYS=SEARCH_WAYS), w, "A")
 
 
 def _kernel_and_args(job):
@@ -338,6 +361,10 @@ def _kernel_and_args(job):
         if name == "div_dense":
             return divergence._div_dense_kernel, _div_dense_args(d[0], d[1], has_target)
         return divergence._div_topk_kernel, _div_topk_args(d[0], d[1], has_target)
+    if name == "akl":
+        from fastkd.triton import akl
+
+        return akl._akl_kernel, _akl_args(d[0], d[1], job["constexprs"]["HAS_TARGET"])
     if name.startswith("shard_"):
         from fastkd.triton import divergence_shard as shard
 

@@ -16,6 +16,7 @@ BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # the divergence= names of fused_linear_kd_loss
 FUSED_LINEAR_DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "jeffreys", "triangular")
 FUSED_LINEAR_DIVERGENCES += ("entropy_gated_kl",)
+FUSED_LINEAR_DIVERGENCES += ("akl",)  # its own row op, akl_fwd (dense teachers)
 
 # Value checks (target indices in range, tensor temperatures > 0) must read tensor
 # values on the host. On CPU tensors that is free; on a GPU it would synchronise

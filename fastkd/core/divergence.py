@@ -7,7 +7,8 @@ Every KL-type divergence is one formula with four coefficients::
 which the fused kernels implement once (``fastkd::divergence_fwd``); TVD, the two-sided KL
 (Jeffreys: ``a KL(p || q) + b KL(q || p)``) and the triangular discrimination are kinds of their
 own, and so is the entropy-gated KL (``w KL(p || q) + (1 - w) KL(q || p)``, ``w`` a per-row gate on the
-teacher's entropy: ``entropy_gate``). The integer codes below are the op's ``kind`` and ``topk_mode`` arguments;
+teacher's entropy: ``entropy_gate``). The adaptive KL (AKL) has a row op of its own, ``akl_fwd``, with
+``divergence_fwd``'s schema (``kind`` 8, ``a`` = mu: ``check_akl_op_args``). The integer codes below are the op's ``kind`` and ``topk_mode`` arguments;
 ``divergence_op_args`` maps a divergence's name and parameters to ``(kind, a, b, w_p, w_q)``.
 ``check_divergence_args`` is the argument check every divergence makes, on every
 backend (the reference and the fused path call it once per call).
@@ -23,8 +24,9 @@ from .rows import read_rows
 from .topk import TopKTeacher
 from .vocab import MappedTeacher
 
-__all__ = ["LossParts", "KIND_CODES", "TOPK_MODE_CODES", "ENTROPY_GATE_DEFAULTS", "divergence_coefficients",
-           "divergence_op_args", "entropy_gate", "check_divergence_args", "check_divergence_params"]
+__all__ = ["LossParts", "KIND_CODES", "TOPK_MODE_CODES", "ENTROPY_GATE_DEFAULTS", "AKL_MU_DEFAULT",
+           "divergence_coefficients", "divergence_op_args", "entropy_gate", "check_divergence_args",
+           "check_divergence_params", "check_akl_teacher", "check_akl_op_args"]
 
 LossParts = namedtuple("LossParts", ["loss", "soft", "hard"])
 LossParts.__doc__ = """``return_parts=True`` result: ``loss`` (differentiable) = ``soft + ce_weight * hard``;
@@ -35,6 +37,9 @@ target) are detached, in the loss's dtype (float32; float64 for float64 inputs).
 KIND_CODES = {"kl_family": 0, "tvd": 1, "jeffreys": 2, "triangular": 3}
 # (4 to 6: issue 22's other divergences, another branch; appended, never renumbered)
 KIND_CODES["entropy_gated_kl"] = 7
+# adaptive KL (AKL, Wu et al. 2025): its own row op ``akl_fwd`` (divergence_fwd's schema, ``a`` = mu), kind 8
+KIND_CODES["akl"] = 8
+AKL_MU_DEFAULT = 0.5
 
 # The entropy-gated KL's parameters and their defaults (fastkd's choice: the gate opens around half the
 # maximal normalised entropy and spans the whole [reverse KL, forward KL] range).
@@ -77,6 +82,8 @@ def divergence_op_args(kind: str, **params) -> Tuple[int, float, float, float, f
         return KIND_CODES["jeffreys"], 1.0, 1.0, 0.0, 0.0
     if kind == "ce":
         return KIND_CODES["kl_family"], 0.0, 0.0, 0.0, 1.0
+    if kind == "akl":  # akl_fwd: a = mu (the teacher's head mass), the others unused
+        return KIND_CODES[kind], float(params.get("mu", AKL_MU_DEFAULT)), 0.0, 0.0, 0.0
     if kind == "entropy_gated_kl":  # the op's a, b, w_p, w_q carry alpha_min, alpha_max, tau, scale
         g = {**ENTROPY_GATE_DEFAULTS, **params}
         return KIND_CODES[kind], float(g["alpha_min"]), float(g["alpha_max"]), float(g["tau"]), float(g["scale"])
@@ -124,7 +131,8 @@ def entropy_gate(entropy, num_classes: int, alpha_min: float, alpha_max: float, 
 
 def check_divergence_params(**params) -> None:
     """A divergence's own parameters: ``beta`` (JSD) and ``skew`` in [0, 1], ``reverse`` a bool; the
-    entropy gate's ``alpha_min``, ``alpha_max`` in [0, 1] (either order), ``tau`` finite, ``scale`` > 0."""
+    entropy gate's ``alpha_min``, ``alpha_max`` in [0, 1] (either order), ``tau`` finite, ``scale`` > 0; AKL's
+    ``mu`` in (0, 1]."""
     for name in ("beta", "skew", "alpha_min", "alpha_max"):
         if name in params:
             v.check_unit(name, params[name])
@@ -132,5 +140,37 @@ def check_divergence_params(**params) -> None:
         v.check_number("tau", params["tau"])
     if "scale" in params:
         v.check_positive("scale", params["scale"])
+    if "mu" in params:  # AKL's head mass
+        v.check_number("mu", params["mu"])
+        if not 0.0 < params["mu"] <= 1.0:
+            raise ValueError(f"mu must be in (0, 1] (the teacher's head mass), got {params['mu']}")
     if "reverse" in params and not isinstance(params["reverse"], bool):
         raise TypeError(f"reverse must be a bool, got {type(params['reverse']).__name__}")
+
+
+def check_akl_teacher(teacher, process_group, divergence: str = "akl") -> None:
+    """AKL takes dense teacher logits on one process: its head is a threshold over the teacher's whole
+    distribution (a top-k teacher's buckets, or a vocabulary shard, would need their own definition: the
+    shard's a global threshold, i.e. all-reduced mass histograms per selection pass). Nothing to check for
+    another ``divergence`` (the fused head's name)."""
+    from .vocab import MappedTeacher
+
+    if divergence != "akl":
+        return
+    if isinstance(teacher, (TopKTeacher, MappedTeacher)):
+        raise TypeError(f"akl_loss takes dense teacher logits, got a {type(teacher).__name__}: AKL's head (the "
+                        "teacher's most probable classes holding mass mu) is defined over the whole vocabulary")
+    if process_group is not None:
+        raise ValueError("akl_loss does not support process_group: the head's threshold over a sharded vocabulary "
+                         "needs the global teacher mass above it (all-reduced histograms per selection pass), which "
+                         "is not implemented")
+
+
+def check_akl_op_args(kind: int, mu: float, topk_mode: int) -> None:
+    """``akl_fwd``'s own arguments: ``kind`` 8 (``KIND_CODES["akl"]``), ``a = mu`` in (0, 1], a dense teacher."""
+    if kind != KIND_CODES["akl"]:
+        raise ValueError(f"fastkd: akl_fwd kind must be {KIND_CODES['akl']} (AKL), got {kind}")
+    if not 0.0 < mu <= 1.0:
+        raise ValueError(f"fastkd: akl_fwd a (mu) must be in (0, 1], got {mu}")
+    if topk_mode != 0:
+        raise ValueError(f"fastkd: akl_fwd takes a dense teacher (topk_mode 0), got topk_mode {topk_mode}")

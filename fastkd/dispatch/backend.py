@@ -31,8 +31,10 @@ LOSS_OPS = {
     "jeffreys": ("divergence_fwd",),
     "triangular": ("divergence_fwd",),
     "entropy_gated_kl": ("divergence_fwd",),
+    "akl": ("akl_fwd",),  # adaptive KL: its own row op with divergence_fwd's signature
     "kd_topk": ("divergence_fwd",),
     "fused_linear_kd": ("divergence_fwd",),  # fastkd/losses/fused_linear.py: the row op on each chunk
+    "fused_linear_akl": ("akl_fwd",),  # fused_linear_kd_loss(divergence="akl")
     # a loss with ce_weight / return_parts: the cross-entropy comes from divergence_fwd
     # (in the same pass for kd with a float temperature, a second pass otherwise)
     "kd+ce": ("kd_fwd", "divergence_fwd"),
@@ -45,10 +47,13 @@ LOSS_OPS = {
 NO_CUDA_KERNEL = ("topk_fwd",)
 # The backends whose divergence_fwd reads rows with any row stride (CUDA's takes contiguous rows).
 ROW_STRIDED_BACKENDS = ("cpu", "triton")
+# The divergences that run a row op of their own, with divergence_fwd's signature (docs/design.md).
+ROW_OPS = {"akl": "akl_fwd"}
 # How messages name the LOSS_OPS keys that are not a public function's name.
 _CALLS = {
     "kd_topk": "kd_loss with a TopKTeacher",
     "fused_linear_kd": "fused_linear_kd_loss",
+    "fused_linear_akl": "fused_linear_kd_loss with divergence='akl'",
     "kd+ce": "kd_loss with ce_weight / return_parts",
     "ats+ce": "ats_loss with ce_weight / return_parts",
     "dkd+ce": "dkd_loss with ce_weight / return_parts",

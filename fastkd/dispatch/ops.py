@@ -110,6 +110,18 @@ def _register_divergence():
     register_loss_autograd("fastkd::divergence_fwd", {0: 3, 1: 4})
 
 
+def _register_akl():
+    # adaptive KL: divergence_fwd's schema and outputs (csrc/cpu/akl.cpp, csrc/cuda/akl.cu)
+    @torch.library.register_fake("fastkd::akl_fwd")
+    def _(student, teacher, topk_ids, target, row_weight, temperature, kind, a, b, w_p, w_q, soft_scale, ce_weight,
+          topk_mode, reduce, grad_student, grad_teacher):
+        loss = _loss(student, reduce)
+        return (loss, torch.empty_like(loss), torch.empty_like(loss), _empty_grad(student, grad_student),
+                _empty_grad(teacher, grad_teacher))
+
+    register_loss_autograd("fastkd::akl_fwd", {0: 3, 1: 4})
+
+
 def _register_topk():
     # No autograd: the teacher's top-k is a constant (fastkd.teacher_topk detaches its inputs).
     @torch.library.register_fake("fastkd::topk_fwd")
@@ -139,6 +151,8 @@ if LOAD_ERROR is None:
         _register_mgd()
     if _declared("divergence_fwd"):
         _register_divergence()
+    if _declared("akl_fwd"):
+        _register_akl()
     if _declared("topk_fwd"):
         _register_topk()
     if _declared("uld_fwd"):

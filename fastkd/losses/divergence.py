@@ -1,5 +1,6 @@
 """The language-model divergences: forward and reverse KL, generalised JSD, skew KL, TVD, Jeffreys, triangular,
-entropy-gated KL.
+entropy-gated KL, adaptive KL (AKL); Jeffreys, the entropy-gated KL and AKL live in ``losses/two_sided.py``,
+the power divergences in ``losses/power.py``, all on this module's ``_divergence_loss``.
 
 Public functionals (re-exported as ``fastkd.*`` and ``fastkd.functional.*``)::
 
@@ -12,6 +13,7 @@ Public functionals (re-exported as ``fastkd.*`` and ``fastkd.functional.*``)::
     jeffreys_loss(s, t, *, ...same...)
     triangular_loss(s, t, *, ...same...)
     entropy_gated_kl_loss(s, t, *, alpha_min=0.0, alpha_max=1.0, tau=0.5, scale=0.1, ...same...)
+    akl_loss(s, t, *, mu=0.5, ...same...)                  (its own row op akl_fwd, dense teachers)
 
 ``t`` is dense teacher logits, a ``fastkd.TopKTeacher``, a ``fastkd.MappedTeacher`` (another
 tokenizer's teacher) or a ``fastkd.TeacherMixture`` of dense logits (several teachers mixed block by
@@ -44,16 +46,17 @@ from ..core.rows import GappedRows, from_gapped, gapped_period, row_view, row_we
 from ..core.topk import PAD_ID, TopKTeacher
 from ..core.mixture import TeacherMixture
 from ..core.vocab import MappedTeacher
-from ..dispatch.backend import ROW_STRIDED_BACKENDS, implementation, resolve
+from ..dispatch.backend import ROW_OPS, ROW_STRIDED_BACKENDS, implementation, resolve
 from ..reference import divergence as R
 from .teacher_blocks import mapped_is_constant, mapped_loss, mixture_loss, teacher_temperature_loss
 
-__all__ = ["forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss",
-           "triangular_loss", "entropy_gated_kl_loss", "LossParts", "TopKTeacher"]
+__all__ = ["forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "triangular_loss", "LossParts",
+           "TopKTeacher"]  # Jeffreys, the entropy-gated KL and AKL: fastkd.losses.two_sided
 
 Teacher = Union[torch.Tensor, TopKTeacher]
 
 _NO_IDS = torch.empty(0, dtype=torch.int64)
+
 
 
 def fused_call(name: str, student, teacher: Teacher, *, temperature: float, reduction: str, target, ignore_index,
@@ -61,7 +64,8 @@ def fused_call(name: str, student, teacher: Teacher, *, temperature: float, redu
     """Run ``divergence_fwd`` of fused backend ``name`` on the rows of ``student`` (arguments checked).
 
     ``kind``: "tvd", "ce" (cross-entropy alone: ``a = b = 0``) or a KL-family kind of
-    ``divergence_coefficients``. Returns the loss, or ``LossParts`` with ``return_parts``.
+    ``divergence_coefficients``; "akl" runs the row op ``akl_fwd`` (the same signature). Returns the
+    loss, or ``LossParts`` with ``return_parts``.
     """
     check_constant_weight(sample_weight, name)
     strided = name in ROW_STRIDED_BACKENDS
@@ -87,7 +91,8 @@ def fused_call(name: str, student, teacher: Teacher, *, temperature: float, redu
     tgt = per_row(target.reshape(lead).to(torch.int64), 0).contiguous() if wants_ce else _NO_IDS.to(s.device)
     weight = per_row(row_weights(student, target, ignore_index, sample_weight, reduction).reshape(lead), 0.0)
     mode = TOPK_MODE_CODES[teacher.mode if topk else None]
-    loss, soft, hard, _, _ = implementation(name).divergence_fwd(
+    row_op = ROW_OPS.get(kind, "divergence_fwd")
+    loss, soft, hard, _, _ = getattr(implementation(name), row_op)(
         s, t, ids, tgt, weight, float(temperature), code, *coefficients, float(soft_scale), float(ce_weight), mode,
         reduction != "none", wants_grad(s), wants_grad(t),
     )
@@ -342,28 +347,6 @@ def tvd_loss(
                             teacher_vocab, teacher_temperature)
 
 
-def jeffreys_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: Teacher,
-    *,
-    temperature: float = 1.0,
-    teacher_temperature: Optional[float] = None,
-    reduction: str = "batchmean",
-    target: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
-    sample_weight: Optional[torch.Tensor] = None,
-    ce_weight: float = 0.0,
-    return_parts: bool = False,
-    teacher_vocab: str = "truncate",
-    process_group=None,
-    backend: str = "auto",
-):
-    params = {}
-    return _divergence_loss("jeffreys", params, student_logits, teacher_logits, temperature, reduction, target,
-                            ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
-                            teacher_vocab, teacher_temperature)
-
-
 def triangular_loss(
     student_logits: torch.Tensor,
     teacher_logits: Teacher,
@@ -383,32 +366,6 @@ def triangular_loss(
     params = {}
     return _divergence_loss("triangular", params, student_logits, teacher_logits, temperature, reduction, target,
                             ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
-                            teacher_vocab, teacher_temperature)
-
-
-def entropy_gated_kl_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: Teacher,
-    *,
-    alpha_min: float = 0.0,
-    alpha_max: float = 1.0,
-    tau: float = 0.5,
-    scale: float = 0.1,
-    temperature: float = 1.0,
-    teacher_temperature: Optional[float] = None,
-    reduction: str = "batchmean",
-    target: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
-    sample_weight: Optional[torch.Tensor] = None,
-    ce_weight: float = 0.0,
-    return_parts: bool = False,
-    teacher_vocab: str = "truncate",
-    process_group=None,
-    backend: str = "auto",
-):
-    params = {"alpha_min": alpha_min, "alpha_max": alpha_max, "tau": tau, "scale": scale}
-    return _divergence_loss("entropy_gated_kl", params, student_logits, teacher_logits, temperature, reduction,
-                            target, ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
                             teacher_vocab, teacher_temperature)
 
 
@@ -533,18 +490,6 @@ tvd_loss.__doc__ = """Total variation distance, per row ``0.5 * sum_c |p_c - q_c
     ``p_c == q_c`` the subgradient used is 0.
 """ + _DETAIL
 
-jeffreys_loss.__doc__ = """Jeffreys divergence (the symmetrised KL), per row::
-
-        KL(p || q) + KL(q || p) = sum_c (p_c - q_c) (log p_c - log q_c)
-
-    Both mode covering and mode seeking (orda-kernel's Jeffreys). A class that one net
-    masks (probability 0) while the other gives it mass makes the loss +inf, as either KL
-    is; classes both nets mask add exactly 0. Gradient (``l = log``, ``x = s / T``):
-    ``dL/dx_c = (q_c - p_c) + q_c (l q_c - l p_c - KL(q || p))``, the teacher's the same
-    with p and q swapped. Two passes over the row would do (both KLs are cross terms of
-    the statistics pass); the fused kernels take three, as JSD (README, "passes").
-""" + _DETAIL
-
 triangular_loss.__doc__ = """Triangular discrimination (Le Cam), per row::
 
         sum_c (p_c - q_c)^2 / (p_c + q_c)
@@ -556,26 +501,4 @@ triangular_loss.__doc__ = """Triangular discrimination (Le Cam), per row::
     Gradient (``x = s / T``): ``dL/dx_c = G_c - q_c sum G`` with ``G_c = -4 q_c v_c^2``,
     ``v = p / (p + q)`` (the derivative of the ``-4 p q / (p + q)`` part: no cancellation on
     peaked rows); teacher ``H_c = -4 p_c u_c^2``, ``u = q / (p + q)``.
-""" + _DETAIL
-
-entropy_gated_kl_loss.__doc__ = """Entropy-gated KL, per row::
-
-        w = alpha_min + (alpha_max - alpha_min) * sigmoid((H(p) / log V - tau) / scale)
-        loss = w KL(p || q) + (1 - w) KL(q || p)
-
-    The teacher's normalised entropy ``H(p) / log V`` (in [0, 1]; 0 for ``V = 1``) decides
-    between mode covering (forward KL, where the teacher is unsure: ``w -> alpha_max``) and mode
-    seeking (reverse KL, where it is sure: ``w -> alpha_min``), as orda-kernel's entropy-gated
-    blend. ``alpha_min``, ``alpha_max`` in [0, 1] (either order), ``tau`` finite, ``scale > 0``;
-    the defaults are fastkd's. ``V`` is the whole vocabulary (with ``process_group``, the
-    entropy and ``log V`` are the whole vocabulary's: the row sums are all-reduced).
-
-    ``w`` depends on the teacher alone and is a constant in both gradients: the student gradient
-    (frozen teacher) is exact, ``dL/dx_c = w (q_c - p_c) + (1 - w) q_c (l q_c - l p_c - KL(q || p))``
-    (``x = s / T``, ``l = log``); a teacher gradient is that of the blend at fixed ``w`` (the gate's own
-    derivative, ``(KL(p || q) - KL(q || p)) dw/dH dH/dy``, is omitted, as AKL omits its weights').
-    The fused kernels sum ``KL(p || q)``, ``KL(q || p)`` and ``H(p)`` in the pass after the
-    statistics and write the gradients in a third: the passes of Jeffreys. Against a
-    ``TopKTeacher``, ``H(p)`` is the buckets' (the K probabilities and the tail bucket; renormalised:
-    the K), still divided by ``log V``.
 """ + _DETAIL

@@ -45,7 +45,7 @@ import torch
 from ..core import checks as v
 from ..core.autograd import scale_stored_grad
 from ..core.checks import FUSED_LINEAR_DIVERGENCES
-from ..core.divergence import (KIND_CODES, TOPK_MODE_CODES, LossParts, check_divergence_params,
+from ..core.divergence import (KIND_CODES, TOPK_MODE_CODES, LossParts, check_akl_teacher, check_divergence_params,
                                divergence_coefficients, divergence_op_args)
 from ..core.rows import read_rows, row_weights
 from ..core.topk import TopKTeacher
@@ -118,7 +118,7 @@ def _fused_linear_fwd(
     (the reference's row op computes its gradient by autograd, which does not run inside a custom
     op: ``_FusedLinearFunction`` runs that one).
     """
-    op = _row_op(backend, hidden, plain_kd)
+    op = _row_op(backend, hidden, plain_kd, kind)
     needs = (need_hidden, need_weight, need_bias and bias is not None)
     plan = _plan(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_values, topk_ids,
                  target, op, chunk, pad, logit_scale, softcap, mm_dtype, temperature, teacher_scale, kind, a, b,
@@ -249,11 +249,10 @@ class _FusedLinearFunction(torch.autograd.Function):
 # the public functional and module
 # ----------------------------------------------------------------------------
 
-def _divergence_params(divergence: str, temperature: float, beta: float, skew: float, gate=None):
-    """``(kind, a, b, w_p, w_q, soft_scale)`` of ``divergence_fwd`` for ``divergence`` (``gate``: the
-    entropy-gated KL's ``alpha_min``, ``alpha_max``, ``tau``, ``scale``)."""
-    if divergence in ("tvd", "jeffreys", "triangular"):
-        return (*divergence_op_args(divergence), 1.0)
+def _divergence_params(divergence: str, temperature: float, beta: float, skew: float, gate=None, mu: float = 0.5):
+    """``(kind, a, b, w_p, w_q, soft_scale)`` of the row op for ``divergence`` (with its ``gate`` or ``mu``)."""
+    if divergence in ("tvd", "jeffreys", "triangular", "akl"):
+        return (*divergence_op_args(divergence, **({"mu": mu} if divergence == "akl" else {})), 1.0)
     if divergence == "entropy_gated_kl":
         return (*divergence_op_args(divergence, **(gate or {})), 1.0)
     if divergence == "kl":  # kd_loss: Hinton's T^2
@@ -280,24 +279,24 @@ def _kd_row_op(kd_fwd):
     return op
 
 
-def _row_backend(backend: str, hidden: torch.Tensor, weight: torch.Tensor, plain_kd: bool) -> str:
-    """The backend whose row op runs each chunk: "reference" or a fused backend's name.
+def _row_backend(backend: str, hidden: torch.Tensor, weight: torch.Tensor, plain_kd: bool, kind: int = 0) -> str:
+    """The backend whose row op runs each chunk: "reference" or a fused backend's name (AKL: its own op, ``akl_fwd``).
 
     ``plain_kd``: the loss is forward KL with ``T^2`` alone on float32 dense chunks without padding
     (``divergence="kl"``, no ``ce_weight``, no parts, no top-k, ``V_t == V``): exactly ``kd_fwd``'s row
-    loss, so a fused backend that has ``kd_fwd`` but not yet ``divergence_fwd`` runs it (``_row_op``).
-    """
+    loss, so a fused backend that has ``kd_fwd`` but not yet ``divergence_fwd`` runs it (``_row_op``)."""
     v.check_backend(backend)
-    return resolve("kd" if plain_kd else "fused_linear_kd", backend, hidden, weight)
+    akl = kind == KIND_CODES["akl"]
+    return resolve("kd" if plain_kd else "fused_linear_akl" if akl else "fused_linear_kd", backend, hidden, weight)
 
 
-def _row_op(name: str, hidden: torch.Tensor, plain_kd: bool):
-    """The ``divergence_fwd`` of backend ``name`` (``_row_backend``'s answer)."""
+def _row_op(name: str, hidden: torch.Tensor, plain_kd: bool, kind: int = 0):
+    """The ``divergence_fwd`` of backend ``name`` (``_row_backend``'s answer); AKL's ``akl_fwd`` (same signature)."""
     if name == "reference":
-        return R.divergence_fwd
+        return R.akl_fwd if kind == KIND_CODES["akl"] else R.divergence_fwd
     if plain_kd and unavailable_reason(name, "fused_linear_kd", hidden.device) is not None:
         return _kd_row_op(implementation(name).kd_fwd)
-    return getattr(implementation(name), FUSED_OP)
+    return getattr(implementation(name), "akl_fwd" if kind == KIND_CODES["akl"] else FUSED_OP)
 
 
 # About 150 lines, most of them argument checks (every message names its argument) in the order a reader
@@ -313,7 +312,7 @@ def fused_linear_kd_loss(
     teacher_temperature: Optional[float] = None,
     teacher_grad: bool = False,
     beta: float = 0.5,
-    skew: float = 0.1,
+    skew: float = 0.1, mu: float = 0.5,  # skew_kl; akl
     alpha_min: float = 0.0, alpha_max: float = 1.0, tau: float = 0.5, scale: float = 0.1,  # entropy_gated_kl
     ce_weight: float = 0.0,
     student_bias: Optional[torch.Tensor] = None,
@@ -338,7 +337,7 @@ def fused_linear_kd_loss(
     vocab = student_weight.shape[0]
     v.check_fused_linear_options(divergence, temperature, beta, skew, ce_weight, logit_scale, softcap, reduction)
     gate = {"alpha_min": alpha_min, "alpha_max": alpha_max, "tau": tau, "scale": scale}
-    check_divergence_params(**gate)
+    check_divergence_params(**gate, mu=mu)
     v.check_ignore_index(ignore_index)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
@@ -347,6 +346,7 @@ def fused_linear_kd_loss(
     v.check_teacher_vocab(teacher_vocab)
     teacher_kind, t_vocab, teacher_hidden, teacher_weight, teacher_logits, topk, mixture, mapped = teacher_parts(
         teacher, teacher_bias, lead, dev, vocab, student_weight)
+    check_akl_teacher(teacher, process_group, divergence)  # AKL: dense teachers on one process
     shared = isinstance(teacher, (tuple, list)) and len(teacher) == 2 and teacher[1] is None  # (hidden, None)
     if shared:
         teacher_bias = student_bias
@@ -428,7 +428,7 @@ def fused_linear_kd_loss(
     if chunk_size is None:
         chunk_size = default_chunk_size(n, vocab, teacher_vocab, student_weight.shape[1],
                                         student_weight.element_size(), dev.type)
-    kind, a, b, w_p, w_q, soft_scale = _divergence_params(divergence, temperature, beta, skew, gate)
+    kind, a, b, w_p, w_q, soft_scale = _divergence_params(divergence, temperature, beta, skew, gate, mu)
     hidden = student_hidden.reshape(n, student_hidden.shape[-1])
     if not hidden.is_contiguous():
         hidden = hidden.contiguous()
@@ -449,8 +449,8 @@ def fused_linear_kd_loss(
                                    process_group, vocab, equal, gate=gate)
         name = None
     else:
-        name = "reference" if f64 else _row_backend(backend, student_hidden, student_weight, plain_kd)
-        op = _row_op(name, student_hidden, plain_kd)
+        name = "reference" if f64 else _row_backend(backend, student_hidden, student_weight, plain_kd, kind)
+        op = _row_op(name, student_hidden, plain_kd, kind)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     if return_entropy and sharded:
@@ -493,10 +493,10 @@ fused_linear_kd_loss.__doc__ = """The LM head and a distillation loss in one op;
         t = softcap(logit_scale * (teacher_hidden @ teacher_weight.T + teacher_bias))
         loss = divergence(s, t, ...)
 
-    ``divergence``: ``"kl"`` (``fastkd.kd_loss``: ``T^2 KL(p || q)``), ``"reverse_kl"``,
-    ``"jsd"`` (``beta``), ``"skew_kl"`` / ``"skew_reverse_kl"`` (``skew``), ``"tvd"``, ``"jeffreys"``,
-    ``"triangular"``, ``"entropy_gated_kl"`` (``alpha_min``, ``alpha_max``, ``tau``, ``scale``; its gate's
-    ``log V`` is the composition's width) (``fastkd.reverse_kl_loss``, ``fastkd.jeffreys_loss`` etc.: no ``T^2``). ``ce_weight`` adds
+    ``divergence``: ``"kl"`` (``fastkd.kd_loss``: ``T^2 KL(p || q)``), ``"reverse_kl"``, ``"jsd"`` (``beta``),
+    ``"skew_kl"`` / ``"skew_reverse_kl"`` (``skew``), ``"tvd"``, ``"jeffreys"``, ``"akl"`` (``mu``; dense teachers, its
+    own row op ``akl_fwd``), ``"triangular"``, ``"entropy_gated_kl"`` (``alpha_min``, ``alpha_max``, ``tau``, ``scale``;
+    its gate's ``log V`` is the composition's width) (``fastkd.reverse_kl_loss`` etc.: no ``T^2``). ``ce_weight`` adds
     ``ce_weight * cross_entropy(s, target)`` at T = 1; ``return_parts=True`` returns
     ``LossParts(loss, soft, hard)`` (``hard``: the row-weighted CE, 0 without ``target``).
 

@@ -30,7 +30,7 @@ from ..core.mixture import TeacherMixture, mix_log_probs, mixture_vocab
 from ..core.vocab import MappedTeacher
 from ..core.autograd import guard_stored_backward, scale_stored_grad
 from ..core.rows import compute_dtype, row_weights, wants_grad
-from ..dispatch.backend import ROW_STRIDED_BACKENDS, implementation, resolve
+from ..dispatch.backend import ROW_OPS, ROW_STRIDED_BACKENDS, implementation, resolve
 from ..reference import divergence as R
 
 __all__ = ["mixture_loss", "teacher_temperature_loss", "mapped_loss", "mapped_is_constant", "check_dense_mixture"]
@@ -113,7 +113,7 @@ class _BlockRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, make_block, name, temperature, weight, target, code, coefficients,
+    def forward(ctx, student, teacher, make_block, name, row_op, temperature, weight, target, code, coefficients,
                 soft_scale, ce_weight, reduce, want_s, t_scale):
         lead, vocab = student.shape[:-1], student.shape[-1]
         want_t = teacher is not None
@@ -121,7 +121,7 @@ class _BlockRows(torch.autograd.Function):
         grad_t = torch.empty(teacher.shape, dtype=teacher.dtype, device=teacher.device) if want_t else None
         shape = () if reduce else tuple(lead)
         loss, soft, hard = (torch.zeros(shape, dtype=torch.float32, device=student.device) for _ in range(3))
-        op = implementation(name).divergence_fwd
+        op = getattr(implementation(name), row_op)
         strided = name in ROW_STRIDED_BACKENDS  # CUDA's divergence_fwd takes contiguous rows
         no_ids = _NO_IDS.to(student.device)
         for idx in _blocks(tuple(lead), max(1, BLOCK_ELEMENTS // max(vocab, 1))):
@@ -156,7 +156,7 @@ class _BlockRows(torch.autograd.Function):
         per_row = grad_loss if grad_loss is None or ctx.reduce else grad_loss.reshape(-1)
         grad_s, grad_t = (None if g is None else scale_stored_grad(g.view(-1, g.shape[-1]), per_row).view(g.shape)
                           for g in grads)
-        return (grad_s, grad_t) + (None,) * 12
+        return (grad_s, grad_t) + (None,) * 13
 
 
 def _run_blocks(kind, params, student, teacher_for_grad, make_block, name, temperature, reduction, target,
@@ -167,7 +167,8 @@ def _run_blocks(kind, params, student, teacher_for_grad, make_block, name, tempe
     wants_ce = target is not None and (ce_weight != 0 or return_parts)
     tgt = target.reshape(lead).to(torch.int64) if wants_ce else None
     code, *coefficients = divergence_op_args(kind, **params)
-    loss, soft, hard = _BlockRows.apply(student, teacher_for_grad, make_block, name, float(temperature), weight, tgt,
+    loss, soft, hard = _BlockRows.apply(student, teacher_for_grad, make_block, name,
+                                        ROW_OPS.get(kind, "divergence_fwd"), float(temperature), weight, tgt,
                                         code, tuple(coefficients), float(soft_scale), float(ce_weight),
                                         reduction != "none", wants_grad(student), float(t_scale))
     return LossParts(loss, soft.detach(), hard.detach()) if return_parts else loss

@@ -1,5 +1,5 @@
 """Modules of the language-model divergences: ``ForwardKLLoss``, ``ReverseKLLoss``, ``JSDLoss``, ``SkewKLLoss``,
-``TVDLoss``, ``JeffreysLoss``, ``TriangularLoss``, ``EntropyGatedKLLoss`` (the keyword arguments at construction, ``teacher_vocab`` included; ``teacher_logits`` may
+``TVDLoss``, ``JeffreysLoss``, ``TriangularLoss``, ``EntropyGatedKLLoss``, ``AKLLoss`` (the keyword arguments at construction, ``teacher_vocab`` included; ``teacher_logits`` may
 be a ``TopKTeacher``).
 """
 from typing import Optional
@@ -164,3 +164,16 @@ class EntropyGatedKLLoss(_DivergenceLoss):
         super().__init__(functional.entropy_gated_kl_loss, params, temperature, reduction, ignore_index, ce_weight,
                          return_parts, backend, process_group, teacher_vocab,
                          teacher_temperature)
+
+
+class AKLLoss(_DivergenceLoss):
+    """Adaptive KL ``h KL(p || q) + l KL(q || p)`` per row, ``h``, ``l`` the shares of ``sum |p - q|`` on the teacher's
+    head (its most probable classes holding mass ``mu``) and tail. No ``T^2`` factor; dense teacher logits only.
+    See ``fastkd.akl_loss``."""
+
+    def __init__(self, *, mu: float = 0.5, temperature: float = 1.0, teacher_temperature: Optional[float] = None,
+                 reduction: str = "batchmean", ignore_index: int = -100, ce_weight: float = 0.0,
+                 return_parts: bool = False, backend: str = "auto", process_group=None,
+                 teacher_vocab: str = "truncate"):
+        super().__init__(functional.akl_loss, {"mu": mu}, temperature, reduction, ignore_index, ce_weight,
+                         return_parts, backend, process_group, teacher_vocab, teacher_temperature)

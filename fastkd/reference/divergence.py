@@ -15,6 +15,8 @@ both ``softmax(logits / T)`` over the vocabulary (or over top-k buckets, see
 * ``triangular_loss``: ``sum (p - q)^2 / (p + q)`` (terms with ``p + q = 0`` add 0)
 * ``entropy_gated_kl_loss``: ``w KL(p || q) + (1 - w) KL(q || p)``, ``w = alpha_min + (alpha_max -
   alpha_min) sigmoid((H(p) / log V - tau) / scale)`` per row, ``w`` a constant in the gradients
+* ``akl_loss``: adaptive KL (Wu et al. 2025): ``h KL(p || q) + l KL(q || p)``, ``h``, ``l`` the shares of
+  ``sum |p - q|`` on the teacher's head (its most probable classes holding mass ``mu``) and tail (``akl_rows``)
 * ``kd_topk_loss``: ``T^2 KL(p || q)`` against a ``TopKTeacher`` (``kd_loss``'s formula)
 
 Every KL-type divergence here is one formula with four coefficients (the
@@ -49,6 +51,8 @@ from ..core.divergence import (
     KIND_CODES,
     LossParts,
     check_divergence_args,
+    check_akl_op_args,
+    check_akl_teacher,
     check_divergence_params,
     divergence_coefficients,
     entropy_gate,
@@ -66,9 +70,12 @@ __all__ = [
     "jeffreys_loss",
     "triangular_loss",
     "entropy_gated_kl_loss",
+    "akl_loss",
+    "akl_head",
     "kd_topk_loss",
     "topk_log_probs",
     "divergence_fwd",
+    "akl_fwd",
 ]
 
 Teacher = Union[torch.Tensor, TopKTeacher]
@@ -106,6 +113,8 @@ def soft_rows(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, num_classes=N
     """Per-row divergence ``[N]`` between teacher ``log_p`` and student ``log_q`` (``[N, buckets]``).
 
     ``num_classes``: the vocabulary size ``V`` (the entropy gate's ``log V``; default: the buckets)."""
+    if kind == "akl":
+        return akl_rows(log_p, log_q, **params)
     if kind == "entropy_gated_kl":
         return entropy_gated_kl_rows(log_p, log_q, num_classes or log_p.shape[1], **params)
     if kind == "tvd":
@@ -143,6 +152,48 @@ def entropy_gated_kl_rows(log_p, log_q, num_classes: int, alpha_min: float = 0.0
     fwd = torch.where(w == 0, zero, w * kl_terms(log_p, log_q).sum(dim=1))
     rev = torch.where(u == 0, zero, u * kl_terms(log_q, log_p).sum(dim=1))
     return fwd + rev
+
+
+def akl_head(log_p: torch.Tensor, mu: float) -> torch.Tensor:
+    """AKL's teacher head ``[N, C]`` (bool), by a real sort (the official ``get_ratio``'s ``torch.sort`` and
+    ``cumsum``): with ``M_c = sum_j p_j [l p_j >= l p_c]`` (the mass at or above class c, ties counted together),
+    the head is ``{c : M_c <= mu}`` plus the row's maxima; ``mu >= 1``: every class (``M <= 1`` exactly, not
+    as a rounded cumsum). The official code splits ties by the sort's order; here tied classes are in or out
+    together. ``l p`` orders as the teacher's logits (equal logits, equal log-probs)."""
+    if mu >= 1.0:
+        return torch.ones_like(log_p, dtype=torch.bool)
+    n_cols = log_p.shape[1]
+    sorted_lp, order = log_p.sort(dim=1, descending=True)
+    cum = log_p.exp().gather(1, order).cumsum(dim=1)
+    # a class's M is the cumsum at the last member of its tie group: index count(l p >= l p_c) - 1
+    ascending = sorted_lp.flip(1).contiguous()
+    at_or_above = n_cols - torch.searchsorted(ascending, log_p.contiguous(), right=False)
+    mass = cum.gather(1, at_or_above.clamp(1, n_cols) - 1)  # (clamped: a NaN row searches anywhere)
+    return (mass <= mu) | (log_p == log_p.max(dim=1, keepdim=True).values)
+
+
+def akl_weights(log_p: torch.Tensor, log_q: torch.Tensor, mu: float):
+    """``(h, l)`` per row, detached: ``g_head / max(g_head + g_tail, 1e-8)`` and ``g_tail / ...``, ``g = sum |p - q|``
+    over the teacher's head (``akl_head``) and tail (the official ``get_ratio``'s clamp)."""
+    with torch.no_grad():
+        gap = (log_p.exp() - log_q.exp()).abs()
+        head = akl_head(log_p, mu)
+        zero = torch.zeros((), dtype=gap.dtype, device=gap.device)
+        g_head = torch.where(head, gap, zero).sum(dim=1)
+        g_tail = torch.where(head, zero, gap).sum(dim=1)
+        total = (g_head + g_tail).clamp_min(1e-8)
+        return g_head / total, g_tail / total
+
+
+def akl_rows(log_p, log_q, mu: float = 0.5) -> torch.Tensor:
+    """Adaptive KL per row: ``h KL(p || q) + l KL(q || p)`` with ``(h, l) = akl_weights(...)`` constants in the
+    gradients (the official code detaches the student's probabilities there); a weight of 0 drops its KL."""
+    h, l = akl_weights(log_p, log_q, mu)
+    # a weight of 0 drops its KL: its row's KL is taken between equal log-probs (0, gradient 0), never 0 * inf,
+    # whose gradient would be NaN (mu = 1 with a masked teacher: l = 0 and KL(q || p) = inf)
+    q_fwd = torch.where((h == 0).unsqueeze(1), log_p, log_q)
+    p_rev = torch.where((l == 0).unsqueeze(1), log_q, log_p)
+    return h * kl_terms(log_p, q_fwd).sum(dim=1) + l * kl_terms(log_q, p_rev).sum(dim=1)
 
 
 def triangular_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -326,6 +377,8 @@ def divergence_fwd(student, teacher, topk_ids, target, row_weight, temperature: 
             soft = two_sided_kl_rows(log_p, log_q, a, b)
         elif kind == KIND_CODES["triangular"]:
             soft = triangular_rows(log_p, log_q)
+        elif kind == KIND_CODES["akl"]:  # akl_fwd's a: mu
+            soft = akl_rows(log_p, log_q, a)
         elif kind == KIND_CODES["entropy_gated_kl"]:  # a, b, w_p, w_q: alpha_min, alpha_max, tau, scale
             soft = entropy_gated_kl_rows(log_p, log_q, student.shape[1], a, b, w_p, w_q)
         else:
@@ -350,6 +403,15 @@ def divergence_fwd(student, teacher, topk_ids, target, row_weight, temperature: 
     if reduce:
         outs = [o.sum() for o in outs]
     return (*outs, grad_s, grad_t)
+
+
+def akl_fwd(student, teacher, topk_ids, target, row_weight, temperature: float, kind: int, a: float, b: float,
+            w_p: float, w_q: float, soft_scale: float, ce_weight: float, topk_mode: int, reduce: bool,
+            grad_student: bool, grad_teacher: bool):
+    """``fastkd::akl_fwd`` in plain PyTorch: ``divergence_fwd``'s signature, ``a`` = mu, a dense teacher."""
+    check_akl_op_args(kind, a, topk_mode)
+    return divergence_fwd(student, teacher, topk_ids, target, row_weight, temperature, KIND_CODES["akl"], a, b, w_p,
+                          w_q, soft_scale, ce_weight, topk_mode, reduce, grad_student, grad_teacher)
 
 
 # ----------------------------------------------------------------------------
@@ -430,6 +492,13 @@ def entropy_gated_kl_loss(student_logits, teacher_logits: Teacher, *, alpha_min=
                     ignore_index, sample_weight, ce_weight, return_parts)
 
 
+def akl_loss(student_logits, teacher_logits, *, mu=0.5, temperature=1.0, reduction="batchmean", target=None,
+             ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False):
+    check_akl_teacher(teacher_logits, None)
+    return _checked("akl", {"mu": mu}, student_logits, teacher_logits, temperature, reduction, target, ignore_index,
+                    sample_weight, ce_weight, return_parts)
+
+
 def kd_topk_loss(student_logits, teacher: TopKTeacher, temperature=4.0, *, reduction="batchmean", target=None,
                  ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False):
     """``kd_loss`` against a ``TopKTeacher``: ``T^2 * KL(p || q)`` over its buckets.
@@ -474,4 +543,12 @@ entropy_gated_kl_loss.__doc__ = """Entropy-gated KL: ``w KL(p || q) + (1 - w) KL
     teacher gradient omits the gate's derivative). Against a ``TopKTeacher``, ``H(p)`` is that of the
     buckets (the K probabilities and the tail as one bucket; renormalised: the K), still over ``log V``.
     Defaults (fastkd's): ``alpha_min=0``, ``alpha_max=1``, ``tau=0.5``, ``scale=0.1``.
+""" + _COMMON_DOC
+akl_loss.__doc__ = """Adaptive KL (AKL, Wu et al., COLING 2025): ``h KL(p || q) + l KL(q || p)`` per row.
+
+    The teacher's head is its most probable classes holding mass ``mu`` (``akl_head``: sorted, cumulative
+    sum, the first class always in; ties in or out together), ``g_head`` / ``g_tail`` the sums of
+    ``|p - q|`` over head and tail, ``h = g_head / max(g_head + g_tail, 1e-8)``, ``l = g_tail / max(...)``,
+    constants in the gradients (the official code's ``get_ratio`` and ``AKL``). ``mu`` in (0, 1]
+    (1: every class is head, ``l = 0``). Dense teacher logits only.
 """ + _COMMON_DOC
