@@ -173,6 +173,17 @@ def test_tie_groups_are_in_or_out_together():
     assert R.akl_head(lp2, 0.999).tolist() == [[True, True, False, False]]  # M(0.2) = 1 > 0.999
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_mu_just_below_one_still_has_a_tail(backend):
+    """mu = 1 - 1e-9 rounds to 1 as a float32: the kernels still select (a tail of ~2e-8 of the teacher's mass
+    where the uniform student puts 90%): h = l = 0.5 as in float64, not h = 1. (The reference in float32
+    cannot: its float32 cumulative sum does not resolve the tail.)"""
+    needs(backend)
+    t = torch.zeros(2, 10)
+    t[:, 0] = 20.0
+    check(backend, torch.zeros(2, 10), t, mu=1 - 1e-9)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mu_one_is_weighted_forward_kl(backend):
     """mu = 1: every class is head, l = 0, h = 1 (the gaps are not ~0): the loss is forward KL."""

@@ -1,5 +1,7 @@
 // Torch-facing side of the CUDA akl_fwd op (kernel in akl.cu; contract in docs/design.md, "akl_fwd"):
 // divergence_fwd's schema, a = mu, kind 8, dense teachers; checks, outputs, one launch on the current stream.
+#include <cmath>
+#include <algorithm>
 #include <torch/library.h>
 
 #include "cuda_common.h"
@@ -45,7 +47,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> akl_fwd_c
     args.row_weight = row_weight.const_data_ptr<float>();
     args.rows = N, args.cols = V, args.k = 0;
     args.temperature = static_cast<float>(temperature);
-    args.a = static_cast<float>(a), args.b = static_cast<float>(b);
+    // mu < 1 must stay below 1 in float (the kernel selects a head only then): the largest float below 1
+    args.a = a < 1.0 ? std::min(static_cast<float>(a), std::nextafter(1.0f, 0.0f)) : 1.0f;
+    args.b = static_cast<float>(b);
     args.w_p = static_cast<float>(w_p), args.w_q = static_cast<float>(w_q);
     args.soft_scale = static_cast<float>(soft_scale), args.ce_weight = static_cast<float>(ce_weight);
     args.kind = static_cast<int>(kind), args.topk_mode = 0;

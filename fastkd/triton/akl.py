@@ -184,7 +184,8 @@ def akl_fwd(
                 student, teacher, tgt, row_weight, loss_rows, soft_rows, hard_rows, gs, gt,
                 student.stride(0), teacher.stride(0),
                 gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0, row_weight.stride(0),
-                v, 1.0 / temperature, a, soft_scale, ce_weight,
+                # mu < 1 stays below 1 as a float32 (the kernel selects a head only then)
+                v, 1.0 / temperature, min(a, 1.0 - 2.0 ** -24) if a < 1.0 else 1.0, soft_scale, ce_weight,
                 HAS_TARGET=has_target, GRAD_S=grad_student, GRAD_T=grad_teacher, BLOCK=block,
                 SBLOCK=search_block(block, num_warps), WAYS=SEARCH_WAYS, num_warps=num_warps,
             )
