@@ -60,12 +60,15 @@
 namespace fastkd {
 
 enum DivKind { kDivKL = 0, kDivTVD = 1, kDivJeffreys = 2, kDivTriangular = 3 };
-// kinds 4 to 6: issue 22's other divergences (their own branch); appended kinds, never renumbered:
+// The power divergences (kinds 4 and 6; 5 is internal: Renyi's gradient pass at the row's S, never an op
+// argument) and the entropy-gated KL; appended kinds, never renumbered:
+enum DivKindPower { kDivAB = 4, kDivRenyiGrad = 5, kDivRenyi = 6 };
 enum DivKindGated { kDivEntropyGated = 7 };
-// The largest kind a kernel accepts (its checks read `kind <= kDivLastKind`; numbers 4 to 6 are not
-// accepted until their kernels exist: see div_kind_known).
+// The largest kind a kernel accepts (its checks read `kind <= kDivLastKind`; 5 is not accepted: see div_kind_known).
 constexpr int kDivLastKind = 7;
-FASTKD_HD bool div_kind_known(int64_t kind) { return (kind >= kDivKL && kind <= kDivTriangular) || kind == kDivEntropyGated; }
+FASTKD_HD bool div_kind_known(int64_t kind) {
+  return (kind >= kDivKL && kind <= kDivAB) || kind == kDivRenyi || kind == kDivEntropyGated;
+}
 enum DivMix { kMixQ = 0, kMixP = 1, kMixBoth = 2 };
 enum DivTopk { kTopkNone = 0, kTopkTail = 1, kTopkRenorm = 2 };
 
@@ -120,6 +123,11 @@ struct DivParams {
   int kind, mix;
   bool prop;
   float g_shift, h_shift;
+  // kind 4 (AB, see div_ab_terms): s = a + b; the soft form's side (0: q^s (k1 psi_a(d) + k2 psi_s(d)),
+  // 1: p^s (k1 psi_b(-d) + k2 psi_s(-d))), its c1 (a or b) and weights; whether a class with q = 0
+  // (p = 0) has a finite term (s > 0 and b > 0; s > 0 and a > 0)
+  float pw_s, pw_c1, pw_k1, pw_k2, pw_side;
+  bool pw_q0_finite, pw_p0_finite;
 };
 
 FASTKD_HD int div_mix_mode(float w_p, float w_q) {
@@ -139,6 +147,17 @@ FASTKD_HD DivParams div_params(int kind, float a, float b, float w_p, float w_q)
   const float plus1 = (d.prop || a == 0.0f || b == 0.0f) ? 1.0f : 0.0f;
   d.g_shift = both ? b * (d.log_wq + plus1) : 0.0f;
   d.h_shift = both ? a * (d.log_wp + plus1) : 0.0f;
+  // AB: the soft form dividing by the larger of |a|, |b| (div_ab_terms); a = b = 0: d^2 / 2 (k1 = 0, k2 = 1)
+  const float s = a + b;
+  const bool side_p = fabsf(a) > fabsf(b);
+  d.pw_s = s;
+  d.pw_side = side_p ? 1.0f : 0.0f;
+  d.pw_c1 = side_p ? b : a;
+  const float div = side_p ? a : b;
+  d.pw_k1 = div != 0.0f ? -d.pw_c1 / div : 0.0f;
+  d.pw_k2 = div != 0.0f ? s / div : 1.0f;
+  d.pw_q0_finite = s > 0.0f && b > 0.0f;
+  d.pw_p0_finite = s > 0.0f && a > 0.0f;
   return d;
 }
 
@@ -287,10 +306,165 @@ FASTKD_HD DivTerms div_terms(const DivParams& d, float p, float q, float lp, flo
   return div_terms_delta<kKind, kMix>(d, p, q, lp - lq);
 }
 
+// ---------------------------------------------------------------------------
+// The power divergences (kinds 4, 5, 6; docs/design.md "divergence_fwd"). With d = lp - lq,
+// phi_c(x) = expm1(c x) / c (phi_0(x) = x) and psi_c(x) = (expm1(c x) - c x) / c^2 (psi_0(x) = x^2 / 2):
+// kind 4 (AB divergence, a = alpha, b = beta, s = a + b; Amari's alpha divergence is b = 1 - a):
+//   soft_c = -(1 / (a b)) [p^a q^b - (a / s) p^s - (b / s) q^s]
+//          = q^s (k1 psi_a(d) + k2 psi_s(d)),  k1 = -a / b, k2 = s / b      (|b| >= |a|)
+//          = p^s (k1 psi_b(-d) + k2 psi_s(-d)), k1 = -b / a, k2 = s / a     (|a| > |b|)
+//   (a = b = 0: d^2 / 2). Dividing by the larger of |a|, |b| and using psi (no linear term) leaves no
+//   cancellation in any limit of the parameters (a -> 0, b -> 0, s -> 0, all together): k1, k2 are in
+//   [-1, 2], and where they differ in sign (a, b of one sign) the two psi terms cancel by at most a factor
+//   ~|d| (2e-6 relative at |d| = 20). (G + H) / s, the form of the issue, loses 1 / (|s| |d|) digits near s = 0.
+//   G_c = q dsoft/dq = -q^s phi_a(d),  H_c = p dsoft/dp = -p^s phi_b(-d)   (exact: nothing dropped)
+//   Each term is built from three exps, q^s = exp(s lq), p^s = exp(s lq + s d), p^a q^b = exp(s lq + a d)
+//   (one base, so their ratios carry d's precision), never as a product of an overflowing and an
+//   underflowing factor; psi, phi by a polynomial where |c x| <= 1 (div_p1, div_p2), else from the exps.
+//   Zero probabilities: p = q = 0 adds 0; q = 0 < p: soft = p^s / (b s), G = 0, H = p^s / b when s > 0 and
+//   b > 0, else soft = +inf (the divergence is infinite); p = 0 < q likewise with a (the gradients of an
+//   infinite term are undefined).
+// kind 6 (Renyi of order r > 0, a = r, b = 1 for the reverse (p and q swapped), w_p, w_q unused):
+//   with (x, y) = (p, q) (or (q, p) reversed), e = ly - lx, c = 1 - r:
+//   soft = log(S) / (r - 1), S = 1 + c U, U = sum x phi_c(e)  (= sum (x^r y^c - x) / c), so
+//   soft = -U log1p(c U) / (c U) (-U at c U = 0: r -> 1 is KL(x || y) with no cancellation).
+//   The terms pass sums U (div_renyi_terms: t = x phi_c(e) in soft, x^r y^c in g); div_renyi_row turns U
+//   into the row's soft loss, sum G, sum H and the parameters of kind 5, the gradient pass at known S:
+//   on the x side G_x = -r t / S (sum -r U / S), on the y side G_y = -x^r y^c / S (sum -1); the exact
+//   derivatives less p / S on the teacher side when x = p (nothing on the student side). Zero
+//   probabilities: x = 0 adds 0; y = 0 < x: t = -x / c for r < 1, -inf for r >= 1 (soft +inf).
+
+// expm1(y) / y and (expm1(y) - y) / y^2 for |y| <= 1 (Taylor; truncation below 3e-9 relative). y is
+// clamped to [-1, 1] so that the unselected lane of a branch-free select stays finite.
+FASTKD_HD float div_p1(float y) {
+  y = y < -1.0f ? -1.0f : (y > 1.0f ? 1.0f : y);
+  float r = 1.0f / 39916800.0f;  // 1 / 11!
+  r = r * y + 1.0f / 3628800.0f;
+  r = r * y + 1.0f / 362880.0f;
+  r = r * y + 1.0f / 40320.0f;
+  r = r * y + 1.0f / 5040.0f;
+  r = r * y + 1.0f / 720.0f;
+  r = r * y + 1.0f / 120.0f;
+  r = r * y + 1.0f / 24.0f;
+  r = r * y + 1.0f / 6.0f;
+  r = r * y + 0.5f;
+  return r * y + 1.0f;
+}
+FASTKD_HD float div_p2(float y) {
+  y = y < -1.0f ? -1.0f : (y > 1.0f ? 1.0f : y);
+  float r = 1.0f / 479001600.0f;  // 1 / 12!
+  r = r * y + 1.0f / 39916800.0f;
+  r = r * y + 1.0f / 3628800.0f;
+  r = r * y + 1.0f / 362880.0f;
+  r = r * y + 1.0f / 40320.0f;
+  r = r * y + 1.0f / 5040.0f;
+  r = r * y + 1.0f / 720.0f;
+  r = r * y + 1.0f / 120.0f;
+  r = r * y + 1.0f / 24.0f;
+  r = r * y + 1.0f / 6.0f;
+  return r * y + 0.5f;
+}
+
+FASTKD_HD bool div_big(float y) { return y > 1.0f || y < -1.0f; }
+
+// kind 4: one class from its log-probs and d = lp - lq (see above).
+FASTKD_HD DivTerms div_ab_terms(const DivParams& dp, float lp, float lq, float delta) {
+  const float a = dp.a, b = dp.b, s = dp.pw_s, c1 = dp.pw_c1;
+  const bool q0 = lq == -INFINITY, p0 = lp == -INFINITY;
+  const float base = s * lq;
+  const float qs = div_exp(base);
+  const float ps = div_exp(q0 ? s * lp : base + s * delta);
+  const float pab = div_exp(base + a * delta);
+  const float ad = a * delta, bd = b * delta, sd = s * delta;
+  DivTerms t;
+  t.g = div_big(ad) ? (qs - pab) / a : -qs * delta * div_p1(ad);
+  t.h = div_big(bd) ? (ps - pab) / b : ps * delta * div_p1(-bd);
+  const bool side_p = dp.pw_side != 0.0f;
+  const float w = side_p ? ps : qs, wo = side_p ? qs : ps, e = side_p ? -delta : delta;
+  const float c1e = c1 * e, se = side_p ? -sd : sd;
+  const float x1 = div_big(c1e) ? (pab - w - c1e * w) / (c1 * c1) : w * e * e * div_p2(c1e);
+  const float x2 = div_big(se) ? (wo - w - se * w) / (s * s) : w * e * e * div_p2(se);
+  t.soft = dp.pw_k1 * x1 + dp.pw_k2 * x2;
+  // zero probabilities (the formulas meet 0 * inf there)
+  const float soft_q0 = dp.pw_q0_finite ? ps / (b * s) : INFINITY;
+  const float soft_p0 = dp.pw_p0_finite ? qs / (a * s) : INFINITY;
+  t.soft = q0 ? (p0 ? 0.0f : soft_q0) : (p0 ? soft_p0 : t.soft);
+  t.g = (q0 && (p0 || dp.pw_q0_finite)) ? 0.0f : t.g;
+  t.h = (p0 && (q0 || dp.pw_p0_finite)) ? 0.0f : ((q0 && dp.pw_q0_finite) ? ps / b : t.h);
+  return t;
+}
+
+// kind 6 (terms pass) and kind 5 (gradient pass): t = x phi_c(e) and x^r y^c of one class, with
+// (x, y, e) from the orientation rev (0: x = p; 1: x = q); c = 1 - r.
+struct DivRenyiParts {
+  float t, xy;
+};
+
+FASTKD_HD DivRenyiParts div_renyi_parts(float r, bool rev, float lp, float lq, float delta) {
+  const float c = 1.0f - r;
+  const float lx = rev ? lq : lp, ly = rev ? lp : lq, e = rev ? delta : -delta;
+  const bool x0 = lx == -INFINITY, y0 = ly == -INFINITY;
+  const float x = div_exp(lx), xy = div_exp(lx + c * e);
+  const float ce = c * e;
+  float t = div_big(ce) ? (xy - x) / c : x * e * div_p1(ce);
+  t = y0 ? (c > 0.0f ? -x / c : -INFINITY) : t;  // x^r y^c = 0 (r < 1) or inf (r > 1); r = 1: -x log 0
+  DivRenyiParts o;
+  o.t = x0 ? 0.0f : t;
+  o.xy = x0 ? 0.0f : xy;
+  return o;
+}
+
+// kind 6: the terms pass's share of one class, t in soft (summed into U), x^r y^c in g.
+FASTKD_HD DivTerms div_renyi_terms(const DivParams& d, float lp, float lq, float delta) {
+  const DivRenyiParts o = div_renyi_parts(d.a, d.b != 0.0f, lp, lq, delta);
+  DivTerms t;
+  t.soft = o.t, t.g = o.xy, t.h = 0.0f;
+  return t;
+}
+
+// Renyi's row from U: the loss, sum G, sum H and kind 5's parameters (a, b, w_p, w_q) = (r, reverse,
+// 1 / S, U). S = 1 + c U >= 0 (clamped: rounding may take it below); S = 0 (no overlap, r < 1) or an
+// infinite U gives +inf.
+struct DivRenyiRow {
+  DivParams d;
+  float soft, sum_g, sum_h;
+};
+
+FASTKD_HD DivRenyiRow div_renyi_row(const DivParams& d, float u) {
+  const float r = d.a, c = 1.0f - r;
+  const bool rev = d.b != 0.0f;
+  float x = c * u;
+  x = x < -1.0f ? -1.0f : x;  // a NaN stays NaN
+  const float ratio = (c == 0.0f || x == 0.0f) ? 1.0f : log1pf(x) / x;
+  const float inv_s = 1.0f / (1.0f + x);
+  DivRenyiRow o;
+  o.soft = (u == INFINITY || u == -INFINITY) ? INFINITY : -u * ratio;
+  const float x_side = -r * u * inv_s;  // the sum of -r t / S
+  o.sum_g = rev ? x_side : -1.0f;
+  o.sum_h = rev ? -1.0f : x_side;
+  o.d = div_params(kDivRenyiGrad, r, rev ? 1.0f : 0.0f, inv_s, u);
+  return o;
+}
+
+// kind 5: G, H of one class at the row's S (soft 0: the loss came from U).
+FASTKD_HD DivTerms div_renyi_grad_terms(const DivParams& d, float lp, float lq, float delta) {
+  const bool rev = d.b != 0.0f;
+  const DivRenyiParts o = div_renyi_parts(d.a, rev, lp, lq, delta);
+  const float x_side = -d.a * o.t * d.w_p, y_side = -o.xy * d.w_p;
+  DivTerms t;
+  t.soft = 0.0f;
+  t.g = rev ? x_side : y_side;
+  t.h = rev ? y_side : x_side;
+  return t;
+}
+
 // Runtime-dispatched div_terms (for code that handles one bucket at a time, e.g. the tail).
 FASTKD_HD DivTerms div_gate_terms(float p, float q, float lp, float delta);
 FASTKD_HD DivTerms div_terms_any(const DivParams& d, float p, float q, float lp, float lq) {
   if (d.kind == kDivEntropyGated) return div_gate_terms(p, q, lp, lp - lq);
+  if (d.kind == kDivAB) return div_ab_terms(d, lp, lq, lp - lq);
+  if (d.kind == kDivRenyi) return div_renyi_terms(d, lp, lq, lp - lq);
+  if (d.kind == kDivRenyiGrad) return div_renyi_grad_terms(d, lp, lq, lp - lq);
   if (d.kind == kDivTVD) return div_terms<kDivTVD, kMixBoth>(d, p, q, lp, lq);
   if (d.kind == kDivJeffreys) return div_terms<kDivJeffreys, kMixBoth>(d, p, q, lp, lq);
   if (d.kind == kDivTriangular) return div_terms<kDivTriangular, kMixBoth>(d, p, q, lp, lq);
@@ -353,6 +527,20 @@ FASTKD_HD DivGateRow div_gate_row(const DivParams& gate, float kl_pq, float kl_q
 // KL drops the same a p (kind 2: h_shift is 0), the triangular H drops p (factor -1); TVD's H is whole.
 FASTKD_HD float div_h_over_p(const DivParams& d, float p, float q, float lp, float lq) {
   if (p != p) return p;  // a NaN teacher tail (a NaN log-prob): every slot's gradient is NaN
+  if (d.kind == kDivAB) {  // H exact: nothing to add back when p = 0; else -p^(s - 1) phi_b(-d)
+    if (!(p > 0.0f)) return 0.0f;
+    const float delta = lp - lq, bd = d.b * delta, ps1 = expf((d.pw_s - 1.0f) * lp);
+    return div_big(bd) ? (ps1 - expf((d.a - 1.0f) * lp + d.b * lq)) / d.b : ps1 * delta * div_p1(-bd);
+  }
+  if (d.kind == kDivRenyiGrad) {  // (w_p = 1 / S) x = p: H = H_exact - p / S, so -1 / S at p = 0; x = q: exact
+    const bool rev = d.b != 0.0f;
+    if (!(p > 0.0f)) return rev ? 0.0f : -d.w_p;
+    if (rev) return -expf(d.a * (lq - lp)) * d.w_p;  // H / p = -(q / p)^r / S
+    const float c = 1.0f - d.a, e = lq - lp, ce = c * e;
+    const float phi = lq == -INFINITY ? (c > 0.0f ? -1.0f / c : -INFINITY)
+                                      : (div_big(ce) ? expm1f(ce) / c : e * div_p1(ce));
+    return -d.a * phi * d.w_p;
+  }
   if (!(p > 0.0f)) {
     if (d.kind == kDivKL || d.kind == kDivJeffreys) return d.h_shift - d.a;
     return d.kind == kDivTriangular ? -1.0f : 0.0f;

@@ -22,8 +22,8 @@ from . import checks as v
 from .rows import read_rows
 from .topk import TopKTeacher
 
-__all__ = ["LossParts", "KIND_CODES", "TOPK_MODE_CODES", "ENTROPY_GATE_DEFAULTS", "divergence_coefficients",
-           "divergence_op_args", "entropy_gate", "check_divergence_args", "check_divergence_params"]
+__all__ = ["LossParts", "KIND_CODES", "TOPK_MODE_CODES", "ENTROPY_GATE_DEFAULTS", "POWER_DEFAULTS", "divergence_coefficients",
+           "divergence_op_args", "entropy_gate", "renyi_row", "check_divergence_args", "check_divergence_params"]
 
 LossParts = namedtuple("LossParts", ["loss", "soft", "hard"])
 LossParts.__doc__ = """``return_parts=True`` result: ``loss`` (differentiable) = ``soft + ce_weight * hard``;
@@ -32,8 +32,17 @@ target) are detached, in the loss's dtype (float32; float64 for float64 inputs).
 
 # Integer codes of the op's ``kind`` and ``topk_mode`` arguments.
 KIND_CODES = {"kl_family": 0, "tvd": 1, "jeffreys": 2, "triangular": 3}
-# (4 to 6: issue 22's other divergences, another branch; appended, never renumbered)
+# The power divergences: 4 the AB divergence (Amari's alpha divergence is AB at beta = 1 - alpha; the op's
+# a, b are alpha, beta), 6 Renyi (a = order, b = 1.0 for reverse=True, else 0.0). 5 is no op argument: the
+# kernels' internal code for Renyi's gradient pass at a row's S. Appended, never renumbered.
+KIND_CODES["ab_divergence"] = 4
+KIND_CODES["renyi"] = 6
 KIND_CODES["entropy_gated_kl"] = 7
+
+# The power divergences' parameters and their defaults: Amari's alpha = 0.5 (4 (1 - sum sqrt(p q))), ABKD's
+# (alpha, beta) = (0.2, 0.7) (Wang et al. 2025), Renyi's order 0.5.
+POWER_DEFAULTS = {"alpha_divergence": {"alpha": 0.5}, "ab_divergence": {"alpha": 0.2, "beta": 0.7},
+                  "renyi": {"order": 0.5, "reverse": False}}
 
 # The entropy-gated KL's parameters and their defaults (fastkd's choice: the gate opens around half the
 # maximal normalised entropy and spans the whole [reverse KL, forward KL] range).
@@ -67,7 +76,8 @@ def divergence_op_args(kind: str, **params) -> Tuple[int, float, float, float, f
     """``(kind code, a, b, w_p, w_q)`` of ``divergence_fwd`` for the divergence ``kind`` (a name).
 
     "tvd" and "triangular" take no coefficients; "jeffreys" is the two-sided KL with
-    ``a = b = 1``; "entropy_gated_kl" passes ``(alpha_min, alpha_max, tau, scale)`` in their place; "ce" is the cross-entropy alone (``a = b = 0``); the KL family's names
+    ``a = b = 1``; "ab_divergence" passes ``(alpha, beta)`` as ``(a, b)``, "alpha_divergence" ``(alpha,
+    1 - alpha)`` (the same kind); "renyi" ``(order, 1.0 if reverse else 0.0)``; "entropy_gated_kl" passes ``(alpha_min, alpha_max, tau, scale)`` in their place; "ce" is the cross-entropy alone (``a = b = 0``); the KL family's names
     are those of ``divergence_coefficients``.
     """
     if kind in ("tvd", "triangular"):
@@ -76,6 +86,15 @@ def divergence_op_args(kind: str, **params) -> Tuple[int, float, float, float, f
         return KIND_CODES["jeffreys"], 1.0, 1.0, 0.0, 0.0
     if kind == "ce":
         return KIND_CODES["kl_family"], 0.0, 0.0, 0.0, 1.0
+    if kind == "alpha_divergence":  # Amari's alpha divergence: AB at beta = 1 - alpha
+        alpha = float(params.get("alpha", POWER_DEFAULTS[kind]["alpha"]))
+        return KIND_CODES["ab_divergence"], alpha, 1.0 - alpha, 0.0, 0.0
+    if kind == "ab_divergence":
+        g = {**POWER_DEFAULTS[kind], **params}
+        return KIND_CODES[kind], float(g["alpha"]), float(g["beta"]), 0.0, 0.0
+    if kind == "renyi":  # a = order, b = 1 for the reverse direction
+        g = {**POWER_DEFAULTS[kind], **params}
+        return KIND_CODES[kind], float(g["order"]), 1.0 if g["reverse"] else 0.0, 0.0, 0.0
     if kind == "entropy_gated_kl":  # the op's a, b, w_p, w_q carry alpha_min, alpha_max, tau, scale
         g = {**ENTROPY_GATE_DEFAULTS, **params}
         return KIND_CODES[kind], float(g["alpha_min"]), float(g["alpha_max"]), float(g["tau"]), float(g["scale"])
@@ -115,14 +134,37 @@ def entropy_gate(entropy, num_classes: int, alpha_min: float, alpha_max: float, 
     return alpha_min + (alpha_max - alpha_min) * torch.sigmoid((h_norm - tau) / scale)
 
 
+def renyi_row(u, order: float, reverse: bool):
+    """Renyi's row numbers from ``U = sum_c x phi_c(log y - log x)`` (a tensor of rows): ``(soft, sum G, sum H,
+    1 / S)``, ``S = 1 + c U`` (``c = 1 - order``, clamped at 0), ``soft = -U log1p(c U) / (c U)`` (``-U`` at
+    ``c U = 0``; ``+inf`` for an infinite ``U``). The shard kernels' caller uses it; the kernels have the same
+    formula (``csrc/divergence_math.h`` ``div_renyi_row``, Triton ``_renyi_row``)."""
+    c = 1.0 - float(order)
+    x = (c * u).clamp_min(-1.0) if c != 0 else torch.zeros_like(u)
+    tiny = x == 0
+    ratio = torch.where(tiny, torch.ones_like(x), torch.log1p(x) / torch.where(tiny, torch.ones_like(x), x))
+    inv_s = 1.0 / (1.0 + x)
+    soft = torch.where(torch.isinf(u), torch.full_like(u, float("inf")), -u * ratio)
+    x_side = -float(order) * u * inv_s
+    minus_one = torch.full_like(u, -1.0)
+    return (soft, x_side, minus_one, inv_s) if reverse else (soft, minus_one, x_side, inv_s)
+
+
 def check_divergence_params(**params) -> None:
     """A divergence's own parameters: ``beta`` (JSD) and ``skew`` in [0, 1], ``reverse`` a bool; the
-    entropy gate's ``alpha_min``, ``alpha_max`` in [0, 1] (either order), ``tau`` finite, ``scale`` > 0."""
-    for name in ("beta", "skew", "alpha_min", "alpha_max"):
+    power divergences' ``alpha`` and (with an ``alpha``: AB's) ``beta`` finite,
+    ``order`` finite and > 0; the entropy gate's ``alpha_min``, ``alpha_max`` in [0, 1] (either order), ``tau`` finite, ``scale`` > 0."""
+    power = "alpha" in params  # the AB divergence's beta (with its alpha) is any finite real, JSD's in [0, 1]
+    for name in ("skew", "alpha_min", "alpha_max") if power else ("beta", "skew", "alpha_min", "alpha_max"):
         if name in params:
             v.check_unit(name, params[name])
     if "tau" in params:
         v.check_number("tau", params["tau"])
+    for name in ("alpha", "beta"):  # the power divergences': any finite real
+        if name in params:
+            v.check_number(name, params[name])
+    if "order" in params:
+        v.check_positive("order", params["order"])
     if "scale" in params:
         v.check_positive("scale", params["scale"])
     if "reverse" in params and not isinstance(params["reverse"], bool):

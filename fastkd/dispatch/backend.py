@@ -31,6 +31,9 @@ LOSS_OPS = {
     "jeffreys": ("divergence_fwd",),
     "triangular": ("divergence_fwd",),
     "entropy_gated_kl": ("divergence_fwd",),
+    "alpha_divergence": ("divergence_fwd",),
+    "ab_divergence": ("divergence_fwd",),
+    "renyi": ("divergence_fwd",),
     "kd_topk": ("divergence_fwd",),
     "fused_linear_kd": ("divergence_fwd",),  # fastkd/losses/fused_linear.py: the row op on each chunk
     # a loss with ce_weight / return_parts: the cross-entropy comes from divergence_fwd

@@ -45,7 +45,7 @@ import torch
 from ..core import checks as v
 from ..core.autograd import scale_stored_grad
 from ..core.checks import FUSED_LINEAR_DIVERGENCES
-from ..core.divergence import (KIND_CODES, TOPK_MODE_CODES, LossParts, check_divergence_params,
+from ..core.divergence import (KIND_CODES, POWER_DEFAULTS, TOPK_MODE_CODES, LossParts, check_divergence_params,
                                divergence_coefficients, divergence_op_args)
 from ..core.rows import read_rows, row_weights
 from ..core.topk import TopKTeacher
@@ -249,12 +249,24 @@ class _FusedLinearFunction(torch.autograd.Function):
 # the public functional and module
 # ----------------------------------------------------------------------------
 
+def divergence_params(divergence: str, *, alpha_min=0.0, alpha_max=1.0, tau=0.5, scale=0.1, alpha=None, beta=None,
+                      order=0.5, reverse=False) -> dict:
+    """The parameters of ``divergence`` beyond ``beta`` / ``skew`` (passed as ``gate`` below): the entropy gate's
+    (always, so that they are checked), or a power divergence's (``alpha``, ``beta`` None: its default)."""
+    power = POWER_DEFAULTS.get(divergence)
+    if power is None:
+        return {"alpha_min": alpha_min, "alpha_max": alpha_max, "tau": tau, "scale": scale}
+    given = {"alpha": alpha, "beta": beta, "order": order, "reverse": reverse}
+    return {k: (power[k] if given[k] is None else given[k]) for k in power}
+
+
 def _divergence_params(divergence: str, temperature: float, beta: float, skew: float, gate=None):
     """``(kind, a, b, w_p, w_q, soft_scale)`` of ``divergence_fwd`` for ``divergence`` (``gate``: the
-    entropy-gated KL's ``alpha_min``, ``alpha_max``, ``tau``, ``scale``)."""
+    parameters of the entropy-gated KL (``alpha_min``, ``alpha_max``, ``tau``, ``scale``) or of a power divergence
+    (``alpha``; ``alpha``, ``beta``; ``order``, ``reverse``): ``divergence_params``)."""
     if divergence in ("tvd", "jeffreys", "triangular"):
         return (*divergence_op_args(divergence), 1.0)
-    if divergence == "entropy_gated_kl":
+    if divergence in ("entropy_gated_kl", "alpha_divergence", "ab_divergence", "renyi"):
         return (*divergence_op_args(divergence, **(gate or {})), 1.0)
     if divergence == "kl":  # kd_loss: Hinton's T^2
         return (KIND_CODES["kl_family"], *divergence_coefficients("forward_kl"), float(temperature) ** 2)
@@ -312,9 +324,11 @@ def fused_linear_kd_loss(
     temperature: float = 1.0,
     teacher_temperature: Optional[float] = None,
     teacher_grad: bool = False,
-    beta: float = 0.5,
+    beta: Optional[float] = None,  # jsd (None: 0.5) and ab_divergence (None: 0.7)
     skew: float = 0.1,
     alpha_min: float = 0.0, alpha_max: float = 1.0, tau: float = 0.5, scale: float = 0.1,  # entropy_gated_kl
+    alpha: Optional[float] = None,  # alpha_divergence (None: 0.5), ab_divergence (None: 0.2)
+    order: float = 0.5, reverse: bool = False,  # renyi
     ce_weight: float = 0.0,
     student_bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
@@ -337,8 +351,10 @@ def fused_linear_kd_loss(
     v.check_head("student", student_hidden, student_weight, student_bias, None, dev)
     vocab = student_weight.shape[0]
     v.check_fused_linear_options(divergence, temperature, beta, skew, ce_weight, logit_scale, softcap, reduction)
-    gate = {"alpha_min": alpha_min, "alpha_max": alpha_max, "tau": tau, "scale": scale}
+    gate = divergence_params(divergence, alpha_min=alpha_min, alpha_max=alpha_max, tau=tau, scale=scale, alpha=alpha,
+                             beta=beta, order=order, reverse=reverse)
     check_divergence_params(**gate)
+    beta = 0.5 if beta is None else beta  # JSD's
     v.check_ignore_index(ignore_index)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
@@ -495,7 +511,8 @@ fused_linear_kd_loss.__doc__ = """The LM head and a distillation loss in one op;
     ``divergence``: ``"kl"`` (``fastkd.kd_loss``: ``T^2 KL(p || q)``), ``"reverse_kl"``,
     ``"jsd"`` (``beta``), ``"skew_kl"`` / ``"skew_reverse_kl"`` (``skew``), ``"tvd"``, ``"jeffreys"``,
     ``"triangular"``, ``"entropy_gated_kl"`` (``alpha_min``, ``alpha_max``, ``tau``, ``scale``; its gate's
-    ``log V`` is the composition's width) (``fastkd.reverse_kl_loss``, ``fastkd.jeffreys_loss`` etc.: no ``T^2``). ``ce_weight`` adds
+    ``log V`` is the composition's width), ``"alpha_divergence"`` (``alpha``, default 0.5), ``"ab_divergence"``
+    (``alpha``, ``beta``, defaults 0.2, 0.7), ``"renyi"`` (``order``, ``reverse``) (``fastkd.reverse_kl_loss``, ``fastkd.jeffreys_loss`` etc.: no ``T^2``). ``ce_weight`` adds
     ``ce_weight * cross_entropy(s, target)`` at T = 1; ``return_parts=True`` returns
     ``LossParts(loss, soft, hard)`` (``hard``: the row-weighted CE, 0 without ``target``).
 

@@ -144,3 +144,37 @@ class EntropyGatedKLLoss(_DivergenceLoss):
         params = {"alpha_min": alpha_min, "alpha_max": alpha_max, "tau": tau, "scale": scale}
         super().__init__(functional.entropy_gated_kl_loss, params, temperature, reduction, ignore_index, ce_weight,
                          return_parts, backend, process_group, teacher_vocab)
+
+
+class AlphaDivergenceLoss(_DivergenceLoss):
+    """Amari's alpha divergence per row (the AB divergence at ``beta = 1 - alpha``). No ``T^2`` factor. See
+    ``fastkd.alpha_divergence_loss``."""
+
+    def __init__(self, *, alpha: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean",
+                 ignore_index: int = -100, ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto",
+                 process_group=None, teacher_vocab: str = "truncate"):
+        super().__init__(functional.alpha_divergence_loss, {"alpha": alpha}, temperature, reduction, ignore_index,
+                         ce_weight, return_parts, backend, process_group, teacher_vocab)
+
+
+class ABDivergenceLoss(_DivergenceLoss):
+    """The alpha-beta divergence per row (ABKD). No ``T^2`` factor. See ``fastkd.ab_divergence_loss``."""
+
+    def __init__(self, *, alpha: float = 0.2, beta: float = 0.7, temperature: float = 1.0,
+                 reduction: str = "batchmean", ignore_index: int = -100, ce_weight: float = 0.0,
+                 return_parts: bool = False, backend: str = "auto", process_group=None,
+                 teacher_vocab: str = "truncate"):
+        super().__init__(functional.ab_divergence_loss, {"alpha": alpha, "beta": beta}, temperature, reduction,
+                         ignore_index, ce_weight, return_parts, backend, process_group, teacher_vocab)
+
+
+class RenyiLoss(_DivergenceLoss):
+    """Renyi divergence of order ``order`` per row (``reverse``: p and q swapped). No ``T^2`` factor. See
+    ``fastkd.renyi_loss``."""
+
+    def __init__(self, *, order: float = 0.5, reverse: bool = False, temperature: float = 1.0,
+                 reduction: str = "batchmean", ignore_index: int = -100, ce_weight: float = 0.0,
+                 return_parts: bool = False, backend: str = "auto", process_group=None,
+                 teacher_vocab: str = "truncate"):
+        super().__init__(functional.renyi_loss, {"order": order, "reverse": reverse}, temperature, reduction,
+                         ignore_index, ce_weight, return_parts, backend, process_group, teacher_vocab)

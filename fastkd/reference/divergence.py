@@ -15,6 +15,9 @@ both ``softmax(logits / T)`` over the vocabulary (or over top-k buckets, see
 * ``triangular_loss``: ``sum (p - q)^2 / (p + q)`` (terms with ``p + q = 0`` add 0)
 * ``entropy_gated_kl_loss``: ``w KL(p || q) + (1 - w) KL(q || p)``, ``w = alpha_min + (alpha_max -
   alpha_min) sigmoid((H(p) / log V - tau) / scale)`` per row, ``w`` a constant in the gradients
+* ``alpha_divergence_loss``: Amari's alpha divergence, ``ab_divergence_loss`` at ``beta = 1 - alpha``
+* ``ab_divergence_loss``: ``-(1 / (a b)) sum [p^a q^b - (a / s) p^s - (b / s) q^s]``, ``s = a + b`` (ABKD)
+* ``renyi_loss``: ``log(sum p^r q^(1 - r)) / (r - 1)`` (``reverse``: p and q swapped)
 * ``kd_topk_loss``: ``T^2 KL(p || q)`` against a ``TopKTeacher`` (``kd_loss``'s formula)
 
 Every KL-type divergence here is one formula with four coefficients (the
@@ -66,6 +69,9 @@ __all__ = [
     "jeffreys_loss",
     "triangular_loss",
     "entropy_gated_kl_loss",
+    "alpha_divergence_loss",
+    "ab_divergence_loss",
+    "renyi_loss",
     "kd_topk_loss",
     "topk_log_probs",
     "divergence_fwd",
@@ -108,6 +114,13 @@ def soft_rows(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, num_classes=N
     ``num_classes``: the vocabulary size ``V`` (the entropy gate's ``log V``; default: the buckets)."""
     if kind == "entropy_gated_kl":
         return entropy_gated_kl_rows(log_p, log_q, num_classes or log_p.shape[1], **params)
+    if kind == "alpha_divergence":
+        alpha = params.get("alpha", 0.5)
+        return ab_divergence_rows(log_p, log_q, alpha, 1.0 - alpha)
+    if kind == "ab_divergence":
+        return ab_divergence_rows(log_p, log_q, params.get("alpha", 0.2), params.get("beta", 0.7))
+    if kind == "renyi":
+        return renyi_rows(log_p, log_q, params.get("order", 0.5), params.get("reverse", False))
     if kind == "tvd":
         return tvd_rows(log_p, log_q)
     if kind == "jeffreys":
@@ -143,6 +156,93 @@ def entropy_gated_kl_rows(log_p, log_q, num_classes: int, alpha_min: float = 0.0
     fwd = torch.where(w == 0, zero, w * kl_terms(log_p, log_q).sum(dim=1))
     rev = torch.where(u == 0, zero, u * kl_terms(log_q, log_p).sum(dim=1))
     return fwd + rev
+
+
+def _psi(c: float, x: torch.Tensor) -> torch.Tensor:
+    """``(expm1(c x) - c x) / c^2`` (``x^2 / 2`` at ``c = 0``), a series where ``|c x| < 1e-3``."""
+    if c == 0:
+        return 0.5 * x * x
+    y = c * x
+    small = y.abs() < 1e-3
+    ys = torch.where(small, y, torch.zeros_like(y))  # each branch gets inputs it is finite on
+    yb = torch.where(small, torch.ones_like(y), y)
+    series = x * x * (0.5 + ys * (1.0 / 6 + ys * (1.0 / 24 + ys / 120)))
+    return torch.where(small, series, (torch.expm1(yb) - yb) / (c * c))
+
+
+def ab_divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """The AB divergence (Cichocki et al. 2011; ABKD) per row, ``a = alpha``, ``b = beta``, ``s = a + b``::
+
+        -(1 / (a b)) sum_c [p^a q^b - (a / s) p^s - (b / s) q^s]
+
+    with its limits where ``a``, ``b`` or ``s`` is 0, evaluated per class as ``q^s (k1 psi_a(d) + k2 psi_s(d))``
+    (``d = log p - log q``, ``psi_c(x) = (expm1(c x) - c x) / c^2``, ``k1 = -a / b``, ``k2 = s / b``) when
+    ``|b| >= |a|``, else as ``p^s (k1 psi_b(-d) + k2 psi_s(-d))`` (``k1 = -b / a``, ``k2 = s / a``); ``a = b = 0``:
+    ``d^2 / 2``. Classes with ``p = q = 0`` add 0; ``q = 0 < p`` adds ``p^s / (b s)`` when ``s > 0`` and
+    ``b > 0``, else ``+inf`` (and ``p = 0 < q`` likewise with ``a``).
+    """
+    a, b = float(alpha), float(beta)
+    s = a + b
+    p0, q0 = torch.isneginf(log_p), torch.isneginf(log_q)
+    dead = p0 | q0
+    zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
+    lp, lq = torch.where(dead, zero, log_p), torch.where(dead, zero, log_q)  # finite stand-ins, masked below
+    d = lp - lq
+    if a == 0 and b == 0:
+        terms = 0.5 * d * d
+    elif abs(b) >= abs(a):
+        terms = torch.exp(s * lq) * ((-a / b) * _psi(a, d) + (s / b) * _psi(s, d))
+    else:
+        terms = torch.exp(s * lp) * ((-b / a) * _psi(b, -d) + (s / a) * _psi(s, -d))
+    inf = torch.full((), float("inf"), dtype=log_p.dtype, device=log_p.device)
+    lp0, lq0 = torch.where(p0, zero, log_p), torch.where(q0, zero, log_q)
+    only_q0 = torch.exp(s * lp0) / (b * s) if (s > 0 and b > 0) else inf
+    only_p0 = torch.exp(s * lq0) / (a * s) if (s > 0 and a > 0) else inf
+    terms = torch.where(q0, torch.where(p0, zero, only_q0), torch.where(p0, only_p0, terms))
+    return terms.sum(dim=1)
+
+
+def renyi_rows(log_p: torch.Tensor, log_q: torch.Tensor, order: float, reverse: bool = False) -> torch.Tensor:
+    """Renyi divergence of order ``r`` per row, ``D_r(p || q) = log(sum p^r q^(1 - r)) / (r - 1)`` (``reverse``:
+    ``D_r(q || p)``), as ``-U log1p(c U) / (c U)``, ``c = 1 - r``, ``U = sum_c x phi_c(log y - log x)``
+    (``(x, y) = (p, q)``, reversed ``(q, p)``; ``phi_c(e) = expm1(c e) / c``): ``r -> 1`` is ``KL(x || y)`` with
+    no cancellation. ``x = 0`` adds 0 to ``U``; ``y = 0 < x`` gives ``+inf`` for ``r >= 1``."""
+    u = renyi_parts(log_p, log_q, order, reverse)[0].sum(dim=1)
+    c = 1.0 - float(order)
+    if c == 0:
+        return -u
+    z = (c * u).clamp_min(-1.0)
+    tiny = z.abs() < 1e-12
+    ratio = torch.where(tiny, torch.ones_like(z), torch.log1p(z) / torch.where(tiny, torch.ones_like(z), z))
+    return torch.where(torch.isinf(u), torch.full_like(u, float("inf")), -u * ratio)
+
+
+def renyi_parts(log_p: torch.Tensor, log_q: torch.Tensor, order: float, reverse: bool = False):
+    """Renyi's per-class parts ``(t, x^r y^c)``, ``t = x phi_c(log y - log x)`` (summed, ``U``), with ``(x, y) = (p,
+    q)`` (reversed ``(q, p)``), ``c = 1 - order``; ``x = 0`` gives 0 for both, ``y = 0 < x`` gives ``t = -x / c``
+    (``r < 1``) or ``-inf``."""
+    lx, ly = (log_q, log_p) if reverse else (log_p, log_q)
+    r = float(order)
+    c = 1.0 - r
+    x0, y0 = torch.isneginf(lx), torch.isneginf(ly)
+    zero = torch.zeros((), dtype=lx.dtype, device=lx.device)
+    lxs, lys = torch.where(x0 | y0, zero, lx), torch.where(x0 | y0, zero, ly)
+    e = lys - lxs
+    x = lxs.exp()
+    if c == 0:
+        phi = e
+    else:
+        y = c * e
+        small = y.abs() < 1e-3
+        ys = torch.where(small, y, torch.zeros_like(y))
+        yb = torch.where(small, torch.ones_like(y), y)
+        phi = torch.where(small, e * (1 + ys * (0.5 + ys * (1.0 / 6 + ys / 24))), torch.expm1(yb) / c)
+    t = x * phi
+    y0_term = (-lx.exp() / c) if c > 0 else torch.full((), float("-inf"), dtype=lx.dtype, device=lx.device)
+    t = torch.where(x0, zero, torch.where(y0, y0_term, t))
+    xy = torch.where(x0, zero, torch.exp(lxs + c * e)) if c != 0 else torch.where(x0, zero, x)
+    xy = torch.where(y0 & ~x0, torch.zeros_like(xy) if c > 0 else torch.full_like(xy, float("inf")), xy)
+    return t, xy
 
 
 def triangular_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -326,6 +426,10 @@ def divergence_fwd(student, teacher, topk_ids, target, row_weight, temperature: 
             soft = two_sided_kl_rows(log_p, log_q, a, b)
         elif kind == KIND_CODES["triangular"]:
             soft = triangular_rows(log_p, log_q)
+        elif kind == KIND_CODES["ab_divergence"]:  # a, b: alpha, beta
+            soft = ab_divergence_rows(log_p, log_q, a, b)
+        elif kind == KIND_CODES["renyi"]:  # a: the order, b: 1 reversed
+            soft = renyi_rows(log_p, log_q, a, b != 0)
         elif kind == KIND_CODES["entropy_gated_kl"]:  # a, b, w_p, w_q: alpha_min, alpha_max, tau, scale
             soft = entropy_gated_kl_rows(log_p, log_q, student.shape[1], a, b, w_p, w_q)
         else:
@@ -430,6 +534,27 @@ def entropy_gated_kl_loss(student_logits, teacher_logits: Teacher, *, alpha_min=
                     ignore_index, sample_weight, ce_weight, return_parts)
 
 
+def alpha_divergence_loss(student_logits, teacher_logits: Teacher, *, alpha=0.5, temperature=1.0,
+                          reduction="batchmean", target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0,
+                          return_parts=False):
+    return _checked("alpha_divergence", {"alpha": alpha}, student_logits, teacher_logits, temperature, reduction,
+                    target, ignore_index, sample_weight, ce_weight, return_parts)
+
+
+def ab_divergence_loss(student_logits, teacher_logits: Teacher, *, alpha=0.2, beta=0.7, temperature=1.0,
+                       reduction="batchmean", target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0,
+                       return_parts=False):
+    return _checked("ab_divergence", {"alpha": alpha, "beta": beta}, student_logits, teacher_logits, temperature,
+                    reduction, target, ignore_index, sample_weight, ce_weight, return_parts)
+
+
+def renyi_loss(student_logits, teacher_logits: Teacher, *, order=0.5, reverse=False, temperature=1.0,
+               reduction="batchmean", target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0,
+               return_parts=False):
+    return _checked("renyi", {"order": order, "reverse": reverse}, student_logits, teacher_logits, temperature,
+                    reduction, target, ignore_index, sample_weight, ce_weight, return_parts)
+
+
 def kd_topk_loss(student_logits, teacher: TopKTeacher, temperature=4.0, *, reduction="batchmean", target=None,
                  ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False):
     """``kd_loss`` against a ``TopKTeacher``: ``T^2 * KL(p || q)`` over its buckets.
@@ -474,4 +599,19 @@ entropy_gated_kl_loss.__doc__ = """Entropy-gated KL: ``w KL(p || q) + (1 - w) KL
     teacher gradient omits the gate's derivative). Against a ``TopKTeacher``, ``H(p)`` is that of the
     buckets (the K probabilities and the tail as one bucket; renormalised: the K), still over ``log V``.
     Defaults (fastkd's): ``alpha_min=0``, ``alpha_max=1``, ``tau=0.5``, ``scale=0.1``.
+""" + _COMMON_DOC
+alpha_divergence_loss.__doc__ = """Amari's alpha divergence per row: the AB divergence at ``beta = 1 - alpha``,
+    ``(1 / (alpha (1 - alpha))) sum_c [alpha p_c + (1 - alpha) q_c - p_c^alpha q_c^(1 - alpha)]``; ``alpha -> 1`` is
+    ``KL(p || q)``, ``alpha -> 0`` ``KL(q || p)``, ``alpha = 0.5`` ``4 (1 - sum sqrt(p q))``. Any finite ``alpha``.
+""" + _COMMON_DOC
+ab_divergence_loss.__doc__ = """The alpha-beta divergence (ABKD, Wang et al. 2025) per row, ``s = alpha + beta``::
+
+        -(1 / (alpha beta)) sum_c [p^alpha q^beta - (alpha / s) p^s - (beta / s) q^s]
+
+    and its limits where alpha, beta or s is 0 (``fastkd.reference.divergence.ab_divergence_rows``; the same
+    values as ABKD's special cases). ABKD's code masks non-finite log-ratios to 0 in those cases; fastkd
+    gives the exact value (``+inf`` where a class has mass on one side only and the divergence is infinite).
+""" + _COMMON_DOC
+renyi_loss.__doc__ = """Renyi divergence of order ``order`` (> 0) per row, ``log(sum_c p^r q^(1 - r)) / (r - 1)``;
+    ``reverse=True`` swaps p and q. ``order -> 1`` is ``KL(p || q)`` (reversed: ``KL(q || p)``).
 """ + _COMMON_DOC
