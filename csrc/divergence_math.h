@@ -328,8 +328,8 @@ FASTKD_HD DivTerms div_terms(const DivParams& d, float p, float q, float lp, flo
 //   with (x, y) = (p, q) (or (q, p) reversed), e = ly - lx, c = 1 - r:
 //   soft = log(S) / (r - 1), S = 1 + c U, U = sum x phi_c(e)  (= sum (x^r y^c - x) / c), so
 //   soft = -U log1p(c U) / (c U) (-U at c U = 0: r -> 1 is KL(x || y) with no cancellation).
-//   The terms pass sums U (div_renyi_terms: t = x phi_c(e) in soft, x^r y^c in g); div_renyi_row turns U
-//   into the row's soft loss, sum G, sum H and the parameters of kind 5, the gradient pass at known S:
+//   The terms pass sums U and S (div_renyi_terms: t = x phi_c(e) in soft, x^r y^c in g); div_renyi_row turns
+//   them into the row's soft loss (log(S) / (r - 1) where S < 1/2), sum G, sum H and the parameters of kind 5, the gradient pass at known S:
 //   on the x side G_x = -r t / S (sum -r U / S), on the y side G_y = -x^r y^c / S (sum -1); the exact
 //   derivatives less p / S on the teacher side when x = p (nothing on the student side). Zero
 //   probabilities: x = 0 adds 0; y = 0 < x: t = -x / c for r < 1, -inf for r >= 1 (soft +inf).
@@ -422,35 +422,44 @@ FASTKD_HD DivTerms div_renyi_terms(const DivParams& d, float lp, float lq, float
   return t;
 }
 
-// Renyi's row from U: the loss, sum G, sum H and kind 5's parameters (a, b, w_p, w_q) = (r, reverse,
-// 1 / S, U). S = 1 + c U >= 0 (clamped: rounding may take it below); S = 0 (no overlap, r < 1) or an
-// infinite U gives +inf.
+// Renyi's row from U and s_direct = sum x^r y^c (the terms pass's soft and g sums): the loss, sum G, sum H and
+// kind 5's parameters (a, b, w_p, w_q) = (r, reverse, 1 / S, U). S = 1 + c U (clamped at 0) where s_direct >= 1/2
+// (no cancellation near r = 1), else s_direct itself and soft = log(S) / (r - 1) (1 + c U would cancel to eps when
+// the distributions barely overlap). S = 0 (no overlap, r < 1) or an infinite U gives +inf; so does an S below
+// float32's range (a divergence above about 87 / |1 - r|).
 struct DivRenyiRow {
   DivParams d;
   float soft, sum_g, sum_h;
 };
 
-FASTKD_HD DivRenyiRow div_renyi_row(const DivParams& d, float u) {
+FASTKD_HD DivRenyiRow div_renyi_row(const DivParams& d, float u, float s_direct) {
   const float r = d.a, c = 1.0f - r;
   const bool rev = d.b != 0.0f;
   float x = c * u;
   x = x < -1.0f ? -1.0f : x;  // a NaN stays NaN
   const float ratio = (c == 0.0f || x == 0.0f) ? 1.0f : log1pf(x) / x;
-  const float inv_s = 1.0f / (1.0f + x);
+  // S far below 1: 1 + c U keeps only eps of it (absolute), the direct sum keeps its digits (relative)
+  const bool direct = s_direct < 0.5f;
+  const float inv_s = 1.0f / (direct ? s_direct : 1.0f + x);
   DivRenyiRow o;
-  o.soft = (u == INFINITY || u == -INFINITY) ? INFINITY : -u * ratio;
-  const float x_side = -r * u * inv_s;  // the sum of -r t / S
+  o.soft = direct ? logf(s_direct) / (r - 1.0f) : ((u == INFINITY || u == -INFINITY) ? INFINITY : -u * ratio);
+  // the x side's sum: -r U / S, or (direct) r / (r - 1) (see div_renyi_grad_terms)
+  const float x_side = direct ? r / (r - 1.0f) : -r * u * inv_s;
   o.sum_g = rev ? x_side : -1.0f;
   o.sum_h = rev ? -1.0f : x_side;
-  o.d = div_params(kDivRenyiGrad, r, rev ? 1.0f : 0.0f, inv_s, u);
+  o.d = div_params(kDivRenyiGrad, r, rev ? 1.0f : 0.0f, inv_s, direct ? 1.0f : 0.0f);
   return o;
 }
 
-// kind 5: G, H of one class at the row's S (soft 0: the loss came from U).
+// kind 5: G, H of one class at the row's S (w_p = 1 / S; soft 0: the loss came from U). The x side is
+// -r t / S (the exact derivative r x^r y^c / ((r - 1) S) less r x / ((r - 1) S): no cancellation near r = 1),
+// except on a direct row (w_q = 1, S < 1/2), where -r (t - x U) / S would cancel (t and x U both ~ -x / c,
+// their difference ~S): there the exact r x^r y^c / ((r - 1) S), sum r / (r - 1).
 FASTKD_HD DivTerms div_renyi_grad_terms(const DivParams& d, float lp, float lq, float delta) {
   const bool rev = d.b != 0.0f;
   const DivRenyiParts o = div_renyi_parts(d.a, rev, lp, lq, delta);
-  const float x_side = -d.a * o.t * d.w_p, y_side = -o.xy * d.w_p;
+  const float x_side = d.w_q != 0.0f ? d.a * o.xy * d.w_p / (d.a - 1.0f) : -d.a * o.t * d.w_p;
+  const float y_side = -o.xy * d.w_p;
   DivTerms t;
   t.soft = 0.0f;
   t.g = rev ? x_side : y_side;
@@ -533,9 +542,10 @@ FASTKD_HD float div_h_over_p(const DivParams& d, float p, float q, float lp, flo
     return div_big(bd) ? (ps1 - expf((d.a - 1.0f) * lp + d.b * lq)) / d.b : ps1 * delta * div_p1(-bd);
   }
   if (d.kind == kDivRenyiGrad) {  // (w_p = 1 / S) x = p: H = H_exact - p / S, so -1 / S at p = 0; x = q: exact
-    const bool rev = d.b != 0.0f;
-    if (!(p > 0.0f)) return rev ? 0.0f : -d.w_p;
+    const bool rev = d.b != 0.0f, direct = d.w_q != 0.0f;  // direct rows: H exact on both sides
+    if (!(p > 0.0f)) return (rev || direct) ? 0.0f : -d.w_p;
     if (rev) return -expf(d.a * (lq - lp)) * d.w_p;  // H / p = -(q / p)^r / S
+    if (direct) return d.a * expf((1.0f - d.a) * (lq - lp)) * d.w_p / (d.a - 1.0f);  // r (q / p)^c / ((r - 1) S)
     const float c = 1.0f - d.a, e = lq - lp, ce = c * e;
     const float phi = lq == -INFINITY ? (c > 0.0f ? -1.0f / c : -INFINITY)
                                       : (div_big(ce) ? expm1f(ce) / c : e * div_p1(ce));

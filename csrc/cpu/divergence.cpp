@@ -257,7 +257,7 @@ FASTKD_INLINE void dense_power_chunk(const DivParams& dp, const float* s, const 
       if (kGT) sh += x.h, gt[j] = x.h;
     } else {
       const DivRenyiParts x = div_renyi_parts(d.a, rev, lp, lq, delta);
-      so += x.t;
+      so += x.t, sg += x.xy;  // U and S
       if (kGS) g_row[j] = rev ? x.t : x.xy;
       if (kGT) gt[j] = rev ? x.xy : x.t;
     }
@@ -280,6 +280,27 @@ FASTKD_INLINE void dense_renyi_finish_chunk(const float* s, int64_t n, const Den
       gs[j] = out;
     }
     if (kGT) gt[j] = r.coef * (-k_h * gt[j] - p * r.sum_h);
+  }
+}
+
+// (3) of one chunk of a Renyi row whose S < 1/2 (rare: the nets far apart): kind 5's G, H from the logits again.
+template <bool kGS, bool kGT, int kCE1>
+FASTKD_INLINE void dense_renyi_direct_chunk(const DivParams& dp, const float* s, const float* t, int64_t n,
+                                            float inv_t, const DenseRow& r, float to_q, float to_p, float to_1,
+                                            const float* kept_s, const float* kept_t, float* gs, float* gt) {
+  const DivParams d = dp;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float es = kept_s[j], q = es * to_q, p = kept_t[j] * to_p;
+    const float lq = (s[j] - r.ms) * inv_t - r.ls, lp = (t[j] - r.mt) * inv_t - r.lt;
+    const float delta = ((t[j] - r.mt) - (s[j] - r.ms)) * inv_t + r.dl;
+    const DivTerms x = div_renyi_grad_terms(d, lp, lq, delta);
+    if (kGS) {
+      float out = r.coef * (x.g - q * r.sum_g);
+      if (kCE1 != kCE1None) out += r.ce * softmax1<kCE1>(r, es, q, s[j], to_1);
+      gs[j] = out;
+    }
+    if (kGT) gt[j] = r.coef * (x.h - p * r.sum_h);
   }
 }
 
@@ -384,12 +405,16 @@ FASTKD_INLINE float dense_passes(const DivCall& c, const float* s, const float* 
                                          kGS ? g_row + c0 : nullptr, soft, sum_g, sum_h);
     }
     float row_soft = static_cast<float>(soft), k_g = 1.0f, k_h = 1.0f;
-    if (kKind == kDivRenyi) {  // soft held U
-      const DivRenyiRow rr = div_renyi_row(c.d, row_soft);
+    DivParams grad_d = c.d;
+    bool recompute = false;
+    if (kKind == kDivRenyi) {  // soft held U, sum_g S
+      const DivRenyiRow rr = div_renyi_row(c.d, row_soft, static_cast<float>(sum_g));
       row_soft = rr.soft, sum_g = rr.sum_g, sum_h = rr.sum_h;
       const bool rev = c.d.b != 0.0f;
       k_g = rev ? c.d.a * rr.d.w_p : rr.d.w_p;
       k_h = rev ? rr.d.w_p : c.d.a * rr.d.w_p;
+      grad_d = rr.d;
+      recompute = rr.d.w_q != 0.0f;  // a direct row (S < 1/2): its x side from x^r y^c, not the kept t
     }
     if (kGS || kGT) {
       r.sum_g = static_cast<float>(sum_g);
@@ -398,7 +423,11 @@ FASTKD_INLINE float dense_passes(const DivCall& c, const float* s, const float* 
         const int64_t n = std::min(kStatsChunk, V - c0);
         float to_q, to_p, to_1;
         chunk_factors(k, to_q, to_p, to_1);
-        if (kKind == kDivAB)
+        if (kKind == kDivRenyi && recompute)
+          dense_renyi_direct_chunk<kGS, kGT, kCE1>(grad_d, s + c0, t + c0, n, c.inv_t, r, to_q, to_p, to_1,
+                                                   kept_s + c0, kept_t + c0, kGS ? gs + c0 : nullptr,
+                                                   kGT ? gt + c0 : nullptr);
+        else if (kKind == kDivAB)
           dense_finish_chunk<kKind, kGS, kGT, kCE1>(s + c0, n, r, to_q, to_p, to_1, kept_s + c0, kept_t + c0,
                                                     kGS ? g_row + c0 : nullptr, kGS ? gs + c0 : nullptr,
                                                     kGT ? gt + c0 : nullptr);
@@ -822,7 +851,7 @@ DivRowOut topk_row(const DivCall& c, int64_t i, const float* s, const float* lp,
   }
   if (d.kind == kDivRenyi) {
     // the sum was U over the buckets: the row's S, then G, H of kind 5 at it
-    const DivRenyiRow rr = div_renyi_row(d, soft);
+    const DivRenyiRow rr = div_renyi_row(d, soft, sum_g);  // U, S
     soft = rr.soft, sum_g = rr.sum_g, sum_h = rr.sum_h;
     for (int64_t k = 0; k < K; ++k) {
       if (ids[k] < 0) continue;

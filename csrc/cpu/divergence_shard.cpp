@@ -408,8 +408,8 @@ void shard_grad_cpu(const at::Tensor& student, const at::Tensor& teacher, const 
         const DivParams dw = div_params(kDivJeffreys, c[5], 1.0f - c[5], 0.0f, 0.0f);
         terms_row_for(dw, kFormGeneral, s, t, V, inv_t, st, gi, hi, unused);
         grad_row(s, t, V, inv_t, st, c, gi, hi);
-      } else if (kind == kDivRenyi) {  // c[5]: the row's 1 / S; G, H of kind 5 at it
-        const DivParams dr = div_params(kDivRenyiGrad, d.a, d.b, c[5], 0.0f);
+      } else if (kind == kDivRenyi) {  // c[5], c[6]: the row's 1 / S and direct flag; G, H of kind 5 at them
+        const DivParams dr = div_params(kDivRenyiGrad, d.a, d.b, c[5], c[6]);
         terms_row_for(dr, kFormGeneral, s, t, V, inv_t, st, gi, hi, unused);
         grad_row(s, t, V, inv_t, st, c, gi, hi);
       } else {

@@ -237,7 +237,7 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
       sums = Sum3{gr.soft, gr.sum_g, gr.sum_h};
     }
     if (d.kind == kDivRenyi) {  // the sum is U: the row's S, the gradients as kind 5 at it
-      const DivRenyiRow rr = div_renyi_row(d, sums.x);
+      const DivRenyiRow rr = div_renyi_row(d, sums.x, sums.y);  // U, S
       dg = rr.d;
       sums = Sum3{rr.soft, rr.sum_g, rr.sum_h};
     }
@@ -446,7 +446,7 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
     if (tail) e_tail = div_terms_any(dg, div_exp(lp_tail), div_exp(lq_tail), lp_tail, lq_tail);
   }
   if (d.kind == kDivRenyi && has_ids) {  // the sum is U over the buckets: the row's S, then kind 5 at it
-    const DivRenyiRow rr = div_renyi_row(d, sums.x);
+    const DivRenyiRow rr = div_renyi_row(d, sums.x, sums.y);  // U, S
     dg = rr.d;
     sums = Sum3{rr.soft, rr.sum_g, rr.sum_h};
     if (tail) e_tail = div_terms_any(dg, div_exp(lp_tail), div_exp(lq_tail), lp_tail, lq_tail);

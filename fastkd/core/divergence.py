@@ -134,20 +134,28 @@ def entropy_gate(entropy, num_classes: int, alpha_min: float, alpha_max: float, 
     return alpha_min + (alpha_max - alpha_min) * torch.sigmoid((h_norm - tau) / scale)
 
 
-def renyi_row(u, order: float, reverse: bool):
-    """Renyi's row numbers from ``U = sum_c x phi_c(log y - log x)`` (a tensor of rows): ``(soft, sum G, sum H,
-    1 / S)``, ``S = 1 + c U`` (``c = 1 - order``, clamped at 0), ``soft = -U log1p(c U) / (c U)`` (``-U`` at
-    ``c U = 0``; ``+inf`` for an infinite ``U``). The shard kernels' caller uses it; the kernels have the same
+def renyi_row(u, s_direct, order: float, reverse: bool):
+    """Renyi's row numbers from ``U = sum_c x phi_c(log y - log x)`` and ``s_direct = sum_c x^r y^(1 - r)`` (tensors
+    of rows): ``(soft, sum G, sum H, 1 / S)``, ``S = 1 + c U`` (``c = 1 - order``, clamped at 0), ``soft = -U
+    log1p(c U) / (c U)`` (``-U`` at ``c U = 0``; ``+inf`` for an infinite ``U``); where ``s_direct < 1/2``, ``S =
+    s_direct`` and ``soft = log(S) / (order - 1)`` (``1 + c U`` keeps only eps of a small ``S``); the last: 1.0 on
+    those direct rows (their x side's gradient is then the exact ``r x^r y^c / ((r - 1) S)``), else 0.0. The shard kernels' caller uses it; the kernels have the same
     formula (``csrc/divergence_math.h`` ``div_renyi_row``, Triton ``_renyi_row``)."""
     c = 1.0 - float(order)
     x = (c * u).clamp_min(-1.0) if c != 0 else torch.zeros_like(u)
     tiny = x == 0
     ratio = torch.where(tiny, torch.ones_like(x), torch.log1p(x) / torch.where(tiny, torch.ones_like(x), x))
-    inv_s = 1.0 / (1.0 + x)
+    direct = s_direct < 0.5
+    inv_s = 1.0 / torch.where(direct, s_direct, 1.0 + x)
     soft = torch.where(torch.isinf(u), torch.full_like(u, float("inf")), -u * ratio)
-    x_side = -float(order) * u * inv_s
+    if c != 0:
+        soft = torch.where(direct, torch.log(s_direct) / (float(order) - 1.0), soft)
+    # the x side's sum: -r U / S, or on a direct row r / (r - 1) (the kernels' div_renyi_grad_terms)
+    x_side = torch.where(direct, torch.full_like(u, float(order) / (float(order) - 1.0) if c != 0 else 0.0),
+                         -float(order) * u * inv_s)
     minus_one = torch.full_like(u, -1.0)
-    return (soft, x_side, minus_one, inv_s) if reverse else (soft, minus_one, x_side, inv_s)
+    flag = direct.to(u.dtype)
+    return (soft, x_side, minus_one, inv_s, flag) if reverse else (soft, minus_one, x_side, inv_s, flag)
 
 
 def check_divergence_params(**params) -> None:

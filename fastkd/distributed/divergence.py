@@ -158,9 +158,11 @@ def _renyi_rows(lp, lq, params, group):
     """
     order, reverse = params.get("order", 0.5), params.get("reverse", False)
     t, xy = R.renyi_parts(lp, lq, order, reverse)
-    red = all_reduce([t.sum(dim=1)], dist.ReduceOp.SUM, group)
-    soft, sum_g, sum_h, inv_s = renyi_row(red[0], order, reverse)
-    x_side, y_side = -order * t * inv_s.unsqueeze(1), -xy * inv_s.unsqueeze(1)
+    red = all_reduce([t.sum(dim=1), xy.sum(dim=1)], dist.ReduceOp.SUM, group)  # U, S
+    soft, sum_g, sum_h, inv_s, direct = renyi_row(red[0], red[1], order, reverse)
+    inv_s, direct = inv_s.unsqueeze(1), direct.unsqueeze(1) != 0
+    exact = order / (order - 1.0) if order != 1 else 0.0  # direct rows (S < 1/2): the exact x side
+    x_side, y_side = torch.where(direct, exact * xy * inv_s, -order * t * inv_s), -xy * inv_s
     g, h = (x_side, y_side) if reverse else (y_side, x_side)
     return soft, g - lq.exp() * sum_g.unsqueeze(1), h - lp.exp() * sum_h.unsqueeze(1)
 

@@ -204,17 +204,23 @@ def ab_divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, alpha: float, b
 
 def renyi_rows(log_p: torch.Tensor, log_q: torch.Tensor, order: float, reverse: bool = False) -> torch.Tensor:
     """Renyi divergence of order ``r`` per row, ``D_r(p || q) = log(sum p^r q^(1 - r)) / (r - 1)`` (``reverse``:
-    ``D_r(q || p)``), as ``-U log1p(c U) / (c U)``, ``c = 1 - r``, ``U = sum_c x phi_c(log y - log x)``
+    ``D_r(q || p)``), as ``-U log1p(c U) / (c U)`` (``log(S) / (r - 1)`` where ``S = sum x^r y^c < 1/2``), ``c = 1 - r``, ``U = sum_c x phi_c(log y - log x)``
     (``(x, y) = (p, q)``, reversed ``(q, p)``; ``phi_c(e) = expm1(c e) / c``): ``r -> 1`` is ``KL(x || y)`` with
     no cancellation. ``x = 0`` adds 0 to ``U``; ``y = 0 < x`` gives ``+inf`` for ``r >= 1``."""
-    u = renyi_parts(log_p, log_q, order, reverse)[0].sum(dim=1)
+    t, xy = renyi_parts(log_p, log_q, order, reverse)
+    u, s_direct = t.sum(dim=1), xy.sum(dim=1)
     c = 1.0 - float(order)
     if c == 0:
         return -u
-    z = (c * u).clamp_min(-1.0)
+    # S far below 1: 1 + c U keeps only eps of it, the direct sum its digits (as the kernels); each branch gets
+    # inputs it is finite on (an unselected log1p(-1) would put NaN in the gradient)
+    direct = s_direct < 0.5
+    u_safe = torch.where(direct | torch.isinf(u), torch.zeros_like(u), u)
+    z = (c * u_safe).clamp_min(-1.0)
     tiny = z.abs() < 1e-12
     ratio = torch.where(tiny, torch.ones_like(z), torch.log1p(z) / torch.where(tiny, torch.ones_like(z), z))
-    return torch.where(torch.isinf(u), torch.full_like(u, float("inf")), -u * ratio)
+    soft = torch.where(torch.isinf(u), torch.full_like(u, float("inf")), -u_safe * ratio)
+    return torch.where(direct, torch.log(torch.where(direct, s_direct, torch.ones_like(s_direct))) / (-c), soft)
 
 
 def renyi_parts(log_p: torch.Tensor, log_q: torch.Tensor, order: float, reverse: bool = False):

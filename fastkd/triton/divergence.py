@@ -154,14 +154,14 @@ def _div_dense_kernel(
         lp = (t - m_t) * inv_temp - lz_t
         term, gq, hp = _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND)
         soft += tl.sum(tl.where(mask, term, 0.0), 0)
-        if GRAD_S or KIND == 7:
+        if GRAD_S or KIND == 7 or KIND == 6:
             sum_g += tl.sum(tl.where(mask, gq, 0.0), 0)
         if GRAD_T or KIND == 7:
             sum_h += tl.sum(tl.where(mask, hp, 0.0), 0)
     if KIND == 7:  # the sums were KL(p || q), KL(q || p), H(p): gate, then the gradients of kind 2 at (w, 1 - w)
         a, b, soft, sum_g, sum_h = _gate(soft, sum_g, sum_h, a, b, w_p, w_q, log_v)
     if KIND == 6:  # the sum was U: the row's S, then the gradients of kind 5 at w_p = 1 / S
-        soft, sum_g, sum_h, w_p = _renyi_row(soft, a, b)
+        soft, sum_g, sum_h, w_p, w_q = _renyi_row(soft, sum_g, a, b)
     _store_row_outputs(LOSS, SOFT, HARD, row, ok, fill, w, soft, hard, soft_scale, ce_weight)
 
     # ---- pass 3: gradients ----
@@ -331,7 +331,7 @@ def _div_topk_kernel(
         if TAIL:
             term_n, g_n, h_n = _bucket_terms(lp_tail, lq_tail, a, b, w_p, w_q, log_wp, log_wq, 2)
     if KIND == 6:  # U over the buckets: the row's S, then G, H of kind 5 at w_p = 1 / S
-        soft, sum_g, _sum_h, w_p = _renyi_row(soft, a, b)
+        soft, sum_g, _sum_h, w_p, w_q = _renyi_row(soft, sum_g, a, b)
         term_k, g_k, h_k = _bucket_terms(lp_k, lq_k, a, b, w_p, w_q, log_wp, log_wq, 5)
         if TAIL:
             term_n, g_n, h_n = _bucket_terms(lp_tail, lq_tail, a, b, w_p, w_q, log_wp, log_wq, 5)
@@ -350,8 +350,8 @@ def _div_topk_kernel(
                 empty_tail = -1.0
             elif KIND == 4:  # AB: H is the whole derivative
                 empty_tail = 0.0
-            elif KIND == 6:  # Renyi: H drops p / S on the teacher's side (x = p), nothing reversed
-                empty_tail = tl.where(b != 0.0, 0.0, -w_p)
+            elif KIND == 6:  # Renyi: H drops p / S on the teacher's side (x = p), nothing reversed or on direct rows
+                empty_tail = tl.where(b != 0.0, 0.0, tl.where(w_q != 0.0, 0.0, -w_p))
             else:
                 empty_tail = -a
             ratio = tl.where(p_tail == 0.0, empty_tail, h_n / tl.where(p_tail == 0.0, 1.0, p_tail))

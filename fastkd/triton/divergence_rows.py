@@ -91,12 +91,13 @@ def _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND: tl.constexpr):
         t = tl.where(ly == float("-inf"), tl.where(c > 0.0, -xx / c, float("-inf")), t)
         t = tl.where(x0, 0.0, t)
         xy = tl.where(x0, 0.0, xy)
-        if KIND == 6:
+        if KIND == 6:  # U and S summed
             soft = t
-            g = t * 0.0
+            g = xy
             h = t * 0.0
         else:
-            x_side = -a * t * w_p
+            # (w_q != 0: a direct row, S < 1/2: the exact r x^r y^c / ((r - 1) S); csrc's div_renyi_grad_terms)
+            x_side = tl.where(w_q != 0.0, a * xy * w_p / tl.where(a == 1.0, 1.0, a - 1.0), -a * t * w_p)
             y_side = -xy * w_p
             soft = t * 0.0
             g = tl.where(rev, x_side, y_side)
@@ -171,20 +172,23 @@ def _p2(y):
 
 
 @triton.jit
-def _renyi_row(u, order, rev):
-    """Renyi (kind 6) of a row from ``U``: ``(soft, sum G, sum H, 1 / S)`` (csrc/divergence_math.h's
-    ``div_renyi_row``): ``S = 1 + c U`` (c = 1 - r, clamped at 0), ``soft = -U log1p(c U) / (c U)``."""
+def _renyi_row(u, s_direct, order, rev):
+    """Renyi (kind 6) of a row from ``U`` and ``sum x^r y^c``: ``(soft, sum G, sum H, 1 / S)`` (csrc/divergence_math.h's
+    ``div_renyi_row``): ``S = 1 + c U`` (c = 1 - r, clamped at 0), ``soft = -U log1p(c U) / (c U)``; where the
+    direct sum is below 1/2, ``S`` is that sum and ``soft = log(S) / (r - 1)``."""
     c = 1.0 - order
     x = c * u
     x = tl.where(x < -1.0, -1.0, x)
     x_safe = tl.where(x == 0.0, 1.0, x)
     ratio = tl.where(c == 0.0, 1.0, tl.where(x == 0.0, 1.0, _log1p(x) / x_safe))
-    inv_s = 1.0 / (1.0 + x)
+    direct = s_direct < 0.5
+    inv_s = 1.0 / tl.where(direct, s_direct, 1.0 + x)
     soft = tl.where(tl.abs(u) == float("inf"), float("inf"), -u * ratio)
-    x_side = -order * u * inv_s
+    soft = tl.where(direct, tl.log(s_direct) / (order - 1.0), soft)
+    x_side = tl.where(direct, order / tl.where(order == 1.0, 1.0, order - 1.0), -order * u * inv_s)
     sum_g = tl.where(rev != 0.0, x_side, -1.0)
     sum_h = tl.where(rev != 0.0, -1.0, x_side)
-    return soft, sum_g, sum_h, inv_s
+    return soft, sum_g, sum_h, inv_s, tl.where(direct, 1.0, 0.0)
 
 
 @triton.jit

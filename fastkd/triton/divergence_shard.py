@@ -177,7 +177,7 @@ def _shard_grad_kernel(S, T, STATS, COEF, READ, TARGET, G, H, stride_s, stride_t
         if KIND == 7:  # entropy-gated: kind 2's G, H at the row's gate (w, 1 - w) (w in the masses' place)
             _, gq, hp = _bucket_terms(lp, lq, q_lt, 1.0 - q_lt, w_p, w_q, log_wp, log_wq, 2)
         elif KIND == 6:  # Renyi: kind 5's G, H at the row's 1 / S (in the masses' place)
-            _, gq, hp = _bucket_terms(lp, lq, a, b, q_lt, w_q, log_wp, log_wq, 5)
+            _, gq, hp = _bucket_terms(lp, lq, a, b, q_lt, q_gt, log_wp, log_wq, 5)  # (1 / S, direct)
         elif RECOMPUTE and KIND != 1:  # the buffers hold no G, H (bf16/fp16): the terms pass's math again
             _, gq, hp = _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND)
         if GRAD_S:
