@@ -329,7 +329,8 @@ FASTKD_HD DivTerms div_terms(const DivParams& d, float p, float q, float lp, flo
 //   soft = log(S) / (r - 1), S = 1 + c U, U = sum x phi_c(e)  (= sum (x^r y^c - x) / c), so
 //   soft = -U log1p(c U) / (c U) (-U at c U = 0: r -> 1 is KL(x || y) with no cancellation).
 //   The terms pass sums U and S (div_renyi_terms: t = x phi_c(e) in soft, x^r y^c in g); div_renyi_row turns
-//   them into the row's soft loss (log(S) / (r - 1) where S < 1/2), sum G, sum H and the parameters of kind 5, the gradient pass at known S:
+//   them into the row's soft loss (log(S) / (r - 1) where S < 1/2), sum G, sum H and the parameters of kind 5,
+//   the gradient pass at known S:
 //   on the x side G_x = -r t / S (sum -r U / S), on the y side G_y = -x^r y^c / S (sum -1); the exact
 //   derivatives less p / S on the teacher side when x = p (nothing on the student side). Zero
 //   probabilities: x = 0 adds 0; y = 0 < x: t = -x / c for r < 1, -inf for r >= 1 (soft +inf).
@@ -439,7 +440,7 @@ FASTKD_HD DivRenyiRow div_renyi_row(const DivParams& d, float u, float s_direct)
   x = x < -1.0f ? -1.0f : x;  // a NaN stays NaN
   const float ratio = (c == 0.0f || x == 0.0f) ? 1.0f : log1pf(x) / x;
   // S far below 1: 1 + c U keeps only eps of it (absolute), the direct sum keeps its digits (relative)
-  const bool direct = s_direct < 0.5f;
+  const bool direct = s_direct < 0.5f && u != 0.0f;  // (U = S = 0: a row without buckets, loss 0)
   const float inv_s = 1.0f / (direct ? s_direct : 1.0f + x);
   DivRenyiRow o;
   o.soft = direct ? logf(s_direct) / (r - 1.0f) : ((u == INFINITY || u == -INFINITY) ? INFINITY : -u * ratio);

@@ -7,9 +7,9 @@ reference's own (cheap, or not logit-sized: no fused kernel needed). The teacher
 from .losses.align import merge_aligned
 from .losses.classification import ats_loss, dist_loss, dkd_loss, kd_loss, mgd_loss
 from .losses.cross_tokenizer import hybrid_uld_loss, uld_loss
-from .losses.divergence import (ab_divergence_loss, alpha_divergence_loss, entropy_gated_kl_loss, forward_kl_loss,
-                                jeffreys_loss, jsd_loss, renyi_loss, reverse_kl_loss, skew_kl_loss, triangular_loss,
-                                tvd_loss)
+from .losses.divergence import (entropy_gated_kl_loss, forward_kl_loss, jeffreys_loss, jsd_loss, reverse_kl_loss,
+                                skew_kl_loss, triangular_loss, tvd_loss)
+from .losses.power import ab_divergence_loss, alpha_divergence_loss, renyi_loss
 from .losses.fused_linear import fused_linear_kd_loss
 from .reference.classification import ipw_weights, simkd_loss
 from .teacher.topk import teacher_topk, topk_from_logits

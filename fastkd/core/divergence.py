@@ -22,8 +22,9 @@ from . import checks as v
 from .rows import read_rows
 from .topk import TopKTeacher
 
-__all__ = ["LossParts", "KIND_CODES", "TOPK_MODE_CODES", "ENTROPY_GATE_DEFAULTS", "POWER_DEFAULTS", "divergence_coefficients",
-           "divergence_op_args", "entropy_gate", "renyi_row", "check_divergence_args", "check_divergence_params"]
+__all__ = ["LossParts", "KIND_CODES", "TOPK_MODE_CODES", "ENTROPY_GATE_DEFAULTS", "POWER_DEFAULTS",
+           "divergence_coefficients", "divergence_op_args", "divergence_params", "fused_op_args", "entropy_gate",
+           "renyi_row", "check_divergence_args", "check_divergence_params"]
 
 LossParts = namedtuple("LossParts", ["loss", "soft", "hard"])
 LossParts.__doc__ = """``return_parts=True`` result: ``loss`` (differentiable) = ``soft + ce_weight * hard``;
@@ -139,13 +140,14 @@ def renyi_row(u, s_direct, order: float, reverse: bool):
     of rows): ``(soft, sum G, sum H, 1 / S)``, ``S = 1 + c U`` (``c = 1 - order``, clamped at 0), ``soft = -U
     log1p(c U) / (c U)`` (``-U`` at ``c U = 0``; ``+inf`` for an infinite ``U``); where ``s_direct < 1/2``, ``S =
     s_direct`` and ``soft = log(S) / (order - 1)`` (``1 + c U`` keeps only eps of a small ``S``); the last: 1.0 on
-    those direct rows (their x side's gradient is then the exact ``r x^r y^c / ((r - 1) S)``), else 0.0. The shard kernels' caller uses it; the kernels have the same
+    those direct rows (their x side's gradient is then the exact ``r x^r y^c / ((r - 1) S)``), else 0.0. The
+    shard kernels' caller uses it; the kernels have the same
     formula (``csrc/divergence_math.h`` ``div_renyi_row``, Triton ``_renyi_row``)."""
     c = 1.0 - float(order)
     x = (c * u).clamp_min(-1.0) if c != 0 else torch.zeros_like(u)
     tiny = x == 0
     ratio = torch.where(tiny, torch.ones_like(x), torch.log1p(x) / torch.where(tiny, torch.ones_like(x), x))
-    direct = s_direct < 0.5
+    direct = (s_direct < 0.5) & (u != 0)  # (U = S = 0: a row without buckets, loss 0)
     inv_s = 1.0 / torch.where(direct, s_direct, 1.0 + x)
     soft = torch.where(torch.isinf(u), torch.full_like(u, float("inf")), -u * ratio)
     if c != 0:
@@ -158,10 +160,41 @@ def renyi_row(u, s_direct, order: float, reverse: bool):
     return (soft, x_side, minus_one, inv_s, flag) if reverse else (soft, minus_one, x_side, inv_s, flag)
 
 
+def divergence_params(divergence: str, *, alpha_min=0.0, alpha_max=1.0, tau=0.5, scale=0.1, alpha=None, beta=None,
+                      order=0.5, reverse=False) -> dict:
+    """The parameters of ``divergence`` beyond ``beta`` / ``skew`` (``fastkd.fused_linear_kd_loss`` and its
+    module take them all as keywords): the entropy gate's
+    (always, so that they are checked), or a power divergence's (``alpha``, ``beta`` None: its default)."""
+    power = POWER_DEFAULTS.get(divergence)
+    if power is None:
+        return {"alpha_min": alpha_min, "alpha_max": alpha_max, "tau": tau, "scale": scale}
+    given = {"alpha": alpha, "beta": beta, "order": order, "reverse": reverse}
+    return {k: (power[k] if given[k] is None else given[k]) for k in power}
+
+
+def fused_op_args(divergence: str, temperature: float, beta: float, skew: float, gate=None):
+    """``(kind, a, b, w_p, w_q, soft_scale)`` of ``divergence_fwd`` for ``fastkd.fused_linear_kd_loss``'s
+    ``divergence`` (``gate``: ``divergence_params``; ``beta`` None: JSD's 0.5)."""
+    if divergence in ("tvd", "jeffreys", "triangular"):
+        return (*divergence_op_args(divergence), 1.0)
+    if divergence in ("entropy_gated_kl", "alpha_divergence", "ab_divergence", "renyi"):
+        return (*divergence_op_args(divergence, **(gate or {})), 1.0)
+    if divergence == "kl":  # kd_loss: Hinton's T^2
+        return (KIND_CODES["kl_family"], *divergence_coefficients("forward_kl"), float(temperature) ** 2)
+    if divergence == "reverse_kl":
+        coeff = divergence_coefficients("reverse_kl")
+    elif divergence == "jsd":
+        coeff = divergence_coefficients("jsd", beta=0.5 if beta is None else beta)
+    else:
+        coeff = divergence_coefficients("skew_kl", skew=skew, reverse=divergence == "skew_reverse_kl")
+    return (KIND_CODES["kl_family"], *coeff, 1.0)
+
+
 def check_divergence_params(**params) -> None:
     """A divergence's own parameters: ``beta`` (JSD) and ``skew`` in [0, 1], ``reverse`` a bool; the
     power divergences' ``alpha`` and (with an ``alpha``: AB's) ``beta`` finite,
-    ``order`` finite and > 0; the entropy gate's ``alpha_min``, ``alpha_max`` in [0, 1] (either order), ``tau`` finite, ``scale`` > 0."""
+    ``order`` finite and > 0; the entropy gate's ``alpha_min``, ``alpha_max`` in [0, 1] (either order), ``tau``
+    finite, ``scale`` > 0."""
     power = "alpha" in params  # the AB divergence's beta (with its alpha) is any finite real, JSD's in [0, 1]
     for name in ("skew", "alpha_min", "alpha_max") if power else ("beta", "skew", "alpha_min", "alpha_max"):
         if name in params:

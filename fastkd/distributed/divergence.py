@@ -17,6 +17,7 @@ from ..core.divergence import (ENTROPY_GATE_DEFAULTS, KIND_CODES, LossParts, che
 from ..core.rows import compute_dtype, read_rows
 from ..core.topk import PAD_ID, TopKTeacher
 from ..reference import divergence as R
+from ..reference.power import renyi_parts
 from .comm import all_reduce, check_group_shapes, group_geometry
 from .rows import (
     MINUS_INF, StoredGradLoss, check_global_ids, common_checks, forward_kl_and_grads,
@@ -152,12 +153,12 @@ def _gated_rows(lp, lq, vocab, params, group):
 def _renyi_rows(lp, lq, params, group):
     """Renyi of the dense rows (log-probs over the shard): the row losses and d soft / d(s / T), d soft / d(t / T).
 
-    Third round: the shard's part of ``U`` (``reference.divergence.renyi_parts``), so ``S = 1 + (1 - r) U`` is the
+    Third round: the shard's part of ``U`` (``reference.power.renyi_parts``), so ``S = 1 + (1 - r) U`` is the
     whole vocabulary's; then the x side's ``G = -r t / S`` and the y side's ``-x^r y^(1 - r) / S``
     (``core.divergence.renyi_row``: the sums).
     """
     order, reverse = params.get("order", 0.5), params.get("reverse", False)
-    t, xy = R.renyi_parts(lp, lq, order, reverse)
+    t, xy = renyi_parts(lp, lq, order, reverse)
     red = all_reduce([t.sum(dim=1), xy.sum(dim=1)], dist.ReduceOp.SUM, group)  # U, S
     soft, sum_g, sum_h, inv_s, direct = renyi_row(red[0], red[1], order, reverse)
     inv_s, direct = inv_s.unsqueeze(1), direct.unsqueeze(1) != 0

@@ -46,7 +46,7 @@ def fused_linear_row_op(divergence: str, beta: float, skew: float, topk_mode: Op
     """
     kind, params = _FUSED_LINEAR_KINDS[divergence]
     if kind == "jsd":
-        params = {"beta": beta}
+        params = {"beta": 0.5 if beta is None else beta}
     elif kind == "skew_kl":
         params = {"skew": skew, "reverse": divergence == "skew_reverse_kl"}
     elif kind in ("entropy_gated_kl", "alpha_divergence", "ab_divergence", "renyi"):

@@ -45,8 +45,8 @@ import torch
 from ..core import checks as v
 from ..core.autograd import scale_stored_grad
 from ..core.checks import FUSED_LINEAR_DIVERGENCES
-from ..core.divergence import (KIND_CODES, POWER_DEFAULTS, TOPK_MODE_CODES, LossParts, check_divergence_params,
-                               divergence_coefficients, divergence_op_args)
+from ..core.divergence import (TOPK_MODE_CODES, LossParts, check_divergence_params, divergence_params,
+                               fused_op_args)
 from ..core.rows import read_rows, row_weights
 from ..core.topk import TopKTeacher
 from ..dispatch.backend import implementation, resolve, unavailable_reason
@@ -249,36 +249,6 @@ class _FusedLinearFunction(torch.autograd.Function):
 # the public functional and module
 # ----------------------------------------------------------------------------
 
-def divergence_params(divergence: str, *, alpha_min=0.0, alpha_max=1.0, tau=0.5, scale=0.1, alpha=None, beta=None,
-                      order=0.5, reverse=False) -> dict:
-    """The parameters of ``divergence`` beyond ``beta`` / ``skew`` (passed as ``gate`` below): the entropy gate's
-    (always, so that they are checked), or a power divergence's (``alpha``, ``beta`` None: its default)."""
-    power = POWER_DEFAULTS.get(divergence)
-    if power is None:
-        return {"alpha_min": alpha_min, "alpha_max": alpha_max, "tau": tau, "scale": scale}
-    given = {"alpha": alpha, "beta": beta, "order": order, "reverse": reverse}
-    return {k: (power[k] if given[k] is None else given[k]) for k in power}
-
-
-def _divergence_params(divergence: str, temperature: float, beta: float, skew: float, gate=None):
-    """``(kind, a, b, w_p, w_q, soft_scale)`` of ``divergence_fwd`` for ``divergence`` (``gate``: the
-    parameters of the entropy-gated KL (``alpha_min``, ``alpha_max``, ``tau``, ``scale``) or of a power divergence
-    (``alpha``; ``alpha``, ``beta``; ``order``, ``reverse``): ``divergence_params``)."""
-    if divergence in ("tvd", "jeffreys", "triangular"):
-        return (*divergence_op_args(divergence), 1.0)
-    if divergence in ("entropy_gated_kl", "alpha_divergence", "ab_divergence", "renyi"):
-        return (*divergence_op_args(divergence, **(gate or {})), 1.0)
-    if divergence == "kl":  # kd_loss: Hinton's T^2
-        return (KIND_CODES["kl_family"], *divergence_coefficients("forward_kl"), float(temperature) ** 2)
-    if divergence == "reverse_kl":
-        coeff = divergence_coefficients("reverse_kl")
-    elif divergence == "jsd":
-        coeff = divergence_coefficients("jsd", beta=beta)
-    else:
-        coeff = divergence_coefficients("skew_kl", skew=skew, reverse=divergence == "skew_reverse_kl")
-    return (KIND_CODES["kl_family"], *coeff, 1.0)
-
-
 def _kd_row_op(kd_fwd):
     """``kd_fwd`` behind ``divergence_fwd``'s signature, for forward KL alone (``T^2 KL``, no CE, no top-k)."""
 
@@ -324,11 +294,10 @@ def fused_linear_kd_loss(
     temperature: float = 1.0,
     teacher_temperature: Optional[float] = None,
     teacher_grad: bool = False,
-    beta: Optional[float] = None,  # jsd (None: 0.5) and ab_divergence (None: 0.7)
+    beta: Optional[float] = None,  # jsd (None: 0.5), ab_divergence (None: 0.7)
     skew: float = 0.1,
     alpha_min: float = 0.0, alpha_max: float = 1.0, tau: float = 0.5, scale: float = 0.1,  # entropy_gated_kl
-    alpha: Optional[float] = None,  # alpha_divergence (None: 0.5), ab_divergence (None: 0.2)
-    order: float = 0.5, reverse: bool = False,  # renyi
+    alpha: Optional[float] = None, order: float = 0.5, reverse: bool = False,  # the power divergences
     ce_weight: float = 0.0,
     student_bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
@@ -352,9 +321,8 @@ def fused_linear_kd_loss(
     vocab = student_weight.shape[0]
     v.check_fused_linear_options(divergence, temperature, beta, skew, ce_weight, logit_scale, softcap, reduction)
     gate = divergence_params(divergence, alpha_min=alpha_min, alpha_max=alpha_max, tau=tau, scale=scale, alpha=alpha,
-                             beta=beta, order=order, reverse=reverse)
+                             beta=beta, order=order, reverse=reverse)  # the entropy gate's or a power divergence's
     check_divergence_params(**gate)
-    beta = 0.5 if beta is None else beta  # JSD's
     v.check_ignore_index(ignore_index)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
@@ -444,7 +412,7 @@ def fused_linear_kd_loss(
     if chunk_size is None:
         chunk_size = default_chunk_size(n, vocab, teacher_vocab, student_weight.shape[1],
                                         student_weight.element_size(), dev.type)
-    kind, a, b, w_p, w_q, soft_scale = _divergence_params(divergence, temperature, beta, skew, gate)
+    kind, a, b, w_p, w_q, soft_scale = fused_op_args(divergence, temperature, beta, skew, gate)
     hidden = student_hidden.reshape(n, student_hidden.shape[-1])
     if not hidden.is_contiguous():
         hidden = hidden.contiguous()
@@ -511,8 +479,9 @@ fused_linear_kd_loss.__doc__ = """The LM head and a distillation loss in one op;
     ``divergence``: ``"kl"`` (``fastkd.kd_loss``: ``T^2 KL(p || q)``), ``"reverse_kl"``,
     ``"jsd"`` (``beta``), ``"skew_kl"`` / ``"skew_reverse_kl"`` (``skew``), ``"tvd"``, ``"jeffreys"``,
     ``"triangular"``, ``"entropy_gated_kl"`` (``alpha_min``, ``alpha_max``, ``tau``, ``scale``; its gate's
-    ``log V`` is the composition's width), ``"alpha_divergence"`` (``alpha``, default 0.5), ``"ab_divergence"``
-    (``alpha``, ``beta``, defaults 0.2, 0.7), ``"renyi"`` (``order``, ``reverse``) (``fastkd.reverse_kl_loss``, ``fastkd.jeffreys_loss`` etc.: no ``T^2``). ``ce_weight`` adds
+    ``log V`` is the composition's width), ``"alpha_divergence"`` (``alpha``), ``"ab_divergence"`` (``alpha``,
+    ``beta``; None: 0.2, 0.7), ``"renyi"`` (``order``, ``reverse``) (``fastkd.reverse_kl_loss``,
+    ``fastkd.jeffreys_loss`` etc.: no ``T^2``). ``ce_weight`` adds
     ``ce_weight * cross_entropy(s, target)`` at T = 1; ``return_parts=True`` returns
     ``LossParts(loss, soft, hard)`` (``hard``: the row-weighted CE, 0 without ``target``).
 

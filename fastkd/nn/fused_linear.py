@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from ..core import checks as v
-from ..core.divergence import check_divergence_params
-from ..losses.fused_linear import Teacher, divergence_params, fused_linear_kd_loss
+from ..core.divergence import check_divergence_params, divergence_params
+from ..losses.fused_linear import Teacher, fused_linear_kd_loss
 
 
 class FusedLinearKDLoss(nn.Module):

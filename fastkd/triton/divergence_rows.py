@@ -181,7 +181,7 @@ def _renyi_row(u, s_direct, order, rev):
     x = tl.where(x < -1.0, -1.0, x)
     x_safe = tl.where(x == 0.0, 1.0, x)
     ratio = tl.where(c == 0.0, 1.0, tl.where(x == 0.0, 1.0, _log1p(x) / x_safe))
-    direct = s_direct < 0.5
+    direct = (s_direct < 0.5) & (u != 0.0)  # (U = S = 0: a row without buckets, loss 0)
     inv_s = 1.0 / tl.where(direct, s_direct, 1.0 + x)
     soft = tl.where(tl.abs(u) == float("inf"), float("inf"), -u * ratio)
     soft = tl.where(direct, tl.log(s_direct) / (order - 1.0), soft)
