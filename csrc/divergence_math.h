@@ -128,6 +128,10 @@ struct DivParams {
   // (p = 0) has a finite term (s > 0 and b > 0; s > 0 and a > 0)
   float pw_s, pw_c1, pw_k1, pw_k2, pw_side;
   bool pw_q0_finite, pw_p0_finite;
+  // the same as per-element float tests (a select on a loop-invariant bool made GCC unswitch the CPU loop and
+  // run a scalar copy, 7x slower): lim_q = -inf when the q = 0 term is finite (lq <= lim_q: q = 0 there), else
+  // NaN (never true); soft there max(p^s inv_q, cap_q): (1 / (b s), 0) finite, (0, inf) infinite; likewise p
+  float pw_lim_q, pw_lim_p, pw_inv_q, pw_inv_p, pw_cap_q, pw_cap_p, pw_inv_b;
 };
 
 FASTKD_HD int div_mix_mode(float w_p, float w_q) {
@@ -158,6 +162,13 @@ FASTKD_HD DivParams div_params(int kind, float a, float b, float w_p, float w_q)
   d.pw_k2 = div != 0.0f ? s / div : 1.0f;
   d.pw_q0_finite = s > 0.0f && b > 0.0f;
   d.pw_p0_finite = s > 0.0f && a > 0.0f;
+  d.pw_lim_q = d.pw_q0_finite ? -INFINITY : NAN;
+  d.pw_lim_p = d.pw_p0_finite ? -INFINITY : NAN;
+  d.pw_inv_q = d.pw_q0_finite ? 1.0f / (b * s) : 0.0f;
+  d.pw_inv_p = d.pw_p0_finite ? 1.0f / (a * s) : 0.0f;
+  d.pw_cap_q = d.pw_q0_finite ? 0.0f : INFINITY;
+  d.pw_cap_p = d.pw_p0_finite ? 0.0f : INFINITY;
+  d.pw_inv_b = b != 0.0f ? 1.0f / b : 0.0f;
   return d;
 }
 
@@ -318,9 +329,9 @@ FASTKD_HD DivTerms div_terms(const DivParams& d, float p, float q, float lp, flo
 //   [-1, 2], and where they differ in sign (a, b of one sign) the two psi terms cancel by at most a factor
 //   ~|d| (2e-6 relative at |d| = 20). (G + H) / s, the form of the issue, loses 1 / (|s| |d|) digits near s = 0.
 //   G_c = q dsoft/dq = -q^s phi_a(d),  H_c = p dsoft/dp = -p^s phi_b(-d)   (exact: nothing dropped)
-//   Each term is built from three exps, q^s = exp(s lq), p^s = exp(s lq + s d), p^a q^b = exp(s lq + a d)
-//   (one base, so their ratios carry d's precision), never as a product of an overflowing and an
-//   underflowing factor; psi, phi by a polynomial where |c x| <= 1 (div_p1, div_p2), else from the exps.
+//   Each term is built from three exps, q^s, p^s, p^a q^b, of s l + (multiples of d), l the larger log-prob
+//   (one base, so their ratios carry d's precision, and the base's rounding is small), never as a product of
+//   an overflowing and an underflowing factor; psi, phi by a polynomial where |c x| <= 1 (div_p1, div_p2), else from the exps.
 //   Zero probabilities: p = q = 0 adds 0; q = 0 < p: soft = p^s / (b s), G = 0, H = p^s / b when s > 0 and
 //   b > 0, else soft = +inf (the divergence is infinite); p = 0 < q likewise with a (the gradients of an
 //   infinite term are undefined).
@@ -368,14 +379,20 @@ FASTKD_HD float div_p2(float y) {
 
 FASTKD_HD bool div_big(float y) { return y > 1.0f || y < -1.0f; }
 
-// kind 4: one class from its log-probs and d = lp - lq (see above).
+// kind 4: one class from its log-probs and d = lp - lq (see above). kGuard = false leaves out the zero-probability
+// selects (the class then comes out NaN or inf): the CPU's simd loops use it and redo a chunk whose sums are not
+// finite with the guards (GCC kept the guarded loop scalar: 20 ns per class instead of 3).
+template <bool kGuard = true>
 FASTKD_HD DivTerms div_ab_terms(const DivParams& dp, float lp, float lq, float delta) {
   const float a = dp.a, b = dp.b, s = dp.pw_s, c1 = dp.pw_c1;
   const bool q0 = lq == -INFINITY, p0 = lp == -INFINITY;
-  const float base = s * lq;
-  const float qs = div_exp(base);
-  const float ps = div_exp(q0 ? s * lp : base + s * delta);
-  const float pab = div_exp(base + a * delta);
+  // the three exponents from the larger log-prob and d (s l p = s l q + s d, a l p + b l q = s l q + a d =
+  // s l p - b d): their rounding is that of the larger log-prob (near 0), not of one near -1000
+  const bool p_hi = lp >= lq;  // (q = 0: p's side, whose exps of s l q etc. come out 0 for s > 0)
+  const float base = s * (p_hi ? lp : lq);
+  const float qs = div_exp(p_hi ? base - s * delta : base);
+  const float ps = div_exp(p_hi ? base : base + s * delta);
+  const float pab = div_exp(p_hi ? base - b * delta : base + a * delta);
   const float ad = a * delta, bd = b * delta, sd = s * delta;
   DivTerms t;
   t.g = div_big(ad) ? (qs - pab) / a : -qs * delta * div_p1(ad);
@@ -386,12 +403,13 @@ FASTKD_HD DivTerms div_ab_terms(const DivParams& dp, float lp, float lq, float d
   const float x1 = div_big(c1e) ? (pab - w - c1e * w) / (c1 * c1) : w * e * e * div_p2(c1e);
   const float x2 = div_big(se) ? (wo - w - se * w) / (s * s) : w * e * e * div_p2(se);
   t.soft = dp.pw_k1 * x1 + dp.pw_k2 * x2;
-  // zero probabilities (the formulas meet 0 * inf there)
-  const float soft_q0 = dp.pw_q0_finite ? ps / (b * s) : INFINITY;
-  const float soft_p0 = dp.pw_p0_finite ? qs / (a * s) : INFINITY;
+  if (!kGuard) return t;
+  // zero probabilities (the formulas meet 0 * inf there); fmaxf: a NaN product (inf * 0) gives the cap
+  const bool both = q0 & p0, q0_fin = lq <= dp.pw_lim_q, p0_fin = lp <= dp.pw_lim_p;
+  const float soft_q0 = fmaxf(ps * dp.pw_inv_q, dp.pw_cap_q), soft_p0 = fmaxf(qs * dp.pw_inv_p, dp.pw_cap_p);
   t.soft = q0 ? (p0 ? 0.0f : soft_q0) : (p0 ? soft_p0 : t.soft);
-  t.g = (q0 && (p0 || dp.pw_q0_finite)) ? 0.0f : t.g;
-  t.h = (p0 && (q0 || dp.pw_p0_finite)) ? 0.0f : ((q0 && dp.pw_q0_finite) ? ps / b : t.h);
+  t.g = (both | q0_fin) ? 0.0f : t.g;
+  t.h = (both | p0_fin) ? 0.0f : (q0_fin ? ps * dp.pw_inv_b : t.h);
   return t;
 }
 

@@ -250,8 +250,8 @@ FASTKD_INLINE void dense_power_chunk(const DivParams& dp, const float* s, const 
   for (int64_t j = 0; j < n; ++j) {
     const float lq = (s[j] - r.ms) * inv_t - r.ls, lp = (t[j] - r.mt) * inv_t - r.lt;
     const float delta = ((t[j] - r.mt) - (s[j] - r.ms)) * inv_t + r.dl;  // each maximum first (see above)
-    if (kKind == kDivAB) {
-      const DivTerms x = div_ab_terms(d, lp, lq, delta);
+    if (kKind == kDivAB) {  // unguarded (see div_ab_terms); a chunk with a zero probability is redone below
+      const DivTerms x = div_ab_terms<false>(d, lp, lq, delta);
       so += x.soft;
       if (kGS) sg += x.g, g_row[j] = x.g;
       if (kGT) sh += x.h, gt[j] = x.h;
@@ -260,6 +260,16 @@ FASTKD_INLINE void dense_power_chunk(const DivParams& dp, const float* s, const 
       so += x.t, sg += x.xy;  // U and S
       if (kGS) g_row[j] = rev ? x.t : x.xy;
       if (kGT) gt[j] = rev ? x.xy : x.t;
+    }
+  }
+  if (kKind == kDivAB && !std::isfinite(so + sg + sh)) {  // a zero probability (or a NaN, or an inf term): guarded
+    so = sg = sh = 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+      const float lq = (s[j] - r.ms) * inv_t - r.ls, lp = (t[j] - r.mt) * inv_t - r.lt;
+      const DivTerms x = div_ab_terms<true>(d, lp, lq, ((t[j] - r.mt) - (s[j] - r.ms)) * inv_t + r.dl);
+      so += x.soft;
+      if (kGS) sg += x.g, g_row[j] = x.g;
+      if (kGT) sh += x.h, gt[j] = x.h;
     }
   }
   soft += so, sum_g += sg, sum_h += sh;

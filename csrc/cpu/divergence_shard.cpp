@@ -197,7 +197,7 @@ FASTKD_CPU_CLONES void terms_row(const DivParams& dp, const float* s, const floa
     // kinds 4, 5, 6: from the log-probs (kind 6: the sum U in soft, nothing stored)
     const float lq = div_log_prob(s[j], ms, inv_t, ls), lp = div_log_prob(t[j], mt, inv_t, lt);
     const DivTerms x = kKind == kDivEntropyGated ? div_gate_terms(p, q, lp, delta)
-                       : kKind == kDivAB         ? div_ab_terms(d, lp, lq, delta)
+                       : kKind == kDivAB         ? div_ab_terms<false>(d, lp, lq, delta)  // guarded below
                        : kKind == kDivRenyi      ? div_renyi_terms(d, lp, lq, delta)
                        : kKind == kDivRenyiGrad  ? div_renyi_grad_terms(d, lp, lq, delta)
                                                  : div_terms_form<kKind, kMix, kForm>(d, p, q, delta);
@@ -209,6 +209,16 @@ FASTKD_CPU_CLONES void terms_row(const DivParams& dp, const float* s, const floa
     if (kG && kStore == kStoreGrad) g[j] = coef_s * (x.g - q * known);
     if (kG && kStore == kStoreGradCE) g[j] = coef_s * (x.g - q * known) + ce * vexp(div_log_prob(s[j], ms, 1.0f, l1));
     if (kH) h[j] = x.h;
+  }
+  if (kKind == kDivAB && !std::isfinite(so + sg + sh)) {  // a zero probability: the guarded terms (div_ab_terms)
+    so = sg = sh = 0.0;
+    for (int64_t j = 0; j < V; ++j) {
+      const float lq = div_log_prob(s[j], ms, inv_t, ls), lp = div_log_prob(t[j], mt, inv_t, lt);
+      const DivTerms x = div_ab_terms<true>(d, lp, lq, ((t[j] - s[j]) - dm) * inv_t + dl);
+      so += x.soft, sg += x.g, sh += x.h;
+      if (kG) g[j] = x.g;
+      if (kH) h[j] = x.h;
+    }
   }
   // (a NaN or all -inf row, which the zero-probability selects hide, is made NaN by the caller from the lse)
   const double sums[8] = {so, sg, sh, q_lt, q_gt, p_lt, p_gt, tie};

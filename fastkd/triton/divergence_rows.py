@@ -53,10 +53,11 @@ def _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND: tl.constexpr):
         q0 = lq == float("-inf")
         p0 = lp == float("-inf")
         delta = lp - lq
-        base = s_ab * lq
-        qs = tl.exp(base)
-        ps = tl.exp(tl.where(q0, s_ab * lp, base + s_ab * delta))
-        pab = tl.exp(base + a * delta)
+        p_hi = lp >= lq  # the exponents from the larger log-prob (its rounding is small) and d
+        base = s_ab * tl.where(p_hi, lp, lq)
+        qs = tl.exp(tl.where(p_hi, base - s_ab * delta, base))
+        ps = tl.exp(tl.where(p_hi, base, base + s_ab * delta))
+        pab = tl.exp(tl.where(p_hi, base - b * delta, base + a * delta))
         ad = a * delta
         bd = b * delta
         g = tl.where(_big(ad), (qs - pab) / a, -qs * delta * _p1(ad))
