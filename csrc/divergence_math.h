@@ -132,6 +132,9 @@ struct DivParams {
   // run a scalar copy, 7x slower): lim_q = -inf when the q = 0 term is finite (lq <= lim_q: q = 0 there), else
   // NaN (never true); soft there max(p^s inv_q, cap_q): (1 / (b s), 0) finite, (0, inf) infinite; likewise p
   float pw_lim_q, pw_lim_p, pw_inv_q, pw_inv_p, pw_cap_q, pw_cap_p, pw_inv_b;
+  // reciprocals for the direct (|c x| > 1) forms, multiplied rather than divided per class (inf where the
+  // parameter is 0: that form is never selected then)
+  float pw_inv_a, pw_inv_c1sq, pw_inv_ssq;
 };
 
 FASTKD_HD int div_mix_mode(float w_p, float w_q) {
@@ -169,6 +172,9 @@ FASTKD_HD DivParams div_params(int kind, float a, float b, float w_p, float w_q)
   d.pw_cap_q = d.pw_q0_finite ? 0.0f : INFINITY;
   d.pw_cap_p = d.pw_p0_finite ? 0.0f : INFINITY;
   d.pw_inv_b = b != 0.0f ? 1.0f / b : 0.0f;
+  d.pw_inv_a = 1.0f / a;
+  d.pw_inv_c1sq = 1.0f / (d.pw_c1 * d.pw_c1);
+  d.pw_inv_ssq = 1.0f / (s * s);
   return d;
 }
 
@@ -395,13 +401,13 @@ FASTKD_HD DivTerms div_ab_terms(const DivParams& dp, float lp, float lq, float d
   const float pab = div_exp(p_hi ? base - b * delta : base + a * delta);
   const float ad = a * delta, bd = b * delta, sd = s * delta;
   DivTerms t;
-  t.g = div_big(ad) ? (qs - pab) / a : -qs * delta * div_p1(ad);
-  t.h = div_big(bd) ? (ps - pab) / b : ps * delta * div_p1(-bd);
+  t.g = div_big(ad) ? (qs - pab) * dp.pw_inv_a : -qs * delta * div_p1(ad);
+  t.h = div_big(bd) ? (ps - pab) * dp.pw_inv_b : ps * delta * div_p1(-bd);
   const bool side_p = dp.pw_side != 0.0f;
   const float w = side_p ? ps : qs, wo = side_p ? qs : ps, e = side_p ? -delta : delta;
   const float c1e = c1 * e, se = side_p ? -sd : sd;
-  const float x1 = div_big(c1e) ? (pab - w - c1e * w) / (c1 * c1) : w * e * e * div_p2(c1e);
-  const float x2 = div_big(se) ? (wo - w - se * w) / (s * s) : w * e * e * div_p2(se);
+  const float x1 = div_big(c1e) ? (pab - w - c1e * w) * dp.pw_inv_c1sq : w * e * e * div_p2(c1e);
+  const float x2 = div_big(se) ? (wo - w - se * w) * dp.pw_inv_ssq : w * e * e * div_p2(se);
   t.soft = dp.pw_k1 * x1 + dp.pw_k2 * x2;
   if (!kGuard) return t;
   // zero probabilities (the formulas meet 0 * inf there); fmaxf: a NaN product (inf * 0) gives the cap
@@ -425,8 +431,9 @@ FASTKD_HD DivRenyiParts div_renyi_parts(float r, bool rev, float lp, float lq, f
   const bool x0 = lx == -INFINITY, y0 = ly == -INFINITY;
   const float x = div_exp(lx), xy = div_exp(lx + c * e);
   const float ce = c * e;
-  float t = div_big(ce) ? (xy - x) / c : x * e * div_p1(ce);
-  t = y0 ? (c > 0.0f ? -x / c : -INFINITY) : t;  // x^r y^c = 0 (r < 1) or inf (r > 1); r = 1: -x log 0
+  const float inv_c = 1.0f / c;  // (loop-invariant: hoisted, a multiply per class)
+  float t = div_big(ce) ? (xy - x) * inv_c : x * e * div_p1(ce);
+  t = y0 ? (c > 0.0f ? -x * inv_c : -INFINITY) : t;  // x^r y^c = 0 (r < 1) or inf (r > 1); r = 1: -x log 0
   DivRenyiParts o;
   o.t = x0 ? 0.0f : t;
   o.xy = x0 ? 0.0f : xy;
