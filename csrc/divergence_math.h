@@ -339,8 +339,8 @@ FASTKD_HD DivTerms div_terms(const DivParams& d, float p, float q, float lp, flo
 //   (one base, so their ratios carry d's precision, and the base's rounding is small), never as a product of
 //   an overflowing and an underflowing factor; psi, phi by a polynomial where |c x| <= 1 (div_p1, div_p2), else from the exps.
 //   Zero probabilities: p = q = 0 adds 0; q = 0 < p: soft = p^s / (b s), G = 0, H = p^s / b when s > 0 and
-//   b > 0, else soft = +inf (the divergence is infinite); p = 0 < q likewise with a (the gradients of an
-//   infinite term are undefined).
+//   b > 0, else soft = +inf (the divergence is infinite) and G = H = 0 (a constant term, as the reference's
+//   autograd sees it); p = 0 < q likewise with a.
 // kind 6 (Renyi of order r > 0, a = r, b = 1 for the reverse (p and q swapped), w_p, w_q unused):
 //   with (x, y) = (p, q) (or (q, p) reversed), e = ly - lx, c = 1 - r:
 //   soft = log(S) / (r - 1), S = 1 + c U, U = sum x phi_c(e)  (= sum (x^r y^c - x) / c), so
@@ -411,11 +411,12 @@ FASTKD_HD DivTerms div_ab_terms(const DivParams& dp, float lp, float lq, float d
   t.soft = dp.pw_k1 * x1 + dp.pw_k2 * x2;
   if (!kGuard) return t;
   // zero probabilities (the formulas meet 0 * inf there); fmaxf: a NaN product (inf * 0) gives the cap
-  const bool both = q0 & p0, q0_fin = lq <= dp.pw_lim_q, p0_fin = lp <= dp.pw_lim_p;
+  // an infinite term is a constant (G = H = 0 there, as the reference's autograd has it)
+  const bool q0_fin = lq <= dp.pw_lim_q, p0_fin = lp <= dp.pw_lim_p;
   const float soft_q0 = fmaxf(ps * dp.pw_inv_q, dp.pw_cap_q), soft_p0 = fmaxf(qs * dp.pw_inv_p, dp.pw_cap_p);
   t.soft = q0 ? (p0 ? 0.0f : soft_q0) : (p0 ? soft_p0 : t.soft);
-  t.g = (both | q0_fin) ? 0.0f : t.g;
-  t.h = (both | p0_fin) ? 0.0f : (q0_fin ? ps * dp.pw_inv_b : t.h);
+  t.g = (q0 | (p0 & !p0_fin)) ? 0.0f : t.g;
+  t.h = (p0 | (q0 & !q0_fin)) ? 0.0f : (q0 ? ps * dp.pw_inv_b : t.h);
   return t;
 }
 
@@ -466,13 +467,14 @@ FASTKD_HD DivRenyiRow div_renyi_row(const DivParams& d, float u, float s_direct)
   const float ratio = (c == 0.0f || x == 0.0f) ? 1.0f : log1pf(x) / x;
   // S far below 1: 1 + c U keeps only eps of it (absolute), the direct sum keeps its digits (relative)
   const bool direct = s_direct < 0.5f && u != 0.0f;  // (U = S = 0: a row without buckets, loss 0)
-  const float inv_s = 1.0f / (direct ? s_direct : 1.0f + x);
+  float inv_s = 1.0f / (direct ? s_direct : 1.0f + x);
   DivRenyiRow o;
   o.soft = direct ? logf(s_direct) / (r - 1.0f) : ((u == INFINITY || u == -INFINITY) ? INFINITY : -u * ratio);
   // the x side's sum: -r U / S, or (direct) r / (r - 1) (see div_renyi_grad_terms)
-  const float x_side = direct ? r / (r - 1.0f) : -r * u * inv_s;
-  o.sum_g = rev ? x_side : -1.0f;
-  o.sum_h = rev ? -1.0f : x_side;
+  float x_side = direct ? r / (r - 1.0f) : -r * u * inv_s, y_side = -1.0f;
+  if (o.soft == INFINITY) inv_s = x_side = y_side = 0.0f;  // an infinite row is a constant: gradients 0 (kind 5)
+  o.sum_g = rev ? x_side : y_side;
+  o.sum_h = rev ? y_side : x_side;
   o.d = div_params(kDivRenyiGrad, r, rev ? 1.0f : 0.0f, inv_s, direct ? 1.0f : 0.0f);
   return o;
 }
@@ -484,8 +486,9 @@ FASTKD_HD DivRenyiRow div_renyi_row(const DivParams& d, float u, float s_direct)
 FASTKD_HD DivTerms div_renyi_grad_terms(const DivParams& d, float lp, float lq, float delta) {
   const bool rev = d.b != 0.0f;
   const DivRenyiParts o = div_renyi_parts(d.a, rev, lp, lq, delta);
-  const float x_side = d.w_q != 0.0f ? d.a * o.xy * d.w_p / (d.a - 1.0f) : -d.a * o.t * d.w_p;
-  const float y_side = -o.xy * d.w_p;
+  const bool dead = d.w_p == 0.0f;  // an infinite row (div_renyi_row): gradients 0
+  const float x_side = dead ? 0.0f : (d.w_q != 0.0f ? d.a * o.xy * d.w_p / (d.a - 1.0f) : -d.a * o.t * d.w_p);
+  const float y_side = dead ? 0.0f : -o.xy * d.w_p;
   DivTerms t;
   t.soft = 0.0f;
   t.g = rev ? x_side : y_side;
@@ -569,7 +572,7 @@ FASTKD_HD float div_h_over_p(const DivParams& d, float p, float q, float lp, flo
   }
   if (d.kind == kDivRenyiGrad) {  // (w_p = 1 / S) x = p: H = H_exact - p / S, so -1 / S at p = 0; x = q: exact
     const bool rev = d.b != 0.0f, direct = d.w_q != 0.0f;  // direct rows: H exact on both sides
-    if (!(p > 0.0f)) return (rev || direct) ? 0.0f : -d.w_p;
+    if (!(p > 0.0f) || d.w_p == 0.0f) return (rev || direct) ? 0.0f : -d.w_p;
     if (rev) return -expf(d.a * (lq - lp)) * d.w_p;  // H / p = -(q / p)^r / S
     if (direct) return d.a * expf((1.0f - d.a) * (lq - lp)) * d.w_p / (d.a - 1.0f);  // r (q / p)^c / ((r - 1) S)
     const float c = 1.0f - d.a, e = lq - lp, ce = c * e;

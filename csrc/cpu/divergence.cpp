@@ -424,7 +424,8 @@ FASTKD_INLINE float dense_passes(const DivCall& c, const float* s, const float* 
       k_g = rev ? c.d.a * rr.d.w_p : rr.d.w_p;
       k_h = rev ? rr.d.w_p : c.d.a * rr.d.w_p;
       grad_d = rr.d;
-      recompute = rr.d.w_q != 0.0f;  // a direct row (S < 1/2): its x side from x^r y^c, not the kept t
+      // a direct row (S < 1/2): its x side from x^r y^c, not the kept t; an infinite row: gradients 0
+      recompute = rr.d.w_q != 0.0f || rr.d.w_p == 0.0f;
     }
     if (kGS || kGT) {
       r.sum_g = static_cast<float>(sum_g);

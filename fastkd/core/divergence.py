@@ -156,6 +156,9 @@ def renyi_row(u, s_direct, order: float, reverse: bool):
     x_side = torch.where(direct, torch.full_like(u, float(order) / (float(order) - 1.0) if c != 0 else 0.0),
                          -float(order) * u * inv_s)
     minus_one = torch.full_like(u, -1.0)
+    inf_row = soft == float("inf")  # a constant: gradients 0 (1 / S = 0 tells the kernels' kind 5)
+    inv_s, x_side = torch.where(inf_row, 0.0, inv_s), torch.where(inf_row, 0.0, x_side)
+    minus_one = torch.where(inf_row, 0.0, minus_one)
     flag = direct.to(u.dtype)
     return (soft, x_side, minus_one, inv_s, flag) if reverse else (soft, minus_one, x_side, inv_s, flag)
 

@@ -164,6 +164,8 @@ def _renyi_rows(lp, lq, params, group):
     inv_s, direct = inv_s.unsqueeze(1), direct.unsqueeze(1) != 0
     exact = order / (order - 1.0) if order != 1 else 0.0  # direct rows (S < 1/2): the exact x side
     x_side, y_side = torch.where(direct, exact * xy * inv_s, -order * t * inv_s), -xy * inv_s
+    dead = inv_s == 0  # an infinite row: a constant, gradients 0
+    x_side, y_side = torch.where(dead, 0.0, x_side), torch.where(dead, 0.0, y_side)
     g, h = (x_side, y_side) if reverse else (y_side, x_side)
     return soft, g - lq.exp() * sum_g.unsqueeze(1), h - lp.exp() * sum_h.unsqueeze(1)
 

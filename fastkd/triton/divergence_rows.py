@@ -75,9 +75,9 @@ def _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND: tl.constexpr):
         soft_q0 = tl.where(q0_fin != 0.0, ps / (b * s_ab), float("inf"))
         soft_p0 = tl.where(p0_fin != 0.0, qs / (a * s_ab), float("inf"))
         soft = tl.where(q0, tl.where(p0, 0.0, soft_q0), tl.where(p0, soft_p0, soft))
-        g = tl.where(q0, tl.where(p0, 0.0, tl.where(q0_fin != 0.0, 0.0, g)), g)
-        h = tl.where(p0, tl.where(q0, 0.0, tl.where(p0_fin != 0.0, 0.0, h)),
-                     tl.where(q0, tl.where(q0_fin != 0.0, ps / b, h), h))
+        # (an infinite term is a constant: G = H = 0 there, as the reference's autograd has it)
+        g = tl.where(q0, 0.0, tl.where(p0, tl.where(p0_fin != 0.0, g, 0.0), g))
+        h = tl.where(p0, 0.0, tl.where(q0, tl.where(q0_fin != 0.0, ps / b, 0.0), h))
     elif KIND == 5 or KIND == 6:  # Renyi: 6 the terms pass (t in soft, summed into U), 5 the gradients at 1 / S
         c = 1.0 - a  # a: the order r; b: 1 reversed; w_p: 1 / S (kind 5)
         rev = b != 0.0
@@ -100,6 +100,8 @@ def _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND: tl.constexpr):
             # (w_q != 0: a direct row, S < 1/2: the exact r x^r y^c / ((r - 1) S); csrc's div_renyi_grad_terms)
             x_side = tl.where(w_q != 0.0, a * xy * w_p / tl.where(a == 1.0, 1.0, a - 1.0), -a * t * w_p)
             y_side = -xy * w_p
+            x_side = tl.where(w_p == 0.0, 0.0, x_side)  # an infinite row (_renyi_row): gradients 0
+            y_side = tl.where(w_p == 0.0, 0.0, y_side)
             soft = t * 0.0
             g = tl.where(rev, x_side, y_side)
             h = tl.where(rev, y_side, x_side)
@@ -187,8 +189,14 @@ def _renyi_row(u, s_direct, order, rev):
     soft = tl.where(tl.abs(u) == float("inf"), float("inf"), -u * ratio)
     soft = tl.where(direct, tl.log(s_direct) / (order - 1.0), soft)
     x_side = tl.where(direct, order / tl.where(order == 1.0, 1.0, order - 1.0), -order * u * inv_s)
-    sum_g = tl.where(rev != 0.0, x_side, -1.0)
-    sum_h = tl.where(rev != 0.0, -1.0, x_side)
+    y_side = -1.0
+    # an infinite row is a constant: gradients 0 (1 / S = 0 tells kind 5)
+    inf_row = soft == float("inf")
+    inv_s = tl.where(inf_row, 0.0, inv_s)
+    x_side = tl.where(inf_row, 0.0, x_side)
+    y_side = tl.where(inf_row, 0.0, y_side)
+    sum_g = tl.where(rev != 0.0, x_side, y_side)
+    sum_h = tl.where(rev != 0.0, y_side, x_side)
     return soft, sum_g, sum_h, inv_s, tl.where(direct, 1.0, 0.0)
 
 
