@@ -8,6 +8,7 @@ the same (rounded) values, its gradients from autograd. Values by allclose,
 gradients by the relative norm ``||g - r|| / ||r||`` (< 1e-5 in float32).
 """
 import math
+import os
 
 import pytest
 import torch
@@ -477,3 +478,21 @@ def test_forward_kl_ce_fast_path(T):
     assert soft.item() == 0.0
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=0)
     assert rel_norm(gs, s64.grad) < 1e-5
+
+
+@pytest.mark.parametrize("op", ["cpu", "triton"])
+def test_power_kinds_refuse_bad_parameters(op):
+    """The op itself: kind 5 (Renyi's internal gradient pass) is no argument, Renyi's order must be finite and > 0,
+    the AB divergence's alpha and beta finite (the Python layer checks them first; the op does too)."""
+    if op == "triton":
+        from fastkd.triton.divergence import divergence_fwd as fwd
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the Triton op on CPU tensors needs the interpreter")
+    else:
+        fwd = torch.ops.fastkd.divergence_fwd
+    s, t = torch.randn(2, 8), torch.randn(2, 8)
+    empty, w = torch.empty(0, dtype=torch.int64), torch.ones(2)
+    for kind, a, b, word in ((5, 0.5, 0.0, "kind"), (6, 0.0, 0.0, "order"), (6, INF, 0.0, "order"),
+                             (4, float("nan"), 0.5, "alpha"), (4, 0.5, INF, "alpha")):
+        with pytest.raises((ValueError, RuntimeError), match=word):
+            fwd(s, t, empty, empty, w, 1.0, kind, a, b, 0.0, 0.0, 1.0, 0.0, 0, True, True, False)

@@ -337,7 +337,7 @@ def test_argument_errors_name_the_argument():
                                  a["temperature"], a["kind"], 0.5, 0.5, 0.5, 0.5, 1.0, a["ce_weight"],
                                  a["topk_mode"], True, True, True)
 
-    for kw, word in ((dict(kind=4), "kind"), (dict(topk_mode=3), "topk_mode"), (dict(temperature=0.0), "temperature"),
+    for kw, word in ((dict(kind=5), "kind"), (dict(topk_mode=3), "topk_mode"), (dict(temperature=0.0), "temperature"),
                      (dict(teacher=t[:, :-1]), "shapes"), (dict(target=no_target(), ce_weight=0.5), "ce_weight"),
                      (dict(row_weight=w.double()), "row_weight"), (dict(topk_mode=1), "topk_ids"),
                      (dict(topk_ids=torch.zeros(N, 3, dtype=torch.int64, device=DEVICE)), "topk_ids")):

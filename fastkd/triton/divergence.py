@@ -429,8 +429,12 @@ def dense_sums_known(kind, w_p, w_q, grad_student, grad_teacher):
     return True, 1 if grad_teacher else 0
 
 
-def _check(student, teacher, topk_ids, target, row_weight, temperature, kind, ce_weight, topk_mode):
+def _check(student, teacher, topk_ids, target, row_weight, temperature, kind, ce_weight, topk_mode, a=0.0, b=0.0):
     """Shape, dtype and option checks that need no device read (the values are the Python layer's)."""
+    if kind == KIND_RENYI and not (0 < a < float("inf")):
+        raise ValueError(f"fastkd: divergence_fwd: Renyi's order (a) must be a finite number > 0, got {a}")
+    if kind == KIND_AB and not (math.isfinite(a) and math.isfinite(b)):
+        raise ValueError(f"fastkd: divergence_fwd: the AB divergence's alpha, beta (a, b) must be finite, got {a}, {b}")
     if kind not in (KIND_KL, KIND_TVD, KIND_JEFFREYS, KIND_TRIANGULAR, KIND_AB, KIND_RENYI, KIND_ENTROPY_GATED):
         raise ValueError(f"fastkd: divergence_fwd kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL), "
                          f"3 (triangular), 4 (AB divergence), 6 (Renyi) or 7 (entropy-gated KL), got {kind}")
@@ -495,7 +499,7 @@ def divergence_fwd(
     0-d sums (reduce) or [N]; grad_student [N, V] in the student's dtype and
     grad_teacher in the teacher's shape and dtype, or empty when not requested.
     """
-    _check(student, teacher, topk_ids, target, row_weight, temperature, kind, ce_weight, topk_mode)
+    _check(student, teacher, topk_ids, target, row_weight, temperature, kind, ce_weight, topk_mode, a, b)
     student = unit_stride_rows(student)  # row slices run in place; other layouts are copied
     teacher = unit_stride_rows(teacher)
     n, v = student.shape
