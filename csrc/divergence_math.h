@@ -426,11 +426,12 @@ struct DivRenyiParts {
   float t, xy;
 };
 
-FASTKD_HD DivRenyiParts div_renyi_parts(float r, bool rev, float lp, float lq, float delta) {
+// x: exp(lx) (div_renyi_parts), or the CPU's kept exp of it (one exp less per class).
+FASTKD_HD DivRenyiParts div_renyi_parts_x(float r, bool rev, float x, float lp, float lq, float delta) {
   const float c = 1.0f - r;
   const float lx = rev ? lq : lp, ly = rev ? lp : lq, e = rev ? delta : -delta;
   const bool x0 = lx == -INFINITY, y0 = ly == -INFINITY;
-  const float x = div_exp(lx), xy = div_exp(lx + c * e);
+  const float xy = div_exp(lx + c * e);
   const float ce = c * e;
   const float inv_c = 1.0f / c;  // (loop-invariant: hoisted, a multiply per class)
   float t = div_big(ce) ? (xy - x) * inv_c : x * e * div_p1(ce);
@@ -439,6 +440,10 @@ FASTKD_HD DivRenyiParts div_renyi_parts(float r, bool rev, float lp, float lq, f
   o.t = x0 ? 0.0f : t;
   o.xy = x0 ? 0.0f : xy;
   return o;
+}
+
+FASTKD_HD DivRenyiParts div_renyi_parts(float r, bool rev, float lp, float lq, float delta) {
+  return div_renyi_parts_x(r, rev, div_exp(rev ? lq : lp), lp, lq, delta);
 }
 
 // kind 6: the terms pass's share of one class, t in soft (summed into U), x^r y^c in g.

@@ -241,7 +241,8 @@ FASTKD_INLINE void dense_gate_chunk(const float* s, const float* t, int64_t n, f
 // (3) needs, x^r y^c and t, kept (student side in g_row, teacher side in the teacher row; div_renyi_parts).
 template <int kKind, bool kGS, bool kGT>
 FASTKD_INLINE void dense_power_chunk(const DivParams& dp, const float* s, const float* t, int64_t n, float inv_t,
-                                     const DenseRow& r, float* gt, float* g_row, double& soft, double& sum_g,
+                                     const DenseRow& r, float to_q, float to_p, const float* kept_s,
+                                     const float* kept_t, float* gt, float* g_row, double& soft, double& sum_g,
                                      double& sum_h) {
   const DivParams d = dp;
   const bool rev = d.b != 0.0f;  // kind 6
@@ -256,7 +257,8 @@ FASTKD_INLINE void dense_power_chunk(const DivParams& dp, const float* s, const 
       if (kGS) sg += x.g, g_row[j] = x.g;
       if (kGT) sh += x.h, gt[j] = x.h;
     } else {
-      const DivRenyiParts x = div_renyi_parts(d.a, rev, lp, lq, delta);
+      const float xp = rev ? kept_s[j] * to_q : kept_t[j] * to_p;  // x = q or p from the kept exps
+      const DivRenyiParts x = div_renyi_parts_x(d.a, rev, xp, lp, lq, delta);
       so += x.t, sg += x.xy;  // U and S
       if (kGS) g_row[j] = rev ? x.t : x.xy;
       if (kGT) gt[j] = rev ? x.xy : x.t;
@@ -409,10 +411,12 @@ FASTKD_INLINE float dense_passes(const DivCall& c, const float* s, const float* 
   }
   if constexpr (kKind == kDivAB || kKind == kDivRenyi) {
     double soft = 0.0, sum_g = 0.0, sum_h = 0.0;
-    for (int64_t c0 = 0; c0 < V; c0 += kStatsChunk) {
+    for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
       const int64_t n = std::min(kStatsChunk, V - c0);
-      dense_power_chunk<kKind, kGS, kGT>(c.d, s + c0, t + c0, n, c.inv_t, r, kGT ? gt + c0 : nullptr,
-                                         kGS ? g_row + c0 : nullptr, soft, sum_g, sum_h);
+      float to_q, to_p, to_1;
+      chunk_factors(k, to_q, to_p, to_1);
+      dense_power_chunk<kKind, kGS, kGT>(c.d, s + c0, t + c0, n, c.inv_t, r, to_q, to_p, kept_s + c0, kept_t + c0,
+                                         kGT ? gt + c0 : nullptr, kGS ? g_row + c0 : nullptr, soft, sum_g, sum_h);
     }
     float row_soft = static_cast<float>(soft), k_g = 1.0f, k_h = 1.0f;
     DivParams grad_d = c.d;
