@@ -135,6 +135,9 @@ struct DivParams {
   // reciprocals for the direct (|c x| > 1) forms, multiplied rather than divided per class (inf where the
   // parameter is 0: that form is never selected then)
   float pw_inv_a, pw_inv_c1sq, pw_inv_ssq;
+  // the CPU's dense rows may take the loss as (sum G + sum H) / s, skipping the per-class psi forms, where s is
+  // not small (|s| >= 1/2 and >= max(|a|, |b|) / 4): no worse a cancellation than a KL's sum of p (lp - lq)
+  bool pw_sum_soft;
 };
 
 FASTKD_HD int div_mix_mode(float w_p, float w_q) {
@@ -175,6 +178,7 @@ FASTKD_HD DivParams div_params(int kind, float a, float b, float w_p, float w_q)
   d.pw_inv_a = 1.0f / a;
   d.pw_inv_c1sq = 1.0f / (d.pw_c1 * d.pw_c1);
   d.pw_inv_ssq = 1.0f / (s * s);
+  d.pw_sum_soft = fabsf(s) >= 0.5f && 4.0f * fabsf(s) >= fmaxf(fabsf(a), fabsf(b));
   return d;
 }
 
@@ -333,7 +337,9 @@ FASTKD_HD DivTerms div_terms(const DivParams& d, float p, float q, float lp, flo
 //   (a = b = 0: d^2 / 2). Dividing by the larger of |a|, |b| and using psi (no linear term) leaves no
 //   cancellation in any limit of the parameters (a -> 0, b -> 0, s -> 0, all together): k1, k2 are in
 //   [-1, 2], and where they differ in sign (a, b of one sign) the two psi terms cancel by at most a factor
-//   ~|d| (2e-6 relative at |d| = 20). (G + H) / s, the form of the issue, loses 1 / (|s| |d|) digits near s = 0.
+//   ~|d| (2e-6 relative at |d| = 20). (G + H) / s, the form of the issue, loses 1 / (|s| |d|) digits near s = 0;
+//   the CPU's dense rows take the row's loss as (sum G + sum H) / s where |s| >= 1/2 and >= max(|a|, |b|) / 4
+//   (DivParams::pw_sum_soft: a relative error of about eps / |d|, a KL's), saving the per-class psi forms.
 //   G_c = q dsoft/dq = -q^s phi_a(d),  H_c = p dsoft/dp = -p^s phi_b(-d)   (exact: nothing dropped)
 //   Each term is built from three exps, q^s, p^s, p^a q^b, of s l + (multiples of d), l the larger log-prob
 //   (one base, so their ratios carry d's precision, and the base's rounding is small), never as a product of
@@ -388,7 +394,7 @@ FASTKD_HD bool div_big(float y) { return y > 1.0f || y < -1.0f; }
 // kind 4: one class from its log-probs and d = lp - lq (see above). kGuard = false leaves out the zero-probability
 // selects (the class then comes out NaN or inf): the CPU's simd loops use it and redo a chunk whose sums are not
 // finite with the guards (GCC kept the guarded loop scalar: 20 ns per class instead of 3).
-template <bool kGuard = true>
+template <bool kGuard = true, bool kNoSoft = false>
 FASTKD_HD DivTerms div_ab_terms(const DivParams& dp, float lp, float lq, float delta) {
   const float a = dp.a, b = dp.b, s = dp.pw_s, c1 = dp.pw_c1;
   const bool q0 = lq == -INFINITY, p0 = lp == -INFINITY;
@@ -403,6 +409,10 @@ FASTKD_HD DivTerms div_ab_terms(const DivParams& dp, float lp, float lq, float d
   DivTerms t;
   t.g = div_big(ad) ? (qs - pab) * dp.pw_inv_a : -qs * delta * div_p1(ad);
   t.h = div_big(bd) ? (ps - pab) * dp.pw_inv_b : ps * delta * div_p1(-bd);
+  if (kNoSoft) {  // (the caller forms the loss from sum G + sum H; unguarded only)
+    t.soft = 0.0f;
+    return t;
+  }
   const bool side_p = dp.pw_side != 0.0f;
   const float w = side_p ? ps : qs, wo = side_p ? qs : ps, e = side_p ? -delta : delta;
   const float c1e = c1 * e, se = side_p ? -sd : sd;

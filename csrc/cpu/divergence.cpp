@@ -239,7 +239,7 @@ FASTKD_INLINE void dense_gate_chunk(const float* s, const float* t, int64_t n, f
 // q^s, p^s are exps of s lq, s lp). Kind 4: soft, G (to g_row), H (to the teacher-gradient row) and their sums
 // (div_ab_terms), then (3) is dense_finish_chunk's. Kind 6: the sum of t = x phi_c(e) (U) in soft; the parts
 // (3) needs, x^r y^c and t, kept (student side in g_row, teacher side in the teacher row; div_renyi_parts).
-template <int kKind, bool kGS, bool kGT>
+template <int kKind, bool kGS, bool kGT, bool kSumSoft = false>
 FASTKD_INLINE void dense_power_chunk(const DivParams& dp, const float* s, const float* t, int64_t n, float inv_t,
                                      const DenseRow& r, float to_q, float to_p, const float* kept_s,
                                      const float* kept_t, float* gt, float* g_row, double& soft, double& sum_g,
@@ -252,10 +252,12 @@ FASTKD_INLINE void dense_power_chunk(const DivParams& dp, const float* s, const 
     const float lq = (s[j] - r.ms) * inv_t - r.ls, lp = (t[j] - r.mt) * inv_t - r.lt;
     const float delta = ((t[j] - r.mt) - (s[j] - r.ms)) * inv_t + r.dl;  // each maximum first (see above)
     if (kKind == kDivAB) {  // unguarded (see div_ab_terms); a chunk with a zero probability is redone below
-      const DivTerms x = div_ab_terms<false>(d, lp, lq, delta);
+      const DivTerms x = div_ab_terms<false, kSumSoft>(d, lp, lq, delta);
       so += x.soft;
-      if (kGS) sg += x.g, g_row[j] = x.g;
-      if (kGT) sh += x.h, gt[j] = x.h;
+      if (kGS || kSumSoft) sg += x.g;
+      if (kGS) g_row[j] = x.g;
+      if (kGT || kSumSoft) sh += x.h;
+      if (kGT) gt[j] = x.h;
     } else {
       const float xp = rev ? kept_s[j] * to_q : kept_t[j] * to_p;  // x = q or p from the kept exps
       const DivRenyiParts x = div_renyi_parts_x(d.a, rev, xp, lp, lq, delta);
@@ -264,6 +266,7 @@ FASTKD_INLINE void dense_power_chunk(const DivParams& dp, const float* s, const 
       if (kGT) gt[j] = rev ? x.xy : x.t;
     }
   }
+  if (kKind == kDivAB && kSumSoft) so = (sg + sh) / d.pw_s;  // (DivParams::pw_sum_soft)
   if (kKind == kDivAB && !std::isfinite(so + sg + sh)) {  // a zero probability (or a NaN, or an inf term): guarded
     so = sg = sh = 0.0;
     for (int64_t j = 0; j < n; ++j) {
@@ -415,8 +418,14 @@ FASTKD_INLINE float dense_passes(const DivCall& c, const float* s, const float* 
       const int64_t n = std::min(kStatsChunk, V - c0);
       float to_q, to_p, to_1;
       chunk_factors(k, to_q, to_p, to_1);
-      dense_power_chunk<kKind, kGS, kGT>(c.d, s + c0, t + c0, n, c.inv_t, r, to_q, to_p, kept_s + c0, kept_t + c0,
-                                         kGT ? gt + c0 : nullptr, kGS ? g_row + c0 : nullptr, soft, sum_g, sum_h);
+      if (kKind == kDivAB && c.d.pw_sum_soft)
+        dense_power_chunk<kKind, kGS, kGT, true>(c.d, s + c0, t + c0, n, c.inv_t, r, to_q, to_p, kept_s + c0,
+                                                 kept_t + c0, kGT ? gt + c0 : nullptr, kGS ? g_row + c0 : nullptr,
+                                                 soft, sum_g, sum_h);
+      else
+        dense_power_chunk<kKind, kGS, kGT>(c.d, s + c0, t + c0, n, c.inv_t, r, to_q, to_p, kept_s + c0,
+                                           kept_t + c0, kGT ? gt + c0 : nullptr, kGS ? g_row + c0 : nullptr, soft,
+                                           sum_g, sum_h);
     }
     float row_soft = static_cast<float>(soft), k_g = 1.0f, k_h = 1.0f;
     DivParams grad_d = c.d;
