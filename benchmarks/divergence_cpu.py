@@ -34,6 +34,9 @@ DIVERGENCES = {
     "triangular": (fastkd.triangular_loss, R.triangular_loss, {}),
     "entropy_gated_kl": (fastkd.entropy_gated_kl_loss, R.entropy_gated_kl_loss, {}),
     "akl": (fastkd.akl_loss, R.akl_loss, {"mu": 0.5}),
+    "alpha_divergence": (fastkd.alpha_divergence_loss, R.alpha_divergence_loss, {"alpha": 0.5}),
+    "ab_divergence": (fastkd.ab_divergence_loss, R.ab_divergence_loss, {"alpha": 0.2, "beta": 0.7}),
+    "renyi": (fastkd.renyi_loss, R.renyi_loss, {"order": 0.5}),
 }
 
 

@@ -60,12 +60,15 @@
 namespace fastkd {
 
 enum DivKind { kDivKL = 0, kDivTVD = 1, kDivJeffreys = 2, kDivTriangular = 3 };
-// kinds 4 to 6: issue 22's other divergences (their own branch); appended kinds, never renumbered:
+// The power divergences (kinds 4 and 6; 5 is internal: Renyi's gradient pass at the row's S, never an op
+// argument) and the entropy-gated KL; appended kinds, never renumbered:
+enum DivKindPower { kDivAB = 4, kDivRenyiGrad = 5, kDivRenyi = 6 };
 enum DivKindGated { kDivEntropyGated = 7 };
-// The largest kind a kernel accepts (its checks read `kind <= kDivLastKind`; numbers 4 to 6 are not
-// accepted until their kernels exist: see div_kind_known).
+// The largest kind a kernel accepts (its checks read `kind <= kDivLastKind`; 5 is not accepted: see div_kind_known).
 constexpr int kDivLastKind = 7;
-FASTKD_HD bool div_kind_known(int64_t kind) { return (kind >= kDivKL && kind <= kDivTriangular) || kind == kDivEntropyGated; }
+FASTKD_HD bool div_kind_known(int64_t kind) {
+  return (kind >= kDivKL && kind <= kDivAB) || kind == kDivRenyi || kind == kDivEntropyGated;
+}
 enum DivMix { kMixQ = 0, kMixP = 1, kMixBoth = 2 };
 enum DivTopk { kTopkNone = 0, kTopkTail = 1, kTopkRenorm = 2 };
 
@@ -120,6 +123,21 @@ struct DivParams {
   int kind, mix;
   bool prop;
   float g_shift, h_shift;
+  // kind 4 (AB, see div_ab_terms): s = a + b; the soft form's side (0: q^s (k1 psi_a(d) + k2 psi_s(d)),
+  // 1: p^s (k1 psi_b(-d) + k2 psi_s(-d))), its c1 (a or b) and weights; whether a class with q = 0
+  // (p = 0) has a finite term (s > 0 and b > 0; s > 0 and a > 0)
+  float pw_s, pw_c1, pw_k1, pw_k2, pw_side;
+  bool pw_q0_finite, pw_p0_finite;
+  // the same as per-element float tests (a select on a loop-invariant bool made GCC unswitch the CPU loop and
+  // run a scalar copy, 7x slower): lim_q = -inf when the q = 0 term is finite (lq <= lim_q: q = 0 there), else
+  // NaN (never true); soft there max(p^s inv_q, cap_q): (1 / (b s), 0) finite, (0, inf) infinite; likewise p
+  float pw_lim_q, pw_lim_p, pw_inv_q, pw_inv_p, pw_cap_q, pw_cap_p, pw_inv_b;
+  // reciprocals for the direct (|c x| > 1) forms, multiplied rather than divided per class (inf where the
+  // parameter is 0: that form is never selected then)
+  float pw_inv_a, pw_inv_c1sq, pw_inv_ssq;
+  // the CPU's dense rows may take the loss as (sum G + sum H) / s, skipping the per-class psi forms, where s is
+  // not small (|s| >= 1/2 and >= max(|a|, |b|) / 4): no worse a cancellation than a KL's sum of p (lp - lq)
+  bool pw_sum_soft;
 };
 
 FASTKD_HD int div_mix_mode(float w_p, float w_q) {
@@ -139,6 +157,28 @@ FASTKD_HD DivParams div_params(int kind, float a, float b, float w_p, float w_q)
   const float plus1 = (d.prop || a == 0.0f || b == 0.0f) ? 1.0f : 0.0f;
   d.g_shift = both ? b * (d.log_wq + plus1) : 0.0f;
   d.h_shift = both ? a * (d.log_wp + plus1) : 0.0f;
+  // AB: the soft form dividing by the larger of |a|, |b| (div_ab_terms); a = b = 0: d^2 / 2 (k1 = 0, k2 = 1)
+  const float s = a + b;
+  const bool side_p = fabsf(a) > fabsf(b);
+  d.pw_s = s;
+  d.pw_side = side_p ? 1.0f : 0.0f;
+  d.pw_c1 = side_p ? b : a;
+  const float div = side_p ? a : b;
+  d.pw_k1 = div != 0.0f ? -d.pw_c1 / div : 0.0f;
+  d.pw_k2 = div != 0.0f ? s / div : 1.0f;
+  d.pw_q0_finite = s > 0.0f && b > 0.0f;
+  d.pw_p0_finite = s > 0.0f && a > 0.0f;
+  d.pw_lim_q = d.pw_q0_finite ? -INFINITY : NAN;
+  d.pw_lim_p = d.pw_p0_finite ? -INFINITY : NAN;
+  d.pw_inv_q = d.pw_q0_finite ? 1.0f / (b * s) : 0.0f;
+  d.pw_inv_p = d.pw_p0_finite ? 1.0f / (a * s) : 0.0f;
+  d.pw_cap_q = d.pw_q0_finite ? 0.0f : INFINITY;
+  d.pw_cap_p = d.pw_p0_finite ? 0.0f : INFINITY;
+  d.pw_inv_b = b != 0.0f ? 1.0f / b : 0.0f;
+  d.pw_inv_a = 1.0f / a;
+  d.pw_inv_c1sq = 1.0f / (d.pw_c1 * d.pw_c1);
+  d.pw_inv_ssq = 1.0f / (s * s);
+  d.pw_sum_soft = fabsf(s) >= 0.5f && 4.0f * fabsf(s) >= fmaxf(fabsf(a), fabsf(b));
   return d;
 }
 
@@ -287,10 +327,197 @@ FASTKD_HD DivTerms div_terms(const DivParams& d, float p, float q, float lp, flo
   return div_terms_delta<kKind, kMix>(d, p, q, lp - lq);
 }
 
+// ---------------------------------------------------------------------------
+// The power divergences (kinds 4, 5, 6; docs/design.md "divergence_fwd"). With d = lp - lq,
+// phi_c(x) = expm1(c x) / c (phi_0(x) = x) and psi_c(x) = (expm1(c x) - c x) / c^2 (psi_0(x) = x^2 / 2):
+// kind 4 (AB divergence, a = alpha, b = beta, s = a + b; Amari's alpha divergence is b = 1 - a):
+//   soft_c = -(1 / (a b)) [p^a q^b - (a / s) p^s - (b / s) q^s]
+//          = q^s (k1 psi_a(d) + k2 psi_s(d)),  k1 = -a / b, k2 = s / b      (|b| >= |a|)
+//          = p^s (k1 psi_b(-d) + k2 psi_s(-d)), k1 = -b / a, k2 = s / a     (|a| > |b|)
+//   (a = b = 0: d^2 / 2). Dividing by the larger of |a|, |b| and using psi (no linear term) leaves no
+//   cancellation in any limit of the parameters (a -> 0, b -> 0, s -> 0, all together): k1, k2 are in
+//   [-1, 2], and where they differ in sign (a, b of one sign) the two psi terms cancel by at most a factor
+//   ~|d| (2e-6 relative at |d| = 20). (G + H) / s, the form of the issue, loses 1 / (|s| |d|) digits near s = 0;
+//   the CPU's dense rows take the row's loss as (sum G + sum H) / s where |s| >= 1/2 and >= max(|a|, |b|) / 4
+//   (DivParams::pw_sum_soft: a relative error of about eps / |d|, a KL's), saving the per-class psi forms.
+//   G_c = q dsoft/dq = -q^s phi_a(d),  H_c = p dsoft/dp = -p^s phi_b(-d)   (exact: nothing dropped)
+//   Each term is built from three exps, q^s, p^s, p^a q^b, of s l + (multiples of d), l the larger log-prob
+//   (one base, so their ratios carry d's precision, and the base's rounding is small), never as a product of
+//   an overflowing and an underflowing factor; psi, phi by a polynomial where |c x| <= 1 (div_p1, div_p2), else from the exps.
+//   Zero probabilities: p = q = 0 adds 0; q = 0 < p: soft = p^s / (b s), G = 0, H = p^s / b when s > 0 and
+//   b > 0, else soft = +inf (the divergence is infinite) and G = H = 0 (a constant term, as the reference's
+//   autograd sees it); p = 0 < q likewise with a.
+// kind 6 (Renyi of order r > 0, a = r, b = 1 for the reverse (p and q swapped), w_p, w_q unused):
+//   with (x, y) = (p, q) (or (q, p) reversed), e = ly - lx, c = 1 - r:
+//   soft = log(S) / (r - 1), S = 1 + c U, U = sum x phi_c(e)  (= sum (x^r y^c - x) / c), so
+//   soft = -U log1p(c U) / (c U) (-U at c U = 0: r -> 1 is KL(x || y) with no cancellation).
+//   The terms pass sums U and S (div_renyi_terms: t = x phi_c(e) in soft, x^r y^c in g); div_renyi_row turns
+//   them into the row's soft loss (log(S) / (r - 1) where S < 1/2), sum G, sum H and the parameters of kind 5,
+//   the gradient pass at known S:
+//   on the x side G_x = -r t / S (sum -r U / S), on the y side G_y = -x^r y^c / S (sum -1); the exact
+//   derivatives less p / S on the teacher side when x = p (nothing on the student side). Zero
+//   probabilities: x = 0 adds 0; y = 0 < x: t = -x / c for r < 1, -inf for r >= 1 (soft +inf).
+
+// expm1(y) / y and (expm1(y) - y) / y^2 for |y| <= 1 (Taylor; truncation below 3e-9 relative). y is
+// clamped to [-1, 1] so that the unselected lane of a branch-free select stays finite.
+FASTKD_HD float div_p1(float y) {
+  y = y < -1.0f ? -1.0f : (y > 1.0f ? 1.0f : y);
+  float r = 1.0f / 39916800.0f;  // 1 / 11!
+  r = r * y + 1.0f / 3628800.0f;
+  r = r * y + 1.0f / 362880.0f;
+  r = r * y + 1.0f / 40320.0f;
+  r = r * y + 1.0f / 5040.0f;
+  r = r * y + 1.0f / 720.0f;
+  r = r * y + 1.0f / 120.0f;
+  r = r * y + 1.0f / 24.0f;
+  r = r * y + 1.0f / 6.0f;
+  r = r * y + 0.5f;
+  return r * y + 1.0f;
+}
+FASTKD_HD float div_p2(float y) {
+  y = y < -1.0f ? -1.0f : (y > 1.0f ? 1.0f : y);
+  float r = 1.0f / 479001600.0f;  // 1 / 12!
+  r = r * y + 1.0f / 39916800.0f;
+  r = r * y + 1.0f / 3628800.0f;
+  r = r * y + 1.0f / 362880.0f;
+  r = r * y + 1.0f / 40320.0f;
+  r = r * y + 1.0f / 5040.0f;
+  r = r * y + 1.0f / 720.0f;
+  r = r * y + 1.0f / 120.0f;
+  r = r * y + 1.0f / 24.0f;
+  r = r * y + 1.0f / 6.0f;
+  return r * y + 0.5f;
+}
+
+FASTKD_HD bool div_big(float y) { return y > 1.0f || y < -1.0f; }
+
+// kind 4: one class from its log-probs and d = lp - lq (see above). kGuard = false leaves out the zero-probability
+// selects (the class then comes out NaN or inf): the CPU's simd loops use it and redo a chunk whose sums are not
+// finite with the guards (GCC kept the guarded loop scalar: 20 ns per class instead of 3).
+template <bool kGuard = true, bool kNoSoft = false>
+FASTKD_HD DivTerms div_ab_terms(const DivParams& dp, float lp, float lq, float delta) {
+  const float a = dp.a, b = dp.b, s = dp.pw_s, c1 = dp.pw_c1;
+  const bool q0 = lq == -INFINITY, p0 = lp == -INFINITY;
+  // the three exponents from the larger log-prob and d (s l p = s l q + s d, a l p + b l q = s l q + a d =
+  // s l p - b d): their rounding is that of the larger log-prob (near 0), not of one near -1000
+  const bool p_hi = lp >= lq;  // (q = 0: p's side, whose exps of s l q etc. come out 0 for s > 0)
+  const float base = s * (p_hi ? lp : lq);
+  const float qs = div_exp(p_hi ? base - s * delta : base);
+  const float ps = div_exp(p_hi ? base : base + s * delta);
+  const float pab = div_exp(p_hi ? base - b * delta : base + a * delta);
+  const float ad = a * delta, bd = b * delta, sd = s * delta;
+  DivTerms t;
+  t.g = div_big(ad) ? (qs - pab) * dp.pw_inv_a : -qs * delta * div_p1(ad);
+  t.h = div_big(bd) ? (ps - pab) * dp.pw_inv_b : ps * delta * div_p1(-bd);
+  if (kNoSoft) {  // (the caller forms the loss from sum G + sum H; unguarded only)
+    t.soft = 0.0f;
+    return t;
+  }
+  const bool side_p = dp.pw_side != 0.0f;
+  const float w = side_p ? ps : qs, wo = side_p ? qs : ps, e = side_p ? -delta : delta;
+  const float c1e = c1 * e, se = side_p ? -sd : sd;
+  const float x1 = div_big(c1e) ? (pab - w - c1e * w) * dp.pw_inv_c1sq : w * e * e * div_p2(c1e);
+  const float x2 = div_big(se) ? (wo - w - se * w) * dp.pw_inv_ssq : w * e * e * div_p2(se);
+  t.soft = dp.pw_k1 * x1 + dp.pw_k2 * x2;
+  if (!kGuard) return t;
+  // zero probabilities (the formulas meet 0 * inf there); fmaxf: a NaN product (inf * 0) gives the cap
+  // an infinite term is a constant (G = H = 0 there, as the reference's autograd has it)
+  const bool q0_fin = lq <= dp.pw_lim_q, p0_fin = lp <= dp.pw_lim_p;
+  const float soft_q0 = fmaxf(ps * dp.pw_inv_q, dp.pw_cap_q), soft_p0 = fmaxf(qs * dp.pw_inv_p, dp.pw_cap_p);
+  t.soft = q0 ? (p0 ? 0.0f : soft_q0) : (p0 ? soft_p0 : t.soft);
+  t.g = (q0 | (p0 & !p0_fin)) ? 0.0f : t.g;
+  t.h = (p0 | (q0 & !q0_fin)) ? 0.0f : (q0 ? ps * dp.pw_inv_b : t.h);
+  return t;
+}
+
+// kind 6 (terms pass) and kind 5 (gradient pass): t = x phi_c(e) and x^r y^c of one class, with
+// (x, y, e) from the orientation rev (0: x = p; 1: x = q); c = 1 - r.
+struct DivRenyiParts {
+  float t, xy;
+};
+
+// x: exp(lx) (div_renyi_parts), or the CPU's kept exp of it (one exp less per class).
+FASTKD_HD DivRenyiParts div_renyi_parts_x(float r, bool rev, float x, float lp, float lq, float delta) {
+  const float c = 1.0f - r;
+  const float lx = rev ? lq : lp, ly = rev ? lp : lq, e = rev ? delta : -delta;
+  const bool x0 = lx == -INFINITY, y0 = ly == -INFINITY;
+  const float xy = div_exp(lx + c * e);
+  const float ce = c * e;
+  const float inv_c = 1.0f / c;  // (loop-invariant: hoisted, a multiply per class)
+  float t = div_big(ce) ? (xy - x) * inv_c : x * e * div_p1(ce);
+  t = y0 ? (c > 0.0f ? -x * inv_c : -INFINITY) : t;  // x^r y^c = 0 (r < 1) or inf (r > 1); r = 1: -x log 0
+  DivRenyiParts o;
+  o.t = x0 ? 0.0f : t;
+  o.xy = x0 ? 0.0f : xy;
+  return o;
+}
+
+FASTKD_HD DivRenyiParts div_renyi_parts(float r, bool rev, float lp, float lq, float delta) {
+  return div_renyi_parts_x(r, rev, div_exp(rev ? lq : lp), lp, lq, delta);
+}
+
+// kind 6: the terms pass's share of one class, t in soft (summed into U), x^r y^c in g.
+FASTKD_HD DivTerms div_renyi_terms(const DivParams& d, float lp, float lq, float delta) {
+  const DivRenyiParts o = div_renyi_parts(d.a, d.b != 0.0f, lp, lq, delta);
+  DivTerms t;
+  t.soft = o.t, t.g = o.xy, t.h = 0.0f;
+  return t;
+}
+
+// Renyi's row from U and s_direct = sum x^r y^c (the terms pass's soft and g sums): the loss, sum G, sum H and
+// kind 5's parameters (a, b, w_p, w_q) = (r, reverse, 1 / S, U). S = 1 + c U (clamped at 0) where s_direct >= 1/2
+// (no cancellation near r = 1), else s_direct itself and soft = log(S) / (r - 1) (1 + c U would cancel to eps when
+// the distributions barely overlap). S = 0 (no overlap, r < 1) or an infinite U gives +inf; so does an S below
+// float32's range (a divergence above about 87 / |1 - r|).
+struct DivRenyiRow {
+  DivParams d;
+  float soft, sum_g, sum_h;
+};
+
+FASTKD_HD DivRenyiRow div_renyi_row(const DivParams& d, float u, float s_direct) {
+  const float r = d.a, c = 1.0f - r;
+  const bool rev = d.b != 0.0f;
+  float x = c * u;
+  x = x < -1.0f ? -1.0f : x;  // a NaN stays NaN
+  const float ratio = (c == 0.0f || x == 0.0f) ? 1.0f : log1pf(x) / x;
+  // S far below 1: 1 + c U keeps only eps of it (absolute), the direct sum keeps its digits (relative)
+  const bool direct = s_direct < 0.5f && u != 0.0f;  // (U = S = 0: a row without buckets, loss 0)
+  float inv_s = 1.0f / (direct ? s_direct : 1.0f + x);
+  DivRenyiRow o;
+  o.soft = direct ? logf(s_direct) / (r - 1.0f) : ((u == INFINITY || u == -INFINITY) ? INFINITY : -u * ratio);
+  // the x side's sum: -r U / S, or (direct) r / (r - 1) (see div_renyi_grad_terms)
+  float x_side = direct ? r / (r - 1.0f) : -r * u * inv_s, y_side = -1.0f;
+  if (o.soft == INFINITY) inv_s = x_side = y_side = 0.0f;  // an infinite row is a constant: gradients 0 (kind 5)
+  o.sum_g = rev ? x_side : y_side;
+  o.sum_h = rev ? y_side : x_side;
+  o.d = div_params(kDivRenyiGrad, r, rev ? 1.0f : 0.0f, inv_s, direct ? 1.0f : 0.0f);
+  return o;
+}
+
+// kind 5: G, H of one class at the row's S (w_p = 1 / S; soft 0: the loss came from U). The x side is
+// -r t / S (the exact derivative r x^r y^c / ((r - 1) S) less r x / ((r - 1) S): no cancellation near r = 1),
+// except on a direct row (w_q = 1, S < 1/2), where -r (t - x U) / S would cancel (t and x U both ~ -x / c,
+// their difference ~S): there the exact r x^r y^c / ((r - 1) S), sum r / (r - 1).
+FASTKD_HD DivTerms div_renyi_grad_terms(const DivParams& d, float lp, float lq, float delta) {
+  const bool rev = d.b != 0.0f;
+  const DivRenyiParts o = div_renyi_parts(d.a, rev, lp, lq, delta);
+  const bool dead = d.w_p == 0.0f;  // an infinite row (div_renyi_row): gradients 0
+  const float x_side = dead ? 0.0f : (d.w_q != 0.0f ? d.a * o.xy * d.w_p / (d.a - 1.0f) : -d.a * o.t * d.w_p);
+  const float y_side = dead ? 0.0f : -o.xy * d.w_p;
+  DivTerms t;
+  t.soft = 0.0f;
+  t.g = rev ? x_side : y_side;
+  t.h = rev ? y_side : x_side;
+  return t;
+}
+
 // Runtime-dispatched div_terms (for code that handles one bucket at a time, e.g. the tail).
 FASTKD_HD DivTerms div_gate_terms(float p, float q, float lp, float delta);
 FASTKD_HD DivTerms div_terms_any(const DivParams& d, float p, float q, float lp, float lq) {
   if (d.kind == kDivEntropyGated) return div_gate_terms(p, q, lp, lp - lq);
+  if (d.kind == kDivAB) return div_ab_terms(d, lp, lq, lp - lq);
+  if (d.kind == kDivRenyi) return div_renyi_terms(d, lp, lq, lp - lq);
+  if (d.kind == kDivRenyiGrad) return div_renyi_grad_terms(d, lp, lq, lp - lq);
   if (d.kind == kDivTVD) return div_terms<kDivTVD, kMixBoth>(d, p, q, lp, lq);
   if (d.kind == kDivJeffreys) return div_terms<kDivJeffreys, kMixBoth>(d, p, q, lp, lq);
   if (d.kind == kDivTriangular) return div_terms<kDivTriangular, kMixBoth>(d, p, q, lp, lq);
@@ -353,6 +580,21 @@ FASTKD_HD DivGateRow div_gate_row(const DivParams& gate, float kl_pq, float kl_q
 // KL drops the same a p (kind 2: h_shift is 0), the triangular H drops p (factor -1); TVD's H is whole.
 FASTKD_HD float div_h_over_p(const DivParams& d, float p, float q, float lp, float lq) {
   if (p != p) return p;  // a NaN teacher tail (a NaN log-prob): every slot's gradient is NaN
+  if (d.kind == kDivAB) {  // H exact: nothing to add back when p = 0; else -p^(s - 1) phi_b(-d)
+    if (!(p > 0.0f)) return 0.0f;
+    const float delta = lp - lq, bd = d.b * delta, ps1 = expf((d.pw_s - 1.0f) * lp);
+    return div_big(bd) ? (ps1 - expf((d.a - 1.0f) * lp + d.b * lq)) / d.b : ps1 * delta * div_p1(-bd);
+  }
+  if (d.kind == kDivRenyiGrad) {  // (w_p = 1 / S) x = p: H = H_exact - p / S, so -1 / S at p = 0; x = q: exact
+    const bool rev = d.b != 0.0f, direct = d.w_q != 0.0f;  // direct rows: H exact on both sides
+    if (!(p > 0.0f) || d.w_p == 0.0f) return (rev || direct) ? 0.0f : -d.w_p;
+    if (rev) return -expf(d.a * (lq - lp)) * d.w_p;  // H / p = -(q / p)^r / S
+    if (direct) return d.a * expf((1.0f - d.a) * (lq - lp)) * d.w_p / (d.a - 1.0f);  // r (q / p)^c / ((r - 1) S)
+    const float c = 1.0f - d.a, e = lq - lp, ce = c * e;
+    const float phi = lq == -INFINITY ? (c > 0.0f ? -1.0f / c : -INFINITY)
+                                      : (div_big(ce) ? expm1f(ce) / c : e * div_p1(ce));
+    return -d.a * phi * d.w_p;
+  }
   if (!(p > 0.0f)) {
     if (d.kind == kDivKL || d.kind == kDivJeffreys) return d.h_shift - d.a;
     return d.kind == kDivTriangular ? -1.0f : 0.0f;

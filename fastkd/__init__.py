@@ -6,7 +6,8 @@
 Losses: ``kd_loss``, ``dkd_loss``, ``ats_loss``, ``dist_loss``, ``mgd_loss``,
 ``simkd_loss``, and ``ipw_weights`` for IPWD's per-sample weights; the
 language-model divergences ``forward_kl_loss``, ``reverse_kl_loss``, ``jsd_loss``, ``skew_kl_loss``,
-``tvd_loss``, ``jeffreys_loss``, ``triangular_loss``, ``entropy_gated_kl_loss`` (``TopKTeacher`` for top-k
+``tvd_loss``, ``jeffreys_loss``, ``triangular_loss``, ``entropy_gated_kl_loss``, ``alpha_divergence_loss``,
+``ab_divergence_loss``, ``renyi_loss`` (``TopKTeacher`` for top-k
 teachers), ``akl_loss`` (adaptive KL), ``uld_loss`` and
 ``hybrid_uld_loss`` (teacher and student with different tokenizers), ``fused_linear_kd_loss``
 (the LM head fused with the loss; ``process_group=`` for sharded vocabularies); the teacher's side:
@@ -28,7 +29,9 @@ from .core.vocab import MappedTeacher, VocabMap  # noqa: E402
 from .dispatch.backend import backends  # noqa: E402
 from .losses.align import Alignment, align_tokens, token_offsets  # noqa: E402
 from .functional import (  # noqa: E402
+    ab_divergence_loss,
     akl_loss,
+    alpha_divergence_loss,
     ats_loss,
     dist_loss,
     dkd_loss,
@@ -41,6 +44,7 @@ from .functional import (  # noqa: E402
     kd_loss,
     merge_aligned,
     mgd_loss,
+    renyi_loss,
     reverse_kl_loss,
     simkd_loss,
     skew_kl_loss,
@@ -55,7 +59,7 @@ from .functional import (  # noqa: E402
 __all__ = [
     "kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "simkd_loss", "ipw_weights",
     "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss", "triangular_loss",
-    "entropy_gated_kl_loss", "akl_loss",
+    "entropy_gated_kl_loss", "akl_loss", "alpha_divergence_loss", "ab_divergence_loss", "renyi_loss",
     "TopKTeacher", "LossParts", "fused_linear_kd_loss", "teacher_topk", "topk_from_logits",
     "uld_loss", "ULDParts", "VocabMap", "MappedTeacher", "hybrid_uld_loss", "HybridParts", "TeacherMixture",
     "align_tokens", "merge_aligned", "Alignment", "token_offsets",

@@ -63,6 +63,11 @@ DIVERGENCES = {  # label: (LOSS_OPS key, function name, keyword arguments, the f
     "triangular_loss": ("triangular", "triangular_loss", {}, "triangular"),
     "entropy_gated_kl_loss": ("entropy_gated_kl", "entropy_gated_kl_loss",
                               {"alpha_min": 0.2, "alpha_max": 0.9, "tau": 0.8, "scale": 0.1}, "entropy_gated_kl"),
+    "alpha_divergence_loss alpha=0.3": ("alpha_divergence", "alpha_divergence_loss", {"alpha": 0.3},
+                                        "alpha_divergence"),
+    "ab_divergence_loss": ("ab_divergence", "ab_divergence_loss", {"alpha": 0.2, "beta": 0.7}, "ab_divergence"),
+    "renyi_loss order=0.5": ("renyi", "renyi_loss", {"order": 0.5}, "renyi"),
+    "renyi_loss order=2 reverse": ("renyi", "renyi_loss", {"order": 2.0, "reverse": True}, "renyi"),
 }
 
 
@@ -170,10 +175,11 @@ def cases(only: Optional[str] = None) -> List[Case]:
             out.append(Case(f"{label} TopKTeacher({mode}) ce_weight=0.3", "kd_topk", _topk, call,
                             grads=("student",), shapes=SHAPES[:1], vocab_dim={"student": -1}))
     for op, _, params, divergence in DIVERGENCES.values():
-        fused_params = {k: v for k, v in params.items() if k in ("beta", "skew")}
+        fused_params = {k: v for k, v in params.items() if k in ("beta", "skew", "alpha", "order", "reverse")}
+        power = "".join(f" {k}={v}" for k, v in fused_params.items() if k in ("alpha", "order", "reverse"))
         for ce, bias, wide in ((0.3, False, False),) + (((0.0, True, True),) if divergence == "kl" else ()):
             call, truth = _fused_call(divergence, fused_params, ce, bias, wide)
-            label = f"fused_linear_kd_loss {divergence}" + (f" ce_weight={ce}" if ce else " bias, V_t > V")
+            label = f"fused_linear_kd_loss {divergence}{power}" + (f" ce_weight={ce}" if ce else " bias, V_t > V")
             out.append(Case(label, "fused_linear_kd", _head, call, grads=("hidden", "weight") + ("bias",) * bias,
                             shapes=((FUSED_VOCAB + 1,),), dtypes=(torch.float32,), truth=truth,
                             vocab_dim={"weight": 0, "bias": 0, "teacher_weight": 0}, sharded=not wide))

@@ -14,6 +14,7 @@ def test_report_lists_every_backend_with_a_reason_when_unavailable():
     assert report["reference"]["available"] and report["reference"]["reason"] is None
     assert set(report["reference"]["losses"]) == {"kd", "ats", "dkd", "dist", "mgd", "forward_kl", "reverse_kl", "jsd",
                                                   "skew_kl", "tvd", "jeffreys", "triangular", "entropy_gated_kl", "kd_topk",
+                                                  "alpha_divergence", "ab_divergence", "renyi",
                                                   "fused_linear_kd", "akl", "fused_linear_akl",
                                                   "teacher_topk"}
     for name, info in report.items():

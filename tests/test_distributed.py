@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 import fastkd
-from fastkd.core.divergence import divergence_op_args, entropy_gate
+from fastkd.core.divergence import divergence_op_args, entropy_gate, renyi_row
 from fastkd.reference import divergence as R
 from fastkd import distributed as D
 from fastkd import reference as ref
@@ -208,6 +208,10 @@ DIVERGENCES = [  # (name, distributed fn, reference kind, params, T^2)
     ("jeffreys", D.jeffreys_loss, "jeffreys", {}, False),
     ("entropy_gated_kl", D.entropy_gated_kl_loss, "entropy_gated_kl",
      {"alpha_min": 0.2, "alpha_max": 0.9, "tau": 0.8, "scale": 0.1}, False),
+    ("alpha_divergence", D.alpha_divergence_loss, "alpha_divergence", {"alpha": -0.3}, False),
+    ("ab_divergence", D.ab_divergence_loss, "ab_divergence", {"alpha": 0.2, "beta": 0.7}, False),
+    ("renyi", D.renyi_loss, "renyi", {"order": 0.5}, False),
+    ("renyi reverse", D.renyi_loss, "renyi", {"order": 2.0, "reverse": True}, False),
     ("triangular", D.triangular_loss, "triangular", {}, False),  # (last: the peaked-rows case takes it)
 ]
 
@@ -954,6 +958,11 @@ def _fused_linear_checks(rank, world, failures, full=True):
          "mixture arithmetic", True, target, None, torch.float32),
         ("kl mixture geometric sum sw", dict(divergence="kl", reduction="sum"), "mixture geometric", False, None,
          sample_weight, torch.float32),
+        ("ab_divergence ce", dict(divergence="ab_divergence", alpha=0.2, beta=0.7, ce_weight=0.3, temperature=2.0),
+         "pair", True, target, None, torch.float32),
+        ("renyi reverse top-k tail", dict(divergence="renyi", order=2.0, reverse=True), "topk tail", False, target,
+         None, torch.float32),
+        ("renyi", dict(divergence="renyi", order=0.5, temperature=2.0), "pair", True, None, None, torch.float32),
     ]
     if not full:
         cases = cases[:1] + cases[6:8]
@@ -1395,6 +1404,10 @@ def _shard_passes(ops, s, t, T, kind, coefficients, read, coef, ce, target, g, h
         row_coef = torch.stack([(1 - w) * sums[:, 1] - w, w * sums[:, 0] - (1 - w), coef, coef, ce, w]
                                + [torch.zeros_like(w)] * 4, 1)
         ops.divergence_shard_grad(s, t, row_stats, T, kind, *coefficients, row_coef.contiguous(), read, target, g, h)
+    elif not direct and kind == 6:  # Renyi: U, S -> the row's sums and 1 / S (in the masses' place)
+        _, sum_g, sum_h, inv_s, direct = renyi_row(sums[:, 0], sums[:, 1], coefficients[0], coefficients[1] != 0)
+        row_coef = torch.stack([sum_g, sum_h, coef, coef, ce, inv_s, direct] + [torch.zeros_like(inv_s)] * 3, 1)
+        ops.divergence_shard_grad(s, t, row_stats, T, kind, *coefficients, row_coef.contiguous(), read, target, g, h)
     elif not direct:
         row_coef = torch.cat([torch.stack([sums[:, 1], sums[:, 2], coef, coef, ce], 1), sums[:, 3:]], 1)
         ops.divergence_shard_grad(s, t, row_stats, T, kind, *coefficients, row_coef.contiguous(), read, target, g, h)
@@ -1404,7 +1417,7 @@ def _shard_passes(ops, s, t, T, kind, coefficients, read, coef, ce, target, g, h
 @pytest.mark.parametrize("ops_name", ["cpu", "triton-interpreter", "triton-cuda"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["forward_kl direct", "forward_kl", "jsd", "reverse_kl", "tvd", "jeffreys",
-                                  "triangular", "entropy_gated_kl"])
+                                  "triangular", "entropy_gated_kl", "ab_divergence", "renyi"])
 def test_shard_kernels_low_precision_logits(ops_name, dtype, kind):
     """bf16/fp16 logits on the shard kernels: read as they are, math in float32, so the same statistics and
     row sums as the float32 kernels on the same values, bit for bit; the gradients into float32 buffers

@@ -19,7 +19,7 @@ from fastkd import reference as R
 F64 = torch.float64
 INF = float("inf")
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_kl_rev", "tvd", "jeffreys", "triangular",
-          "entropy_gated_kl")
+          "entropy_gated_kl", "alpha_divergence", "ab_divergence", "renyi", "renyi_rev")
 # w = 0.2 + 0.7 sigmoid((H / log V - 0.6) / 0.2): both KLs weigh in, and the gate is not saturated on these rows
 GATE = {"alpha_min": 0.2, "alpha_max": 0.9, "tau": 0.6, "scale": 0.2}
 FUNCS = {
@@ -32,6 +32,10 @@ FUNCS = {
     "jeffreys": (fastkd.jeffreys_loss, {}),
     "triangular": (fastkd.triangular_loss, {}),
     "entropy_gated_kl": (fastkd.entropy_gated_kl_loss, GATE),
+    "alpha_divergence": (fastkd.alpha_divergence_loss, {"alpha": 0.3}),
+    "ab_divergence": (fastkd.ab_divergence_loss, {"alpha": 0.2, "beta": 0.7}),
+    "renyi": (fastkd.renyi_loss, {"order": 0.5}),
+    "renyi_rev": (fastkd.renyi_loss, {"order": 2.0, "reverse": True}),
 }
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 # dtype -> (relative loss error, relative gradient-norm error) against float64 on the same values
@@ -77,8 +81,35 @@ def hand_gate(p, params):
     return params["alpha_min"] + (params["alpha_max"] - params["alpha_min"]) / (1.0 + math.exp(-x))
 
 
+def hand_ab(p, q, a, b):
+    """-(1 / (a b)) sum [p^a q^b - (a / s) p^s - (b / s) q^s] (a, b, s = a + b all nonzero; 0^x = 0 for x > 0,
+    inf for x < 0)."""
+    s = a + b
+
+    def pw(x, e):
+        return x ** e if x > 0 else (0.0 if e > 0 else INF)
+    total = 0.0
+    for x, y in zip(p, q):
+        if x == 0 and y == 0:
+            continue
+        total += -(pw(x, a) * pw(y, b) - a / s * pw(x, s) - b / s * pw(y, s)) / (a * b)
+    return total
+
+
+def hand_renyi(p, q, r):
+    """log(sum p^r q^(1 - r)) / (r - 1) (classes with p = 0 add 0)."""
+    total = sum(x ** r * (y ** (1 - r) if y > 0 else (0.0 if r < 1 else INF)) for x, y in zip(p, q) if x > 0)
+    return math.log(total) / (r - 1)
+
+
 def hand_row(loss, s_row, t_row, T, params):
     p, q = hand_softmax(t_row, T), hand_softmax(s_row, T)
+    if loss == "alpha_divergence":
+        return hand_ab(p, q, params["alpha"], 1 - params["alpha"])
+    if loss == "ab_divergence":
+        return hand_ab(p, q, params["alpha"], params["beta"])
+    if loss in ("renyi", "renyi_rev"):
+        return hand_renyi(q, p, params["order"]) if params.get("reverse") else hand_renyi(p, q, params["order"])
     if loss == "forward_kl":
         return hand_kl(p, q)
     if loss == "reverse_kl":
@@ -300,6 +331,15 @@ def dense_rows(loss, s, t, T):
             (h - params["tau"]) / params["scale"])
         w = w.detach()  # the gate is a constant in the gradients (documented)
         return w * kl(p, log_p, log_q) + (1 - w) * kl(q, log_q, log_p)
+    if loss in ("alpha_divergence", "ab_divergence"):  # the general case's formula, densely
+        a = params["alpha"]
+        b = params.get("beta", 1 - a)
+        sab = a + b
+        return -(p ** a * q ** b - a / sab * p ** sab - b / sab * q ** sab).sum(-1) / (a * b)
+    if loss in ("renyi", "renyi_rev"):
+        r = params["order"]
+        x, y = (q, p) if params.get("reverse") else (p, q)
+        return (x ** r * y ** (1 - r)).sum(-1).log() / (r - 1)
     if loss == "jsd":
         b = params["beta"]
         log_m = (b * p + (1 - b) * q).log()
@@ -415,6 +455,9 @@ def test_no_nan_far_below_minus_104(loss, beta):
     t[1, 0] = -130.0
     t[1, 5] = 0.0  # teacher confident elsewhere: gaps of 150 and 130 on either side
     s[2, :] = torch.linspace(-300, 0, V)  # log-probs down to -300
+    if loss.startswith("renyi"):
+        pytest.skip("Renyi's S = sum p^r q^(1 - r) of these rows (e^-140, e^+130) is outside float32's range: +inf "
+                    "(documented; test_renyi_out_of_float32_range)")
     params = {**FUNCS[loss][1], **({"beta": beta} if loss == "jsd" else {})}
     fn = FUNCS[loss][0]
     x, y = s.clone().requires_grad_(), t.clone().requires_grad_()
@@ -446,6 +489,8 @@ def test_confident_rows(loss, dtype):
     t[2, 9] += 100
     s[3, 1] += 100
     t[3, 2] += 100
+    if loss == "renyi_rev":  # order 2: S = sum q^2 / p of rows 1 and 3 is e^100 (inf in float32: documented)
+        s, t = s[[0, 2]], t[[0, 2]]
     x, y = s.to(dtype).requires_grad_(), t.to(dtype).requires_grad_()
     out = call(loss, x, y, reduction="none")
     grads = torch.autograd.grad(out.sum(), [x, y])
@@ -456,6 +501,9 @@ def test_confident_rows(loss, dtype):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     grad_tol = 1e-5 if dtype == torch.float32 else 1e-2
     for gr, r in zip(grads, refs):
+        if loss == "renyi_rev":  # rows 0, 2: a saturated student (q one-hot), true gradients near 1e-43: absolute
+            assert (gr.double() - r).abs().max() < grad_tol * 1e-1
+            continue
         assert rel_norm(gr, r) < grad_tol
 
 
@@ -598,6 +646,10 @@ MODULES = {
     "jeffreys": (fastkd.nn.JeffreysLoss, {}),
     "triangular": (fastkd.nn.TriangularLoss, {}),
     "entropy_gated_kl": (fastkd.nn.EntropyGatedKLLoss, GATE),
+    "alpha_divergence": (fastkd.nn.AlphaDivergenceLoss, {"alpha": 0.3}),
+    "ab_divergence": (fastkd.nn.ABDivergenceLoss, {"alpha": 0.2, "beta": 0.7}),
+    "renyi": (fastkd.nn.RenyiLoss, {"order": 0.5}),
+    "renyi_rev": (fastkd.nn.RenyiLoss, {"order": 2.0, "reverse": True}),
 }
 
 
@@ -734,3 +786,184 @@ def test_entropy_gate_is_a_constant_in_the_gradients():
     fs, ft = torch.autograd.grad(blend(s, t, False), [s, t])
     torch.testing.assert_close(gs, fs, rtol=1e-12, atol=1e-15)  # the student's is the exact derivative
     assert rel_norm(gt, ft) > 1e-4  # the teacher's is not (the gate's derivative is left out)
+
+
+# ----------------------------------------------------------------------------
+# the power divergences (Amari's alpha, AB, Renyi): closed forms, limits, special cases
+# ----------------------------------------------------------------------------
+
+def abkd_formula(p, q, a, b):
+    """The AB divergence per row with its special cases as the AB-divergence papers write them (Cichocki et al.
+    2011; ABKD's ``ab_div``), in float64 from the probabilities (rows with p, q > 0 everywhere: ABKD masks
+    non-finite log-ratios to 0, fastkd gives the exact value, so only finite cases are compared)."""
+    lp, lq = p.log(), q.log()
+    if a == 0 and b == 0:
+        return 0.5 * ((lp - lq) ** 2).sum(-1)
+    if a == 0:  # (1 / b^2) sum [q^b log(q^b / p^b) - q^b + p^b]
+        return (q ** b * (b * (lq - lp)) - q ** b + p ** b).sum(-1) / b ** 2
+    if b == 0:  # (1 / a^2) sum [p^a log(p^a / q^a) - p^a + q^a]
+        return (p ** a * (a * (lp - lq)) - p ** a + q ** a).sum(-1) / a ** 2
+    if a + b == 0:  # (1 / a^2) sum [log(q^a / p^a) + (q^a / p^a)^-1 - 1]
+        return (a * (lq - lp) + (q / p) ** (-a) - 1).sum(-1) / a ** 2
+    s = a + b
+    return -(p ** a * q ** b - a / s * p ** s - b / s * q ** s).sum(-1) / (a * b)
+
+
+def _power_rows(seed=21, n=4, v=37):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, v, generator=g, dtype=F64) * 2, torch.randn(n, v, generator=g, dtype=F64) * 2
+
+
+@pytest.mark.parametrize("a, b", [(0.0, 0.7), (0.6, 0.0), (0.0, 0.0), (0.4, -0.4), (-1.2, 1.2), (0.2, 0.7),
+                                  (-0.3, 1.1), (1.5, -0.5), (0.0, -0.6), (-0.5, 0.0)])
+def test_ab_special_cases_match_the_official_formulas(a, b):
+    s, t = _power_rows()
+    p, q = F.softmax(t / 1.5, -1), F.softmax(s / 1.5, -1)
+    out = fastkd.ab_divergence_loss(s, t, alpha=a, beta=b, temperature=1.5, reduction="none")
+    torch.testing.assert_close(out, abkd_formula(p, q, a, b), rtol=1e-12, atol=1e-13)
+
+
+def test_ab_known_members():
+    s, t = _power_rows(22)
+    kw = dict(temperature=2.0, reduction="none")
+    p, q = F.softmax(t / 2, -1), F.softmax(s / 2, -1)
+    torch.testing.assert_close(fastkd.ab_divergence_loss(s, t, alpha=1.0, beta=0.0, **kw),
+                               fastkd.forward_kl_loss(s, t, **kw), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(fastkd.ab_divergence_loss(s, t, alpha=0.0, beta=1.0, **kw),
+                               fastkd.reverse_kl_loss(s, t, **kw), rtol=1e-12, atol=1e-14)
+    hellinger4 = 4 * (1 - (p * q).sqrt().sum(-1))
+    torch.testing.assert_close(fastkd.ab_divergence_loss(s, t, alpha=0.5, beta=0.5, **kw), hellinger4, rtol=1e-12,
+                               atol=0)
+    torch.testing.assert_close(fastkd.alpha_divergence_loss(s, t, alpha=0.5, **kw), hellinger4, rtol=1e-12, atol=0)
+    torch.testing.assert_close(fastkd.alpha_divergence_loss(s, t, alpha=0.3, **kw),
+                               fastkd.ab_divergence_loss(s, t, alpha=0.3, beta=0.7, **kw), rtol=0, atol=0)
+    r = 0.5  # Renyi of order 1/2: -2 log sum sqrt(p q); order 2 reversed: log sum q^2 / p
+    torch.testing.assert_close(fastkd.renyi_loss(s, t, order=r, **kw), -2 * (p * q).sqrt().sum(-1).log(),
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(fastkd.renyi_loss(s, t, order=2.0, reverse=True, **kw), (q * q / p).sum(-1).log(),
+                               rtol=1e-12, atol=0)
+
+
+def _fused_and_ref(fn, backend, s, t, **kw):
+    """The loss and student gradient of a fused backend on float32 logits, and the float64 reference's on the
+    same values."""
+    device = torch.device("cpu")
+    x = s.float().to(device).requires_grad_()
+    out = fn(x, t.float().to(device), backend=backend, **kw)
+    (g,) = torch.autograd.grad(out, [x])
+    x64 = s.float().double().requires_grad_()
+    ref = fn(x64, t.float().double(), backend="reference", **kw)
+    (g64,) = torch.autograd.grad(ref, [x64])
+    return out.double().detach(), g.double(), ref.detach(), g64
+
+
+POWER_LIMITS = [  # (function, parameters, the limit it approaches)
+    (fastkd.alpha_divergence_loss, {"alpha": 1e-6}, "reverse_kl"),
+    (fastkd.alpha_divergence_loss, {"alpha": 1 - 1e-6}, "forward_kl"),
+    (fastkd.ab_divergence_loss, {"alpha": 1e-6, "beta": 1.0}, "reverse_kl"),
+    (fastkd.ab_divergence_loss, {"alpha": 1.0, "beta": -1e-6}, "forward_kl"),
+    (fastkd.renyi_loss, {"order": 1 + 1e-6}, "forward_kl"),
+    (fastkd.renyi_loss, {"order": 1 - 1e-6}, "forward_kl"),
+    (fastkd.renyi_loss, {"order": 1 + 1e-6, "reverse": True}, "reverse_kl"),
+    (fastkd.ab_divergence_loss, {"alpha": 0.4, "beta": -0.4 + 1e-5}, None),  # 0 < |s| small: no cancellation
+    (fastkd.ab_divergence_loss, {"alpha": 1e-7, "beta": 2e-7}, None),  # a, b, s all near 0: d^2 / 2
+    (fastkd.ab_divergence_loss, {"alpha": -2e-4, "beta": 3e-4}, None),
+]
+
+
+@pytest.mark.parametrize("backend", ("cpu", "triton"))
+@pytest.mark.parametrize("fn, params, limit", POWER_LIMITS,
+                         ids=[f"{f.__name__}-{p}" for f, p, _ in POWER_LIMITS])
+def test_power_divergence_limits_in_float32(fn, params, limit, backend):
+    """Near the limits of their parameters the fused float32 kernels stay within float32 rounding of float64
+    (the forms have no cancellation there), and the value is that of the limit (KL) to O(distance)."""
+    from backend_cases import skip_unless_runs
+
+    skip_unless_runs({"alpha_divergence_loss": "alpha_divergence", "ab_divergence_loss": "ab_divergence",
+                      "renyi_loss": "renyi"}[fn.__name__], backend)
+    s, t = _power_rows(23, n=3, v=2 * 2048 + 9)
+    out, g, ref, g64 = _fused_and_ref(fn, backend, s, t, temperature=1.5, **params)
+    assert abs(out.item() - ref.item()) <= 2e-6 * abs(ref.item())
+    assert rel_norm(g, g64) < 2e-6
+    if limit is not None:
+        kl = getattr(fastkd, f"{limit}_loss")(s.float().double(), t.float().double(), temperature=1.5)
+        assert abs(ref.item() - kl.item()) <= 2e-5 * abs(kl.item())
+    else:  # a, b, s near 0 together: sum (lp - lq)^2 / 2 to first order
+        lp, lq = F.log_softmax(t.float().double() / 1.5, -1), F.log_softmax(s.float().double() / 1.5, -1)
+        if max(abs(v) for v in params.values()) < 1e-3:
+            half_sq = 0.5 * ((lp - lq) ** 2).sum(-1).mean()
+            assert abs(ref.item() - half_sq.item()) <= 1e-2 * half_sq.item()
+
+
+@pytest.mark.parametrize("r", (0.5, 2.0, 3.5))
+@pytest.mark.parametrize("reverse", (False, True))
+def test_renyi_by_formula(r, reverse):
+    s, t = _power_rows(24)
+    p, q = F.softmax(t, -1), F.softmax(s, -1)
+    x, y = (q, p) if reverse else (p, q)
+    out = fastkd.renyi_loss(s, t, order=r, reverse=reverse, reduction="none")
+    torch.testing.assert_close(out, (x ** r * y ** (1 - r)).sum(-1).log() / (r - 1), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", ("reference", "cpu", "triton"))
+def test_power_divergences_with_one_sided_mass_are_inf_never_nan(backend):
+    """A class with mass on one side only: Amari alpha < 0 with p = 0 (and alpha > 1 with q = 0), Renyi of order >= 1
+    with q = 0 < p: +inf; AB with s, a, b > 0 stays finite (p^s / (b s)); classes both nets mask add 0."""
+    if backend != "reference":
+        from backend_cases import skip_unless_runs
+        skip_unless_runs("ab_divergence", backend)
+    s, t = torch.randn(3, 2 * 2048 + 3, dtype=torch.float32), torch.randn(3, 2 * 2048 + 3, dtype=torch.float32)
+    t[0, 5] = -INF  # p = 0 < q
+    s[1, 4097] = -INF  # q = 0 < p (past the first block)
+    s[2, 7], t[2, 7] = -INF, -INF  # both: adds 0
+    cases = [(fastkd.alpha_divergence_loss, {"alpha": -0.5}, [True, False, False]),
+             (fastkd.alpha_divergence_loss, {"alpha": 1.5}, [False, True, False]),
+             (fastkd.ab_divergence_loss, {"alpha": 0.2, "beta": 0.7}, [False, False, False]),
+             (fastkd.ab_divergence_loss, {"alpha": 0.0, "beta": 0.0}, [True, True, False]),
+             (fastkd.renyi_loss, {"order": 2.0}, [False, True, False]),
+             (fastkd.renyi_loss, {"order": 0.5}, [False, False, False])]
+    for fn, params, infinite in cases:
+        out = fn(s, t, reduction="none", backend=backend, **params)
+        assert not out.isnan().any(), (fn.__name__, params)
+        assert out.isinf().tolist() == infinite, (fn.__name__, params, out)
+        ref = fn(s.double(), t.double(), reduction="none", backend="reference", **params)
+        finite = ~ref.isinf()
+        torch.testing.assert_close(out.double()[finite], ref[finite], rtol=2e-5, atol=0)
+
+
+def test_power_parameter_errors():
+    s, t = torch.randn(2, 5), torch.randn(2, 5)
+    for fn, kwargs, exc, message in (
+            (fastkd.alpha_divergence_loss, dict(alpha=float("nan")), ValueError, "alpha must be finite"),
+            (fastkd.ab_divergence_loss, dict(beta=float("inf")), ValueError, "beta must be finite"),
+            (fastkd.ab_divergence_loss, dict(alpha="a"), TypeError, "alpha must be a number"),
+            (fastkd.renyi_loss, dict(order=0.0), ValueError, "order"),
+            (fastkd.renyi_loss, dict(order=float("inf")), ValueError, "order"),
+            (fastkd.renyi_loss, dict(reverse=1), TypeError, "reverse must be a bool")):
+        with pytest.raises(exc, match=message):
+            fn(s, t, **kwargs)
+        module = {"alpha_divergence_loss": fastkd.nn.AlphaDivergenceLoss, "ab_divergence_loss":
+                  fastkd.nn.ABDivergenceLoss, "renyi_loss": fastkd.nn.RenyiLoss}[fn.__name__]
+        with pytest.raises(exc, match=message):
+            module(**kwargs)
+        divergence = fn.__name__[:-len("_loss")]
+        with pytest.raises(exc, match=message):
+            fastkd.fused_linear_kd_loss(torch.randn(2, 3), torch.randn(5, 3), torch.randn(2, 5),
+                                        divergence=divergence, **kwargs)
+    # AB's beta is any real (JSD's is in [0, 1])
+    assert torch.isfinite(fastkd.ab_divergence_loss(s, t, alpha=0.5, beta=-2.0))
+
+
+def test_renyi_out_of_float32_range():
+    """Rows whose S = sum p^r q^(1 - r) leaves float32's range (the divergence above about 87 / |1 - r|) give +inf on
+    the fused backends, never NaN, and the rows around them are unaffected; float64 (the reference) is finite."""
+    s, t = torch.zeros(3, 64), torch.zeros(3, 64)
+    s[:, 1:] = -400.0
+    t[:, 1:] = -400.0
+    t[1, 0], t[1, 5] = -400.0, 0.0  # the nets confident on different classes: D about 400
+    for order, reverse in ((0.5, False), (2.0, True)):
+        out = fastkd.renyi_loss(s, t, order=order, reverse=reverse, reduction="none")
+        ref = fastkd.renyi_loss(s.double(), t.double(), order=order, reverse=reverse, reduction="none")
+        assert not out.isnan().any() and torch.isfinite(ref).all()
+        assert out[1] == INF and ref[1] > 87 / abs(1 - order)
+        torch.testing.assert_close(out[[0, 2]].double(), ref[[0, 2]], rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ the same (rounded) values, its gradients from autograd. Values by allclose,
 gradients by the relative norm ``||g - r|| / ||r||`` (< 1e-5 in float32).
 """
 import math
+import os
 
 import pytest
 import torch
@@ -39,6 +40,10 @@ DIVS = {
     "jeffreys": ("jeffreys", {}),
     "triangular": ("triangular", {}),
     "entropy_gated": ("entropy_gated_kl", {"alpha_min": 0.2, "alpha_max": 0.9, "tau": 0.8, "scale": 0.1}),
+    "alpha": ("alpha_divergence", {"alpha": 0.5}),
+    "ab": ("ab_divergence", {"alpha": 0.2, "beta": 0.7}),
+    "renyi": ("renyi", {"order": 0.5}),
+    "renyi_rev": ("renyi", {"order": 2.0, "reverse": True}),
     "kd": ("forward_kl", {}),  # kd_loss: forward KL times T^2
 }
 # dtype -> (loss rtol, gradient relative-norm bound)
@@ -82,7 +87,8 @@ def call_ref(name, s, t, *, T=1.0, reduction="batchmean", target=None, ignore_in
         return R.LossParts(loss, (T * T * soft).detach(), full.hard)
     fn = {"reverse_kl": R.reverse_kl_loss, "jsd": R.jsd_loss, "skew_kl": R.skew_kl_loss, "tvd": R.tvd_loss,
           "jeffreys": R.jeffreys_loss, "triangular": R.triangular_loss,
-          "entropy_gated_kl": R.entropy_gated_kl_loss}[base]
+          "entropy_gated_kl": R.entropy_gated_kl_loss, "alpha_divergence": R.alpha_divergence_loss,
+          "ab_divergence": R.ab_divergence_loss, "renyi": R.renyi_loss}[base]
     return fn(s, t, temperature=T, **params, **kw)
 
 
@@ -181,7 +187,7 @@ def test_dense_128k_row():
 
 
 @pytest.mark.parametrize("name", ["reverse_kl", "jsd0.1", "jsd0.5", "skew", "skew_rev", "tvd", "kd", "jeffreys",
-                                  "triangular", "entropy_gated"])
+                                  "triangular", "entropy_gated", "ab", "renyi"])
 def test_dense_confident_and_masked(name):
     """Logit gaps of 100, -inf on either side (not on the same class), log-probs below -104."""
     V = WIDE
@@ -192,7 +198,8 @@ def test_dense_confident_and_masked(name):
     t[3, 60:90] = -INF  # and on the teacher side
     s[2, 3000] = t[2, 3000] = 200.0  # a shared class far above all others: the others' log-probs < -104
     s[3] *= 20.0  # spread: log-probs far below -104
-    finite = name in ("tvd", "triangular") or name in ("jsd0.1", "jsd0.5", "skew", "skew_rev")
+    # (AB at (0.2, 0.7) and Renyi of order 1/2 are finite with one-sided mass: s, a, b > 0; r < 1)
+    finite = name in ("tvd", "triangular", "ab", "renyi") or name in ("jsd0.1", "jsd0.5", "skew", "skew_rev")
     if finite:
         check(name, s, t, T=1.0, target=torch.tensor([10, 20, 3000, 1]), ce_weight=0.3)
         check(name, s, t, T=2.0)
@@ -406,6 +413,8 @@ PUBLIC = {
     "tvd": (fastkd.tvd_loss, R.tvd_loss, {}),
     "entropy_gated": (fastkd.entropy_gated_kl_loss, R.entropy_gated_kl_loss,
                       {"alpha_min": 0.2, "alpha_max": 0.9, "tau": 0.3, "scale": 0.2}),
+    "ab": (fastkd.ab_divergence_loss, R.ab_divergence_loss, {"alpha": 0.2, "beta": 0.7}),
+    "renyi_rev": (fastkd.renyi_loss, R.renyi_loss, {"order": 2.0, "reverse": True}),
 }
 
 
@@ -469,3 +478,21 @@ def test_forward_kl_ce_fast_path(T):
     assert soft.item() == 0.0
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=0)
     assert rel_norm(gs, s64.grad) < 1e-5
+
+
+@pytest.mark.parametrize("op", ["cpu", "triton"])
+def test_power_kinds_refuse_bad_parameters(op):
+    """The op itself: kind 5 (Renyi's internal gradient pass) is no argument, Renyi's order must be finite and > 0,
+    the AB divergence's alpha and beta finite (the Python layer checks them first; the op does too)."""
+    if op == "triton":
+        from fastkd.triton.divergence import divergence_fwd as fwd
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the Triton op on CPU tensors needs the interpreter")
+    else:
+        fwd = torch.ops.fastkd.divergence_fwd
+    s, t = torch.randn(2, 8), torch.randn(2, 8)
+    empty, w = torch.empty(0, dtype=torch.int64), torch.ones(2)
+    for kind, a, b, word in ((5, 0.5, 0.0, "kind"), (6, 0.0, 0.0, "order"), (6, INF, 0.0, "order"),
+                             (4, float("nan"), 0.5, "alpha"), (4, 0.5, INF, "alpha")):
+        with pytest.raises((ValueError, RuntimeError), match=word):
+            fwd(s, t, empty, empty, w, 1.0, kind, a, b, 0.0, 0.0, 1.0, 0.0, 0, True, True, False)

@@ -70,6 +70,8 @@ FUNCTIONS = {
     "triangular": (fastkd.triangular_loss, fastkd.reference.triangular_loss, {}),
     "entropy_gated_kl": (fastkd.entropy_gated_kl_loss, fastkd.reference.entropy_gated_kl_loss,
                          {"alpha_min": 0.2, "alpha_max": 0.9, "tau": 0.7, "scale": 0.2}),
+    "ab_divergence": (fastkd.ab_divergence_loss, fastkd.reference.ab_divergence_loss, {"alpha": -0.2, "beta": 0.9}),
+    "renyi": (fastkd.renyi_loss, fastkd.reference.renyi_loss, {"order": 1.5}),
 }
 
 

@@ -45,7 +45,7 @@ def head(h, w, b=None, scale=None, softcap=None):
 
 
 def composition(h, w, teacher, target=None, *, divergence="kl", temperature=1.0, beta=0.5, skew=0.1,
-                alpha_min=0.0, alpha_max=1.0, tau=0.5, scale=0.1, mu=0.5, ce_weight=0.0, student_bias=None, teacher_bias=None, logit_scale=None, softcap=None,
+                alpha_min=0.0, alpha_max=1.0, tau=0.5, scale=0.1, alpha=None, order=0.5, reverse=False, mu=0.5, ce_weight=0.0, student_bias=None, teacher_bias=None, logit_scale=None, softcap=None,
                 ignore_index=-100, reduction="batchmean", sample_weight=None, return_parts=False, chunk_size=None,
                 teacher_vocab="truncate"):
     """The unfused loss in float64 (what the fused op must equal); ``chunk_size`` is ignored."""
@@ -66,7 +66,11 @@ def composition(h, w, teacher, target=None, *, divergence="kl", temperature=1.0,
              "tvd": ("tvd", {}), "jeffreys": ("jeffreys", {}), "triangular": ("triangular", {}),
              "entropy_gated_kl": ("entropy_gated_kl", {"alpha_min": alpha_min, "alpha_max": alpha_max, "tau": tau,
                                                        "scale": scale}),
-             "akl": ("akl", {"mu": mu})}
+             "akl": ("akl", {"mu": mu}),
+             "alpha_divergence": ("alpha_divergence", {"alpha": 0.5 if alpha is None else alpha}),
+             "ab_divergence": ("ab_divergence", {"alpha": 0.2 if alpha is None else alpha,
+                                                 "beta": 0.7 if beta is None else beta}),
+             "renyi": ("renyi", {"order": order, "reverse": reverse})}
     kind, params = kinds[divergence]
     return R.compute(s, t, temperature, reduction, target, ignore_index, sample_weight, ce_weight, return_parts,
                       kind, scale_t2=divergence == "kl", **params)
@@ -224,7 +228,7 @@ def test_reductions_are_global_over_chunks(backend, reduction):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ("tail", "renormalize"))
-@pytest.mark.parametrize("divergence", ("kl", "reverse_kl", "jsd", "entropy_gated_kl"))
+@pytest.mark.parametrize("divergence", ("kl", "reverse_kl", "jsd", "entropy_gated_kl", "ab_divergence", "renyi"))
 def test_topk_teacher(backend, mode, divergence):
     sh, sw, sb, th, tw, tb, target = data(seed=6)
     topk = fastkd.TopKTeacher.from_logits(head(th, tw).float(), 12, mode=mode)

@@ -17,7 +17,7 @@ PUBLIC_NAMES = {
         "teacher_topk", "topk_from_logits",  # issue 21
         # issue 22
         "jeffreys_loss", "triangular_loss",
-        "entropy_gated_kl_loss",
+        "entropy_gated_kl_loss", "alpha_divergence_loss", "ab_divergence_loss", "renyi_loss",
         # issue 23: across tokenizers
         "uld_loss", "ULDParts", "VocabMap", "MappedTeacher", "hybrid_uld_loss", "HybridParts",
         "align_tokens", "merge_aligned", "Alignment", "token_offsets",
@@ -26,12 +26,12 @@ PUBLIC_NAMES = {
         "ATSLoss", "CosineCurriculum", "DISTLoss", "DKDLoss", "FusedLinearKDLoss", "GradientReversal", "JSDLoss",
         "KDLoss", "LearnableTemperature", "MGDLoss", "ReverseKLLoss", "SimKD", "SkewKLLoss", "TVDLoss",
         "JeffreysLoss", "TriangularLoss", "ULDLoss", "HybridULDLoss",
-        "EntropyGatedKLLoss",
+        "EntropyGatedKLLoss", "AlphaDivergenceLoss", "ABDivergenceLoss", "RenyiLoss",
     ],
     "fastkd.functional": [
         "ats_loss", "dist_loss", "dkd_loss", "ipw_weights", "jsd_loss", "kd_loss", "mgd_loss", "reverse_kl_loss",
         "simkd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss", "triangular_loss",
-        "entropy_gated_kl_loss",
+        "entropy_gated_kl_loss", "alpha_divergence_loss", "ab_divergence_loss", "renyi_loss",
         "teacher_topk", "topk_from_logits",  # issue 21
         "uld_loss", "hybrid_uld_loss", "merge_aligned",
     ],
@@ -40,14 +40,14 @@ PUBLIC_NAMES = {
         "LossParts", "ats_loss", "dist_loss", "dkd_loss", "ipw_weights", "jsd_loss", "kd_loss", "kd_topk_loss",
         "mgd_keep_mask", "mgd_loss", "reverse_kl_loss", "simkd_loss", "skew_kl_loss", "topk_log_probs", "tvd_loss",
         "jeffreys_loss", "triangular_loss",
-        "entropy_gated_kl_loss",
+        "entropy_gated_kl_loss", "alpha_divergence_loss", "ab_divergence_loss", "renyi_loss",
         "uld_loss",
     ],
     "fastkd.cache": ["CacheError", "TeacherCache", "TeacherCacheWriter", "collate", "from_axolotl", "to_axolotl"],
     "fastkd.distributed": [
         "PER_ROW_FLOATS", "ats_loss", "comm_stats", "count_comm", "dist_loss", "dkd_loss", "jsd_loss", "kd_loss",
         "reset_comm_stats", "reverse_kl_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss", "triangular_loss",
-        "entropy_gated_kl_loss",
+        "entropy_gated_kl_loss", "alpha_divergence_loss", "ab_divergence_loss", "renyi_loss",
         # documented knobs and helpers outside __all__
         "CHUNK_MAX", "CHUNK_MIN_ROWS", "CommStats", "SHARD_KERNELS", "fused_linear_row_op", "shard_kernels",
     ],

@@ -28,18 +28,25 @@ LOGIT_LOSSES = ("kd", "kd_temp", "ats", "dkd", "dist")
 # "tail" mode; the teacher gradient is w.r.t. its log-probs).
 LM_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tvd", "kd_ce", "ats_ce", "dkd_ce", "jsd_topk",
              "kd_topk", "rkl_topk_renorm", "jeffreys", "triangular", "jeffreys_topk", "triangular_topk_renorm",
-             "entropy_gated_kl", "entropy_gated_kl_topk")
+             "entropy_gated_kl", "entropy_gated_kl_topk", "alpha_div", "ab_div", "renyi", "renyi_rev", "ab_topk",
+             "renyi_topk_renorm")
 LM_SHAPES = ("ragged_2x2048+5", "vocab_128256", "3d_2x3x1000")
 # The fastkd.dispatch.backend.LOSS_OPS key a matrix loss needs.
 BACKEND_LOSS = {"kd_temp": "kd", "kd_ce": "kd+ce", "ats_ce": "ats+ce", "dkd_ce": "dkd+ce", "skew_rkl": "skew_kl",
                 "jsd_topk": "jsd", "rkl_topk_renorm": "reverse_kl", "jeffreys_topk": "jeffreys",
-                "triangular_topk_renorm": "triangular", "entropy_gated_kl_topk": "entropy_gated_kl"}
-TOPK = {"entropy_gated_kl_topk": "tail",
+                "triangular_topk_renorm": "triangular", "entropy_gated_kl_topk": "entropy_gated_kl",
+                "alpha_div": "alpha_divergence", "ab_div": "ab_divergence", "ab_topk": "ab_divergence",
+                "renyi_rev": "renyi", "renyi_topk_renorm": "renyi"}
+TOPK = {"entropy_gated_kl_topk": "tail", "ab_topk": "tail", "renyi_topk_renorm": "renormalize",
         "jsd_topk": "tail", "kd_topk": "tail", "rkl_topk_renorm": "renormalize", "jeffreys_topk": "tail",
         "triangular_topk_renorm": "renormalize"}
 # jsd, triangular, jeffreys_topk: with ce_weight
 WITH_TARGET = ("ats", "dkd", "kd_ce", "ats_ce", "dkd_ce", "jsd", "jsd_topk", "triangular", "jeffreys_topk",
-               "entropy_gated_kl")
+               "entropy_gated_kl", "ab_div", "renyi", "ab_topk")
+# The power divergences' parameters here: Amari's alpha outside [0, 1] (every class's p^a q^(1 - a) with a < 0),
+# ABKD's (0.2, 0.7), a reverse Renyi of order 2 and a forward one of order 0.5
+POWER = {"alpha_div": {"alpha": -0.3}, "ab_div": {"alpha": 0.2, "beta": 0.7}, "ab_topk": {"alpha": 0.2, "beta": 0.7},
+         "renyi": {"order": 0.5}, "renyi_rev": {"order": 2.0, "reverse": True}, "renyi_topk_renorm": {"order": 0.5}}
 # The entropy gate's parameters in these tests: w = 0.2 + 0.7 sigmoid((H / log V - 0.8) / 0.1), in its steep part
 # on the dense rows here (H / log V about 0.85), so an error in the entropy shows in the loss and both gradients.
 GATE = {"alpha_min": 0.2, "alpha_max": 0.9, "tau": 0.8, "scale": 0.1}
@@ -100,6 +107,10 @@ def _call(loss, backend, s, t, target, weight, temperature, reduction, ids=None)
         return fastkd.triangular_loss(s, t, ce_weight=0.3 if target is not None else 0.0, **kw)
     if loss in ("entropy_gated_kl", "entropy_gated_kl_topk"):
         return fastkd.entropy_gated_kl_loss(s, t, ce_weight=0.3 if target is not None else 0.0, **GATE, **kw)
+    if loss in POWER:
+        fn = {"alpha_div": fastkd.alpha_divergence_loss, "ab_div": fastkd.ab_divergence_loss,
+              "ab_topk": fastkd.ab_divergence_loss}.get(loss, fastkd.renyi_loss)
+        return fn(s, t, ce_weight=0.3 if target is not None else 0.0, **POWER[loss], **kw)
     if loss in ("skew_kl", "skew_rkl"):
         return fastkd.skew_kl_loss(s, t, skew=0.2, reverse=loss == "skew_rkl", **kw)
     assert loss == "tvd", loss
@@ -212,7 +223,8 @@ def test_lm_loss_matches_float64_reference(loss, backend, shape_name, dtype, lay
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("loss", ("kd", "kd_temp", "ats", "dkd", "kd_ce", "jsd", "tvd", "jsd_topk", "jeffreys",
-                                  "triangular", "jeffreys_topk", "entropy_gated_kl", "entropy_gated_kl_topk"))
+                                  "triangular", "jeffreys_topk", "entropy_gated_kl", "entropy_gated_kl_topk",
+                                  "ab_div", "renyi", "ab_topk"))
 def test_ignore_index_sample_weight_and_reductions(loss, backend, reduction):
     ids = None
     if loss in TOPK:
@@ -270,7 +282,7 @@ def test_skipped_rows_are_not_read(loss, backend):
 @pytest.mark.parametrize("net", ("student", "teacher"))
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("loss", ("kd", "kd_ce", "ats", "dkd", "dist", "reverse_kl", "jsd", "skew_kl", "tvd", "jeffreys",
-                                  "triangular", "entropy_gated_kl"))
+                                  "triangular", "entropy_gated_kl", "ab_div", "renyi_rev"))
 def test_nan_logit_gives_nan_where_the_reference_does(loss, backend, net):
     """One NaN logit (in a row's ragged tail, past the first block): the loss rows and every gradient entry
     are NaN exactly where the float64 reference's are (the row's whole gradient for both nets, except TVD's
@@ -367,7 +379,8 @@ def test_mgd_matches_float64_reference(mask_type, backend, dtype, layout):
 
 _TOPK_FNS = {"forward_kl": fastkd.forward_kl_loss, "reverse_kl": fastkd.reverse_kl_loss, "jsd": fastkd.jsd_loss,
              "tvd": fastkd.tvd_loss, "jeffreys": fastkd.jeffreys_loss, "triangular": fastkd.triangular_loss,
-             "entropy_gated_kl": functools.partial(fastkd.entropy_gated_kl_loss, **GATE)}
+             "entropy_gated_kl": functools.partial(fastkd.entropy_gated_kl_loss, **GATE),
+             "ab_divergence": fastkd.ab_divergence_loss, "renyi": fastkd.renyi_loss}
 
 
 def _topk_run(loss, backend, s, lp, ids, mode, target=None, ce_weight=0.0):
@@ -473,7 +486,7 @@ def test_cross_entropy_alone_has_soft_zero_on_nan_rows(mode, backend):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("loss", ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tvd", "jeffreys",
-                                  "triangular", "entropy_gated_kl"))
+                                  "triangular", "entropy_gated_kl", "alpha_div", "ab_div", "renyi"))
 def test_divergence_with_nets_at_different_large_offsets(loss, backend):
     """Student logits around +1e4, teacher logits around -1e4: the kernels subtract each net's own maximum before
     forming lp - lq (t - s would lose |t - s| eps, 6e-4 of the gradient); every gradient within 1e-5 of float64."""
@@ -491,7 +504,7 @@ def test_divergence_with_nets_at_different_large_offsets(loss, backend):
 @pytest.mark.parametrize("backend", ("reference",) + FUSED)
 @pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=("0_rows", "2x0_rows"))
 @pytest.mark.parametrize("loss", ("kd", "forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd", "dkd", "jeffreys",
-                                  "triangular", "entropy_gated_kl"))
+                                  "triangular", "entropy_gated_kl", "ab_divergence", "renyi"))
 def test_empty_batch_with_cross_entropy(loss, lead, backend):
     """No rows, a target of the same (empty) leading shape and ce_weight > 0: loss 0 and empty gradients on every
     backend (the op took the empty target for "no target" and refused the ce_weight)."""

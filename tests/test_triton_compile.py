@@ -166,6 +166,10 @@ def _div_jobs(add):
     add_dense(90, bf, dict(KIND=7, **full, BLOCK=block), warps, "A")
     for tail in BOOLS:
         add("div_topk", 90, bf, dict(KIND=7, TAIL=tail, **full, BLOCK=block, KP=DIV_KP[0]), warps, "A")
+    # the power divergences (kind 4: AB; kind 6: Renyi, its U, S then kind 5's gradients at the row's 1 / S)
+    for kind in (4, 6):
+        add_dense(90, bf, dict(KIND=kind, **full, BLOCK=block), warps, "A")
+        add("div_topk", 90, bf, dict(KIND=kind, TAIL=True, **full, BLOCK=block, KP=DIV_KP[0]), warps, "A")
     # the two-pass path (forward / reverse KL: SUMS_KNOWN, CROSS the KL that pass 1 sums)
     for cross, gs, gt in ((2, True, False), (2, True, True), (1, False, True), (1, True, True), (0, True, False),
                           (0, False, True)):
@@ -237,6 +241,13 @@ def _shard_jobs(add):
             add("shard_terms", arch, f32, dict(KIND=7, GRAD_S=False, GRAD_T=False, STORE_GRAD=False, ONE_HOT=False,
                                                BLOCK=block), warps, tag)
             add("shard_grad", arch, f32, dict(KIND=7, GRAD_S=True, GRAD_T=True, RECOMPUTE=True, ONE_HOT=True,
+                                              BLOCK=block), warps, tag)
+            # the power divergences: AB stores G, H; Renyi stores nothing, its grad evaluates kind 5 at 1 / S
+            add("shard_terms", arch, f32, dict(KIND=4, GRAD_S=True, GRAD_T=True, STORE_GRAD=False, ONE_HOT=False,
+                                               BLOCK=block), warps, tag)
+            add("shard_terms", arch, f32, dict(KIND=6, GRAD_S=False, GRAD_T=False, STORE_GRAD=False, ONE_HOT=False,
+                                               BLOCK=block), warps, tag)
+            add("shard_grad", arch, f32, dict(KIND=6, GRAD_S=True, GRAD_T=True, RECOMPUTE=True, ONE_HOT=True,
                                               BLOCK=block), warps, tag)
         # forward KL with no teacher gradient: the student's gradient from the terms pass, with the CE's one-hot
         for d, one_hot in itertools.product([f32] + low, BOOLS if arch == 90 else (True,)):

@@ -45,6 +45,10 @@ DIVERGENCES = [
     ("jeffreys", 2, (1.0, 1.0, 0.0, 0.0)),
     ("triangular", 3, (0.0, 0.0, 0.0, 0.0)),
     ("entropy_gated_kl", 7, (0.2, 0.9, 0.7, 0.1)),  # alpha_min, alpha_max, tau, scale
+    ("ab_divergence", 4, (0.2, 0.7, 0.0, 0.0)),  # alpha, beta
+    ("alpha_divergence-0.4", 4, (-0.4, 1.4, 0.0, 0.0)),
+    ("renyi", 6, (0.5, 0.0, 0.0, 0.0)),  # order, reverse
+    ("renyi_rev2", 6, (2.0, 1.0, 0.0, 0.0)),
 ]
 FORWARD_KL = R.divergence_coefficients("forward_kl")
 
@@ -231,7 +235,8 @@ def test_non_contiguous_inputs(narrow_blocks):
 
 TOPK_DIVERGENCES = [("forward_kl", 0, FORWARD_KL)] + [d for d in DIVERGENCES if d[0] in
                                                        ("reverse_kl", "jsd0.5", "skew_kl", "skew_rkl", "tvd",
-                                                        "jeffreys", "triangular", "entropy_gated_kl")]
+                                                        "jeffreys", "triangular", "entropy_gated_kl",
+                                                        "ab_divergence", "renyi", "renyi_rev2")]
 
 
 @pytest.mark.parametrize("mode", [1, 2], ids=["tail", "renormalize"])
@@ -332,7 +337,7 @@ def test_argument_errors_name_the_argument():
                                  a["temperature"], a["kind"], 0.5, 0.5, 0.5, 0.5, 1.0, a["ce_weight"],
                                  a["topk_mode"], True, True, True)
 
-    for kw, word in ((dict(kind=4), "kind"), (dict(topk_mode=3), "topk_mode"), (dict(temperature=0.0), "temperature"),
+    for kw, word in ((dict(kind=5), "kind"), (dict(topk_mode=3), "topk_mode"), (dict(temperature=0.0), "temperature"),
                      (dict(teacher=t[:, :-1]), "shapes"), (dict(target=no_target(), ce_weight=0.5), "ce_weight"),
                      (dict(row_weight=w.double()), "row_weight"), (dict(topk_mode=1), "topk_ids"),
                      (dict(topk_ids=torch.zeros(N, 3, dtype=torch.int64, device=DEVICE)), "topk_ids")):
@@ -362,7 +367,9 @@ def test_autograd_scales_the_stored_gradients(narrow_blocks):
 @pytest.mark.parametrize("grads", [(True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("name,coef,passes", [("forward_kl", FORWARD_KL, 2), ("reverse_kl", DIVERGENCES[0][2], 2),
                                               ("jsd0.5", R.divergence_coefficients("jsd", beta=0.5), 3),
-                                              ("entropy_gated_kl", (0.2, 0.9, 0.7, 0.1), 3)])
+                                              ("entropy_gated_kl", (0.2, 0.9, 0.7, 0.1), 3),
+                                              ("ab_divergence", (0.2, 0.7, 0.0, 0.0), 3),
+                                              ("renyi", (0.5, 0.0, 0.0, 0.0), 3)])
 def test_dense_passes(narrow_blocks, monkeypatch, name, coef, passes, grads):
     """Reads of each logit per call: two where sum G and sum H are known after the statistics
     pass (forward and reverse KL, any gradients: the KL as KD's cross term), three otherwise.
@@ -382,7 +389,8 @@ def test_dense_passes(narrow_blocks, monkeypatch, name, coef, passes, grads):
         return load(self, ptrs, mask, other, *rest)
 
     monkeypatch.setattr(interp.InterpreterBuilder, "create_masked_load", counting_load)
-    kind = 7 if name == "entropy_gated_kl" else 0  # (the entropy gate: statistics, its three sums, gradients)
+    # (the entropy gate: statistics, its three sums, gradients; AB and Renyi: statistics, sums (U, S), gradients)
+    kind = {"entropy_gated_kl": 7, "ab_divergence": 4, "renyi": 6}.get(name, 0)
     args = (s, t, no_ids(), target, w, 2.0, kind, *coef, 4.0, 0.1, 0, False, *grads)
     out = ft.divergence_fwd(*args)
     monkeypatch.undo()

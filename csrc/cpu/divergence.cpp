@@ -1,5 +1,6 @@
-// fastkd::divergence_fwd on the CPU: reverse KL, JSD, skew KL, TVD, forward KL
-// against a top-k teacher, and the cross-entropy fused with any of them, one row at
+// fastkd::divergence_fwd on the CPU: reverse KL, JSD, skew KL, TVD, Jeffreys, triangular, the power
+// divergences (AB, Renyi), entropy-gated KL, forward KL against a top-k teacher, and the cross-entropy fused
+// with any of them, one row at
 // a time (math in csrc/divergence_math.h, contract in docs/design.md), parallel over
 // rows, vectorised over classes.
 //
@@ -234,6 +235,90 @@ FASTKD_INLINE void dense_gate_chunk(const float* s, const float* t, int64_t n, f
   kl_pq += a, kl_qp += b, ent += h;
 }
 
+// (2) of one chunk of a power divergence (kinds 4, 6), from the log-probs of the logits (not the kept exps:
+// q^s, p^s are exps of s lq, s lp). Kind 4: soft, G (to g_row), H (to the teacher-gradient row) and their sums
+// (div_ab_terms), then (3) is dense_finish_chunk's. Kind 6: the sum of t = x phi_c(e) (U) in soft; the parts
+// (3) needs, x^r y^c and t, kept (student side in g_row, teacher side in the teacher row; div_renyi_parts).
+template <int kKind, bool kGS, bool kGT, bool kSumSoft = false>
+FASTKD_INLINE void dense_power_chunk(const DivParams& dp, const float* s, const float* t, int64_t n, float inv_t,
+                                     const DenseRow& r, float to_q, float to_p, const float* kept_s,
+                                     const float* kept_t, float* gt, float* g_row, double& soft, double& sum_g,
+                                     double& sum_h) {
+  const DivParams d = dp;
+  const bool rev = d.b != 0.0f;  // kind 6
+  double so = 0.0, sg = 0.0, sh = 0.0;
+#pragma omp simd reduction(+ : so, sg, sh)
+  for (int64_t j = 0; j < n; ++j) {
+    const float lq = (s[j] - r.ms) * inv_t - r.ls, lp = (t[j] - r.mt) * inv_t - r.lt;
+    const float delta = ((t[j] - r.mt) - (s[j] - r.ms)) * inv_t + r.dl;  // each maximum first (see above)
+    if (kKind == kDivAB) {  // unguarded (see div_ab_terms); a chunk with a zero probability is redone below
+      const DivTerms x = div_ab_terms<false, kSumSoft>(d, lp, lq, delta);
+      so += x.soft;
+      if (kGS || kSumSoft) sg += x.g;
+      if (kGS) g_row[j] = x.g;
+      if (kGT || kSumSoft) sh += x.h;
+      if (kGT) gt[j] = x.h;
+    } else {
+      const float xp = rev ? kept_s[j] * to_q : kept_t[j] * to_p;  // x = q or p from the kept exps
+      const DivRenyiParts x = div_renyi_parts_x(d.a, rev, xp, lp, lq, delta);
+      so += x.t, sg += x.xy;  // U and S
+      if (kGS) g_row[j] = rev ? x.t : x.xy;
+      if (kGT) gt[j] = rev ? x.xy : x.t;
+    }
+  }
+  if (kKind == kDivAB && kSumSoft) so = (sg + sh) / d.pw_s;  // (DivParams::pw_sum_soft)
+  if (kKind == kDivAB && !std::isfinite(so + sg + sh)) {  // a zero probability (or a NaN, or an inf term): guarded
+    so = sg = sh = 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+      const float lq = (s[j] - r.ms) * inv_t - r.ls, lp = (t[j] - r.mt) * inv_t - r.lt;
+      const DivTerms x = div_ab_terms<true>(d, lp, lq, ((t[j] - r.mt) - (s[j] - r.ms)) * inv_t + r.dl);
+      so += x.soft;
+      if (kGS) sg += x.g, g_row[j] = x.g;
+      if (kGT) sh += x.h, gt[j] = x.h;
+    }
+  }
+  soft += so, sum_g += sg, sum_h += sh;
+}
+
+// (3) of one chunk of a Renyi row: G = -k_g (kept student part), H = -k_h (kept teacher part), with
+// (k_g, k_h) = (1 / S, r / S) (reversed: (r / S, 1 / S)); reads the kept exps and parts, not the logits.
+template <bool kGS, bool kGT, int kCE1>
+FASTKD_INLINE void dense_renyi_finish_chunk(const float* s, int64_t n, const DenseRow& r, float k_g, float k_h,
+                                            float to_q, float to_p, float to_1, const float* kept_s,
+                                            const float* kept_t, const float* g_row, float* gs, float* gt) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float es = kept_s[j], q = es * to_q, p = kept_t[j] * to_p;
+    if (kGS) {
+      float out = r.coef * (-k_g * g_row[j] - q * r.sum_g);
+      if (kCE1 != kCE1None) out += r.ce * softmax1<kCE1>(r, es, q, s[j], to_1);
+      gs[j] = out;
+    }
+    if (kGT) gt[j] = r.coef * (-k_h * gt[j] - p * r.sum_h);
+  }
+}
+
+// (3) of one chunk of a Renyi row whose S < 1/2 (rare: the nets far apart): kind 5's G, H from the logits again.
+template <bool kGS, bool kGT, int kCE1>
+FASTKD_INLINE void dense_renyi_direct_chunk(const DivParams& dp, const float* s, const float* t, int64_t n,
+                                            float inv_t, const DenseRow& r, float to_q, float to_p, float to_1,
+                                            const float* kept_s, const float* kept_t, float* gs, float* gt) {
+  const DivParams d = dp;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float es = kept_s[j], q = es * to_q, p = kept_t[j] * to_p;
+    const float lq = (s[j] - r.ms) * inv_t - r.ls, lp = (t[j] - r.mt) * inv_t - r.lt;
+    const float delta = ((t[j] - r.mt) - (s[j] - r.ms)) * inv_t + r.dl;
+    const DivTerms x = div_renyi_grad_terms(d, lp, lq, delta);
+    if (kGS) {
+      float out = r.coef * (x.g - q * r.sum_g);
+      if (kCE1 != kCE1None) out += r.ce * softmax1<kCE1>(r, es, q, s[j], to_1);
+      gs[j] = out;
+    }
+    if (kGT) gt[j] = r.coef * (x.h - p * r.sum_h);
+  }
+}
+
 // (3) of one chunk of an entropy-gated row: kind 2's gradients at (a, b) = (w, u = 1 - w) from the parts (2)
 // kept (a weight of 0 drops its part: never 0 * inf); reads the kept exps and those parts, not the logits.
 template <bool kGS, bool kGT, int kCE1>
@@ -326,6 +411,57 @@ FASTKD_INLINE float dense_passes(const DivCall& c, const float* s, const float* 
       }
     }
     return gr.soft;
+  }
+  if constexpr (kKind == kDivAB || kKind == kDivRenyi) {
+    double soft = 0.0, sum_g = 0.0, sum_h = 0.0;
+    for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
+      const int64_t n = std::min(kStatsChunk, V - c0);
+      float to_q, to_p, to_1;
+      chunk_factors(k, to_q, to_p, to_1);
+      if (kKind == kDivAB && c.d.pw_sum_soft)
+        dense_power_chunk<kKind, kGS, kGT, true>(c.d, s + c0, t + c0, n, c.inv_t, r, to_q, to_p, kept_s + c0,
+                                                 kept_t + c0, kGT ? gt + c0 : nullptr, kGS ? g_row + c0 : nullptr,
+                                                 soft, sum_g, sum_h);
+      else
+        dense_power_chunk<kKind, kGS, kGT>(c.d, s + c0, t + c0, n, c.inv_t, r, to_q, to_p, kept_s + c0,
+                                           kept_t + c0, kGT ? gt + c0 : nullptr, kGS ? g_row + c0 : nullptr, soft,
+                                           sum_g, sum_h);
+    }
+    float row_soft = static_cast<float>(soft), k_g = 1.0f, k_h = 1.0f;
+    DivParams grad_d = c.d;
+    bool recompute = false;
+    if (kKind == kDivRenyi) {  // soft held U, sum_g S
+      const DivRenyiRow rr = div_renyi_row(c.d, row_soft, static_cast<float>(sum_g));
+      row_soft = rr.soft, sum_g = rr.sum_g, sum_h = rr.sum_h;
+      const bool rev = c.d.b != 0.0f;
+      k_g = rev ? c.d.a * rr.d.w_p : rr.d.w_p;
+      k_h = rev ? rr.d.w_p : c.d.a * rr.d.w_p;
+      grad_d = rr.d;
+      // a direct row (S < 1/2): its x side from x^r y^c, not the kept t; an infinite row: gradients 0
+      recompute = rr.d.w_q != 0.0f || rr.d.w_p == 0.0f;
+    }
+    if (kGS || kGT) {
+      r.sum_g = static_cast<float>(sum_g);
+      r.sum_h = static_cast<float>(sum_h);
+      for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
+        const int64_t n = std::min(kStatsChunk, V - c0);
+        float to_q, to_p, to_1;
+        chunk_factors(k, to_q, to_p, to_1);
+        if (kKind == kDivRenyi && recompute)
+          dense_renyi_direct_chunk<kGS, kGT, kCE1>(grad_d, s + c0, t + c0, n, c.inv_t, r, to_q, to_p, to_1,
+                                                   kept_s + c0, kept_t + c0, kGS ? gs + c0 : nullptr,
+                                                   kGT ? gt + c0 : nullptr);
+        else if (kKind == kDivAB)
+          dense_finish_chunk<kKind, kGS, kGT, kCE1>(s + c0, n, r, to_q, to_p, to_1, kept_s + c0, kept_t + c0,
+                                                    kGS ? g_row + c0 : nullptr, kGS ? gs + c0 : nullptr,
+                                                    kGT ? gt + c0 : nullptr);
+        else
+          dense_renyi_finish_chunk<kGS, kGT, kCE1>(s + c0, n, r, k_g, k_h, to_q, to_p, to_1, kept_s + c0,
+                                                   kept_t + c0, kGS ? g_row + c0 : nullptr, kGS ? gs + c0 : nullptr,
+                                                   kGT ? gt + c0 : nullptr);
+      }
+    }
+    return row_soft;
   }
   if (kKnown) {
     if (kGS || kGT) {
@@ -437,6 +573,8 @@ DivRowOut dense_row(const DivCall& c, const float* s, const float* t, int64_t g,
   else if (d.kind == kDivJeffreys) soft = FASTKD_DIV_ROW(kDivJeffreys, kMixBoth, kFormGeneral);
   else if (d.kind == kDivTriangular) soft = FASTKD_DIV_ROW(kDivTriangular, kMixBoth, kFormGeneral);
   else if (d.kind == kDivEntropyGated) soft = FASTKD_DIV_ROW(kDivEntropyGated, kMixBoth, kFormGeneral);
+  else if (d.kind == kDivAB) soft = FASTKD_DIV_ROW(kDivAB, kMixBoth, kFormGeneral);
+  else if (d.kind == kDivRenyi) soft = FASTKD_DIV_ROW(kDivRenyi, kMixBoth, kFormGeneral);
   else if (d.mix == kMixQ) soft = FASTKD_DIV_ROW(kDivKL, kMixQ, kFormGeneral);
   else if (d.mix == kMixP) soft = FASTKD_DIV_ROW(kDivKL, kMixP, kFormGeneral);
   else if (div_form(d) == kFormProp) soft = FASTKD_DIV_ROW(kDivKL, kMixBoth, kFormProp);
@@ -735,6 +873,22 @@ DivRowOut topk_row(const DivCall& c, int64_t i, const float* s, const float* lp,
       hop_tail = div_h_over_p(gr.d, p, q, lp_tail, lq_tail);
     }
   }
+  if (d.kind == kDivRenyi) {
+    // the sum was U over the buckets: the row's S, then G, H of kind 5 at it
+    const DivRenyiRow rr = div_renyi_row(d, soft, sum_g);  // U, S
+    soft = rr.soft, sum_g = rr.sum_g, sum_h = rr.sum_h;
+    for (int64_t k = 0; k < K; ++k) {
+      if (ids[k] < 0) continue;
+      const float lq = div_log_prob(s[ids[k]], ms_k, inv_t, lq_norm), lpk = lp[k] - lp_norm;
+      const DivTerms x = div_terms_any(rr.d, bp[k], bq[k], lpk, lq);
+      bg[k] = x.g, bh[k] = x.h;
+    }
+    if (c.topk_mode == kTopkTail) {
+      const float p = expf(lp_tail), q = expf(lq_tail);
+      g_tail = div_terms_any(rr.d, p, q, lp_tail, lq_tail).g;
+      hop_tail = div_h_over_p(rr.d, p, q, lp_tail, lq_tail);
+    }
+  }
   if (div_soft_on(d) && lq_norm != lq_norm) soft = NAN;  // a NaN student logit (the xlogy selects could hide it)
 
   if (gt) {
@@ -780,8 +934,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
     bool grad_teacher) {
   // kinds 4 to 6 are another branch's (appended there); div_kind_known accepts what this file implements
   TORCH_CHECK_VALUE(kind >= kDivKL && kind <= kDivLastKind && div_kind_known(kind),
-                    "fastkd: divergence_fwd kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL), 3 (triangular) "
-                    "or 7 (entropy-gated KL), got ", kind);
+                    "fastkd: divergence_fwd kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL), 3 (triangular), "
+                    "4 (AB divergence), 6 (Renyi) or 7 (entropy-gated KL), got ", kind);
+  TORCH_CHECK_VALUE(kind != kDivRenyi || (a > 0.0 && std::isfinite(a)), "fastkd: divergence_fwd: Renyi's order (a) "
+                    "must be a finite number > 0, got ", a);
+  TORCH_CHECK_VALUE(kind != kDivAB || (std::isfinite(a) && std::isfinite(b)), "fastkd: divergence_fwd: the AB "
+                    "divergence's alpha, beta (a, b) must be finite, got ", a, ", ", b);
   TORCH_CHECK_VALUE(topk_mode >= kTopkNone && topk_mode <= kTopkRenorm,
                     "fastkd: divergence_fwd topk_mode must be 0 (dense), 1 (tail) or 2 (renormalise), got ", topk_mode);
   TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "fastkd: temperature must be a finite number > 0, got ",

@@ -110,10 +110,10 @@ void check_shard_pair(const at::Tensor& student, const at::Tensor& teacher, int6
   check_shard_rows(teacher, "teacher");
   TORCH_CHECK(student.sizes() == teacher.sizes(), "fastkd: student and teacher shapes differ: ", student.sizes(),
               " and ", teacher.sizes());
-  // kinds 4 to 6 are another branch's (appended there); div_kind_known accepts what this file implements
+  // 5 (Renyi's gradient pass) is internal: the grad pass forms it from kind 6 and the row's 1 / S
   TORCH_CHECK_VALUE(kind == -1 || (kind >= kDivKL && kind <= kDivLastKind && div_kind_known(kind)),
-                    "fastkd: kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL), 3 (triangular) or 7 "
-                    "(entropy-gated KL), got ", kind);
+                    "fastkd: kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL), 3 (triangular), 4 (AB), 6 (Renyi) "
+                    "or 7 (entropy-gated KL), got ", kind);
 }
 
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
@@ -194,7 +194,12 @@ FASTKD_CPU_CLONES void terms_row(const DivParams& dp, const float* s, const floa
     const float q = vexp(div_log_prob(s[j], ms, inv_t, ls)), p = vexp(div_log_prob(t[j], mt, inv_t, lt));
     const float delta = ((t[j] - s[j]) - dm) * inv_t + dl;  // lp - lq from the raw logits
     // kind 7: the gate's three sums (KL(p || q), KL(q || p), H(p)), lp from the teacher's logits
-    const DivTerms x = kKind == kDivEntropyGated ? div_gate_terms(p, q, div_log_prob(t[j], mt, inv_t, lt), delta)
+    // kinds 4, 5, 6: from the log-probs (kind 6: the sum U in soft, nothing stored)
+    const float lq = div_log_prob(s[j], ms, inv_t, ls), lp = div_log_prob(t[j], mt, inv_t, lt);
+    const DivTerms x = kKind == kDivEntropyGated ? div_gate_terms(p, q, lp, delta)
+                       : kKind == kDivAB         ? div_ab_terms<false>(d, lp, lq, delta)  // guarded below
+                       : kKind == kDivRenyi      ? div_renyi_terms(d, lp, lq, delta)
+                       : kKind == kDivRenyiGrad  ? div_renyi_grad_terms(d, lp, lq, delta)
                                                  : div_terms_form<kKind, kMix, kForm>(d, p, q, delta);
     so += x.soft;
     sg += x.g;
@@ -204,6 +209,16 @@ FASTKD_CPU_CLONES void terms_row(const DivParams& dp, const float* s, const floa
     if (kG && kStore == kStoreGrad) g[j] = coef_s * (x.g - q * known);
     if (kG && kStore == kStoreGradCE) g[j] = coef_s * (x.g - q * known) + ce * vexp(div_log_prob(s[j], ms, 1.0f, l1));
     if (kH) h[j] = x.h;
+  }
+  if (kKind == kDivAB && !std::isfinite(so + sg + sh)) {  // a zero probability: the guarded terms (div_ab_terms)
+    so = sg = sh = 0.0;
+    for (int64_t j = 0; j < V; ++j) {
+      const float lq = div_log_prob(s[j], ms, inv_t, ls), lp = div_log_prob(t[j], mt, inv_t, lt);
+      const DivTerms x = div_ab_terms<true>(d, lp, lq, ((t[j] - s[j]) - dm) * inv_t + dl);
+      so += x.soft, sg += x.g, sh += x.h;
+      if (kG) g[j] = x.g;
+      if (kH) h[j] = x.h;
+    }
   }
   // (a NaN or all -inf row, which the zero-probability selects hide, is made NaN by the caller from the lse)
   const double sums[8] = {so, sg, sh, q_lt, q_gt, p_lt, p_gt, tie};
@@ -239,6 +254,10 @@ void terms_row_for(const DivParams& d, int form, const float* s, const float* t,
   else if (d.kind == kDivTriangular) FASTKD_SHARD_TERMS(kDivTriangular, kMixBoth, kFormGeneral);
   else if (d.kind == kDivEntropyGated)  // G, H need the gate: the grad pass evaluates them (kind 2)
     terms_row<kDivEntropyGated, kMixBoth, kFormGeneral, false, false>(d, s, t, V, inv_t, st, nullptr, g, h, out);
+  else if (d.kind == kDivAB) FASTKD_SHARD_TERMS(kDivAB, kMixBoth, kFormGeneral);
+  else if (d.kind == kDivRenyi)  // G, H need S: the grad pass evaluates them (kind 5)
+    terms_row<kDivRenyi, kMixBoth, kFormGeneral, false, false>(d, s, t, V, inv_t, st, nullptr, g, h, out);
+  else if (d.kind == kDivRenyiGrad) FASTKD_SHARD_TERMS(kDivRenyiGrad, kMixBoth, kFormGeneral);
   else if (d.mix == kMixQ) FASTKD_SHARD_TERMS(kDivKL, kMixQ, kFormGeneral);
   else if (d.mix == kMixP) FASTKD_SHARD_TERMS(kDivKL, kMixP, kFormGeneral);
   else if (form == kFormProp) FASTKD_SHARD_TERMS(kDivKL, kMixBoth, kFormProp);
@@ -336,7 +355,8 @@ void tvd_grad_row(const float* s, const float* t, int64_t V, float inv_t, const 
   else if (h) tvd_grad_row_for<false, true>(s, t, V, inv_t, st, c, g, h);
 }
 
-// One row of divergence_shard_grad. c: (sum G, sum H, coef_s, coef_t, ce, the TVD masses or kind 7's gate w); st: (M_s, L_s,
+// One row of divergence_shard_grad. c: (sum G, sum H, coef_s, coef_t, ce, the TVD masses, kind 7's gate w or
+// kind 6's 1 / S); st: (M_s, L_s,
 // M_t, L_t, L_1).
 FASTKD_CPU_CLONES void grad_row(const float* s, const float* t, int64_t V, float inv_t, const float* st,
                                 const float* c, float* g, float* h) {
@@ -397,6 +417,10 @@ void shard_grad_cpu(const at::Tensor& student, const at::Tensor& teacher, const 
       } else if (kind == kDivEntropyGated) {  // c[5]: the row's gate w; G, H of kind 2 at (w, 1 - w)
         const DivParams dw = div_params(kDivJeffreys, c[5], 1.0f - c[5], 0.0f, 0.0f);
         terms_row_for(dw, kFormGeneral, s, t, V, inv_t, st, gi, hi, unused);
+        grad_row(s, t, V, inv_t, st, c, gi, hi);
+      } else if (kind == kDivRenyi) {  // c[5], c[6]: the row's 1 / S and direct flag; G, H of kind 5 at them
+        const DivParams dr = div_params(kDivRenyiGrad, d.a, d.b, c[5], c[6]);
+        terms_row_for(dr, kFormGeneral, s, t, V, inv_t, st, gi, hi, unused);
         grad_row(s, t, V, inv_t, st, c, gi, hi);
       } else {
         if (!stored) terms_row_for(d, form, s, t, V, inv_t, st, gi, hi, unused);  // G, H again, in float32

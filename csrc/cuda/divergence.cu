@@ -236,6 +236,11 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
       dg = gr.d;
       sums = Sum3{gr.soft, gr.sum_g, gr.sum_h};
     }
+    if (d.kind == kDivRenyi) {  // the sum is U: the row's S, the gradients as kind 5 at it
+      const DivRenyiRow rr = div_renyi_row(d, sums.x, sums.y);  // U, S
+      dg = rr.d;
+      sums = Sum3{rr.soft, rr.sum_g, rr.sum_h};
+    }
   }
   if (!ok) fill_row_grads(split_row<W>(offset, h.live ? V : 0, packs, team.lane, team.lanes), gs, gt,
                           h.counted ? NAN : 0.0f);
@@ -438,6 +443,12 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
     const DivGateRow gr = div_gate_row(d, sums.x, sums.y, sums.z, V);
     dg = gr.d;
     sums = Sum3{gr.soft, gr.sum_g, gr.sum_h};
+    if (tail) e_tail = div_terms_any(dg, div_exp(lp_tail), div_exp(lq_tail), lp_tail, lq_tail);
+  }
+  if (d.kind == kDivRenyi && has_ids) {  // the sum is U over the buckets: the row's S, then kind 5 at it
+    const DivRenyiRow rr = div_renyi_row(d, sums.x, sums.y);  // U, S
+    dg = rr.d;
+    sums = Sum3{rr.soft, rr.sum_g, rr.sum_h};
     if (tail) e_tail = div_terms_any(dg, div_exp(lp_tail), div_exp(lq_tail), lp_tail, lq_tail);
   }
   if (h.live && team.lane == 0) {

@@ -2,6 +2,8 @@
 // docs/design.md, "The language-model divergences"): checks, outputs, one launch.
 #include <torch/library.h>
 
+#include <cmath>
+
 #include "cuda_common.h"
 
 namespace fastkd {
@@ -11,10 +13,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& topk_ids, const at::Tensor& target,
     const at::Tensor& row_weight, double temperature, int64_t kind, double a, double b, double w_p, double w_q,
     double soft_scale, double ce_weight, int64_t topk_mode, bool reduce, bool grad_student, bool grad_teacher) {
-  // kinds 4 to 6 are another branch's (appended there): kDivEntropyGated = 7 of csrc/divergence_math.h
-  TORCH_CHECK((kind >= 0 && kind <= 3) || kind == 7,
-              "fastkd: divergence_fwd: kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL), 3 (triangular) or "
-              "7 (entropy-gated KL), got ", kind);
+  // csrc/divergence_math.h: kDivAB = 4, kDivRenyi = 6, kDivEntropyGated = 7 (5 is internal: Renyi's gradient pass)
+  TORCH_CHECK((kind >= 0 && kind <= 4) || kind == 6 || kind == 7,
+              "fastkd: divergence_fwd: kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL), 3 (triangular), "
+              "4 (AB divergence), 6 (Renyi) or 7 (entropy-gated KL), got ", kind);
+  TORCH_CHECK(kind != 6 || (a > 0.0 && std::isfinite(a)), "fastkd: divergence_fwd: Renyi's order (a) must be a "
+              "finite number > 0, got ", a);
+  TORCH_CHECK(kind != 4 || (std::isfinite(a) && std::isfinite(b)), "fastkd: divergence_fwd: the AB divergence's "
+              "alpha, beta (a, b) must be finite, got ", a, ", ", b);
   TORCH_CHECK(topk_mode >= 0 && topk_mode <= 2,
               "fastkd: divergence_fwd: topk_mode must be 0 (dense teacher), 1 (tail) or 2 (renormalise), got ",
               topk_mode);

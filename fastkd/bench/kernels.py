@@ -4,7 +4,7 @@
                            [--providers cpu,eager,...] [--csv PATH] [--threads N]
 
 For every loss (kd, ats, dkd, dist, mgd; the LM divergences forward_kl, reverse_kl, jsd, skew_kl,
-tvd, jeffreys, triangular, entropy_gated_kl, akl (its own row op, akl_fwd); kd_ce: KD with ``ce_weight=0.1`` fused, against the fused KD
+tvd, jeffreys, triangular, entropy_gated_kl, akl (its own row op, akl_fwd), alpha_divergence, ab_divergence, renyi; kd_ce: KD with ``ce_weight=0.1`` fused, against the fused KD
 alone and the fused KD plus ``F.cross_entropy``; kd_topk: KD against a top-64 teacher), shape, dtype and provider it measures
 one training step of the loss: forward (``loss = f(student, teacher, ...)`` with
 the student requiring grad, as in training), backward (``loss.backward()``)
@@ -70,9 +70,9 @@ from fastkd.bench.report import (  # noqa: F401  (speedups, kd_ce_ratios: used b
 from fastkd.dispatch import backend as _backend
 
 LOSSES = ("kd", "ats", "dkd", "dist", "mgd", "forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd", "jeffreys",
-          "triangular", "entropy_gated_kl", "akl", "kd_ce", "kd_topk")
+          "triangular", "entropy_gated_kl", "akl", "alpha_divergence", "ab_divergence", "renyi", "kd_ce", "kd_topk")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd", "jeffreys", "triangular", "entropy_gated_kl",
-               "akl")
+               "akl", "alpha_divergence", "ab_divergence", "renyi")
 BACKEND_LOSS = {"kd_ce": "kd+ce"}  # the fastkd.dispatch.backend.LOSS_OPS key of a case, where it differs
 TOPK_K = 64
 TOPK_SHAPE = (1024, 128256)  # the top-k target of the issue: K = 64 over a 128k vocabulary, float32

@@ -17,6 +17,7 @@ BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 FUSED_LINEAR_DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "jeffreys", "triangular")
 FUSED_LINEAR_DIVERGENCES += ("entropy_gated_kl",)
 FUSED_LINEAR_DIVERGENCES += ("akl",)  # its own row op, akl_fwd (dense teachers)
+FUSED_LINEAR_DIVERGENCES += ("alpha_divergence", "ab_divergence", "renyi")
 
 # Value checks (target indices in range, tensor temperatures > 0) must read tensor
 # values on the host. On CPU tensors that is free; on a GPU it would synchronise
@@ -450,7 +451,8 @@ def check_fused_linear_options(divergence, temperature, beta, skew, ce_weight, l
     if divergence not in FUSED_LINEAR_DIVERGENCES:
         raise ValueError(f"divergence must be one of {FUSED_LINEAR_DIVERGENCES}, got {divergence!r}")
     check_positive("temperature", temperature)
-    check_unit("beta", beta)
+    if beta is not None:  # None: the divergence's default (JSD 0.5, AB 0.7)
+        (check_number if divergence == "ab_divergence" else check_unit)("beta", beta)
     check_unit("skew", skew)
     check_non_negative("ce_weight", ce_weight)
     check_optional_number("logit_scale", logit_scale, positive=False)

@@ -32,6 +32,9 @@ LOSS_OPS = {
     "triangular": ("divergence_fwd",),
     "entropy_gated_kl": ("divergence_fwd",),
     "akl": ("akl_fwd",),  # adaptive KL: its own row op with divergence_fwd's signature
+    "alpha_divergence": ("divergence_fwd",),
+    "ab_divergence": ("divergence_fwd",),
+    "renyi": ("divergence_fwd",),
     "kd_topk": ("divergence_fwd",),
     "fused_linear_kd": ("divergence_fwd",),  # fastkd/losses/fused_linear.py: the row op on each chunk
     "fused_linear_akl": ("akl_fwd",),  # fused_linear_kd_loss(divergence="akl")

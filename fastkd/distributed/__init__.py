@@ -84,6 +84,7 @@ import types
 from . import settings
 from .classification import ats_loss, dist_loss, dkd_loss
 from .comm import PER_ROW_FLOATS, CommStats, comm_stats, count_comm, reset_comm_stats  # noqa: F401
+from .divergence import ab_divergence_loss, alpha_divergence_loss, renyi_loss
 from .divergence import (entropy_gated_kl_loss, forward_kl_loss, jeffreys_loss, jsd_loss, kd_loss, reverse_kl_loss,
                          skew_kl_loss, triangular_loss, tvd_loss)
 from .fused_linear import fused_linear_row_op  # noqa: F401  (the sharded fused head's row op)
@@ -92,6 +93,7 @@ from .shard_kernels import shard_kernels  # noqa: F401
 
 __all__ = [
     "kd_loss", "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss",
+    "alpha_divergence_loss", "ab_divergence_loss", "renyi_loss",
     "triangular_loss", "entropy_gated_kl_loss", "dkd_loss", "ats_loss", "dist_loss", "comm_stats", "reset_comm_stats", "count_comm", "PER_ROW_FLOATS",
 ]
 

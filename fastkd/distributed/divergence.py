@@ -13,10 +13,11 @@ import torch.distributed as dist
 
 from ..core import checks as v
 from ..core.divergence import (ENTROPY_GATE_DEFAULTS, KIND_CODES, LossParts, check_divergence_params,
-                               divergence_op_args, entropy_gate)
+                               divergence_op_args, entropy_gate, renyi_row)
 from ..core.rows import compute_dtype, read_rows
 from ..core.topk import PAD_ID, TopKTeacher
 from ..reference import divergence as R
+from ..reference.power import renyi_parts
 from .comm import all_reduce, check_group_shapes, group_geometry
 from .rows import (
     MINUS_INF, StoredGradLoss, check_global_ids, common_checks, forward_kl_and_grads,
@@ -149,6 +150,26 @@ def _gated_rows(lp, lq, vocab, params, group):
     return fwd + rev, g, h
 
 
+def _renyi_rows(lp, lq, params, group):
+    """Renyi of the dense rows (log-probs over the shard): the row losses and d soft / d(s / T), d soft / d(t / T).
+
+    Third round: the shard's part of ``U`` (``reference.power.renyi_parts``), so ``S = 1 + (1 - r) U`` is the
+    whole vocabulary's; then the x side's ``G = -r t / S`` and the y side's ``-x^r y^(1 - r) / S``
+    (``core.divergence.renyi_row``: the sums).
+    """
+    order, reverse = params.get("order", 0.5), params.get("reverse", False)
+    t, xy = renyi_parts(lp, lq, order, reverse)
+    red = all_reduce([t.sum(dim=1), xy.sum(dim=1)], dist.ReduceOp.SUM, group)  # U, S
+    soft, sum_g, sum_h, inv_s, direct = renyi_row(red[0], red[1], order, reverse)
+    inv_s, direct = inv_s.unsqueeze(1), direct.unsqueeze(1) != 0
+    exact = order / (order - 1.0) if order != 1 else 0.0  # direct rows (S < 1/2): the exact x side
+    x_side, y_side = torch.where(direct, exact * xy * inv_s, -order * t * inv_s), -xy * inv_s
+    dead = inv_s == 0  # an infinite row: a constant, gradients 0
+    x_side, y_side = torch.where(dead, 0.0, x_side), torch.where(dead, 0.0, y_side)
+    g, h = (x_side, y_side) if reverse else (y_side, x_side)
+    return soft, g - lq.exp() * sum_g.unsqueeze(1), h - lp.exp() * sum_h.unsqueeze(1)
+
+
 # Long on purpose (about 140 lines): the three collectives of a row chunk and the math between them read
 # top to bottom in the order they run; split up, a dozen per-row tensors would travel between helpers.
 def divergence_rows(c, s, t, ids, tgt, read, weight, equal, temp=None, out=(None, None)):
@@ -228,6 +249,8 @@ def divergence_rows(c, s, t, ids, tgt, read, weight, equal, temp=None, out=(None
     grad_a = grad_b = grad_temp = None
     if not topk and kind == "entropy_gated_kl":
         soft, grad_a, grad_b = _gated_rows(b - sums[1].log().unsqueeze(1), lq, vocab, params, process_group)
+    elif not topk and kind == "renyi":
+        soft, grad_a, grad_b = _renyi_rows(b - sums[1].log().unsqueeze(1), lq, params, process_group)
     elif not topk and kind == "tvd":
         soft, grad_a, grad_b = _tvd_rows(b - sums[1].log().unsqueeze(1), lq, need_s, need_t, process_group)
     elif not topk:
@@ -439,3 +462,31 @@ def triangular_loss(student_logits, teacher_logits: Teacher, *, process_group, t
     """``fastkd.triangular_loss`` over a vocabulary-sharded process group."""
     return _divergence(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
                        sample_weight, ce_weight, return_parts, process_group, "triangular")
+
+
+def alpha_divergence_loss(student_logits, teacher_logits: Teacher, *, process_group, alpha=0.5, temperature=1.0,
+                          reduction="batchmean", target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0,
+                          return_parts=False):
+    """``fastkd.alpha_divergence_loss`` over a vocabulary-sharded process group."""
+    check_divergence_params(alpha=alpha)
+    return _divergence(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
+                       sample_weight, ce_weight, return_parts, process_group, "alpha_divergence", alpha=alpha)
+
+
+def ab_divergence_loss(student_logits, teacher_logits: Teacher, *, process_group, alpha=0.2, beta=0.7,
+                       temperature=1.0, reduction="batchmean", target=None, ignore_index=-100, sample_weight=None,
+                       ce_weight=0.0, return_parts=False):
+    """``fastkd.ab_divergence_loss`` over a vocabulary-sharded process group."""
+    check_divergence_params(alpha=alpha, beta=beta)
+    return _divergence(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
+                       sample_weight, ce_weight, return_parts, process_group, "ab_divergence", alpha=alpha, beta=beta)
+
+
+def renyi_loss(student_logits, teacher_logits: Teacher, *, process_group, order=0.5, reverse=False, temperature=1.0,
+               reduction="batchmean", target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0,
+               return_parts=False):
+    """``fastkd.renyi_loss`` over a vocabulary-sharded process group (``U`` all-reduced before the log: the
+    divergence is no sum of per-class terms)."""
+    check_divergence_params(order=order, reverse=reverse)
+    return _divergence(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
+                       sample_weight, ce_weight, return_parts, process_group, "renyi", order=order, reverse=reverse)

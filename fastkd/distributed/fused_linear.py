@@ -25,6 +25,9 @@ _FUSED_LINEAR_KINDS = {
     "jeffreys": ("jeffreys", {}),
     "triangular": ("triangular", {}),
     "entropy_gated_kl": ("entropy_gated_kl", None),  # params: alpha_min, alpha_max, tau, scale (gate=)
+    "alpha_divergence": ("alpha_divergence", None),  # params (gate=): alpha
+    "ab_divergence": ("ab_divergence", None),  # params (gate=): alpha, beta
+    "renyi": ("renyi", None),  # params (gate=): order, reverse
 }
 
 
@@ -43,10 +46,10 @@ def fused_linear_row_op(divergence: str, beta: float, skew: float, topk_mode: Op
     """
     kind, params = _FUSED_LINEAR_KINDS[divergence]
     if kind == "jsd":
-        params = {"beta": beta}
+        params = {"beta": 0.5 if beta is None else beta}
     elif kind == "skew_kl":
         params = {"skew": skew, "reverse": divergence == "skew_reverse_kl"}
-    elif kind == "entropy_gated_kl":
+    elif kind in ("entropy_gated_kl", "alpha_divergence", "ab_divergence", "renyi"):
         params = dict(gate or {})
     rank = dist.get_rank(process_group)
     world = dist.get_world_size(process_group)

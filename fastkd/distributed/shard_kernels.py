@@ -4,7 +4,7 @@ math): which run, and the three passes around the collectives (``docs/design.md`
 import torch
 import torch.distributed as dist
 
-from ..core.divergence import KIND_CODES, divergence_op_args, entropy_gate
+from ..core.divergence import KIND_CODES, divergence_op_args, entropy_gate, renyi_row
 from ..dispatch import ops
 from . import settings
 from .comm import all_reduce
@@ -124,6 +124,10 @@ def divergence_rows_kernel(ops, c, s, t, tgt, read, weight, equal, out):
         fwd, rev = torch.where(w == 0, zeros, w * red[0]), torch.where(w == 1, zeros, (1.0 - w) * red[1])
         red[0], sum_g, sum_h = fwd + rev, rev - w, fwd - (1.0 - w)
         masses = torch.cat([w.unsqueeze(1), torch.zeros((n, 4), dtype=f32, device=dev)], dim=1)  # w for the grad
+    elif code == KIND_CODES["renyi"]:  # U over the whole vocabulary: the row's S, kind 5's sums; 1 / S for the grad
+        red = all_reduce([part[:, 0], part[:, 1]], dist.ReduceOp.SUM, group)  # U, S
+        red[0], sum_g, sum_h, inv_s, direct = renyi_row(red[0], red[1], a, b != 0)
+        masses = torch.cat([inv_s.unsqueeze(1), direct.unsqueeze(1), torch.zeros((n, 3), dtype=f32, device=dev)], 1)
     else:
         red = all_reduce([part[:, 0], part[:, 1]] + ([part[:, 2]] if c.need_t else []), dist.ReduceOp.SUM, group)
         sum_g, sum_h = red[1], (red[2] if c.need_t else zeros)

@@ -1,6 +1,6 @@
 """The language-model divergences: forward and reverse KL, generalised JSD, skew KL, TVD, Jeffreys, triangular,
 entropy-gated KL, adaptive KL (AKL); Jeffreys, the entropy-gated KL and AKL live in ``losses/two_sided.py``,
-the power divergences in ``losses/power.py``, all on this module's ``_divergence_loss``.
+the power divergences (Amari's alpha, AB, Renyi) in ``losses/power.py``, all on this module's ``_divergence_loss``.
 
 Public functionals (re-exported as ``fastkd.*`` and ``fastkd.functional.*``)::
 

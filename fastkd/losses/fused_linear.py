@@ -46,7 +46,7 @@ from ..core import checks as v
 from ..core.autograd import scale_stored_grad
 from ..core.checks import FUSED_LINEAR_DIVERGENCES
 from ..core.divergence import (KIND_CODES, TOPK_MODE_CODES, LossParts, check_akl_teacher, check_divergence_params,
-                               divergence_coefficients, divergence_op_args)
+                               divergence_params, fused_op_args)
 from ..core.rows import read_rows, row_weights
 from ..core.topk import TopKTeacher
 from ..dispatch.backend import implementation, resolve, unavailable_reason
@@ -249,23 +249,6 @@ class _FusedLinearFunction(torch.autograd.Function):
 # the public functional and module
 # ----------------------------------------------------------------------------
 
-def _divergence_params(divergence: str, temperature: float, beta: float, skew: float, gate=None, mu: float = 0.5):
-    """``(kind, a, b, w_p, w_q, soft_scale)`` of the row op for ``divergence`` (with its ``gate`` or ``mu``)."""
-    if divergence in ("tvd", "jeffreys", "triangular", "akl"):
-        return (*divergence_op_args(divergence, **({"mu": mu} if divergence == "akl" else {})), 1.0)
-    if divergence == "entropy_gated_kl":
-        return (*divergence_op_args(divergence, **(gate or {})), 1.0)
-    if divergence == "kl":  # kd_loss: Hinton's T^2
-        return (KIND_CODES["kl_family"], *divergence_coefficients("forward_kl"), float(temperature) ** 2)
-    if divergence == "reverse_kl":
-        coeff = divergence_coefficients("reverse_kl")
-    elif divergence == "jsd":
-        coeff = divergence_coefficients("jsd", beta=beta)
-    else:
-        coeff = divergence_coefficients("skew_kl", skew=skew, reverse=divergence == "skew_reverse_kl")
-    return (KIND_CODES["kl_family"], *coeff, 1.0)
-
-
 def _kd_row_op(kd_fwd):
     """``kd_fwd`` behind ``divergence_fwd``'s signature, for forward KL alone (``T^2 KL``, no CE, no top-k)."""
 
@@ -311,9 +294,10 @@ def fused_linear_kd_loss(
     temperature: float = 1.0,
     teacher_temperature: Optional[float] = None,
     teacher_grad: bool = False,
-    beta: float = 0.5,
+    beta: Optional[float] = None,  # jsd (None: 0.5), ab_divergence (None: 0.7)
     skew: float = 0.1, mu: float = 0.5,  # skew_kl; akl
     alpha_min: float = 0.0, alpha_max: float = 1.0, tau: float = 0.5, scale: float = 0.1,  # entropy_gated_kl
+    alpha: Optional[float] = None, order: float = 0.5, reverse: bool = False,  # the power divergences
     ce_weight: float = 0.0,
     student_bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
@@ -336,8 +320,9 @@ def fused_linear_kd_loss(
     v.check_head("student", student_hidden, student_weight, student_bias, None, dev)
     vocab = student_weight.shape[0]
     v.check_fused_linear_options(divergence, temperature, beta, skew, ce_weight, logit_scale, softcap, reduction)
-    gate = {"alpha_min": alpha_min, "alpha_max": alpha_max, "tau": tau, "scale": scale}
-    check_divergence_params(**gate, mu=mu)
+    gate = divergence_params(divergence, alpha_min=alpha_min, alpha_max=alpha_max, tau=tau, scale=scale, alpha=alpha,
+                             beta=beta, order=order, reverse=reverse, mu=mu)  # the gate's, AKL's or a power one's
+    check_divergence_params(**gate)
     v.check_ignore_index(ignore_index)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
@@ -428,7 +413,7 @@ def fused_linear_kd_loss(
     if chunk_size is None:
         chunk_size = default_chunk_size(n, vocab, teacher_vocab, student_weight.shape[1],
                                         student_weight.element_size(), dev.type)
-    kind, a, b, w_p, w_q, soft_scale = _divergence_params(divergence, temperature, beta, skew, gate, mu)
+    kind, a, b, w_p, w_q, soft_scale = fused_op_args(divergence, temperature, beta, skew, gate)
     hidden = student_hidden.reshape(n, student_hidden.shape[-1])
     if not hidden.is_contiguous():
         hidden = hidden.contiguous()
@@ -493,10 +478,12 @@ fused_linear_kd_loss.__doc__ = """The LM head and a distillation loss in one op;
         t = softcap(logit_scale * (teacher_hidden @ teacher_weight.T + teacher_bias))
         loss = divergence(s, t, ...)
 
-    ``divergence``: ``"kl"`` (``fastkd.kd_loss``: ``T^2 KL(p || q)``), ``"reverse_kl"``, ``"jsd"`` (``beta``),
-    ``"skew_kl"`` / ``"skew_reverse_kl"`` (``skew``), ``"tvd"``, ``"jeffreys"``, ``"akl"`` (``mu``; dense teachers, its
-    own row op ``akl_fwd``), ``"triangular"``, ``"entropy_gated_kl"`` (``alpha_min``, ``alpha_max``, ``tau``, ``scale``;
-    its gate's ``log V`` is the composition's width) (``fastkd.reverse_kl_loss`` etc.: no ``T^2``). ``ce_weight`` adds
+    ``divergence``: ``"kl"`` (``fastkd.kd_loss``: ``T^2 KL(p || q)``), ``"reverse_kl"``,
+    ``"jsd"`` (``beta``), ``"skew_kl"`` / ``"skew_reverse_kl"`` (``skew``), ``"tvd"``, ``"jeffreys"``,
+    ``"triangular"``, ``"entropy_gated_kl"`` (``alpha_min``, ``alpha_max``, ``tau``, ``scale``; its gate's
+    ``log V`` is the composition's width), ``"alpha_divergence"`` (``alpha``), ``"ab_divergence"`` (``alpha``,
+    ``beta``; None: 0.2, 0.7), ``"renyi"`` (``order``, ``reverse``), ``"akl"`` (``mu``; dense teachers, its own
+    row op ``akl_fwd``) (``fastkd.reverse_kl_loss``, ``fastkd.jeffreys_loss`` etc.: no ``T^2``). ``ce_weight`` adds
     ``ce_weight * cross_entropy(s, target)`` at T = 1; ``return_parts=True`` returns
     ``LossParts(loss, soft, hard)`` (``hard``: the row-weighted CE, 0 without ``target``).
 

@@ -1,5 +1,6 @@
 """Modules of the language-model divergences: ``ForwardKLLoss``, ``ReverseKLLoss``, ``JSDLoss``, ``SkewKLLoss``,
-``TVDLoss``, ``JeffreysLoss``, ``TriangularLoss``, ``EntropyGatedKLLoss``, ``AKLLoss`` (the keyword arguments at construction, ``teacher_vocab`` included; ``teacher_logits`` may
+``TVDLoss``, ``JeffreysLoss``, ``TriangularLoss``, ``EntropyGatedKLLoss``, ``AKLLoss``, ``AlphaDivergenceLoss``,
+``ABDivergenceLoss``, ``RenyiLoss`` (the keyword arguments at construction, ``teacher_vocab`` included; ``teacher_logits`` may
 be a ``TopKTeacher``).
 """
 from typing import Optional
@@ -177,3 +178,40 @@ class AKLLoss(_DivergenceLoss):
                  teacher_vocab: str = "truncate"):
         super().__init__(functional.akl_loss, {"mu": mu}, temperature, reduction, ignore_index, ce_weight,
                          return_parts, backend, process_group, teacher_vocab, teacher_temperature)
+
+
+class AlphaDivergenceLoss(_DivergenceLoss):
+    """Amari's alpha divergence per row (the AB divergence at ``beta = 1 - alpha``). No ``T^2`` factor. See
+    ``fastkd.alpha_divergence_loss``."""
+
+    def __init__(self, *, alpha: float = 0.5, temperature: float = 1.0, teacher_temperature: Optional[float] = None,
+                 reduction: str = "batchmean", ignore_index: int = -100, ce_weight: float = 0.0,
+                 return_parts: bool = False, backend: str = "auto", process_group=None,
+                 teacher_vocab: str = "truncate"):
+        super().__init__(functional.alpha_divergence_loss, {"alpha": alpha}, temperature, reduction, ignore_index,
+                         ce_weight, return_parts, backend, process_group, teacher_vocab, teacher_temperature)
+
+
+class ABDivergenceLoss(_DivergenceLoss):
+    """The alpha-beta divergence per row (ABKD). No ``T^2`` factor. See ``fastkd.ab_divergence_loss``."""
+
+    def __init__(self, *, alpha: float = 0.2, beta: float = 0.7, temperature: float = 1.0,
+                 teacher_temperature: Optional[float] = None, reduction: str = "batchmean", ignore_index: int = -100,
+                 ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto", process_group=None,
+                 teacher_vocab: str = "truncate"):
+        super().__init__(functional.ab_divergence_loss, {"alpha": alpha, "beta": beta}, temperature, reduction,
+                         ignore_index, ce_weight, return_parts, backend, process_group, teacher_vocab,
+                         teacher_temperature)
+
+
+class RenyiLoss(_DivergenceLoss):
+    """Renyi divergence of order ``order`` per row (``reverse``: p and q swapped). No ``T^2`` factor. See
+    ``fastkd.renyi_loss``."""
+
+    def __init__(self, *, order: float = 0.5, reverse: bool = False, temperature: float = 1.0,
+                 teacher_temperature: Optional[float] = None, reduction: str = "batchmean", ignore_index: int = -100,
+                 ce_weight: float = 0.0, return_parts: bool = False, backend: str = "auto", process_group=None,
+                 teacher_vocab: str = "truncate"):
+        super().__init__(functional.renyi_loss, {"order": order, "reverse": reverse}, temperature, reduction,
+                         ignore_index, ce_weight, return_parts, backend, process_group, teacher_vocab,
+                         teacher_temperature)

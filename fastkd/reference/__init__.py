@@ -26,6 +26,9 @@ from .divergence import (
     LossParts,
     akl_loss,
     entropy_gated_kl_loss,
+    alpha_divergence_loss,
+    ab_divergence_loss,
+    renyi_loss,
     forward_kl_loss,
     jeffreys_loss,
     jsd_loss,
@@ -40,5 +43,6 @@ from .divergence import (
 __all__ = [
     "kd_loss", "dkd_loss", "ats_loss", "dist_loss", "mgd_loss", "mgd_keep_mask", "simkd_loss", "ipw_weights",
     "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss",
-    "triangular_loss", "entropy_gated_kl_loss", "akl_loss", "kd_topk_loss", "topk_log_probs", "LossParts", "uld_loss", "hybrid_uld_loss",
+    "triangular_loss", "entropy_gated_kl_loss", "akl_loss", "alpha_divergence_loss", "ab_divergence_loss",
+    "renyi_loss", "kd_topk_loss", "topk_log_probs", "LossParts", "uld_loss", "hybrid_uld_loss",
 ]

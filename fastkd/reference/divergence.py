@@ -17,6 +17,9 @@ both ``softmax(logits / T)`` over the vocabulary (or over top-k buckets, see
   alpha_min) sigmoid((H(p) / log V - tau) / scale)`` per row, ``w`` a constant in the gradients
 * ``akl_loss``: adaptive KL (Wu et al. 2025): ``h KL(p || q) + l KL(q || p)``, ``h``, ``l`` the shares of
   ``sum |p - q|`` on the teacher's head (its most probable classes holding mass ``mu``) and tail (``akl_rows``)
+* ``alpha_divergence_loss``: Amari's alpha divergence, ``ab_divergence_loss`` at ``beta = 1 - alpha``
+* ``ab_divergence_loss``: ``-(1 / (a b)) sum [p^a q^b - (a / s) p^s - (b / s) q^s]``, ``s = a + b`` (ABKD)
+* ``renyi_loss``: ``log(sum p^r q^(1 - r)) / (r - 1)`` (``reverse``: p and q swapped)
 * ``kd_topk_loss``: ``T^2 KL(p || q)`` against a ``TopKTeacher`` (``kd_loss``'s formula)
 
 Every KL-type divergence here is one formula with four coefficients (the
@@ -59,6 +62,8 @@ from ..core.divergence import (
 )
 from ..core.rows import compute_dtype, read_rows, row_weights
 from ..core.topk import PAD_ID, TopKTeacher
+from .power import ab_divergence_rows, renyi_rows
+from .akl import akl_head, akl_weights  # noqa: F401  (akl_head: public here too)
 
 __all__ = [
     "LossParts",
@@ -72,6 +77,9 @@ __all__ = [
     "entropy_gated_kl_loss",
     "akl_loss",
     "akl_head",
+    "alpha_divergence_loss",
+    "ab_divergence_loss",
+    "renyi_loss",
     "kd_topk_loss",
     "topk_log_probs",
     "divergence_fwd",
@@ -117,6 +125,13 @@ def soft_rows(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, num_classes=N
         return akl_rows(log_p, log_q, **params)
     if kind == "entropy_gated_kl":
         return entropy_gated_kl_rows(log_p, log_q, num_classes or log_p.shape[1], **params)
+    if kind == "alpha_divergence":
+        alpha = params.get("alpha", 0.5)
+        return ab_divergence_rows(log_p, log_q, alpha, 1.0 - alpha)
+    if kind == "ab_divergence":
+        return ab_divergence_rows(log_p, log_q, params.get("alpha", 0.2), params.get("beta", 0.7))
+    if kind == "renyi":
+        return renyi_rows(log_p, log_q, params.get("order", 0.5), params.get("reverse", False))
     if kind == "tvd":
         return tvd_rows(log_p, log_q)
     if kind == "jeffreys":
@@ -152,37 +167,6 @@ def entropy_gated_kl_rows(log_p, log_q, num_classes: int, alpha_min: float = 0.0
     fwd = torch.where(w == 0, zero, w * kl_terms(log_p, log_q).sum(dim=1))
     rev = torch.where(u == 0, zero, u * kl_terms(log_q, log_p).sum(dim=1))
     return fwd + rev
-
-
-def akl_head(log_p: torch.Tensor, mu: float) -> torch.Tensor:
-    """AKL's teacher head ``[N, C]`` (bool), by a real sort (the official ``get_ratio``'s ``torch.sort`` and
-    ``cumsum``): with ``M_c = sum_j p_j [l p_j >= l p_c]`` (the mass at or above class c, ties counted together),
-    the head is ``{c : M_c <= mu}`` plus the row's maxima; ``mu >= 1``: every class (``M <= 1`` exactly, not
-    as a rounded cumsum). The official code splits ties by the sort's order; here tied classes are in or out
-    together. ``l p`` orders as the teacher's logits (equal logits, equal log-probs)."""
-    if mu >= 1.0:
-        return torch.ones_like(log_p, dtype=torch.bool)
-    n_cols = log_p.shape[1]
-    sorted_lp, order = log_p.sort(dim=1, descending=True)
-    cum = log_p.exp().gather(1, order).cumsum(dim=1)
-    # a class's M is the cumsum at the last member of its tie group: index count(l p >= l p_c) - 1
-    ascending = sorted_lp.flip(1).contiguous()
-    at_or_above = n_cols - torch.searchsorted(ascending, log_p.contiguous(), right=False)
-    mass = cum.gather(1, at_or_above.clamp(1, n_cols) - 1)  # (clamped: a NaN row searches anywhere)
-    return (mass <= mu) | (log_p == log_p.max(dim=1, keepdim=True).values)
-
-
-def akl_weights(log_p: torch.Tensor, log_q: torch.Tensor, mu: float):
-    """``(h, l)`` per row, detached: ``g_head / max(g_head + g_tail, 1e-8)`` and ``g_tail / ...``, ``g = sum |p - q|``
-    over the teacher's head (``akl_head``) and tail (the official ``get_ratio``'s clamp)."""
-    with torch.no_grad():
-        gap = (log_p.exp() - log_q.exp()).abs()
-        head = akl_head(log_p, mu)
-        zero = torch.zeros((), dtype=gap.dtype, device=gap.device)
-        g_head = torch.where(head, gap, zero).sum(dim=1)
-        g_tail = torch.where(head, zero, gap).sum(dim=1)
-        total = (g_head + g_tail).clamp_min(1e-8)
-        return g_head / total, g_tail / total
 
 
 def akl_rows(log_p, log_q, mu: float = 0.5) -> torch.Tensor:
@@ -379,6 +363,10 @@ def divergence_fwd(student, teacher, topk_ids, target, row_weight, temperature: 
             soft = triangular_rows(log_p, log_q)
         elif kind == KIND_CODES["akl"]:  # akl_fwd's a: mu
             soft = akl_rows(log_p, log_q, a)
+        elif kind == KIND_CODES["ab_divergence"]:  # a, b: alpha, beta
+            soft = ab_divergence_rows(log_p, log_q, a, b)
+        elif kind == KIND_CODES["renyi"]:  # a: the order, b: 1 reversed
+            soft = renyi_rows(log_p, log_q, a, b != 0)
         elif kind == KIND_CODES["entropy_gated_kl"]:  # a, b, w_p, w_q: alpha_min, alpha_max, tau, scale
             soft = entropy_gated_kl_rows(log_p, log_q, student.shape[1], a, b, w_p, w_q)
         else:
@@ -497,6 +485,25 @@ def akl_loss(student_logits, teacher_logits, *, mu=0.5, temperature=1.0, reducti
     check_akl_teacher(teacher_logits, None)
     return _checked("akl", {"mu": mu}, student_logits, teacher_logits, temperature, reduction, target, ignore_index,
                     sample_weight, ce_weight, return_parts)
+def alpha_divergence_loss(student_logits, teacher_logits: Teacher, *, alpha=0.5, temperature=1.0,
+                          reduction="batchmean", target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0,
+                          return_parts=False):
+    return _checked("alpha_divergence", {"alpha": alpha}, student_logits, teacher_logits, temperature, reduction,
+                    target, ignore_index, sample_weight, ce_weight, return_parts)
+
+
+def ab_divergence_loss(student_logits, teacher_logits: Teacher, *, alpha=0.2, beta=0.7, temperature=1.0,
+                       reduction="batchmean", target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0,
+                       return_parts=False):
+    return _checked("ab_divergence", {"alpha": alpha, "beta": beta}, student_logits, teacher_logits, temperature,
+                    reduction, target, ignore_index, sample_weight, ce_weight, return_parts)
+
+
+def renyi_loss(student_logits, teacher_logits: Teacher, *, order=0.5, reverse=False, temperature=1.0,
+               reduction="batchmean", target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0,
+               return_parts=False):
+    return _checked("renyi", {"order": order, "reverse": reverse}, student_logits, teacher_logits, temperature,
+                    reduction, target, ignore_index, sample_weight, ce_weight, return_parts)
 
 
 def kd_topk_loss(student_logits, teacher: TopKTeacher, temperature=4.0, *, reduction="batchmean", target=None,
@@ -551,4 +558,19 @@ akl_loss.__doc__ = """Adaptive KL (AKL, Wu et al., COLING 2025): ``h KL(p || q) 
     ``|p - q|`` over head and tail, ``h = g_head / max(g_head + g_tail, 1e-8)``, ``l = g_tail / max(...)``,
     constants in the gradients (the official code's ``get_ratio`` and ``AKL``). ``mu`` in (0, 1]
     (1: every class is head, ``l = 0``). Dense teacher logits only.
+""" + _COMMON_DOC
+alpha_divergence_loss.__doc__ = """Amari's alpha divergence per row: the AB divergence at ``beta = 1 - alpha``,
+    ``(1 / (alpha (1 - alpha))) sum_c [alpha p_c + (1 - alpha) q_c - p_c^alpha q_c^(1 - alpha)]``; ``alpha -> 1`` is
+    ``KL(p || q)``, ``alpha -> 0`` ``KL(q || p)``, ``alpha = 0.5`` ``4 (1 - sum sqrt(p q))``. Any finite ``alpha``.
+""" + _COMMON_DOC
+ab_divergence_loss.__doc__ = """The alpha-beta divergence (ABKD, Wang et al. 2025) per row, ``s = alpha + beta``::
+
+        -(1 / (alpha beta)) sum_c [p^alpha q^beta - (alpha / s) p^s - (beta / s) q^s]
+
+    and its limits where alpha, beta or s is 0 (``fastkd.reference.divergence.ab_divergence_rows``; the same
+    values as ABKD's special cases). ABKD's code masks non-finite log-ratios to 0 in those cases; fastkd
+    gives the exact value (``+inf`` where a class has mass on one side only and the divergence is infinite).
+""" + _COMMON_DOC
+renyi_loss.__doc__ = """Renyi divergence of order ``order`` (> 0) per row, ``log(sum_c p^r q^(1 - r)) / (r - 1)``;
+    ``reverse=True`` swaps p and q. ``order -> 1`` is ``KL(p || q)`` (reversed: ``KL(q || p)``).
 """ + _COMMON_DOC

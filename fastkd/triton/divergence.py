@@ -9,6 +9,8 @@ top-k buckets), ``l = log``:
     kind 1:  soft = 0.5 sum |p - q|                               (TVD)
     kind 2:  soft = a KL(p || q) + b KL(q || p)                   (Jeffreys: a = b = 1)
     kind 3:  soft = sum (p - q)^2 / (p + q)                       (triangular)
+    kind 4:  the AB divergence (a, b = alpha, beta; Amari's alpha: b = 1 - a)
+    kind 6:  Renyi of order a (b = 1: reversed), U summed in pass 2, gradients as kind 5 at 1 / S
     hard = lse(s) - s[target]                                     (T = 1)
     loss = w (soft_scale soft + ce_weight hard)
 
@@ -60,7 +62,7 @@ from torch.library import triton_op, wrap_triton
 
 from ..core.autograd import register_loss_autograd
 from ._common import device_guard, empty_grad, load_logits, online_update_scaled, unit_stride_rows
-from .divergence_rows import _bucket_terms, _gate, _log1p, _row_stats, _stats_update
+from .divergence_rows import _bucket_terms, _gate, _log1p, _renyi_row, _row_stats, _stats_update
 
 NEG_INF = tl.constexpr(float("-inf"))
 # Sorted-id sentinel for padding slots (and past the end): above every column index.
@@ -68,7 +70,8 @@ ID_SENTINEL = 2 ** 62
 _ID_SENTINEL = tl.constexpr(ID_SENTINEL)
 
 KIND_KL, KIND_TVD, KIND_JEFFREYS, KIND_TRIANGULAR = 0, 1, 2, 3
-KIND_ENTROPY_GATED = 7  # (4 to 6: issue 22's other divergences, another branch)
+KIND_AB, KIND_RENYI = 4, 6  # (5: Renyi's gradient pass at the row's S, internal)
+KIND_ENTROPY_GATED = 7
 TOPK_NONE, TOPK_TAIL, TOPK_RENORM = 0, 1, 2
 
 
@@ -151,12 +154,14 @@ def _div_dense_kernel(
         lp = (t - m_t) * inv_temp - lz_t
         term, gq, hp = _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND)
         soft += tl.sum(tl.where(mask, term, 0.0), 0)
-        if GRAD_S or KIND == 7:
+        if GRAD_S or KIND == 7 or KIND == 6:
             sum_g += tl.sum(tl.where(mask, gq, 0.0), 0)
         if GRAD_T or KIND == 7:
             sum_h += tl.sum(tl.where(mask, hp, 0.0), 0)
     if KIND == 7:  # the sums were KL(p || q), KL(q || p), H(p): gate, then the gradients of kind 2 at (w, 1 - w)
         a, b, soft, sum_g, sum_h = _gate(soft, sum_g, sum_h, a, b, w_p, w_q, log_v)
+    if KIND == 6:  # the sum was U: the row's S, then the gradients of kind 5 at w_p = 1 / S
+        soft, sum_g, sum_h, w_p, w_q = _renyi_row(soft, sum_g, a, b)
     _store_row_outputs(LOSS, SOFT, HARD, row, ok, fill, w, soft, hard, soft_scale, ce_weight)
 
     # ---- pass 3: gradients ----
@@ -165,6 +170,11 @@ def _div_dense_kernel(
                          m_s, lz_s, m_t, lz_t, lz1, inv_temp, a, b, w_p, w_q, log_wp, log_wq, sum_g, sum_h,
                          w * soft_scale * inv_temp, w * ce_weight, ce_weight,
                          2, HAS_TARGET, GRAD_S, GRAD_T, BLOCK, False)
+    elif (GRAD_S or GRAD_T) and KIND == 6:
+        _div_dense_grads(s_row, t_row, GS, GT, row, stride_gs, stride_gt, n_cols, n_live, g, ok, fill,
+                         m_s, lz_s, m_t, lz_t, lz1, inv_temp, a, b, w_p, w_q, log_wp, log_wq, sum_g, sum_h,
+                         w * soft_scale * inv_temp, w * ce_weight, ce_weight,
+                         5, HAS_TARGET, GRAD_S, GRAD_T, BLOCK, False)
     elif GRAD_S or GRAD_T:
         _div_dense_grads(s_row, t_row, GS, GT, row, stride_gs, stride_gt, n_cols, n_live, g, ok, fill,
                          m_s, lz_s, m_t, lz_t, lz1, inv_temp, a, b, w_p, w_q, log_wp, log_wq, sum_g, sum_h,
@@ -320,6 +330,11 @@ def _div_topk_kernel(
         term_k, g_k, h_k = _bucket_terms(lp_k, lq_k, a, b, w_p, w_q, log_wp, log_wq, 2)
         if TAIL:
             term_n, g_n, h_n = _bucket_terms(lp_tail, lq_tail, a, b, w_p, w_q, log_wp, log_wq, 2)
+    if KIND == 6:  # U over the buckets: the row's S, then G, H of kind 5 at w_p = 1 / S
+        soft, sum_g, _sum_h, w_p, w_q = _renyi_row(soft, sum_g, a, b)
+        term_k, g_k, h_k = _bucket_terms(lp_k, lq_k, a, b, w_p, w_q, log_wp, log_wq, 5)
+        if TAIL:
+            term_n, g_n, h_n = _bucket_terms(lp_tail, lq_tail, a, b, w_p, w_q, log_wp, log_wq, 5)
     _store_row_outputs(LOSS, SOFT, HARD, row, ok, fill, w, soft, hard, soft_scale, ce_weight)
 
     if GRAD_T:  # w.r.t. the given log-probs: no 1/T
@@ -333,6 +348,10 @@ def _div_topk_kernel(
                 empty_tail = 0.0
             elif KIND == 3:  # triangular: H drops p
                 empty_tail = -1.0
+            elif KIND == 4:  # AB: H is the whole derivative
+                empty_tail = 0.0
+            elif KIND == 6:  # Renyi: H drops p / S on the teacher's side (x = p), nothing reversed or on direct rows
+                empty_tail = tl.where(b != 0.0, 0.0, tl.where(w_q != 0.0, 0.0, -w_p))
             else:
                 empty_tail = -a
             ratio = tl.where(p_tail == 0.0, empty_tail, h_n / tl.where(p_tail == 0.0, 1.0, p_tail))
@@ -410,11 +429,15 @@ def dense_sums_known(kind, w_p, w_q, grad_student, grad_teacher):
     return True, 1 if grad_teacher else 0
 
 
-def _check(student, teacher, topk_ids, target, row_weight, temperature, kind, ce_weight, topk_mode):
+def _check(student, teacher, topk_ids, target, row_weight, temperature, kind, ce_weight, topk_mode, a=0.0, b=0.0):
     """Shape, dtype and option checks that need no device read (the values are the Python layer's)."""
-    if kind not in (KIND_KL, KIND_TVD, KIND_JEFFREYS, KIND_TRIANGULAR, KIND_ENTROPY_GATED):
+    if kind == KIND_RENYI and not (0 < a < float("inf")):
+        raise ValueError(f"fastkd: divergence_fwd: Renyi's order (a) must be a finite number > 0, got {a}")
+    if kind == KIND_AB and not (math.isfinite(a) and math.isfinite(b)):
+        raise ValueError(f"fastkd: divergence_fwd: the AB divergence's alpha, beta (a, b) must be finite, got {a}, {b}")
+    if kind not in (KIND_KL, KIND_TVD, KIND_JEFFREYS, KIND_TRIANGULAR, KIND_AB, KIND_RENYI, KIND_ENTROPY_GATED):
         raise ValueError(f"fastkd: divergence_fwd kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL), "
-                         f"3 (triangular) or 7 (entropy-gated KL), got {kind}")
+                         f"3 (triangular), 4 (AB divergence), 6 (Renyi) or 7 (entropy-gated KL), got {kind}")
     if topk_mode not in (TOPK_NONE, TOPK_TAIL, TOPK_RENORM):
         raise ValueError(f"fastkd: divergence_fwd topk_mode must be 0 (dense), 1 (tail) or 2 (renormalise), "
                          f"got {topk_mode}")
@@ -476,7 +499,7 @@ def divergence_fwd(
     0-d sums (reduce) or [N]; grad_student [N, V] in the student's dtype and
     grad_teacher in the teacher's shape and dtype, or empty when not requested.
     """
-    _check(student, teacher, topk_ids, target, row_weight, temperature, kind, ce_weight, topk_mode)
+    _check(student, teacher, topk_ids, target, row_weight, temperature, kind, ce_weight, topk_mode, a, b)
     student = unit_stride_rows(student)  # row slices run in place; other layouts are copied
     teacher = unit_stride_rows(teacher)
     n, v = student.shape

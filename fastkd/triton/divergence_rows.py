@@ -42,6 +42,69 @@ def _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND: tl.constexpr):
         # the derivatives of -4pq / (p + q) (of the exact ones less q and p: those cancel on peaked rows)
         g = -4.0 * q * v * v
         h = -4.0 * p * u * u
+    elif KIND == 4:  # AB divergence (csrc/divergence_math.h div_ab_terms: the same forms and guards)
+        s_ab = a + b
+        side_p = tl.abs(a) > tl.abs(b)
+        c1 = tl.where(side_p, b, a)
+        div = tl.where(side_p, a, b)
+        div_safe = tl.where(div == 0.0, 1.0, div)
+        k1 = tl.where(div == 0.0, 0.0, -c1 / div_safe)
+        k2 = tl.where(div == 0.0, 1.0, s_ab / div_safe)
+        q0 = lq == float("-inf")
+        p0 = lp == float("-inf")
+        delta = lp - lq
+        p_hi = lp >= lq  # the exponents from the larger log-prob (its rounding is small) and d
+        base = s_ab * tl.where(p_hi, lp, lq)
+        qs = tl.exp(tl.where(p_hi, base - s_ab * delta, base))
+        ps = tl.exp(tl.where(p_hi, base, base + s_ab * delta))
+        pab = tl.exp(tl.where(p_hi, base - b * delta, base + a * delta))
+        ad = a * delta
+        bd = b * delta
+        g = tl.where(_big(ad), (qs - pab) / a, -qs * delta * _p1(ad))
+        h = tl.where(_big(bd), (ps - pab) / b, ps * delta * _p1(-bd))
+        wv = tl.where(side_p, ps, qs)
+        wo = tl.where(side_p, qs, ps)
+        e = tl.where(side_p, -delta, delta)
+        c1e = c1 * e
+        se = s_ab * e
+        x1 = tl.where(_big(c1e), (pab - wv - c1e * wv) / (c1 * c1), wv * e * e * _p2(c1e))
+        x2 = tl.where(_big(se), (wo - wv - se * wv) / (s_ab * s_ab), wv * e * e * _p2(se))
+        soft = k1 * x1 + k2 * x2
+        q0_fin = tl.where(s_ab > 0.0, tl.where(b > 0.0, 1.0, 0.0), 0.0)  # a class with q = 0 adds p^s / (b s)
+        p0_fin = tl.where(s_ab > 0.0, tl.where(a > 0.0, 1.0, 0.0), 0.0)
+        soft_q0 = tl.where(q0_fin != 0.0, ps / (b * s_ab), float("inf"))
+        soft_p0 = tl.where(p0_fin != 0.0, qs / (a * s_ab), float("inf"))
+        soft = tl.where(q0, tl.where(p0, 0.0, soft_q0), tl.where(p0, soft_p0, soft))
+        # (an infinite term is a constant: G = H = 0 there, as the reference's autograd has it)
+        g = tl.where(q0, 0.0, tl.where(p0, tl.where(p0_fin != 0.0, g, 0.0), g))
+        h = tl.where(p0, 0.0, tl.where(q0, tl.where(q0_fin != 0.0, ps / b, 0.0), h))
+    elif KIND == 5 or KIND == 6:  # Renyi: 6 the terms pass (t in soft, summed into U), 5 the gradients at 1 / S
+        c = 1.0 - a  # a: the order r; b: 1 reversed; w_p: 1 / S (kind 5)
+        rev = b != 0.0
+        lx = tl.where(rev, lq, lp)
+        ly = tl.where(rev, lp, lq)
+        e = ly - lx
+        x0 = lx == float("-inf")
+        xx = tl.exp(lx)
+        xy = tl.exp(lx + c * e)
+        ce = c * e
+        t = tl.where(_big(ce), (xy - xx) / c, xx * e * _p1(ce))
+        t = tl.where(ly == float("-inf"), tl.where(c > 0.0, -xx / c, float("-inf")), t)
+        t = tl.where(x0, 0.0, t)
+        xy = tl.where(x0, 0.0, xy)
+        if KIND == 6:  # U and S summed
+            soft = t
+            g = xy
+            h = t * 0.0
+        else:
+            # (w_q != 0: a direct row, S < 1/2: the exact r x^r y^c / ((r - 1) S); csrc's div_renyi_grad_terms)
+            x_side = tl.where(w_q != 0.0, a * xy * w_p / tl.where(a == 1.0, 1.0, a - 1.0), -a * t * w_p)
+            y_side = -xy * w_p
+            x_side = tl.where(w_p == 0.0, 0.0, x_side)  # an infinite row (_renyi_row): gradients 0
+            y_side = tl.where(w_p == 0.0, 0.0, y_side)
+            soft = t * 0.0
+            g = tl.where(rev, x_side, y_side)
+            h = tl.where(rev, y_side, x_side)
     elif KIND == 7:  # entropy-gated KL: the gate's three sums KL(p || q), KL(q || p), H(p) (no G, H: see _gate)
         delta = lp - lq
         soft = tl.where(p == 0.0, 0.0, p * delta)
@@ -69,6 +132,72 @@ def _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND: tl.constexpr):
         g = tb - r * mass
         h = ta - u * mass
     return soft, g, h
+
+
+@triton.jit
+def _big(y):
+    """Where the power forms take their exps (|y| > 1), else the polynomials below."""
+    return (y > 1.0) | (y < -1.0)
+
+
+@triton.jit
+def _p1(y):
+    """expm1(y) / y for |y| <= 1 (Taylor to y^10; y clamped so an unselected lane stays finite)."""
+    y = tl.where(y < -1.0, -1.0, tl.where(y > 1.0, 1.0, y))
+    r = 1.0 / 39916800.0
+    r = r * y + 1.0 / 3628800.0
+    r = r * y + 1.0 / 362880.0
+    r = r * y + 1.0 / 40320.0
+    r = r * y + 1.0 / 5040.0
+    r = r * y + 1.0 / 720.0
+    r = r * y + 1.0 / 120.0
+    r = r * y + 1.0 / 24.0
+    r = r * y + 1.0 / 6.0
+    r = r * y + 0.5
+    return r * y + 1.0
+
+
+@triton.jit
+def _p2(y):
+    """(expm1(y) - y) / y^2 for |y| <= 1 (as _p1)."""
+    y = tl.where(y < -1.0, -1.0, tl.where(y > 1.0, 1.0, y))
+    r = 1.0 / 479001600.0
+    r = r * y + 1.0 / 39916800.0
+    r = r * y + 1.0 / 3628800.0
+    r = r * y + 1.0 / 362880.0
+    r = r * y + 1.0 / 40320.0
+    r = r * y + 1.0 / 5040.0
+    r = r * y + 1.0 / 720.0
+    r = r * y + 1.0 / 120.0
+    r = r * y + 1.0 / 24.0
+    r = r * y + 1.0 / 6.0
+    return r * y + 0.5
+
+
+@triton.jit
+def _renyi_row(u, s_direct, order, rev):
+    """Renyi (kind 6) of a row from ``U`` and ``sum x^r y^c``: ``(soft, sum G, sum H, 1 / S)`` (csrc/divergence_math.h's
+    ``div_renyi_row``): ``S = 1 + c U`` (c = 1 - r, clamped at 0), ``soft = -U log1p(c U) / (c U)``; where the
+    direct sum is below 1/2, ``S`` is that sum and ``soft = log(S) / (r - 1)``."""
+    c = 1.0 - order
+    x = c * u
+    x = tl.where(x < -1.0, -1.0, x)
+    x_safe = tl.where(x == 0.0, 1.0, x)
+    ratio = tl.where(c == 0.0, 1.0, tl.where(x == 0.0, 1.0, _log1p(x) / x_safe))
+    direct = (s_direct < 0.5) & (u != 0.0)  # (U = S = 0: a row without buckets, loss 0)
+    inv_s = 1.0 / tl.where(direct, s_direct, 1.0 + x)
+    soft = tl.where(tl.abs(u) == float("inf"), float("inf"), -u * ratio)
+    soft = tl.where(direct, tl.log(s_direct) / (order - 1.0), soft)
+    x_side = tl.where(direct, order / tl.where(order == 1.0, 1.0, order - 1.0), -order * u * inv_s)
+    y_side = -1.0
+    # an infinite row is a constant: gradients 0 (1 / S = 0 tells kind 5)
+    inf_row = soft == float("inf")
+    inv_s = tl.where(inf_row, 0.0, inv_s)
+    x_side = tl.where(inf_row, 0.0, x_side)
+    y_side = tl.where(inf_row, 0.0, y_side)
+    sum_g = tl.where(rev != 0.0, x_side, y_side)
+    sum_h = tl.where(rev != 0.0, y_side, x_side)
+    return soft, sum_g, sum_h, inv_s, tl.where(direct, 1.0, 0.0)
 
 
 @triton.jit

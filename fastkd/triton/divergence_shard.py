@@ -176,12 +176,14 @@ def _shard_grad_kernel(S, T, STATS, COEF, READ, TARGET, G, H, stride_s, stride_t
             p = tl.exp(lp)
         if KIND == 7:  # entropy-gated: kind 2's G, H at the row's gate (w, 1 - w) (w in the masses' place)
             _, gq, hp = _bucket_terms(lp, lq, q_lt, 1.0 - q_lt, w_p, w_q, log_wp, log_wq, 2)
+        elif KIND == 6:  # Renyi: kind 5's G, H at the row's 1 / S (in the masses' place)
+            _, gq, hp = _bucket_terms(lp, lq, a, b, q_lt, q_gt, log_wp, log_wq, 5)  # (1 / S, direct)
         elif RECOMPUTE and KIND != 1:  # the buffers hold no G, H (bf16/fp16): the terms pass's math again
             _, gq, hp = _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND)
         if GRAD_S:
             if KIND == 1:  # TVD: the sign-mass form (G - q sum G cancels on a peaked row's largest class)
                 g = 0.5 * c_s * q * _tvd_factor(q, p, q_lt, q_gt, tie)
-            elif RECOMPUTE or KIND == 7:
+            elif RECOMPUTE or KIND == 7 or KIND == 6:
                 g = c_s * (gq - q * sum_g)
             else:
                 g = c_s * (tl.load(G + row * stride_g + offs, mask=mask, other=0.0) - q * sum_g)
@@ -194,7 +196,7 @@ def _shard_grad_kernel(S, T, STATS, COEF, READ, TARGET, G, H, stride_s, stride_t
         if GRAD_T:
             if KIND == 1:
                 h = 0.5 * c_t * p * _tvd_factor(p, q, p_lt, p_gt, tie)
-            elif RECOMPUTE or KIND == 7:
+            elif RECOMPUTE or KIND == 7 or KIND == 6:
                 h = c_t * (hp - p * sum_h)
             else:
                 h = c_t * (tl.load(H + row * stride_h + offs, mask=mask, other=0.0) - p * sum_h)
@@ -271,8 +273,9 @@ def divergence_shard_terms(student, teacher, row_stats, temperature: float, kind
                                       row_target if one_hot else row_read, sums, g, h, s.stride(0), t.stride(0),
                                       stride_g, stride_h, v, 1.0 / temperature, a, b, w_p, w_q, KIND=kind,
                                       # kind 7 keeps no G, H (they need the row's gate): the grad pass evaluates
-                                      GRAD_S=g.numel() > 0 and (store or direct) and kind != 7,
-                                      GRAD_T=h.numel() > 0 and store and kind != 7,
+                                      # (kind 6 likewise: they need the row's S)
+                                      GRAD_S=g.numel() > 0 and (store or direct) and kind not in (6, 7),
+                                      GRAD_T=h.numel() > 0 and store and kind not in (6, 7),
                                       STORE_GRAD=direct, ONE_HOT=one_hot and direct, BLOCK=block, num_warps=warps)
     return sums
 
@@ -289,5 +292,5 @@ def divergence_shard_grad(student, teacher, row_stats, temperature: float, kind:
             _shard_grad_kernel[(n,)](s, t, row_stats, row_coef, row_read, row_target if one_hot else row_read, g, h,
                                      s.stride(0), t.stride(0), stride_g, stride_h, v, 1.0 / temperature, a, b, w_p,
                                      w_q, KIND=kind, GRAD_S=g.numel() > 0, GRAD_T=h.numel() > 0,
-                                     RECOMPUTE=not _stored(g, h) or kind == 7, ONE_HOT=one_hot and g.numel() > 0,
+                                     RECOMPUTE=not _stored(g, h) or kind in (6, 7), ONE_HOT=one_hot and g.numel() > 0,
                                      BLOCK=block, num_warps=warps)
