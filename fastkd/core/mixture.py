@@ -91,8 +91,9 @@ def mixture_vocab(mixture: TeacherMixture) -> int:
     return m[1].shape[-1] if m[0] == "logits" else m[2].shape[0]
 
 
-def check_mixture(mixture: TeacherMixture, lead: tuple, device: torch.device) -> int:
-    """Every member's shapes, dtypes and device against the student's leading shape ``lead``; returns ``V_t``."""
+def check_mixture(mixture: TeacherMixture, lead: tuple, device: torch.device, owner: str = "student_hidden") -> int:
+    """Every member's shapes, dtypes and device against the student's leading shape ``lead`` (``owner``: the
+    student tensor the messages name); returns ``V_t``."""
     vocab = mixture_vocab(mixture)
     for i, m in enumerate(mixture.members):
         name = f"teachers[{i}]"
@@ -103,11 +104,11 @@ def check_mixture(mixture: TeacherMixture, lead: tuple, device: torch.device) ->
             if not x.is_floating_point():
                 raise TypeError(f"{name}{part} must be a floating tensor, got {x.dtype}")
             if x.device != device:
-                raise ValueError(f"{name}{part} must be on student_hidden's device {device}, got {x.device}")
+                raise ValueError(f"{name}{part} must be on {owner}'s device {device}, got {x.device}")
         x = m[1]
         if x.dim() < 1 or tuple(x.shape[:-1]) != tuple(lead):
             raise ValueError(f"{name} ({'logits' if m[0] == 'logits' else 'hidden'}) must have the leading shape of "
-                             f"student_hidden {tuple(lead)}, got {tuple(x.shape)}")
+                             f"{owner} {tuple(lead)}, got {tuple(x.shape)}")
         if m[0] == "pair":
             w, b = m[2], m[3]
             if x.dtype != w.dtype:

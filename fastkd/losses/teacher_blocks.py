@@ -26,7 +26,7 @@ import torch
 
 from ..core import checks as v
 from ..core.divergence import TOPK_MODE_CODES, LossParts, check_divergence_args, divergence_op_args
-from ..core.mixture import TeacherMixture, mix_log_probs, mixture_vocab
+from ..core.mixture import TeacherMixture, check_mixture, mix_log_probs, mixture_vocab
 from ..core.vocab import MappedTeacher
 from ..core.autograd import guard_stored_backward, scale_stored_grad
 from ..core.rows import compute_dtype, row_weights, wants_grad
@@ -50,20 +50,10 @@ def check_dense_mixture(student: torch.Tensor, mixture: TeacherMixture, teacher_
             raise TypeError(f"teachers[{i}] of the TeacherMixture is a (teacher_hidden, teacher_weight) pair: the "
                             "logit losses take members of dense teacher logits [..., V]; pairs are for "
                             "fastkd.fused_linear_kd_loss")
-        x = m[1]
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"teachers[{i}] must be a floating tensor of teacher logits")
-        if x.device != student.device:
-            raise ValueError(f"teachers[{i}] must be on student_logits' device {student.device}, got {x.device}")
-        if x.requires_grad and torch.is_grad_enabled():
+        if m[1].requires_grad and torch.is_grad_enabled():
             raise ValueError(f"teachers[{i}] requires grad, but a TeacherMixture's members are constants (no "
                              f"gradient would reach them); pass teachers[{i}].detach()")
-        if tuple(x.shape[:-1]) != tuple(student.shape[:-1]):
-            raise ValueError(f"teachers[{i}] must have student_logits' leading shape {tuple(student.shape[:-1])}, "
-                             f"got {tuple(x.shape)}")
-        if x.shape[-1] != mixture_vocab(mixture):
-            raise ValueError(f"every teacher of a TeacherMixture must have the same vocabulary: teachers[0] has "
-                             f"{mixture_vocab(mixture)} classes, teachers[{i}] has {x.shape[-1]}")
+    check_mixture(mixture, tuple(student.shape[:-1]), student.device, owner="student_logits")
     v.check_teacher_vocab(teacher_vocab)
     vocab, t_vocab = student.shape[-1], mixture_vocab(mixture)
     if t_vocab > vocab and teacher_vocab == "truncate":
