@@ -388,8 +388,9 @@ def test_bad_input():
     with pytest.raises(TypeError, match="mu"):
         fastkd.akl_loss(s, t, mu="0.5")
     topk = fastkd.TopKTeacher(torch.tensor([[0, 1], [2, 3]]), torch.log(torch.full((2, 2), 0.3)))
-    with pytest.raises(TypeError, match="dense teacher logits"):
-        fastkd.akl_loss(s, topk)
+    vocab_map = fastkd.VocabMap(torch.arange(10), 10)
+    with pytest.raises(TypeError, match="dense teacher logits or a TopKTeacher"):  # (tests/test_akl_topk.py)
+        fastkd.akl_loss(s, fastkd.MappedTeacher(t, vocab_map))
     with pytest.raises(TypeError, match="dense teacher logits"):
         fastkd.fused_linear_kd_loss(torch.randn(2, 4), torch.randn(10, 4), topk, divergence="akl")
     with pytest.raises(ValueError, match="process_group"):

@@ -234,18 +234,20 @@ def check_divergence_params(**params) -> None:
         raise TypeError(f"reverse must be a bool, got {type(params['reverse']).__name__}")
 
 
-def check_akl_teacher(teacher, process_group, divergence: str = "akl") -> None:
-    """AKL takes dense teacher logits on one process: its head is a threshold over the teacher's whole
-    distribution (a top-k teacher's buckets, or a vocabulary shard, would need their own definition: the
-    shard's a global threshold, i.e. all-reduced mass histograms per selection pass). Nothing to check for
-    another ``divergence`` (the fused head's name)."""
+def check_akl_teacher(teacher, process_group, divergence: str = "akl", topk: bool = False) -> None:
+    """AKL takes dense teacher logits on one process (and, with ``topk`` (``akl_loss``), a ``TopKTeacher``: its
+    head over the buckets): the head is a threshold over the teacher's whole distribution (a vocabulary
+    shard's would be a global threshold, i.e. all-reduced mass histograms per selection pass). Nothing to
+    check for another ``divergence`` (the fused head's name)."""
     from .vocab import MappedTeacher
 
     if divergence != "akl":
         return
-    if isinstance(teacher, (TopKTeacher, MappedTeacher)):
-        raise TypeError(f"akl_loss takes dense teacher logits, got a {type(teacher).__name__}: AKL's head (the "
-                        "teacher's most probable classes holding mass mu) is defined over the whole vocabulary")
+    if isinstance(teacher, MappedTeacher) or (isinstance(teacher, TopKTeacher) and not topk):
+        raise TypeError(f"{'akl_loss' if topk else 'AKL'} takes dense teacher logits"
+                        f"{' or a TopKTeacher' if topk else ''}, got a {type(teacher).__name__}: AKL's head (the "
+                        "teacher's most probable classes holding mass mu) is defined over the whole vocabulary"
+                        + ("" if topk else " (akl_loss takes a TopKTeacher: its head over the buckets)"))
     if process_group is not None:
         raise ValueError("akl_loss does not support process_group: the head's threshold over a sharded vocabulary "
                          "needs the global teacher mass above it (all-reduced histograms per selection pass), which "

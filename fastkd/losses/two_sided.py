@@ -7,8 +7,10 @@ from typing import Optional
 
 import torch
 
-from ..core.divergence import check_akl_teacher
-from .divergence import _DETAIL, Teacher, _divergence_loss
+from ..core.divergence import check_akl_teacher, check_divergence_args, check_divergence_params
+from ..core.topk import TopKTeacher
+from .akl_topk import akl_topk_loss
+from .divergence import _DETAIL, Teacher, _divergence_loss, check_teacher_temperature
 
 __all__ = ["jeffreys_loss", "entropy_gated_kl_loss", "akl_loss"]
 
@@ -61,7 +63,7 @@ def entropy_gated_kl_loss(
 
 def akl_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: Teacher,
     *,
     mu: float = 0.5,
     temperature: float = 1.0,
@@ -77,7 +79,14 @@ def akl_loss(
     backend: str = "auto",
 ):
     params = {"mu": mu}
-    check_akl_teacher(teacher_logits, process_group)  # dense teachers on one process (the docstring says why)
+    check_akl_teacher(teacher_logits, process_group, topk=True)  # one process (the docstring says why)
+    if isinstance(teacher_logits, TopKTeacher):  # the head over the buckets (fastkd.losses.akl_topk)
+        check_divergence_params(**params)
+        check_teacher_temperature(teacher_logits, temperature, teacher_temperature, process_group)
+        check_divergence_args(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
+                              sample_weight, ce_weight, return_parts)
+        return akl_topk_loss(student_logits, teacher_logits, float(mu), temperature, reduction, target,
+                             ignore_index, sample_weight, ce_weight, return_parts, backend)
     return _divergence_loss("akl", params, student_logits, teacher_logits, temperature, reduction, target,
                             ignore_index, sample_weight, ce_weight, return_parts, process_group, backend,
                             teacher_vocab, teacher_temperature)
@@ -143,7 +152,18 @@ akl_loss.__doc__ = """Adaptive KL (AKL, Wu et al., COLING 2025), per row::
     histograms in shared memory); Triton a 16-ary search over the keys (up to 9 passes of the teacher alone).
     Passes over the row: CPU 4 (statistics; terms + histogram; head gaps + boundary bin; gradients from
     the kept values), CUDA 7 (statistics, 4 radix, terms, gradients), Triton 3 + up to 9 teacher-only
-    search passes. Dense teacher logits only (``TopKTeacher`` and ``MappedTeacher`` raise: the head is
-    defined over the whole vocabulary); ``process_group`` raises (the sharded head would need all-reduced
-    histograms per selection pass).
+    search passes.
+
+    A ``TopKTeacher`` (an offline cache's top-k; ``fastkd.losses.akl_topk``): the classes are its buckets,
+    the K members and, in ``"tail"`` mode, the tail bucket (the teacher's mass outside the top-k, the
+    student's exact). The head is found among the members as above; the tail bucket ranks last (each of its
+    tokens is less probable than every member), so it is head only at ``mu = 1``. So where the top-k hold
+    less than ``mu`` the head is the K members (the dense head would go on into the tail's tokens), and
+    ``g_tail`` counts the tail bucket's ``|p - q|`` once (the dense ``g_tail`` sums it token by token: at
+    least as large). ``"renormalize"``: both renormalised over the K, no tail bucket. Cost: the forward and
+    reverse KL on the top-k row op (row weights times ``h``, ``l``), one more read of the student for its
+    log-sum-exps (in blocks of rows), and the cross-entropy, where wanted, a pass of its own.
+    ``MappedTeacher`` raises (map it to top-k buckets yourself: ``MappedTeacher.as_topk``), and so does
+    ``process_group`` (the sharded head would need all-reduced histograms per selection pass). The fused
+    head (``fused_linear_kd_loss(divergence="akl")``) takes dense teachers only.
 """ + _DETAIL
