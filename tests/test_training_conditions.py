@@ -136,6 +136,7 @@ def _loss_cases():
     y = torch.randint(0, 33, (2, 5), generator=g)
     y[0, 1] = -100
     topk = fastkd.TopKTeacher.from_logits(t, 4)
+    vocab_map = fastkd.VocabMap(torch.where(torch.arange(29) % 5 == 0, -1, torch.arange(29)), 33)  # 29 -> 33 ids
     h, w, th, tw, target = head_data(n=10, v=33)
     feat_t = torch.randn(2, 3, 4, 4, generator=g)
     gen = torch.nn.Conv2d(3, 3, 1)
@@ -150,6 +151,19 @@ def _loss_cases():
         "jsd": lambda s: fastkd.jsd_loss(s, t, beta=0.3, reduction="sum"),
         "skew_kl": lambda s: fastkd.skew_kl_loss(s, t, skew=0.2, reverse=True),
         "tvd": lambda s: fastkd.tvd_loss(s, t, reduction="none").sum(),
+        "jeffreys": lambda s: fastkd.jeffreys_loss(s, t, target=y, ce_weight=0.1),
+        "triangular": lambda s: fastkd.triangular_loss(s, t, temperature=2.0),
+        "entropy_gated_kl": lambda s: fastkd.entropy_gated_kl_loss(s, t, tau=0.6, target=y),
+        "akl": lambda s: fastkd.akl_loss(s, t, mu=0.4, target=y, ce_weight=0.1),
+        "akl_topk": lambda s: fastkd.akl_loss(s, topk, mu=0.4),
+        "alpha_divergence": lambda s: fastkd.alpha_divergence_loss(s, t, alpha=0.3, reduction="sum"),
+        "ab_divergence": lambda s: fastkd.ab_divergence_loss(s, t, alpha=0.2, beta=0.7, target=y),
+        "renyi": lambda s: fastkd.renyi_loss(s, t, order=0.5, reverse=True),
+        "kd_teacher_temperature": lambda s: fastkd.kd_loss(s, t, 2.0, teacher_temperature=1.5),
+        "mixture": lambda s: fastkd.jsd_loss(s, fastkd.TeacherMixture([t, t.flip(-1)], [0.3, 0.7])),
+        "uld": lambda s: fastkd.uld_loss(s, t[..., :29], target=y, ce_weight=0.1),
+        "hybrid_uld": lambda s: fastkd.hybrid_uld_loss(s, t[..., :29], vocab_map, target=y),
+        "mapped_teacher": lambda s: fastkd.forward_kl_loss(s, fastkd.MappedTeacher(t[..., :29], vocab_map)),
         "fused_linear": lambda s: fastkd.fused_linear_kd_loss(h, w, (th, tw), target, ce_weight=0.2, chunk_size=4)
         + s.sum() * 0,
         "mgd": lambda s: fastkd.mgd_loss(s.reshape(2, 5, 33)[:, :3, :16].reshape(2, 3, 4, 4), feat_t, gen, seed=11,
@@ -283,6 +297,13 @@ DENSE = {
     "reverse_kl": fastkd.reverse_kl_loss,
     "jsd": lambda s, t, **kw: fastkd.jsd_loss(s, t, beta=0.3, **kw),
     "tvd": fastkd.tvd_loss,
+    "jeffreys": fastkd.jeffreys_loss,
+    "triangular": fastkd.triangular_loss,
+    "entropy_gated_kl": lambda s, t, **kw: fastkd.entropy_gated_kl_loss(s, t, tau=0.6, scale=0.2, **kw),
+    "akl": lambda s, t, **kw: fastkd.akl_loss(s, t, mu=0.4, **kw),
+    "alpha_divergence": lambda s, t, **kw: fastkd.alpha_divergence_loss(s, t, alpha=0.3, **kw),
+    "ab_divergence": lambda s, t, **kw: fastkd.ab_divergence_loss(s, t, alpha=0.2, beta=0.7, **kw),
+    "renyi": lambda s, t, **kw: fastkd.renyi_loss(s, t, order=0.5, **kw),
 }
 
 
@@ -393,6 +414,13 @@ SHIFTED = {
     "jsd": lambda s, t, **kw: fastkd.jsd_loss(s, t, beta=0.3, **kw),
     "skew_kl": lambda s, t, **kw: fastkd.skew_kl_loss(s, t, skew=0.2, **kw),
     "tvd": fastkd.tvd_loss,
+    "jeffreys": fastkd.jeffreys_loss,
+    "triangular": fastkd.triangular_loss,
+    "entropy_gated_kl": lambda s, t, **kw: fastkd.entropy_gated_kl_loss(s, t, tau=0.6, scale=0.2, **kw),
+    "akl": lambda s, t, **kw: fastkd.akl_loss(s, t, mu=0.4, **kw),
+    "alpha_divergence": lambda s, t, **kw: fastkd.alpha_divergence_loss(s, t, alpha=0.3, **kw),
+    "ab_divergence": lambda s, t, **kw: fastkd.ab_divergence_loss(s, t, alpha=0.2, beta=0.7, **kw),
+    "renyi": lambda s, t, **kw: fastkd.renyi_loss(s, t, order=0.5, **kw),
 }
 
 
@@ -415,6 +443,10 @@ def test_hf_shifted_logits_run_in_place(monkeypatch, loss, backend, reduction):
         def divergence_fwd(self, s, t, *args):
             seen.append((s.data_ptr(), t.data_ptr()))
             return impl.divergence_fwd(s, t, *args)
+
+        def akl_fwd(self, s, t, *args):  # AKL's own row op (dispatch.backend.ROW_OPS)
+            seen.append((s.data_ptr(), t.data_ptr()))
+            return impl.akl_fwd(s, t, *args)
 
     monkeypatch.setattr(D, "implementation", lambda name: Recording())
     g = torch.Generator().manual_seed(12)

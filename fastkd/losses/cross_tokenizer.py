@@ -39,6 +39,12 @@ _NO_IDS = torch.empty(0, dtype=torch.int64)
 HYBRID_CHUNK_ELEMENTS = 1 << 24
 
 
+# A constant of the installation: evaluated once when torch.compile traces (no graph break), as dispatch's _resolve.
+@torch.compiler.assume_constant_result
+def _uld_kernel_built() -> bool:
+    return _ops.has_kernel("uld_fwd", "CPU")
+
+
 def _resolve(backend, student, teacher, kernel_case: bool = False) -> str:
     """"reference" (sort, autograd), "cpu" (``fastkd::uld_fwd``: exact ULD on CPU tensors) or
     "batched" (this module's PyTorch path, any device). ``kernel_case``: the call is one the op computes."""
@@ -50,7 +56,7 @@ def _resolve(backend, student, teacher, kernel_case: bool = False) -> str:
     reason = None if kernel_case else "it computes exact ULD (k=None) only"
     if student.device.type != "cpu":
         reason = f"it runs on CPU tensors, got {student.device}"
-    elif not _ops.has_kernel("uld_fwd", "CPU"):
+    elif not _uld_kernel_built():
         reason = _ops.LOAD_ERROR or "this build of fastkd._C has no fastkd::uld_fwd"
     if backend == "auto":
         return "batched" if reason else "cpu"

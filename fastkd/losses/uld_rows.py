@@ -181,8 +181,9 @@ def sorted_l1_batched(q: torch.Tensor, p: torch.Tensor, want_q: bool = True, wan
 
 def _no_host_reads(x: torch.Tensor) -> bool:
     """Whether the batched path must avoid reading values on the host for ``x`` (a GPU tensor: each read would
-    synchronise the device; the tests set this on CPU tensors to run the GPU's branch)."""
-    return x.is_cuda
+    synchronise the device; the tests set this on CPU tensors to run the GPU's branch), or while torch.compile
+    traces (data-dependent shapes would break the graph; the sync-free branch has none)."""
+    return x.is_cuda or torch.compiler.is_compiling()
 
 
 def sorted_l1_by_sort(q: torch.Tensor, p: torch.Tensor, want_q: bool = True, want_p: bool = True):
