@@ -255,7 +255,6 @@ def _div_topk_kernel(
     ok = ok & (bad_ids == 0)
     fill = tl.where(live, float("nan"), 0.0)
     valid = tl.where(ok, kmask & (ids >= 0), False)  # non-padding slots of a row that is read
-    n_valid = tl.sum(valid.to(tl.int32), 0)
     n_live = tl.where(ok, n_cols, 0)
     s_row = S + row * stride_s
     sid_row = SIDS + row * n_k
