@@ -120,8 +120,8 @@ def _div_dense_args(s, t, has_target):
     return {"S": f"*{s}", "T": f"*{t}", "TGT": "*i64" if has_target else "*fp32", "W": "*fp32", "LOSS": "*fp32",
             "SOFT": "*fp32", "HARD": "*fp32", "GS": f"*{s}", "GT": f"*{t}",
             "stride_s": "D", "stride_t": "D", "stride_gs": "D", "stride_gt": "D", "stride_w": 1,
-            "n_cols": "D", "inv_temp": "fp32", "a": "fp32", "b": "fp32", "w_p": "fp32", "w_q": "fp32",
-            "soft_scale": "fp32", "ce_weight": "fp32", "log_v": "fp32"}
+            "n_cols": "D", "inv_temp": "fp32", "inv_temp_t": "fp32", "a": "fp32", "b": "fp32", "w_p": "fp32",
+            "w_q": "fp32", "soft_scale": "fp32", "ce_weight": "fp32", "log_v": "fp32"}
 
 
 def _div_topk_args(s, t, has_target):
@@ -341,7 +341,8 @@ def _akl_args(s, t, has_target):
     return {"S": f"*{s}", "T": f"*{t}", "TGT": "*i64" if has_target else "*fp32", "W": "*fp32", "LOSS": "*fp32",
             "SOFT": "*fp32", "HARD": "*fp32", "GS": f"*{s}", "GT": f"*{t}",
             "stride_s": "D", "stride_t": "D", "stride_gs": "D", "stride_gt": "D", "stride_w": 1,
-            "n_cols": "D", "inv_temp": "fp32", "mu": "fp32", "soft_scale": "fp32", "ce_weight": "fp32"}
+            "n_cols": "D", "inv_temp": "fp32", "inv_temp_t": "fp32", "mu": "fp32", "soft_scale": "fp32",
+            "ce_weight": "fp32"}
 
 
 def _akl_jobs(add):

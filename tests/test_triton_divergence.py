@@ -401,3 +401,147 @@ def test_dense_passes(narrow_blocks, monkeypatch, name, coef, passes, grads):
     for got, want, on in ((out[3], ref[3], grads[0]), (out[4], ref[4], grads[1])):
         if on:
             assert rel_err(got, want) < 1e-5, (name, grads)
+
+
+# ----------------------------------------------------------------------------
+# the teacher's own temperature (teacher_temperature = T_t > 0: p = softmax(t / T_t))
+# ----------------------------------------------------------------------------
+
+T_S, T_T = 2.0, 1.3  # the student's and the teacher's temperatures in these tests
+# every kind: the KL family's three paths (general three-pass mixture; forward / reverse KL: the two-pass path,
+# its KL from pass 1's cross term), TVD, two-sided, triangular, AB, Renyi (both sides), entropy-gated
+TT_DIVERGENCES = [("forward_kl", 0, FORWARD_KL)] + [d for d in DIVERGENCES if d[0] in (
+    "reverse_kl", "jsd0.5", "tvd", "jeffreys", "triangular", "ab_divergence", "renyi", "renyi_rev2",
+    "entropy_gated_kl")]
+
+
+def tt_run(op, s, t, args, grads, tt):
+    """The Triton op with teacher_temperature ``tt``, and the float64 reference op on the teacher's logits
+    times T / T_t (the same p), its teacher gradient times T / T_t (the chain factor of that scaling)."""
+    out = op(s, t, *args, *grads, teacher_temperature=tt)
+    ref_op = R.akl_fwd if op is ft.akl_fwd else R.divergence_fwd
+    ref = ref_op(s.double(), t.double() * (args[3] / tt), *args, *grads)
+    return out, ref[:4] + (ref[4] * (args[3] / tt) if grads[1] else ref[4],)
+
+
+def tt_compare(op, s, t, args, grads=(True, True), tt=T_T):
+    out, ref = tt_run(op, s, t, args, grads, tt)
+    bf16 = BF16 in (s.dtype, t.dtype)
+    for name, o, r in zip(("loss", "soft", "hard"), out[:3], ref[:3]):
+        torch.testing.assert_close(o.double(), r, atol=2e-6, rtol=2e-5, msg=lambda m: f"{name}: {m}")
+    for name, o, r, want in (("grad_student", out[3], ref[3], grads[0]), ("grad_teacher", out[4], ref[4], grads[1])):
+        if want:
+            err = rel_err(o, r)
+            assert err < GRAD_REL[BF16 if bf16 else F32], f"{name}: relative-norm error {err:.2e}"
+        else:
+            assert o.numel() == 0, name
+    return out
+
+
+def dense_args(target, w, kind, coef, soft_scale=1.0, ce_weight=0.3, reduce=False, temperature=T_S):
+    return (no_ids(), target, w, temperature, kind, *coef, soft_scale, ce_weight, 0, reduce)
+
+
+@pytest.mark.parametrize("name,kind,coef", TT_DIVERGENCES, ids=[d[0] for d in TT_DIVERGENCES])
+def test_teacher_temperature_every_kind(narrow_blocks, name, kind, coef):
+    """Every kind at T != T_t (both ways round: T_t below and above T), rows of three blocks with a ragged tail,
+    the CE on a target, an ignored row (weight 0)."""
+    s, t, target, w = dense_inputs(sum(map(ord, name)) + 31)
+    for tt in (T_T, 3.1):
+        tt_compare(ft.divergence_fwd, s, t, dense_args(target, w, kind, coef), tt=tt)
+
+
+@pytest.mark.parametrize("name,coef", [("forward_kl", FORWARD_KL), ("reverse_kl", DIVERGENCES[0][2])])
+@pytest.mark.parametrize("grads", [(True, False), (False, True)])
+def test_teacher_temperature_two_pass_flags(narrow_blocks, name, coef, grads):
+    """Forward / reverse KL with one gradient: the two-pass path with and without pass 1's cross term."""
+    s, t, target, w = dense_inputs(32)
+    tt_compare(ft.divergence_fwd, s, t, dense_args(target, w, 0, coef, soft_scale=T_S ** 2, reduce=True), grads)
+
+
+def test_teacher_temperature_float64_definition(narrow_blocks):
+    """The KL family written out in float64 (p = softmax(t / T_t), q = softmax(s / T), m = w_p p + w_q q),
+    gradients by autograd: the general mixture and both two-pass paths, without the reference op."""
+    s, t, target, w = dense_inputs(33)
+    for coef in (R.divergence_coefficients("jsd", beta=0.3), FORWARD_KL, DIVERGENCES[0][2]):
+        a, b, w_p, w_q = coef
+        s64, t64 = s.double().requires_grad_(), t.double().requires_grad_()
+        lq, lp = torch.log_softmax(s64 / T_S, 1), torch.log_softmax(t64 / T_T, 1)
+        lm = torch.logsumexp(torch.stack([lp + math.log(w_p or 1e-300), lq + math.log(w_q or 1e-300)]), 0)
+        soft = a * (lp.exp() * (lp - lm)).sum(1) + b * (lq.exp() * (lq - lm)).sum(1)
+        hard = torch.logsumexp(s64, 1) - s64.gather(1, target[:, None])[:, 0]
+        loss = w.double() * (1.5 * soft + 0.3 * hard)
+        gs, gt = torch.autograd.grad(loss.sum(), (s64, t64))
+        out = ft.divergence_fwd(s, t, *dense_args(target, w, 0, coef, soft_scale=1.5), True, True,
+                                teacher_temperature=T_T)
+        torch.testing.assert_close(out[0].double(), loss.detach(), atol=2e-6, rtol=2e-5)
+        assert rel_err(out[3], gs) < 1e-5 and rel_err(out[4], gt) < 1e-5, coef
+
+
+def test_teacher_temperature_bf16_and_non_contiguous(narrow_blocks):
+    s, t, target, w = dense_inputs(34, BF16)
+    for name, kind, coef in TT_DIVERGENCES[:3]:  # forward KL, reverse KL, JSD: both kernel paths
+        tt_compare(ft.divergence_fwd, s, t, dense_args(target, w, kind, coef))
+    s, t, target, w = dense_inputs(35)
+    wide_t = torch.randn(N, V + 7, device=DEVICE)
+    wide_t[:, 3:V + 3] = t  # a row slice: read in place
+    w2 = torch.zeros(2 * N, device=DEVICE)
+    w2[::2] = w
+    for name, kind, coef in TT_DIVERGENCES[:3]:
+        tt_compare(ft.divergence_fwd, s.t().contiguous().t(), wide_t[:, 3:V + 3],
+                   dense_args(target, w2[::2], kind, coef))
+
+
+def test_teacher_temperature_equal_to_temperature_is_the_default(narrow_blocks):
+    """T_t == T, and 0 given explicitly, give the default's bits, on every path (and top-k takes T_t == T)."""
+    s, t, target, w = dense_inputs(36)
+    for name, kind, coef in TT_DIVERGENCES:
+        for grads in ((True, True), (True, False), (False, True)):
+            args = (s, t, *dense_args(target, w, kind, coef), *grads)
+            base = ft.divergence_fwd(*args)
+            for tt in (T_S, 0.0):
+                for o, r in zip(ft.divergence_fwd(*args, teacher_temperature=tt), base):
+                    assert torch.equal(o, r), (name, grads, tt)
+    s, lp, ids, target, w = topk_inputs(37)
+    args = (s, lp, ids, target, w, T_S, 0, *FORWARD_KL, 4.0, 0.3, 1, False, True, True)
+    for o, r in zip(ft.divergence_fwd(*args, teacher_temperature=T_S), ft.divergence_fwd(*args)):
+        assert torch.equal(o, r)
+    s, t, target, w = dense_inputs(38)
+    args = (s, t, no_ids(), target, w, T_S, 8, 0.4, 0.0, 0.0, 0.0, 1.0, 0.3, 0, False, True, True)
+    for o, r in zip(ft.akl_fwd(*args, teacher_temperature=T_S), ft.akl_fwd(*args)):
+        assert torch.equal(o, r)
+
+
+@pytest.mark.parametrize("mu", [0.4, 1.0])
+def test_teacher_temperature_akl(narrow_blocks, mu):
+    """AKL at T != T_t: the head, its gaps and both KLs at the teacher's own temperature; float32 and bf16."""
+    for seed, dtype in ((39, F32), (40, BF16)):
+        s, t, target, w = dense_inputs(seed, dtype)
+        args = (no_ids(), target, w, T_S, 8, mu, 0.0, 0.0, 0.0, 1.0, 0.3, 0, False)
+        for tt in (T_T, 3.1):
+            tt_compare(ft.akl_fwd, s, t, args, tt=tt)
+
+
+def test_teacher_temperature_autograd(narrow_blocks):
+    """Through autograd the teacher's gradient keeps its 1 / T_t chain factor (the stored one, scaled)."""
+    s, t, target, w = dense_inputs(41)
+    si, ti = s.clone().requires_grad_(), t.clone().requires_grad_()
+    args = dense_args(target, w, 0, R.divergence_coefficients("jsd", beta=0.5))
+    loss = ft.divergence_fwd(si, ti, *args, True, True, teacher_temperature=T_T)[0]
+    loss.sum().backward()
+    _, ref = tt_run(ft.divergence_fwd, s, t, args, (True, True), T_T)
+    assert rel_err(si.grad, ref[3]) < 1e-5 and rel_err(ti.grad, ref[4]) < 1e-5
+
+
+def test_teacher_temperature_errors():
+    s, t, target, w = dense_inputs(42)
+    dense = (s, t, no_ids(), target, w, T_S, 0, *FORWARD_KL, 1.0, 0.3, 0, True, True, True)
+    for op, args in ((ft.divergence_fwd, dense), (ft.akl_fwd, dense[:6] + (8, 0.5) + dense[8:])):
+        for bad in (-1.0, float("nan"), float("inf"), -float("inf")):
+            with pytest.raises(ValueError, match="teacher_temperature"):
+                op(*args, teacher_temperature=bad)
+    s, lp, ids, target, w = topk_inputs(43)
+    for mode in (1, 2):
+        with pytest.raises(ValueError, match="teacher_temperature"):
+            ft.divergence_fwd(s, lp, ids, target, w, T_S, 0, *FORWARD_KL, 1.0, 0.3, mode, True, True, True,
+                              teacher_temperature=T_T)

@@ -1,12 +1,14 @@
 """Triton ``akl_fwd``: the adaptive KL (Wu et al., COLING 2025), one program per row.
 
 Contract (``divergence_fwd``'s signature, ``a`` = mu, dense teachers): docs/design.md, "akl_fwd". Per row,
-``p = softmax(t / T)``, ``q = softmax(s / T)``, ``M(v)`` the teacher mass of the classes whose logit is ``>= v``::
+``p = softmax(t / T_t)`` (``T_t`` the teacher_temperature; ``T`` where it is 0), ``q = softmax(s / T)``, ``M(v)``
+the teacher mass of the classes whose logit is ``>= v``::
 
     head = {c : M(t_c) <= mu} plus the classes at max t        (tied logits in or out together)
     h = g_head / max(g_head + g_tail, 1e-8),  l = g_tail / max(...),  g = sum |p - q| over head / tail
     soft = h KL(p || q) + l KL(q || p)                          (h, l constants in the gradients)
     dL/ds = w (soft_scale / T) (G - q sum G) + w ce_weight (softmax(s) - onehot),  G, H of kind 2 at (h, l)
+    dL/dt = w (soft_scale / T_t) (H - p sum H)
 
 The head without sorting: ``x* = min {x : f(x) <= mu}`` over the 32-bit order-preserving keys of the teacher's
 logits, ``f(x) = sum p [key >= x]`` (non-increasing), so the head is ``key >= x*`` (plus the maxima). A 16-ary
@@ -25,8 +27,8 @@ from torch.library import triton_op, wrap_triton
 from ..core.autograd import register_loss_autograd
 from ..core.divergence import KIND_CODES, check_akl_op_args
 from ._common import device_guard, empty_grad, load_logits, unit_stride_rows
-from .divergence import _check, _div_dense_grads, _store_row_outputs, _target, div_row_config
-from .divergence_rows import _row_stats
+from .divergence import _check, _div_dense_grads, _store_row_outputs, _target, div_row_config, teacher_inv_temp
+from .divergence_rows import _row_stats_tt
 
 # The search's candidates per pass, and its column block: 16 columns per warp (32 from 8 warps), so that the
 # [block, 16] comparison holds 8 (16) values per thread. ptxas (tests/test_triton_compile.py, every launch config,
@@ -53,7 +55,7 @@ def _keys(t):
 def _akl_kernel(
     S, T, TGT, W, LOSS, SOFT, HARD, GS, GT,
     stride_s, stride_t, stride_gs, stride_gt, stride_w,
-    n_cols, inv_temp, mu, soft_scale, ce_weight,
+    n_cols, inv_temp, inv_temp_t, mu, soft_scale, ce_weight,
     HAS_TARGET: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr,
     SBLOCK: tl.constexpr, WAYS: tl.constexpr,
 ):
@@ -68,8 +70,8 @@ def _akl_kernel(
     cols = tl.arange(0, BLOCK)
 
     # ---- pass 1: raw maxima and sums ----
-    m_s, z_s, z1, m_t, z_t, _kl = _row_stats(s_row, t_row, n_live, n_cols, inv_temp, HAS_TARGET, BLOCK,
-                                             "evict_last", 0)
+    m_s, z_s, z1, m_t, z_t, _kl = _row_stats_tt(s_row, t_row, n_live, n_cols, inv_temp, inv_temp_t, HAS_TARGET,
+                                                BLOCK, "evict_last", 0)
     lz_s = tl.log(z_s)
     lz_t = tl.log(z_t)
     if HAS_TARGET:
@@ -93,7 +95,7 @@ def _akl_kernel(
         for start in range(0, n_live, SBLOCK):
             offs = start + scols
             t = tl.load(t_row + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
-            p = tl.exp((t - m_t) * inv_temp - lz_t)
+            p = tl.exp((t - m_t) * inv_temp_t - lz_t)
             p = tl.where(offs < n_cols, p, 0.0)
             above = _keys(t)[:, None] >= cand[None, :]
             mass += tl.sum(tl.where(above, p[:, None], 0.0), 0)
@@ -113,7 +115,7 @@ def _akl_kernel(
         mask = offs < n_cols
         s, t = load_logits(s_row, t_row, offs, mask, "evict_last")
         lq = (s - m_s) * inv_temp - lz_s
-        lp = (t - m_t) * inv_temp - lz_t
+        lp = (t - m_t) * inv_temp_t - lz_t
         p = tl.exp(lp)
         q = tl.exp(lq)
         delta = lp - lq  # +-inf or NaN where a probability is 0: that term is selected away
@@ -135,8 +137,8 @@ def _akl_kernel(
     # ---- the gradients: kind 2 of divergence_fwd at (a, b) = (h, l), sum G and sum H in closed form ----
     if GRAD_S or GRAD_T:
         _div_dense_grads(s_row, t_row, GS, GT, row, stride_gs, stride_gt, n_cols, n_live, g, ok, fill,
-                         m_s, lz_s, m_t, lz_t, lz1, inv_temp, h, l, 0.0, 0.0, 0.0, 0.0, rev - h, fwd - l,
-                         w * soft_scale * inv_temp, w * ce_weight, ce_weight,
+                         m_s, lz_s, m_t, lz_t, lz1, inv_temp, inv_temp_t, h, l, 0.0, 0.0, 0.0, 0.0, rev - h, fwd - l,
+                         w * soft_scale * inv_temp, w * soft_scale * inv_temp_t, w * ce_weight, ce_weight,
                          2, HAS_TARGET, GRAD_S, GRAD_T, BLOCK, False)
 
 
@@ -159,13 +161,16 @@ def akl_fwd(
     reduce: bool,
     grad_student: bool,
     grad_teacher: bool,
+    teacher_temperature: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``akl_fwd`` row op (docs/design.md): ``divergence_fwd``'s arguments and outputs, ``a`` = mu, a dense teacher.
+    """``akl_fwd`` row op (docs/design.md): ``divergence_fwd``'s arguments and outputs, ``a`` = mu, a dense teacher
+    (``teacher_temperature`` > 0: ``p = softmax(t / T_t)``, the head and both KLs at it; 0: at ``temperature``).
 
     Returns (loss, soft, hard, grad_student, grad_teacher) as ``divergence_fwd``.
     """
     check_akl_op_args(kind, a, topk_mode)
     _check(student, teacher, topk_ids, target, row_weight, temperature, KIND_CODES["jeffreys"], ce_weight, topk_mode)
+    inv_temp_t = teacher_inv_temp(teacher_temperature, temperature, topk_mode)
     student = unit_stride_rows(student)  # row slices run in place; other layouts are copied
     teacher = unit_stride_rows(teacher)
     n, v = student.shape
@@ -185,7 +190,7 @@ def akl_fwd(
                 student.stride(0), teacher.stride(0),
                 gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0, row_weight.stride(0),
                 # mu < 1 stays below 1 as a float32 (the kernel selects a head only then)
-                v, 1.0 / temperature, min(a, 1.0 - 2.0 ** -24) if a < 1.0 else 1.0, soft_scale, ce_weight,
+                v, 1.0 / temperature, inv_temp_t, min(a, 1.0 - 2.0 ** -24) if a < 1.0 else 1.0, soft_scale, ce_weight,
                 HAS_TARGET=has_target, GRAD_S=grad_student, GRAD_T=grad_teacher, BLOCK=block,
                 SBLOCK=search_block(block, num_warps), WAYS=SEARCH_WAYS, num_warps=num_warps,
             )

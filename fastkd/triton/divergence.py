@@ -2,8 +2,8 @@
 
 Contract (arguments, formulas, buckets, skipped rows, numerics): docs/design.md,
 "The language-model divergences: one op, divergence_fwd". Per row, with
-``q = softmax(s / T)`` (student), ``p`` the teacher (dense ``softmax(t / T)`` or
-top-k buckets), ``l = log``:
+``q = softmax(s / T)`` (student), ``p`` the teacher (dense ``softmax(t / T_t)``, ``T_t`` the
+teacher_temperature, ``T`` where it is 0; or top-k buckets), ``l = log``:
 
     kind 0:  soft = a KL(p || m) + b KL(q || m),   m = w_p p + w_q q
     kind 1:  soft = 0.5 sum |p - q|                               (TVD)
@@ -20,7 +20,7 @@ Per bucket/class ``c`` (``G = q dsoft/dq``, ``H = p dsoft/dp``)::
     G = b q (l q - l m) - r (a p + b q)    H = a p (l p - l m) - u (a p + b q)
     TVD: G = 0.5 q sign(q - p),            H = 0.5 p sign(p - q)
     dL/ds = w (soft_scale / T) (G - q sum G) + w ce_weight (softmax(s) - onehot(target))
-    dL/dt = w (soft_scale / T) (H - p sum H)                      (dense teacher)
+    dL/dt = w (soft_scale / T_t) (H - p sum H)                    (dense teacher)
 
 Dense kernel, three passes over the row (the third only for gradients):
   1. statistics: raw running maxima and sums of the student at 1/T (and at T = 1
@@ -62,7 +62,7 @@ from torch.library import triton_op, wrap_triton
 
 from ..core.autograd import register_loss_autograd
 from ._common import device_guard, empty_grad, load_logits, online_update_scaled, unit_stride_rows
-from .divergence_rows import _bucket_terms, _gate, _log1p, _renyi_row, _row_stats, _stats_update
+from .divergence_rows import _bucket_terms, _gate, _log1p, _renyi_row, _row_stats_tt, _stats_update
 
 NEG_INF = tl.constexpr(float("-inf"))
 # Sorted-id sentinel for padding slots (and past the end): above every column index.
@@ -100,7 +100,7 @@ def _store_row_outputs(LOSS, SOFT, HARD, row, ok, fill, w, soft, hard, soft_scal
 def _div_dense_kernel(
     S, T, TGT, W, LOSS, SOFT, HARD, GS, GT,
     stride_s, stride_t, stride_gs, stride_gt, stride_w,
-    n_cols, inv_temp, a, b, w_p, w_q, soft_scale, ce_weight, log_v,
+    n_cols, inv_temp, inv_temp_t, a, b, w_p, w_q, soft_scale, ce_weight, log_v,
     KIND: tl.constexpr, HAS_TARGET: tl.constexpr,
     GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK: tl.constexpr,
     SUMS_KNOWN: tl.constexpr = False, CROSS: tl.constexpr = 0,
@@ -117,9 +117,9 @@ def _div_dense_kernel(
     log_wp = tl.log(w_p)  # -inf for 0: the mixture then reduces to the other side exactly
     log_wq = tl.log(w_q)
 
-    # ---- pass 1: raw maxima and sums (student at 1/T and at 1, teacher at 1/T) ----
-    m_s, z_s, z1, m_t, z_t, kl = _row_stats(s_row, t_row, n_live, n_cols, inv_temp, HAS_TARGET, BLOCK, "evict_last",
-                                            CROSS)
+    # ---- pass 1: raw maxima and sums (student at 1/T and at 1, teacher at its own 1/T_t) ----
+    m_s, z_s, z1, m_t, z_t, kl = _row_stats_tt(s_row, t_row, n_live, n_cols, inv_temp, inv_temp_t, HAS_TARGET, BLOCK,
+                                               "evict_last", CROSS)
     lz_s = tl.log(z_s)
     lz_t = tl.log(z_t)
     if HAS_TARGET:
@@ -136,8 +136,9 @@ def _div_dense_kernel(
         sum_g = tl.where(CROSS == 2, tl.where(b == 0.0, 0.0, b * kl), known)
         sum_h = tl.where(CROSS == 1, tl.where(a == 0.0, 0.0, a * kl), known)
         soft = _div_dense_grads(s_row, t_row, GS, GT, row, stride_gs, stride_gt, n_cols, n_live, g, ok, fill,
-                                m_s, lz_s, m_t, lz_t, lz1, inv_temp, a, b, w_p, w_q, log_wp, log_wq, sum_g, sum_h,
-                                w * soft_scale * inv_temp, w * ce_weight, ce_weight,
+                                m_s, lz_s, m_t, lz_t, lz1, inv_temp, inv_temp_t, a, b, w_p, w_q, log_wp, log_wq,
+                                sum_g, sum_h, w * soft_scale * inv_temp, w * soft_scale * inv_temp_t, w * ce_weight,
+                                ce_weight,
                                 KIND, HAS_TARGET, GRAD_S, GRAD_T, BLOCK, True)
         _store_row_outputs(LOSS, SOFT, HARD, row, ok, fill, w, soft, hard, soft_scale, ce_weight)
         return
@@ -151,7 +152,7 @@ def _div_dense_kernel(
         mask = offs < n_cols
         s, t = load_logits(s_row, t_row, offs, mask, "evict_last")
         lq = (s - m_s) * inv_temp - lz_s
-        lp = (t - m_t) * inv_temp - lz_t
+        lp = (t - m_t) * inv_temp_t - lz_t
         term, gq, hp = _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND)
         soft += tl.sum(tl.where(mask, term, 0.0), 0)
         if GRAD_S or KIND == 7 or KIND == 6:
@@ -167,29 +168,33 @@ def _div_dense_kernel(
     # ---- pass 3: gradients ----
     if (GRAD_S or GRAD_T) and KIND == 7:
         _div_dense_grads(s_row, t_row, GS, GT, row, stride_gs, stride_gt, n_cols, n_live, g, ok, fill,
-                         m_s, lz_s, m_t, lz_t, lz1, inv_temp, a, b, w_p, w_q, log_wp, log_wq, sum_g, sum_h,
-                         w * soft_scale * inv_temp, w * ce_weight, ce_weight,
+                         m_s, lz_s, m_t, lz_t, lz1, inv_temp, inv_temp_t, a, b, w_p, w_q, log_wp, log_wq,
+                         sum_g, sum_h, w * soft_scale * inv_temp, w * soft_scale * inv_temp_t, w * ce_weight,
+                         ce_weight,
                          2, HAS_TARGET, GRAD_S, GRAD_T, BLOCK, False)
     elif (GRAD_S or GRAD_T) and KIND == 6:
         _div_dense_grads(s_row, t_row, GS, GT, row, stride_gs, stride_gt, n_cols, n_live, g, ok, fill,
-                         m_s, lz_s, m_t, lz_t, lz1, inv_temp, a, b, w_p, w_q, log_wp, log_wq, sum_g, sum_h,
-                         w * soft_scale * inv_temp, w * ce_weight, ce_weight,
+                         m_s, lz_s, m_t, lz_t, lz1, inv_temp, inv_temp_t, a, b, w_p, w_q, log_wp, log_wq,
+                         sum_g, sum_h, w * soft_scale * inv_temp, w * soft_scale * inv_temp_t, w * ce_weight,
+                         ce_weight,
                          5, HAS_TARGET, GRAD_S, GRAD_T, BLOCK, False)
     elif GRAD_S or GRAD_T:
         _div_dense_grads(s_row, t_row, GS, GT, row, stride_gs, stride_gt, n_cols, n_live, g, ok, fill,
-                         m_s, lz_s, m_t, lz_t, lz1, inv_temp, a, b, w_p, w_q, log_wp, log_wq, sum_g, sum_h,
-                         w * soft_scale * inv_temp, w * ce_weight, ce_weight,
+                         m_s, lz_s, m_t, lz_t, lz1, inv_temp, inv_temp_t, a, b, w_p, w_q, log_wp, log_wq,
+                         sum_g, sum_h, w * soft_scale * inv_temp, w * soft_scale * inv_temp_t, w * ce_weight,
+                         ce_weight,
                          KIND, HAS_TARGET, GRAD_S, GRAD_T, BLOCK, False)
 
 
 @triton.jit
 def _div_dense_grads(s_row, t_row, GS, GT, row, stride_gs, stride_gt, n_cols, n_live, g, ok, fill,
-                     m_s, lz_s, m_t, lz_t, lz1, inv_temp, a, b, w_p, w_q, log_wp, log_wq, sum_g, sum_h,
-                     c_soft, c_ce, ce_weight,
+                     m_s, lz_s, m_t, lz_t, lz1, inv_temp, inv_temp_t, a, b, w_p, w_q, log_wp, log_wq, sum_g, sum_h,
+                     c_soft, c_soft_t, c_ce, ce_weight,
                      KIND: tl.constexpr, HAS_TARGET: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
                      BLOCK: tl.constexpr, SUM_SOFT: tl.constexpr):
     """The gradient pass of a dense row (the whole row: skipped and bad rows get ``fill``);
-    with SUM_SOFT also the row's soft loss (the two-pass path), else 0."""
+    with SUM_SOFT also the row's soft loss (the two-pass path), else 0. ``c_soft`` / ``c_soft_t``: the soft
+    term's factor of each side, ``w soft_scale`` over that side's own temperature (T, T_t: the chain rule)."""
     cols = tl.arange(0, BLOCK)
     soft = 0.0
     for start in range(0, n_cols, BLOCK):
@@ -197,7 +202,7 @@ def _div_dense_grads(s_row, t_row, GS, GT, row, stride_gs, stride_gt, n_cols, n_
         mask = offs < n_cols
         s, t = load_logits(s_row, t_row, offs, offs < n_live, "evict_first")  # skipped rows: nothing read
         lq = (s - m_s) * inv_temp - lz_s
-        lp = (t - m_t) * inv_temp - lz_t
+        lp = (t - m_t) * inv_temp_t - lz_t
         term, gq, hp = _bucket_terms(lp, lq, a, b, w_p, w_q, log_wp, log_wq, KIND)
         if SUM_SOFT:
             soft += tl.sum(tl.where(offs < n_live, term, 0.0), 0)
@@ -208,7 +213,7 @@ def _div_dense_grads(s_row, t_row, GS, GT, row, stride_gs, stride_gt, n_cols, n_
                 gs += tl.where(ce_weight == 0.0, 0.0, c_ce * ce)
             tl.store(GS + row * stride_gs + offs, tl.where(ok, gs, fill).to(GS.dtype.element_ty), mask=mask)
         if GRAD_T:
-            gt = c_soft * (hp - tl.exp(lp) * sum_h)
+            gt = c_soft_t * (hp - tl.exp(lp) * sum_h)
             tl.store(GT + row * stride_gt + offs, tl.where(ok, gt, fill).to(GT.dtype.element_ty), mask=mask)
     return soft
 
@@ -250,7 +255,6 @@ def _div_topk_kernel(
     ok = ok & (bad_ids == 0)
     fill = tl.where(live, float("nan"), 0.0)
     valid = tl.where(ok, kmask & (ids >= 0), False)  # non-padding slots of a row that is read
-    n_valid = tl.sum(valid.to(tl.int32), 0)
     n_live = tl.where(ok, n_cols, 0)
     s_row = S + row * stride_s
     sid_row = SIDS + row * n_k
@@ -429,6 +433,18 @@ def dense_sums_known(kind, w_p, w_q, grad_student, grad_teacher):
     return True, 1 if grad_teacher else 0
 
 
+def teacher_inv_temp(teacher_temperature, temperature, topk_mode):
+    """The teacher's inverse temperature after tt_interface's checks: ``1 / T`` for 0 (the default, and the same
+    float for ``T_t == T``: the same bits), else ``1 / T_t``; a top-k teacher's log-probs take no temperature."""
+    if not (math.isfinite(teacher_temperature) and teacher_temperature >= 0):
+        raise ValueError(f"fastkd: teacher_temperature must be 0 (the temperature) or a finite number > 0, "
+                         f"got {teacher_temperature}")
+    if topk_mode != TOPK_NONE and teacher_temperature not in (0.0, temperature):
+        raise ValueError(f"fastkd: teacher_temperature must be 0 or the temperature ({temperature}) with a top-k "
+                         f"teacher (its log-probs are taken as given), got {teacher_temperature}")
+    return 1.0 / (teacher_temperature or temperature)
+
+
 def _check(student, teacher, topk_ids, target, row_weight, temperature, kind, ce_weight, topk_mode, a=0.0, b=0.0):
     """Shape, dtype and option checks that need no device read (the values are the Python layer's)."""
     if kind == KIND_RENYI and not (0 < a < float("inf")):
@@ -492,14 +508,17 @@ def divergence_fwd(
     reduce: bool,
     grad_student: bool,
     grad_teacher: bool,
+    teacher_temperature: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``divergence_fwd`` row op (docs/design.md): the compiled op's arguments and outputs.
+    """``divergence_fwd`` row op (docs/design.md): the compiled op's arguments and outputs
+    (``teacher_temperature`` > 0: the dense teacher at its own temperature; 0: at ``temperature``).
 
     Returns (loss, soft, hard, grad_student, grad_teacher): loss/soft/hard float32,
     0-d sums (reduce) or [N]; grad_student [N, V] in the student's dtype and
     grad_teacher in the teacher's shape and dtype, or empty when not requested.
     """
     _check(student, teacher, topk_ids, target, row_weight, temperature, kind, ce_weight, topk_mode, a, b)
+    inv_temp_t = teacher_inv_temp(teacher_temperature, temperature, topk_mode)
     student = unit_stride_rows(student)  # row slices run in place; other layouts are copied
     teacher = unit_stride_rows(teacher)
     n, v = student.shape
@@ -522,7 +541,7 @@ def divergence_fwd(
                     student, teacher, tgt, row_weight, loss_rows, soft_rows, hard_rows, gs, gt,
                     student.stride(0), teacher.stride(0),
                     gs.stride(0) if grad_student else 0, gt.stride(0) if grad_teacher else 0, row_weight.stride(0),
-                    *scalars,
+                    v, 1.0 / temperature, inv_temp_t, *scalars[2:],
                     KIND=kind, HAS_TARGET=has_target, GRAD_S=grad_student, GRAD_T=grad_teacher,
                     BLOCK=block, num_warps=num_warps, SUMS_KNOWN=known, CROSS=cross,
                 )

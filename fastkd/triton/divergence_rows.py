@@ -242,15 +242,24 @@ def _stats_update(m, z, z1, x, inv_temp, HAS_TARGET: tl.constexpr):
 @triton.jit
 def _row_stats(s_row, t_row, n_live, n_cols, inv_temp, HAS_TARGET: tl.constexpr, BLOCK: tl.constexpr,
                EVICT: tl.constexpr, CROSS: tl.constexpr = 0):
+    """``_row_stats_tt`` with the teacher at the student's temperature (the shard kernels)."""
+    return _row_stats_tt(s_row, t_row, n_live, n_cols, inv_temp, inv_temp, HAS_TARGET, BLOCK, EVICT, CROSS)
+
+
+@triton.jit
+def _row_stats_tt(s_row, t_row, n_live, n_cols, inv_temp, inv_temp_t, HAS_TARGET: tl.constexpr,
+                  BLOCK: tl.constexpr, EVICT: tl.constexpr, CROSS: tl.constexpr = 0):
     """Pass 1 of a dense row: the raw maxima and sums (student at 1/T and, with a target, at 1;
-    teacher at 1/T), (m_s, z_s, z1, m_t, z_t, kl). ``n_live`` = 0 reads nothing.
+    teacher at its own 1/T_t, ``inv_temp_t``), (m_s, z_s, z1, m_t, z_t, kl). ``n_live`` = 0 reads nothing.
 
     ``kl``: CROSS 1: KL(p || q), 2: KL(q || p), from KD's cross term: the weighting net's sum of
     e (d_w - d_o), ``d = x - m`` each net's logits minus its own running maximum (raw units; t - s
     would lose |t - s| eps with the nets at different large offsets), shifted as the maxima move;
-    0 with CROSS 0.
+    0 with CROSS 0. The teacher's d is taken times ``T / T_t`` (so d is in the student's raw units;
+    exactly 1 when T_t = T: the same bits as without a teacher temperature).
     """
     cols = tl.arange(0, BLOCK)
+    t_ratio = inv_temp_t / inv_temp
     m_s = float("-inf")
     z_s = 0.0
     z1 = 0.0
@@ -271,10 +280,12 @@ def _row_stats(s_row, t_row, n_live, n_cols, inv_temp, HAS_TARGET: tl.constexpr,
                 z1 = z1 * tl.exp(m_s_old - m_safe) + tl.sum(tl.exp(s - m_safe), 0)
         else:
             m_s, z_s, z1 = _stats_update(m_s, z_s, z1, s, inv_temp, HAS_TARGET)
-        m_t, z_t, e_t, alpha_t = online_update_scaled(m_t, z_t, t, inv_temp)
+        m_t, z_t, e_t, alpha_t = online_update_scaled(m_t, z_t, t, inv_temp_t)
         if CROSS != 0:
-            d = (s - tl.where(m_s == float("-inf"), 0.0, m_s)) - (t - tl.where(m_t == float("-inf"), 0.0, m_t))
-            gap = tl.where(m_t == m_t_old, 0.0, m_t - m_t_old) - tl.where(m_s == m_s_old, 0.0, m_s - m_s_old)
+            d = ((s - tl.where(m_s == float("-inf"), 0.0, m_s))
+                 - (t - tl.where(m_t == float("-inf"), 0.0, m_t)) * t_ratio)
+            gap = (tl.where(m_t == m_t_old, 0.0, m_t - m_t_old) * t_ratio
+                   - tl.where(m_s == m_s_old, 0.0, m_s - m_s_old))
             # earlier terms' d moves by gap (d_o - d_w by -gap); a zero probability adds exactly 0, not 0 * inf
             if CROSS == 2:
                 acc = (acc + tl.where(z_s_old > 0.0, z_s_old * gap, 0.0)) * alpha_s
@@ -282,7 +293,7 @@ def _row_stats(s_row, t_row, n_live, n_cols, inv_temp, HAS_TARGET: tl.constexpr,
             else:
                 acc = (acc - tl.where(z_t_old > 0.0, z_t_old * gap, 0.0)) * alpha_t
                 acc += tl.sum(e_t * tl.where(e_t > 0.0, -d, 0.0), 0)
-    if CROSS == 1:  # E_p[d_t - d_s] / T - (log z_t - log z_s)
+    if CROSS == 1:  # E_p[d_t T / T_t - d_s] / T - (log z_t - log z_s)
         kl = acc / z_t * inv_temp - tl.log(z_t) + tl.log(z_s)
     elif CROSS == 2:
         kl = acc / z_s * inv_temp - tl.log(z_s) + tl.log(z_t)
