@@ -87,9 +87,8 @@ FASTKD_INLINE float to_prob(float chunk_max, float row_max, float inv_t, float l
 template <bool kG, bool kH, bool kBin>
 FASTKD_INLINE void akl_terms_chunk(const float* s, const float* t, int64_t n, float ms, float mt, float inv_t,
                                    float inv_tt, float rho, float dl, float u_cut, float scale, float to_q,
-                                   float to_p, const float* kept_s,
-                                   const float* kept_t, float* g_row, float* kpq, uint16_t* bins, double& kl_pq,
-                                   double& kl_qp, double& gap) {
+                                   float to_p, const float* kept_s, const float* kept_t, float* g_row, float* kpq,
+                                   uint16_t* bins, double& kl_pq, double& kl_qp, double& gap) {
   double a = 0.0, b = 0.0, d = 0.0;
 #pragma omp simd reduction(+ : a, b, d)
   for (int64_t j = 0; j < n; ++j) {
