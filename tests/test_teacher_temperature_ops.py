@@ -179,3 +179,19 @@ def test_large_logit_offsets(backend, name):
     s64 = (3 * torch.randn(3, 2053, generator=g, dtype=torch.float64) - 1e4).float().double()
     t64 = (3 * torch.randn(3, 2053, generator=g, dtype=torch.float64) + 1e4).float().double()
     check_against_oracle(name, backend, s64, t64, lambda x: x, 2.0, 0.5, torch.float32, 1e-5)
+
+
+@pytest.mark.parametrize("name", ["jsd", "akl"])
+def test_opcheck_with_the_argument(name):
+    """The schema's keyword, the fake (meta) implementation and the autograd registration agree with the
+    CPU kernel (torch.library.opcheck; the compiled ops: Triton's opcheck does not run under the interpreter)."""
+    skip_unless_runs("akl", "cpu")
+    g = torch.Generator().manual_seed(8)
+    s = torch.randn(4, 9, generator=g, requires_grad=True)
+    t = torch.randn(4, 9, generator=g, requires_grad=True)
+    kind, params = OP_KINDS[name]
+    code, *coefficients = divergence_op_args(kind, **params)
+    op = getattr(torch.ops.fastkd, ROW_OPS.get(kind, "divergence_fwd")).default
+    args = (s, t, torch.empty(0, dtype=torch.int64), torch.tensor([1, 8, 0, 3]), torch.tensor([0.25, 0.0, 0.5, 0.25]),
+            2.0, code, *coefficients, 1.0, 0.5, 0, False, True, True)
+    torch.library.opcheck(op, args, {"teacher_temperature": 0.6})
