@@ -10,7 +10,7 @@ Forward + backward, float32, 2 threads (the issue's targets):
 
     python benchmarks/divergence_cpu.py [--rows 4096] [--reps 5] [--skip-eager] [--only jsd,tvd,...]
     python benchmarks/divergence_cpu.py --vs-kd --only jeffreys,entropy_gated_kl   (each against fused KD)
-    python benchmarks/divergence_cpu.py --vs-kd --only kd_teacher_temperature,kd_mixture2   (the block path)
+    python benchmarks/divergence_cpu.py --vs-kd --only kd_teacher_temperature,kd_mixture2   (the teacher forms)
 
 Prints medians (ms) and the ratios. Times vary with the machine and its load;
 compare ratios from one run.
@@ -139,8 +139,8 @@ def bench_vs_kd(args, s, t):
     for name in names:
         fn, _, params = DIVERGENCES[name]
         calls[name] = lambda x, fn=fn, params=params: fn(x, t, temperature=2.0, backend="cpu", **params)
-    # the teachers formed block by block of rows (fastkd/losses/teacher_blocks.py): KD with the teacher at its
-    # own temperature, and against a mixture of two teachers
+    # KD with the teacher at its own temperature (the row op's argument), and against a mixture of two teachers
+    # (formed block by block of rows: fastkd/losses/teacher_blocks.py)
     if args.only and "kd_teacher_temperature" in args.only:
         calls["kd_teacher_temperature"] = lambda x: fastkd.kd_loss(x, t, 2.0, teacher_temperature=1.0, backend="cpu")
     if args.only and "kd_mixture2" in args.only:

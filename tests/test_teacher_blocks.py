@@ -1,7 +1,10 @@
 """``fastkd.TeacherMixture`` of dense teacher logits as the teacher of the logit losses (every divergence and
 ``kd_loss``; issue 22): every backend against the mixture's float64 definition written out here (not the
 library's reference), blocks of rows with a ragged last block, shifted and non-contiguous views, reductions,
-CE, weights, and the training-loop conditions."""
+CE, weights, and the training-loop conditions; ``teacher_temperature`` through the public losses (dense logits:
+the row op's own argument, no blocks; per kind and op: tests/test_teacher_temperature_ops.py), with a mixture and
+a mapped teacher (blocks at ``T_t``)."""
+import itertools
 import math
 
 import pytest
@@ -218,11 +221,10 @@ TEMP_LOSSES = {
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(TEMP_LOSSES))
-def test_teacher_temperature_matches_its_definition(backend, name, monkeypatch):
-    """Value, student and teacher gradients (the teacher requires grad) against the float64 definition, in
-    blocks of 4 rows (ragged last block) of 2053 classes."""
+def test_teacher_temperature_matches_its_definition(backend, name):
+    """Value, student and teacher gradients (the teacher requires grad) against the float64 definition, on
+    rows of 2053 classes (wider than a kernel block)."""
     device = skip_unless_runs("forward_kl", backend) if backend != "reference" else torch.device("cpu")
-    monkeypatch.setattr(teacher_blocks, "BLOCK_ELEMENTS", 4 * 2053)
     g = torch.Generator().manual_seed(8)
     s64 = 3 * torch.randn(3, 5, 2053, generator=g, dtype=torch.float64)
     t64 = 3 * torch.randn(3, 5, 2053, generator=g, dtype=torch.float64)
@@ -240,11 +242,10 @@ def test_teacher_temperature_matches_its_definition(backend, name, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_teacher_temperature_shifted_bf16_none_and_frozen_teacher(backend, monkeypatch):
+def test_teacher_temperature_shifted_bf16_none_and_frozen_teacher(backend):
     """HF-shifted bf16 views, reduction="none" with a random incoming gradient, a frozen teacher (no teacher
-    gradient computed), CE and ignore_index, in blocks of 3 rows."""
+    gradient computed), CE and ignore_index."""
     device = skip_unless_runs("forward_kl", backend) if backend != "reference" else torch.device("cpu")
-    monkeypatch.setattr(teacher_blocks, "BLOCK_ELEMENTS", 3 * 301)
     g = torch.Generator().manual_seed(9)
     full = (3 * torch.randn(2, 8, 301, generator=g)).to(torch.bfloat16)
     teacher = (3 * torch.randn(2, 8, 301, generator=g)).to(torch.bfloat16)
@@ -323,7 +324,7 @@ def test_teacher_temperature_errors():
         fastkd.nn.ForwardKLLoss(teacher_temperature=-1.0)
 
 
-# ---- the block driver in a training loop (review findings) ----
+# ---- the block driver, and the teacher temperature's op route, in a training loop (review findings) ----
 
 def _block_losses():
     g = torch.Generator().manual_seed(13)
@@ -365,16 +366,18 @@ def test_blocks_backward_once_in_place_loss_and_low_precision_scale(form, monkey
 
 def test_blocks_take_any_layout():
     """An expanded student (stride-0 rows), a column slice and a transposed teacher run (copied per block
-    where the backend needs contiguous rows) and match the float64 definition, gradients included."""
+    where the backend needs contiguous rows) and match the float64 definition, gradients included: the
+    teacher at its own temperature as dense logits (the op's argument) and as a mixture of one (the blocks)."""
     g = torch.Generator().manual_seed(14)
     transposed = torch.randn(29, 6, generator=g).T
     sliced = torch.randn(6, 40, generator=g)[:, :29]
     cases = [(torch.randn(1, 29, generator=g), lambda leaf: leaf.expand(6, 29), transposed),
              (torch.randn(6, 40, generator=g), lambda leaf: leaf[:, :29], transposed),
              (torch.randn(1, 29, generator=g), lambda leaf: leaf.expand(6, 29), sliced)]
-    for source, view, teacher in cases:
+    for (source, view, teacher), form in itertools.product(cases, ("logits", "mixture")):
         leaf, leaf64 = source.clone().requires_grad_(), source.double().requires_grad_()
-        got = fastkd.forward_kl_loss(view(leaf), teacher, temperature=2.0, teacher_temperature=1.2, backend="cpu")
+        t = teacher if form == "logits" else fastkd.TeacherMixture([teacher])
+        got = fastkd.forward_kl_loss(view(leaf), t, temperature=2.0, teacher_temperature=1.2, backend="cpu")
         want = by_hand("forward_kl", view(leaf64), teacher.double(), 2.0, 1.2)
         torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-7)
         got.backward()

@@ -41,7 +41,9 @@ constexpr int kHist = kBins + kDumpSlots;
 
 struct AklCall {
   double mu;  // (a float would make a mu within 6e-8 of 1 select nothing)
-  float T, inv_t, soft_scale, ce_weight;
+  // the teacher at its own temperature T_t: inv_tt = 1 / T_t, rho = T / T_t (exactly inv_t, 1 at T_t = T; see
+  // TeacherScale); the head is selected on p = softmax(t / T_t)
+  float T, inv_t, inv_tt, rho, soft_scale, ce_weight;
   int64_t V;
 };
 
@@ -68,10 +70,10 @@ X* sized(std::vector<X>& v, int64_t n) {
   return v.data();
 }
 
-// The bin of logit t in column j: its teacher log-prob below the maximum's, u = (mt - t) / T in [0, u_cut), in
+// The bin of logit t in column j: its teacher log-prob below the maximum's, u = (mt - t) / T_t in [0, u_cut), in
 // kBins equal bins (0 at the maximum), monotone in t; from u_cut on (and -inf, NaN) a dump slot.
-FASTKD_INLINE int bin_of(float t, int64_t j, float mt, float inv_t, float u_cut, float scale) {
-  const float u = (mt - t) * inv_t;
+FASTKD_INLINE int bin_of(float t, int64_t j, float mt, float inv_tt, float u_cut, float scale) {
+  const float u = (mt - t) * inv_tt;
   return u < u_cut ? std::min(static_cast<int>(u * scale), kBins - 1) : kBins + static_cast<int>(j & (kDumpSlots - 1));
 }
 
@@ -83,21 +85,21 @@ FASTKD_INLINE float to_prob(float chunk_max, float row_max, float inv_t, float l
 // p (lp - lq) of G and H, with kBin each class's bin. Templated: a loop-invariant branch per store kept GCC from
 // vectorising the loop.
 template <bool kG, bool kH, bool kBin>
-FASTKD_INLINE void akl_terms_chunk(const float* s, const float* t, int64_t n, float ms, float mt, float inv_t, float dl,
-                                   float u_cut, float scale, float to_q, float to_p, const float* kept_s,
-                                   const float* kept_t, float* g_row, float* kpq, uint16_t* bins, double& kl_pq,
-                                   double& kl_qp, double& gap) {
+FASTKD_INLINE void akl_terms_chunk(const float* s, const float* t, int64_t n, float ms, float mt, float inv_t,
+                                   float inv_tt, float rho, float dl, float u_cut, float scale, float to_q,
+                                   float to_p, const float* kept_s, const float* kept_t, float* g_row, float* kpq,
+                                   uint16_t* bins, double& kl_pq, double& kl_qp, double& gap) {
   double a = 0.0, b = 0.0, d = 0.0;
 #pragma omp simd reduction(+ : a, b, d)
   for (int64_t j = 0; j < n; ++j) {
     const float q = kept_s[j] * to_q, p = kept_t[j] * to_p;
-    // lp - lq from the raw logits, each maximum first (as divergence_fwd)
-    const float delta = ((t[j] - mt) - (s[j] - ms)) * inv_t + dl;
+    // lp - lq from the raw logits, each maximum first (as divergence_fwd; the teacher's in the student's units)
+    const float delta = ((t[j] - mt) * rho - (s[j] - ms)) * inv_t + dl;
     const float fwd = where_positive(p, p * delta), rev = where_positive(q, -q * delta);
     a += fwd, b += rev, d += fabsf(p - q);
     if (kG) g_row[j] = rev;
     if (kH) kpq[j] = fwd;
-    if (kBin) bins[j] = static_cast<uint16_t>(bin_of(t[j], j, mt, inv_t, u_cut, scale));
+    if (kBin) bins[j] = static_cast<uint16_t>(bin_of(t[j], j, mt, inv_tt, u_cut, scale));
   }
   kl_pq += a, kl_qp += b, gap += d;
 }
@@ -108,7 +110,7 @@ FASTKD_CPU_CLONES
 AklRowOut akl_row_cpu(const AklCall& c, const float* s, const float* t, int64_t g, float w, float* gs, float* gt,
                       AklScratch& sc) {
   const int64_t V = c.V, nc = (V + kStatsChunk - 1) / kStatsChunk;
-  const float inv_t = c.inv_t;
+  const float inv_t = c.inv_t, inv_tt = c.inv_tt;
   float* kept_s = gs ? gs : sized(sc.kept_s, V);
   float* kept_t = sized(sc.kept_t, V);
   float* chunk_mx = sized(sc.chunk_max, 2 * nc);
@@ -127,7 +129,7 @@ AklRowOut akl_row_cpu(const AklCall& c, const float* s, const float* t, int64_t 
     float* kt = kept_t + c0;
 #pragma omp simd reduction(+ : zs, zt)
     for (int64_t j = 0; j < n; ++j) {
-      const float es = vexp((sc0[j] - bs) * inv_t), et = vexp((tc0[j] - bt) * inv_t);  // raw differences first
+      const float es = vexp((sc0[j] - bs) * inv_t), et = vexp((tc0[j] - bt) * inv_tt);  // raw differences first
       ks[j] = es, kt[j] = et;
       zs += es;
       zt += et;
@@ -139,7 +141,7 @@ AklRowOut akl_row_cpu(const AklCall& c, const float* s, const float* t, int64_t 
     }
     chunk_mx[2 * k] = m.ms, chunk_mx[2 * k + 1] = m.mt;
     div_lse_merge(st_s, DivLse{m.ms, zs}, inv_t);
-    div_lse_merge(st_t, DivLse{m.mt, zt}, inv_t);
+    div_lse_merge(st_t, DivLse{m.mt, zt}, inv_tt);
   }
   if (g >= 0 && !ce1) st_1 = st_s;  // T = 1: the same sums
   const float ms = st_s.m, ls = div_lse_log(st_s), mt = st_t.m, lt = div_lse_log(st_t), dl = ls - lt;
@@ -160,15 +162,15 @@ AklRowOut akl_row_cpu(const AklCall& c, const float* s, const float* t, int64_t 
   double kl_pq = 0.0, kl_qp = 0.0, gap_all = 0.0;
   for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
     const int64_t n = std::min(kStatsChunk, V - c0);
-    const float to_q = to_prob(chunk_mx[2 * k], ms, inv_t, ls), to_p = to_prob(chunk_mx[2 * k + 1], mt, inv_t, lt);
+    const float to_q = to_prob(chunk_mx[2 * k], ms, inv_t, ls), to_p = to_prob(chunk_mx[2 * k + 1], mt, inv_tt, lt);
     const int form = (g_row ? 1 : 0) | (kpq ? 2 : 0) | (bins ? 4 : 0);
     float* gr = g_row ? g_row + c0 : nullptr;
     float* kh = kpq ? kpq + c0 : nullptr;
     uint16_t* bn = bins ? bins + c0 : nullptr;
 #define FASTKD_AKL_TERMS(F)                                                                                   \
-  akl_terms_chunk<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(s + c0, t + c0, n, ms, mt, inv_t, dl, u_cut, scale, \
-                                                             to_q, to_p, kept_s + c0, kept_t + c0, gr, kh, bn, \
-                                                             kl_pq, kl_qp, gap_all)
+  akl_terms_chunk<(F & 1) != 0, (F & 2) != 0, (F & 4) != 0>(s + c0, t + c0, n, ms, mt, inv_t, inv_tt, c.rho, dl, \
+                                                             u_cut, scale, to_q, to_p, kept_s + c0, kept_t + c0, gr, \
+                                                             kh, bn, kl_pq, kl_qp, gap_all)
     switch (form) {
       case 0: FASTKD_AKL_TERMS(0); break;
       case 1: FASTKD_AKL_TERMS(1); break;
@@ -216,7 +218,7 @@ AklRowOut akl_row_cpu(const AklCall& c, const float* s, const float* t, int64_t 
     sc.cand.clear();
     for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
       const int64_t n = std::min(kStatsChunk, V - c0);
-      const float to_q = to_prob(chunk_mx[2 * k], ms, inv_t, ls), to_p = to_prob(chunk_mx[2 * k + 1], mt, inv_t, lt);
+      const float to_q = to_prob(chunk_mx[2 * k], ms, inv_t, ls), to_p = to_prob(chunk_mx[2 * k + 1], mt, inv_tt, lt);
       const float* ks = kept_s + c0;
       const float* kt = kept_t + c0;
       const uint16_t* bc = bins + c0;
@@ -265,10 +267,11 @@ AklRowOut akl_row_cpu(const AklCall& c, const float* s, const float* t, int64_t 
   if (gs || gt) {
     const float h = ar.d.a, l = ar.d.b, sum_g = ar.sum_g, sum_h = ar.sum_h;
     const float coef = w * c.soft_scale * inv_t, ce = (g >= 0 && c.ce_weight != 0.0f) ? w * c.ce_weight : 0.0f;
+    const float coef_t = w * c.soft_scale * inv_tt;  // the teacher's chain factor is 1 / T_t
     const float m1 = st_1.m, l1 = g >= 0 ? div_lse_log(st_1) : 0.0f;
     for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
       const int64_t n = std::min(kStatsChunk, V - c0);
-      const float to_q = to_prob(chunk_mx[2 * k], ms, inv_t, ls), to_p = to_prob(chunk_mx[2 * k + 1], mt, inv_t, lt);
+      const float to_q = to_prob(chunk_mx[2 * k], ms, inv_t, ls), to_p = to_prob(chunk_mx[2 * k + 1], mt, inv_tt, lt);
       const float* sc0 = s + c0;
       const float* kt = kept_t + c0;
       float* ks = kept_s + c0;  // == gs + c0 when gs: each class's kept exp is read before its gradient is written
@@ -278,7 +281,7 @@ AklRowOut akl_row_cpu(const AklCall& c, const float* s, const float* t, int64_t 
         for (int64_t j = 0; j < n; ++j) {
           const float q = ks[j] * to_q, p = kt[j] * to_p;
           const float hh = (h != 0.0f ? h * out[j] : 0.0f) - l * q;
-          out[j] = coef * (hh - p * sum_h);
+          out[j] = coef_t * (hh - p * sum_h);
         }
       }
       if (gs) {
@@ -315,13 +318,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> akl_fwd_c
     const at::Tensor& student_in, const at::Tensor& teacher_in, const at::Tensor& topk_ids, const at::Tensor& target,
     const at::Tensor& row_weight, double temperature, int64_t kind, double a, double /*b*/, double /*w_p*/,
     double /*w_q*/, double soft_scale, double ce_weight, int64_t topk_mode, bool reduce, bool grad_student,
-    bool grad_teacher) {
+    bool grad_teacher, double teacher_temperature) {
   TORCH_CHECK_VALUE(kind == kAklKind, "fastkd: akl_fwd kind must be ", kAklKind, " (AKL), got ", kind);
   TORCH_CHECK_VALUE(a > 0.0 && a <= 1.0, "fastkd: akl_fwd a (mu) must be in (0, 1], got ", a);
   TORCH_CHECK_VALUE(topk_mode == 0 && topk_ids.numel() == 0,
                     "fastkd: akl_fwd takes a dense teacher (topk_mode 0, empty topk_ids), got topk_mode ", topk_mode);
   TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature),
                     "fastkd: temperature must be a finite number > 0, got ", temperature);
+  const TeacherScale ts = teacher_scale(temperature, teacher_temperature, "akl_fwd");
   TORCH_CHECK(student_in.device().is_cpu() && student_in.dim() == 2 && at::isFloatingType(student_in.scalar_type()),
               "fastkd: student must be a floating 2-D [N, V] CPU tensor, got ", student_in.scalar_type(), " ",
               student_in.sizes(), " on ", student_in.device());
@@ -343,6 +347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> akl_fwd_c
   AklCall c;
   c.mu = a;
   c.T = static_cast<float>(temperature), c.inv_t = 1.0f / c.T;
+  c.inv_tt = ts.inv_tt, c.rho = ts.rho;
   c.soft_scale = static_cast<float>(soft_scale), c.ce_weight = static_cast<float>(ce_weight);
   c.V = V;
 

@@ -38,10 +38,13 @@
 namespace fastkd {
 namespace {
 
-// What is fixed for one call.
+// What is fixed for one call. The teacher has its own temperature T_t (teacher_temperature; T when 0):
+// inv_tt = 1 / T_t scales its logits where they stand alone (statistics, kept exps, lp), rho = T / T_t where
+// they meet the student's, all at 1 / T: lp - lq = ((t - M_t) rho - (s - M_s)) / T + (L_s - L_t). At T_t = T
+// inv_tt is inv_t and rho exactly 1, so every expression is today's one-temperature one, bit for bit.
 struct DivCall {
   DivParams d;
-  float T, inv_t, soft_scale, ce_weight;
+  float T, inv_t, inv_tt, rho, soft_scale, ce_weight;
   int topk_mode;
   int64_t V, K;
 };
@@ -76,6 +79,26 @@ int64_t num_chunks(int64_t V) { return (V + kStatsChunk - 1) / kStatsChunk; }
 // kCrossQ the nets swap places (kd_raw_merge and kd_raw_finish then serve unchanged).
 enum DivCross { kCrossNone = 0, kCrossP = 1, kCrossQ = 2 };
 
+// kd_raw_merge (csrc/kd_math.h) with each net at its own temperature: the KDRawStats' first net scaled by
+// rho_s / T, the second by rho_t / T (the teacher's rho = T / T_t, the student's 1). The cross term stays exact
+// with two temperatures: sum e_t (b - a) = E_p[lp - lq] + L_t - L_s whatever scales a and b, so merging moves
+// each net's shifted logits by its own gap, gap * rho / T. At rho = 1 this is kd_raw_merge, bit for bit.
+FASTKD_INLINE void cross_add(KDRawStats& acc, const KDRawStats& p, float inv_t, float rho_s, float rho_t) {
+  const float gs = raw_gap(p.ms, acc.ms) * rho_s, gt = raw_gap(p.mt, acc.mt) * rho_t;
+  const float fs = expf(gs * inv_t), ft = expf(gt * inv_t);
+  acc.zs += p.zs * fs;
+  acc.zt += p.zt * ft;
+  if (p.zt > 0.0f && ft > 0.0f) acc.cross += ft * (p.cross + p.zt * ((gt - gs) * inv_t));
+}
+
+FASTKD_INLINE KDRawStats cross_merge(const KDRawStats& x, const KDRawStats& y, float inv_t, float rho_s,
+                                     float rho_t) {
+  KDRawStats r = {max_ignoring_nan(x.ms, y.ms), 0.0f, max_ignoring_nan(x.mt, y.mt), 0.0f, 0.0f};
+  cross_add(r, x, inv_t, rho_s, rho_t);
+  cross_add(r, y, inv_t, rho_s, rho_t);
+  return r;
+}
+
 // How the cross-entropy's exps at T = 1 come from the kept exps at 1/T (same chunk base
 // M): kCE1Pow: T = 2, 3 or 4, exp(s - M) = exp((s - M) / T)^T (a few multiplies, where an
 // exp per element made CE cost a third of KD; relative error below 1e-6, as fkl_row's);
@@ -98,14 +121,14 @@ FASTKD_INLINE float pow_small(float e, const PowSel& w) { return e * (w.w1 + e *
 // student's sum at T = 1 too (relative to the same maximum; T = 1 itself needs none);
 // with kCross the cross term. Returns the oriented KDRawStats (see DivCross).
 template <int kCross, int kCE1>
-FASTKD_INLINE KDRawStats dense_chunk_stats(const float* s, const float* t, int64_t n, float inv_t, PowSel pw,
-                                           float* kept_s, float* kept_t, float& z1) {
+FASTKD_INLINE KDRawStats dense_chunk_stats(const float* s, const float* t, int64_t n, float inv_t, float inv_tt,
+                                           PowSel pw, float* kept_s, float* kept_t, float& z1) {
   const ChunkMax m = chunk_max(s, t, n);
   const float bs = m.bs, bt = m.bt;
   float zs = 0.0f, zt = 0.0f, cross = 0.0f, zo = 0.0f;
 #pragma omp simd reduction(+ : zs, zt, cross, zo)
   for (int64_t j = 0; j < n; ++j) {
-    const float a = (s[j] - bs) * inv_t, b = (t[j] - bt) * inv_t;  // raw differences first
+    const float a = (s[j] - bs) * inv_t, b = (t[j] - bt) * inv_tt;  // raw differences first
     const float es = vexp(a), et = vexp(b);
     kept_s[j] = es, kept_t[j] = et;
     zs += es;
@@ -130,14 +153,16 @@ FASTKD_INLINE KDRawStats dense_stats(const DivCall& c, const float* s, const flo
     const int64_t n = std::min(kStatsChunk, c.V - c0);
     float z1 = 0.0f;
     const KDRawStats part =
-        dense_chunk_stats<kCross, kCE1>(s + c0, t + c0, n, c.inv_t, pw, kept_s + c0, kept_t + c0, z1);
+        dense_chunk_stats<kCross, kCE1>(s + c0, t + c0, n, c.inv_t, c.inv_tt, pw, kept_s + c0, kept_t + c0, z1);
     const float ms = kCross == kCrossQ ? part.mt : part.ms, mt = kCross == kCrossQ ? part.ms : part.mt;
     const float zs = kCross == kCrossQ ? part.zt : part.zs, zt = kCross == kCrossQ ? part.zs : part.zt;
     chunk_max[2 * k] = ms, chunk_max[2 * k + 1] = mt;
     div_lse_merge(st_s, DivLse{ms, zs}, c.inv_t);
-    div_lse_merge(st_t, DivLse{mt, zt}, c.inv_t);
+    div_lse_merge(st_t, DivLse{mt, zt}, c.inv_tt);
     if (kCE1 != kCE1None) div_lse_merge(st_1, DivLse{ms, z1}, 1.0f);
-    if (kCross != kCrossNone) x = kd_raw_merge(x, part, c.inv_t);
+    // oriented: kCrossQ has the teacher first (KDRawStats' s side)
+    if (kCross == kCrossP) x = cross_merge(x, part, c.inv_t, 1.0f, c.rho);
+    if (kCross == kCrossQ) x = cross_merge(x, part, c.inv_t, c.rho, 1.0f);
   }
   return x;
 }
@@ -148,7 +173,9 @@ struct DenseRow {
   float dl;              // L_s - L_t
   float sum_g, sum_h;    // known beforehand (kCross, or div_known_sum) or summed by pass (2)
   DivTvdSums tvd;        // TVD: the masses of div_tvd_factor, summed by pass (2)
-  float coef;            // w soft_scale / T
+  float coef;            // w soft_scale / T (the student gradient's factor)
+  float coef_t;          // w soft_scale / T_t (the teacher gradient's)
+  float inv_tt, rho;     // DivCall's: the teacher's 1 / T_t and T / T_t
   float ce;              // w ce_weight: the CE gradient ce (softmax(s) - onehot) (the onehot added by the caller)
   PowSel pw;             // kCE1Pow: T as a power
   float m1, l1;          // the T = 1 statistics (raw max, log of the sum)
@@ -171,14 +198,14 @@ FASTKD_INLINE void dense_grad_chunk(const DivParams& dp, const float* s, const f
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float es = kept_s[j], q = es * to_q, p = kept_t[j] * to_p;  // read before gs[j] is written
-    const float delta = ((t[j] - r.mt) - (s[j] - r.ms)) * inv_t + r.dl;  // lp - lq, each maximum first
+    const float delta = ((t[j] - r.mt) * r.rho - (s[j] - r.ms)) * inv_t + r.dl;  // lp - lq, each maximum first
     const DivTerms x = div_terms_form<kDivKL, kMix, kFormGeneral>(d, p, q, delta);
     if (kGS) {
       float g = r.coef * (x.g - q * r.sum_g);
       if (kCE1 != kCE1None) g += r.ce * softmax1<kCE1>(r, es, q, s[j], to_1);
       gs[j] = g;
     }
-    if (kGT) gt[j] = r.coef * (x.h - p * r.sum_h);
+    if (kGT) gt[j] = r.coef_t * (x.h - p * r.sum_h);
   }
 }
 
@@ -203,7 +230,7 @@ FASTKD_INLINE void dense_terms_chunk(const DivParams& dp, const float* s, const 
     if (kTVD && (kGS || kGT)) tie += p == q ? p : 0.0f;
     // lp - lq from the raw logits: ((t - M_t) - (s - M_s)) / T + (L_s - L_t) (see div_mixture); each
     // maximum first: t - s loses |t - s| eps when the nets sit at different large offsets (+-1e4)
-    const float delta = ((t[j] - r.mt) - (s[j] - r.ms)) * inv_t + r.dl;
+    const float delta = ((t[j] - r.mt) * r.rho - (s[j] - r.ms)) * inv_t + r.dl;
     const DivTerms x = div_terms_form<kKind, kMix, kForm>(d, p, q, delta);
     so += x.soft;
     if (!kTVD && kGS) sg += x.g, g_row[j] = x.g;
@@ -225,8 +252,8 @@ FASTKD_INLINE void dense_gate_chunk(const float* s, const float* t, int64_t n, f
 #pragma omp simd reduction(+ : a, b, h)
   for (int64_t j = 0; j < n; ++j) {
     const float q = kept_s[j] * to_q, p = kept_t[j] * to_p;
-    const float lp = (t[j] - r.mt) * inv_t - r.lt;
-    const float delta = ((t[j] - r.mt) - (s[j] - r.ms)) * inv_t + r.dl;
+    const float lp = (t[j] - r.mt) * r.inv_tt - r.lt;
+    const float delta = ((t[j] - r.mt) * r.rho - (s[j] - r.ms)) * inv_t + r.dl;
     const DivTerms x = div_gate_terms(p, q, lp, delta);
     a += x.soft, b += x.g, h += x.h;
     if (kGS) g_row[j] = x.g;
@@ -249,8 +276,8 @@ FASTKD_INLINE void dense_power_chunk(const DivParams& dp, const float* s, const 
   double so = 0.0, sg = 0.0, sh = 0.0;
 #pragma omp simd reduction(+ : so, sg, sh)
   for (int64_t j = 0; j < n; ++j) {
-    const float lq = (s[j] - r.ms) * inv_t - r.ls, lp = (t[j] - r.mt) * inv_t - r.lt;
-    const float delta = ((t[j] - r.mt) - (s[j] - r.ms)) * inv_t + r.dl;  // each maximum first (see above)
+    const float lq = (s[j] - r.ms) * inv_t - r.ls, lp = (t[j] - r.mt) * r.inv_tt - r.lt;
+    const float delta = ((t[j] - r.mt) * r.rho - (s[j] - r.ms)) * inv_t + r.dl;  // each maximum first (see above)
     if (kKind == kDivAB) {  // unguarded (see div_ab_terms); a chunk with a zero probability is redone below
       const DivTerms x = div_ab_terms<false, kSumSoft>(d, lp, lq, delta);
       so += x.soft;
@@ -270,8 +297,8 @@ FASTKD_INLINE void dense_power_chunk(const DivParams& dp, const float* s, const 
   if (kKind == kDivAB && !std::isfinite(so + sg + sh)) {  // a zero probability (or a NaN, or an inf term): guarded
     so = sg = sh = 0.0;
     for (int64_t j = 0; j < n; ++j) {
-      const float lq = (s[j] - r.ms) * inv_t - r.ls, lp = (t[j] - r.mt) * inv_t - r.lt;
-      const DivTerms x = div_ab_terms<true>(d, lp, lq, ((t[j] - r.mt) - (s[j] - r.ms)) * inv_t + r.dl);
+      const float lq = (s[j] - r.ms) * inv_t - r.ls, lp = (t[j] - r.mt) * r.inv_tt - r.lt;
+      const DivTerms x = div_ab_terms<true>(d, lp, lq, ((t[j] - r.mt) * r.rho - (s[j] - r.ms)) * inv_t + r.dl);
       so += x.soft;
       if (kGS) sg += x.g, g_row[j] = x.g;
       if (kGT) sh += x.h, gt[j] = x.h;
@@ -294,7 +321,7 @@ FASTKD_INLINE void dense_renyi_finish_chunk(const float* s, int64_t n, const Den
       if (kCE1 != kCE1None) out += r.ce * softmax1<kCE1>(r, es, q, s[j], to_1);
       gs[j] = out;
     }
-    if (kGT) gt[j] = r.coef * (-k_h * gt[j] - p * r.sum_h);
+    if (kGT) gt[j] = r.coef_t * (-k_h * gt[j] - p * r.sum_h);
   }
 }
 
@@ -307,15 +334,15 @@ FASTKD_INLINE void dense_renyi_direct_chunk(const DivParams& dp, const float* s,
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float es = kept_s[j], q = es * to_q, p = kept_t[j] * to_p;
-    const float lq = (s[j] - r.ms) * inv_t - r.ls, lp = (t[j] - r.mt) * inv_t - r.lt;
-    const float delta = ((t[j] - r.mt) - (s[j] - r.ms)) * inv_t + r.dl;
+    const float lq = (s[j] - r.ms) * inv_t - r.ls, lp = (t[j] - r.mt) * r.inv_tt - r.lt;
+    const float delta = ((t[j] - r.mt) * r.rho - (s[j] - r.ms)) * inv_t + r.dl;
     const DivTerms x = div_renyi_grad_terms(d, lp, lq, delta);
     if (kGS) {
       float out = r.coef * (x.g - q * r.sum_g);
       if (kCE1 != kCE1None) out += r.ce * softmax1<kCE1>(r, es, q, s[j], to_1);
       gs[j] = out;
     }
-    if (kGT) gt[j] = r.coef * (x.h - p * r.sum_h);
+    if (kGT) gt[j] = r.coef_t * (x.h - p * r.sum_h);
   }
 }
 
@@ -336,7 +363,7 @@ FASTKD_INLINE void dense_gate_finish_chunk(const float* s, int64_t n, const Dens
     }
     if (kGT) {
       const float h = (w != 0.0f ? w * gt[j] : 0.0f) - u * q;
-      gt[j] = r.coef * (h - p * r.sum_h);
+      gt[j] = r.coef_t * (h - p * r.sum_h);
     }
   }
 }
@@ -347,17 +374,17 @@ FASTKD_INLINE void dense_finish_chunk(const float* s, int64_t n, const DenseRow&
                                       float to_1, const float* kept_s, const float* kept_t, const float* g_row,
                                       float* gs, float* gt) {
   const DivTvdSums& v = r.tvd;
-  const float half = 0.5f * r.coef;
+  const float half = 0.5f * r.coef, half_t = 0.5f * r.coef_t;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float es = kept_s[j], q = es * to_q, p = kept_t[j] * to_p;
     float g = 0.0f;
     if (kKind == kDivTVD) {
       if (kGS) g = half * q * div_tvd_factor(q, p, v.q_lt, v.q_gt, v.tie);
-      if (kGT) gt[j] = half * p * div_tvd_factor(p, q, v.p_lt, v.p_gt, v.tie);
+      if (kGT) gt[j] = half_t * p * div_tvd_factor(p, q, v.p_lt, v.p_gt, v.tie);
     } else {
       if (kGS) g = r.coef * (g_row[j] - q * r.sum_g);
-      if (kGT) gt[j] = r.coef * (gt[j] - p * r.sum_h);
+      if (kGT) gt[j] = r.coef_t * (gt[j] - p * r.sum_h);
     }
     if (kGS && kCE1 != kCE1None) g += r.ce * softmax1<kCE1>(r, es, q, s[j], to_1);
     if (kGS) gs[j] = g;
@@ -385,7 +412,7 @@ FASTKD_INLINE float dense_passes(const DivCall& c, const float* s, const float* 
   const int64_t V = c.V;
   auto chunk_factors = [&](int64_t k, float& to_q, float& to_p, float& to_1) {
     to_q = to_prob(chunk_max[2 * k], r.ms, c.inv_t, r.ls);
-    to_p = to_prob(chunk_max[2 * k + 1], r.mt, c.inv_t, r.lt);
+    to_p = to_prob(chunk_max[2 * k + 1], r.mt, c.inv_tt, r.lt);
     to_1 = kCE1 == kCE1Pow ? to_prob(chunk_max[2 * k], r.m1, 1.0f, r.l1) : 0.0f;
   };
   if constexpr (kKind == kDivEntropyGated) {
@@ -560,6 +587,8 @@ DivRowOut dense_row(const DivCall& c, const float* s, const float* t, int64_t g,
     (cross == kCrossQ ? r.sum_g : r.sum_h) = soft_known;
   }
   r.coef = w * c.soft_scale * c.inv_t;
+  r.coef_t = w * c.soft_scale * c.inv_tt;
+  r.inv_tt = c.inv_tt, r.rho = c.rho;
   r.ce = g >= 0 ? w * c.ce_weight : 0.0f;
   r.pw = pow_sel(pw);
   r.m1 = st_1.m, r.l1 = g >= 0 ? div_lse_log(st_1) : 0.0f;
@@ -612,14 +641,14 @@ FASTKD_INLINE float exp_at_one(float es, float s, float base) {
 }
 
 template <bool kCE, int kPow>
-FASTKD_INLINE KDRawStats fkl_chunk_stats(const float* s, const float* t, int64_t n, float inv_t, float* kept_s,
-                                         float* kept_t, float& z1) {
+FASTKD_INLINE KDRawStats fkl_chunk_stats(const float* s, const float* t, int64_t n, float inv_t, float inv_tt,
+                                         float* kept_s, float* kept_t, float& z1) {
   const ChunkMax m = chunk_max(s, t, n);
   const float bs = m.bs, bt = m.bt;
   float zs = 0.0f, zt = 0.0f, cross = 0.0f, zo = 0.0f;
 #pragma omp simd reduction(+ : zs, zt, cross, zo)
   for (int64_t j = 0; j < n; ++j) {
-    const float a = (s[j] - bs) * inv_t, b = (t[j] - bt) * inv_t;
+    const float a = (s[j] - bs) * inv_t, b = (t[j] - bt) * inv_tt;
     const float es = vexp(a), et = vexp(b);
     kept_s[j] = es, kept_t[j] = et;
     zs += es;
@@ -647,7 +676,7 @@ template <bool kCE, int kPow>
 FASTKD_INLINE DivRowOut fkl_row_impl(const DivCall& c, const float* s, const float* t, int64_t g, float w,
                                      float* gs, DivScratch& sc) {
   const int64_t V = c.V, nc = num_chunks(V);
-  const float inv_t = c.inv_t;
+  const float inv_t = c.inv_t, inv_tt = c.inv_tt;
   float* kept_s = gs ? gs : sized(sc.kept_s, V);
   float* kept_t = sized(sc.kept_t, V);
   float* chunk_max = sized(sc.chunk_max, 2 * nc);
@@ -656,9 +685,10 @@ FASTKD_INLINE DivRowOut fkl_row_impl(const DivCall& c, const float* s, const flo
   for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
     const int64_t n = std::min(kStatsChunk, V - c0);
     float z1 = 0.0f;
-    const KDRawStats part = fkl_chunk_stats<kCE, kPow>(s + c0, t + c0, n, inv_t, kept_s + c0, kept_t + c0, z1);
+    const KDRawStats part =
+        fkl_chunk_stats<kCE, kPow>(s + c0, t + c0, n, inv_t, inv_tt, kept_s + c0, kept_t + c0, z1);
     chunk_max[2 * k] = part.ms, chunk_max[2 * k + 1] = part.mt;
-    st = kd_raw_merge(st, part, inv_t);
+    st = cross_merge(st, part, inv_t, 1.0f, c.rho);
     if (kCE) div_lse_merge(st1, DivLse{part.ms, z1}, 1.0f);
   }
   const KDRow r = kd_raw_finish(st);
@@ -669,7 +699,7 @@ FASTKD_INLINE DivRowOut fkl_row_impl(const DivCall& c, const float* s, const flo
       const int64_t n = std::min(kStatsChunk, V - c0);
       const float gap = raw_gap(chunk_max[2 * k], st.ms);
       const float to_q = expf(gap * inv_t - r.lse_s);
-      const float to_p = expf(raw_gap(chunk_max[2 * k + 1], st.mt) * inv_t - r.lse_t);
+      const float to_p = expf(raw_gap(chunk_max[2 * k + 1], st.mt) * inv_tt - r.lse_t);
       const float base = chunk_max[2 * k] == -INFINITY ? 0.0f : chunk_max[2 * k];
       const float to_1 = kCE ? expf(gap - l1) : 0.0f;  // 0 for an all -inf chunk
       fkl_grad_chunk<kCE, kPow>(s + c0, n, base, to_q, to_p, to_1, coef, ce, kept_s + c0, kept_t + c0, gs + c0);
@@ -931,7 +961,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
     const at::Tensor& student_in, const at::Tensor& teacher_in, const at::Tensor& topk_ids_in,
     const at::Tensor& target, const at::Tensor& row_weight, double temperature, int64_t kind, double a, double b,
     double w_p, double w_q, double soft_scale, double ce_weight, int64_t topk_mode, bool reduce, bool grad_student,
-    bool grad_teacher) {
+    bool grad_teacher, double teacher_temperature) {
   // kinds 4 to 6 are another branch's (appended there); div_kind_known accepts what this file implements
   TORCH_CHECK_VALUE(kind >= kDivKL && kind <= kDivLastKind && div_kind_known(kind),
                     "fastkd: divergence_fwd kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL), 3 (triangular), "
@@ -944,6 +974,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
                     "fastkd: divergence_fwd topk_mode must be 0 (dense), 1 (tail) or 2 (renormalise), got ", topk_mode);
   TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "fastkd: temperature must be a finite number > 0, got ",
                     temperature);
+  const TeacherScale ts = teacher_scale(temperature, teacher_temperature, "divergence_fwd");
+  TORCH_CHECK_VALUE(topk_mode == kTopkNone || !ts.own, "fastkd: divergence_fwd: a top-k teacher's log-probs are taken "
+                    "as given, so teacher_temperature must be 0 or the temperature (", temperature, "), got ",
+                    teacher_temperature);
   TORCH_CHECK(student_in.device().is_cpu() && student_in.dim() == 2 && at::isFloatingType(student_in.scalar_type()),
               "fastkd: student must be a floating 2-D [N, V] CPU tensor, got ", student_in.scalar_type(), " ",
               student_in.sizes(), " on ", student_in.device());
@@ -983,6 +1017,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
   c.d = div_params(static_cast<int>(kind), static_cast<float>(a), static_cast<float>(b), static_cast<float>(w_p),
                    static_cast<float>(w_q));
   c.T = static_cast<float>(temperature), c.inv_t = 1.0f / c.T;
+  c.inv_tt = ts.inv_tt, c.rho = ts.rho;
   c.soft_scale = static_cast<float>(soft_scale), c.ce_weight = static_cast<float>(ce_weight);
   c.topk_mode = static_cast<int>(topk_mode);
   c.V = V, c.K = K;

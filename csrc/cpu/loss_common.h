@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "../kd_math.h"
@@ -35,6 +36,24 @@ inline void check_row_vector(const at::Tensor& v, int64_t n, at::ScalarType dtyp
   TORCH_CHECK(v.device().is_cpu() && v.dim() == 1 && v.size(0) == n && v.scalar_type() == dtype && v.is_contiguous(),
               "fastkd: ", name, " must be a contiguous ", dtype, " CPU vector of ", n, " rows, got ", v.scalar_type(),
               " ", v.sizes());
+}
+
+// The teacher's own temperature T_t of divergence_fwd and akl_fwd (their teacher_temperature; 0 means T), checked:
+// inv_tt = 1 / T_t scales the teacher's logits, rho = T / T_t turns them into the student's units (1 / T). At
+// T_t = T (or 0) they are exactly 1 / T and 1, so the kernels compute today's one-temperature expressions.
+struct TeacherScale {
+  float inv_tt, rho;
+  bool own;  // T_t differs from T
+};
+
+inline TeacherScale teacher_scale(double temperature, double teacher_temperature, const char* op) {
+  const float T = static_cast<float>(temperature), tt = static_cast<float>(teacher_temperature);
+  const bool usable = tt > 0.0f && std::isfinite(tt) && std::isfinite(1.0f / tt) && std::isfinite(T / tt);
+  TORCH_CHECK_VALUE(teacher_temperature == 0.0 || usable,
+                    "fastkd: ", op, " teacher_temperature must be a finite number > 0 (or 0: the temperature), got ",
+                    teacher_temperature);
+  if (teacher_temperature == 0.0 || tt == T) return {1.0f / T, 1.0f, false};
+  return {1.0f / tt, T / tt, true};
 }
 
 // Target of a counted row, checked (ignored rows never get here, so theirs is never read).

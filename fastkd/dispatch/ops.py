@@ -102,7 +102,7 @@ def _register_mgd():
 def _register_divergence():
     @torch.library.register_fake("fastkd::divergence_fwd")
     def _(student, teacher, topk_ids, target, row_weight, temperature, kind, a, b, w_p, w_q, soft_scale, ce_weight,
-          topk_mode, reduce, grad_student, grad_teacher):
+          topk_mode, reduce, grad_student, grad_teacher, teacher_temperature=0.0):
         loss = _loss(student, reduce)
         return (loss, torch.empty_like(loss), torch.empty_like(loss), _empty_grad(student, grad_student),
                 _empty_grad(teacher, grad_teacher))
@@ -114,7 +114,7 @@ def _register_akl():
     # adaptive KL: divergence_fwd's schema and outputs (csrc/cpu/akl.cpp, csrc/cuda/akl.cu)
     @torch.library.register_fake("fastkd::akl_fwd")
     def _(student, teacher, topk_ids, target, row_weight, temperature, kind, a, b, w_p, w_q, soft_scale, ce_weight,
-          topk_mode, reduce, grad_student, grad_teacher):
+          topk_mode, reduce, grad_student, grad_teacher, teacher_temperature=0.0):
         loss = _loss(student, reduce)
         return (loss, torch.empty_like(loss), torch.empty_like(loss), _empty_grad(student, grad_student),
                 _empty_grad(teacher, grad_teacher))

@@ -48,7 +48,7 @@ from ..core.mixture import TeacherMixture
 from ..core.vocab import MappedTeacher
 from ..dispatch.backend import ROW_OPS, ROW_STRIDED_BACKENDS, implementation, resolve
 from ..reference import divergence as R
-from .teacher_blocks import mapped_is_constant, mapped_loss, mixture_loss, teacher_temperature_loss
+from .teacher_blocks import mapped_is_constant, mapped_loss, mixture_loss
 
 __all__ = ["forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "triangular_loss", "LossParts",
            "TopKTeacher"]  # Jeffreys, the entropy-gated KL and AKL: fastkd.losses.two_sided
@@ -60,12 +60,15 @@ _NO_IDS = torch.empty(0, dtype=torch.int64)
 
 
 def fused_call(name: str, student, teacher: Teacher, *, temperature: float, reduction: str, target, ignore_index,
-               sample_weight, ce_weight: float, return_parts: bool, kind: str, soft_scale: float = 1.0, **params):
+               sample_weight, ce_weight: float, return_parts: bool, kind: str, soft_scale: float = 1.0,
+               teacher_temperature: Optional[float] = None, **params):
     """Run ``divergence_fwd`` of fused backend ``name`` on the rows of ``student`` (arguments checked).
 
     ``kind``: "tvd", "ce" (cross-entropy alone: ``a = b = 0``) or a KL-family kind of
-    ``divergence_coefficients``; "akl" runs the row op ``akl_fwd`` (the same signature). Returns the
-    loss, or ``LossParts`` with ``return_parts``.
+    ``divergence_coefficients``; "akl" runs the row op ``akl_fwd`` (the same signature).
+    ``teacher_temperature`` (dense logits): the op's own argument, ``p = softmax(t / teacher_temperature)``,
+    the teacher's gradient (when it requires grad) taken at it. Returns the loss, or ``LossParts`` with
+    ``return_parts``.
     """
     check_constant_weight(sample_weight, name)
     strided = name in ROW_STRIDED_BACKENDS
@@ -92,9 +95,11 @@ def fused_call(name: str, student, teacher: Teacher, *, temperature: float, redu
     weight = per_row(row_weights(student, target, ignore_index, sample_weight, reduction).reshape(lead), 0.0)
     mode = TOPK_MODE_CODES[teacher.mode if topk else None]
     row_op = ROW_OPS.get(kind, "divergence_fwd")
+    # by keyword, and only when given: the op's default (0: the temperature) is the one-temperature call
+    own_t = {} if teacher_temperature is None else {"teacher_temperature": float(teacher_temperature)}
     loss, soft, hard, _, _ = getattr(implementation(name), row_op)(
         s, t, ids, tgt, weight, float(temperature), code, *coefficients, float(soft_scale), float(ce_weight), mode,
-        reduction != "none", wants_grad(s), wants_grad(t),
+        reduction != "none", wants_grad(s), wants_grad(t), **own_t,
     )
     if reduction == "none":
         if period:
@@ -123,17 +128,25 @@ def sharded(name: str, backend: str, *args, **kwargs):
 
 
 def _dispatch(loss: str, student, teacher: Teacher, backend: str, temperature, reduction, target, ignore_index,
-              sample_weight, ce_weight, return_parts, kind: str, scale_t2: bool = False, **params):
-    """Resolve ``loss``'s backend and run it: the reference by autograd, or ``fused_call``."""
+              sample_weight, ce_weight, return_parts, kind: str, scale_t2: bool = False,
+              teacher_temperature: Optional[float] = None, **params):
+    """Resolve ``loss``'s backend and run it: the reference by autograd, or ``fused_call``.
+    ``teacher_temperature`` (dense logits, checked: ``None`` or different from ``temperature``): the
+    fused ops take it as their argument; the reference runs at ``T`` on ``t (T / T_t)``
+    (``softmax(t (T / T_t) / T) = softmax(t / T_t)``; autograd takes the teacher's gradient through the
+    product), in float64 for float64 inputs: the oracle."""
     topk = isinstance(teacher, TopKTeacher)
     name = resolve(loss, backend, student, teacher.logprobs if topk else teacher)
     if name == "reference":
+        if teacher_temperature is not None:
+            teacher = teacher * (float(temperature) / float(teacher_temperature))
         return R.compute(student, teacher, temperature, reduction, target, ignore_index, sample_weight,
                           ce_weight, return_parts, kind, scale_t2=scale_t2, **params)
     return fused_call(name, student, teacher, temperature=temperature, reduction=reduction, target=target,
                       ignore_index=ignore_index, sample_weight=sample_weight, ce_weight=ce_weight,
                       return_parts=return_parts, kind=kind,
-                      soft_scale=float(temperature) ** 2 if scale_t2 else 1.0, **params)
+                      soft_scale=float(temperature) ** 2 if scale_t2 else 1.0,
+                      teacher_temperature=teacher_temperature, **params)
 
 
 def align_teacher_vocab(student, teacher, teacher_vocab: str):
@@ -196,20 +209,16 @@ def _divergence_loss(kind: str, params: dict, student, teacher: Teacher, tempera
                              process_group)
     if process_group is None:
         student, teacher = align_teacher_vocab(student, teacher, teacher_vocab)
-    if teacher_temperature is not None and not isinstance(teacher, TopKTeacher):  # dense logits at their own T
-        check_divergence_args(student, teacher, temperature, reduction, target, ignore_index, sample_weight,
-                              ce_weight, return_parts)
-        return teacher_temperature_loss(kind, params, student, teacher, temperature, teacher_temperature, reduction,
-                                        target, ignore_index, sample_weight, ce_weight, return_parts, backend,
-                                        kind, _soft_scale(temperature, scale_t2))
     if process_group is not None:
         return sharded(f"{kind}_loss", backend, student, teacher, process_group=process_group, **params,
                        temperature=temperature, reduction=reduction, target=target, ignore_index=ignore_index,
                        sample_weight=sample_weight, ce_weight=ce_weight, return_parts=return_parts)
     check_divergence_args(student, teacher, temperature, reduction, target, ignore_index, sample_weight, ce_weight,
                           return_parts)
+    # dense logits at their own temperature (a TopKTeacher was refused, a MappedTeacher projected at it)
+    own_t = teacher_temperature if not isinstance(teacher, TopKTeacher) else None
     return _dispatch(kind, student, teacher, backend, temperature, reduction, target, ignore_index, sample_weight,
-                     ce_weight, return_parts, kind, scale_t2=scale_t2, **params)
+                     ce_weight, return_parts, kind, scale_t2=scale_t2, teacher_temperature=own_t, **params)
 
 
 def _soft_scale(temperature, scale_t2: bool) -> float:
@@ -401,10 +410,10 @@ _DETAIL = """
     No ``T^2`` factor (as TRL, Liger and DistiLLM; ``kd_loss`` keeps Hinton's ``T^2``).
 
     ``teacher_temperature`` (default: ``temperature``): ``p = softmax(t / teacher_temperature)`` while
-    ``q = softmax(s / temperature)``. For dense logits the op runs on blocks of rows of
-    ``t (T / T_t)`` (``fastkd.losses.teacher_blocks``: no ``[N, V]`` copy of the teacher; one more
-    read of it), and a teacher that requires grad gets its gradient at ``T_t``; a ``MappedTeacher`` is
-    projected, a ``TeacherMixture``'s members are mixed, at ``T_t``. Not with a ``TopKTeacher`` (its
+    ``q = softmax(s / temperature)``. For dense logits the fused row op takes it as an argument (one
+    call, no copy of the teacher, the same passes as one temperature), and a teacher that requires grad
+    gets its gradient at ``T_t``; a ``MappedTeacher`` is projected, a ``TeacherMixture``'s members are
+    mixed, at ``T_t`` (block by block of rows: ``fastkd.losses.teacher_blocks``). Not with a ``TopKTeacher`` (its
     log-probs are taken as given: build it at the teacher's temperature) nor ``process_group``.
 
     ``teacher_vocab``: what dense teacher logits wider than the student's (``V_t > V``, a teacher

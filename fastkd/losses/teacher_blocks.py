@@ -1,20 +1,20 @@
 """Teachers formed one block of rows at a time for the logit losses (every divergence and ``kd_loss``):
-a ``fastkd.TeacherMixture`` of dense logits, and dense logits at their own ``teacher_temperature``.
+a ``fastkd.TeacherMixture`` of dense logits, and a constant ``fastkd.MappedTeacher`` (another tokenizer's).
 
-Both hand the fused backend's ``divergence_fwd`` (which takes one temperature ``T``) float32 teacher
-logits per block of rows whose ``softmax(. / T)`` is the wanted ``p``:
+Both hand the fused backend's row op a teacher per block of rows:
 
 - mixture (``fastkd.core.mixture``: arithmetic ``sum_i w_i p_i`` or geometric ``prod_i p_i^(w_i) / Z``
-  of ``p_i = softmax(t_i / T_t)``): ``T log p``, formed in float32 log space. The members are
-  constants: no gradient reaches them (as in ``fused_linear_kd_loss``).
-- teacher temperature: ``t (T / T_t)``; a teacher that requires grad gets ``T / T_t`` times the op's
-  gradient with respect to the block.
+  of ``p_i = softmax(t_i / T_t)``): float32 logits ``T log p``, formed in float32 log space, whose
+  ``softmax(. / T)`` is the mixture. The members are constants: no gradient reaches them (as in
+  ``fused_linear_kd_loss``).
+- mapped teacher: the block's teacher log-probs at ``T_t`` projected onto the matched student ids, run as
+  top-k buckets over them.
 
 So neither exists as an ``[N, V]`` tensor: besides the gradients, one ``[rows, V]`` block of the
 teacher (for the mixture, and one of the member being mixed; a contiguous copy of the student's block
 where its rows are not one stride apart) is alive at a time. Blocks are about ``BLOCK_ELEMENTS``
-elements (32 MiB of float32). The cost over the plain call: one more read of the teacher and a write
-and read of each float32 block.
+elements (32 MiB of float32). (Dense logits at their own ``teacher_temperature`` need no blocks: the row
+ops take it as an argument, ``losses.divergence.fused_call``.)
 
 The reference backend forms the whole teacher (in float64 for float64 inputs) and runs the reference
 loss on it: it is the oracle, not a memory-saving path.
@@ -33,7 +33,7 @@ from ..core.rows import compute_dtype, row_weights, wants_grad
 from ..dispatch.backend import ROW_OPS, ROW_STRIDED_BACKENDS, implementation, resolve
 from ..reference import divergence as R
 
-__all__ = ["mixture_loss", "teacher_temperature_loss", "mapped_loss", "mapped_is_constant", "check_dense_mixture"]
+__all__ = ["mixture_loss", "mapped_loss", "mapped_is_constant", "check_dense_mixture"]
 
 # Elements of one block of rows (float32: 32 MiB per block of the mixture).
 BLOCK_ELEMENTS = 1 << 23
@@ -92,23 +92,19 @@ def _mixed_block(mixture: TeacherMixture, idx: tuple, teacher_temperature: float
 
 
 class _BlockRows(torch.autograd.Function):
-    """The loss of ``student`` against teacher blocks (``make_block(idx)``: float32 ``[rows, V]`` teacher
-    logits for the op, or ``(log-probs [rows, K], ids [rows, K], top-k mode code)``: top-k buckets),
-    block by block on a fused backend's ``divergence_fwd``.
+    """The loss of ``student`` against constant teacher blocks (``make_block(idx)``: float32 ``[rows, V]``
+    teacher logits for the op, or ``(log-probs [rows, K], ids [rows, K], top-k mode code)``: top-k
+    buckets), block by block on a fused backend's ``divergence_fwd``.
 
     The forward writes each block's student gradient into one ``[..., V]`` buffer (the student's
-    shape and dtype), and with ``teacher`` (dense logits that require grad: the blocks are
-    ``teacher * t_scale``) its teacher gradient, times ``t_scale``, into one teacher-shaped buffer; the
-    backward scales them by the incoming gradient in place (no second buffer).
+    shape and dtype); the backward scales it by the incoming gradient in place (no second buffer).
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, make_block, name, row_op, temperature, weight, target, code, coefficients,
-                soft_scale, ce_weight, reduce, want_s, t_scale):
+    def forward(ctx, student, make_block, name, row_op, temperature, weight, target, code, coefficients,
+                soft_scale, ce_weight, reduce, want_s):
         lead, vocab = student.shape[:-1], student.shape[-1]
-        want_t = teacher is not None
         grad_s = torch.empty(student.shape, dtype=student.dtype, device=student.device) if want_s else None
-        grad_t = torch.empty(teacher.shape, dtype=teacher.dtype, device=teacher.device) if want_t else None
         shape = () if reduce else tuple(lead)
         loss, soft, hard = (torch.zeros(shape, dtype=torch.float32, device=student.device) for _ in range(3))
         op = getattr(implementation(name), row_op)
@@ -123,7 +119,7 @@ class _BlockRows(torch.autograd.Function):
             block = make_block(idx)
             t_block, ids, mode = block if isinstance(block, tuple) else (block, no_ids, 0)
             out = op(rows, t_block, ids, tgt, weight[idx].reshape(-1), float(temperature), code,
-                     *coefficients, float(soft_scale), float(ce_weight), mode, reduce, want_s, want_t)
+                     *coefficients, float(soft_scale), float(ce_weight), mode, reduce, want_s, False)
             for total, value in zip((loss, soft, hard), out[:3]):
                 if reduce:
                     total += value
@@ -131,9 +127,7 @@ class _BlockRows(torch.autograd.Function):
                     total[idx] = value.reshape(s.shape[:-1])
             if want_s:
                 grad_s[idx] = out[3].reshape(s.shape)
-            if want_t:
-                grad_t[idx] = out[4].reshape(s.shape).mul_(t_scale)
-        ctx.grads, ctx.reduce, ctx.used = (grad_s, grad_t), reduce, False
+        ctx.grad_s, ctx.reduce, ctx.used = grad_s, reduce, False
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(soft, hard)
         return loss, soft, hard
@@ -141,26 +135,25 @@ class _BlockRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_soft, grad_hard):
         guard_stored_backward(ctx, grad_loss)
-        grads, ctx.grads = ctx.grads, None
-        # the stored gradients are contiguous [..., V]: as rows they scale by one incoming value per row
+        g, ctx.grad_s = ctx.grad_s, None
+        # the stored gradient is contiguous [..., V]: as rows it scales by one incoming value per row
         per_row = grad_loss if grad_loss is None or ctx.reduce else grad_loss.reshape(-1)
-        grad_s, grad_t = (None if g is None else scale_stored_grad(g.view(-1, g.shape[-1]), per_row).view(g.shape)
-                          for g in grads)
-        return (grad_s, grad_t) + (None,) * 13
+        grad_s = None if g is None else scale_stored_grad(g.view(-1, g.shape[-1]), per_row).view(g.shape)
+        return (grad_s,) + (None,) * 12
 
 
-def _run_blocks(kind, params, student, teacher_for_grad, make_block, name, temperature, reduction, target,
-                ignore_index, sample_weight, ce_weight, return_parts, soft_scale, t_scale=1.0):
+def _run_blocks(kind, params, student, make_block, name, temperature, reduction, target, ignore_index,
+                sample_weight, ce_weight, return_parts, soft_scale):
     v.check_constant_weight(sample_weight, name)
     lead = student.shape[:-1]
     weight = row_weights(student, target, ignore_index, sample_weight, reduction).reshape(lead)
     wants_ce = target is not None and (ce_weight != 0 or return_parts)
     tgt = target.reshape(lead).to(torch.int64) if wants_ce else None
     code, *coefficients = divergence_op_args(kind, **params)
-    loss, soft, hard = _BlockRows.apply(student, teacher_for_grad, make_block, name,
-                                        ROW_OPS.get(kind, "divergence_fwd"), float(temperature), weight, tgt,
-                                        code, tuple(coefficients), float(soft_scale), float(ce_weight),
-                                        reduction != "none", wants_grad(student), float(t_scale))
+    loss, soft, hard = _BlockRows.apply(student, make_block, name, ROW_OPS.get(kind, "divergence_fwd"),
+                                        float(temperature), weight, tgt, code, tuple(coefficients),
+                                        float(soft_scale), float(ce_weight), reduction != "none",
+                                        wants_grad(student))
     return LossParts(loss, soft.detach(), hard.detach()) if return_parts else loss
 
 
@@ -186,33 +179,8 @@ def mixture_loss(kind: str, params: dict, student: torch.Tensor, mixture: Teache
     def make_block(idx):  # T log p: the op's softmax(. / T) gives the mixture
         return _mixed_block(mixture, idx, t_temp).mul_(float(temperature))
 
-    return _run_blocks(kind, params, student, None, make_block, name, temperature, reduction, target, ignore_index,
+    return _run_blocks(kind, params, student, make_block, name, temperature, reduction, target, ignore_index,
                        sample_weight, ce_weight, return_parts, soft_scale)
-
-
-def teacher_temperature_loss(kind: str, params: dict, student: torch.Tensor, teacher: torch.Tensor,
-                             temperature: float, teacher_temperature: float, reduction: str, target, ignore_index,
-                             sample_weight, ce_weight: float, return_parts: bool, backend: str, loss_name: str,
-                             soft_scale: float = 1.0):
-    """The divergence ``kind`` with ``p = softmax(t / teacher_temperature)``, ``q = softmax(s / temperature)``
-    for dense teacher logits (arguments checked by the caller): the op runs at ``T`` on teacher blocks
-    ``t (T / T_t)`` (``softmax(t (T / T_t) / T) = softmax(t / T_t)``), one block of rows at a time (no
-    ``[N, V]`` copy of the teacher); a teacher that requires grad gets ``(T / T_t)`` times the op's
-    gradient with respect to the block."""
-    ratio = float(temperature) / float(teacher_temperature)
-    name = resolve(loss_name, backend, student, teacher)
-    if name == "reference":
-        return R.compute(student, teacher * ratio, temperature, reduction, target, ignore_index, sample_weight,
-                         ce_weight, return_parts, kind, scale_t2=soft_scale != 1.0, **params)
-
-    def make_block(idx):  # float32, contiguous (CUDA's op takes contiguous rows)
-        block = teacher[idx]
-        block = block.reshape(-1, block.shape[-1])
-        return torch.empty(block.shape, dtype=torch.float32, device=block.device).copy_(block).mul_(ratio)
-
-    return _run_blocks(kind, params, student, teacher if wants_grad(teacher) else None, make_block, name,
-                       temperature, reduction, target, ignore_index, sample_weight, ce_weight, return_parts,
-                       soft_scale, t_scale=ratio)
 
 
 def mapped_loss(kind: str, params: dict, student: torch.Tensor, mapped: MappedTeacher, temperature: float,
@@ -237,7 +205,7 @@ def mapped_loss(kind: str, params: dict, student: torch.Tensor, mapped: MappedTe
         log_p = mapped.projected_probs(t_temp, torch.float32, logits).log_()
         return log_p, vm.student_ids.expand(log_p.shape).contiguous(), mode
 
-    return _run_blocks(kind, params, student, None, make_block, name, temperature, reduction, target, ignore_index,
+    return _run_blocks(kind, params, student, make_block, name, temperature, reduction, target, ignore_index,
                        sample_weight, ce_weight, return_parts, soft_scale)
 
 
