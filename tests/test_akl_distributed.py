@@ -130,6 +130,19 @@ def _head_check(failures, ran, rank, world, t, mu, T, dtype, group):
     _record(failures, ran, f"head mu={mu} T={T} {dtype}", run)
 
 
+def _head_ends_early_check(failures, ran, rank, world, t, group):
+    """Masses that never pass mu (as rounding could make them just below it): the first sweep ends the search and
+    its whole prefix, every key, is head."""
+    def run():
+        p = torch.softmax(t / 2.0, dim=1) * 0.5  # the row's mass 0.5 < mu
+        t_loc, p_loc = _piece(t, rank, world), _piece(p, rank, world)
+        assert bool(head_mask(t_loc, p_loc, t.amax(dim=1), 0.9, group).all())
+        want = _piece(akl_head(torch.log_softmax(t.double() / 2.0, dim=1), 0.4), rank, world)
+        assert torch.equal(head_mask(t_loc, p_loc * 2.0, t.amax(dim=1), 0.4, group), want)
+
+    _record(failures, ran, "head: a search that ends early", run)
+
+
 def _checks_world2(rank, world, failures, ran):
     group = _group()
     n, width = 13, 37
@@ -152,6 +165,7 @@ def _checks_world2(rank, world, failures, ran):
     for mu in (0.3, 0.9, 1.0):
         for dtype in (torch.float32, torch.float64):
             _head_check(failures, ran, rank, world, t[clean], mu, 2.0, dtype, group)
+    _head_ends_early_check(failures, ran, rank, world, t[clean], group)
     for mu, red in ((0.3, "batchmean"), (0.9, "sum"), (1.0, "none"), (0.9, "mean")):
         for dtype in (torch.float32, torch.float64):
             _compare(failures, ran, f"mu={mu} {red} ce", rank, world, s, t, dtype,
