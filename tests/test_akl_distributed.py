@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 import fastkd
 from fastkd import distributed as D
-from fastkd.distributed.akl import head_mask, radix_keys, signed_order
+from fastkd.distributed.akl import head_mask, radix_keys
 from fastkd.reference.akl import akl_head
 from processes import free_port, run_processes
 
@@ -265,12 +265,13 @@ def test_radix_keys_order():
     x = torch.tensor([float("-inf"), -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, 7.0, float("inf")])
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         keys, bits = radix_keys(x.to(dtype))
-        order = signed_order(keys, bits)
-        assert bits == (64 if dtype == torch.float64 else 32)
-        steps = order.diff()
+        assert bits == (64 if dtype == torch.float64 else 32) and keys.dtype == torch.int64
+        steps = keys.diff()
         assert steps[3] == 0 and bool((torch.cat([steps[:3], steps[4:]]) > 0).all())  # -0.0, 0.0: one key
-        digits = [(keys >> s) & 255 for s in range(bits - 8, -1, -8)]
-        assert all(int(d.min()) >= 0 and int(d.max()) <= 255 for d in digits)
+        assert -(1 << (bits - 1)) <= int(keys.min()) and int(keys.max()) < 1 << (bits - 1)
+    # neighbours one ulp apart: distinct keys (float64 keys are not float32's)
+    y = torch.tensor([1.0, 1.0 + 2.0 ** -52], dtype=torch.float64)
+    assert radix_keys(y)[0].diff() > 0 and radix_keys(y.float())[0].diff() == 0
 
 
 def test_world_2():

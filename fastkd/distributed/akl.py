@@ -19,24 +19,17 @@ from .comm import all_reduce
 
 DIGIT_BITS = 8
 BINS = 1 << DIGIT_BITS
-SIGN_BIT = -(1 << 63)  # int64 with only the top bit set
 
 
 def radix_keys(t: torch.Tensor):
-    """``(keys, bits)``: order-preserving keys of the logits ``t`` as unsigned ``bits``-bit patterns held in int64
-    (``csrc/akl_math.h``'s ``akl_key``: negative floats bit-flipped, the others with the sign bit set; ``-0.0``
-    and ``0.0`` one key). Float64 logits: 64-bit keys (their int64 may be negative: compare them through
-    ``signed_order``); anything else is keyed as float32 (exact for bf16 and fp16)."""
+    """``(keys, bits)``: int64 keys of the logits ``t`` whose signed order is the logits' order (``csrc/akl_math.h``'s
+    ``akl_key`` shifted by ``2^(bits - 1)``: a negative float's magnitude bits flipped; ``-0.0`` and ``0.0`` one key).
+    Float64 logits: 64-bit keys; anything else is keyed as float32 (exact for bf16 and fp16), in ``[-2^31, 2^31)``."""
     if t.dtype == torch.float64:
         bits = (t + 0.0).view(torch.int64)
-        return torch.where(bits < 0, ~bits, bits | SIGN_BIT), 64
-    bits = (t.to(torch.float32) + 0.0).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    return torch.where(bits >= 1 << 31, 0xFFFFFFFF - bits, bits | (1 << 31)), 32
-
-
-def signed_order(keys: torch.Tensor, bits: int) -> torch.Tensor:
-    """The keys as int64 whose signed order is their unsigned order (64-bit keys: the sign bit flipped)."""
-    return keys ^ SIGN_BIT if bits == 64 else keys
+        return torch.where(bits < 0, bits ^ ((1 << 63) - 1), bits), 64
+    bits = (t.to(torch.float32) + 0.0).view(torch.int32)
+    return torch.where(bits < 0, bits ^ ((1 << 31) - 1), bits).to(torch.int64), 32
 
 
 def head_mask(t: torch.Tensor, p: torch.Tensor, t_max: torch.Tensor, mu: float, group) -> torch.Tensor:
@@ -53,17 +46,15 @@ def head_mask(t: torch.Tensor, p: torch.Tensor, t_max: torch.Tensor, mu: float, 
         return torch.ones(t.shape, dtype=torch.bool, device=t.device)
     n, dev = t.shape[0], t.device
     keys, bits = radix_keys(t)
-    zero = torch.zeros((), dtype=p.dtype, device=dev)
-    prefix = torch.zeros(n, dtype=torch.int64, device=dev)
+    prefix = torch.full((n, 1), -(1 << (bits - 1)), dtype=torch.int64, device=dev)  # the smallest key: no digit yet
     above = torch.zeros(n, dtype=p.dtype, device=dev)  # the teacher mass of the keys above the prefix
     searching = torch.ones(n, dtype=torch.bool, device=dev)
     ended = torch.zeros(n, dtype=torch.bool, device=dev)  # rows whose search stopped early (rounding)
     for shift in range(bits - DIGIT_BITS, -1, -DIGIT_BITS):
-        decided = 0 if shift + DIGIT_BITS >= 64 else -(1 << (shift + DIGIT_BITS))  # the prefix's bits
-        match = (keys & decided) == prefix.unsqueeze(1)
-        digit = (keys >> shift) & (BINS - 1)
-        hist = torch.zeros((n, BINS), dtype=p.dtype, device=dev)
-        hist.scatter_add_(1, digit, torch.where(match, p, zero))
+        # keys with the prefix fall in slots 1..256 by their next digit; the others in slot 0 (below) or 257
+        # (above): one shift, one subtraction and a clamp, no mask (the prefix's lower bits are 0)
+        slot = ((keys >> shift) - ((prefix >> shift) - 1)).clamp_(0, BINS + 1)
+        hist = torch.zeros((n, BINS + 2), dtype=p.dtype, device=dev).scatter_add_(1, slot, p)[:, 1:BINS + 1]
         hist = all_reduce([hist], dist.ReduceOp.SUM, group)[0]
         # reached[b]: the mass above the prefix plus its bins b and up (non-decreasing as b falls, rounding
         # included: non-negative sums), so the bins passing mu are 0..b and b is their count - 1
@@ -74,11 +65,10 @@ def head_mask(t: torch.Tensor, p: torch.Tensor, t_max: torch.Tensor, mu: float, 
         above_b = torch.cat([reached[:, 1:], above.unsqueeze(1)], dim=1).gather(1, b.unsqueeze(1)).squeeze(1)
         go = searching & found
         ended = ended | (searching & ~found)
-        prefix = torch.where(go, prefix | (b << shift), prefix)
+        prefix = torch.where(go.unsqueeze(1), prefix + (b.unsqueeze(1) << shift), prefix)
         above = torch.where(go, above_b, above)
         searching = go
-    key, bound = signed_order(keys, bits), signed_order(prefix, bits).unsqueeze(1)
-    head = torch.where(ended.unsqueeze(1), key >= bound, key > bound)
+    head = torch.where(ended.unsqueeze(1), keys >= prefix, keys > prefix)
     return head | (t == t_max.unsqueeze(1))
 
 
