@@ -191,6 +191,7 @@ def _checks_world2(rank, world, failures, ran):
                                             ce_weight=1.0))
     finally:
         D.CHUNK_MIN_ROWS = 64
+    _fused_head_checks(rank, world, failures, ran)
     if GROUP is not None:
         return
 
@@ -214,36 +215,44 @@ def _checks_world2(rank, world, failures, ran):
             D.akl_loss(_piece(s, rank, world), _piece(t, rank, world), mu=0.0, process_group=group)
 
     _record(failures, ran, "errors", errors)
-    _fused_head_checks(rank, world, failures, ran)
 
 
 def _fused_head_checks(rank, world, failures, ran):
-    """``fused_linear_kd_loss(divergence="akl", process_group=)`` vs the float64 single-process fused head."""
-    n, hdim, width = 11, 6, 17
+    """``fused_linear_kd_loss(divergence="akl", process_group=)`` vs the float64 single-process fused head: the
+    student's hidden and weight slice; with ``teacher_grad=True`` and a teacher temperature, the teacher's too."""
+    n, hdim, hdim_t, width = 11, 6, 5, 17
     vocab = width * world
     g = torch.Generator().manual_seed(60)
-    hidden, weight = torch.randn(n, hdim, generator=g), torch.randn(vocab, hdim, generator=g) * 0.7
-    t_hidden, t_weight = torch.randn(n, 5, generator=g), torch.randn(vocab, 5, generator=g) * 0.7
+    base = [torch.randn(n, hdim, generator=g), torch.randn(vocab, hdim, generator=g) * 0.7,
+            torch.randn(n, hdim_t, generator=g), torch.randn(vocab, hdim_t, generator=g) * 0.7,
+            torch.randn(vocab, generator=g) * 0.3]
     target = torch.randint(0, vocab, (n,), generator=g)
     target[3] = -100
+    rows = slice(rank * width, (rank + 1) * width)  # this rank's rows of the heads
+    sliced = (False, True, False, True, True)  # which of base are vocabulary rows
+    names = ("hidden", "weight", "teacher_hidden", "teacher_weight", "teacher_bias")
 
-    def run():
-        h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
-        kw = dict(divergence="akl", mu=0.6, temperature=1.5, ce_weight=0.4)
-        ref = fastkd.fused_linear_kd_loss(h64, w64, (t_hidden.double(), t_weight.double()), target,
-                                          backend="reference", **kw)
-        grads = torch.autograd.grad(ref, [h64, w64])
-        rows = slice(rank * width, (rank + 1) * width)  # this rank's rows of the heads
-        h, w = hidden.clone().requires_grad_(), weight[rows].clone().requires_grad_()
-        loss = fastkd.fused_linear_kd_loss(h, w, (t_hidden, t_weight[rows]), target, chunk_size=4,
-                                           process_group=dist.group.WORLD, **kw)
-        loss.backward()
-        torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-5, atol=2e-6)
-        for what, got, want in (("hidden", h.grad, grads[0]), ("weight", w.grad, grads[1][rows])):
-            err = _rel(got, want)
-            assert err < 1e-5, f"grad {what}: relative error {err:.2e}"
+    for teacher_grad in (False, True):
+        def run(teacher_grad=teacher_grad):
+            kw = dict(divergence="akl", mu=0.6, temperature=1.5, ce_weight=0.4)
+            if teacher_grad:
+                kw.update(teacher_grad=True, teacher_temperature=1.2)
+            leaves = 5 if teacher_grad else 2
+            ref = [x.double().requires_grad_(i < leaves) for i, x in enumerate(base)]
+            loss_ref = fastkd.fused_linear_kd_loss(ref[0], ref[1], (ref[2], ref[3]), target, teacher_bias=ref[4],
+                                                   backend="reference", **kw)
+            grads_ref = torch.autograd.grad(loss_ref, ref[:leaves])
+            local = [(x[rows] if cut else x).clone().requires_grad_(i < leaves)
+                     for i, (x, cut) in enumerate(zip(base, sliced))]
+            loss = fastkd.fused_linear_kd_loss(local[0], local[1], (local[2], local[3]), target, teacher_bias=local[4],
+                                               chunk_size=4, process_group=_group(), **kw)
+            loss.backward()
+            torch.testing.assert_close(loss.double(), loss_ref.detach(), rtol=2e-5, atol=2e-6)
+            for what, x, want, cut in zip(names, local, grads_ref, sliced):
+                err = _rel(x.grad, want[rows] if cut else want)
+                assert err < 1e-5, f"grad {what}: relative error {err:.2e}"
 
-    _record(failures, ran, "fused head akl", run)
+        _record(failures, ran, f"fused head akl teacher_grad={teacher_grad}", run)
 
 
 def _checks_world4(rank, world, failures, ran):
