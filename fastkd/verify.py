@@ -183,17 +183,16 @@ def cases(only: Optional[str] = None) -> List[Case]:
             out.append(Case(label, "fused_linear_kd", _head, call, grads=("hidden", "weight") + ("bias",) * bias,
                             shapes=((FUSED_VOCAB + 1,),), dtypes=(torch.float32,), truth=truth,
                             vocab_dim={"weight": 0, "bias": 0, "teacher_weight": 0}, sharded=not wide))
-    # adaptive KL: its own row op (akl_fwd), dense teachers on one process (no top-k, no process_group)
+    # adaptive KL: its own row op (akl_fwd), dense teachers (sharded: fastkd.distributed.akl's head; no top-k here)
     for ce in (0.0, 0.3):
         def akl(d, b, g, ce=ce):
             return F.akl_loss(d["student"], d["teacher"], mu=0.4, temperature=1.5, target=d["target"], ce_weight=ce,
-                              backend=b)
-        out.append(Case("akl_loss mu=0.4 T=1.5" + (f" ce_weight={ce}" if ce else ""), "akl", _logits, akl,
-                        sharded=False))
+                              backend=b, process_group=g)
+        out.append(Case("akl_loss mu=0.4 T=1.5" + (f" ce_weight={ce}" if ce else ""), "akl", _logits, akl))
     call, truth = _fused_call("akl", {"mu": 0.4}, 0.3, False, False)
     out.append(Case("fused_linear_kd_loss akl ce_weight=0.3", "fused_linear_akl", _head, call, grads=("hidden", "weight"),
                     shapes=((FUSED_VOCAB + 1,),), dtypes=(torch.float32,), truth=truth,
-                    vocab_dim={"weight": 0, "bias": 0, "teacher_weight": 0}, sharded=False))
+                    vocab_dim={"weight": 0, "bias": 0, "teacher_weight": 0}))
     out += [
         Case("jsd_loss, every row ignored (0, gradient 0)", "jsd",
              lambda shape: {**_logits(shape), "target": torch.full(shape[:-1], -100)},

@@ -47,7 +47,7 @@ PUBLIC_NAMES = {
     "fastkd.distributed": [
         "PER_ROW_FLOATS", "ats_loss", "comm_stats", "count_comm", "dist_loss", "dkd_loss", "jsd_loss", "kd_loss",
         "reset_comm_stats", "reverse_kl_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss", "triangular_loss",
-        "entropy_gated_kl_loss", "alpha_divergence_loss", "ab_divergence_loss", "renyi_loss",
+        "entropy_gated_kl_loss", "alpha_divergence_loss", "ab_divergence_loss", "renyi_loss", "akl_loss",
         # documented knobs and helpers outside __all__
         "CHUNK_MAX", "CHUNK_MIN_ROWS", "CommStats", "SHARD_KERNELS", "fused_linear_row_op", "shard_kernels",
     ],

@@ -235,23 +235,23 @@ def check_divergence_params(**params) -> None:
 
 
 def check_akl_teacher(teacher, process_group, divergence: str = "akl", topk: bool = False) -> None:
-    """AKL takes dense teacher logits on one process (and, with ``topk`` (``akl_loss``), a ``TopKTeacher``: its
-    head over the buckets): the head is a threshold over the teacher's whole distribution (a vocabulary
-    shard's would be a global threshold, i.e. all-reduced mass histograms per selection pass). Nothing to
-    check for another ``divergence`` (the fused head's name)."""
+    """AKL takes dense teacher logits (and, with ``topk`` (``akl_loss``), a ``TopKTeacher``: its head over the
+    buckets, on one process): the head is a threshold over the teacher's whole distribution. With
+    ``process_group``, dense logits only (each rank a vocabulary shard; the threshold by all-reduced mass
+    histograms, ``fastkd.distributed.akl``). Nothing to check for another ``divergence`` (the fused head's name)."""
     from .vocab import MappedTeacher
 
     if divergence != "akl":
         return
+    if process_group is not None and isinstance(teacher, (TopKTeacher, MappedTeacher)):
+        raise ValueError(f"akl_loss with process_group takes dense teacher logits (this rank's vocabulary shard), "
+                         f"got a {type(teacher).__name__}: the head over a TopKTeacher's buckets runs on one "
+                         "process only (and a MappedTeacher's projection needs the whole vocabulary)")
     if isinstance(teacher, MappedTeacher) or (isinstance(teacher, TopKTeacher) and not topk):
         raise TypeError(f"{'akl_loss' if topk else 'AKL'} takes dense teacher logits"
                         f"{' or a TopKTeacher' if topk else ''}, got a {type(teacher).__name__}: AKL's head (the "
                         "teacher's most probable classes holding mass mu) is defined over the whole vocabulary"
                         + ("" if topk else " (akl_loss takes a TopKTeacher: its head over the buckets)"))
-    if process_group is not None:
-        raise ValueError("akl_loss does not support process_group: the head's threshold over a sharded vocabulary "
-                         "needs the global teacher mass above it (all-reduced histograms per selection pass), which "
-                         "is not implemented")
 
 
 def check_akl_op_args(kind: int, mu: float, topk_mode: int) -> None:

@@ -13,6 +13,7 @@ Two kinds of parallelism, one keyword (``process_group``):
   Functions: ``kd_loss``, ``reverse_kl_loss``, ``jsd_loss``, ``skew_kl_loss``,
   ``tvd_loss``, ``jeffreys_loss``, ``triangular_loss`` (all with ``ce_weight``, ``return_parts`` and a
   ``TopKTeacher``),
+  ``akl_loss`` (dense teachers; its head by radix sweeps of all-reduced mass histograms: ``akl``),
   ``dkd_loss``, ``ats_loss`` (with ``ce_weight`` and ``return_parts``).
 * **Data parallel** (``dist_loss``): rows are sharded (any count per rank, 0
   included), classes are not; the intra-class Pearson term is taken over the
@@ -48,7 +49,8 @@ number of per-row numbers (listed in ``PER_ROW_FLOATS``) and ``K``
 the top-k width (0 for dense teachers); the 32 bytes are the shape check (four
 int64: rows with the input dtypes and gradient flags, and shard width, ``_check_group_shapes``). It does not depend on
 ``V``. Calls: 1, then 2 or 3 per row chunk (below), at most 49 (4 on the shard kernels,
-whatever the logits' dtype: float32, bf16 or fp16).
+whatever the logits' dtype: float32, bf16 or fp16). AKL: 3 + 4 per row chunk (float64 math: 3 + 8; the
+head's histogram rounds, 256 numbers per row each), at most 113 (float64: 177).
 
 Memory: the local math runs on row chunks (at most ``CHUNK_MAX`` = 16 chunks of at
 least ``CHUNK_MIN_ROWS`` = 64 rows; the split depends on ``N`` and the dtypes only, so
@@ -73,7 +75,7 @@ target and top-k ids in ``[0, V)`` (``V`` the global vocabulary), equal shard wi
 
 Where things are: ``comm`` (the all-reduce helper, its counts, the group checks), ``rows`` (what
 every sharded loss shares: checks, row weights, row chunks, the stored-gradient node),
-``divergence`` (the divergences), ``shard_kernels`` (their fused shard passes),
+``divergence`` (the divergences), ``akl`` (AKL's head and rows), ``shard_kernels`` (their fused shard passes),
 ``classification`` (DKD, ATS, DIST), ``fused_linear`` (the sharded head's row op) and
 ``settings`` (``SHARD_KERNELS``, ``CHUNK_MIN_ROWS``, ``CHUNK_MAX``: set them here, as
 ``fastkd.distributed.SHARD_KERNELS = "off"``).
@@ -84,7 +86,7 @@ import types
 from . import settings
 from .classification import ats_loss, dist_loss, dkd_loss
 from .comm import PER_ROW_FLOATS, CommStats, comm_stats, count_comm, reset_comm_stats  # noqa: F401
-from .divergence import ab_divergence_loss, alpha_divergence_loss, renyi_loss
+from .divergence import ab_divergence_loss, akl_loss, alpha_divergence_loss, renyi_loss
 from .divergence import (entropy_gated_kl_loss, forward_kl_loss, jeffreys_loss, jsd_loss, kd_loss, reverse_kl_loss,
                          skew_kl_loss, triangular_loss, tvd_loss)
 from .fused_linear import fused_linear_row_op  # noqa: F401  (the sharded fused head's row op)
@@ -93,7 +95,7 @@ from .shard_kernels import shard_kernels  # noqa: F401
 
 __all__ = [
     "kd_loss", "forward_kl_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "jeffreys_loss",
-    "alpha_divergence_loss", "ab_divergence_loss", "renyi_loss",
+    "alpha_divergence_loss", "ab_divergence_loss", "renyi_loss", "akl_loss",
     "triangular_loss", "entropy_gated_kl_loss", "dkd_loss", "ats_loss", "dist_loss", "comm_stats", "reset_comm_stats", "count_comm", "PER_ROW_FLOATS",
 ]
 

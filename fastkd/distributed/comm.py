@@ -21,6 +21,9 @@ PER_ROW_FLOATS = {
                                  "1 + 5 with any grad (soft; the sign masses q_lt, q_gt, p_lt, p_gt, tie)",
     "divergence, top-k teacher": "MAX: 1 + 1 tail (max s; max s over non-ids); SUM: 1 + 1 tail + 2 with CE + K "
                                  "(sum exp s; sum exp over non-ids; CE; s[ids])",
+    "akl": "MAX: 2 and SUM: 2 + 2 with CE (as a dense teacher); then the head's sweeps, SUM: 256 each (a mass "
+           "histogram of the next 8-bit digit of the teacher's keys), 4 for float32 math, 8 for float64, none at "
+           "mu = 1; SUM: 4 (KL(p || q), KL(q || p), g_head, g_tail)",
     "dkd": "MAX: 4 (max s, t over all and non-target classes); SUM: 6 (their sums of exp, s[g], t[g]) + 2 with CE "
            "(sum exp s at T=1, s[target]); SUM: 2 + 1 with teacher grad",
     "ats": "MAX: 2 (max s, max t / tau); SUM: 2 (sums of exp) + 2 with CE (sum exp s at T=1, s[target]); "

@@ -1,9 +1,10 @@
 """Vocabulary parallel: the divergences (dense and top-k teachers), with the cross-entropy.
 
 Public: ``kd_loss``, ``reverse_kl_loss``, ``jsd_loss``, ``skew_kl_loss``, ``tvd_loss``, ``jeffreys_loss``,
-``triangular_loss``, ``entropy_gated_kl_loss`` (the
+``triangular_loss``, ``entropy_gated_kl_loss``, ``akl_loss`` (the
 signatures of ``fastkd.*`` plus ``process_group``). The row math is ``divergence_rows``: three
-all-reduces of per-row numbers per row chunk (``fastkd.distributed``'s docstring).
+all-reduces of per-row numbers per row chunk (``fastkd.distributed``'s docstring); AKL adds its head's
+radix sweeps (``distributed/akl.py``).
 """
 from types import SimpleNamespace
 from typing import Union
@@ -12,12 +13,13 @@ import torch
 import torch.distributed as dist
 
 from ..core import checks as v
-from ..core.divergence import (ENTROPY_GATE_DEFAULTS, KIND_CODES, LossParts, check_divergence_params,
-                               divergence_op_args, entropy_gate, renyi_row)
+from ..core.divergence import (AKL_MU_DEFAULT, ENTROPY_GATE_DEFAULTS, KIND_CODES, LossParts,
+                               check_divergence_params, divergence_op_args, entropy_gate, renyi_row)
 from ..core.rows import compute_dtype, read_rows
 from ..core.topk import PAD_ID, TopKTeacher
 from ..reference import divergence as R
 from ..reference.power import renyi_parts
+from .akl import akl_rows, two_sided_rows
 from .comm import all_reduce, check_group_shapes, group_geometry
 from .rows import (
     MINUS_INF, StoredGradLoss, check_global_ids, common_checks, forward_kl_and_grads,
@@ -142,12 +144,7 @@ def _gated_rows(lp, lq, vocab, params, group):
     entropy = torch.where(p == 0, zero, -p * lp)
     red = all_reduce([kl_p.sum(dim=1), kl_q.sum(dim=1), entropy.sum(dim=1)], dist.ReduceOp.SUM, group)
     w = entropy_gate(red[2], vocab, **{**ENTROPY_GATE_DEFAULTS, **params})
-    u = 1.0 - w
-    fwd, rev = torch.where(w == 0, zero, w * red[0]), torch.where(u == 0, zero, u * red[1])
-    w, u = w.unsqueeze(1), u.unsqueeze(1)
-    g = torch.where(u == 0, zero, u * kl_q) - w * p - q * (rev - w.squeeze(1)).unsqueeze(1)
-    h = torch.where(w == 0, zero, w * kl_p) - u * q - p * (fwd - u.squeeze(1)).unsqueeze(1)
-    return fwd + rev, g, h
+    return two_sided_rows(p, q, kl_p, kl_q, red[:2], w, 1.0 - w)
 
 
 def _renyi_rows(lp, lq, params, group):
@@ -249,6 +246,9 @@ def divergence_rows(c, s, t, ids, tgt, read, weight, equal, temp=None, out=(None
     grad_a = grad_b = grad_temp = None
     if not topk and kind == "entropy_gated_kl":
         soft, grad_a, grad_b = _gated_rows(b - sums[1].log().unsqueeze(1), lq, vocab, params, process_group)
+    elif not topk and kind == "akl":  # the head's radix sweeps, then one SUM (distributed/akl.py)
+        soft, grad_a, grad_b = akl_rows(t, b - sums[1].log().unsqueeze(1), lq, maxima[1],
+                                        params.get("mu", AKL_MU_DEFAULT), process_group)
     elif not topk and kind == "renyi":
         soft, grad_a, grad_b = _renyi_rows(b - sums[1].log().unsqueeze(1), lq, params, process_group)
     elif not topk and kind == "tvd":
@@ -490,3 +490,14 @@ def renyi_loss(student_logits, teacher_logits: Teacher, *, process_group, order=
     check_divergence_params(order=order, reverse=reverse)
     return _divergence(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
                        sample_weight, ce_weight, return_parts, process_group, "renyi", order=order, reverse=reverse)
+
+
+def akl_loss(student_logits, teacher_logits, *, process_group, mu=0.5, temperature=1.0, reduction="batchmean",
+             target=None, ignore_index=-100, sample_weight=None, ce_weight=0.0, return_parts=False):
+    """``fastkd.akl_loss`` over a vocabulary-sharded process group, dense teacher logits (the head's threshold over
+    the whole vocabulary by radix sweeps of all-reduced mass histograms: ``distributed/akl.py``)."""
+    check_divergence_params(mu=mu)
+    if isinstance(teacher_logits, TopKTeacher):
+        raise TypeError("the vocabulary-parallel akl_loss takes dense teacher logits, not a TopKTeacher")
+    return _divergence(student_logits, teacher_logits, temperature, reduction, target, ignore_index,
+                       sample_weight, ce_weight, return_parts, process_group, "akl", mu=float(mu))

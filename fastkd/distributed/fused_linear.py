@@ -28,6 +28,7 @@ _FUSED_LINEAR_KINDS = {
     "alpha_divergence": ("alpha_divergence", None),  # params (gate=): alpha
     "ab_divergence": ("ab_divergence", None),  # params (gate=): alpha, beta
     "renyi": ("renyi", None),  # params (gate=): order, reverse
+    "akl": ("akl", None),  # params (gate=): mu (distributed/akl.py: the head's radix sweeps)
 }
 
 
@@ -49,7 +50,7 @@ def fused_linear_row_op(divergence: str, beta: float, skew: float, topk_mode: Op
         params = {"beta": 0.5 if beta is None else beta}
     elif kind == "skew_kl":
         params = {"skew": skew, "reverse": divergence == "skew_reverse_kl"}
-    elif kind in ("entropy_gated_kl", "alpha_divergence", "ab_divergence", "renyi"):
+    elif kind in ("entropy_gated_kl", "alpha_divergence", "ab_divergence", "renyi", "akl"):
         params = dict(gate or {})
     rank = dist.get_rank(process_group)
     world = dist.get_world_size(process_group)

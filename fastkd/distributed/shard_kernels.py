@@ -15,10 +15,11 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the logits the
 
 def shard_kernels(c, s: torch.Tensor):
     """The shard ops ``divergence_rows`` runs on (a namespace with ``divergence_shard_stats``, ``_terms``,
-    ``_grad``), or None for the PyTorch math: a top-k teacher, float64 math (a float64 input),
+    ``_grad``), or None for the PyTorch math: a top-k teacher, AKL (its head: ``distributed/akl.py``), float64
+    math (a float64 input),
     ``SHARD_KERNELS = "off"``, or the kernels missing (no compiled CPU ops; no Triton). Float32 math is
     float32, bfloat16 or float16 logits, which the kernels read as they are."""
-    if settings.SHARD_KERNELS == "off" or c.mode is not None or c.dtype != torch.float32:
+    if settings.SHARD_KERNELS == "off" or c.mode is not None or c.dtype != torch.float32 or c.kind == "akl":
         return None
     if s.device.type == "cuda" or settings.SHARD_KERNELS == "triton":
         try:

@@ -331,7 +331,7 @@ def fused_linear_kd_loss(
     v.check_teacher_vocab(teacher_vocab)
     teacher_kind, t_vocab, teacher_hidden, teacher_weight, teacher_logits, topk, mixture, mapped = teacher_parts(
         teacher, teacher_bias, lead, dev, vocab, student_weight)
-    check_akl_teacher(teacher, process_group, divergence)  # AKL: dense teachers on one process
+    check_akl_teacher(teacher, process_group, divergence)  # AKL: dense teachers (with a group: logits, pairs)
     shared = isinstance(teacher, (tuple, list)) and len(teacher) == 2 and teacher[1] is None  # (hidden, None)
     if shared:
         teacher_bias = student_bias
@@ -483,7 +483,8 @@ fused_linear_kd_loss.__doc__ = """The LM head and a distillation loss in one op;
     ``"triangular"``, ``"entropy_gated_kl"`` (``alpha_min``, ``alpha_max``, ``tau``, ``scale``; its gate's
     ``log V`` is the composition's width), ``"alpha_divergence"`` (``alpha``), ``"ab_divergence"`` (``alpha``,
     ``beta``; None: 0.2, 0.7), ``"renyi"`` (``order``, ``reverse``), ``"akl"`` (``mu``; dense teachers, its own
-    row op ``akl_fwd``) (``fastkd.reverse_kl_loss``, ``fastkd.jeffreys_loss`` etc.: no ``T^2``). ``ce_weight`` adds
+    row op ``akl_fwd``; with ``process_group``, ``fastkd.distributed.akl``'s sharded head) (``fastkd.reverse_kl_loss``,
+    ``fastkd.jeffreys_loss`` etc.: no ``T^2``). ``ce_weight`` adds
     ``ce_weight * cross_entropy(s, target)`` at T = 1; ``return_parts=True`` returns
     ``LossParts(loss, soft, hard)`` (``hard``: the row-weighted CE, 0 without ``target``).
 

@@ -79,7 +79,7 @@ def akl_loss(
     backend: str = "auto",
 ):
     params = {"mu": mu}
-    check_akl_teacher(teacher_logits, process_group, topk=True)  # one process (the docstring says why)
+    check_akl_teacher(teacher_logits, process_group, topk=True)  # a group: dense logits (the docstring says why)
     if isinstance(teacher_logits, TopKTeacher):  # the head over the buckets (fastkd.losses.akl_topk)
         check_divergence_params(**params)
         check_teacher_temperature(teacher_logits, temperature, teacher_temperature, process_group)
@@ -163,7 +163,19 @@ akl_loss.__doc__ = """Adaptive KL (AKL, Wu et al., COLING 2025), per row::
     least as large). ``"renormalize"``: both renormalised over the K, no tail bucket. Cost: the forward and
     reverse KL on the top-k row op (row weights times ``h``, ``l``), one more read of the student for its
     log-sum-exps (in blocks of rows), and the cross-entropy, where wanted, a pass of its own.
-    ``MappedTeacher`` raises (map it to top-k buckets yourself: ``MappedTeacher.as_topk``), and so does
-    ``process_group`` (the sharded head would need all-reduced histograms per selection pass). The fused
-    head (``fused_linear_kd_loss(divergence="akl")``) takes dense teachers only.
+    ``MappedTeacher`` raises (map it to top-k buckets yourself: ``MappedTeacher.as_topk``).
+
+    ``process_group`` (vocabulary parallel: each rank a contiguous column shard of dense student and teacher
+    logits; ``fastkd.distributed.akl``): the loss over the whole vocabulary on every rank and each rank's
+    gradient slices, exact against one process. The head's threshold by radix selection over order-preserving
+    keys of the teacher's logits with all-reduced mass histograms: per 8-bit digit one SUM all-reduce of a
+    ``[rows, 256]`` histogram (4 for float32 math, bf16 and fp16 logits included; 8 for float64; none at
+    ``mu = 1``), every rank deciding the digit from the same reduced histogram, so tied logits (on any ranks)
+    stay together; the row maximum from the MAX round every sharded divergence makes; then one SUM of the two
+    KLs and the gaps by side. Per row chunk 3 + 4 collectives (float64: 3 + 8), ``8 + 4 x 256`` numbers per
+    row (float64: ``8 + 8 x 256``; +2 with the CE); PyTorch on the shard (no shard kernels). A ``TopKTeacher``
+    or ``MappedTeacher`` with ``process_group`` raises (the buckets' head runs on one process), as does a
+    ``teacher_temperature`` other than ``temperature``. The fused head (``fused_linear_kd_loss(divergence=
+    "akl")``) takes dense teachers (logits or ``(hidden, weight)``), with ``process_group`` too (the same
+    sharded rows per chunk).
 """ + _DETAIL
