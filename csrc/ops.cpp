@@ -26,7 +26,8 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "divergence_fwd(Tensor student, Tensor teacher, Tensor topk_ids, Tensor target, Tensor row_weight, "
       "float temperature, int kind, float a, float b, float w_p, float w_q, float soft_scale, float ce_weight, "
-      "int topk_mode, bool reduce, bool grad_student, bool grad_teacher, float teacher_temperature=0.0) "
+      "int topk_mode, bool reduce, bool grad_student, bool grad_teacher, float teacher_temperature=0.0, "
+      "Tensor[]? teacher_members=None, float[] member_weights=[], int mixture_mode=0) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // adaptive KL (csrc/cpu/akl.cpp, csrc/cuda/akl.cu): divergence_fwd's schema, a = mu, kind 8, dense teachers
   m.def(

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "loss_common.h"
+#include "teacher_mixture.h"
 #include "../divergence_math.h"
 
 namespace fastkd {
@@ -961,7 +962,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
     const at::Tensor& student_in, const at::Tensor& teacher_in, const at::Tensor& topk_ids_in,
     const at::Tensor& target, const at::Tensor& row_weight, double temperature, int64_t kind, double a, double b,
     double w_p, double w_q, double soft_scale, double ce_weight, int64_t topk_mode, bool reduce, bool grad_student,
-    bool grad_teacher, double teacher_temperature) {
+    bool grad_teacher, double teacher_temperature, std::optional<at::TensorList> teacher_members,
+    at::ArrayRef<double> member_weights, int64_t mixture_mode) {
   // kinds 4 to 6 are another branch's (appended there); div_kind_known accepts what this file implements
   TORCH_CHECK_VALUE(kind >= kDivKL && kind <= kDivLastKind && div_kind_known(kind),
                     "fastkd: divergence_fwd kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL), 3 (triangular), "
@@ -1006,6 +1008,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
     TORCH_CHECK(topk_ids_in.numel() == 0, "fastkd: topk_ids must be empty for a dense teacher (topk_mode = 0)");
     if (teacher.stride(1) != 1 && V > 1) teacher = teacher.contiguous();
   }
+  const MixCall mix = mixture_call(teacher_members, member_weights, mixture_mode, student_in, topk_mode, grad_teacher,
+                                   ts.inv_tt);
   const bool has_target = target.numel() > 0;
   if (has_target) check_row_vector(target, N, at::kLong, "target");
   // no rows: nothing to classify, so an empty target is the target of every row (kd_loss on [0, V] gives 0)
@@ -1021,6 +1025,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
   c.soft_scale = static_cast<float>(soft_scale), c.ce_weight = static_cast<float>(ce_weight);
   c.topk_mode = static_cast<int>(topk_mode);
   c.V = V, c.K = K;
+  // a mixture's row holds log p: the dense path reads it at inverse temperature 1 (rho = T / 1)
+  DivCall c_row = c;
+  if (mix.mode != kMixtureNone) c_row.inv_tt = 1.0f, c_row.rho = c.T;
 
   auto f32 = student.options().dtype(at::kFloat);
   at::Tensor gs = grad_like(student, grad_student);
@@ -1044,6 +1051,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
     const bool fkl = !topk && !grad_teacher && c.d.kind == kDivKL && c.d.mix == kMixQ;
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
       thread_local DivScratch sc;
+      thread_local MixScratch mix_sc;
       for (int64_t i = begin; i < end; ++i) {
         const float w = weight[i];
         float* gs_row = output_row(gs, i, sc.gs_conv);
@@ -1063,8 +1071,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
           if (topk) {
             r = topk_row(c, i, s, lp_all + i * K, ids_all + i * K, g, w, gs_row, gt_row, sc);
           } else {
-            const float* t = input_span(teacher, i * teacher.stride(0), V, sc.t_conv);
-            r = fkl ? fkl_row(c, s, t, g, w, gs_row, sc) : dense_row(c, s, t, g, w, gs_row, gt_row, sc);
+            const float* t = mix.mode != kMixtureNone ? mixture_row(mix, i, V, mix_sc)
+                                                      : input_span(teacher, i * teacher.stride(0), V, sc.t_conv);
+            r = fkl ? fkl_row(c_row, s, t, g, w, gs_row, sc) : dense_row(c_row, s, t, g, w, gs_row, gt_row, sc);
           }
           soft_out[i] = w * c.soft_scale * r.soft;
           hard_out[i] = w * r.hard;

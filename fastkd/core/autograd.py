@@ -75,6 +75,9 @@ def register_loss_autograd(op, grad_slots):
         # would zero-fill an [N, C] tensor for each of them on every backward.
         ctx.set_materialize_grads(False)
         ctx.num_inputs = len(inputs)
+        # a tensor-list input (divergence_fwd's teacher_members) takes a list of gradients: all None
+        ctx.list_inputs = {i: len(x) for i, x in enumerate(inputs)
+                           if isinstance(x, (list, tuple)) and any(isinstance(e, torch.Tensor) for e in x)}
         ctx.used = False
         # An unrequested gradient comes back as an empty tensor; a requested one has the
         # input's shape (which is also empty for an input with no rows).
@@ -86,6 +89,8 @@ def register_loss_autograd(op, grad_slots):
     def backward(ctx, grad_loss, *unused):
         guard_stored_backward(ctx, grad_loss)
         grads = [None] * ctx.num_inputs
+        for i, n in ctx.list_inputs.items():
+            grads[i] = [None] * n
         for inp, stored, requested in zip(grad_slots.keys(), ctx.saved_tensors, ctx.requested):
             if requested:
                 grads[inp] = scale_stored_grad(stored, grad_loss)

@@ -18,9 +18,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["TeacherMixture", "MIXTURE_MODES", "mix_log_probs", "check_mixture", "mixture_vocab"]
+__all__ = ["TeacherMixture", "MIXTURE_MODES", "MIXTURE_MODE_CODES", "mix_log_probs", "check_mixture", "mixture_vocab"]
 
 MIXTURE_MODES = ("arithmetic", "geometric")
+# divergence_fwd's mixture_mode (docs/design.md): 0 is no mixture
+MIXTURE_MODE_CODES = {"arithmetic": 1, "geometric": 2}
 
 
 class TeacherMixture:

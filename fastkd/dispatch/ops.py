@@ -100,9 +100,12 @@ def _register_mgd():
 
 
 def _register_divergence():
+    # teacher_members / member_weights / mixture_mode: a TeacherMixture formed in the op (its teacher gradient
+    # is never asked for, so the outputs' shapes are those of a dense teacher)
     @torch.library.register_fake("fastkd::divergence_fwd")
     def _(student, teacher, topk_ids, target, row_weight, temperature, kind, a, b, w_p, w_q, soft_scale, ce_weight,
-          topk_mode, reduce, grad_student, grad_teacher, teacher_temperature=0.0):
+          topk_mode, reduce, grad_student, grad_teacher, teacher_temperature=0.0, teacher_members=None,
+          member_weights=(), mixture_mode=0):
         loss = _loss(student, reduce)
         return (loss, torch.empty_like(loss), torch.empty_like(loss), _empty_grad(student, grad_student),
                 _empty_grad(teacher, grad_teacher))

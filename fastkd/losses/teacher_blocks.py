@@ -16,6 +16,12 @@ where its rows are not one stride apart) is alive at a time. Blocks are about ``
 elements (32 MiB of float32). (Dense logits at their own ``teacher_temperature`` need no blocks: the row
 ops take it as an argument, ``losses.divergence.fused_call``.)
 
+On the backends whose ``divergence_fwd`` forms the mixture itself (``MIXTURE_OP_BACKENDS``: cpu) the
+mixture takes no blocks either: one call of the op with the members (``teacher_members``,
+``member_weights``, ``mixture_mode``), which mixes each row in log space into a per-thread row buffer
+(docs/design.md), read in place like a dense teacher (row slices, HF-shifted views). The other fused
+backends (cuda, triton) and AKL (``akl_fwd`` takes no members) keep the blocks.
+
 The reference backend forms the whole teacher (in float64 for float64 inputs) and runs the reference
 loss on it: it is the oracle, not a memory-saving path.
 """
@@ -26,14 +32,18 @@ import torch
 
 from ..core import checks as v
 from ..core.divergence import TOPK_MODE_CODES, LossParts, check_divergence_args, divergence_op_args
-from ..core.mixture import TeacherMixture, check_mixture, mix_log_probs, mixture_vocab
+from ..core.mixture import MIXTURE_MODE_CODES, TeacherMixture, check_mixture, mix_log_probs, mixture_vocab
 from ..core.vocab import MappedTeacher
 from ..core.autograd import guard_stored_backward, scale_stored_grad
-from ..core.rows import compute_dtype, row_weights, wants_grad
+from ..core.rows import (GappedRows, compute_dtype, from_gapped, gapped_period, row_view, row_weights, to_gapped,
+                         wants_grad)
 from ..dispatch.backend import ROW_OPS, ROW_STRIDED_BACKENDS, implementation, resolve
 from ..reference import divergence as R
 
-__all__ = ["mixture_loss", "mapped_loss", "mapped_is_constant", "check_dense_mixture"]
+__all__ = ["mixture_loss", "mapped_loss", "mapped_is_constant", "check_dense_mixture", "MIXTURE_OP_BACKENDS"]
+
+# The backends whose divergence_fwd forms a TeacherMixture of dense members inside the row op.
+MIXTURE_OP_BACKENDS = ("cpu",)
 
 # Elements of one block of rows (float32: 32 MiB per block of the mixture).
 BLOCK_ELEMENTS = 1 << 23
@@ -176,11 +186,46 @@ def mixture_loss(kind: str, params: dict, student: torch.Tensor, mixture: Teache
         return R.compute(student, mixed * temperature, temperature, reduction, target, ignore_index, sample_weight,
                          ce_weight, return_parts, kind, scale_t2=soft_scale != 1.0, **params)
 
+    if name in MIXTURE_OP_BACKENDS and ROW_OPS.get(kind, "divergence_fwd") == "divergence_fwd":
+        return _mixture_in_op(kind, params, student, mixture, temperature, t_temp, reduction, target, ignore_index,
+                              sample_weight, ce_weight, return_parts, soft_scale, name)
+
     def make_block(idx):  # T log p: the op's softmax(. / T) gives the mixture
         return _mixed_block(mixture, idx, t_temp).mul_(float(temperature))
 
     return _run_blocks(kind, params, student, make_block, name, temperature, reduction, target, ignore_index,
                        sample_weight, ce_weight, return_parts, soft_scale)
+
+
+def _mixture_in_op(kind, params, student, mixture, temperature, t_temp, reduction, target, ignore_index,
+                   sample_weight, ce_weight, return_parts, soft_scale, name):
+    """One ``divergence_fwd`` call of backend ``name`` that mixes the members row by row itself (arguments
+    checked). Rows as ``losses.divergence.fused_call`` lays out a dense teacher: strided rows and HF-shifted
+    views (``logits[:, :-1]``) of the student and of every member read in place, other layouts copied."""
+    v.check_constant_weight(sample_weight, name)
+    members = [m[1].detach() for m in mixture.members]
+    lead = student.shape[:-1]
+    period = gapped_period(student, *members)
+
+    def per_row(x, fill):  # per-row values [...] laid out as the student's rows
+        return to_gapped(x, period, fill) if period else x.reshape(-1)
+
+    s = GappedRows.apply(student, period) if period else row_view(student, True)
+    rows = [GappedRows.apply(m, period) if period else row_view(m, True) for m in members]
+    wants_ce = target is not None and (ce_weight != 0 or return_parts)
+    tgt = per_row(target.reshape(lead).to(torch.int64), 0).contiguous() if wants_ce else _NO_IDS.to(s.device)
+    weight = per_row(row_weights(student, target, ignore_index, sample_weight, reduction).reshape(lead), 0.0)
+    code, *coefficients = divergence_op_args(kind, **params)
+    loss, soft, hard, _, _ = implementation(name).divergence_fwd(
+        s, rows[0], _NO_IDS.to(s.device), tgt, weight, float(temperature), code, *coefficients, float(soft_scale),
+        float(ce_weight), 0, reduction != "none", wants_grad(s), False, teacher_temperature=float(t_temp),
+        teacher_members=rows, member_weights=[float(w) for w in mixture.weights],
+        mixture_mode=MIXTURE_MODE_CODES[mixture.mode])
+    if reduction == "none":
+        if period:
+            loss, soft, hard = (from_gapped(x, lead[0], lead[1], period) for x in (loss, soft, hard))
+        loss, soft, hard = loss.reshape(lead), soft.reshape(lead), hard.reshape(lead)
+    return LossParts(loss, soft.detach(), hard.detach()) if return_parts else loss
 
 
 def mapped_loss(kind: str, params: dict, student: torch.Tensor, mapped: MappedTeacher, temperature: float,

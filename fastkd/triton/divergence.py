@@ -490,7 +490,7 @@ def _check(student, teacher, topk_ids, target, row_weight, temperature, kind, ce
 
 
 @triton_op("fastkd::divergence_fwd_triton", mutates_args=())
-def divergence_fwd(
+def _divergence_fwd_op(
     student: torch.Tensor,
     teacher: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -570,4 +570,20 @@ def divergence_fwd(
     return loss_rows, soft_rows, hard_rows, gs, gt
 
 
-register_loss_autograd(divergence_fwd, {0: 3, 1: 4})
+register_loss_autograd(_divergence_fwd_op, {0: 3, 1: 4})
+
+
+def divergence_fwd(student, teacher, topk_ids, target, row_weight, temperature, kind, a, b, w_p, w_q, soft_scale,
+                   ce_weight, topk_mode, reduce, grad_student, grad_teacher, teacher_temperature=0.0,
+                   teacher_members=None, member_weights=(), mixture_mode=0):
+    """``divergence_fwd`` with the compiled op's whole signature (docs/design.md). The Triton kernels take one
+    dense teacher: a teacher mixture (``mixture_mode`` 1 or 2 with ``teacher_members``) is refused, and
+    ``fastkd.losses.teacher_blocks`` mixes blocks of rows for this backend instead. (A plain function around
+    the ``triton_op``, whose schema cannot hold a defaulted tensor list.)"""
+    if mixture_mode != 0 or teacher_members or len(member_weights):
+        raise ValueError("fastkd: divergence_fwd (triton): a teacher mixture inside the row op (teacher_members, "
+                         f"mixture_mode = {mixture_mode}) is implemented by the cpu backend only; fastkd's losses mix "
+                         "a TeacherMixture block by block for the triton backend")
+    return _divergence_fwd_op(student, teacher, topk_ids, target, row_weight, temperature, kind, a, b, w_p, w_q,
+                              soft_scale, ce_weight, topk_mode, reduce, grad_student, grad_teacher,
+                              teacher_temperature)

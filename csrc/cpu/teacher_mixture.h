@@ -1,0 +1,199 @@
+// A TeacherMixture of dense members formed one row at a time inside divergence_fwd (csrc/cpu/divergence.cpp):
+// the row's mixed log-probs go into a per-thread row buffer, which the dense path then reads as the teacher's
+// logits at inverse temperature 1 (softmax(log p) = p). No [N, V] tensor of the mixture ever exists.
+//
+// With a_ij = (t_ij - M_i) / T_t - L_i (member i's log-probs at the teacher temperature; M_i its raw maximum,
+// L_i the log of its sum relative to M_i) and weights w_i:
+//   arithmetic: log p_j = logsumexp_i(log w_i + a_ij), over the members per column (its maximum first, so the
+//               log's argument is in [1, K]: no underflow, log-probs far below -104 keep their digits);
+//   geometric:  log p_j = sum_i w_i (t_ij - M_i) / T_t (the L_i are a per-row constant, which the dense path's
+//               softmax removes, so only each member's maximum is needed).
+#pragma once
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "loss_common.h"
+#include "../divergence_math.h"
+
+namespace fastkd {
+
+enum MixtureMode { kMixtureNone = 0, kMixtureArithmetic = 1, kMixtureGeometric = 2 };
+
+// log(x) for the positive floats this file takes (a sum in [1, K] with K the member count), branch-free so that
+// the column loops vectorise (glibc's logf does not): x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m =
+// 2 atanh(f / (2 + f)), f = m - 1, by its odd series to s^9 (|s| < 0.172: relative error below 1e-9 before
+// rounding). 0 gives -inf, NaN stays NaN, +inf stays +inf (subnormals are not expected here).
+FASTKD_INLINE float vlog_pos(float x) {
+  int32_t bits;
+  memcpy(&bits, &x, sizeof(bits));
+  int32_t e = ((bits >> 23) & 0xff) - 127;
+  int32_t mbits = (bits & 0x007fffff) | 0x3f800000;
+  float m;
+  memcpy(&m, &mbits, sizeof(m));
+  const bool big = m > 1.41421356f;
+  m = big ? 0.5f * m : m;
+  e = big ? e + 1 : e;
+  const float f = m - 1.0f, s = f / (2.0f + f), s2 = s * s;
+  float poly = 1.0f / 9.0f;
+  poly = poly * s2 + 1.0f / 7.0f;
+  poly = poly * s2 + 1.0f / 5.0f;
+  poly = poly * s2 + 1.0f / 3.0f;
+  const float log_m = 2.0f * s + 2.0f * s * s2 * poly;
+  const float ef = static_cast<float>(e);
+  float y = ef * 0.693359375f + (log_m - ef * 2.12194440e-4f);  // ln2 split in two, as vexp
+  y = x == 0.0f ? -INFINITY : y;
+  y = x == INFINITY ? INFINITY : y;
+  return x != x ? x : y;
+}
+
+// What is fixed for one call: the members [N, V] (unit column stride), their weights and the teacher's 1 / T_t.
+struct MixCall {
+  int mode = kMixtureNone;
+  std::vector<at::Tensor> members;
+  std::vector<float> log_w, w;
+  float inv_tt = 1.0f;
+};
+
+// divergence_fwd's mixture arguments, checked (mode 0: none, and no members or weights). The schema's
+// "Tensor[]? teacher_members=None": a defaulted tensor list must be optional (TorchScript's schema parser takes
+// list defaults for numbers only), so None and [] both mean no members. The members take the
+// dense teacher's layout rules: [N, V] like the student, floating, on the CPU; rows with unit column stride are
+// read in place, other layouts copied. inv_tt: the call's 1 / T_t.
+inline MixCall mixture_call(std::optional<at::TensorList> given, at::ArrayRef<double> weights, int64_t mode,
+                            const at::Tensor& student, int64_t topk_mode, bool grad_teacher, float inv_tt) {
+  TORCH_CHECK_VALUE(mode >= kMixtureNone && mode <= kMixtureGeometric, "fastkd: divergence_fwd: mixture_mode must be "
+                    "0 (no mixture), 1 (arithmetic) or 2 (geometric), got ", mode);
+  const at::TensorList members = given.has_value() ? *given : at::TensorList();
+  MixCall mc;
+  if (mode == kMixtureNone) {
+    TORCH_CHECK_VALUE(members.empty() && weights.empty(), "fastkd: divergence_fwd: teacher_members and "
+                      "member_weights need mixture_mode 1 (arithmetic) or 2 (geometric), got mixture_mode 0");
+    return mc;
+  }
+  const int64_t K = static_cast<int64_t>(members.size());
+  TORCH_CHECK_VALUE(K >= 1, "fastkd: divergence_fwd: mixture_mode ", mode, " needs at least one teacher member");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(weights.size()) == K, "fastkd: divergence_fwd: member_weights must hold one "
+                    "weight per teacher member (", K, "), got ", weights.size());
+  TORCH_CHECK_VALUE(topk_mode == 0, "fastkd: divergence_fwd: a teacher mixture takes dense members (topk_mode 0), "
+                    "got topk_mode ", topk_mode);
+  TORCH_CHECK_VALUE(!grad_teacher, "fastkd: divergence_fwd: a teacher mixture's members are constants: "
+                    "grad_teacher must be false");
+  mc.mode = static_cast<int>(mode), mc.inv_tt = inv_tt;
+  for (int64_t k = 0; k < K; ++k) {
+    const double w = weights[k];
+    TORCH_CHECK_VALUE(w > 0.0 && std::isfinite(w) && std::isfinite(std::log(w)), "fastkd: divergence_fwd: "
+                      "member_weights[", k, "] must be a finite number > 0, got ", w);
+    const at::Tensor& m = members[k];
+    TORCH_CHECK(m.device().is_cpu() && at::isFloatingType(m.scalar_type()) && m.sizes() == student.sizes(),
+                "fastkd: divergence_fwd: teacher_members[", k, "] must be a floating CPU tensor shaped like the "
+                "student ", student.sizes(), ", got ", m.scalar_type(), " ", m.sizes(), " on ", m.device());
+    mc.members.push_back(m.stride(1) == 1 || m.size(1) <= 1 ? m : m.contiguous());
+    mc.w.push_back(static_cast<float>(w));
+    mc.log_w.push_back(static_cast<float>(std::log(w)));
+  }
+  return mc;
+}
+
+// Per-thread scratch: each member's row as float32 (its dtype converted), a chunk of column sums, the mixed row.
+struct MixScratch {
+  std::vector<std::vector<float>> conv;
+  std::vector<const float*> rows;
+  std::vector<float> offset;  // per member: arithmetic log w_i - L_i, geometric unused
+  std::vector<float> maxima;  // per member: M_i (0 for an all -inf row)
+  std::vector<float> acc, out;
+};
+
+// One member row's raw maximum and, for the arithmetic mixture, its log-sum-exp relative to it at inv_tt: one
+// read, in chunks (each chunk's maximum, then its exps, merged online).
+FASTKD_INLINE DivLse member_stats(const float* t, int64_t V, float inv_tt, bool sums) {
+  DivLse st = div_lse_empty();
+  for (int64_t c0 = 0; c0 < V; c0 += kStatsChunk) {
+    const int64_t n = std::min(kStatsChunk, V - c0);
+    const float* x = t + c0;
+    float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+    if (!sums) {
+      st.m = max_ignoring_nan(st.m, m);
+      continue;
+    }
+    const float base = m == -INFINITY ? 0.0f : m;
+    float z = 0.0f;
+#pragma omp simd reduction(+ : z)
+    for (int64_t j = 0; j < n; ++j) z += vexp((x[j] - base) * inv_tt);
+    div_lse_merge(st, DivLse{m, z}, inv_tt);
+  }
+  return st;
+}
+
+// Row i of the mixture: its log-probs (geometric: up to a per-row constant) into sc.out, V floats.
+FASTKD_CPU_CLONES
+static const float* mixture_row(const MixCall& mc, int64_t i, int64_t V, MixScratch& sc) {
+  const int64_t K = static_cast<int64_t>(mc.members.size());
+  const bool arith = mc.mode == kMixtureArithmetic;
+  const float inv_tt = mc.inv_tt;
+  sc.conv.resize(K);
+  sc.rows.resize(K), sc.offset.resize(K), sc.maxima.resize(K);
+  for (int64_t k = 0; k < K; ++k) {
+    const at::Tensor& m = mc.members[k];
+    sc.rows[k] = input_span(m, i * m.stride(0), V, sc.conv[k]);
+    const DivLse st = member_stats(sc.rows[k], V, inv_tt, arith);
+    sc.maxima[k] = st.m == -INFINITY ? 0.0f : st.m;
+    sc.offset[k] = arith ? mc.log_w[k] - div_lse_log(st) : 0.0f;  // an all -inf member: log 0 = -inf
+  }
+  sc.out.resize(V);
+  float* out = sc.out.data();
+  if (!arith) {
+    for (int64_t k = 0; k < K; ++k) {
+      const float* t = sc.rows[k];
+      const float mk = sc.maxima[k], scale = mc.w[k] * inv_tt;
+      if (k == 0) {
+#pragma omp simd
+        for (int64_t j = 0; j < V; ++j) out[j] = (t[j] - mk) * scale;
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < V; ++j) out[j] += (t[j] - mk) * scale;
+      }
+    }
+    return out;
+  }
+  // arithmetic, one chunk of columns at a time (the chunk's K member slices stay in L1 between the passes):
+  // the per-column maximum of the a_ij + log w_i (into out), then the sum of exps relative to it, then its log
+  float* acc = (sc.acc.resize(kStatsChunk), sc.acc.data());
+  for (int64_t c0 = 0; c0 < V; c0 += kStatsChunk) {
+    const int64_t n = std::min(kStatsChunk, V - c0);
+    float* mx = out + c0;
+    for (int64_t k = 0; k < K; ++k) {
+      const float* t = sc.rows[k] + c0;
+      const float mk = sc.maxima[k], off = sc.offset[k];
+      if (k == 0) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) mx[j] = (t[j] - mk) * inv_tt + off;
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+          const float a = (t[j] - mk) * inv_tt + off;
+          mx[j] = a > mx[j] ? a : mx[j];  // a NaN is not taken here: its exp below makes the sum NaN
+        }
+      }
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      mx[j] = mx[j] == -INFINITY ? 0.0f : mx[j];  // every member 0 there: the sum is 0, log p = -inf
+      acc[j] = 0.0f;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const float* t = sc.rows[k] + c0;
+      const float mk = sc.maxima[k], off = sc.offset[k];
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) acc[j] += vexp((t[j] - mk) * inv_tt + off - mx[j]);
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) mx[j] += vlog_pos(acc[j]);
+  }
+  return out;
+}
+
+}  // namespace fastkd
