@@ -4,8 +4,10 @@
 //
 // With a_ij = (t_ij - M_i) / T_t - L_i (member i's log-probs at the teacher temperature; M_i its raw maximum,
 // L_i the log of its sum relative to M_i) and weights w_i:
-//   arithmetic: log p_j = logsumexp_i(log w_i + a_ij), over the members per column (its maximum first, so the
-//               log's argument is in [1, K]: no underflow, log-probs far below -104 keep their digits);
+//   arithmetic: log p_j = log sum_i w_i exp(a_ij): the sum from the exps the statistics pass kept (relative to
+//               each chunk's maximum, times one factor per member and chunk), so one log per column and no exp;
+//               a column whose sum is below kMixTiny (exps that may have underflowed) is redone as
+//               logsumexp_i(log w_i + a_ij), so log-probs far below float32's exp range keep their digits;
 //   geometric:  log p_j = sum_i w_i (t_ij - M_i) / T_t (the L_i are a per-row constant, which the dense path's
 //               softmax removes, so only each member's maximum is needed).
 #pragma once
@@ -21,7 +23,7 @@ namespace fastkd {
 
 enum MixtureMode { kMixtureNone = 0, kMixtureArithmetic = 1, kMixtureGeometric = 2 };
 
-// log(x) for the positive floats this file takes (a sum in [1, K] with K the member count), branch-free so that
+// log(x) for the positive normal floats this file takes (mixed probabilities >= kMixTiny), branch-free so that
 // the column loops vectorise (glibc's logf does not): x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m =
 // 2 atanh(f / (2 + f)), f = m - 1, by its odd series to s^9 (|s| < 0.172: relative error below 1e-9 before
 // rounding). 0 gives -inf, NaN stays NaN, +inf stays +inf (subnormals are not expected here).
@@ -96,52 +98,80 @@ inline MixCall mixture_call(std::optional<at::TensorList> given, at::ArrayRef<do
   return mc;
 }
 
-// Per-thread scratch: each member's row as float32 (its dtype converted), a chunk of column sums, the mixed row.
+// Per-thread scratch: each member's row as float32 (its dtype converted), its exps relative to each chunk's
+// maximum (arithmetic) and those chunk maxima, the mixed row.
 struct MixScratch {
-  std::vector<std::vector<float>> conv;
+  std::vector<std::vector<float>> conv, kept, chunk_max;
   std::vector<const float*> rows;
-  std::vector<float> offset;  // per member: arithmetic log w_i - L_i, geometric unused
-  std::vector<float> maxima;  // per member: M_i (0 for an all -inf row)
-  std::vector<float> acc, out;
+  std::vector<float> maxima, lse;  // per member: M_i (0 for an all -inf row), L_i
+  std::vector<float> out;
 };
 
-// One member row's raw maximum and, for the arithmetic mixture, its log-sum-exp relative to it at inv_tt: one
-// read, in chunks (each chunk's maximum, then its exps, merged online).
-FASTKD_INLINE DivLse member_stats(const float* t, int64_t V, float inv_tt, bool sums) {
+// Below this a column's mixed probability is taken in log space instead (vlog_pos takes normal floats, and a
+// probability whose exps underflowed must keep its log's digits).
+constexpr float kMixTiny = 1e-30f;
+
+// One member row's raw maximum and, for the arithmetic mixture, the log of its sum of exps relative to it at
+// inv_tt, in one chunked read; with `kept` the exps relative to each chunk's maximum (kept, one per column) and
+// those maxima (chunk_max, one per chunk).
+FASTKD_INLINE DivLse member_stats(const float* t, int64_t V, float inv_tt, float* kept, float* chunk_max) {
   DivLse st = div_lse_empty();
-  for (int64_t c0 = 0; c0 < V; c0 += kStatsChunk) {
+  for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
     const int64_t n = std::min(kStatsChunk, V - c0);
     const float* x = t + c0;
     float m = -INFINITY;
 #pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
-    if (!sums) {
+    if (!kept) {
       st.m = max_ignoring_nan(st.m, m);
       continue;
     }
     const float base = m == -INFINITY ? 0.0f : m;
+    float* e = kept + c0;
     float z = 0.0f;
 #pragma omp simd reduction(+ : z)
-    for (int64_t j = 0; j < n; ++j) z += vexp((x[j] - base) * inv_tt);
+    for (int64_t j = 0; j < n; ++j) {
+      e[j] = vexp((x[j] - base) * inv_tt);
+      z += e[j];
+    }
+    chunk_max[k] = m;
     div_lse_merge(st, DivLse{m, z}, inv_tt);
   }
   return st;
 }
 
+// log p of one column of the arithmetic mixture in log space: logsumexp_i(log w_i + (t_ij - M_i) / T_t - L_i)
+// (the columns whose mixed probability is below kMixTiny: rare, so scalar).
+inline float mixture_column_log(const MixCall& mc, const MixScratch& sc, int64_t j) {
+  const int64_t K = static_cast<int64_t>(mc.members.size());
+  float mx = -INFINITY;
+  for (int64_t k = 0; k < K; ++k) {
+    const float a = (sc.rows[k][j] - sc.maxima[k]) * mc.inv_tt + mc.log_w[k] - sc.lse[k];
+    if (a != a) return a;
+    mx = a > mx ? a : mx;
+  }
+  if (mx == -INFINITY) return mx;
+  float z = 0.0f;
+  for (int64_t k = 0; k < K; ++k) z += expf((sc.rows[k][j] - sc.maxima[k]) * mc.inv_tt + mc.log_w[k] - sc.lse[k] - mx);
+  return mx + logf(z);
+}
+
 // Row i of the mixture: its log-probs (geometric: up to a per-row constant) into sc.out, V floats.
 FASTKD_CPU_CLONES
 static const float* mixture_row(const MixCall& mc, int64_t i, int64_t V, MixScratch& sc) {
-  const int64_t K = static_cast<int64_t>(mc.members.size());
+  const int64_t K = static_cast<int64_t>(mc.members.size()), nc = (V + kStatsChunk - 1) / kStatsChunk;
   const bool arith = mc.mode == kMixtureArithmetic;
   const float inv_tt = mc.inv_tt;
-  sc.conv.resize(K);
-  sc.rows.resize(K), sc.offset.resize(K), sc.maxima.resize(K);
+  sc.conv.resize(K), sc.kept.resize(K), sc.chunk_max.resize(K);
+  sc.rows.resize(K), sc.maxima.resize(K), sc.lse.resize(K);
   for (int64_t k = 0; k < K; ++k) {
     const at::Tensor& m = mc.members[k];
     sc.rows[k] = input_span(m, i * m.stride(0), V, sc.conv[k]);
-    const DivLse st = member_stats(sc.rows[k], V, inv_tt, arith);
+    float* kept = arith ? (sc.kept[k].resize(V), sc.kept[k].data()) : nullptr;
+    float* chunk_max = arith ? (sc.chunk_max[k].resize(nc), sc.chunk_max[k].data()) : nullptr;
+    const DivLse st = member_stats(sc.rows[k], V, inv_tt, kept, chunk_max);
     sc.maxima[k] = st.m == -INFINITY ? 0.0f : st.m;
-    sc.offset[k] = arith ? mc.log_w[k] - div_lse_log(st) : 0.0f;  // an all -inf member: log 0 = -inf
+    sc.lse[k] = arith ? div_lse_log(st) : 0.0f;  // an all -inf member: log 0 = -inf
   }
   sc.out.resize(V);
   float* out = sc.out.data();
@@ -159,39 +189,35 @@ static const float* mixture_row(const MixCall& mc, int64_t i, int64_t V, MixScra
     }
     return out;
   }
-  // arithmetic, one chunk of columns at a time (the chunk's K member slices stay in L1 between the passes):
-  // the per-column maximum of the a_ij + log w_i (into out), then the sum of exps relative to it, then its log
-  float* acc = (sc.acc.resize(kStatsChunk), sc.acc.data());
-  for (int64_t c0 = 0; c0 < V; c0 += kStatsChunk) {
+  // arithmetic, chunk by chunk: p_j = sum_i c_ik e_ij from the kept exps, c_ik = w_i exp((m_ik - M_i) / T_t - L_i)
+  // (m_ik the chunk's maximum; 0 for a member with no mass), then log p_j; a column whose p_j is below kMixTiny
+  // (its exps may have underflowed) is redone in log space
+  for (int64_t c0 = 0, c = 0; c0 < V; c0 += kStatsChunk, ++c) {
     const int64_t n = std::min(kStatsChunk, V - c0);
-    float* mx = out + c0;
+    float* p = out + c0;
     for (int64_t k = 0; k < K; ++k) {
-      const float* t = sc.rows[k] + c0;
-      const float mk = sc.maxima[k], off = sc.offset[k];
+      const float* e = sc.kept[k].data() + c0;
+      const float gap = raw_gap(sc.chunk_max[k][c], sc.maxima[k]);
+      const float coef = sc.lse[k] == -INFINITY ? 0.0f : mc.w[k] * expf(gap * inv_tt - sc.lse[k]);
       if (k == 0) {
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) mx[j] = (t[j] - mk) * inv_tt + off;
+        for (int64_t j = 0; j < n; ++j) p[j] = coef * e[j];
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) {
-          const float a = (t[j] - mk) * inv_tt + off;
-          mx[j] = a > mx[j] ? a : mx[j];  // a NaN is not taken here: its exp below makes the sum NaN
-        }
+        for (int64_t j = 0; j < n; ++j) p[j] += coef * e[j];
       }
     }
-#pragma omp simd
+    float smallest = INFINITY;
+#pragma omp simd reduction(min : smallest)
     for (int64_t j = 0; j < n; ++j) {
-      mx[j] = mx[j] == -INFINITY ? 0.0f : mx[j];  // every member 0 there: the sum is 0, log p = -inf
-      acc[j] = 0.0f;
+      smallest = p[j] < smallest ? p[j] : smallest;
+      p[j] = vlog_pos(p[j]);
     }
-    for (int64_t k = 0; k < K; ++k) {
-      const float* t = sc.rows[k] + c0;
-      const float mk = sc.maxima[k], off = sc.offset[k];
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) acc[j] += vexp((t[j] - mk) * inv_tt + off - mx[j]);
+    if (smallest < kMixTiny) {
+      for (int64_t j = 0; j < n; ++j) {
+        if (p[j] < logf(kMixTiny)) p[j] = mixture_column_log(mc, sc, c0 + j);
+      }
     }
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) mx[j] += vlog_pos(acc[j]);
   }
   return out;
 }
