@@ -173,7 +173,9 @@ def mixture_loss(kind: str, params: dict, student: torch.Tensor, mixture: Teache
                  teacher_temperature: Optional[float] = None):
     """The divergence ``kind`` (``divergence_op_args``' names; ``kd_loss`` is ``"forward_kl"`` with
     ``soft_scale = T^2``) of ``student`` against ``mixture`` (its members at ``teacher_temperature``,
-    default ``temperature``), reduced by ``reduction``."""
+    default ``temperature``), reduced by ``reduction``. On ``MIXTURE_OP_BACKENDS`` (cpu) one call of the op,
+    which mixes each row itself; on cuda and triton, and for AKL (``akl_fwd``), blocks of rows mixed in PyTorch;
+    on the reference the whole mixture (the oracle)."""
     mixture = check_dense_mixture(student, mixture, teacher_vocab)
     first = mixture.members[0][1]
     check_divergence_args(student, first, temperature, reduction, target, ignore_index, sample_weight, ce_weight,
