@@ -26,13 +26,13 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "divergence_fwd(Tensor student, Tensor teacher, Tensor topk_ids, Tensor target, Tensor row_weight, "
       "float temperature, int kind, float a, float b, float w_p, float w_q, float soft_scale, float ce_weight, "
-      "int topk_mode, bool reduce, bool grad_student, bool grad_teacher) "
+      "int topk_mode, bool reduce, bool grad_student, bool grad_teacher, float teacher_temperature=0.0) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // adaptive KL (csrc/cpu/akl.cpp, csrc/cuda/akl.cu): divergence_fwd's schema, a = mu, kind 8, dense teachers
   m.def(
       "akl_fwd(Tensor student, Tensor teacher, Tensor topk_ids, Tensor target, Tensor row_weight, "
       "float temperature, int kind, float a, float b, float w_p, float w_q, float soft_scale, float ce_weight, "
-      "int topk_mode, bool reduce, bool grad_student, bool grad_teacher) "
+      "int topk_mode, bool reduce, bool grad_student, bool grad_teacher, float teacher_temperature=0.0) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // the teacher's top-k of each row (csrc/cpu/topk.cpp, fastkd/teacher/topk.py): ids, log-probs, tail, (max, log z)
   m.def("topk_fwd(Tensor logits, int k, float temperature) -> (Tensor, Tensor, Tensor, Tensor)");
