@@ -26,12 +26,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
               "fastkd: divergence_fwd: topk_mode must be 0 (dense teacher), 1 (tail) or 2 (renormalise), got ",
               topk_mode);
   TORCH_CHECK(temperature > 0, "fastkd: divergence_fwd: temperature must be > 0, got ", temperature);
-  TORCH_CHECK(std::isfinite(teacher_temperature) && teacher_temperature >= 0, "fastkd: divergence_fwd: "
-              "teacher_temperature must be a finite number >= 0 (0: the temperature), got ", teacher_temperature);
+  // ValueError, as the CPU and Triton backends raise it
+  TORCH_CHECK_VALUE(std::isfinite(teacher_temperature) && teacher_temperature >= 0, "fastkd: divergence_fwd: "
+                    "teacher_temperature must be a finite number >= 0 (0: the temperature), got ", teacher_temperature);
   // top-k log-probs are taken as given: no temperature of the teacher's own applies to them
-  TORCH_CHECK(topk_mode == 0 || teacher_temperature == 0 || teacher_temperature == temperature,
-              "fastkd: divergence_fwd: a top-k teacher (topk_mode ", topk_mode, ") takes teacher_temperature 0 or "
-              "the temperature ", temperature, ", got ", teacher_temperature);
+  TORCH_CHECK_VALUE(topk_mode == 0 || teacher_temperature == 0 || teacher_temperature == temperature,
+                    "fastkd: divergence_fwd: a top-k teacher (topk_mode ", topk_mode, ") takes teacher_temperature 0 "
+                    "or the temperature ", temperature, ", got ", teacher_temperature);
   check_rows_cuda(student, "student");
   const int64_t N = student.size(0), V = student.size(1);
   int64_t K = 0;
