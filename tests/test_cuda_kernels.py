@@ -372,8 +372,8 @@ def test_teacher_temperature_matches_cpu_on_prescaled_teacher(name, shape, dtype
 
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "renyi", "akl"])
 def test_teacher_temperature_default_and_equal_and_errors(name):
-    """T_t = 0 and T_t = T give the same bits; a negative or non-finite T_t, and a top-k teacher at T_t != T,
-    are errors naming teacher_temperature."""
+    """T_t = 0 and T_t = T give the same bits; a negative or non-finite T_t (or float32 1 / T_t), and a top-k
+    teacher at T_t != T, are errors naming teacher_temperature (as on the CPU)."""
     div_available()
     spec = TT_KINDS[name]
     s, t, _, y, w, _ = div_rows(5, 4113, torch.float32, torch.float32, 0)
@@ -383,7 +383,7 @@ def test_teacher_temperature_default_and_equal_and_errors(name):
     same = tt_call(sc, tc, yc, wc, spec, 2.0, (True, True), tt=2.0)
     for a, b in zip(default, same):
         assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a.nan_to_num(), b.nan_to_num())
-    for bad in (-1.0, float("nan"), float("inf")):
+    for bad in (-1.0, float("nan"), float("inf"), 1e-39, 1e-50):  # float32 1 / T_t: inf; T_t: 0
         with pytest.raises((RuntimeError, ValueError), match="teacher_temperature"):
             tt_call(sc, tc, yc, wc, spec, 2.0, (True, True), tt=bad)
     if spec[0] == 8:

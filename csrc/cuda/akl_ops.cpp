@@ -22,8 +22,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> akl_fwd_c
   TORCH_CHECK_VALUE(topk_mode == 0 && topk_ids.numel() == 0,
                     "fastkd: akl_fwd takes a dense teacher (topk_mode 0, empty topk_ids), got topk_mode ", topk_mode);
   TORCH_CHECK_VALUE(temperature > 0, "fastkd: akl_fwd: temperature must be > 0, got ", temperature);
-  TORCH_CHECK_VALUE(std::isfinite(teacher_temperature) && teacher_temperature >= 0, "fastkd: akl_fwd: "
-                    "teacher_temperature must be a finite number >= 0 (0: the temperature), got ", teacher_temperature);
+  // as the CPU op (teacher_scale, csrc/cpu/loss_common.h): T_t as the float32 the kernel scales by, with a finite
+  // 1/T_t and T/T_t
+  const float tt = static_cast<float>(teacher_temperature), temp = static_cast<float>(temperature);
+  TORCH_CHECK_VALUE(teacher_temperature == 0.0 ||
+                        (tt > 0.0f && std::isfinite(tt) && std::isfinite(1.0f / tt) && std::isfinite(temp / tt)),
+                    "fastkd: akl_fwd: teacher_temperature must be a finite number > 0 (or 0: the temperature), got ",
+                    teacher_temperature);
   check_logit_pair_cuda(student, teacher);
   const int64_t N = student.size(0), V = student.size(1);
   const bool has_target = target.numel() > 0;
@@ -50,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> akl_fwd_c
     args.row_weight = row_weight.const_data_ptr<float>();
     args.rows = N, args.cols = V, args.k = 0;
     args.temperature = static_cast<float>(temperature);
-    args.teacher_temperature = static_cast<float>(teacher_temperature);  // 0: the temperature
+    args.teacher_temperature = teacher_temperature == 0.0 ? 0.0f : tt;  // 0: the temperature
     // mu < 1 must stay below 1 in float (the kernel selects a head only then): the largest float below 1
     args.a = a < 1.0 ? std::min(static_cast<float>(a), std::nextafter(1.0f, 0.0f)) : 1.0f;
     args.b = static_cast<float>(b);
