@@ -131,16 +131,22 @@ def _head_check(failures, ran, rank, world, t, mu, T, dtype, group):
 
 
 def _head_ends_early_check(failures, ran, rank, world, t, group):
-    """Masses that never pass mu (as rounding could make them just below it): the first sweep ends the search and
-    its whole prefix, every key, is head."""
+    """Masses whose row sum is off 1 (as float32 rounding makes it, by up to 1e-7): the head is decided on the
+    masses relative to the row's sum, so a row scaled by 0.5 selects the same head, and the least probable class
+    is never head for mu < 1 (comparing with mu itself, a row summing below mu made every class head)."""
     def run():
-        p = torch.softmax(t / 2.0, dim=1) * 0.5  # the row's mass 0.5 < mu
+        p = torch.softmax(t / 2.0, dim=1)
         t_loc, p_loc = _piece(t, rank, world), _piece(p, rank, world)
-        assert bool(head_mask(t_loc, p_loc, t.amax(dim=1), 0.9, group).all())
-        want = _piece(akl_head(torch.log_softmax(t.double() / 2.0, dim=1), 0.4), rank, world)
-        assert torch.equal(head_mask(t_loc, p_loc * 2.0, t.amax(dim=1), 0.4, group), want)
+        for mu in (0.4, 0.9):
+            want = _piece(akl_head(torch.log_softmax(t.double() / 2.0, dim=1), mu), rank, world)
+            assert torch.equal(head_mask(t_loc, p_loc, t.amax(dim=1), mu, group), want)
+            assert torch.equal(head_mask(t_loc, p_loc * 0.5, t.amax(dim=1), mu, group), want)
+        # the row's least probable class: tail at mu = 1 - 2^-26 even where the row sums to 1 - 1e-7 in float32
+        low = _piece(t == t.amin(dim=1, keepdim=True), rank, world)
+        got = head_mask(t_loc, p_loc * (1 - 1e-7), t.amax(dim=1), 1.0 - 2.0 ** -26, group)
+        assert not bool((got & low).any())
 
-    _record(failures, ran, "head: a search that ends early", run)
+    _record(failures, ran, "head: masses relative to the row's sum", run)
 
 
 def _checks_world2(rank, world, failures, ran):
@@ -166,6 +172,13 @@ def _checks_world2(rank, world, failures, ran):
         for dtype in (torch.float32, torch.float64):
             _head_check(failures, ran, rank, world, t[clean], mu, 2.0, dtype, group)
     _head_ends_early_check(failures, ran, rank, world, t[clean], group)
+    # mu within 3e-8 of 1 rounds to 1.0 in float32: it must still leave a tail (the kernels' clamp below 1)
+    # (a teacher with one class far below the others, so that no class's mass-above lies near mu: without the
+    # clamp every class was head and the loss 7x too low)
+    t_far = torch.zeros_like(t[clean])
+    t_far[:, 3] = -30.0
+    s_far = torch.randn(t_far.shape, generator=torch.Generator().manual_seed(31))  # (s has -inf classes: KL = inf)
+    _compare(failures, ran, "mu=1-2^-26", rank, world, s_far, t_far, torch.float32, kw(1.0 - 2.0 ** -26, "sum"))
     for mu, red in ((0.3, "batchmean"), (0.9, "sum"), (1.0, "none"), (0.9, "mean")):
         for dtype in (torch.float32, torch.float64):
             _compare(failures, ran, f"mu={mu} {red} ce", rank, world, s, t, dtype,

@@ -225,3 +225,25 @@ def test_akl_topk_torch_compile_fullgraph():
         results.append((out, s.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_akl_topk_padding_only_row_and_low_precision_weights():
+    """A row of padding ids only adds 0 in both modes (no NaN from renormalising nothing); a bf16 sample weight
+    scales the rows without rounding h and l to bf16."""
+    for mode in ("tail", "renormalize"):
+        student, topk = make_case(4, 300, 6, torch.float32, mode, seed=8)
+        ids = topk.indices.clone()
+        ids[1] = -1
+        topk = fastkd.TopKTeacher(ids, topk.logprobs, mode=mode)
+        s = student.clone().requires_grad_(True)
+        rows = fastkd.akl_loss(s, topk, reduction="none", backend="cpu")
+        rows.sum().backward()
+        assert rows[1] == 0 and torch.isfinite(rows).all() and torch.isfinite(s.grad).all()
+        assert (s.grad[1] == 0).all()
+        keep = [0, 2, 3]
+        want, _, _ = oracle_rows(student[keep].to(F64), ids[keep], topk.logprobs[keep], mode, 1.0, 0.5)
+        torch.testing.assert_close(rows[keep].to(F64), want, rtol=2e-5, atol=1e-7)
+    weight = torch.tensor([0.7, 1.3, 2.1, 0.4]).to(torch.bfloat16)
+    got = fastkd.akl_loss(student, topk, reduction="none", sample_weight=weight, backend="cpu")
+    plain = fastkd.akl_loss(student, topk, reduction="none", backend="cpu")
+    torch.testing.assert_close(got, plain * weight.float(), rtol=1e-6, atol=0.0)

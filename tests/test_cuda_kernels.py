@@ -319,3 +319,79 @@ def test_divergence_reduce_and_errors():
                  (True, True))
     with pytest.raises(RuntimeError, match="topk_mode"):
         div_call(sc, tc, ic, yc, wc, spec, 3, 2.0, 4.0, 0.5, (True, True))
+
+
+# ---------------------------------------------------------------------------
+# teacher_temperature (docs/tasks' interface: p = softmax(t / T_t), the teacher gradient's chain factor 1 / T_t):
+# the CUDA op against the compiled CPU op on the teacher prescaled by T / T_t, since softmax(t / T_t) =
+# softmax((t T / T_t) / T), the teacher gradient then times T / T_t. A ratio of 2 prescales exactly in the
+# teacher's dtype; 1 / 1.7 does not, so the CPU op gets that teacher in float32.
+
+TT_KINDS = {  # (kind, a, b, w_p, w_q); akl_fwd: kind 8, a = mu
+    **DIV_KINDS, "jeffreys": (2, 1.0, 1.0, 0.0, 0.0), "two_sided": (2, 0.3, 0.7, 0.0, 0.0),
+    "triangular": (3, 0.0, 0.0, 0.0, 0.0), "ab_divergence": (4, 0.2, 0.7, 0.0, 0.0),
+    "renyi": (6, 0.5, 0.0, 0.0, 0.0), "renyi_reverse": (6, 2.0, 1.0, 0.0, 0.0),
+    "entropy_gated_kl": (7, 0.0, 1.0, 0.5, 0.1), "akl": (8, 0.7, 0.0, 0.0, 0.0), "akl_mu1": (8, 1.0, 0.0, 0.0, 0.0),
+}
+
+
+def tt_call(s, t, y, w, spec, T, grads, tt=0.0, topk=None):
+    kind, a, b, w_p, w_q = spec
+    op = torch.ops.fastkd.akl_fwd if kind == 8 else torch.ops.fastkd.divergence_fwd
+    ids, mode = (torch.empty(0, dtype=torch.int64, device=s.device), 0) if topk is None else topk
+    ce_weight = 0.5 if y.numel() else 0.0
+    return op(s, t, ids, y, w, T, kind, a, b, w_p, w_q, 1.5, ce_weight, mode, False, *grads, teacher_temperature=tt)
+
+
+@pytest.mark.parametrize("name", list(TT_KINDS))
+@pytest.mark.parametrize("shape", [(37, 100), (3, 4113), (4, RAGGED)], ids=shape_id)
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                    (torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("temps", [(2.0, 1.0), (1.0, 1.7)], ids=["T2_Tt1", "T1_Tt1.7"])
+def test_teacher_temperature_matches_cpu_on_prescaled_teacher(name, shape, dtypes, temps):
+    div_available()
+    if not _ops.has_kernel("akl_fwd", "CUDA"):
+        pytest.skip("fastkd._C built without the CUDA akl_fwd")
+    spec, (T, tt) = TT_KINDS[name], temps
+    s, t, _, y, w, _ = div_rows(*shape, *dtypes, 0, seed=len(name))
+    y[-1] = 0  # every counted target in range (the CPU op raises on a bad one)
+    ratio = T / tt
+    t_ref = (t.float() * ratio).to(t.dtype if ratio == 2.0 else torch.float32)
+    none = torch.empty(0, dtype=torch.int64)
+    for grads, target in (((True, True), y), ((False, True), none), ((True, False), none)):
+        want = tt_call(s, t_ref, target, w, spec, T, grads)
+        got = tt_call(s.cuda(), t.cuda(), target.cuda(), w.cuda(), spec, T, grads, tt=tt)
+        for i in range(3):
+            assert rel_err(got[i], want[i]) < (1e-5 if dtypes[0] == torch.float32 else 1e-3), (name, i, grads)
+        if grads[0]:
+            assert got[3].dtype == s.dtype and rel_err(got[3], want[3]) < tol(s.dtype), (name, "student", grads)
+        if grads[1]:
+            assert got[4].dtype == t.dtype
+            assert rel_err(got[4], want[4].float() * ratio) < tol(t.dtype), (name, "teacher", grads)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "renyi", "akl"])
+def test_teacher_temperature_default_and_equal_and_errors(name):
+    """T_t = 0 and T_t = T give the same bits; a negative or non-finite T_t (or float32 1 / T_t), and a top-k
+    teacher at T_t != T, are errors naming teacher_temperature (as on the CPU)."""
+    div_available()
+    spec = TT_KINDS[name]
+    s, t, _, y, w, _ = div_rows(5, 4113, torch.float32, torch.float32, 0)
+    y[-1] = 0
+    sc, tc, yc, wc = s.cuda(), t.cuda(), y.cuda(), w.cuda()
+    default = tt_call(sc, tc, yc, wc, spec, 2.0, (True, True))
+    same = tt_call(sc, tc, yc, wc, spec, 2.0, (True, True), tt=2.0)
+    for a, b in zip(default, same):
+        assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a.nan_to_num(), b.nan_to_num())
+    for bad in (-1.0, float("nan"), float("inf"), 1e-39, 1e-50):  # float32 1 / T_t: inf; T_t: 0
+        with pytest.raises((RuntimeError, ValueError), match="teacher_temperature"):
+            tt_call(sc, tc, yc, wc, spec, 2.0, (True, True), tt=bad)
+    if spec[0] == 8:
+        return
+    sk, tk, ik, yk, wk, _ = div_rows(5, 1000, torch.float32, torch.float32, 1)
+    yk[-1], ik[-2, 1] = 0, -1  # no bad row: the outputs are compared as they are
+    args = (sk.cuda(), tk.cuda(), yk.cuda(), wk.cuda(), spec, 2.0, (True, True))
+    with pytest.raises((RuntimeError, ValueError), match="teacher_temperature"):
+        tt_call(*args, tt=1.0, topk=(ik.cuda(), 1))
+    for a, b in zip(tt_call(*args, topk=(ik.cuda(), 1)), tt_call(*args, tt=2.0, topk=(ik.cuda(), 1))):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())

@@ -537,7 +537,8 @@ def test_teacher_temperature_errors():
     s, t, target, w = dense_inputs(42)
     dense = (s, t, no_ids(), target, w, T_S, 0, *FORWARD_KL, 1.0, 0.3, 0, True, True, True)
     for op, args in ((ft.divergence_fwd, dense), (ft.akl_fwd, dense[:6] + (8, 0.5) + dense[8:])):
-        for bad in (-1.0, float("nan"), float("inf"), -float("inf")):
+        # (1e-39 and 1e39: 1 / T_t or T / T_t not finite in float32, refused as the CPU op refuses them)
+        for bad in (-1.0, float("nan"), float("inf"), -float("inf"), 1e-39, 1e39):
             with pytest.raises(ValueError, match="teacher_temperature"):
                 op(*args, teacher_temperature=bad)
     s, lp, ids, target, w = topk_inputs(43)

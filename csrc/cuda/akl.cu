@@ -3,7 +3,7 @@
 //
 // One row of V classes:
 //   sweep 1: online log-sum-exps (raw-unit maxima) of the student at 1/T, of the student at T = 1 (with a
-//            target: the cross-entropy) and of the teacher;
+//            target: the cross-entropy) and of the teacher at its own 1/T_t (teacher_temperature; T by default);
 //   sweeps 2-5: the head's threshold by radix selection over the order-preserving 32-bit keys of the teacher's
 //            logits (akl_key), 8 bits per sweep from the top: a 256-bin histogram of teacher MASS in shared
 //            memory (per row) over the next digit of the keys that match the prefix chosen so far, walked from
@@ -24,7 +24,7 @@ namespace {
 
 constexpr int kRadixBins = 256;
 
-// The three running log-sum-exps of a row: student at 1/T, student at T = 1, teacher at 1/T.
+// The three running log-sum-exps of a row: student at 1/T, student at T = 1, teacher at 1/T_t.
 struct AklLse {
   DivLse s, s1, t;
 };
@@ -90,20 +90,22 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
   T* gt = args.grad_teacher ? static_cast<T*>(args.grad_teacher) + offset : nullptr;
   const RowSplit<W> sp = split_row<W>(offset, ok ? V : 0, packs, team.lane, team.lanes);
   const float inv_t = 1.0f / args.temperature, mu = args.a;
+  // the teacher's own 1/T_t wherever its logits are scaled (0: the temperature's; then every step as before)
+  const float inv_tt = args.teacher_temperature > 0.0f ? 1.0f / args.teacher_temperature : inv_t;
   const bool ce = args.target != nullptr;
 
   // sweep 1: the row statistics
   AklLse st = akl_lse_empty();
   sweep_row(sp, s, t, [&](int64_t, float x, float y) {
     div_lse_push(st.s, x, inv_t);
-    div_lse_push(st.t, y, inv_t);
+    div_lse_push(st.t, y, inv_tt);
     if (ce) div_lse_push(st.s1, x, 1.0f);
   });
   st = team.reduce(st, akl_lse_empty(),
-                   [inv_t](AklLse u, const AklLse& v) {
+                   [inv_t, inv_tt](AklLse u, const AklLse& v) {
                      div_lse_merge(u.s, v.s, inv_t);
                      div_lse_merge(u.s1, v.s1, 1.0f);
-                     div_lse_merge(u.t, v.t, inv_t);
+                     div_lse_merge(u.t, v.t, inv_tt);
                      return u;
                    },
                    lse_scratch);
@@ -128,7 +130,7 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
       sweep_teacher(sp, t, [&](int64_t, float y) {
         const uint32_t key = akl_key(y);
         if ((key & fixed) == prefix) {
-          const float p = div_exp(div_log_prob(y, st.t.m, inv_t, lt));
+          const float p = div_exp(div_log_prob(y, st.t.m, inv_tt, lt));
           if (p >= p_min) atomicAdd(&hist[(key >> shift) & 0xFFu], p);
         }
       });
@@ -155,7 +157,7 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
   // sweep 6: the two KLs and the gaps by side
   Sum4 sums = {0.0f, 0.0f, 0.0f, 0.0f};
   sweep_row(sp, s, t, [&](int64_t, float x, float y) {
-    const float lq = div_log_prob(x, st.s.m, inv_t, ls), lp = div_log_prob(y, st.t.m, inv_t, lt);
+    const float lq = div_log_prob(x, st.s.m, inv_t, ls), lp = div_log_prob(y, st.t.m, inv_tt, lt);
     const float q = div_exp(lq), p = div_exp(lp), delta = lp - lq;
     sums.kl_pq += where_positive(p, p * delta);
     sums.kl_qp += where_positive(q, -q * delta);
@@ -174,15 +176,17 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
   if (!ok) fill_row_grads(split_row<W>(offset, live ? V : 0, packs, team.lane, team.lanes), gs, gt,
                           counted ? NAN : 0.0f);
   if (gs || gt) {
-    const float coef = w * args.soft_scale * inv_t, cew = w * args.ce_weight;
+    // the chain factors of the logits: 1/T for the student, 1/T_t for the teacher
+    const float coef = w * args.soft_scale * inv_t, coef_t = w * args.soft_scale * inv_tt;
+    const float cew = w * args.ce_weight;
     const bool with_ce = ce && args.ce_weight != 0.0f;
     sweep_row_grads(sp, s, t, gs, gt, [&](int64_t c, float x, float y) {
-      const float lq = div_log_prob(x, st.s.m, inv_t, ls), lp = div_log_prob(y, st.t.m, inv_t, lt);
+      const float lq = div_log_prob(x, st.s.m, inv_t, ls), lp = div_log_prob(y, st.t.m, inv_tt, lt);
       const float q = div_exp(lq), p = div_exp(lp);
       const DivTerms e = div_terms_any(ar.d, p, q, lp, lq);
       float g_s = coef * (e.g - q * ar.sum_g);
       if (with_ce) g_s += cew * (div_exp(div_log_prob(x, st.s1.m, 1.0f, l1)) - (c == g ? 1.0f : 0.0f));
-      return GradPair{g_s, coef * (e.h - p * ar.sum_h)};
+      return GradPair{g_s, coef_t * (e.h - p * ar.sum_h)};
     });
   }
   if (live && team.lane == 0) {

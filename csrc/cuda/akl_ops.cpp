@@ -15,12 +15,20 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> akl_fwd_cuda_op(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& topk_ids, const at::Tensor& target,
     const at::Tensor& row_weight, double temperature, int64_t kind, double a, double b, double w_p, double w_q,
-    double soft_scale, double ce_weight, int64_t topk_mode, bool reduce, bool grad_student, bool grad_teacher) {
+    double soft_scale, double ce_weight, int64_t topk_mode, bool reduce, bool grad_student, bool grad_teacher,
+    double teacher_temperature) {
   TORCH_CHECK_VALUE(kind == 8, "fastkd: akl_fwd kind must be 8 (AKL), got ", kind);
   TORCH_CHECK_VALUE(a > 0.0 && a <= 1.0, "fastkd: akl_fwd a (mu) must be in (0, 1], got ", a);
   TORCH_CHECK_VALUE(topk_mode == 0 && topk_ids.numel() == 0,
                     "fastkd: akl_fwd takes a dense teacher (topk_mode 0, empty topk_ids), got topk_mode ", topk_mode);
   TORCH_CHECK_VALUE(temperature > 0, "fastkd: akl_fwd: temperature must be > 0, got ", temperature);
+  // as the CPU op (teacher_scale, csrc/cpu/loss_common.h): T_t as the float32 the kernel scales by, with a finite
+  // 1/T_t and T/T_t
+  const float tt = static_cast<float>(teacher_temperature), temp = static_cast<float>(temperature);
+  TORCH_CHECK_VALUE(teacher_temperature == 0.0 ||
+                        (tt > 0.0f && std::isfinite(tt) && std::isfinite(1.0f / tt) && std::isfinite(temp / tt)),
+                    "fastkd: akl_fwd: teacher_temperature must be a finite number > 0 (or 0: the temperature), got ",
+                    teacher_temperature);
   check_logit_pair_cuda(student, teacher);
   const int64_t N = student.size(0), V = student.size(1);
   const bool has_target = target.numel() > 0;
@@ -47,6 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> akl_fwd_c
     args.row_weight = row_weight.const_data_ptr<float>();
     args.rows = N, args.cols = V, args.k = 0;
     args.temperature = static_cast<float>(temperature);
+    args.teacher_temperature = teacher_temperature == 0.0 ? 0.0f : tt;  // 0: the temperature
     // mu < 1 must stay below 1 in float (the kernel selects a head only then): the largest float below 1
     args.a = a < 1.0 ? std::min(static_cast<float>(a), std::nextafter(1.0f, 0.0f)) : 1.0f;
     args.b = static_cast<float>(b);

@@ -5,7 +5,8 @@
 //
 // Dense teacher (divergence_dense_kernel), one row of V classes:
 //   sweep 1: online log-sum-exps (maxima in raw units) of the student at 1/T, of the
-//            student at T = 1 (only with a target: the cross-entropy) and of the teacher;
+//            student at T = 1 (only with a target: the cross-entropy) and of the teacher
+//            at its own 1/T_t (teacher_temperature; T_t = T by default);
 //   sweep 2: the row's soft loss, sum G and sum H;
 //   sweep 3: the gradients. When the sums the wanted gradients need are known after
 //            sweep 1, sweeps 2 and 3 are one (two reads of the row, as KD): forward KL
@@ -25,6 +26,7 @@
 // varies by row is only the length of the ranges it sweeps. Launched on the caller's stream.
 #include "../divergence_math.h"
 #include "common.cuh"
+#include "cross_stats.cuh"
 #include "rows.cuh"
 
 namespace fastkd {
@@ -41,7 +43,8 @@ namespace {
 constexpr int64_t kPadId = -1;
 
 // The three running log-sum-exps of a row: student at 1/T, student at T = 1 (for the
-// cross-entropy), and `u`: the teacher (dense) or the student's non-member tail (top-k tail).
+// cross-entropy), and `u`: the teacher (dense, at its own 1/T_t) or the student's non-member
+// tail (top-k tail, at 1/T).
 // The top-k renormalise mode keeps the student over its ids in `s`, the teacher in `s1`.
 struct RowLse {
   DivLse s, s1, u;
@@ -49,10 +52,11 @@ struct RowLse {
 
 __device__ __forceinline__ RowLse row_lse_empty() { return {div_lse_empty(), div_lse_empty(), div_lse_empty()}; }
 
-__device__ __forceinline__ RowLse row_lse_merge(RowLse x, const RowLse& y, float inv_t) {
+// inv_u: the scale of `u` (the teacher's 1/T_t, or the student tail's 1/T).
+__device__ __forceinline__ RowLse row_lse_merge(RowLse x, const RowLse& y, float inv_t, float inv_u) {
   div_lse_merge(x.s, y.s, inv_t);
   div_lse_merge(x.s1, y.s1, 1.0f);
-  div_lse_merge(x.u, y.u, inv_t);
+  div_lse_merge(x.u, y.u, inv_u);
   return x;
 }
 
@@ -92,9 +96,10 @@ __device__ __forceinline__ Sum3 team_sum(const RowTeam<kWarp>& team, const Sum3&
 }
 
 template <bool kWarp>
-__device__ __forceinline__ RowLse team_lse(const RowTeam<kWarp>& team, const RowLse& v, float inv_t,
+__device__ __forceinline__ RowLse team_lse(const RowTeam<kWarp>& team, const RowLse& v, float inv_t, float inv_u,
                                            RowLse* scratch) {
-  return team.reduce(v, row_lse_empty(), [inv_t](const RowLse& a, const RowLse& b) { return row_lse_merge(a, b, inv_t); },
+  return team.reduce(v, row_lse_empty(),
+                     [inv_t, inv_u](const RowLse& a, const RowLse& b) { return row_lse_merge(a, b, inv_t, inv_u); },
                      scratch);
 }
 
@@ -176,6 +181,8 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
   T* gt = args.grad_teacher ? static_cast<T*>(args.grad_teacher) + offset : nullptr;
   const RowSplit<W> sp = split_row<W>(offset, ok ? V : 0, packs, team.lane, team.lanes);
   const float inv_t = 1.0f / args.temperature;
+  // the teacher's own 1/T_t wherever its logits are scaled (0: the temperature's; then every step as before)
+  const float inv_tt = args.teacher_temperature > 0.0f ? 1.0f / args.teacher_temperature : inv_t;
   const bool ce = args.target != nullptr;  // the T = 1 statistics are kept for the cross-entropy only
   const DivParams d = div_params(args.kind, args.a, args.b, args.w_p, args.w_q);
 
@@ -192,21 +199,24 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
   KDRawStats kx = kd_raw_empty();  // cross_q: the nets swapped (the student second)
   sweep_row(sp, s, t, [&](int64_t, float x, float y) {
     if (cross_q) {
-      kd_raw_push(kx, y, x, inv_t);
+      kd_raw_push2(kx, y, x, inv_tt, inv_t);
     } else if (cross_p) {
-      kd_raw_push(kx, x, y, inv_t);
+      kd_raw_push2(kx, x, y, inv_t, inv_tt);
     } else {
       div_lse_push(st.s, x, inv_t);
-      div_lse_push(st.u, y, inv_t);
+      div_lse_push(st.u, y, inv_tt);
     }
     if (ce) div_lse_push(st.s1, x, 1.0f);
   });
-  st = team_lse(team, st, inv_t, lse_scratch);  // (with cross_q / cross_p: st.s1 only)
+  st = team_lse(team, st, inv_t, inv_tt, lse_scratch);  // (with cross_q / cross_p: st.s1 only)
   float cross_kl = 0.0f;
   if (cross_q || cross_p) {
-    kx = team.reduce(kx, kd_raw_empty(),
-                     [inv_t](const KDRawStats& u, const KDRawStats& v) { return kd_raw_merge(u, v, inv_t); },
-                     cross_scratch);
+    // the first net's scale first: the teacher's (cross_q) or the student's (cross_p)
+    const float inv_a = cross_q ? inv_tt : inv_t, inv_b = cross_q ? inv_t : inv_tt;
+    kx = team.reduce(
+        kx, kd_raw_empty(),
+        [inv_a, inv_b](const KDRawStats& u, const KDRawStats& v) { return kd_raw_merge2(u, v, inv_a, inv_b); },
+        cross_scratch);
     cross_kl = kd_raw_finish(kx).kl;
     st.s = cross_q ? DivLse{kx.mt, kx.zt} : DivLse{kx.ms, kx.zs};
     st.u = cross_q ? DivLse{kx.ms, kx.zs} : DivLse{kx.mt, kx.zt};
@@ -215,7 +225,7 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
   // p, q and the terms of one class
   DivParams dg = d;  // the gradient sweep's parameters (kind 7: kind 2 at (w, 1 - w), set by the gate below)
   auto terms = [&](const DivParams& dd, float x, float y, float& p, float& q) {
-    const float lq = div_log_prob(x, st.s.m, inv_t, ls), lp = div_log_prob(y, st.u.m, inv_t, lt);
+    const float lq = div_log_prob(x, st.s.m, inv_t, ls), lp = div_log_prob(y, st.u.m, inv_tt, lt);
     q = div_exp(lq);
     p = div_exp(lp);
     return div_terms_any(dd, p, q, lp, lq);
@@ -249,7 +259,9 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
       sums.y = cross_q ? (d.b != 0.0f ? d.b * cross_kl : 0.0f) : (g_known ? div_known_sum(d) : 0.0f);
       sums.z = cross_p ? (d.a != 0.0f ? d.a * cross_kl : 0.0f) : (h_known ? div_known_sum(d) : 0.0f);
     }
-    const float coef = h.w * args.soft_scale * inv_t, cew = h.w * args.ce_weight;
+    // the chain factors of the logits: 1/T for the student, 1/T_t for the teacher
+    const float coef = h.w * args.soft_scale * inv_t, coef_t = h.w * args.soft_scale * inv_tt;
+    const float cew = h.w * args.ce_weight;
     const bool with_ce = ce && args.ce_weight != 0.0f;
     float soft = 0.0f;
     sweep_row_grads(sp, s, t, gs, gt, [&](int64_t c, float x, float y) {
@@ -258,7 +270,7 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
       soft += e.soft;
       float g_s = coef * (e.g - q * sums.y);
       if (with_ce) g_s += cew * ce_grad(x, st.s1, l1, c, h.g);
-      return GradPair{g_s, coef * (e.h - p * sums.z)};
+      return GradPair{g_s, coef_t * (e.h - p * sums.z)};
     });
     if (fused) sums.x = team_sum(team, Sum3{soft, 0.0f, 0.0f}, sum_scratch).x;
   }
@@ -360,7 +372,7 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
       }
       if (ce) div_lse_push(st.s1, x, 1.0f);
     });
-    st = team_lse(team, st, inv_t, lse_scratch);
+    st = team_lse(team, st, inv_t, inv_t, lse_scratch);  // u: the student's tail
   }
   const float ls = div_lse_log(st.s), l1 = div_lse_log(st.s1), lu = div_lse_log(st.u);
 
@@ -399,7 +411,7 @@ __global__ void __launch_bounds__(kRowBlockBound<kWarp>, kRowMinBlocks<kWarp>)
       div_lse_push(ren.s, to_float(s[id]), inv_t);
       div_lse_push(ren.s1, to_float(lp_in[j]), 1.0f);
     }
-    ren = team_lse(team, ren, inv_t, lse_scratch);
+    ren = team_lse(team, ren, inv_t, inv_t, lse_scratch);
   }
   const float lren_s = div_lse_log(ren.s), lren_p = div_lse_log(ren.s1);
   // log p, log q of slot j (a real id)

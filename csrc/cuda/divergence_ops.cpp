@@ -12,7 +12,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cuda_op(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& topk_ids, const at::Tensor& target,
     const at::Tensor& row_weight, double temperature, int64_t kind, double a, double b, double w_p, double w_q,
-    double soft_scale, double ce_weight, int64_t topk_mode, bool reduce, bool grad_student, bool grad_teacher) {
+    double soft_scale, double ce_weight, int64_t topk_mode, bool reduce, bool grad_student, bool grad_teacher,
+    double teacher_temperature) {
   // csrc/divergence_math.h: kDivAB = 4, kDivRenyi = 6, kDivEntropyGated = 7 (5 is internal: Renyi's gradient pass)
   TORCH_CHECK((kind >= 0 && kind <= 4) || kind == 6 || kind == 7,
               "fastkd: divergence_fwd: kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL), 3 (triangular), "
@@ -25,6 +26,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
               "fastkd: divergence_fwd: topk_mode must be 0 (dense teacher), 1 (tail) or 2 (renormalise), got ",
               topk_mode);
   TORCH_CHECK(temperature > 0, "fastkd: divergence_fwd: temperature must be > 0, got ", temperature);
+  // as the CPU op (teacher_scale, csrc/cpu/loss_common.h) and Triton: ValueError; T_t as the float32 the kernel
+  // scales by, with a finite 1/T_t and T/T_t
+  const float tt = static_cast<float>(teacher_temperature), temp = static_cast<float>(temperature);
+  TORCH_CHECK_VALUE(teacher_temperature == 0.0 ||
+                        (tt > 0.0f && std::isfinite(tt) && std::isfinite(1.0f / tt) && std::isfinite(temp / tt)),
+                    "fastkd: divergence_fwd: teacher_temperature must be a finite number > 0 (or 0: the "
+                    "temperature), got ", teacher_temperature);
+  // top-k log-probs are taken as given: no temperature of the teacher's own applies to them
+  TORCH_CHECK_VALUE(topk_mode == 0 || teacher_temperature == 0.0 || tt == temp,
+                    "fastkd: divergence_fwd: a top-k teacher (topk_mode ", topk_mode, ") takes teacher_temperature 0 "
+                    "or the temperature ", temperature, ", got ", teacher_temperature);
   check_rows_cuda(student, "student");
   const int64_t N = student.size(0), V = student.size(1);
   int64_t K = 0;
@@ -78,6 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
     args.row_weight = row_weight.const_data_ptr<float>();
     args.rows = N, args.cols = V, args.k = K;
     args.temperature = static_cast<float>(temperature);
+    args.teacher_temperature = teacher_temperature == 0.0 ? 0.0f : tt;  // 0: the temperature
     args.a = static_cast<float>(a), args.b = static_cast<float>(b);
     args.w_p = static_cast<float>(w_p), args.w_q = static_cast<float>(w_q);
     args.soft_scale = static_cast<float>(soft_scale), args.ce_weight = static_cast<float>(ce_weight);

@@ -55,6 +55,9 @@ cudaError_t mgd_sq_err_cuda(DType p_dtype, const void* pred, DType t_dtype, cons
 // is 0). Writes loss_rows, soft_rows, hard_rows [rows] (weighted, before any sum) and the
 // gradients whose pointers are non-null (student [rows, cols]; teacher the teacher's shape).
 // A counted row with an out-of-range target or id gets NaN in all of them.
+// teacher_temperature: > 0 scales the dense teacher's logits by its own 1/T_t (the teacher gradient's chain
+// factor 1/T_t); 0 (the default, also a zero-initialised struct) means the temperature. Top-k teachers
+// (log-probs as given) take 0 or the temperature only (the op checks it).
 struct DivergenceArgs {
   DType s_dtype, t_dtype;
   const void* student;
@@ -64,6 +67,7 @@ struct DivergenceArgs {
   const float* row_weight;
   int64_t rows, cols, k;
   float temperature, a, b, w_p, w_q, soft_scale, ce_weight;
+  float teacher_temperature;
   int kind, topk_mode;
   float* loss_rows;
   float* soft_rows;

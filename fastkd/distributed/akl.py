@@ -38,16 +38,21 @@ def head_mask(t: torch.Tensor, p: torch.Tensor, t_max: torch.Tensor, mu: float, 
 
     Radix selection, ``bits / 8`` SUM all-reduces of ``[n, 256]`` masses: per sweep the first bin from the top
     whose mass takes the mass above the prefix past ``mu`` is the prefix's next digit; after the last digit the
-    prefix is the key of the tail's most probable tie group and the head is every key above it. A sweep whose
-    bins never pass ``mu`` (rounding) ends the row's search: every key with its prefix is head (as the CUDA
-    kernel). ``mu = 1``: every class, no collective.
+    prefix is the key of the tail's most probable tie group and the head is every key above it. Masses are
+    compared with ``mu`` times the row's summed mass (float64), so rounding of the row's sum never empties the
+    tail; a sweep whose bins never pass that (a NaN row) ends the row's search: every key with its prefix is head. ``mu = 1``: every class, no collective.
     """
     if mu >= 1.0:
         return torch.ones(t.shape, dtype=torch.bool, device=t.device)
     n, dev = t.shape[0], t.device
     keys, bits = radix_keys(t)
+    # masses in float64, compared with mu times the row's summed mass: a mu within 1e-7 of 1 is then never passed
+    # by no bin (in float32, 1 - 2^-26 is 1.0, and a row summing to 1 - 6e-8 stays below the float32 below 1:
+    # every class became head); the least probable group's mass-above is the whole row's, always past mu < 1
+    p = p.to(torch.float64)
     prefix = torch.full((n, 1), -(1 << (bits - 1)), dtype=torch.int64, device=dev)  # the smallest key: no digit yet
     above = torch.zeros(n, dtype=p.dtype, device=dev)  # the teacher mass of the keys above the prefix
+    bound = None  # mu times the row's mass (every key matches the empty prefix of the first sweep)
     searching = torch.ones(n, dtype=torch.bool, device=dev)
     ended = torch.zeros(n, dtype=torch.bool, device=dev)  # rows whose search stopped early (rounding)
     for shift in range(bits - DIGIT_BITS, -1, -DIGIT_BITS):
@@ -56,10 +61,12 @@ def head_mask(t: torch.Tensor, p: torch.Tensor, t_max: torch.Tensor, mu: float, 
         slot = ((keys >> shift) - ((prefix >> shift) - 1)).clamp_(0, BINS + 1)
         hist = torch.zeros((n, BINS + 2), dtype=p.dtype, device=dev).scatter_add_(1, slot, p)[:, 1:BINS + 1]
         hist = all_reduce([hist], dist.ReduceOp.SUM, group)[0]
+        if bound is None:
+            bound = mu * hist.sum(dim=1, keepdim=True)
         # reached[b]: the mass above the prefix plus its bins b and up (non-decreasing as b falls, rounding
         # included: non-negative sums), so the bins passing mu are 0..b and b is their count - 1
         reached = above.unsqueeze(1) + hist.flip(1).cumsum(dim=1).flip(1)
-        count = (reached > mu).sum(dim=1)
+        count = (reached > bound).sum(dim=1)
         found = count > 0
         b = (count - 1).clamp_min(0)
         above_b = torch.cat([reached[:, 1:], above.unsqueeze(1)], dim=1).gather(1, b.unsqueeze(1)).squeeze(1)

@@ -64,9 +64,10 @@ def akl_topk_weights(student: torch.Tensor, teacher: TopKTeacher, temperature: f
         s_at = student.gather(-1, ids.clamp_min(0)).to(dtype) / float(temperature)
         log_q = torch.where(valid, s_at - lse_all.unsqueeze(-1), neg_inf)
         log_p = torch.where(valid, teacher.logprobs.to(dtype), neg_inf)
-        if not tail:  # both renormalised over the members
-            log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
-            log_q = log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)
+        if not tail:  # both renormalised over the members (a row of padding only stays -inf: no mass, gaps 0)
+            lse_p, lse_q = (torch.logsumexp(x, dim=-1, keepdim=True) for x in (log_p, log_q))
+            log_p = torch.where(valid, log_p - lse_p, neg_inf)
+            log_q = torch.where(valid, log_q - lse_q, neg_inf)
         k = ids.shape[-1]
         head = akl_head(log_p.reshape(-1, k), mu).reshape(log_p.shape) & valid
         gap = (log_p.exp() - log_q.exp()).abs()
@@ -105,8 +106,8 @@ def akl_topk_loss(student: torch.Tensor, teacher: TopKTeacher, mu: float, temper
     name = resolve("forward_kl", backend, student, teacher.logprobs)
     h, l = akl_topk_weights(student, teacher, temperature, mu)
     if sample_weight is not None:
-        weight = sample_weight.reshape(h.shape)
-        h, l = weight * h.to(weight.dtype), weight * l.to(weight.dtype)
+        weight = sample_weight.reshape(h.shape).to(h.dtype)  # (not h in a bf16 weight's precision)
+        h, l = weight * h, weight * l
     options = dict(temperature=temperature, reduction=reduction, target=target, ignore_index=ignore_index,
                    ce_weight=0.0, return_parts=True, backend=name)
     fwd = forward_kl_loss(student, teacher, sample_weight=h, **options)

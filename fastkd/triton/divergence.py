@@ -436,7 +436,10 @@ def dense_sums_known(kind, w_p, w_q, grad_student, grad_teacher):
 def teacher_inv_temp(teacher_temperature, temperature, topk_mode):
     """The teacher's inverse temperature after tt_interface's checks: ``1 / T`` for 0 (the default, and the same
     float for ``T_t == T``: the same bits), else ``1 / T_t``; a top-k teacher's log-probs take no temperature."""
-    if not (math.isfinite(teacher_temperature) and teacher_temperature >= 0):
+    # as the CPU op's teacher_scale: in float32, T_t > 0 with 1 / T_t and T / T_t finite (1e-39 would overflow)
+    tt, temp = (torch.tensor(float(x), dtype=torch.float32) for x in (teacher_temperature, temperature))
+    usable = bool(tt > 0) and all(math.isfinite(float(x)) for x in (tt, 1.0 / tt, temp / tt))
+    if not (teacher_temperature == 0.0 or (math.isfinite(teacher_temperature) and usable)):
         raise ValueError(f"fastkd: teacher_temperature must be 0 (the temperature) or a finite number > 0, "
                          f"got {teacher_temperature}")
     if topk_mode != TOPK_NONE and teacher_temperature not in (0.0, temperature):
