@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 
 #include "cuda_common.h"
 
@@ -13,7 +14,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> divergenc
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& topk_ids, const at::Tensor& target,
     const at::Tensor& row_weight, double temperature, int64_t kind, double a, double b, double w_p, double w_q,
     double soft_scale, double ce_weight, int64_t topk_mode, bool reduce, bool grad_student, bool grad_teacher,
-    double teacher_temperature) {
+    double teacher_temperature, std::optional<at::TensorList> teacher_members, at::ArrayRef<double> member_weights,
+    int64_t mixture_mode) {
+  // a TeacherMixture formed inside the op is the CPU kernel's (csrc/cpu/teacher_mixture.h); fastkd's losses mix
+  // blocks of rows for this backend and pass one dense teacher (fastkd/losses/teacher_blocks.py)
+  TORCH_CHECK_VALUE(mixture_mode == 0 && (!teacher_members.has_value() || teacher_members->empty()) &&
+                        member_weights.empty(),
+                    "fastkd: divergence_fwd (CUDA): a teacher mixture inside the row op (teacher_members, "
+                    "mixture_mode = ", mixture_mode, ") is implemented by the CPU kernel only; fastkd's losses mix a "
+                    "TeacherMixture block by block for the cuda backend");
   // csrc/divergence_math.h: kDivAB = 4, kDivRenyi = 6, kDivEntropyGated = 7 (5 is internal: Renyi's gradient pass)
   TORCH_CHECK((kind >= 0 && kind <= 4) || kind == 6 || kind == 7,
               "fastkd: divergence_fwd: kind must be 0 (KL family), 1 (TVD), 2 (two-sided KL), 3 (triangular), "
