@@ -243,3 +243,14 @@ def test_triton_refuses_a_mixture_in_its_op():
 
     with pytest.raises(ValueError, match="teacher mixture"):
         divergence_fwd(**op_args())
+
+
+def test_cuda_refuses_a_mixture_in_its_op():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    skip_unless_runs("forward_kl", "cuda")
+    args = op_args()
+    args = {k: (x.cuda() if isinstance(x, torch.Tensor) else x) for k, x in args.items()}
+    args["teacher_members"] = [m.cuda() for m in args["teacher_members"]]
+    with pytest.raises(ValueError, match="teacher mixture"):
+        torch.ops.fastkd.divergence_fwd(**args)
