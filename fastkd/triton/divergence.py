@@ -433,13 +433,17 @@ def dense_sums_known(kind, w_p, w_q, grad_student, grad_teacher):
     return True, 1 if grad_teacher else 0
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def teacher_inv_temp(teacher_temperature, temperature, topk_mode):
     """The teacher's inverse temperature after tt_interface's checks: ``1 / T`` for 0 (the default, and the same
     float for ``T_t == T``: the same bits), else ``1 / T_t``; a top-k teacher's log-probs take no temperature."""
-    # as the CPU op's teacher_scale: in float32, T_t > 0 with 1 / T_t and T / T_t finite (1e-39 would overflow)
-    tt, temp = (torch.tensor(float(x), dtype=torch.float32) for x in (teacher_temperature, temperature))
-    usable = bool(tt > 0) and all(math.isfinite(float(x)) for x in (tt, 1.0 / tt, temp / tt))
-    if not (teacher_temperature == 0.0 or (math.isfinite(teacher_temperature) and usable)):
+    # as the CPU op's teacher_scale: T_t, 1 / T_t and T / T_t finite in float32 (1e-39 would overflow); plain
+    # float arithmetic (no tensor: nothing read from a device)
+    tt = float(teacher_temperature)
+    usable = 0.0 < tt <= _FLOAT32_MAX and 1.0 / tt <= _FLOAT32_MAX and float(temperature) / tt <= _FLOAT32_MAX
+    if not (tt == 0.0 or usable):
         raise ValueError(f"fastkd: teacher_temperature must be 0 (the temperature) or a finite number > 0, "
                          f"got {teacher_temperature}")
     if topk_mode != TOPK_NONE and teacher_temperature not in (0.0, temperature):
