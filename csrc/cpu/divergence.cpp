@@ -180,11 +180,22 @@ FASTKD_INLINE KDRawStats dense_chunk_stats(const float* s, const float* t, int64
     kept_s[j] = es, kept_t[j] = et;
     zs += es;
     zt += et;
-    if (kCross == kCrossP || kCross == kCrossBoth) cross += kd_cross_term(et, a, b);  // e_t (b - a)
-    if (kCross == kCrossQ) cross += kd_cross_term(es, b, a);                          // e_s (a - b)
-    if (kCross == kCrossBoth) cq += kd_cross_term(es, b, a), h += where_positive(et, et * b);
+    if (kCross == kCrossP) cross += kd_cross_term(et, a, b);  // e_t (b - a)
+    if (kCross == kCrossQ) cross += kd_cross_term(es, b, a);  // e_s (a - b)
+    if (kCross == kCrossBoth) {  // unguarded (three selects cost 10% of the pass); a non-finite chunk is redone
+      const float d = b - a;
+      cross += et * d, cq -= es * d, h += et * b;
+    }
     if (kCE1 == kCE1Pow) zo += pow_small(es, pw);
     if (kCE1 == kCE1Exp) zo += vexp(s[j] - bs);
+  }
+  if (kCross == kCrossBoth && !std::isfinite(cross + cq + h)) {
+    // an infinite (or NaN) logit: 0 * inf where its exp is 0; the guarded terms from the kept exps
+    cross = cq = h = 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+      const float a = (s[j] - bs) * inv_t, b = (t[j] - bt) * inv_tt, es = kept_s[j], et = kept_t[j];
+      cross += kd_cross_term(et, a, b), cq += kd_cross_term(es, b, a), h += where_positive(et, et * b);
+    }
   }
   z1 = zo;
   cross_q = cq, ent = h;
