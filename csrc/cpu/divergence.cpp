@@ -325,7 +325,7 @@ FASTKD_INLINE void dense_power_chunk(const DivParams& dp, const float* s, const 
     if (kKind == kDivAB) {  // unguarded (see div_ab_terms); a chunk with a zero probability is redone below
       const DivTerms x = kUnit ? div_ab_terms_unit<kSumSoft>(d, kept_t[j] * to_p, kept_s[j] * to_q, lp, lq, delta)
                                : div_ab_terms<false, kSumSoft>(d, lp, lq, delta);
-      so += x.soft;
+      if (!kSumSoft) so += x.soft;  // (0 there: the loss comes from the sums below)
       if (kGS || kSumSoft) sg += x.g;
       if (kGS) g_row[j] = x.g;
       if (kGT || kSumSoft) sh += x.h;
