@@ -38,7 +38,8 @@
 //   (a, b) = (w, 1 - w) with which the gradient pass evaluates G, H: w is held constant in both
 //   gradients (it depends on the teacher alone, so the student gradient is exact; the teacher
 //   gradient omits the gate's own derivative, as AKL does with its weights). Passes: statistics,
-//   terms (+ H(p)), gradients: the same three as kind 2.
+//   terms (+ H(p)), gradients; the CPU's dense rows sum all three as cross terms of the statistics
+//   pass instead (two passes, as its kind 2).
 // Gradients of the row (x = s / T, y = t / T):
 //   dsoft/dx_c = G_c - q_c sum G,   dsoft/dy_c = H_c - p_c sum H
 // In kMixQ sum G = -(a + b) and in kMixP sum H = -(a + b) (sum p = sum q = 1), so
