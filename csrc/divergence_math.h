@@ -38,7 +38,8 @@
 //   (a, b) = (w, 1 - w) with which the gradient pass evaluates G, H: w is held constant in both
 //   gradients (it depends on the teacher alone, so the student gradient is exact; the teacher
 //   gradient omits the gate's own derivative, as AKL does with its weights). Passes: statistics,
-//   terms (+ H(p)), gradients: the same three as kind 2.
+//   terms (+ H(p)), gradients; the CPU's dense rows sum all three as cross terms of the statistics
+//   pass instead (two passes, as its kind 2).
 // Gradients of the row (x = s / T, y = t / T):
 //   dsoft/dx_c = G_c - q_c sum G,   dsoft/dy_c = H_c - p_c sum H
 // In kMixQ sum G = -(a + b) and in kMixP sum H = -(a + b) (sum p = sum q = 1), so
@@ -394,17 +395,10 @@ FASTKD_HD bool div_big(float y) { return y > 1.0f || y < -1.0f; }
 // kind 4: one class from its log-probs and d = lp - lq (see above). kGuard = false leaves out the zero-probability
 // selects (the class then comes out NaN or inf): the CPU's simd loops use it and redo a chunk whose sums are not
 // finite with the guards (GCC kept the guarded loop scalar: 20 ns per class instead of 3).
-template <bool kGuard = true, bool kNoSoft = false>
-FASTKD_HD DivTerms div_ab_terms(const DivParams& dp, float lp, float lq, float delta) {
+// The unguarded terms from the three exps q^s, p^s, p^a q^b and d (div_ab_terms; kNoSoft: G, H only).
+template <bool kNoSoft = false>
+FASTKD_HD DivTerms div_ab_from_exps(const DivParams& dp, float qs, float ps, float pab, float delta) {
   const float a = dp.a, b = dp.b, s = dp.pw_s, c1 = dp.pw_c1;
-  const bool q0 = lq == -INFINITY, p0 = lp == -INFINITY;
-  // the three exponents from the larger log-prob and d (s l p = s l q + s d, a l p + b l q = s l q + a d =
-  // s l p - b d): their rounding is that of the larger log-prob (near 0), not of one near -1000
-  const bool p_hi = lp >= lq;  // (q = 0: p's side, whose exps of s l q etc. come out 0 for s > 0)
-  const float base = s * (p_hi ? lp : lq);
-  const float qs = div_exp(p_hi ? base - s * delta : base);
-  const float ps = div_exp(p_hi ? base : base + s * delta);
-  const float pab = div_exp(p_hi ? base - b * delta : base + a * delta);
   const float ad = a * delta, bd = b * delta, sd = s * delta;
   DivTerms t;
   t.g = div_big(ad) ? (qs - pab) * dp.pw_inv_a : -qs * delta * div_p1(ad);
@@ -419,6 +413,21 @@ FASTKD_HD DivTerms div_ab_terms(const DivParams& dp, float lp, float lq, float d
   const float x1 = div_big(c1e) ? (pab - w - c1e * w) * dp.pw_inv_c1sq : w * e * e * div_p2(c1e);
   const float x2 = div_big(se) ? (wo - w - se * w) * dp.pw_inv_ssq : w * e * e * div_p2(se);
   t.soft = dp.pw_k1 * x1 + dp.pw_k2 * x2;
+  return t;
+}
+
+template <bool kGuard = true, bool kNoSoft = false>
+FASTKD_HD DivTerms div_ab_terms(const DivParams& dp, float lp, float lq, float delta) {
+  const float a = dp.a, b = dp.b, s = dp.pw_s;
+  const bool q0 = lq == -INFINITY, p0 = lp == -INFINITY;
+  // the three exponents from the larger log-prob and d (s l p = s l q + s d, a l p + b l q = s l q + a d =
+  // s l p - b d): their rounding is that of the larger log-prob (near 0), not of one near -1000
+  const bool p_hi = lp >= lq;  // (q = 0: p's side, whose exps of s l q etc. come out 0 for s > 0)
+  const float base = s * (p_hi ? lp : lq);
+  const float qs = div_exp(p_hi ? base - s * delta : base);
+  const float ps = div_exp(p_hi ? base : base + s * delta);
+  const float pab = div_exp(p_hi ? base - b * delta : base + a * delta);
+  DivTerms t = div_ab_from_exps<kNoSoft>(dp, qs, ps, pab, delta);
   if (!kGuard) return t;
   // zero probabilities (the formulas meet 0 * inf there); fmaxf: a NaN product (inf * 0) gives the cap
   // an infinite term is a constant (G = H = 0 there, as the reference's autograd has it)
@@ -428,6 +437,15 @@ FASTKD_HD DivTerms div_ab_terms(const DivParams& dp, float lp, float lq, float d
   t.g = (q0 | (p0 & !p0_fin)) ? 0.0f : t.g;
   t.h = (p0 | (q0 & !q0_fin)) ? 0.0f : (q0 ? ps * dp.pw_inv_b : t.h);
   return t;
+}
+
+// kind 4 at s = a + b = 1 (Amari's alpha divergence; DivParams::pw_s == 1 exactly): q^s and p^s are the
+// probabilities q, p themselves, so a caller that has them (the CPU's kept exps) passes them and p^a q^b is the
+// only exp (from the larger log-prob, as div_ab_terms). Unguarded (div_ab_terms<false>).
+template <bool kNoSoft = false>
+FASTKD_HD DivTerms div_ab_terms_unit(const DivParams& dp, float p, float q, float lp, float lq, float delta) {
+  const float pab = div_exp(lp >= lq ? lp - dp.b * delta : lq + dp.a * delta);
+  return div_ab_from_exps<kNoSoft>(dp, q, p, pab, delta);
 }
 
 // kind 6 (terms pass) and kind 5 (gradient pass): t = x phi_c(e) and x^r y^c of one class, with
@@ -558,15 +576,21 @@ struct DivGateRow {
   float soft, sum_g, sum_h;
 };
 
-FASTKD_HD DivGateRow div_gate_row(const DivParams& gate, float kl_pq, float kl_qp, float entropy, int64_t V) {
-  const float w = div_gate_weight(gate, entropy, V), u = 1.0f - w;
+// The same for kind 2 itself at its own (a, b) (a row whose two KLs are known: the CPU's dense rows sum them in
+// the statistics pass).
+FASTKD_HD DivGateRow div_two_kl_row(const DivParams& d, float kl_pq, float kl_qp) {
   DivGateRow r;
-  r.d = div_params(kDivJeffreys, w, u, 0.0f, 0.0f);
-  const float fwd = w != 0.0f ? w * kl_pq : 0.0f, rev = u != 0.0f ? u * kl_qp : 0.0f;
+  r.d = d;
+  const float fwd = d.a != 0.0f ? d.a * kl_pq : 0.0f, rev = d.b != 0.0f ? d.b * kl_qp : 0.0f;
   r.soft = fwd + rev;
-  r.sum_g = rev - w;
-  r.sum_h = fwd - u;
+  r.sum_g = rev - d.a;
+  r.sum_h = fwd - d.b;
   return r;
+}
+
+FASTKD_HD DivGateRow div_gate_row(const DivParams& gate, float kl_pq, float kl_qp, float entropy, int64_t V) {
+  const float w = div_gate_weight(gate, entropy, V);
+  return div_two_kl_row(div_params(kDivJeffreys, w, 1.0f - w, 0.0f, 0.0f), kl_pq, kl_qp);
 }
 
 // H / p of one bucket (H as div_terms_delta gives it), formed without dividing by p

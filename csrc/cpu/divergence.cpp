@@ -10,9 +10,10 @@
 //       student-gradient row when it is float32, else in a row buffer; the teacher's
 //       in a row buffer), with a target at T != 1 the student's sum at T = 1 for the
 //       cross-entropy (from the kept exps at T = 2, 3, 4), and for forward and reverse
-//       KL the KL itself as KD's cross term (DivCross);
-//   (2) forward and reverse KL: the gradients, their sums being known (sum G of
-//       reverse KL is the KL of (1)): two passes, as KD. Otherwise per class: q and p
+//       KL the KL itself as KD's cross term (DivCross; Jeffreys and the entropy-gated KL:
+//       both KLs and the teacher's entropy);
+//   (2) forward and reverse KL, Jeffreys, entropy-gated KL: the gradients, their sums being
+//       known (sum G of reverse KL is the KL of (1)): two passes, as KD. Otherwise per class: q and p
 //       from the kept exps (rescaled per chunk), the log-probs from the logits, the
 //       loss terms and the sums of G, H (div_terms); G goes to a row buffer (H to the
 //       teacher-gradient row) and
@@ -78,7 +79,9 @@ int64_t num_chunks(int64_t V) { return (V + kStatsChunk - 1) / kStatsChunk; }
 //   kCrossQ: KL(q || p), weights e_s: kMixP (reverse KL), sum G = b KL(q || p) = soft.
 // The KDRawStats are oriented as kd_math.h has them, the weighting net second, so for
 // kCrossQ the nets swap places (kd_raw_merge and kd_raw_finish then serve unchanged).
-enum DivCross { kCrossNone = 0, kCrossP = 1, kCrossQ = 2 };
+// kCrossBoth (Jeffreys, entropy-gated KL): both KLs and the teacher's entropy at once (DivBothStats), so
+// that sum G and sum H are known before pass (2) as well.
+enum DivCross { kCrossNone = 0, kCrossP = 1, kCrossQ = 2, kCrossBoth = 3 };
 
 // kd_raw_merge (csrc/kd_math.h) with each net at its own temperature: the KDRawStats' first net scaled by
 // rho_s / T, the second by rho_t / T (the teacher's rho = T / T_t, the student's 1). The cross term stays exact
@@ -98,6 +101,49 @@ FASTKD_INLINE KDRawStats cross_merge(const KDRawStats& x, const KDRawStats& y, f
   cross_add(r, x, inv_t, rho_s, rho_t);
   cross_add(r, y, inv_t, rho_s, rho_t);
   return r;
+}
+
+// The row sums of kCrossBoth with a = (s - M_s) / T, b = (t - M_t) / T_t (each net's maximum first, as KD):
+//   KL(p || q) = cross_p / z_t - log z_t + log z_s,  cross_p = sum e_t (b - a)
+//   KL(q || p) = cross_q / z_s - log z_s + log z_t,  cross_q = sum e_s (a - b)
+//   H(p)       = log z_t - ent / z_t,                ent = sum e_t b
+// A chunk's sums are relative to its own maxima; merging moves a and b by each net's gap (cross_add's rule,
+// applied to the three weighted sums: sum e (x + g) = sum e x + z g, times the factor of the weighting net).
+struct DivBothStats {
+  float ms, zs, mt, zt, cross_p, cross_q, ent;
+};
+
+FASTKD_INLINE DivBothStats both_empty() { return {-INFINITY, 0.0f, -INFINITY, 0.0f, 0.0f, 0.0f, 0.0f}; }
+
+FASTKD_INLINE void both_add(DivBothStats& acc, const DivBothStats& p, float inv_t, float rho) {
+  const float gs = raw_gap(p.ms, acc.ms), gt = raw_gap(p.mt, acc.mt) * rho;
+  const float fs = expf(gs * inv_t), ft = expf(gt * inv_t);
+  acc.zs += p.zs * fs;
+  acc.zt += p.zt * ft;
+  if (p.zt > 0.0f && ft > 0.0f) {
+    acc.cross_p += ft * (p.cross_p + p.zt * ((gt - gs) * inv_t));
+    acc.ent += ft * (p.ent + p.zt * (gt * inv_t));
+  }
+  if (p.zs > 0.0f && fs > 0.0f) acc.cross_q += fs * (p.cross_q + p.zs * ((gs - gt) * inv_t));
+}
+
+FASTKD_INLINE DivBothStats both_merge(const DivBothStats& x, const DivBothStats& y, float inv_t, float rho) {
+  DivBothStats r = {max_ignoring_nan(x.ms, y.ms), 0.0f, max_ignoring_nan(x.mt, y.mt), 0.0f, 0.0f, 0.0f, 0.0f};
+  both_add(r, x, inv_t, rho);
+  both_add(r, y, inv_t, rho);
+  return r;
+}
+
+// KL(p || q), KL(q || p), H(p) of a row's DivBothStats (NaN without a finite logit in a net, as kd_raw_finish).
+struct DivTwoKL {
+  float kl_pq, kl_qp, ent;
+};
+
+FASTKD_INLINE DivTwoKL both_finish(const DivBothStats& st) {
+  const float ls = logf(st.zs), lt = logf(st.zt);
+  const bool live = st.zs > 0.0f && st.zt > 0.0f;
+  return {live ? st.cross_p / st.zt - lt + ls : NAN, live ? st.cross_q / st.zs - ls + lt : NAN,
+          live ? lt - st.ent / st.zt : NAN};
 }
 
 // How the cross-entropy's exps at T = 1 come from the kept exps at 1/T (same chunk base
@@ -123,11 +169,12 @@ FASTKD_INLINE float pow_small(float e, const PowSel& w) { return e * (w.w1 + e *
 // with kCross the cross term. Returns the oriented KDRawStats (see DivCross).
 template <int kCross, int kCE1>
 FASTKD_INLINE KDRawStats dense_chunk_stats(const float* s, const float* t, int64_t n, float inv_t, float inv_tt,
-                                           PowSel pw, float* kept_s, float* kept_t, float& z1) {
+                                           PowSel pw, float* kept_s, float* kept_t, float& z1, float& cross_q,
+                                           float& ent) {
   const ChunkMax m = chunk_max(s, t, n);
   const float bs = m.bs, bt = m.bt;
-  float zs = 0.0f, zt = 0.0f, cross = 0.0f, zo = 0.0f;
-#pragma omp simd reduction(+ : zs, zt, cross, zo)
+  float zs = 0.0f, zt = 0.0f, cross = 0.0f, zo = 0.0f, cq = 0.0f, h = 0.0f;
+#pragma omp simd reduction(+ : zs, zt, cross, zo, cq, h)
   for (int64_t j = 0; j < n; ++j) {
     const float a = (s[j] - bs) * inv_t, b = (t[j] - bt) * inv_tt;  // raw differences first
     const float es = vexp(a), et = vexp(b);
@@ -136,25 +183,39 @@ FASTKD_INLINE KDRawStats dense_chunk_stats(const float* s, const float* t, int64
     zt += et;
     if (kCross == kCrossP) cross += kd_cross_term(et, a, b);  // e_t (b - a)
     if (kCross == kCrossQ) cross += kd_cross_term(es, b, a);  // e_s (a - b)
+    if (kCross == kCrossBoth) {  // unguarded (three selects cost 10% of the pass); a non-finite chunk is redone
+      const float d = b - a;
+      cross += et * d, cq -= es * d, h += et * b;
+    }
     if (kCE1 == kCE1Pow) zo += pow_small(es, pw);
     if (kCE1 == kCE1Exp) zo += vexp(s[j] - bs);
   }
+  if (kCross == kCrossBoth && !std::isfinite(cross + cq + h)) {
+    // an infinite (or NaN) logit: 0 * inf where its exp is 0; the guarded terms from the kept exps
+    cross = cq = h = 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+      const float a = (s[j] - bs) * inv_t, b = (t[j] - bt) * inv_tt, es = kept_s[j], et = kept_t[j];
+      cross += kd_cross_term(et, a, b), cq += kd_cross_term(es, b, a), h += where_positive(et, et * b);
+    }
+  }
   z1 = zo;
+  cross_q = cq, ent = h;
   if (kCross == kCrossQ) return {m.mt, zt, m.ms, zs, cross};
   return {m.ms, zs, m.mt, zt, cross};
 }
 
 // Pass (1) over the row: the row statistics (st_s, st_t at 1/T, st_1 at T = 1 when kCE1),
-// the chunk maxima, and the oriented cross statistics.
+// the chunk maxima, and the oriented cross statistics (kCrossBoth: both, in `both`).
 template <int kCross, int kCE1>
 FASTKD_INLINE KDRawStats dense_stats(const DivCall& c, const float* s, const float* t, PowSel pw, float* kept_s,
-                                     float* kept_t, float* chunk_max, DivLse& st_s, DivLse& st_t, DivLse& st_1) {
+                                     float* kept_t, float* chunk_max, DivLse& st_s, DivLse& st_t, DivLse& st_1,
+                                     DivBothStats& both) {
   KDRawStats x = kd_raw_empty();
   for (int64_t c0 = 0, k = 0; c0 < c.V; c0 += kStatsChunk, ++k) {
     const int64_t n = std::min(kStatsChunk, c.V - c0);
-    float z1 = 0.0f;
-    const KDRawStats part =
-        dense_chunk_stats<kCross, kCE1>(s + c0, t + c0, n, c.inv_t, c.inv_tt, pw, kept_s + c0, kept_t + c0, z1);
+    float z1 = 0.0f, cross_q = 0.0f, ent = 0.0f;
+    const KDRawStats part = dense_chunk_stats<kCross, kCE1>(s + c0, t + c0, n, c.inv_t, c.inv_tt, pw, kept_s + c0,
+                                                            kept_t + c0, z1, cross_q, ent);
     const float ms = kCross == kCrossQ ? part.mt : part.ms, mt = kCross == kCrossQ ? part.ms : part.mt;
     const float zs = kCross == kCrossQ ? part.zt : part.zs, zt = kCross == kCrossQ ? part.zs : part.zt;
     chunk_max[2 * k] = ms, chunk_max[2 * k + 1] = mt;
@@ -164,6 +225,9 @@ FASTKD_INLINE KDRawStats dense_stats(const DivCall& c, const float* s, const flo
     // oriented: kCrossQ has the teacher first (KDRawStats' s side)
     if (kCross == kCrossP) x = cross_merge(x, part, c.inv_t, 1.0f, c.rho);
     if (kCross == kCrossQ) x = cross_merge(x, part, c.inv_t, c.rho, 1.0f);
+    if (kCross == kCrossBoth)
+      both = both_merge(both, DivBothStats{part.ms, part.zs, part.mt, part.zt, part.cross, cross_q, ent}, c.inv_t,
+                        c.rho);
   }
   return x;
 }
@@ -190,8 +254,9 @@ FASTKD_INLINE float softmax1(const DenseRow& r, float es, float q, float s, floa
   return pow_small(es, r.pw) * to_1;
 }
 
-// (2) of one chunk where the sums are known (kMixQ, kMixP): the gradients. gs may be kept_s.
-template <int kMix, bool kGS, bool kGT, int kCE1>
+// (2) of one chunk where the sums are known (kMixQ, kMixP; kind 2, also the entropy-gated KL's gradients at its
+// (w, 1 - w)): the gradients. gs may be kept_s.
+template <int kKind, int kMix, bool kGS, bool kGT, int kCE1>
 FASTKD_INLINE void dense_grad_chunk(const DivParams& dp, const float* s, const float* t, int64_t n, float inv_t,
                                     const DenseRow& r, float to_q, float to_p, float to_1, const float* kept_s,
                                     const float* kept_t, float* gs, float* gt) {
@@ -200,7 +265,7 @@ FASTKD_INLINE void dense_grad_chunk(const DivParams& dp, const float* s, const f
   for (int64_t j = 0; j < n; ++j) {
     const float es = kept_s[j], q = es * to_q, p = kept_t[j] * to_p;  // read before gs[j] is written
     const float delta = ((t[j] - r.mt) * r.rho - (s[j] - r.ms)) * inv_t + r.dl;  // lp - lq, each maximum first
-    const DivTerms x = div_terms_form<kDivKL, kMix, kFormGeneral>(d, p, q, delta);
+    const DivTerms x = div_terms_form<kKind, kMix, kFormGeneral>(d, p, q, delta);
     if (kGS) {
       float g = r.coef * (x.g - q * r.sum_g);
       if (kCE1 != kCE1None) g += r.ce * softmax1<kCE1>(r, es, q, s[j], to_1);
@@ -241,33 +306,12 @@ FASTKD_INLINE void dense_terms_chunk(const DivParams& dp, const float* s, const 
   if (kTVD) tvd[0] += q_lt, tvd[1] += q_gt, tvd[2] += p_lt, tvd[3] += p_gt, tvd[4] += tie;
 }
 
-// (2) of one chunk of an entropy-gated row (kind 7): the three sums that do not depend on the gate,
-// KL(p || q), KL(q || p) and H(p) (div_gate_terms; lp from the teacher's logits, as delta); the per-class
-// q (lq - lp) to g_row and p (lp - lq) to the teacher-gradient row (0 where the probability is 0), from
-// which (3) forms kind 2's G = (1 - w) q (lq - lp) - w p, H = w p (lp - lq) - (1 - w) q once w is known.
-template <bool kGS, bool kGT>
-FASTKD_INLINE void dense_gate_chunk(const float* s, const float* t, int64_t n, float inv_t, const DenseRow& r,
-                                    float to_q, float to_p, const float* kept_s, const float* kept_t, float* gt,
-                                    float* g_row, double& kl_pq, double& kl_qp, double& ent) {
-  double a = 0.0, b = 0.0, h = 0.0;
-#pragma omp simd reduction(+ : a, b, h)
-  for (int64_t j = 0; j < n; ++j) {
-    const float q = kept_s[j] * to_q, p = kept_t[j] * to_p;
-    const float lp = (t[j] - r.mt) * r.inv_tt - r.lt;
-    const float delta = ((t[j] - r.mt) * r.rho - (s[j] - r.ms)) * inv_t + r.dl;
-    const DivTerms x = div_gate_terms(p, q, lp, delta);
-    a += x.soft, b += x.g, h += x.h;
-    if (kGS) g_row[j] = x.g;
-    if (kGT) gt[j] = x.soft;
-  }
-  kl_pq += a, kl_qp += b, ent += h;
-}
-
 // (2) of one chunk of a power divergence (kinds 4, 6), from the log-probs of the logits (not the kept exps:
 // q^s, p^s are exps of s lq, s lp). Kind 4: soft, G (to g_row), H (to the teacher-gradient row) and their sums
 // (div_ab_terms), then (3) is dense_finish_chunk's. Kind 6: the sum of t = x phi_c(e) (U) in soft; the parts
 // (3) needs, x^r y^c and t, kept (student side in g_row, teacher side in the teacher row; div_renyi_parts).
-template <int kKind, bool kGS, bool kGT, bool kSumSoft = false>
+// kUnit (kind 4 with s = a + b = 1, Amari's alpha): q^s, p^s are the kept exps' q, p, one exp per class.
+template <int kKind, bool kGS, bool kGT, bool kSumSoft = false, bool kUnit = false>
 FASTKD_INLINE void dense_power_chunk(const DivParams& dp, const float* s, const float* t, int64_t n, float inv_t,
                                      const DenseRow& r, float to_q, float to_p, const float* kept_s,
                                      const float* kept_t, float* gt, float* g_row, double& soft, double& sum_g,
@@ -280,8 +324,9 @@ FASTKD_INLINE void dense_power_chunk(const DivParams& dp, const float* s, const 
     const float lq = (s[j] - r.ms) * inv_t - r.ls, lp = (t[j] - r.mt) * r.inv_tt - r.lt;
     const float delta = ((t[j] - r.mt) * r.rho - (s[j] - r.ms)) * inv_t + r.dl;  // each maximum first (see above)
     if (kKind == kDivAB) {  // unguarded (see div_ab_terms); a chunk with a zero probability is redone below
-      const DivTerms x = div_ab_terms<false, kSumSoft>(d, lp, lq, delta);
-      so += x.soft;
+      const DivTerms x = kUnit ? div_ab_terms_unit<kSumSoft>(d, kept_t[j] * to_p, kept_s[j] * to_q, lp, lq, delta)
+                               : div_ab_terms<false, kSumSoft>(d, lp, lq, delta);
+      if (!kSumSoft) so += x.soft;  // (0 there: the loss comes from the sums below)
       if (kGS || kSumSoft) sg += x.g;
       if (kGS) g_row[j] = x.g;
       if (kGT || kSumSoft) sh += x.h;
@@ -347,28 +392,6 @@ FASTKD_INLINE void dense_renyi_direct_chunk(const DivParams& dp, const float* s,
   }
 }
 
-// (3) of one chunk of an entropy-gated row: kind 2's gradients at (a, b) = (w, u = 1 - w) from the parts (2)
-// kept (a weight of 0 drops its part: never 0 * inf); reads the kept exps and those parts, not the logits.
-template <bool kGS, bool kGT, int kCE1>
-FASTKD_INLINE void dense_gate_finish_chunk(const float* s, int64_t n, const DenseRow& r, float w, float u,
-                                           float to_q, float to_p, float to_1, const float* kept_s,
-                                           const float* kept_t, const float* g_row, float* gs, float* gt) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const float es = kept_s[j], q = es * to_q, p = kept_t[j] * to_p;
-    if (kGS) {
-      const float g = (u != 0.0f ? u * g_row[j] : 0.0f) - w * p;
-      float out = r.coef * (g - q * r.sum_g);
-      if (kCE1 != kCE1None) out += r.ce * softmax1<kCE1>(r, es, q, s[j], to_1);
-      gs[j] = out;
-    }
-    if (kGT) {
-      const float h = (w != 0.0f ? w * gt[j] : 0.0f) - u * q;
-      gt[j] = r.coef_t * (h - p * r.sum_h);
-    }
-  }
-}
-
 // (3) of one chunk: the gradients whose sums (2) found.
 template <int kKind, bool kGS, bool kGT, int kCE1>
 FASTKD_INLINE void dense_finish_chunk(const float* s, int64_t n, const DenseRow& r, float to_q, float to_p,
@@ -409,44 +432,25 @@ template <int kKind, int kMix, int kForm, bool kGS, bool kGT, int kCE1>
 FASTKD_INLINE float dense_passes(const DivCall& c, const float* s, const float* t, DenseRow& r,
                                  const float* chunk_max, const float* kept_s, const float* kept_t, float* gs,
                                  float* gt, float* g_row, float soft_known) {
-  constexpr bool kKnown = kKind == kDivKL && kMix != kMixBoth;  // sum G and sum H known: two passes
+  // sum G and sum H known: two passes (kind 2: the two KLs of pass (1); the entropy-gated KL comes as kind 2)
+  constexpr bool kKnown = (kKind == kDivKL && kMix != kMixBoth) || kKind == kDivJeffreys;
   const int64_t V = c.V;
   auto chunk_factors = [&](int64_t k, float& to_q, float& to_p, float& to_1) {
     to_q = to_prob(chunk_max[2 * k], r.ms, c.inv_t, r.ls);
     to_p = to_prob(chunk_max[2 * k + 1], r.mt, c.inv_tt, r.lt);
     to_1 = kCE1 == kCE1Pow ? to_prob(chunk_max[2 * k], r.m1, 1.0f, r.l1) : 0.0f;
   };
-  if constexpr (kKind == kDivEntropyGated) {
-    // (2) the gate's three sums, then (3) the kind-2 gradients with (a, b) = (w, 1 - w), sums known
-    double kl_pq = 0.0, kl_qp = 0.0, ent = 0.0;
-    for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
-      const int64_t n = std::min(kStatsChunk, V - c0);
-      float to_q, to_p, to_1;
-      chunk_factors(k, to_q, to_p, to_1);
-      dense_gate_chunk<kGS, kGT>(s + c0, t + c0, n, c.inv_t, r, to_q, to_p, kept_s + c0, kept_t + c0,
-                                 kGT ? gt + c0 : nullptr, kGS ? g_row + c0 : nullptr, kl_pq, kl_qp, ent);
-    }
-    const DivGateRow gr = div_gate_row(c.d, float(kl_pq), float(kl_qp), float(ent), V);
-    if (kGS || kGT) {
-      r.sum_g = gr.sum_g, r.sum_h = gr.sum_h;
-      for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
-        const int64_t n = std::min(kStatsChunk, V - c0);
-        float to_q, to_p, to_1;
-        chunk_factors(k, to_q, to_p, to_1);
-        dense_gate_finish_chunk<kGS, kGT, kCE1>(s + c0, n, r, gr.d.a, gr.d.b, to_q, to_p, to_1, kept_s + c0,
-                                                kept_t + c0, kGS ? g_row + c0 : nullptr, kGS ? gs + c0 : nullptr,
-                                                kGT ? gt + c0 : nullptr);
-      }
-    }
-    return gr.soft;
-  }
   if constexpr (kKind == kDivAB || kKind == kDivRenyi) {
     double soft = 0.0, sum_g = 0.0, sum_h = 0.0;
     for (int64_t c0 = 0, k = 0; c0 < V; c0 += kStatsChunk, ++k) {
       const int64_t n = std::min(kStatsChunk, V - c0);
       float to_q, to_p, to_1;
       chunk_factors(k, to_q, to_p, to_1);
-      if (kKind == kDivAB && c.d.pw_sum_soft)
+      if (kKind == kDivAB && c.d.pw_sum_soft && c.d.pw_s == 1.0f)
+        dense_power_chunk<kKind, kGS, kGT, true, true>(c.d, s + c0, t + c0, n, c.inv_t, r, to_q, to_p, kept_s + c0,
+                                                       kept_t + c0, kGT ? gt + c0 : nullptr,
+                                                       kGS ? g_row + c0 : nullptr, soft, sum_g, sum_h);
+      else if (kKind == kDivAB && c.d.pw_sum_soft)
         dense_power_chunk<kKind, kGS, kGT, true>(c.d, s + c0, t + c0, n, c.inv_t, r, to_q, to_p, kept_s + c0,
                                                  kept_t + c0, kGT ? gt + c0 : nullptr, kGS ? g_row + c0 : nullptr,
                                                  soft, sum_g, sum_h);
@@ -497,7 +501,7 @@ FASTKD_INLINE float dense_passes(const DivCall& c, const float* s, const float* 
         const int64_t n = std::min(kStatsChunk, V - c0);
         float to_q, to_p, to_1;
         chunk_factors(k, to_q, to_p, to_1);
-        dense_grad_chunk<kMix, kGS, kGT, kCE1>(c.d, s + c0, t + c0, n, c.inv_t, r, to_q, to_p, to_1, kept_s + c0,
+        dense_grad_chunk<kKind, kMix, kGS, kGT, kCE1>(c.d, s + c0, t + c0, n, c.inv_t, r, to_q, to_p, to_1, kept_s + c0,
                                                kept_t + c0, kGS ? gs + c0 : nullptr, kGT ? gt + c0 : nullptr);
       }
     }
@@ -561,17 +565,22 @@ DivRowOut dense_row(const DivCall& c, const float* s, const float* t, int64_t g,
   // the CE's sums at T = 1: those at 1/T when T = 1, else from the kept exps (kCE1Pow) or their own exps
   const int pw = ce_power(c.T);
   const int ce1_stats = (g < 0 || c.T == 1.0f) ? kCE1None : (pw ? kCE1Pow : kCE1Exp);
-  const int cross = d.kind != kDivKL ? kCrossNone : (d.mix == kMixP ? kCrossQ : (d.mix == kMixQ ? kCrossP : kCrossNone));
+  const bool two_kl = d.kind == kDivJeffreys || d.kind == kDivEntropyGated;
+  const int cross = two_kl ? kCrossBoth
+                           : (d.kind != kDivKL ? kCrossNone
+                                               : (d.mix == kMixP ? kCrossQ : (d.mix == kMixQ ? kCrossP : kCrossNone)));
   DivLse st_s = div_lse_empty(), st_t = div_lse_empty(), st_1 = div_lse_empty();
   KDRawStats x;
+  DivBothStats both = both_empty();
 #define FASTKD_DIV_STATS(CROSS, CE1) \
-  dense_stats<CROSS, CE1>(c, s, t, pow_sel(pw), kept_s, kept_t, chunk_max, st_s, st_t, st_1)
+  dense_stats<CROSS, CE1>(c, s, t, pow_sel(pw), kept_s, kept_t, chunk_max, st_s, st_t, st_1, both)
 #define FASTKD_DIV_STATS_CE(CROSS)                                            \
   (ce1_stats == kCE1Pow   ? FASTKD_DIV_STATS(CROSS, kCE1Pow)                  \
    : ce1_stats == kCE1Exp ? FASTKD_DIV_STATS(CROSS, kCE1Exp)                  \
                           : FASTKD_DIV_STATS(CROSS, kCE1None))
   if (cross == kCrossQ) x = FASTKD_DIV_STATS_CE(kCrossQ);
   else if (cross == kCrossP) x = FASTKD_DIV_STATS_CE(kCrossP);
+  else if (cross == kCrossBoth) x = FASTKD_DIV_STATS_CE(kCrossBoth);
   else x = FASTKD_DIV_STATS_CE(kCrossNone);
 #undef FASTKD_DIV_STATS_CE
 #undef FASTKD_DIV_STATS
@@ -582,10 +591,20 @@ DivRowOut dense_row(const DivCall& c, const float* s, const float* t, int64_t g,
   r.sum_g = r.sum_h = div_known_sum(d);
   // kMixP: soft = b KL(q || p) = sum G; kMixQ: soft = a KL(p || q) = sum H (a coefficient of 0: never 0 * inf)
   float soft_known = 0.0f;
-  if (cross != kCrossNone) {
+  if (cross == kCrossP || cross == kCrossQ) {
     const float kl = kd_raw_finish(x).kl, coef = cross == kCrossQ ? d.b : d.a;
     soft_known = coef != 0.0f ? coef * kl : 0.0f;
     (cross == kCrossQ ? r.sum_g : r.sum_h) = soft_known;
+  }
+  // kind 2 and the entropy-gated KL: kind 2's row at (a, b), or at the gate's (w, 1 - w) (div_gate_row, which
+  // forms kind 2's soft, sum G = b KL(q || p) - a, sum H = a KL(p || q) - b; a weight of 0 drops its KL)
+  DivCall grad_call = c;
+  if (cross == kCrossBoth) {
+    const DivTwoKL kl = both_finish(both);
+    const DivGateRow gr = d.kind == kDivEntropyGated ? div_gate_row(d, kl.kl_pq, kl.kl_qp, kl.ent, V)
+                                                     : div_two_kl_row(d, kl.kl_pq, kl.kl_qp);
+    soft_known = gr.soft, r.sum_g = gr.sum_g, r.sum_h = gr.sum_h;
+    grad_call.d = gr.d;
   }
   r.coef = w * c.soft_scale * c.inv_t;
   r.coef_t = w * c.soft_scale * c.inv_tt;
@@ -598,11 +617,10 @@ DivRowOut dense_row(const DivCall& c, const float* s, const float* t, int64_t g,
   float* g_row = (gs && cross == kCrossNone && d.kind != kDivTVD) ? sized(sc.g_row, V) : nullptr;
   float soft;
 #define FASTKD_DIV_ROW(KIND, MIX, FORM) \
-  dense_passes_any<KIND, MIX, FORM>(c, s, t, r, chunk_max, kept_s, kept_t, gs, gt, g_row, soft_known, ce1)
+  dense_passes_any<KIND, MIX, FORM>(grad_call, s, t, r, chunk_max, kept_s, kept_t, gs, gt, g_row, soft_known, ce1)
   if (d.kind == kDivTVD) soft = FASTKD_DIV_ROW(kDivTVD, kMixBoth, kFormGeneral);
-  else if (d.kind == kDivJeffreys) soft = FASTKD_DIV_ROW(kDivJeffreys, kMixBoth, kFormGeneral);
+  else if (two_kl) soft = FASTKD_DIV_ROW(kDivJeffreys, kMixBoth, kFormGeneral);
   else if (d.kind == kDivTriangular) soft = FASTKD_DIV_ROW(kDivTriangular, kMixBoth, kFormGeneral);
-  else if (d.kind == kDivEntropyGated) soft = FASTKD_DIV_ROW(kDivEntropyGated, kMixBoth, kFormGeneral);
   else if (d.kind == kDivAB) soft = FASTKD_DIV_ROW(kDivAB, kMixBoth, kFormGeneral);
   else if (d.kind == kDivRenyi) soft = FASTKD_DIV_ROW(kDivRenyi, kMixBoth, kFormGeneral);
   else if (d.mix == kMixQ) soft = FASTKD_DIV_ROW(kDivKL, kMixQ, kFormGeneral);
