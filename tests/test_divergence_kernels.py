@@ -496,3 +496,18 @@ def test_power_kinds_refuse_bad_parameters(op):
                              (4, float("nan"), 0.5, "alpha"), (4, 0.5, INF, "alpha")):
         with pytest.raises((ValueError, RuntimeError), match=word):
             fwd(s, t, empty, empty, w, 1.0, kind, a, b, 0.0, 0.0, 1.0, 0.0, 0, True, True, False)
+
+
+def test_two_pass_jeffreys_near_coinciding_nets():
+    """The CPU's two-pass Jeffreys takes both KLs from the statistics pass's cross terms: L_s - L_t must be one log
+    of the sums' ratio (two logs of ~log V each left a 1e-7 floor: a loss of 1e-10 came out 0, one of 1e-6 2e-3 off)."""
+    from fastkd.dispatch.backend import unavailable_reason
+    if unavailable_reason("cpu", "jeffreys", torch.device("cpu")):
+        pytest.skip("no compiled CPU jeffreys")
+    g = torch.Generator().manual_seed(0)
+    s = 3 * torch.randn(3, 5000, generator=g)
+    for eps, bound in ((1e-5, 0.05), (1e-3, 2e-3), (1e-2, 1e-4)):
+        t = s + eps * torch.randn(3, 5000, generator=g)
+        got = fastkd.jeffreys_loss(s, t, reduction="none", backend="cpu").double()
+        want = fastkd.jeffreys_loss(s.double(), t.double(), reduction="none", backend="reference")
+        assert ((got - want).abs() / want).max() < bound, (eps, got, want)

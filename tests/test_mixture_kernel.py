@@ -254,3 +254,29 @@ def test_cuda_refuses_a_mixture_in_its_op():
     args["teacher_members"] = [m.cuda() for m in args["teacher_members"]]
     with pytest.raises(ValueError, match="teacher mixture"):
         torch.ops.fastkd.divergence_fwd(**args)
+
+
+@pytest.mark.parametrize("mode", ["arithmetic", "geometric"])
+def test_a_member_without_a_finite_logit_gives_nan_as_the_reference(mode):
+    """A member row of -inf only has no distribution: that row's loss is NaN in the op, as in the reference and the
+    block path (the op once dropped the member from the arithmetic mixture); the other rows are unaffected."""
+    skip_unless_runs("forward_kl", "cpu")
+    g = torch.Generator().manual_seed(21)
+    s, a, b = (torch.randn(3, 40, generator=g) for _ in range(3))
+    b[1] = float("-inf")
+    got = fastkd.jsd_loss(s, fastkd.TeacherMixture([a, b], [0.4, 0.6], mode=mode), reduction="none", backend="cpu")
+    want = fastkd.jsd_loss(s.double(), fastkd.TeacherMixture([a.double(), b.double()], [0.4, 0.6], mode=mode),
+                           reduction="none", backend="reference")
+    assert torch.isnan(got[1]) and torch.isnan(want[1])
+    torch.testing.assert_close(got[[0, 2]].double(), want[[0, 2]], rtol=2e-5, atol=1e-7)
+
+
+def test_weights_outside_float32_are_refused_by_name():
+    """Geometric weights are used as given: 1e-50 is 0 in float32 (0 * -inf: a NaN row), 1e39 inf."""
+    skip_unless_runs("forward_kl", "cpu")
+    g = torch.Generator().manual_seed(22)
+    s, a, c = (torch.randn(2, 30, generator=g) for _ in range(3))
+    c[0, 5] = float("-inf")
+    for w in (1e-50, 1e39):
+        with pytest.raises(ValueError, match="member_weights"):
+            fastkd.jsd_loss(s, fastkd.TeacherMixture([a, c], [1.0, w], mode="geometric"), backend="cpu")

@@ -85,8 +85,10 @@ inline MixCall mixture_call(std::optional<at::TensorList> given, at::ArrayRef<do
   mc.mode = static_cast<int>(mode), mc.inv_tt = inv_tt;
   for (int64_t k = 0; k < K; ++k) {
     const double w = weights[k];
-    TORCH_CHECK_VALUE(w > 0.0 && std::isfinite(w) && std::isfinite(std::log(w)), "fastkd: divergence_fwd: "
-                      "member_weights[", k, "] must be a finite number > 0, got ", w);
+    const float wf = static_cast<float>(w);  // (1e-50 would be 0 in float32, and 0 * -inf a NaN row)
+    TORCH_CHECK_VALUE(w > 0.0 && std::isfinite(w) && std::isfinite(std::log(w)) && wf > 0.0f && std::isfinite(wf) &&
+                      std::isfinite(wf * inv_tt), "fastkd: divergence_fwd: member_weights[", k, "] must be a "
+                      "finite number > 0 representable in float32 (also times 1 / teacher_temperature), got ", w);
     const at::Tensor& m = members[k];
     TORCH_CHECK(m.device().is_cpu() && at::isFloatingType(m.scalar_type()) && m.sizes() == student.sizes(),
                 "fastkd: divergence_fwd: teacher_members[", k, "] must be a floating CPU tensor shaped like the "
@@ -198,7 +200,8 @@ static const float* mixture_row(const MixCall& mc, int64_t i, int64_t V, MixScra
     for (int64_t k = 0; k < K; ++k) {
       const float* e = sc.kept[k].data() + c0;
       const float gap = raw_gap(sc.chunk_max[k][c], sc.maxima[k]);
-      const float coef = sc.lse[k] == -INFINITY ? 0.0f : mc.w[k] * expf(gap * inv_tt - sc.lse[k]);
+      // a member with no finite logit has no distribution: NaN, as the reference and the block path give
+      const float coef = sc.lse[k] == -INFINITY ? NAN : mc.w[k] * expf(gap * inv_tt - sc.lse[k]);
       if (k == 0) {
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) p[j] = coef * e[j];
